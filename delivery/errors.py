@@ -1,0 +1,151 @@
+"""
+The one error tree. Every member carries a stable ``code`` and an HTTP ``status``.
+
+The API turns any :class:`DeliveryError` into
+``{"code", "message", "errors": [{"field", "message", "code"}]}`` (CONTRACT.md
+2.3); nothing else maps exceptions to responses.
+
+    DeliveryError
+    ├── BadRequestError (400)
+    │   ├── InvalidTimezoneError         INVALID_TIMEZONE
+    │   ├── InvalidCadenceError          INVALID_CADENCE
+    │   ├── InvalidActiveWindowError     INVALID_ACTIVE_WINDOW
+    │   ├── InvalidWindowError           INVALID_WINDOW
+    │   ├── CadenceTooFrequentError      CADENCE_TOO_FREQUENT
+    │   ├── CadenceTooDenseError         CADENCE_TOO_DENSE
+    │   ├── InvalidIdError               INVALID_ID
+    │   ├── InvalidLimitError            INVALID_LIMIT
+    │   ├── InvalidRequestError          INVALID_REQUEST  (schema: missing field, wrong type)
+    │   ├── InvalidContactError          INVALID_CONTACT
+    │   ├── InvalidWebhookUrlError       INVALID_WEBHOOK_URL
+    │   └── UnsupportedChannelTypeError  UNSUPPORTED_CHANNEL_TYPE
+    ├── UnauthorizedError (401)          UNAUTHORIZED
+    ├── NotFoundError (404, LookupError) NOT_FOUND
+    └── ConflictError (409)              CONFLICT
+        ├── IdempotencyKeyReusedError    IDEMPOTENCY_KEY_REUSED
+        └── InvalidStateError            INVALID_STATE (e.g. cancelling an executed wakeup)
+"""
+
+from typing import Any, ClassVar
+
+
+class DeliveryError(Exception):
+    """
+    Root of every error we answer to a client.
+
+    Args:
+        field: the offending input's dotted path (``cadence.timezone``), or
+            ``""`` when no single field is to blame.
+        message: a sentence a developer can act on; it names the field.
+    """
+
+    code: ClassVar[str] = "INTERNAL"
+    status: ClassVar[int] = 500
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+    def to_body(self) -> dict[str, Any]:
+        """The wire body the sonzai SDK parses into ``APIError.code``/``.message``."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field:
+            body["errors"] = [{"field": self.field, "message": self.message, "code": self.code}]
+        else:
+            body["errors"] = []
+        return body
+
+
+class BadRequestError(DeliveryError, ValueError):
+    """Input that breaks a rule; nothing was written."""
+
+    code = "BAD_REQUEST"
+    status = 400
+
+
+class InvalidTimezoneError(BadRequestError):
+    code = "INVALID_TIMEZONE"
+
+
+class InvalidCadenceError(BadRequestError):
+    code = "INVALID_CADENCE"
+
+
+class InvalidActiveWindowError(BadRequestError):
+    code = "INVALID_ACTIVE_WINDOW"
+
+
+class InvalidWindowError(BadRequestError):
+    """starts_at / ends_at are inconsistent or already over."""
+
+    code = "INVALID_WINDOW"
+
+
+class CadenceTooFrequentError(BadRequestError):
+    code = "CADENCE_TOO_FREQUENT"
+
+
+class CadenceTooDenseError(BadRequestError):
+    code = "CADENCE_TOO_DENSE"
+
+
+class InvalidIdError(BadRequestError):
+    code = "INVALID_ID"
+
+
+class InvalidLimitError(BadRequestError):
+    code = "INVALID_LIMIT"
+
+
+class InvalidRequestError(BadRequestError):
+    """Schema-level failure: a missing field, a wrong type, malformed JSON."""
+
+    code = "INVALID_REQUEST"
+
+
+class InvalidContactError(BadRequestError):
+    code = "INVALID_CONTACT"
+
+
+class InvalidWebhookUrlError(BadRequestError):
+    code = "INVALID_WEBHOOK_URL"
+
+
+class UnsupportedChannelTypeError(BadRequestError):
+    code = "UNSUPPORTED_CHANNEL_TYPE"
+
+
+class UnauthorizedError(DeliveryError):
+    code = "UNAUTHORIZED"
+    status = 401
+
+
+class NotFoundError(DeliveryError, LookupError):
+    """Unknown id, or one that belongs to another project (tenants never learn which)."""
+
+    code = "NOT_FOUND"
+    status = 404
+
+    def __init__(self, field: str, message: str, resource: str = "") -> None:
+        super().__init__(field, message)
+        self.resource = resource
+
+    def to_body(self) -> dict[str, Any]:
+        body = super().to_body()
+        if self.resource:
+            body["resource"] = self.resource
+        return body
+
+
+class ConflictError(DeliveryError):
+    code = "CONFLICT"
+    status = 409
+
+
+class IdempotencyKeyReusedError(ConflictError):
+    code = "IDEMPOTENCY_KEY_REUSED"
+
+
+class InvalidStateError(ConflictError):
+    code = "INVALID_STATE"

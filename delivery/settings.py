@@ -1,0 +1,97 @@
+"""
+One ``Settings`` object, read from ``DELIVERY_*`` environment variables, built once
+at the process edge (the CLI) and passed down; nothing reads the environment later.
+
+``deploy/ENVIRONMENT.md`` documents every variable.
+"""
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of every process kind (run, web, scheduler, dispatcher, handlers)."""
+
+    model_config = SettingsConfigDict(env_prefix="DELIVERY_", extra="ignore")
+
+    # --- core -----------------------------------------------------------------
+    data_dir: Path = Field(
+        default=Path("./data"),
+        description="Where the embedded default keeps its SQLite file and NATS store.",
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy async URL; empty means SQLite at <data_dir>/delivery.db.",
+    )
+    nats_url: str = Field(
+        default="",
+        description="NATS server URL; empty means `delivery run` spawns its own nats-server.",
+    )
+    subject_prefix: str = Field(
+        default="delivery",
+        description="First token of every NATS subject; tests use a unique one per test.",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    log_level: str = "INFO"
+    log_json: bool | None = Field(
+        default=None, description="Force JSON logs (true) or console (false); unset = auto."
+    )
+    bootstrap_api_key: SecretStr | None = Field(
+        default=None,
+        description="If set, this key is created at start-up for project `default` (local use).",
+    )
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
+
+    # --- scheduler --------------------------------------------------------------
+    tick_interval_s: float = Field(default=0.5, gt=0, le=60)
+    claim_batch: int = Field(default=1000, ge=1, le=100_000)
+    max_lateness_s: int = Field(
+        default=3600,
+        ge=0,
+        description="Missed fires older than this at catch-up are recorded as skipped.",
+    )
+    lease_s: int = Field(default=30, ge=1)
+
+    # --- composer ---------------------------------------------------------------
+    composer: str = Field(default="template", description="`template` or `llm`.")
+    llm_base_url: str = ""
+    llm_model: str = "gpt-4o-mini"
+    llm_api_key: SecretStr | None = None
+    llm_timeout_s: float = Field(default=20.0, gt=0)
+
+    # --- webhooks ---------------------------------------------------------------
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Key that encrypts webhook secrets at rest; generated into data_dir if unset.",
+    )
+    webhook_timeout_s: float = Field(default=15.0, gt=0)
+    webhook_allow_nets: str = Field(
+        default="",
+        description="Comma-separated CIDRs exempt from the SSRF guard, e.g. 127.0.0.0/8.",
+    )
+    webhook_max_in_flight: int = Field(default=256, ge=1)
+    webhook_per_endpoint: int = Field(default=32, ge=1)
+
+    # --- channels ---------------------------------------------------------------
+    fcm_service_account_file: Path | None = None
+    fcm_base_url: str = "https://fcm.googleapis.com"
+    fcm_token_url: str = "https://oauth2.googleapis.com/token"  # noqa: S105 - a URL, not a secret
+    smtp_host: str = ""
+    smtp_port: int = 587
+    smtp_security: str = Field(default="starttls", description="`starttls`, `tls` or `plain`.")
+    smtp_username: str = ""
+    smtp_password: SecretStr | None = None
+    smtp_from: str = ""
+    sms_base_url: str = "https://api.twilio.com"
+    sms_account_sid: str = ""
+    sms_auth_token: SecretStr | None = None
+    sms_from: str = ""
+
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a WAL SQLite file inside ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'delivery.db').resolve()}"

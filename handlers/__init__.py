@@ -1,0 +1,1 @@
+"""Fan-out handlers: webhooks, receiver, FCM, email, SMS and the live stream."""

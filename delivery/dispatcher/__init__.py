@@ -1,0 +1,1 @@
+"""The NATS JetStream side: subjects, message payloads, subscribers and the composer."""

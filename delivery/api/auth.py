@@ -1,0 +1,108 @@
+"""
+API key -> project: tenancy is decided here, once (DESIGN invariant 6, decision 1).
+
+:class:`AuthMiddleware` answers 401 for every ``/api/`` request without a valid
+``Authorization: Bearer <key>`` before any body is read, and otherwise puts the
+project id in ``scope["state"]``; routes read it with :func:`project_id`.
+"""
+
+import json
+import time
+from typing import Annotated
+
+from fastapi import Depends, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from delivery.errors import UnauthorizedError
+from delivery.store.sql import SqlStore, hash_api_key
+
+PROTECTED_PREFIX = "/api/"
+
+
+class Authenticator:
+    """
+    Resolves API keys to project ids, caching hits for ``ttl_s`` seconds.
+
+    The cache spares the hot polling path a lookup per request; the price is
+    that a revoked key keeps working for at most ``ttl_s``.
+    """
+
+    def __init__(self, store: SqlStore, ttl_s: float = 30.0, max_entries: int = 10_000) -> None:
+        self._store = store
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._cache: dict[str, tuple[str, float]] = {}
+
+    async def project_for(self, authorization: str | None) -> str:
+        """
+        The project of the bearer key in an ``Authorization`` header value.
+
+        Raises:
+            UnauthorizedError: no header, another scheme, or an unknown / revoked key.
+        """
+        if not authorization:
+            raise UnauthorizedError("", "missing Authorization: Bearer <api key> header")
+        scheme, _, key = authorization.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise UnauthorizedError("", "the Authorization header must be 'Bearer <api key>'")
+        digest = hash_api_key(key)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        project = await self._store.project_for_key(key)
+        if project is None:
+            raise UnauthorizedError("", "invalid or revoked API key")
+        if len(self._cache) >= self._max_entries:
+            self._cache.clear()
+        self._cache[digest] = (project, now + self._ttl_s)
+        return project
+
+
+class AuthMiddleware:
+    """Pure ASGI middleware: authenticate ``/api/`` requests before routing."""
+
+    def __init__(self, app: ASGIApp, authenticator: Authenticator) -> None:
+        self.app = app
+        self.authenticator = authenticator
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        header = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value.decode("latin-1")
+                break
+        try:
+            project = await self.authenticator.project_for(header)
+        except UnauthorizedError as exc:
+            body = json.dumps(exc.to_body()).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 401,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"www-authenticate", b"Bearer"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        scope.setdefault("state", {})["project_id"] = project
+        await self.app(scope, receive, send)
+
+
+def _project_id(request: Request) -> str:
+    project = getattr(request.state, "project_id", None)
+    if not isinstance(project, str):  # pragma: no cover - the middleware always sets it
+        raise UnauthorizedError("", "missing Authorization: Bearer <api key> header")
+    return project
+
+
+ProjectId = Annotated[str, Depends(_project_id)]
+"""Route parameter type: the authenticated caller's project id."""

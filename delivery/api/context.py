@@ -1,0 +1,175 @@
+"""
+What every route needs, injected once through ``create_app`` (no globals), and the
+small parsing helpers the routes share: wire timestamps, limits, ids, metadata.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Protocol
+
+import structlog
+from fastapi import Depends, Path, Request
+
+from delivery.api.schemas import ID_PATTERN, MAX_METADATA_BYTES, MAX_METADATA_KEYS
+from delivery.clock import Clock
+from delivery.errors import InvalidIdError, InvalidLimitError, InvalidRequestError
+from delivery.settings import Settings
+from delivery.store.sql import SqlStore, canonical_json
+
+_log = structlog.get_logger(__name__)
+
+
+class Wakeable(Protocol):
+    """Something to nudge after a write that may make work due sooner (the daemon's loops)."""
+
+    def wake(self) -> None:
+        """Re-check for due work soon; must not block and must be safe to call often."""
+        ...
+
+
+class NoWaker:
+    """The default :class:`Wakeable`: the API runs without a daemon in-process."""
+
+    def wake(self) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiContext:
+    """The API's collaborators, stored on ``app.state.ctx``."""
+
+    settings: Settings
+    store: SqlStore
+    clock: Clock
+    waker: Wakeable
+
+    def wake(self) -> None:
+        """
+        Nudge the waker after a committed write; never fails the request.
+
+        The write is already durable and the daemon's periodic tick finds it
+        anyway, so a waker fault is logged, not answered as a 500 (which would
+        make the SDK retry and duplicate the write).
+        """
+        try:
+            self.waker.wake()
+        except Exception as exc:  # the waker belongs to another component
+            _log.warning("waker failed", error=repr(exc))
+
+
+def _ctx(request: Request) -> ApiContext:
+    ctx: ApiContext = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[ApiContext, Depends(_ctx)]
+
+AgentId = Annotated[str, Path(pattern=ID_PATTERN, description="Agent id; created on first use.")]
+UserId = Annotated[str, Path(pattern=ID_PATTERN, description="User id; created on first use.")]
+ResourceId = Annotated[str, Path(pattern=ID_PATTERN)]
+
+_ID = re.compile(ID_PATTERN)
+
+
+def wire_time(instant: datetime | None) -> str:
+    """RFC 3339 UTC with ``Z`` (CONTRACT R5); ``""`` for "nothing" (DESIGN decision 7)."""
+    if instant is None:
+        return ""
+    utc = instant.astimezone(UTC)
+    spec = "microseconds" if utc.microsecond else "seconds"
+    return utc.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
+
+
+def opt_time(instant: datetime | None) -> str | None:
+    """Like :func:`wire_time` but ``None`` (omitted) when absent."""
+    return None if instant is None else wire_time(instant)
+
+
+def parse_limit(raw: str | None, *, default: int, maximum: int, field: str = "limit") -> int:
+    """
+    A ``limit`` query value in 1..maximum (DESIGN decision 11: never clamped).
+
+    Raises:
+        InvalidLimitError: not an integer, or out of range.
+    """
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidLimitError(field, f"{field} must be an integer, got {raw!r}") from None
+    if not 1 <= value <= maximum:
+        raise InvalidLimitError(field, f"{field} must be between 1 and {maximum}, got {value}")
+    return value
+
+
+def check_id(value: str | None, field: str) -> str | None:
+    """
+    Validate an id given in a query string or body.
+
+    Raises:
+        InvalidIdError: it does not match ``[A-Za-z0-9._:@+-]{1,128}``.
+    """
+    if value is None:
+        return None
+    if not _ID.match(value):
+        raise InvalidIdError(field, f"{field} must match [A-Za-z0-9._:@+-]{{1,128}}")
+    return value
+
+
+def check_label(value: str | None, field: str, max_length: int = 128) -> str | None:
+    """
+    Validate a free-form filter value from a query string (``event_type``, ``item_type``).
+
+    Raises:
+        InvalidRequestError: longer than ``max_length`` or holding a NUL character.
+    """
+    if value is None:
+        return None
+    if len(value) > max_length or "\x00" in value:
+        raise InvalidRequestError(
+            field, f"{field} must be at most {max_length} characters, without NUL"
+        )
+    return value
+
+
+def check_metadata(value: dict[str, Any] | None, field: str = "metadata") -> str | None:
+    """
+    Canonical JSON of a metadata object, or ``None`` when absent or empty.
+
+    Raises:
+        InvalidRequestError: more than 64 keys or more than 16 KiB of JSON.
+    """
+    if not value:
+        return None
+    if len(value) > MAX_METADATA_KEYS:
+        raise InvalidRequestError(
+            field, f"{field} has {len(value)} keys; at most {MAX_METADATA_KEYS} are allowed"
+        )
+    text = canonical_json(value)
+    if len(utf8(text, field)) > MAX_METADATA_BYTES:
+        raise InvalidRequestError(
+            field, f"{field} is larger than {MAX_METADATA_BYTES // 1024} KiB as JSON"
+        )
+    return text
+
+
+def utf8(text: str, field: str) -> bytes:
+    """
+    ``text`` as UTF-8.
+
+    Raises:
+        InvalidRequestError: it holds a lone surrogate (a legal JSON escape that
+            no database can store).
+    """
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise InvalidRequestError(field, f"{field} contains an unpaired surrogate") from None
+
+
+def loads(text: str | None) -> Any:
+    """Parse stored canonical JSON (``None`` stays ``None``)."""
+    return None if text is None else json.loads(text)

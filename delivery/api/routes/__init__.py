@@ -1,0 +1,31 @@
+"""One module per resource; :data:`ROUTERS` is the order they are mounted in."""
+
+from fastapi import APIRouter
+
+from delivery.api.routes import (
+    channels,
+    contacts,
+    events,
+    inventory,
+    notifications,
+    schedules,
+    service,
+    stream,
+    wakeups,
+    webhooks,
+    workbench,
+)
+
+ROUTERS: tuple[APIRouter, ...] = (
+    schedules.router,
+    wakeups.router,
+    events.router,
+    inventory.router,
+    notifications.router,
+    service.router,
+    workbench.router,
+    webhooks.router,
+    contacts.router,
+    channels.router,
+    stream.router,
+)

@@ -1,0 +1,611 @@
+"""
+Notification channels (CONTRACT section 8): ``/api/v1/channels`` (the key's project,
+DESIGN decision 1) and ``/api/v1/projects/{projectId}/channels`` (another project's id
+is 404), list / create / get / update (PUT, full replace) / delete / deliver.
+
+Types are ``webhook`` and ``email`` only (DESIGN decision 14); anything else, ``composio``
+included, is 400 ``UNSUPPORTED_CHANNEL_TYPE`` and the SDK's ``Channel.type`` literal is
+never broken. Secret config keys (``api_key``, ``secret``, ...) are stored sealed and
+always answered masked, except a webhook signing secret the server generated, which
+the create response shows once (DESIGN invariant 6). ``deliver`` is declared before
+the ``{channelId}`` routes so it can never be captured by them.
+"""
+
+import asyncio
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy.engine import RowMapping
+
+from delivery.api.auth import ProjectId
+from delivery.api.context import ApiContext, Ctx, ResourceId, wire_time
+from delivery.clock import Clock
+from delivery.errors import (
+    InvalidRequestError,
+    InvalidWebhookUrlError,
+    NotFoundError,
+    UnsupportedChannelTypeError,
+)
+from delivery.secrets import SecretBox, SecretDecryptError
+from delivery.settings import Settings
+from delivery.store.channels import ChannelConfigCodec, ChannelStore
+from delivery.store.sql import canonical_json, new_id
+from handlers.base import Delivered, Failed, Message, Retry
+from handlers.contacts import normalize_email
+from handlers.email import SmtpChannel, SmtpSecurity
+from handlers.ssrf import Resolver, check_url, parse_allow_nets
+from handlers.webhooks.sender import WebhookChannel, WebhookEndpoint
+from handlers.webhooks.signing import SigningKey, generate_secret
+
+router = APIRouter(tags=["channels"])
+TENANT = "/api/v1/channels"
+PROJECT = "/api/v1/projects/{project_id}/channels"
+CHANNEL_TYPES = ("webhook", "email")
+MAX_NAME = 128
+MAX_EVENTS = 64
+MAX_EVENT_TYPE = 128
+MAX_JSON_BYTES = 16 * 1024
+MAX_RECIPIENTS = 50
+
+_log = structlog.get_logger(__name__)
+
+
+class ChannelWriteBody(BaseModel):
+    """``ChannelWriteBody`` (CONTRACT 8): the SDK never sends unknown keys or nulls."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    type: str
+    config: dict[str, Any] | None = None
+    events: list[str] | None = None
+    filter: dict[str, Any] | None = None
+    active: bool | None = None
+
+
+class ChannelDeliverBody(BaseModel):
+    """``ChannelDeliverBody``: an event type and the payload channels receive."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    event_type: str
+    payload: dict[str, Any] | None = None
+
+
+# --- pure helpers ---------------------------------------------------------------------
+
+
+def _json_size(value: Any, field: str) -> str:
+    text = canonical_json(value)
+    if len(text.encode()) > MAX_JSON_BYTES:
+        raise InvalidRequestError(field, f"{field} is larger than 16 KiB as JSON")
+    return text
+
+
+def _events(events: Sequence[str] | None) -> list[str]:
+    """Validated, de-duplicated event types in the caller's order; ``[]`` means all."""
+    if not events:
+        return []
+    if len(events) > MAX_EVENTS:
+        raise InvalidRequestError("events", f"events has more than {MAX_EVENTS} entries")
+    seen: dict[str, None] = {}
+    for i, event in enumerate(events):
+        if not event.strip() or len(event) > MAX_EVENT_TYPE:
+            raise InvalidRequestError(
+                f"events.{i}", f"events.{i} must be a non-empty event type of at most 128 chars"
+            )
+        seen.setdefault(event, None)
+    return list(seen)
+
+
+def _recipients(value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or len(items) > MAX_RECIPIENTS:
+        raise InvalidRequestError(
+            "config.to", f"config.to must be an email address or a list of 1 to {MAX_RECIPIENTS}"
+        )
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise InvalidRequestError(f"config.to.{i}", f"config.to.{i} must be a string")
+        try:
+            out.append(normalize_email(item, field=f"config.to.{i}"))
+        except ValueError as exc:
+            raise InvalidRequestError(f"config.to.{i}", str(exc)) from None
+    return out
+
+
+def filter_matches(channel_filter: Mapping[str, Any] | None, payload: Mapping[str, Any]) -> bool:
+    """
+    The delivery predicate (pure): every known key must hold, unknown keys are ignored.
+
+    ``agents`` / ``users`` / ``check_types``: ``payload.agent_id`` / ``user_id`` /
+    ``check_type`` is in the list; ``min_score``: ``payload.score`` is a number at least
+    that high (CONTRACT 8's example ``{"agents": [...], "min_score": 80}``).
+    """
+    if not channel_filter:
+        return True
+    for key, field in (("agents", "agent_id"), ("users", "user_id"), ("check_types", "check_type")):
+        wanted = channel_filter.get(key)
+        if isinstance(wanted, list) and wanted and payload.get(field) not in wanted:
+            return False
+    minimum = channel_filter.get("min_score")
+    if isinstance(minimum, int | float) and not isinstance(minimum, bool):
+        score = payload.get("score")
+        if (
+            not isinstance(score, int | float)
+            or isinstance(score, bool)
+            or not math.isfinite(score)
+            or score < minimum
+        ):
+            return False
+    return True
+
+
+def subscribed(events: Sequence[str], event_type: str) -> bool:
+    """An empty ``events`` list subscribes to everything (CONTRACT 8)."""
+    return not events or event_type in events
+
+
+# --- request plumbing -------------------------------------------------------------------
+
+
+async def _codec(request: Request, ctx: ApiContext) -> ChannelConfigCodec:
+    """The app's codec; the :class:`SecretBox` is built on first use (it may create a file)."""
+    codec: ChannelConfigCodec | None = getattr(request.app.state, "channel_codec", None)
+    if codec is None:
+        box = await asyncio.to_thread(SecretBox.from_settings, ctx.settings)
+        codec = ChannelConfigCodec(box)
+        request.app.state.channel_codec = codec
+    return codec
+
+
+def _store(ctx: ApiContext) -> ChannelStore:
+    return ChannelStore(ctx.store.engine)
+
+
+def _own_project(path_project: str, project: str) -> None:
+    # Another project's id answers exactly like an unknown one (DESIGN decision 1).
+    if path_project != project:
+        raise NotFoundError(
+            "project_id", f"project_id {path_project!r}: no such project", resource="project"
+        )
+
+
+def _no_channel(channel_id: str) -> NotFoundError:
+    return NotFoundError(
+        "channel_id", f"channel_id {channel_id!r}: no such channel", resource="channel"
+    )
+
+
+def channel_entry(
+    row: RowMapping, codec: ChannelConfigCodec, *, reveal: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """
+    The channel object (G ``ChannelDTO``: exactly these keys, ``events`` never null,
+    ``filter`` omitted when unset). ``reveal`` shows generated secrets in clear (create).
+    """
+    try:
+        config = codec.masked(row)
+    except SecretDecryptError:
+        # A rotated server key must not make the channel unreadable; its secrets are
+        # lost either way, and the listing should say so rather than fail.
+        _log.error("channels.secret_undecryptable", channel_id=row["id"])
+        config = json.loads(row["config_json"])
+    config.update(reveal or {})
+    entry: dict[str, Any] = {
+        "channel_id": row["id"],
+        "project_id": row["project_id"],
+        "name": row["name"],
+        "type": row["type"],
+        "config": config,
+        "events": json.loads(row["events_json"]),
+        "active": row["active"],
+        "created_at": wire_time(row["created_at"]),
+        "updated_at": wire_time(row["updated_at"]),
+    }
+    if row["filter_json"] is not None:
+        entry["filter"] = json.loads(row["filter_json"])
+    return entry
+
+
+async def _validate(
+    body: ChannelWriteBody, settings: Settings, config: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """
+    Check a write body; return the config to store and any secret generated for it.
+
+    Raises:
+        UnsupportedChannelTypeError: ``type`` is not webhook or email.
+        InvalidRequestError / InvalidWebhookUrlError: a field breaks its rule.
+    """
+    if body.type not in CHANNEL_TYPES:
+        raise UnsupportedChannelTypeError(
+            "type",
+            f"type {body.type!r} is not supported; use webhook or email "
+            "(push and SMS reach users through contacts)",
+        )
+    if not body.name.strip() or len(body.name) > MAX_NAME:
+        raise InvalidRequestError("name", f"name must be 1 to {MAX_NAME} characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in body.name):
+        # PostgreSQL text cannot hold NUL, and no display name needs control characters.
+        raise InvalidRequestError("name", "name must not contain control characters")
+    _json_size(config, "config")
+    generated: dict[str, str] = {}
+    if body.type == "webhook":
+        url = config.get("url")
+        if not isinstance(url, str) or not url:
+            raise InvalidRequestError("config.url", "config.url is required for a webhook")
+        try:
+            await check_url(url, parse_allow_nets(settings.webhook_allow_nets), Resolver())
+        except InvalidWebhookUrlError as exc:
+            raise InvalidWebhookUrlError(
+                "config.url", exc.message.replace("webhook_url", "config.url")
+            ) from None
+        secret = config.get("secret")
+        if secret is None:
+            generated["secret"] = config["secret"] = generate_secret()
+        elif not isinstance(secret, str):
+            raise InvalidRequestError("config.secret", "config.secret must be a string")
+        else:
+            try:
+                SigningKey.parse(secret)
+            except ValueError:
+                raise InvalidRequestError(
+                    "config.secret", "config.secret must be whsec_ followed by base64"
+                ) from None
+    else:
+        sender = config.get("from")
+        if sender is not None:
+            if not isinstance(sender, str):
+                raise InvalidRequestError("config.from", "config.from must be an email address")
+            try:
+                config["from"] = normalize_email(sender, field="config.from")
+            except ValueError as exc:
+                raise InvalidRequestError("config.from", str(exc)) from None
+        if "to" in config:
+            config["to"] = _recipients(config["to"])
+    return config, generated
+
+
+def _row_values(
+    body: ChannelWriteBody, config: Mapping[str, Any], codec: ChannelConfigCodec
+) -> dict[str, Any]:
+    sealed = codec.seal(config)
+    return {
+        "name": body.name,
+        "type": body.type,
+        "config_json": sealed.config_json,
+        "secrets_enc": sealed.secrets_enc,
+        "events_json": canonical_json(_events(body.events)),
+        "filter_json": None if body.filter is None else _json_size(body.filter, "filter"),
+        "active": True if body.active is None else body.active,
+    }
+
+
+# --- operations (shared by the tenant and project routes) -----------------------------
+
+
+async def _list(project: str, request: Request, ctx: ApiContext) -> Response:
+    codec = await _codec(request, ctx)
+    rows = await _store(ctx).list_channels(project)
+    return JSONResponse({"channels": [channel_entry(r, codec) for r in rows]})
+
+
+async def _create(
+    project: str, body: ChannelWriteBody, request: Request, ctx: ApiContext
+) -> Response:
+    codec = await _codec(request, ctx)
+    config, generated = await _validate(body, ctx.settings, dict(body.config or {}))
+    now = ctx.clock.now()
+    values = _row_values(body, config, codec)
+    channel_id = new_id("ch")
+    values.update(id=channel_id, project_id=project, created_at=now, updated_at=now)
+    store = _store(ctx)
+    await store.insert_channel(values)
+    row = await store.get_channel(project, channel_id)
+    if row is None:  # pragma: no cover - just inserted in this project
+        raise _no_channel(channel_id)
+    _log.info("channels.created", channel_id=channel_id, type=body.type)
+    return JSONResponse(channel_entry(row, codec, reveal=generated), status_code=201)
+
+
+async def _get(project: str, channel_id: str, request: Request, ctx: ApiContext) -> Response:
+    codec = await _codec(request, ctx)
+    row = await _store(ctx).get_channel(project, channel_id)
+    if row is None:
+        raise _no_channel(channel_id)
+    return JSONResponse(channel_entry(row, codec))
+
+
+async def _update(
+    project: str, channel_id: str, body: ChannelWriteBody, request: Request, ctx: ApiContext
+) -> Response:
+    codec = await _codec(request, ctx)
+    store = _store(ctx)
+    old = await store.get_channel(project, channel_id)
+    if old is None:
+        raise _no_channel(channel_id)
+    config = dict(body.config or {})
+    if old["type"] == body.type:
+        # A client that read the channel and writes it back sends the masks; keep secrets.
+        config = codec.merge_masked(config, old["secrets_enc"])
+        if body.type == "webhook" and "secret" not in config:
+            # Regenerating a signing secret on an update would silently break the
+            # receiver's verification; an omitted secret keeps the stored one.
+            kept = codec.secrets(old["secrets_enc"]).get("secret")
+            if kept:
+                config["secret"] = kept
+    config, generated = await _validate(body, ctx.settings, config)
+    values = _row_values(body, config, codec)
+    values["updated_at"] = ctx.clock.now()
+    row = await store.replace_channel(project, channel_id, values)
+    if row is None:
+        raise _no_channel(channel_id)
+    _log.info("channels.updated", channel_id=channel_id, type=body.type)
+    return JSONResponse(channel_entry(row, codec, reveal=generated))
+
+
+async def _delete(project: str, channel_id: str, ctx: ApiContext) -> Response:
+    if not await _store(ctx).delete_channel(project, channel_id):
+        raise _no_channel(channel_id)
+    _log.info("channels.deleted", channel_id=channel_id)
+    return Response(status_code=204)
+
+
+def _text_of(event_type: str, payload: Mapping[str, Any]) -> str:
+    message = payload.get("generated_message") or payload.get("message")
+    if isinstance(message, str) and message.strip():
+        return message
+    return f"{event_type}\n\n{json.dumps(payload, indent=2, ensure_ascii=False, default=str)}"
+
+
+async def _deliver_one(
+    row: RowMapping,
+    config: Mapping[str, Any],
+    message: Message,
+    settings: Settings,
+    clock: Clock,
+    webhook: WebhookChannel,
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"channel_id": row["id"], "type": row["type"]}
+    if row["type"] == "webhook":
+        secret = config.get("secret")
+        if not isinstance(secret, str) or not secret:
+            return {**result, "status": "failed", "error": "the channel has no signing secret"}
+        auth = config.get("auth_header")
+        endpoint = WebhookEndpoint(
+            url=str(config.get("url", "")),
+            secrets=(secret,),
+            auth_header=auth if isinstance(auth, str) and auth else None,
+        )
+        delivery = await webhook.deliver(message, endpoint)
+        outcome = delivery.outcome
+    else:
+        recipients = config.get("to") or []
+        if not recipients:
+            return {**result, "status": "skipped", "error": "config.to names no recipient"}
+        if not settings.smtp_host:
+            return {
+                **result,
+                "status": "failed",
+                "error": "email is not configured on this server (DELIVERY_SMTP_HOST)",
+            }
+        channel = SmtpChannel(
+            settings.smtp_host,
+            settings.smtp_port,
+            str(config.get("from") or settings.smtp_from),
+            clock=clock,
+            security=SmtpSecurity(settings.smtp_security),
+            username=settings.smtp_username,
+            password=settings.smtp_password.get_secret_value() if settings.smtp_password else "",
+        )
+        outcomes = await asyncio.gather(*(channel.send(message, to) for to in recipients))
+        failures = [o for o in outcomes if not isinstance(o, Delivered)]
+        outcome = failures[0] if failures else outcomes[0]
+    if isinstance(outcome, Delivered):
+        return {**result, "status": "sent"}
+    assert isinstance(outcome, Retry | Failed)  # noqa: S101 - Outcome is a closed union
+    return {**result, "status": "failed", "error": outcome.reason}
+
+
+async def _deliver(
+    project: str, body: ChannelDeliverBody, request: Request, ctx: ApiContext
+) -> Response:
+    """
+    Send ``payload`` once to every active channel subscribed to ``event_type`` whose
+    filter matches; one delivery result per such channel, in channel order. One
+    channel failing never stops another.
+    """
+    if not body.event_type.strip() or len(body.event_type) > MAX_EVENT_TYPE:
+        raise InvalidRequestError("event_type", "event_type must be 1 to 128 characters")
+    payload = dict(body.payload or {})
+    _json_size(payload, "payload")
+    codec = await _codec(request, ctx)
+    rows = [
+        r
+        for r in await _store(ctx).list_channels(project, active_only=True)
+        if subscribed(json.loads(r["events_json"]), body.event_type)
+        and filter_matches(json.loads(r["filter_json"]) if r["filter_json"] else None, payload)
+    ]
+    if not rows:
+        return JSONResponse({"deliveries": []})
+    now = ctx.clock.now()
+    event_id = new_id("dlv")
+    envelope = {
+        "event_id": event_id,
+        "event_type": body.event_type,
+        "created_at": wire_time(now),
+        "project_id": project,
+        "payload": payload,
+    }
+    subject = payload.get("subject") or payload.get("title") or body.event_type
+    message = Message(
+        event_id=event_id,
+        event_type=body.event_type,
+        project_id=project,
+        agent_id=str(payload.get("agent_id", "")),
+        user_id=str(payload.get("user_id", "")),
+        message_id=event_id,
+        check_type=str(payload.get("check_type", body.event_type)),
+        intent="",
+        generated_message=_text_of(body.event_type, payload),
+        created_at=now,
+        payload=envelope,
+    )
+    email_message = dataclasses.replace(message, payload={"subject": str(subject)})
+    async with WebhookChannel.from_settings(ctx.settings, clock=ctx.clock) as webhook:
+
+        async def one(row: RowMapping) -> dict[str, Any]:
+            try:
+                config = codec.full(row)
+            except SecretDecryptError:
+                return {
+                    "channel_id": row["id"],
+                    "type": row["type"],
+                    "status": "failed",
+                    "error": "the channel's secrets cannot be decrypted with this server's key",
+                }
+            chosen = message if row["type"] == "webhook" else email_message
+            return await _deliver_one(row, config, chosen, ctx.settings, ctx.clock, webhook)
+
+        deliveries = await asyncio.gather(*(one(r) for r in rows))
+    _log.info(
+        "channels.delivered",
+        event_id=event_id,
+        event_type=body.event_type,
+        results=[d["status"] for d in deliveries],
+    )
+    return JSONResponse({"deliveries": list(deliveries)})
+
+
+# --- routes: deliver first, so POST …/deliver is never read as a channel id ----------
+
+
+@router.post(TENANT + "/deliver")
+async def deliver(
+    body: ChannelDeliverBody, project: ProjectId, request: Request, ctx: Ctx
+) -> Response:
+    """Deliver an event to the project's matching active channels now."""
+    return await _deliver(project, body, request, ctx)
+
+
+@router.post(PROJECT + "/deliver")
+async def deliver_for_project(
+    project_id: ResourceId,
+    body: ChannelDeliverBody,
+    project: ProjectId,
+    request: Request,
+    ctx: Ctx,
+) -> Response:
+    """Project-scoped :func:`deliver`."""
+    _own_project(project_id, project)
+    return await _deliver(project, body, request, ctx)
+
+
+@router.get(TENANT)
+async def list_channels(project: ProjectId, request: Request, ctx: Ctx) -> Response:
+    """``{"channels": [...]}``, oldest first."""
+    return await _list(project, request, ctx)
+
+
+@router.get(PROJECT)
+async def list_channels_for_project(
+    project_id: ResourceId, project: ProjectId, request: Request, ctx: Ctx
+) -> Response:
+    """Project-scoped :func:`list_channels`."""
+    _own_project(project_id, project)
+    return await _list(project, request, ctx)
+
+
+@router.post(TENANT, status_code=201)
+async def create_channel(
+    body: ChannelWriteBody, project: ProjectId, request: Request, ctx: Ctx
+) -> Response:
+    """Create a channel (201); a generated webhook ``secret`` is shown in clear once."""
+    return await _create(project, body, request, ctx)
+
+
+@router.post(PROJECT, status_code=201)
+async def create_channel_for_project(
+    project_id: ResourceId,
+    body: ChannelWriteBody,
+    project: ProjectId,
+    request: Request,
+    ctx: Ctx,
+) -> Response:
+    """Project-scoped :func:`create_channel`."""
+    _own_project(project_id, project)
+    return await _create(project, body, request, ctx)
+
+
+@router.get(TENANT + "/{channel_id}")
+async def get_channel(
+    channel_id: ResourceId, project: ProjectId, request: Request, ctx: Ctx
+) -> Response:
+    """One channel, secrets masked; 404 when unknown."""
+    return await _get(project, channel_id, request, ctx)
+
+
+@router.get(PROJECT + "/{channel_id}")
+async def get_channel_for_project(
+    project_id: ResourceId,
+    channel_id: ResourceId,
+    project: ProjectId,
+    request: Request,
+    ctx: Ctx,
+) -> Response:
+    """Project-scoped :func:`get_channel`."""
+    _own_project(project_id, project)
+    return await _get(project, channel_id, request, ctx)
+
+
+@router.put(TENANT + "/{channel_id}")
+async def update_channel(
+    channel_id: ResourceId,
+    body: ChannelWriteBody,
+    project: ProjectId,
+    request: Request,
+    ctx: Ctx,
+) -> Response:
+    """
+    Full replace: ``name`` and ``type`` are required again, omitted optionals reset to
+    their defaults; a secret sent back in its masked form keeps the stored secret.
+    """
+    return await _update(project, channel_id, body, request, ctx)
+
+
+@router.put(PROJECT + "/{channel_id}")
+async def update_channel_for_project(
+    project_id: ResourceId,
+    channel_id: ResourceId,
+    body: ChannelWriteBody,
+    project: ProjectId,
+    request: Request,
+    ctx: Ctx,
+) -> Response:
+    """Project-scoped :func:`update_channel`."""
+    _own_project(project_id, project)
+    return await _update(project, channel_id, body, request, ctx)
+
+
+@router.delete(TENANT + "/{channel_id}", status_code=204)
+async def delete_channel(channel_id: ResourceId, project: ProjectId, ctx: Ctx) -> Response:
+    """Delete (204); 404 when unknown."""
+    return await _delete(project, channel_id, ctx)
+
+
+@router.delete(PROJECT + "/{channel_id}", status_code=204)
+async def delete_channel_for_project(
+    project_id: ResourceId, channel_id: ResourceId, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Project-scoped :func:`delete_channel`."""
+    _own_project(project_id, project)
+    return await _delete(project, channel_id, ctx)

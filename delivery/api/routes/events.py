@@ -1,0 +1,84 @@
+"""
+Trigger events under ``/api/v1/agents/{agentId}/events`` (CONTRACT 5).
+
+Accepting an event commits the event row and its ``event.accepted`` outbox
+message together; the daemon relays the message and builds the reaction.
+"""
+
+import json
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from delivery.api.auth import ProjectId
+from delivery.api.context import AgentId, Ctx, check_id, check_metadata, parse_limit, wire_time
+from delivery.api.schemas import EventAccepted, EventCreate, EventList, EventOut
+from delivery.dispatcher.subjects import Subjects
+from delivery.store.sql import canonical_json, new_id
+from delivery.store.tables import TriggerEventRow
+
+router = APIRouter(tags=["events"])
+PREFIX = "/api/v1/agents/{agent_id}/events"
+
+
+@router.post(PREFIX, responses={200: {"model": EventAccepted}})
+async def trigger_event(
+    agent_id: AgentId, body: EventCreate, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Accept a backend event for the agent's reaction; answers ``{accepted, event_id}``."""
+    now = ctx.clock.now()
+    metadata_json = check_metadata(dict(body.metadata) if body.metadata else None)
+    messages_json = (
+        canonical_json([m.model_dump() for m in body.messages]) if body.messages else None
+    )
+    row = TriggerEventRow(
+        id=new_id("evt"),
+        project_id=project,
+        agent_id=agent_id,
+        user_id=body.user_id,
+        event_type=body.event_type,
+        event_description=body.event_description,
+        metadata_json=metadata_json,
+        messages_json=messages_json,
+        language=body.language or "en",
+        instance_id=body.instance_id or None,
+        status="accepted",
+        created_at=now,
+    )
+    outbox = {
+        "subject": Subjects(ctx.settings.subject_prefix).event_accepted,
+        "msg_id": row.id,
+        "payload": canonical_json({"version": 1, "event_id": row.id}),
+        "created_at": now,
+    }
+    await ctx.store.insert_event(row, outbox)
+    ctx.wake()
+    return JSONResponse(EventAccepted(accepted=True, event_id=row.id).model_dump())
+
+
+@router.get(PREFIX, responses={200: {"model": EventList}})
+async def list_events(
+    agent_id: AgentId,
+    project: ProjectId,
+    ctx: Ctx,
+    user_id: str | None = None,
+    limit: str | None = None,
+) -> Response:
+    """The agent's accepted events, newest first (beyond the SDK: it has no such call)."""
+    count = parse_limit(limit, default=50, maximum=500)
+    check_id(user_id, "user_id")
+    rows = await ctx.store.list_events(project, agent_id, user_id=user_id or None, limit=count)
+    events = [
+        EventOut(
+            event_id=r.id,
+            agent_id=r.agent_id,
+            user_id=r.user_id,
+            event_type=r.event_type,
+            status=r.status,
+            created_at=wire_time(r.created_at),
+            metadata=json.loads(r.metadata_json) if r.metadata_json else {},
+            event_description=r.event_description,
+        )
+        for r in rows
+    ]
+    return JSONResponse(EventList(events=events).model_dump(exclude_none=True))

@@ -1,0 +1,203 @@
+"""
+The polling queue (CONTRACT 6.1) and the project view (CONTRACT 6.2) over one table.
+
+The agent-queue list is the hot read path (``bench/bench_notifications.py``):
+one indexed Core query and dicts built directly, no per-row model validation.
+"""
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy.engine import RowMapping
+
+from delivery.api.auth import ProjectId
+from delivery.api.context import (
+    AgentId,
+    Ctx,
+    ResourceId,
+    check_id,
+    check_label,
+    parse_limit,
+    wire_time,
+)
+from delivery.api.schemas import (
+    AcknowledgeBody,
+    Acknowledged,
+    NotificationList,
+    ProjectNotificationList,
+    Success,
+)
+from delivery.errors import InvalidRequestError, InvalidStateError, NotFoundError
+from delivery.store.sql import ConsumeOutcome
+
+router = APIRouter(tags=["notifications"])
+AGENT_PREFIX = "/api/v1/agents/{agent_id}/notifications"
+PROJECT_PREFIX = "/api/v1/projects/{project_id}/notifications"
+QUEUE_STATUSES = ("pending", "consumed", "expired", "failed_generation")
+ACK_STATUSES = ("pending", "acknowledged", "all")
+
+
+def queue_entry(row: RowMapping) -> dict[str, Any]:
+    """
+    One agent-queue entry: exactly CONTRACT 6.1's fields, absent optionals omitted.
+
+    ``wakeup_id`` appears only for wakeup-sourced messages (the SDK model has no
+    other provenance field).
+    """
+    entry: dict[str, Any] = {
+        "message_id": row["id"],
+        "agent_id": row["agent_id"],
+        "user_id": row["user_id"],
+        "check_type": row["check_type"],
+        "generated_message": row["generated_message"],
+        "status": row["status"],
+        "created_at": wire_time(row["created_at"]),
+    }
+    if row["consumed_at"] is not None:
+        entry["consumed_at"] = wire_time(row["consumed_at"])
+    if row["source_type"] == "wakeup" and row["wakeup_id"]:
+        entry["wakeup_id"] = row["wakeup_id"]
+    if row["intent"]:
+        entry["intent"] = row["intent"]
+    return entry
+
+
+@router.get(AGENT_PREFIX, responses={200: {"model": NotificationList}})
+async def list_notifications(
+    agent_id: AgentId,
+    project: ProjectId,
+    ctx: Ctx,
+    status: str | None = None,
+    user_id: str | None = None,
+    limit: str | None = None,
+) -> Response:
+    """The agent's queue in one ``status`` (default pending), oldest first; ``limit`` 1..500."""
+    count = parse_limit(limit, default=50, maximum=500)
+    check_id(user_id, "user_id")
+    wanted = status or "pending"
+    if wanted not in QUEUE_STATUSES:
+        raise InvalidRequestError("status", f"status must be one of {', '.join(QUEUE_STATUSES)}")
+    rows = await ctx.store.list_queue(
+        project, agent_id, status=wanted, user_id=user_id or None, limit=count
+    )
+    return JSONResponse({"notifications": [queue_entry(r) for r in rows]})
+
+
+@router.get(AGENT_PREFIX + "/history", responses={200: {"model": NotificationList}})
+async def notification_history(
+    agent_id: AgentId, project: ProjectId, ctx: Ctx, limit: str | None = None
+) -> Response:
+    """Every notification of the agent across users and statuses, newest first."""
+    count = parse_limit(limit, default=50, maximum=500)
+    rows = await ctx.store.notification_history(project, agent_id, limit=count)
+    return JSONResponse({"notifications": [queue_entry(r) for r in rows]})
+
+
+@router.post(AGENT_PREFIX + "/{message_id}/consume", responses={200: {"model": Success}})
+async def consume(
+    agent_id: AgentId, message_id: ResourceId, project: ProjectId, ctx: Ctx
+) -> Response:
+    """
+    Mark a message consumed; again is ``{"success": true}`` (retry-safe, DESIGN decision 4);
+    unknown is 404; an expired or failed message is 409.
+    """
+    outcome = await ctx.store.consume_notification(project, agent_id, message_id, ctx.clock.now())
+    if outcome is ConsumeOutcome.NOT_FOUND:
+        raise NotFoundError(
+            "message_id",
+            f"message_id {message_id!r}: no such notification",
+            resource="notification",
+        )
+    if outcome is ConsumeOutcome.NOT_PENDING:
+        raise InvalidStateError(
+            "message_id",
+            f"message_id {message_id!r}: expired or failed messages cannot be consumed",
+        )
+    return JSONResponse({"success": True})
+
+
+def _own_project(path_project: str, project: str) -> None:
+    # Another project's id answers exactly like an unknown one (DESIGN decision 1).
+    if path_project != project:
+        raise NotFoundError(
+            "project_id", f"project_id {path_project!r}: no such project", resource="project"
+        )
+
+
+@router.get(PROJECT_PREFIX, responses={200: {"model": ProjectNotificationList}})
+async def list_project_notifications(
+    project_id: ResourceId,
+    project: ProjectId,
+    ctx: Ctx,
+    agent_id: str | None = None,
+    event_type: str | None = None,
+    status: str | None = None,
+    limit: str | None = None,
+) -> Response:
+    """
+    The project's notifications, oldest first: ``status`` ``pending`` (default,
+    not yet acknowledged), ``acknowledged`` or ``all``; ``limit`` 1..500.
+    """
+    _own_project(project_id, project)
+    count = parse_limit(limit, default=50, maximum=500)
+    check_id(agent_id, "agent_id")
+    wanted = status or "pending"
+    if wanted not in ACK_STATUSES:
+        raise InvalidRequestError("status", f"status must be one of {', '.join(ACK_STATUSES)}")
+    rows = await ctx.store.list_project_notifications(
+        project,
+        agent_id=agent_id or None,
+        event_type=check_label(event_type, "event_type") or None,
+        ack_status=None if wanted == "all" else wanted,
+        limit=count,
+    )
+    entries = []
+    for r in rows:
+        entry: dict[str, Any] = {
+            "notification_id": r["id"],
+            "project_id": r["project_id"],
+            "event_type": r["event_type"],
+            "status": r["ack_status"],
+            "payload": json.loads(r["payload_json"]),
+            "created_at": wire_time(r["created_at"]),
+            "agent_id": r["agent_id"],
+            "user_id": r["user_id"],
+        }
+        if r["acknowledged_at"] is not None:
+            entry["acknowledged_at"] = wire_time(r["acknowledged_at"])
+        entries.append(entry)
+    return JSONResponse({"notifications": entries, "count": len(entries)})
+
+
+@router.post(PROJECT_PREFIX + "/acknowledge", responses={200: {"model": Acknowledged}})
+async def acknowledge(
+    project_id: ResourceId, body: AcknowledgeBody, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Acknowledge the listed notifications; the count covers only those that changed."""
+    _own_project(project_id, project)
+    for i, nid in enumerate(body.notification_ids):
+        check_id(nid, f"notification_ids.{i}")
+    n = await ctx.store.acknowledge(project, body.notification_ids, ctx.clock.now())
+    return JSONResponse({"acknowledged": n})
+
+
+@router.post(PROJECT_PREFIX + "/acknowledge-all", responses={200: {"model": Acknowledged}})
+async def acknowledge_all(
+    project_id: ResourceId,
+    project: ProjectId,
+    ctx: Ctx,
+    agent_id: str | None = None,
+    event_type: str | None = None,
+) -> Response:
+    """Acknowledge every pending notification matching the filters (no body is read)."""
+    _own_project(project_id, project)
+    check_id(agent_id, "agent_id")
+    n = await ctx.store.acknowledge_all(
+        project,
+        agent_id=agent_id or None,
+        event_type=check_label(event_type, "event_type") or None,
+        now=ctx.clock.now(),
+    )
+    return JSONResponse({"acknowledged": n})

@@ -1,0 +1,318 @@
+"""
+Schedules under ``/api/v1/agents/{agentId}/users/{userId}/schedules`` (CONTRACT 3).
+
+Every write validates completely through the cadence engine before it opens a
+transaction, stores the canonical JSON of the normalised cadence / window /
+metadata (DESIGN decision 8) and computes ``next_fire_at`` from the clock.
+"""
+
+import json
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from delivery.api.auth import ProjectId
+from delivery.api.context import (
+    AgentId,
+    ApiContext,
+    Ctx,
+    ResourceId,
+    UserId,
+    check_metadata,
+    loads,
+    opt_time,
+    parse_limit,
+    wire_time,
+)
+from delivery.api.schemas import (
+    ScheduleCreate,
+    ScheduleCreated,
+    ScheduleList,
+    ScheduleOut,
+    SchedulePatch,
+    Success,
+    Upcoming,
+)
+from delivery.cadence import (
+    CompiledSchedule,
+    compile_schedule,
+    format_local,
+    next_fire,
+    parse_instant,
+    upcoming,
+)
+from delivery.errors import ConflictError, NotFoundError
+from delivery.store.sql import canonical_json, new_id
+from delivery.store.tables import ScheduleRow
+
+router = APIRouter(tags=["schedules"])
+PREFIX = "/api/v1/agents/{agent_id}/users/{user_id}/schedules"
+_PATCH_ATTEMPTS = 5
+
+
+def _not_found(schedule_id: str) -> NotFoundError:
+    return NotFoundError(
+        "schedule_id", f"schedule_id {schedule_id!r}: no such schedule", resource="schedule"
+    )
+
+
+def effectively_enabled(row: ScheduleRow, now: datetime) -> bool:
+    """Enabled and not past ``ends_at`` (the soft-disable is visible before the daemon flips it)."""
+    return row.enabled and (row.ends_at is None or row.ends_at > now)
+
+
+def schedule_out(row: ScheduleRow, now: datetime) -> ScheduleOut:
+    """The wire schedule object; ``next_fire_at`` is ``""`` when nothing is next."""
+    enabled = effectively_enabled(row, now)
+    return ScheduleOut(
+        schedule_id=row.id,
+        cadence_type=row.cadence_type,
+        cadence=row.cadence_json,
+        timezone=row.timezone,
+        next_fire_at=wire_time(row.next_fire_at) if enabled else "",
+        intent=row.intent,
+        check_type=row.check_type,
+        enabled=enabled,
+        created_at=wire_time(row.created_at),
+        updated_at=wire_time(row.updated_at),
+        active_window=row.active_window_json,
+        metadata=row.metadata_json,
+        inventory_item_id=row.inventory_item_id,
+        starts_at=opt_time(row.starts_at),
+        ends_at=opt_time(row.ends_at),
+    )
+
+
+def compiled_from_row(row: ScheduleRow) -> CompiledSchedule:
+    """Recompile a stored (already valid) schedule."""
+    return compile_schedule(
+        json.loads(row.cadence_json),
+        loads(row.active_window_json),
+        starts_at=row.starts_at,
+        ends_at=row.ends_at,
+        created_at=row.created_at,
+    )
+
+
+def _json(model: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json", exclude_none=True), status_code=status)
+
+
+async def _check_item(ctx: ApiContext, project: str, agent: str, user: str, item: str) -> None:
+    if await ctx.store.get_item(project, agent, user, item) is None:
+        raise NotFoundError(
+            "inventory_item_id",
+            f"inventory_item_id {item!r}: no such inventory item for this agent and user",
+            resource="inventory_item",
+        )
+
+
+async def _get(ctx: ApiContext, project: str, agent: str, user: str, sid: str) -> ScheduleRow:
+    row = await ctx.store.get_schedule(project, agent, user, sid)
+    if row is None:
+        raise _not_found(sid)
+    return row
+
+
+@router.get(PREFIX, responses={200: {"model": ScheduleList}})
+async def list_schedules(
+    agent_id: AgentId, user_id: UserId, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Every schedule of the (agent, user) pair."""
+    now = ctx.clock.now()
+    rows = await ctx.store.list_schedules(project, agent_id, user_id)
+    return _json(ScheduleList(schedules=[schedule_out(r, now) for r in rows]))
+
+
+@router.post(PREFIX, status_code=201, responses={201: {"model": ScheduleCreated}})
+async def create_schedule(
+    agent_id: AgentId, user_id: UserId, body: ScheduleCreate, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Create a schedule; ``next_fire_at`` is the first fire after now."""
+    now = ctx.clock.now()
+    starts_at = None if body.starts_at is None else parse_instant(body.starts_at, "starts_at")
+    ends_at = None if body.ends_at is None else parse_instant(body.ends_at, "ends_at")
+    compiled = compile_schedule(
+        body.cadence,
+        body.active_window,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        created_at=now,
+        now=now,
+    )
+    metadata_json = check_metadata(body.metadata)
+    if body.inventory_item_id is not None:
+        await _check_item(ctx, project, agent_id, user_id, body.inventory_item_id)
+    upcoming_fire = next_fire(compiled, now)
+    row = ScheduleRow(
+        id=new_id("sch"),
+        project_id=project,
+        agent_id=agent_id,
+        user_id=user_id,
+        cadence_type=compiled.cadence_type,
+        cadence_json=canonical_json(compiled.cadence),
+        timezone=compiled.timezone,
+        active_window_json=(
+            None if compiled.active_window is None else canonical_json(compiled.active_window)
+        ),
+        intent=body.intent,
+        check_type=body.check_type,
+        inventory_item_id=body.inventory_item_id,
+        metadata_json=metadata_json,
+        starts_at=compiled.starts_at,
+        ends_at=compiled.ends_at,
+        anchor_at=compiled.anchor,
+        enabled=True,
+        next_fire_at=upcoming_fire,
+        version=1,
+        created_at=now,
+        updated_at=now,
+    )
+    await ctx.store.insert_schedule(row)
+    ctx.wake()
+    return _json(
+        ScheduleCreated(
+            schedule_id=row.id,
+            next_fire_at=wire_time(upcoming_fire),
+            next_fire_at_local=(
+                "" if upcoming_fire is None else format_local(upcoming_fire, compiled.zone)
+            ),
+            enabled=True,
+        ),
+        201,
+    )
+
+
+@router.get(PREFIX + "/{schedule_id}", responses={200: {"model": ScheduleOut}})
+async def get_schedule(
+    agent_id: AgentId, user_id: UserId, schedule_id: ResourceId, project: ProjectId, ctx: Ctx
+) -> Response:
+    """One schedule."""
+    row = await _get(ctx, project, agent_id, user_id, schedule_id)
+    return _json(schedule_out(row, ctx.clock.now()))
+
+
+_TIMING = frozenset({"cadence", "active_window", "starts_at", "ends_at", "enabled"})
+
+
+def _patched(
+    row: ScheduleRow, body: SchedulePatch, given: set[str], now: datetime
+) -> tuple[dict[str, Any], bool]:
+    """
+    The column changes a PATCH makes to ``row`` (pure; raises on invalid input).
+
+    Returns:
+        The changes and whether timing changed (so the daemon should look again).
+    """
+    cadence = body.cadence if "cadence" in given else json.loads(row.cadence_json)
+    window = (
+        (body.active_window or None) if "active_window" in given else loads(row.active_window_json)
+    )
+    starts_at = row.starts_at
+    if "starts_at" in given:
+        starts_at = parse_instant(body.starts_at, "starts_at") if body.starts_at else None
+    ends_at = row.ends_at
+    if "ends_at" in given:
+        ends_at = parse_instant(body.ends_at, "ends_at") if body.ends_at else None
+    enabled = body.enabled if body.enabled is not None else row.enabled
+    # An ends_at in the past is an error when the client sets it, or re-enables a
+    # schedule that is past it (DESIGN decision 6); otherwise an expired schedule
+    # may still be edited (e.g. its intent) and stays disabled.
+    check_now = now if (("ends_at" in given and ends_at) or body.enabled is True) else None
+    compiled = compile_schedule(
+        cadence,
+        window,
+        starts_at=starts_at,
+        ends_at=ends_at,
+        created_at=row.created_at,
+        now=check_now,
+    )
+    changes: dict[str, Any] = {
+        "cadence_type": compiled.cadence_type,
+        "cadence_json": canonical_json(compiled.cadence),
+        "timezone": compiled.timezone,
+        "active_window_json": (
+            None if compiled.active_window is None else canonical_json(compiled.active_window)
+        ),
+        "starts_at": compiled.starts_at,
+        "ends_at": compiled.ends_at,
+        "anchor_at": compiled.anchor,
+        "enabled": enabled,
+        "version": row.version + 1,
+        "updated_at": now,
+    }
+    if "intent" in given:
+        changes["intent"] = body.intent
+    if "check_type" in given:
+        changes["check_type"] = body.check_type
+    if "metadata" in given:
+        changes["metadata_json"] = check_metadata(body.metadata)
+    if "inventory_item_id" in given:
+        changes["inventory_item_id"] = body.inventory_item_id or None
+    timing = bool(given & _TIMING)
+    if timing:
+        # Recomputed from now: fires already made are never rewritten (DESIGN 6).
+        changes["next_fire_at"] = next_fire(compiled, now) if enabled else None
+        changes["claimed_by"] = None
+        changes["claimed_until"] = None
+    return changes, timing
+
+
+@router.patch(PREFIX + "/{schedule_id}", responses={200: {"model": ScheduleOut}})
+async def update_schedule(
+    agent_id: AgentId,
+    user_id: UserId,
+    schedule_id: ResourceId,
+    body: SchedulePatch,
+    project: ProjectId,
+    ctx: Ctx,
+) -> Response:
+    """Change a schedule; absent fields stay, ``{}`` / ``""`` clear (DESIGN decision 6)."""
+    given = {k for k in body.model_fields_set if getattr(body, k) is not None}
+    for _ in range(_PATCH_ATTEMPTS):
+        row = await _get(ctx, project, agent_id, user_id, schedule_id)
+        now = ctx.clock.now()
+        if not given:
+            return _json(schedule_out(row, now))
+        changes, timing = _patched(row, body, given, now)
+        if changes.get("inventory_item_id"):
+            await _check_item(ctx, project, agent_id, user_id, changes["inventory_item_id"])
+        if await ctx.store.update_schedule(row, changes, row.version):
+            if timing:
+                ctx.wake()
+            return _json(schedule_out(row.model_copy(update=changes), now))
+    raise ConflictError(
+        "schedule_id",
+        f"schedule_id {schedule_id!r}: the schedule is being changed concurrently; retry",
+    )
+
+
+@router.delete(PREFIX + "/{schedule_id}", responses={200: {"model": Success}})
+async def delete_schedule(
+    agent_id: AgentId, user_id: UserId, schedule_id: ResourceId, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Delete a schedule and its fire history; 404 when unknown (tenants learn nothing)."""
+    if not await ctx.store.delete_schedule(project, agent_id, user_id, schedule_id):
+        raise _not_found(schedule_id)
+    return _json(Success(success=True))
+
+
+@router.get(PREFIX + "/{schedule_id}/upcoming", responses={200: {"model": Upcoming}})
+async def upcoming_fires(
+    agent_id: AgentId,
+    user_id: UserId,
+    schedule_id: ResourceId,
+    project: ProjectId,
+    ctx: Ctx,
+    limit: str | None = None,
+) -> Response:
+    """The next ``limit`` (1..1000, default 10) fires after now, active window applied."""
+    count = parse_limit(limit, default=10, maximum=1000)
+    row = await _get(ctx, project, agent_id, user_id, schedule_id)
+    now = ctx.clock.now()
+    if not effectively_enabled(row, now):
+        return _json(Upcoming(upcoming=[]))
+    fires = upcoming(compiled_from_row(row), now, count)
+    return _json(Upcoming(upcoming=[wire_time(f) for f in fires]))

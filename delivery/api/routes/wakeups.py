@@ -1,0 +1,130 @@
+"""
+One-off wakeups under ``/api/v1/agents/{agentId}/wakeups`` (CONTRACT 4, DESIGN decision 5).
+
+pending -> executed (by the daemon) | cancelled (by ``DELETE``); both final.
+"""
+
+from datetime import timedelta
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from delivery.api.auth import ProjectId
+from delivery.api.context import (
+    AgentId,
+    Ctx,
+    ResourceId,
+    check_id,
+    opt_time,
+    parse_limit,
+    wire_time,
+)
+from delivery.api.schemas import WakeupCancelled, WakeupCreate, WakeupCreated, WakeupList, WakeupOut
+from delivery.cadence import parse_instant
+from delivery.errors import InvalidRequestError, InvalidStateError, NotFoundError
+from delivery.store.sql import CancelOutcome, new_id
+from delivery.store.tables import WakeupRow
+
+router = APIRouter(tags=["wakeups"])
+PREFIX = "/api/v1/agents/{agent_id}/wakeups"
+STATUSES = ("pending", "executed", "cancelled")
+
+
+def wakeup_out(row: WakeupRow) -> WakeupOut:
+    """The wire wakeup entry; absent optionals are omitted."""
+    return WakeupOut(
+        wakeup_id=row.id,
+        agent_id=row.agent_id,
+        user_id=row.user_id,
+        check_type=row.check_type,
+        status=row.status,
+        scheduled_at=wire_time(row.scheduled_at),
+        created_at=wire_time(row.created_at),
+        executed_at=opt_time(row.executed_at),
+        intent=row.intent or None,
+        occasion=row.occasion,
+        interest_topic=row.interest_topic,
+        event_description=row.event_description,
+    )
+
+
+@router.post(PREFIX, status_code=201, responses={201: {"model": WakeupCreated}})
+async def schedule_wakeup(
+    agent_id: AgentId, body: WakeupCreate, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Schedule one fire at ``scheduled_at``, else ``now + delay_hours``."""
+    now = ctx.clock.now()
+    if body.scheduled_at is not None:
+        scheduled_at = parse_instant(body.scheduled_at, "scheduled_at")
+    elif body.delay_hours is not None:
+        scheduled_at = now + timedelta(hours=body.delay_hours)
+    else:
+        raise InvalidRequestError("delay_hours", "delay_hours or scheduled_at is required")
+    if body.inventory_item_id is not None:
+        item = await ctx.store.get_item(project, agent_id, body.user_id, body.inventory_item_id)
+        if item is None:
+            raise NotFoundError(
+                "inventory_item_id",
+                f"inventory_item_id {body.inventory_item_id!r}: no such item for this user",
+                resource="inventory_item",
+            )
+    row = WakeupRow(
+        id=new_id("wk"),
+        project_id=project,
+        agent_id=agent_id,
+        user_id=body.user_id,
+        check_type=body.check_type,
+        intent=body.intent,
+        occasion=body.occasion,
+        interest_topic=body.interest_topic,
+        event_description=body.event_description,
+        inventory_item_id=body.inventory_item_id,
+        scheduled_at=scheduled_at,
+        status="pending",
+        created_at=now,
+    )
+    await ctx.store.insert_wakeup(row)
+    ctx.wake()
+    created = WakeupCreated(wakeup_id=row.id, scheduled_at=wire_time(scheduled_at))
+    return JSONResponse(created.model_dump(), status_code=201)
+
+
+@router.get(PREFIX, responses={200: {"model": WakeupList}})
+async def list_wakeups(
+    agent_id: AgentId,
+    project: ProjectId,
+    ctx: Ctx,
+    user_id: str | None = None,
+    status: str | None = None,
+    instance_id: str | None = None,
+    limit: str | None = None,
+) -> Response:
+    """The agent's wakeups, soonest first; filters ``user_id``, ``status``; ``limit`` 1..500."""
+    del instance_id  # accepted for the SDK (CONTRACT 4); instances are not modelled
+    count = parse_limit(limit, default=50, maximum=500)
+    check_id(user_id, "user_id")
+    if status is not None and status not in STATUSES:
+        raise InvalidRequestError("status", f"status must be one of {', '.join(STATUSES)}")
+    rows = await ctx.store.list_wakeups(
+        project, agent_id, user_id=user_id or None, status=status, limit=count
+    )
+    body = WakeupList(wakeups=[wakeup_out(r) for r in rows])
+    return JSONResponse(body.model_dump(exclude_none=True))
+
+
+@router.delete(PREFIX + "/{wakeup_id}", responses={200: {"model": WakeupCancelled}})
+async def cancel_wakeup(
+    agent_id: AgentId, wakeup_id: ResourceId, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Cancel a pending wakeup; 409 ``INVALID_STATE`` once executed or cancelled."""
+    outcome = await ctx.store.cancel_wakeup(project, agent_id, wakeup_id, ctx.clock.now())
+    if outcome is CancelOutcome.NOT_FOUND:
+        raise NotFoundError(
+            "wakeup_id", f"wakeup_id {wakeup_id!r}: no such wakeup", resource="wakeup"
+        )
+    if outcome is CancelOutcome.NOT_PENDING:
+        raise InvalidStateError(
+            "wakeup_id",
+            f"wakeup_id {wakeup_id!r}: the wakeup is no longer pending (executed or cancelled)",
+        )
+    return JSONResponse(WakeupCancelled(wakeup_id=wakeup_id, status="cancelled").model_dump())

@@ -1,0 +1,365 @@
+"""
+Webhook registration, listing, deletion, attempts and secret rotation (CONTRACT 7),
+tenant-scoped (``/api/v1/webhooks``: the key's project, DESIGN decision 1) and
+project-scoped (``/api/v1/projects/{projectId}/webhooks``; another project's id is 404).
+
+Secrets: a ``whsec_`` signing secret is generated on first registration and on
+rotation, returned in that response only, and stored sealed (:mod:`delivery.secrets`);
+``auth_header`` is stored sealed and only ever shown masked (DESIGN invariant 6).
+Destinations pass the SSRF check at registration (``handlers.ssrf.check_url``) and
+again at send time.
+"""
+
+import asyncio
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Path, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.engine import RowMapping
+
+from delivery.api.auth import ProjectId
+from delivery.api.context import ApiContext, Ctx, ResourceId, parse_limit, wire_time
+from delivery.api.schemas import ID_PATTERN
+from delivery.errors import InvalidRequestError, NotFoundError
+from delivery.secrets import SecretBox
+from delivery.store.webhooks import WebhookStore
+from handlers.ssrf import MAX_URL_LENGTH, Resolver, check_url, parse_allow_nets
+from handlers.webhooks.signing import generate_secret
+
+router = APIRouter(tags=["webhooks"])
+TENANT = "/api/v1/webhooks"
+PROJECT = "/api/v1/projects/{project_id}/webhooks"
+MAX_PAGE_SIZE = 200
+"""DESIGN decision 11: attempts ``page_size`` 1..200, never clamped."""
+
+_log = structlog.get_logger(__name__)
+
+EventType = Annotated[
+    str,
+    Path(
+        pattern=ID_PATTERN,
+        description="Webhook event type, e.g. on_wakeup_ready (DESIGN decision 2).",
+    ),
+]
+
+
+class WebhookRegister(BaseModel):
+    """``PUT …/webhooks/{eventType}`` body (``UpsertWebhookInputBody``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    webhook_url: str = Field(min_length=1, max_length=MAX_URL_LENGTH)
+    auth_header: str | None = Field(default=None, min_length=1, max_length=4096)
+
+
+class WebhookRegistered(BaseModel):
+    """Register / rotate response: ``signing_secret`` only when a secret was just made."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    success: bool
+    signing_secret: str | None = None
+
+
+class WebhookOut(BaseModel):
+    """One ``webhooks`` entry (G ``Webhook``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_type: str
+    webhook_url: str
+    is_active: bool
+    project_id: str
+    created_at: str
+    updated_at: str
+    auth_header: str | None = None
+
+
+class WebhookList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    webhooks: list[WebhookOut]
+
+
+class AttemptOut(BaseModel):
+    """One attempt (``WebhookDeliveryAttempt``, parsed with ``extra='forbid'``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempt_id: str
+    attempt_number: int
+    event_type: str
+    project_id: str
+    webhook_url: str
+    status: str
+    response_code: int
+    duration_ms: int
+    created_at: str
+    error_message: str | None = None
+    request_body: str | None = None
+    response_body: str | None = None
+
+
+class AttemptPageOut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: list[AttemptOut]
+    has_more: bool
+    next_cursor: str | None = None
+
+
+class Deleted(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    success: bool
+
+
+def mask_auth_header(value: str) -> str:
+    """
+    ``auth_header`` as listings show it: the scheme word kept, the credential hidden
+    (``Bearer ****``), so a tenant can tell what is set without it leaking (issue 5).
+    """
+    scheme, sep, _rest = value.partition(" ")
+    return f"{scheme} ****" if sep and len(scheme) <= 32 else "****"
+
+
+async def _box(request: Request, ctx: ApiContext) -> SecretBox:
+    """The app's :class:`SecretBox`, built on first use (the key file may be created)."""
+    box: SecretBox | None = getattr(request.app.state, "webhook_secret_box", None)
+    if box is None:
+        box = await asyncio.to_thread(SecretBox.from_settings, ctx.settings)
+        request.app.state.webhook_secret_box = box
+    return box
+
+
+def _store(ctx: ApiContext) -> WebhookStore:
+    return WebhookStore(ctx.store.engine)
+
+
+def _own_project(path_project: str, project: str) -> None:
+    # Another project's id answers exactly like an unknown one (DESIGN decision 1).
+    if path_project != project:
+        raise NotFoundError(
+            "project_id", f"project_id {path_project!r}: no such project", resource="project"
+        )
+
+
+def _not_registered(event_type: str) -> NotFoundError:
+    return NotFoundError(
+        "event_type", f"event_type {event_type!r}: no webhook registered", resource="webhook"
+    )
+
+
+def _entry(row: RowMapping, box: SecretBox | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "event_type": row["event_type"],
+        "webhook_url": row["url"],
+        "is_active": bool(row["is_active"]),
+        "project_id": row["project_id"],
+        "created_at": wire_time(row["created_at"]),
+        "updated_at": wire_time(row["updated_at"]),
+    }
+    if row["auth_header_enc"] and box is not None:
+        entry["auth_header"] = mask_auth_header(box.open(row["auth_header_enc"]))
+    return entry
+
+
+def _attempt(row: RowMapping) -> dict[str, Any]:
+    # Exactly CONTRACT 7's fields: the SDK parses attempts with extra='forbid'.
+    entry: dict[str, Any] = {
+        "attempt_id": row["id"],
+        "attempt_number": row["attempt_number"],
+        "event_type": row["event_type"],
+        "project_id": row["project_id"],
+        "webhook_url": row["webhook_url"],
+        "status": row["status"],
+        "response_code": row["response_code"],
+        "duration_ms": row["duration_ms"],
+        "created_at": wire_time(row["created_at"]),
+    }
+    for key in ("error_message", "request_body", "response_body"):
+        if row[key] is not None:
+            entry[key] = row[key]
+    return entry
+
+
+async def _register(
+    request: Request, ctx: ApiContext, project: str, event_type: str, body: WebhookRegister
+) -> Response:
+    allow = parse_allow_nets(ctx.settings.webhook_allow_nets)
+    checked = await check_url(body.webhook_url.strip(), allow, Resolver())
+    box = await _box(request, ctx)
+    secret = generate_secret()
+    result = await _store(ctx).upsert_endpoint(
+        project,
+        event_type,
+        url=checked.url.strip(),
+        auth_header_enc=box.seal(body.auth_header) if body.auth_header else None,
+        new_secret_enc=box.seal(secret),
+        now=ctx.clock.now(),
+    )
+    _log.info(
+        "webhook.registered",
+        project_id=project,
+        event_type=event_type,
+        endpoint_id=result.endpoint_id,
+        first=result.created,
+    )
+    out: dict[str, Any] = {"success": True}
+    if result.created:
+        # Shown once (CONTRACT 7); on re-registration the key is omitted, never null.
+        out["signing_secret"] = secret
+    return JSONResponse(out)
+
+
+async def _list(request: Request, ctx: ApiContext, project: str) -> Response:
+    rows = await _store(ctx).list_endpoints(project)
+    box = await _box(request, ctx) if any(r["auth_header_enc"] for r in rows) else None
+    return JSONResponse({"webhooks": [_entry(r, box) for r in rows]})
+
+
+async def _delete(ctx: ApiContext, project: str, event_type: str) -> Response:
+    found = await _store(ctx).delete_endpoint(
+        project, event_type, now=ctx.clock.now(), reason="webhook deleted"
+    )
+    if not found:
+        raise _not_registered(event_type)
+    _log.info("webhook.deleted", project_id=project, event_type=event_type)
+    return JSONResponse({"success": True})
+
+
+async def _attempts(
+    ctx: ApiContext, project: str, event_type: str, page_size: str | None, cursor: str | None
+) -> Response:
+    size = parse_limit(page_size, default=50, maximum=MAX_PAGE_SIZE, field="page_size")
+    after: int | None = None
+    if cursor:
+        if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
+            raise InvalidRequestError("cursor", "cursor must be a next_cursor from a previous page")
+        after = int(cursor)
+    page = await _store(ctx).list_attempts(project, event_type, page_size=size, cursor=after)
+    out: dict[str, Any] = {
+        "attempts": [_attempt(r) for r in page.rows],
+        "has_more": page.next_cursor is not None,
+    }
+    if page.next_cursor is not None:
+        out["next_cursor"] = page.next_cursor
+    return JSONResponse(out)
+
+
+async def _rotate(request: Request, ctx: ApiContext, project: str, event_type: str) -> Response:
+    box = await _box(request, ctx)
+    secret = generate_secret()
+    rotated = await _store(ctx).rotate_secret(
+        project, event_type, new_secret_enc=box.seal(secret), now=ctx.clock.now()
+    )
+    if not rotated:
+        raise _not_registered(event_type)
+    _log.info("webhook.secret_rotated", project_id=project, event_type=event_type)
+    return JSONResponse({"success": True, "signing_secret": secret})
+
+
+# --- tenant-scoped: the key's project ---------------------------------------------------
+
+
+@router.get(TENANT, responses={200: {"model": WebhookList}})
+async def list_webhooks(request: Request, project: ProjectId, ctx: Ctx) -> Response:
+    """Every webhook of the key's project."""
+    return await _list(request, ctx, project)
+
+
+@router.put(TENANT + "/{event_type}", responses={200: {"model": WebhookRegistered}})
+async def register_webhook(
+    request: Request, event_type: EventType, body: WebhookRegister, project: ProjectId, ctx: Ctx
+) -> Response:
+    """
+    Register or replace the URL for ``event_type``. The signing secret is returned on
+    the first registration only; 400 ``INVALID_WEBHOOK_URL`` for a refused destination.
+    """
+    return await _register(request, ctx, project, event_type, body)
+
+
+@router.delete(TENANT + "/{event_type}", responses={200: {"model": Deleted}})
+async def delete_webhook(event_type: EventType, project: ProjectId, ctx: Ctx) -> Response:
+    """Remove the webhook; pending deliveries end, past attempts stay listed. 404 if none."""
+    return await _delete(ctx, project, event_type)
+
+
+@router.get(TENANT + "/{event_type}/attempts", responses={200: {"model": AttemptPageOut}})
+async def list_attempts(
+    event_type: EventType,
+    project: ProjectId,
+    ctx: Ctx,
+    page_size: str | None = None,
+    cursor: str | None = None,
+) -> Response:
+    """Delivery attempts, newest first; ``page_size`` 1..200 (default 50), cursor pages."""
+    return await _attempts(ctx, project, event_type, page_size, cursor)
+
+
+@router.post(TENANT + "/{event_type}/rotate-secret", responses={200: {"model": WebhookRegistered}})
+async def rotate_secret(
+    request: Request, event_type: EventType, project: ProjectId, ctx: Ctx
+) -> Response:
+    """A new signing secret; the previous one keeps signing for 24 h. No body is read."""
+    return await _rotate(request, ctx, project, event_type)
+
+
+# --- project-scoped ---------------------------------------------------------------------
+
+
+@router.get(PROJECT, responses={200: {"model": WebhookList}})
+async def list_project_webhooks(
+    request: Request, project_id: ResourceId, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Every webhook of ``project_id`` (the key's own project, else 404)."""
+    _own_project(project_id, project)
+    return await _list(request, ctx, project)
+
+
+@router.put(PROJECT + "/{event_type}", responses={200: {"model": WebhookRegistered}})
+async def register_project_webhook(
+    request: Request,
+    project_id: ResourceId,
+    event_type: EventType,
+    body: WebhookRegister,
+    project: ProjectId,
+    ctx: Ctx,
+) -> Response:
+    """As the tenant-scoped register, for ``project_id``."""
+    _own_project(project_id, project)
+    return await _register(request, ctx, project, event_type, body)
+
+
+@router.delete(PROJECT + "/{event_type}", responses={200: {"model": Deleted}})
+async def delete_project_webhook(
+    project_id: ResourceId, event_type: EventType, project: ProjectId, ctx: Ctx
+) -> Response:
+    """As the tenant-scoped delete, for ``project_id``."""
+    _own_project(project_id, project)
+    return await _delete(ctx, project, event_type)
+
+
+@router.get(PROJECT + "/{event_type}/attempts", responses={200: {"model": AttemptPageOut}})
+async def list_project_attempts(
+    project_id: ResourceId,
+    event_type: EventType,
+    project: ProjectId,
+    ctx: Ctx,
+    page_size: str | None = None,
+    cursor: str | None = None,
+) -> Response:
+    """As the tenant-scoped attempts, for ``project_id``."""
+    _own_project(project_id, project)
+    return await _attempts(ctx, project, event_type, page_size, cursor)
+
+
+@router.post(PROJECT + "/{event_type}/rotate-secret", responses={200: {"model": WebhookRegistered}})
+async def rotate_project_secret(
+    request: Request, project_id: ResourceId, event_type: EventType, project: ProjectId, ctx: Ctx
+) -> Response:
+    """As the tenant-scoped rotate, for ``project_id``."""
+    _own_project(project_id, project)
+    return await _rotate(request, ctx, project, event_type)

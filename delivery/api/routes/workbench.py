@@ -1,0 +1,109 @@
+"""
+Workbench advance-time under ``/api/v1/workbench`` (CONTRACT section 9, DESIGN decision 9).
+
+Tenant-scoped: the API key's project owns the (agent, user) clock and the jobs.
+``async: true`` answers 202 with a job id and runs the advance in the
+background; the job is pollable for 30 minutes, then 404 like an unknown id.
+"""
+
+import asyncio
+from typing import Any
+
+import structlog
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from delivery.api.auth import ProjectId
+from delivery.api.context import ApiContext, Ctx, ResourceId
+from delivery.api.schemas import Ident
+from delivery.dispatcher.composers import build_composer
+from delivery.dispatcher.subjects import Subjects
+from delivery.workbench import (
+    Pair,
+    advance_time,
+    create_job,
+    finish_job,
+    get_job,
+    new_job_id,
+    validate_hours,
+)
+
+router = APIRouter(tags=["workbench"])
+PREFIX = "/api/v1/workbench"
+log = structlog.get_logger(__name__)
+
+
+class AdvanceTimeBody(BaseModel):
+    """
+    What ``client.workbench.advance_time`` always sends (CONTRACT 9, verified).
+
+    ``simulated_base_offset_hours``, ``character_config`` and ``instance_id``
+    are accepted and ignored: the pair's stored offset is the base of the
+    window (DESIGN decision 9), and agents need no character config here.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    agent_id: Ident
+    user_id: Ident
+    simulated_hours: Any
+    simulated_base_offset_hours: float = 0.0
+    character_config: dict[str, Any] = Field(default_factory=dict)
+    instance_id: str = ""
+    run_async: bool = Field(default=False, alias="async")
+
+
+async def _run(ctx: ApiContext, pair: Pair, hours: float) -> dict[str, Any]:
+    composer = build_composer(ctx.settings)
+    try:
+        return await advance_time(
+            ctx.store.engine,
+            composer,
+            Subjects(ctx.settings.subject_prefix),
+            ctx.clock,
+            pair,
+            hours,
+        )
+    finally:
+        await composer.aclose()
+
+
+async def _run_job(ctx: ApiContext, job_id: str, pair: Pair, hours: float) -> None:
+    """The background half of ``async: true``: every outcome ends in the job row."""
+    bound = log.bind(job_id=job_id, agent_id=pair.agent_id, user_id=pair.user_id)
+    try:
+        result = await _run(ctx, pair, hours)
+    except Exception as exc:  # a process edge: the job records the failure
+        bound.exception("advance_time.job_failed")
+        await finish_job(ctx.store.engine, job_id, ctx.clock.now(), error=str(exc) or repr(exc))
+        return
+    await finish_job(ctx.store.engine, job_id, ctx.clock.now(), result=result)
+    bound.info("advance_time.job_succeeded")
+
+
+@router.post(f"{PREFIX}/advance-time", responses={200: {}, 202: {}})
+async def advance(
+    body: AdvanceTimeBody, project: ProjectId, ctx: Ctx, request: Request
+) -> Response:
+    """Fire everything due in the pair's next ``simulated_hours`` and move its clock."""
+    hours = validate_hours(body.simulated_hours)
+    pair = Pair(project, body.agent_id, body.user_id)
+    if not body.run_async:
+        return JSONResponse(await _run(ctx, pair, hours))
+    job_id = new_job_id()
+    await create_job(ctx.store.engine, job_id, pair, ctx.clock.now())
+    # Keep a reference: the loop holds tasks weakly (asyncio.create_task docs).
+    tasks: set[asyncio.Task[None]] = getattr(request.app.state, "workbench_jobs", set())
+    request.app.state.workbench_jobs = tasks
+    task = asyncio.create_task(_run_job(ctx, job_id, pair, hours))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    log.info("advance_time.job_started", job_id=job_id, agent_id=pair.agent_id)
+    return JSONResponse({"job_id": job_id, "status": "running"}, status_code=202)
+
+
+@router.get(f"{PREFIX}/advance-time/jobs/{{job_id}}", responses={200: {}})
+async def job(job_id: ResourceId, project: ProjectId, ctx: Ctx) -> Response:
+    """The job's state; 404 for an unknown, foreign or expired job id."""
+    return JSONResponse(await get_job(ctx.store.engine, project, job_id, ctx.clock.now()))

@@ -1,0 +1,324 @@
+"""
+Request and response models, with the Sonzai wire names (CONTRACT.md sections 3-6, 10).
+
+Requests are strict and closed (``extra="forbid"``): the SDK never sends unknown
+keys or top-level ``null`` (CONTRACT 2.2), so anything else is a client bug we
+report as ``INVALID_REQUEST`` naming the field. Responses are dumped with
+``exclude_none``: an absent optional is omitted, never ``null`` (CONTRACT R3).
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+ID_PATTERN = r"^[A-Za-z0-9._:@+-]{1,128}$"
+"""Every id in a path or an id-valued body field (DESIGN decision 13)."""
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold U+0000, and a lone surrogate (valid JSON escape,
+    # invalid UTF-8) cannot be stored at all; refusing both keeps them a 400.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\u0000) characters")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError("must not contain unpaired surrogates") from None
+    return value
+
+
+Clean = AfterValidator(_no_nul)
+Text = Annotated[str, Field(min_length=1, max_length=8000), Clean]
+OptionalText = Annotated[str, Field(max_length=8000), Clean]
+Label = Annotated[str, Field(min_length=1, max_length=128), Clean]
+Ident = Annotated[str, Field(pattern=ID_PATTERN)]
+
+MAX_METADATA_KEYS = 64
+MAX_METADATA_BYTES = 16 * 1024
+MAX_PROPERTIES_BYTES = 64 * 1024
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- schedules ----------------------------------------------------------------
+
+
+class ScheduleCreate(_Request):
+    """``POST …/schedules`` (CONTRACT 3.1)."""
+
+    cadence: dict[str, Any]
+    intent: Text
+    check_type: Label
+    active_window: dict[str, Any] | None = None
+    inventory_item_id: Ident | None = None
+    metadata: dict[str, Any] | None = None
+    starts_at: str | None = None
+    ends_at: str | None = None
+
+
+class SchedulePatch(_Request):
+    """
+    ``PATCH …/schedules/{id}``: absent is unchanged, ``{}`` clears ``active_window`` /
+    ``metadata``, ``""`` clears ``starts_at`` / ``ends_at`` (DESIGN decision 6).
+    """
+
+    cadence: dict[str, Any] | None = None
+    intent: Text | None = None
+    check_type: Label | None = None
+    active_window: dict[str, Any] | None = None
+    inventory_item_id: Annotated[str, Field(pattern=r"^([A-Za-z0-9._:@+-]{1,128})?$")] | None = None
+    metadata: dict[str, Any] | None = None
+    starts_at: str | None = None
+    ends_at: str | None = None
+    enabled: bool | None = None
+
+
+class ScheduleCreated(_Response):
+    schedule_id: str
+    next_fire_at: str
+    next_fire_at_local: str
+    enabled: bool
+
+
+class ScheduleOut(_Response):
+    """The schedule object; structured fields are JSON text (CONTRACT 3.2)."""
+
+    schedule_id: str
+    cadence_type: str
+    cadence: str
+    timezone: str
+    next_fire_at: str
+    intent: str
+    check_type: str
+    enabled: bool
+    created_at: str
+    updated_at: str
+    active_window: str | None = None
+    metadata: str | None = None
+    inventory_item_id: str | None = None
+    starts_at: str | None = None
+    ends_at: str | None = None
+
+
+class ScheduleList(_Response):
+    schedules: list[ScheduleOut]
+
+
+class Upcoming(_Response):
+    upcoming: list[str]
+
+
+class Success(_Response):
+    success: bool
+
+
+# --- wakeups ------------------------------------------------------------------
+
+
+class WakeupCreate(_Request):
+    """``POST /api/v1/agents/{agentId}/wakeups`` (CONTRACT 4); ``scheduled_at`` wins."""
+
+    user_id: Ident
+    check_type: Label
+    intent: Text
+    delay_hours: Annotated[int, Field(ge=0, le=87_600)] | None = None
+    scheduled_at: str | None = None
+    occasion: OptionalText | None = None
+    interest_topic: OptionalText | None = None
+    event_description: OptionalText | None = None
+    inventory_item_id: Ident | None = None
+
+
+class WakeupCreated(_Response):
+    wakeup_id: str
+    scheduled_at: str
+
+
+class WakeupOut(_Response):
+    wakeup_id: str
+    agent_id: str
+    user_id: str
+    check_type: str
+    status: str
+    scheduled_at: str
+    created_at: str
+    executed_at: str | None = None
+    intent: str | None = None
+    occasion: str | None = None
+    interest_topic: str | None = None
+    event_description: str | None = None
+
+
+class WakeupList(_Response):
+    wakeups: list[WakeupOut]
+
+
+class WakeupCancelled(_Response):
+    wakeup_id: str
+    status: str
+
+
+# --- trigger events -----------------------------------------------------------
+
+
+class ChatMessage(_Request):
+    role: Annotated[str, Field(min_length=1, max_length=32), Clean]
+    content: Annotated[str, Field(max_length=32_000), Clean]
+
+
+class EventCreate(_Request):
+    """``POST /api/v1/agents/{agentId}/events`` (CONTRACT 5); metadata is string-only."""
+
+    user_id: Ident
+    event_type: Label
+    event_description: OptionalText | None = None
+    metadata: dict[str, str] | None = None
+    language: Annotated[str, Field(min_length=1, max_length=16), Clean] | None = None
+    instance_id: Annotated[str, Field(max_length=128), Clean] | None = None
+    messages: Annotated[list[ChatMessage], Field(max_length=200)] | None = None
+
+
+class EventAccepted(_Response):
+    accepted: bool
+    event_id: str
+
+
+class EventOut(_Response):
+    event_id: str
+    agent_id: str
+    user_id: str
+    event_type: str
+    status: str
+    created_at: str
+    metadata: dict[str, str]
+    event_description: str | None = None
+
+
+class EventList(_Response):
+    events: list[EventOut]
+
+
+# --- inventory ----------------------------------------------------------------
+
+
+class InventoryCreate(_Request):
+    """``POST …/inventory/items`` (CONTRACT 10). ``project_id`` is accepted and ignored:
+    the API key decides the project."""
+
+    item_type: Label
+    description: OptionalText | None = None
+    label: Annotated[str, Field(max_length=512), Clean] | None = None
+    kb_node_id: Annotated[str, Field(max_length=128), Clean] | None = None
+    properties: dict[str, Any] | None = None
+    project_id: Annotated[str, Field(max_length=128), Clean] | None = None
+
+
+class InventoryWrite(InventoryCreate):
+    """``POST …/inventory``: add, or update / remove the one item the fields identify."""
+
+    action: Literal["add", "update", "remove"]
+
+
+class InventoryDirectUpdate(_Request):
+    properties: dict[str, Any]
+
+
+class InventoryWriteOut(_Response):
+    status: str
+    inventory_item_id: str
+    fact_id: str
+
+
+class InventoryDirectOut(_Response):
+    status: str
+    fact_id: str
+
+
+class InventoryItemOut(_Response):
+    inventory_item_id: str
+    fact_id: str
+    item_type: str
+    properties: dict[str, Any]
+    created_at: str
+    updated_at: str
+    label: str | None = None
+    description: str | None = None
+    kb_node_id: str | None = None
+
+
+# --- notifications ------------------------------------------------------------
+
+
+class NotificationOut(_Response):
+    """An agent-queue entry: exactly CONTRACT 6.1's fields."""
+
+    message_id: str
+    agent_id: str
+    user_id: str
+    check_type: str
+    generated_message: str
+    status: str
+    created_at: str
+    consumed_at: str | None = None
+    wakeup_id: str | None = None
+    intent: str | None = None
+
+
+class NotificationList(_Response):
+    notifications: list[NotificationOut]
+
+
+class ProjectNotificationOut(_Response):
+    notification_id: str
+    project_id: str
+    event_type: str
+    status: str
+    payload: Any
+    created_at: str
+    agent_id: str | None = None
+    user_id: str | None = None
+    acknowledged_at: str | None = None
+
+
+class ProjectNotificationList(_Response):
+    notifications: list[ProjectNotificationOut]
+    count: int
+
+
+class AcknowledgeBody(_Request):
+    notification_ids: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=1000)]
+
+
+class Acknowledged(_Response):
+    acknowledged: int
+
+
+# --- service ------------------------------------------------------------------
+
+
+class Health(_Response):
+    status: str
+    database: str
+    tzdata: str
+
+
+class ErrorItem(_Response):
+    field: str
+    message: str
+    code: str
+
+
+class ErrorBody(_Response):
+    """Every 4xx/5xx body (CONTRACT 2.3)."""
+
+    code: str
+    message: str
+    errors: list[ErrorItem] = []
+    resource: str | None = None

@@ -1,0 +1,86 @@
+"""
+``delivery web``: the REST API alone, under uvicorn (the Procfile's ``web`` process).
+
+:func:`serve_api` is the reusable part: ``delivery run`` can call it with the
+daemon's waker and clock to host the API in the same process.
+"""
+
+import asyncio
+
+import structlog
+import typer
+import uvicorn
+
+from delivery.api import Wakeable, create_app
+from delivery.clock import Clock, SystemClock
+from delivery.commands.store import prepare_database
+from delivery.logs import configure_logging
+from delivery.settings import Settings
+from delivery.store.engine import create_engine
+from delivery.store.migrate import migrate
+from delivery.store.sql import SqlStore
+
+_log = structlog.get_logger(__name__)
+
+
+async def bootstrap_key(settings: Settings, store: SqlStore, clock: Clock) -> None:
+    """Store ``DELIVERY_BOOTSTRAP_API_KEY`` for project ``default`` when it is set (local use)."""
+    if settings.bootstrap_api_key is None:
+        return
+    project = await store.ensure_project("default", clock.now())
+    await store.create_api_key(
+        project.id, clock.now(), key=settings.bootstrap_api_key.get_secret_value()
+    )
+
+
+async def serve_api(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    waker: Wakeable | None = None,
+    store: SqlStore | None = None,
+) -> None:
+    """
+    Migrate the database, then serve the API on ``settings.host:port`` until stopped.
+
+    Args:
+        clock: defaults to the system clock.
+        waker: nudged after writes that may make work due sooner.
+        store: reuse a store (its engine is then the caller's to dispose);
+            by default one is built on the configured database and disposed here.
+    """
+    clock = clock or SystemClock()
+    url = prepare_database(settings)
+    await migrate(url)
+    engine = None
+    if store is None:
+        engine = create_engine(url)
+        store = SqlStore(engine)
+    try:
+        await bootstrap_key(settings, store, clock)
+        app = create_app(settings, store, clock, waker)
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,  # structlog owns logging; our middleware logs each request
+            access_log=False,
+            ws="none",
+        )
+        _log.info("serving the API", host=settings.host, port=settings.port, docs="/docs")
+        await uvicorn.Server(config).serve()
+    finally:
+        if engine is not None:
+            await engine.dispose()
+
+
+def web() -> None:
+    """Serve the REST API (OpenAPI at /docs); applies migrations first."""
+    settings = Settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+    asyncio.run(serve_api(settings))
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the root app."""
+    app.command("web", help="Serve the REST API (applies migrations on start).")(web)

@@ -1,0 +1,465 @@
+"""
+The composition root of the long-running parts: scheduler, outbox relay, dispatcher,
+handlers and the API, in one process (``delivery run``) or one part per process.
+
+Everything is built here from :class:`~delivery.settings.Settings` and torn down in
+reverse order on SIGINT / SIGTERM: the API stops accepting, in-flight ticks finish,
+committed outbox rows are flushed, the dispatcher finishes its batches, NATS is
+drained and the embedded ``nats-server`` child is stopped. Whatever a SIGKILL
+interrupts is recovered on restart (DESIGN invariant 3): claims are released (SQLite,
+one writer) or expire, unsent outbox rows are relayed, and unacked NATS messages
+are redelivered.
+"""
+
+import asyncio
+import contextlib
+import importlib
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+import nats
+import structlog
+import uvicorn
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from nats.aio.client import Client as NatsClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from delivery.clock import Clock, SystemClock
+from delivery.dispatcher.subjects import Subjects
+from delivery.embedded import EmbeddedNats
+from delivery.outbox import OutboxRelay, ensure_stream
+from delivery.scheduler import Scheduler
+from delivery.settings import Settings
+from delivery.store.engine import create_engine, is_sqlite
+
+log = structlog.get_logger(__name__)
+
+OUTBOX_RETENTION = timedelta(days=1)
+"""Sent outbox rows are deleted after a day (JetStream's dedupe window is 2 h)."""
+SHUTDOWN_FLUSH_S = 10.0
+"""How long shutdown waits to publish committed outbox rows before giving up (they stay)."""
+_MAX_BACKOFF_S = 30.0
+
+
+class Part(StrEnum):
+    """The parts a process can run; ``delivery run`` runs them all."""
+
+    API = "api"
+    SCHEDULER = "scheduler"
+    DISPATCHER = "dispatcher"
+    HANDLERS = "handlers"
+
+
+ALL_PARTS = frozenset(Part)
+
+
+class PeriodicJob:
+    """
+    One APScheduler interval job that runs ``step`` until it reports no more work.
+
+    ``step`` returns True when it stopped at a batch bound with work left, so a
+    burst drains back to back instead of one batch per interval. :meth:`wake`
+    runs the job now (the API calls it after a write that may make a fire due
+    sooner). Overlapping triggers never run ``step`` concurrently: a trigger
+    during a run just asks the run to go round once more. A failing step backs
+    off exponentially up to 30 s instead of logging every interval.
+
+    Never one APScheduler job per schedule (DESIGN "Measured"): one job per loop.
+    """
+
+    def __init__(
+        self,
+        aps: AsyncIOScheduler,
+        name: str,
+        step: Callable[[], Awaitable[bool]],
+        interval_s: float,
+    ) -> None:
+        self.name = name
+        self._aps = aps
+        self._step = step
+        self._interval_s = interval_s
+        self._job: Any = None
+        self._running = False
+        self._again = False
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._failures = 0
+        self._backoff_until = 0.0
+        self._log = log.bind(job=name)
+
+    def start(self) -> None:
+        """Add the interval job; the first run is immediate."""
+        self._job = self._aps.add_job(
+            self._run,
+            "interval",
+            seconds=self._interval_s,
+            id=self.name,
+            name=self.name,
+            next_run_time=datetime.now(UTC),
+            # A busy loop must not make APScheduler drop or warn about our own
+            # loop's runs; overlap is handled in _run.
+            misfire_grace_time=None,
+            coalesce=True,
+            max_instances=4,
+        )
+
+    def wake(self) -> None:
+        """Run as soon as possible; cheap, non-blocking, safe to call often."""
+        if self._stopping:
+            return
+        if self._running:
+            self._again = True
+            return
+        if self._job is not None:
+            self._job.modify(next_run_time=datetime.now(UTC))
+
+    async def _run(self) -> None:
+        if self._running:
+            self._again = True
+            return
+        if time.monotonic() < self._backoff_until:
+            return
+        self._running = True
+        self._idle.clear()
+        try:
+            while not self._stopping:
+                self._again = False
+                try:
+                    more = await self._step()
+                except Exception:
+                    self._failures += 1
+                    delay = min(_MAX_BACKOFF_S, 0.5 * 2**self._failures)
+                    self._backoff_until = time.monotonic() + delay
+                    self._log.exception("job_failed", failures=self._failures, retry_in_s=delay)
+                    return
+                self._failures = 0
+                if not (more or self._again):
+                    return
+        finally:
+            self._running = False
+            self._idle.set()
+
+    async def stop(self) -> None:
+        """Remove the job and wait for an in-flight run to finish."""
+        self._stopping = True
+        if self._job is not None:
+            with contextlib.suppress(Exception):
+                self._job.remove()
+            self._job = None
+        await self._idle.wait()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the daemon owns SIGINT / SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Runner(Protocol):
+    """A part built by another module: started, then stopped on shutdown."""
+
+    async def start(self) -> None:
+        """Begin work; return once running."""
+        ...
+
+    async def stop(self) -> None:
+        """Finish in-flight work and release resources."""
+        ...
+
+
+@dataclass
+class _Stack:
+    closers: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
+
+    def push(self, name: str, closer: Callable[[], Awaitable[None]]) -> None:
+        self.closers.append((name, closer))
+
+    async def close(self) -> None:
+        while self.closers:
+            name, closer = self.closers.pop()
+            try:
+                await closer()
+            except Exception:
+                log.exception("shutdown_step_failed", step=name)
+
+
+async def apply_migrations(url: str) -> None:
+    """
+    Bring the schema up to date: the store's Alembic migrations (serialised, idempotent).
+
+    The one place the daemon touches the schema, so the mechanism can change
+    without touching the composition.
+    """
+    from delivery.store.migrate import migrate
+
+    await migrate(url)
+
+
+def _stream_replicas(nc: NatsClient) -> int:
+    # A clustered server advertises its peers (connect_urls), which nats-py adds
+    # to its server pool: 3 replicas on a 3-node cluster, 1 on a single server.
+    return max(1, min(3, len(nc.servers)))
+
+
+def _optional_runner(module: str, attr: str) -> Callable[..., Any] | None:
+    """A part's factory from a module another engineer owns, if it exists yet."""
+    try:
+        found = importlib.import_module(module)
+    except ImportError:
+        return None
+    factory = getattr(found, attr, None)
+    return factory if callable(factory) else None
+
+
+class Daemon:
+    """
+    Runs the chosen parts until :meth:`request_stop` (or a signal) and shuts down cleanly.
+
+    Args:
+        settings: the process settings.
+        parts: which parts to run (all of them for ``delivery run``).
+        clock: the process clock (system clock by default).
+        embedded_nats: spawn ``nats-server`` when ``settings.nats_url`` is empty
+            (``delivery run`` only; the separate parts require an external NATS).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        parts: frozenset[Part] = ALL_PARTS,
+        clock: Clock | None = None,
+        embedded_nats: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.parts = parts
+        self.clock: Clock = clock or SystemClock()
+        self.embedded_nats = embedded_nats
+        self.subjects = Subjects(settings.subject_prefix)
+        self.stop_event = asyncio.Event()
+        self.api_url: str | None = None
+        self.nats_url: str | None = None
+        self.scheduler: Scheduler | None = None
+        self.relay: OutboxRelay | None = None
+        self._scheduler_job: PeriodicJob | None = None
+        self._relay_job: PeriodicJob | None = None
+        self.ready = asyncio.Event()
+
+    def request_stop(self) -> None:
+        """Begin a clean shutdown (what SIGINT / SIGTERM do)."""
+        if not self.stop_event.is_set():
+            log.info("shutdown_requested")
+        self.stop_event.set()
+
+    def wake(self) -> None:
+        """Nudge the scheduler (the API's waker after writes that may make work due sooner)."""
+        if self._scheduler_job is not None:
+            self._scheduler_job.wake()
+
+    async def run(self, *, install_signals: bool = True) -> None:
+        """Start the parts, wait for a stop request, then stop them in reverse order."""
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.request_stop)
+        stack = _Stack()
+        try:
+            await self._start(stack)
+            self.ready.set()
+            await self.stop_event.wait()
+        finally:
+            log.info("shutting_down", parts=sorted(p.value for p in self.parts))
+            await stack.close()
+            if install_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+            log.info("stopped")
+
+    async def _start(self, stack: _Stack) -> None:
+        settings = self.settings
+        url = settings.resolved_database_url()
+        if is_sqlite(url) and not settings.database_url:
+            await asyncio.to_thread(Path(settings.data_dir).mkdir, parents=True, exist_ok=True)
+        await apply_migrations(url)
+
+        nats_url = settings.nats_url
+        if not nats_url:
+            if not self.embedded_nats:
+                raise RuntimeError("DELIVERY_NATS_URL is required for this process")
+            server = EmbeddedNats(Path(settings.data_dir) / "nats")
+            # Started from the loop's own thread, not a worker thread: the child is
+            # tied to its spawning thread's life (PR_SET_PDEATHSIG), see embedded.py.
+            nats_url = server.start()
+            stack.push("nats-server", lambda: asyncio.to_thread(server.stop))
+        self.nats_url = nats_url
+
+        engine = create_engine(url)
+        stack.push("engine", engine.dispose)
+
+        nc = await nats.connect(
+            # A comma-separated list seeds the server pool; cluster peers are
+            # discovered from the servers' INFO either way.
+            [u.strip() for u in nats_url.split(",") if u.strip()],
+            name=f"delivery-{'-'.join(sorted(self.parts))}",
+            max_reconnect_attempts=-1,
+        )
+        stack.push("nats", nc.drain)
+        js = nc.jetstream(publish_async_max_pending=4000)
+        await ensure_stream(js, self.subjects, replicas=_stream_replicas(nc))
+
+        aps = AsyncIOScheduler(timezone=UTC)
+        aps.start()
+        stack.push("apscheduler", self._aps_shutdown(aps))
+
+        if Part.SCHEDULER in self.parts or Part.DISPATCHER in self.parts:
+            # The relay publishes every outbox row: fires and wakeups (scheduler),
+            # notification.created (dispatcher), event.accepted (API).
+            relay = OutboxRelay(engine, js, self.clock, batch=settings.claim_batch)
+            self.relay = relay
+
+            async def relay_step() -> bool:
+                result = await relay.relay_once()
+                if result.failed:
+                    raise RuntimeError(f"{result.failed} outbox message(s) not acknowledged")
+                return result.more
+
+            async def prune_step() -> bool:
+                await relay.prune(OUTBOX_RETENTION)
+                return False
+
+            relay_job = PeriodicJob(aps, "outbox-relay", relay_step, settings.tick_interval_s)
+            self._relay_job = relay_job
+            relay_job.start()
+            stack.push("outbox-relay", self._flush_outbox(relay, relay_job))
+            prune = PeriodicJob(aps, "outbox-prune", prune_step, 3600.0)
+            prune.start()
+            stack.push("outbox-prune", prune.stop)
+
+        if Part.SCHEDULER in self.parts:
+            scheduler = Scheduler(
+                engine,
+                self.subjects,
+                claim_batch=settings.claim_batch,
+                max_lateness=timedelta(seconds=settings.max_lateness_s),
+                lease=timedelta(seconds=settings.lease_s),
+                on_outbox=self._wake_relay,
+            )
+            self.scheduler = scheduler
+            if is_sqlite(url):
+                # SQLite is single-writer: this is the only scheduler, so any claim
+                # left is from a killed process (DESIGN invariant 3).
+                await scheduler.release_claims(everyone=True)
+            else:
+                stack.push("release-claims", scheduler.release_claims_quietly)
+
+            async def tick_step() -> bool:
+                return (await scheduler.tick(self.clock.now())).more
+
+            job = PeriodicJob(aps, "scheduler-tick", tick_step, settings.tick_interval_s)
+            self._scheduler_job = job
+            job.start()
+            stack.push("scheduler-tick", job.stop)
+
+        if Part.DISPATCHER in self.parts:
+            from delivery.dispatcher.app import Dispatcher
+
+            dispatcher = Dispatcher(settings, engine, nats_url=nats_url, clock=self.clock)
+            await dispatcher.start()
+            stack.push("dispatcher", dispatcher.stop)
+
+        if Part.HANDLERS in self.parts:
+            await self._start_handlers(stack, engine, nats_url)
+
+        if Part.API in self.parts:
+            await self._start_api(stack, engine)
+        log.info(
+            "daemon_started",
+            parts=sorted(p.value for p in self.parts),
+            nats_url=nats_url,
+            database=engine.url.render_as_string(hide_password=True),
+        )
+
+    # --- steps ------------------------------------------------------------------
+
+    def _wake_relay(self) -> None:
+        if self._relay_job is not None:
+            self._relay_job.wake()
+
+    @staticmethod
+    def _flush_outbox(relay: OutboxRelay, job: PeriodicJob) -> Callable[[], Awaitable[None]]:
+        async def flush() -> None:
+            await job.stop()
+            try:
+                result = await asyncio.wait_for(relay.drain(), SHUTDOWN_FLUSH_S)
+                log.info("outbox_flushed", published=result.published, failed=result.failed)
+            except TimeoutError:
+                log.warning("outbox_flush_timeout", timeout_s=SHUTDOWN_FLUSH_S)
+
+        return flush
+
+    @staticmethod
+    def _aps_shutdown(aps: AsyncIOScheduler) -> Callable[[], Awaitable[None]]:
+        async def shutdown() -> None:
+            if aps.running:
+                aps.shutdown(wait=False)
+
+        return shutdown
+
+    # --- parts owned by other modules ---------------------------------------------
+
+    async def _start_handlers(self, stack: _Stack, engine: AsyncEngine, nats_url: str) -> None:
+        factory = _optional_runner("handlers.runner", "build_handlers")
+        if factory is None:
+            log.warning("handlers_not_available", reason="handlers.service.build_handlers missing")
+            return
+        runner: Runner = factory(self.settings, engine, nats_url=nats_url, clock=self.clock)
+        await runner.start()
+        stack.push("handlers", runner.stop)
+
+    async def _start_api(self, stack: _Stack, engine: AsyncEngine) -> None:
+        from delivery.api import create_app
+        from delivery.commands.api import bootstrap_key
+        from delivery.store.sql import SqlStore
+
+        store = SqlStore(engine)
+        await bootstrap_key(self.settings, store, self.clock)
+        app = create_app(self.settings, store, self.clock, self)
+        config = uvicorn.Config(
+            app,
+            host=self.settings.host,
+            port=self.settings.port,
+            log_config=None,
+            access_log=False,
+            ws="none",
+            lifespan="on",
+        )
+        server = _Server(config)
+        task = asyncio.create_task(server.serve(), name="api")
+
+        async def stop_api() -> None:
+            server.should_exit = True
+            await task
+
+        stack.push("api", stop_api)
+        while not server.started:
+            if task.done():
+                task.result()  # re-raise why it could not start (port in use, ...)
+                raise RuntimeError("the API server exited during start-up")
+            await asyncio.sleep(0.05)
+        # The real port (0 in settings means "any free port": tests use that).
+        port = self.settings.port
+        for srv in server.servers:
+            for sock in srv.sockets:
+                port = sock.getsockname()[1]
+        self.api_url = f"http://{self.settings.host}:{port}"
+        # If the API dies on its own, stop the whole process instead of limping on.
+        task.add_done_callback(lambda _t: self.request_stop())

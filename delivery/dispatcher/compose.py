@@ -1,0 +1,244 @@
+"""
+Fire, wakeup or trigger event -> the intent block the agent receives (seeds/001).
+
+Pure: no clock, no I/O. The shell (:mod:`delivery.dispatcher.process`,
+:mod:`delivery.workbench`) reads the rows and hands plain values in.
+
+Every block is one section per line. The seeds print the scheduled-reminder
+block with its line breaks collapsed; joining our lines with ``""`` gives that
+text byte for byte, which is what the golden tests check.
+"""
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from delivery.cadence.instants import format_utc
+
+SCHEDULE_HEADER = "[PROACTIVE WAKEUP — SCHEDULED REMINDER]"
+"""The stable header an agent detects (seeds/001 "Scheduled Reminders")."""
+WAKEUP_HEADER = "[PROACTIVE WAKEUP — ONE-OFF WAKEUP]"
+"""Our wakeup variant: the seeds name the fields (seeds/001 "Wakeups"), not the header."""
+EVENT_HEADER = "[PROACTIVE WAKEUP — TRIGGER EVENT]"
+"""Our trigger-event variant (seeds/001 "TriggerEvent")."""
+
+
+class SourceKind(StrEnum):
+    """What produced a notification; the values are the payload's ``source_type``."""
+
+    SCHEDULE = "schedule"
+    WAKEUP = "wakeup"
+    EVENT = "event"
+
+
+EVENT_TYPES: Mapping[SourceKind, str] = {
+    SourceKind.SCHEDULE: "on_recurring_event_due",
+    SourceKind.WAKEUP: "on_wakeup_ready",
+    SourceKind.EVENT: "on_trigger_event",
+}
+"""Webhook event type per source (DESIGN decision 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryItem:
+    """The live inventory item a schedule or wakeup references, read at fire time."""
+
+    label: str
+    properties: Mapping[str, Any]
+
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """The properties as rendered: sorted by key, non-strings as compact JSON."""
+        return _pairs(self.properties)
+
+
+@dataclass(frozen=True, slots=True)
+class IntentBlock:
+    """
+    What a composer receives: the rendered block plus the structured parts.
+
+    Attributes:
+        kind: the source kind.
+        text: the intent block exactly as the agent sees it.
+        intent: the client's ``intent`` (for an event, its description).
+        check_type: the client's ``check_type`` (for an event, its type).
+        fire_at_local: the fire instant as rendered in the block.
+        item: the referenced inventory item, when it still exists.
+        context: ``metadata`` pairs, in the order rendered.
+        details: the wakeup / event fields rendered (label -> value).
+    """
+
+    kind: SourceKind
+    text: str
+    intent: str
+    check_type: str
+    fire_at_local: str
+    item: InventoryItem | None = None
+    context: tuple[tuple[str, str], ...] = ()
+    details: tuple[tuple[str, str], ...] = field(default=())
+
+
+def _scalar(value: Any) -> str:
+    """Strings verbatim; anything else as compact JSON (numbers, lists, objects)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def _pairs(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]:
+    # Sorted, so both databases (PostgreSQL jsonb reorders keys) render the same
+    # block and advance-time stays deterministic (DESIGN invariant 4).
+    if not mapping:
+        return ()
+    return tuple((str(k), _scalar(mapping[k])) for k in sorted(mapping))
+
+
+def _render_pairs(pairs: Sequence[tuple[str, str]]) -> str:
+    return " ".join(f"{k}: {v}" for k, v in pairs)
+
+
+def _item_line(item: InventoryItem | None) -> list[str]:
+    # seeds/001: "present only if inventory_item_id was set and the item still
+    # exists. The item's label and all of its properties are included."
+    if item is None:
+        return []
+    parts = [item.label] if item.label else []
+    rendered = _render_pairs(item.pairs())
+    if rendered:
+        parts.append(rendered)
+    return [f"Reference item (from inventory): {' '.join(parts)}"]
+
+
+def _context_line(context: tuple[tuple[str, str], ...]) -> list[str]:
+    # seeds/001: "present only if metadata was set. All metadata key-value pairs".
+    if not context:
+        return []
+    return [f"Additional context: {_render_pairs(context)}"]
+
+
+def schedule_block(
+    *,
+    intent: str,
+    check_type: str,
+    fire_at_local: str,
+    item: InventoryItem | None,
+    metadata: Mapping[str, Any] | None,
+) -> IntentBlock:
+    """
+    The scheduled-reminder block, exactly as seeds/001 "Scheduled Reminders" shows it.
+
+    Args:
+        intent: the schedule's ``intent``, verbatim.
+        check_type: the schedule's ``check_type`` (not rendered; the seeds' block has none).
+        fire_at_local: the fire instant in the schedule's zone with its offset.
+        item: the live inventory item, or ``None`` when unset or deleted.
+        metadata: the schedule's ``metadata``, or ``None``.
+    """
+    context = _pairs(metadata)
+    lines = [
+        SCHEDULE_HEADER,
+        f"Why you're reaching out: {intent}",
+        f"Scheduled fire time (user's local): {fire_at_local}",
+        *_item_line(item),
+        *_context_line(context),
+    ]
+    return IntentBlock(
+        kind=SourceKind.SCHEDULE,
+        text="\n".join(lines),
+        intent=intent,
+        check_type=check_type,
+        fire_at_local=fire_at_local,
+        item=item,
+        context=context,
+    )
+
+
+def wakeup_block(
+    *,
+    intent: str,
+    check_type: str,
+    fire_at: datetime,
+    occasion: str | None,
+    interest_topic: str | None,
+    event_description: str | None,
+    item: InventoryItem | None = None,
+) -> IntentBlock:
+    """
+    The one-off wakeup block: the scheduled-reminder layout plus the wakeup fields.
+
+    seeds/001 "Wakeups": the agent sees ``check_type`` as context, and
+    ``occasion``, ``interest_topic`` and ``event_description`` "are included in
+    the agent's wakeup block at fire time" when set. A wakeup has no zone, so
+    its fire time is the authoritative UTC ``scheduled_at``.
+    """
+    fire_at_utc = format_utc(fire_at)
+    details = tuple(
+        (label, value)
+        for label, value in (
+            ("Occasion", occasion),
+            ("Interest topic", interest_topic),
+            ("Event description", event_description),
+        )
+        if value
+    )
+    lines = [
+        WAKEUP_HEADER,
+        f"Why you're reaching out: {intent}",
+        f"Check type: {check_type}",
+        f"Scheduled fire time (UTC): {fire_at_utc}",
+        *(f"{label}: {value}" for label, value in details),
+        *_item_line(item),
+    ]
+    return IntentBlock(
+        kind=SourceKind.WAKEUP,
+        text="\n".join(lines),
+        intent=intent,
+        check_type=check_type,
+        fire_at_local=fire_at_utc,
+        item=item,
+        details=details,
+    )
+
+
+def event_block(
+    *,
+    event_type: str,
+    event_description: str | None,
+    occurred_at: datetime,
+    metadata: Mapping[str, Any] | None,
+    language: str | None = None,
+    messages: Sequence[Mapping[str, Any]] = (),
+) -> IntentBlock:
+    """
+    The trigger-event block: what happened, its string metadata, recent turns.
+
+    seeds/001 "TriggerEvent": ``event_description`` "is for the LLM", metadata
+    is extra context, and ``messages`` ground the reaction in the conversation
+    that just ended. ``language`` is rendered only when it is not the default
+    ``en``.
+    """
+    context = _pairs(metadata)
+    occurred_utc = format_utc(occurred_at)
+    details: list[tuple[str, str]] = [("Event type", event_type)]
+    if event_description:
+        details.append(("What happened", event_description))
+    details.append(("Event time (UTC)", occurred_utc))
+    if language and language != "en":
+        details.append(("Reply in language", language))
+    lines = [EVENT_HEADER, *(f"{label}: {value}" for label, value in details)]
+    lines += _context_line(context)
+    turns = [m for m in messages if m.get("content")]
+    if turns:
+        lines.append("Recent conversation:")
+        lines += [f"{_scalar(m.get('role', 'user'))}: {_scalar(m['content'])}" for m in turns]
+    return IntentBlock(
+        kind=SourceKind.EVENT,
+        text="\n".join(lines),
+        intent=event_description or "",
+        check_type=event_type,
+        fire_at_local=occurred_utc,
+        context=context,
+        details=tuple(details),
+    )

@@ -1,0 +1,575 @@
+"""
+The dispatcher's core: a batch of fire / wakeup / event ids -> exactly one notification each.
+
+Read the rows, build the intent blocks, compose (outside any transaction, so
+a slow LLM never holds a lock), then in ONE transaction: move wakeups
+pending -> executed, mark trigger events dispatched, insert the notifications
+(unique on ``source_id``) and queue one ``notification.created`` outbox row per
+new notification (DESIGN invariants 2 and 3). Running a batch twice, or two
+dispatchers running it at once, leaves the same rows as running it once.
+"""
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import structlog
+from sqlalchemy import Table, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from delivery.cadence.instants import format_local, format_utc
+from delivery.clock import Clock
+from delivery.dispatcher.compose import (
+    EVENT_TYPES,
+    IntentBlock,
+    InventoryItem,
+    SourceKind,
+    event_block,
+    schedule_block,
+    wakeup_block,
+)
+from delivery.dispatcher.composers import Composer, CompositionError
+from delivery.dispatcher.messages import NotificationCreated
+from delivery.dispatcher.subjects import Subjects
+from delivery.store import bulk
+from delivery.store.engine import is_sqlite
+from delivery.store.tables import (
+    FireRow,
+    InventoryItemRow,
+    NotificationRow,
+    ScheduleRow,
+    TriggerEventRow,
+    WakeupRow,
+)
+
+log = structlog.get_logger(__name__)
+
+FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
+SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
+WAKEUPS: Table = WakeupRow.__table__  # type: ignore[attr-defined]
+EVENTS: Table = TriggerEventRow.__table__  # type: ignore[attr-defined]
+ITEMS: Table = InventoryItemRow.__table__  # type: ignore[attr-defined]
+NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
+
+COMPOSE_CONCURRENCY = 32
+"""Composer calls in flight per batch (bounds LLM fan-out; free for the template)."""
+
+
+def notification_id(source_id: str) -> str:
+    """
+    The notification (message) id of a source: ``msg_`` + 24 hex of SHA-256(source id).
+
+    Deterministic, so a replay, a second dispatcher or advance-time run on the
+    same state all name the same notification (DESIGN invariant 4).
+    """
+    return "msg_" + hashlib.sha256(source_id.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """One message's subject: what fired, by id."""
+
+    kind: SourceKind
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """
+    Everything a notification needs except the composed message.
+
+    ``source_id`` is the fire id, wakeup id or event id the notification is
+    unique on; exactly one of ``schedule_id`` / ``wakeup_id`` /
+    ``trigger_event_id`` is set, matching ``block.kind``.
+    """
+
+    source_id: str
+    project_id: str
+    agent_id: str
+    user_id: str
+    fire_at: datetime
+    block: IntentBlock
+    metadata: Mapping[str, Any]
+    schedule_id: str | None = None
+    wakeup_id: str | None = None
+    trigger_event_id: str | None = None
+
+    @property
+    def notification_id(self) -> str:
+        return notification_id(self.source_id)
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """
+    What one batch did (STYLE section 3: a bounded run returns what it did).
+
+    Attributes:
+        created: ids of notifications this batch inserted (pending or failed_generation).
+        failed: the subset of ``created`` kept as ``failed_generation``.
+        duplicates: source ids that already had their notification (redeliveries).
+        skipped: source id -> why nothing was made (cancelled wakeup, missing row, ...).
+    """
+
+    created: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def parse_json_object(text: str | None) -> dict[str, Any]:
+    """A stored JSON object column; ``None``, ``""`` or a non-object reads as ``{}``."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _json_list(text: str | None) -> list[Mapping[str, Any]]:
+    if not text:
+        return []
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    if not isinstance(value, list):
+        return []
+    return [m for m in value if isinstance(m, dict)]
+
+
+def inventory_item(row: Mapping[str, Any] | None, owner: Mapping[str, Any]) -> InventoryItem | None:
+    """
+    The block's view of an inventory row, or ``None`` when it is gone or not the owner's.
+
+    The owner check keeps a forged ``inventory_item_id`` from reading another
+    tenant's or user's item (DESIGN invariant 6).
+    """
+    if row is None:
+        return None
+    if any(row[k] != owner[k] for k in ("project_id", "agent_id", "user_id")):
+        return None
+    label = row["label"] or row["description"] or row["item_type"]
+    return InventoryItem(label=label, properties=parse_json_object(row["properties_json"]))
+
+
+def schedule_draft(
+    schedule: Mapping[str, Any], source_id: str, fire_at: datetime, item: InventoryItem | None
+) -> Draft:
+    """The draft of one schedule fire (``source_id`` = the fire id)."""
+    metadata = parse_json_object(schedule["metadata_json"])
+    block = schedule_block(
+        intent=schedule["intent"],
+        check_type=schedule["check_type"],
+        # seeds/001: "Scheduled fire time (user's local) — the next_fire_at_local value".
+        fire_at_local=format_local(fire_at, ZoneInfo(schedule["timezone"])),
+        item=item,
+        metadata=metadata,
+    )
+    return Draft(
+        source_id=source_id,
+        project_id=schedule["project_id"],
+        agent_id=schedule["agent_id"],
+        user_id=schedule["user_id"],
+        fire_at=fire_at,
+        block=block,
+        metadata=metadata,
+        schedule_id=schedule["id"],
+    )
+
+
+def wakeup_draft(wakeup: Mapping[str, Any], item: InventoryItem | None) -> Draft:
+    """The draft of a wakeup firing at its ``scheduled_at``."""
+    block = wakeup_block(
+        intent=wakeup["intent"],
+        check_type=wakeup["check_type"],
+        fire_at=wakeup["scheduled_at"],
+        occasion=wakeup["occasion"],
+        interest_topic=wakeup["interest_topic"],
+        event_description=wakeup["event_description"],
+        item=item,
+    )
+    return Draft(
+        source_id=wakeup["id"],
+        project_id=wakeup["project_id"],
+        agent_id=wakeup["agent_id"],
+        user_id=wakeup["user_id"],
+        fire_at=wakeup["scheduled_at"],
+        block=block,
+        metadata={},
+        wakeup_id=wakeup["id"],
+    )
+
+
+def event_draft(event: Mapping[str, Any]) -> Draft:
+    """The draft of the reaction to an accepted trigger event."""
+    metadata = parse_json_object(event["metadata_json"])
+    block = event_block(
+        event_type=event["event_type"],
+        event_description=event["event_description"],
+        occurred_at=event["created_at"],
+        metadata=metadata,
+        language=event["language"],
+        messages=_json_list(event["messages_json"]),
+    )
+    return Draft(
+        source_id=event["id"],
+        project_id=event["project_id"],
+        agent_id=event["agent_id"],
+        user_id=event["user_id"],
+        fire_at=event["created_at"],
+        block=block,
+        metadata=metadata,
+        trigger_event_id=event["id"],
+    )
+
+
+def notification_row(
+    draft: Draft, *, message: str, error: str | None, created_at: datetime
+) -> dict[str, Any]:
+    """
+    The ``notifications`` row for a composed draft, payload included (DESIGN decision 3).
+
+    ``error`` set means the composer failed: the row is kept with status
+    ``failed_generation`` and an empty message, never dropped.
+    """
+    nid = draft.notification_id
+    event_type = EVENT_TYPES[draft.block.kind]
+    payload: dict[str, Any] = {
+        "event_id": nid,
+        "event_type": event_type,
+        "created_at": format_utc(created_at),
+        "project_id": draft.project_id,
+        "agent_id": draft.agent_id,
+        "user_id": draft.user_id,
+        "message_id": nid,
+        "source_type": draft.block.kind.value,
+        "check_type": draft.block.check_type,
+        "intent": draft.block.intent,
+        "generated_message": message,
+        "fire_at": format_utc(draft.fire_at),
+        "fire_at_local": draft.block.fire_at_local,
+        "metadata": dict(draft.metadata),
+    }
+    for key in ("schedule_id", "wakeup_id", "trigger_event_id"):
+        value = getattr(draft, key)
+        if value is not None:
+            payload[key] = value
+    return {
+        "id": nid,
+        "project_id": draft.project_id,
+        "agent_id": draft.agent_id,
+        "user_id": draft.user_id,
+        "source_type": draft.block.kind.value,
+        "source_id": draft.source_id,
+        "schedule_id": draft.schedule_id,
+        "wakeup_id": draft.wakeup_id,
+        "trigger_event_id": draft.trigger_event_id,
+        "event_type": event_type,
+        "check_type": draft.block.check_type,
+        "intent": draft.block.intent,
+        "generated_message": message,
+        "status": "failed_generation" if error is not None else "pending",
+        "error": error,
+        "fire_at": draft.fire_at,
+        "payload_json": json.dumps(payload, sort_keys=True, separators=(",", ":")),
+        "ack_status": "pending",
+        "acknowledged_at": None,
+        "created_at": created_at,
+        "consumed_at": None,
+    }
+
+
+def outbox_row(row: Mapping[str, Any], subjects: Subjects, now: datetime) -> dict[str, Any]:
+    """The ``notification.created`` outbox entry of a notification row (msg id = its id)."""
+    message = NotificationCreated(
+        notification_id=row["id"],
+        project_id=row["project_id"],
+        agent_id=row["agent_id"],
+        user_id=row["user_id"],
+        event_type=row["event_type"],
+    )
+    return {
+        "subject": subjects.notification_created,
+        "msg_id": row["id"],
+        "payload": message.model_dump_json(),
+        "created_at": now,
+    }
+
+
+async def compose_all(
+    composer: Composer, drafts: Sequence[Draft]
+) -> list[tuple[Draft, str, str | None]]:
+    """
+    Compose every draft, at most :data:`COMPOSE_CONCURRENCY` at a time, keeping order.
+
+    Returns:
+        ``(draft, message, error)`` per draft; ``error`` is set (and the
+        message empty) when the composer raised :class:`CompositionError`.
+    """
+    gate = asyncio.Semaphore(COMPOSE_CONCURRENCY)
+
+    async def one(draft: Draft) -> tuple[Draft, str, str | None]:
+        async with gate:
+            try:
+                return draft, await composer.compose(draft.block), None
+            except CompositionError as exc:
+                log.warning(
+                    "notification.generation_failed",
+                    notification_id=draft.notification_id,
+                    source_id=draft.source_id,
+                    error=str(exc),
+                )
+                return draft, "", str(exc) or type(exc).__name__
+
+    return list(await asyncio.gather(*(one(d) for d in drafts)))
+
+
+async def _rows_by_id(
+    conn: AsyncConnection, table: Table, ids: Iterable[str]
+) -> dict[str, Mapping[str, Any]]:
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    result = await conn.execute(select(table).where(table.c.id.in_(wanted)))
+    return {row["id"]: dict(row) for row in result.mappings()}
+
+
+async def existing_sources(conn: AsyncConnection, source_ids: Iterable[str]) -> set[str]:
+    """The subset of ``source_ids`` that already has a notification."""
+    wanted = sorted(set(source_ids))
+    if not wanted:
+        return set()
+    result = await conn.execute(
+        select(NOTIFICATIONS.c.source_id).where(NOTIFICATIONS.c.source_id.in_(wanted))
+    )
+    return set(result.scalars())
+
+
+async def load_drafts(
+    conn: AsyncConnection, refs: Sequence[SourceRef], result: BatchResult
+) -> list[Draft]:
+    """
+    Read the rows behind ``refs`` and build their drafts; record what is skipped.
+
+    Skipped (recorded in ``result``, never retried): a source that already has
+    its notification (a redelivery), a fire row that is missing or was
+    recorded as skipped, a fire whose schedule was deleted, a wakeup that is
+    missing or no longer pending (a cancelled wakeup produces nothing), a
+    missing trigger event.
+    """
+    done = await existing_sources(conn, (r.id for r in refs))
+    todo: list[SourceRef] = []
+    seen: set[SourceRef] = set()
+    for ref in refs:
+        # A batch may carry the same source twice (an outbox replay next to the original).
+        if ref.id in done or ref in seen:
+            result.duplicates.append(ref.id)
+        else:
+            todo.append(ref)
+        seen.add(ref)
+    fires = await _rows_by_id(conn, FIRES, (r.id for r in todo if r.kind is SourceKind.SCHEDULE))
+    wakeups = await _rows_by_id(conn, WAKEUPS, (r.id for r in todo if r.kind is SourceKind.WAKEUP))
+    events = await _rows_by_id(conn, EVENTS, (r.id for r in todo if r.kind is SourceKind.EVENT))
+    schedules = await _rows_by_id(conn, SCHEDULES, (f["schedule_id"] for f in fires.values()))
+    item_ids = [s["inventory_item_id"] for s in schedules.values() if s["inventory_item_id"]]
+    item_ids += [w["inventory_item_id"] for w in wakeups.values() if w["inventory_item_id"]]
+    items = await _rows_by_id(conn, ITEMS, item_ids)
+
+    drafts: list[Draft] = []
+    for ref in todo:
+        if ref.kind is SourceKind.SCHEDULE:
+            fire = fires.get(ref.id)
+            if fire is None or fire["status"] != "fired":
+                result.skipped[ref.id] = "fire missing" if fire is None else "fire skipped"
+                continue
+            schedule = schedules.get(fire["schedule_id"])
+            if schedule is None:
+                result.skipped[ref.id] = "schedule deleted"
+                continue
+            item_row = items.get(schedule["inventory_item_id"] or "")
+            drafts.append(
+                schedule_draft(
+                    schedule, ref.id, fire["fire_at"], inventory_item(item_row, schedule)
+                )
+            )
+        elif ref.kind is SourceKind.WAKEUP:
+            wakeup = wakeups.get(ref.id)
+            if wakeup is None or wakeup["status"] != "pending":
+                result.skipped[ref.id] = (
+                    "wakeup missing" if wakeup is None else (f"wakeup {wakeup['status']}")
+                )
+                continue
+            item_row = items.get(wakeup["inventory_item_id"] or "")
+            drafts.append(wakeup_draft(wakeup, inventory_item(item_row, wakeup)))
+        else:
+            event = events.get(ref.id)
+            if event is None:
+                result.skipped[ref.id] = "event missing"
+                continue
+            drafts.append(event_draft(event))
+    return drafts
+
+
+async def write_notifications(
+    conn: AsyncConnection,
+    composed: Sequence[tuple[Draft, str, str | None]],
+    *,
+    subjects: Subjects,
+    now: datetime,
+    simulated: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """
+    Inside the caller's transaction: transition sources and insert notifications + outbox.
+
+    A wakeup is executed only if it is still ``pending`` at write time (the
+    ``UPDATE ... WHERE status = 'pending' RETURNING id`` takes the row lock on
+    PostgreSQL and runs alone on SQLite), so a cancel racing the dispatcher
+    either wins (no notification) or answers 409. Failed generations are kept
+    but not published: there is no text to deliver.
+
+    Args:
+        now: stamps outbox rows, and notification ``created_at`` / wakeup
+            ``executed_at`` unless ``simulated``.
+        simulated: advance-time: each notification is created, and each
+            wakeup executed, at its own simulated fire instant (DESIGN decision 9).
+
+    Returns:
+        The notification rows written (a concurrent duplicate collides
+        harmlessly on ``source_id``) and source id -> skip reason for wakeups
+        lost to a race.
+    """
+    skipped: dict[str, str] = {}
+    wakeups = [d for d, _, _ in composed if d.block.kind is SourceKind.WAKEUP]
+    executed: set[str] = set()
+    if simulated:
+        # Each wakeup executes at its own simulated instant: one statement each.
+        for draft in wakeups:
+            stmt = (
+                update(WAKEUPS)
+                .where(WAKEUPS.c.id == draft.source_id, WAKEUPS.c.status == "pending")
+                .values(status="executed", executed_at=draft.fire_at)
+                .returning(WAKEUPS.c.id)
+            )
+            executed.update((await conn.execute(stmt)).scalars())
+    elif wakeups:
+        stmt = (
+            update(WAKEUPS)
+            .where(
+                WAKEUPS.c.id.in_(sorted({d.source_id for d in wakeups})),
+                WAKEUPS.c.status == "pending",
+            )
+            .values(status="executed", executed_at=now)
+            .returning(WAKEUPS.c.id)
+        )
+        executed.update((await conn.execute(stmt)).scalars())
+    for draft in wakeups:
+        if draft.source_id not in executed:
+            skipped[draft.source_id] = "wakeup no longer pending"
+    event_ids = sorted({d.source_id for d, _, _ in composed if d.block.kind is SourceKind.EVENT})
+    if event_ids:
+        await conn.execute(
+            update(EVENTS)
+            .where(EVENTS.c.id.in_(event_ids), EVENTS.c.status == "accepted")
+            .values(status="dispatched")
+        )
+    rows = [
+        notification_row(d, message=m, error=e, created_at=d.fire_at if simulated else now)
+        for d, m, e in composed
+        if d.source_id not in skipped
+    ]
+    await bulk.insert_notifications(conn, rows)
+    await bulk.insert_outbox(
+        conn, [outbox_row(r, subjects, now) for r in rows if r["status"] == "pending"]
+    )
+    return rows, skipped
+
+
+@asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """
+    A write transaction; on SQLite it takes the write lock up front (``BEGIN IMMEDIATE``).
+
+    A deferred SQLite transaction that upgrades to a writer after another
+    connection committed fails at once with ``SQLITE_BUSY`` instead of waiting
+    on the busy timeout; taking the lock first makes it wait its turn behind
+    the scheduler and the relay, which do the same.
+    """
+    async with engine.connect() as conn:
+        if is_sqlite(str(engine.url)):
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            await conn.rollback()
+            raise
+        await conn.commit()
+
+
+class Processor:
+    """
+    Turns batches of source refs into notifications; the dispatcher's whole job.
+
+    Args:
+        engine: the store's engine.
+        composer: message composer (template or LLM).
+        subjects: subjects for the ``notification.created`` outbox rows.
+        clock: stamps ``created_at`` / ``executed_at``.
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, composer: Composer, subjects: Subjects, clock: Clock
+    ) -> None:
+        self.engine = engine
+        self.composer = composer
+        self.subjects = subjects
+        self.clock = clock
+
+    async def process(self, refs: Sequence[SourceRef]) -> BatchResult:
+        """
+        Make the notification of every ref that does not have one yet.
+
+        Idempotent: a ref whose notification exists is reported as a duplicate
+        and changes nothing. Database errors propagate (the caller nacks and
+        JetStream redelivers); composer failures do not (``failed_generation``).
+        """
+        result = BatchResult()
+        async with self.engine.connect() as conn:
+            drafts = await load_drafts(conn, refs, result)
+        for source_id, reason in result.skipped.items():
+            log.info("dispatch.skipped", source_id=source_id, reason=reason)
+        for source_id in result.duplicates:
+            log.info(
+                "dispatch.duplicate",
+                source_id=source_id,
+                notification_id=notification_id(source_id),
+            )
+        if not drafts:
+            return result
+        composed = await compose_all(self.composer, drafts)
+        now = self.clock.now()
+        async with write_transaction(self.engine) as conn:
+            rows, lost = await write_notifications(conn, composed, subjects=self.subjects, now=now)
+        result.skipped.update(lost)
+        for source_id, reason in lost.items():
+            log.info("dispatch.skipped", source_id=source_id, reason=reason)
+        for row in rows:
+            result.created.append(row["id"])
+            if row["status"] == "failed_generation":
+                result.failed.append(row["id"])
+            log.info(
+                "notification.created",
+                notification_id=row["id"],
+                source_id=row["source_id"],
+                source_type=row["source_type"],
+                status=row["status"],
+            )
+        return result

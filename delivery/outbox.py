@@ -1,0 +1,254 @@
+"""
+The outbox relay: publishes committed outbox rows to JetStream and stamps ``sent_at``.
+
+Safe to repeat (DESIGN invariant 2): every message carries its row's ``msg_id`` as
+``Nats-Msg-Id``, so JetStream drops a republished duplicate inside the stream's
+duplicate window (:data:`~delivery.dispatcher.subjects.DEDUPE_WINDOW_S`), and the
+consumer's unique ``source_id`` absorbs anything older. A crash between publish and
+stamp therefore only costs a harmless republish. Publishing is batched with
+``publish_async`` (DESIGN "Measured": ~3k msgs/s awaiting each ack, ~14k batched).
+"""
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import PubAck, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+from sqlalchemy import Table, delete, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from delivery.clock import Clock
+from delivery.dispatcher.subjects import DEDUPE_WINDOW_S, Subjects
+from delivery.store.engine import is_sqlite
+from delivery.store.tables import OutboxRow
+
+OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+STREAM_MAX_AGE_S = 7 * 24 * 3600
+"""Messages are kept a week: long enough to replay a consumer after an outage."""
+
+log = structlog.get_logger(__name__)
+
+
+async def ensure_stream(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int = 1
+) -> StreamConfig:
+    """
+    Create the stream for ``subjects`` if missing, or update its settings if they drifted.
+
+    The duplicate window is what makes the relay (and any republish) idempotent;
+    it is always set to :data:`DEDUPE_WINDOW_S`. Safe to call from every process
+    at start-up (the scheduler and the dispatcher both do).
+
+    Args:
+        js: a JetStream context.
+        subjects: the deployment's subjects (stream name and ``<prefix>.>``).
+        replicas: stream replicas; 3 on a 3-node cluster, 1 on a single server.
+
+    Returns:
+        The stream configuration in force.
+    """
+    wanted = StreamConfig(
+        name=subjects.stream,
+        subjects=[subjects.wildcard],
+        storage=StorageType.FILE,
+        duplicate_window=float(DEDUPE_WINDOW_S),
+        max_age=float(STREAM_MAX_AGE_S),
+        num_replicas=replicas,
+    )
+    try:
+        info = await js.stream_info(subjects.stream)
+    except NotFoundError:
+        created = await js.add_stream(wanted)
+        log.info("stream_created", stream=subjects.stream, replicas=replicas)
+        return created.config
+    current = info.config
+    if (
+        current.duplicate_window != wanted.duplicate_window
+        or list(current.subjects or []) != [subjects.wildcard]
+        or current.max_age != wanted.max_age
+    ):
+        # Storage type cannot change in place; keep whatever exists and fix the rest.
+        fixed = StreamConfig.from_response(
+            {**current.as_dict(), **{k: v for k, v in wanted.as_dict().items() if k != "storage"}}
+        )
+        updated = await js.update_stream(fixed)
+        log.info("stream_updated", stream=subjects.stream)
+        return updated.config
+    return current
+
+
+@dataclass(slots=True)
+class RelayResult:
+    """
+    What one :meth:`OutboxRelay.relay_once` did.
+
+    Attributes:
+        published: rows acknowledged by JetStream and stamped ``sent_at``.
+        duplicates: of those, how many JetStream reported as duplicates (already stored).
+        failed: rows whose publish failed or timed out; they stay unsent and are retried.
+        more: the batch was full, so more rows may be waiting.
+    """
+
+    published: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    more: bool = False
+
+
+class OutboxRelay:
+    """
+    Moves outbox rows to JetStream in batches.
+
+    On PostgreSQL a batch is locked ``FOR UPDATE SKIP LOCKED`` while it is
+    published, so the relays of several scheduler replicas split the work
+    instead of all publishing everything; on SQLite (one process) the batch is
+    read, published, then stamped.
+
+    Args:
+        engine: the store's engine.
+        js: a JetStream context on the deployment's NATS.
+        clock: stamps ``sent_at``.
+        batch: rows per batch.
+        publish_timeout_s: how long to wait for a batch's acks.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        js: JetStreamContext,
+        clock: Clock,
+        *,
+        batch: int = 1000,
+        publish_timeout_s: float = 10.0,
+    ) -> None:
+        self.engine = engine
+        self.js = js
+        self.clock = clock
+        self.batch = batch
+        self.publish_timeout_s = publish_timeout_s
+        self._sqlite = is_sqlite(str(engine.url))
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            if self._sqlite:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.rollback()
+                raise
+            await conn.commit()
+
+    def _unsent(self) -> Any:
+        stmt = (
+            select(OUTBOX.c.id, OUTBOX.c.subject, OUTBOX.c.msg_id, OUTBOX.c.payload)
+            .where(OUTBOX.c.sent_at.is_(None))
+            .order_by(OUTBOX.c.id)
+            .limit(self.batch)
+        )
+        if not self._sqlite:
+            stmt = stmt.with_for_update(skip_locked=True)
+        return stmt
+
+    async def relay_once(self) -> RelayResult:
+        """
+        Publish one batch of unsent rows and stamp the acknowledged ones.
+
+        Returns:
+            Counts; ``more`` when the batch was full.
+        """
+        if self._sqlite:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(self._unsent())).all()
+            if not rows:
+                return RelayResult()
+            result, acked = await self._publish(rows)
+            if acked:
+                async with self._write() as conn:
+                    await self._stamp(conn, acked)
+        else:
+            async with self._write() as conn:
+                rows = (await conn.execute(self._unsent())).all()
+                if not rows:
+                    return RelayResult()
+                result, acked = await self._publish(rows)
+                if acked:
+                    await self._stamp(conn, acked)
+        result.more = len(rows) >= self.batch
+        return result
+
+    async def drain(self, *, max_batches: int = 100_000) -> RelayResult:
+        """Relay until no unsent row is left (or a batch fails); the summed counts."""
+        total = RelayResult()
+        for _ in range(max_batches):
+            one = await self.relay_once()
+            total.published += one.published
+            total.duplicates += one.duplicates
+            total.failed += one.failed
+            if not one.more or one.failed:
+                break
+        return total
+
+    async def prune(self, older_than: timedelta) -> int:
+        """Delete rows sent more than ``older_than`` ago; returns how many."""
+        cutoff = self.clock.now() - older_than
+        async with self._write() as conn:
+            result = await conn.execute(
+                delete(OUTBOX).where(OUTBOX.c.sent_at.is_not(None), OUTBOX.c.sent_at < cutoff)
+            )
+        pruned = int(result.rowcount or 0)
+        if pruned:
+            log.info("outbox_pruned", pruned=pruned)
+        return pruned
+
+    async def _stamp(self, conn: AsyncConnection, ids: Sequence[int]) -> None:
+        now: datetime = self.clock.now()
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            await conn.execute(update(OUTBOX).where(OUTBOX.c.id.in_(chunk)).values(sent_at=now))
+
+    async def _publish(self, rows: Sequence[Row[Any]]) -> tuple[RelayResult, list[int]]:
+        futures: list[asyncio.Future[PubAck]] = []
+        for row in rows:
+            future = await self.js.publish_async(
+                row.subject, row.payload.encode(), headers={MSG_ID_HEADER: row.msg_id}
+            )
+            futures.append(future)
+        done, pending = await asyncio.wait(futures, timeout=self.publish_timeout_s)
+        for future in pending:
+            # Cancelling releases nats-py's in-flight slot; the row stays unsent.
+            future.cancel()
+        result = RelayResult()
+        acked: list[int] = []
+        failed: list[str] = []
+        first_error: BaseException | None = None
+        for row, future in zip(rows, futures, strict=True):
+            if future in done and not future.cancelled() and future.exception() is None:
+                acked.append(row.id)
+                if future.result().duplicate:
+                    result.duplicates += 1
+                continue
+            failed.append(row.msg_id)
+            if first_error is None and not future.cancelled():
+                first_error = future.exception()
+        if failed:
+            # One line per batch, not per row: an outage fails thousands at once.
+            result.failed = len(failed)
+            log.warning(
+                "outbox_publish_failed",
+                failed=len(failed),
+                first_msg_id=failed[0],
+                error=repr(first_error) if first_error else "timeout",
+            )
+        result.published = len(acked)
+        return result, acked

@@ -1,0 +1,616 @@
+"""
+Persistence for issue 6: contacts, channel preferences, notification channels and the
+channel attempts log (which is also the durable retry queue).
+
+Every tenant-facing method takes the caller's ``project_id`` and filters on it, so a
+foreign id behaves exactly like an unknown one (DESIGN invariant 6). Writes run in one
+transaction each through :meth:`SqlStore.write` (``BEGIN IMMEDIATE`` on SQLite).
+Channel secrets never reach a row in clear: :class:`ChannelConfigCodec` splits them
+out of the config and seals them with :class:`delivery.secrets.SecretBox`.
+"""
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+from sqlalchemy import Table, and_, delete, func, select, tuple_, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from delivery.errors import InvalidContactError
+from delivery.secrets import SecretBox
+from delivery.store.bulk import insert_ignoring_duplicates
+from delivery.store.sql import SqlStore, canonical_json, new_id
+from delivery.store.tables import NotificationRow
+from delivery.store.tables.channels import (
+    ChannelAttemptRow,
+    ChannelPreferenceRow,
+    ContactRow,
+    NotificationChannelRow,
+)
+
+CONTACTS: Table = ContactRow.__table__  # type: ignore[attr-defined]
+PREFERENCES: Table = ChannelPreferenceRow.__table__  # type: ignore[attr-defined]
+CHANNELS: Table = NotificationChannelRow.__table__  # type: ignore[attr-defined]
+ATTEMPTS: Table = ChannelAttemptRow.__table__  # type: ignore[attr-defined]
+NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
+
+MAX_CONTACTS_PER_USER: Final = 50
+"""Bounds one fan-out (and one user's rows): far above any real user's devices."""
+
+MASK: Final = "****"
+_SECRET_WORDS: Final = ("secret", "password", "token", "api_key", "apikey", "auth")
+
+
+def destination_hash(kind: str, destination: str) -> str:
+    """The unique key of a normalised destination (hex SHA-256 of ``kind:destination``)."""
+    return hashlib.sha256(f"{kind}:{destination}".encode()).hexdigest()
+
+
+def is_secret_key(key: str) -> bool:
+    """True for config keys whose values are credentials (``api_key``, ``secret``, ...)."""
+    lowered = key.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def mask(value: Any) -> str:
+    """
+    The masked form of a secret: ``****`` plus its last four characters when it is long
+    enough (16+) that four characters reveal nothing useful, else just ``****``.
+    """
+    text = value if isinstance(value, str) else json.dumps(value)
+    return f"{MASK}{text[-4:]}" if len(text) >= 16 else MASK
+
+
+@dataclass(frozen=True, slots=True)
+class SealedConfig:
+    """A channel config as stored: non-secret keys in clear, secret keys sealed."""
+
+    config_json: str
+    secrets_enc: str | None
+
+
+class ChannelConfigCodec:
+    """
+    Splits a channel config into clear and sealed parts, and masks or opens it on read.
+
+    Args:
+        box: the deployment's :class:`SecretBox` (``DELIVERY_SECRET_KEY`` or the key file).
+    """
+
+    def __init__(self, box: SecretBox) -> None:
+        self._box = box
+
+    def seal(self, config: Mapping[str, Any]) -> SealedConfig:
+        """Store form of ``config``: secret keys are removed from the JSON and sealed."""
+        plain = {k: v for k, v in config.items() if not is_secret_key(k)}
+        secret = {k: v for k, v in config.items() if is_secret_key(k)}
+        sealed = self._box.seal(canonical_json(secret)) if secret else None
+        return SealedConfig(canonical_json(plain), sealed)
+
+    def secrets(self, secrets_enc: str | None) -> dict[str, Any]:
+        """
+        The sealed part in clear (for delivery only, never for a response).
+
+        Raises:
+            delivery.secrets.SecretDecryptError: another key sealed it.
+        """
+        if not secrets_enc:
+            return {}
+        opened: dict[str, Any] = json.loads(self._box.open(secrets_enc))
+        return opened
+
+    def full(self, row: RowMapping) -> dict[str, Any]:
+        """The whole config in clear, for delivery."""
+        config: dict[str, Any] = json.loads(row["config_json"])
+        config.update(self.secrets(row["secrets_enc"]))
+        return config
+
+    def masked(self, row: RowMapping) -> dict[str, Any]:
+        """The config as every read shows it: secret values replaced by :func:`mask`."""
+        config: dict[str, Any] = json.loads(row["config_json"])
+        for key, value in self.secrets(row["secrets_enc"]).items():
+            config[key] = mask(value)
+        return config
+
+    def merge_masked(self, new: Mapping[str, Any], old_secrets_enc: str | None) -> dict[str, Any]:
+        """
+        ``new`` with every secret value that is still the masked form of the stored one
+        replaced by the stored secret: a client that reads a channel and writes it back
+        (PUT is a full replace, CONTRACT 8) must not overwrite a secret with its mask.
+        """
+        old = self.secrets(old_secrets_enc)
+        merged = dict(new)
+        for key, value in new.items():
+            if key in old and is_secret_key(key) and value == mask(old[key]):
+                merged[key] = old[key]
+        return merged
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One channel attempt to insert (column names of ``channel_attempts``)."""
+
+    project_id: str
+    notification_id: str
+    agent_id: str
+    user_id: str
+    kind: str
+    contact_id: str | None
+    destination: str
+    status: str
+    reason: str
+    response_code: int
+    duration_ms: int
+    attempt_number: int
+    next_attempt_at: datetime | None
+    created_at: datetime
+
+    def values(self) -> dict[str, Any]:
+        """The row to insert, with a fresh ``cha_`` id."""
+        return {
+            "id": new_id("cha"),
+            "project_id": self.project_id,
+            "notification_id": self.notification_id,
+            "agent_id": self.agent_id,
+            "user_id": self.user_id,
+            "kind": self.kind,
+            "contact_id": self.contact_id,
+            "destination": self.destination[:255],
+            "status": self.status,
+            "reason": self.reason,
+            "response_code": self.response_code,
+            "duration_ms": self.duration_ms,
+            "attempt_number": self.attempt_number,
+            "next_attempt_at": self.next_attempt_at,
+            "created_at": self.created_at,
+        }
+
+
+type UserKey = tuple[str, str, str]
+"""(project_id, agent_id, user_id)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FanoutInputs:
+    """What :meth:`ChannelStore.fanout_inputs` read for one batch."""
+
+    notifications: dict[str, RowMapping]
+    contacts: dict[UserKey, list[RowMapping]]
+    preferences: dict[UserKey, dict[str, list[str]]]
+    attempted: dict[str, set[str]]
+
+
+def _chunks[T](items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class ChannelStore:
+    """
+    Issue 6 persistence over one engine (the schema must exist).
+
+    The store never closes the engine; its owner does.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sql = SqlStore(engine)
+        self._postgres = engine.dialect.name == "postgresql"
+
+    # --- contacts ---------------------------------------------------------------
+
+    async def add_contact(
+        self,
+        project_id: str,
+        agent_id: str,
+        user_id: str,
+        *,
+        kind: str,
+        destination: str,
+        opted_out: bool,
+        now: datetime,
+    ) -> tuple[RowMapping, bool]:
+        """
+        Add a normalised destination, or update it when it already exists.
+
+        Adding an existing destination sets its ``opted_out`` and re-enables it if a
+        provider had disabled it: an app re-registers a token it was given again.
+
+        Returns:
+            The contact row and whether it was created.
+
+        Raises:
+            InvalidContactError: the user already has :data:`MAX_CONTACTS_PER_USER`.
+        """
+        c = CONTACTS.c
+        digest = destination_hash(kind, destination)
+        owner = and_(c.project_id == project_id, c.agent_id == agent_id, c.user_id == user_id)
+        async with self._sql.write() as conn:
+            changed = await conn.execute(
+                update(CONTACTS)
+                .where(owner, c.kind == kind, c.destination_hash == digest)
+                .values(
+                    opted_out=opted_out,
+                    disabled=False,
+                    disabled_reason=None,
+                    disabled_at=None,
+                    updated_at=now,
+                )
+            )
+            created = not changed.rowcount
+            if created:
+                count = (
+                    await conn.execute(select(func.count()).select_from(CONTACTS).where(owner))
+                ).scalar_one()
+                if count >= MAX_CONTACTS_PER_USER:
+                    raise InvalidContactError(
+                        "destination",
+                        f"a user can have at most {MAX_CONTACTS_PER_USER} contacts; "
+                        "remove one first",
+                    )
+                await insert_ignoring_duplicates(
+                    conn,
+                    CONTACTS,
+                    [
+                        {
+                            "id": new_id("ct"),
+                            "project_id": project_id,
+                            "agent_id": agent_id,
+                            "user_id": user_id,
+                            "kind": kind,
+                            "destination": destination,
+                            "destination_hash": digest,
+                            "opted_out": opted_out,
+                            "disabled": False,
+                            "disabled_reason": None,
+                            "disabled_at": None,
+                            "created_at": now,
+                            "updated_at": now,
+                        }
+                    ],
+                    unique=["project_id", "agent_id", "user_id", "kind", "destination_hash"],
+                )
+            row = (
+                (
+                    await conn.execute(
+                        select(CONTACTS).where(owner, c.kind == kind, c.destination_hash == digest)
+                    )
+                )
+                .mappings()
+                .one()
+            )
+        return row, created
+
+    async def list_contacts(
+        self, project_id: str, agent_id: str, user_id: str
+    ) -> Sequence[RowMapping]:
+        """A user's contacts, oldest first (disabled and opted-out ones included)."""
+        c = CONTACTS.c
+        stmt = (
+            select(CONTACTS)
+            .where(c.project_id == project_id, c.agent_id == agent_id, c.user_id == user_id)
+            .order_by(c.created_at, c.id)
+        )
+        async with self._sql.read() as conn:
+            return (await conn.execute(stmt)).mappings().all()
+
+    async def get_contact(
+        self, project_id: str, agent_id: str, user_id: str, contact_id: str
+    ) -> RowMapping | None:
+        """One contact, or ``None`` (unknown or another owner's)."""
+        c = CONTACTS.c
+        stmt = select(CONTACTS).where(
+            c.id == contact_id,
+            c.project_id == project_id,
+            c.agent_id == agent_id,
+            c.user_id == user_id,
+        )
+        async with self._sql.read() as conn:
+            return (await conn.execute(stmt)).mappings().one_or_none()
+
+    async def set_opted_out(
+        self,
+        project_id: str,
+        agent_id: str,
+        user_id: str,
+        contact_id: str,
+        *,
+        opted_out: bool,
+        now: datetime,
+    ) -> RowMapping | None:
+        """Set a contact's opt-out flag; ``None`` when there is no such contact."""
+        c = CONTACTS.c
+        owner = and_(
+            c.id == contact_id,
+            c.project_id == project_id,
+            c.agent_id == agent_id,
+            c.user_id == user_id,
+        )
+        async with self._sql.write() as conn:
+            await conn.execute(
+                update(CONTACTS).where(owner).values(opted_out=opted_out, updated_at=now)
+            )
+            return (await conn.execute(select(CONTACTS).where(owner))).mappings().one_or_none()
+
+    async def delete_contact(
+        self, project_id: str, agent_id: str, user_id: str, contact_id: str
+    ) -> bool:
+        """Remove a contact; ``False`` when there was none."""
+        c = CONTACTS.c
+        async with self._sql.write() as conn:
+            result = await conn.execute(
+                delete(CONTACTS).where(
+                    c.id == contact_id,
+                    c.project_id == project_id,
+                    c.agent_id == agent_id,
+                    c.user_id == user_id,
+                )
+            )
+        return bool(result.rowcount)
+
+    async def disable_contact(self, contact_id: str, reason: str, now: datetime) -> bool:
+        """
+        Mark a destination dead (the provider said so: unregistered token, unsubscribed
+        number, non-existent mailbox). Worker-side, so not scoped by project.
+        """
+        c = CONTACTS.c
+        async with self._sql.write() as conn:
+            result = await conn.execute(
+                update(CONTACTS)
+                .where(c.id == contact_id, c.disabled.is_(False))
+                .values(disabled=True, disabled_reason=reason, disabled_at=now, updated_at=now)
+            )
+        return bool(result.rowcount)
+
+    async def active_contacts(
+        self, project_id: str, agent_id: str, user_id: str
+    ) -> Sequence[RowMapping]:
+        """The contacts a fan-out considers: every one not disabled, oldest first."""
+        c = CONTACTS.c
+        stmt = (
+            select(CONTACTS)
+            .where(
+                c.project_id == project_id,
+                c.agent_id == agent_id,
+                c.user_id == user_id,
+                c.disabled.is_(False),
+            )
+            .order_by(c.created_at, c.id)
+        )
+        async with self._sql.read() as conn:
+            return (await conn.execute(stmt)).mappings().all()
+
+    # --- preferences ------------------------------------------------------------
+
+    async def get_preferences(
+        self, project_id: str, agent_id: str, user_id: str
+    ) -> dict[str, list[str]]:
+        """A user's preferences (``{}`` when never set: every channel allowed)."""
+        p = PREFERENCES.c
+        stmt = select(p.preferences_json).where(
+            p.project_id == project_id, p.agent_id == agent_id, p.user_id == user_id
+        )
+        async with self._sql.read() as conn:
+            text = (await conn.execute(stmt)).scalar_one_or_none()
+        prefs: dict[str, list[str]] = json.loads(text) if text else {}
+        return prefs
+
+    async def put_preferences(
+        self,
+        project_id: str,
+        agent_id: str,
+        user_id: str,
+        preferences: Mapping[str, Sequence[str]],
+        now: datetime,
+    ) -> None:
+        """Replace a user's preferences (already validated); ``{}`` clears them."""
+        p = PREFERENCES.c
+        stored = canonical_json({k: sorted(set(v)) for k, v in preferences.items()})
+        owner = and_(p.project_id == project_id, p.agent_id == agent_id, p.user_id == user_id)
+        async with self._sql.write() as conn:
+            changed = await conn.execute(
+                update(PREFERENCES).where(owner).values(preferences_json=stored, updated_at=now)
+            )
+            if not changed.rowcount:
+                await insert_ignoring_duplicates(
+                    conn,
+                    PREFERENCES,
+                    [
+                        {
+                            "project_id": project_id,
+                            "agent_id": agent_id,
+                            "user_id": user_id,
+                            "preferences_json": stored,
+                            "updated_at": now,
+                        }
+                    ],
+                    unique=["project_id", "agent_id", "user_id"],
+                )
+
+    # --- notification channels --------------------------------------------------
+
+    async def insert_channel(self, values: Mapping[str, Any]) -> None:
+        """Insert a channel row (``notification_channels`` column names)."""
+        async with self._sql.write() as conn:
+            await conn.execute(CHANNELS.insert().values(**values))
+
+    async def list_channels(
+        self, project_id: str, *, active_only: bool = False
+    ) -> Sequence[RowMapping]:
+        """The project's channels, oldest first."""
+        ch = CHANNELS.c
+        stmt = select(CHANNELS).where(ch.project_id == project_id)
+        if active_only:
+            stmt = stmt.where(ch.active.is_(True))
+        async with self._sql.read() as conn:
+            return (await conn.execute(stmt.order_by(ch.created_at, ch.id))).mappings().all()
+
+    async def get_channel(self, project_id: str, channel_id: str) -> RowMapping | None:
+        """One channel, or ``None`` (unknown or another project's)."""
+        ch = CHANNELS.c
+        stmt = select(CHANNELS).where(ch.id == channel_id, ch.project_id == project_id)
+        async with self._sql.read() as conn:
+            return (await conn.execute(stmt)).mappings().one_or_none()
+
+    async def replace_channel(
+        self, project_id: str, channel_id: str, values: Mapping[str, Any]
+    ) -> RowMapping | None:
+        """Overwrite a channel's writable columns; ``None`` when there is no such channel."""
+        ch = CHANNELS.c
+        owner = and_(ch.id == channel_id, ch.project_id == project_id)
+        async with self._sql.write() as conn:
+            await conn.execute(update(CHANNELS).where(owner).values(**values))
+            return (await conn.execute(select(CHANNELS).where(owner))).mappings().one_or_none()
+
+    async def delete_channel(self, project_id: str, channel_id: str) -> bool:
+        """Remove a channel; ``False`` when there was none."""
+        ch = CHANNELS.c
+        async with self._sql.write() as conn:
+            result = await conn.execute(
+                delete(CHANNELS).where(ch.id == channel_id, ch.project_id == project_id)
+            )
+        return bool(result.rowcount)
+
+    # --- notifications and attempts --------------------------------------------
+
+    async def get_notification(self, notification_id: str) -> RowMapping | None:
+        """A notification row by id (worker-side: the NATS message names it)."""
+        n = NOTIFICATIONS.c
+        async with self._sql.read() as conn:
+            return (
+                (await conn.execute(select(NOTIFICATIONS).where(n.id == notification_id)))
+                .mappings()
+                .one_or_none()
+            )
+
+    async def fanout_inputs(self, notification_ids: Sequence[str]) -> FanoutInputs:
+        """
+        Everything a batch of fan-outs reads, in four queries whatever the batch size:
+        the notifications, their users' active contacts and preferences, and the
+        contacts already attempted per notification (a JetStream redelivery must not
+        send twice to a destination the first delivery reached).
+        """
+        if not notification_ids:
+            return FanoutInputs({}, {}, {}, {})
+        n, c, p, a = NOTIFICATIONS.c, CONTACTS.c, PREFERENCES.c, ATTEMPTS.c
+        async with self._sql.read() as conn:
+            notes = {
+                r["id"]: r
+                for r in (
+                    await conn.execute(select(NOTIFICATIONS).where(n.id.in_(notification_ids)))
+                ).mappings()
+            }
+            keys = sorted({(r["project_id"], r["agent_id"], r["user_id"]) for r in notes.values()})
+            contacts: dict[UserKey, list[RowMapping]] = {}
+            prefs: dict[UserKey, dict[str, list[str]]] = {}
+            for chunk in _chunks(keys, 500):
+                owner = tuple_(c.project_id, c.agent_id, c.user_id).in_(chunk)
+                rows = await conn.execute(
+                    select(CONTACTS)
+                    .where(owner, c.disabled.is_(False))
+                    .order_by(c.created_at, c.id)
+                )
+                for row in rows.mappings():
+                    key = (row["project_id"], row["agent_id"], row["user_id"])
+                    contacts.setdefault(key, []).append(row)
+                stored = await conn.execute(
+                    select(PREFERENCES).where(
+                        tuple_(p.project_id, p.agent_id, p.user_id).in_(chunk)
+                    )
+                )
+                for row in stored.mappings():
+                    key = (row["project_id"], row["agent_id"], row["user_id"])
+                    prefs[key] = json.loads(row["preferences_json"])
+            attempted: dict[str, set[str]] = {}
+            done = await conn.execute(
+                select(a.notification_id, a.contact_id).where(
+                    a.notification_id.in_(notification_ids), a.contact_id.is_not(None)
+                )
+            )
+            for nid, cid in done:
+                attempted.setdefault(nid, set()).add(cid)
+        return FanoutInputs(notes, contacts, prefs, attempted)
+
+    async def get_contact_by_id(self, contact_id: str) -> RowMapping | None:
+        """A contact by id (worker-side: a retry names it)."""
+        async with self._sql.read() as conn:
+            return (
+                (await conn.execute(select(CONTACTS).where(CONTACTS.c.id == contact_id)))
+                .mappings()
+                .one_or_none()
+            )
+
+    async def record_attempts(
+        self,
+        records: Sequence[AttemptRecord],
+        *,
+        retried_id: str | None = None,
+    ) -> None:
+        """
+        Insert attempt rows; when ``retried_id`` names the retry queue entry these
+        attempts answer, its ``next_attempt_at`` is cleared in the same transaction, so
+        the queue entry and its result can never both exist or both be missing.
+        """
+        async with self._sql.write() as conn:
+            if records:
+                await conn.execute(ATTEMPTS.insert(), [r.values() for r in records])
+            if retried_id is not None:
+                await conn.execute(
+                    update(ATTEMPTS).where(ATTEMPTS.c.id == retried_id).values(next_attempt_at=None)
+                )
+
+    async def claim_due_retries(
+        self, now: datetime, *, lease: timedelta, limit: int
+    ) -> Sequence[RowMapping]:
+        """
+        Claim retry queue entries due at ``now``: their ``next_attempt_at`` moves to
+        ``now + lease``, so another worker skips them and a worker that dies mid-retry
+        leaves them due again after the lease (at-least-once, never lost).
+
+        PostgreSQL locks the picked rows ``FOR UPDATE SKIP LOCKED`` so replicas claim
+        disjoint sets; SQLite has one writer at a time anyway.
+        """
+        a = ATTEMPTS.c
+        pick = (
+            select(ATTEMPTS)
+            .where(a.next_attempt_at.is_not(None), a.next_attempt_at <= now)
+            .order_by(a.next_attempt_at)
+            .limit(limit)
+        )
+        if self._postgres:
+            pick = pick.with_for_update(skip_locked=True)
+        async with self._sql.write() as conn:
+            rows = (await conn.execute(pick)).mappings().all()
+            if rows:
+                await conn.execute(
+                    update(ATTEMPTS)
+                    .where(a.id.in_([r["id"] for r in rows]))
+                    .values(next_attempt_at=now + lease)
+                )
+        return rows
+
+    async def list_attempts(
+        self,
+        project_id: str,
+        agent_id: str,
+        user_id: str,
+        *,
+        notification_id: str | None,
+        limit: int,
+    ) -> Sequence[RowMapping]:
+        """A user's channel attempts, newest first, optionally for one notification."""
+        a = ATTEMPTS.c
+        conds = [a.project_id == project_id, a.agent_id == agent_id, a.user_id == user_id]
+        if notification_id is not None:
+            conds.append(a.notification_id == notification_id)
+        stmt = (
+            select(ATTEMPTS)
+            .where(*conds)
+            .order_by(a.created_at.desc(), a.attempt_number.desc(), a.id)
+            .limit(limit)
+        )
+        async with self._sql.read() as conn:
+            return (await conn.execute(stmt)).mappings().all()

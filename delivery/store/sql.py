@@ -1,0 +1,693 @@
+"""
+:class:`SqlStore`: the API's persistence, one implementation for SQLite and PostgreSQL.
+
+Every method that touches tenant data takes the caller's ``project_id`` and filters
+on it, so a foreign id behaves exactly like an unknown one (DESIGN invariant 6).
+Statements are SQLAlchemy Core: one round trip per call, no ORM identity map.
+Write methods run in one transaction each; on SQLite the transaction takes the
+write lock up front (``BEGIN IMMEDIATE``) so a read-then-write never dies on a
+lock upgrade while the daemon writes too.
+"""
+
+import hashlib
+import json
+import secrets
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Table, and_, delete, func, select, text, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from delivery.store.bulk import insert_ignoring_duplicates, insert_outbox
+from delivery.store.engine import is_sqlite
+from delivery.store.tables import (
+    ApiKeyRow,
+    FireRow,
+    IdempotencyRow,
+    InventoryItemRow,
+    NotificationRow,
+    ProjectRow,
+    ScheduleRow,
+    TriggerEventRow,
+    WakeupRow,
+)
+
+PROJECTS: Table = ProjectRow.__table__  # type: ignore[attr-defined]
+API_KEYS: Table = ApiKeyRow.__table__  # type: ignore[attr-defined]
+SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
+FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
+WAKEUPS: Table = WakeupRow.__table__  # type: ignore[attr-defined]
+EVENTS: Table = TriggerEventRow.__table__  # type: ignore[attr-defined]
+INVENTORY: Table = InventoryItemRow.__table__  # type: ignore[attr-defined]
+NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
+IDEMPOTENCY: Table = IdempotencyRow.__table__  # type: ignore[attr-defined]
+
+#: A reservation older than this is treated as abandoned (its process died).
+IDEMPOTENCY_STALE = timedelta(minutes=5)
+
+
+def new_id(prefix: str) -> str:
+    """A random prefixed id (``sch_3f9a...``): 96 bits, so collisions are not a concern."""
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def hash_api_key(key: str) -> str:
+    """The stored form of an API key: hex SHA-256 (keys are random, so no salt is needed)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """Compact JSON with sorted keys: the stored and echoed form (DESIGN decision 8)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class CancelOutcome(StrEnum):
+    """What :meth:`SqlStore.cancel_wakeup` did."""
+
+    CANCELLED = "cancelled"
+    NOT_FOUND = "not_found"
+    NOT_PENDING = "not_pending"
+
+
+class ConsumeOutcome(StrEnum):
+    """What :meth:`SqlStore.consume_notification` did."""
+
+    CONSUMED = "consumed"
+    ALREADY = "already"
+    NOT_FOUND = "not_found"
+    NOT_PENDING = "not_pending"
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """
+    The result of :meth:`SqlStore.claim_idempotency_key`.
+
+    Attributes:
+        state: ``new`` (the caller executes and must complete or release),
+            ``replay`` (send ``status_code``/``body``), ``mismatch`` (the key was
+            used with another body) or ``in_progress`` (another request holds it).
+    """
+
+    state: str
+    status_code: int = 0
+    body: str = ""
+
+
+class SqlStore:
+    """
+    The async store over one engine.
+
+    Args:
+        engine: from :func:`delivery.store.engine.create_engine`; the schema
+            must exist (:func:`delivery.store.migrate.migrate`).
+
+    The store never closes the engine; its owner does.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sqlite = is_sqlite(str(engine.url))
+
+    # --- plumbing -------------------------------------------------------------
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """
+        One write transaction: committed when the block exits, rolled back on error.
+
+        On SQLite the write lock is taken at BEGIN, so concurrent writers queue
+        on ``busy_timeout`` instead of failing with SQLITE_BUSY when a deferred
+        transaction upgrades from read to write.
+        """
+        async with self.engine.connect() as conn:
+            if self._sqlite:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.rollback()
+                raise
+            await conn.commit()
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads; nothing it does is committed."""
+        async with self.engine.connect() as conn:
+            yield conn
+
+    async def ping(self) -> None:
+        """Run a trivial query; raises whatever the driver raises when the database is down."""
+        async with self.read() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    # --- projects and keys ----------------------------------------------------
+
+    async def ensure_project(self, name: str, now: datetime) -> ProjectRow:
+        """The project called ``name``, created (``proj_…``) if it does not exist yet."""
+        async with self.write() as conn:
+            await insert_ignoring_duplicates(
+                conn,
+                PROJECTS,
+                [{"id": new_id("proj"), "name": name, "created_at": now}],
+                unique=["name"],
+            )
+            row = (await conn.execute(select(PROJECTS).where(PROJECTS.c.name == name))).one()
+        return ProjectRow(**row._mapping)
+
+    async def create_api_key(self, project_id: str, now: datetime, key: str | None = None) -> str:
+        """
+        Store a new API key for ``project_id`` and return it in clear, the only time it exists.
+
+        Args:
+            key: use this key instead of a random one (the bootstrap key);
+                storing the same key twice is a no-op.
+        """
+        key = key or f"dlv_{secrets.token_urlsafe(32)}"
+        async with self.write() as conn:
+            await insert_ignoring_duplicates(
+                conn,
+                API_KEYS,
+                [
+                    {
+                        "id": new_id("key"),
+                        "project_id": project_id,
+                        "key_hash": hash_api_key(key),
+                        "prefix": key[:12],
+                        "created_at": now,
+                        "revoked_at": None,
+                    }
+                ],
+                unique=["key_hash"],
+            )
+        return key
+
+    async def project_for_key(self, key: str) -> str | None:
+        """The project id an unrevoked ``key`` belongs to, or ``None``."""
+        stmt = select(API_KEYS.c.project_id).where(
+            API_KEYS.c.key_hash == hash_api_key(key), API_KEYS.c.revoked_at.is_(None)
+        )
+        async with self.read() as conn:
+            return (await conn.execute(stmt)).scalar_one_or_none()
+
+    # --- schedules ------------------------------------------------------------
+
+    async def insert_schedule(self, row: ScheduleRow) -> None:
+        """Insert a new schedule row as given."""
+        async with self.write() as conn:
+            await conn.execute(SCHEDULES.insert().values(**row.model_dump()))
+
+    async def get_schedule(
+        self, project_id: str, agent_id: str, user_id: str, schedule_id: str
+    ) -> ScheduleRow | None:
+        """One schedule of the (agent, user) pair, or ``None``."""
+        stmt = select(SCHEDULES).where(
+            SCHEDULES.c.id == schedule_id,
+            SCHEDULES.c.project_id == project_id,
+            SCHEDULES.c.agent_id == agent_id,
+            SCHEDULES.c.user_id == user_id,
+        )
+        async with self.read() as conn:
+            row = (await conn.execute(stmt)).one_or_none()
+        return None if row is None else ScheduleRow(**row._mapping)
+
+    async def list_schedules(
+        self, project_id: str, agent_id: str, user_id: str
+    ) -> list[ScheduleRow]:
+        """Every schedule of the (agent, user) pair, oldest first."""
+        stmt = (
+            select(SCHEDULES)
+            .where(
+                SCHEDULES.c.project_id == project_id,
+                SCHEDULES.c.agent_id == agent_id,
+                SCHEDULES.c.user_id == user_id,
+            )
+            .order_by(SCHEDULES.c.created_at, SCHEDULES.c.id)
+        )
+        async with self.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [ScheduleRow(**r._mapping) for r in rows]
+
+    async def update_schedule(
+        self, row: ScheduleRow, changes: Mapping[str, Any], expected_version: int
+    ) -> bool:
+        """
+        Apply ``changes`` (column -> value) to ``row`` if nobody wrote it since it was read.
+
+        Compare-and-set on ``version``: the daemon bumps it when it fires, so
+        a PATCH computed from a stale read is retried instead of rewinding
+        ``next_fire_at``. The caller includes the new ``version`` in ``changes``.
+
+        Returns:
+            False when the version moved (or the row vanished); nothing written.
+        """
+        stmt = (
+            update(SCHEDULES)
+            .where(
+                SCHEDULES.c.id == row.id,
+                SCHEDULES.c.project_id == row.project_id,
+                SCHEDULES.c.version == expected_version,
+            )
+            .values(**changes)
+        )
+        async with self.write() as conn:
+            result = await conn.execute(stmt)
+        return bool(result.rowcount)
+
+    async def delete_schedule(
+        self, project_id: str, agent_id: str, user_id: str, schedule_id: str
+    ) -> bool:
+        """
+        Delete a schedule and its fire history (seeds: delete removes "all associated
+        fire history"); notifications already produced stay in the queue.
+
+        Returns:
+            Whether a schedule was deleted.
+        """
+        async with self.write() as conn:
+            result = await conn.execute(
+                delete(SCHEDULES).where(
+                    SCHEDULES.c.id == schedule_id,
+                    SCHEDULES.c.project_id == project_id,
+                    SCHEDULES.c.agent_id == agent_id,
+                    SCHEDULES.c.user_id == user_id,
+                )
+            )
+            if not result.rowcount:
+                return False
+            await conn.execute(
+                delete(FIRES).where(
+                    FIRES.c.schedule_id == schedule_id, FIRES.c.project_id == project_id
+                )
+            )
+        return True
+
+    # --- wakeups --------------------------------------------------------------
+
+    async def insert_wakeup(self, row: WakeupRow) -> None:
+        """Insert a new pending wakeup."""
+        async with self.write() as conn:
+            await conn.execute(WAKEUPS.insert().values(**row.model_dump()))
+
+    async def list_wakeups(
+        self,
+        project_id: str,
+        agent_id: str,
+        *,
+        user_id: str | None,
+        status: str | None,
+        limit: int,
+    ) -> list[WakeupRow]:
+        """The agent's wakeups, soonest first, optionally for one user or status."""
+        conds = [WAKEUPS.c.project_id == project_id, WAKEUPS.c.agent_id == agent_id]
+        if user_id is not None:
+            conds.append(WAKEUPS.c.user_id == user_id)
+        if status is not None:
+            conds.append(WAKEUPS.c.status == status)
+        stmt = (
+            select(WAKEUPS)
+            .where(*conds)
+            .order_by(WAKEUPS.c.scheduled_at, WAKEUPS.c.id)
+            .limit(limit)
+        )
+        async with self.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [WakeupRow(**r._mapping) for r in rows]
+
+    async def cancel_wakeup(
+        self, project_id: str, agent_id: str, wakeup_id: str, now: datetime
+    ) -> CancelOutcome:
+        """
+        Cancel a pending wakeup that no scheduler has claimed (an in-flight claim may
+        already have produced the message, so it counts as no longer pending).
+        """
+        owner = and_(
+            WAKEUPS.c.id == wakeup_id,
+            WAKEUPS.c.project_id == project_id,
+            WAKEUPS.c.agent_id == agent_id,
+        )
+        async with self.write() as conn:
+            result = await conn.execute(
+                update(WAKEUPS)
+                .where(
+                    owner,
+                    WAKEUPS.c.status == "pending",
+                    (WAKEUPS.c.claimed_until.is_(None)) | (WAKEUPS.c.claimed_until < now),
+                )
+                .values(status="cancelled", cancelled_at=now)
+            )
+            if result.rowcount:
+                return CancelOutcome.CANCELLED
+            exists = (await conn.execute(select(WAKEUPS.c.id).where(owner))).first()
+        return CancelOutcome.NOT_PENDING if exists else CancelOutcome.NOT_FOUND
+
+    # --- trigger events -------------------------------------------------------
+
+    async def insert_event(self, row: TriggerEventRow, outbox: Mapping[str, Any]) -> None:
+        """Insert the event and its ``event.accepted`` outbox message in one transaction."""
+        async with self.write() as conn:
+            await conn.execute(EVENTS.insert().values(**row.model_dump()))
+            await insert_outbox(conn, [outbox])
+
+    async def list_events(
+        self, project_id: str, agent_id: str, *, user_id: str | None, limit: int
+    ) -> list[TriggerEventRow]:
+        """The agent's trigger events, newest first."""
+        conds = [EVENTS.c.project_id == project_id, EVENTS.c.agent_id == agent_id]
+        if user_id is not None:
+            conds.append(EVENTS.c.user_id == user_id)
+        stmt = (
+            select(EVENTS)
+            .where(*conds)
+            .order_by(EVENTS.c.created_at.desc(), EVENTS.c.id.desc())
+            .limit(limit)
+        )
+        async with self.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [TriggerEventRow(**r._mapping) for r in rows]
+
+    # --- inventory ------------------------------------------------------------
+
+    async def insert_item(self, row: InventoryItemRow) -> None:
+        """Insert a new inventory item."""
+        async with self.write() as conn:
+            await conn.execute(INVENTORY.insert().values(**row.model_dump()))
+
+    async def get_item(
+        self, project_id: str, agent_id: str, user_id: str, item_id: str
+    ) -> InventoryItemRow | None:
+        """One item of the (agent, user) pair, or ``None``."""
+        stmt = select(INVENTORY).where(
+            INVENTORY.c.id == item_id,
+            INVENTORY.c.project_id == project_id,
+            INVENTORY.c.agent_id == agent_id,
+            INVENTORY.c.user_id == user_id,
+        )
+        async with self.read() as conn:
+            row = (await conn.execute(stmt)).one_or_none()
+        return None if row is None else InventoryItemRow(**row._mapping)
+
+    async def find_items(
+        self, project_id: str, agent_id: str, user_id: str, *, item_type: str | None
+    ) -> list[InventoryItemRow]:
+        """The pair's items, oldest first, optionally of one ``item_type``."""
+        conds = [
+            INVENTORY.c.project_id == project_id,
+            INVENTORY.c.agent_id == agent_id,
+            INVENTORY.c.user_id == user_id,
+        ]
+        if item_type is not None:
+            conds.append(INVENTORY.c.item_type == item_type)
+        stmt = select(INVENTORY).where(*conds).order_by(INVENTORY.c.created_at, INVENTORY.c.id)
+        async with self.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [InventoryItemRow(**r._mapping) for r in rows]
+
+    async def update_item(
+        self,
+        project_id: str,
+        agent_id: str,
+        user_id: str,
+        item_id: str,
+        *,
+        properties: Mapping[str, Any] | None,
+        fields: Mapping[str, Any],
+        now: datetime,
+    ) -> InventoryItemRow | None:
+        """
+        Merge ``properties`` into the item's (top-level keys replace) and set ``fields``.
+
+        The read and the write share one transaction, so two concurrent merges
+        both land.
+
+        Returns:
+            The updated item, or ``None`` when it does not exist in this pair.
+        """
+        owner = and_(
+            INVENTORY.c.id == item_id,
+            INVENTORY.c.project_id == project_id,
+            INVENTORY.c.agent_id == agent_id,
+            INVENTORY.c.user_id == user_id,
+        )
+        async with self.write() as conn:
+            row = (
+                await conn.execute(select(INVENTORY).where(owner).with_for_update())
+            ).one_or_none()
+            if row is None:
+                return None
+            item = InventoryItemRow(**row._mapping)
+            values: dict[str, Any] = {**fields, "updated_at": now}
+            if properties is not None:
+                merged = {**json.loads(item.properties_json), **properties}
+                values["properties_json"] = canonical_json(merged)
+            await conn.execute(update(INVENTORY).where(owner).values(**values))
+        return item.model_copy(update=values)
+
+    async def delete_item(self, project_id: str, agent_id: str, user_id: str, item_id: str) -> bool:
+        """Delete one item; schedules linked to it keep firing without it (seeds)."""
+        async with self.write() as conn:
+            result = await conn.execute(
+                delete(INVENTORY).where(
+                    INVENTORY.c.id == item_id,
+                    INVENTORY.c.project_id == project_id,
+                    INVENTORY.c.agent_id == agent_id,
+                    INVENTORY.c.user_id == user_id,
+                )
+            )
+        return bool(result.rowcount)
+
+    # --- notifications --------------------------------------------------------
+
+    async def list_queue(
+        self,
+        project_id: str,
+        agent_id: str,
+        *,
+        status: str,
+        user_id: str | None,
+        limit: int,
+    ) -> Sequence[RowMapping]:
+        """The agent's queue in one status, oldest first (a queue is read in order)."""
+        n = NOTIFICATIONS.c
+        conds = [n.project_id == project_id, n.agent_id == agent_id, n.status == status]
+        if user_id is not None:
+            conds.append(n.user_id == user_id)
+        stmt = select(*_QUEUE_COLUMNS).where(*conds).order_by(n.created_at, n.id).limit(limit)
+        async with self.read() as conn:
+            return (await conn.execute(stmt)).mappings().all()
+
+    async def notification_history(
+        self, project_id: str, agent_id: str, *, limit: int
+    ) -> Sequence[RowMapping]:
+        """Every notification of the agent, every status and user, newest first."""
+        n = NOTIFICATIONS.c
+        stmt = (
+            select(*_QUEUE_COLUMNS)
+            .where(n.project_id == project_id, n.agent_id == agent_id)
+            .order_by(n.created_at.desc(), n.id.desc())
+            .limit(limit)
+        )
+        async with self.read() as conn:
+            return (await conn.execute(stmt)).mappings().all()
+
+    async def consume_notification(
+        self, project_id: str, agent_id: str, message_id: str, now: datetime
+    ) -> ConsumeOutcome:
+        """
+        Mark a pending message consumed; consuming it again is a no-op (DESIGN decision 4).
+
+        Returns:
+            ``CONSUMED`` when this call changed it, ``ALREADY`` when it was
+            consumed before, ``NOT_PENDING`` for expired / failed ones,
+            ``NOT_FOUND`` for an unknown or foreign id.
+        """
+        n = NOTIFICATIONS.c
+        owner = and_(n.id == message_id, n.project_id == project_id, n.agent_id == agent_id)
+        async with self.write() as conn:
+            result = await conn.execute(
+                update(NOTIFICATIONS)
+                .where(owner, n.status == "pending")
+                .values(status="consumed", consumed_at=now)
+            )
+            if result.rowcount:
+                return ConsumeOutcome.CONSUMED
+            status = (await conn.execute(select(n.status).where(owner))).scalar_one_or_none()
+        if status is None:
+            return ConsumeOutcome.NOT_FOUND
+        return ConsumeOutcome.ALREADY if status == "consumed" else ConsumeOutcome.NOT_PENDING
+
+    async def list_project_notifications(
+        self,
+        project_id: str,
+        *,
+        agent_id: str | None,
+        event_type: str | None,
+        ack_status: str | None,
+        limit: int,
+    ) -> Sequence[RowMapping]:
+        """The project view, oldest first, optionally filtered."""
+        n = NOTIFICATIONS.c
+        conds = [n.project_id == project_id]
+        if agent_id is not None:
+            conds.append(n.agent_id == agent_id)
+        if event_type is not None:
+            conds.append(n.event_type == event_type)
+        if ack_status is not None:
+            conds.append(n.ack_status == ack_status)
+        stmt = (
+            select(
+                n.id,
+                n.project_id,
+                n.agent_id,
+                n.user_id,
+                n.event_type,
+                n.ack_status,
+                n.payload_json,
+                n.created_at,
+                n.acknowledged_at,
+            )
+            .where(*conds)
+            .order_by(n.created_at, n.id)
+            .limit(limit)
+        )
+        async with self.read() as conn:
+            return (await conn.execute(stmt)).mappings().all()
+
+    async def acknowledge(self, project_id: str, ids: Sequence[str], now: datetime) -> int:
+        """Acknowledge the listed pending notifications of the project; returns how many changed."""
+        if not ids:
+            return 0
+        n = NOTIFICATIONS.c
+        async with self.write() as conn:
+            result = await conn.execute(
+                update(NOTIFICATIONS)
+                .where(n.project_id == project_id, n.id.in_(list(ids)), n.ack_status == "pending")
+                .values(ack_status="acknowledged", acknowledged_at=now)
+            )
+        return int(result.rowcount or 0)
+
+    async def acknowledge_all(
+        self, project_id: str, *, agent_id: str | None, event_type: str | None, now: datetime
+    ) -> int:
+        """Acknowledge every pending notification matching the filters; returns the count."""
+        n = NOTIFICATIONS.c
+        conds = [n.project_id == project_id, n.ack_status == "pending"]
+        if agent_id is not None:
+            conds.append(n.agent_id == agent_id)
+        if event_type is not None:
+            conds.append(n.event_type == event_type)
+        async with self.write() as conn:
+            result = await conn.execute(
+                update(NOTIFICATIONS)
+                .where(*conds)
+                .values(ack_status="acknowledged", acknowledged_at=now)
+            )
+        return int(result.rowcount or 0)
+
+    # --- idempotency ----------------------------------------------------------
+
+    async def claim_idempotency_key(
+        self,
+        project_id: str,
+        route: str,
+        key: str,
+        request_hash: str,
+        *,
+        now: datetime,
+        ttl: timedelta,
+    ) -> IdempotencyClaim:
+        """
+        Reserve ``key`` for this request, or report the earlier use of it.
+
+        The reservation is a row with ``status_code = 0`` inserted with ON CONFLICT
+        DO NOTHING, so of two concurrent requests with one key exactly one gets
+        ``new`` (DESIGN decision 12). Expired records and reservations older than
+        :data:`IDEMPOTENCY_STALE` (their process died) are taken over.
+        """
+        i = IDEMPOTENCY.c
+        pk = and_(i.project_id == project_id, i.route == route, i.key == key)
+        reservation = {
+            "project_id": project_id,
+            "route": route,
+            "key": key,
+            "request_hash": request_hash,
+            "status_code": 0,
+            "response_body": "",
+            "created_at": now,
+            "expires_at": now + ttl,
+        }
+        async with self.write() as conn:
+            inserted = await insert_ignoring_duplicates(
+                conn, IDEMPOTENCY, [reservation], unique=["project_id", "route", "key"]
+            )
+            if inserted:
+                return IdempotencyClaim("new")
+            row = (await conn.execute(select(IDEMPOTENCY).where(pk))).one_or_none()
+            abandoned = row is not None and (
+                row.expires_at <= now
+                or (row.status_code == 0 and row.created_at <= now - IDEMPOTENCY_STALE)
+            )
+            if row is None or abandoned:
+                await conn.execute(delete(IDEMPOTENCY).where(pk))
+                await conn.execute(IDEMPOTENCY.insert().values(**reservation))
+                return IdempotencyClaim("new")
+        if row.request_hash != request_hash:
+            return IdempotencyClaim("mismatch")
+        if row.status_code == 0:
+            return IdempotencyClaim("in_progress")
+        return IdempotencyClaim("replay", row.status_code, row.response_body)
+
+    async def complete_idempotency_key(
+        self, project_id: str, route: str, key: str, status_code: int, body: str
+    ) -> None:
+        """Record the response of a reserved key, to be replayed until it expires."""
+        i = IDEMPOTENCY.c
+        async with self.write() as conn:
+            await conn.execute(
+                update(IDEMPOTENCY)
+                .where(i.project_id == project_id, i.route == route, i.key == key)
+                .values(status_code=status_code, response_body=body)
+            )
+
+    async def release_idempotency_key(self, project_id: str, route: str, key: str) -> None:
+        """Drop a reservation whose request failed with a 5xx, so a retry runs again."""
+        i = IDEMPOTENCY.c
+        async with self.write() as conn:
+            await conn.execute(
+                delete(IDEMPOTENCY).where(
+                    i.project_id == project_id, i.route == route, i.key == key, i.status_code == 0
+                )
+            )
+
+    async def purge_idempotency(self, now: datetime) -> int:
+        """Delete expired idempotency records; returns how many."""
+        async with self.write() as conn:
+            result = await conn.execute(delete(IDEMPOTENCY).where(IDEMPOTENCY.c.expires_at <= now))
+        return int(result.rowcount or 0)
+
+    # --- introspection (tests, health) ----------------------------------------
+
+    async def count(self, table: Table) -> int:
+        """Rows in ``table`` across all projects (tests assert that rejections write nothing)."""
+        async with self.read() as conn:
+            return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())
+
+
+_QUEUE_COLUMNS = (
+    NOTIFICATIONS.c.id,
+    NOTIFICATIONS.c.agent_id,
+    NOTIFICATIONS.c.user_id,
+    NOTIFICATIONS.c.check_type,
+    NOTIFICATIONS.c.generated_message,
+    NOTIFICATIONS.c.status,
+    NOTIFICATIONS.c.created_at,
+    NOTIFICATIONS.c.consumed_at,
+    NOTIFICATIONS.c.wakeup_id,
+    NOTIFICATIONS.c.source_type,
+    NOTIFICATIONS.c.intent,
+)

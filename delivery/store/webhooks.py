@@ -1,0 +1,631 @@
+"""
+Webhook persistence (issue 5): endpoints for the API, the durable delivery queue and the
+attempts log for the handlers. SQLAlchemy Core throughout, one transaction per call.
+
+Every API-facing method takes the caller's ``project_id`` and filters on it (DESIGN
+invariant 6). Secrets arrive and leave *sealed* (:class:`delivery.secrets.SecretBox`):
+this module never sees one in clear.
+
+Queue contract (what :class:`WebhookStore` guarantees the worker):
+
+- :meth:`WebhookStore.enqueue` is idempotent: one delivery per (notification, endpoint).
+- :meth:`WebhookStore.claim_due` hands each due delivery to one caller: ``FOR UPDATE
+  SKIP LOCKED`` on PostgreSQL, the single SQLite writer lock otherwise. A claim is a
+  lease: ``next_attempt_at`` moves to the lease's end, so a killed worker's delivery is
+  due again by itself (DESIGN invariant 3).
+- :meth:`WebhookStore.record_attempt` writes the attempt and the delivery's next state
+  in one transaction; on success it also consumes the notification (DESIGN decision 4).
+"""
+
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Table, and_, delete, func, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from delivery.store.bulk import insert_ignoring_duplicates
+from delivery.store.engine import is_sqlite
+from delivery.store.sql import NOTIFICATIONS, new_id
+from delivery.store.tables.webhooks import (
+    WebhookAttemptRow,
+    WebhookDeliveryRow,
+    WebhookEndpointRow,
+)
+
+ENDPOINTS: Table = WebhookEndpointRow.__table__  # type: ignore[attr-defined]
+DELIVERIES: Table = WebhookDeliveryRow.__table__  # type: ignore[attr-defined]
+ATTEMPTS: Table = WebhookAttemptRow.__table__  # type: ignore[attr-defined]
+
+PENDING = "pending"
+DELIVERED = "delivered"
+DEAD = "dead"
+SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertResult:
+    """What :meth:`WebhookStore.upsert_endpoint` did: ``created`` is a first registration."""
+
+    endpoint_id: str
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptPage:
+    """One page of attempts, newest first; ``next_cursor`` is ``None`` on the last page."""
+
+    rows: Sequence[RowMapping]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewNotification:
+    """The part of a ``notification.created`` message the queue needs."""
+
+    notification_id: str
+    project_id: str
+    event_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedDelivery:
+    """
+    A delivery handed to one worker, with everything needed to send it.
+
+    ``notification_status`` is read in the claiming transaction: anything but
+    ``pending`` means polling consumed it first (or it expired) and it is not sent.
+    Secrets are sealed; the worker opens them.
+    """
+
+    delivery_id: str
+    project_id: str
+    endpoint_id: str
+    event_id: str
+    event_type: str
+    attempt_number: int
+    """The number of the attempt about to be made (1-based)."""
+    url: str
+    secret_enc: str
+    previous_secret_enc: str | None
+    rotated_at: datetime | None
+    auth_header_enc: str | None
+    endpoint_active: bool
+    notification: RowMapping | None
+    """The notification row; ``None`` if it no longer exists."""
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """An attempt to store (the wire fields of CONTRACT 7 plus correlation ids)."""
+
+    attempt_id: str
+    attempt_number: int
+    event_id: str
+    webhook_url: str
+    status: str
+    response_code: int
+    duration_ms: int
+    created_at: datetime
+    request_body: str | None
+    response_body: str | None
+    error_message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NextState:
+    """
+    What becomes of a delivery after an attempt.
+
+    Exactly one of: ``delivered`` (consume the notification too), ``retry_at`` (stay
+    pending), or ``dead`` (give up; ``disable_reason`` also disables the endpoint).
+    """
+
+    delivered: bool = False
+    retry_at: datetime | None = None
+    dead: bool = False
+    reason: str | None = None
+    disable_reason: str | None = None
+
+
+_INSERT_CHUNK = 500
+"""Rows per multi-row INSERT: 500 x 16 columns stays far below SQLite's variable limit."""
+
+
+async def _insert_new(
+    conn: AsyncConnection, table: Table, rows: Sequence[Mapping[str, Any]], unique: list[str]
+) -> int:
+    """
+    Insert ``rows`` skipping conflicts on ``unique``; returns how many were new.
+
+    One multi-row ``INSERT ... VALUES`` per chunk rather than an executemany:
+    asyncpg reports ``rowcount = -1`` for an executemany, so the count would be lost
+    on PostgreSQL (``delivery.store.bulk.insert_ignoring_duplicates`` has that issue).
+    """
+    inserted = 0
+    for start in range(0, len(rows), _INSERT_CHUNK):
+        chunk = [dict(r) for r in rows[start : start + _INSERT_CHUNK]]
+        stmt: Any
+        if conn.dialect.name == "postgresql":
+            stmt = pg_insert(table).values(chunk).on_conflict_do_nothing(index_elements=unique)
+        else:
+            stmt = sqlite_insert(table).values(chunk).on_conflict_do_nothing(index_elements=unique)
+        result = await conn.execute(stmt)
+        inserted += int(result.rowcount or 0)
+    return inserted
+
+
+class WebhookStore:
+    """
+    Webhook tables over one engine; the engine's owner disposes of it.
+
+    Args:
+        engine: an engine on a migrated schema.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sqlite = is_sqlite(str(engine.url))
+
+    @property
+    def single_writer(self) -> bool:
+        """True on SQLite: one handlers process, so every claim left at start-up is stale."""
+        return self._sqlite
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        # BEGIN IMMEDIATE on SQLite: the lock is taken up front, so a read-then-write
+        # queues on busy_timeout instead of failing a lock upgrade (as SqlStore.write).
+        async with self.engine.connect() as conn:
+            if self._sqlite:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.rollback()
+                raise
+            await conn.commit()
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            yield conn
+
+    # --- endpoints (API) ------------------------------------------------------------
+
+    async def upsert_endpoint(
+        self,
+        project_id: str,
+        event_type: str,
+        *,
+        url: str,
+        auth_header_enc: str | None,
+        new_secret_enc: str,
+        now: datetime,
+    ) -> UpsertResult:
+        """
+        Register ``url`` for (project, event type), or replace the registered one.
+
+        A first registration stores ``new_secret_enc``; a re-registration keeps the
+        existing secret (it is shown once, CONTRACT 7), replaces ``url`` and
+        ``auth_header`` (PUT semantics: an absent header clears it) and re-enables an
+        endpoint a 410 disabled. Safe under concurrent first registrations.
+        """
+        e = ENDPOINTS.c
+        async with self._write() as conn:
+            endpoint_id = new_id("whk")
+            inserted = await insert_ignoring_duplicates(
+                conn,
+                ENDPOINTS,
+                [
+                    {
+                        "id": endpoint_id,
+                        "project_id": project_id,
+                        "event_type": event_type,
+                        "url": url,
+                        "secret_enc": new_secret_enc,
+                        "previous_secret_enc": None,
+                        "rotated_at": None,
+                        "auth_header_enc": auth_header_enc,
+                        "is_active": True,
+                        "disabled_reason": None,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                ],
+                unique=["project_id", "event_type"],
+            )
+            if inserted:
+                return UpsertResult(endpoint_id, created=True)
+            scope = and_(e.project_id == project_id, e.event_type == event_type)
+            await conn.execute(
+                update(ENDPOINTS)
+                .where(scope)
+                .values(
+                    url=url,
+                    auth_header_enc=auth_header_enc,
+                    is_active=True,
+                    disabled_reason=None,
+                    updated_at=now,
+                )
+            )
+            existing = (await conn.execute(select(e.id).where(scope))).scalar_one()
+        return UpsertResult(existing, created=False)
+
+    async def list_endpoints(self, project_id: str) -> Sequence[RowMapping]:
+        """The project's endpoints, by event type."""
+        e = ENDPOINTS.c
+        stmt = select(ENDPOINTS).where(e.project_id == project_id).order_by(e.event_type)
+        async with self._read() as conn:
+            return (await conn.execute(stmt)).mappings().all()
+
+    async def delete_endpoint(
+        self, project_id: str, event_type: str, *, now: datetime, reason: str
+    ) -> bool:
+        """
+        Remove the endpoint; its pending deliveries become ``dead`` with ``reason``
+        (their attempts stay visible). Returns False when nothing was registered.
+        """
+        e = ENDPOINTS.c
+        async with self._write() as conn:
+            endpoint_id = (
+                await conn.execute(
+                    select(e.id).where(e.project_id == project_id, e.event_type == event_type)
+                )
+            ).scalar_one_or_none()
+            if endpoint_id is None:
+                return False
+            await conn.execute(
+                update(DELIVERIES)
+                .where(DELIVERIES.c.endpoint_id == endpoint_id, DELIVERIES.c.status == PENDING)
+                .values(
+                    status=DEAD,
+                    next_attempt_at=None,
+                    claimed_by=None,
+                    last_error=reason,
+                    updated_at=now,
+                )
+            )
+            await conn.execute(delete(ENDPOINTS).where(e.id == endpoint_id))
+        return True
+
+    async def rotate_secret(
+        self, project_id: str, event_type: str, *, new_secret_enc: str, now: datetime
+    ) -> bool:
+        """
+        Make ``new_secret_enc`` current; the current one becomes the previous one, which
+        keeps signing for 24 h from ``now`` (issue 5). A second rotation inside that
+        window drops the oldest. Returns False when nothing was registered.
+        """
+        e = ENDPOINTS.c
+        async with self._write() as conn:
+            result = await conn.execute(
+                update(ENDPOINTS)
+                .where(e.project_id == project_id, e.event_type == event_type)
+                .values(
+                    previous_secret_enc=e.secret_enc,
+                    secret_enc=new_secret_enc,
+                    rotated_at=now,
+                    updated_at=now,
+                )
+            )
+        return bool(result.rowcount)
+
+    async def list_attempts(
+        self, project_id: str, event_type: str, *, page_size: int, cursor: int | None
+    ) -> AttemptPage:
+        """
+        Attempts for (project, event type), newest first, ``page_size`` at a time.
+
+        ``cursor`` is the ``seq`` of the last attempt of the previous page; the
+        next page starts strictly below it, so attempts recorded meanwhile never
+        shift a page.
+        """
+        a = ATTEMPTS.c
+        conds = [a.project_id == project_id, a.event_type == event_type]
+        if cursor is not None:
+            conds.append(a.seq < cursor)
+        stmt = select(ATTEMPTS).where(*conds).order_by(a.seq.desc()).limit(page_size + 1)
+        async with self._read() as conn:
+            rows = (await conn.execute(stmt)).mappings().all()
+        if len(rows) > page_size:
+            rows = rows[:page_size]
+            return AttemptPage(rows, next_cursor=str(rows[-1]["seq"]))
+        return AttemptPage(rows, next_cursor=None)
+
+    # --- the queue (worker) -----------------------------------------------------------
+
+    async def enqueue(self, items: Iterable[NewNotification], *, now: datetime) -> int:
+        """
+        Queue one delivery, due ``now``, per notification whose project has an active
+        endpoint for its event type. Repeats (a redelivered NATS message) are no-ops.
+
+        Returns:
+            How many deliveries were new.
+        """
+        wanted = list(items)
+        if not wanted:
+            return 0
+        e = ENDPOINTS.c
+        pairs = {(n.project_id, n.event_type) for n in wanted}
+        async with self._write() as conn:
+            found = (
+                await conn.execute(
+                    select(e.id, e.project_id, e.event_type).where(
+                        tuple_(e.project_id, e.event_type).in_(sorted(pairs)),
+                        e.is_active.is_(True),
+                    )
+                )
+            ).all()
+            endpoints = {(r.project_id, r.event_type): r.id for r in found}
+            rows: list[dict[str, Any]] = []
+            for n in wanted:
+                endpoint_id = endpoints.get((n.project_id, n.event_type))
+                if endpoint_id is None:
+                    continue
+                rows.append(
+                    {
+                        "id": new_id("whd"),
+                        "project_id": n.project_id,
+                        "endpoint_id": endpoint_id,
+                        "notification_id": n.notification_id,
+                        # DESIGN decision 3: the notification id is the event id, the
+                        # same on every attempt and after any restart.
+                        "event_id": n.notification_id,
+                        "event_type": n.event_type,
+                        "status": PENDING,
+                        "attempt_count": 0,
+                        "next_attempt_at": now,
+                        "claimed_by": None,
+                        "last_error": None,
+                        "delivered_at": None,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
+            return await _insert_new(conn, DELIVERIES, rows, ["notification_id", "endpoint_id"])
+
+    async def claim_due(
+        self,
+        *,
+        now: datetime,
+        limit: int,
+        lease: timedelta,
+        worker_id: str,
+        per_endpoint: int | None = None,
+        in_flight: Mapping[str, int] | None = None,
+    ) -> list[ClaimedDelivery]:
+        """
+        Claim up to ``limit`` pending deliveries due at ``now``, oldest due first.
+
+        Each claimed row's ``next_attempt_at`` becomes ``now + lease`` and
+        ``claimed_by`` ``worker_id``: if the worker dies, the row is due again when
+        the lease ends. The lease must outlast one attempt (the send timeout).
+
+        With ``per_endpoint``, an endpoint that already has that many deliveries in
+        flight (``in_flight``, by endpoint id) or claimed in this call gets no more:
+        a backlog for one slow receiver cannot fill the worker and starve the others
+        (issue 5, "they never block other deliveries"). Rows passed over stay due.
+        """
+        d = DELIVERIES.c
+        # Look further than ``limit`` when capping per endpoint, so the rows passed
+        # over for a saturated endpoint leave room for other endpoints' rows.
+        window = limit if per_endpoint is None else limit * 4
+        due = (
+            select(d.id, d.endpoint_id)
+            .where(d.status == PENDING, d.next_attempt_at <= now)
+            .order_by(d.next_attempt_at)
+            .limit(window)
+        )
+        if not self._sqlite:
+            due = due.with_for_update(skip_locked=True)
+        async with self._write() as conn:
+            candidates = (await conn.execute(due)).all()
+            ids: list[str] = []
+            taken: dict[str, int] = dict(in_flight or {})
+            for row in candidates:
+                if len(ids) >= limit:
+                    break
+                if per_endpoint is not None and taken.get(row.endpoint_id, 0) >= per_endpoint:
+                    continue
+                taken[row.endpoint_id] = taken.get(row.endpoint_id, 0) + 1
+                ids.append(row.id)
+            if not ids:
+                return []
+            await conn.execute(
+                update(DELIVERIES)
+                .where(d.id.in_(ids))
+                .values(next_attempt_at=now + lease, claimed_by=worker_id, updated_at=now)
+            )
+            e = ENDPOINTS.c
+            rows = (
+                await conn.execute(
+                    select(
+                        d.id,
+                        d.project_id,
+                        d.endpoint_id,
+                        d.event_id,
+                        d.event_type,
+                        d.attempt_count,
+                        d.notification_id,
+                        e.url,
+                        e.secret_enc,
+                        e.previous_secret_enc,
+                        e.rotated_at,
+                        e.auth_header_enc,
+                        e.is_active,
+                    )
+                    .select_from(DELIVERIES.outerjoin(ENDPOINTS, e.id == d.endpoint_id))
+                    .where(d.id.in_(ids))
+                    .order_by(d.next_attempt_at)
+                )
+            ).all()
+            notes = {
+                r["id"]: r
+                for r in (
+                    await conn.execute(
+                        select(NOTIFICATIONS).where(
+                            NOTIFICATIONS.c.id.in_([r.notification_id for r in rows])
+                        )
+                    )
+                )
+                .mappings()
+                .all()
+            }
+        return [
+            ClaimedDelivery(
+                delivery_id=r.id,
+                project_id=r.project_id,
+                endpoint_id=r.endpoint_id,
+                event_id=r.event_id,
+                event_type=r.event_type,
+                attempt_number=r.attempt_count + 1,
+                url=r.url or "",
+                secret_enc=r.secret_enc or "",
+                previous_secret_enc=r.previous_secret_enc,
+                rotated_at=r.rotated_at,
+                auth_header_enc=r.auth_header_enc,
+                endpoint_active=bool(r.is_active),
+                notification=notes.get(r.notification_id),
+            )
+            for r in rows
+        ]
+
+    async def finish_without_attempt(
+        self, delivery_id: str, *, status: str, reason: str, now: datetime
+    ) -> None:
+        """
+        Close a claimed delivery that is not sent: ``skipped`` (consumed by polling
+        first, DESIGN decision 4) or ``dead`` (endpoint disabled or deleted).
+        """
+        d = DELIVERIES.c
+        async with self._write() as conn:
+            await conn.execute(
+                update(DELIVERIES)
+                .where(d.id == delivery_id, d.status == PENDING)
+                .values(
+                    status=status,
+                    next_attempt_at=None,
+                    claimed_by=None,
+                    last_error=reason,
+                    updated_at=now,
+                )
+            )
+
+    async def postpone(self, delivery_id: str, *, at: datetime, now: datetime) -> None:
+        """Release a claimed delivery until ``at`` without counting an attempt."""
+        d = DELIVERIES.c
+        async with self._write() as conn:
+            await conn.execute(
+                update(DELIVERIES)
+                .where(d.id == delivery_id, d.status == PENDING)
+                .values(next_attempt_at=at, claimed_by=None, updated_at=now)
+            )
+
+    async def record_attempt(
+        self,
+        claimed: ClaimedDelivery,
+        attempt: AttemptRecord,
+        step: NextState,
+        *,
+        now: datetime,
+    ) -> None:
+        """
+        Store ``attempt`` and apply ``step`` in one transaction.
+
+        ``delivered`` also consumes the notification (status ``consumed``,
+        ``consumed_at`` = ``now``) if it is still pending: a webhook 2xx and a
+        polling consume are one state (DESIGN decision 4). ``disable_reason``
+        deactivates the endpoint (410 Gone).
+        """
+        d = DELIVERIES.c
+        values: dict[str, Any] = {
+            "attempt_count": attempt.attempt_number,
+            "claimed_by": None,
+            "updated_at": now,
+        }
+        if step.delivered:
+            values |= {"status": DELIVERED, "next_attempt_at": None, "delivered_at": now}
+            values["last_error"] = None
+        elif step.retry_at is not None:
+            values |= {"next_attempt_at": step.retry_at, "last_error": step.reason}
+        else:
+            values |= {"status": DEAD, "next_attempt_at": None, "last_error": step.reason}
+        async with self._write() as conn:
+            await conn.execute(
+                ATTEMPTS.insert().values(
+                    id=attempt.attempt_id,
+                    delivery_id=claimed.delivery_id,
+                    project_id=claimed.project_id,
+                    event_type=claimed.event_type,
+                    event_id=attempt.event_id,
+                    attempt_number=attempt.attempt_number,
+                    webhook_url=attempt.webhook_url,
+                    status=attempt.status,
+                    response_code=attempt.response_code,
+                    duration_ms=attempt.duration_ms,
+                    request_body=attempt.request_body,
+                    response_body=attempt.response_body,
+                    error_message=attempt.error_message,
+                    created_at=attempt.created_at,
+                )
+            )
+            await conn.execute(
+                update(DELIVERIES)
+                .where(d.id == claimed.delivery_id, d.status == PENDING)
+                .values(**values)
+            )
+            if step.delivered:
+                n = NOTIFICATIONS.c
+                await conn.execute(
+                    update(NOTIFICATIONS)
+                    .where(n.id == claimed.event_id, n.status == "pending")
+                    .values(status="consumed", consumed_at=now)
+                )
+            if step.disable_reason is not None:
+                await conn.execute(
+                    update(ENDPOINTS)
+                    .where(ENDPOINTS.c.id == claimed.endpoint_id)
+                    .values(is_active=False, disabled_reason=step.disable_reason, updated_at=now)
+                )
+
+    async def release_claims(self, *, now: datetime, worker_id: str | None = None) -> int:
+        """
+        Make claimed deliveries due ``now``: those of ``worker_id``, or every claim
+        when ``None`` (SQLite start-up: one handlers process, so any claim left is a
+        killed one's, as the scheduler does with its claims).
+        """
+        d = DELIVERIES.c
+        conds = [d.status == PENDING, d.claimed_by.is_not(None)]
+        if worker_id is not None:
+            conds.append(d.claimed_by == worker_id)
+        async with self._write() as conn:
+            result = await conn.execute(
+                update(DELIVERIES)
+                .where(*conds)
+                .values(next_attempt_at=now, claimed_by=None, updated_at=now)
+            )
+        return int(result.rowcount or 0)
+
+    async def next_due(self) -> datetime | None:
+        """When the earliest pending delivery is due (the sweep loop sleeps until then)."""
+        d = DELIVERIES.c
+        async with self._read() as conn:
+            value: datetime | None = (
+                await conn.execute(select(func.min(d.next_attempt_at)).where(d.status == PENDING))
+            ).scalar_one_or_none()
+        return value
+
+    async def deliveries(self, *, project_id: str | None = None) -> Sequence[RowMapping]:
+        """Every delivery row (optionally one project's), oldest first: operators and tests."""
+        d = DELIVERIES.c
+        stmt = select(DELIVERIES).order_by(d.created_at, d.id)
+        if project_id is not None:
+            stmt = stmt.where(d.project_id == project_id)
+        async with self._read() as conn:
+            return (await conn.execute(stmt)).mappings().all()

@@ -1,0 +1,285 @@
+"""
+Email over SMTP with aiosmtplib: one ``multipart/alternative`` message (plain text and
+escaped HTML) per send, on its own connection.
+
+References: RFC 5321 (SMTP reply codes: 4yz transient, 5yz permanent, section 4.2.1),
+RFC 3463 (enhanced status codes: ``5.1.x`` is a bad destination address), RFC 5322
+(headers, ``Message-ID`` syntax, section 3.6.4), RFC 3834 (``Auto-Submitted``),
+RFC 3207 (STARTTLS) and RFC 8314 (implicit TLS on port 465).
+
+Channel contract: :meth:`SmtpChannel.send` never raises for server or network trouble.
+"""
+
+import html
+import re
+import ssl
+from email.message import EmailMessage
+from email.utils import format_datetime, parseaddr
+from enum import StrEnum
+from typing import Final, Self
+
+import aiosmtplib
+import structlog
+
+from delivery.clock import Clock
+from delivery.settings import Settings
+from handlers.base import Delivered, Failed, Message, Outcome, Retry
+from handlers.contacts import ContactKind, redact
+
+log = structlog.get_logger(__name__)
+
+#: The subject is the first line of the message, cut to this many characters, unless
+#: the payload names one; 78 is RFC 5322's recommended line length (section 2.1.1).
+SUBJECT_MAX: Final = 78
+# RFC 3463 section 3.2: X.1.XXX is "Addressing Status" (bad mailbox, bad domain, bad
+# syntax, null MX ...). Only a permanent one of those condemns the address; a 550 for
+# policy or spam reasons does not.
+_BAD_ADDRESS = re.compile(r"\b5\.1\.\d{1,3}\b")
+# RFC 5322 section 3.2.3 atext minus "=" (our escape character) and "/" (some
+# archives use Message-IDs as file names).
+_MSG_ID_SAFE = re.compile(r"[A-Za-z0-9!#$%&'*+?^_`{|}~\-]")
+
+
+class SmtpSecurity(StrEnum):
+    """How the connection is protected (settings ``smtp_security``)."""
+
+    STARTTLS = "starttls"  # plain connect, then STARTTLS, which must succeed (RFC 3207)
+    TLS = "tls"  # TLS from the first byte, usually port 465 (RFC 8314)
+    PLAIN = "plain"  # no TLS at all: local relays and tests only
+
+
+def message_id_for(event_id: str, domain: str) -> str:
+    """
+    The ``Message-ID`` for an event (pure): the same event always gets the same id.
+
+    Retries and redeliveries of one event therefore carry one Message-ID, which mail
+    stores and clients use to recognise duplicates. Characters outside RFC 5322 atext
+    are escaped as ``=XX`` (hex of each UTF-8 byte), so distinct event ids never
+    collide.
+    """
+    escaped = "".join(
+        ch if _MSG_ID_SAFE.fullmatch(ch) else "".join(f"={b:02X}" for b in ch.encode())
+        for ch in event_id
+    )
+    return f"<{escaped}@{domain}>"
+
+
+def subject_for(message: Message) -> str:
+    """
+    A subject line (pure): ``payload["subject"]`` or ``payload["title"]`` when a string,
+    else the message's first line cut to :data:`SUBJECT_MAX` characters with "…".
+    """
+    for key in ("subject", "title"):
+        value = message.payload.get(key)
+        if isinstance(value, str) and value.strip():
+            return " ".join(value.split())
+    first = " ".join(message.generated_message.strip().splitlines()[:1]).strip()
+    if not first:
+        return "New message"
+    if len(first) <= SUBJECT_MAX:
+        return first
+    return first[: SUBJECT_MAX - 1].rstrip() + "…"
+
+
+def build_email(
+    message: Message, *, sender: str, recipient: str, date: str, html_title: str = ""
+) -> EmailMessage:
+    """
+    The MIME message for ``message`` (pure given its inputs).
+
+    ``multipart/alternative`` with a ``text/plain`` part (the generated message as is)
+    and a ``text/html`` part in which the message is HTML-escaped, so a message that
+    contains markup can never inject any. ``Auto-Submitted: auto-generated`` (RFC 3834)
+    keeps vacation responders quiet; ``X-Delivery-Event-Id`` carries the event id in
+    clear for support staff.
+    """
+    subject = subject_for(message)
+    mail = EmailMessage()
+    mail["From"] = sender
+    mail["To"] = recipient
+    mail["Subject"] = subject
+    mail["Date"] = date
+    # The sender's domain names the Message-ID (RFC 5322 3.6.4: id-right is a domain we own).
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "localhost"
+    mail["Message-ID"] = message_id_for(message.event_id, domain)
+    mail["Auto-Submitted"] = "auto-generated"
+    mail["X-Delivery-Event-Id"] = message.event_id
+    mail.set_content(message.generated_message)
+    paragraphs = "".join(
+        f"<p>{html.escape(p).replace(chr(10), '<br>')}</p>"
+        for p in re.split(r"\n\s*\n", message.generated_message.strip())
+        if p
+    )
+    title = html.escape(html_title or subject)
+    mail.add_alternative(
+        '<!DOCTYPE html><html><head><meta charset="utf-8">'
+        f"<title>{title}</title></head><body>{paragraphs}</body></html>",
+        subtype="html",
+    )
+    return mail
+
+
+def classify_smtp_error(exc: Exception) -> Retry | Failed:
+    """
+    Map an aiosmtplib error to an outcome (pure), per RFC 5321 section 4.2.1.
+
+    * A reply code 4yz, a timeout, a refused or dropped connection -> ``Retry``.
+    * A reply code 5yz -> ``Failed``; when the recipient was refused with an RFC 3463
+      ``5.1.x`` addressing status (no such mailbox or domain) the address is dead ->
+      ``disable_destination=True``.
+    * A missing capability (no STARTTLS when it is required, no AUTH) -> ``Failed``: a
+      configuration problem, which retrying does not fix (and STARTTLS is never
+      silently skipped).
+    """
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        # Single-recipient sends raise SMTPRecipientRefused, but be exhaustive.
+        exc = exc.recipients[0] if exc.recipients else aiosmtplib.SMTPException(str(exc))
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        reason = f"smtp {exc.code}: {exc.message}"
+        if 400 <= exc.code < 500:
+            return Retry(reason, exc.code)
+        dead = isinstance(exc, aiosmtplib.SMTPRecipientRefused) and bool(
+            _BAD_ADDRESS.search(exc.message)
+        )
+        if 500 <= exc.code < 600:
+            return Failed(reason, exc.code, disable_destination=dead)
+        return Retry(reason, exc.code)
+    if isinstance(
+        exc,
+        aiosmtplib.SMTPServerDisconnected
+        | aiosmtplib.SMTPConnectError
+        | aiosmtplib.SMTPTimeoutError,
+    ):
+        return Retry(f"smtp unreachable: {exc!r}")
+    if isinstance(exc, aiosmtplib.SMTPException):
+        # SMTPNotSupported and aiosmtplib's bare SMTPException ("STARTTLS extension not
+        # supported by server", "No recipients") are protocol or configuration problems.
+        return Failed(f"smtp server cannot do what we need: {exc.message}")
+    # Refused connections, resets and TLS handshake errors (ssl.SSLError is an OSError).
+    return Retry(f"smtp unreachable: {exc!r}")
+
+
+class SmtpChannel:
+    """
+    :class:`~handlers.base.Channel` for email addresses (``ContactKind.EMAIL``).
+
+    Each send opens, uses and closes one connection, so a dead connection never leaks
+    into the next send and concurrent sends need no locking. Relays that matter for
+    throughput should sit close to the daemon.
+
+    Args:
+        host: SMTP server.
+        port: its port (587 for STARTTLS, 465 for TLS, 25 for plain relays).
+        sender: the ``From`` header, ``addr`` or ``Name <addr>``; ``addr`` is also the
+            envelope sender and its domain names the ``Message-ID``.
+        clock: for the ``Date`` header.
+        security: see :class:`SmtpSecurity`.
+        username: when set, AUTH with ``password`` after TLS is up.
+        password: the AUTH password.
+        timeout_s: per-operation timeout handed to aiosmtplib.
+        tls_context: certificates to trust (tests pass a context that trusts their
+            self-signed certificate); ``None`` uses the system store.
+
+    Raises:
+        ValueError: ``sender`` holds no address.
+    """
+
+    kind: Final = ContactKind.EMAIL
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        sender: str,
+        *,
+        clock: Clock,
+        security: SmtpSecurity = SmtpSecurity.STARTTLS,
+        username: str = "",
+        password: str = "",
+        timeout_s: float = 30.0,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        address = parseaddr(sender)[1]
+        if "@" not in address:
+            raise ValueError(f"SMTP sender must be an address or 'Name <address>'; got {sender!r}")
+        self._host = host
+        self._port = port
+        self._sender = sender
+        self._sender_address = address
+        self._clock = clock
+        self._security = SmtpSecurity(security)
+        self._username = username or None
+        self._password = password if username else None
+        self._timeout_s = timeout_s
+        self._tls_context = tls_context
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, clock: Clock, tls_context: ssl.SSLContext | None = None
+    ) -> Self:
+        """
+        Build from ``DELIVERY_SMTP_*`` settings.
+
+        Raises:
+            ValueError: ``smtp_host`` or ``smtp_from`` is unset or not an address, or
+                ``smtp_security`` is not ``starttls``, ``tls`` or ``plain``.
+        """
+        if not settings.smtp_host or not settings.smtp_from:
+            raise ValueError("DELIVERY_SMTP_HOST and DELIVERY_SMTP_FROM must be set")
+        try:
+            security = SmtpSecurity(settings.smtp_security)
+        except ValueError:
+            raise ValueError(
+                "DELIVERY_SMTP_SECURITY must be starttls, tls or plain; "
+                f"got {settings.smtp_security!r}"
+            ) from None
+        return cls(
+            settings.smtp_host,
+            settings.smtp_port,
+            settings.smtp_from,
+            clock=clock,
+            security=security,
+            username=settings.smtp_username,
+            password=settings.smtp_password.get_secret_value() if settings.smtp_password else "",
+            tls_context=tls_context,
+        )
+
+    async def send(self, message: Message, destination: str) -> Outcome:
+        """
+        Mail ``message`` to ``destination`` (a normalised address).
+
+        Returns ``Delivered(250)`` once the server accepted the DATA. Never raises for
+        SMTP or network errors.
+        """
+        mail = build_email(
+            message,
+            sender=self._sender,
+            recipient=destination,
+            date=format_datetime(self._clock.now()),
+        )
+        bound = log.bind(event_id=message.event_id, to=redact(self.kind, destination))
+        try:
+            _, reply = await aiosmtplib.send(
+                mail,
+                sender=self._sender_address,
+                recipients=[destination],
+                hostname=self._host,
+                port=self._port,
+                username=self._username,
+                password=self._password,
+                use_tls=self._security is SmtpSecurity.TLS,
+                # True makes STARTTLS mandatory: never fall back to clear text.
+                start_tls=self._security is SmtpSecurity.STARTTLS,
+                tls_context=self._tls_context,
+                timeout=self._timeout_s,
+            )
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            outcome = classify_smtp_error(exc)
+            bound.warning(
+                "email.send.failed",
+                outcome=type(outcome).__name__,
+                status_code=outcome.status_code,
+                reason=outcome.reason,
+            )
+            return outcome
+        return Delivered(250, reply)

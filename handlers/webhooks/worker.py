@@ -1,0 +1,510 @@
+"""
+The webhook delivery worker (issue 5 "Delivery"): JetStream in, durable retry queue in
+the database, signed POSTs out.
+
+Two halves, both restartable at any instant (DESIGN invariant 3):
+
+1. **Enqueue.** A durable JetStream pull consumer (``webhooks``, shared by every
+   handlers replica) reads ``<prefix>.notification.created`` and inserts one
+   ``webhook_deliveries`` row per notification whose project has an active endpoint
+   for its event type, then acks. A crash before the ack redelivers the message and
+   the unique (notification, endpoint) absorbs it.
+2. **Sweep.** A loop claims due deliveries (a lease; ``SKIP LOCKED`` on PostgreSQL),
+   sends each with :class:`~handlers.webhooks.sender.WebhookChannel` as its own task
+   (a slow endpoint never blocks the others), and records every attempt with the
+   delivery's next state in one transaction: a 2xx consumes the notification (DESIGN
+   decision 4), a failure is rescheduled by :func:`handlers.retry.plan_next`
+   (``Retry-After`` honoured), a 410 disables the endpoint, the last failure
+   dead-letters. A notification consumed by polling first is ``skipped``, not sent.
+
+:meth:`WebhookWorker.sweep` is the bounded mode (STYLE 3): one claim-and-send pass at
+the clock's "now", returning what it did, so tests drive retries with a ``ManualClock``.
+"""
+
+import asyncio
+import json
+import random
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import Annotated, Any
+
+import structlog
+from faststream import AckPolicy, Context, StreamMessage
+from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
+from faststream.nats.message import NatsBatchMessage
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from delivery.clock import Clock
+from delivery.dispatcher.messages import NotificationCreated
+from delivery.dispatcher.subjects import Subjects
+from delivery.outbox import ensure_stream
+from delivery.secrets import SecretBox, SecretDecryptError
+from delivery.settings import Settings
+from delivery.store.webhooks import (
+    DEAD,
+    SKIPPED,
+    AttemptRecord,
+    ClaimedDelivery,
+    NewNotification,
+    NextState,
+    WebhookStore,
+)
+from handlers.base import Message
+from handlers.retry import DeadLetter, Done, Rand, RetryAt, plan_next
+from handlers.webhooks.sender import WebhookChannel, WebhookEndpoint
+from handlers.webhooks.signing import active_secrets
+
+log = structlog.get_logger(__name__)
+
+DURABLE = "webhooks"
+"""The JetStream durable consumer every handlers replica shares."""
+ACK_WAIT_S = 60.0
+"""Enqueueing a batch is one transaction; a minute is generous."""
+NAK_DELAY_S = 5.0
+"""Back-off before JetStream redelivers a batch whose enqueue failed (database down)."""
+BATCH = 256
+"""Pull size and claim size."""
+BATCH_WAIT_S = 0.1
+"""How long a pull waits to fill a batch: the latency floor of a lone message."""
+LEASE_MARGIN = timedelta(seconds=60)
+"""A claim outlives the send timeout by this much before another worker may retake it."""
+UNREADABLE_SECRET_DELAY = timedelta(minutes=5)
+"""A secret that does not decrypt (wrong ``DELIVERY_SECRET_KEY``) waits for the operator."""
+
+
+@dataclass(slots=True)
+class SweepResult:
+    """What one :meth:`WebhookWorker.sweep` did."""
+
+    claimed: int = 0
+    delivered: int = 0
+    retried: int = 0
+    dead: int = 0
+    skipped: int = 0
+    errors: int = 0
+
+
+async def _no_decode(message: StreamMessage[Any]) -> None:
+    """Skip FastStream's decoding: each raw message is validated (and a poison one
+    terminated) in the handler, as the dispatcher does."""
+    return None
+
+
+def _message(claimed: ClaimedDelivery) -> Message:
+    note = claimed.notification
+    assert note is not None  # noqa: S101 - callers check first
+    payload: dict[str, Any] = json.loads(note["payload_json"] or "{}")
+    return Message(
+        event_id=claimed.event_id,
+        event_type=claimed.event_type,
+        project_id=claimed.project_id,
+        agent_id=note["agent_id"],
+        user_id=note["user_id"],
+        message_id=note["id"],
+        check_type=note["check_type"],
+        intent=note["intent"],
+        generated_message=note["generated_message"],
+        created_at=note["created_at"],
+        payload=payload,
+    )
+
+
+class WebhookWorker:
+    """
+    Consumes ``notification.created``, keeps the delivery queue, sends and retries.
+
+    Args:
+        settings: subject prefix, ``webhook_*`` and the secret key are read.
+        engine: the store's engine (schema migrated); not disposed of here.
+        clock: "now" for claims, retries, signatures and attempt times.
+        nats_url: the JetStream server; ``None`` runs the sweep loop only (enqueue
+            then happens through :meth:`enqueue`, e.g. in tests).
+        channel: the sender; built from ``settings`` when omitted (and then closed
+            by :meth:`stop`).
+        box: opens sealed secrets; built from ``settings`` on :meth:`start` (or first
+            use) when omitted.
+        lease: how long a claim lasts; default send timeout + 60 s.
+        batch: pull size and claim size.
+        poll_interval: the sweep loop's longest sleep when nothing woke it.
+        rand: jitter source for :func:`handlers.retry.plan_next`.
+        worker_id: the claim owner's name (random by default).
+        on_finished: called after each claimed delivery is settled, with the
+            :class:`ClaimedDelivery` and its outcome (``delivered``, ``retry``,
+            ``dead``, ``skipped``): metrics, and tests waiting on an event.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        *,
+        clock: Clock,
+        nats_url: str | None = None,
+        channel: WebhookChannel | None = None,
+        box: SecretBox | None = None,
+        lease: timedelta | None = None,
+        batch: int = BATCH,
+        poll_interval: timedelta | None = None,
+        rand: Rand = random.random,
+        worker_id: str | None = None,
+        on_finished: Callable[[ClaimedDelivery, str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = WebhookStore(engine)
+        self.clock = clock
+        self.nats_url = nats_url
+        self.subjects = Subjects(settings.subject_prefix)
+        self._own_channel = channel is None
+        self._channel = channel
+        self._box = box
+        self.lease = lease or timedelta(seconds=settings.webhook_timeout_s) + LEASE_MARGIN
+        self.batch = batch
+        self.poll_interval_s = (
+            poll_interval.total_seconds() if poll_interval else settings.tick_interval_s
+        )
+        self._rand = rand
+        self.worker_id = worker_id or f"whw_{secrets.token_hex(6)}"
+        # The loop keeps up to twice the channel's global bound claimed, so the channel
+        # always has work queued; per endpoint it claims no more than the channel sends
+        # at once to one origin, so a slow receiver's backlog stays in the database.
+        self._max_in_flight = 2 * settings.webhook_max_in_flight
+        self._per_endpoint = settings.webhook_per_endpoint
+        self._endpoint_load: dict[str, int] = {}
+        self._broker: NatsBroker | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._log = log.bind(worker_id=self.worker_id)
+        self._on_finished = on_finished
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, engine: AsyncEngine, *, nats_url: str | None, clock: Clock
+    ) -> "WebhookWorker":
+        """The worker as the handlers process runs it (``handlers.runner``)."""
+        return cls(settings, engine, clock=clock, nats_url=nats_url)
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    async def _ensure_parts(self) -> tuple[SecretBox, WebhookChannel]:
+        if self._box is None:
+            self._box = await asyncio.to_thread(SecretBox.from_settings, self.settings)
+        if self._channel is None:
+            self._channel = WebhookChannel.from_settings(self.settings, clock=self.clock)
+        return self._box, self._channel
+
+    async def start(self) -> None:
+        """
+        Release this deployment's stale claims (SQLite only: one handlers process, so
+        any claim left is a killed process's), start the consumer and the sweep loop.
+
+        The secret box and the channel are built on the first delivery, so a process
+        with no webhooks never creates ``data_dir/secret.key``.
+        """
+        if self.store.single_writer:
+            released = await self.store.release_claims(now=self.clock.now())
+            if released:
+                self._log.info("webhook.claims_released", count=released)
+        if self.nats_url is not None:
+            self._broker = self._build_broker(self.nats_url)
+            await self._broker.connect()
+            await ensure_stream(self._broker.config.connection_state.stream, self.subjects)
+            await self._broker.start()
+        self._stopping = False
+        self._loop_task = asyncio.create_task(self._sweep_loop(), name="webhook-sweep")
+        self._log.info("webhook.worker_started", consumer=self.nats_url is not None)
+
+    async def stop(self, *, grace: timedelta = timedelta(seconds=10)) -> None:
+        """
+        Stop consuming and claiming, give in-flight sends ``grace`` to finish, then
+        cancel the rest (their claims expire or are released at the next start) and
+        close the channel if it is ours.
+        """
+        self._stopping = True
+        self._wakeup.set()
+        if self._broker is not None:
+            await self._broker.stop()
+            self._broker = None
+        if self._loop_task is not None:
+            await self._loop_task
+            self._loop_task = None
+        if self._tasks:
+            _done, pending = await asyncio.wait(self._tasks, timeout=grace.total_seconds())
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if not self.store.single_writer:
+            await self.store.release_claims(now=self.clock.now(), worker_id=self.worker_id)
+        if self._own_channel and self._channel is not None:
+            await self._channel.aclose()
+            self._channel = None
+        self._log.info("webhook.worker_stopped")
+
+    def wake(self) -> None:
+        """Claim now instead of at the next poll (new deliveries were queued)."""
+        self._wakeup.set()
+
+    # --- enqueue ------------------------------------------------------------------
+
+    def _build_broker(self, url: str) -> NatsBroker:
+        # logger=None: every line we log goes through structlog with ids bound.
+        broker = NatsBroker(url, graceful_timeout=30.0, logger=None)
+
+        async def handle(
+            body: Any, message: Annotated[NatsBatchMessage, Context("message")]
+        ) -> None:
+            await self.handle_batch(message.raw_message)
+
+        broker.subscriber(
+            self.subjects.notification_created,
+            stream=JStream(self.subjects.stream, declare=False),
+            durable=DURABLE,
+            config=ConsumerConfig(ack_wait=ACK_WAIT_S, max_ack_pending=4 * self.batch),
+            pull_sub=PullSub(batch_size=self.batch, timeout=BATCH_WAIT_S, batch=True),
+            ack_policy=AckPolicy.MANUAL,
+            decoder=_no_decode,
+        )(handle)
+        return broker
+
+    async def handle_batch(self, raws: Sequence[Msg]) -> int:
+        """
+        Decode, enqueue, ack (the subscriber; errors stop here: a process edge).
+
+        Returns:
+            How many deliveries were queued.
+        """
+        items: list[NewNotification] = []
+        good: list[Msg] = []
+        for raw in raws:
+            try:
+                created = NotificationCreated.model_validate_json(raw.data)
+            except (ValueError, ValidationError) as exc:
+                self._log.error("webhook.undecodable", subject=raw.subject, error=str(exc))
+                await raw.term()
+                continue
+            items.append(
+                NewNotification(created.notification_id, created.project_id, created.event_type)
+            )
+            good.append(raw)
+        try:
+            queued = await self.enqueue(items)
+        except Exception:
+            self._log.exception(
+                "webhook.enqueue_failed",
+                notification_ids=[i.notification_id for i in items],
+                nak_delay_s=NAK_DELAY_S,
+            )
+            for raw in good:
+                await raw.nak(delay=NAK_DELAY_S)
+            return 0
+        # Ack only after the queue rows committed (DESIGN invariant 3).
+        for raw in good:
+            await raw.ack()
+        return queued
+
+    async def enqueue(self, items: Sequence[NewNotification | NotificationCreated]) -> int:
+        """
+        Queue a delivery, due now, for each notification with an active endpoint;
+        repeats are no-ops. Wakes the sweep loop when something was queued.
+        """
+        wanted = [
+            i
+            if isinstance(i, NewNotification)
+            else NewNotification(i.notification_id, i.project_id, i.event_type)
+            for i in items
+        ]
+        queued = await self.store.enqueue(wanted, now=self.clock.now())
+        if queued:
+            self._log.debug("webhook.enqueued", count=queued, received=len(wanted))
+            self.wake()
+        return queued
+
+    # --- sweep --------------------------------------------------------------------
+
+    async def sweep(self, *, limit: int | None = None) -> SweepResult:
+        """
+        Bounded mode: claim what is due at ``clock.now()`` (up to ``limit``, default
+        the batch size), make one attempt each concurrently, wait for all of them.
+        """
+        claimed = await self.store.claim_due(
+            now=self.clock.now(),
+            limit=limit or self.batch,
+            lease=self.lease,
+            worker_id=self.worker_id,
+        )
+        result = SweepResult(claimed=len(claimed))
+        await asyncio.gather(*(self._process(c, result) for c in claimed))
+        return result
+
+    async def _sweep_loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            self._wakeup.clear()
+            free = self._max_in_flight - len(self._tasks)
+            claimed: list[ClaimedDelivery] = []
+            if free > 0:
+                try:
+                    claimed = await self.store.claim_due(
+                        now=self.clock.now(),
+                        limit=min(self.batch, free),
+                        lease=self.lease,
+                        worker_id=self.worker_id,
+                        per_endpoint=self._per_endpoint,
+                        in_flight=self._endpoint_load,
+                    )
+                    failures = 0
+                except Exception:
+                    failures += 1
+                    delay = min(30.0, 0.5 * 2**failures)
+                    self._log.exception("webhook.claim_failed", failures=failures, retry_in_s=delay)
+                    await self._sleep(delay)
+                    continue
+                for c in claimed:
+                    self._endpoint_load[c.endpoint_id] = (
+                        self._endpoint_load.get(c.endpoint_id, 0) + 1
+                    )
+                    task = asyncio.create_task(self._process(c, SweepResult()))
+                    self._tasks.add(task)
+                    task.add_done_callback(partial(self._task_done, c.endpoint_id))
+            if claimed and len(claimed) == min(self.batch, free):
+                continue  # a full batch: there may be more due right now
+            await self._sleep(self.poll_interval_s)
+
+    def _task_done(self, endpoint_id: str, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        load = self._endpoint_load.get(endpoint_id, 0) - 1
+        if load > 0:
+            self._endpoint_load[endpoint_id] = load
+        else:
+            self._endpoint_load.pop(endpoint_id, None)
+        # A freed slot (overall, or for a saturated endpoint) may let a claim proceed.
+        if len(self._tasks) == self._max_in_flight - 1 or load == self._per_endpoint - 1:
+            self._wakeup.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout=seconds)
+        except TimeoutError:
+            return
+
+    async def _process(self, claimed: ClaimedDelivery, result: SweepResult) -> None:
+        """One claimed delivery: skip, or attempt and record. Never raises."""
+        bound = self._log.bind(
+            delivery_id=claimed.delivery_id,
+            event_id=claimed.event_id,
+            event_type=claimed.event_type,
+            project_id=claimed.project_id,
+            attempt_number=claimed.attempt_number,
+        )
+        try:
+            await self._attempt(claimed, result, bound)
+        except Exception:
+            # A process edge: the claim's lease makes the delivery due again, so an
+            # unexpected error (database blip) delays it instead of losing it.
+            result.errors += 1
+            bound.exception("webhook.process_failed", lease_s=self.lease.total_seconds())
+
+    async def _attempt(self, claimed: ClaimedDelivery, result: SweepResult, bound: Any) -> None:
+        box, channel = await self._ensure_parts()
+        now = self.clock.now()
+        note = claimed.notification
+        if note is None or note["status"] != "pending":
+            # DESIGN decision 4: a message consumed by polling first is not sent.
+            status = "missing" if note is None else note["status"]
+            reason = f"notification is {status}; not sent"
+            await self.store.finish_without_attempt(
+                claimed.delivery_id, status=SKIPPED, reason=reason, now=now
+            )
+            result.skipped += 1
+            bound.info("webhook.skipped", reason=reason)
+            self._finished(claimed, "skipped")
+            return
+        if not claimed.endpoint_active or not claimed.url:
+            reason = "endpoint disabled or deleted"
+            await self.store.finish_without_attempt(
+                claimed.delivery_id, status=DEAD, reason=reason, now=now
+            )
+            result.dead += 1
+            bound.warning("webhook.dead", reason=reason)
+            self._finished(claimed, "dead")
+            return
+        try:
+            current = box.open(claimed.secret_enc)
+            previous = (
+                box.open(claimed.previous_secret_enc) if claimed.previous_secret_enc else None
+            )
+            auth = box.open(claimed.auth_header_enc) if claimed.auth_header_enc else None
+        except SecretDecryptError:
+            # Not the receiver's fault and not fixed by sending: wait for the operator
+            # to restore DELIVERY_SECRET_KEY; the attempt count is untouched.
+            await self.store.postpone(
+                claimed.delivery_id, at=now + UNREADABLE_SECRET_DELAY, now=now
+            )
+            result.errors += 1
+            bound.error("webhook.secret_unreadable", retry_in_s=UNREADABLE_SECRET_DELAY.seconds)
+            return
+        endpoint = WebhookEndpoint(
+            url=claimed.url,
+            # Both secrets sign for 24 h after a rotation (issue 5).
+            secrets=active_secrets(current, previous, claimed.rotated_at, now=now),
+            auth_header=auth,
+        )
+        delivery = await channel.deliver(
+            _message(claimed), endpoint, attempt_number=claimed.attempt_number
+        )
+        done_at = self.clock.now()
+        step = plan_next(delivery.outcome, claimed.attempt_number, now=done_at, rand=self._rand)
+        match step:
+            case Done():
+                state = NextState(delivered=True)
+                result.delivered += 1
+            case RetryAt(at=at):
+                state = NextState(retry_at=at, reason=delivery.attempt.error_message)
+                result.retried += 1
+            case DeadLetter(reason=reason, disable_destination=disable):
+                state = NextState(
+                    dead=True, reason=reason, disable_reason=reason if disable else None
+                )
+                result.dead += 1
+        a = delivery.attempt
+        await self.store.record_attempt(
+            claimed,
+            AttemptRecord(
+                attempt_id=a.attempt_id,
+                attempt_number=a.attempt_number,
+                event_id=a.event_id,
+                webhook_url=a.webhook_url,
+                status=a.status.value,
+                response_code=a.response_code,
+                duration_ms=a.duration_ms,
+                created_at=a.created_at,
+                request_body=a.request_body,
+                response_body=a.response_body,
+                error_message=a.error_message,
+            ),
+            state,
+            now=done_at,
+        )
+        if state.retry_at is not None:
+            bound.info("webhook.retry_scheduled", retry_at=state.retry_at.isoformat())
+            self._finished(claimed, "retry")
+        elif state.dead:
+            bound.warning(
+                "webhook.dead_lettered",
+                reason=state.reason,
+                endpoint_disabled=state.disable_reason is not None,
+            )
+            self._finished(claimed, "dead")
+        else:
+            self._finished(claimed, "delivered")
+
+    def _finished(self, claimed: ClaimedDelivery, outcome: str) -> None:
+        if self._on_finished is not None:
+            self._on_finished(claimed, outcome)

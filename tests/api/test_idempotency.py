@@ -1,0 +1,174 @@
+"""``Idempotency-Key`` (DESIGN decision 12): replay, reuse with another body, 5xx not stored."""
+
+import asyncio
+import contextlib
+import hashlib
+import json
+from datetime import timedelta
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
+
+from delivery.api import create_app
+from delivery.api.app import purge_idempotency_forever
+from delivery.settings import Settings
+from delivery.store.sql import IDEMPOTENCY, SCHEDULES, WAKEUPS, SqlStore
+from delivery.store.tables import WakeupRow
+from tests.api.conftest import Api
+
+PATH = "/api/v1/agents/a1/users/u1/schedules"
+CADENCE = {"simple": {"frequency": "daily", "times": ["09:00"]}, "timezone": "UTC"}
+BODY = {
+    "cadence": CADENCE,
+    "intent": "check in",
+    "check_type": "reminder",
+}
+
+
+async def test_same_key_replays_first_response(api: Api) -> None:
+    """A retried POST with the same key and body gets the first response; one row is made."""
+    headers = {"Idempotency-Key": "k" * 32}
+    first = await api.alpha.post(PATH, json=BODY, headers=headers)
+    second = await api.alpha.post(PATH, json=BODY, headers=headers)
+    assert first.status_code == second.status_code == 201
+    assert second.json() == first.json()
+    assert second.headers["idempotent-replayed"] == "true"
+    assert await api.store.count(SCHEDULES) == 1
+
+    # Another route, or another project, with the same key is independent.
+    other = await api.alpha.post("/api/v1/agents/a1/users/u2/schedules", json=BODY, headers=headers)
+    assert other.json()["schedule_id"] != first.json()["schedule_id"]
+    theirs = await api.beta.post(PATH, json=BODY, headers=headers)
+    assert theirs.status_code == 201
+    assert await api.store.count(SCHEDULES) == 3
+
+    # Without a key, every POST executes.
+    await api.alpha.post(PATH, json=BODY)
+    assert await api.store.count(SCHEDULES) == 4
+    # GET and DELETE never consult the table.
+    records = await api.store.count(IDEMPOTENCY)
+    for method in ("GET", "DELETE"):
+        await api.alpha.request(method, f"{PATH}/sch_x", headers={"Idempotency-Key": "x"})
+    assert await api.store.count(IDEMPOTENCY) == records
+
+
+async def test_same_key_other_body_is_409(api: Api) -> None:
+    """Reusing a key with a different body is 409 IDEMPOTENCY_KEY_REUSED and writes nothing."""
+    headers = {"Idempotency-Key": "reused"}
+    assert (await api.alpha.post(PATH, json=BODY, headers=headers)).status_code == 201
+    changed = await api.alpha.post(PATH, json={**BODY, "intent": "other"}, headers=headers)
+    assert changed.status_code == 409
+    assert changed.json()["code"] == "IDEMPOTENCY_KEY_REUSED"
+    assert changed.json()["errors"][0]["field"] == "Idempotency-Key"
+    assert await api.store.count(SCHEDULES) == 1
+
+
+async def test_client_errors_are_replayed(api: Api) -> None:
+    """A 4xx answer is stored too: the retry gets the same error without re-validating."""
+    headers = {"Idempotency-Key": "bad-one"}
+    bad = {**BODY, "cadence": {**CADENCE, "timezone": "Mars/Base"}}
+    first = await api.alpha.post(PATH, json=bad, headers=headers)
+    again = await api.alpha.post(PATH, json=bad, headers=headers)
+    assert first.status_code == again.status_code == 400
+    assert again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true"
+
+
+class _FailOnceStore(SqlStore):
+    """A store whose first wakeup insert fails, as a database fault would."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.calls = 0
+
+    async def insert_wakeup(self, row: WakeupRow) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("database unreachable")
+        await super().insert_wakeup(row)
+
+
+async def test_server_errors_are_not_stored(api: Api) -> None:
+    """A 5xx releases the key, so the SDK's retry with the same key runs again."""
+    store = _FailOnceStore(api.store.engine)
+    app = create_app(Settings(subject_prefix="test"), store, api.clock)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    headers = {**api.alpha.headers, "Idempotency-Key": "flaky"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
+        wakeup = {"user_id": "u1", "check_type": "c", "intent": "i", "delay_hours": 1}
+        with capture_logs(processors=[merge_contextvars]) as logs:
+            failed = await client.post("/api/v1/agents/a1/wakeups", json=wakeup, headers=headers)
+        assert failed.status_code == 500
+        assert failed.json()["code"] == "INTERNAL"
+        crash = next(e for e in logs if e["event"] == "unhandled error")
+        assert crash["error"] == "RuntimeError"
+        assert crash["request_id"].startswith("req_")
+        access = next(e for e in logs if e["event"] == "request")
+        assert (access["status"], access["request_id"]) == (500, crash["request_id"])
+        assert await api.store.count(IDEMPOTENCY) == 0
+        retried = await client.post("/api/v1/agents/a1/wakeups", json=wakeup, headers=headers)
+        assert retried.status_code == 201
+        assert "idempotent-replayed" not in retried.headers
+    assert store.calls == 2
+    assert await api.store.count(WAKEUPS) == 1
+
+
+class _BrokenWaker:
+    def wake(self) -> None:
+        raise RuntimeError("daemon unreachable")
+
+
+async def test_waker_faults_do_not_fail_committed_writes(api: Api) -> None:
+    """The write is durable before the waker runs, so a waker fault is logged, not a 500."""
+    app = create_app(Settings(subject_prefix="test"), api.store, api.clock, _BrokenWaker())
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://api.test",
+        headers=api.alpha.headers,
+    ) as client:
+        with capture_logs() as logs:
+            made = await client.post(PATH, json=BODY)
+    assert made.status_code == 201
+    assert any(e["event"] == "waker failed" for e in logs)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_expired_records_are_purged(api: Api) -> None:
+    """
+    The app's background purge deletes records once their 24 h are over (the purge
+    statement itself runs on both databases in tests/store/test_sql.py).
+    """
+    await api.alpha.post(PATH, json=BODY, headers={"Idempotency-Key": "old"})
+    assert await api.store.count(IDEMPOTENCY) == 1
+    api.clock.advance(timedelta(hours=24))
+    task = asyncio.create_task(purge_idempotency_forever(api.store, api.clock, 0.01))
+    try:
+        async with asyncio.timeout(10):
+            while await api.store.count(IDEMPOTENCY):  # noqa: ASYNC110 - polls the database
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_concurrent_retry_waits_for_the_first_answer(api: Api) -> None:
+    """A retry arriving while the first request still runs gets the first answer, not a rerun."""
+    raw = json.dumps(BODY).encode()
+    route, key = f"POST {PATH}", "slow"
+    project = api.projects["alpha"]
+    now = api.clock.now()
+    first = await api.store.claim_idempotency_key(
+        project, route, key, hashlib.sha256(raw).hexdigest(), now=now, ttl=timedelta(hours=1)
+    )
+    assert first.state == "new"  # as if a first request were still running
+    retry = asyncio.create_task(api.alpha.post(PATH, content=raw, headers={"Idempotency-Key": key}))
+    await asyncio.sleep(0.2)
+    assert not retry.done()
+    await api.store.complete_idempotency_key(project, route, key, 201, '{"schedule_id":"sch_1"}')
+    answer = await retry
+    assert (answer.status_code, answer.json()) == (201, {"schedule_id": "sch_1"})
+    assert await api.store.count(SCHEDULES) == 0

@@ -1,0 +1,118 @@
+"""
+Schedule PATCH semantics (DESIGN decision 6) and the waker hook: absent is unchanged,
+``{}`` / ``""`` clear, timing changes recompute ``next_fire_at`` from now and wake the
+daemon, other changes do not.
+"""
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import httpx
+import pytest
+
+from delivery.api import create_app
+from delivery.settings import Settings
+from delivery.store.sql import SCHEDULES
+from tests.api.conftest import Api
+
+PATH = "/api/v1/agents/a1/users/u1/schedules"
+DAILY = {"simple": {"frequency": "daily", "times": ["09:00"]}, "timezone": "UTC"}
+
+
+class RecordingWaker:
+    """Counts wake() calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def wake(self) -> None:
+        self.calls += 1
+
+
+@pytest.fixture
+async def woken(api: Api) -> AsyncIterator[tuple[httpx.AsyncClient, RecordingWaker]]:
+    """Alpha's client on an app whose waker records calls."""
+    waker = RecordingWaker()
+    app = create_app(Settings(subject_prefix="test"), api.store, api.clock, waker)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://api.test",
+        headers=api.alpha.headers,
+    ) as client:
+        yield client, waker
+
+
+async def test_patch_semantics_and_wakes(
+    api: Api, woken: tuple[httpx.AsyncClient, RecordingWaker]
+) -> None:
+    """
+    Each PATCH form does what DESIGN decision 6 says; only timing changes, new
+    wakeups and accepted events wake the daemon.
+    """
+    client, waker = woken
+    item = (
+        await client.post("/api/v1/agents/a1/users/u1/inventory/items", json={"item_type": "m"})
+    ).json()
+    created = await client.post(
+        PATH,
+        json={
+            "cadence": DAILY,
+            "intent": "i",
+            "check_type": "c",
+            "active_window": {"days_of_week": ["mon"]},
+            "metadata": {"k": "v"},
+            "starts_at": "2026-05-02T00:00:00Z",
+            "ends_at": "2026-06-01T00:00:00Z",
+        },
+    )
+    assert created.status_code == 201
+    assert created.json()["next_fire_at"] == "2026-05-04T09:00:00Z"  # the first Monday
+    one = f"{PATH}/{created.json()['schedule_id']}"
+    assert waker.calls == 1
+
+    same = (await client.patch(one, json={})).json()
+    assert same == (await client.get(one)).json()
+    async with api.store.read() as conn:
+        version = (await conn.execute(SCHEDULES.select())).one().version
+    assert version == 1
+
+    renamed = (
+        await client.patch(one, json={"intent": "new", "inventory_item_id": item["fact_id"]})
+    ).json()
+    assert (renamed["intent"], renamed["inventory_item_id"]) == ("new", item["fact_id"])
+    assert renamed["next_fire_at"] == "2026-05-04T09:00:00Z"
+    assert waker.calls == 1
+
+    cleared = (
+        await client.patch(
+            one,
+            json={"active_window": {}, "metadata": {}, "starts_at": "", "inventory_item_id": ""},
+        )
+    ).json()
+    for gone in ("active_window", "metadata", "starts_at", "inventory_item_id"):
+        assert gone not in cleared, gone
+    assert cleared["ends_at"] == "2026-06-01T00:00:00Z"
+    assert cleared["next_fire_at"] == "2026-05-01T09:00:00Z"  # recomputed from now
+    assert waker.calls == 2
+
+    api.clock.advance(timedelta(hours=10))
+    moved = (await client.patch(one, json={"cadence": {**DAILY, "timezone": "Asia/Tokyo"}})).json()
+    assert moved["timezone"] == "Asia/Tokyo"
+    assert moved["next_fire_at"] == "2026-05-02T00:00:00Z"  # 09:00 JST on the 2nd
+    assert waker.calls == 3
+
+    unknown_item = await client.patch(one, json={"inventory_item_id": "inv_nope"})
+    assert unknown_item.status_code == 404
+    async with api.store.read() as conn:
+        row = (await conn.execute(SCHEDULES.select())).one()
+    assert row.version == 4
+    assert row.inventory_item_id is None
+
+    # A new wakeup and an accepted event may be due at once, so both wake; reads do not.
+    await client.post(
+        "/api/v1/agents/a1/wakeups",
+        json={"user_id": "u1", "check_type": "c", "intent": "i", "delay_hours": 0},
+    )
+    await client.post("/api/v1/agents/a1/events", json={"user_id": "u1", "event_type": "e"})
+    await client.get("/api/v1/agents/a1/wakeups")
+    assert waker.calls == 5

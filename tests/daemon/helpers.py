@@ -1,0 +1,147 @@
+"""Builders for daemon tests: projects, schedules and wakeups written straight to the tables."""
+
+import contextlib
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from delivery.cadence import compile_schedule, next_fire
+from delivery.store.tables import (
+    FireRow,
+    NotificationRow,
+    OutboxRow,
+    ProjectRow,
+    ScheduleRow,
+    WakeupRow,
+)
+
+PROJECTS = ProjectRow.__table__  # type: ignore[attr-defined]
+SCHEDULES = ScheduleRow.__table__  # type: ignore[attr-defined]
+FIRES = FireRow.__table__  # type: ignore[attr-defined]
+WAKEUPS = WakeupRow.__table__  # type: ignore[attr-defined]
+OUTBOX = OutboxRow.__table__  # type: ignore[attr-defined]
+NOTIFICATIONS = NotificationRow.__table__  # type: ignore[attr-defined]
+
+ZONES = ("UTC", "Asia/Singapore", "America/New_York", "Europe/Berlin", "Australia/Lord_Howe")
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def schedule_row(
+    schedule_id: str,
+    *,
+    cadence: dict[str, Any],
+    created_at: datetime,
+    active_window: dict[str, Any] | None = None,
+    next_fire_at: datetime | None = None,
+    last_fire_at: datetime | None = None,
+    ends_at: datetime | None = None,
+    project_id: str = "prj_test",
+) -> dict[str, Any]:
+    """A schedules row as the API would write it (next_fire_at computed unless given)."""
+    compiled = compile_schedule(cadence, active_window, ends_at=ends_at, created_at=created_at)
+    if next_fire_at is None:
+        next_fire_at = next_fire(compiled, created_at)
+    return {
+        "id": schedule_id,
+        "project_id": project_id,
+        "agent_id": "agent_1",
+        "user_id": f"user_{schedule_id}",
+        "cadence_type": "cron" if "cron" in cadence else "simple",
+        "cadence_json": canonical(compiled.cadence),
+        "timezone": cadence["timezone"],
+        "active_window_json": canonical(compiled.active_window) if compiled.active_window else None,
+        "intent": "check in",
+        "check_type": "reminder",
+        "starts_at": None,
+        "ends_at": ends_at,
+        "anchor_at": compiled.anchor,
+        "enabled": True,
+        "next_fire_at": next_fire_at,
+        "last_fire_at": last_fire_at,
+        "version": 1,
+        "created_at": created_at,
+        "updated_at": created_at,
+    }
+
+
+def daily(time: str, zone: str = "UTC") -> dict[str, Any]:
+    return {"simple": {"frequency": "daily", "times": [time]}, "timezone": zone}
+
+
+def due_daily_rows(count: int, due_at: datetime, created_at: datetime) -> list[dict[str, Any]]:
+    """``count`` daily schedules in mixed zones, all due at ``due_at`` (whole minute)."""
+    rows = []
+    for i in range(count):
+        zone = ZONES[i % len(ZONES)]
+        from zoneinfo import ZoneInfo
+
+        local = due_at.astimezone(ZoneInfo(zone))
+        rows.append(
+            schedule_row(
+                f"sch_{i:06d}",
+                cadence=daily(f"{local:%H:%M}", zone),
+                created_at=created_at,
+                next_fire_at=due_at,
+            )
+        )
+    return rows
+
+
+async def add_project(engine: AsyncEngine, project_id: str = "prj_test") -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            PROJECTS.insert().values(id=project_id, name=project_id, created_at=datetime.now(UTC))
+        )
+
+
+async def add_schedules(engine: AsyncEngine, rows: list[dict[str, Any]]) -> None:
+    async with engine.begin() as conn:
+        for start in range(0, len(rows), 2000):
+            await conn.execute(SCHEDULES.insert(), rows[start : start + 2000])
+
+
+def wakeup_row(wakeup_id: str, scheduled_at: datetime, status: str = "pending") -> dict[str, Any]:
+    return {
+        "id": wakeup_id,
+        "project_id": "prj_test",
+        "agent_id": "agent_1",
+        "user_id": "user_1",
+        "check_type": "reminder",
+        "intent": "say hi",
+        "scheduled_at": scheduled_at,
+        "status": status,
+        "created_at": scheduled_at - timedelta(hours=1),
+    }
+
+
+async def count(engine: AsyncEngine, table: Any, *where: Any) -> int:
+    async with engine.connect() as conn:
+        return int(
+            (await conn.execute(select(func.count()).select_from(table).where(*where))).scalar_one()
+        )
+
+
+async def rows(engine: AsyncEngine, stmt: Any) -> list[Any]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(stmt)).all())
+
+
+async def delete_stream(nats_url: str, prefix: str) -> None:
+    """Remove a test's stream from the (possibly shared) server, if a process created it."""
+    import nats
+    from nats.js.errors import NotFoundError
+
+    from delivery.dispatcher.subjects import Subjects
+
+    nc = await nats.connect(nats_url)
+    try:
+        with contextlib.suppress(NotFoundError):
+            await nc.jetstream().delete_stream(Subjects(prefix).stream)
+    finally:
+        await nc.close()

@@ -1,0 +1,96 @@
+"""
+The composed daemon in-process (API + scheduler + relay + dispatcher on SQLite and a real
+NATS): a write through the API wakes the scheduler, and shutdown is clean.
+"""
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from delivery.daemon import Daemon, Part, PeriodicJob
+from delivery.settings import Settings
+
+KEY = "dk_test_daemon_key_0123456789abcdef"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, nats_url: str, subject_prefix: str) -> Settings:
+    """Embedded settings on a fresh data dir; ticks so slow that only a wake() can fire fast."""
+    return Settings(
+        data_dir=tmp_path / "data",
+        nats_url=nats_url,
+        subject_prefix=subject_prefix,
+        port=0,
+        tick_interval_s=30,
+        bootstrap_api_key=SecretStr(KEY),
+    )
+
+
+async def test_an_api_write_wakes_the_scheduler_and_shutdown_is_clean(settings):
+    """A wakeup due now becomes a pending notification long before the next periodic tick."""
+    daemon = Daemon(settings, parts=frozenset({Part.API, Part.SCHEDULER, Part.DISPATCHER}))
+    running = asyncio.create_task(daemon.run(install_signals=False))
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 30)
+        assert daemon.api_url is not None
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=daemon.api_url, headers=headers) as client:
+            # The daemon's first ticks have run; the next periodic one is 30 s away.
+            await asyncio.sleep(0)
+            created = await client.post(
+                "/api/v1/agents/agent_1/wakeups",
+                json={"user_id": "u1", "check_type": "reminder", "intent": "hi", "delay_hours": 0},
+            )
+            assert created.status_code == 201, created.text
+            wakeup_id = created.json()["wakeup_id"]
+
+            async def notified() -> Any:
+                while True:
+                    page = await client.get(
+                        "/api/v1/agents/agent_1/notifications", params={"user_id": "u1"}
+                    )
+                    assert page.status_code == 200, page.text
+                    items = page.json().get("notifications") or []
+                    if items:
+                        return items[0]
+                    await asyncio.sleep(0.1)
+
+            notification = await asyncio.wait_for(notified(), 15)
+        assert wakeup_id in str(notification)
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(running, 60)
+    running.result()
+
+
+async def test_periodic_job_runs_until_no_more_work_and_coalesces_wakes():
+    """A job whose step reports more work runs again at once; wakes during a run add one pass."""
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    aps = AsyncIOScheduler()
+    aps.start()
+    calls = 0
+    done = asyncio.Event()
+    job: PeriodicJob
+
+    async def step() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            job.wake()  # during the last pass: one more pass, never a concurrent one
+        if calls >= 4:
+            done.set()
+        return calls < 3
+
+    job = PeriodicJob(aps, "test-job", step, interval_s=60)
+    try:
+        job.start()
+        await asyncio.wait_for(done.wait(), 5)
+        await job.stop()
+        assert calls == 4
+    finally:
+        aps.shutdown(wait=False)

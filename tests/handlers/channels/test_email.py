@@ -1,0 +1,317 @@
+"""SmtpChannel against real aiosmtpd servers: plain, STARTTLS with AUTH, and implicit TLS."""
+
+import email
+import email.policy
+from email.message import EmailMessage
+
+import aiosmtplib
+import pytest
+
+from delivery.clock import ManualClock
+from delivery.settings import Settings
+from handlers.base import Delivered, Failed, Retry
+from handlers.email import (
+    SmtpChannel,
+    SmtpSecurity,
+    classify_smtp_error,
+    message_id_for,
+    subject_for,
+)
+from tests.handlers.channels.conftest import (
+    SMTP_PASSWORD,
+    SMTP_USER,
+    SmtpServer,
+    TlsFiles,
+    make_message,
+)
+from tests.handlers.channels.standins import free_port
+
+SENDER = "Sonzai <notify@mail.example.com>"
+SENDER_ADDRESS = "notify@mail.example.com"
+TO = "ada@example.com"
+
+
+def _channel(
+    server: SmtpServer,
+    clock: ManualClock,
+    security: SmtpSecurity = SmtpSecurity.PLAIN,
+    tls: TlsFiles | None = None,
+    **kwargs: str,
+) -> SmtpChannel:
+    return SmtpChannel(
+        "127.0.0.1",
+        server.port,
+        SENDER,
+        clock=clock,
+        security=security,
+        timeout_s=5,
+        tls_context=tls.client_context() if tls else None,
+        **kwargs,
+    )
+
+
+def _received(server: SmtpServer) -> EmailMessage:
+    assert len(server.sink.envelopes) == 1
+    raw = server.sink.envelopes[0].original_content
+    assert isinstance(raw, bytes)
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+async def test_plain_send_delivers_a_multipart_message(
+    plain_smtp: SmtpServer, clock: ManualClock
+) -> None:
+    """The server receives a multipart/alternative mail with both parts and our headers."""
+    message = make_message(generated_message="Hi Ada!\n\n<b>Tip</b>: drink water & rest.")
+
+    outcome = await _channel(plain_smtp, clock).send(message, TO)
+
+    assert isinstance(outcome, Delivered)
+    assert outcome.status_code == 250
+    envelope = plain_smtp.sink.envelopes[0]
+    assert envelope.mail_from == SENDER_ADDRESS
+    assert envelope.rcpt_tos == [TO]
+    mail = _received(plain_smtp)
+    assert mail["From"] == SENDER
+    assert mail["To"] == TO
+    assert mail["Subject"] == "Hi Ada!"
+    assert mail["Message-ID"] == "<evt_01JD0000000000000000000001@mail.example.com>"
+    assert mail["Auto-Submitted"] == "auto-generated"
+    assert mail["X-Delivery-Event-Id"] == message.event_id
+    assert email.utils.parsedate_to_datetime(mail["Date"]) == clock.now()
+    assert mail.get_content_type() == "multipart/alternative"
+    plain_part, html_part = mail.iter_parts()
+    assert plain_part.get_content_type() == "text/plain"
+    assert plain_part.get_content().replace("\r\n", "\n").strip() == message.generated_message
+    assert html_part.get_content_type() == "text/html"
+    html = html_part.get_content()
+    assert "<p>&lt;b&gt;Tip&lt;/b&gt;: drink water &amp; rest.</p>" in html
+    assert "<b>" not in html
+    assert "<title>Hi Ada!</title>" in html
+
+
+async def test_non_ascii_message_and_long_lines_survive(
+    plain_smtp: SmtpServer, clock: ManualClock
+) -> None:
+    """Unicode subjects and bodies and a line over SMTP's 998-octet limit arrive intact."""
+    text = "Grüße, Zoë! 🌅 " + "très long " * 150
+    outcome = await _channel(plain_smtp, clock).send(make_message(generated_message=text), TO)
+
+    assert isinstance(outcome, Delivered)
+    mail = _received(plain_smtp)
+    assert mail["Subject"] == subject_for(make_message(generated_message=text))
+    plain_part, html_part = mail.iter_parts()
+    assert plain_part.get_content().replace("\r\n", "\n").strip() == text.strip()
+    assert "Grüße, Zoë! 🌅" in html_part.get_content()
+    raw = plain_smtp.sink.envelopes[0].original_content or b""
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+
+
+async def test_starttls_with_auth(
+    starttls_smtp: SmtpServer, clock: ManualClock, tls_files: TlsFiles
+) -> None:
+    """STARTTLS is negotiated, then AUTH, then the mail is accepted."""
+    channel = _channel(
+        starttls_smtp,
+        clock,
+        SmtpSecurity.STARTTLS,
+        tls_files,
+        username=SMTP_USER,
+        password=SMTP_PASSWORD,
+    )
+
+    outcome = await channel.send(make_message(), TO)
+
+    assert isinstance(outcome, Delivered)
+    assert _received(starttls_smtp)["To"] == TO
+
+
+async def test_starttls_with_wrong_password_fails(
+    starttls_smtp: SmtpServer, clock: ManualClock, tls_files: TlsFiles
+) -> None:
+    """A rejected AUTH (535) is permanent and does not blame the address."""
+    channel = _channel(
+        starttls_smtp, clock, SmtpSecurity.STARTTLS, tls_files, username=SMTP_USER, password="x"
+    )
+
+    outcome = await channel.send(make_message(), TO)
+
+    assert isinstance(outcome, Failed)
+    assert outcome.status_code == 535
+    assert outcome.disable_destination is False
+    assert starttls_smtp.sink.count == 0
+
+
+async def test_implicit_tls(tls_smtp: SmtpServer, clock: ManualClock, tls_files: TlsFiles) -> None:
+    """Security "tls" speaks TLS from the first byte."""
+    outcome = await _channel(tls_smtp, clock, SmtpSecurity.TLS, tls_files).send(make_message(), TO)
+
+    assert isinstance(outcome, Delivered)
+    assert _received(tls_smtp)["To"] == TO
+
+
+async def test_starttls_is_never_downgraded(plain_smtp: SmtpServer, clock: ManualClock) -> None:
+    """A server that does not offer STARTTLS fails the send rather than going clear-text."""
+    outcome = await _channel(plain_smtp, clock, SmtpSecurity.STARTTLS).send(make_message(), TO)
+
+    assert isinstance(outcome, Failed)
+    assert "STARTTLS" in outcome.reason
+    assert plain_smtp.sink.count == 0
+
+
+async def test_untrusted_certificate_is_retried_not_sent(
+    tls_smtp: SmtpServer, clock: ManualClock
+) -> None:
+    """A certificate the system store does not trust never carries the mail."""
+    outcome = await _channel(tls_smtp, clock, SmtpSecurity.TLS).send(make_message(), TO)
+
+    assert isinstance(outcome, Retry)
+    assert tls_smtp.sink.count == 0
+
+
+async def test_mailbox_busy_is_retried(plain_smtp: SmtpServer, clock: ManualClock) -> None:
+    """A 450 at RCPT is transient."""
+    outcome = await _channel(plain_smtp, clock).send(make_message(), "busy@example.com")
+
+    assert outcome == Retry("smtp 450: 4.2.1 Mailbox busy, try again later", 450)
+
+
+async def test_unknown_user_is_failed_and_disabled(
+    plain_smtp: SmtpServer, clock: ManualClock
+) -> None:
+    """550 5.1.1 (no such mailbox) is permanent and disables the address."""
+    outcome = await _channel(plain_smtp, clock).send(make_message(), "nouser@example.com")
+
+    assert isinstance(outcome, Failed)
+    assert outcome.status_code == 550
+    assert outcome.disable_destination is True
+
+
+async def test_policy_rejection_fails_but_keeps_the_address(
+    plain_smtp: SmtpServer, clock: ManualClock
+) -> None:
+    """550 5.7.1 (policy) is permanent but says nothing about the mailbox."""
+    outcome = await _channel(plain_smtp, clock).send(make_message(), "policy@example.com")
+
+    assert isinstance(outcome, Failed)
+    assert outcome.disable_destination is False
+
+
+async def test_connection_refused_is_retried(clock: ManualClock) -> None:
+    """Nothing listening is transient."""
+    channel = SmtpChannel(
+        "127.0.0.1", free_port(), SENDER, clock=clock, security=SmtpSecurity.PLAIN, timeout_s=2
+    )
+
+    outcome = await channel.send(make_message(), TO)
+
+    assert isinstance(outcome, Retry)
+
+
+async def test_duplicates_share_one_message_id(plain_smtp: SmtpServer, clock: ManualClock) -> None:
+    """Two sends of one event carry the same Message-ID; another event gets another."""
+    channel = _channel(plain_smtp, clock)
+    await channel.send(make_message(), TO)
+    await channel.send(make_message(), TO)
+    await channel.send(make_message(event_id="evt_other"), TO)
+
+    ids = [
+        email.message_from_bytes(e.original_content or b"", policy=email.policy.default)[
+            "Message-ID"
+        ]
+        for e in plain_smtp.sink.envelopes
+    ]
+    assert ids[0] == ids[1] != ids[2]
+
+
+def test_from_settings(clock: ManualClock) -> None:
+    """Settings name host, port, security and credentials; host and sender are required."""
+    settings = Settings(
+        smtp_host="smtp.example.com",
+        smtp_port=465,
+        smtp_security="tls",
+        smtp_from=SENDER,
+        smtp_username="u",
+        smtp_password="p",
+    )
+    assert isinstance(SmtpChannel.from_settings(settings, clock=clock), SmtpChannel)
+    with pytest.raises(ValueError, match="DELIVERY_SMTP_HOST"):
+        SmtpChannel.from_settings(Settings(), clock=clock)
+    with pytest.raises(ValueError, match="starttls"):
+        SmtpChannel.from_settings(settings.model_copy(update={"smtp_security": "ssl"}), clock=clock)
+
+
+def test_sender_without_an_address_is_refused(clock: ManualClock) -> None:
+    """A From setting with no address fails at start-up, not on every send."""
+    with pytest.raises(ValueError, match="SMTP sender"):
+        SmtpChannel("smtp.example.com", 587, "Sonzai", clock=clock)
+
+
+@pytest.mark.parametrize(
+    ("event_id", "expected"),
+    [
+        ("evt_123", "<evt_123@example.com>"),
+        ("a.b:c@d", "<a=2Eb=3Ac=40d@example.com>"),
+        ("x=y", "<x=3Dy@example.com>"),
+        ("é", "<=C3=A9@example.com>"),
+    ],
+    ids=["plain", "dots-colons-at", "escape-char-escaped", "non-ascii"],
+)
+def test_message_id_for(event_id: str, expected: str) -> None:
+    """Message-IDs are deterministic, RFC 5322 dot-atom safe, and injective."""
+    assert message_id_for(event_id, "example.com") == expected
+
+
+@pytest.mark.parametrize(
+    ("payload", "text", "expected"),
+    [
+        ({}, "Hello there", "Hello there"),
+        ({}, "First line\nsecond line", "First line"),
+        ({}, "   ", "New message"),
+        ({}, "x" * 100, "x" * 77 + "…"),
+        ({"subject": "Your weekly check-in"}, "Hello", "Your weekly check-in"),
+        ({"title": "A\nmulti-line\ttitle"}, "Hello", "A multi-line title"),
+    ],
+    ids=["first-line", "multi-line", "blank", "long", "payload-subject", "title-whitespace"],
+)
+def test_subject_for(payload: dict[str, str], text: str, expected: str) -> None:
+    """The subject is the payload's, else the message's first line, one line, bounded."""
+    assert subject_for(make_message(payload=payload, generated_message=text)) == expected
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (aiosmtplib.SMTPRecipientRefused(451, "4.3.0 try later", TO), Retry),
+        (aiosmtplib.SMTPSenderRefused(553, "5.7.1 sender rejected", TO), Failed),
+        (aiosmtplib.SMTPDataError(552, "5.3.4 message too big"), Failed),
+        (aiosmtplib.SMTPDataError(421, "4.7.0 closing"), Retry),
+        (aiosmtplib.SMTPServerDisconnected("lost"), Retry),
+        (aiosmtplib.SMTPConnectTimeoutError("timeout"), Retry),
+        (aiosmtplib.SMTPReadTimeoutError("timeout"), Retry),
+        (ConnectionResetError(), Retry),
+        (aiosmtplib.SMTPNotSupported("no AUTH"), Failed),
+        (
+            aiosmtplib.SMTPRecipientsRefused(
+                [aiosmtplib.SMTPRecipientRefused(550, "5.1.2 bad domain", TO)]
+            ),
+            Failed,
+        ),
+    ],
+    ids=[
+        "rcpt-4xx",
+        "sender-5xx",
+        "data-5xx",
+        "data-4xx",
+        "disconnected",
+        "connect-timeout",
+        "read-timeout",
+        "reset",
+        "not-supported",
+        "recipients-refused",
+    ],
+)
+def test_classify_smtp_error(error: Exception, expected: type) -> None:
+    """4yz and network trouble retry; 5yz and missing capabilities fail."""
+    assert type(classify_smtp_error(error)) is expected

@@ -1,0 +1,216 @@
+"""The SqlStore contract, one test body for SQLite and PostgreSQL."""
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from delivery.store.bulk import OUTBOX
+from delivery.store.sql import (
+    API_KEYS,
+    EVENTS,
+    IDEMPOTENCY_STALE,
+    NOTIFICATIONS,
+    SCHEDULES,
+    WAKEUPS,
+    CancelOutcome,
+    ConsumeOutcome,
+    SqlStore,
+    canonical_json,
+)
+from delivery.store.tables import ScheduleRow, TriggerEventRow, WakeupRow
+from tests.api.notes import add_notifications, notification
+
+NOW = datetime(2026, 5, 1, tzinfo=UTC)
+TTL = timedelta(hours=24)
+
+
+def _wakeup(project: str, n: int) -> WakeupRow:
+    return WakeupRow(
+        id=f"wk_{n}",
+        project_id=project,
+        agent_id="a",
+        user_id="u",
+        check_type="c",
+        intent="i",
+        scheduled_at=NOW + timedelta(hours=n),
+        created_at=NOW,
+    )
+
+
+async def _project(store: SqlStore, name: str = "p") -> str:
+    return (await store.ensure_project(name, NOW)).id
+
+
+async def test_projects_and_keys(engine: AsyncEngine) -> None:
+    """ensure_project is idempotent; keys resolve to their project and are stored hashed."""
+    store = SqlStore(engine)
+    first = await store.ensure_project("acme", NOW)
+    assert (await store.ensure_project("acme", NOW)).id == first.id
+    key = await store.create_api_key(first.id, NOW)
+    assert await store.project_for_key(key) == first.id
+    assert await store.project_for_key(key + "x") is None
+    assert await store.create_api_key(first.id, NOW, key="fixed") == "fixed"
+    assert await store.create_api_key(first.id, NOW, key="fixed") == "fixed"  # no-op again
+    assert await store.project_for_key("fixed") == first.id
+    async with store.read() as conn:
+        stored = (await conn.execute(select(API_KEYS.c.key_hash))).scalars().all()
+    assert key not in stored
+    assert len(stored) == 2
+
+
+async def test_idempotency_claims(engine: AsyncEngine) -> None:
+    """new -> in_progress -> replay; another body is a mismatch; expired or stale are taken over."""
+    store = SqlStore(engine)
+    project = await _project(store)
+    claim = store.claim_idempotency_key
+    assert (await claim(project, "POST /x", "k", "h1", now=NOW, ttl=TTL)).state == "new"
+    assert (await claim(project, "POST /x", "k", "h1", now=NOW, ttl=TTL)).state == "in_progress"
+    assert (await claim(project, "POST /x", "k", "h2", now=NOW, ttl=TTL)).state == "mismatch"
+    await store.complete_idempotency_key(project, "POST /x", "k", 201, '{"ok":true}')
+    replay = await claim(project, "POST /x", "k", "h1", now=NOW, ttl=TTL)
+    assert (replay.state, replay.status_code, replay.body) == ("replay", 201, '{"ok":true}')
+    # Other route or project: independent.
+    assert (await claim(project, "POST /y", "k", "h1", now=NOW, ttl=TTL)).state == "new"
+    other = await _project(store, "other")
+    assert (await claim(other, "POST /x", "k", "h9", now=NOW, ttl=TTL)).state == "new"
+    # Expired: the key is free again.
+    later = NOW + TTL
+    assert (await claim(project, "POST /x", "k", "h2", now=later, ttl=TTL)).state == "new"
+    # A reservation whose process died is taken over after IDEMPOTENCY_STALE.
+    stale = later + IDEMPOTENCY_STALE
+    assert (await claim(project, "POST /x", "k", "h2", now=stale, ttl=TTL)).state == "new"
+    # A released reservation (5xx) lets the retry run.
+    await store.release_idempotency_key(project, "POST /y", "k")
+    assert (await claim(project, "POST /y", "k", "h1", now=NOW, ttl=TTL)).state == "new"
+    assert await store.purge_idempotency(NOW + 3 * TTL) == 3
+
+
+async def test_concurrent_claims_of_one_key_admit_exactly_one(engine: AsyncEngine) -> None:
+    """Twenty simultaneous requests with one key: one executes, the rest wait or replay."""
+    store = SqlStore(engine)
+    project = await _project(store)
+    states = await asyncio.gather(
+        *(
+            store.claim_idempotency_key(project, "POST /x", "same", "h", now=NOW, ttl=TTL)
+            for _ in range(20)
+        )
+    )
+    assert sorted(s.state for s in states).count("new") == 1
+
+
+async def test_concurrent_writers_do_not_fail(engine: AsyncEngine) -> None:
+    """Many concurrent write transactions all commit (no SQLITE_BUSY on lock upgrade)."""
+    store = SqlStore(engine)
+    project = await _project(store)
+    await asyncio.gather(*(store.insert_wakeup(_wakeup(project, n)) for n in range(30)))
+    outcomes = await asyncio.gather(
+        *(store.cancel_wakeup(project, "a", f"wk_{n}", NOW) for n in range(0, 30, 2)),
+        *(
+            store.claim_idempotency_key(project, "POST /x", f"k{n}", "h", now=NOW, ttl=TTL)
+            for n in range(15)
+        ),
+    )
+    assert outcomes[:15] == [CancelOutcome.CANCELLED] * 15
+    assert await store.count(WAKEUPS) == 30
+
+
+async def test_cancel_wakeup_outcomes(engine: AsyncEngine) -> None:
+    """Only an unclaimed pending wakeup cancels; others report why not."""
+    store = SqlStore(engine)
+    project = await _project(store)
+    for n in (1, 2):
+        await store.insert_wakeup(_wakeup(project, n))
+    async with store.write() as conn:
+        await conn.execute(
+            update(WAKEUPS).where(WAKEUPS.c.id == "wk_2").values(claimed_until=NOW + timedelta(1))
+        )
+    assert await store.cancel_wakeup(project, "a", "wk_1", NOW) is CancelOutcome.CANCELLED
+    assert await store.cancel_wakeup(project, "a", "wk_1", NOW) is CancelOutcome.NOT_PENDING
+    assert await store.cancel_wakeup(project, "a", "wk_2", NOW) is CancelOutcome.NOT_PENDING
+    assert await store.cancel_wakeup(project, "b", "wk_1", NOW) is CancelOutcome.NOT_FOUND
+    other = await _project(store, "other")
+    assert await store.cancel_wakeup(other, "a", "wk_2", NOW) is CancelOutcome.NOT_FOUND
+    listed = await store.list_wakeups(project, "a", user_id=None, status="cancelled", limit=10)
+    assert [w.id for w in listed] == ["wk_1"]
+
+
+async def test_event_and_outbox_commit_together(engine: AsyncEngine) -> None:
+    """The event row and its outbox message are one transaction: a failure writes neither."""
+    store = SqlStore(engine)
+    project = await _project(store)
+    row = TriggerEventRow(
+        id="evt_1", project_id=project, agent_id="a", user_id="u", event_type="t", created_at=NOW
+    )
+    outbox = {"subject": "s.event.accepted", "msg_id": "evt_1", "payload": "{}", "created_at": NOW}
+    await store.insert_event(row, outbox)
+    with pytest.raises(IntegrityError):
+        await store.insert_event(row, {**outbox, "msg_id": "evt_1-again"})
+    assert await store.count(EVENTS) == 1
+    async with store.read() as conn:
+        assert (await conn.execute(select(OUTBOX.c.msg_id))).scalars().all() == ["evt_1"]
+
+
+async def test_schedule_compare_and_set(engine: AsyncEngine) -> None:
+    """update_schedule writes only when the version is the one read."""
+    store = SqlStore(engine)
+    project = await _project(store)
+    row = ScheduleRow(
+        id="sch_1",
+        project_id=project,
+        agent_id="a",
+        user_id="u",
+        cadence_type="cron",
+        cadence_json=canonical_json({"cron": "0 9 * * *", "timezone": "UTC"}),
+        timezone="UTC",
+        intent="i",
+        check_type="c",
+        anchor_at=NOW,
+        next_fire_at=NOW,
+        created_at=NOW,
+        updated_at=NOW,
+    )
+    await store.insert_schedule(row)
+    assert await store.update_schedule(row, {"intent": "x", "version": 2}, expected_version=1)
+    assert not await store.update_schedule(row, {"intent": "y", "version": 2}, expected_version=1)
+    got = await store.get_schedule(project, "a", "u", "sch_1")
+    assert got is not None
+    assert (got.intent, got.version) == ("x", 2)
+    assert await store.get_schedule(project, "a", "other", "sch_1") is None
+    assert await store.delete_schedule(project, "a", "u", "sch_1")
+    assert await store.count(SCHEDULES) == 0
+
+
+async def test_notification_queue_and_project_view(engine: AsyncEngine) -> None:
+    """Queue reads are ordered and scoped; consume and acknowledge count only real changes."""
+    store = SqlStore(engine)
+    project, other = await _project(store), await _project(store, "other")
+    rows = [notification(project, "a", "u", n, NOW) for n in range(1, 6)]
+    rows.append(notification(other, "a", "u", 9, NOW))
+    await add_notifications(engine, rows)
+    await add_notifications(engine, rows[:2])  # unique on source_id: skipped
+    assert await store.count(NOTIFICATIONS) == 6
+    queue = await store.list_queue(project, "a", status="pending", user_id=None, limit=3)
+    assert [r["generated_message"] for r in queue] == ["hello 1", "hello 2", "hello 3"]
+    first = queue[0]["id"]
+    assert await store.consume_notification(project, "a", first, NOW) is ConsumeOutcome.CONSUMED
+    assert await store.consume_notification(project, "a", first, NOW) is ConsumeOutcome.ALREADY
+    assert await store.consume_notification(other, "a", first, NOW) is ConsumeOutcome.NOT_FOUND
+    history = await store.notification_history(project, "a", limit=10)
+    assert history[0]["generated_message"] == "hello 5"
+    assert len(history) == 5
+    ids = [r["id"] for r in history]
+    assert await store.acknowledge(project, [*ids[:2], rows[-1]["id"]], NOW) == 2
+    assert await store.acknowledge(project, ids[:2], NOW) == 0
+    assert await store.acknowledge_all(project, agent_id="a", event_type=None, now=NOW) == 3
+    view = await store.list_project_notifications(
+        project, agent_id=None, event_type=None, ack_status="pending", limit=10
+    )
+    assert view == []
+    theirs = await store.list_project_notifications(
+        other, agent_id="a", event_type=None, ack_status=None, limit=10
+    )
+    assert [r["ack_status"] for r in theirs] == ["pending"]

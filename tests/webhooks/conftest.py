@@ -1,0 +1,124 @@
+"""
+The webhook rig: the API in-process (ASGITransport) and a :class:`WebhookWorker` on the
+same database (both kinds), a manual clock, and real receivers under uvicorn.
+"""
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from delivery.api import create_app
+from delivery.clock import ManualClock, SystemClock
+from delivery.dispatcher.messages import NotificationCreated
+from delivery.settings import Settings
+from delivery.store.sql import SqlStore
+from delivery.store.webhooks import WebhookStore
+from handlers.webhooks.worker import WebhookWorker
+from tests.fixtures.http import ServeApp
+from tests.handlers.webhooks.stub import Reply, ScriptedReceiver
+from tests.webhooks.helpers import EVENT, add_notifications, notification_row, webhook_settings
+
+START = SystemClock().now().replace(microsecond=0)
+"""Near real time, so the standardwebhooks library (which reads the real clock) verifies."""
+
+
+def neutral() -> float:
+    """A jitter draw that leaves every retry delay exactly on the schedule."""
+    return 0.5
+
+
+@dataclass
+class Rig:
+    """Everything an end-to-end webhook test touches."""
+
+    engine: AsyncEngine
+    clock: ManualClock
+    settings: Settings
+    api: httpx.AsyncClient
+    projects: dict[str, str]
+    serve: ServeApp
+    webhooks: WebhookStore
+    workers: list[WebhookWorker] = field(default_factory=list)
+
+    def receiver(self, *replies: Reply) -> tuple[ScriptedReceiver, str]:
+        """A real receiver answering ``replies`` in order (the last repeats); its hook URL."""
+        receiver = ScriptedReceiver(list(replies) or [Reply()])
+        return receiver, self.serve(receiver) + "/hook"
+
+    def worker(self, **kwargs: Any) -> WebhookWorker:
+        """A worker on the rig's database and clock, stopped at teardown."""
+        options: dict[str, Any] = {"clock": self.clock, "rand": neutral} | kwargs
+        settings = options.pop("settings", self.settings)
+        worker = WebhookWorker(settings, self.engine, **options)
+        self.workers.append(worker)
+        return worker
+
+    async def register(
+        self, url: str, *, event_type: str = EVENT, auth_header: str | None = None
+    ) -> str:
+        """Register ``url`` through the API; returns the signing secret."""
+        body: dict[str, str] = {"webhook_url": url}
+        if auth_header:
+            body["auth_header"] = auth_header
+        response = await self.api.put(f"/api/v1/webhooks/{event_type}", json=body)
+        assert response.status_code == 200, response.text
+        return str(response.json().get("signing_secret", ""))
+
+    async def notify(self, *ns: int, event_type: str = EVENT) -> list[NotificationCreated]:
+        """Insert notifications ``ns`` for project alpha; returns their created messages."""
+        project = self.projects["alpha"]
+        rows = [notification_row(project, n, START, event_type=event_type) for n in ns]
+        await add_notifications(self.engine, rows)
+        return [
+            NotificationCreated(
+                notification_id=r["id"],
+                project_id=project,
+                agent_id=r["agent_id"],
+                user_id=r["user_id"],
+                event_type=event_type,
+            )
+            for r in rows
+        ]
+
+    async def attempts(self, event_type: str = EVENT) -> list[dict[str, Any]]:
+        """Every attempt through the API, newest first, following cursors."""
+        found: list[dict[str, Any]] = []
+        params: dict[str, str] = {"page_size": "3"}
+        while True:
+            response = await self.api.get(f"/api/v1/webhooks/{event_type}/attempts", params=params)
+            assert response.status_code == 200, response.text
+            page = response.json()
+            found += page["attempts"]
+            if not page.get("next_cursor"):
+                return found
+            params["cursor"] = page["next_cursor"]
+
+
+@pytest.fixture
+async def rig(engine: AsyncEngine, http_server: ServeApp) -> AsyncIterator[Rig]:
+    """The rig over both databases; workers are stopped before the engine goes."""
+    clock = ManualClock(START)
+    settings = webhook_settings(webhook_timeout_s=0.5)
+    store = SqlStore(engine)
+    projects: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    for name in ("alpha", "beta"):
+        project = await store.ensure_project(name, START)
+        projects[name] = project.id
+        keys[name] = await store.create_api_key(project.id, START)
+    app = create_app(settings, store, clock)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://api.test",
+        headers={"Authorization": f"Bearer {keys['alpha']}"},
+    ) as api:
+        rig = Rig(engine, clock, settings, api, projects, http_server, WebhookStore(engine))
+        try:
+            yield rig
+        finally:
+            for worker in rig.workers:
+                await worker.stop()

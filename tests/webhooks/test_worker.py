@@ -1,0 +1,288 @@
+"""
+The delivery worker end to end: real receivers under uvicorn, the durable queue on
+SQLite and PostgreSQL, retries driven by a ManualClock through the bounded sweep.
+"""
+
+import asyncio
+from datetime import timedelta
+
+import nats
+from sqlalchemy import select
+from standardwebhooks import Webhook
+
+from delivery.dispatcher.subjects import Subjects
+from delivery.outbox import ensure_stream
+from delivery.store.sql import NOTIFICATIONS, SqlStore
+from delivery.store.webhooks import ClaimedDelivery
+from handlers.retry import MAX_ATTEMPTS, SCHEDULE
+from handlers.webhooks.signing import verify
+from tests.handlers.webhooks.stub import Reply
+from tests.webhooks.conftest import Rig
+from tests.webhooks.helpers import EVENT, add_notifications, notification_row, webhook_settings
+
+
+async def _notification(rig: Rig, nid: str) -> dict[str, object]:
+    async with rig.engine.connect() as conn:
+        row = (
+            (await conn.execute(select(NOTIFICATIONS).where(NOTIFICATIONS.c.id == nid)))
+            .mappings()
+            .one()
+        )
+    return dict(row)
+
+
+async def test_retries_until_delivered_and_consumes(rig: Rig) -> None:
+    """500, then 503 with Retry-After, then 200: retried on schedule, same event id, consumed."""
+    receiver, url = rig.receiver(
+        Reply(500, b"boom"), Reply(503, headers=(("Retry-After", "900"),)), Reply(200)
+    )
+    secret = await rig.register(url, auth_header="Bearer tenant-token")
+    worker = rig.worker()
+    (created,) = await rig.notify(1)
+    assert await worker.enqueue([created]) == 1
+    assert await worker.enqueue([created]) == 0  # a redelivered message queues nothing
+
+    first = await worker.sweep()
+    assert (first.claimed, first.retried) == (1, 1)
+    assert (await worker.sweep()).claimed == 0  # not due before the 5 s step
+    rig.clock.advance(SCHEDULE[1])
+    second = await worker.sweep()
+    assert second.retried == 1
+    rig.clock.advance(SCHEDULE[2])  # the schedule says 5 min ...
+    assert (await worker.sweep()).claimed == 0  # ... but Retry-After asked for 15
+    rig.clock.advance(timedelta(minutes=10))
+    third = await worker.sweep()
+    assert third.delivered == 1
+
+    assert len(receiver.requests) == 3
+    ids = {r.headers["webhook-id"] for r in receiver.requests}
+    assert ids == {created.notification_id}
+    last = receiver.requests[-1]
+    assert last.headers["authorization"] == "Bearer tenant-token"
+    verify(last.body, last.headers, [secret], now=rig.clock.now())
+
+    note = await _notification(rig, created.notification_id)
+    assert note["status"] == "consumed"
+    assert note["consumed_at"] == rig.clock.now()
+    (delivery,) = await rig.webhooks.deliveries()
+    assert (delivery["status"], delivery["attempt_count"]) == ("delivered", 3)
+
+    attempts = await rig.attempts()
+    assert [(a["attempt_number"], a["status"], a["response_code"]) for a in attempts] == [
+        (3, "success", 200),
+        (2, "failed", 503),
+        (1, "failed", 500),
+    ]
+    assert attempts[2]["response_body"] == "boom"
+    assert attempts[2]["error_message"] == "HTTP 500"
+    assert created.notification_id in attempts[0]["request_body"]
+    assert set(attempts[0]) <= {
+        "attempt_id",
+        "attempt_number",
+        "event_type",
+        "project_id",
+        "webhook_url",
+        "status",
+        "response_code",
+        "duration_ms",
+        "created_at",
+        "error_message",
+        "request_body",
+        "response_body",
+    }
+
+
+async def test_timeout_then_410_disables_the_endpoint(rig: Rig) -> None:
+    """A timeout is retried; 410 Gone dead-letters the delivery and disables the endpoint."""
+    receiver, url = rig.receiver(Reply(200, delay_s=2.0), Reply(410))
+    await rig.register(url)
+    worker = rig.worker()
+    (created,) = await rig.notify(1)
+    await worker.enqueue([created])
+
+    assert (await worker.sweep()).retried == 1
+    rig.clock.advance(SCHEDULE[1])
+    assert (await worker.sweep()).dead == 1
+
+    attempts = await rig.attempts()
+    assert [(a["attempt_number"], a["response_code"]) for a in attempts] == [(2, 410), (1, 0)]
+    assert attempts[1]["error_message"].startswith("timeout")
+    listed = (await rig.api.get("/api/v1/webhooks")).json()["webhooks"]
+    assert listed[0]["is_active"] is False
+    (delivery,) = await rig.webhooks.deliveries()
+    assert delivery["status"] == "dead"
+    assert (await _notification(rig, created.notification_id))["status"] == "pending"
+
+    # Disabled: new notifications are not queued, until the URL is registered again.
+    (later,) = await rig.notify(2)
+    assert await worker.enqueue([later]) == 0
+    await rig.register(url)
+    assert (await rig.api.get("/api/v1/webhooks")).json()["webhooks"][0]["is_active"] is True
+    assert await worker.enqueue([later]) == 1
+    assert len(receiver.requests) == 2
+
+
+async def test_dead_letter_after_the_last_attempt(rig: Rig) -> None:
+    """A receiver that always fails gets exactly MAX_ATTEMPTS attempts, then a dead letter."""
+    receiver, url = rig.receiver(Reply(500))
+    await rig.register(url)
+    worker = rig.worker()
+    (created,) = await rig.notify(1)
+    await worker.enqueue([created])
+    for _ in range(MAX_ATTEMPTS + 2):
+        await worker.sweep()
+        rig.clock.advance(timedelta(hours=11))
+    assert len(receiver.requests) == MAX_ATTEMPTS
+    (delivery,) = await rig.webhooks.deliveries()
+    assert (delivery["status"], delivery["attempt_count"]) == ("dead", MAX_ATTEMPTS)
+    assert f"after {MAX_ATTEMPTS} attempts" in delivery["last_error"]
+    attempts = await rig.attempts()
+    assert [a["attempt_number"] for a in attempts] == list(range(MAX_ATTEMPTS, 0, -1))
+
+
+async def test_a_message_consumed_by_polling_is_not_sent(rig: Rig) -> None:
+    """DESIGN decision 4: consumed first by polling -> the delivery is skipped, nothing sent."""
+    receiver, url = rig.receiver(Reply(200))
+    await rig.register(url)
+    worker = rig.worker()
+    first, second = await rig.notify(1, 2)
+    await worker.enqueue([first, second])
+    consumed = await rig.api.post(
+        f"/api/v1/agents/agent-1/notifications/{first.notification_id}/consume"
+    )
+    assert consumed.status_code == 200
+    result = await worker.sweep()
+    assert (result.skipped, result.delivered) == (1, 1)
+    assert [r.headers["webhook-id"] for r in receiver.requests] == [second.notification_id]
+    statuses = {d["notification_id"]: d["status"] for d in await rig.webhooks.deliveries()}
+    assert statuses == {first.notification_id: "skipped", second.notification_id: "delivered"}
+    assert len(await rig.attempts()) == 1
+
+
+async def test_rotation_signs_with_both_secrets_for_a_day(rig: Rig) -> None:
+    """After a rotation both secrets verify a delivery; after 24 h only the new one."""
+    receiver, url = rig.receiver(Reply(200))
+    old = await rig.register(url)
+    rotated = await rig.api.post(f"/api/v1/webhooks/{EVENT}/rotate-secret")
+    new = rotated.json()["signing_secret"]
+    worker = rig.worker()
+    first, second = await rig.notify(1, 2)
+    await worker.enqueue([first])
+    await worker.sweep()
+    rig.clock.advance(timedelta(hours=24, seconds=1))
+    await worker.enqueue([second])
+    await worker.sweep()
+    during, after = receiver.requests
+    for secret in (old, new):
+        verify(during.body, during.headers, [secret], now=rig.clock.now() - timedelta(hours=24))
+        Webhook(secret).verify(during.body, during.headers)
+    assert len(during.headers["webhook-signature"].split(" ")) == 2
+    assert len(after.headers["webhook-signature"].split(" ")) == 1
+    verify(after.body, after.headers, [new], now=rig.clock.now())
+
+
+async def test_consumer_and_loop_deliver_from_jetstream(
+    rig: Rig, nats_url: str, subject_prefix: str
+) -> None:
+    """
+    The running worker consumes notification.created from its durable consumer and
+    delivers; a slow endpoint does not hold up another project's fast one.
+    """
+    slow, slow_url = rig.receiver(Reply(200, delay_s=1.5))
+    fast, fast_url = rig.receiver(Reply(200))
+    await rig.register(slow_url)
+    beta_key = await _beta_key(rig)
+    registered = await rig.api.put(
+        f"/api/v1/webhooks/{EVENT}",
+        json={"webhook_url": fast_url},
+        headers={"Authorization": f"Bearer {beta_key}"},
+    )
+    assert registered.status_code == 200
+    settings = webhook_settings(subject_prefix=subject_prefix, webhook_timeout_s=5.0)
+    order: list[str] = []
+    both = asyncio.Event()
+
+    def finished(claimed: ClaimedDelivery, outcome: str) -> None:
+        order.append(f"{claimed.project_id}:{outcome}")
+        if len(order) == 2:
+            both.set()
+
+    worker = rig.worker(settings=settings, nats_url=nats_url, on_finished=finished)
+    (slow_note,) = await rig.notify(1)
+    row = notification_row(rig.projects["beta"], 1, rig.clock.now())
+    row["id"] = "msg_beta_1"
+    await add_notifications(rig.engine, [row])
+    fast_note = slow_note.model_copy(
+        update={"notification_id": "msg_beta_1", "project_id": rig.projects["beta"]}
+    )
+    await worker.start()
+
+    subjects = Subjects(subject_prefix)
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, subjects)
+        for note in (slow_note, fast_note):
+            await js.publish(
+                subjects.notification_created,
+                note.model_dump_json().encode(),
+                headers={"Nats-Msg-Id": note.notification_id},
+            )
+        await asyncio.wait_for(both.wait(), timeout=15)
+    finally:
+        await nc.jetstream().delete_stream(subjects.stream)
+        await nc.close()
+    # The fast endpoint was served while the slow one was still answering.
+    assert order == [f"{rig.projects['beta']}:delivered", f"{rig.projects['alpha']}:delivered"]
+    assert len(slow.requests) == len(fast.requests) == 1
+    assert (await _notification(rig, "msg_beta_1"))["status"] == "consumed"
+    assert (await _notification(rig, slow_note.notification_id))["status"] == "consumed"
+
+
+async def _beta_key(rig: Rig) -> str:
+    return await SqlStore(rig.engine).create_api_key(rig.projects["beta"], rig.clock.now())
+
+
+async def test_claims_are_capped_per_endpoint(rig: Rig) -> None:
+    """A backlog for one endpoint leaves claim room for another's deliveries."""
+    _, url = rig.receiver(Reply(200))
+    await rig.register(url)
+    beta_key = await _beta_key(rig)
+    registered = await rig.api.put(
+        f"/api/v1/webhooks/{EVENT}",
+        json={"webhook_url": url},
+        headers={"Authorization": f"Bearer {beta_key}"},
+    )
+    assert registered.status_code == 200
+    alpha_notes = await rig.notify(1, 2, 3, 4, 5)
+    beta_rows = [notification_row(rig.projects["beta"], n, rig.clock.now()) for n in (1, 2)]
+    await add_notifications(rig.engine, beta_rows)
+    beta_notes = [
+        alpha_notes[0].model_copy(
+            update={"notification_id": r["id"], "project_id": rig.projects["beta"]}
+        )
+        for r in beta_rows
+    ]
+    worker = rig.worker()
+    assert await worker.enqueue([*alpha_notes, *beta_notes]) == 7
+    claimed = await rig.webhooks.claim_due(
+        now=rig.clock.now(),
+        limit=4,
+        lease=timedelta(minutes=1),
+        worker_id="w1",
+        per_endpoint=2,
+        in_flight={},
+    )
+    by_project = sorted(c.project_id for c in claimed)
+    assert by_project == sorted([rig.projects["alpha"]] * 2 + [rig.projects["beta"]] * 2)
+    # An endpoint already at its cap gets nothing more; the others' rows still come.
+    alpha_endpoint = next(c.endpoint_id for c in claimed if c.project_id == rig.projects["alpha"])
+    more = await rig.webhooks.claim_due(
+        now=rig.clock.now(),
+        limit=4,
+        lease=timedelta(minutes=1),
+        worker_id="w1",
+        per_endpoint=2,
+        in_flight={alpha_endpoint: 2},
+    )
+    assert more == []

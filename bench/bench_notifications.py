@@ -29,6 +29,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg  # type: ignore[import-untyped]
+import psutil  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
 from delivery.store.bulk import insert_notifications
@@ -207,9 +208,14 @@ async def _run_one(kind: str, args: argparse.Namespace) -> dict[str, float]:
         )
         base_url = f"http://127.0.0.1:{port}"
         await _wait_ready(base_url, proc)
+        server = psutil.Process(proc.pid)
+        cpu_before = sum(server.cpu_times()[:2])
         figures = await _load(
             base_url, key, concurrency=args.concurrency, seconds=args.seconds, limit=args.limit
         )
+        # Server CPU per request: unlike latency, barely moved by other load on the box.
+        cpu_used = sum(server.cpu_times()[:2]) - cpu_before
+        figures["cpu_ms"] = cpu_used * 1000 / max(figures["requests"], 1)
         figures["seed_s"] = seed_s
         return figures
     finally:
@@ -243,8 +249,9 @@ def main() -> None:
         print(
             f"{kind:9s} p50 {f['p50_ms']:7.1f} ms  p99 {f['p99_ms']:7.1f} ms  "
             f"max {f['max_ms']:7.1f} ms  {f['rps']:7.0f} req/s  "
+            f"server CPU {f['cpu_ms']:.2f} ms/req  "
             f"({int(f['requests'])} requests, {int(f['errors'])} errors; seeded in "
-            f"{f['seed_s']:.1f} s)"
+            f"{f['seed_s']:.1f} s; load average {os.getloadavg()[0]:.1f})"
         )
 
 

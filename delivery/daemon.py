@@ -13,7 +13,6 @@ are redelivered.
 
 import asyncio
 import contextlib
-import importlib
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -208,16 +207,6 @@ def _stream_replicas(nc: NatsClient) -> int:
     # A clustered server advertises its peers (connect_urls), which nats-py adds
     # to its server pool: 3 replicas on a 3-node cluster, 1 on a single server.
     return max(1, min(3, len(nc.servers)))
-
-
-def _optional_runner(module: str, attr: str) -> Callable[..., Any] | None:
-    """A part's factory from a module another engineer owns, if it exists yet."""
-    try:
-        found = importlib.import_module(module)
-    except ImportError:
-        return None
-    factory = getattr(found, attr, None)
-    return factory if callable(factory) else None
 
 
 class Daemon:
@@ -417,11 +406,9 @@ class Daemon:
     # --- parts owned by other modules ---------------------------------------------
 
     async def _start_handlers(self, stack: _Stack, engine: AsyncEngine, nats_url: str) -> None:
-        factory = _optional_runner("handlers.runner", "build_handlers")
-        if factory is None:
-            log.warning("handlers_not_available", reason="handlers.service.build_handlers missing")
-            return
-        runner: Runner = factory(self.settings, engine, nats_url=nats_url, clock=self.clock)
+        from handlers.runner import build_handlers
+
+        runner: Runner = build_handlers(self.settings, engine, nats_url=nats_url, clock=self.clock)
         await runner.start()
         stack.push("handlers", runner.stop)
 

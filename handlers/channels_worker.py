@@ -37,6 +37,7 @@ from faststream import AckPolicy, Context, StreamMessage
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.message import NatsBatchMessage
 from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -303,7 +304,14 @@ class ChannelsWorker:
             self.subjects.notification_created,
             stream=JStream(self.subjects.stream, declare=False),
             durable=DURABLE,
-            config=ConsumerConfig(ack_wait=ACK_WAIT_S, max_ack_pending=4 * self.batch),
+            # NEW: when the consumer is first created (a deployment that adds this worker)
+            # it must not push the stream's whole week of history to people's phones.
+            # Once it exists, the durable consumer resumes where it stopped.
+            config=ConsumerConfig(
+                ack_wait=ACK_WAIT_S,
+                max_ack_pending=4 * self.batch,
+                deliver_policy=DeliverPolicy.NEW,
+            ),
             pull_sub=PullSub(batch_size=self.batch, timeout=BATCH_WAIT_S, batch=True),
             ack_policy=AckPolicy.MANUAL,
             decoder=_no_decode,

@@ -22,6 +22,7 @@ from delivery.api.idempotency import IdempotencyMiddleware
 from delivery.api.metrics import HttpMetrics, RequestContextMiddleware
 from delivery.api.routes import ROUTERS
 from delivery.clock import Clock
+from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.store.sql import SqlStore
 
@@ -98,6 +99,7 @@ def create_app(
         store=store,
         clock=clock,
         ttl=timedelta(seconds=settings.idempotency_ttl_s),
+        box_factory=lambda: SecretBox.from_settings(settings),
     )
     app.add_middleware(AuthMiddleware, authenticator=Authenticator(store, ttl_s=auth_cache_ttl_s))
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

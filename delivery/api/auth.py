@@ -97,7 +97,7 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
-def _project_id(request: Request) -> str:
+async def _project_id(request: Request) -> str:  # async: see context._ctx
     project = getattr(request.state, "project_id", None)
     if not isinstance(project, str):  # pragma: no cover - the middleware always sets it
         raise UnauthorizedError("", "missing Authorization: Bearer <api key> header")

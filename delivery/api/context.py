@@ -59,7 +59,9 @@ class ApiContext:
             _log.warning("waker failed", error=repr(exc))
 
 
-def _ctx(request: Request) -> ApiContext:
+async def _ctx(request: Request) -> ApiContext:
+    # async on purpose: FastAPI runs a plain-def dependency in its thread pool,
+    # a thread hop per request that costs more than the whole database read.
     ctx: ApiContext = request.app.state.ctx
     return ctx
 

@@ -13,6 +13,7 @@ get another chance at.
 import asyncio
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import timedelta
 
 import structlog
@@ -25,12 +26,16 @@ from delivery.errors import (
     DeliveryError,
     IdempotencyKeyReusedError,
 )
+from delivery.secrets import SecretBox
 from delivery.store.sql import SqlStore
 
 _METHODS = frozenset({"POST", "PUT", "PATCH"})
 _MAX_KEY = 255
 _POLL_S = 0.05
 _log = structlog.get_logger(__name__)
+# Every secret we hand out once starts with whsec_ (webhook and channel signing secrets).
+_SECRET_MARKER = b"whsec_"
+_SEALED_PREFIX = "sealed:"
 
 
 class IdempotencyInProgressError(ConflictError):
@@ -47,16 +52,52 @@ class IdempotencyMiddleware:
         ttl: how long a response is replayed.
         wait_s: how long a request waits for a concurrent one with the same
             key to finish before it answers 409 ``IDEMPOTENCY_KEY_IN_PROGRESS``.
+        box_factory: builds the deployment's :class:`SecretBox`; responses that
+            carry a signing secret are recorded sealed with it.
     """
 
     def __init__(
-        self, app: ASGIApp, store: SqlStore, clock: Clock, ttl: timedelta, wait_s: float = 10.0
+        self,
+        app: ASGIApp,
+        store: SqlStore,
+        clock: Clock,
+        ttl: timedelta,
+        wait_s: float = 10.0,
+        box_factory: Callable[[], SecretBox] | None = None,
     ) -> None:
         self.app = app
         self.store = store
         self.clock = clock
         self.ttl = ttl
         self.wait_s = wait_s
+        self._box_factory = box_factory
+        self._box: SecretBox | None = None
+
+    async def _sealer(self) -> SecretBox:
+        # Built on first need only: it may create the key file in the data dir.
+        if self._box is None:
+            if self._box_factory is None:
+                raise RuntimeError("a response carries a secret but no SecretBox is configured")
+            self._box = await asyncio.to_thread(self._box_factory)
+        return self._box
+
+    async def _stored_body(self, body: bytes) -> str:
+        """
+        The text to record for a response body.
+
+        A signing secret is shown once (CONTRACT 7) and stored only encrypted
+        (DESIGN invariant 6); a replayed first registration must show it again,
+        so a body that carries one is recorded sealed rather than dropped.
+        """
+        text = body.decode()
+        if _SECRET_MARKER not in body:
+            return text
+        return _SEALED_PREFIX + (await self._sealer()).seal(text)
+
+    async def _replayed_body(self, stored: str) -> bytes:
+        if not stored.startswith(_SEALED_PREFIX):
+            return stored.encode()
+        return (await self._sealer()).open(stored.removeprefix(_SEALED_PREFIX)).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         project = scope.get("state", {}).get("project_id")
@@ -97,9 +138,8 @@ class IdempotencyMiddleware:
             )
         if claim.state == "replay":
             _log.info("idempotent replay", route=route, status=claim.status_code)
-            await _send_json(
-                send, claim.status_code, claim.body.encode(), [(b"idempotent-replayed", b"true")]
-            )
+            replay = await self._replayed_body(claim.body)
+            await _send_json(send, claim.status_code, replay, [(b"idempotent-replayed", b"true")])
             return
         if claim.state == "mismatch":
             await _send_error(
@@ -146,9 +186,8 @@ class IdempotencyMiddleware:
             await self.store.release_idempotency_key(project, route, key)
             raise
         if 200 <= status < 500:
-            await self.store.complete_idempotency_key(
-                project, route, key, status, b"".join(chunks).decode()
-            )
+            stored = await self._stored_body(b"".join(chunks))
+            await self.store.complete_idempotency_key(project, route, key, status, stored)
         else:
             await self.store.release_idempotency_key(project, route, key)
 

@@ -40,8 +40,12 @@ async def insert_ignoring_duplicates(
         stmt = pg_insert(table).on_conflict_do_nothing(index_elements=list(unique))
     else:
         stmt = sqlite_insert(table).on_conflict_do_nothing(index_elements=list(unique))
-    result = await conn.execute(stmt, [dict(r) for r in rows])
-    return int(result.rowcount or 0)
+    # rowcount is -1 for a multi-row executemany on asyncpg, so count what
+    # RETURNING hands back instead: conflicting rows return nothing. SQLAlchemy
+    # batches this into multi-VALUES statements ("insertmanyvalues") on both drivers.
+    key = table.c[unique[0]]
+    result = await conn.execute(stmt.returning(key), [dict(r) for r in rows])
+    return len(result.all())
 
 
 async def insert_notifications(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> int:

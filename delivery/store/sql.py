@@ -113,6 +113,12 @@ class SqlStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._sqlite = is_sqlite(str(engine.url))
+        # Every read here is one statement, so PostgreSQL reads skip BEGIN and
+        # ROLLBACK (two round trips that cost more than the query on the polling
+        # path). pysqlite never opens a transaction for a SELECT anyway.
+        self._reader = (
+            engine if self._sqlite else engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
 
     # --- plumbing -------------------------------------------------------------
 
@@ -137,8 +143,11 @@ class SqlStore:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reads; nothing it does is committed."""
-        async with self.engine.connect() as conn:
+        """
+        A connection for single-statement reads (autocommit on PostgreSQL: each
+        statement sees its own snapshot, so never use it for read-then-write).
+        """
+        async with self._reader.connect() as conn:
             yield conn
 
     async def ping(self) -> None:

@@ -141,6 +141,9 @@ def test_sync_sdk_drives_every_call(database_url: str) -> None:
                 )
             assert caught.value.code == code, (cadence, window, ends_at)
         assert len(client.schedules.list(A, U).schedules) == 1
+        with pytest.raises(sonzai.BadRequestError) as caught:
+            client.schedules.list("team/agent", U)  # the SDK does not escape '/'
+        assert caught.value.code == "INVALID_ID"
 
         # Wakeups: scheduled_at wins over delay_hours.
         birthday = client.agents.schedule_wakeup(

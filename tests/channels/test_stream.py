@@ -69,7 +69,7 @@ async def test_stream_delivers_in_order_resumes_and_beats(
     """Live events arrive in publish order; a reconnect with Last-Event-ID replays the rest."""
     subjects = Subjects(subject_prefix)
     settings = channel_settings(tmp_path, nats_url=nats_url, subject_prefix=subject_prefix)
-    config = StreamConfig(heartbeat_s=0.3)
+    config = StreamConfig(heartbeat_s=0.3, replay_limit=3)
     nc = await nats.connect(nats_url)
     engine = create_engine(database_url)
     try:
@@ -145,11 +145,20 @@ async def test_stream_delivers_in_order_resumes_and_beats(
                     live_next = await _next_event(events, want="notification")
                     assert live_next.id == rows[5]["id"]
 
+                # An unknown id replays the whole pending queue, one page per connection:
+                # a full page (3) ends the stream, the reconnect with its last id resumes.
                 unknown = {"Last-Event-ID": "msg_never_seen"}
-                async with client.stream("GET", PATH, headers=unknown) as full:
-                    events = read_events(full)
-                    ids = [(await _next_event(events, want="notification")).id for _ in range(5)]
-                    assert ids == [r["id"] for r in (rows[:3] + rows[4:])]
+                async with client.stream("GET", PATH, headers=unknown) as page:
+                    got = [block async for block in read_events(page)]
+                assert [b.id for b in got if b.event == "notification"] == [
+                    r["id"] for r in rows[:3]
+                ]
+                assert got[-1].retry == "0", "a full page asks for an immediate reconnect"
+                after = {"Last-Event-ID": str(rows[2]["id"])}
+                async with client.stream("GET", PATH, headers=after) as rest:
+                    events = read_events(rest)
+                    ids = [(await _next_event(events, want="notification")).id for _ in range(2)]
+                assert ids == [rows[4]["id"], rows[5]["id"]]
     finally:
         await engine.dispose()
         await nc.close()

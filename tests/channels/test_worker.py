@@ -244,6 +244,12 @@ async def test_preferences_opt_out_dead_token_and_retry(
     contacts = {c["kind"]: c for c in await store.list_contacts(project, A, U)}
     assert contacts["sms"]["disabled"] is True
 
+    # The app registering the token again (a reinstall) re-enables it.
+    again, created = await store.add_contact(
+        project, A, U, kind="fcm", destination=TOKEN, opted_out=False, now=clock.now()
+    )
+    assert (created, again["disabled"], again["disabled_reason"]) == (False, False, None)
+
 
 async def test_retry_stops_once_the_message_is_consumed(
     engine: AsyncEngine,

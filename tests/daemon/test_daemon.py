@@ -11,7 +11,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from delivery.daemon import Daemon, Part, PeriodicJob
+from delivery.daemon import Daemon, PeriodicJob
 from delivery.settings import Settings
 
 KEY = "dk_test_daemon_key_0123456789abcdef"
@@ -32,7 +32,7 @@ def settings(tmp_path: Path, nats_url: str, subject_prefix: str) -> Settings:
 
 async def test_an_api_write_wakes_the_scheduler_and_shutdown_is_clean(settings):
     """A wakeup due now becomes a pending notification long before the next periodic tick."""
-    daemon = Daemon(settings, parts=frozenset({Part.API, Part.SCHEDULER, Part.DISPATCHER}))
+    daemon = Daemon(settings)  # every part, as `delivery run`
     running = asyncio.create_task(daemon.run(install_signals=False))
     try:
         await asyncio.wait_for(daemon.ready.wait(), 30)

@@ -20,6 +20,7 @@ from sqlalchemy import select
 from delivery.clock import ManualClock
 from delivery.secrets import SecretBox
 from delivery.store.engine import create_engine
+from delivery.store.sql import IDEMPOTENCY
 from delivery.store.webhooks import ENDPOINTS
 from tests.api.server import serve_api
 from tests.webhooks.helpers import EVENT, add_attempts, webhook_settings
@@ -203,3 +204,40 @@ async def test_async_sdk_webhook_lifecycle(database_url: str) -> None:
             assert (await client.webhooks.delete_for_project(beta, EVENT)).success
             with pytest.raises(sonzai.NotFoundError):
                 await client.webhooks.delete(EVENT)
+
+
+def _stored_idempotency_bodies(url: str) -> list[str]:
+    async def run() -> list[str]:
+        engine = create_engine(url)
+        try:
+            async with engine.connect() as conn:
+                rows = await conn.execute(select(IDEMPOTENCY.c.response_body))
+                return [str(r[0]) for r in rows]
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def test_replayed_registration_shows_the_secret_but_never_stores_it_in_clear(
+    database_url: str,
+) -> None:
+    """A retried first registration replays its secret; the idempotency record holds it sealed."""
+    clock = ManualClock(START)
+    with serve_api(database_url, clock, settings=webhook_settings()) as served:
+        headers = {
+            "Authorization": f"Bearer {served.keys['alpha']}",
+            "Idempotency-Key": "retry-of-first-registration",
+        }
+        url = f"{served.base_url}/api/v1/webhooks/{EVENT}"
+        with httpx.Client() as http:
+            first = http.put(url, json={"webhook_url": HOOK}, headers=headers)
+            again = http.put(url, json={"webhook_url": HOOK}, headers=headers)
+    assert first.status_code == again.status_code == 200
+    secret = first.json()["signing_secret"]
+    assert secret.startswith("whsec_")
+    assert again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true"
+    bodies = _stored_idempotency_bodies(database_url)
+    assert bodies
+    assert all("whsec_" not in body for body in bodies)

@@ -398,12 +398,17 @@ async def _deliver_one(
                 "status": "failed",
                 "error": "email is not configured on this server (DELIVERY_SMTP_HOST)",
             }
+        try:
+            security = SmtpSecurity(settings.smtp_security)
+        except ValueError:
+            _log.error("channels.smtp_misconfigured", smtp_security=settings.smtp_security)
+            return {**result, "status": "failed", "error": "the server's SMTP settings are invalid"}
         channel = SmtpChannel(
             settings.smtp_host,
             settings.smtp_port,
             str(config.get("from") or settings.smtp_from),
             clock=clock,
-            security=SmtpSecurity(settings.smtp_security),
+            security=security,
             username=settings.smtp_username,
             password=settings.smtp_password.get_secret_value() if settings.smtp_password else "",
         )

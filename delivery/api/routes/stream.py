@@ -94,7 +94,8 @@ class StreamConfig:
     Attributes:
         heartbeat_s: seconds between ``: heartbeat`` comments on an idle stream.
         queue_size: events buffered per client before it is dropped as too slow.
-        replay_limit: most pending messages replayed on a ``Last-Event-ID`` resume.
+        replay_limit: most pending messages replayed per connection on a
+            ``Last-Event-ID`` resume (one page; the client reconnects for the next).
         retry_ms: the reconnection delay suggested to ``EventSource`` clients.
         max_clients: streams one process holds at once; past it a new one is 503
             (with the queue bound, this caps the memory streams can take).
@@ -327,14 +328,11 @@ def _hub(request: Request, ctx: ApiContext) -> StreamHub:
     return hub
 
 
-async def _watch_disconnect(request: Request, gone: asyncio.Event) -> None:
+async def _watch_disconnect(request: Request) -> None:
     # Starlette only notices a vanished client when a write fails (ASGI spec 2.4), which
     # could be a heartbeat away; reading ``http.disconnect`` frees the slot at once.
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            return
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _events(
@@ -343,12 +341,8 @@ async def _events(
     backlog: list[RowMapping],
     config: StreamConfig,
 ) -> AsyncGenerator[bytes]:
-    gone = asyncio.Event()
-    helpers: list[asyncio.Task[object]] = [
-        asyncio.create_task(_watch_disconnect(request, gone)),
-        asyncio.create_task(gone.wait()),
-    ]
-    until_gone = helpers[1]
+    # Two tasks per client: the disconnect watcher and one pending queue get.
+    watcher = asyncio.create_task(_watch_disconnect(request))
     getter: asyncio.Task[object] | None = None
     bound = log.bind(project_id=listener.key[0], agent_id=listener.key[1], user_id=listener.key[2])
     try:
@@ -356,18 +350,25 @@ async def _events(
         replayed = {row["id"] for row in backlog}
         for row in backlog:
             yield sse_event(row)
+        if len(backlog) >= config.replay_limit:
+            # More may be pending than one replay holds: end the stream so the client
+            # reconnects at once with the last id it got (EventSource does this by
+            # itself) and gets the next page. Memory stays bounded by the page.
+            bound.info("stream.replay_paged", replayed=len(backlog))
+            yield b"retry: 0\n\n"
+            return
         del backlog[:]
-        while not gone.is_set():
+        while not watcher.done():
             if getter is None:
                 # One get() in flight at a time, kept across heartbeats: nothing to cancel.
                 getter = asyncio.create_task(listener.queue.get())
             done, _ = await asyncio.wait(
-                [getter, until_gone],
+                [getter, watcher],
                 timeout=config.heartbeat_s,
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if getter not in done:
-                if not gone.is_set():
+                if not watcher.done():
                     yield b": heartbeat\n\n"
                 continue
             item = getter.result()
@@ -387,10 +388,9 @@ async def _events(
         # No await here: when Starlette's disconnect listener cancels the response
         # (anyio cancel scope, ASGI spec < 2.4) every await in this block would be
         # cancelled again. The listener is removed by EventStreamResponse instead.
+        watcher.cancel()
         if getter is not None:
-            helpers.append(getter)
-        for task in helpers:
-            task.cancel()
+            getter.cancel()
         bound.debug("stream.closed")
 
 
@@ -438,8 +438,10 @@ async def stream_notifications(
     Server-Sent Events: each new pending message for this user as it is created.
 
     Send ``Last-Event-ID`` (browsers do on reconnect) to first replay the pending
-    messages queued after that message. 503 ``STREAM_UNAVAILABLE`` when this process
-    has no message bus.
+    messages queued after that message; when more than ``replay_limit`` are pending the
+    stream ends after one page, and reconnecting with the last id gets the next page.
+    503 ``STREAM_UNAVAILABLE`` when this process has no message bus or holds
+    ``max_clients`` streams already.
     """
     config: StreamConfig = getattr(request.app.state, "stream_config", None) or StreamConfig()
     hub = _hub(request, ctx)

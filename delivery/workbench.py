@@ -49,12 +49,12 @@ from delivery.dispatcher.process import (
     schedule_draft,
     wakeup_draft,
     write_notifications,
-    write_transaction,
 )
 from delivery.dispatcher.subjects import Subjects
 from delivery.errors import ConflictError, InvalidRequestError, NotFoundError
 from delivery.planning import fire_id
 from delivery.store import bulk
+from delivery.store.engine import write_transaction
 from delivery.store.tables import AdvanceTimeJobRow, ClockOffsetRow, FireRow
 
 log = structlog.get_logger(__name__)

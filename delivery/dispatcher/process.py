@@ -12,8 +12,7 @@ dispatchers running it at once, leaves the same rows as running it once.
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -38,7 +37,7 @@ from delivery.dispatcher.composers import Composer, CompositionError
 from delivery.dispatcher.messages import NotificationCreated
 from delivery.dispatcher.subjects import Subjects
 from delivery.store import bulk
-from delivery.store.engine import is_sqlite
+from delivery.store.engine import write_transaction
 from delivery.store.tables import (
     FireRow,
     InventoryItemRow,
@@ -491,27 +490,6 @@ async def write_notifications(
         conn, [outbox_row(r, subjects, now) for r in rows if r["status"] == "pending"]
     )
     return rows, skipped
-
-
-@asynccontextmanager
-async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """
-    A write transaction; on SQLite it takes the write lock up front (``BEGIN IMMEDIATE``).
-
-    A deferred SQLite transaction that upgrades to a writer after another
-    connection committed fails at once with ``SQLITE_BUSY`` instead of waiting
-    on the busy timeout; taking the lock first makes it wait its turn behind
-    the scheduler and the relay, which do the same.
-    """
-    async with engine.connect() as conn:
-        if is_sqlite(str(engine.url)):
-            await conn.exec_driver_sql("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            await conn.rollback()
-            raise
-        await conn.commit()
 
 
 class Processor:

@@ -5,10 +5,12 @@ SQLite is tuned for one writer with concurrent readers: WAL, a busy timeout so
 short write contention waits instead of failing, and foreign keys on.
 """
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 
 def is_sqlite(url: str) -> bool:
@@ -32,6 +34,28 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
             url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
         )
     raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]!r}")
+
+
+@asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """
+    A write transaction that commits on success and rolls back on any exception.
+
+    On SQLite it takes the write lock up front (``BEGIN IMMEDIATE``): a deferred
+    transaction that upgrades from reader to writer after another connection
+    committed fails at once with ``SQLITE_BUSY`` instead of waiting on the busy
+    timeout, so every writer (API, scheduler, relay, dispatcher, handlers) queues
+    for the lock instead.
+    """
+    async with engine.connect() as conn:
+        if is_sqlite(str(engine.url)):
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            await conn.rollback()
+            raise
+        await conn.commit()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

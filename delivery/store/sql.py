@@ -24,7 +24,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.store.bulk import insert_ignoring_duplicates, insert_outbox
-from delivery.store.engine import is_sqlite
+from delivery.store.engine import is_sqlite, write_transaction
 from delivery.store.tables import (
     ApiKeyRow,
     FireRow,
@@ -131,15 +131,8 @@ class SqlStore:
         on ``busy_timeout`` instead of failing with SQLITE_BUSY when a deferred
         transaction upgrades from read to write.
         """
-        async with self.engine.connect() as conn:
-            if self._sqlite:
-                await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                await conn.rollback()
-                raise
-            await conn.commit()
+        async with write_transaction(self.engine) as conn:
+            yield conn
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

@@ -30,7 +30,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.store.bulk import insert_ignoring_duplicates
-from delivery.store.engine import is_sqlite
+from delivery.store.engine import is_sqlite, write_transaction
 from delivery.store.sql import NOTIFICATIONS, new_id
 from delivery.store.tables.webhooks import (
     WebhookAttemptRow,
@@ -179,17 +179,8 @@ class WebhookStore:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        # BEGIN IMMEDIATE on SQLite: the lock is taken up front, so a read-then-write
-        # queues on busy_timeout instead of failing a lock upgrade (as SqlStore.write).
-        async with self.engine.connect() as conn:
-            if self._sqlite:
-                await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                await conn.rollback()
-                raise
-            await conn.commit()
+        async with write_transaction(self.engine) as conn:
+            yield conn
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:

@@ -136,7 +136,8 @@ async def main() -> None:
                     if made >= burst:
                         break
                 if popen.poll() is not None:
-                    raise RuntimeError(f"daemon exited with {popen.returncode}")
+                    tail = (Path(tmp) / "daemon.log").read_text()[-3000:]
+                    raise RuntimeError(f"daemon exited with {popen.returncode}:\n{tail}")
             done_s = (datetime.now(UTC) - due).total_seconds()
         finally:
             await engine.dispose()

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from delivery.daemon import Daemon, PeriodicJob
 from delivery.settings import Settings
+from tests.daemon.helpers import delete_stream
 
 KEY = "dk_test_daemon_key_0123456789abcdef"
 
@@ -64,6 +65,7 @@ async def test_an_api_write_wakes_the_scheduler_and_shutdown_is_clean(settings):
     finally:
         daemon.request_stop()
         await asyncio.wait_for(running, 60)
+        await delete_stream(settings.nats_url, settings.subject_prefix)
     running.result()
 
 

@@ -29,13 +29,11 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Any
 
 import httpx
 import structlog
-from faststream import AckPolicy, Context, StreamMessage
-from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
-from faststream.nats.message import NatsBatchMessage
+from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
@@ -43,6 +41,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.clock import Clock
+from delivery.dispatcher.consumers import subscribe_batches
 from delivery.dispatcher.messages import NotificationCreated
 from delivery.dispatcher.subjects import Subjects
 from delivery.outbox import ensure_stream
@@ -97,12 +96,6 @@ class FanoutResult:
         self.skipped += other.skipped
         self.retries_scheduled += other.retries_scheduled
         self.disabled += other.disabled
-
-
-async def _no_decode(message: StreamMessage[Any]) -> None:
-    """Skip FastStream's decoding: each raw message is validated (and a poison one
-    terminated) in the handler, as the dispatcher does."""
-    return None
 
 
 def message_for(row: RowMapping) -> Message:
@@ -294,28 +287,20 @@ class ChannelsWorker:
     def _build_broker(self, url: str) -> NatsBroker:
         # logger=None: every line we log goes through structlog with ids bound.
         broker = NatsBroker(url, graceful_timeout=ACK_WAIT_S, logger=None)
-
-        async def handle(
-            body: Any, message: Annotated[NatsBatchMessage, Context("message")]
-        ) -> None:
-            await self.handle_batch(message.raw_message)
-
-        broker.subscriber(
-            self.subjects.notification_created,
-            stream=JStream(self.subjects.stream, declare=False),
+        subscribe_batches(
+            broker,
+            subject=self.subjects.notification_created,
+            stream=self.subjects.stream,
             durable=DURABLE,
+            batch=self.batch,
+            ack_wait_s=ACK_WAIT_S,
+            pull_wait_s=BATCH_WAIT_S,
+            handler=self.handle_batch,
             # NEW: when the consumer is first created (a deployment that adds this worker)
             # it must not push the stream's whole week of history to people's phones.
             # Once it exists, the durable consumer resumes where it stopped.
-            config=ConsumerConfig(
-                ack_wait=ACK_WAIT_S,
-                max_ack_pending=4 * self.batch,
-                deliver_policy=DeliverPolicy.NEW,
-            ),
-            pull_sub=PullSub(batch_size=self.batch, timeout=BATCH_WAIT_S, batch=True),
-            ack_policy=AckPolicy.MANUAL,
-            decoder=_no_decode,
-        )(handle)
+            deliver_policy=DeliverPolicy.NEW,
+        )
         return broker
 
     # --- fan-out ------------------------------------------------------------------

@@ -24,13 +24,10 @@ redelivers it, and the unique ``source_id`` makes the redelivery safe.
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
 
 import nats
 import structlog
-from faststream import AckPolicy, Context, StreamMessage
-from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
-from faststream.nats.message import NatsBatchMessage
+from faststream.nats import ConsumerConfig, NatsBroker
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel, ValidationError
@@ -39,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from delivery.clock import Clock
 from delivery.dispatcher.compose import SourceKind
 from delivery.dispatcher.composers import Composer, build_composer
+from delivery.dispatcher.consumers import subscribe_batches
 from delivery.dispatcher.messages import EventAccepted, FireCreated, WakeupDue
 from delivery.dispatcher.process import BatchResult, Processor, SourceRef
 from delivery.dispatcher.subjects import Subjects
@@ -70,17 +68,6 @@ _MODELS: dict[SourceKind, type[BaseModel]] = {
     SourceKind.WAKEUP: WakeupDue,
     SourceKind.EVENT: EventAccepted,
 }
-
-
-async def _no_decode(message: StreamMessage[Any]) -> None:
-    """
-    Skip FastStream's body decoding: :func:`decode` validates each raw message.
-
-    FastStream's decoder raises on a JSON content type with a broken body, before
-    the handler could terminate the message, so a poison message would be
-    redelivered forever.
-    """
-    return None
 
 
 _DESCRIPTIONS: dict[SourceKind, str] = {
@@ -155,29 +142,26 @@ class Dispatcher:
     def _build_broker(self) -> NatsBroker:
         # logger=None: every line we log goes through structlog with ids bound.
         broker = NatsBroker(self.nats_url, graceful_timeout=30.0, logger=None)
-        stream = JStream(self.subjects.stream, declare=False)
         for kind in SourceKind:
-            self._subscribe(broker, stream, kind)
+            self._subscribe(broker, kind)
         return broker
 
-    def _subscribe(self, broker: NatsBroker, stream: JStream, kind: SourceKind) -> None:
-        async def handle(
-            body: Any,
-            message: Annotated[NatsBatchMessage, Context("message")],
-        ) -> None:
-            await self._handle_batch(kind, message.raw_message)
+    def _subscribe(self, broker: NatsBroker, kind: SourceKind) -> None:
+        async def handle(raws: Sequence[Msg]) -> None:
+            await self._handle_batch(kind, raws)
 
-        broker.subscriber(
-            _subject(self.subjects, kind),
-            stream=stream,
+        subscribe_batches(
+            broker,
+            subject=_subject(self.subjects, kind),
+            stream=self.subjects.stream,
             durable=DURABLES[kind],
-            config=ConsumerConfig(ack_wait=ACK_WAIT_S, max_ack_pending=4 * self.batch_size),
-            pull_sub=PullSub(batch_size=self.batch_size, timeout=BATCH_WAIT_S, batch=True),
-            ack_policy=AckPolicy.MANUAL,
-            decoder=_no_decode,
+            batch=self.batch_size,
+            ack_wait_s=ACK_WAIT_S,
+            pull_wait_s=BATCH_WAIT_S,
+            handler=handle,
             title=f"dispatcher:{kind.value}",
             description=_DESCRIPTIONS[kind],
-        )(handle)
+        )
 
     async def _handle_batch(self, kind: SourceKind, raws: Sequence[Msg]) -> BatchResult:
         """Decode, process, ack: the whole subscriber (errors stop here: a process edge)."""

@@ -29,17 +29,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
-from typing import Annotated, Any
+from typing import Any
 
 import structlog
-from faststream import AckPolicy, Context, StreamMessage
-from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
-from faststream.nats.message import NatsBatchMessage
+from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.clock import Clock
+from delivery.dispatcher.consumers import subscribe_batches
 from delivery.dispatcher.messages import NotificationCreated
 from delivery.dispatcher.subjects import Subjects
 from delivery.outbox import ensure_stream
@@ -87,12 +86,6 @@ class SweepResult:
     dead: int = 0
     skipped: int = 0
     errors: int = 0
-
-
-async def _no_decode(message: StreamMessage[Any]) -> None:
-    """Skip FastStream's decoding: each raw message is validated (and a poison one
-    terminated) in the handler, as the dispatcher does."""
-    return None
 
 
 def _message(claimed: ClaimedDelivery) -> Message:
@@ -256,21 +249,16 @@ class WebhookWorker:
     def _build_broker(self, url: str) -> NatsBroker:
         # logger=None: every line we log goes through structlog with ids bound.
         broker = NatsBroker(url, graceful_timeout=30.0, logger=None)
-
-        async def handle(
-            body: Any, message: Annotated[NatsBatchMessage, Context("message")]
-        ) -> None:
-            await self.handle_batch(message.raw_message)
-
-        broker.subscriber(
-            self.subjects.notification_created,
-            stream=JStream(self.subjects.stream, declare=False),
+        subscribe_batches(
+            broker,
+            subject=self.subjects.notification_created,
+            stream=self.subjects.stream,
             durable=DURABLE,
-            config=ConsumerConfig(ack_wait=ACK_WAIT_S, max_ack_pending=4 * self.batch),
-            pull_sub=PullSub(batch_size=self.batch, timeout=BATCH_WAIT_S, batch=True),
-            ack_policy=AckPolicy.MANUAL,
-            decoder=_no_decode,
-        )(handle)
+            batch=self.batch,
+            ack_wait_s=ACK_WAIT_S,
+            pull_wait_s=BATCH_WAIT_S,
+            handler=self.handle_batch,
+        )
         return broker
 
     async def handle_batch(self, raws: Sequence[Msg]) -> int:

@@ -10,9 +10,10 @@ store, two projects with a key each, the app.
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvicorn
 
@@ -42,10 +43,14 @@ def serve_api(
     *,
     settings: Settings | None = None,
     waker: Wakeable | None = None,
+    state: Mapping[str, Any] | None = None,
     startup_timeout_s: float = 20.0,
 ) -> Iterator[ServedApi]:
     """
     Migrate ``database_url`` and serve the API on it until the block exits.
+
+    ``state`` is put on ``app.state`` before serving (a constructor seam for
+    collaborators such as the stream's config, not a monkeypatch).
 
     Raises:
         RuntimeError: the server did not come up (the thread's error is chained).
@@ -64,8 +69,11 @@ def serve_api(
                 project = await store.ensure_project(name, clock.now())
                 served.projects[name] = project.id
                 served.keys[name] = await store.create_api_key(project.id, clock.now())
+            app = create_app(settings, store, clock, waker)
+            for name, value in (state or {}).items():
+                setattr(app.state, name, value)
             config = uvicorn.Config(
-                create_app(settings, store, clock, waker),
+                app,
                 host="127.0.0.1",
                 port=0,
                 log_level="warning",

@@ -39,18 +39,22 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_PROPERTIES_BYTES = 64 * 1024
 
 
-class _Request(BaseModel):
+class RequestModel(BaseModel):
+    """Base of every request body: unknown keys and type coercion are rejected (400)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class _Response(BaseModel):
+class ResponseModel(BaseModel):
+    """Base of every response model: exactly the contract's fields (G models forbid extras)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
 # --- schedules ----------------------------------------------------------------
 
 
-class ScheduleCreate(_Request):
+class ScheduleCreate(RequestModel):
     """``POST …/schedules`` (CONTRACT 3.1)."""
 
     cadence: dict[str, Any]
@@ -63,7 +67,7 @@ class ScheduleCreate(_Request):
     ends_at: str | None = None
 
 
-class SchedulePatch(_Request):
+class SchedulePatch(RequestModel):
     """
     ``PATCH …/schedules/{id}``: absent is unchanged, ``{}`` clears ``active_window`` /
     ``metadata``, ``""`` clears ``starts_at`` / ``ends_at`` (DESIGN decision 6).
@@ -80,14 +84,14 @@ class SchedulePatch(_Request):
     enabled: bool | None = None
 
 
-class ScheduleCreated(_Response):
+class ScheduleCreated(ResponseModel):
     schedule_id: str
     next_fire_at: str
     next_fire_at_local: str
     enabled: bool
 
 
-class ScheduleOut(_Response):
+class ScheduleOut(ResponseModel):
     """The schedule object; structured fields are JSON text (CONTRACT 3.2)."""
 
     schedule_id: str
@@ -107,22 +111,22 @@ class ScheduleOut(_Response):
     ends_at: str | None = None
 
 
-class ScheduleList(_Response):
+class ScheduleList(ResponseModel):
     schedules: list[ScheduleOut]
 
 
-class Upcoming(_Response):
+class Upcoming(ResponseModel):
     upcoming: list[str]
 
 
-class Success(_Response):
+class Success(ResponseModel):
     success: bool
 
 
 # --- wakeups ------------------------------------------------------------------
 
 
-class WakeupCreate(_Request):
+class WakeupCreate(RequestModel):
     """``POST /api/v1/agents/{agentId}/wakeups`` (CONTRACT 4); ``scheduled_at`` wins."""
 
     user_id: Ident
@@ -136,12 +140,12 @@ class WakeupCreate(_Request):
     inventory_item_id: Ident | None = None
 
 
-class WakeupCreated(_Response):
+class WakeupCreated(ResponseModel):
     wakeup_id: str
     scheduled_at: str
 
 
-class WakeupOut(_Response):
+class WakeupOut(ResponseModel):
     wakeup_id: str
     agent_id: str
     user_id: str
@@ -156,11 +160,11 @@ class WakeupOut(_Response):
     event_description: str | None = None
 
 
-class WakeupList(_Response):
+class WakeupList(ResponseModel):
     wakeups: list[WakeupOut]
 
 
-class WakeupCancelled(_Response):
+class WakeupCancelled(ResponseModel):
     wakeup_id: str
     status: str
 
@@ -168,12 +172,12 @@ class WakeupCancelled(_Response):
 # --- trigger events -----------------------------------------------------------
 
 
-class ChatMessage(_Request):
+class ChatMessage(RequestModel):
     role: Annotated[str, Field(min_length=1, max_length=32), Clean]
     content: Annotated[str, Field(max_length=32_000), Clean]
 
 
-class EventCreate(_Request):
+class EventCreate(RequestModel):
     """``POST /api/v1/agents/{agentId}/events`` (CONTRACT 5); metadata is string-only."""
 
     user_id: Ident
@@ -185,12 +189,12 @@ class EventCreate(_Request):
     messages: Annotated[list[ChatMessage], Field(max_length=200)] | None = None
 
 
-class EventAccepted(_Response):
+class EventAccepted(ResponseModel):
     accepted: bool
     event_id: str
 
 
-class EventOut(_Response):
+class EventOut(ResponseModel):
     event_id: str
     agent_id: str
     user_id: str
@@ -201,14 +205,14 @@ class EventOut(_Response):
     event_description: str | None = None
 
 
-class EventList(_Response):
+class EventList(ResponseModel):
     events: list[EventOut]
 
 
 # --- inventory ----------------------------------------------------------------
 
 
-class InventoryCreate(_Request):
+class InventoryCreate(RequestModel):
     """``POST …/inventory/items`` (CONTRACT 10). ``project_id`` is accepted and ignored:
     the API key decides the project."""
 
@@ -226,22 +230,22 @@ class InventoryWrite(InventoryCreate):
     action: Literal["add", "update", "remove"]
 
 
-class InventoryDirectUpdate(_Request):
+class InventoryDirectUpdate(RequestModel):
     properties: dict[str, Any]
 
 
-class InventoryWriteOut(_Response):
+class InventoryWriteOut(ResponseModel):
     status: str
     inventory_item_id: str
     fact_id: str
 
 
-class InventoryDirectOut(_Response):
+class InventoryDirectOut(ResponseModel):
     status: str
     fact_id: str
 
 
-class InventoryItemOut(_Response):
+class InventoryItemOut(ResponseModel):
     inventory_item_id: str
     fact_id: str
     item_type: str
@@ -256,7 +260,7 @@ class InventoryItemOut(_Response):
 # --- notifications ------------------------------------------------------------
 
 
-class NotificationOut(_Response):
+class NotificationOut(ResponseModel):
     """An agent-queue entry: exactly CONTRACT 6.1's fields."""
 
     message_id: str
@@ -271,11 +275,11 @@ class NotificationOut(_Response):
     intent: str | None = None
 
 
-class NotificationList(_Response):
+class NotificationList(ResponseModel):
     notifications: list[NotificationOut]
 
 
-class ProjectNotificationOut(_Response):
+class ProjectNotificationOut(ResponseModel):
     notification_id: str
     project_id: str
     event_type: str
@@ -287,35 +291,35 @@ class ProjectNotificationOut(_Response):
     acknowledged_at: str | None = None
 
 
-class ProjectNotificationList(_Response):
+class ProjectNotificationList(ResponseModel):
     notifications: list[ProjectNotificationOut]
     count: int
 
 
-class AcknowledgeBody(_Request):
+class AcknowledgeBody(RequestModel):
     notification_ids: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=1000)]
 
 
-class Acknowledged(_Response):
+class Acknowledged(ResponseModel):
     acknowledged: int
 
 
 # --- service ------------------------------------------------------------------
 
 
-class Health(_Response):
+class Health(ResponseModel):
     status: str
     database: str
     tzdata: str
 
 
-class ErrorItem(_Response):
+class ErrorItem(ResponseModel):
     field: str
     message: str
     code: str
 
 
-class ErrorBody(_Response):
+class ErrorBody(ResponseModel):
     """Every 4xx/5xx body (CONTRACT 2.3)."""
 
     code: str

@@ -21,11 +21,11 @@ from typing import Any
 import structlog
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import RowMapping
 
 from delivery.api.auth import ProjectId
 from delivery.api.context import ApiContext, Ctx, ResourceId, wire_time
+from delivery.api.schemas import RequestModel
 from delivery.clock import Clock
 from delivery.errors import (
     InvalidRequestError,
@@ -57,10 +57,8 @@ MAX_RECIPIENTS = 50
 _log = structlog.get_logger(__name__)
 
 
-class ChannelWriteBody(BaseModel):
+class ChannelWriteBody(RequestModel):
     """``ChannelWriteBody`` (CONTRACT 8): the SDK never sends unknown keys or nulls."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str
     type: str
@@ -70,10 +68,8 @@ class ChannelWriteBody(BaseModel):
     active: bool | None = None
 
 
-class ChannelDeliverBody(BaseModel):
+class ChannelDeliverBody(RequestModel):
     """``ChannelDeliverBody``: an event type and the payload channels receive."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     event_type: str
     payload: dict[str, Any] | None = None

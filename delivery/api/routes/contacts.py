@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from sqlalchemy.engine import RowMapping
 
 from delivery.api.auth import ProjectId
@@ -29,6 +29,7 @@ from delivery.api.context import (
     parse_limit,
     wire_time,
 )
+from delivery.api.schemas import RequestModel
 from delivery.errors import InvalidContactError, NotFoundError
 from delivery.store.channels import ChannelStore
 from handlers.contacts import validate_contact, validate_preferences
@@ -39,10 +40,8 @@ USER_PREFIX = "/api/v1/agents/{agent_id}/users/{user_id}"
 MAX_PREFERENCE_KEYS = 128
 
 
-class ContactBody(BaseModel):
+class ContactBody(RequestModel):
     """``POST .../contacts``: one destination of the user."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     kind: str = Field(description="fcm | email | sms")
     destination: str = Field(
@@ -51,18 +50,14 @@ class ContactBody(BaseModel):
     opted_out: bool = False
 
 
-class ContactPatch(BaseModel):
+class ContactPatch(RequestModel):
     """``PATCH .../contacts/{contactId}``: the user opts out of (or back into) it."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     opted_out: bool
 
 
-class PreferencesBody(BaseModel):
+class PreferencesBody(RequestModel):
     """``PUT .../channel-preferences``: ``{check_type or "*": [kind, ...]}``; ``{}`` clears."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     preferences: dict[str, list[str]]
 

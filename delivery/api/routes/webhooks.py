@@ -16,12 +16,12 @@ from typing import Annotated, Any
 import structlog
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from sqlalchemy.engine import RowMapping
 
 from delivery.api.auth import ProjectId
 from delivery.api.context import ApiContext, Ctx, ResourceId, parse_limit, wire_time
-from delivery.api.schemas import ID_PATTERN
+from delivery.api.schemas import ID_PATTERN, RequestModel, ResponseModel, Success
 from delivery.errors import InvalidRequestError, NotFoundError
 from delivery.secrets import SecretBox
 from delivery.store.webhooks import WebhookStore
@@ -45,28 +45,22 @@ EventType = Annotated[
 ]
 
 
-class WebhookRegister(BaseModel):
+class WebhookRegister(RequestModel):
     """``PUT …/webhooks/{eventType}`` body (``UpsertWebhookInputBody``)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     webhook_url: str = Field(min_length=1, max_length=MAX_URL_LENGTH)
     auth_header: str | None = Field(default=None, min_length=1, max_length=4096)
 
 
-class WebhookRegistered(BaseModel):
+class WebhookRegistered(ResponseModel):
     """Register / rotate response: ``signing_secret`` only when a secret was just made."""
-
-    model_config = ConfigDict(extra="forbid")
 
     success: bool
     signing_secret: str | None = None
 
 
-class WebhookOut(BaseModel):
+class WebhookOut(ResponseModel):
     """One ``webhooks`` entry (G ``Webhook``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     event_type: str
     webhook_url: str
@@ -77,16 +71,12 @@ class WebhookOut(BaseModel):
     auth_header: str | None = None
 
 
-class WebhookList(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class WebhookList(ResponseModel):
     webhooks: list[WebhookOut]
 
 
-class AttemptOut(BaseModel):
+class AttemptOut(ResponseModel):
     """One attempt (``WebhookDeliveryAttempt``, parsed with ``extra='forbid'``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     attempt_id: str
     attempt_number: int
@@ -102,18 +92,10 @@ class AttemptOut(BaseModel):
     response_body: str | None = None
 
 
-class AttemptPageOut(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AttemptPageOut(ResponseModel):
     attempts: list[AttemptOut]
     has_more: bool
     next_cursor: str | None = None
-
-
-class Deleted(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    success: bool
 
 
 def mask_auth_header(value: str) -> str:
@@ -281,7 +263,7 @@ async def register_webhook(
     return await _register(request, ctx, project, event_type, body)
 
 
-@router.delete(TENANT + "/{event_type}", responses={200: {"model": Deleted}})
+@router.delete(TENANT + "/{event_type}", responses={200: {"model": Success}})
 async def delete_webhook(event_type: EventType, project: ProjectId, ctx: Ctx) -> Response:
     """Remove the webhook; pending deliveries end, past attempts stay listed. 404 if none."""
     return await _delete(ctx, project, event_type)
@@ -333,7 +315,7 @@ async def register_project_webhook(
     return await _register(request, ctx, project, event_type, body)
 
 
-@router.delete(PROJECT + "/{event_type}", responses={200: {"model": Deleted}})
+@router.delete(PROJECT + "/{event_type}", responses={200: {"model": Success}})
 async def delete_project_webhook(
     project_id: ResourceId, event_type: EventType, project: ProjectId, ctx: Ctx
 ) -> Response:

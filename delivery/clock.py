@@ -60,3 +60,16 @@ class ManualClock:
         if self._changed is None:
             self._changed = asyncio.Event()
         await self._changed.wait()
+
+
+async def sleep_or_wake(wakeup: asyncio.Event, seconds: float) -> None:
+    """
+    Sleep up to ``seconds``, returning early once ``wakeup`` is set.
+
+    Polling loops use it so new work (or a stop request) is picked up at once
+    instead of at the next poll.
+    """
+    try:
+        await asyncio.wait_for(wakeup.wait(), timeout=seconds)
+    except TimeoutError:
+        return

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from delivery.clock import Clock
+from delivery.clock import Clock, sleep_or_wake
 from delivery.dispatcher.consumers import subscribe_batches
 from delivery.dispatcher.messages import NotificationCreated
 from delivery.dispatcher.subjects import Subjects
@@ -482,10 +482,7 @@ class ChannelsWorker:
             await self._sleep(self.poll_interval_s)
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), timeout=seconds)
-        except TimeoutError:
-            return
+        await sleep_or_wake(self._wakeup, seconds)
 
 
 def _why_not(note: RowMapping | None, contact: RowMapping | None) -> str | None:

@@ -37,7 +37,7 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from delivery.clock import Clock
+from delivery.clock import Clock, sleep_or_wake
 from delivery.dispatcher.consumers import subscribe_batches
 from delivery.dispatcher.messages import NotificationCreated
 from delivery.dispatcher.subjects import Subjects
@@ -377,10 +377,7 @@ class WebhookWorker:
             self._wakeup.set()
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), timeout=seconds)
-        except TimeoutError:
-            return
+        await sleep_or_wake(self._wakeup, seconds)
 
     async def _process(self, claimed: ClaimedDelivery, result: SweepResult) -> None:
         """One claimed delivery: skip, or attempt and record. Never raises."""

@@ -311,18 +311,3 @@ class Health(ResponseModel):
     status: str
     database: str
     tzdata: str
-
-
-class ErrorItem(ResponseModel):
-    field: str
-    message: str
-    code: str
-
-
-class ErrorBody(ResponseModel):
-    """Every 4xx/5xx body (CONTRACT 2.3)."""
-
-    code: str
-    message: str
-    errors: list[ErrorItem] = []
-    resource: str | None = None

@@ -365,24 +365,6 @@ class ChannelStore:
             )
         return bool(result.rowcount)
 
-    async def active_contacts(
-        self, project_id: str, agent_id: str, user_id: str
-    ) -> Sequence[RowMapping]:
-        """The contacts a fan-out considers: every one not disabled, oldest first."""
-        c = CONTACTS.c
-        stmt = (
-            select(CONTACTS)
-            .where(
-                c.project_id == project_id,
-                c.agent_id == agent_id,
-                c.user_id == user_id,
-                c.disabled.is_(False),
-            )
-            .order_by(c.created_at, c.id)
-        )
-        async with self._sql.read() as conn:
-            return (await conn.execute(stmt)).mappings().all()
-
     # --- preferences ------------------------------------------------------------
 
     async def get_preferences(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, and_, delete, func, select, tuple_, update
+from sqlalchemy import Table, and_, delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import RowMapping
@@ -602,15 +602,6 @@ class WebhookStore:
                 .values(next_attempt_at=now, claimed_by=None, updated_at=now)
             )
         return int(result.rowcount or 0)
-
-    async def next_due(self) -> datetime | None:
-        """When the earliest pending delivery is due (the sweep loop sleeps until then)."""
-        d = DELIVERIES.c
-        async with self._read() as conn:
-            value: datetime | None = (
-                await conn.execute(select(func.min(d.next_attempt_at)).where(d.status == PENDING))
-            ).scalar_one_or_none()
-        return value
 
     async def deliveries(self, *, project_id: str | None = None) -> Sequence[RowMapping]:
         """Every delivery row (optionally one project's), oldest first: operators and tests."""

@@ -5,6 +5,7 @@ same database (both kinds), a manual clock, and real receivers under uvicorn.
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -22,8 +23,14 @@ from tests.fixtures.http import ServeApp
 from tests.handlers.webhooks.stub import Reply, ScriptedReceiver
 from tests.webhooks.helpers import EVENT, add_notifications, notification_row, webhook_settings
 
-START = SystemClock().now().replace(microsecond=0)
-"""Near real time, so the standardwebhooks library (which reads the real clock) verifies."""
+
+def near_now() -> datetime:
+    """
+    A rig's start: near real time, so the standardwebhooks library (which reads the
+    real clock, with 5 minutes' tolerance) verifies. Taken per test, not at import:
+    a suite run longer than 5 minutes would otherwise fail its later tests.
+    """
+    return SystemClock().now().replace(microsecond=0)
 
 
 def neutral() -> float:
@@ -42,6 +49,7 @@ class Rig:
     projects: dict[str, str]
     serve: ServeApp
     webhooks: WebhookStore
+    start: datetime
     workers: list[WebhookWorker] = field(default_factory=list)
 
     def receiver(self, *replies: Reply) -> tuple[ScriptedReceiver, str]:
@@ -71,7 +79,7 @@ class Rig:
     async def notify(self, *ns: int, event_type: str = EVENT) -> list[NotificationCreated]:
         """Insert notifications ``ns`` for project alpha; returns their created messages."""
         project = self.projects["alpha"]
-        rows = [notification_row(project, n, START, event_type=event_type) for n in ns]
+        rows = [notification_row(project, n, self.start, event_type=event_type) for n in ns]
         await add_notifications(self.engine, rows)
         return [
             NotificationCreated(
@@ -101,22 +109,23 @@ class Rig:
 @pytest.fixture
 async def rig(engine: AsyncEngine, http_server: ServeApp) -> AsyncIterator[Rig]:
     """The rig over both databases; workers are stopped before the engine goes."""
-    clock = ManualClock(START)
+    start = near_now()
+    clock = ManualClock(start)
     settings = webhook_settings(webhook_timeout_s=0.5)
     store = SqlStore(engine)
     projects: dict[str, str] = {}
     keys: dict[str, str] = {}
     for name in ("alpha", "beta"):
-        project = await store.ensure_project(name, START)
+        project = await store.ensure_project(name, start)
         projects[name] = project.id
-        keys[name] = await store.create_api_key(project.id, START)
+        keys[name] = await store.create_api_key(project.id, start)
     app = create_app(settings, store, clock)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app),
         base_url="http://api.test",
         headers={"Authorization": f"Bearer {keys['alpha']}"},
     ) as api:
-        rig = Rig(engine, clock, settings, api, projects, http_server, WebhookStore(engine))
+        rig = Rig(engine, clock, settings, api, projects, http_server, WebhookStore(engine), start)
         try:
             yield rig
         finally:

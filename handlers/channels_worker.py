@@ -7,8 +7,9 @@ Two halves, both restartable at any instant (DESIGN invariant 3):
 
 1. **Fan-out.** A durable JetStream pull consumer (``channels``, shared by every
    handlers replica) reads ``<prefix>.notification.created``. For each batch it reads
-   the notifications, their users' active contacts and preferences in four queries
-   (:meth:`ChannelStore.fanout_inputs`), fans out concurrently, records one attempt
+   the notifications, their users' active contacts and preferences in at most five
+   queries (:meth:`ChannelStore.fanout_inputs`; one when no user in the batch has a
+   contact, the common case in a burst), fans out concurrently, records one attempt
    per (channel, destination) in one transaction, disables destinations a provider
    declared dead, and only then acks. A redelivered message skips the contacts that
    already have an attempt, so a destination is not sent to twice.
@@ -362,9 +363,14 @@ class ChannelsWorker:
             )
             return records, disable, result
 
-        pending = [n for n in inputs.notifications.values() if n["status"] == "pending"]
-        outcomes = await asyncio.gather(*(one(n) for n in pending))
-        total = FanoutResult()
+        pending = [nid for nid, status in inputs.statuses.items() if status == "pending"]
+        # The store loads full rows only for pending notifications with a contact left
+        # to try; the other pending ones are counted, as before, with nothing to send.
+        notes = [inputs.notifications[nid] for nid in pending if nid in inputs.notifications]
+        outcomes = await asyncio.gather(*(one(n) for n in notes))
+        total = FanoutResult(notifications=len(pending) - len(notes))
+        if not notes:
+            log.debug("channels.no_contacts", notifications=len(pending))
         records: list[AttemptRecord] = []
         disable: list[tuple[str, str]] = []
         for recs, dis, res in outcomes:

@@ -176,8 +176,15 @@ type UserKey = tuple[str, str, str]
 
 @dataclass(frozen=True, slots=True)
 class FanoutInputs:
-    """What :meth:`ChannelStore.fanout_inputs` read for one batch."""
+    """
+    What :meth:`ChannelStore.fanout_inputs` read for one batch.
 
+    ``statuses`` names every notification found; ``notifications`` holds the full rows
+    of only the pending ones whose user has a contact left to try, and ``contacts``,
+    ``preferences`` and ``attempted`` cover only those.
+    """
+
+    statuses: dict[str, str]
     notifications: dict[str, RowMapping]
     contacts: dict[UserKey, list[RowMapping]]
     preferences: dict[UserKey, dict[str, list[str]]]
@@ -470,19 +477,61 @@ class ChannelStore:
 
     async def fanout_inputs(self, notification_ids: Sequence[str]) -> FanoutInputs:
         """
-        Everything a batch of fan-outs reads, in four queries whatever the batch size:
-        the notifications, their users' active contacts and preferences, and the
-        contacts already attempted per notification (a JetStream redelivery must not
-        send twice to a destination the first delivery reached).
+        Everything a batch of fan-outs reads: the notifications, their users' active
+        contacts and preferences, and the contacts already attempted per notification
+        (a JetStream redelivery must not send twice to a destination the first delivery
+        reached).
+
+        A first query reads only each notification's status and whether its user has
+        an active contact it was not yet attempted to. In a burst most users have no
+        contact at all, so a batch where none has one costs that one query; the full
+        rows (with their payloads), contacts, preferences and attempts are then read,
+        in four more queries, only for the pending notifications that have one.
         """
         if not notification_ids:
-            return FanoutInputs({}, {}, {}, {})
+            return FanoutInputs({}, {}, {}, {}, {})
         n, c, p, a = NOTIFICATIONS.c, CONTACTS.c, PREFERENCES.c, ATTEMPTS.c
+        # The same filter as the worker applies to the rows read below: active, and no
+        # attempt for this notification yet (ix_contacts_owner and
+        # ix_channel_attempts_notification answer both subqueries). The inner one is
+        # correlated explicitly: auto-correlation reaches only the enclosing select, so
+        # ``notifications`` would otherwise be joined in again, unfiltered.
+        untried = ~(
+            select(a.id)
+            .where(a.notification_id == n.id, a.contact_id == c.id)
+            .correlate_except(ATTEMPTS)
+            .exists()
+        )
+        reachable = (
+            select(c.id)
+            .where(
+                c.project_id == n.project_id,
+                c.agent_id == n.agent_id,
+                c.user_id == n.user_id,
+                c.disabled.is_(False),
+                untried,
+            )
+            .exists()
+            .label("reachable")
+        )
         async with self._sql.read() as conn:
+            probe = await conn.execute(
+                select(n.id, n.status, reachable).where(n.id.in_(notification_ids))
+            )
+            statuses: dict[str, str] = {}
+            wanted: list[str] = []
+            for nid, status, has_contact in probe:
+                statuses[nid] = status
+                # Only pending notifications are sent (one already read by polling gets
+                # no push), so a consumed one is never worth its full row.
+                if status == "pending" and has_contact:  # SQLite answers 0/1
+                    wanted.append(nid)
+            if not wanted:
+                return FanoutInputs(statuses, {}, {}, {}, {})
             notes = {
                 r["id"]: r
                 for r in (
-                    await conn.execute(select(NOTIFICATIONS).where(n.id.in_(notification_ids)))
+                    await conn.execute(select(NOTIFICATIONS).where(n.id.in_(wanted)))
                 ).mappings()
             }
             keys = sorted({(r["project_id"], r["agent_id"], r["user_id"]) for r in notes.values()})
@@ -509,12 +558,12 @@ class ChannelStore:
             attempted: dict[str, set[str]] = {}
             done = await conn.execute(
                 select(a.notification_id, a.contact_id).where(
-                    a.notification_id.in_(notification_ids), a.contact_id.is_not(None)
+                    a.notification_id.in_(wanted), a.contact_id.is_not(None)
                 )
             )
             for nid, cid in done:
                 attempted.setdefault(nid, set()).add(cid)
-        return FanoutInputs(notes, contacts, prefs, attempted)
+        return FanoutInputs(statuses, notes, contacts, prefs, attempted)
 
     async def get_contact_by_id(self, contact_id: str) -> RowMapping | None:
         """A contact by id (worker-side: a retry names it)."""
@@ -536,6 +585,10 @@ class ChannelStore:
         attempts answer, its ``next_attempt_at`` is cleared in the same transaction, so
         the queue entry and its result can never both exist or both be missing.
         """
+        if not records and retried_id is None:
+            # Nothing to write: skip the empty transaction (on SQLite a BEGIN IMMEDIATE
+            # that queues for the write lock behind the scheduler, once per batch).
+            return
         async with self._sql.write() as conn:
             if records:
                 await conn.execute(ATTEMPTS.insert(), [r.values() for r in records])

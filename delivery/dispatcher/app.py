@@ -62,6 +62,15 @@ LLM_BATCH = 32
 """Pull size for the LLM composer, so one batch stays well inside :data:`ACK_WAIT_S`."""
 BATCH_WAIT_S = 0.1
 """How long a pull waits to fill a batch: the latency floor of a lone message."""
+TEMPLATE_IN_FLIGHT = 3
+"""
+Batches processed at once per consumer with the template composer. A batch is
+mostly waiting (reads, the write lock, acks), so with one batch at a time a burst
+ran at the latency of that chain; the next pull overlaps it. ``max_ack_pending``
+(4 batches) bounds it too.
+"""
+LLM_IN_FLIGHT = 1
+"""The LLM composer already runs a batch's calls concurrently; one batch at a time."""
 
 _MODELS: dict[SourceKind, type[BaseModel]] = {
     SourceKind.SCHEDULE: FireCreated,
@@ -133,7 +142,11 @@ class Dispatcher:
         self._own_composer = composer is None
         self.composer = composer if composer is not None else build_composer(settings)
         self.processor = Processor(engine, self.composer, self.subjects, clock)
-        self.batch_size = LLM_BATCH if settings.composer == "llm" else TEMPLATE_BATCH
+        llm = settings.composer == "llm"
+        self.batch_size = LLM_BATCH if llm else TEMPLATE_BATCH
+        self.in_flight = LLM_IN_FLIGHT if llm else TEMPLATE_IN_FLIGHT
+        self._slots = asyncio.Semaphore(self.in_flight)
+        self._batches: set[asyncio.Task[BatchResult]] = set()
         self.nats_url = nats_url
         self.broker = self._build_broker()
         self._started = False
@@ -148,7 +161,12 @@ class Dispatcher:
 
     def _subscribe(self, broker: NatsBroker, kind: SourceKind) -> None:
         async def handle(raws: Sequence[Msg]) -> None:
-            await self._handle_batch(kind, raws)
+            # Returns once the batch has a slot, so the subscriber pulls the next
+            # batch while this one is processed; acks follow each batch's commit.
+            await self._slots.acquire()
+            task = asyncio.create_task(self._handle_batch(kind, raws))
+            self._batches.add(task)
+            task.add_done_callback(self._batch_done)
 
         subscribe_batches(
             broker,
@@ -162,6 +180,14 @@ class Dispatcher:
             title=f"dispatcher:{kind.value}",
             description=_DESCRIPTIONS[kind],
         )
+
+    def _batch_done(self, task: "asyncio.Task[BatchResult]") -> None:
+        self._batches.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            # Processing errors are handled inside; this is an ack that failed
+            # (connection lost): JetStream redelivers after ack_wait, deduped.
+            log.error("dispatch.batch_crashed", error=repr(task.exception()))
 
     async def _handle_batch(self, kind: SourceKind, raws: Sequence[Msg]) -> BatchResult:
         """Decode, process, ack: the whole subscriber (errors stop here: a process edge)."""
@@ -199,8 +225,20 @@ class Dispatcher:
         self._started = True
         log.info("dispatcher.started", stream=self.subjects.stream, batch_size=self.batch_size)
 
+    async def idle(self, *, timeout_s: float | None = None) -> None:
+        """Wait until no batch is being processed (or ``timeout_s`` passed)."""
+        while self._batches:
+            _, pending = await asyncio.wait(set(self._batches), timeout=timeout_s)
+            if pending:
+                return
+
     async def stop(self) -> None:
         """Stop consuming, wait for in-flight batches (up to 30 s), close everything."""
+        # Stop pulling first and let the batches in flight commit and ack over the
+        # still-open connection; the broker then closes it.
+        for subscriber in self.broker.subscribers:
+            await subscriber.stop()
+        await self.idle(timeout_s=30.0)
         await self.broker.stop()
         if self._own_composer:
             await self.composer.aclose()

@@ -34,6 +34,7 @@ async def test_subscribers_route_each_subject(engine: AsyncEngine) -> None:
             subjects.event_accepted,
             stream=subjects.stream,
         )
+        await dispatcher.idle()
 
     notes = await rows.notifications(engine)
     assert sorted(n["id"] for n in notes) == sorted(

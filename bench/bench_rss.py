@@ -9,8 +9,10 @@ Run::
 
 RSS is sampled every 0.2 s with psutil: the daemon process alone, and the nats-server
 child separately (a separate binary, reported for completeness). Idle is the window
-between start-up and the burst minute (after a 5 s warm-up); the burst window runs
-until every due schedule has its notification.
+between start-up (after a 5 s warm-up) and the scheduler's lookahead before the burst
+minute (``DELIVERY_LOOKAHEAD_S``, 30 s, plus 5 s); the burst window starts there, so it
+includes the staging of the due fires, and runs until every due schedule has its
+notification.
 """
 
 import argparse
@@ -31,6 +33,7 @@ import psutil  # type: ignore[import-untyped]
 from bench_burst import NOTIFICATIONS, PROJECTS, SCHEDULES, ceil_minute, schedule_rows, spawn
 from sqlalchemy import func, select
 
+from delivery.settings import Settings
 from delivery.store.engine import create_engine
 from delivery.store.migrate import migrate
 
@@ -101,10 +104,13 @@ async def main() -> None:
         url = f"sqlite+aiosqlite:///{data / 'delivery.db'}"
         await migrate(url)
         # Seeding 1M rows takes a while on a shared machine: aim the burst after it.
-        due = ceil_minute(datetime.now(UTC), at_least=timedelta(seconds=30 + stored / 10_000))
+        staging = timedelta(seconds=Settings().lookahead_s + 5)
+        due = ceil_minute(
+            datetime.now(UTC), at_least=staging + timedelta(seconds=30 + stored / 10_000)
+        )
         took = await seed(url, stored, burst, due)
         print(f"stored {stored:,} schedules ({burst:,} due at {due:%H:%M:%S} UTC) in {took:.0f} s")
-        if (due - datetime.now(UTC)).total_seconds() < 15:
+        if due - datetime.now(UTC) < staging + timedelta(seconds=10):
             raise RuntimeError("seeding overran the burst minute; rerun")
         env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
         env.update(
@@ -119,7 +125,7 @@ async def main() -> None:
         idle, during = Samples(), Samples()
         try:
             warm = time.monotonic() + 5
-            while datetime.now(UTC) < due:
+            while datetime.now(UTC) < due - staging:
                 if time.monotonic() > warm:
                     idle.add(proc)
                 await asyncio.sleep(0.2)

@@ -341,6 +341,7 @@ class Daemon:
                 max_lateness=timedelta(seconds=settings.max_lateness_s),
                 lease=timedelta(seconds=settings.lease_s),
                 on_outbox=self._wake_relay,
+                lookahead=timedelta(seconds=settings.lookahead_s),
             )
             self.scheduler = scheduler
             if is_sqlite(url):
@@ -351,7 +352,14 @@ class Daemon:
                 stack.push("release-claims", scheduler.release_claims_quietly)
 
             async def tick_step() -> bool:
-                return (await scheduler.tick(self.clock.now())).more
+                now = self.clock.now()
+                result = await scheduler.tick(now)
+                if result.next_release is not None:
+                    # A staged fire is published at its instant, not at the
+                    # relay's next periodic run.
+                    delay = (result.next_release - now).total_seconds()
+                    asyncio.get_running_loop().call_later(delay, self._wake_relay)
+                return result.more
 
             job = PeriodicJob(aps, "scheduler-tick", tick_step, settings.tick_interval_s)
             self._scheduler_job = job

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.clock import Clock
 from delivery.dispatcher.subjects import DEDUPE_WINDOW_S, Subjects
-from delivery.store.engine import is_sqlite
+from delivery.store.engine import is_sqlite, write_transaction
 from delivery.store.tables import OutboxRow
 
 OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
@@ -139,21 +139,17 @@ class OutboxRelay:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.connect() as conn:
-            if self._sqlite:
-                await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                await conn.rollback()
-                raise
-            await conn.commit()
+        async with write_transaction(self.engine) as conn:
+            yield conn
 
     def _unsent(self) -> Any:
+        # A fire staged by the scheduler's lookahead waits for its instant. The
+        # (available_at, id) order publishes due fires before the
+        # notification.created rows they cause, which keeps a burst's fires on time.
         stmt = (
             select(OUTBOX.c.id, OUTBOX.c.subject, OUTBOX.c.msg_id, OUTBOX.c.payload)
-            .where(OUTBOX.c.sent_at.is_(None))
-            .order_by(OUTBOX.c.id)
+            .where(OUTBOX.c.sent_at.is_(None), OUTBOX.c.available_at <= self.clock.now())
+            .order_by(OUTBOX.c.available_at, OUTBOX.c.id)
             .limit(self.batch)
         )
         if not self._sqlite:
@@ -162,7 +158,8 @@ class OutboxRelay:
 
     async def relay_once(self) -> RelayResult:
         """
-        Publish one batch of unsent rows and stamp the acknowledged ones.
+        Publish one batch of unsent rows whose ``available_at`` has passed and
+        stamp the acknowledged ones.
 
         Returns:
             Counts; ``more`` when the batch was full.

@@ -37,7 +37,7 @@ from delivery.planning import (
     plan_schedule,
 )
 from delivery.store.bulk import insert_outbox
-from delivery.store.engine import is_sqlite
+from delivery.store.engine import is_sqlite, write_transaction
 from delivery.store.tables import FireRow, OutboxRow, ScheduleRow, WakeupRow
 
 SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
@@ -72,6 +72,7 @@ _WRITE_SCHEDULE = (
     .values(
         next_fire_at=bindparam("b_next_fire_at"),
         last_fire_at=bindparam("b_last_fire_at"),
+        staged_fire_at=bindparam("b_staged_fire_at"),
         enabled=bindparam("b_enabled"),
         claimed_by=None,
         claimed_until=None,
@@ -180,6 +181,9 @@ class TickResult:
         outbox: outbox rows written.
         more: a batch was full, so more rows may be due right now.
         fire_ids: the ids of the fires inserted.
+        next_release: the earliest instant after ``now`` at which an outbox row
+            written by this tick becomes publishable (a fire planned ahead by
+            the lookahead), so the relay can be woken exactly then.
     """
 
     claimed: int = 0
@@ -193,6 +197,7 @@ class TickResult:
     outbox: int = 0
     more: bool = False
     fire_ids: list[FireId] = field(default_factory=list)
+    next_release: datetime | None = None
 
     def add(self, other: "TickResult") -> None:
         """Accumulate ``other`` into this result (used by :meth:`Scheduler.drain`)."""
@@ -207,6 +212,7 @@ class TickResult:
         self.outbox += other.outbox
         self.more = other.more
         self.fire_ids.extend(other.fire_ids)
+        self.next_release = _earliest(self.next_release, other.next_release)
 
 
 def _compile_row(row: Row[Any]) -> CompiledSchedule:
@@ -226,6 +232,18 @@ def _compile_row(row: Row[Any]) -> CompiledSchedule:
 def _latest(*instants: datetime | None) -> datetime | None:
     present = [i for i in instants if i is not None]
     return max(present) if present else None
+
+
+def _earliest(*instants: datetime | None) -> datetime | None:
+    present = [i for i in instants if i is not None]
+    return min(present) if present else None
+
+
+MAX_LOOKAHEAD = timedelta(seconds=59)
+"""
+Fires are on whole minutes, so a lookahead under a minute stages at most one
+future fire per schedule: the one the API then shows as ``next_fire_at``.
+"""
 
 
 class Scheduler:
@@ -248,6 +266,18 @@ class Scheduler:
         max_skips: bound on skip rows itemised per schedule per tick.
         cache_size: compiled cadences kept (LRU).
         on_outbox: called after a commit that wrote outbox rows (wakes the relay).
+        lookahead: plan fires due within this much of ``now`` already (at most
+            :data:`MAX_LOOKAHEAD`). The fire row and its outbox entry commit
+            early, with the entry's ``available_at`` at the fire instant, so
+            the relay publishes it on time and the dispatcher still builds the
+            message (live inventory read included) at fire time. This takes
+            the scheduler's share of a burst (claim, plan, write) off the
+            burst's critical path. An API write that moves the schedule
+            deletes a staged fire before it is published
+            (:meth:`delivery.store.sql.SqlStore.update_schedule`).
+
+    Raises:
+        ValueError: a lookahead outside [0, :data:`MAX_LOOKAHEAD`].
     """
 
     def __init__(
@@ -262,7 +292,11 @@ class Scheduler:
         max_skips: int = DEFAULT_MAX_SKIPS,
         cache_size: int = 4096,
         on_outbox: Callable[[], None] | None = None,
+        lookahead: timedelta = timedelta(0),
     ) -> None:
+        if not timedelta(0) <= lookahead <= MAX_LOOKAHEAD:
+            raise ValueError(f"lookahead must be within [0, {MAX_LOOKAHEAD}], got {lookahead}")
+        self.lookahead = lookahead
         self.engine = engine
         self.subjects = subjects
         self.claim_batch = claim_batch
@@ -279,17 +313,8 @@ class Scheduler:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        # SQLite: take the write lock at BEGIN so a read-then-write never fails a
-        # lock upgrade while the API writes too (same rule as SqlStore.write).
-        async with self.engine.connect() as conn:
-            if self._sqlite:
-                await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                await conn.rollback()
-                raise
-            await conn.commit()
+        async with write_transaction(self.engine) as conn:
+            yield conn
 
     def _insert(self, table: Table) -> Any:
         return sqlite_insert(table) if self._sqlite else pg_insert(table)
@@ -381,7 +406,7 @@ class Scheduler:
         """
         Claim up to ``claim_batch`` due schedules for ``lease`` and return their rows.
 
-        Due: enabled, ``next_fire_at <= now``, and unclaimed or with an expired
+        Due: enabled, ``next_fire_at <= now + lookahead``, and unclaimed or with an expired
         lease. The claim commits at once; :meth:`apply_schedules` writes the
         outcome later, checking that the API did not change the rows meanwhile.
         """
@@ -389,7 +414,7 @@ class Scheduler:
             select(SCHEDULES.c.id)
             .where(
                 SCHEDULES.c.enabled.is_(True),
-                SCHEDULES.c.next_fire_at <= now,
+                SCHEDULES.c.next_fire_at <= now + self.lookahead,
                 or_(SCHEDULES.c.claimed_until.is_(None), SCHEDULES.c.claimed_until < now),
             )
             .order_by(SCHEDULES.c.next_fire_at)
@@ -416,8 +441,10 @@ class Scheduler:
                 # Ticks up to the last fire, or up to the API's last write (which
                 # recomputed next_fire_at), are already accounted for.
                 handled_until=_latest(row.last_fire_at, row.updated_at),
-                now=now,
-                max_lateness=self.max_lateness,
+                # Planning as of now + lookahead stages the fires of that window;
+                # the lateness cutoff stays at now - max_lateness.
+                now=now + self.lookahead,
+                max_lateness=self.max_lateness + self.lookahead,
                 last_fire_at=row.last_fire_at,
                 max_skips=self.max_skips,
             )
@@ -499,6 +526,8 @@ class Scheduler:
                         "b_version": row.version + 1,
                         "b_next_fire_at": plan.next_fire_at,
                         "b_last_fire_at": plan.last_fire_at,
+                        # At most one fire lies ahead (MAX_LOOKAHEAD); the API shows it.
+                        "b_staged_fire_at": next((at for at in plan.fires if at > now), None),
                         "b_enabled": not plan.disable,
                     }
                     for row, _, plan in kept
@@ -548,12 +577,16 @@ class Scheduler:
                 payload = FireCreated(
                     fire_id=fire["id"], schedule_id=fire["schedule_id"], fire_at=fire["fire_at"]
                 )
+                release = max(fire["fire_at"], now)
+                if release > now:
+                    result.next_release = _earliest(result.next_release, release)
                 outbox_rows.append(
                     {
                         "subject": subject,
                         "msg_id": fire["id"],
                         "payload": payload.model_dump_json(),
                         "created_at": now,
+                        "available_at": release,
                     }
                 )
             result.fired = len(result.fire_ids)
@@ -640,6 +673,7 @@ class Scheduler:
                         wakeup_id=row.id, fire_at=row.scheduled_at
                     ).model_dump_json(),
                     "created_at": now,
+                    "available_at": now,
                     "sent_at": None,
                 }
                 for row in rows

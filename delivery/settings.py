@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     # --- scheduler --------------------------------------------------------------
     tick_interval_s: float = Field(default=0.5, gt=0, le=60)
     claim_batch: int = Field(default=1000, ge=1, le=100_000)
+    lookahead_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=59,
+        description="Fires due within this many seconds are planned ahead and published at "
+        "their instant (takes the scheduler off a burst's critical path); 0 plans at fire time.",
+    )
     max_lateness_s: int = Field(
         default=3600,
         ge=0,

@@ -215,6 +215,9 @@ async def _plan(conn: AsyncConnection, pair: Pair, now: datetime, hours: float) 
                     "next_fire_at": upcoming,
                     "last_fire_at": fired_at or schedule["last_fire_at"],
                     "enabled": not (ended and upcoming is None),
+                    # A fire the scheduler staged in the window fired here (same
+                    # fire id; its own message later finds the notification made).
+                    "staged_fire_at": None,
                 }
             )
     for wakeup in wakeups:
@@ -332,6 +335,7 @@ async def advance_time(
                         .values(
                             next_fire_at=move["next_fire_at"],
                             last_fire_at=move["last_fire_at"],
+                            staged_fire_at=move["staged_fire_at"],
                             enabled=move["enabled"],
                             version=SCHEDULES.c.version + 1,
                         )

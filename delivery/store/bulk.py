@@ -60,5 +60,11 @@ async def insert_notifications(conn: AsyncConnection, rows: Sequence[Mapping[str
 
 
 async def insert_outbox(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> int:
-    """Queue NATS messages (subject, msg_id, payload, created_at); dedupes on msg_id."""
-    return await insert_ignoring_duplicates(conn, OUTBOX, rows, unique=["msg_id"])
+    """
+    Queue NATS messages (subject, msg_id, payload, created_at); dedupes on msg_id.
+
+    A row without ``available_at`` may be published at once (``available_at =
+    created_at``); only the scheduler's lookahead sets it later.
+    """
+    ready = [r if "available_at" in r else {**r, "available_at": r["created_at"]} for r in rows]
+    return await insert_ignoring_duplicates(conn, OUTBOX, ready, unique=["msg_id"])

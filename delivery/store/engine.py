@@ -5,6 +5,8 @@ SQLite is tuned for one writer with concurrent readers: WAL, a busy timeout so
 short write contention waits instead of failing, and foreign keys on.
 """
 
+import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,6 +38,20 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
     raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]!r}")
 
 
+_WRITERS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _sqlite_writer_lock(url: str) -> asyncio.Lock:
+    # One lock per database file per event loop (an asyncio.Lock belongs to one loop).
+    locks = _WRITERS.setdefault(asyncio.get_running_loop(), {})
+    lock = locks.get(url)
+    if lock is None:
+        lock = locks[url] = asyncio.Lock()
+    return lock
+
+
 @asynccontextmanager
 async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """
@@ -46,16 +62,31 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
     committed fails at once with ``SQLITE_BUSY`` instead of waiting on the busy
     timeout, so every writer (API, scheduler, relay, dispatcher, handlers) queues
     for the lock instead.
+
+    Writers of one process also queue on an asyncio lock before BEGIN. SQLite's
+    busy handler polls with sleeps growing to 100 ms and is not woken when the
+    lock frees, so under a burst (scheduler, relay, dispatcher and handlers all
+    writing) most of a writer's wait was sleep after the lock was already free;
+    the asyncio queue hands the lock over at once and in arrival order. Other
+    processes on the same file still meet ``busy_timeout``.
     """
-    async with engine.connect() as conn:
-        if is_sqlite(str(engine.url)):
-            await conn.exec_driver_sql("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            await conn.rollback()
-            raise
-        await conn.commit()
+    sqlite = is_sqlite(str(engine.url))
+    lock = _sqlite_writer_lock(str(engine.url)) if sqlite else None
+    if lock is not None:
+        await lock.acquire()
+    try:
+        async with engine.connect() as conn:
+            if sqlite:
+                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.rollback()
+                raise
+            await conn.commit()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

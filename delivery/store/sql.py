@@ -23,7 +23,7 @@ from sqlalchemy import Table, and_, delete, func, select, text, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from delivery.store.bulk import insert_ignoring_duplicates, insert_outbox
+from delivery.store.bulk import OUTBOX, insert_ignoring_duplicates, insert_outbox
 from delivery.store.engine import is_sqlite, write_transaction
 from delivery.store.tables import (
     ApiKeyRow,
@@ -236,7 +236,12 @@ class SqlStore:
         return [ScheduleRow(**r._mapping) for r in rows]
 
     async def update_schedule(
-        self, row: ScheduleRow, changes: Mapping[str, Any], expected_version: int
+        self,
+        row: ScheduleRow,
+        changes: Mapping[str, Any],
+        expected_version: int,
+        *,
+        drop_staged_after: datetime | None = None,
     ) -> bool:
         """
         Apply ``changes`` (column -> value) to ``row`` if nobody wrote it since it was read.
@@ -244,6 +249,13 @@ class SqlStore:
         Compare-and-set on ``version``: the daemon bumps it when it fires, so
         a PATCH computed from a stale read is retried instead of rewinding
         ``next_fire_at``. The caller includes the new ``version`` in ``changes``.
+
+        Args:
+            drop_staged_after: the timing changed at this instant: fires the
+                scheduler staged after it (lookahead) are deleted with their
+                unpublished outbox entries, in the same transaction, so the old
+                timing never fires; ``last_fire_at`` goes back to the last fire
+                actually due.
 
         Returns:
             False when the version moved (or the row vanished); nothing written.
@@ -259,7 +271,32 @@ class SqlStore:
         )
         async with self.write() as conn:
             result = await conn.execute(stmt)
-        return bool(result.rowcount)
+            if not result.rowcount:
+                return False
+            if drop_staged_after is not None:
+                await self._drop_staged(conn, row.id, drop_staged_after)
+        return True
+
+    @staticmethod
+    async def _drop_staged(conn: AsyncConnection, schedule_id: str, after: datetime) -> None:
+        staged = select(FIRES.c.id).where(
+            FIRES.c.schedule_id == schedule_id, FIRES.c.fire_at > after
+        )
+        await conn.execute(
+            delete(OUTBOX).where(OUTBOX.c.msg_id.in_(staged), OUTBOX.c.sent_at.is_(None))
+        )
+        dropped = await conn.execute(
+            delete(FIRES).where(FIRES.c.schedule_id == schedule_id, FIRES.c.fire_at > after)
+        )
+        if dropped.rowcount:
+            last = (
+                select(func.max(FIRES.c.fire_at))
+                .where(FIRES.c.schedule_id == schedule_id, FIRES.c.status == "fired")
+                .scalar_subquery()
+            )
+            await conn.execute(
+                update(SCHEDULES).where(SCHEDULES.c.id == schedule_id).values(last_fire_at=last)
+            )
 
     async def delete_schedule(
         self, project_id: str, agent_id: str, user_id: str, schedule_id: str
@@ -282,6 +319,18 @@ class SqlStore:
             )
             if not result.rowcount:
                 return False
+            # Entries not yet published go too: a fire staged by the lookahead
+            # (or one the relay has not reached) must not reach the dispatcher.
+            await conn.execute(
+                delete(OUTBOX).where(
+                    OUTBOX.c.sent_at.is_(None),
+                    OUTBOX.c.msg_id.in_(
+                        select(FIRES.c.id).where(
+                            FIRES.c.schedule_id == schedule_id, FIRES.c.project_id == project_id
+                        )
+                    ),
+                )
+            )
             await conn.execute(
                 delete(FIRES).where(
                     FIRES.c.schedule_id == schedule_id, FIRES.c.project_id == project_id

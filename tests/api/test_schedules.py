@@ -6,14 +6,20 @@ daemon, other changes do not.
 
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import Table, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.api import create_app
+from delivery.dispatcher.subjects import Subjects
+from delivery.scheduler import Scheduler
 from delivery.settings import Settings
-from delivery.store.sql import SCHEDULES
-from tests.api.conftest import Api
+from delivery.store.bulk import OUTBOX
+from delivery.store.sql import FIRES, SCHEDULES
+from tests.api.conftest import START, Api
 
 PATH = "/api/v1/agents/a1/users/u1/schedules"
 DAILY = {"simple": {"frequency": "daily", "times": ["09:00"]}, "timezone": "UTC"}
@@ -116,3 +122,52 @@ async def test_patch_semantics_and_wakes(
     await client.post("/api/v1/agents/a1/events", json={"user_id": "u1", "event_type": "e"})
     await client.get("/api/v1/agents/a1/wakeups")
     assert waker.calls == 5
+
+
+async def test_a_timing_change_drops_the_fire_staged_under_the_old_timing(api: Api) -> None:
+    """
+    A fire the scheduler staged (lookahead) is the wire ``next_fire_at`` until its
+    instant; an edit that keeps the timing keeps it, a timing change or a delete
+    removes it with its unpublished outbox entry, so the old timing never fires.
+    """
+    engine = api.store.engine
+    made = [
+        (await api.alpha.post(PATH, json={"cadence": DAILY, "intent": "i", "check_type": "c"}))
+        for _ in range(2)
+    ]
+    keep, gone = (f"{PATH}/{r.json()['schedule_id']}" for r in made)
+    nine = START.replace(hour=9)
+    api.clock.set(nine - timedelta(seconds=20))
+    scheduler = Scheduler(engine, Subjects("test"), lookahead=timedelta(seconds=30))
+    assert (await scheduler.drain(api.clock.now())).fired == 2
+    assert await _count(engine, OUTBOX, OUTBOX.c.sent_at.is_(None)) == 2
+
+    staged = (await api.alpha.get(keep)).json()
+    assert staged["next_fire_at"] == "2026-05-01T09:00:00Z"  # the row itself is at the 2nd
+    renamed = (await api.alpha.patch(keep, json={"intent": "new"})).json()
+    assert renamed["next_fire_at"] == "2026-05-01T09:00:00Z"
+    assert await _count(engine, FIRES) == 2
+
+    moved = (
+        await api.alpha.patch(
+            keep,
+            json={"cadence": {**DAILY, "simple": {"frequency": "daily", "times": ["10:00"]}}},
+        )
+    ).json()
+    assert moved["next_fire_at"] == "2026-05-01T10:00:00Z"
+    assert (await api.alpha.get(keep)).json()["next_fire_at"] == "2026-05-01T10:00:00Z"
+    keep_id = made[0].json()["schedule_id"]
+    assert await _count(engine, FIRES, FIRES.c.schedule_id == keep_id) == 0
+    async with engine.connect() as conn:
+        row = (await conn.execute(SCHEDULES.select().where(SCHEDULES.c.id == keep_id))).one()
+    assert (row.last_fire_at, row.staged_fire_at) == (None, None)
+
+    assert (await api.alpha.delete(gone)).status_code == 200
+    assert await _count(engine, FIRES) == 0
+    assert await _count(engine, OUTBOX) == 0
+
+
+async def _count(engine: AsyncEngine, table: Table, *where: Any) -> int:
+    async with engine.connect() as conn:
+        stmt = select(func.count()).select_from(table).where(*where)
+        return int((await conn.execute(stmt)).scalar_one())

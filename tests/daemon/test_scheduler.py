@@ -5,10 +5,12 @@ JetStream: every due fire gives exactly one fire row and one published message.
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import select, update
 
 from delivery.clock import ManualClock
 from delivery.dispatcher.messages import FireCreated, WakeupDue
+from delivery.dispatcher.subjects import Subjects
 from delivery.outbox import OutboxRelay
 from delivery.planning import MISSED_MAX_LATENESS, fire_id
 from delivery.scheduler import Scheduler
@@ -72,14 +74,23 @@ async def test_each_due_fire_gives_one_fire_row_and_one_message(engine, bus, pro
     assert await bus.stream_messages() == 25
 
 
-async def test_catch_up_within_and_beyond_max_lateness(engine, bus, project):
-    """After downtime, fires within the max lateness fire once; older ones are recorded skipped."""
+@pytest.mark.parametrize("lookahead_s", [0, 59])
+async def test_catch_up_within_and_beyond_max_lateness(engine, bus, project, lookahead_s):
+    """
+    After downtime, fires within the max lateness fire once; older ones are recorded
+    skipped. The lookahead does not move the lateness cutoff.
+    """
     hourly = {"cron": "0 * * * *", "timezone": "Europe/Berlin"}
     await add_schedules(
         engine, [schedule_row("sch_h", cadence=hourly, created_at=CREATED, next_fire_at=T)]
     )
     now = T + timedelta(hours=5, minutes=30)
-    scheduler = Scheduler(engine, bus.subjects, max_lateness=timedelta(hours=1))
+    scheduler = Scheduler(
+        engine,
+        bus.subjects,
+        max_lateness=timedelta(hours=1),
+        lookahead=timedelta(seconds=lookahead_s),
+    )
     result = await scheduler.drain(now)
     assert result.fired == 1
     fires = await rows(
@@ -255,12 +266,14 @@ async def test_a_message_jetstream_refuses_stays_unsent(engine, bus, project):
                     "msg_id": "m1",
                     "payload": "{}",
                     "created_at": T,
+                    "available_at": T,
                 },
                 {
                     "subject": bus.subjects.fire_created,
                     "msg_id": "m2",
                     "payload": "{}",
                     "created_at": T,
+                    "available_at": T,
                 },
             ],
         )
@@ -269,3 +282,49 @@ async def test_a_message_jetstream_refuses_stays_unsent(engine, bus, project):
     assert (result.published, result.failed) == (1, 1)
     [unsent] = await rows(engine, select(OUTBOX.c.msg_id).where(OUTBOX.c.sent_at.is_(None)))
     assert unsent.msg_id == "m1"
+
+
+async def test_lookahead_stages_fires_that_the_relay_publishes_at_their_instant(
+    engine, bus, project
+):
+    """
+    With a lookahead, fires due soon are written early (fire row, schedule state,
+    outbox entry) and the relay holds the entry back until the fire instant.
+    """
+    await add_schedules(engine, due_daily_rows(3, T, CREATED))
+    scheduler = Scheduler(engine, bus.subjects, lookahead=timedelta(seconds=30))
+    # Further ahead than the lookahead: nothing is claimed yet.
+    assert (await scheduler.drain(T - timedelta(seconds=31))).claimed == 0
+
+    early = T - timedelta(seconds=20)
+    result = await scheduler.drain(early)
+    assert (result.claimed, result.fired, result.next_release) == (3, 3, T)
+    fires = await rows(engine, select(FIRES.c.fire_at, FIRES.c.created_at, FIRES.c.status))
+    assert {(f.fire_at, f.created_at, f.status) for f in fires} == {(T, early, "fired")}
+    schedules = await rows(
+        engine,
+        select(SCHEDULES.c.next_fire_at, SCHEDULES.c.last_fire_at, SCHEDULES.c.staged_fire_at),
+    )
+    assert {tuple(r) for r in schedules} == {(T + timedelta(days=1), T, T)}
+    outbox = await rows(engine, select(OUTBOX.c.created_at, OUTBOX.c.available_at))
+    assert {tuple(r) for r in outbox} == {(early, T)}
+
+    clock = ManualClock(early)
+    relay = OutboxRelay(engine, bus.js, clock)
+    assert (await relay.drain()).published == 0
+    clock.set(T - timedelta(microseconds=1))
+    assert (await relay.drain()).published == 0
+    assert await bus.stream_messages() == 0
+    clock.set(T)
+    assert (await relay.drain()).published == 3
+    assert await bus.stream_messages() == 3
+    # Staged once: at the fire instant nothing is due again.
+    assert (await scheduler.drain(T)).claimed == 0
+
+
+def test_lookahead_is_bounded_below_a_minute(engine):
+    """Under a minute at most one future fire is staged per schedule (fires are on minutes)."""
+    subjects = Subjects("test")
+    for bad in (timedelta(seconds=-1), timedelta(seconds=60)):
+        with pytest.raises(ValueError, match="lookahead"):
+            Scheduler(engine, subjects, lookahead=bad)

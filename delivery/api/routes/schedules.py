@@ -64,14 +64,22 @@ def effectively_enabled(row: ScheduleRow, now: datetime) -> bool:
 
 
 def schedule_out(row: ScheduleRow, now: datetime) -> ScheduleOut:
-    """The wire schedule object; ``next_fire_at`` is ``""`` when nothing is next."""
+    """
+    The wire schedule object; ``next_fire_at`` is ``""`` when nothing is next.
+
+    A fire the scheduler already staged (lookahead) is still the next one until
+    its instant: the row's ``next_fire_at`` has moved past it.
+    """
     enabled = effectively_enabled(row, now)
+    upcoming = row.next_fire_at
+    if row.staged_fire_at is not None and row.staged_fire_at > now:
+        upcoming = row.staged_fire_at
     return ScheduleOut(
         schedule_id=row.id,
         cadence_type=row.cadence_type,
         cadence=row.cadence_json,
         timezone=row.timezone,
-        next_fire_at=wire_time(row.next_fire_at) if enabled else "",
+        next_fire_at=wire_time(upcoming) if enabled else "",
         intent=row.intent,
         check_type=row.check_type,
         enabled=enabled,
@@ -257,6 +265,8 @@ def _patched(
         changes["next_fire_at"] = next_fire(compiled, now) if enabled else None
         changes["claimed_by"] = None
         changes["claimed_until"] = None
+        # A fire staged under the old timing is deleted (SqlStore.update_schedule).
+        changes["staged_fire_at"] = None
     return changes, timing
 
 
@@ -279,7 +289,9 @@ async def update_schedule(
         changes, timing = _patched(row, body, given, now)
         if changes.get("inventory_item_id"):
             await _check_item(ctx, project, agent_id, user_id, changes["inventory_item_id"])
-        if await ctx.store.update_schedule(row, changes, row.version):
+        if await ctx.store.update_schedule(
+            row, changes, row.version, drop_staged_after=now if timing else None
+        ):
             if timing:
                 ctx.wake()
             return _json(schedule_out(row.model_copy(update=changes), now))

@@ -71,6 +71,11 @@ class ScheduleRow(SQLModel, table=True):
     enabled: bool = True
     next_fire_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     last_fire_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    staged_fire_at: datetime | None = Field(
+        default=None,
+        sa_type=UTCDateTime,
+        description="a fire planned ahead of its instant (scheduler lookahead), not yet due",
+    )
     claimed_by: str | None = Field(default=None, max_length=64)
     claimed_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
     version: int = 1
@@ -244,19 +249,22 @@ class OutboxRow(SQLModel, table=True):
     """
     A NATS message committed with the state change that caused it.
 
-    The relay publishes unsent rows in id order with ``msg_id`` as
-    ``Nats-Msg-Id`` (JetStream dedupes repeats) and then stamps ``sent_at``;
-    publishing twice is harmless.
+    The relay publishes unsent rows whose ``available_at`` has passed, in
+    (available_at, id) order, with ``msg_id`` as ``Nats-Msg-Id`` (JetStream
+    dedupes repeats) and then stamps ``sent_at``; publishing twice is harmless.
+    ``available_at`` is later than ``created_at`` only for a fire the scheduler
+    planned ahead of its instant (lookahead).
     """
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_unsent", "sent_at", "id"),)
+    __table_args__ = (Index("ix_outbox_unsent", "sent_at", "available_at", "id"),)
 
     id: int | None = Field(default=None, primary_key=True)
     subject: str = Field(max_length=255)
     msg_id: str = Field(max_length=128, unique=True)
     payload: str = Field(sa_type=Text)
     created_at: datetime = Field(sa_type=UTCDateTime)
+    available_at: datetime = Field(sa_type=UTCDateTime)
     sent_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 

@@ -230,6 +230,20 @@ async def wait_idle_then_burst(
     }
 
 
+def warnings_in(log: Path) -> dict[str, int]:
+    """Event name -> count of the daemon's warning and error lines (JSON logs)."""
+    counts: dict[str, int] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("warning", "error", "critical"):
+            event = str(entry.get("event"))
+            counts[event] = counts.get(event, 0) + 1
+    return counts
+
+
 async def ours(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Run the burst through the service; the figures."""
     procs: list[subprocess.Popen[bytes]] = []
@@ -280,6 +294,7 @@ async def ours(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for proc in procs:
             if proc.poll() is not None:
                 raise RuntimeError(f"a daemon process exited with {proc.returncode}; see {log}")
+        result["daemon_warnings"] = warnings_in(log)
         return result
     finally:
         stop_all(procs)
@@ -389,6 +404,7 @@ async def main() -> None:
         f"{result['all_pending_s']:.2f} s after the minute (fires all committed at "
         f"{result['all_fires_committed_s']:.2f} s); lateness {ours_lateness}"
     )
+    print(f"daemon warnings and errors: {result['daemon_warnings'] or 'none'}")
     figures: dict[str, Any] = {"ours": {**result, "lateness": vars(ours_lateness)}}
     if not args.no_peer:
         aps = f"APScheduler {_aps_version()}, {args.count:,} cron jobs in memory"

@@ -10,7 +10,7 @@ Run::
 RSS is sampled every 0.2 s with psutil: the daemon process alone, and the nats-server
 child separately (a separate binary, reported for completeness). Idle is the window
 between start-up (after a 5 s warm-up) and the scheduler's lookahead before the burst
-minute (``DELIVERY_LOOKAHEAD_S``, 30 s, plus 5 s); the burst window starts there, so it
+minute (``DELIVERY_LOOKAHEAD_S``, 59 s, plus 5 s); the burst window starts there, so it
 includes the staging of the due fires, and runs until every due schedule has its
 notification.
 """

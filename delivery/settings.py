@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     tick_interval_s: float = Field(default=0.5, gt=0, le=60)
     claim_batch: int = Field(default=1000, ge=1, le=100_000)
     lookahead_s: float = Field(
-        default=30.0,
+        default=59.0,
         ge=0,
         le=59,
         description="Fires due within this many seconds are planned ahead and published at "

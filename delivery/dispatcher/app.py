@@ -113,6 +113,13 @@ def decode(kind: SourceKind, data: bytes) -> SourceRef:
     raise ValueError(f"no source in {type(model).__name__}")
 
 
+def _delivery_count(raw: Msg) -> int:
+    try:
+        return int(raw.metadata.num_delivered)
+    except Exception:  # a message without JetStream metadata (in-memory tests)
+        return 1
+
+
 class Dispatcher:
     """
     Consumes fire / wakeup / event messages and makes their notifications.
@@ -193,6 +200,12 @@ class Dispatcher:
         """Decode, process, ack: the whole subscriber (errors stop here: a process edge)."""
         refs: list[SourceRef] = []
         good: list[Msg] = []
+        redelivered = sum(1 for raw in raws if _delivery_count(raw) > 1)
+        if redelivered:
+            # JetStream sent these before and got no ack within ack_wait (a crash,
+            # or a lost batch): the unique source_id absorbs them, but their
+            # notifications are late by ack_wait, which an operator should see.
+            log.warning("dispatch.redelivered", kind=kind.value, messages=redelivered)
         for raw in raws:
             try:
                 refs.append(decode(kind, raw.data))

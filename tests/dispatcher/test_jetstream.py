@@ -13,6 +13,7 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine
+from structlog.testing import capture_logs
 
 from delivery.clock import ManualClock
 from delivery.dispatcher.app import DURABLES, Dispatcher
@@ -115,7 +116,10 @@ async def test_drain_makes_one_notification_per_source(
 async def test_redelivery_after_commit_is_absorbed(
     engine: AsyncEngine, js: JetStreamContext, dispatcher: Dispatcher
 ) -> None:
-    """Committed but never acked (a crash), the message comes back and changes nothing."""
+    """
+    Committed but never acked (a crash), the message comes back, changes nothing,
+    and is logged as a redelivery.
+    """
     subjects = dispatcher.subjects
     await rows.project(engine)
     await rows.schedule(engine)
@@ -130,11 +134,17 @@ async def test_redelivery_after_commit_is_absorbed(
     await msg.nak()  # the process "dies" after its commit, before its ack
     await sub.unsubscribe()
 
-    second = await dispatcher.drain(idle_s=0.2)
+    with capture_logs() as logs:
+        second = await dispatcher.drain(idle_s=0.2)
 
     assert first.created == [notification_id(fid)]
     assert second.created == []
     assert second.duplicates == [fid]
+    # An operator sees the redelivery (late by ack_wait after a real crash).
+    redelivered = [e for e in logs if e["event"] == "dispatch.redelivered"]
+    assert [(e["log_level"], e["kind"], e["messages"]) for e in redelivered] == [
+        ("warning", "schedule", 1)
+    ]
     assert await rows.count(engine, NotificationRow) == 1
     await assert_all_acked(js, subjects)
 

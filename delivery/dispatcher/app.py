@@ -52,14 +52,20 @@ DURABLES: dict[SourceKind, str] = {
 }
 """Durable consumer per source subject, shared by every dispatcher replica (DESIGN)."""
 
-ACK_WAIT_S = 120.0
-"""Longer than the slowest batch (LLM composer: batch / concurrency x timeout)."""
+LLM_ACK_WAIT_S = 120.0
+"""Longer than the slowest LLM batch (batch / concurrency x timeout)."""
+TEMPLATE_ACK_WAIT_S = 30.0
+"""
+A template batch commits in about a second even in a 100k burst, so 30 s is ample;
+it bounds how late a message whose first delivery was lost (a crash) arrives.
+A durable created with another value keeps it (consumers are not updated in place).
+"""
 NAK_DELAY_S = 5.0
 """Back-off before JetStream redelivers a batch whose processing failed."""
 TEMPLATE_BATCH = 500
 """Pull size for the template composer: DESIGN measured fetch(500)+ack at ~11k msgs/s."""
 LLM_BATCH = 32
-"""Pull size for the LLM composer, so one batch stays well inside :data:`ACK_WAIT_S`."""
+"""Pull size for the LLM composer, so one batch stays well inside :data:`LLM_ACK_WAIT_S`."""
 BATCH_WAIT_S = 0.1
 """How long a pull waits to fill a batch: the latency floor of a lone message."""
 TEMPLATE_IN_FLIGHT = 3
@@ -152,6 +158,7 @@ class Dispatcher:
         llm = settings.composer == "llm"
         self.batch_size = LLM_BATCH if llm else TEMPLATE_BATCH
         self.in_flight = LLM_IN_FLIGHT if llm else TEMPLATE_IN_FLIGHT
+        self.ack_wait_s = LLM_ACK_WAIT_S if llm else TEMPLATE_ACK_WAIT_S
         self._slots = asyncio.Semaphore(self.in_flight)
         self._batches: set[asyncio.Task[BatchResult]] = set()
         self.nats_url = nats_url
@@ -181,7 +188,7 @@ class Dispatcher:
             stream=self.subjects.stream,
             durable=DURABLES[kind],
             batch=self.batch_size,
-            ack_wait_s=ACK_WAIT_S,
+            ack_wait_s=self.ack_wait_s,
             pull_wait_s=BATCH_WAIT_S,
             handler=handle,
             title=f"dispatcher:{kind.value}",
@@ -277,7 +284,9 @@ class Dispatcher:
                     _subject(self.subjects, kind),
                     durable=DURABLES[kind],
                     stream=self.subjects.stream,
-                    config=ConsumerConfig(ack_wait=ACK_WAIT_S, max_ack_pending=4 * self.batch_size),
+                    config=ConsumerConfig(
+                        ack_wait=self.ack_wait_s, max_ack_pending=4 * self.batch_size
+                    ),
                 )
                 while True:
                     try:

@@ -117,7 +117,7 @@ async def test_sigkill_mid_burst_then_restart_gives_one_notification_per_fire(tm
             return await count(engine, NOTIFICATIONS) >= TOTAL
 
         # Messages the killed dispatcher had fetched but not acked come back after
-        # the consumer's ack_wait (120 s, delivery.dispatcher.app.ACK_WAIT_S).
+        # the consumer's ack_wait (30 s, delivery.dispatcher.app.TEMPLATE_ACK_WAIT_S).
         await _wait_for(all_done, within=240)
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0

@@ -279,15 +279,21 @@ class SqlStore:
 
     @staticmethod
     async def _drop_staged(conn: AsyncConnection, schedule_id: str, after: datetime) -> None:
-        staged = select(FIRES.c.id).where(
-            FIRES.c.schedule_id == schedule_id, FIRES.c.fire_at > after
+        # Staged = written before its instant. Advance-time fires lie in the future
+        # too, but are written at their simulated instant and already made their
+        # notifications: they stay.
+        is_staged = (
+            FIRES.c.schedule_id == schedule_id,
+            FIRES.c.fire_at > after,
+            FIRES.c.created_at < FIRES.c.fire_at,
         )
         await conn.execute(
-            delete(OUTBOX).where(OUTBOX.c.msg_id.in_(staged), OUTBOX.c.sent_at.is_(None))
+            delete(OUTBOX).where(
+                OUTBOX.c.msg_id.in_(select(FIRES.c.id).where(*is_staged)),
+                OUTBOX.c.sent_at.is_(None),
+            )
         )
-        dropped = await conn.execute(
-            delete(FIRES).where(FIRES.c.schedule_id == schedule_id, FIRES.c.fire_at > after)
-        )
+        dropped = await conn.execute(delete(FIRES).where(*is_staged))
         if dropped.rowcount:
             last = (
                 select(func.max(FIRES.c.fire_at))

@@ -148,6 +148,23 @@ async def test_a_timing_change_drops_the_fire_staged_under_the_old_timing(api: A
     assert renamed["next_fire_at"] == "2026-05-01T09:00:00Z"
     assert await _count(engine, FIRES) == 2
 
+    keep_id = made[0].json()["schedule_id"]
+    # A fire advance-time made in the simulated future (written at its own instant)
+    # is history, not a staged fire: a timing change keeps it.
+    simulated = START.replace(day=3, hour=9)
+    async with engine.begin() as conn:
+        await conn.execute(
+            FIRES.insert().values(
+                id="fire_simulated",
+                schedule_id=keep_id,
+                project_id=api.projects["alpha"],
+                agent_id="a1",
+                user_id="u1",
+                fire_at=simulated,
+                status="fired",
+                created_at=simulated,
+            )
+        )
     moved = (
         await api.alpha.patch(
             keep,
@@ -156,14 +173,14 @@ async def test_a_timing_change_drops_the_fire_staged_under_the_old_timing(api: A
     ).json()
     assert moved["next_fire_at"] == "2026-05-01T10:00:00Z"
     assert (await api.alpha.get(keep)).json()["next_fire_at"] == "2026-05-01T10:00:00Z"
-    keep_id = made[0].json()["schedule_id"]
-    assert await _count(engine, FIRES, FIRES.c.schedule_id == keep_id) == 0
     async with engine.connect() as conn:
+        left = await conn.execute(select(FIRES.c.id).where(FIRES.c.schedule_id == keep_id))
         row = (await conn.execute(SCHEDULES.select().where(SCHEDULES.c.id == keep_id))).one()
-    assert (row.last_fire_at, row.staged_fire_at) == (None, None)
+    assert left.scalars().all() == ["fire_simulated"]
+    assert (row.last_fire_at, row.staged_fire_at) == (simulated, None)
 
     assert (await api.alpha.delete(gone)).status_code == 200
-    assert await _count(engine, FIRES) == 0
+    assert await _count(engine, FIRES) == 1
     assert await _count(engine, OUTBOX) == 0
 
 

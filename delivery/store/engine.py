@@ -14,6 +14,15 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+SQLITE_STATEMENT_CACHE = 32
+"""
+Prepared statements kept per SQLite connection (Python's default is 128). Bulk
+inserts are multi-row statements whose text varies with the row count, so each
+pooled connection kept up to 128 large prepared statements. In a 100k burst the
+daemon peaked at 235 MB with the default, 195 MB with 32 and 177 MB with 8 (p99
+unchanged; 8 made staging slower), measured with a 0.2 s RSS sampler.
+"""
+
 
 def is_sqlite(url: str) -> bool:
     """True for any ``sqlite`` URL, whatever the driver."""
@@ -28,7 +37,11 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         ValueError: for a URL of another database.
     """
     if is_sqlite(url):
-        engine = create_async_engine(url, echo=echo, connect_args={"timeout": 30})
+        engine = create_async_engine(
+            url,
+            echo=echo,
+            connect_args={"timeout": 30, "cached_statements": SQLITE_STATEMENT_CACHE},
+        )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     if url.startswith("postgresql"):

@@ -56,9 +56,10 @@ LLM_ACK_WAIT_S = 120.0
 """Longer than the slowest LLM batch (batch / concurrency x timeout)."""
 TEMPLATE_ACK_WAIT_S = 30.0
 """
-A template batch commits in about a second even in a 100k burst, so 30 s is ample;
-it bounds how late a message whose first delivery was lost (a crash) arrives.
-A durable created with another value keeps it (consumers are not updated in place).
+A template batch normally commits within seconds, even in a 100k burst; 30 s bounds
+how late a message whose first delivery was never acked arrives (a crash, or the
+occasional unacked batch bench_burst reports as ``dispatch.redelivered``). A durable
+created with another value keeps it (consumers are not updated in place).
 """
 NAK_DELAY_S = 5.0
 """Back-off before JetStream redelivers a batch whose processing failed."""

@@ -78,10 +78,10 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
 
     Writers of one process also queue on an asyncio lock before BEGIN. SQLite's
     busy handler polls with sleeps growing to 100 ms and is not woken when the
-    lock frees, so under a burst (scheduler, relay, dispatcher and handlers all
-    writing) most of a writer's wait was sleep after the lock was already free;
-    the asyncio queue hands the lock over at once and in arrival order. Other
-    processes on the same file still meet ``busy_timeout``.
+    lock frees, so a waiting writer can sleep past the release; the asyncio queue
+    hands the lock over at once and in arrival order, and keeps the waiting off
+    the driver's threads. Other processes on the same file still meet
+    ``busy_timeout``.
     """
     sqlite = is_sqlite(str(engine.url))
     lock = _sqlite_writer_lock(str(engine.url)) if sqlite else None

@@ -83,6 +83,13 @@ async def worker(
         await made.stop()
 
 
+@pytest.fixture
+async def alpha(engine: AsyncEngine, clock: ManualClock) -> tuple[str, ChannelStore]:
+    """Project alpha's id and the channel store both tests write contacts through."""
+    project = (await SqlStore(engine).ensure_project("alpha", clock.now())).id
+    return project, ChannelStore(engine)
+
+
 async def _attempt_count(engine: AsyncEngine) -> int:
     async with engine.connect() as conn:
         return int((await conn.execute(select(func.count()).select_from(ATTEMPTS))).scalar_one())
@@ -102,10 +109,10 @@ async def test_batch_without_contacts_costs_one_read(
     clock: ManualClock,
     plain_smtp: SmtpServer,
     statements: Statements,
+    alpha: tuple[str, ChannelStore],
 ) -> None:
     """No user with a usable contact: one SELECT, no payload, no preferences, no write."""
-    project = (await SqlStore(engine).ensure_project("alpha", clock.now())).id
-    store = ChannelStore(engine)
+    project, store = alpha
     # A disabled contact is not one to try, yet preferences exist: neither is read.
     dead, _ = await store.add_contact(
         project, A, "user-dead", kind="email", destination="dead@example.com",
@@ -141,10 +148,10 @@ async def test_mixed_batch_sends_exactly_to_users_with_contacts(
     clock: ManualClock,
     plain_smtp: SmtpServer,
     statements: Statements,
+    alpha: tuple[str, ChannelStore],
 ) -> None:
     """Only users with contacts get mail and attempts; only their rows are read in full."""
-    project = (await SqlStore(engine).ensure_project("alpha", clock.now())).id
-    store = ChannelStore(engine)
+    project, store = alpha
     for user, destination, opted_out in [
         ("user-1", "one@example.com", False),
         ("user-4", "four@example.com", False),

@@ -37,7 +37,7 @@ from delivery.planning import (
     plan_schedule,
 )
 from delivery.store.bulk import insert_outbox
-from delivery.store.engine import is_sqlite, write_transaction
+from delivery.store.engine import any_row, is_sqlite, write_transaction
 from delivery.store.tables import FireRow, OutboxRow, ScheduleRow, WakeupRow
 
 SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
@@ -419,13 +419,14 @@ class Scheduler:
             )
             .order_by(SCHEDULES.c.next_fire_at)
             .limit(self.claim_batch)
-            # Replicas skip each other's locked rows instead of queueing on them
-            # (DESIGN "Deployment shapes"); SQLite ignores this (one writer).
-            .with_for_update(skip_locked=True)
         )
+        if not await any_row(self.engine, due):
+            return []
         stmt = (
             update(SCHEDULES)
-            .where(SCHEDULES.c.id.in_(due.scalar_subquery()))
+            # Replicas skip each other's locked rows instead of queueing on them
+            # (DESIGN "Deployment shapes"); SQLite ignores this (one writer).
+            .where(SCHEDULES.c.id.in_(due.with_for_update(skip_locked=True).scalar_subquery()))
             .values(claimed_by=self.instance_id, claimed_until=now + self.lease)
             .returning(*_CLAIM_COLUMNS)
         )
@@ -652,11 +653,12 @@ class Scheduler:
             )
             .order_by(WAKEUPS.c.scheduled_at)
             .limit(self.claim_batch)
-            .with_for_update(skip_locked=True)
         )
+        if not await any_row(self.engine, due):
+            return 0, False
         claim = (
             update(WAKEUPS)
-            .where(WAKEUPS.c.id.in_(due.scalar_subquery()))
+            .where(WAKEUPS.c.id.in_(due.with_for_update(skip_locked=True).scalar_subquery()))
             .values(claimed_by=self.instance_id, claimed_until=now + self.lease)
             .returning(WAKEUPS.c.id, WAKEUPS.c.scheduled_at)
         )

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from delivery.errors import InvalidContactError
 from delivery.secrets import SecretBox
 from delivery.store.bulk import insert_ignoring_duplicates
+from delivery.store.engine import any_row
 from delivery.store.sql import SqlStore, canonical_json, new_id
 from delivery.store.tables import NotificationRow
 from delivery.store.tables.channels import (
@@ -615,6 +616,8 @@ class ChannelStore:
             .order_by(a.next_attempt_at)
             .limit(limit)
         )
+        if not await any_row(self._sql.engine, pick):
+            return []
         if self._postgres:
             pick = pick.with_for_update(skip_locked=True)
         async with self._sql.write() as conn:

@@ -30,7 +30,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.store.bulk import insert_ignoring_duplicates
-from delivery.store.engine import is_sqlite, write_transaction
+from delivery.store.engine import any_row, is_sqlite, write_transaction
 from delivery.store.sql import NOTIFICATIONS, new_id
 from delivery.store.tables.webhooks import (
     WebhookAttemptRow,
@@ -344,7 +344,9 @@ class WebhookStore:
             return 0
         e = ENDPOINTS.c
         pairs = {(n.project_id, n.event_type) for n in wanted}
-        async with self._write() as conn:
+        # Read outside the write transaction: most notifications have no endpoint,
+        # and then nothing is written at all (a queue for SQLite's one writer).
+        async with self._read() as conn:
             found = (
                 await conn.execute(
                     select(e.id, e.project_id, e.event_type).where(
@@ -354,31 +356,34 @@ class WebhookStore:
                 )
             ).all()
             endpoints = {(r.project_id, r.event_type): r.id for r in found}
-            rows: list[dict[str, Any]] = []
-            for n in wanted:
-                endpoint_id = endpoints.get((n.project_id, n.event_type))
-                if endpoint_id is None:
-                    continue
-                rows.append(
-                    {
-                        "id": new_id("whd"),
-                        "project_id": n.project_id,
-                        "endpoint_id": endpoint_id,
-                        "notification_id": n.notification_id,
-                        # DESIGN decision 3: the notification id is the event id, the
-                        # same on every attempt and after any restart.
-                        "event_id": n.notification_id,
-                        "event_type": n.event_type,
-                        "status": PENDING,
-                        "attempt_count": 0,
-                        "next_attempt_at": now,
-                        "claimed_by": None,
-                        "last_error": None,
-                        "delivered_at": None,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                )
+        rows: list[dict[str, Any]] = []
+        for n in wanted:
+            endpoint_id = endpoints.get((n.project_id, n.event_type))
+            if endpoint_id is None:
+                continue
+            rows.append(
+                {
+                    "id": new_id("whd"),
+                    "project_id": n.project_id,
+                    "endpoint_id": endpoint_id,
+                    "notification_id": n.notification_id,
+                    # DESIGN decision 3: the notification id is the event id, the
+                    # same on every attempt and after any restart.
+                    "event_id": n.notification_id,
+                    "event_type": n.event_type,
+                    "status": PENDING,
+                    "attempt_count": 0,
+                    "next_attempt_at": now,
+                    "claimed_by": None,
+                    "last_error": None,
+                    "delivered_at": None,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+        if not rows:
+            return 0
+        async with self._write() as conn:
             return await _insert_new(conn, DELIVERIES, rows, ["notification_id", "endpoint_id"])
 
     async def claim_due(
@@ -413,6 +418,8 @@ class WebhookStore:
             .order_by(d.next_attempt_at)
             .limit(window)
         )
+        if not await any_row(self.engine, due):
+            return []
         if not self._sqlite:
             due = due.with_for_update(skip_locked=True)
         async with self._write() as conn:

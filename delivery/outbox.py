@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.clock import Clock
 from delivery.dispatcher.subjects import DEDUPE_WINDOW_S, Subjects
+from delivery.store import direct
 from delivery.store.engine import is_sqlite, write_transaction
 from delivery.store.tables import OutboxRow
 
@@ -171,8 +172,12 @@ class OutboxRelay:
                 return RelayResult()
             result, acked = await self._publish(rows)
             if acked:
-                async with self._write() as conn:
-                    await self._stamp(conn, acked)
+                # One round trip to the driver's thread (delivery.store.direct).
+                now = self.clock.now()
+                await direct.write(
+                    self.engine,
+                    lambda db: direct.update_in(db, OUTBOX, "id", acked, {"sent_at": now}),
+                )
         else:
             async with self._write() as conn:
                 rows = (await conn.execute(self._unsent())).all()

@@ -38,6 +38,8 @@ class Composer(Protocol):
     ``compose`` must either return a non-empty message or raise
     :class:`CompositionError`; any other exception is a bug. ``aclose``
     releases what the composer holds (connections) and is safe to call twice.
+    A composer whose ``compose`` never waits may say so with ``io_bound = False``:
+    a batch is then composed in one pass instead of concurrently.
     """
 
     async def compose(self, block: IntentBlock) -> str:
@@ -64,6 +66,9 @@ class TemplateComposer:
     The same block always gives the same text, which keeps advance-time
     reproducible (DESIGN invariant 4) and tests exact.
     """
+
+    io_bound = False
+    """Never waits: a batch is composed in one go, not as one task per message."""
 
     async def compose(self, block: IntentBlock) -> str:
         """Render a short message; never raises."""

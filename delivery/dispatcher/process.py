@@ -12,9 +12,11 @@ dispatchers running it at once, leaves the same rows as running it once.
 import asyncio
 import hashlib
 import json
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -36,12 +38,13 @@ from delivery.dispatcher.compose import (
 from delivery.dispatcher.composers import Composer, CompositionError
 from delivery.dispatcher.messages import NotificationCreated
 from delivery.dispatcher.subjects import Subjects
-from delivery.store import bulk
-from delivery.store.engine import write_transaction
+from delivery.store import bulk, direct
+from delivery.store.engine import is_sqlite, write_transaction
 from delivery.store.tables import (
     FireRow,
     InventoryItemRow,
     NotificationRow,
+    OutboxRow,
     ScheduleRow,
     TriggerEventRow,
     WakeupRow,
@@ -55,6 +58,7 @@ WAKEUPS: Table = WakeupRow.__table__  # type: ignore[attr-defined]
 EVENTS: Table = TriggerEventRow.__table__  # type: ignore[attr-defined]
 ITEMS: Table = InventoryItemRow.__table__  # type: ignore[attr-defined]
 NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
+OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
 
 COMPOSE_CONCURRENCY = 32
 """Composer calls in flight per batch (bounds LLM fan-out; free for the template)."""
@@ -314,22 +318,30 @@ async def compose_all(
         ``(draft, message, error)`` per draft; ``error`` is set (and the
         message empty) when the composer raised :class:`CompositionError`.
     """
-    gate = asyncio.Semaphore(COMPOSE_CONCURRENCY)
 
     async def one(draft: Draft) -> tuple[Draft, str, str | None]:
-        async with gate:
-            try:
-                return draft, await composer.compose(draft.block), None
-            except CompositionError as exc:
-                log.warning(
-                    "notification.generation_failed",
-                    notification_id=draft.notification_id,
-                    source_id=draft.source_id,
-                    error=str(exc),
-                )
-                return draft, "", str(exc) or type(exc).__name__
+        try:
+            return draft, await composer.compose(draft.block), None
+        except CompositionError as exc:
+            log.warning(
+                "notification.generation_failed",
+                notification_id=draft.notification_id,
+                source_id=draft.source_id,
+                error=str(exc),
+            )
+            return draft, "", str(exc) or type(exc).__name__
 
-    return list(await asyncio.gather(*(one(d) for d in drafts)))
+    if not getattr(composer, "io_bound", True):
+        # A composer that never waits gains nothing from tasks; 500 of them per
+        # batch only queued 500 more callbacks on a loop the whole burst shares.
+        return [await one(d) for d in drafts]
+    gate = asyncio.Semaphore(COMPOSE_CONCURRENCY)
+
+    async def gated(draft: Draft) -> tuple[Draft, str, str | None]:
+        async with gate:
+            return await one(draft)
+
+    return list(await asyncio.gather(*(gated(d) for d in drafts)))
 
 
 async def _rows_by_id(
@@ -353,11 +365,107 @@ async def existing_sources(conn: AsyncConnection, source_ids: Iterable[str]) -> 
     return set(result.scalars())
 
 
+@dataclass(slots=True)
+class _Loaded:
+    """The rows behind a batch of refs, by id (what :func:`build_drafts` reads)."""
+
+    done: set[str]
+    fires: dict[str, Mapping[str, Any]]
+    wakeups: dict[str, Mapping[str, Any]]
+    events: dict[str, Mapping[str, Any]]
+    schedules: dict[str, Mapping[str, Any]]
+    items: dict[str, Mapping[str, Any]]
+
+
+def _split(refs: Sequence[SourceRef], done: set[str]) -> tuple[list[SourceRef], list[str]]:
+    """The refs still to do, and the duplicates: done already, or twice in the batch."""
+    todo: list[SourceRef] = []
+    duplicates: list[str] = []
+    seen: set[SourceRef] = set()
+    for ref in refs:
+        # A batch may carry the same source twice (an outbox replay next to the original).
+        if ref.id in done or ref in seen:
+            duplicates.append(ref.id)
+        else:
+            todo.append(ref)
+        seen.add(ref)
+    return todo, duplicates
+
+
+def _ids(refs: Iterable[SourceRef], kind: SourceKind) -> list[str]:
+    return [r.id for r in refs if r.kind is kind]
+
+
+def _item_ids(
+    loaded_schedules: Iterable[Mapping[str, Any]], wakeups: Iterable[Mapping[str, Any]]
+) -> list[str]:
+    ids = [s["inventory_item_id"] for s in loaded_schedules if s["inventory_item_id"]]
+    return ids + [w["inventory_item_id"] for w in wakeups if w["inventory_item_id"]]
+
+
+async def _load(conn: AsyncConnection, refs: Sequence[SourceRef]) -> _Loaded:
+    done = await existing_sources(conn, (r.id for r in refs))
+    todo, _ = _split(refs, done)
+    fires = await _rows_by_id(conn, FIRES, _ids(todo, SourceKind.SCHEDULE))
+    wakeups = await _rows_by_id(conn, WAKEUPS, _ids(todo, SourceKind.WAKEUP))
+    events = await _rows_by_id(conn, EVENTS, _ids(todo, SourceKind.EVENT))
+    schedules = await _rows_by_id(conn, SCHEDULES, (f["schedule_id"] for f in fires.values()))
+    items = await _rows_by_id(conn, ITEMS, _item_ids(schedules.values(), wakeups.values()))
+    return _Loaded(done, fires, wakeups, events, schedules, items)
+
+
+_FIRE_COLUMNS = ("id", "schedule_id", "status", "fire_at")
+_SCHEDULE_COLUMNS = (
+    "id",
+    "project_id",
+    "agent_id",
+    "user_id",
+    "timezone",
+    "intent",
+    "check_type",
+    "inventory_item_id",
+    "metadata_json",
+)
+"""What :func:`build_drafts` reads of fire and schedule rows (a burst reads thousands)."""
+
+
+def _load_sqlite(db: sqlite3.Connection, refs: Sequence[SourceRef]) -> _Loaded:
+    """:func:`_load` in one go on SQLite's driver thread (see :mod:`delivery.store.direct`)."""
+
+    def by_id(
+        table: Table, ids: Iterable[str], columns: Sequence[str] | None = None
+    ) -> dict[str, Mapping[str, Any]]:
+        return {row["id"]: row for row in direct.select_in(db, table, "id", ids, columns=columns)}
+
+    done = {
+        row["source_id"]
+        for row in direct.select_in(
+            db, NOTIFICATIONS, "source_id", (r.id for r in refs), columns=["source_id"]
+        )
+    }
+    todo, _ = _split(refs, done)
+    fires = by_id(FIRES, _ids(todo, SourceKind.SCHEDULE), _FIRE_COLUMNS)
+    wakeups = by_id(WAKEUPS, _ids(todo, SourceKind.WAKEUP))
+    events = by_id(EVENTS, _ids(todo, SourceKind.EVENT))
+    schedules = by_id(SCHEDULES, (f["schedule_id"] for f in fires.values()), _SCHEDULE_COLUMNS)
+    items = by_id(ITEMS, _item_ids(schedules.values(), wakeups.values()))
+    return _Loaded(done, fires, wakeups, events, schedules, items)
+
+
 async def load_drafts(
     conn: AsyncConnection, refs: Sequence[SourceRef], result: BatchResult
 ) -> list[Draft]:
     """
     Read the rows behind ``refs`` and build their drafts; record what is skipped.
+
+    See :func:`build_drafts`.
+    """
+    return build_drafts(refs, await _load(conn, refs), result)
+
+
+def build_drafts(refs: Sequence[SourceRef], loaded: _Loaded, result: BatchResult) -> list[Draft]:
+    """
+    The drafts of ``refs`` from their ``loaded`` rows; record what is skipped.
 
     Skipped (recorded in ``result``, never retried): a source that already has
     its notification (a redelivery), a fire row that is missing or was
@@ -365,23 +473,10 @@ async def load_drafts(
     missing or no longer pending (a cancelled wakeup produces nothing), a
     missing trigger event.
     """
-    done = await existing_sources(conn, (r.id for r in refs))
-    todo: list[SourceRef] = []
-    seen: set[SourceRef] = set()
-    for ref in refs:
-        # A batch may carry the same source twice (an outbox replay next to the original).
-        if ref.id in done or ref in seen:
-            result.duplicates.append(ref.id)
-        else:
-            todo.append(ref)
-        seen.add(ref)
-    fires = await _rows_by_id(conn, FIRES, (r.id for r in todo if r.kind is SourceKind.SCHEDULE))
-    wakeups = await _rows_by_id(conn, WAKEUPS, (r.id for r in todo if r.kind is SourceKind.WAKEUP))
-    events = await _rows_by_id(conn, EVENTS, (r.id for r in todo if r.kind is SourceKind.EVENT))
-    schedules = await _rows_by_id(conn, SCHEDULES, (f["schedule_id"] for f in fires.values()))
-    item_ids = [s["inventory_item_id"] for s in schedules.values() if s["inventory_item_id"]]
-    item_ids += [w["inventory_item_id"] for w in wakeups.values() if w["inventory_item_id"]]
-    items = await _rows_by_id(conn, ITEMS, item_ids)
+    todo, duplicates = _split(refs, loaded.done)
+    result.duplicates.extend(duplicates)
+    fires, wakeups, events = loaded.fires, loaded.wakeups, loaded.events
+    schedules, items = loaded.schedules, loaded.items
 
     drafts: list[Draft] = []
     for ref in todo:
@@ -470,25 +565,83 @@ async def write_notifications(
             .returning(WAKEUPS.c.id)
         )
         executed.update((await conn.execute(stmt)).scalars())
-    for draft in wakeups:
-        if draft.source_id not in executed:
-            skipped[draft.source_id] = "wakeup no longer pending"
-    event_ids = sorted({d.source_id for d, _, _ in composed if d.block.kind is SourceKind.EVENT})
+    skipped.update(_lost_wakeups(wakeups, executed))
+    event_ids = _event_ids(composed)
     if event_ids:
         await conn.execute(
             update(EVENTS)
             .where(EVENTS.c.id.in_(event_ids), EVENTS.c.status == "accepted")
             .values(status="dispatched")
         )
-    rows = [
+    rows = _notification_rows(composed, skipped, now=now, simulated=simulated)
+    await bulk.insert_notifications(conn, rows)
+    await bulk.insert_outbox(conn, _outbox_rows(rows, subjects, now))
+    return rows, skipped
+
+
+def _lost_wakeups(wakeups: Iterable[Draft], executed: set[str]) -> dict[str, str]:
+    return {d.source_id: "wakeup no longer pending" for d in wakeups if d.source_id not in executed}
+
+
+def _event_ids(composed: Iterable[tuple[Draft, str, str | None]]) -> list[str]:
+    return sorted({d.source_id for d, _, _ in composed if d.block.kind is SourceKind.EVENT})
+
+
+def _notification_rows(
+    composed: Iterable[tuple[Draft, str, str | None]],
+    skipped: Mapping[str, str],
+    *,
+    now: datetime,
+    simulated: bool,
+) -> list[dict[str, Any]]:
+    return [
         notification_row(d, message=m, error=e, created_at=d.fire_at if simulated else now)
         for d, m, e in composed
         if d.source_id not in skipped
     ]
-    await bulk.insert_notifications(conn, rows)
-    await bulk.insert_outbox(
-        conn, [outbox_row(r, subjects, now) for r in rows if r["status"] == "pending"]
-    )
+
+
+def _outbox_rows(
+    rows: Iterable[Mapping[str, Any]], subjects: Subjects, now: datetime
+) -> list[dict[str, Any]]:
+    # Failed generations are kept but not published: there is no text to deliver.
+    return [outbox_row(r, subjects, now) for r in rows if r["status"] == "pending"]
+
+
+def write_notifications_sqlite(
+    db: sqlite3.Connection,
+    composed: Sequence[tuple[Draft, str, str | None]],
+    *,
+    subjects: Subjects,
+    now: datetime,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """
+    :func:`write_notifications` (not simulated) on SQLite's driver thread, inside
+    the caller's :func:`delivery.store.direct.write` transaction: the same rows.
+    """
+    wakeups = [d for d, _, _ in composed if d.block.kind is SourceKind.WAKEUP]
+    executed: set[str] = set()
+    if wakeups:
+        executed.update(
+            direct.update_in(
+                db,
+                WAKEUPS,
+                "id",
+                sorted({d.source_id for d in wakeups}),
+                {"status": "executed", "executed_at": now},
+                only_if={"status": "pending"},
+            )
+        )
+    skipped = _lost_wakeups(wakeups, executed)
+    event_ids = _event_ids(composed)
+    if event_ids:
+        direct.update_in(
+            db, EVENTS, "id", event_ids, {"status": "dispatched"}, only_if={"status": "accepted"}
+        )
+    rows = _notification_rows(composed, skipped, now=now, simulated=False)
+    direct.insert_ignoring_duplicates(db, NOTIFICATIONS, rows, unique="source_id")
+    outbox = [{**r, "available_at": r["created_at"]} for r in _outbox_rows(rows, subjects, now)]
+    direct.insert_ignoring_duplicates(db, OUTBOX, outbox, unique="msg_id")
     return rows, skipped
 
 
@@ -510,6 +663,7 @@ class Processor:
         self.composer = composer
         self.subjects = subjects
         self.clock = clock
+        self._sqlite = is_sqlite(str(engine.url))
 
     async def process(self, refs: Sequence[SourceRef]) -> BatchResult:
         """
@@ -520,8 +674,12 @@ class Processor:
         JetStream redelivers); composer failures do not (``failed_generation``).
         """
         result = BatchResult()
-        async with self.engine.connect() as conn:
-            drafts = await load_drafts(conn, refs, result)
+        if self._sqlite:
+            loaded = await direct.read(self.engine, partial(_load_sqlite, refs=refs))
+        else:
+            async with self.engine.connect() as conn:
+                loaded = await _load(conn, refs)
+        drafts = build_drafts(refs, loaded, result)
         for source_id, reason in result.skipped.items():
             log.info("dispatch.skipped", source_id=source_id, reason=reason)
         for source_id in result.duplicates:
@@ -534,8 +692,18 @@ class Processor:
             return result
         composed = await compose_all(self.composer, drafts)
         now = self.clock.now()
-        async with write_transaction(self.engine) as conn:
-            rows, lost = await write_notifications(conn, composed, subjects=self.subjects, now=now)
+        if self._sqlite:
+            rows, lost = await direct.write(
+                self.engine,
+                partial(
+                    write_notifications_sqlite, composed=composed, subjects=self.subjects, now=now
+                ),
+            )
+        else:
+            async with write_transaction(self.engine) as conn:
+                rows, lost = await write_notifications(
+                    conn, composed, subjects=self.subjects, now=now
+                )
         result.skipped.update(lost)
         for source_id, reason in lost.items():
             log.info("dispatch.skipped", source_id=source_id, reason=reason)

@@ -328,3 +328,36 @@ def test_lookahead_is_bounded_below_a_minute(engine):
     for bad in (timedelta(seconds=-1), timedelta(seconds=60)):
         with pytest.raises(ValueError, match="lookahead"):
             Scheduler(engine, subjects, lookahead=bad)
+
+
+async def test_a_burst_is_relayed_once_each_with_a_row_committed_mid_drain(engine, bus, project):
+    """
+    A row committed while a burst drains, with an earlier available_at than the
+    rows already published, is still published; nothing is published twice.
+    """
+
+    def outbox(i: int, at: datetime) -> dict[str, object]:
+        return {
+            "subject": bus.subjects.fire_created,
+            "msg_id": f"burst{i}",
+            "payload": "{}",
+            "created_at": at,
+            "available_at": at,
+        }
+
+    async with engine.begin() as conn:
+        await conn.execute(
+            OUTBOX.insert(), [outbox(i, T + timedelta(seconds=i)) for i in range(35)]
+        )
+    relay = OutboxRelay(engine, bus.js, ManualClock(T + timedelta(minutes=1)), batch=10)
+    first = await relay.relay_once()
+    assert (first.published, first.more) == (10, True)
+    # Committed late with an instant before the first batch's last row.
+    async with engine.begin() as conn:
+        await conn.execute(OUTBOX.insert(), [outbox(99, T + timedelta(seconds=2, microseconds=1))])
+    rest = await relay.drain()
+    again = await relay.drain()
+    assert first.published + rest.published + again.published == 36
+    assert first.duplicates + rest.duplicates + again.duplicates == 0
+    assert await count(engine, OUTBOX, OUTBOX.c.sent_at.is_(None)) == 0
+    assert await bus.stream_messages() == 36

@@ -1,0 +1,205 @@
+"""
+The SQLite driver-thread paths store and read exactly what SQLAlchemy does, and a
+failed write changes nothing.
+"""
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from delivery.store import direct
+from delivery.store.engine import create_engine
+from delivery.store.tables import OutboxRow, ProjectRow, ScheduleRow
+from delivery.store.tables import metadata as all_tables
+
+SCHEDULES = ScheduleRow.__table__  # type: ignore[attr-defined]
+OUTBOX = OutboxRow.__table__  # type: ignore[attr-defined]
+PROJECTS = ProjectRow.__table__  # type: ignore[attr-defined]
+
+T = datetime(2026, 3, 29, 1, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+async def sqlite(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    eng = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'direct.db'}")
+    async with eng.begin() as conn:
+        await conn.run_sync(all_tables.create_all)
+        await conn.execute(PROJECTS.insert().values(id="prj", name="p", created_at=T))
+    try:
+        yield eng
+    finally:
+        await eng.dispose()
+
+
+def schedule(i: int, **overrides: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": f"sch_{i}",
+        "project_id": "prj",
+        "agent_id": "a",
+        "user_id": f"u{i}",
+        "cadence_type": "simple",
+        "cadence_json": "{}",
+        "timezone": "Europe/Berlin",
+        "active_window_json": None,
+        "intent": "stretch",
+        "check_type": "habit",
+        "inventory_item_id": None,
+        "metadata_json": None,
+        "starts_at": None,
+        "ends_at": None,
+        "anchor_at": T,
+        "enabled": True,
+        "next_fire_at": T + timedelta(microseconds=7),
+        "last_fire_at": None,
+        "staged_fire_at": None,
+        "claimed_by": None,
+        "claimed_until": None,
+        "version": 1,
+        "created_at": T,
+        "updated_at": T,
+    }
+    row.update(overrides)
+    return row
+
+
+async def stored_text(engine: AsyncEngine, schedule_id: str) -> tuple[Any, ...]:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT anchor_at, next_fire_at, ends_at, enabled FROM schedules WHERE id = :i"
+                ),
+                {"i": schedule_id},
+            )
+        ).one()
+    return tuple(row)
+
+
+async def test_rows_written_directly_are_stored_as_sqlalchemy_stores_them(
+    sqlite: AsyncEngine,
+) -> None:
+    """Same values in, same bytes on disk, same Python values out (instants and booleans)."""
+    plus_two = timezone(timedelta(hours=2))
+    values = {
+        "next_fire_at": datetime(2026, 10, 25, 2, 59, 59, 999999, tzinfo=plus_two),
+        "ends_at": T + timedelta(days=400),
+        "enabled": False,
+    }
+    async with sqlite.begin() as conn:
+        await conn.execute(SCHEDULES.insert(), [schedule(1, **values)])
+    inserted = await direct.write(
+        sqlite,
+        lambda db: direct.insert_ignoring_duplicates(
+            db, SCHEDULES, [schedule(2, **values)], unique="id"
+        ),
+    )
+    assert inserted == 1
+    assert await stored_text(sqlite, "sch_2") == await stored_text(sqlite, "sch_1")
+
+    async with sqlite.connect() as conn:
+        by_sqlalchemy = {
+            r["id"]: dict(r) for r in (await conn.execute(select(SCHEDULES))).mappings()
+        }
+    by_direct = await direct.read(
+        sqlite, lambda db: direct.select_in(db, SCHEDULES, "id", ["sch_1", "sch_2"])
+    )
+    assert {r["id"]: r for r in by_direct} == by_sqlalchemy
+    assert by_sqlalchemy["sch_2"]["next_fire_at"] == values["next_fire_at"]
+    assert by_sqlalchemy["sch_2"]["enabled"] is False
+
+
+async def test_a_subset_of_columns_is_read_in_the_order_asked(sqlite: AsyncEngine) -> None:
+    await direct.write(
+        sqlite,
+        lambda db: direct.insert_ignoring_duplicates(db, SCHEDULES, [schedule(1)], unique="id"),
+    )
+    [row] = await direct.read(
+        sqlite,
+        lambda db: direct.select_in(
+            db, SCHEDULES, "id", ["sch_1", "nope"], columns=["next_fire_at", "id"]
+        ),
+    )
+    assert row == {"next_fire_at": T + timedelta(microseconds=7), "id": "sch_1"}
+
+
+async def test_duplicates_are_skipped_and_counted_out(sqlite: AsyncEngine) -> None:
+    def outbox(msg_id: str) -> dict[str, Any]:
+        return {
+            "subject": "s",
+            "msg_id": msg_id,
+            "payload": "{}",
+            "created_at": T,
+            "available_at": T,
+        }
+
+    def insert(rows: list[dict[str, Any]]) -> Any:
+        return lambda db: direct.insert_ignoring_duplicates(db, OUTBOX, rows, unique="msg_id")
+
+    assert await direct.write(sqlite, insert([outbox("a")])) == 1
+    assert await direct.write(sqlite, insert([outbox("a"), outbox("b"), outbox("b")])) == 1
+
+
+async def test_update_in_changes_only_matching_rows_and_names_them(sqlite: AsyncEngine) -> None:
+    rows = [schedule(1), schedule(2, enabled=False), schedule(3)]
+    await direct.write(
+        sqlite, lambda db: direct.insert_ignoring_duplicates(db, SCHEDULES, rows, unique="id")
+    )
+    changed = await direct.write(
+        sqlite,
+        lambda db: direct.update_in(
+            db,
+            SCHEDULES,
+            "id",
+            ["sch_1", "sch_2", "sch_9"],
+            {"claimed_until": T + timedelta(hours=1), "claimed_by": "me"},
+            only_if={"enabled": True},
+        ),
+    )
+    assert changed == ["sch_1"]
+    async with sqlite.connect() as conn:
+        claimed = (
+            await conn.execute(select(SCHEDULES.c.id, SCHEDULES.c.claimed_until).order_by("id"))
+        ).all()
+    assert [tuple(r) for r in claimed] == [
+        ("sch_1", T + timedelta(hours=1)),
+        ("sch_2", None),
+        ("sch_3", None),
+    ]
+
+
+async def test_a_failing_write_changes_nothing_and_frees_the_writer(sqlite: AsyncEngine) -> None:
+    def half_then_fail(db: Any) -> None:
+        direct.insert_ignoring_duplicates(db, SCHEDULES, [schedule(1)], unique="id")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        await direct.write(sqlite, half_then_fail)
+    assert (
+        await direct.read(sqlite, lambda db: direct.select_in(db, SCHEDULES, "id", ["sch_1"])) == []
+    )
+    # The writer lock was released: the next write goes through.
+    assert (
+        await direct.write(
+            sqlite,
+            lambda db: direct.insert_ignoring_duplicates(db, SCHEDULES, [schedule(1)], unique="id"),
+        )
+        == 1
+    )
+
+
+async def test_only_the_table_s_own_column_names_reach_the_sql(sqlite: AsyncEngine) -> None:
+    """Identifiers cannot be bound, so a name that is not a column is refused."""
+    with pytest.raises(ValueError, match="no column"):
+        await direct.read(
+            sqlite, lambda db: direct.select_in(db, SCHEDULES, 'id" OR 1=1 --', ["x"])
+        )
+    with pytest.raises(ValueError, match="no column"):
+        await direct.write(
+            sqlite,
+            lambda db: direct.update_in(db, SCHEDULES, "id", ["x"], {"enabled = 0, id": 1}),
+        )

@@ -12,6 +12,7 @@ did (STYLE.md section 3); the periodic runner lives in :mod:`delivery.daemon`.
 
 import json
 import secrets
+import sqlite3
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -36,6 +37,7 @@ from delivery.planning import (
     fire_id,
     plan_schedule,
 )
+from delivery.store import direct
 from delivery.store.bulk import insert_outbox
 from delivery.store.engine import any_row, is_sqlite, write_transaction
 from delivery.store.tables import FireRow, OutboxRow, ScheduleRow, WakeupRow
@@ -67,15 +69,14 @@ _CLAIM_COLUMNS = (
 # Statements are built once: SQLAlchemy caches their compiled form by identity.
 _WRITE_SCHEDULE = (
     update(SCHEDULES)
-    # The version we just set: belt and braces, the row is already locked.
     .where(SCHEDULES.c.id == bindparam("b_id"), SCHEDULES.c.version == bindparam("b_version"))
     .values(
         next_fire_at=bindparam("b_next_fire_at"),
         last_fire_at=bindparam("b_last_fire_at"),
         staged_fire_at=bindparam("b_staged_fire_at"),
         enabled=bindparam("b_enabled"),
-        claimed_by=None,
-        claimed_until=None,
+        claimed_by=bindparam("b_claimed_by"),
+        claimed_until=bindparam("b_claimed_until"),
     )
 )
 
@@ -519,21 +520,32 @@ class Scheduler:
             if not kept:
                 return result
 
-            await conn.execute(
-                _WRITE_SCHEDULE,
-                [
-                    {
-                        "b_id": row.id,
-                        "b_version": row.version + 1,
-                        "b_next_fire_at": plan.next_fire_at,
-                        "b_last_fire_at": plan.last_fire_at,
-                        # At most one fire lies ahead (MAX_LOOKAHEAD); the API shows it.
-                        "b_staged_fire_at": next((at for at in plan.fires if at > now), None),
-                        "b_enabled": not plan.disable,
-                    }
-                    for row, _, plan in kept
-                ],
-            )
+            states = [
+                {
+                    "next_fire_at": plan.next_fire_at,
+                    "last_fire_at": plan.last_fire_at,
+                    # At most one fire lies ahead (MAX_LOOKAHEAD); the API shows it.
+                    "staged_fire_at": next((at for at in plan.fires if at > now), None),
+                    "enabled": not plan.disable,
+                    "claimed_by": None,
+                    "claimed_until": None,
+                    # The version we just set: belt and braces, the row is already locked.
+                    "id": row.id,
+                    "version": row.version + 1,
+                }
+                for row, _, plan in kept
+            ]
+            if self._sqlite:
+                # The bulk statements of a staging burst run on the driver's thread
+                # (delivery.store.direct), inside this same transaction.
+                await direct.on_driver_thread(
+                    conn,
+                    lambda db: direct.update_rows(db, SCHEDULES, states, where=["id", "version"]),
+                )
+            else:
+                await conn.execute(
+                    _WRITE_SCHEDULE, [{f"b_{k}": v for k, v in state.items()} for state in states]
+                )
 
             fire_rows: list[dict[str, Any]] = []
             for row, _, plan in kept:
@@ -592,7 +604,15 @@ class Scheduler:
                 )
             result.fired = len(result.fire_ids)
             result.skipped = len(inserted) - result.fired
-            await insert_outbox(conn, outbox_rows)
+            if self._sqlite:
+                await direct.on_driver_thread(
+                    conn,
+                    lambda db: direct.insert_ignoring_duplicates(
+                        db, OUTBOX, outbox_rows, unique="msg_id"
+                    ),
+                )
+            else:
+                await insert_outbox(conn, outbox_rows)
             # Counted from the rows, not rowcount: asyncpg's executemany rowcount is
             # not reliable, and each msg_id is a fire id inserted just above.
             result.outbox = len(outbox_rows)
@@ -623,6 +643,19 @@ class Scheduler:
         """Insert fire rows, ignoring existing (schedule_id, fire_at); the ids inserted."""
         if not rows:
             return set()
+        if self._sqlite:
+
+            def insert(db: sqlite3.Connection) -> set[str]:
+                # No RETURNING with executemany: what existed before is read in
+                # the same transaction (a fire id is derived from its unique key).
+                ids = [r["id"] for r in rows]
+                had = {r["id"] for r in direct.select_in(db, FIRES, "id", ids, columns=["id"])}
+                direct.insert_ignoring_duplicates(
+                    db, FIRES, rows, unique=["schedule_id", "fire_at"]
+                )
+                return set(ids) - had
+
+            return await direct.on_driver_thread(conn, insert)
         stmt = (
             self._insert(FIRES)
             .on_conflict_do_nothing(index_elements=["schedule_id", "fire_at"])

@@ -41,7 +41,11 @@ def sqlite_instant(value: datetime) -> str:
     """An aware instant as SQLAlchemy stores it in SQLite (``UTCDateTime``)."""
     if value.tzinfo is None:
         raise ValueError("naive datetime given to a UTC column")
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    # isoformat is several times faster than strftime; timespec keeps the
+    # microseconds when they are zero, as SQLAlchemy does.
+    return value.replace(tzinfo=None).isoformat(" ", timespec="microseconds")
 
 
 def parse_instant(text: str) -> datetime:
@@ -221,11 +225,15 @@ def select_in(
 
 
 def insert_ignoring_duplicates(
-    db: sqlite3.Connection, table: Table, rows: Sequence[Mapping[str, Any]], *, unique: str
+    db: sqlite3.Connection,
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    unique: str | Sequence[str],
 ) -> int:
     """
     Insert ``rows`` (the columns of the first row), skipping any that collide on
-    ``unique``; how many were inserted.
+    the ``unique`` column(s); how many were inserted.
     """
     if not rows:
         return 0
@@ -235,7 +243,7 @@ def insert_ignoring_duplicates(
     before = db.total_changes
     db.executemany(
         f'INSERT INTO "{c.table}" ({names}) VALUES ({_marks(len(columns))}) '  # noqa: S608
-        f"ON CONFLICT ({_names(c, [unique])}) DO NOTHING",
+        f"ON CONFLICT ({_names(c, [unique] if isinstance(unique, str) else unique)}) DO NOTHING",
         c.params(rows, columns),
     )
     return db.total_changes - before
@@ -273,3 +281,24 @@ def update_in(
         )
         changed.extend(row[0] for row in cursor.fetchall())
     return changed
+
+
+def update_rows(
+    db: sqlite3.Connection, table: Table, rows: Sequence[Mapping[str, Any]], *, where: Sequence[str]
+) -> int:
+    """
+    One ``UPDATE`` per row (``executemany``): the row's ``where`` columns pick the
+    row, its other columns are the new values. The rows changed.
+    """
+    if not rows:
+        return 0
+    c = codec(table)
+    sets = [name for name in rows[0] if name not in where]
+    assignments = ", ".join(f"{_names(c, [n])} = ?" for n in sets)
+    conditions = " AND ".join(f"{_names(c, [n])} = ?" for n in where)
+    before = db.total_changes
+    db.executemany(
+        f'UPDATE "{c.table}" SET {assignments} WHERE {conditions}',  # noqa: S608
+        c.params(rows, [*sets, *where]),
+    )
+    return db.total_changes - before

@@ -14,13 +14,15 @@ from typing import Any
 from sqlalchemy import Select, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-SQLITE_STATEMENT_CACHE = 32
+SQLITE_STATEMENT_CACHE = 8
 """
 Prepared statements kept per SQLite connection (Python's default is 128). Bulk
-inserts are multi-row statements whose text varies with the row count, so each
-pooled connection kept up to 128 large prepared statements. In a 100k burst the
-daemon peaked at 235 MB with the default, 195 MB with 32 and 177 MB with 8 (p99
-unchanged; 8 made staging slower), measured with a 0.2 s RSS sampler.
+statements whose text varies with the row count filled the cache with large
+prepared statements. In a 100k burst with 1M stored (``bench/bench_rss.py``) the
+daemon peaked at 235 MB with the default and 195 MB with 32, while its writes
+went through SQLAlchemy. With the hot paths on ``delivery.store.direct``, it
+peaked at 162 MB with 32 and 153 MB with 8, and the burst was not slower with 8
+(all notified within 79 s, against 109 s with 32).
 """
 
 

@@ -172,7 +172,7 @@ class OutboxRelay:
                 return RelayResult()
             result, acked = await self._publish(rows)
             if acked:
-                # One round trip to the driver's thread (delivery.store.direct).
+                # Bound as prepared tuples on the driver's thread (delivery.store.direct).
                 now = self.clock.now()
                 await direct.write(
                     self.engine,

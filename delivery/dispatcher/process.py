@@ -452,17 +452,6 @@ def _load_sqlite(db: sqlite3.Connection, refs: Sequence[SourceRef]) -> _Loaded:
     return _Loaded(done, fires, wakeups, events, schedules, items)
 
 
-async def load_drafts(
-    conn: AsyncConnection, refs: Sequence[SourceRef], result: BatchResult
-) -> list[Draft]:
-    """
-    Read the rows behind ``refs`` and build their drafts; record what is skipped.
-
-    See :func:`build_drafts`.
-    """
-    return build_drafts(refs, await _load(conn, refs), result)
-
-
 def build_drafts(refs: Sequence[SourceRef], loaded: _Loaded, result: BatchResult) -> list[Draft]:
     """
     The drafts of ``refs`` from their ``loaded`` rows; record what is skipped.

@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import Boolean, Table
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from delivery.store.engine import writer_lock
+from delivery.store.engine import write_transaction
 from delivery.store.types import UTCDateTime
 
 MAX_VARIABLES = 900
@@ -53,20 +53,15 @@ def parse_instant(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
-def _to_python(kind: str) -> Callable[[Any], Any] | None:
-    if kind == "instant":
-        return lambda v: None if v is None else parse_instant(v)
-    if kind == "bool":
-        return lambda v: None if v is None else bool(v)
-    return None
+def _nullable(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else convert(value)
 
 
-def _to_sqlite(kind: str) -> Callable[[Any], Any] | None:
-    if kind == "instant":
-        return lambda v: None if v is None else sqlite_instant(v)
-    if kind == "bool":
-        return lambda v: None if v is None else int(v)
-    return None
+_CONVERTERS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
+    "instant": (_nullable(parse_instant), _nullable(sqlite_instant)),
+    "bool": (_nullable(bool), _nullable(int)),
+}
+"""Column kind -> (SQLite value to Python, Python value to SQLite); other kinds pass as is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +122,8 @@ def codec(table: Table) -> Codec:
     return Codec(
         table=table.name,
         columns=tuple(c.name for c in table.c),
-        readers=tuple(_to_python(k) for k in kinds),
-        writers=tuple(_to_sqlite(k) for k in kinds),
+        readers=tuple(_CONVERTERS[k][0] if k in _CONVERTERS else None for k in kinds),
+        writers=tuple(_CONVERTERS[k][1] if k in _CONVERTERS else None for k in kinds),
     )
 
 
@@ -141,44 +136,19 @@ async def on_driver_thread[T](conn: AsyncConnection, fn: Callable[[sqlite3.Conne
 
 
 async def read[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) -> T:
-    """Run ``fn`` (reads only) on a pooled connection's thread; one round trip."""
+    """Run ``fn`` (reads only) on a pooled connection's thread."""
     async with engine.connect() as conn:
         return await on_driver_thread(conn, fn)
 
 
 async def write[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) -> T:
     """
-    Run ``fn`` in one ``BEGIN IMMEDIATE`` ... ``COMMIT`` on the driver's thread.
-
-    Queues for the process's writer like
-    :func:`~delivery.store.engine.write_transaction`; any exception rolls the
-    whole transaction back and propagates.
+    Run ``fn`` inside a :func:`~delivery.store.engine.write_transaction` (the
+    process's writer queue, ``BEGIN IMMEDIATE``, commit), on the driver's thread;
+    any exception rolls the whole transaction back and propagates.
     """
-
-    def transaction(db: sqlite3.Connection) -> T:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(db)
-        except BaseException:
-            db.rollback()
-            raise
-        db.commit()
-        return result
-
-    lock = writer_lock(engine)
-    await lock.acquire()
-    held = True
-    try:
-        async with engine.connect() as conn:
-            try:
-                return await on_driver_thread(conn, transaction)
-            finally:
-                # Before the pool's reset of the connection: see write_transaction.
-                lock.release()
-                held = False
-    finally:
-        if held:
-            lock.release()
+    async with write_transaction(engine) as conn:
+        return await on_driver_thread(conn, fn)
 
 
 def _marks(n: int) -> str:
@@ -270,7 +240,7 @@ def update_in(
     where = _names(c, [column])
     extra = "".join(f" AND {_names(c, [n])} = ?" for n in conditions)
     [params] = c.params([changes], list(changes))
-    [checks] = c.params([conditions], list(conditions)) if conditions else [()]
+    [checks] = c.params([conditions], list(conditions))
     changed: list[Any] = []
     for start in range(0, len(values), MAX_VARIABLES):
         chunk = list(values[start : start + MAX_VARIABLES])

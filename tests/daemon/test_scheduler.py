@@ -8,12 +8,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select, update
 
+from delivery.api.routes.schedules import _patched, schedule_out
+from delivery.api.schemas import SchedulePatch
 from delivery.clock import ManualClock
 from delivery.dispatcher.messages import FireCreated, WakeupDue
 from delivery.dispatcher.subjects import Subjects
 from delivery.outbox import OutboxRelay
 from delivery.planning import MISSED_MAX_LATENESS, fire_id
 from delivery.scheduler import Scheduler
+from delivery.store.tables import ScheduleRow
 from tests.daemon.helpers import (
     FIRES,
     OUTBOX,
@@ -178,6 +181,41 @@ async def test_ends_at_passing_disables_and_keeps_the_row(engine, bus, project):
     assert schedule.enabled is False
     assert schedule.next_fire_at is None
     assert (await Scheduler(engine, bus.subjects).drain(T + timedelta(days=3))).claimed == 0
+
+
+async def test_a_last_fire_staged_by_the_lookahead_keeps_the_schedule_enabled_until_it(
+    engine, bus, project
+):
+    """
+    Staging the last fire before ``ends_at`` disables the row a lookahead early; the
+    wire (and a PATCH that does not touch ``enabled``) still sees it enabled until then.
+    """
+    ends = T + timedelta(minutes=10)
+    await add_schedules(
+        engine,
+        [
+            schedule_row(
+                "sch_l", cadence=daily("09:00"), created_at=CREATED, next_fire_at=T, ends_at=ends
+            )
+        ],
+    )
+    staged_at = T - timedelta(seconds=40)
+    scheduler = Scheduler(engine, bus.subjects, lookahead=timedelta(seconds=59))
+    assert (await scheduler.drain(staged_at)).disabled == 1
+    async with engine.connect() as conn:
+        stored = (await conn.execute(select(SCHEDULES))).mappings().one()
+    row = ScheduleRow.model_validate(dict(stored))
+    assert row.enabled is False
+    before = schedule_out(row, staged_at)
+    assert (before.enabled, before.next_fire_at) == (True, "2026-06-01T09:00:00Z")
+    after = schedule_out(row, T + timedelta(seconds=1))
+    assert (after.enabled, after.next_fire_at) == (False, "")
+
+    patch = SchedulePatch(ends_at="2026-06-03T09:30:00Z")
+    changes, timing = _patched(row, patch, {"ends_at"}, staged_at)
+    assert timing is True
+    assert changes["enabled"] is True
+    assert changes["next_fire_at"] == T
 
 
 async def test_a_schedule_changed_between_claim_and_write_is_dropped_then_replanned(

@@ -59,7 +59,18 @@ def _not_found(schedule_id: str) -> NotFoundError:
 
 
 def effectively_enabled(row: ScheduleRow, now: datetime) -> bool:
-    """Enabled and not past ``ends_at`` (the soft-disable is visible before the daemon flips it)."""
+    """
+    Whether the schedule still fires, as the wire shows it.
+
+    Enabled and not past ``ends_at`` (the soft-disable is visible before the daemon
+    flips it). The scheduler stages a fire up to its lookahead early and, when
+    ``ends_at`` leaves nothing after that fire, writes ``enabled=false`` in the same
+    pass: until the staged fire's instant the schedule is still enabled. A client
+    disable drops the staged fire (``staged_fire_at`` cleared), so a staged fire
+    ahead always means the scheduler did it.
+    """
+    if row.staged_fire_at is not None and row.staged_fire_at > now:
+        return True
     return row.enabled and (row.ends_at is None or row.ends_at > now)
 
 
@@ -224,7 +235,9 @@ def _patched(
     ends_at = row.ends_at
     if "ends_at" in given:
         ends_at = parse_instant(body.ends_at, "ends_at") if body.ends_at else None
-    enabled = body.enabled if body.enabled is not None else row.enabled
+    # The base is what the client saw: a schedule whose last fire is staged but not
+    # yet due reads enabled and stays so when, say, only its ends_at moves.
+    enabled = body.enabled if body.enabled is not None else effectively_enabled(row, now)
     # An ends_at in the past is an error when the client sets it, or re-enables a
     # schedule that is past it (DESIGN decision 6); otherwise an expired schedule
     # may still be edited (e.g. its intent) and stays disabled.

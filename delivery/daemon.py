@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +30,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from nats.aio.client import Client as NatsClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from delivery.clock import Clock, SystemClock
+from delivery.clock import Clock, SystemClock, backoff_s
 from delivery.dispatcher.subjects import Subjects
 from delivery.embedded import EmbeddedNats
 from delivery.outbox import OutboxRelay, ensure_stream
@@ -43,7 +44,6 @@ OUTBOX_RETENTION = timedelta(days=1)
 """Sent outbox rows are deleted after a day (JetStream's dedupe window is 2 h)."""
 SHUTDOWN_FLUSH_S = 10.0
 """How long shutdown waits to publish committed outbox rows before giving up (they stay)."""
-_MAX_BACKOFF_S = 30.0
 
 
 class Part(StrEnum):
@@ -134,7 +134,7 @@ class PeriodicJob:
                     more = await self._step()
                 except Exception:
                     self._failures += 1
-                    delay = min(_MAX_BACKOFF_S, 0.5 * 2**self._failures)
+                    delay = backoff_s(self._failures)
                     self._backoff_until = time.monotonic() + delay
                     self._log.exception("job_failed", failures=self._failures, retry_in_s=delay)
                     return
@@ -365,6 +365,7 @@ class Daemon:
             self._scheduler_job = job
             job.start()
             stack.push("scheduler-tick", job.stop)
+            await self._start_job_sweep(stack, aps, engine, sqlite=is_sqlite(url))
 
         if Part.DISPATCHER in self.parts:
             from delivery.dispatcher.app import Dispatcher
@@ -384,6 +385,27 @@ class Daemon:
             nats_url=nats_url,
             database=engine.url.render_as_string(hide_password=True),
         )
+
+    async def _start_job_sweep(
+        self, stack: _Stack, aps: AsyncIOScheduler, engine: AsyncEngine, *, sqlite: bool
+    ) -> None:
+        """Rerun ``async: true`` advance-time jobs whose runner died before committing."""
+        from delivery.dispatcher.composers import build_composer
+        from delivery.workbench import JOB_SWEEP_S, new_owner, release_jobs, resume_stalled_jobs
+
+        if sqlite:
+            # The one process on this file: a lease left is a killed process's.
+            await release_jobs(engine)
+        owner = new_owner("scheduler")
+
+        async def sweep_step() -> bool:
+            composer = partial(build_composer, self.settings)
+            await resume_stalled_jobs(engine, composer, self.subjects, self.clock, owner=owner)
+            return False
+
+        sweep = PeriodicJob(aps, "advance-time-jobs", sweep_step, JOB_SWEEP_S)
+        sweep.start()
+        stack.push("advance-time-jobs", sweep.stop)
 
     # --- steps ------------------------------------------------------------------
 

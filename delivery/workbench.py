@@ -16,16 +16,17 @@ instant written is a simulated fire instant, so the same state and call give
 the same rows, ids and response.
 """
 
+import asyncio
 import json
 import math
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Table, select, update
+from sqlalchemy import ColumnElement, Table, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -54,7 +55,7 @@ from delivery.dispatcher.subjects import Subjects
 from delivery.errors import ConflictError, InvalidRequestError, NotFoundError
 from delivery.planning import fire_id
 from delivery.store import bulk
-from delivery.store.engine import write_transaction
+from delivery.store.engine import any_row, write_transaction
 from delivery.store.tables import AdvanceTimeJobRow, ClockOffsetRow, FireRow
 
 log = structlog.get_logger(__name__)
@@ -67,6 +68,10 @@ MAX_SIMULATED_HOURS = 24 * 366
 """One (leap) year per call bounds the work of one request."""
 JOB_TTL = timedelta(minutes=30)
 """seeds/001: job state is pollable for 30 minutes; after that the id is unknown (404)."""
+JOB_LEASE = timedelta(seconds=60)
+"""A job runner renews its lease every third of this; a lease this old means it died."""
+JOB_SWEEP_S = 15.0
+"""How often the scheduler looks for jobs whose runner died."""
 _EPSILON = timedelta(microseconds=1)
 _ATTEMPTS = 3
 
@@ -299,18 +304,24 @@ async def advance_time(
     clock: Clock,
     pair: Pair,
     simulated_hours: float,
+    *,
+    job: "JobClaim | None" = None,
 ) -> dict[str, Any]:
     """
     Advance ``pair``'s clock by ``simulated_hours`` and fire what falls due.
 
     Args:
         simulated_hours: validated with :func:`validate_hours`.
+        job: the ``async: true`` job this advance runs for; it is marked
+            ``succeeded`` in the advance's own transaction, so a job still
+            ``running`` after a crash is one whose advance never committed.
 
     Returns:
         The CONTRACT section 9 response body.
 
     Raises:
         ConflictError: the pair's clock kept moving under concurrent advances.
+        JobLost: ``job``'s lease passed to another runner; nothing was written.
     """
     hours = validate_hours(simulated_hours)
     bound = log.bind(
@@ -346,6 +357,9 @@ async def advance_time(
                 rows, skipped = await write_notifications(
                     conn, composed, subjects=subjects, now=now, simulated=True
                 )
+                body = response_body(hours, rows)
+                if job is not None:
+                    await _complete_job(conn, job, now, result=body)
         except ConflictError:
             bound.warning("advance_time.retry", attempt=attempt)
             if attempt == _ATTEMPTS:
@@ -366,8 +380,22 @@ async def advance_time(
             fires=len(rows),
             lost=sorted(skipped),
         )
-        return response_body(hours, rows)
+        return body
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+class JobLost(Exception):
+    """The job's lease passed to another runner (ours lapsed): this run must not commit."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobClaim:
+    """A runner's hold on a ``running`` job: the job, the call, and who holds the lease."""
+
+    id: str
+    owner: str
+    pair: Pair
+    hours: float
 
 
 def new_job_id() -> str:
@@ -375,8 +403,15 @@ def new_job_id() -> str:
     return f"job_{secrets.token_hex(12)}"
 
 
-async def create_job(engine: AsyncEngine, job_id: str, pair: Pair, now: datetime) -> None:
-    """Record a ``running`` job."""
+def new_owner(role: str) -> str:
+    """A lease owner id for one runner (``role`` says which process, for operators)."""
+    return f"{role}_{secrets.token_hex(6)}"
+
+
+async def create_job(
+    engine: AsyncEngine, job_id: str, pair: Pair, hours: float, now: datetime, *, owner: str
+) -> JobClaim:
+    """Record a ``running`` job that ``owner`` holds for :data:`JOB_LEASE`."""
     async with write_transaction(engine) as conn:
         # Jobs are unknown (404) after JOB_TTL anyway; drop them as new ones start.
         await conn.execute(JOBS.delete().where(JOBS.c.started_at < now - JOB_TTL))
@@ -389,30 +424,179 @@ async def create_job(engine: AsyncEngine, job_id: str, pair: Pair, now: datetime
                 status="running",
                 started_at=now,
                 updated_at=now,
+                simulated_hours=hours,
+                lease_owner=owner,
+                lease_until=now + JOB_LEASE,
             )
         )
+    return JobClaim(job_id, owner, pair, hours)
 
 
-async def finish_job(
-    engine: AsyncEngine,
-    job_id: str,
+def _held(job: JobClaim) -> ColumnElement[bool]:
+    return (JOBS.c.id == job.id) & (JOBS.c.status == "running") & (JOBS.c.lease_owner == job.owner)
+
+
+async def _complete_job(
+    conn: AsyncConnection,
+    job: JobClaim,
     now: datetime,
     *,
     result: Mapping[str, Any] | None = None,
     error: str | None = None,
 ) -> None:
-    """Mark a job ``succeeded`` with its result, or ``failed`` with its error."""
-    async with write_transaction(engine) as conn:
-        await conn.execute(
-            update(JOBS)
-            .where(JOBS.c.id == job_id)
-            .values(
-                status="failed" if error is not None else "succeeded",
-                result_json=None if result is None else json.dumps(result, separators=(",", ":")),
-                error=error,
-                updated_at=now,
-            )
+    """
+    Mark ``job`` ``succeeded`` with its result, or ``failed`` with its error.
+
+    Raises:
+        JobLost: ``job`` is no longer ours (its lease lapsed and another runner
+            took it): the caller's transaction must roll back.
+    """
+    changed = await conn.execute(
+        update(JOBS)
+        .where(_held(job))
+        .values(
+            status="failed" if error is not None else "succeeded",
+            result_json=None if result is None else json.dumps(result, separators=(",", ":")),
+            error=error,
+            updated_at=now,
+            lease_owner=None,
+            lease_until=None,
         )
+    )
+    if changed.rowcount != 1:
+        raise JobLost(job.id)
+
+
+async def fail_job(engine: AsyncEngine, job: JobClaim, now: datetime, error: str) -> None:
+    """Mark ``job`` ``failed`` unless it is no longer ours (then its new runner decides)."""
+    try:
+        async with write_transaction(engine) as conn:
+            await _complete_job(conn, job, now, error=error)
+    except JobLost:
+        log.info("advance_time.job_taken_over", job_id=job.id, owner=job.owner)
+
+
+async def _keep_lease(engine: AsyncEngine, job: JobClaim, clock: Clock) -> None:
+    """Renew ``job``'s lease until cancelled, so a slow advance is not taken over."""
+    while True:
+        await asyncio.sleep(JOB_LEASE.total_seconds() / 3)
+        async with write_transaction(engine) as conn:
+            renewed = await conn.execute(
+                update(JOBS).where(_held(job)).values(lease_until=clock.now() + JOB_LEASE)
+            )
+        if renewed.rowcount != 1:
+            return
+
+
+async def run_job(
+    engine: AsyncEngine, composer: Composer, subjects: Subjects, clock: Clock, job: JobClaim
+) -> None:
+    """Run ``job``'s advance; every outcome ends in the job row (a process edge)."""
+    bound = log.bind(job_id=job.id, agent_id=job.pair.agent_id, user_id=job.pair.user_id)
+    keeper = asyncio.create_task(_keep_lease(engine, job, clock))
+    try:
+        await advance_time(engine, composer, subjects, clock, job.pair, job.hours, job=job)
+    except JobLost:
+        bound.warning("advance_time.job_taken_over", owner=job.owner)
+        return
+    except Exception as exc:
+        bound.exception("advance_time.job_failed")
+        await fail_job(engine, job, clock.now(), str(exc) or repr(exc))
+        return
+    finally:
+        keeper.cancel()
+    bound.info("advance_time.job_succeeded")
+
+
+async def release_jobs(engine: AsyncEngine) -> int:
+    """
+    End every lease (single-process SQLite start-up: a lease left is a dead process's).
+
+    Returns:
+        How many running jobs become resumable at once.
+    """
+    async with write_transaction(engine) as conn:
+        released = await conn.execute(
+            update(JOBS).where(JOBS.c.status == "running").values(lease_until=None)
+        )
+    return int(released.rowcount)
+
+
+async def claim_stalled_jobs(
+    engine: AsyncEngine, now: datetime, *, owner: str, limit: int = 10
+) -> list[JobClaim]:
+    """
+    Take over ``running`` jobs whose lease lapsed (their runner died); fail the unrunnable.
+
+    A job is only ``running`` while its advance has not committed (the advance marks
+    it ``succeeded`` in its own transaction), so rerunning it fires the window once.
+    Jobs past :data:`JOB_TTL` or from before the job row kept its hours are failed.
+    """
+    lapsed = (JOBS.c.status == "running") & (
+        JOBS.c.lease_until.is_(None) | (JOBS.c.lease_until < now)
+    )
+    if not await any_row(engine, select(JOBS.c.id).where(lapsed)):
+        return []
+    claims: list[JobClaim] = []
+    async with write_transaction(engine) as conn:
+        rows = (
+            (
+                await conn.execute(
+                    select(JOBS)
+                    .where(lapsed)
+                    .order_by(JOBS.c.started_at)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            .mappings()
+            .all()
+        )
+        for row in rows:
+            if row["simulated_hours"] is None or row["started_at"] + JOB_TTL < now:
+                await conn.execute(
+                    update(JOBS)
+                    .where(JOBS.c.id == row["id"])
+                    .values(
+                        status="failed",
+                        error="interrupted by a restart and not resumable; advance again",
+                        updated_at=now,
+                        lease_owner=None,
+                        lease_until=None,
+                    )
+                )
+                log.warning("advance_time.job_abandoned", job_id=row["id"])
+                continue
+            await conn.execute(
+                update(JOBS)
+                .where(JOBS.c.id == row["id"])
+                .values(lease_owner=owner, lease_until=now + JOB_LEASE)
+            )
+            pair = Pair(row["project_id"], row["agent_id"], row["user_id"])
+            claims.append(JobClaim(row["id"], owner, pair, float(row["simulated_hours"])))
+    return claims
+
+
+async def resume_stalled_jobs(
+    engine: AsyncEngine,
+    make_composer: Callable[[], Composer],
+    subjects: Subjects,
+    clock: Clock,
+    *,
+    owner: str,
+) -> int:
+    """Claim and rerun the jobs whose runner died; how many were rerun."""
+    claims = await claim_stalled_jobs(engine, clock.now(), owner=owner)
+    if not claims:
+        return 0
+    composer = make_composer()
+    try:
+        for job in claims:
+            log.info("advance_time.job_resumed", job_id=job.id, owner=owner)
+            await run_job(engine, composer, subjects, clock, job)
+    finally:
+        await composer.aclose()
+    return len(claims)
 
 
 async def get_job(

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from delivery.daemon import Daemon, PeriodicJob
 from delivery.settings import Settings
+from delivery.store.tables import NotificationRow
 from tests.daemon.helpers import delete_stream
 
 KEY = "dk_test_daemon_key_0123456789abcdef"
@@ -96,3 +97,47 @@ async def test_periodic_job_runs_until_no_more_work_and_coalesces_wakes():
         assert calls == 4
     finally:
         aps.shutdown(wait=False)
+
+
+async def test_an_async_advance_cut_short_by_a_crash_completes_after_restart(settings):
+    """A job row left ``running`` by a killed process is rerun at start-up, once."""
+    from delivery.clock import SystemClock
+    from delivery.daemon import apply_migrations
+    from delivery.store.engine import create_engine
+    from delivery.workbench import Pair, create_job, get_job
+    from tests.dispatcher import rows
+
+    url = settings.resolved_database_url()
+    await asyncio.to_thread(Path(settings.data_dir).mkdir, parents=True)
+    await apply_migrations(url)
+    engine = create_engine(url)
+    pair = Pair("proj_1", "agent_1", "user_1")
+    try:
+        await rows.project(engine)
+        await rows.schedule(engine)
+        # What the API wrote before the kill: a running job whose lease is still fresh.
+        await create_job(engine, "job_cut", pair, 48, SystemClock().now(), owner="api_killed")
+
+        daemon = Daemon(settings)
+        running = asyncio.create_task(daemon.run(install_signals=False))
+        try:
+            await asyncio.wait_for(daemon.ready.wait(), 30)
+
+            async def succeeded() -> dict[str, Any]:
+                while True:
+                    job = await get_job(engine, pair.project_id, "job_cut", SystemClock().now())
+                    if job["status"] != "running":
+                        return job
+                    await asyncio.sleep(0.1)
+
+            job = await asyncio.wait_for(succeeded(), 15)
+        finally:
+            daemon.request_stop()
+            await asyncio.wait_for(running, 60)
+            await delete_stream(settings.nats_url, settings.subject_prefix)
+        running.result()
+        assert job["status"] == "succeeded", job
+        assert len(job["result"]["wakeups_executed"]) == 2
+        assert await rows.count(engine, NotificationRow) == 2
+    finally:
+        await engine.dispose()

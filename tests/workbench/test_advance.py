@@ -15,6 +15,7 @@ from delivery.dispatcher.subjects import Subjects
 from delivery.errors import InvalidRequestError
 from delivery.planning import fire_id
 from delivery.store.tables import (
+    AdvanceTimeJobRow,
     ClockOffsetRow,
     FireRow,
     NotificationRow,
@@ -22,7 +23,18 @@ from delivery.store.tables import (
     ScheduleRow,
     WakeupRow,
 )
-from delivery.workbench import Pair, advance_time, validate_hours
+from delivery.workbench import (
+    JOB_LEASE,
+    JobLost,
+    Pair,
+    advance_time,
+    claim_stalled_jobs,
+    create_job,
+    get_job,
+    resume_stalled_jobs,
+    run_job,
+    validate_hours,
+)
 from tests.dispatcher import rows
 
 NOW = datetime(2026, 5, 1, 0, 0, tzinfo=UTC)
@@ -177,3 +189,69 @@ async def test_concurrent_advances_of_one_pair_serialise(engine: AsyncEngine) ->
     assert len(await rows.notifications(engine)) == 2
     offset = await rows.row_where(engine, ClockOffsetRow, agent_id="agent_1")
     assert offset["offset_s"] == 48 * 3600
+
+
+# --- async jobs across a restart ---------------------------------------------------
+
+LEASE_PASSED = NOW + JOB_LEASE + timedelta(seconds=1)
+
+
+async def resume(engine: AsyncEngine, at_: datetime, owner: str = "scheduler_b") -> int:
+    return await resume_stalled_jobs(
+        engine, TemplateComposer, Subjects("wb"), ManualClock(at_), owner=owner
+    )
+
+
+async def test_a_job_whose_runner_died_is_rerun_once_after_its_lease(engine: AsyncEngine) -> None:
+    """A job left ``running`` by a dead API process completes once, with the call's window."""
+    await seed(engine)
+    # The API accepted the job and died before the advance committed.
+    job = await create_job(engine, "job_dead", PAIR, 48, NOW, owner="api_dead")
+
+    assert await resume(engine, NOW + JOB_LEASE / 2) == 0  # the lease still holds
+    assert (await get_job(engine, PAIR.project_id, job.id, NOW))["status"] == "running"
+
+    assert await resume(engine, LEASE_PASSED) == 1
+    done = await get_job(engine, PAIR.project_id, job.id, LEASE_PASSED)
+    assert done["status"] == "succeeded"
+    assert [w["wakeup_id"] for w in done["result"]["wakeups_executed"]] == [
+        fire_id("sch_1", at(d, 9)) for d in (1, 2)
+    ]
+    assert await resume(engine, LEASE_PASSED + JOB_LEASE * 2) == 0
+    assert len(await rows.notifications(engine)) == 2
+    offset = await rows.row_where(engine, ClockOffsetRow, agent_id="agent_1")
+    assert offset["offset_s"] == 48 * 3600
+
+
+async def test_a_runner_that_lost_its_lease_commits_nothing(engine: AsyncEngine) -> None:
+    """Two runners of one job (a slow one and its successor): exactly one advance lands."""
+    await seed(engine)
+    slow = await create_job(engine, "job_slow", PAIR, 48, NOW, owner="api_slow")
+    [successor] = await claim_stalled_jobs(engine, LEASE_PASSED, owner="scheduler_b")
+    assert (successor.id, successor.hours, successor.pair) == (slow.id, 48, PAIR)
+
+    with pytest.raises(JobLost):
+        await advance_time(
+            engine, TemplateComposer(), Subjects("wb"), ManualClock(NOW), PAIR, 48, job=slow
+        )
+    assert await rows.count(engine, NotificationRow) == 0
+    assert await rows.count(engine, ClockOffsetRow) == 0
+
+    await run_job(engine, TemplateComposer(), Subjects("wb"), ManualClock(NOW), successor)
+    assert (await get_job(engine, PAIR.project_id, slow.id, NOW))["status"] == "succeeded"
+    assert await rows.count(engine, NotificationRow) == 2
+
+
+async def test_unresumable_jobs_are_failed_with_a_reason(engine: AsyncEngine) -> None:
+    """A job without its hours (an older row) or past the 30 minutes fails instead of rerunning."""
+    await seed(engine)
+    await create_job(engine, "job_old", PAIR, 48, NOW, owner="api_dead")
+    async with engine.begin() as conn:
+        await conn.execute(
+            rows.table(AdvanceTimeJobRow).update().values(simulated_hours=None, lease_until=None)
+        )
+    assert await resume(engine, NOW) == 0
+    failed = await get_job(engine, PAIR.project_id, "job_old", NOW)
+    assert failed["status"] == "failed"
+    assert "restart" in failed["error"]
+    assert await rows.count(engine, NotificationRow) == 0

@@ -20,12 +20,14 @@ from delivery.api.schemas import Ident
 from delivery.dispatcher.composers import build_composer
 from delivery.dispatcher.subjects import Subjects
 from delivery.workbench import (
+    JobClaim,
     Pair,
     advance_time,
     create_job,
-    finish_job,
     get_job,
     new_job_id,
+    new_owner,
+    run_job,
     validate_hours,
 )
 
@@ -69,17 +71,15 @@ async def _run(ctx: ApiContext, pair: Pair, hours: float) -> dict[str, Any]:
         await composer.aclose()
 
 
-async def _run_job(ctx: ApiContext, job_id: str, pair: Pair, hours: float) -> None:
-    """The background half of ``async: true``: every outcome ends in the job row."""
-    bound = log.bind(job_id=job_id, agent_id=pair.agent_id, user_id=pair.user_id)
+async def _run_job(ctx: ApiContext, job: JobClaim) -> None:
+    """The background half of ``async: true`` (a restart leaves it to the scheduler)."""
+    composer = build_composer(ctx.settings)
     try:
-        result = await _run(ctx, pair, hours)
-    except Exception as exc:  # a process edge: the job records the failure
-        bound.exception("advance_time.job_failed")
-        await finish_job(ctx.store.engine, job_id, ctx.clock.now(), error=str(exc) or repr(exc))
-        return
-    await finish_job(ctx.store.engine, job_id, ctx.clock.now(), result=result)
-    bound.info("advance_time.job_succeeded")
+        await run_job(
+            ctx.store.engine, composer, Subjects(ctx.settings.subject_prefix), ctx.clock, job
+        )
+    finally:
+        await composer.aclose()
 
 
 @router.post(f"{PREFIX}/advance-time", responses={200: {}, 202: {}})
@@ -92,11 +92,15 @@ async def advance(
     if not body.run_async:
         return JSONResponse(await _run(ctx, pair, hours))
     job_id = new_job_id()
-    await create_job(ctx.store.engine, job_id, pair, ctx.clock.now())
+    # The row keeps the call and a lease: if this process dies before the advance
+    # commits, the scheduler reruns the job once the lease lapses.
+    claim = await create_job(
+        ctx.store.engine, job_id, pair, hours, ctx.clock.now(), owner=new_owner("api")
+    )
     # Keep a reference: the loop holds tasks weakly (asyncio.create_task docs).
     tasks: set[asyncio.Task[None]] = getattr(request.app.state, "workbench_jobs", set())
     request.app.state.workbench_jobs = tasks
-    task = asyncio.create_task(_run_job(ctx, job_id, pair, hours))
+    task = asyncio.create_task(_run_job(ctx, claim))
     tasks.add(task)
     task.add_done_callback(tasks.discard)
     log.info("advance_time.job_started", job_id=job_id, agent_id=pair.agent_id)

@@ -282,3 +282,8 @@ class AdvanceTimeJobRow(SQLModel, table=True):
     error: str | None = Field(default=None, sa_type=Text)
     started_at: datetime = Field(sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
+    simulated_hours: float | None = Field(
+        default=None, description="the call's window, so a job cut short by a restart reruns"
+    )
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = Field(default=None, sa_type=UTCDateTime)

@@ -54,6 +54,17 @@ async def test_same_key_replays_first_response(api: Api) -> None:
         await api.alpha.request(method, f"{PATH}/sch_x", headers={"Idempotency-Key": "x"})
     assert await api.store.count(IDEMPOTENCY) == records
 
+    # Recorded bodies are sealed, whatever they carry (not only signing secrets).
+    async with api.store.engine.connect() as conn:
+        stored = [
+            r[0]
+            for r in await conn.execute(
+                IDEMPOTENCY.select().with_only_columns(IDEMPOTENCY.c.response_body)
+            )
+        ]
+    assert len(stored) == records == 3
+    assert all(body.startswith("sealed:") and "check in" not in body for body in stored)
+
 
 async def test_same_key_other_body_is_409(api: Api) -> None:
     """Reusing a key with a different body is 409 IDEMPOTENCY_KEY_REUSED and writes nothing."""

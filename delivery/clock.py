@@ -62,6 +62,20 @@ class ManualClock:
         await self._changed.wait()
 
 
+MAX_BACKOFF_S = 30.0
+"""The longest pause of a polling loop after consecutive failing passes."""
+
+
+def backoff_s(failures: int) -> float:
+    """
+    The pause after ``failures`` consecutive failing passes of a loop: 1, 2, 4 ... 30 s.
+
+    A loop whose database is down backs off instead of logging every interval;
+    the work it could not claim stays in the database meanwhile.
+    """
+    return min(MAX_BACKOFF_S, 0.5 * 2.0**failures)
+
+
 async def sleep_or_wake(wakeup: asyncio.Event, seconds: float) -> None:
     """
     Sleep up to ``seconds``, returning early once ``wakeup`` is set.

@@ -37,12 +37,11 @@ import structlog
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
-from pydantic import ValidationError
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from delivery.clock import Clock, sleep_or_wake
-from delivery.dispatcher.consumers import subscribe_batches
+from delivery.clock import Clock
+from delivery.dispatcher.consumers import settle_batch, subscribe_batches
 from delivery.dispatcher.messages import NotificationCreated
 from delivery.dispatcher.subjects import Subjects
 from delivery.outbox import ensure_stream
@@ -58,6 +57,7 @@ from handlers.fanout import (
     provider_http_client,
     summarize,
 )
+from handlers.poll import PollLoop
 from handlers.retry import DeadLetter, Rand, RetryAt, plan_next
 
 log = structlog.get_logger(__name__)
@@ -231,9 +231,7 @@ class ChannelsWorker:
         self._client: httpx.AsyncClient | None = None
         self._router = ChannelRouter(channels, send_timeout=SEND_TIMEOUT) if channels else None
         self._broker: NatsBroker | None = None
-        self._loop_task: asyncio.Task[None] | None = None
-        self._wakeup = asyncio.Event()
-        self._stopping = False
+        self._loop = PollLoop("channels-retry", self._retry_step, self.poll_interval_s, log)
 
     @classmethod
     def from_settings(
@@ -265,20 +263,15 @@ class ChannelsWorker:
             await self._broker.connect()
             await ensure_stream(self._broker.config.connection_state.stream, self.subjects)
             await self._broker.start()
-        self._stopping = False
-        self._loop_task = asyncio.create_task(self._retry_loop(), name="channels-retry")
+        self._loop.start()
         log.info("channels.worker_started", consumer=self.nats_url is not None)
 
     async def stop(self) -> None:
         """Stop consuming (in-flight batches finish), stop the retry loop, close clients."""
-        self._stopping = True
-        self._wakeup.set()
         if self._broker is not None:
             await self._broker.stop()
             self._broker = None
-        if self._loop_task is not None:
-            await self._loop_task
-            self._loop_task = None
+        await self._loop.stop()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -308,26 +301,16 @@ class ChannelsWorker:
 
     async def handle_batch(self, raws: Sequence[Msg]) -> FanoutResult:
         """Decode, fan out, record, ack (the subscriber; errors stop here: a process edge)."""
-        ids: list[str] = []
-        good: list[Msg] = []
-        for raw in raws:
-            try:
-                ids.append(NotificationCreated.model_validate_json(raw.data).notification_id)
-                good.append(raw)
-            except (ValueError, ValidationError) as exc:
-                log.error("channels.undecodable", subject=raw.subject, error=str(exc))
-                await raw.term()
-        try:
-            result = await self.fan_out(ids)
-        except Exception:
-            log.exception("channels.batch_failed", notification_ids=ids, nak_delay_s=NAK_DELAY_S)
-            for raw in good:
-                await raw.nak(delay=NAK_DELAY_S)
-            return FanoutResult()
-        # Ack only after the attempts committed (DESIGN invariant 3).
-        for raw in good:
-            await raw.ack()
-        return result
+        return await settle_batch(
+            raws,
+            decode=_notification_id,
+            process=self.fan_out,
+            failed=FanoutResult,
+            ident=str,
+            log=log,
+            event="channels",
+            nak_delay_s=NAK_DELAY_S,
+        )
 
     async def fan_out(self, notification_ids: Sequence[str]) -> FanoutResult:
         """
@@ -379,7 +362,7 @@ class ChannelsWorker:
             total.add(res)
         await self._record(records, disable, now)
         if total.retries_scheduled:
-            self._wakeup.set()
+            self._loop.wake()
         if self._on_result is not None:
             self._on_result(total)
         return total
@@ -469,26 +452,14 @@ class ChannelsWorker:
             bound.exception("channels.retry_failed", lease_s=self.lease.total_seconds())
             return FanoutResult()
 
-    async def _retry_loop(self) -> None:
-        failures = 0
-        while not self._stopping:
-            self._wakeup.clear()
-            try:
-                result = await self.sweep()
-                failures = 0
-            except Exception:
-                failures += 1
-                delay = min(30.0, 0.5 * 2**failures)
-                log.exception("channels.sweep_failed", failures=failures, retry_in_s=delay)
-                await self._sleep(delay)
-                continue
-            claimed = result.sent + result.failed + result.skipped
-            if claimed >= self.batch:
-                continue  # a full batch: there may be more due right now
-            await self._sleep(self.poll_interval_s)
+    async def _retry_step(self) -> bool:
+        result = await self.sweep()
+        # A full batch: there may be more due right now.
+        return result.sent + result.failed + result.skipped >= self.batch
 
-    async def _sleep(self, seconds: float) -> None:
-        await sleep_or_wake(self._wakeup, seconds)
+
+def _notification_id(data: bytes) -> str:
+    return NotificationCreated.model_validate_json(data).notification_id
 
 
 def _why_not(note: RowMapping | None, contact: RowMapping | None) -> str | None:

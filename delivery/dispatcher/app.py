@@ -24,19 +24,20 @@ redelivers it, and the unique ``source_id`` makes the redelivery safe.
 
 import asyncio
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import nats
 import structlog
 from faststream.nats import ConsumerConfig, NatsBroker
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.clock import Clock
 from delivery.dispatcher.compose import SourceKind
 from delivery.dispatcher.composers import Composer, build_composer
-from delivery.dispatcher.consumers import subscribe_batches
+from delivery.dispatcher.consumers import settle_batch, subscribe_batches
 from delivery.dispatcher.messages import EventAccepted, FireCreated, WakeupDue
 from delivery.dispatcher.process import BatchResult, Processor, SourceRef
 from delivery.dispatcher.subjects import Subjects
@@ -206,34 +207,22 @@ class Dispatcher:
 
     async def _handle_batch(self, kind: SourceKind, raws: Sequence[Msg]) -> BatchResult:
         """Decode, process, ack: the whole subscriber (errors stop here: a process edge)."""
-        refs: list[SourceRef] = []
-        good: list[Msg] = []
         redelivered = sum(1 for raw in raws if _delivery_count(raw) > 1)
         if redelivered:
             # JetStream sent these before and got no ack within ack_wait (a crash,
             # or a lost batch): the unique source_id absorbs them, but their
             # notifications are late by ack_wait, which an operator should see.
             log.warning("dispatch.redelivered", kind=kind.value, messages=redelivered)
-        for raw in raws:
-            try:
-                refs.append(decode(kind, raw.data))
-                good.append(raw)
-            except (ValueError, ValidationError) as exc:
-                log.error("dispatch.undecodable", subject=raw.subject, error=str(exc))
-                await raw.term()
-        try:
-            result = await self.processor.process(refs)
-        except Exception:
-            log.exception(
-                "dispatch.batch_failed", source_ids=[r.id for r in refs], nak_delay_s=NAK_DELAY_S
-            )
-            for raw in good:
-                await raw.nak(delay=NAK_DELAY_S)
-            return BatchResult()
-        # Ack only after the transaction committed (DESIGN invariant 3): a crash
-        # before this line redelivers, and the unique source_id absorbs it.
-        for raw in good:
-            await raw.ack()
+        result = await settle_batch(
+            raws,
+            decode=partial(decode, kind),
+            process=self.processor.process,
+            failed=BatchResult,
+            ident=lambda ref: ref.id,
+            log=log,
+            event="dispatch",
+            nak_delay_s=NAK_DELAY_S,
+        )
         if self._on_batch is not None:
             self._on_batch(result)
         return result

@@ -2,8 +2,9 @@
 The one consumer shape every NATS subscriber here uses: a durable JetStream batch pull
 consumer with manual acks, whose handler receives the raw messages.
 
-The dispatcher and both handler workers subscribe through :func:`subscribe_batches`,
-so ack policy, decoding and batching are decided once.
+The dispatcher and both handler workers subscribe through :func:`subscribe_batches`
+and settle each batch with :func:`settle_batch`, so ack policy, decoding and
+batching are decided once.
 """
 
 from collections.abc import Awaitable, Callable, Sequence
@@ -72,3 +73,52 @@ def subscribe_batches(
         title=title,
         description=description,
     )(handle)
+
+
+async def settle_batch[T, R](
+    raws: Sequence[Msg],
+    *,
+    decode: Callable[[bytes], T],
+    process: Callable[[list[T]], Awaitable[R]],
+    failed: Callable[[], R],
+    ident: Callable[[T], str],
+    log: Any,
+    event: str,
+    nak_delay_s: float,
+) -> R:
+    """
+    The body of every batch subscriber: decode, process, then ack or nak the batch.
+
+    A message that does not decode is terminated (redelivery cannot fix it). When
+    ``process`` raises (the database is down) the batch is nacked with a delay so
+    JetStream redelivers it, and ``failed()`` is returned; the consumers' writes are
+    idempotent, so the redelivery is safe. Acks come only after ``process`` returned,
+    i.e. after its transaction committed (DESIGN invariant 3).
+
+    Args:
+        log: a structlog logger; ``{event}.undecodable`` and ``{event}.batch_failed``
+            are its lines.
+        event: the log event prefix (``dispatch``, ``webhook``, ``channels``).
+        ident: the id an operator searches for, of a decoded item.
+    """
+    # Event names are built once; structlog's event is a plain string.
+    undecodable, batch_failed = f"{event}.undecodable", f"{event}.batch_failed"
+    items: list[T] = []
+    good: list[Msg] = []
+    for raw in raws:
+        try:
+            items.append(decode(raw.data))
+            good.append(raw)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            log.error(undecodable, subject=raw.subject, error=str(exc))
+            await raw.term()
+    try:
+        result = await process(items)
+    except Exception:
+        log.exception(batch_failed, ids=[ident(i) for i in items], nak_delay_s=nak_delay_s)
+        for raw in good:
+            await raw.nak(delay=nak_delay_s)
+        return failed()
+    for raw in good:
+        await raw.ack()
+    return result

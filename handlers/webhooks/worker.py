@@ -34,11 +34,10 @@ from typing import Any
 import structlog
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
-from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from delivery.clock import Clock, sleep_or_wake
-from delivery.dispatcher.consumers import subscribe_batches
+from delivery.clock import Clock
+from delivery.dispatcher.consumers import settle_batch, subscribe_batches
 from delivery.dispatcher.messages import NotificationCreated
 from delivery.dispatcher.subjects import Subjects
 from delivery.outbox import ensure_stream
@@ -54,6 +53,7 @@ from delivery.store.webhooks import (
     WebhookStore,
 )
 from handlers.base import Message
+from handlers.poll import PollLoop
 from handlers.retry import DeadLetter, Done, Rand, RetryAt, plan_next
 from handlers.webhooks.sender import WebhookChannel, WebhookEndpoint
 from handlers.webhooks.signing import active_secrets
@@ -169,11 +169,9 @@ class WebhookWorker:
         self._per_endpoint = settings.webhook_per_endpoint
         self._endpoint_load: dict[str, int] = {}
         self._broker: NatsBroker | None = None
-        self._loop_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._wakeup = asyncio.Event()
-        self._stopping = False
         self._log = log.bind(worker_id=self.worker_id)
+        self._loop = PollLoop("webhook-sweep", self._claim_step, self.poll_interval_s, self._log)
         self._on_finished = on_finished
 
     @classmethod
@@ -209,8 +207,7 @@ class WebhookWorker:
             await self._broker.connect()
             await ensure_stream(self._broker.config.connection_state.stream, self.subjects)
             await self._broker.start()
-        self._stopping = False
-        self._loop_task = asyncio.create_task(self._sweep_loop(), name="webhook-sweep")
+        self._loop.start()
         self._log.info("webhook.worker_started", consumer=self.nats_url is not None)
 
     async def stop(self, *, grace: timedelta = timedelta(seconds=10)) -> None:
@@ -219,14 +216,10 @@ class WebhookWorker:
         cancel the rest (their claims expire or are released at the next start) and
         close the channel if it is ours.
         """
-        self._stopping = True
-        self._wakeup.set()
         if self._broker is not None:
             await self._broker.stop()
             self._broker = None
-        if self._loop_task is not None:
-            await self._loop_task
-            self._loop_task = None
+        await self._loop.stop()
         if self._tasks:
             _done, pending = await asyncio.wait(self._tasks, timeout=grace.total_seconds())
             for task in pending:
@@ -242,7 +235,7 @@ class WebhookWorker:
 
     def wake(self) -> None:
         """Claim now instead of at the next poll (new deliveries were queued)."""
-        self._wakeup.set()
+        self._loop.wake()
 
     # --- enqueue ------------------------------------------------------------------
 
@@ -268,34 +261,16 @@ class WebhookWorker:
         Returns:
             How many deliveries were queued.
         """
-        items: list[NewNotification] = []
-        good: list[Msg] = []
-        for raw in raws:
-            try:
-                created = NotificationCreated.model_validate_json(raw.data)
-            except (ValueError, ValidationError) as exc:
-                self._log.error("webhook.undecodable", subject=raw.subject, error=str(exc))
-                await raw.term()
-                continue
-            items.append(
-                NewNotification(created.notification_id, created.project_id, created.event_type)
-            )
-            good.append(raw)
-        try:
-            queued = await self.enqueue(items)
-        except Exception:
-            self._log.exception(
-                "webhook.enqueue_failed",
-                notification_ids=[i.notification_id for i in items],
-                nak_delay_s=NAK_DELAY_S,
-            )
-            for raw in good:
-                await raw.nak(delay=NAK_DELAY_S)
-            return 0
-        # Ack only after the queue rows committed (DESIGN invariant 3).
-        for raw in good:
-            await raw.ack()
-        return queued
+        return await settle_batch(
+            raws,
+            decode=NotificationCreated.model_validate_json,
+            process=self.enqueue,
+            failed=int,
+            ident=lambda created: created.notification_id,
+            log=self._log,
+            event="webhook",
+            nak_delay_s=NAK_DELAY_S,
+        )
 
     async def enqueue(self, items: Sequence[NewNotification | NotificationCreated]) -> int:
         """
@@ -331,39 +306,27 @@ class WebhookWorker:
         await asyncio.gather(*(self._process(c, result) for c in claimed))
         return result
 
-    async def _sweep_loop(self) -> None:
-        failures = 0
-        while not self._stopping:
-            self._wakeup.clear()
-            free = self._max_in_flight - len(self._tasks)
-            claimed: list[ClaimedDelivery] = []
-            if free > 0:
-                try:
-                    claimed = await self.store.claim_due(
-                        now=self.clock.now(),
-                        limit=min(self.batch, free),
-                        lease=self.lease,
-                        worker_id=self.worker_id,
-                        per_endpoint=self._per_endpoint,
-                        in_flight=self._endpoint_load,
-                    )
-                    failures = 0
-                except Exception:
-                    failures += 1
-                    delay = min(30.0, 0.5 * 2**failures)
-                    self._log.exception("webhook.claim_failed", failures=failures, retry_in_s=delay)
-                    await self._sleep(delay)
-                    continue
-                for c in claimed:
-                    self._endpoint_load[c.endpoint_id] = (
-                        self._endpoint_load.get(c.endpoint_id, 0) + 1
-                    )
-                    task = asyncio.create_task(self._process(c, SweepResult()))
-                    self._tasks.add(task)
-                    task.add_done_callback(partial(self._task_done, c.endpoint_id))
-            if claimed and len(claimed) == min(self.batch, free):
-                continue  # a full batch: there may be more due right now
-            await self._sleep(self.poll_interval_s)
+    async def _claim_step(self) -> bool:
+        """Claim what fits in the free slots and start sending it; True on a full claim."""
+        free = self._max_in_flight - len(self._tasks)
+        if free <= 0:
+            return False  # a finishing send wakes the loop (_task_done)
+        limit = min(self.batch, free)
+        claimed = await self.store.claim_due(
+            now=self.clock.now(),
+            limit=limit,
+            lease=self.lease,
+            worker_id=self.worker_id,
+            per_endpoint=self._per_endpoint,
+            in_flight=self._endpoint_load,
+        )
+        for c in claimed:
+            self._endpoint_load[c.endpoint_id] = self._endpoint_load.get(c.endpoint_id, 0) + 1
+            task = asyncio.create_task(self._process(c, SweepResult()))
+            self._tasks.add(task)
+            task.add_done_callback(partial(self._task_done, c.endpoint_id))
+        # A full batch: there may be more due right now.
+        return len(claimed) == limit
 
     def _task_done(self, endpoint_id: str, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -374,10 +337,7 @@ class WebhookWorker:
             self._endpoint_load.pop(endpoint_id, None)
         # A freed slot (overall, or for a saturated endpoint) may let a claim proceed.
         if len(self._tasks) == self._max_in_flight - 1 or load == self._per_endpoint - 1:
-            self._wakeup.set()
-
-    async def _sleep(self, seconds: float) -> None:
-        await sleep_or_wake(self._wakeup, seconds)
+            self._loop.wake()
 
     async def _process(self, claimed: ClaimedDelivery, result: SweepResult) -> None:
         """One claimed delivery: skip, or attempt and record. Never raises."""

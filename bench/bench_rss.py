@@ -7,6 +7,10 @@ Run::
     .venv/bin/python bench/bench_rss.py            # 1,000,000 stored, 100,000 due in the burst
     .venv/bin/python bench/bench_rss.py --quick    # 100,000 stored, 10,000 due
 
+Before sampling, the bench uses the daemon's API the way a live deployment has: an
+SDK-style POST (with an ``Idempotency-Key``, whose recorded response is sealed) and
+a notification poll, so code paths that load on first use are counted in both windows.
+
 RSS is sampled every 0.2 s with psutil: the daemon process alone, and the nats-server
 child separately (a separate binary, reported for completeness). Idle is the window
 between start-up (after a 5 s warm-up) and the scheduler's lookahead before the burst
@@ -18,9 +22,11 @@ notification.
 import argparse
 import asyncio
 import os
+import socket
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import httpx
 import psutil  # type: ignore[import-untyped]
 from bench_burst import NOTIFICATIONS, PROJECTS, SCHEDULES, ceil_minute, schedule_rows, spawn
 from sqlalchemy import func, select
@@ -88,6 +95,44 @@ async def seed(url: str, stored: int, burst: int, due: datetime) -> float:
     return time.perf_counter() - started
 
 
+API_KEY = "dk_bench_rss_0123456789abcdef0123"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def use_the_api(base_url: str, popen: Any) -> None:
+    """What a live daemon has served before: an idempotent POST and a poll."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if (await client.get("/health")).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if popen.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the daemon's API did not come up")
+            await asyncio.sleep(0.2)
+        created = await client.post(
+            "/api/v1/agents/agent_0/wakeups",
+            json={
+                "user_id": "user_0",
+                "check_type": "reminder",
+                "intent": "hi",
+                "delay_hours": 720,
+            },
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+        )
+        created.raise_for_status()
+        polled = await client.get("/api/v1/agents/agent_0/notifications", params={"user_id": "u"})
+        polled.raise_for_status()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,9 +158,11 @@ async def main() -> None:
         if due - datetime.now(UTC) < staging + timedelta(seconds=10):
             raise RuntimeError("seeding overran the burst minute; rerun")
         env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
+        port = free_port()
         env.update(
             DELIVERY_DATA_DIR=str(data),
-            DELIVERY_PORT="0",
+            DELIVERY_PORT=str(port),
+            DELIVERY_BOOTSTRAP_API_KEY=API_KEY,
             DELIVERY_LOG_LEVEL="WARNING",
             DELIVERY_LOG_JSON="true",
         )
@@ -124,6 +171,7 @@ async def main() -> None:
         engine = create_engine(url)
         idle, during = Samples(), Samples()
         try:
+            await use_the_api(f"http://127.0.0.1:{port}", popen)
             warm = time.monotonic() + 5
             while datetime.now(UTC) < due - staging:
                 if time.monotonic() > warm:

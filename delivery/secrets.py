@@ -18,13 +18,17 @@ Signing needs the secret itself (HMAC), so it is encrypted, not hashed.
 import base64
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
-from cryptography.fernet import Fernet, InvalidToken
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from delivery.settings import Settings
+
+if TYPE_CHECKING:
+    pass
+
+# ``cryptography`` is imported where a box is built, not here: about 7 MB that a
+# process that never seals anything (no webhooks, no idempotent POSTs yet) never pays.
 
 KEY_FILE = "secret.key"
 """File name of the generated key inside ``data_dir``."""
@@ -38,6 +42,9 @@ class SecretDecryptError(Exception):
 
 
 def _derive(material: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_HKDF_INFO)
     return base64.urlsafe_b64encode(hkdf.derive(material))
 
@@ -79,9 +86,11 @@ class SecretBox:
     """
 
     def __init__(self, material: bytes) -> None:
+        from cryptography.fernet import Fernet
+
         if not material:
             raise ValueError("secret key material is empty")
-        self._fernet = Fernet(_derive(material))
+        self._fernet: Fernet = Fernet(_derive(material))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SecretBox":
@@ -105,6 +114,8 @@ class SecretBox:
         Raises:
             SecretDecryptError: another key sealed it, or it was altered.
         """
+        from cryptography.fernet import InvalidToken
+
         try:
             return self._fernet.decrypt(ciphertext.encode("ascii")).decode()
         except (InvalidToken, UnicodeError) as exc:

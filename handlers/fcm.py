@@ -22,10 +22,7 @@ from pathlib import Path
 from typing import Any, Final, Self
 
 import httpx
-import jwt
 import structlog
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from delivery.clock import Clock
 from delivery.settings import Settings
@@ -84,6 +81,10 @@ class ServiceAccount:
         ]
         if missing:
             raise ValueError(f"service account JSON lacks {', '.join(missing)}")
+        # Imported here: cryptography loads only in a process with FCM configured.
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         try:
             # Fail at start-up, not on the first send, when the key is not a usable
             # RSA private key (Google issues PKCS#8 PEM RSA keys).
@@ -158,6 +159,8 @@ class GoogleAccessTokens:
 
     def assertion(self, now: datetime) -> str:
         """The signed RS256 JWT that is exchanged for an access token (pure given ``now``)."""
+        import jwt  # with cryptography, only in a process that sends FCM pushes
+
         iat = int(now.timestamp())
         claims = {
             "iss": self._account.client_email,

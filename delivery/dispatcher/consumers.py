@@ -5,16 +5,66 @@ consumer with manual acks, whose handler receives the raw messages.
 The dispatcher and both handler workers subscribe through :func:`subscribe_batches`
 and settle each batch with :func:`settle_batch`, so ack policy, decoding and
 batching are decided once.
+
+Importing this module also applies :func:`normalise_fetch_timeouts` (see there): a
+fix for fetched messages that FastStream's batch pull loop dropped, to be redelivered
+only after ``ack_wait``.
 """
 
-from collections.abc import Awaitable, Callable, Sequence
+import functools
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
+import nats.errors
 from faststream import AckPolicy, Context, StreamMessage
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.message import NatsBatchMessage
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
+from nats.js.client import JetStreamContext
+
+type _Fetch = Callable[..., Coroutine[Any, Any, list[Msg]]]
+
+_nats_fetch: _Fetch = JetStreamContext.PullSubscription.fetch
+"""nats-py's own ``PullSubscription.fetch``, which :func:`normalise_fetch_timeouts` wraps."""
+
+
+def normalise_fetch_timeouts() -> None:
+    """
+    Make ``PullSubscription.fetch`` signal every timeout as ``nats.errors.TimeoutError``.
+
+    FastStream's batch pull loop (0.7.8, ``BatchPullStreamSubscriber._consume_pull``)
+    fetches repeatedly until the batch is full or its window ends, and catches
+    ``nats.errors.TimeoutError`` to end the window. nats-py 2.16's ``fetch`` also
+    raises a bare ``asyncio.TimeoutError`` when the window runs out between its two
+    pull requests. That one escaped the loop, and every message already fetched in
+    the window was dropped unacked: JetStream redelivered it after ``ack_wait``. In
+    the 100k bursts of ``bench/bench_burst.py`` that was 3 to 6 batches, up to about
+    1% of the notifications, each 30 s late (found by recording stream sequences at
+    ``fetch`` and at the handler: every redelivered message had been fetched and
+    never handed over). Any consumer could hit it, the handlers' too, and a lone
+    message in a quiet system as well. Raised as the nats-py subclass, the loop ends
+    the window and hands the batch over. Idempotent; code that catches the builtin
+    ``TimeoutError`` still catches it.
+    """
+    current = JetStreamContext.PullSubscription.fetch
+    if getattr(current, "_normalised", False):
+        return
+
+    @functools.wraps(current)
+    async def fetch(self: JetStreamContext.PullSubscription, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await _nats_fetch(self, *args, **kwargs)
+        except nats.errors.TimeoutError:
+            raise
+        except TimeoutError as exc:
+            raise nats.errors.TimeoutError from exc
+
+    fetch._normalised = True  # type: ignore[attr-defined]
+    JetStreamContext.PullSubscription.fetch = fetch  # type: ignore[method-assign]
+
+
+normalise_fetch_timeouts()
 
 BatchHandler = Callable[[Sequence[Msg]], Awaitable[object]]
 """Receives one pulled batch; it acks, naks or terminates each message itself."""

@@ -1,0 +1,86 @@
+"""
+The shared batch consumer against a real JetStream: a batch fetched in a pull window is
+handed to the handler even when the window ends with nats-py's bare timeout.
+"""
+
+import asyncio
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+from faststream.nats import NatsBroker
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+
+from delivery.dispatcher import consumers
+from delivery.dispatcher.subjects import Subjects
+from delivery.outbox import ensure_stream
+
+
+async def test_messages_fetched_before_a_bare_timeout_reach_the_handler_at_once(
+    nats_url: str, subject_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    FastStream's pull loop fetches again after a partial batch; when nats-py ends that
+    second fetch with a bare ``asyncio.TimeoutError`` (its window ran out between
+    its two pull requests), the first fetch's messages must still be handled now,
+    not redelivered after ``ack_wait`` (30 s here; the test waits 5).
+    """
+    subjects = Subjects(subject_prefix)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_stream(js, subjects)
+    calls = 0
+    real = consumers._nats_fetch
+
+    async def second_fetch_times_out_bare(
+        self: JetStreamContext.PullSubscription, *args: Any, **kwargs: Any
+    ) -> list[Msg]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise TimeoutError  # what nats-py raises there: not its own subclass
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(consumers, "_nats_fetch", second_fetch_times_out_bare)
+    handled: list[bytes] = []
+    arrived = asyncio.Event()
+
+    async def handler(raws: Any) -> None:
+        for raw in raws:
+            handled.append(raw.data)
+            await raw.ack()
+        arrived.set()
+
+    broker = NatsBroker(nats_url, logger=None)
+    consumers.subscribe_batches(
+        broker,
+        subject=subjects.fire_created,
+        stream=subjects.stream,
+        durable="bare_timeout",
+        batch=10,
+        ack_wait_s=30,
+        pull_wait_s=1.0,
+        handler=handler,
+    )
+    try:
+        for i in range(3):  # a partial batch: the loop fetches a second time
+            await js.publish(subjects.fire_created, f"m{i}".encode())
+        await broker.start()
+        await asyncio.wait_for(arrived.wait(), 5)
+        assert sorted(handled) == [b"m0", b"m1", b"m2"]
+        assert calls >= 2
+    finally:
+        await broker.stop()
+        await js.delete_stream(subjects.stream)
+        await nc.close()
+
+
+def test_the_fetch_wrapper_is_installed_once_and_keeps_nats_timeouts() -> None:
+    """Importing the module installs the wrapper; calling it again does not stack another."""
+    installed = JetStreamContext.PullSubscription.fetch
+    assert getattr(installed, "_normalised", False)
+    consumers.normalise_fetch_timeouts()
+    assert JetStreamContext.PullSubscription.fetch is installed
+    assert issubclass(nats.errors.TimeoutError, TimeoutError)

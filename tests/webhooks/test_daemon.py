@@ -95,9 +95,9 @@ async def test_a_fired_wakeup_reaches_the_tenant_receiver_and_is_consumed(
                 json={"user_id": "u1", "check_type": "reminder", "intent": "hi", "delay_hours": 0},
             )
             assert created.status_code == 201, created.text
-            # Normally well under a second. This once failed now and then at 20 s:
-            # FastStream's pull loop dropped a fetched batch on nats-py's bare timeout
-            # and JetStream redelivered it after ack_wait (fixed in
+            # Normally well under a second. This failed now and then at 20 s, most
+            # likely because FastStream's pull loop dropped a fetched batch on nats-py's
+            # bare timeout and JetStream redelivered it after ack_wait (fixed in
             # delivery.dispatcher.consumers). A miss says where the notification stopped.
             if not await asyncio.to_thread(collected.arrived.wait, 20):
                 notes = await client.get(

@@ -58,9 +58,10 @@ LLM_ACK_WAIT_S = 120.0
 TEMPLATE_ACK_WAIT_S = 30.0
 """
 A template batch normally commits within seconds, even in a 100k burst; 30 s bounds
-how late a message whose first delivery was never acked arrives (a crash, or the
-occasional unacked batch bench_burst reports as ``dispatch.redelivered``). A durable
-created with another value keeps it (consumers are not updated in place).
+how late a message whose first delivery was never acked arrives (a crash).
+``dispatch.redelivered`` in a healthy burst used to be FastStream dropping fetched
+batches (see :func:`delivery.dispatcher.consumers.normalise_fetch_timeouts`). A
+durable created with another value keeps it (consumers are not updated in place).
 """
 NAK_DELAY_S = 5.0
 """Back-off before JetStream redelivers a batch whose processing failed."""
@@ -210,7 +211,7 @@ class Dispatcher:
         redelivered = sum(1 for raw in raws if _delivery_count(raw) > 1)
         if redelivered:
             # JetStream sent these before and got no ack within ack_wait (a crash,
-            # or a lost batch): the unique source_id absorbs them, but their
+            # or a batch lost in the client): the unique source_id absorbs them, but their
             # notifications are late by ack_wait, which an operator should see.
             log.warning("dispatch.redelivered", kind=kind.value, messages=redelivered)
         result = await settle_batch(

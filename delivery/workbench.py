@@ -480,10 +480,16 @@ async def _keep_lease(engine: AsyncEngine, job: JobClaim, clock: Clock) -> None:
     """Renew ``job``'s lease until cancelled, so a slow advance is not taken over."""
     while True:
         await asyncio.sleep(JOB_LEASE.total_seconds() / 3)
-        async with write_transaction(engine) as conn:
-            renewed = await conn.execute(
-                update(JOBS).where(_held(job)).values(lease_until=clock.now() + JOB_LEASE)
-            )
+        try:
+            async with write_transaction(engine) as conn:
+                renewed = await conn.execute(
+                    update(JOBS).where(_held(job)).values(lease_until=clock.now() + JOB_LEASE)
+                )
+        except Exception:
+            # A database blip: try again next round. If the lease lapses meanwhile,
+            # another runner takes the job and this run's commit raises JobLost.
+            log.warning("advance_time.lease_renewal_failed", job_id=job.id, exc_info=True)
+            continue
         if renewed.rowcount != 1:
             return
 

@@ -447,7 +447,7 @@ class Daemon:
         from delivery.commands.api import bootstrap_key
         from delivery.store.sql import SqlStore
 
-        store = SqlStore(engine)
+        store = SqlStore(engine, subjects=self.subjects)
         await bootstrap_key(self.settings, store, self.clock)
         app = create_app(self.settings, store, self.clock, self)
         config = uvicorn.Config(

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.clock import Clock
 from delivery.dispatcher.subjects import DEDUPE_WINDOW_S, Subjects
+from delivery.staging import promote
 from delivery.store import direct
 from delivery.store.engine import is_sqlite, write_transaction
 from delivery.store.tables import OutboxRow
@@ -144,9 +145,9 @@ class OutboxRelay:
             yield conn
 
     def _unsent(self) -> Any:
-        # A fire staged by the scheduler's lookahead waits for its instant. The
-        # (available_at, id) order publishes due fires before the
-        # notification.created rows they cause, which keeps a burst's fires on time.
+        # A staged notification's notification.created waits for its fire
+        # instant. The (available_at, id) order publishes rows in the order they
+        # became due, so a burst's fires are not queued behind later rows.
         stmt = (
             select(OUTBOX.c.id, OUTBOX.c.subject, OUTBOX.c.msg_id, OUTBOX.c.payload)
             .where(OUTBOX.c.sent_at.is_(None), OUTBOX.c.available_at <= self.clock.now())
@@ -162,9 +163,15 @@ class OutboxRelay:
         Publish one batch of unsent rows whose ``available_at`` has passed and
         stamp the acknowledged ones.
 
+        Staged notifications whose fire instant has passed are promoted first
+        (:func:`delivery.staging.promote`), so a ``notification.created`` that
+        becomes publishable at that instant never reaches a handler before its
+        notification is visible.
+
         Returns:
             Counts; ``more`` when the batch was full.
         """
+        await promote(self.engine, self.clock.now())
         if self._sqlite:
             async with self.engine.connect() as conn:
                 rows = (await conn.execute(self._unsent())).all()

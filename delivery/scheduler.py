@@ -182,9 +182,9 @@ class TickResult:
         outbox: outbox rows written.
         more: a batch was full, so more rows may be due right now.
         fire_ids: the ids of the fires inserted.
-        next_release: the earliest instant after ``now`` at which an outbox row
-            written by this tick becomes publishable (a fire planned ahead by
-            the lookahead), so the relay can be woken exactly then.
+        next_release: the earliest fire instant after ``now`` among the fires
+            this tick staged ahead (lookahead), so the relay can be woken
+            exactly then to promote their notifications.
     """
 
     claimed: int = 0
@@ -269,13 +269,13 @@ class Scheduler:
         on_outbox: called after a commit that wrote outbox rows (wakes the relay).
         lookahead: plan fires due within this much of ``now`` already (at most
             :data:`MAX_LOOKAHEAD`). The fire row and its outbox entry commit
-            early, with the entry's ``available_at`` at the fire instant, so
-            the relay publishes it on time and the dispatcher still builds the
-            message (live inventory read included) at fire time. This takes
-            the scheduler's share of a burst (claim, plan, write) off the
-            burst's critical path. An API write that moves the schedule
-            deletes a staged fire before it is published
-            (:meth:`delivery.store.sql.SqlStore.update_schedule`).
+            early and are published at once; the dispatcher composes a
+            ``staged`` notification that the relay promotes at the fire
+            instant (:mod:`delivery.staging`). This takes the scheduler's and
+            the dispatcher's share of a burst off the burst's critical path.
+            An API write that changes the schedule or its inventory item
+            restages the fire, so the message still shows the state at the
+            fire instant (:func:`delivery.staging.restage_fires`).
 
     Raises:
         ValueError: a lookahead outside [0, :data:`MAX_LOOKAHEAD`].
@@ -590,16 +590,19 @@ class Scheduler:
                 payload = FireCreated(
                     fire_id=fire["id"], schedule_id=fire["schedule_id"], fire_at=fire["fire_at"]
                 )
-                release = max(fire["fire_at"], now)
-                if release > now:
-                    result.next_release = _earliest(result.next_release, release)
+                if fire["fire_at"] > now:
+                    # The relay must run at the instant to promote the staged
+                    # notification the dispatcher composes meanwhile.
+                    result.next_release = _earliest(result.next_release, fire["fire_at"])
                 outbox_rows.append(
                     {
                         "subject": subject,
                         "msg_id": fire["id"],
                         "payload": payload.model_dump_json(),
                         "created_at": now,
-                        "available_at": release,
+                        # Published at once, even when staged ahead: the dispatcher
+                        # composes it during the lookahead (delivery.staging).
+                        "available_at": now,
                     }
                 )
             result.fired = len(result.fire_ids)

@@ -10,6 +10,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from delivery.dispatcher.subjects import DEFAULT_SUBJECT_PREFIX
+
 
 class Settings(BaseSettings):
     """Configuration of every process kind (run, web, scheduler, dispatcher, handlers)."""
@@ -30,7 +32,7 @@ class Settings(BaseSettings):
         description="NATS server URL; empty means `delivery run` spawns its own nats-server.",
     )
     subject_prefix: str = Field(
-        default="delivery",
+        default=DEFAULT_SUBJECT_PREFIX,
         description="First token of every NATS subject; tests use a unique one per test.",
     )
     host: str = "127.0.0.1"
@@ -52,8 +54,9 @@ class Settings(BaseSettings):
         default=59.0,
         ge=0,
         le=59,
-        description="Fires due within this many seconds are planned ahead and published at "
-        "their instant (takes the scheduler off a burst's critical path); 0 plans at fire time.",
+        description="Fires due within this many seconds are planned and composed ahead, and "
+        "shown at their instant (takes scheduler and dispatcher off a burst's critical path); "
+        "0 plans at fire time.",
     )
     max_lateness_s: int = Field(
         default=3600,

@@ -355,7 +355,14 @@ async def advance_time(
                     conn, FIRES, plan.fires, unique=["schedule_id", "fire_at"]
                 )
                 rows, skipped = await write_notifications(
-                    conn, composed, subjects=subjects, now=now, simulated=True
+                    conn,
+                    composed,
+                    subjects=subjects,
+                    now=now,
+                    simulated=True,
+                    # A fire the scheduler staged in the window may already have a
+                    # staged notification: this simulated one replaces it.
+                    replace=[d.source_id for d in plan.drafts if d.schedule_id is not None],
                 )
                 body = response_body(hours, rows)
                 if job is not None:

@@ -14,6 +14,7 @@ import uvicorn
 from delivery.api import Wakeable, create_app
 from delivery.clock import Clock, SystemClock
 from delivery.commands.store import prepare_database
+from delivery.dispatcher.subjects import Subjects
 from delivery.logs import configure_logging
 from delivery.settings import Settings
 from delivery.store.engine import create_engine
@@ -55,7 +56,7 @@ async def serve_api(
     engine = None
     if store is None:
         engine = create_engine(url)
-        store = SqlStore(engine)
+        store = SqlStore(engine, subjects=Subjects(settings.subject_prefix))
     try:
         await bootstrap_key(settings, store, clock)
         app = create_app(settings, store, clock, waker)

@@ -114,7 +114,7 @@ def decode(kind: SourceKind, data: bytes) -> SourceRef:
     """
     model = _MODELS[kind].model_validate_json(data)
     if isinstance(model, FireCreated):
-        return SourceRef(kind, model.fire_id)
+        return SourceRef(kind, model.fire_id, replace_staged=model.restage)
     if isinstance(model, WakeupDue):
         return SourceRef(kind, model.wakeup_id)
     if isinstance(model, EventAccepted):

@@ -24,6 +24,8 @@ class FireCreated(_Payload):
     fire_id: str
     schedule_id: str
     fire_at: datetime
+    restage: bool = False
+    """Compose again, replacing a staged notification (:func:`delivery.staging.restage_fires`)."""
 
 
 class WakeupDue(_Payload):

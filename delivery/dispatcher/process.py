@@ -10,7 +10,6 @@ dispatchers running it at once, leaves the same rows as running it once.
 """
 
 import asyncio
-import hashlib
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,7 +20,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.cadence.instants import format_local, format_utc
@@ -38,6 +37,7 @@ from delivery.dispatcher.compose import (
 from delivery.dispatcher.composers import Composer, CompositionError
 from delivery.dispatcher.messages import NotificationCreated
 from delivery.dispatcher.subjects import Subjects
+from delivery.staging import STAGED, notification_id
 from delivery.store import bulk, direct
 from delivery.store.engine import is_sqlite, write_transaction
 from delivery.store.tables import (
@@ -64,22 +64,23 @@ COMPOSE_CONCURRENCY = 32
 """Composer calls in flight per batch (bounds LLM fan-out; free for the template)."""
 
 
-def notification_id(source_id: str) -> str:
-    """
-    The notification (message) id of a source: ``msg_`` + 24 hex of SHA-256(source id).
-
-    Deterministic, so a replay, a second dispatcher or advance-time run on the
-    same state all name the same notification (DESIGN invariant 4).
-    """
-    return "msg_" + hashlib.sha256(source_id.encode()).hexdigest()[:24]
+__all__ = ["notification_id"]  # re-exported: callers name it from here
 
 
 @dataclass(frozen=True, slots=True)
 class SourceRef:
-    """One message's subject: what fired, by id."""
+    """
+    One message's subject: what fired, by id.
+
+    ``replace_staged`` (a restage message, :func:`delivery.staging.restage_fires`)
+    lets the source be composed again over its ``staged`` notification, which
+    may have been written from a state the API has since changed. Equality
+    ignores it: it is still the same source.
+    """
 
     kind: SourceKind
     id: str
+    replace_staged: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,13 +237,20 @@ def event_draft(event: Mapping[str, Any]) -> Draft:
 
 
 def notification_row(
-    draft: Draft, *, message: str, error: str | None, created_at: datetime
+    draft: Draft,
+    *,
+    message: str,
+    error: str | None,
+    created_at: datetime,
+    staged: bool = False,
 ) -> dict[str, Any]:
     """
     The ``notifications`` row for a composed draft, payload included (DESIGN decision 3).
 
     ``error`` set means the composer failed: the row is kept with status
-    ``failed_generation`` and an empty message, never dropped.
+    ``failed_generation`` and an empty message, never dropped. ``staged``: the
+    fire is still ahead (:mod:`delivery.staging`); the row stays hidden until
+    promoted, and becomes ``pending`` or ``failed_generation`` then.
     """
     nid = draft.notification_id
     event_type = EVENT_TYPES[draft.block.kind]
@@ -280,7 +288,7 @@ def notification_row(
         "check_type": draft.block.check_type,
         "intent": draft.block.intent,
         "generated_message": message,
-        "status": "failed_generation" if error is not None else "pending",
+        "status": STAGED if staged else ("failed_generation" if error is not None else "pending"),
         "error": error,
         "fire_at": draft.fire_at,
         "payload_json": json.dumps(payload, sort_keys=True, separators=(",", ":")),
@@ -292,7 +300,12 @@ def notification_row(
 
 
 def outbox_row(row: Mapping[str, Any], subjects: Subjects, now: datetime) -> dict[str, Any]:
-    """The ``notification.created`` outbox entry of a notification row (msg id = its id)."""
+    """
+    The ``notification.created`` outbox entry of a notification row (msg id = its id).
+
+    A staged row's entry waits for its fire instant, when the relay promotes
+    the row just before publishing (:func:`delivery.staging.promote`).
+    """
     message = NotificationCreated(
         notification_id=row["id"],
         project_id=row["project_id"],
@@ -305,6 +318,7 @@ def outbox_row(row: Mapping[str, Any], subjects: Subjects, now: datetime) -> dic
         "msg_id": row["id"],
         "payload": message.model_dump_json(),
         "created_at": now,
+        "available_at": row["fire_at"] if row["status"] == STAGED else now,
     }
 
 
@@ -356,13 +370,26 @@ async def _rows_by_id(
 
 async def existing_sources(conn: AsyncConnection, source_ids: Iterable[str]) -> set[str]:
     """The subset of ``source_ids`` that already has a notification."""
+    return _done([], await _existing(conn, source_ids))
+
+
+async def _existing(conn: AsyncConnection, source_ids: Iterable[str]) -> list[Mapping[str, Any]]:
     wanted = sorted(set(source_ids))
     if not wanted:
-        return set()
-    result = await conn.execute(
-        select(NOTIFICATIONS.c.source_id).where(NOTIFICATIONS.c.source_id.in_(wanted))
-    )
-    return set(result.scalars())
+        return []
+    n = NOTIFICATIONS.c
+    result = await conn.execute(select(n.source_id, n.status).where(n.source_id.in_(wanted)))
+    return [dict(row) for row in result.mappings()]
+
+
+def _done(refs: Iterable[SourceRef], existing: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Sources whose notification is made: all that have one, but a restaged one's staged row."""
+    replaceable = {r.id for r in refs if r.replace_staged}
+    return {
+        row["source_id"]
+        for row in existing
+        if not (row["status"] == STAGED and row["source_id"] in replaceable)
+    }
 
 
 @dataclass(slots=True)
@@ -404,7 +431,7 @@ def _item_ids(
 
 
 async def _load(conn: AsyncConnection, refs: Sequence[SourceRef]) -> _Loaded:
-    done = await existing_sources(conn, (r.id for r in refs))
+    done = _done(refs, await _existing(conn, (r.id for r in refs)))
     todo, _ = _split(refs, done)
     fires = await _rows_by_id(conn, FIRES, _ids(todo, SourceKind.SCHEDULE))
     wakeups = await _rows_by_id(conn, WAKEUPS, _ids(todo, SourceKind.WAKEUP))
@@ -437,12 +464,12 @@ def _load_sqlite(db: sqlite3.Connection, refs: Sequence[SourceRef]) -> _Loaded:
     ) -> dict[str, Mapping[str, Any]]:
         return {row["id"]: row for row in direct.select_in(db, table, "id", ids, columns=columns)}
 
-    done = {
-        row["source_id"]
-        for row in direct.select_in(
-            db, NOTIFICATIONS, "source_id", (r.id for r in refs), columns=["source_id"]
-        )
-    }
+    done = _done(
+        refs,
+        direct.select_in(
+            db, NOTIFICATIONS, "source_id", (r.id for r in refs), columns=["source_id", "status"]
+        ),
+    )
     todo, _ = _split(refs, done)
     fires = by_id(FIRES, _ids(todo, SourceKind.SCHEDULE), _FIRE_COLUMNS)
     wakeups = by_id(WAKEUPS, _ids(todo, SourceKind.WAKEUP))
@@ -509,6 +536,7 @@ async def write_notifications(
     subjects: Subjects,
     now: datetime,
     simulated: bool = False,
+    replace: Sequence[str] = (),
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """
     Inside the caller's transaction: transition sources and insert notifications + outbox.
@@ -524,6 +552,9 @@ async def write_notifications(
             ``executed_at`` unless ``simulated``.
         simulated: advance-time: each notification is created, and each
             wakeup executed, at its own simulated fire instant (DESIGN decision 9).
+        replace: source ids whose ``staged`` notification (and its unsent
+            outbox entry) is deleted first: restaged fires, and advance-time's
+            fires that the scheduler had staged (:mod:`delivery.staging`).
 
     Returns:
         The notification rows written (a concurrent duplicate collides
@@ -531,6 +562,16 @@ async def write_notifications(
         lost to a race.
     """
     skipped: dict[str, str] = {}
+    if replace:
+        ids = sorted({notification_id(source_id) for source_id in replace})
+        await conn.execute(
+            delete(NOTIFICATIONS).where(
+                NOTIFICATIONS.c.id.in_(ids), NOTIFICATIONS.c.status == STAGED
+            )
+        )
+        await conn.execute(
+            delete(OUTBOX).where(OUTBOX.c.msg_id.in_(ids), OUTBOX.c.sent_at.is_(None))
+        )
     wakeups = [d for d, _, _ in composed if d.block.kind is SourceKind.WAKEUP]
     executed: set[str] = set()
     if simulated:
@@ -576,6 +617,12 @@ def _event_ids(composed: Iterable[tuple[Draft, str, str | None]]) -> list[str]:
     return sorted({d.source_id for d, _, _ in composed if d.block.kind is SourceKind.EVENT})
 
 
+def _staged(draft: Draft, now: datetime, simulated: bool) -> bool:
+    # Only the scheduler's lookahead makes a fire that is still ahead of the
+    # dispatcher's clock; advance-time's simulated fires are final when written.
+    return not simulated and draft.block.kind is SourceKind.SCHEDULE and draft.fire_at > now
+
+
 def _notification_rows(
     composed: Iterable[tuple[Draft, str, str | None]],
     skipped: Mapping[str, str],
@@ -583,18 +630,27 @@ def _notification_rows(
     now: datetime,
     simulated: bool,
 ) -> list[dict[str, Any]]:
-    return [
-        notification_row(d, message=m, error=e, created_at=d.fire_at if simulated else now)
-        for d, m, e in composed
-        if d.source_id not in skipped
-    ]
+    rows = []
+    for d, m, e in composed:
+        if d.source_id in skipped:
+            continue
+        staged = _staged(d, now, simulated)
+        # A staged row's created_at is a placeholder (promotion sets the real
+        # instant); its payload says the fire instant, when it became due.
+        created_at = d.fire_at if simulated or staged else now
+        rows.append(notification_row(d, message=m, error=e, created_at=created_at, staged=staged))
+    return rows
 
 
 def _outbox_rows(
     rows: Iterable[Mapping[str, Any]], subjects: Subjects, now: datetime
 ) -> list[dict[str, Any]]:
     # Failed generations are kept but not published: there is no text to deliver.
-    return [outbox_row(r, subjects, now) for r in rows if r["status"] == "pending"]
+    return [
+        outbox_row(r, subjects, now)
+        for r in rows
+        if r["status"] == "pending" or (r["status"] == STAGED and r["error"] is None)
+    ]
 
 
 def write_notifications_sqlite(
@@ -603,11 +659,16 @@ def write_notifications_sqlite(
     *,
     subjects: Subjects,
     now: datetime,
+    replace: Sequence[str] = (),
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """
     :func:`write_notifications` (not simulated) on SQLite's driver thread, inside
     the caller's :func:`delivery.store.direct.write` transaction: the same rows.
     """
+    if replace:
+        ids = sorted({notification_id(source_id) for source_id in replace})
+        direct.delete_in(db, NOTIFICATIONS, "id", ids, only_if={"status": STAGED})
+        direct.delete_in(db, OUTBOX, "msg_id", ids, only_if={"sent_at": None})
     wakeups = [d for d, _, _ in composed if d.block.kind is SourceKind.WAKEUP]
     executed: set[str] = set()
     if wakeups:
@@ -629,7 +690,7 @@ def write_notifications_sqlite(
         )
     rows = _notification_rows(composed, skipped, now=now, simulated=False)
     direct.insert_ignoring_duplicates(db, NOTIFICATIONS, rows, unique="source_id")
-    outbox = [{**r, "available_at": r["created_at"]} for r in _outbox_rows(rows, subjects, now)]
+    outbox = _outbox_rows(rows, subjects, now)
     direct.insert_ignoring_duplicates(db, OUTBOX, outbox, unique="msg_id")
     return rows, skipped
 
@@ -669,6 +730,9 @@ class Processor:
             async with self.engine.connect() as conn:
                 loaded = await _load(conn, refs)
         drafts = build_drafts(refs, loaded, result)
+        # A restaged source's staged row goes even when nothing replaces it (its
+        # fire or schedule was deleted): it was composed from a state now gone.
+        replace = sorted({r.id for r in refs if r.replace_staged})
         for source_id, reason in result.skipped.items():
             log.info("dispatch.skipped", source_id=source_id, reason=reason)
         for source_id in result.duplicates:
@@ -677,7 +741,7 @@ class Processor:
                 source_id=source_id,
                 notification_id=notification_id(source_id),
             )
-        if not drafts:
+        if not drafts and not replace:
             return result
         composed = await compose_all(self.composer, drafts)
         now = self.clock.now()
@@ -685,13 +749,17 @@ class Processor:
             rows, lost = await direct.write(
                 self.engine,
                 partial(
-                    write_notifications_sqlite, composed=composed, subjects=self.subjects, now=now
+                    write_notifications_sqlite,
+                    composed=composed,
+                    subjects=self.subjects,
+                    now=now,
+                    replace=replace,
                 ),
             )
         else:
             async with write_transaction(self.engine) as conn:
                 rows, lost = await write_notifications(
-                    conn, composed, subjects=self.subjects, now=now
+                    conn, composed, subjects=self.subjects, now=now, replace=replace
                 )
         result.skipped.update(lost)
         for source_id, reason in lost.items():

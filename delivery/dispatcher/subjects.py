@@ -18,6 +18,9 @@ EVENT_ACCEPTED = "event.accepted"
 NOTIFICATION_CREATED = "notification.created"
 """A notification row was inserted; msg id = notification (message) id. Handlers consume it."""
 
+DEFAULT_SUBJECT_PREFIX = "delivery"
+"""``Settings.subject_prefix`` unless configured."""
+
 DEDUPE_WINDOW_S = 2 * 3600
 """JetStream duplicate window: longer than any outbox relay retry, so a replay is dropped."""
 

@@ -253,6 +253,39 @@ def update_in(
     return changed
 
 
+def delete_in(
+    db: sqlite3.Connection,
+    table: Table,
+    column: str,
+    values: Sequence[Any],
+    *,
+    only_if: Mapping[str, Any] | None = None,
+) -> int:
+    """
+    ``DELETE FROM table WHERE column IN values [AND only_if]``; a ``None`` in
+    ``only_if`` means ``IS NULL``.
+
+    Returns:
+        The rows deleted.
+    """
+    c = codec(table)
+    conditions = {k: v for k, v in (only_if or {}).items() if v is not None}
+    nulls = [k for k, v in (only_if or {}).items() if v is None]
+    where = _names(c, [column])
+    extra = "".join(f" AND {_names(c, [n])} = ?" for n in conditions)
+    extra += "".join(f" AND {_names(c, [n])} IS NULL" for n in nulls)
+    [checks] = c.params([conditions], list(conditions))
+    deleted = 0
+    for start in range(0, len(values), MAX_VARIABLES):
+        chunk = list(values[start : start + MAX_VARIABLES])
+        cursor = db.execute(
+            f'DELETE FROM "{c.table}" WHERE {where} IN ({_marks(len(chunk))}){extra}',  # noqa: S608
+            (*chunk, *checks),
+        )
+        deleted += cursor.rowcount
+    return deleted
+
+
 def update_rows(
     db: sqlite3.Connection, table: Table, rows: Sequence[Mapping[str, Any]], *, where: Sequence[str]
 ) -> int:

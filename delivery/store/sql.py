@@ -23,6 +23,8 @@ from sqlalchemy import Table, and_, delete, func, select, text, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from delivery.dispatcher.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
+from delivery.staging import STAGED, restage_fires, staged_fires
 from delivery.store.bulk import OUTBOX, insert_ignoring_duplicates, insert_outbox
 from delivery.store.engine import is_sqlite, write_transaction
 from delivery.store.tables import (
@@ -107,11 +109,16 @@ class SqlStore:
         engine: from :func:`delivery.store.engine.create_engine`; the schema
             must exist (:func:`delivery.store.migrate.migrate`).
 
+        subjects: the deployment's subjects (``Settings.subject_prefix``), for
+            the restage messages of :mod:`delivery.staging`.
+
     The store never closes the engine; its owner does.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, subjects: Subjects | None = None) -> None:
         self.engine = engine
+        # Writes that restage a fire queue a message on this deployment's subjects.
+        self.subjects = subjects or Subjects(DEFAULT_SUBJECT_PREFIX)
         self._sqlite = is_sqlite(str(engine.url))
         # Every read here is one statement, so PostgreSQL reads skip BEGIN and
         # ROLLBACK (two round trips that cost more than the query on the polling
@@ -241,6 +248,7 @@ class SqlStore:
         changes: Mapping[str, Any],
         expected_version: int,
         *,
+        now: datetime,
         drop_staged_after: datetime | None = None,
     ) -> bool:
         """
@@ -250,7 +258,12 @@ class SqlStore:
         a PATCH computed from a stale read is retried instead of rewinding
         ``next_fire_at``. The caller includes the new ``version`` in ``changes``.
 
+        A fire the scheduler staged ahead of ``now`` is restaged in the same
+        transaction, so its message is composed from the new state
+        (:func:`delivery.staging.restage_fires`).
+
         Args:
+            now: the instant of the write.
             drop_staged_after: the timing changed at this instant: fires the
                 scheduler staged after it (lookahead) are deleted with their
                 unpublished outbox entries, in the same transaction, so the old
@@ -273,6 +286,7 @@ class SqlStore:
             result = await conn.execute(stmt)
             if not result.rowcount:
                 return False
+            await self._restage(conn, now, FIRES.c.schedule_id == row.id)
             if drop_staged_after is not None:
                 await self._drop_staged(conn, row.id, drop_staged_after)
         return True
@@ -304,8 +318,11 @@ class SqlStore:
                 update(SCHEDULES).where(SCHEDULES.c.id == schedule_id).values(last_fire_at=last)
             )
 
+    async def _restage(self, conn: AsyncConnection, now: datetime, *where: Any) -> None:
+        await restage_fires(conn, staged_fires(now).where(*where), subjects=self.subjects, now=now)
+
     async def delete_schedule(
-        self, project_id: str, agent_id: str, user_id: str, schedule_id: str
+        self, project_id: str, agent_id: str, user_id: str, schedule_id: str, *, now: datetime
     ) -> bool:
         """
         Delete a schedule and its fire history (seeds: delete removes "all associated
@@ -325,6 +342,14 @@ class SqlStore:
             )
             if not result.rowcount:
                 return False
+            # A staged fire's message may be composed already: drop it, and have
+            # the dispatcher drop any a racing dispatcher writes (it finds no fire).
+            await self._restage(
+                conn,
+                now,
+                FIRES.c.schedule_id == schedule_id,
+                FIRES.c.project_id == project_id,
+            )
             # Entries not yet published go too: a fire staged by the lookahead
             # (or one the relay has not reached) must not reach the dispatcher.
             await conn.execute(
@@ -503,9 +528,33 @@ class SqlStore:
                 merged = {**json.loads(item.properties_json), **properties}
                 values["properties_json"] = canonical_json(merged)
             await conn.execute(update(INVENTORY).where(owner).values(**values))
+            await self._restage_item_fires(conn, now, project_id, agent_id, user_id, item_id)
         return item.model_copy(update=values)
 
-    async def delete_item(self, project_id: str, agent_id: str, user_id: str, item_id: str) -> bool:
+    async def _restage_item_fires(
+        self,
+        conn: AsyncConnection,
+        now: datetime,
+        project_id: str,
+        agent_id: str,
+        user_id: str,
+        item_id: str,
+    ) -> None:
+        # A message shows its item's properties as of the fire instant: the
+        # staged fires of the owner's schedules that use the item are composed
+        # again. Only the owner's schedules can read the item (its owner check).
+        s = SCHEDULES.c
+        linked = select(s.id).where(
+            s.project_id == project_id,
+            s.agent_id == agent_id,
+            s.user_id == user_id,
+            s.inventory_item_id == item_id,
+        )
+        await self._restage(conn, now, FIRES.c.schedule_id.in_(linked.scalar_subquery()))
+
+    async def delete_item(
+        self, project_id: str, agent_id: str, user_id: str, item_id: str, *, now: datetime
+    ) -> bool:
         """Delete one item; schedules linked to it keep firing without it (seeds)."""
         async with self.write() as conn:
             result = await conn.execute(
@@ -516,6 +565,8 @@ class SqlStore:
                     INVENTORY.c.user_id == user_id,
                 )
             )
+            if result.rowcount:
+                await self._restage_item_fires(conn, now, project_id, agent_id, user_id, item_id)
         return bool(result.rowcount)
 
     # --- notifications --------------------------------------------------------
@@ -545,7 +596,7 @@ class SqlStore:
         n = NOTIFICATIONS.c
         stmt = (
             select(*_QUEUE_COLUMNS)
-            .where(n.project_id == project_id, n.agent_id == agent_id)
+            .where(n.project_id == project_id, n.agent_id == agent_id, n.status != STAGED)
             .order_by(n.created_at.desc(), n.id.desc())
             .limit(limit)
         )
@@ -564,7 +615,13 @@ class SqlStore:
             ``NOT_FOUND`` for an unknown or foreign id.
         """
         n = NOTIFICATIONS.c
-        owner = and_(n.id == message_id, n.project_id == project_id, n.agent_id == agent_id)
+        # A staged message does not exist yet as far as clients can tell.
+        owner = and_(
+            n.id == message_id,
+            n.project_id == project_id,
+            n.agent_id == agent_id,
+            n.status != STAGED,
+        )
         async with self.write() as conn:
             result = await conn.execute(
                 update(NOTIFICATIONS)
@@ -589,7 +646,7 @@ class SqlStore:
     ) -> Sequence[RowMapping]:
         """The project view, oldest first, optionally filtered."""
         n = NOTIFICATIONS.c
-        conds = [n.project_id == project_id]
+        conds = [n.project_id == project_id, n.status != STAGED]
         if agent_id is not None:
             conds.append(n.agent_id == agent_id)
         if event_type is not None:
@@ -623,7 +680,12 @@ class SqlStore:
         async with self.write() as conn:
             result = await conn.execute(
                 update(NOTIFICATIONS)
-                .where(n.project_id == project_id, n.id.in_(list(ids)), n.ack_status == "pending")
+                .where(
+                    n.project_id == project_id,
+                    n.id.in_(list(ids)),
+                    n.ack_status == "pending",
+                    n.status != STAGED,
+                )
                 .values(ack_status="acknowledged", acknowledged_at=now)
             )
         return int(result.rowcount or 0)
@@ -633,7 +695,7 @@ class SqlStore:
     ) -> int:
         """Acknowledge every pending notification matching the filters; returns the count."""
         n = NOTIFICATIONS.c
-        conds = [n.project_id == project_id, n.ack_status == "pending"]
+        conds = [n.project_id == project_id, n.ack_status == "pending", n.status != STAGED]
         if agent_id is not None:
             conds.append(n.agent_id == agent_id)
         if event_type is not None:

@@ -11,7 +11,10 @@ from sqlalchemy import select, update
 from delivery.api.routes.schedules import _patched, schedule_out
 from delivery.api.schemas import SchedulePatch
 from delivery.clock import ManualClock
+from delivery.dispatcher.compose import SourceKind
+from delivery.dispatcher.composers import TemplateComposer
 from delivery.dispatcher.messages import FireCreated, WakeupDue
+from delivery.dispatcher.process import Processor, SourceRef
 from delivery.dispatcher.subjects import Subjects
 from delivery.outbox import OutboxRelay
 from delivery.planning import MISSED_MAX_LATENESS, fire_id
@@ -19,6 +22,7 @@ from delivery.scheduler import Scheduler
 from delivery.store.tables import ScheduleRow
 from tests.daemon.helpers import (
     FIRES,
+    NOTIFICATIONS,
     OUTBOX,
     SCHEDULES,
     WAKEUPS,
@@ -322,12 +326,12 @@ async def test_a_message_jetstream_refuses_stays_unsent(engine, bus, project):
     assert unsent.msg_id == "m1"
 
 
-async def test_lookahead_stages_fires_that_the_relay_publishes_at_their_instant(
-    engine, bus, project
-):
+async def test_lookahead_composes_fires_early_and_shows_them_at_their_instant(engine, bus, project):
     """
     With a lookahead, fires due soon are written early (fire row, schedule state,
-    outbox entry) and the relay holds the entry back until the fire instant.
+    outbox entry) and published at once; the dispatcher composes them into
+    hidden notifications, and at the fire instant the relay shows them and only
+    then publishes their notification.created.
     """
     await add_schedules(engine, due_daily_rows(3, T, CREATED))
     scheduler = Scheduler(engine, bus.subjects, lookahead=timedelta(seconds=30))
@@ -345,17 +349,26 @@ async def test_lookahead_stages_fires_that_the_relay_publishes_at_their_instant(
     )
     assert {tuple(r) for r in schedules} == {(T + timedelta(days=1), T, T)}
     outbox = await rows(engine, select(OUTBOX.c.created_at, OUTBOX.c.available_at))
-    assert {tuple(r) for r in outbox} == {(early, T)}
+    assert {tuple(r) for r in outbox} == {(early, early)}
 
     clock = ManualClock(early)
     relay = OutboxRelay(engine, bus.js, clock)
-    assert (await relay.drain()).published == 0
+    assert (await relay.drain()).published == 3
+    processor = Processor(engine, TemplateComposer(), bus.subjects, clock)
+    made = await processor.process([SourceRef(SourceKind.SCHEDULE, f) for f in result.fire_ids])
+    assert len(made.created) == 3
+    statuses = select(NOTIFICATIONS.c.status, NOTIFICATIONS.c.created_at)
+    assert {tuple(r) for r in await rows(engine, statuses)} == {("staged", T)}
+
     clock.set(T - timedelta(microseconds=1))
     assert (await relay.drain()).published == 0
-    assert await bus.stream_messages() == 0
-    clock.set(T)
-    assert (await relay.drain()).published == 3
     assert await bus.stream_messages() == 3
+    assert {r.status for r in await rows(engine, statuses)} == {"staged"}
+    shown = T + timedelta(milliseconds=40)
+    clock.set(shown)
+    assert (await relay.drain()).published == 3
+    assert await bus.stream_messages() == 6
+    assert {tuple(r) for r in await rows(engine, statuses)} == {("pending", shown)}
     # Staged once: at the fire instant nothing is due again.
     assert (await scheduler.drain(T)).claimed == 0
 

@@ -174,13 +174,17 @@ async def test_schedule_compare_and_set(engine: AsyncEngine) -> None:
         updated_at=NOW,
     )
     await store.insert_schedule(row)
-    assert await store.update_schedule(row, {"intent": "x", "version": 2}, expected_version=1)
-    assert not await store.update_schedule(row, {"intent": "y", "version": 2}, expected_version=1)
+    assert await store.update_schedule(
+        row, {"intent": "x", "version": 2}, expected_version=1, now=NOW
+    )
+    assert not await store.update_schedule(
+        row, {"intent": "y", "version": 2}, expected_version=1, now=NOW
+    )
     got = await store.get_schedule(project, "a", "u", "sch_1")
     assert got is not None
     assert (got.intent, got.version) == ("x", 2)
     assert await store.get_schedule(project, "a", "other", "sch_1") is None
-    assert await store.delete_schedule(project, "a", "u", "sch_1")
+    assert await store.delete_schedule(project, "a", "u", "sch_1", now=NOW)
     assert await store.count(SCHEDULES) == 0
 
 

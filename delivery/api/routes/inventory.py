@@ -120,7 +120,7 @@ async def write_item(
         )
     item = items[0]
     if body.action == "remove":
-        await ctx.store.delete_item(project, agent_id, user_id, item.id)
+        await ctx.store.delete_item(project, agent_id, user_id, item.id, now=ctx.clock.now())
         return _written("removed", item.id)
     updated = await ctx.store.update_item(
         project, agent_id, user_id, item.id, properties=properties, fields={}, now=ctx.clock.now()
@@ -212,6 +212,6 @@ async def direct_delete(
     agent_id: AgentId, user_id: UserId, fact_id: ResourceId, project: ProjectId, ctx: Ctx
 ) -> Response:
     """Delete an item; linked schedules keep firing without it."""
-    if not await ctx.store.delete_item(project, agent_id, user_id, fact_id):
+    if not await ctx.store.delete_item(project, agent_id, user_id, fact_id, now=ctx.clock.now()):
         raise _not_found(fact_id)
     return JSONResponse(InventoryDirectOut(status="deleted", fact_id=fact_id).model_dump())

@@ -303,7 +303,7 @@ async def update_schedule(
         if changes.get("inventory_item_id"):
             await _check_item(ctx, project, agent_id, user_id, changes["inventory_item_id"])
         if await ctx.store.update_schedule(
-            row, changes, row.version, drop_staged_after=now if timing else None
+            row, changes, row.version, now=now, drop_staged_after=now if timing else None
         ):
             if timing:
                 ctx.wake()
@@ -319,7 +319,9 @@ async def delete_schedule(
     agent_id: AgentId, user_id: UserId, schedule_id: ResourceId, project: ProjectId, ctx: Ctx
 ) -> Response:
     """Delete a schedule and its fire history; 404 when unknown (tenants learn nothing)."""
-    if not await ctx.store.delete_schedule(project, agent_id, user_id, schedule_id):
+    if not await ctx.store.delete_schedule(
+        project, agent_id, user_id, schedule_id, now=ctx.clock.now()
+    ):
         raise _not_found(schedule_id)
     return _json(Success(success=True))
 

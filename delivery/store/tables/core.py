@@ -10,7 +10,7 @@ and every query filters on it (DESIGN invariant 6).
 
 from datetime import datetime
 
-from sqlalchemy import Index, Text, UniqueConstraint
+from sqlalchemy import Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 from delivery.store.types import UTCDateTime
@@ -182,7 +182,9 @@ class NotificationRow(SQLModel, table=True):
     Unique on ``source_id`` (a fire id, wakeup id or event id; the prefixes keep
     them disjoint): DESIGN invariant 2, a redelivered NATS message or a
     restarted process never makes a second one. ``status`` is the agent queue's
-    (pending | consumed | expired | failed_generation); ``ack_status`` is the
+    (pending | consumed | expired | failed_generation), or ``staged``: composed
+    during the scheduler's lookahead, hidden from every read until the relay
+    promotes it at its fire instant (:mod:`delivery.staging`). ``ack_status`` is the
     project view's (pending | acknowledged). ``payload_json`` is the DESIGN
     decision 3 payload, the same bytes the webhook sends.
     """
@@ -193,6 +195,14 @@ class NotificationRow(SQLModel, table=True):
         Index("ix_notifications_queue", "project_id", "agent_id", "status", "created_at"),
         Index("ix_notifications_user", "project_id", "agent_id", "user_id", "status", "created_at"),
         Index("ix_notifications_project", "project_id", "ack_status", "created_at"),
+        # Only composed-ahead rows are in it, and they leave it when promoted, so
+        # the relay's "anything due to promote?" probe stays a tiny index lookup.
+        Index(
+            "ix_notifications_staged",
+            "fire_at",
+            sqlite_where=text("status = 'staged'"),
+            postgresql_where=text("status = 'staged'"),
+        ),
     )
 
     id: str = Field(primary_key=True, max_length=64)

@@ -14,10 +14,11 @@ import json
 import secrets
 import sqlite3
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import structlog
@@ -238,6 +239,18 @@ def _latest(*instants: datetime | None) -> datetime | None:
 def _earliest(*instants: datetime | None) -> datetime | None:
     present = [i for i in instants if i is not None]
     return min(present) if present else None
+
+
+def _insert_fires_sqlite(db: sqlite3.Connection, rows: list[dict[str, Any]]) -> set[str]:
+    """Insert fire rows, ignoring existing (schedule_id, fire_at); the ids inserted."""
+    if not rows:
+        return set()
+    # No RETURNING with executemany: what existed before is read in the same
+    # transaction (a fire id is derived from its unique key).
+    ids = [r["id"] for r in rows]
+    had = {r["id"] for r in direct.select_in(db, FIRES, "id", ids, columns=["id"])}
+    direct.insert_ignoring_duplicates(db, FIRES, rows, unique=["schedule_id", "fire_at"])
+    return set(ids) - had
 
 
 MAX_LOOKAHEAD = timedelta(seconds=59)
@@ -487,138 +500,18 @@ class Scheduler:
         if not planned:
             return result
 
-        async with self._write() as conn:
-            # The version bump comes first: on PostgreSQL it locks the rows (an API
-            # PATCH now waits for this commit), on SQLite it takes the write lock.
-            # It selects by primary key (a (id, version) row-value IN scans the
-            # whole table on SQLite) and returns the new versions: a row whose
-            # version is not claimed + 1 was changed by the API after our claim, so
-            # its work is dropped and the next tick replans it from the new state.
-            # Bumping it once more is harmless: a version only has to change.
-            bump = (
-                update(SCHEDULES)
-                .where(
-                    SCHEDULES.c.id.in_([row.id for row, _, _ in planned]),
-                    SCHEDULES.c.claimed_by == self.instance_id,
-                )
-                .values(version=SCHEDULES.c.version + 1)
-                .returning(SCHEDULES.c.id, SCHEDULES.c.version)
+        if self._sqlite:
+            # One call to the driver's thread for the whole transaction
+            # (delivery.store.direct.write): a burst's staging shares the writer
+            # with the dispatcher composing ahead, and round trips through a busy
+            # event loop while holding the lock idled the writer for both.
+            kept = await direct.write(
+                self.engine, partial(self._apply_sqlite, planned=planned, now=now, result=result)
             )
-            bumped = {r.id: r.version for r in (await conn.execute(bump)).all()}
-            kept = [p for p in planned if bumped.get(p[0].id) == p[0].version + 1]
-            stale = [row.id for row, _, _ in planned if bumped.get(row.id) != row.version + 1]
-            result.stale = len(stale)
-            if stale:
-                # Give the changed rows back at once instead of at lease expiry.
-                await conn.execute(
-                    update(SCHEDULES)
-                    .where(SCHEDULES.c.id.in_(stale), SCHEDULES.c.claimed_by == self.instance_id)
-                    .values(claimed_by=None, claimed_until=None)
-                )
-                for schedule_id in stale:
-                    self._log.info("schedule_changed_during_tick", schedule_id=schedule_id)
-            if not kept:
-                return result
-
-            states = [
-                {
-                    "next_fire_at": plan.next_fire_at,
-                    "last_fire_at": plan.last_fire_at,
-                    # At most one fire lies ahead (MAX_LOOKAHEAD); the API shows it.
-                    "staged_fire_at": next((at for at in plan.fires if at > now), None),
-                    "enabled": not plan.disable,
-                    "claimed_by": None,
-                    "claimed_until": None,
-                    # The version we just set: belt and braces, the row is already locked.
-                    "id": row.id,
-                    "version": row.version + 1,
-                }
-                for row, _, plan in kept
-            ]
-            if self._sqlite:
-                # The bulk statements of a staging burst run on the driver's thread
-                # (delivery.store.direct), inside this same transaction.
-                await direct.on_driver_thread(
-                    conn,
-                    lambda db: direct.update_rows(db, SCHEDULES, states, where=["id", "version"]),
-                )
-            else:
-                await conn.execute(
-                    _WRITE_SCHEDULE, [{f"b_{k}": v for k, v in state.items()} for state in states]
-                )
-
-            fire_rows: list[dict[str, Any]] = []
-            for row, _, plan in kept:
-                base = {
-                    "schedule_id": row.id,
-                    "project_id": row.project_id,
-                    "agent_id": row.agent_id,
-                    "user_id": row.user_id,
-                    "created_at": now,
-                }
-                fire_rows.extend(
-                    {
-                        **base,
-                        "id": fire_id(row.id, at),
-                        "fire_at": at,
-                        "status": "fired",
-                        "skip_reason": None,
-                    }
-                    for at in plan.fires
-                )
-                fire_rows.extend(
-                    {
-                        **base,
-                        "id": fire_id(row.id, skip.fire_at),
-                        "fire_at": skip.fire_at,
-                        "status": "skipped",
-                        "skip_reason": skip.reason,
-                    }
-                    for skip in plan.skips
-                )
-            inserted = await self._insert_fires(conn, fire_rows)
-
-            outbox_rows: list[dict[str, Any]] = []
-            subject = self.subjects.fire_created
-            for fire in fire_rows:
-                if fire["status"] != "fired":
-                    continue
-                if fire["id"] not in inserted:
-                    result.conflicts += 1
-                    continue
-                result.fire_ids.append(fire["id"])
-                payload = FireCreated(
-                    fire_id=fire["id"], schedule_id=fire["schedule_id"], fire_at=fire["fire_at"]
-                )
-                if fire["fire_at"] > now:
-                    # The relay must run at the instant to promote the staged
-                    # notification the dispatcher composes meanwhile.
-                    result.next_release = _earliest(result.next_release, fire["fire_at"])
-                outbox_rows.append(
-                    {
-                        "subject": subject,
-                        "msg_id": fire["id"],
-                        "payload": payload.model_dump_json(),
-                        "created_at": now,
-                        # Published at once, even when staged ahead: the dispatcher
-                        # composes it during the lookahead (delivery.staging).
-                        "available_at": now,
-                    }
-                )
-            result.fired = len(result.fire_ids)
-            result.skipped = len(inserted) - result.fired
-            if self._sqlite:
-                await direct.on_driver_thread(
-                    conn,
-                    lambda db: direct.insert_ignoring_duplicates(
-                        db, OUTBOX, outbox_rows, unique="msg_id"
-                    ),
-                )
-            else:
-                await insert_outbox(conn, outbox_rows)
-            # Counted from the rows, not rowcount: asyncpg's executemany rowcount is
-            # not reliable, and each msg_id is a fire id inserted just above.
-            result.outbox = len(outbox_rows)
+        else:
+            kept = await self._apply_postgres(planned, now, result)
+        if not kept:
+            return result
 
         # After the commit: the next claim of each schedule sees version + 1, so
         # the compiled cadence is still valid under the new key.
@@ -642,23 +535,207 @@ class Scheduler:
             self._log.warning("fire_conflicts", conflicts=result.conflicts)
         return result
 
+    def _kept(
+        self,
+        planned: list[tuple[Row[Any], CompiledSchedule, SchedulePlan]],
+        bumped: Mapping[str, int],
+        result: TickResult,
+    ) -> tuple[list[tuple[Row[Any], CompiledSchedule, SchedulePlan]], list[str]]:
+        """
+        Split claimed plans by the versions the bump returned: a row whose version
+        is not claimed + 1 was changed by the API after our claim, so its work is
+        dropped and the next tick replans it from the new state.
+        """
+        kept = [p for p in planned if bumped.get(p[0].id) == p[0].version + 1]
+        stale = [row.id for row, _, _ in planned if bumped.get(row.id) != row.version + 1]
+        result.stale = len(stale)
+        for schedule_id in stale:
+            self._log.info("schedule_changed_during_tick", schedule_id=schedule_id)
+        return kept, stale
+
+    @staticmethod
+    def _states(
+        kept: list[tuple[Row[Any], CompiledSchedule, SchedulePlan]], now: datetime
+    ) -> list[dict[str, Any]]:
+        return [
+            {
+                "next_fire_at": plan.next_fire_at,
+                "last_fire_at": plan.last_fire_at,
+                # At most one fire lies ahead (MAX_LOOKAHEAD); the API shows it.
+                "staged_fire_at": next((at for at in plan.fires if at > now), None),
+                "enabled": not plan.disable,
+                "claimed_by": None,
+                "claimed_until": None,
+                # The version we just set: belt and braces, the row is already locked.
+                "id": row.id,
+                "version": row.version + 1,
+            }
+            for row, _, plan in kept
+        ]
+
+    @staticmethod
+    def _fire_rows(
+        kept: list[tuple[Row[Any], CompiledSchedule, SchedulePlan]], now: datetime
+    ) -> list[dict[str, Any]]:
+        fire_rows: list[dict[str, Any]] = []
+        for row, _, plan in kept:
+            base = {
+                "schedule_id": row.id,
+                "project_id": row.project_id,
+                "agent_id": row.agent_id,
+                "user_id": row.user_id,
+                "created_at": now,
+            }
+            fire_rows.extend(
+                {
+                    **base,
+                    "id": fire_id(row.id, at),
+                    "fire_at": at,
+                    "status": "fired",
+                    "skip_reason": None,
+                }
+                for at in plan.fires
+            )
+            fire_rows.extend(
+                {
+                    **base,
+                    "id": fire_id(row.id, skip.fire_at),
+                    "fire_at": skip.fire_at,
+                    "status": "skipped",
+                    "skip_reason": skip.reason,
+                }
+                for skip in plan.skips
+            )
+        return fire_rows
+
+    def _outbox_rows(
+        self,
+        fire_rows: list[dict[str, Any]],
+        inserted: set[str],
+        now: datetime,
+        result: TickResult,
+    ) -> list[dict[str, Any]]:
+        """One ``fire.created`` per inserted fire; counts the fires into ``result``."""
+        outbox_rows: list[dict[str, Any]] = []
+        subject = self.subjects.fire_created
+        for fire in fire_rows:
+            if fire["status"] != "fired":
+                continue
+            if fire["id"] not in inserted:
+                result.conflicts += 1
+                continue
+            result.fire_ids.append(fire["id"])
+            payload = FireCreated(
+                fire_id=fire["id"], schedule_id=fire["schedule_id"], fire_at=fire["fire_at"]
+            )
+            if fire["fire_at"] > now:
+                # The relay must run at the instant to promote the staged
+                # notification the dispatcher composes meanwhile.
+                result.next_release = _earliest(result.next_release, fire["fire_at"])
+            outbox_rows.append(
+                {
+                    "subject": subject,
+                    "msg_id": fire["id"],
+                    "payload": payload.model_dump_json(),
+                    "created_at": now,
+                    # Published at once, even when staged ahead: the dispatcher
+                    # composes it during the lookahead (delivery.staging).
+                    "available_at": now,
+                }
+            )
+        result.fired = len(result.fire_ids)
+        result.skipped = len(inserted) - result.fired
+        # Counted from the rows, not rowcount: asyncpg's executemany rowcount is
+        # not reliable, and each msg_id is a fire id inserted just before.
+        result.outbox = len(outbox_rows)
+        return outbox_rows
+
+    def _apply_sqlite(
+        self,
+        db: sqlite3.Connection,
+        *,
+        planned: list[tuple[Row[Any], CompiledSchedule, SchedulePlan]],
+        now: datetime,
+        result: TickResult,
+    ) -> list[tuple[Row[Any], CompiledSchedule, SchedulePlan]]:
+        """:meth:`_apply_postgres` on SQLite's driver thread, inside one transaction."""
+        ids = [row.id for row, _, _ in planned]
+        bumped: dict[str, int] = {}
+        for start in range(0, len(ids), direct.MAX_VARIABLES):
+            chunk = ids[start : start + direct.MAX_VARIABLES]
+            marks = ",".join("?" * len(chunk))
+            cursor = db.execute(
+                "UPDATE schedules SET version = version + 1 "  # noqa: S608 (marks only)
+                f"WHERE id IN ({marks}) AND claimed_by = ? RETURNING id, version",
+                (*chunk, self.instance_id),
+            )
+            bumped.update(cursor.fetchall())
+        kept, stale = self._kept(planned, bumped, result)
+        if stale:
+            direct.update_in(
+                db,
+                SCHEDULES,
+                "id",
+                stale,
+                {"claimed_by": None, "claimed_until": None},
+                only_if={"claimed_by": self.instance_id},
+            )
+        if not kept:
+            return kept
+        direct.update_rows(db, SCHEDULES, self._states(kept, now), where=["id", "version"])
+        fire_rows = self._fire_rows(kept, now)
+        inserted = _insert_fires_sqlite(db, fire_rows)
+        outbox_rows = self._outbox_rows(fire_rows, inserted, now, result)
+        direct.insert_ignoring_duplicates(db, OUTBOX, outbox_rows, unique="msg_id")
+        return kept
+
+    async def _apply_postgres(
+        self,
+        planned: list[tuple[Row[Any], CompiledSchedule, SchedulePlan]],
+        now: datetime,
+        result: TickResult,
+    ) -> list[tuple[Row[Any], CompiledSchedule, SchedulePlan]]:
+        """Write the plans in one transaction; the plans kept (not changed since the claim)."""
+        async with self._write() as conn:
+            # The version bump comes first: it locks the rows (an API PATCH now
+            # waits for this commit). It selects by primary key and returns the
+            # new versions; bumping a stale row once more is harmless: a version
+            # only has to change.
+            bump = (
+                update(SCHEDULES)
+                .where(
+                    SCHEDULES.c.id.in_([row.id for row, _, _ in planned]),
+                    SCHEDULES.c.claimed_by == self.instance_id,
+                )
+                .values(version=SCHEDULES.c.version + 1)
+                .returning(SCHEDULES.c.id, SCHEDULES.c.version)
+            )
+            bumped = {r.id: r.version for r in (await conn.execute(bump)).all()}
+            kept, stale = self._kept(planned, bumped, result)
+            if stale:
+                # Give the changed rows back at once instead of at lease expiry.
+                await conn.execute(
+                    update(SCHEDULES)
+                    .where(SCHEDULES.c.id.in_(stale), SCHEDULES.c.claimed_by == self.instance_id)
+                    .values(claimed_by=None, claimed_until=None)
+                )
+            if not kept:
+                return kept
+            states = self._states(kept, now)
+            await conn.execute(
+                _WRITE_SCHEDULE, [{f"b_{k}": v for k, v in state.items()} for state in states]
+            )
+            fire_rows = self._fire_rows(kept, now)
+            inserted = await self._insert_fires(conn, fire_rows)
+            await insert_outbox(conn, self._outbox_rows(fire_rows, inserted, now, result))
+        return kept
+
     async def _insert_fires(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> set[str]:
         """Insert fire rows, ignoring existing (schedule_id, fire_at); the ids inserted."""
         if not rows:
             return set()
         if self._sqlite:
-
-            def insert(db: sqlite3.Connection) -> set[str]:
-                # No RETURNING with executemany: what existed before is read in
-                # the same transaction (a fire id is derived from its unique key).
-                ids = [r["id"] for r in rows]
-                had = {r["id"] for r in direct.select_in(db, FIRES, "id", ids, columns=["id"])}
-                direct.insert_ignoring_duplicates(
-                    db, FIRES, rows, unique=["schedule_id", "fire_at"]
-                )
-                return set(ids) - had
-
-            return await direct.on_driver_thread(conn, insert)
+            return await direct.on_driver_thread(conn, partial(_insert_fires_sqlite, rows=rows))
         stmt = (
             self._insert(FIRES)
             .on_conflict_do_nothing(index_elements=["schedule_id", "fire_at"])

@@ -24,13 +24,13 @@ import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 from sqlalchemy import Boolean, Table
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from delivery.store.engine import write_transaction
+from delivery.store.engine import writer_lock
 from delivery.store.types import UTCDateTime
 
 MAX_VARIABLES = 900
@@ -143,12 +143,41 @@ async def read[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) ->
 
 async def write[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) -> T:
     """
-    Run ``fn`` inside a :func:`~delivery.store.engine.write_transaction` (the
-    process's writer queue, ``BEGIN IMMEDIATE``, commit), on the driver's thread;
-    any exception rolls the whole transaction back and propagates.
+    Run ``fn`` in a write transaction on the driver's thread: the process's
+    writer queue, then ``BEGIN IMMEDIATE``, ``fn`` and commit in ONE call to
+    that thread; any exception rolls the whole transaction back and propagates.
+
+    :func:`~delivery.store.engine.write_transaction` makes a round trip through
+    the event loop for BEGIN, for each statement and for COMMIT, and holds the
+    file's write lock across them. In a burst the loop is busy for tens of
+    milliseconds at a time, so each round trip kept the writer idle and every
+    other writer queued behind it; here the lock is held only while SQLite works.
     """
-    async with write_transaction(engine) as conn:
-        return await on_driver_thread(conn, fn)
+    lock = writer_lock(engine)
+    await lock.acquire()
+    held = True
+    try:
+        async with engine.connect() as conn:
+            try:
+                return await on_driver_thread(conn, partial(_in_transaction, fn))
+            finally:
+                # Before the pool resets the connection (another round trip).
+                lock.release()
+                held = False
+    finally:
+        if held:
+            lock.release()
+
+
+def _in_transaction[T](fn: Callable[[sqlite3.Connection], T], db: sqlite3.Connection) -> T:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(db)
+    except BaseException:
+        db.rollback()
+        raise
+    db.commit()
+    return result
 
 
 def _marks(n: int) -> str:

@@ -58,7 +58,7 @@ _WRITERS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asynci
 )
 
 
-def _writer_lock(engine: AsyncEngine) -> asyncio.Lock:
+def writer_lock(engine: AsyncEngine) -> asyncio.Lock:
     """
     The lock this process's writers of ``engine``'s SQLite file queue on (see
     :func:`write_transaction`); one per file per event loop, as an
@@ -91,7 +91,7 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
     ``busy_timeout``.
     """
     sqlite = is_sqlite(str(engine.url))
-    lock = _writer_lock(engine) if sqlite else None
+    lock = writer_lock(engine) if sqlite else None
     if lock is not None:
         await lock.acquire()
     held = lock is not None

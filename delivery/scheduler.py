@@ -253,6 +253,9 @@ def _insert_fires_sqlite(db: sqlite3.Connection, rows: list[dict[str, Any]]) -> 
     return set(ids) - had
 
 
+_AHEAD = timedelta(milliseconds=1)
+"""How far before its fire instant a due fire's outbox entry is released (ordering only)."""
+
 MAX_LOOKAHEAD = timedelta(seconds=59)
 """
 Fires are on whole minutes, so a lookahead under a minute stages at most one
@@ -639,8 +642,11 @@ class Scheduler:
                     "payload": payload.model_dump_json(),
                     "created_at": now,
                     # Published at once, even when staged ahead: the dispatcher
-                    # composes it during the lookahead (delivery.staging).
-                    "available_at": now,
+                    # composes it during the lookahead (delivery.staging). A fire
+                    # planned late sorts just before its instant, so the relay
+                    # publishes it ahead of the notification.created entries
+                    # that instant released (a burst's promoted messages).
+                    "available_at": now if fire["fire_at"] > now else fire["fire_at"] - _AHEAD,
                 }
             )
         result.fired = len(result.fire_ids)

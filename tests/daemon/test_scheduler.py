@@ -373,6 +373,39 @@ async def test_lookahead_composes_fires_early_and_shows_them_at_their_instant(en
     assert (await scheduler.drain(T)).claimed == 0
 
 
+async def test_a_fire_planned_late_is_relayed_before_the_messages_of_its_instant(
+    engine, bus, project
+):
+    """
+    A burst's fires staged after their instant go out before the notification.created
+    entries that instant released, so the queue fills before the fan-out.
+    """
+    async with engine.begin() as conn:
+        await conn.execute(
+            OUTBOX.insert(),
+            [
+                {
+                    "subject": bus.subjects.notification_created,
+                    "msg_id": f"msg_{i}",
+                    "payload": "{}",
+                    "created_at": T - timedelta(seconds=30),
+                    "available_at": T,
+                }
+                for i in range(3)
+            ],
+        )
+    await add_schedules(engine, due_daily_rows(2, T, CREATED))
+    late = T + timedelta(seconds=5)
+    result = await Scheduler(engine, bus.subjects).drain(late)
+    assert result.fired == 2
+
+    relay = OutboxRelay(engine, bus.js, ManualClock(late), batch=2)
+    assert (await relay.relay_once()).published == 2
+    sent = await rows(engine, select(OUTBOX.c.subject).where(OUTBOX.c.sent_at.is_not(None)))
+    assert [r.subject for r in sent] == [bus.subjects.fire_created] * 2
+    assert (await relay.drain()).published == 3
+
+
 def test_lookahead_is_bounded_below_a_minute(engine):
     """Under a minute at most one future fire is staged per schedule (fires are on minutes)."""
     subjects = Subjects("test")

@@ -203,14 +203,23 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
 async def wait_idle_then_burst(
     engine: AsyncEngine, count: int, due: datetime, *, timeout_s: float
 ) -> dict[str, Any]:
-    """Poll until all ``count`` notifications exist; the timings, from the database."""
+    """
+    Poll until all ``count`` notifications are pending; the timings, from the database.
+
+    Only ``pending`` counts: a fire staged ahead is composed early into a hidden
+    ``staged`` row whose ``created_at`` is a placeholder until the relay shows it
+    (delivery.staging), and a client cannot see it before then.
+    """
     deadline = time.monotonic() + timeout_s
+    pending = (
+        select(func.count()).select_from(NOTIFICATIONS).where(NOTIFICATIONS.c.status == "pending")
+    )
     while True:
-        made = await scalar(engine, select(func.count()).select_from(NOTIFICATIONS))
+        made = await scalar(engine, pending)
         if made >= count:
             break
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {made} of {count} notifications after {timeout_s} s")
+            raise TimeoutError(f"only {made} of {count} notifications pending after {timeout_s} s")
         await asyncio.sleep(0.25)
     async with engine.connect() as conn:
         rows = (

@@ -184,8 +184,13 @@ async def main() -> None:
                 if time.monotonic() - last_count > 1:
                     last_count = time.monotonic()
                     async with engine.connect() as conn:
+                        # Pending only: a staged row is composed but not shown yet.
                         made = (
-                            await conn.execute(select(func.count()).select_from(NOTIFICATIONS))
+                            await conn.execute(
+                                select(func.count())
+                                .select_from(NOTIFICATIONS)
+                                .where(NOTIFICATIONS.c.status == "pending")
+                            )
                         ).scalar_one()
                     if made >= burst:
                         break

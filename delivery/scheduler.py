@@ -737,13 +737,14 @@ class Scheduler:
         return kept
 
     async def _insert_fires(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> set[str]:
-        """Insert fire rows, ignoring existing (schedule_id, fire_at); the ids inserted."""
+        """
+        Insert fire rows, ignoring existing (schedule_id, fire_at); the ids inserted.
+        PostgreSQL; SQLite inserts on the driver's thread (:func:`_insert_fires_sqlite`).
+        """
         if not rows:
             return set()
-        if self._sqlite:
-            return await direct.on_driver_thread(conn, partial(_insert_fires_sqlite, rows=rows))
         stmt = (
-            self._insert(FIRES)
+            pg_insert(FIRES)
             .on_conflict_do_nothing(index_elements=["schedule_id", "fire_at"])
             .returning(FIRES.c.id)
         )

@@ -93,6 +93,20 @@ async def promote(engine: AsyncEngine, now: datetime) -> int:
     return promoted
 
 
+async def drop_staged(conn: AsyncConnection, source_ids: Sequence[str]) -> None:
+    """
+    Inside the caller's transaction: delete the ``staged`` notifications of
+    ``source_ids`` and their unsent ``notification.created`` entries (msg id =
+    notification id). Visible notifications are never touched.
+    """
+    ids = sorted({notification_id(source_id) for source_id in source_ids})
+    if not ids:
+        return
+    n = NOTIFICATIONS.c
+    await conn.execute(delete(NOTIFICATIONS).where(n.id.in_(ids), n.status == STAGED))
+    await conn.execute(delete(OUTBOX).where(OUTBOX.c.msg_id.in_(ids), OUTBOX.c.sent_at.is_(None)))
+
+
 def staged_fires(now: datetime) -> Select[Any]:
     """
     Fires staged ahead (written before their instant) that are not due at ``now``.
@@ -129,11 +143,7 @@ async def restage_fires(
     fires: Sequence[Any] = (await conn.execute(query)).all()
     if not fires:
         return 0
-    ids = [notification_id(f.id) for f in fires]
-    await conn.execute(
-        delete(NOTIFICATIONS).where(NOTIFICATIONS.c.id.in_(ids), NOTIFICATIONS.c.status == STAGED)
-    )
-    await conn.execute(delete(OUTBOX).where(OUTBOX.c.msg_id.in_(ids), OUTBOX.c.sent_at.is_(None)))
+    await drop_staged(conn, [f.id for f in fires])
     token = secrets.token_hex(4)
     await insert_outbox(
         conn,

@@ -20,7 +20,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import Table, delete, select, update
+from sqlalchemy import Table, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.cadence.instants import format_local, format_utc
@@ -37,7 +37,7 @@ from delivery.dispatcher.compose import (
 from delivery.dispatcher.composers import Composer, CompositionError
 from delivery.dispatcher.messages import NotificationCreated
 from delivery.dispatcher.subjects import Subjects
-from delivery.staging import STAGED, notification_id
+from delivery.staging import STAGED, drop_staged, notification_id
 from delivery.store import bulk, direct
 from delivery.store.engine import is_sqlite, write_transaction
 from delivery.store.tables import (
@@ -562,16 +562,7 @@ async def write_notifications(
         lost to a race.
     """
     skipped: dict[str, str] = {}
-    if replace:
-        ids = sorted({notification_id(source_id) for source_id in replace})
-        await conn.execute(
-            delete(NOTIFICATIONS).where(
-                NOTIFICATIONS.c.id.in_(ids), NOTIFICATIONS.c.status == STAGED
-            )
-        )
-        await conn.execute(
-            delete(OUTBOX).where(OUTBOX.c.msg_id.in_(ids), OUTBOX.c.sent_at.is_(None))
-        )
+    await drop_staged(conn, replace)
     wakeups = [d for d, _, _ in composed if d.block.kind is SourceKind.WAKEUP]
     executed: set[str] = set()
     if simulated:

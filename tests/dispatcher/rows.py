@@ -59,8 +59,13 @@ async def schedule(engine: AsyncEngine, sid: str = "sch_1", **over: Any) -> dict
 
 
 async def fire(
-    engine: AsyncEngine, schedule_id: str, fire_at: datetime, status: str = "fired"
+    engine: AsyncEngine,
+    schedule_id: str,
+    fire_at: datetime,
+    status: str = "fired",
+    created_at: datetime | None = None,
 ) -> str:
+    """A fire row; ``created_at`` before ``fire_at`` makes it one the lookahead staged."""
     fid = fire_id(schedule_id, fire_at)
     await insert(
         engine,
@@ -72,7 +77,7 @@ async def fire(
         user_id="user_1",
         fire_at=fire_at,
         status=status,
-        created_at=fire_at,
+        created_at=fire_at if created_at is None else created_at,
     )
     return fid
 

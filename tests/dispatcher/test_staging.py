@@ -17,10 +17,9 @@ from delivery.dispatcher.composers import Composer, TemplateComposer
 from delivery.dispatcher.messages import FireCreated
 from delivery.dispatcher.process import Processor, SourceRef, notification_id
 from delivery.dispatcher.subjects import Subjects
-from delivery.planning import fire_id
 from delivery.staging import promote
 from delivery.store.sql import ConsumeOutcome, SqlStore
-from delivery.store.tables import FireRow, NotificationRow, OutboxRow, ScheduleRow
+from delivery.store.tables import NotificationRow, OutboxRow, ScheduleRow
 from delivery.workbench import Pair, advance_time
 from tests.dispatcher import rows
 from tests.dispatcher.test_process import FailingComposer
@@ -36,20 +35,17 @@ def processor(engine: AsyncEngine, composer: Composer | None = None) -> Processo
 
 async def staged_fire(engine: AsyncEngine, schedule_id: str = "sch_1") -> str:
     """A fire row as the scheduler's lookahead writes it: before its instant."""
-    fid = fire_id(schedule_id, FIRE_AT)
-    await rows.insert(
-        engine,
-        FireRow,
-        id=fid,
-        schedule_id=schedule_id,
-        project_id="proj_1",
-        agent_id="agent_1",
-        user_id="user_1",
-        fire_at=FIRE_AT,
-        status="fired",
-        created_at=NOW - timedelta(seconds=5),
-    )
-    return fid
+    return await rows.fire(engine, schedule_id, FIRE_AT, created_at=NOW - timedelta(seconds=5))
+
+
+async def staged_message(engine: AsyncEngine) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """One schedule whose fire is staged and composed: (fire id, its row, its outbox row)."""
+    await rows.project(engine)
+    await rows.schedule(engine)
+    fid = await staged_fire(engine)
+    note = await compose_staged(engine, fid)
+    [out] = await rows.outbox(engine)
+    return fid, note, out
 
 
 async def compose_staged(engine: AsyncEngine, fid: str) -> dict[str, Any]:
@@ -140,11 +136,7 @@ async def test_a_schedule_change_before_the_instant_recomposes_the_message(
     A PATCH between staging and the fire instant: the message shows the new
     intent, even over a staged row a racing dispatcher wrote from the old one.
     """
-    await rows.project(engine)
-    await rows.schedule(engine)
-    fid = await staged_fire(engine)
-    old = await compose_staged(engine, fid)
-    [old_out] = await rows.outbox(engine)
+    fid, old, old_out = await staged_message(engine)
     store = SqlStore(engine, subjects=SUBJECTS)
     schedule = ScheduleRow(**await rows.row(engine, ScheduleRow, "sch_1"))
 
@@ -204,11 +196,7 @@ async def test_a_deleted_schedule_sends_nothing_even_after_a_racing_write(
     engine: AsyncEngine,
 ) -> None:
     """Deleted before its instant: the staged message goes, and so does a racing one."""
-    await rows.project(engine)
-    await rows.schedule(engine)
-    fid = await staged_fire(engine)
-    old = await compose_staged(engine, fid)
-    [old_out] = await rows.outbox(engine)
+    fid, old, old_out = await staged_message(engine)
     store = SqlStore(engine, subjects=SUBJECTS)
 
     assert await store.delete_schedule("proj_1", "agent_1", "user_1", "sch_1", now=NOW)
@@ -225,10 +213,7 @@ async def test_a_deleted_schedule_sends_nothing_even_after_a_racing_write(
 
 async def test_a_change_after_the_instant_leaves_the_message_alone(engine: AsyncEngine) -> None:
     """Fires already due are not restaged: their message shows the state at their instant."""
-    await rows.project(engine)
-    await rows.schedule(engine)
-    fid = await staged_fire(engine)
-    await compose_staged(engine, fid)
+    fid, _, _ = await staged_message(engine)
     store = SqlStore(engine, subjects=SUBJECTS)
     schedule = ScheduleRow(**await rows.row(engine, ScheduleRow, "sch_1"))
 

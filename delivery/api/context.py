@@ -16,6 +16,7 @@ from delivery.api.schemas import ID_PATTERN, MAX_METADATA_BYTES, MAX_METADATA_KE
 from delivery.clock import Clock
 from delivery.errors import InvalidIdError, InvalidLimitError, InvalidRequestError
 from delivery.settings import Settings
+from delivery.store.engine import after_commit
 from delivery.store.sql import SqlStore, canonical_json
 
 _log = structlog.get_logger(__name__)
@@ -47,12 +48,17 @@ class ApiContext:
 
     def wake(self) -> None:
         """
-        Nudge the waker after a committed write; never fails the request.
+        Nudge the waker once the request's writes have committed; never fails the request.
 
-        The write is already durable and the daemon's periodic tick finds it
-        anyway, so a waker fault is logged, not answered as a 500 (which would
-        make the SDK retry and duplicate the write).
+        Inside an ``Idempotency-Key`` request the writes commit only after the
+        route has answered, and a loop woken before that finds nothing. The
+        write is durable by then and the daemon's periodic tick finds it anyway,
+        so a waker fault is logged, not answered as a 500 (which would make the
+        SDK retry and duplicate the write).
         """
+        after_commit(self.store.engine, self._wake_now)
+
+    def _wake_now(self) -> None:
         try:
             self.waker.wake()
         except Exception as exc:  # the waker belongs to another component

@@ -1,13 +1,17 @@
 """
-``Idempotency-Key`` on every POST / PUT / PATCH (DESIGN decision 12, CONTRACT 2.4).
+``Idempotency-Key`` on every POST / PUT / PATCH, for 24 hours, per project and route.
 
 The SDK retries a POST on 5xx and timeouts with the same key, so the first
-response is recorded per (project, ``METHOD path``, key) and replayed for the
-TTL. The key is reserved before the route runs, so two concurrent requests with
-one key never both execute: the later one waits (up to ``wait_s``) for the first
-to finish and replays its answer, or gets 409 ``IDEMPOTENCY_KEY_IN_PROGRESS``.
-Only 2xx and 4xx answers are recorded: a 5xx is a fault that the retry should
-get another chance at.
+answer is recorded per (project, ``METHOD path``, key) and replayed for the TTL.
+The record commits in the same transaction as the writes it describes (the
+request runs inside a :func:`~delivery.store.engine.unit_of_work`, and its
+answer is held back until that commit): after a crash at any point a retry
+either replays a committed answer or runs the request for the first time, never
+both, and there is no reservation left behind to wait out. Two concurrent
+requests with one key may both run, but only the first to commit keeps its
+writes; the other is rolled back and answers from the first's record. Only 2xx
+and 4xx answers are recorded: a 5xx is a fault that the retry should get another
+chance at, and its writes are rolled back.
 """
 
 import asyncio
@@ -27,16 +31,18 @@ from delivery.errors import (
     IdempotencyKeyReusedError,
 )
 from delivery.secrets import SecretBox
-from delivery.store.sql import SqlStore
+from delivery.store.engine import unit_of_work
+from delivery.store.sql import IdempotencyRecord, SqlStore
 
 _METHODS = frozenset({"POST", "PUT", "PATCH"})
 _MAX_KEY = 255
-_POLL_S = 0.05
 _log = structlog.get_logger(__name__)
 _SEALED_PREFIX = "sealed:"
 
 
 class IdempotencyInProgressError(ConflictError):
+    """A 409 for a key whose record disappeared between two reads (a purge); retry."""
+
     code = "IDEMPOTENCY_KEY_IN_PROGRESS"
 
 
@@ -48,8 +54,6 @@ class IdempotencyMiddleware:
         store: where records live.
         clock: "now" for expiry.
         ttl: how long a response is replayed.
-        wait_s: how long a request waits for a concurrent one with the same
-            key to finish before it answers 409 ``IDEMPOTENCY_KEY_IN_PROGRESS``.
         box_factory: builds the deployment's :class:`SecretBox`; every recorded
             response is sealed with it.
     """
@@ -60,14 +64,12 @@ class IdempotencyMiddleware:
         store: SqlStore,
         clock: Clock,
         ttl: timedelta,
-        wait_s: float = 10.0,
         box_factory: Callable[[], SecretBox] | None = None,
     ) -> None:
         self.app = app
         self.store = store
         self.clock = clock
         self.ttl = ttl
-        self.wait_s = wait_s
         self._box_factory = box_factory
         self._box: SecretBox | None = None
 
@@ -124,40 +126,10 @@ class IdempotencyMiddleware:
         body = await _read_body(receive)
         route = f"{scope['method']} {scope['path']}"[:512]
         digest = hashlib.sha256(body).hexdigest()
-        claim = await self.store.claim_idempotency_key(
-            project, route, key, digest, now=self.clock.now(), ttl=self.ttl
-        )
-        # The SDK re-sends a POST that timed out while the first attempt may still
-        # be running: wait a little for its answer rather than fail the retry.
-        waited = 0.0
-        while claim.state == "in_progress" and waited < self.wait_s:
-            await asyncio.sleep(_POLL_S)
-            waited += _POLL_S
-            claim = await self.store.claim_idempotency_key(
-                project, route, key, digest, now=self.clock.now(), ttl=self.ttl
-            )
-        if claim.state == "replay":
-            _log.info("idempotent replay", route=route, status=claim.status_code)
-            replay = await self._replayed_body(claim.body)
-            await _send_json(send, claim.status_code, replay, [(b"idempotent-replayed", b"true")])
-            return
-        if claim.state == "mismatch":
-            await _send_error(
-                send,
-                IdempotencyKeyReusedError(
-                    "Idempotency-Key",
-                    "this Idempotency-Key was already used on this route with a different body",
-                ),
-            )
-            return
-        if claim.state == "in_progress":
-            await _send_error(
-                send,
-                IdempotencyInProgressError(
-                    "Idempotency-Key",
-                    "a request with this Idempotency-Key is still being processed; retry later",
-                ),
-            )
+        now = self.clock.now()
+        record = await self.store.find_idempotency_record(project, route, key, now=now)
+        if record is not None:
+            await self._answer_from(send, record, digest, route)
             return
 
         replayed = False
@@ -169,27 +141,79 @@ class IdempotencyMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        status = 0
-        chunks: list[bytes] = []
+        answer = _HeldResponse()
+        async with unit_of_work(self.store.engine) as unit:
+            await self.app(scope, replay_body, answer.hold)
+            if 200 <= answer.status < 500:
+                recorded = await self.store.record_idempotency(
+                    project,
+                    route,
+                    key,
+                    digest,
+                    status_code=answer.status,
+                    body=await self._stored_body(answer.body),
+                    now=now,
+                    ttl=self.ttl,
+                )
+                if recorded:
+                    await unit.commit()
+                else:
+                    await unit.rollback()
+                    record = await self.store.find_idempotency_record(
+                        project, route, key, now=self.clock.now()
+                    )
+                    await self._answer_from(send, record, digest, route)
+                    return
+            # A 5xx leaves the block uncommitted: its writes roll back with it.
+        await answer.release(send)
 
-        async def capture(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-            await send(message)
-
-        try:
-            await self.app(scope, replay_body, capture)
-        except BaseException:
-            await self.store.release_idempotency_key(project, route, key)
-            raise
-        if 200 <= status < 500:
-            stored = await self._stored_body(b"".join(chunks))
-            await self.store.complete_idempotency_key(project, route, key, status, stored)
+    async def _answer_from(
+        self, send: Send, record: IdempotencyRecord | None, digest: str, route: str
+    ) -> None:
+        """Answer a request whose key already has a record (None: it vanished meanwhile)."""
+        if record is None:
+            # Only a purge between two statements gets here; the retry runs afresh.
+            await _send_error(
+                send,
+                IdempotencyInProgressError(
+                    "Idempotency-Key", "this Idempotency-Key changed state meanwhile; retry"
+                ),
+            )
+        elif record.request_hash != digest:
+            await _send_error(
+                send,
+                IdempotencyKeyReusedError(
+                    "Idempotency-Key",
+                    "this Idempotency-Key was already used on this route with a different body",
+                ),
+            )
         else:
-            await self.store.release_idempotency_key(project, route, key)
+            _log.info("idempotent replay", route=route, status=record.status_code)
+            replay = await self._replayed_body(record.body)
+            await _send_json(send, record.status_code, replay, [(b"idempotent-replayed", b"true")])
+
+
+class _HeldResponse:
+    """A route's answer, held back until its writes and their record have committed."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self._messages: list[Message] = []
+
+    async def hold(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        self._messages.append(message)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(
+            m.get("body", b"") for m in self._messages if m["type"] == "http.response.body"
+        )
+
+    async def release(self, send: Send) -> None:
+        for message in self._messages:
+            await send(message)
 
 
 class InvalidIdempotencyKeyError(BadRequestError):

@@ -7,12 +7,16 @@ short write contention waits instead of failing, and foreign keys on.
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
+import structlog
 from sqlalchemy import Select, event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+_log = structlog.get_logger(__name__)
 
 SQLITE_STATEMENT_CACHE = 8
 """
@@ -72,6 +76,160 @@ def writer_lock(engine: AsyncEngine) -> asyncio.Lock:
     return lock
 
 
+class UnitOfWork:
+    """
+    One transaction that every write on one engine, in one task, joins until the
+    owner commits it: the request transaction behind ``Idempotency-Key``.
+
+    A route's writes and the record of its answer must commit together, or a
+    crash between them leaves a written resource without a recorded answer (a
+    retry writes it twice) or a recorded key without its resource. Routes and
+    store methods keep opening :func:`write_transaction` as usual; inside
+    :func:`unit_of_work` those blocks become savepoints of this one transaction
+    (an error rolls back only its own block, as its own transaction would have),
+    and reads through :func:`read_connection` see the uncommitted writes.
+
+    The transaction begins lazily at the first write, so a request takes the
+    SQLite write lock only from its first write to its end. Only the task that
+    opened the unit joins it: a task started inside the request (which inherits
+    the context) writes on its own, as it would outside one. Work that must not
+    happen before the commit (waking the daemon, starting a background job) is
+    deferred with :func:`after_commit`.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._url = str(engine.url)
+        self._owner = asyncio.current_task()
+        self._conn: AsyncConnection | None = None
+        self._lock: asyncio.Lock | None = None
+        self._after_commit: list[Callable[[], None]] = []
+        self._open = True
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the unit has neither committed nor rolled back yet."""
+        return self._open
+
+    def joins(self, engine: AsyncEngine) -> bool:
+        """Whether a write on ``engine`` in the current task belongs to this unit."""
+        return self._open and asyncio.current_task() is self._owner and str(engine.url) == self._url
+
+    @property
+    def began(self) -> bool:
+        """Whether a write has opened the transaction."""
+        return self._conn is not None
+
+    async def connection(self) -> AsyncConnection:
+        """The unit's connection, beginning the transaction on first use."""
+        if self._conn is None:
+            if is_sqlite(self._url):
+                lock = writer_lock(self.engine)
+                await lock.acquire()
+                self._lock = lock
+            try:
+                conn = await self.engine.connect()
+                if self._lock is not None:
+                    await conn.exec_driver_sql("BEGIN IMMEDIATE")
+                else:
+                    await conn.begin()
+            except BaseException:
+                self._release_lock()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the unit has committed; dropped if it rolls back."""
+        self._after_commit.append(callback)
+
+    async def commit(self) -> None:
+        """Commit the writes, then run the deferred callbacks (their faults are logged)."""
+        if self._conn is not None:
+            await self._conn.commit()  # on failure the owner's block rolls back
+        await self._close()
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception as exc:  # the write is durable; a callback fault must not undo that
+                _log.warning("after-commit callback failed", error=repr(exc))
+
+    async def rollback(self) -> None:
+        """Roll back every write of the unit and drop the deferred callbacks."""
+        self._after_commit.clear()
+        try:
+            if self._conn is not None:
+                await self._conn.rollback()
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        self._open = False
+        conn, self._conn = self._conn, None
+        try:
+            if conn is not None:
+                await conn.close()
+        finally:
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+
+_UNIT: ContextVar[UnitOfWork | None] = ContextVar("delivery_unit_of_work", default=None)
+
+
+@asynccontextmanager
+async def unit_of_work(engine: AsyncEngine) -> AsyncIterator[UnitOfWork]:
+    """
+    Make every write on ``engine`` in this task one transaction until the
+    caller commits it (:class:`UnitOfWork`); whatever is not committed when the
+    block ends, by an exception included, is rolled back.
+    """
+    unit = UnitOfWork(engine)
+    token = _UNIT.set(unit)
+    try:
+        yield unit
+    finally:
+        _UNIT.reset(token)
+        if unit.is_open:
+            await unit.rollback()
+
+
+def _joined(engine: AsyncEngine) -> UnitOfWork | None:
+    unit = _UNIT.get()
+    return unit if unit is not None and unit.joins(engine) else None
+
+
+def after_commit(engine: AsyncEngine, callback: Callable[[], None]) -> None:
+    """
+    Run ``callback`` once the current writes on ``engine`` are durable: at once
+    outside a :func:`unit_of_work`, after its commit inside one.
+    """
+    unit = _joined(engine)
+    if unit is None:
+        callback()
+    else:
+        unit.after_commit(callback)
+
+
+@asynccontextmanager
+async def read_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """
+    A connection for reads: the unit of work's once it has written (so a route
+    reads back its own uncommitted writes), a pooled one otherwise.
+    """
+    unit = _joined(engine)
+    if unit is not None and unit.began:
+        yield await unit.connection()
+        return
+    async with engine.connect() as conn:
+        yield conn
+
+
 @asynccontextmanager
 async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """
@@ -89,7 +247,16 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
     hands the lock over at once and in arrival order, and keeps the waiting off
     the driver's threads. Other processes on the same file still meet
     ``busy_timeout``.
+
+    Inside a :func:`unit_of_work` the block is a savepoint of the unit's
+    transaction instead, committed only with the unit.
     """
+    unit = _joined(engine)
+    if unit is not None:
+        conn = await unit.connection()
+        async with conn.begin_nested():
+            yield conn
+        return
     sqlite = is_sqlite(str(engine.url))
     lock = writer_lock(engine) if sqlite else None
     if lock is not None:
@@ -128,7 +295,7 @@ async def any_row(engine: AsyncEngine, query: Select[Any]) -> bool:
     poller took a fifth of the writer's time during a 20k burst, for nothing. A
     row that becomes due just after the probe is claimed on the next poll.
     """
-    async with engine.connect() as conn:
+    async with read_connection(engine) as conn:
         return (await conn.execute(query.limit(1))).first() is not None
 
 

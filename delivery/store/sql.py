@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from delivery.dispatcher.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
 from delivery.staging import STAGED, restage_fires, staged_fires
 from delivery.store.bulk import OUTBOX, insert_ignoring_duplicates, insert_outbox
-from delivery.store.engine import is_sqlite, write_transaction
+from delivery.store.engine import is_sqlite, read_connection, write_transaction
 from delivery.store.tables import (
     ApiKeyRow,
     FireRow,
@@ -48,9 +48,6 @@ EVENTS: Table = TriggerEventRow.__table__  # type: ignore[attr-defined]
 INVENTORY: Table = InventoryItemRow.__table__  # type: ignore[attr-defined]
 NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
 IDEMPOTENCY: Table = IdempotencyRow.__table__  # type: ignore[attr-defined]
-
-#: A reservation older than this is treated as abandoned (its process died).
-IDEMPOTENCY_STALE = timedelta(minutes=5)
 
 
 def new_id(prefix: str) -> str:
@@ -86,19 +83,20 @@ class ConsumeOutcome(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class IdempotencyClaim:
+class IdempotencyRecord:
     """
-    The result of :meth:`SqlStore.claim_idempotency_key`.
+    The recorded answer to an ``Idempotency-Key`` (:meth:`SqlStore.find_idempotency_record`).
 
     Attributes:
-        state: ``new`` (the caller executes and must complete or release),
-            ``replay`` (send ``status_code``/``body``), ``mismatch`` (the key was
-            used with another body) or ``in_progress`` (another request holds it).
+        request_hash: SHA-256 of the first request's body; another body with the
+            same key is a reuse, not a retry.
+        status_code: the first answer's status.
+        body: the first answer's body, as stored (sealed by the API).
     """
 
-    state: str
-    status_code: int = 0
-    body: str = ""
+    request_hash: str
+    status_code: int
+    body: str
 
 
 class SqlStore:
@@ -147,7 +145,7 @@ class SqlStore:
         A connection for single-statement reads (autocommit on PostgreSQL: each
         statement sees its own snapshot, so never use it for read-then-write).
         """
-        async with self._reader.connect() as conn:
+        async with read_connection(self._reader) as conn:
             yield conn
 
     async def ping(self) -> None:
@@ -710,78 +708,81 @@ class SqlStore:
 
     # --- idempotency ----------------------------------------------------------
 
-    async def claim_idempotency_key(
+    async def find_idempotency_record(
+        self, project_id: str, route: str, key: str, *, now: datetime
+    ) -> IdempotencyRecord | None:
+        """
+        The live record of ``key`` on ``route``, or None.
+
+        Expired records, and reservation rows (``status_code = 0``) left by
+        versions that reserved a key before running the request, count as absent.
+        Inside a unit of work that has written, this reads its uncommitted state.
+        """
+        i = IDEMPOTENCY.c
+        async with self.read() as conn:
+            row = (
+                await conn.execute(
+                    select(i.request_hash, i.status_code, i.response_body, i.expires_at).where(
+                        i.project_id == project_id, i.route == route, i.key == key
+                    )
+                )
+            ).one_or_none()
+        if row is None or row.status_code == 0 or row.expires_at <= now:
+            return None
+        return IdempotencyRecord(row.request_hash, row.status_code, row.response_body)
+
+    async def record_idempotency(
         self,
         project_id: str,
         route: str,
         key: str,
         request_hash: str,
         *,
+        status_code: int,
+        body: str,
         now: datetime,
         ttl: timedelta,
-    ) -> IdempotencyClaim:
+    ) -> bool:
         """
-        Reserve ``key`` for this request, or report the earlier use of it.
+        Record the answer to ``key``, unless a live record exists already.
 
-        The reservation is a row with ``status_code = 0`` inserted with ON CONFLICT
-        DO NOTHING, so of two concurrent requests with one key exactly one gets
-        ``new`` (DESIGN decision 12). Expired records and reservations older than
-        :data:`IDEMPOTENCY_STALE` (their process died) are taken over.
+        Called inside the request's unit of work, so the record commits with the
+        writes it describes, or not at all. Of two concurrent requests with one
+        key, the later insert waits for the earlier transaction (PostgreSQL's
+        unique index, SQLite's single writer) and then finds its record.
+
+        Returns:
+            False when another request recorded ``key`` first: the caller rolls
+            its writes back and answers from that record.
         """
-        i = IDEMPOTENCY.c
-        pk = and_(i.project_id == project_id, i.route == route, i.key == key)
-        reservation = {
-            "project_id": project_id,
-            "route": route,
-            "key": key,
-            "request_hash": request_hash,
-            "status_code": 0,
-            "response_body": "",
-            "created_at": now,
-            "expires_at": now + ttl,
-        }
-        async with self.write() as conn:
-            inserted = await insert_ignoring_duplicates(
-                conn, IDEMPOTENCY, [reservation], unique=["project_id", "route", "key"]
-            )
-            if inserted:
-                return IdempotencyClaim("new")
-            row = (await conn.execute(select(IDEMPOTENCY).where(pk))).one_or_none()
-            abandoned = row is not None and (
-                row.expires_at <= now
-                or (row.status_code == 0 and row.created_at <= now - IDEMPOTENCY_STALE)
-            )
-            if row is None or abandoned:
-                await conn.execute(delete(IDEMPOTENCY).where(pk))
-                await conn.execute(IDEMPOTENCY.insert().values(**reservation))
-                return IdempotencyClaim("new")
-        if row.request_hash != request_hash:
-            return IdempotencyClaim("mismatch")
-        if row.status_code == 0:
-            return IdempotencyClaim("in_progress")
-        return IdempotencyClaim("replay", row.status_code, row.response_body)
-
-    async def complete_idempotency_key(
-        self, project_id: str, route: str, key: str, status_code: int, body: str
-    ) -> None:
-        """Record the response of a reserved key, to be replayed until it expires."""
-        i = IDEMPOTENCY.c
-        async with self.write() as conn:
-            await conn.execute(
-                update(IDEMPOTENCY)
-                .where(i.project_id == project_id, i.route == route, i.key == key)
-                .values(status_code=status_code, response_body=body)
-            )
-
-    async def release_idempotency_key(self, project_id: str, route: str, key: str) -> None:
-        """Drop a reservation whose request failed with a 5xx, so a retry runs again."""
         i = IDEMPOTENCY.c
         async with self.write() as conn:
             await conn.execute(
                 delete(IDEMPOTENCY).where(
-                    i.project_id == project_id, i.route == route, i.key == key, i.status_code == 0
+                    i.project_id == project_id,
+                    i.route == route,
+                    i.key == key,
+                    (i.expires_at <= now) | (i.status_code == 0),
                 )
             )
+            inserted = await insert_ignoring_duplicates(
+                conn,
+                IDEMPOTENCY,
+                [
+                    {
+                        "project_id": project_id,
+                        "route": route,
+                        "key": key,
+                        "request_hash": request_hash,
+                        "status_code": status_code,
+                        "response_body": body,
+                        "created_at": now,
+                        "expires_at": now + ttl,
+                    }
+                ],
+                unique=["project_id", "route", "key"],
+            )
+        return inserted == 1
 
     async def purge_idempotency(self, now: datetime) -> int:
         """Delete expired idempotency records; returns how many."""

@@ -30,7 +30,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.store.bulk import insert_ignoring_duplicates
-from delivery.store.engine import any_row, is_sqlite, write_transaction
+from delivery.store.engine import any_row, is_sqlite, read_connection, write_transaction
 from delivery.store.sql import NOTIFICATIONS, new_id
 from delivery.store.tables.webhooks import (
     WebhookAttemptRow,
@@ -184,7 +184,7 @@ class WebhookStore:
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.connect() as conn:
+        async with read_connection(self.engine) as conn:
             yield conn
 
     # --- endpoints (API) ------------------------------------------------------------

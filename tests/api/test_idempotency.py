@@ -1,9 +1,7 @@
-"""``Idempotency-Key`` (DESIGN decision 12): replay, reuse with another body, 5xx not stored."""
+"""``Idempotency-Key``: replay, reuse with another body, 5xx not stored, record and write atomic."""
 
 import asyncio
 import contextlib
-import hashlib
-import json
 from datetime import timedelta
 
 import httpx
@@ -16,7 +14,7 @@ from delivery.api import create_app
 from delivery.api.app import purge_idempotency_forever
 from delivery.settings import Settings
 from delivery.store.sql import IDEMPOTENCY, SCHEDULES, WAKEUPS, SqlStore
-from delivery.store.tables import WakeupRow
+from delivery.store.tables import ScheduleRow, WakeupRow
 from tests.api.conftest import Api
 
 PATH = "/api/v1/agents/a1/users/u1/schedules"
@@ -166,20 +164,74 @@ async def test_expired_records_are_purged(api: Api) -> None:
             await task
 
 
-async def test_concurrent_retry_waits_for_the_first_answer(api: Api) -> None:
-    """A retry arriving while the first request still runs gets the first answer, not a rerun."""
-    raw = json.dumps(BODY).encode()
-    route, key = f"POST {PATH}", "slow"
-    project = api.projects["alpha"]
-    now = api.clock.now()
-    first = await api.store.claim_idempotency_key(
-        project, route, key, hashlib.sha256(raw).hexdigest(), now=now, ttl=timedelta(hours=1)
-    )
-    assert first.state == "new"  # as if a first request were still running
-    retry = asyncio.create_task(api.alpha.post(PATH, content=raw, headers={"Idempotency-Key": key}))
-    await asyncio.sleep(0.2)
-    assert not retry.done()
-    await api.store.complete_idempotency_key(project, route, key, 201, '{"schedule_id":"sch_1"}')
-    answer = await retry
-    assert (answer.status_code, answer.json()) == (201, {"schedule_id": "sch_1"})
-    assert await api.store.count(SCHEDULES) == 0
+class _PausedStore(SqlStore):
+    """A store whose first schedule insert holds its request open until released."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.inserts = 0
+        self.inserted = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def insert_schedule(self, row: ScheduleRow) -> None:
+        self.inserts += 1
+        first = self.inserts == 1
+        await super().insert_schedule(row)
+        if first:
+            self.inserted.set()
+            await self.release.wait()
+
+
+async def test_concurrent_retry_gets_the_first_answer(api: Api) -> None:
+    """A retry arriving while the first request still runs gets one answer for both, one row."""
+    store = _PausedStore(api.store.engine)
+    app = create_app(Settings(subject_prefix="test"), store, api.clock)
+    headers = {**api.alpha.headers, "Idempotency-Key": "slow"}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://api.test", headers=headers
+    ) as client:
+        first = asyncio.create_task(client.post(PATH, json=BODY))
+        await asyncio.wait_for(store.inserted.wait(), 10)
+        retry = asyncio.create_task(client.post(PATH, json=BODY))
+        await asyncio.sleep(0.2)
+        assert not first.done()
+        store.release.set()
+        answers = await asyncio.wait_for(asyncio.gather(first, retry), 20)
+    assert [a.status_code for a in answers] == [201, 201]
+    assert answers[0].json() == answers[1].json()
+    assert [a.headers.get("idempotent-replayed") for a in answers].count("true") == 1
+    assert await api.store.count(SCHEDULES) == 1
+    assert await api.store.count(IDEMPOTENCY) == 1
+
+
+class _WriteThenFailStore(SqlStore):
+    """A store whose first wakeup insert writes the row and then fails, as a crash would."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.calls = 0
+
+    async def insert_wakeup(self, row: WakeupRow) -> None:
+        self.calls += 1
+        await super().insert_wakeup(row)
+        if self.calls == 1:
+            raise RuntimeError("connection lost after the insert")
+
+
+async def test_a_failed_request_leaves_neither_its_writes_nor_its_key(api: Api) -> None:
+    """Writes made before a 5xx roll back with it, so the retry makes the resource exactly once."""
+    store = _WriteThenFailStore(api.store.engine)
+    app = create_app(Settings(subject_prefix="test"), store, api.clock)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    headers = {**api.alpha.headers, "Idempotency-Key": "half-done"}
+    wakeup = {"user_id": "u1", "check_type": "c", "intent": "i", "delay_hours": 1}
+    async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
+        failed = await client.post("/api/v1/agents/a1/wakeups", json=wakeup, headers=headers)
+        assert failed.status_code == 500
+        assert await api.store.count(WAKEUPS) == 0
+        assert await api.store.count(IDEMPOTENCY) == 0
+        retried = await client.post("/api/v1/agents/a1/wakeups", json=wakeup, headers=headers)
+        replayed = await client.post("/api/v1/agents/a1/wakeups", json=wakeup, headers=headers)
+    assert retried.status_code == replayed.status_code == 201
+    assert replayed.json() == retried.json()
+    assert await api.store.count(WAKEUPS) == 1

@@ -12,12 +12,13 @@ from delivery.store.bulk import OUTBOX
 from delivery.store.sql import (
     API_KEYS,
     EVENTS,
-    IDEMPOTENCY_STALE,
+    IDEMPOTENCY,
     NOTIFICATIONS,
     SCHEDULES,
     WAKEUPS,
     CancelOutcome,
     ConsumeOutcome,
+    IdempotencyRecord,
     SqlStore,
     canonical_json,
 )
@@ -62,44 +63,68 @@ async def test_projects_and_keys(engine: AsyncEngine) -> None:
     assert len(stored) == 2
 
 
-async def test_idempotency_claims(engine: AsyncEngine) -> None:
-    """new -> in_progress -> replay; another body is a mismatch; expired or stale are taken over."""
+async def test_idempotency_records(engine: AsyncEngine) -> None:
+    """A recorded answer is found until it expires; a second record of one key is refused."""
     store = SqlStore(engine)
     project = await _project(store)
-    claim = store.claim_idempotency_key
-    assert (await claim(project, "POST /x", "k", "h1", now=NOW, ttl=TTL)).state == "new"
-    assert (await claim(project, "POST /x", "k", "h1", now=NOW, ttl=TTL)).state == "in_progress"
-    assert (await claim(project, "POST /x", "k", "h2", now=NOW, ttl=TTL)).state == "mismatch"
-    await store.complete_idempotency_key(project, "POST /x", "k", 201, '{"ok":true}')
-    replay = await claim(project, "POST /x", "k", "h1", now=NOW, ttl=TTL)
-    assert (replay.state, replay.status_code, replay.body) == ("replay", 201, '{"ok":true}')
+
+    async def record(route: str, key: str, digest: str, now: datetime, owner: str = "") -> bool:
+        return await store.record_idempotency(
+            owner or project, route, key, digest, status_code=201, body="b", now=now, ttl=TTL
+        )
+
+    assert await store.find_idempotency_record(project, "POST /x", "k", now=NOW) is None
+    assert await record("POST /x", "k", "h1", NOW)
+    assert not await record("POST /x", "k", "h2", NOW)
+    found = await store.find_idempotency_record(project, "POST /x", "k", now=NOW)
+    assert found == IdempotencyRecord("h1", 201, "b")
     # Other route or project: independent.
-    assert (await claim(project, "POST /y", "k", "h1", now=NOW, ttl=TTL)).state == "new"
+    assert await record("POST /y", "k", "h1", NOW)
     other = await _project(store, "other")
-    assert (await claim(other, "POST /x", "k", "h9", now=NOW, ttl=TTL)).state == "new"
-    # Expired: the key is free again.
+    assert await record("POST /x", "k", "h9", NOW, other)
+    # Expired: absent, and the key can be recorded again.
     later = NOW + TTL
-    assert (await claim(project, "POST /x", "k", "h2", now=later, ttl=TTL)).state == "new"
-    # A reservation whose process died is taken over after IDEMPOTENCY_STALE.
-    stale = later + IDEMPOTENCY_STALE
-    assert (await claim(project, "POST /x", "k", "h2", now=stale, ttl=TTL)).state == "new"
-    # A released reservation (5xx) lets the retry run.
-    await store.release_idempotency_key(project, "POST /y", "k")
-    assert (await claim(project, "POST /y", "k", "h1", now=NOW, ttl=TTL)).state == "new"
+    assert await store.find_idempotency_record(project, "POST /x", "k", now=later) is None
+    assert await record("POST /x", "k", "h2", later)
     assert await store.purge_idempotency(NOW + 3 * TTL) == 3
 
 
-async def test_concurrent_claims_of_one_key_admit_exactly_one(engine: AsyncEngine) -> None:
-    """Twenty simultaneous requests with one key: one executes, the rest wait or replay."""
+async def test_reservations_of_older_versions_count_as_absent(engine: AsyncEngine) -> None:
+    """A status-0 reservation row (left by a crashed older version) never blocks a retry."""
     store = SqlStore(engine)
     project = await _project(store)
-    states = await asyncio.gather(
+    async with store.write() as conn:
+        await conn.execute(
+            IDEMPOTENCY.insert().values(
+                project_id=project,
+                route="POST /x",
+                key="k",
+                request_hash="h",
+                status_code=0,
+                response_body="",
+                created_at=NOW,
+                expires_at=NOW + TTL,
+            )
+        )
+    assert await store.find_idempotency_record(project, "POST /x", "k", now=NOW) is None
+    assert await store.record_idempotency(
+        project, "POST /x", "k", "h", status_code=200, body="b", now=NOW, ttl=TTL
+    )
+
+
+async def test_concurrent_records_of_one_key_admit_exactly_one(engine: AsyncEngine) -> None:
+    """Twenty simultaneous records of one key: exactly one is kept."""
+    store = SqlStore(engine)
+    project = await _project(store)
+    kept = await asyncio.gather(
         *(
-            store.claim_idempotency_key(project, "POST /x", "same", "h", now=NOW, ttl=TTL)
-            for _ in range(20)
+            store.record_idempotency(
+                project, "POST /x", "same", "h", status_code=201, body=str(n), now=NOW, ttl=TTL
+            )
+            for n in range(20)
         )
     )
-    assert sorted(s.state for s in states).count("new") == 1
+    assert kept.count(True) == 1
 
 
 async def test_concurrent_writers_do_not_fail(engine: AsyncEngine) -> None:
@@ -110,7 +135,9 @@ async def test_concurrent_writers_do_not_fail(engine: AsyncEngine) -> None:
     outcomes = await asyncio.gather(
         *(store.cancel_wakeup(project, "a", f"wk_{n}", NOW) for n in range(0, 30, 2)),
         *(
-            store.claim_idempotency_key(project, "POST /x", f"k{n}", "h", now=NOW, ttl=TTL)
+            store.record_idempotency(
+                project, "POST /x", f"k{n}", "h", status_code=201, body="", now=NOW, ttl=TTL
+            )
             for n in range(15)
         ),
     )

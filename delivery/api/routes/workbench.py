@@ -19,6 +19,7 @@ from delivery.api.context import ApiContext, Ctx, ResourceId
 from delivery.api.schemas import Ident
 from delivery.dispatcher.composers import build_composer
 from delivery.dispatcher.subjects import Subjects
+from delivery.store.engine import after_commit
 from delivery.workbench import (
     JobClaim,
     Pair,
@@ -100,10 +101,16 @@ async def advance(
     # Keep a reference: the loop holds tasks weakly (asyncio.create_task docs).
     tasks: set[asyncio.Task[None]] = getattr(request.app.state, "workbench_jobs", set())
     request.app.state.workbench_jobs = tasks
-    task = asyncio.create_task(_run_job(ctx, claim))
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
-    log.info("advance_time.job_started", job_id=job_id, agent_id=pair.agent_id)
+
+    def start() -> None:
+        task = asyncio.create_task(_run_job(ctx, claim))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        log.info("advance_time.job_started", job_id=job_id, agent_id=pair.agent_id)
+
+    # Under an Idempotency-Key the job row commits after this answer: the runner
+    # must not look for it before then.
+    after_commit(ctx.store.engine, start)
     return JSONResponse({"job_id": job_id, "status": "running"}, status_code=202)
 
 

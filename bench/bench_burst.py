@@ -208,7 +208,7 @@ async def wait_idle_then_burst(
 
     Only ``pending`` counts: a fire staged ahead is composed early into a hidden
     ``staged`` row whose ``created_at`` is a placeholder until the relay shows it
-    (delivery.staging), and a client cannot see it before then.
+    (delivery.store.staging), and a client cannot see it before then.
     """
     deadline = time.monotonic() + timeout_s
     pending = (

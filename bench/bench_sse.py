@@ -34,8 +34,8 @@ import psutil  # type: ignore[import-untyped]
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from delivery.dispatcher.messages import NotificationCreated  # noqa: E402
-from delivery.dispatcher.subjects import Subjects  # noqa: E402
+from delivery.bus.messages import NotificationCreated  # noqa: E402
+from delivery.bus.subjects import Subjects  # noqa: E402
 from delivery.store.bulk import insert_notifications  # noqa: E402
 from delivery.store.engine import create_engine  # noqa: E402
 from delivery.store.migrate import migrate  # noqa: E402

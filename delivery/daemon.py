@@ -30,10 +30,11 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from nats.aio.client import Client as NatsClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery.bus.stream import ensure_stream
+from delivery.bus.subjects import Subjects
 from delivery.clock import Clock, SystemClock, backoff_s
-from delivery.dispatcher.subjects import Subjects
 from delivery.embedded import EmbeddedNats
-from delivery.outbox import OutboxRelay, ensure_stream
+from delivery.outbox import OutboxRelay
 from delivery.scheduler import Scheduler
 from delivery.settings import Settings
 from delivery.store.engine import create_engine, is_sqlite
@@ -444,7 +445,7 @@ class Daemon:
 
     async def _start_api(self, stack: _Stack, engine: AsyncEngine) -> None:
         from delivery.api import create_app
-        from delivery.commands.api import bootstrap_key
+        from delivery.api.auth import bootstrap_key
         from delivery.store.sql import SqlStore
 
         store = SqlStore(engine, subjects=self.subjects)

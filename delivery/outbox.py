@@ -3,7 +3,7 @@ The outbox relay: publishes committed outbox rows to JetStream and stamps ``sent
 
 Safe to repeat (DESIGN invariant 2): every message carries its row's ``msg_id`` as
 ``Nats-Msg-Id``, so JetStream drops a republished duplicate inside the stream's
-duplicate window (:data:`~delivery.dispatcher.subjects.DEDUPE_WINDOW_S`), and the
+duplicate window (:data:`~delivery.bus.subjects.DEDUPE_WINDOW_S`), and the
 consumer's unique ``source_id`` absorbs anything older. A crash between publish and
 stamp therefore only costs a harmless republish. Publishing is batched with
 ``publish_async`` (DESIGN "Measured": ~3k msgs/s awaiting each ack, ~14k batched).
@@ -18,74 +18,21 @@ from typing import Any
 
 import structlog
 from nats.js import JetStreamContext
-from nats.js.api import PubAck, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.api import PubAck
 from sqlalchemy import Table, delete, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from delivery.bus.stream import MSG_ID_HEADER
 from delivery.clock import Clock
-from delivery.dispatcher.subjects import DEDUPE_WINDOW_S, Subjects
-from delivery.staging import promote
 from delivery.store import direct
 from delivery.store.engine import is_sqlite, write_transaction
+from delivery.store.staging import promote
 from delivery.store.tables import OutboxRow
 
 OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
 
-MSG_ID_HEADER = "Nats-Msg-Id"
-STREAM_MAX_AGE_S = 7 * 24 * 3600
-"""Messages are kept a week: long enough to replay a consumer after an outage."""
-
 log = structlog.get_logger(__name__)
-
-
-async def ensure_stream(
-    js: JetStreamContext, subjects: Subjects, *, replicas: int = 1
-) -> StreamConfig:
-    """
-    Create the stream for ``subjects`` if missing, or update its settings if they drifted.
-
-    The duplicate window is what makes the relay (and any republish) idempotent;
-    it is always set to :data:`DEDUPE_WINDOW_S`. Safe to call from every process
-    at start-up (the scheduler and the dispatcher both do).
-
-    Args:
-        js: a JetStream context.
-        subjects: the deployment's subjects (stream name and ``<prefix>.>``).
-        replicas: stream replicas; 3 on a 3-node cluster, 1 on a single server.
-
-    Returns:
-        The stream configuration in force.
-    """
-    wanted = StreamConfig(
-        name=subjects.stream,
-        subjects=[subjects.wildcard],
-        storage=StorageType.FILE,
-        duplicate_window=float(DEDUPE_WINDOW_S),
-        max_age=float(STREAM_MAX_AGE_S),
-        num_replicas=replicas,
-    )
-    try:
-        info = await js.stream_info(subjects.stream)
-    except NotFoundError:
-        created = await js.add_stream(wanted)
-        log.info("stream_created", stream=subjects.stream, replicas=replicas)
-        return created.config
-    current = info.config
-    if (
-        current.duplicate_window != wanted.duplicate_window
-        or list(current.subjects or []) != [subjects.wildcard]
-        or current.max_age != wanted.max_age
-    ):
-        # Storage type cannot change in place; keep whatever exists and fix the rest.
-        fixed = StreamConfig.from_response(
-            {**current.as_dict(), **{k: v for k, v in wanted.as_dict().items() if k != "storage"}}
-        )
-        updated = await js.update_stream(fixed)
-        log.info("stream_updated", stream=subjects.stream)
-        return updated.config
-    return current
 
 
 @dataclass(slots=True)
@@ -164,7 +111,7 @@ class OutboxRelay:
         stamp the acknowledged ones.
 
         Staged notifications whose fire instant has passed are promoted first
-        (:func:`delivery.staging.promote`), so a ``notification.created`` that
+        (:func:`delivery.store.staging.promote`), so a ``notification.created`` that
         becomes publishable at that instant never reaches a handler before its
         notification is visible.
 

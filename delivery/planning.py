@@ -11,11 +11,9 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import NewType
 
 from delivery.cadence import CompiledSchedule, Tick, next_fire, ticks_between
-
-FireId = NewType("FireId", str)
+from delivery.domain import FireId
 
 MISSED_MAX_LATENESS = "missed_max_lateness"
 """Skip reason of a tick that was due while nothing ran and is older than the max lateness."""

@@ -16,7 +16,7 @@ import sqlite3
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -28,16 +28,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from delivery.bus.messages import FireCreated, WakeupDue
+from delivery.bus.subjects import Subjects
 from delivery.cadence import CompiledSchedule, compile_schedule
-from delivery.dispatcher.messages import FireCreated, WakeupDue
-from delivery.dispatcher.subjects import Subjects
-from delivery.planning import (
-    DEFAULT_MAX_SKIPS,
-    FireId,
-    SchedulePlan,
-    fire_id,
-    plan_schedule,
-)
+from delivery.domain import TickResult, earliest
+from delivery.planning import DEFAULT_MAX_SKIPS, SchedulePlan, fire_id, plan_schedule
 from delivery.store import direct
 from delivery.store.bulk import insert_outbox
 from delivery.store.engine import any_row, is_sqlite, write_transaction
@@ -164,59 +159,6 @@ def _anchor(starts_at: datetime | None, created_at: datetime) -> datetime:
     return floor if floor == instant else floor + timedelta(minutes=1)
 
 
-@dataclass(slots=True)
-class TickResult:
-    """
-    What one :meth:`Scheduler.tick` did.
-
-    Attributes:
-        claimed: schedules claimed this tick.
-        fired: fire rows inserted with ``status='fired'`` (each has one outbox row).
-        skipped: fire rows inserted with ``status='skipped'``.
-        conflicts: planned fires whose (schedule_id, fire_at) row already
-            existed. Claims make this 0 in normal operation; it is reported so
-            tests can prove the unique constraint was never needed.
-        stale: claimed schedules dropped because the API changed them (version).
-        failed: claimed schedules whose cadence could not be compiled.
-        disabled: schedules disabled because ``ends_at`` passed.
-        wakeups: wakeups claimed and queued for the dispatcher.
-        outbox: outbox rows written.
-        more: a batch was full, so more rows may be due right now.
-        fire_ids: the ids of the fires inserted.
-        next_release: the earliest fire instant after ``now`` among the fires
-            this tick staged ahead (lookahead), so the relay can be woken
-            exactly then to promote their notifications.
-    """
-
-    claimed: int = 0
-    fired: int = 0
-    skipped: int = 0
-    conflicts: int = 0
-    stale: int = 0
-    failed: int = 0
-    disabled: int = 0
-    wakeups: int = 0
-    outbox: int = 0
-    more: bool = False
-    fire_ids: list[FireId] = field(default_factory=list)
-    next_release: datetime | None = None
-
-    def add(self, other: "TickResult") -> None:
-        """Accumulate ``other`` into this result (used by :meth:`Scheduler.drain`)."""
-        self.claimed += other.claimed
-        self.fired += other.fired
-        self.skipped += other.skipped
-        self.conflicts += other.conflicts
-        self.stale += other.stale
-        self.failed += other.failed
-        self.disabled += other.disabled
-        self.wakeups += other.wakeups
-        self.outbox += other.outbox
-        self.more = other.more
-        self.fire_ids.extend(other.fire_ids)
-        self.next_release = _earliest(self.next_release, other.next_release)
-
-
 def _compile_row(row: Row[Any]) -> CompiledSchedule:
     cadence = json.loads(row.cadence_json)
     if isinstance(cadence, dict) and "timezone" not in cadence:
@@ -234,11 +176,6 @@ def _compile_row(row: Row[Any]) -> CompiledSchedule:
 def _latest(*instants: datetime | None) -> datetime | None:
     present = [i for i in instants if i is not None]
     return max(present) if present else None
-
-
-def _earliest(*instants: datetime | None) -> datetime | None:
-    present = [i for i in instants if i is not None]
-    return min(present) if present else None
 
 
 def _insert_fires_sqlite(db: sqlite3.Connection, rows: list[dict[str, Any]]) -> set[str]:
@@ -287,11 +224,11 @@ class Scheduler:
             :data:`MAX_LOOKAHEAD`). The fire row and its outbox entry commit
             early and are published at once; the dispatcher composes a
             ``staged`` notification that the relay promotes at the fire
-            instant (:mod:`delivery.staging`). This takes the scheduler's and
+            instant (:mod:`delivery.store.staging`). This takes the scheduler's and
             the dispatcher's share of a burst off the burst's critical path.
             An API write that changes the schedule or its inventory item
             restages the fire, so the message still shows the state at the
-            fire instant (:func:`delivery.staging.restage_fires`).
+            fire instant (:func:`delivery.store.staging.restage_fires`).
 
     Raises:
         ValueError: a lookahead outside [0, :data:`MAX_LOOKAHEAD`].
@@ -634,7 +571,7 @@ class Scheduler:
             if fire["fire_at"] > now:
                 # The relay must run at the instant to promote the staged
                 # notification the dispatcher composes meanwhile.
-                result.next_release = _earliest(result.next_release, fire["fire_at"])
+                result.next_release = earliest(result.next_release, fire["fire_at"])
             outbox_rows.append(
                 {
                     "subject": subject,
@@ -642,7 +579,7 @@ class Scheduler:
                     "payload": payload.model_dump_json(),
                     "created_at": now,
                     # Published at once, even when staged ahead: the dispatcher
-                    # composes it during the lookahead (delivery.staging). A fire
+                    # composes it during the lookahead (delivery.store.staging). A fire
                     # planned late sorts just before its instant, so the relay
                     # publishes it ahead of the notification.created entries
                     # that instant released (a burst's promoted messages).

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from delivery.dispatcher.subjects import DEFAULT_SUBJECT_PREFIX
+from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX
 
 
 class Settings(BaseSettings):

@@ -31,6 +31,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from delivery.bus.subjects import Subjects
 from delivery.cadence import (
     CompiledSchedule,
     compile_schedule,
@@ -44,14 +45,13 @@ from delivery.dispatcher.process import (
     ITEMS,
     SCHEDULES,
     WAKEUPS,
-    Draft,
     compose_all,
     inventory_item,
     schedule_draft,
     wakeup_draft,
     write_notifications,
 )
-from delivery.dispatcher.subjects import Subjects
+from delivery.domain import Draft
 from delivery.errors import ConflictError, InvalidRequestError, NotFoundError
 from delivery.planning import fire_id
 from delivery.store import bulk

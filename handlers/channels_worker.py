@@ -40,11 +40,11 @@ from nats.js.api import DeliverPolicy
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery.bus.consumers import settle_batch, subscribe_batches
+from delivery.bus.messages import NotificationCreated
+from delivery.bus.stream import ensure_stream
+from delivery.bus.subjects import Subjects
 from delivery.clock import Clock
-from delivery.dispatcher.consumers import settle_batch, subscribe_batches
-from delivery.dispatcher.messages import NotificationCreated
-from delivery.dispatcher.subjects import Subjects
-from delivery.outbox import ensure_stream
 from delivery.settings import Settings
 from delivery.store.channels import AttemptRecord, ChannelStore
 from handlers.base import Channel, Message

@@ -13,10 +13,22 @@ from typing import Annotated
 from fastapi import Depends, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from delivery.clock import Clock
 from delivery.errors import UnauthorizedError
+from delivery.settings import Settings
 from delivery.store.sql import SqlStore, hash_api_key
 
 PROTECTED_PREFIX = "/api/"
+
+
+async def bootstrap_key(settings: Settings, store: SqlStore, clock: Clock) -> None:
+    """Store ``DELIVERY_BOOTSTRAP_API_KEY`` for project ``default`` when it is set (local use)."""
+    if settings.bootstrap_api_key is None:
+        return
+    project = await store.ensure_project("default", clock.now())
+    await store.create_api_key(
+        project.id, clock.now(), key=settings.bootstrap_api_key.get_secret_value()
+    )
 
 
 class Authenticator:

@@ -24,12 +24,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from delivery.clock import Clock
-from delivery.errors import (
-    BadRequestError,
-    ConflictError,
-    DeliveryError,
-    IdempotencyKeyReusedError,
-)
+from delivery.errors import BadRequestError, ConflictError, DeliveryError, IdempotencyKeyReusedError
 from delivery.secrets import SecretBox
 from delivery.store.engine import unit_of_work
 from delivery.store.sql import IdempotencyRecord, SqlStore

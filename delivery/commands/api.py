@@ -12,9 +12,10 @@ import typer
 import uvicorn
 
 from delivery.api import Wakeable, create_app
+from delivery.api.auth import bootstrap_key
+from delivery.bus.subjects import Subjects
 from delivery.clock import Clock, SystemClock
 from delivery.commands.store import prepare_database
-from delivery.dispatcher.subjects import Subjects
 from delivery.logs import configure_logging
 from delivery.settings import Settings
 from delivery.store.engine import create_engine
@@ -22,16 +23,6 @@ from delivery.store.migrate import migrate
 from delivery.store.sql import SqlStore
 
 _log = structlog.get_logger(__name__)
-
-
-async def bootstrap_key(settings: Settings, store: SqlStore, clock: Clock) -> None:
-    """Store ``DELIVERY_BOOTSTRAP_API_KEY`` for project ``default`` when it is set (local use)."""
-    if settings.bootstrap_api_key is None:
-        return
-    project = await store.ensure_project("default", clock.now())
-    await store.create_api_key(
-        project.id, clock.now(), key=settings.bootstrap_api_key.get_secret_value()
-    )
 
 
 async def serve_api(

@@ -34,14 +34,14 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery.bus.consumers import settle_batch, subscribe_batches
+from delivery.bus.messages import EventAccepted, FireCreated, WakeupDue
+from delivery.bus.stream import ensure_stream
+from delivery.bus.subjects import Subjects
 from delivery.clock import Clock
-from delivery.dispatcher.compose import SourceKind
 from delivery.dispatcher.composers import Composer, build_composer
-from delivery.dispatcher.consumers import settle_batch, subscribe_batches
-from delivery.dispatcher.messages import EventAccepted, FireCreated, WakeupDue
-from delivery.dispatcher.process import BatchResult, Processor, SourceRef
-from delivery.dispatcher.subjects import Subjects
-from delivery.outbox import ensure_stream
+from delivery.dispatcher.process import BatchResult, Processor
+from delivery.domain import SourceKind, SourceRef
 from delivery.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -60,7 +60,7 @@ TEMPLATE_ACK_WAIT_S = 30.0
 A template batch normally commits within seconds, even in a 100k burst; 30 s bounds
 how late a message whose first delivery was never acked arrives (a crash).
 ``dispatch.redelivered`` in a healthy burst used to be FastStream dropping fetched
-batches (see :func:`delivery.dispatcher.consumers.normalise_fetch_timeouts`). A
+batches (see :func:`delivery.bus.consumers.normalise_fetch_timeouts`). A
 durable created with another value keeps it (consumers are not updated in place).
 """
 NAK_DELAY_S = 5.0

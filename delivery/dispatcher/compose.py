@@ -9,14 +9,12 @@ block with its line breaks collapsed; joining our lines with ``""`` gives that
 text byte for byte, which is what the golden tests check.
 """
 
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from delivery.cadence.instants import format_utc
+from delivery.domain import IntentBlock, InventoryItem, SourceKind, scalar_text, sorted_pairs
 
 SCHEDULE_HEADER = "[PROACTIVE WAKEUP — SCHEDULED REMINDER]"
 """The stable header an agent detects (seeds/001 "Scheduled Reminders")."""
@@ -24,75 +22,6 @@ WAKEUP_HEADER = "[PROACTIVE WAKEUP — ONE-OFF WAKEUP]"
 """Our wakeup variant: the seeds name the fields (seeds/001 "Wakeups"), not the header."""
 EVENT_HEADER = "[PROACTIVE WAKEUP — TRIGGER EVENT]"
 """Our trigger-event variant (seeds/001 "TriggerEvent")."""
-
-
-class SourceKind(StrEnum):
-    """What produced a notification; the values are the payload's ``source_type``."""
-
-    SCHEDULE = "schedule"
-    WAKEUP = "wakeup"
-    EVENT = "event"
-
-
-EVENT_TYPES: Mapping[SourceKind, str] = {
-    SourceKind.SCHEDULE: "on_recurring_event_due",
-    SourceKind.WAKEUP: "on_wakeup_ready",
-    SourceKind.EVENT: "on_trigger_event",
-}
-"""Webhook event type per source (DESIGN decision 2)."""
-
-
-@dataclass(frozen=True, slots=True)
-class InventoryItem:
-    """The live inventory item a schedule or wakeup references, read at fire time."""
-
-    label: str
-    properties: Mapping[str, Any]
-
-    def pairs(self) -> tuple[tuple[str, str], ...]:
-        """The properties as rendered: sorted by key, non-strings as compact JSON."""
-        return _pairs(self.properties)
-
-
-@dataclass(frozen=True, slots=True)
-class IntentBlock:
-    """
-    What a composer receives: the rendered block plus the structured parts.
-
-    Attributes:
-        kind: the source kind.
-        text: the intent block exactly as the agent sees it.
-        intent: the client's ``intent`` (for an event, its description).
-        check_type: the client's ``check_type`` (for an event, its type).
-        fire_at_local: the fire instant as rendered in the block.
-        item: the referenced inventory item, when it still exists.
-        context: ``metadata`` pairs, in the order rendered.
-        details: the wakeup / event fields rendered (label -> value).
-    """
-
-    kind: SourceKind
-    text: str
-    intent: str
-    check_type: str
-    fire_at_local: str
-    item: InventoryItem | None = None
-    context: tuple[tuple[str, str], ...] = ()
-    details: tuple[tuple[str, str], ...] = field(default=())
-
-
-def _scalar(value: Any) -> str:
-    """Strings verbatim; anything else as compact JSON (numbers, lists, objects)."""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-
-
-def _pairs(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]:
-    # Sorted, so both databases (PostgreSQL jsonb reorders keys) render the same
-    # block and advance-time stays deterministic (DESIGN invariant 4).
-    if not mapping:
-        return ()
-    return tuple((str(k), _scalar(mapping[k])) for k in sorted(mapping))
 
 
 def _render_pairs(pairs: Sequence[tuple[str, str]]) -> str:
@@ -136,7 +65,7 @@ def schedule_block(
         item: the live inventory item, or ``None`` when unset or deleted.
         metadata: the schedule's ``metadata``, or ``None``.
     """
-    context = _pairs(metadata)
+    context = sorted_pairs(metadata)
     lines = [
         SCHEDULE_HEADER,
         f"Why you're reaching out: {intent}",
@@ -219,7 +148,7 @@ def event_block(
     that just ended. ``language`` is rendered only when it is not the default
     ``en``.
     """
-    context = _pairs(metadata)
+    context = sorted_pairs(metadata)
     occurred_utc = format_utc(occurred_at)
     details: list[tuple[str, str]] = [("Event type", event_type)]
     if event_description:
@@ -232,7 +161,9 @@ def event_block(
     turns = [m for m in messages if m.get("content")]
     if turns:
         lines.append("Recent conversation:")
-        lines += [f"{_scalar(m.get('role', 'user'))}: {_scalar(m['content'])}" for m in turns]
+        lines += [
+            f"{scalar_text(m.get('role', 'user'))}: {scalar_text(m['content'])}" for m in turns
+        ]
     return IntentBlock(
         kind=SourceKind.EVENT,
         text="\n".join(lines),

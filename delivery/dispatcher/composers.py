@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import httpx
 import structlog
 
-from delivery.dispatcher.compose import IntentBlock, SourceKind
+from delivery.domain import IntentBlock, SourceKind
 from delivery.settings import Settings
 
 log = structlog.get_logger(__name__)

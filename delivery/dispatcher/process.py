@@ -23,23 +23,23 @@ import structlog
 from sqlalchemy import Table, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from delivery.bus.messages import NotificationCreated
+from delivery.bus.subjects import Subjects
 from delivery.cadence.instants import format_local, format_utc
 from delivery.clock import Clock
-from delivery.dispatcher.compose import (
+from delivery.dispatcher.compose import event_block, schedule_block, wakeup_block
+from delivery.dispatcher.composers import Composer, CompositionError
+from delivery.domain import (
     EVENT_TYPES,
-    IntentBlock,
+    Draft,
     InventoryItem,
     SourceKind,
-    event_block,
-    schedule_block,
-    wakeup_block,
+    SourceRef,
+    notification_id,
 )
-from delivery.dispatcher.composers import Composer, CompositionError
-from delivery.dispatcher.messages import NotificationCreated
-from delivery.dispatcher.subjects import Subjects
-from delivery.staging import STAGED, drop_staged, notification_id
 from delivery.store import bulk, direct
 from delivery.store.engine import is_sqlite, write_transaction
+from delivery.store.staging import STAGED, drop_staged
 from delivery.store.tables import (
     FireRow,
     InventoryItemRow,
@@ -62,51 +62,6 @@ OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
 
 COMPOSE_CONCURRENCY = 32
 """Composer calls in flight per batch (bounds LLM fan-out; free for the template)."""
-
-
-__all__ = ["notification_id"]  # re-exported: callers name it from here
-
-
-@dataclass(frozen=True, slots=True)
-class SourceRef:
-    """
-    One message's subject: what fired, by id.
-
-    ``replace_staged`` (a restage message, :func:`delivery.staging.restage_fires`)
-    lets the source be composed again over its ``staged`` notification, which
-    may have been written from a state the API has since changed. Equality
-    ignores it: it is still the same source.
-    """
-
-    kind: SourceKind
-    id: str
-    replace_staged: bool = field(default=False, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Draft:
-    """
-    Everything a notification needs except the composed message.
-
-    ``source_id`` is the fire id, wakeup id or event id the notification is
-    unique on; exactly one of ``schedule_id`` / ``wakeup_id`` /
-    ``trigger_event_id`` is set, matching ``block.kind``.
-    """
-
-    source_id: str
-    project_id: str
-    agent_id: str
-    user_id: str
-    fire_at: datetime
-    block: IntentBlock
-    metadata: Mapping[str, Any]
-    schedule_id: str | None = None
-    wakeup_id: str | None = None
-    trigger_event_id: str | None = None
-
-    @property
-    def notification_id(self) -> str:
-        return notification_id(self.source_id)
 
 
 @dataclass(slots=True)
@@ -249,7 +204,7 @@ def notification_row(
 
     ``error`` set means the composer failed: the row is kept with status
     ``failed_generation`` and an empty message, never dropped. ``staged``: the
-    fire is still ahead (:mod:`delivery.staging`); the row stays hidden until
+    fire is still ahead (:mod:`delivery.store.staging`); the row stays hidden until
     promoted, and becomes ``pending`` or ``failed_generation`` then.
     """
     nid = draft.notification_id
@@ -304,7 +259,7 @@ def outbox_row(row: Mapping[str, Any], subjects: Subjects, now: datetime) -> dic
     The ``notification.created`` outbox entry of a notification row (msg id = its id).
 
     A staged row's entry waits for its fire instant, when the relay promotes
-    the row just before publishing (:func:`delivery.staging.promote`).
+    the row just before publishing (:func:`delivery.store.staging.promote`).
     """
     message = NotificationCreated(
         notification_id=row["id"],
@@ -554,7 +509,7 @@ async def write_notifications(
             wakeup executed, at its own simulated fire instant (DESIGN decision 9).
         replace: source ids whose ``staged`` notification (and its unsent
             outbox entry) is deleted first: restaged fires, and advance-time's
-            fires that the scheduler had staged (:mod:`delivery.staging`).
+            fires that the scheduler had staged (:mod:`delivery.store.staging`).
 
     Returns:
         The notification rows written (a concurrent duplicate collides

@@ -23,10 +23,10 @@ from sqlalchemy import Table, and_, delete, func, select, text, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from delivery.dispatcher.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
-from delivery.staging import STAGED, restage_fires, staged_fires
+from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
 from delivery.store.bulk import OUTBOX, insert_ignoring_duplicates, insert_outbox
 from delivery.store.engine import is_sqlite, read_connection, write_transaction
+from delivery.store.staging import STAGED, restage_fires, staged_fires
 from delivery.store.tables import (
     ApiKeyRow,
     FireRow,
@@ -108,7 +108,7 @@ class SqlStore:
             must exist (:func:`delivery.store.migrate.migrate`).
 
         subjects: the deployment's subjects (``Settings.subject_prefix``), for
-            the restage messages of :mod:`delivery.staging`.
+            the restage messages of :mod:`delivery.store.staging`.
 
     The store never closes the engine; its owner does.
     """
@@ -258,7 +258,7 @@ class SqlStore:
 
         A fire the scheduler staged ahead of ``now`` is restaged in the same
         transaction, so its message is composed from the new state
-        (:func:`delivery.staging.restage_fires`).
+        (:func:`delivery.store.staging.restage_fires`).
 
         Args:
             now: the instant of the write.

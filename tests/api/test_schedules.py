@@ -14,7 +14,7 @@ from sqlalchemy import Table, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.api import create_app
-from delivery.dispatcher.subjects import Subjects
+from delivery.bus.subjects import Subjects
 from delivery.scheduler import Scheduler
 from delivery.settings import Settings
 from delivery.store.bulk import OUTBOX

@@ -17,15 +17,10 @@ from nats.aio.client import Client as NatsClient
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from delivery.api.routes.stream import (
-    _OVERFLOW,
-    StreamConfig,
-    StreamHub,
-    StreamUnavailableError,
-)
+from delivery.api.routes.stream import _OVERFLOW, StreamConfig, StreamHub, StreamUnavailableError
+from delivery.bus.messages import NotificationCreated
+from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
-from delivery.dispatcher.messages import NotificationCreated
-from delivery.dispatcher.subjects import Subjects
 from delivery.store.engine import create_engine
 from delivery.store.sql import NOTIFICATIONS
 from tests.api.notes import add_notifications, notification

@@ -19,10 +19,10 @@ import nats
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery.bus.messages import NotificationCreated
+from delivery.bus.stream import ensure_stream
+from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
-from delivery.dispatcher.messages import NotificationCreated
-from delivery.dispatcher.subjects import Subjects
-from delivery.outbox import ensure_stream
 from delivery.settings import Settings
 from delivery.store.channels import ChannelStore
 from delivery.store.sql import SqlStore

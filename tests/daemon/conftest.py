@@ -9,8 +9,8 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from delivery.dispatcher.subjects import Subjects
-from delivery.outbox import ensure_stream
+from delivery.bus.stream import ensure_stream
+from delivery.bus.subjects import Subjects
 from tests.daemon.helpers import add_project
 
 

@@ -137,7 +137,7 @@ async def delete_stream(nats_url: str, prefix: str) -> None:
     import nats
     from nats.js.errors import NotFoundError
 
-    from delivery.dispatcher.subjects import Subjects
+    from delivery.bus.subjects import Subjects
 
     nc = await nats.connect(nats_url)
     try:

@@ -8,10 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
 
+from delivery.bus.messages import FireCreated
+from delivery.bus.stream import MSG_ID_HEADER
 from delivery.clock import ManualClock
 from delivery.dispatcher.app import Dispatcher
-from delivery.dispatcher.messages import FireCreated
-from delivery.outbox import MSG_ID_HEADER, OutboxRelay
+from delivery.outbox import OutboxRelay
 from delivery.scheduler import Scheduler
 from delivery.settings import Settings
 from tests.daemon.helpers import (

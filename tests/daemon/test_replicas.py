@@ -14,7 +14,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select
 
-from delivery.scheduler import Scheduler, TickResult
+from delivery.domain import TickResult
+from delivery.scheduler import Scheduler
 from delivery.store.engine import create_engine
 from delivery.store.migrate import migrate
 from tests.daemon.helpers import (

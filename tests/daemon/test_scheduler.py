@@ -10,12 +10,12 @@ from sqlalchemy import select, update
 
 from delivery.api.routes.schedules import _patched, schedule_out
 from delivery.api.schemas import SchedulePatch
+from delivery.bus.messages import FireCreated, WakeupDue
+from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
-from delivery.dispatcher.compose import SourceKind
 from delivery.dispatcher.composers import TemplateComposer
-from delivery.dispatcher.messages import FireCreated, WakeupDue
-from delivery.dispatcher.process import Processor, SourceRef
-from delivery.dispatcher.subjects import Subjects
+from delivery.dispatcher.process import Processor
+from delivery.domain import SourceKind, SourceRef
 from delivery.outbox import OutboxRelay
 from delivery.planning import MISSED_MAX_LATENESS, fire_id
 from delivery.scheduler import Scheduler

@@ -5,10 +5,10 @@ from datetime import UTC, datetime
 from faststream.nats import TestNatsBroker
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery.bus.messages import EventAccepted, WakeupDue
 from delivery.clock import ManualClock
 from delivery.dispatcher.app import Dispatcher
-from delivery.dispatcher.messages import EventAccepted, WakeupDue
-from delivery.dispatcher.process import notification_id
+from delivery.domain import notification_id
 from delivery.settings import Settings
 from delivery.store.tables import NotificationRow
 from tests.dispatcher import rows

@@ -4,15 +4,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from delivery.dispatcher.compose import (
-    IntentBlock,
-    InventoryItem,
-    SourceKind,
-    event_block,
-    schedule_block,
-    wakeup_block,
-)
+from delivery.dispatcher.compose import event_block, schedule_block, wakeup_block
 from delivery.dispatcher.composers import TemplateComposer
+from delivery.domain import IntentBlock, InventoryItem, SourceKind
 
 # seeds/001 "Scheduled Reminders", verbatim (the seed page lost its line breaks).
 SEED_BLOCK = (

@@ -15,18 +15,14 @@ from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.testing import capture_logs
 
+from delivery.bus.messages import EventAccepted, FireCreated, NotificationCreated, WakeupDue
+from delivery.bus.stream import ensure_stream
+from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
 from delivery.dispatcher.app import DURABLES, Dispatcher
-from delivery.dispatcher.compose import SourceKind
-from delivery.dispatcher.messages import (
-    EventAccepted,
-    FireCreated,
-    NotificationCreated,
-    WakeupDue,
-)
-from delivery.dispatcher.process import BatchResult, SourceRef, notification_id
-from delivery.dispatcher.subjects import Subjects
-from delivery.outbox import OutboxRelay, ensure_stream
+from delivery.dispatcher.process import BatchResult
+from delivery.domain import SourceKind, SourceRef, notification_id
+from delivery.outbox import OutboxRelay
 from delivery.settings import Settings
 from delivery.store.tables import NotificationRow, WakeupRow
 from tests.dispatcher import rows

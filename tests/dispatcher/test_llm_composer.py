@@ -5,8 +5,9 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
-from delivery.dispatcher.compose import SourceKind, schedule_block
+from delivery.dispatcher.compose import schedule_block
 from delivery.dispatcher.composers import (
     SYSTEM_PROMPT,
     CompositionError,
@@ -14,8 +15,8 @@ from delivery.dispatcher.composers import (
     TemplateComposer,
     build_composer,
 )
-from delivery.dispatcher.process import Processor, SourceRef
-from delivery.dispatcher.subjects import Subjects
+from delivery.dispatcher.process import Processor
+from delivery.domain import SourceKind, SourceRef
 from delivery.settings import Settings
 from tests.dispatcher import rows
 from tests.dispatcher.openai_standin import StandIn

@@ -5,11 +5,11 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
-from delivery.dispatcher.compose import IntentBlock, SourceKind
 from delivery.dispatcher.composers import Composer, CompositionError, TemplateComposer
-from delivery.dispatcher.process import Processor, SourceRef, notification_id
-from delivery.dispatcher.subjects import Subjects
+from delivery.dispatcher.process import Processor
+from delivery.domain import IntentBlock, SourceKind, SourceRef, notification_id
 from delivery.store.tables import InventoryItemRow, TriggerEventRow, WakeupRow
 from tests.dispatcher import rows
 

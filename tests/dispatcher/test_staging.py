@@ -1,5 +1,5 @@
 """
-Composing ahead (delivery.staging) on SQLite and PostgreSQL: a fire the scheduler
+Composing ahead (delivery.store.staging) on SQLite and PostgreSQL: a fire the scheduler
 staged is composed at once into a hidden notification, shown only from its fire
 instant, and composed again when the API changes its schedule or item first.
 """
@@ -10,15 +10,15 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery.bus.messages import FireCreated
+from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
 from delivery.dispatcher.app import decode
-from delivery.dispatcher.compose import SourceKind
 from delivery.dispatcher.composers import Composer, TemplateComposer
-from delivery.dispatcher.messages import FireCreated
-from delivery.dispatcher.process import Processor, SourceRef, notification_id
-from delivery.dispatcher.subjects import Subjects
-from delivery.staging import promote
+from delivery.dispatcher.process import Processor
+from delivery.domain import SourceKind, SourceRef, notification_id
 from delivery.store.sql import ConsumeOutcome, SqlStore
+from delivery.store.staging import promote
 from delivery.store.tables import NotificationRow, OutboxRow, ScheduleRow
 from delivery.workbench import Pair, advance_time
 from tests.dispatcher import rows

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.api import create_app
+from delivery.bus.messages import NotificationCreated
 from delivery.clock import ManualClock, SystemClock
-from delivery.dispatcher.messages import NotificationCreated
 from delivery.settings import Settings
 from delivery.store.sql import SqlStore
 from delivery.store.webhooks import WebhookStore

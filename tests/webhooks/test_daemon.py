@@ -98,7 +98,7 @@ async def test_a_fired_wakeup_reaches_the_tenant_receiver_and_is_consumed(
             # Normally well under a second. This failed now and then at 20 s, most
             # likely because FastStream's pull loop dropped a fetched batch on nats-py's
             # bare timeout and JetStream redelivered it after ack_wait (fixed in
-            # delivery.dispatcher.consumers). A miss says where the notification stopped.
+            # delivery.bus.consumers). A miss says where the notification stopped.
             if not await asyncio.to_thread(collected.arrived.wait, 20):
                 notes = await client.get(
                     "/api/v1/agents/agent_1/notifications", params={"user_id": "u1"}

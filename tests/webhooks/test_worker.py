@@ -10,8 +10,8 @@ import nats
 from sqlalchemy import select
 from standardwebhooks import Webhook
 
-from delivery.dispatcher.subjects import Subjects
-from delivery.outbox import ensure_stream
+from delivery.bus.stream import ensure_stream
+from delivery.bus.subjects import Subjects
 from delivery.store.sql import NOTIFICATIONS, SqlStore
 from delivery.store.webhooks import ClaimedDelivery
 from handlers.retry import MAX_ATTEMPTS, SCHEDULE

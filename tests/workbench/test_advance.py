@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
 from delivery.dispatcher.composers import TemplateComposer
-from delivery.dispatcher.process import notification_id
-from delivery.dispatcher.subjects import Subjects
+from delivery.domain import notification_id
 from delivery.errors import InvalidRequestError
 from delivery.planning import fire_id
 from delivery.store.tables import (

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from delivery.api.auth import ProjectId
 from delivery.api.context import AgentId, Ctx, check_id, check_metadata, parse_limit, wire_time
 from delivery.api.schemas import EventAccepted, EventCreate, EventList, EventOut
-from delivery.dispatcher.subjects import Subjects
+from delivery.bus.subjects import Subjects
 from delivery.store.sql import canonical_json, new_id
 from delivery.store.tables import TriggerEventRow
 

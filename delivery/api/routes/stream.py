@@ -44,8 +44,8 @@ from starlette.types import Receive, Scope, Send
 from delivery.api.auth import ProjectId
 from delivery.api.context import AgentId, ApiContext, Ctx, UserId
 from delivery.api.routes.notifications import queue_entry
-from delivery.dispatcher.messages import NotificationCreated
-from delivery.dispatcher.subjects import Subjects
+from delivery.bus.messages import NotificationCreated
+from delivery.bus.subjects import Subjects
 from delivery.errors import DeliveryError
 from delivery.store.tables import NotificationRow
 

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from delivery.api.auth import ProjectId
 from delivery.api.context import ApiContext, Ctx, ResourceId
 from delivery.api.schemas import Ident
+from delivery.bus.subjects import Subjects
 from delivery.dispatcher.composers import build_composer
-from delivery.dispatcher.subjects import Subjects
 from delivery.store.engine import after_commit
 from delivery.workbench import (
     JobClaim,

@@ -184,7 +184,7 @@ class NotificationRow(SQLModel, table=True):
     restarted process never makes a second one. ``status`` is the agent queue's
     (pending | consumed | expired | failed_generation), or ``staged``: composed
     during the scheduler's lookahead, hidden from every read until the relay
-    promotes it at its fire instant (:mod:`delivery.staging`). ``ack_status`` is the
+    promotes it at its fire instant (:mod:`delivery.store.staging`). ``ack_status`` is the
     project view's (pending | acknowledged). ``payload_json`` is the DESIGN
     decision 3 payload, the same bytes the webhook sends.
     """

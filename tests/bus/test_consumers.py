@@ -13,9 +13,9 @@ from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
-from delivery.dispatcher import consumers
-from delivery.dispatcher.subjects import Subjects
-from delivery.outbox import ensure_stream
+from delivery.bus import consumers
+from delivery.bus.stream import ensure_stream
+from delivery.bus.subjects import Subjects
 
 
 async def test_messages_fetched_before_a_bare_timeout_reach_the_handler_at_once(

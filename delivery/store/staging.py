@@ -20,7 +20,6 @@ those fires again from the new state (or finds them gone), replacing a staged
 row that a dispatcher racing the write may have written from the old state.
 """
 
-import hashlib
 import secrets
 from collections.abc import Sequence
 from datetime import datetime
@@ -30,8 +29,9 @@ import structlog
 from sqlalchemy import Select, Table, case, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from delivery.dispatcher.messages import FireCreated
-from delivery.dispatcher.subjects import Subjects
+from delivery.bus.messages import FireCreated
+from delivery.bus.subjects import Subjects
+from delivery.domain import notification_id
 from delivery.store.bulk import insert_outbox
 from delivery.store.engine import any_row, write_transaction
 from delivery.store.tables import FireRow, NotificationRow, OutboxRow
@@ -44,16 +44,6 @@ STAGED = "staged"
 """The status of a notification composed ahead of its fire instant; hidden from reads."""
 
 log = structlog.get_logger(__name__)
-
-
-def notification_id(source_id: str) -> str:
-    """
-    The notification (message) id of a source: ``msg_`` + 24 hex of SHA-256(source id).
-
-    Deterministic, so a replay, a second dispatcher or advance-time run on the
-    same state all name the same notification (DESIGN invariant 4).
-    """
-    return "msg_" + hashlib.sha256(source_id.encode()).hexdigest()[:24]
 
 
 def _due(now: datetime) -> tuple[Any, ...]:

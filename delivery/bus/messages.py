@@ -25,7 +25,7 @@ class FireCreated(_Payload):
     schedule_id: str
     fire_at: datetime
     restage: bool = False
-    """Compose again, replacing a staged notification (:func:`delivery.staging.restage_fires`)."""
+    """Compose again, replacing a staged notification (see ``restage_fires`` in the store)."""
 
 
 class WakeupDue(_Payload):

@@ -10,11 +10,12 @@ import json
 import time
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from delivery.api.schemas import ID_PATTERN
 from delivery.clock import Clock
-from delivery.errors import UnauthorizedError
+from delivery.errors import NotFoundError, UnauthorizedError
 from delivery.settings import Settings
 from delivery.store.sql import SqlStore, hash_api_key
 
@@ -118,3 +119,24 @@ async def _project_id(request: Request) -> str:  # async: see context._ctx
 
 ProjectId = Annotated[str, Depends(_project_id)]
 """Route parameter type: the authenticated caller's project id."""
+
+
+async def _path_project(
+    request: Request,
+    project_id: Annotated[str, Path(pattern=ID_PATTERN, description="The key's own project.")],
+) -> str:
+    project = await _project_id(request)
+    # Another project's id answers exactly like an unknown one: tenants cannot
+    # even learn which project ids exist.
+    if project_id != project:
+        raise NotFoundError(
+            "project_id", f"project_id {project_id!r}: no such project", resource="project"
+        )
+    return project
+
+
+PathProject = Annotated[str, Depends(_path_project)]
+"""
+Route parameter type for ``/api/v1/projects/{project_id}/...``: the caller's
+project id, when the path names it; any other id is a 404.
+"""

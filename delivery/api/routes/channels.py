@@ -23,7 +23,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import RowMapping
 
-from delivery.api.auth import ProjectId
+from delivery.api.auth import PathProject, ProjectId
 from delivery.api.context import ApiContext, Ctx, ResourceId, wire_time
 from delivery.api.schemas import RequestModel
 from delivery.clock import Clock
@@ -165,14 +165,6 @@ async def _codec(request: Request, ctx: ApiContext) -> ChannelConfigCodec:
 
 def _store(ctx: ApiContext) -> ChannelStore:
     return ChannelStore(ctx.store.engine)
-
-
-def _own_project(path_project: str, project: str) -> None:
-    # Another project's id answers exactly like an unknown one (DESIGN decision 1).
-    if path_project != project:
-        raise NotFoundError(
-            "project_id", f"project_id {path_project!r}: no such project", resource="project"
-        )
 
 
 def _no_channel(channel_id: str) -> NotFoundError:
@@ -500,14 +492,12 @@ async def deliver(
 
 @router.post(PROJECT + "/deliver")
 async def deliver_for_project(
-    project_id: ResourceId,
     body: ChannelDeliverBody,
-    project: ProjectId,
+    project: PathProject,
     request: Request,
     ctx: Ctx,
 ) -> Response:
     """Project-scoped :func:`deliver`."""
-    _own_project(project_id, project)
     return await _deliver(project, body, request, ctx)
 
 
@@ -518,11 +508,8 @@ async def list_channels(project: ProjectId, request: Request, ctx: Ctx) -> Respo
 
 
 @router.get(PROJECT)
-async def list_channels_for_project(
-    project_id: ResourceId, project: ProjectId, request: Request, ctx: Ctx
-) -> Response:
+async def list_channels_for_project(project: PathProject, request: Request, ctx: Ctx) -> Response:
     """Project-scoped :func:`list_channels`."""
-    _own_project(project_id, project)
     return await _list(project, request, ctx)
 
 
@@ -536,14 +523,12 @@ async def create_channel(
 
 @router.post(PROJECT, status_code=201)
 async def create_channel_for_project(
-    project_id: ResourceId,
     body: ChannelWriteBody,
-    project: ProjectId,
+    project: PathProject,
     request: Request,
     ctx: Ctx,
 ) -> Response:
     """Project-scoped :func:`create_channel`."""
-    _own_project(project_id, project)
     return await _create(project, body, request, ctx)
 
 
@@ -557,14 +542,12 @@ async def get_channel(
 
 @router.get(PROJECT + "/{channel_id}")
 async def get_channel_for_project(
-    project_id: ResourceId,
     channel_id: ResourceId,
-    project: ProjectId,
+    project: PathProject,
     request: Request,
     ctx: Ctx,
 ) -> Response:
     """Project-scoped :func:`get_channel`."""
-    _own_project(project_id, project)
     return await _get(project, channel_id, request, ctx)
 
 
@@ -585,15 +568,13 @@ async def update_channel(
 
 @router.put(PROJECT + "/{channel_id}")
 async def update_channel_for_project(
-    project_id: ResourceId,
     channel_id: ResourceId,
     body: ChannelWriteBody,
-    project: ProjectId,
+    project: PathProject,
     request: Request,
     ctx: Ctx,
 ) -> Response:
     """Project-scoped :func:`update_channel`."""
-    _own_project(project_id, project)
     return await _update(project, channel_id, body, request, ctx)
 
 
@@ -605,8 +586,7 @@ async def delete_channel(channel_id: ResourceId, project: ProjectId, ctx: Ctx) -
 
 @router.delete(PROJECT + "/{channel_id}", status_code=204)
 async def delete_channel_for_project(
-    project_id: ResourceId, channel_id: ResourceId, project: ProjectId, ctx: Ctx
+    channel_id: ResourceId, project: PathProject, ctx: Ctx
 ) -> Response:
     """Project-scoped :func:`delete_channel`."""
-    _own_project(project_id, project)
     return await _delete(project, channel_id, ctx)

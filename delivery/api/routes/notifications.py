@@ -12,7 +12,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import RowMapping
 
-from delivery.api.auth import ProjectId
+from delivery.api.auth import PathProject, ProjectId
 from delivery.api.context import (
     AgentId,
     Ctx,
@@ -118,18 +118,9 @@ async def consume(
     return JSONResponse({"success": True})
 
 
-def _own_project(path_project: str, project: str) -> None:
-    # Another project's id answers exactly like an unknown one (DESIGN decision 1).
-    if path_project != project:
-        raise NotFoundError(
-            "project_id", f"project_id {path_project!r}: no such project", resource="project"
-        )
-
-
 @router.get(PROJECT_PREFIX, responses={200: {"model": ProjectNotificationList}})
 async def list_project_notifications(
-    project_id: ResourceId,
-    project: ProjectId,
+    project: PathProject,
     ctx: Ctx,
     agent_id: str | None = None,
     event_type: str | None = None,
@@ -140,7 +131,6 @@ async def list_project_notifications(
     The project's notifications, oldest first: ``status`` ``pending`` (default,
     not yet acknowledged), ``acknowledged`` or ``all``; ``limit`` 1..500.
     """
-    _own_project(project_id, project)
     count = parse_limit(limit, default=50, maximum=500)
     check_id(agent_id, "agent_id")
     wanted = status or "pending"
@@ -172,11 +162,8 @@ async def list_project_notifications(
 
 
 @router.post(PROJECT_PREFIX + "/acknowledge", responses={200: {"model": Acknowledged}})
-async def acknowledge(
-    project_id: ResourceId, body: AcknowledgeBody, project: ProjectId, ctx: Ctx
-) -> Response:
+async def acknowledge(body: AcknowledgeBody, project: PathProject, ctx: Ctx) -> Response:
     """Acknowledge the listed notifications; the count covers only those that changed."""
-    _own_project(project_id, project)
     for i, nid in enumerate(body.notification_ids):
         check_id(nid, f"notification_ids.{i}")
     n = await ctx.store.acknowledge(project, body.notification_ids, ctx.clock.now())
@@ -185,14 +172,12 @@ async def acknowledge(
 
 @router.post(PROJECT_PREFIX + "/acknowledge-all", responses={200: {"model": Acknowledged}})
 async def acknowledge_all(
-    project_id: ResourceId,
-    project: ProjectId,
+    project: PathProject,
     ctx: Ctx,
     agent_id: str | None = None,
     event_type: str | None = None,
 ) -> Response:
     """Acknowledge every pending notification matching the filters (no body is read)."""
-    _own_project(project_id, project)
     check_id(agent_id, "agent_id")
     n = await ctx.store.acknowledge_all(
         project,

@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 from sqlalchemy.engine import RowMapping
 
-from delivery.api.auth import ProjectId
-from delivery.api.context import ApiContext, Ctx, ResourceId, parse_limit, wire_time
+from delivery.api.auth import PathProject, ProjectId
+from delivery.api.context import ApiContext, Ctx, parse_limit, wire_time
 from delivery.api.schemas import ID_PATTERN, RequestModel, ResponseModel, Success
 from delivery.errors import InvalidRequestError, NotFoundError
 from delivery.secrets import SecretBox
@@ -118,14 +118,6 @@ async def _box(request: Request, ctx: ApiContext) -> SecretBox:
 
 def _store(ctx: ApiContext) -> WebhookStore:
     return WebhookStore(ctx.store.engine)
-
-
-def _own_project(path_project: str, project: str) -> None:
-    # Another project's id answers exactly like an unknown one (DESIGN decision 1).
-    if path_project != project:
-        raise NotFoundError(
-            "project_id", f"project_id {path_project!r}: no such project", resource="project"
-        )
 
 
 def _not_registered(event_type: str) -> NotFoundError:
@@ -293,55 +285,44 @@ async def rotate_secret(
 
 
 @router.get(PROJECT, responses={200: {"model": WebhookList}})
-async def list_project_webhooks(
-    request: Request, project_id: ResourceId, project: ProjectId, ctx: Ctx
-) -> Response:
+async def list_project_webhooks(request: Request, project: PathProject, ctx: Ctx) -> Response:
     """Every webhook of ``project_id`` (the key's own project, else 404)."""
-    _own_project(project_id, project)
     return await _list(request, ctx, project)
 
 
 @router.put(PROJECT + "/{event_type}", responses={200: {"model": WebhookRegistered}})
 async def register_project_webhook(
     request: Request,
-    project_id: ResourceId,
     event_type: EventType,
     body: WebhookRegister,
-    project: ProjectId,
+    project: PathProject,
     ctx: Ctx,
 ) -> Response:
     """As the tenant-scoped register, for ``project_id``."""
-    _own_project(project_id, project)
     return await _register(request, ctx, project, event_type, body)
 
 
 @router.delete(PROJECT + "/{event_type}", responses={200: {"model": Success}})
-async def delete_project_webhook(
-    project_id: ResourceId, event_type: EventType, project: ProjectId, ctx: Ctx
-) -> Response:
+async def delete_project_webhook(event_type: EventType, project: PathProject, ctx: Ctx) -> Response:
     """As the tenant-scoped delete, for ``project_id``."""
-    _own_project(project_id, project)
     return await _delete(ctx, project, event_type)
 
 
 @router.get(PROJECT + "/{event_type}/attempts", responses={200: {"model": AttemptPageOut}})
 async def list_project_attempts(
-    project_id: ResourceId,
     event_type: EventType,
-    project: ProjectId,
+    project: PathProject,
     ctx: Ctx,
     page_size: str | None = None,
     cursor: str | None = None,
 ) -> Response:
     """As the tenant-scoped attempts, for ``project_id``."""
-    _own_project(project_id, project)
     return await _attempts(ctx, project, event_type, page_size, cursor)
 
 
 @router.post(PROJECT + "/{event_type}/rotate-secret", responses={200: {"model": WebhookRegistered}})
 async def rotate_project_secret(
-    request: Request, project_id: ResourceId, event_type: EventType, project: ProjectId, ctx: Ctx
+    request: Request, event_type: EventType, project: PathProject, ctx: Ctx
 ) -> Response:
     """As the tenant-scoped rotate, for ``project_id``."""
-    _own_project(project_id, project)
     return await _rotate(request, ctx, project, event_type)

@@ -10,7 +10,6 @@ ORM ~3k rows/s, Core 60-80k). :meth:`Scheduler.tick` is bounded and returns what
 did (STYLE.md section 3); the periodic runner lives in :mod:`delivery.daemon`.
 """
 
-import json
 import secrets
 import sqlite3
 from collections import OrderedDict
@@ -30,12 +29,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.bus.messages import FireCreated, WakeupDue
 from delivery.bus.subjects import Subjects
-from delivery.cadence import CompiledSchedule, compile_schedule
+from delivery.cadence import CompiledSchedule
 from delivery.domain import TickResult, earliest
 from delivery.planning import DEFAULT_MAX_SKIPS, SchedulePlan, fire_id, plan_schedule
 from delivery.store import direct
 from delivery.store.bulk import insert_outbox
 from delivery.store.engine import any_row, is_sqlite, write_transaction
+from delivery.store.schedules import compile_stored
 from delivery.store.tables import FireRow, OutboxRow, ScheduleRow, WakeupRow
 
 SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
@@ -118,7 +118,7 @@ class CompiledCache:
         template = self._templates.get(content)
         if template is None:
             self.misses += 1
-            value = _compile_row(row)
+            value = compile_stored(row)
             _put(self._templates, content, value, self.template_size)
         else:
             self.template_hits += 1
@@ -157,20 +157,6 @@ def _anchor(starts_at: datetime | None, created_at: datetime) -> datetime:
     instant = (starts_at if starts_at is not None else created_at).astimezone(UTC)
     floor = instant.replace(second=0, microsecond=0)
     return floor if floor == instant else floor + timedelta(minutes=1)
-
-
-def _compile_row(row: Row[Any]) -> CompiledSchedule:
-    cadence = json.loads(row.cadence_json)
-    if isinstance(cadence, dict) and "timezone" not in cadence:
-        cadence = {**cadence, "timezone": row.timezone}
-    window = json.loads(row.active_window_json) if row.active_window_json else None
-    return compile_schedule(
-        cadence,
-        window,
-        starts_at=row.starts_at,
-        ends_at=row.ends_at,
-        created_at=row.anchor_at,
-    )
 
 
 def _latest(*instants: datetime | None) -> datetime | None:

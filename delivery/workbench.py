@@ -33,8 +33,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.bus.subjects import Subjects
 from delivery.cadence import (
-    CompiledSchedule,
-    compile_schedule,
     format_utc,
     next_fire,
     ticks_between,
@@ -56,6 +54,7 @@ from delivery.errors import ConflictError, InvalidRequestError, NotFoundError
 from delivery.planning import fire_id
 from delivery.store import bulk
 from delivery.store.engine import any_row, write_transaction
+from delivery.store.schedules import compile_stored
 from delivery.store.tables import AdvanceTimeJobRow, ClockOffsetRow, FireRow
 
 log = structlog.get_logger(__name__)
@@ -111,21 +110,6 @@ def validate_hours(value: Any) -> float:
             f"got {value}",
         )
     return float(value)
-
-
-def compile_row(row: Mapping[str, Any]) -> CompiledSchedule:
-    """A stored schedule compiled the way the scheduler compiles it (same anchor)."""
-    cadence = json.loads(row["cadence_json"])
-    if isinstance(cadence, dict) and "timezone" not in cadence:
-        cadence = {**cadence, "timezone": row["timezone"]}
-    window = json.loads(row["active_window_json"]) if row["active_window_json"] else None
-    return compile_schedule(
-        cadence,
-        window,
-        starts_at=row["starts_at"],
-        ends_at=row["ends_at"],
-        created_at=row["anchor_at"],
-    )
 
 
 async def _plan(conn: AsyncConnection, pair: Pair, now: datetime, hours: float) -> _Plan:
@@ -184,7 +168,7 @@ async def _plan(conn: AsyncConnection, pair: Pair, now: datetime, hours: float) 
     drafts: list[Draft] = []
     moves: list[dict[str, Any]] = []
     for schedule in schedules:
-        compiled = compile_row(schedule)
+        compiled = compile_stored(schedule)
         # ticks_between is (after, until]; shifting both ends by 1 us gives [start, end).
         ticks = ticks_between(compiled, start - _EPSILON, end - _EPSILON)
         item = inventory_item(items.get(schedule["inventory_item_id"] or ""), schedule)

@@ -36,7 +36,6 @@ from delivery.api.schemas import (
     Upcoming,
 )
 from delivery.cadence import (
-    CompiledSchedule,
     compile_schedule,
     format_local,
     next_fire,
@@ -44,6 +43,7 @@ from delivery.cadence import (
     upcoming,
 )
 from delivery.errors import ConflictError, NotFoundError
+from delivery.store.schedules import compile_stored
 from delivery.store.sql import canonical_json, new_id
 from delivery.store.tables import ScheduleRow
 
@@ -101,17 +101,6 @@ def schedule_out(row: ScheduleRow, now: datetime) -> ScheduleOut:
         inventory_item_id=row.inventory_item_id,
         starts_at=opt_time(row.starts_at),
         ends_at=opt_time(row.ends_at),
-    )
-
-
-def compiled_from_row(row: ScheduleRow) -> CompiledSchedule:
-    """Recompile a stored (already valid) schedule."""
-    return compile_schedule(
-        json.loads(row.cadence_json),
-        loads(row.active_window_json),
-        starts_at=row.starts_at,
-        ends_at=row.ends_at,
-        created_at=row.created_at,
     )
 
 
@@ -341,5 +330,5 @@ async def upcoming_fires(
     now = ctx.clock.now()
     if not effectively_enabled(row, now):
         return _json(Upcoming(upcoming=[]))
-    fires = upcoming(compiled_from_row(row), now, count)
+    fires = upcoming(compile_stored(row), now, count)
     return _json(Upcoming(upcoming=[wire_time(f) for f in fires]))

@@ -14,26 +14,24 @@ are redelivered.
 import asyncio
 import contextlib
 import signal
-import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import nats
 import structlog
 import uvicorn
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from nats.aio.client import Client as NatsClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.bus.stream import ensure_stream
 from delivery.bus.subjects import Subjects
-from delivery.clock import Clock, SystemClock, backoff_s
+from delivery.clock import Clock, SystemClock
 from delivery.embedded import EmbeddedNats
+from delivery.loops import PeriodicLoop
 from delivery.outbox import OutboxRelay
 from delivery.scheduler import Scheduler
 from delivery.settings import Settings
@@ -59,103 +57,6 @@ class Part(StrEnum):
 ALL_PARTS = frozenset(Part)
 
 
-class PeriodicJob:
-    """
-    One APScheduler interval job that runs ``step`` until it reports no more work.
-
-    ``step`` returns True when it stopped at a batch bound with work left, so a
-    burst drains back to back instead of one batch per interval. :meth:`wake`
-    runs the job now (the API calls it after a write that may make a fire due
-    sooner). Overlapping triggers never run ``step`` concurrently: a trigger
-    during a run just asks the run to go round once more. A failing step backs
-    off exponentially up to 30 s instead of logging every interval.
-
-    Never one APScheduler job per schedule (DESIGN "Measured"): one job per loop.
-    """
-
-    def __init__(
-        self,
-        aps: AsyncIOScheduler,
-        name: str,
-        step: Callable[[], Awaitable[bool]],
-        interval_s: float,
-    ) -> None:
-        self.name = name
-        self._aps = aps
-        self._step = step
-        self._interval_s = interval_s
-        self._job: Any = None
-        self._running = False
-        self._again = False
-        self._stopping = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._failures = 0
-        self._backoff_until = 0.0
-        self._log = log.bind(job=name)
-
-    def start(self) -> None:
-        """Add the interval job; the first run is immediate."""
-        self._job = self._aps.add_job(
-            self._run,
-            "interval",
-            seconds=self._interval_s,
-            id=self.name,
-            name=self.name,
-            next_run_time=datetime.now(UTC),
-            # A busy loop must not make APScheduler drop or warn about our own
-            # loop's runs; overlap is handled in _run.
-            misfire_grace_time=None,
-            coalesce=True,
-            max_instances=4,
-        )
-
-    def wake(self) -> None:
-        """Run as soon as possible; cheap, non-blocking, safe to call often."""
-        if self._stopping:
-            return
-        if self._running:
-            self._again = True
-            return
-        if self._job is not None:
-            self._job.modify(next_run_time=datetime.now(UTC))
-
-    async def _run(self) -> None:
-        if self._running:
-            self._again = True
-            return
-        if time.monotonic() < self._backoff_until:
-            return
-        self._running = True
-        self._idle.clear()
-        try:
-            while not self._stopping:
-                self._again = False
-                try:
-                    more = await self._step()
-                except Exception:
-                    self._failures += 1
-                    delay = backoff_s(self._failures)
-                    self._backoff_until = time.monotonic() + delay
-                    self._log.exception("job_failed", failures=self._failures, retry_in_s=delay)
-                    return
-                self._failures = 0
-                if not (more or self._again):
-                    return
-        finally:
-            self._running = False
-            self._idle.set()
-
-    async def stop(self) -> None:
-        """Remove the job and wait for an in-flight run to finish."""
-        self._stopping = True
-        if self._job is not None:
-            with contextlib.suppress(Exception):
-                self._job.remove()
-            self._job = None
-        await self._idle.wait()
-
-
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handlers: the daemon owns SIGINT / SIGTERM."""
 
@@ -176,20 +77,23 @@ class Runner(Protocol):
         ...
 
 
-@dataclass
-class _Stack:
-    closers: list[tuple[str, Callable[[], Awaitable[None]]]] = field(default_factory=list)
+def _on_stop(
+    stack: contextlib.AsyncExitStack, name: str, closer: Callable[[], Awaitable[None]]
+) -> None:
+    """
+    Run ``closer`` when ``stack`` closes, after the parts started later.
 
-    def push(self, name: str, closer: Callable[[], Awaitable[None]]) -> None:
-        self.closers.append((name, closer))
+    A failure is logged, not raised: one part's fault on the way down must not
+    keep the parts started before it from stopping.
+    """
 
-    async def close(self) -> None:
-        while self.closers:
-            name, closer = self.closers.pop()
-            try:
-                await closer()
-            except Exception:
-                log.exception("shutdown_step_failed", step=name)
+    async def close() -> None:
+        try:
+            await closer()
+        except Exception:
+            log.exception("shutdown_step_failed", step=name)
+
+    stack.push_async_callback(close)
 
 
 async def apply_migrations(url: str) -> None:
@@ -240,8 +144,8 @@ class Daemon:
         self.nats_url: str | None = None
         self.scheduler: Scheduler | None = None
         self.relay: OutboxRelay | None = None
-        self._scheduler_job: PeriodicJob | None = None
-        self._relay_job: PeriodicJob | None = None
+        self._scheduler_job: PeriodicLoop | None = None
+        self._relay_job: PeriodicLoop | None = None
         self.ready = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -261,20 +165,20 @@ class Daemon:
         if install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.request_stop)
-        stack = _Stack()
+        stack = contextlib.AsyncExitStack()
         try:
             await self._start(stack)
             self.ready.set()
             await self.stop_event.wait()
         finally:
             log.info("shutting_down", parts=sorted(p.value for p in self.parts))
-            await stack.close()
+            await stack.aclose()
             if install_signals:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
             log.info("stopped")
 
-    async def _start(self, stack: _Stack) -> None:
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
         url = settings.resolved_database_url()
         if is_sqlite(url) and not settings.database_url:
@@ -289,11 +193,11 @@ class Daemon:
             # Started from the loop's own thread, not a worker thread: the child is
             # tied to its spawning thread's life (PR_SET_PDEATHSIG), see embedded.py.
             nats_url = server.start()
-            stack.push("nats-server", lambda: asyncio.to_thread(server.stop))
+            _on_stop(stack, "nats-server", lambda: asyncio.to_thread(server.stop))
         self.nats_url = nats_url
 
         engine = create_engine(url)
-        stack.push("engine", engine.dispose)
+        _on_stop(stack, "engine", engine.dispose)
 
         nc = await nats.connect(
             # A comma-separated list seeds the server pool; cluster peers are
@@ -302,13 +206,9 @@ class Daemon:
             name=f"delivery-{'-'.join(sorted(self.parts))}",
             max_reconnect_attempts=-1,
         )
-        stack.push("nats", nc.drain)
+        _on_stop(stack, "nats", nc.drain)
         js = nc.jetstream(publish_async_max_pending=4000)
         await ensure_stream(js, self.subjects, replicas=_stream_replicas(nc))
-
-        aps = AsyncIOScheduler(timezone=UTC)
-        aps.start()
-        stack.push("apscheduler", self._aps_shutdown(aps))
 
         if Part.SCHEDULER in self.parts or Part.DISPATCHER in self.parts:
             # The relay publishes every outbox row: fires and wakeups (scheduler),
@@ -326,13 +226,13 @@ class Daemon:
                 await relay.prune(OUTBOX_RETENTION)
                 return False
 
-            relay_job = PeriodicJob(aps, "outbox-relay", relay_step, settings.tick_interval_s)
+            relay_job = PeriodicLoop("outbox-relay", relay_step, settings.tick_interval_s)
             self._relay_job = relay_job
             relay_job.start()
-            stack.push("outbox-relay", self._flush_outbox(relay, relay_job))
-            prune = PeriodicJob(aps, "outbox-prune", prune_step, 3600.0)
+            _on_stop(stack, "outbox-relay", self._flush_outbox(relay, relay_job))
+            prune = PeriodicLoop("outbox-prune", prune_step, 3600.0)
             prune.start()
-            stack.push("outbox-prune", prune.stop)
+            _on_stop(stack, "outbox-prune", prune.stop)
 
         if Part.SCHEDULER in self.parts:
             scheduler = Scheduler(
@@ -350,7 +250,7 @@ class Daemon:
                 # left is from a killed process (DESIGN invariant 3).
                 await scheduler.release_claims(everyone=True)
             else:
-                stack.push("release-claims", scheduler.release_claims_quietly)
+                _on_stop(stack, "release-claims", scheduler.release_claims_quietly)
 
             async def tick_step() -> bool:
                 now = self.clock.now()
@@ -362,18 +262,18 @@ class Daemon:
                     asyncio.get_running_loop().call_later(delay, self._wake_relay)
                 return result.more
 
-            job = PeriodicJob(aps, "scheduler-tick", tick_step, settings.tick_interval_s)
+            job = PeriodicLoop("scheduler-tick", tick_step, settings.tick_interval_s)
             self._scheduler_job = job
             job.start()
-            stack.push("scheduler-tick", job.stop)
-            await self._start_job_sweep(stack, aps, engine, sqlite=is_sqlite(url))
+            _on_stop(stack, "scheduler-tick", job.stop)
+            await self._start_job_sweep(stack, engine, sqlite=is_sqlite(url))
 
         if Part.DISPATCHER in self.parts:
             from delivery.dispatcher.app import Dispatcher
 
             dispatcher = Dispatcher(settings, engine, nats_url=nats_url, clock=self.clock)
             await dispatcher.start()
-            stack.push("dispatcher", dispatcher.stop)
+            _on_stop(stack, "dispatcher", dispatcher.stop)
 
         if Part.HANDLERS in self.parts:
             await self._start_handlers(stack, engine, nats_url)
@@ -388,7 +288,7 @@ class Daemon:
         )
 
     async def _start_job_sweep(
-        self, stack: _Stack, aps: AsyncIOScheduler, engine: AsyncEngine, *, sqlite: bool
+        self, stack: contextlib.AsyncExitStack, engine: AsyncEngine, *, sqlite: bool
     ) -> None:
         """Rerun ``async: true`` advance-time jobs whose runner died before committing."""
         from delivery.dispatcher.composers import build_composer
@@ -404,9 +304,9 @@ class Daemon:
             await resume_stalled_jobs(engine, composer, self.subjects, self.clock, owner=owner)
             return False
 
-        sweep = PeriodicJob(aps, "advance-time-jobs", sweep_step, JOB_SWEEP_S)
+        sweep = PeriodicLoop("advance-time-jobs", sweep_step, JOB_SWEEP_S)
         sweep.start()
-        stack.push("advance-time-jobs", sweep.stop)
+        _on_stop(stack, "advance-time-jobs", sweep.stop)
 
     # --- steps ------------------------------------------------------------------
 
@@ -415,7 +315,7 @@ class Daemon:
             self._relay_job.wake()
 
     @staticmethod
-    def _flush_outbox(relay: OutboxRelay, job: PeriodicJob) -> Callable[[], Awaitable[None]]:
+    def _flush_outbox(relay: OutboxRelay, job: PeriodicLoop) -> Callable[[], Awaitable[None]]:
         async def flush() -> None:
             await job.stop()
             try:
@@ -426,24 +326,18 @@ class Daemon:
 
         return flush
 
-    @staticmethod
-    def _aps_shutdown(aps: AsyncIOScheduler) -> Callable[[], Awaitable[None]]:
-        async def shutdown() -> None:
-            if aps.running:
-                aps.shutdown(wait=False)
-
-        return shutdown
-
     # --- parts owned by other modules ---------------------------------------------
 
-    async def _start_handlers(self, stack: _Stack, engine: AsyncEngine, nats_url: str) -> None:
+    async def _start_handlers(
+        self, stack: contextlib.AsyncExitStack, engine: AsyncEngine, nats_url: str
+    ) -> None:
         from handlers.runner import build_handlers
 
         runner: Runner = build_handlers(self.settings, engine, nats_url=nats_url, clock=self.clock)
         await runner.start()
-        stack.push("handlers", runner.stop)
+        _on_stop(stack, "handlers", runner.stop)
 
-    async def _start_api(self, stack: _Stack, engine: AsyncEngine) -> None:
+    async def _start_api(self, stack: contextlib.AsyncExitStack, engine: AsyncEngine) -> None:
         from delivery.api import create_app
         from delivery.api.auth import bootstrap_key
         from delivery.store.sql import SqlStore
@@ -467,7 +361,7 @@ class Daemon:
             server.should_exit = True
             await task
 
-        stack.push("api", stop_api)
+        _on_stop(stack, "api", stop_api)
         while not server.started:
             if task.done():
                 task.result()  # re-raise why it could not start (port in use, ...)

@@ -45,6 +45,7 @@ from delivery.bus.messages import NotificationCreated
 from delivery.bus.stream import ensure_stream
 from delivery.bus.subjects import Subjects
 from delivery.clock import Clock
+from delivery.loops import PeriodicLoop
 from delivery.settings import Settings
 from delivery.store.channels import AttemptRecord, ChannelStore
 from handlers.base import Channel, Message
@@ -57,7 +58,6 @@ from handlers.fanout import (
     provider_http_client,
     summarize,
 )
-from handlers.poll import PollLoop
 from handlers.retry import DeadLetter, Rand, RetryAt, plan_next
 
 log = structlog.get_logger(__name__)
@@ -231,7 +231,7 @@ class ChannelsWorker:
         self._client: httpx.AsyncClient | None = None
         self._router = ChannelRouter(channels, send_timeout=SEND_TIMEOUT) if channels else None
         self._broker: NatsBroker | None = None
-        self._loop = PollLoop("channels-retry", self._retry_step, self.poll_interval_s, log)
+        self._loop = PeriodicLoop("channels-retry", self._retry_step, self.poll_interval_s, log)
 
     @classmethod
     def from_settings(

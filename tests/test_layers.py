@@ -32,7 +32,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "handlers.webhooks.signing",
         ),
     ),
-    ("bus and settings", ("delivery.bus", "delivery.settings", "delivery.secrets")),
+    (
+        "bus, settings and runtime",
+        ("delivery.bus", "delivery.settings", "delivery.secrets", "delivery.loops"),
+    ),
     ("store", ("delivery.store",)),
     (
         "processes",
@@ -50,7 +53,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "handlers.sms",
             "handlers.fanout",
             "handlers.forwarding",
-            "handlers.poll",
             "handlers.channels_worker",
             "handlers.runner",
         ),

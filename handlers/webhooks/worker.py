@@ -41,6 +41,7 @@ from delivery.bus.messages import NotificationCreated
 from delivery.bus.stream import ensure_stream
 from delivery.bus.subjects import Subjects
 from delivery.clock import Clock
+from delivery.loops import PeriodicLoop
 from delivery.secrets import SecretBox, SecretDecryptError
 from delivery.settings import Settings
 from delivery.store.webhooks import (
@@ -53,7 +54,6 @@ from delivery.store.webhooks import (
     WebhookStore,
 )
 from handlers.base import Message
-from handlers.poll import PollLoop
 from handlers.retry import DeadLetter, Done, Rand, RetryAt, plan_next
 from handlers.webhooks.sender import WebhookChannel, WebhookEndpoint
 from handlers.webhooks.signing import active_secrets
@@ -171,7 +171,9 @@ class WebhookWorker:
         self._broker: NatsBroker | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._log = log.bind(worker_id=self.worker_id)
-        self._loop = PollLoop("webhook-sweep", self._claim_step, self.poll_interval_s, self._log)
+        self._loop = PeriodicLoop(
+            "webhook-sweep", self._claim_step, self.poll_interval_s, self._log
+        )
         self._on_finished = on_finished
 
     @classmethod

@@ -11,7 +11,8 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from delivery.daemon import Daemon, PeriodicJob
+from delivery.daemon import Daemon
+from delivery.loops import PeriodicLoop
 from delivery.settings import Settings
 from delivery.store.tables import NotificationRow
 from tests.daemon.helpers import delete_stream
@@ -72,13 +73,9 @@ async def test_an_api_write_wakes_the_scheduler_and_shutdown_is_clean(settings):
 
 async def test_periodic_job_runs_until_no_more_work_and_coalesces_wakes():
     """A job whose step reports more work runs again at once; wakes during a run add one pass."""
-    from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
-    aps = AsyncIOScheduler()
-    aps.start()
     calls = 0
     done = asyncio.Event()
-    job: PeriodicJob
+    job: PeriodicLoop
 
     async def step() -> bool:
         nonlocal calls
@@ -89,14 +86,11 @@ async def test_periodic_job_runs_until_no_more_work_and_coalesces_wakes():
             done.set()
         return calls < 3
 
-    job = PeriodicJob(aps, "test-job", step, interval_s=60)
-    try:
-        job.start()
-        await asyncio.wait_for(done.wait(), 5)
-        await job.stop()
-        assert calls == 4
-    finally:
-        aps.shutdown(wait=False)
+    job = PeriodicLoop("test-job", step, interval_s=60)
+    job.start()
+    await asyncio.wait_for(done.wait(), 5)
+    await job.stop()
+    assert calls == 4
 
 
 async def test_an_async_advance_cut_short_by_a_crash_completes_after_restart(settings):

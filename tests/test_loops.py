@@ -1,11 +1,11 @@
-"""The handler workers' polling loop: back-to-back passes on a full batch, wake, backoff, stop."""
+"""The periodic loop: back-to-back passes on a full batch, wake, backoff, stop."""
 
 import asyncio
 
 import structlog
 
 from delivery.clock import backoff_s
-from handlers.poll import PollLoop
+from delivery.loops import PeriodicLoop
 
 log = structlog.get_logger(__name__)
 
@@ -23,7 +23,7 @@ async def test_full_batches_run_back_to_back_then_the_loop_sleeps_until_woken() 
             three.set()
         return len(passes) < 3  # three passes back to back, then idle
 
-    loop = PollLoop("test-poll", step, interval_s=3600, log=log)
+    loop = PeriodicLoop("test-poll", step, interval_s=3600, log=log)
     loop.start()
     try:
         await asyncio.wait_for(three.wait(), 5)
@@ -48,7 +48,7 @@ async def test_a_failing_step_backs_off_and_stop_ends_the_pause() -> None:
         failed.set()
         raise RuntimeError("database down")
 
-    loop = PollLoop("test-fail", step, interval_s=3600, log=log)
+    loop = PeriodicLoop("test-fail", step, interval_s=3600, log=log)
     loop.start()
     await asyncio.wait_for(failed.wait(), 5)
     await asyncio.sleep(0.2)

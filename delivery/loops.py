@@ -1,23 +1,33 @@
 """
-The polling loop both handler workers run beside their JetStream consumer.
+The one periodic loop every process runs its polling work on: the scheduler tick,
+the outbox relay and its prune, the advance-time job sweep, and the handler
+workers' claims of due deliveries and retries.
 
-The webhook worker claims due deliveries and the channels worker claims due
-retries the same way: run a step, go again at once while it reports a full batch
-(a backlog drains back to back), otherwise sleep until the poll interval passes
-or someone calls :meth:`PollLoop.wake` (new work was queued, a slot freed, or a
-stop was requested). A failing step (the database is down) backs off
-exponentially up to 30 s instead of logging every interval; the work it could
-not claim stays in the database, so nothing is lost meanwhile.
+Run a step, go again at once while it reports a full batch (a backlog drains back
+to back), otherwise sleep until the interval passes or someone calls
+:meth:`PeriodicLoop.wake` (a write made work due sooner, a slot freed, a stop was
+requested). A wake during a pass adds exactly one more pass, never a concurrent
+one. A failing step (the database is down) backs off exponentially up to 30 s
+instead of logging every interval; the work it could not claim stays in the
+database, so nothing is lost meanwhile.
+
+It is a task over an :class:`asyncio.Event` rather than an APScheduler interval
+job: waking an APScheduler job meant rescheduling it and guarding against
+overlapping runs by hand, a second scheduler for the same behaviour.
 """
 
 import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
+
 from delivery.clock import backoff_s, sleep_or_wake
 
+_log = structlog.get_logger(__name__)
 
-class PollLoop:
+
+class PeriodicLoop:
     """
     Runs ``step`` in a task until :meth:`stop`.
 
@@ -26,16 +36,21 @@ class PollLoop:
         step: one pass; returns True when it stopped at a batch bound (more may be
             due right now). Exceptions are logged and backed off, never raised.
         interval_s: the longest sleep between passes when nothing wakes the loop.
-        log: the worker's structlog logger (``<name>.step_failed`` lines).
+        log: the owner's structlog logger for ``poll.step_failed`` lines
+            (this module's by default).
     """
 
     def __init__(
-        self, name: str, step: Callable[[], Awaitable[bool]], interval_s: float, log: Any
+        self,
+        name: str,
+        step: Callable[[], Awaitable[bool]],
+        interval_s: float,
+        log: Any | None = None,
     ) -> None:
         self.name = name
         self.interval_s = interval_s
         self._step = step
-        self._log = log
+        self._log = log if log is not None else _log
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None

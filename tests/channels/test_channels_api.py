@@ -32,6 +32,16 @@ BAD_WRITES: list[tuple[dict[str, Any], str, str]] = [
         "config.url",
     ),
     (
+        {"name": "x", "type": "webhook", "config": {"url": "http://[2002:7f00:1::]/h"}},
+        "INVALID_WEBHOOK_URL",
+        "config.url",
+    ),
+    (
+        {"name": "x", "type": "webhook", "config": {"url": "http://[fec0::1]/h"}},
+        "INVALID_WEBHOOK_URL",
+        "config.url",
+    ),
+    (
         {"name": "x", "type": "webhook", "config": {**HOOK, "secret": "whsec_!!"}},
         "INVALID_REQUEST",
         "config.secret",

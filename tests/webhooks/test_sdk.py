@@ -158,10 +158,15 @@ def test_sync_sdk_project_scope_and_errors(database_url: str) -> None:
             "http://10.0.0.7/hook",
             "ftp://example.com/x",
             "http://user:pw@127.0.0.1/hook",
+            # 127.0.0.0/8 is allowlisted here; its 6to4 form still is not.
+            "http://[2002:7f00:1::]/hook",
+            "http://[2002:a9fe:a9fe::]/latest",
+            "http://[fec0::1]/hook",
         ):
             with pytest.raises(sonzai.BadRequestError) as caught:
                 client.webhooks.register(EVENT, webhook_url=url)
             assert caught.value.code == "INVALID_WEBHOOK_URL"
+        assert [w.event_type for w in client.webhooks.list().webhooks] == ["on_trigger_event"]
 
         with pytest.raises(sonzai.BadRequestError) as bad_size:
             client.webhooks.list_delivery_attempts(EVENT, page_size=500).to_list()

@@ -265,6 +265,28 @@ async def test_ip_literal_refused_at_send_time(http_server: ServeApp) -> None:
     assert stub.requests == []
 
 
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("2002:7f00:1::", "embeds 127.0.0.1 is loopback"),
+        ("2002:a9fe:a9fe::", "cloud metadata address"),
+        ("fec0::1", "site-local"),
+    ],
+)
+async def test_ipv6_forms_refused_at_send_time(address: str, why: str) -> None:
+    """
+    A 6to4 address around an internal IPv4 address, or a site-local one, is never
+    connected to, as a literal or behind a name, even with 127.0.0.0/8 allowlisted.
+    """
+    resolver = StaticResolver({"hooks.tenant.test": [address]})
+    async with channel(resolver=resolver) as ch:
+        for url in (f"http://[{address}]:8080/", "http://hooks.tenant.test:8080/"):
+            result = await ch.deliver(make_message(), endpoint(url))
+            assert isinstance(result.outcome, Failed), (url, result.outcome)
+            assert why in result.outcome.reason
+            assert result.attempt.response_code == 0
+
+
 async def test_allowlisted_name_connects_to_checked_address(http_server: ServeApp) -> None:
     """With 127.0.0.0/8 allowlisted the vetted address is used and Host keeps the name."""
     stub = ScriptedReceiver()

@@ -166,6 +166,10 @@ def test_sync_sdk_project_scope_and_errors(database_url: str) -> None:
             with pytest.raises(sonzai.BadRequestError) as caught:
                 client.webhooks.register(EVENT, webhook_url=url)
             assert caught.value.code == "INVALID_WEBHOOK_URL"
+        with pytest.raises(sonzai.BadRequestError) as bad_header:
+            client.webhooks.register(EVENT, webhook_url=HOOK, auth_header="Bearer a\r\nX: 1")
+        assert bad_header.value.code == "INVALID_REQUEST"
+        assert "auth_header" in str(bad_header.value)
         assert [w.event_type for w in client.webhooks.list().webhooks] == ["on_trigger_event"]
 
         with pytest.raises(sonzai.BadRequestError) as bad_size:

@@ -327,6 +327,24 @@ async def test_unusable_secret_fails_without_sending(http_server: ServeApp) -> N
     assert stub.requests == []
 
 
+@pytest.mark.parametrize("auth", ["Bearer a\r\nX-Injected: 1", "Bearer a\x00b", "Bearer caf\u00e9"])
+async def test_unsendable_auth_header_fails_without_sending(
+    http_server: ServeApp, auth: str
+) -> None:
+    """
+    A stored auth header that cannot be an HTTP field value is a permanent failure,
+    not a retry that fails again for hours; nothing is sent and it is not echoed.
+    """
+    stub = ScriptedReceiver()
+    async with channel() as ch:
+        result = await ch.deliver(make_message(), endpoint(http_server(stub), auth=auth))
+    assert isinstance(result.outcome, Failed), result.outcome
+    assert "auth_header" in result.outcome.reason
+    assert auth not in result.outcome.reason
+    assert result.attempt.response_code == 0
+    assert stub.requests == []
+
+
 async def test_slow_endpoint_cannot_starve_others(http_server: ServeApp) -> None:
     """A slow endpoint holds at most per_endpoint slots; another endpoint is served meanwhile."""
     slow = ScriptedReceiver([Reply(200, delay_s=0.4)])

@@ -32,6 +32,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.cadence import (
+    LATEST,
     CompiledSchedule,
     compile_schedule,
     format_utc,
@@ -140,7 +141,16 @@ async def _plan(conn: AsyncConnection, pair: Pair, now: datetime, hours: float) 
         )
     ).first()
     old_offset = None if offset_row is None else float(offset_row[0])
-    start = now + timedelta(seconds=old_offset or 0.0)
+    offset = timedelta(seconds=old_offset or 0.0)
+    # Compared as durations: a clock pushed near year 9999 by repeated advances would
+    # overflow datetime arithmetic (a 500) before any instant could be checked.
+    if offset + timedelta(hours=hours) >= LATEST - now:
+        raise InvalidRequestError(
+            "simulated_hours",
+            f"simulated_hours {hours:g} would move this agent and user's simulated clock "
+            f"to or past {format_utc(LATEST)}, the latest instant the service handles",
+        )
+    start = now + offset
     end = start + timedelta(hours=hours)
     owner = (
         SCHEDULES.c.project_id == pair.project_id,

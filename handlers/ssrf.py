@@ -258,7 +258,8 @@ async def check_url(
 
     Raises:
         InvalidWebhookUrlError: (field ``webhook_url``) not an absolute http(s) URL,
-            credentials in the URL, a name that does not resolve, or a refused address.
+            control characters or credentials in the URL, a name that does not resolve,
+            or a refused address.
     """
 
     def bad(why: str) -> InvalidWebhookUrlError:
@@ -266,7 +267,12 @@ async def check_url(
 
     if len(url) > MAX_URL_LENGTH:
         raise bad(f"is longer than {MAX_URL_LENGTH} characters")
-    parts = urlsplit(url.strip())
+    text = url.strip()
+    if any(ch < " " or ch == "\x7f" for ch in text):
+        # urlsplit silently drops tab, CR and LF, so the host checked here could differ
+        # from the one the URL names, and httpx refuses every such URL at send time.
+        raise bad("must not contain control characters")
+    parts = urlsplit(text)
     if parts.scheme not in ("http", "https"):
         raise bad("must be an absolute http:// or https:// URL")
     if parts.username is not None or parts.password is not None:

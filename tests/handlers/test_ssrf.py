@@ -228,6 +228,10 @@ async def test_check_url_accepts_public_destination() -> None:
         ("https://user:pw@hooks.example.com/", "credentials"),
         ("https://hooks.example.com:99999/", "invalid port"),
         ("https://" + "a" * 2050 + ".com/", "longer than"),
+        ("http://127.0.0.1\n.hooks.example.com/", "control characters"),
+        ("https://hooks.example.com/a\r\nX-Injected: 1", "control characters"),
+        ("https://hooks.example.com/a\x00", "control characters"),
+        ("https://hooks.example.com/a\tb", "control characters"),
     ],
     ids=[
         "name-to-private",
@@ -245,6 +249,10 @@ async def test_check_url_accepts_public_destination() -> None:
         "credentials",
         "bad-port",
         "too-long",
+        "lf-in-host",
+        "crlf-in-path",
+        "nul",
+        "tab",
     ],
 )
 async def test_check_url_refuses(url: str, message: str) -> None:

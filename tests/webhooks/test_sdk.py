@@ -162,6 +162,7 @@ def test_sync_sdk_project_scope_and_errors(database_url: str) -> None:
             "http://[2002:7f00:1::]/hook",
             "http://[2002:a9fe:a9fe::]/latest",
             "http://[fec0::1]/hook",
+            "https://93.184.216.34/hook\r\nX-Injected: 1",
         ):
             with pytest.raises(sonzai.BadRequestError) as caught:
                 client.webhooks.register(EVENT, webhook_url=url)

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.bus.subjects import Subjects
 from delivery.cadence import (
+    LATEST,
     format_utc,
     next_fire,
     ticks_between,
@@ -124,7 +125,16 @@ async def _plan(conn: AsyncConnection, pair: Pair, now: datetime, hours: float) 
         )
     ).first()
     old_offset = None if offset_row is None else float(offset_row[0])
-    start = now + timedelta(seconds=old_offset or 0.0)
+    offset = timedelta(seconds=old_offset or 0.0)
+    # Compared as durations: a clock pushed near year 9999 by repeated advances would
+    # overflow datetime arithmetic (a 500) before any instant could be checked.
+    if offset + timedelta(hours=hours) >= LATEST - now:
+        raise InvalidRequestError(
+            "simulated_hours",
+            f"simulated_hours {hours:g} would move this agent and user's simulated clock "
+            f"to or past {format_utc(LATEST)}, the latest instant the service handles",
+        )
+    start = now + offset
     end = start + timedelta(hours=hours)
     owner = (
         SCHEDULES.c.project_id == pair.project_id,

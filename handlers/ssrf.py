@@ -2,8 +2,10 @@
 The SSRF guard for webhook destinations (issue 5 "SSRF").
 
 A destination whose host is, or resolves to, a loopback, private, link-local, CGNAT,
-cloud-metadata, IPv6 ULA, unspecified, multicast or reserved address is refused, unless
-``DELIVERY_WEBHOOK_ALLOW_NETS`` allowlists it. It is checked twice:
+cloud-metadata, IPv6 ULA or site-local, unspecified, multicast or reserved address is
+refused, unless ``DELIVERY_WEBHOOK_ALLOW_NETS`` allowlists it; so is an IPv6 address
+that carries a refused IPv4 address (IPv4-mapped, NAT64, 6to4, Teredo). It is checked
+twice:
 
 - at registration, by :func:`check_url` (resolve the name, check every address);
 - at send time, by :class:`GuardedResolver`, the resolver of the sender's aiohttp
@@ -46,6 +48,9 @@ METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _ULA = ipaddress.ip_network("fc00::/7")  # RFC 4193
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: embeds an IPv4 address
+# RFC 8215 local-use NAT64: the operator picks the prefix length (/48 to /96), so where
+# the IPv4 address sits, and whether it is internal, cannot be told from the address.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 
 MAX_URL_LENGTH = 2048
 
@@ -80,7 +85,12 @@ def parse_allow_nets(spec: str | Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+def _translated_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """
+    The IPv4 address a connection to ``ip`` reaches in its place: IPv4-mapped
+    (``::ffff:0:0/96``, which the kernel connects to over IPv4) and NAT64's well-known
+    prefix (``64:ff9b::/96``, which the translator connects to).
+    """
     if ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     if ip in _NAT64:
@@ -88,27 +98,71 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
+def _tunnelled_ipv4(ip: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...]:
+    """
+    The IPv4 addresses a tunnelled IPv6 address routes through: the 6to4 router
+    (``2002::/16``), or the Teredo server and client (``2001::/32``; ``ipaddress``
+    undoes the client address's bit inversion).
+    """
+    if ip.sixtofour is not None:
+        return (ip.sixtofour,)
+    if ip.teredo is not None:
+        return ip.teredo
+    return ()
+
+
 def refusal_reason(ip: IPAddress, allow_nets: Sequence[IPNetwork] = ()) -> str | None:
     """
     Why ``ip`` may not be a webhook destination, or ``None`` when it may.
 
     An address in ``allow_nets`` is allowed, except a cloud metadata address, which no
-    allowlist opens. IPv4-mapped (``::ffff:10.0.0.1``) and NAT64 addresses are judged
-    by the IPv4 address they carry.
+    allowlist opens, in whatever form it is embedded.
+
+    IPv6 addresses that carry an IPv4 address are refused when it is:
+
+    - IPv4-mapped (``::ffff:10.0.0.1``) and NAT64 (``64:ff9b::a00:1``) addresses reach
+      that IPv4 address itself, so they are judged by it alone, allowlist included
+      (``127.0.0.0/8`` opens ``::ffff:127.0.0.1``);
+    - 6to4 (``2002:7f00:1::``) and Teredo addresses are routed through theirs, so a
+      non-public embedded address refuses them whatever the allowlist says of the IPv4
+      range (the tunnel endpoint is not the destination the operator opened); only
+      listing the IPv6 range itself (``2002:7f00::/24``) opens them. A 6to4 address
+      around a public IPv4 address is public; Teredo is never globally routable.
+
+    IPv4-compatible addresses (``::/96``, deprecated by RFC 4291; inside ``::/8``, which
+    ``ipaddress`` reports reserved) and local-use NAT64 (``64:ff9b:1::/48``) are refused
+    whatever they carry, unless allowlisted as IPv6 ranges.
     """
-    if ip in METADATA_ADDRESSES:
-        return f"{ip} is a cloud metadata address"
+    translated: ipaddress.IPv4Address | None = None
+    tunnelled: tuple[ipaddress.IPv4Address, ...] = ()
+    if isinstance(ip, ipaddress.IPv6Address):
+        translated = _translated_ipv4(ip)
+        tunnelled = _tunnelled_ipv4(ip)
+    for carried in (ip, translated, *tunnelled):
+        if carried in METADATA_ADDRESSES:
+            what = f"{carried} is a cloud metadata address"
+            return what if carried is ip else f"{ip} embeds {what}"
     if any(ip.version == net.version and ip in net for net in allow_nets):
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and (inner := _embedded_ipv4(ip)) is not None:
-        reason = refusal_reason(inner, allow_nets)
+    if translated is not None:
+        reason = refusal_reason(translated, allow_nets)
         return f"{ip} embeds {reason}" if reason else None
+    for inner in tunnelled:
+        reason = refusal_reason(inner)
+        if reason is not None:
+            return f"{ip} embeds {reason}"
+    v6 = isinstance(ip, ipaddress.IPv6Address)
+    # Deprecated by RFC 3879 but still routed inside some networks; ipaddress counts
+    # it as global.
+    site_local = isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local
     checks: tuple[tuple[bool, str], ...] = (
         (ip.is_unspecified, "unspecified"),
         (ip.is_loopback, "loopback"),
         (ip.is_link_local, "link-local"),
         (ip.version == 4 and ip in _CGNAT, "carrier-grade NAT (100.64.0.0/10)"),
-        (ip.version == 6 and ip in _ULA, "IPv6 unique local (fc00::/7)"),
+        (v6 and ip in _ULA, "IPv6 unique local (fc00::/7)"),
+        (site_local, "IPv6 site-local (fec0::/10)"),
+        (v6 and ip in _LOCAL_NAT64, "local-use NAT64 (64:ff9b:1::/48)"),
         (ip.is_multicast, "multicast"),
         (ip.is_reserved, "reserved"),
         (ip.is_private, "private"),
@@ -204,7 +258,8 @@ async def check_url(
 
     Raises:
         InvalidWebhookUrlError: (field ``webhook_url``) not an absolute http(s) URL,
-            credentials in the URL, a name that does not resolve, or a refused address.
+            control characters or credentials in the URL, a name that does not resolve,
+            or a refused address.
     """
 
     def bad(why: str) -> InvalidWebhookUrlError:
@@ -212,7 +267,12 @@ async def check_url(
 
     if len(url) > MAX_URL_LENGTH:
         raise bad(f"is longer than {MAX_URL_LENGTH} characters")
-    parts = urlsplit(url.strip())
+    text = url.strip()
+    if any(ch < " " or ch == "\x7f" for ch in text):
+        # urlsplit silently drops tab, CR and LF, so the host checked here could differ
+        # from the one the URL names, and httpx refuses every such URL at send time.
+        raise bad("must not contain control characters")
+    parts = urlsplit(text)
     if parts.scheme not in ("http", "https"):
         raise bad("must be an absolute http:// or https:// URL")
     if parts.username is not None or parts.password is not None:

@@ -14,10 +14,12 @@ Usage::
 
 from delivery.cadence.compile import compile_schedule
 from delivery.cadence.engine import next_fire, ticks_between, upcoming
-from delivery.cadence.instants import format_local, format_utc, parse_instant
+from delivery.cadence.instants import EARLIEST, LATEST, format_local, format_utc, parse_instant
 from delivery.cadence.model import CompiledSchedule, SkipReason, Tick
 
 __all__ = [
+    "EARLIEST",
+    "LATEST",
     "CompiledSchedule",
     "SkipReason",
     "Tick",

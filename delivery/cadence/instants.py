@@ -19,6 +19,11 @@ _RFC3339 = re.compile(
     re.ASCII,
 )
 
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+"""The first instant :func:`parse_instant` accepts (inclusive): the Unix epoch."""
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
+"""The first instant :func:`parse_instant` refuses (exclusive)."""
+
 
 def format_utc(instant: datetime) -> str:
     """
@@ -57,6 +62,14 @@ def parse_instant(value: Any, field: str) -> datetime:
     """
     Parse an RFC 3339 timestamp with an offset (``Z`` or ``+hh:mm``) into aware UTC.
 
+    Only instants from :data:`EARLIEST` (1970-01-01T00:00:00Z, inclusive) to
+    :data:`LATEST` (2200-01-01T00:00:00Z, exclusive) are accepted: ``0001-01-01`` or
+    ``9999-12-31`` is a placeholder, not a time anyone means. Nothing this service
+    schedules can predate the Unix epoch. 2200 is far beyond any reminder, yet leaves
+    almost 8,000 years below ``datetime``'s limit (year 9999) for the arithmetic done
+    on a stored instant (lookaheads, delays, intervals, time-zone offsets): a schedule
+    starting at 9999-12-30 used to be accepted with no next fire, ever.
+
     Args:
         value: the raw JSON value the client sent.
         field: the dotted field name used in the error (``starts_at``).
@@ -66,8 +79,8 @@ def parse_instant(value: Any, field: str) -> datetime:
         digits are truncated to microseconds.
 
     Raises:
-        InvalidRequestError: ``value`` is not a string, has no offset, or is
-            not a real date and time; the message names ``field``.
+        InvalidRequestError: ``value`` is not a string, has no offset, is not a
+            real date and time, or is outside that range; the message names ``field``.
     """
     example = "e.g. 2026-05-01T00:00:00Z"
     if not isinstance(value, str):
@@ -95,8 +108,16 @@ def parse_instant(value: Any, field: str) -> datetime:
             sign = -1 if off[0] == "-" else 1
             tz = timezone(sign * timedelta(hours=oh, minutes=om))
         parsed = datetime(year, month, day, hour, minute, second, micro, tzinfo=tz)
-        return parsed.astimezone(UTC)
-    except (ValueError, OverflowError):
+    except ValueError:
         raise InvalidRequestError(
             field, f"{field} is not a valid date and time: {value!r} ({example})"
         ) from None
+    # Compared before converting: astimezone overflows for instants just inside year 1
+    # or 9999 once the offset is applied.
+    if not EARLIEST <= parsed < LATEST:
+        raise InvalidRequestError(
+            field,
+            f"{field} must be from {format_utc(EARLIEST)} (inclusive) to "
+            f"{format_utc(LATEST)} (exclusive); got {value!r}",
+        )
+    return parsed.astimezone(UTC)

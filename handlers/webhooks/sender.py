@@ -10,6 +10,7 @@ attempts, keeps attempt counts, or touches the store.
 
 import asyncio
 import json
+import re
 import ssl
 import time
 import uuid
@@ -158,6 +159,34 @@ def encode_body(message: Message) -> bytes:
     return json.dumps(
         payload, ensure_ascii=False, separators=(",", ":"), default=_json_default
     ).encode()
+
+
+# C0 controls except horizontal tab, and DEL (RFC 9110 section 5.5 allows neither).
+_HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def header_value_problem(value: str) -> str | None:
+    """
+    Why ``value`` cannot be sent as an HTTP header value, or ``None`` when it can.
+
+    RFC 9110 section 5.5 allows visible characters, spaces and horizontal tabs in a
+    field value, so a tab is accepted. CR and LF would end the header early (header
+    injection; aiohttp refuses them), NUL, the other C0 controls and DEL are rejected
+    by strict HTTP parsers (h11, llhttp), and non-ASCII cannot be sent at all (httpx
+    encodes header values as ASCII): each would fail every delivery attempt. The
+    reason never quotes ``value``, which is usually a credential. A character class
+    rather than a library: h11 and ``http.client`` keep their field-value checks
+    private.
+    """
+    bad = _HEADER_CONTROL.search(value)
+    if bad is not None:
+        return (
+            "must not contain control characters (CR, LF, NUL, other C0 or DEL); "
+            f"found {bad.group()!r} at index {bad.start()}"
+        )
+    if not value.isascii():
+        return "must contain only ASCII characters"
+    return None
 
 
 def _truncate(data: bytes, limit: int) -> str:
@@ -359,9 +388,13 @@ class WebhookChannel:
             body = encode_body(message)
             target = self._target(endpoint.url)
             headers = sign(body, msg_id=message.event_id, secrets=endpoint.secrets, now=created_at)
+            # Registration refuses such a header; one stored before that rule, or given
+            # by a caller that skipped it, would otherwise be retried for hours.
+            if endpoint.auth_header and (bad := header_value_problem(endpoint.auth_header)):
+                raise ValueError(f"auth_header {bad}")
         except (httpx.InvalidURL, TypeError, ValueError) as exc:
-            # A payload, stored URL or secret that cannot be used will not improve by
-            # retrying: fail permanently, and visibly, instead of crashing the handler.
+            # A payload, stored URL, secret or auth header that cannot be used will not
+            # improve by retrying: fail permanently, and visibly, instead of crashing.
             outcome = Failed(f"cannot send: {exc}")
         else:
             headers["Content-Type"] = "application/json"
@@ -499,4 +532,5 @@ __all__ = [
     "WebhookDelivery",
     "WebhookEndpoint",
     "encode_body",
+    "header_value_problem",
 ]

@@ -118,6 +118,10 @@ async def test_schedule_bad_input(api: Api) -> None:
         Case("ends before starts", post, SCHEDULES_PATH, 400, "INVALID_WINDOW", _schedule(starts_at="2026-06-01T00:00:00Z", ends_at="2026-05-20T00:00:00Z")),
         Case("ends in the past", post, SCHEDULES_PATH, 400, "INVALID_WINDOW", _schedule(ends_at="2026-04-01T00:00:00Z")),
         Case("naive starts_at", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(starts_at="2026-05-01T00:00:00"), field="starts_at"),
+        Case("starts_at year 1", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(starts_at="0001-01-01T00:00:00Z"), field="starts_at"),
+        Case("starts_at year 9999", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(starts_at="9999-12-30T00:00:00Z"), field="starts_at"),
+        Case("ends_at year 9999", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(ends_at="9999-12-31T23:59:59Z"), field="ends_at"),
+        Case("ends_at 2200", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(ends_at="2200-01-01T00:00:00Z"), field="ends_at"),
         Case("65 metadata keys", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(metadata={f"k{i}": "v" for i in range(65)}), field="metadata"),
         Case("17 KiB metadata", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(metadata={"k": "v" * 17_000}), field="metadata"),
         Case("NUL in intent", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(intent="a\x00b"), field="intent"),
@@ -137,6 +141,8 @@ async def test_schedule_bad_input(api: Api) -> None:
         Case("patch enabled text", "PATCH", one, 400, "INVALID_REQUEST", {"enabled": "yes"}, field="enabled"),
         Case("patch bad zone", "PATCH", one, 400, "INVALID_TIMEZONE", {"cadence": {**DAILY, "timezone": "Nowhere"}}),
         Case("patch ends past", "PATCH", one, 400, "INVALID_WINDOW", {"ends_at": "2026-04-30T00:00:00Z"}),
+        Case("patch starts_at year 1", "PATCH", one, 400, "INVALID_REQUEST", {"starts_at": "0001-01-01T00:00:00Z"}, field="starts_at"),
+        Case("patch ends_at year 9999", "PATCH", one, 400, "INVALID_REQUEST", {"ends_at": "9999-12-31T23:59:59Z"}, field="ends_at"),
         Case("patch unknown field", "PATCH", one, 400, "INVALID_REQUEST", {"next_fire_at": "x"}),
         Case("patch unknown schedule", "PATCH", f"{SCHEDULES_PATH}/sch_nope", 404, "NOT_FOUND", {"intent": "x"}),
         Case("delete unknown", "DELETE", f"{SCHEDULES_PATH}/sch_nope", 404, "NOT_FOUND"),
@@ -145,6 +151,8 @@ async def test_schedule_bad_input(api: Api) -> None:
     await _check(api, cases)
     unchanged = (await api.alpha.get(one)).json()
     assert unchanged["intent"] == "check in"
+    assert "starts_at" not in unchanged
+    assert "ends_at" not in unchanged
 
 
 async def test_reenabling_past_ends_at_is_invalid_window(api: Api) -> None:
@@ -178,6 +186,12 @@ async def test_wakeup_bad_input(api: Api) -> None:
         Case("text delay", "POST", path, 400, "INVALID_REQUEST", {**ok, "delay_hours": "2"}, field="delay_hours"),
         Case("no time at all", "POST", path, 400, "INVALID_REQUEST", {k: v for k, v in ok.items() if k != "delay_hours"}, field="delay_hours"),
         Case("bad scheduled_at", "POST", path, 400, "INVALID_REQUEST", {**ok, "scheduled_at": "tomorrow"}, field="scheduled_at"),
+        Case("scheduled_at year 1", "POST", path, 400, "INVALID_REQUEST", {**ok, "scheduled_at": "0001-01-01T00:00:00Z"}, field="scheduled_at"),
+        Case("scheduled_at year 9999", "POST", path, 400, "INVALID_REQUEST", {**ok, "scheduled_at": "9999-12-31T23:59:59Z"}, field="scheduled_at"),
+        Case("scheduled_at 2200", "POST", path, 400, "INVALID_REQUEST", {**ok, "scheduled_at": "2200-01-01T00:00:00Z"}, field="scheduled_at"),
+        Case("scheduled_at before 1970 by offset", "POST", path, 400, "INVALID_REQUEST", {**ok, "scheduled_at": "1970-01-01T00:30:00+01:00"}, field="scheduled_at"),
+        Case("delay past ten years", "POST", path, 400, "INVALID_REQUEST", {**ok, "delay_hours": 87_601}, field="delay_hours"),
+        Case("delay beyond int64", "POST", path, 400, "INVALID_REQUEST", {**ok, "delay_hours": 10**30}, field="delay_hours"),
         Case("user id with slash", "POST", path, 400, "INVALID_ID", {**ok, "user_id": "a/b"}, field="user_id"),
         Case("unknown item", "POST", path, 404, "NOT_FOUND", {**ok, "inventory_item_id": "inv_x"}),
         Case("bad status filter", "GET", f"{path}?status=sleeping", 400, "INVALID_REQUEST", field="status"),

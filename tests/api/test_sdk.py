@@ -126,6 +126,7 @@ def test_sync_sdk_drives_every_call(database_url: str) -> None:
             ({**CADENCE, "timezone": "+08:00"}, None, None, "INVALID_TIMEZONE"),
             (CADENCE, {"days_of_week": []}, None, "INVALID_ACTIVE_WINDOW"),
             (CADENCE, None, "2026-04-01T00:00:00Z", "INVALID_WINDOW"),
+            (CADENCE, None, "9999-12-31T23:59:59Z", "INVALID_REQUEST"),
             ({"cron": "* * * * *", "timezone": "UTC"}, None, None, "CADENCE_TOO_DENSE"),
         ]
         for cadence, window, ends_at, code in bad:
@@ -164,6 +165,18 @@ def test_sync_sdk_drives_every_call(database_url: str) -> None:
             A, user_id="user-2", check_type="x", intent="y", delay_hours=0
         )
         assert strict.scheduled_at == "2026-05-01T00:00:00Z"
+        for placeholder in ("0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z"):
+            with pytest.raises(sonzai.BadRequestError) as caught:
+                client.agents.schedule_wakeup(
+                    A,
+                    user_id=U,
+                    check_type="x",
+                    intent="y",
+                    delay_hours=1,
+                    scheduled_at=placeholder,
+                )
+            assert caught.value.code == "INVALID_REQUEST"
+            assert "scheduled_at" in str(caught.value)
         listed = client.agents.get_wakeups(A, user_id=U).wakeups
         assert [w.wakeup_id for w in listed] == [soon.wakeup_id, birthday.wakeup_id]
         assert listed[1].occasion == "30th birthday"

@@ -418,6 +418,38 @@ def test_parse_instant_offsets() -> None:
     assert parse_instant("2026-05-01 00:00:00Z", "x") - utc("2026-05-01T00:00") == timedelta(0)
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "0001-01-01T00:00:00Z",
+        "0001-01-01T00:00:00+01:00",
+        "1969-12-31T23:59:59.999999Z",
+        "1970-01-01T00:30:00+01:00",
+        "2200-01-01T00:00:00Z",
+        "2199-12-31T23:00:00-01:00",
+        "9999-12-31T23:59:59Z",
+        "9999-12-31T23:59:59-23:59",
+    ],
+)
+def test_parse_instant_refuses_instants_outside_the_sane_range(value: str) -> None:
+    """Before 1970-01-01T00:00Z or from 2200-01-01T00:00Z on is INVALID_REQUEST naming the field."""
+    with pytest.raises(InvalidRequestError) as info:
+        parse_instant(value, "scheduled_at")
+    assert (info.value.code, info.value.field) == ("INVALID_REQUEST", "scheduled_at")
+    assert info.value.message.startswith("scheduled_at must be from 1970-01-01T00:00:00Z")
+
+
+def test_parse_instant_range_bounds() -> None:
+    """The range is 1970-01-01T00:00Z inclusive to 2200-01-01T00:00Z exclusive, offsets applied."""
+    assert parse_instant("1970-01-01T00:00:00Z", "x") == utc("1970-01-01T00:00")
+    assert parse_instant("1970-01-01T01:00:00+01:00", "x") == utc("1970-01-01T00:00")
+    last = parse_instant("2199-12-31T23:59:59.999999Z", "x")
+    assert last == utc("2200-01-01T00:00") - timedelta(microseconds=1)
+    for outside in ("1969-12-31T23:59:59.999999Z", "2200-01-01T00:00:00Z"):
+        with pytest.raises(InvalidRequestError):
+            parse_instant(outside, "x")
+
+
 json_values = st.recursive(
     st.none()
     | st.booleans()

@@ -32,9 +32,34 @@ BAD_WRITES: list[tuple[dict[str, Any], str, str]] = [
         "config.url",
     ),
     (
+        {"name": "x", "type": "webhook", "config": {"url": "http://[2002:7f00:1::]/h"}},
+        "INVALID_WEBHOOK_URL",
+        "config.url",
+    ),
+    (
+        {"name": "x", "type": "webhook", "config": {"url": "http://[fec0::1]/h"}},
+        "INVALID_WEBHOOK_URL",
+        "config.url",
+    ),
+    (
         {"name": "x", "type": "webhook", "config": {**HOOK, "secret": "whsec_!!"}},
         "INVALID_REQUEST",
         "config.secret",
+    ),
+    (
+        {"name": "x", "type": "webhook", "config": {**HOOK, "auth_header": "Bearer a\r\nX: 1"}},
+        "INVALID_REQUEST",
+        "config.auth_header",
+    ),
+    (
+        {"name": "x", "type": "webhook", "config": {**HOOK, "auth_header": "Bearer a\x00"}},
+        "INVALID_REQUEST",
+        "config.auth_header",
+    ),
+    (
+        {"name": "x", "type": "webhook", "config": {**HOOK, "auth_header": "Bearer \x7f"}},
+        "INVALID_REQUEST",
+        "config.auth_header",
     ),
     (
         {"name": "x", "type": "email", "config": {"from": "nobody"}},
@@ -88,6 +113,11 @@ async def test_update_rules_and_tenancy(api: Api) -> None:
 
     bad = await api.alpha.put(url, json={"name": "hook 3", "type": "composio"})
     assert bad.json()["code"] == "UNSUPPORTED_CHANNEL_TYPE"
+    injected = await api.alpha.put(
+        url,
+        json={"name": "hook 3", "type": "webhook", "config": {**HOOK, "auth_header": "a\nb"}},
+    )
+    assert injected.json()["errors"][0]["field"] == "config.auth_header"
     assert (await api.alpha.get(url)).json()["name"] == "hook 2", "a refused PUT changes nothing"
 
     beta_project = api.projects["beta"]

@@ -105,6 +105,14 @@ def test_sync_sdk_channels(database_url: str, tmp_path: Path, http_server: Serve
             with pytest.raises(sonzai.BadRequestError) as bad_url:
                 client.channels.create(name="x", type="webhook", config={"url": "ftp://x"})
             assert bad_url.value.code == "INVALID_WEBHOOK_URL"
+            with pytest.raises(sonzai.BadRequestError) as bad_header:
+                client.channels.create(
+                    name="x",
+                    type="webhook",
+                    config={"url": "https://93.184.216.34/h", "auth_header": "Bearer a\r\nX: 1"},
+                )
+            assert bad_header.value.code == "INVALID_REQUEST"
+            assert "config.auth_header" in str(bad_header.value)
             assert len(client.channels.list().channels) == 2, "a refused create writes nothing"
 
             # Deliver: the filter rejects a low score, so only the email (all events) goes.

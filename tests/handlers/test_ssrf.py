@@ -1,6 +1,7 @@
 """The SSRF guard: every refused range, the allowlist, registration and resolver checks."""
 
 import ipaddress
+import re
 import socket
 
 import pytest
@@ -43,10 +44,42 @@ BLOCKED = [
     ("::ffff:127.0.0.1", "loopback"),
     ("::ffff:10.1.2.3", "private"),
     ("64:ff9b::a9fe:a9fe", "metadata"),
+    ("64:ff9b::a00:1", "embeds 10.0.0.1 is private"),
+    ("::ffff:169.254.169.254", "metadata"),
+    # 6to4 (2002::/16) wrapping a non-public IPv4 address.
+    ("2002:7f00:1::", "embeds 127.0.0.1 is loopback"),
+    ("2002:a9fe:a9fe::", "embeds 169.254.169.254 is a cloud metadata address"),
+    ("2002:a00:1::", "embeds 10.0.0.1 is private"),
+    ("2002:ac10:1::5", "embeds 172.16.0.1 is private"),
+    ("2002:c0a8:101::1", "embeds 192.168.1.1 is private"),
+    ("2002:a9fe:101::", "embeds 169.254.1.1 is link-local"),
+    ("2002:6440:1::", "embeds 100.64.0.1 is carrier-grade NAT"),
+    ("2002::1", "embeds 0.0.0.0 is unspecified"),
+    ("2002:e000:1::", "embeds 224.0.0.1 is multicast"),
+    ("2002:c000:20a::", "embeds 192.0.2.10 is private"),
+    # Site-local (fec0::/10, deprecated but still routed in some networks).
+    ("fec0::1", "site-local"),
+    ("feff:ffff::1", "site-local"),
+    # Teredo (2001::/32): the client address is stored bit-inverted.
+    ("2001:0:4136:e378:8000:63bf:80ff:fffe", "embeds 127.0.0.1 is loopback"),
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "embeds 10.0.0.1 is private"),
+    ("2001:0:a9fe:a9fe::f7f7:f7f7", "metadata"),
+    ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", "private"),
+    # IPv4-compatible (::/96, deprecated) and local-use NAT64 (64:ff9b:1::/48).
+    ("::7f00:1", "reserved"),
+    ("::808:808", "reserved"),
+    ("64:ff9b:1::808:808", "local-use NAT64"),
+    ("64:ff9b:1:7f00:1::", "local-use NAT64"),
 ]
+BLOCKED_IDS = [a for a, _ in BLOCKED]
 
 
-@pytest.mark.parametrize(("address", "why"), BLOCKED, ids=[a for a, _ in BLOCKED])
+def url_host(address: str) -> str:
+    """``address`` as a URL host: IPv6 literals in brackets."""
+    return f"[{address}]" if ":" in address else address
+
+
+@pytest.mark.parametrize(("address", "why"), BLOCKED, ids=BLOCKED_IDS)
 def test_blocked_ranges(address: str, why: str) -> None:
     """Each internal or special range is refused, with a reason naming the range."""
     reason = refusal_reason(ipaddress.ip_address(address))
@@ -54,8 +87,40 @@ def test_blocked_ranges(address: str, why: str) -> None:
     assert why in reason
 
 
+@pytest.mark.parametrize(("address", "why"), BLOCKED, ids=BLOCKED_IDS)
+async def test_registration_refuses_blocked_ranges(address: str, why: str) -> None:
+    """Registration refuses each range as an IP-literal host and as a name resolving to it."""
+    literal = f"http://{url_host(address)}:8080/hook"
+    with pytest.raises(InvalidWebhookUrlError, match=re.escape(why)) as info:
+        await check_url(literal, (), RESOLVER)
+    assert info.value.field == "webhook_url"
+    named = StaticResolver({"tenant.example.com": ["93.184.216.34", address]})
+    with pytest.raises(InvalidWebhookUrlError, match=re.escape(why)):
+        await check_url("https://tenant.example.com/hook", (), named)
+
+
+@pytest.mark.parametrize(("address", "why"), BLOCKED, ids=BLOCKED_IDS)
+async def test_connect_time_refuses_blocked_ranges(address: str, why: str) -> None:
+    """At connect time the guarded resolver and the IP-literal check refuse each range."""
+    guard = GuardedResolver((), StaticResolver({"tenant.example.com": [address]}))
+    with pytest.raises(BlockedAddressError, match=re.escape(why)):
+        await guard.resolve("tenant.example.com", 443, socket.AF_UNSPEC)
+    with pytest.raises(BlockedAddressError, match=re.escape(why)):
+        check_literal_host(url_host(address))
+
+
 @pytest.mark.parametrize(
-    "address", ["93.184.216.34", "8.8.8.8", "100.128.0.1", "172.32.0.1", "2606:4700::1111"]
+    "address",
+    [
+        "93.184.216.34",
+        "8.8.8.8",
+        "100.128.0.1",
+        "172.32.0.1",
+        "2606:4700::1111",
+        "2002:5db8:d822::1",  # 6to4 around the public 93.184.216.34
+        "64:ff9b::808:808",  # NAT64 of the public 8.8.8.8
+        "::ffff:8.8.8.8",
+    ],
 )
 def test_public_addresses_allowed(address: str) -> None:
     """Globally routable addresses, including neighbours of refused ranges, pass."""
@@ -75,6 +140,46 @@ def test_allowlist_never_opens_metadata() -> None:
     """Even 0.0.0.0/0 on the allowlist does not open the cloud metadata address."""
     nets = parse_allow_nets("0.0.0.0/0")
     assert refusal_reason(ipaddress.ip_address("169.254.169.254"), nets) is not None
+
+
+@pytest.mark.parametrize(
+    ("address", "nets"),
+    [
+        ("::ffff:169.254.169.254", "::ffff:0:0/96"),
+        ("64:ff9b::a9fe:a9fe", "64:ff9b::/96"),
+        ("2002:a9fe:a9fe::", "2002::/16"),
+        ("2001:0:a9fe:a9fe::f7f7:f7f7", "2001::/32"),
+    ],
+)
+def test_allowlisting_an_ipv6_range_never_opens_embedded_metadata(address: str, nets: str) -> None:
+    """The metadata address stays refused inside any IPv6 form, whatever range is allowlisted."""
+    reason = refusal_reason(ipaddress.ip_address(address), parse_allow_nets(nets))
+    assert reason is not None
+    assert "169.254.169.254 is a cloud metadata address" in reason
+
+
+def test_ipv4_allowlist_opens_translated_but_not_tunnelled_forms() -> None:
+    """
+    An IPv4 allowlist opens the IPv4-mapped and NAT64 forms (they reach that address
+    itself) but not 6to4 or Teredo, which only listing their IPv6 range opens.
+    """
+    v4 = parse_allow_nets("127.0.0.0/8,10.0.0.0/8")
+    ip = ipaddress.ip_address
+    assert refusal_reason(ip("::ffff:127.0.0.1"), v4) is None
+    assert refusal_reason(ip("64:ff9b::a00:1"), v4) is None
+    for tunnelled in ("2002:7f00:1::", "2002:a00:1::", "2001:0:4136:e378:8000:63bf:80ff:fffe"):
+        reason = refusal_reason(ip(tunnelled), v4)
+        assert reason is not None, tunnelled
+        assert "embeds" in reason
+    v6 = parse_allow_nets("2002:7f00::/24,fec0::/10,2001::/32,64:ff9b:1::/48")
+    for opened in (
+        "2002:7f00:1::",
+        "fec0::1",
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",
+        "64:ff9b:1::808:808",
+    ):
+        assert refusal_reason(ip(opened), v6) is None, opened
+    assert refusal_reason(ip("2002:a00:1::"), v6) is not None
 
 
 def test_allow_nets_parse_errors_name_the_entry() -> None:
@@ -123,6 +228,10 @@ async def test_check_url_accepts_public_destination() -> None:
         ("https://user:pw@hooks.example.com/", "credentials"),
         ("https://hooks.example.com:99999/", "invalid port"),
         ("https://" + "a" * 2050 + ".com/", "longer than"),
+        ("http://127.0.0.1\n.hooks.example.com/", "control characters"),
+        ("https://hooks.example.com/a\r\nX-Injected: 1", "control characters"),
+        ("https://hooks.example.com/a\x00", "control characters"),
+        ("https://hooks.example.com/a\tb", "control characters"),
     ],
     ids=[
         "name-to-private",
@@ -140,6 +249,10 @@ async def test_check_url_accepts_public_destination() -> None:
         "credentials",
         "bad-port",
         "too-long",
+        "lf-in-host",
+        "crlf-in-path",
+        "nul",
+        "tab",
     ],
 )
 async def test_check_url_refuses(url: str, message: str) -> None:

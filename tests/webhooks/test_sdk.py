@@ -158,10 +158,20 @@ def test_sync_sdk_project_scope_and_errors(database_url: str) -> None:
             "http://10.0.0.7/hook",
             "ftp://example.com/x",
             "http://user:pw@127.0.0.1/hook",
+            # 127.0.0.0/8 is allowlisted here; its 6to4 form still is not.
+            "http://[2002:7f00:1::]/hook",
+            "http://[2002:a9fe:a9fe::]/latest",
+            "http://[fec0::1]/hook",
+            "https://93.184.216.34/hook\r\nX-Injected: 1",
         ):
             with pytest.raises(sonzai.BadRequestError) as caught:
                 client.webhooks.register(EVENT, webhook_url=url)
             assert caught.value.code == "INVALID_WEBHOOK_URL"
+        with pytest.raises(sonzai.BadRequestError) as bad_header:
+            client.webhooks.register(EVENT, webhook_url=HOOK, auth_header="Bearer a\r\nX: 1")
+        assert bad_header.value.code == "INVALID_REQUEST"
+        assert "auth_header" in str(bad_header.value)
+        assert [w.event_type for w in client.webhooks.list().webhooks] == ["on_trigger_event"]
 
         with pytest.raises(sonzai.BadRequestError) as bad_size:
             client.webhooks.list_delivery_attempts(EVENT, page_size=500).to_list()

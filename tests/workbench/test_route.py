@@ -6,12 +6,14 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.api import create_app
 from delivery.clock import ManualClock
 from delivery.settings import Settings
 from delivery.store.sql import SqlStore
+from delivery.workbench import OFFSETS
 
 START = datetime(2026, 5, 1, tzinfo=UTC)
 BODY = {
@@ -84,3 +86,35 @@ async def test_job_expires_after_thirty_minutes(
     gone = await http.get(f"/api/v1/workbench/advance-time/jobs/{job_id}")
     assert gone.status_code == 404
     assert gone.json()["code"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize(
+    "pair_now",
+    [datetime(2199, 12, 31, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC)],
+    ids=["just-before-2200", "near-year-9999"],
+)
+async def test_advance_past_the_latest_instant_is_400(
+    client: tuple[httpx.AsyncClient, ManualClock], engine: AsyncEngine, pair_now: datetime
+) -> None:
+    """
+    An advance that would move a pair's simulated clock to 2200-01-01T00:00Z or later
+    (where datetime arithmetic heads for year 9999) is 400 on simulated_hours, not a
+    500, and leaves the clock where it was.
+    """
+    http, _ = client
+    project = await SqlStore(engine).ensure_project("alpha", START)
+    offset_s = (pair_now - START).total_seconds()
+    key = {"project_id": project.id, "agent_id": BODY["agent_id"], "user_id": BODY["user_id"]}
+    async with engine.begin() as conn:
+        await conn.execute(OFFSETS.insert().values(**key, offset_s=offset_s, updated_at=START))
+    response = await http.post(
+        "/api/v1/workbench/advance-time", json={**BODY, "simulated_hours": 48}
+    )
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["code"] == "INVALID_REQUEST"
+    assert body["errors"][0]["field"] == "simulated_hours"
+    assert "2200-01-01T00:00:00Z" in body["message"]
+    async with engine.connect() as conn:
+        stored = (await conn.execute(select(OFFSETS.c.offset_s))).scalar_one()
+    assert stored == offset_s

@@ -41,7 +41,7 @@ from handlers.base import Delivered, Failed, Message, Retry
 from handlers.contacts import normalize_email
 from handlers.email import SmtpChannel, SmtpSecurity
 from handlers.ssrf import Resolver, check_url, parse_allow_nets
-from handlers.webhooks.sender import WebhookChannel, WebhookEndpoint
+from handlers.webhooks.sender import WebhookChannel, WebhookEndpoint, header_value_problem
 from handlers.webhooks.signing import SigningKey, generate_secret
 
 router = APIRouter(tags=["channels"])
@@ -237,6 +237,10 @@ async def _validate(
             raise InvalidWebhookUrlError(
                 "config.url", exc.message.replace("webhook_url", "config.url")
             ) from None
+        auth = config.get("auth_header")
+        if isinstance(auth, str) and (bad := header_value_problem(auth)):
+            # Sent as the Authorization header on every delivery (``_deliver_one``).
+            raise InvalidRequestError("config.auth_header", f"config.auth_header {bad}")
         secret = config.get("secret")
         if secret is None:
             generated["secret"] = config["secret"] = generate_secret()

@@ -26,6 +26,7 @@ from delivery.errors import InvalidRequestError, NotFoundError
 from delivery.secrets import SecretBox
 from delivery.store.webhooks import WebhookStore
 from handlers.ssrf import MAX_URL_LENGTH, Resolver, check_url, parse_allow_nets
+from handlers.webhooks.sender import header_value_problem
 from handlers.webhooks.signing import generate_secret
 
 router = APIRouter(tags=["webhooks"])
@@ -162,6 +163,10 @@ def _attempt(row: RowMapping) -> dict[str, Any]:
 async def _register(
     request: Request, ctx: ApiContext, project: str, event_type: str, body: WebhookRegister
 ) -> Response:
+    if body.auth_header is not None and (bad := header_value_problem(body.auth_header)):
+        # Sent verbatim as the Authorization header: refused now rather than failing
+        # every delivery attempt later.
+        raise InvalidRequestError("auth_header", f"auth_header {bad}")
     allow = parse_allow_nets(ctx.settings.webhook_allow_nets)
     checked = await check_url(body.webhook_url.strip(), allow, Resolver())
     box = await _box(request, ctx)
@@ -250,7 +255,8 @@ async def register_webhook(
 ) -> Response:
     """
     Register or replace the URL for ``event_type``. The signing secret is returned on
-    the first registration only; 400 ``INVALID_WEBHOOK_URL`` for a refused destination.
+    the first registration only; 400 ``INVALID_WEBHOOK_URL`` for a refused destination,
+    ``INVALID_REQUEST`` for an ``auth_header`` that cannot be an HTTP header value.
     """
     return await _register(request, ctx, project, event_type, body)
 

@@ -265,6 +265,28 @@ async def test_ip_literal_refused_at_send_time(http_server: ServeApp) -> None:
     assert stub.requests == []
 
 
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("2002:7f00:1::", "embeds 127.0.0.1 is loopback"),
+        ("2002:a9fe:a9fe::", "cloud metadata address"),
+        ("fec0::1", "site-local"),
+    ],
+)
+async def test_ipv6_forms_refused_at_send_time(address: str, why: str) -> None:
+    """
+    A 6to4 address around an internal IPv4 address, or a site-local one, is never
+    connected to, as a literal or behind a name, even with 127.0.0.0/8 allowlisted.
+    """
+    resolver = StaticResolver({"hooks.tenant.test": [address]})
+    async with channel(resolver=resolver) as ch:
+        for url in (f"http://[{address}]:8080/", "http://hooks.tenant.test:8080/"):
+            result = await ch.deliver(make_message(), endpoint(url))
+            assert isinstance(result.outcome, Failed), (url, result.outcome)
+            assert why in result.outcome.reason
+            assert result.attempt.response_code == 0
+
+
 async def test_allowlisted_name_connects_to_checked_address(http_server: ServeApp) -> None:
     """With 127.0.0.0/8 allowlisted the vetted address is used and Host keeps the name."""
     stub = ScriptedReceiver()
@@ -302,6 +324,24 @@ async def test_unusable_secret_fails_without_sending(http_server: ServeApp) -> N
     async with channel() as ch:
         result = await ch.deliver(make_message(), endpoint(http_server(stub), "whsec_!!"))
     assert isinstance(result.outcome, Failed)
+    assert stub.requests == []
+
+
+@pytest.mark.parametrize("auth", ["Bearer a\r\nX-Injected: 1", "Bearer a\x00b", "Bearer caf\u00e9"])
+async def test_unsendable_auth_header_fails_without_sending(
+    http_server: ServeApp, auth: str
+) -> None:
+    """
+    A stored auth header that cannot be an HTTP field value is a permanent failure,
+    not a retry that fails again for hours; nothing is sent and it is not echoed.
+    """
+    stub = ScriptedReceiver()
+    async with channel() as ch:
+        result = await ch.deliver(make_message(), endpoint(http_server(stub), auth=auth))
+    assert isinstance(result.outcome, Failed), result.outcome
+    assert "auth_header" in result.outcome.reason
+    assert auth not in result.outcome.reason
+    assert result.attempt.response_code == 0
     assert stub.requests == []
 
 

@@ -44,6 +44,15 @@ def readme_command(readme: Path, marker: str) -> str:
     return "\n".join(lines[start + 2 : end])
 
 
+def readme_example(readme: Path, heading: str, port: int) -> str:
+    """The first ``sh`` block after ``heading``, sent to ``port`` instead of the default 8080."""
+    lines = readme.read_text().splitlines()
+    start = lines.index("```sh", lines.index(heading))
+    block = "\n".join(lines[start + 1 : lines.index("```", start + 1)])
+    assert "127.0.0.1:8080" in block
+    return block.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+
+
 def older_python() -> str | None:
     """A working Python older than 3.12 on this machine (the default python3 here), or None."""
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
@@ -122,8 +131,9 @@ def wait_for_health(proc: subprocess.Popen[bytes], port: int, log: Path) -> None
 
 @pytest.mark.slow
 def test_readme_commands_work_as_typed_with_an_old_default_python(tmp_path):
-    """The README's run command serves /health and stops on Ctrl+C; its test command runs
-    pytest under Python >= 3.12 from the .venv that the run command built."""
+    """The README's run command serves /health, its first-message example gets the message,
+    Ctrl+C stops it cleanly, and its test command runs pytest under Python >= 3.12 from the
+    .venv that the run command built."""
     env = fresh_machine_env(tmp_path)
     clone = tmp_path / "clone"
     clone_head(clone)
@@ -143,6 +153,11 @@ def test_readme_commands_work_as_typed_with_an_old_default_python(tmp_path):
         )
     try:
         wait_for_health(proc, port, log)
+        example = readme_example(readme, "## A first proactive message", port)
+        shown = subprocess.run(
+            ["bash", "-c", example], cwd=clone, env=env, capture_output=True, text=True, timeout=90
+        )
+        assert '"generated_message":"Say hi."' in shown.stdout, shown.stdout + shown.stderr
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=60) == 0, log.read_text()
     finally:

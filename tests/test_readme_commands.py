@@ -22,7 +22,8 @@ from tests.conftest import services_required
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Starting includes building .venv from scratch (about a minute here, pip's cache reused).
+# Starting includes building .venv from scratch: a minute or two here, since HOME is kept
+# and so pip's cache and configuration are reused.
 START_WITHIN_S = 300
 
 PROBE = '''

@@ -6,6 +6,8 @@ transient (``Retry``, optionally with the server's ``Retry-After``) or permanent
 (``Failed``); ``handlers.retry`` decides *when* to try again.
 """
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -30,6 +32,36 @@ class Message:
     generated_message: str
     created_at: datetime
     payload: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of_notification(
+        cls, row: Mapping[Any, Any], *, event_id: str | None = None, event_type: str | None = None
+    ) -> "Message":
+        """
+        The message of a stored notification row (its ``payload_json`` is the payload).
+
+        Args:
+            event_id: the delivery's own event id (a webhook delivery's); by default
+                the payload's ``event_id``, else the notification id.
+            event_type: the delivery's event type; the row's by default.
+        """
+        payload: dict[str, Any] = json.loads(row["payload_json"] or "{}")
+        if event_id is None:
+            stored = payload.get("event_id")
+            event_id = stored if isinstance(stored, str) and stored else row["id"]
+        return cls(
+            event_id=event_id,
+            event_type=event_type if event_type is not None else row["event_type"],
+            project_id=row["project_id"],
+            agent_id=row["agent_id"],
+            user_id=row["user_id"],
+            message_id=row["id"],
+            check_type=row["check_type"],
+            intent=row["intent"],
+            generated_message=row["generated_message"],
+            created_at=row["created_at"],
+            payload=payload,
+        )
 
 
 @dataclass(frozen=True, slots=True)

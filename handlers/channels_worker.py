@@ -25,27 +25,21 @@ user has read it) gets no push, no email and no SMS, and its retries stop.
 """
 
 import asyncio
-import json
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 import httpx
 import structlog
-from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from delivery.bus.consumers import settle_batch, subscribe_batches
+from delivery.bus.consumers import settle_batch
 from delivery.bus.messages import NotificationCreated
-from delivery.bus.stream import ensure_stream
-from delivery.bus.subjects import Subjects
 from delivery.clock import Clock
-from delivery.loops import PeriodicLoop
 from delivery.settings import Settings
 from delivery.store.channels import AttemptRecord, ChannelStore
 from handlers.base import Channel, Message
@@ -58,6 +52,7 @@ from handlers.fanout import (
     provider_http_client,
     summarize,
 )
+from handlers.queue import QueueWorker
 from handlers.retry import DeadLetter, Rand, RetryAt, plan_next
 
 log = structlog.get_logger(__name__)
@@ -97,25 +92,6 @@ class FanoutResult:
         self.skipped += other.skipped
         self.retries_scheduled += other.retries_scheduled
         self.disabled += other.disabled
-
-
-def message_for(row: RowMapping) -> Message:
-    """The channel message of a notification row (its DESIGN decision 3 payload)."""
-    payload: dict[str, Any] = json.loads(row["payload_json"] or "{}")
-    event_id = payload.get("event_id")
-    return Message(
-        event_id=event_id if isinstance(event_id, str) and event_id else row["id"],
-        event_type=row["event_type"],
-        project_id=row["project_id"],
-        agent_id=row["agent_id"],
-        user_id=row["user_id"],
-        message_id=row["id"],
-        check_type=row["check_type"],
-        intent=row["intent"],
-        generated_message=row["generated_message"],
-        created_at=row["created_at"],
-        payload=payload,
-    )
 
 
 def contact_of(row: RowMapping) -> Contact:
@@ -181,7 +157,7 @@ def plan_records(
     return records, disable, result
 
 
-class ChannelsWorker:
+class ChannelsWorker(QueueWorker):
     """
     Fans ``notification.created`` out to users' contacts and retries what failed.
 
@@ -202,6 +178,16 @@ class ChannelsWorker:
             waiting on an event instead of sleeping).
     """
 
+    name = "channels"
+    durable = DURABLE
+    ack_wait_s = ACK_WAIT_S
+    pull_wait_s = BATCH_WAIT_S
+    graceful_timeout_s = ACK_WAIT_S
+    # NEW: when the consumer is first created (a deployment that adds this worker) it
+    # must not push the stream's whole week of history to people's phones. Once it
+    # exists, the durable consumer resumes where it stopped.
+    deliver_policy = DeliverPolicy.NEW
+
     def __init__(
         self,
         settings: Settings,
@@ -216,22 +202,20 @@ class ChannelsWorker:
         rand: Rand = random.random,
         on_result: Callable[[FanoutResult], None] | None = None,
     ) -> None:
-        self.settings = settings
-        self.store = ChannelStore(engine)
-        self.clock = clock
-        self.nats_url = nats_url
-        self.subjects = Subjects(settings.subject_prefix)
-        self.batch = batch
-        self.lease = lease
-        self.poll_interval_s = (
-            poll_interval.total_seconds() if poll_interval else settings.tick_interval_s
+        super().__init__(
+            settings,
+            clock=clock,
+            nats_url=nats_url,
+            batch=batch,
+            poll_interval=poll_interval,
+            log=log,
         )
+        self.store = ChannelStore(engine)
+        self.lease = lease
         self._rand = rand
         self._on_result = on_result
         self._client: httpx.AsyncClient | None = None
         self._router = ChannelRouter(channels, send_timeout=SEND_TIMEOUT) if channels else None
-        self._broker: NatsBroker | None = None
-        self._loop = PeriodicLoop("channels-retry", self._retry_step, self.poll_interval_s, log)
 
     @classmethod
     def from_settings(
@@ -249,53 +233,21 @@ class ChannelsWorker:
             self._router = ChannelRouter(channels, send_timeout=SEND_TIMEOUT)
         return self._router
 
-    async def start(self) -> None:
+    async def before_start(self) -> None:
         """
-        Build the channels (a half-configured provider fails here, at start-up), start
-        the JetStream consumer and the retry loop.
+        Build the channels, so a half-configured provider fails at start-up.
 
         Raises:
             ValueError: a provider is partly configured (``channels_from_settings``).
         """
         self._ensure_router()
-        if self.nats_url is not None:
-            self._broker = self._build_broker(self.nats_url)
-            await self._broker.connect()
-            await ensure_stream(self._broker.config.connection_state.stream, self.subjects)
-            await self._broker.start()
-        self._loop.start()
-        log.info("channels.worker_started", consumer=self.nats_url is not None)
 
-    async def stop(self) -> None:
-        """Stop consuming (in-flight batches finish), stop the retry loop, close clients."""
-        if self._broker is not None:
-            await self._broker.stop()
-            self._broker = None
-        await self._loop.stop()
+    async def after_stop(self) -> None:
+        """Close the providers' HTTP client."""
         if self._client is not None:
             await self._client.aclose()
             self._client = None
             self._router = None
-        log.info("channels.worker_stopped")
-
-    def _build_broker(self, url: str) -> NatsBroker:
-        # logger=None: every line we log goes through structlog with ids bound.
-        broker = NatsBroker(url, graceful_timeout=ACK_WAIT_S, logger=None)
-        subscribe_batches(
-            broker,
-            subject=self.subjects.notification_created,
-            stream=self.subjects.stream,
-            durable=DURABLE,
-            batch=self.batch,
-            ack_wait_s=ACK_WAIT_S,
-            pull_wait_s=BATCH_WAIT_S,
-            handler=self.handle_batch,
-            # NEW: when the consumer is first created (a deployment that adds this worker)
-            # it must not push the stream's whole week of history to people's phones.
-            # Once it exists, the durable consumer resumes where it stopped.
-            deliver_policy=DeliverPolicy.NEW,
-        )
-        return broker
 
     # --- fan-out ------------------------------------------------------------------
 
@@ -331,7 +283,9 @@ class ChannelsWorker:
             if not rows:
                 return [], [], FanoutResult(notifications=1)
             attempts = await router.fan_out(
-                message_for(note), [contact_of(r) for r in rows], inputs.preferences.get(key)
+                Message.of_notification(note),
+                [contact_of(r) for r in rows],
+                inputs.preferences.get(key),
             )
             ids = {(r["kind"], r["destination"]): r["id"] for r in rows}
             records, disable, result = plan_records(
@@ -434,7 +388,9 @@ class ChannelsWorker:
             prefs = await self.store.get_preferences(
                 note["project_id"], note["agent_id"], note["user_id"]
             )
-            attempts = await router.fan_out(message_for(note), [contact_of(contact)], prefs)
+            attempts = await router.fan_out(
+                Message.of_notification(note), [contact_of(contact)], prefs
+            )
             records, disable, result = plan_records(
                 note,
                 attempts,
@@ -452,7 +408,7 @@ class ChannelsWorker:
             bound.exception("channels.retry_failed", lease_s=self.lease.total_seconds())
             return FanoutResult()
 
-    async def _retry_step(self) -> bool:
+    async def claim_step(self) -> bool:
         result = await self.sweep()
         # A full batch: there may be more due right now.
         return result.sent + result.failed + result.skipped >= self.batch

@@ -53,6 +53,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "handlers.sms",
             "handlers.fanout",
             "handlers.forwarding",
+            "handlers.queue",
             "handlers.channels_worker",
             "handlers.runner",
         ),

@@ -22,7 +22,6 @@ the clock's "now", returning what it did, so tests drive retries with a ``Manual
 """
 
 import asyncio
-import json
 import random
 import secrets
 from collections.abc import Callable, Sequence
@@ -32,16 +31,12 @@ from functools import partial
 from typing import Any
 
 import structlog
-from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from delivery.bus.consumers import settle_batch, subscribe_batches
+from delivery.bus.consumers import settle_batch
 from delivery.bus.messages import NotificationCreated
-from delivery.bus.stream import ensure_stream
-from delivery.bus.subjects import Subjects
 from delivery.clock import Clock
-from delivery.loops import PeriodicLoop
 from delivery.secrets import SecretBox, SecretDecryptError
 from delivery.settings import Settings
 from delivery.store.webhooks import (
@@ -54,6 +49,7 @@ from delivery.store.webhooks import (
     WebhookStore,
 )
 from handlers.base import Message
+from handlers.queue import QueueWorker
 from handlers.retry import DeadLetter, Done, Rand, RetryAt, plan_next
 from handlers.webhooks.sender import WebhookChannel, WebhookEndpoint
 from handlers.webhooks.signing import active_secrets
@@ -72,6 +68,8 @@ BATCH_WAIT_S = 0.1
 """How long a pull waits to fill a batch: the latency floor of a lone message."""
 LEASE_MARGIN = timedelta(seconds=60)
 """A claim outlives the send timeout by this much before another worker may retake it."""
+STOP_GRACE = timedelta(seconds=10)
+"""How long stopping waits for in-flight sends before cancelling them."""
 UNREADABLE_SECRET_DELAY = timedelta(minutes=5)
 """A secret that does not decrypt (wrong ``DELIVERY_SECRET_KEY``) waits for the operator."""
 
@@ -89,25 +87,14 @@ class SweepResult:
 
 
 def _message(claimed: ClaimedDelivery) -> Message:
-    note = claimed.notification
-    assert note is not None  # noqa: S101 - callers check first
-    payload: dict[str, Any] = json.loads(note["payload_json"] or "{}")
-    return Message(
-        event_id=claimed.event_id,
-        event_type=claimed.event_type,
-        project_id=claimed.project_id,
-        agent_id=note["agent_id"],
-        user_id=note["user_id"],
-        message_id=note["id"],
-        check_type=note["check_type"],
-        intent=note["intent"],
-        generated_message=note["generated_message"],
-        created_at=note["created_at"],
-        payload=payload,
+    assert claimed.notification is not None  # noqa: S101 - callers check first
+    # The delivery's own event id and type: one notification may go to several endpoints.
+    return Message.of_notification(
+        claimed.notification, event_id=claimed.event_id, event_type=claimed.event_type
     )
 
 
-class WebhookWorker:
+class WebhookWorker(QueueWorker):
     """
     Consumes ``notification.created``, keeps the delivery queue, sends and retries.
 
@@ -131,6 +118,12 @@ class WebhookWorker:
             ``dead``, ``skipped``): metrics, and tests waiting on an event.
     """
 
+    name = "webhook"
+    durable = DURABLE
+    ack_wait_s = ACK_WAIT_S
+    pull_wait_s = BATCH_WAIT_S
+    graceful_timeout_s = 30.0
+
     def __init__(
         self,
         settings: Settings,
@@ -147,33 +140,28 @@ class WebhookWorker:
         worker_id: str | None = None,
         on_finished: Callable[[ClaimedDelivery, str], None] | None = None,
     ) -> None:
-        self.settings = settings
+        self.worker_id = worker_id or f"whw_{secrets.token_hex(6)}"
+        super().__init__(
+            settings,
+            clock=clock,
+            nats_url=nats_url,
+            batch=batch,
+            poll_interval=poll_interval,
+            log=log.bind(worker_id=self.worker_id),
+        )
         self.store = WebhookStore(engine)
-        self.clock = clock
-        self.nats_url = nats_url
-        self.subjects = Subjects(settings.subject_prefix)
         self._own_channel = channel is None
         self._channel = channel
         self._box = box
         self.lease = lease or timedelta(seconds=settings.webhook_timeout_s) + LEASE_MARGIN
-        self.batch = batch
-        self.poll_interval_s = (
-            poll_interval.total_seconds() if poll_interval else settings.tick_interval_s
-        )
         self._rand = rand
-        self.worker_id = worker_id or f"whw_{secrets.token_hex(6)}"
         # The loop keeps up to twice the channel's global bound claimed, so the channel
         # always has work queued; per endpoint it claims no more than the channel sends
         # at once to one origin, so a slow receiver's backlog stays in the database.
         self._max_in_flight = 2 * settings.webhook_max_in_flight
         self._per_endpoint = settings.webhook_per_endpoint
         self._endpoint_load: dict[str, int] = {}
-        self._broker: NatsBroker | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._log = log.bind(worker_id=self.worker_id)
-        self._loop = PeriodicLoop(
-            "webhook-sweep", self._claim_step, self.poll_interval_s, self._log
-        )
         self._on_finished = on_finished
 
     @classmethod
@@ -192,10 +180,10 @@ class WebhookWorker:
             self._channel = WebhookChannel.from_settings(self.settings, clock=self.clock)
         return self._box, self._channel
 
-    async def start(self) -> None:
+    async def before_start(self) -> None:
         """
         Release this deployment's stale claims (SQLite only: one handlers process, so
-        any claim left is a killed process's), start the consumer and the sweep loop.
+        any claim left is a killed process's).
 
         The secret box and the channel are built on the first delivery, so a process
         with no webhooks never creates ``data_dir/secret.key``.
@@ -204,26 +192,15 @@ class WebhookWorker:
             released = await self.store.release_claims(now=self.clock.now())
             if released:
                 self._log.info("webhook.claims_released", count=released)
-        if self.nats_url is not None:
-            self._broker = self._build_broker(self.nats_url)
-            await self._broker.connect()
-            await ensure_stream(self._broker.config.connection_state.stream, self.subjects)
-            await self._broker.start()
-        self._loop.start()
-        self._log.info("webhook.worker_started", consumer=self.nats_url is not None)
 
-    async def stop(self, *, grace: timedelta = timedelta(seconds=10)) -> None:
+    async def after_stop(self) -> None:
         """
-        Stop consuming and claiming, give in-flight sends ``grace`` to finish, then
-        cancel the rest (their claims expire or are released at the next start) and
-        close the channel if it is ours.
+        Give in-flight sends :data:`STOP_GRACE` to finish, then cancel the rest (their
+        claims expire or are released at the next start), release this worker's
+        claims and close the channel if it is ours.
         """
-        if self._broker is not None:
-            await self._broker.stop()
-            self._broker = None
-        await self._loop.stop()
         if self._tasks:
-            _done, pending = await asyncio.wait(self._tasks, timeout=grace.total_seconds())
+            _done, pending = await asyncio.wait(self._tasks, timeout=STOP_GRACE.total_seconds())
             for task in pending:
                 task.cancel()
             if pending:
@@ -233,28 +210,8 @@ class WebhookWorker:
         if self._own_channel and self._channel is not None:
             await self._channel.aclose()
             self._channel = None
-        self._log.info("webhook.worker_stopped")
-
-    def wake(self) -> None:
-        """Claim now instead of at the next poll (new deliveries were queued)."""
-        self._loop.wake()
 
     # --- enqueue ------------------------------------------------------------------
-
-    def _build_broker(self, url: str) -> NatsBroker:
-        # logger=None: every line we log goes through structlog with ids bound.
-        broker = NatsBroker(url, graceful_timeout=30.0, logger=None)
-        subscribe_batches(
-            broker,
-            subject=self.subjects.notification_created,
-            stream=self.subjects.stream,
-            durable=DURABLE,
-            batch=self.batch,
-            ack_wait_s=ACK_WAIT_S,
-            pull_wait_s=BATCH_WAIT_S,
-            handler=self.handle_batch,
-        )
-        return broker
 
     async def handle_batch(self, raws: Sequence[Msg]) -> int:
         """
@@ -308,7 +265,7 @@ class WebhookWorker:
         await asyncio.gather(*(self._process(c, result) for c in claimed))
         return result
 
-    async def _claim_step(self) -> bool:
+    async def claim_step(self) -> bool:
         """Claim what fits in the free slots and start sending it; True on a full claim."""
         free = self._max_in_flight - len(self._tasks)
         if free <= 0:

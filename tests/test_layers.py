@@ -54,6 +54,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "handlers.fanout",
             "handlers.forwarding",
             "handlers.queue",
+            "handlers.notification_channels",
             "handlers.channels_worker",
             "handlers.runner",
         ),

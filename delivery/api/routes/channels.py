@@ -12,9 +12,7 @@ the ``{channelId}`` routes so it can never be captured by them.
 """
 
 import asyncio
-import dataclasses
 import json
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +24,6 @@ from sqlalchemy.engine import RowMapping
 from delivery.api.auth import PathProject, ProjectId
 from delivery.api.context import ApiContext, Ctx, ResourceId, wire_time
 from delivery.api.schemas import RequestModel
-from delivery.clock import Clock
 from delivery.errors import (
     InvalidRequestError,
     InvalidWebhookUrlError,
@@ -37,11 +34,15 @@ from delivery.secrets import SecretBox, SecretDecryptError
 from delivery.settings import Settings
 from delivery.store.channels import ChannelConfigCodec, ChannelStore
 from delivery.store.sql import canonical_json, new_id
-from handlers.base import Delivered, Failed, Message, Retry
 from handlers.contacts import normalize_email
-from handlers.email import SmtpChannel, SmtpSecurity
+from handlers.notification_channels import (
+    ChannelTarget,
+    deliver_event,
+    filter_matches,
+    subscribed,
+)
 from handlers.ssrf import Resolver, check_url, parse_allow_nets
-from handlers.webhooks.sender import WebhookChannel, WebhookEndpoint, header_value_problem
+from handlers.webhooks.sender import header_value_problem
 from handlers.webhooks.signing import SigningKey, generate_secret
 
 router = APIRouter(tags=["channels"])
@@ -116,38 +117,6 @@ def _recipients(value: Any) -> list[str]:
         except ValueError as exc:
             raise InvalidRequestError(f"config.to.{i}", str(exc)) from None
     return out
-
-
-def filter_matches(channel_filter: Mapping[str, Any] | None, payload: Mapping[str, Any]) -> bool:
-    """
-    The delivery predicate (pure): every known key must hold, unknown keys are ignored.
-
-    ``agents`` / ``users`` / ``check_types``: ``payload.agent_id`` / ``user_id`` /
-    ``check_type`` is in the list; ``min_score``: ``payload.score`` is a number at least
-    that high (CONTRACT 8's example ``{"agents": [...], "min_score": 80}``).
-    """
-    if not channel_filter:
-        return True
-    for key, field in (("agents", "agent_id"), ("users", "user_id"), ("check_types", "check_type")):
-        wanted = channel_filter.get(key)
-        if isinstance(wanted, list) and wanted and payload.get(field) not in wanted:
-            return False
-    minimum = channel_filter.get("min_score")
-    if isinstance(minimum, int | float) and not isinstance(minimum, bool):
-        score = payload.get("score")
-        if (
-            not isinstance(score, int | float)
-            or isinstance(score, bool)
-            or not math.isfinite(score)
-            or score < minimum
-        ):
-            return False
-    return True
-
-
-def subscribed(events: Sequence[str], event_type: str) -> bool:
-    """An empty ``events`` list subscribes to everything (CONTRACT 8)."""
-    return not events or event_type in events
 
 
 # --- request plumbing -------------------------------------------------------------------
@@ -352,67 +321,6 @@ async def _delete(project: str, channel_id: str, ctx: ApiContext) -> Response:
     return Response(status_code=204)
 
 
-def _text_of(event_type: str, payload: Mapping[str, Any]) -> str:
-    message = payload.get("generated_message") or payload.get("message")
-    if isinstance(message, str) and message.strip():
-        return message
-    return f"{event_type}\n\n{json.dumps(payload, indent=2, ensure_ascii=False, default=str)}"
-
-
-async def _deliver_one(
-    row: RowMapping,
-    config: Mapping[str, Any],
-    message: Message,
-    settings: Settings,
-    clock: Clock,
-    webhook: WebhookChannel,
-) -> dict[str, Any]:
-    result: dict[str, Any] = {"channel_id": row["id"], "type": row["type"]}
-    if row["type"] == "webhook":
-        secret = config.get("secret")
-        if not isinstance(secret, str) or not secret:
-            return {**result, "status": "failed", "error": "the channel has no signing secret"}
-        auth = config.get("auth_header")
-        endpoint = WebhookEndpoint(
-            url=str(config.get("url", "")),
-            secrets=(secret,),
-            auth_header=auth if isinstance(auth, str) and auth else None,
-        )
-        delivery = await webhook.deliver(message, endpoint)
-        outcome = delivery.outcome
-    else:
-        recipients = config.get("to") or []
-        if not recipients:
-            return {**result, "status": "skipped", "error": "config.to names no recipient"}
-        if not settings.smtp_host:
-            return {
-                **result,
-                "status": "failed",
-                "error": "email is not configured on this server (DELIVERY_SMTP_HOST)",
-            }
-        try:
-            security = SmtpSecurity(settings.smtp_security)
-        except ValueError:
-            _log.error("channels.smtp_misconfigured", smtp_security=settings.smtp_security)
-            return {**result, "status": "failed", "error": "the server's SMTP settings are invalid"}
-        channel = SmtpChannel(
-            settings.smtp_host,
-            settings.smtp_port,
-            str(config.get("from") or settings.smtp_from),
-            clock=clock,
-            security=security,
-            username=settings.smtp_username,
-            password=settings.smtp_password.get_secret_value() if settings.smtp_password else "",
-        )
-        outcomes = await asyncio.gather(*(channel.send(message, to) for to in recipients))
-        failures = [o for o in outcomes if not isinstance(o, Delivered)]
-        outcome = failures[0] if failures else outcomes[0]
-    if isinstance(outcome, Delivered):
-        return {**result, "status": "sent"}
-    assert isinstance(outcome, Retry | Failed)  # noqa: S101 - Outcome is a closed union
-    return {**result, "status": "failed", "error": outcome.reason}
-
-
 async def _deliver(
     project: str, body: ChannelDeliverBody, request: Request, ctx: ApiContext
 ) -> Response:
@@ -434,46 +342,23 @@ async def _deliver(
     ]
     if not rows:
         return JSONResponse({"deliveries": []})
-    now = ctx.clock.now()
     event_id = new_id("dlv")
-    envelope = {
-        "event_id": event_id,
-        "event_type": body.event_type,
-        "created_at": wire_time(now),
-        "project_id": project,
-        "payload": payload,
-    }
-    subject = payload.get("subject") or payload.get("title") or body.event_type
-    message = Message(
+    targets = []
+    for row in rows:
+        try:
+            config: Mapping[str, Any] | None = codec.full(row)
+        except SecretDecryptError:
+            config = None
+        targets.append(ChannelTarget(row["id"], row["type"], config))
+    deliveries = await deliver_event(
+        project,
+        body.event_type,
+        payload,
+        targets,
         event_id=event_id,
-        event_type=body.event_type,
-        project_id=project,
-        agent_id=str(payload.get("agent_id", "")),
-        user_id=str(payload.get("user_id", "")),
-        message_id=event_id,
-        check_type=str(payload.get("check_type", body.event_type)),
-        intent="",
-        generated_message=_text_of(body.event_type, payload),
-        created_at=now,
-        payload=envelope,
+        settings=ctx.settings,
+        clock=ctx.clock,
     )
-    email_message = dataclasses.replace(message, payload={"subject": str(subject)})
-    async with WebhookChannel.from_settings(ctx.settings, clock=ctx.clock) as webhook:
-
-        async def one(row: RowMapping) -> dict[str, Any]:
-            try:
-                config = codec.full(row)
-            except SecretDecryptError:
-                return {
-                    "channel_id": row["id"],
-                    "type": row["type"],
-                    "status": "failed",
-                    "error": "the channel's secrets cannot be decrypted with this server's key",
-                }
-            chosen = message if row["type"] == "webhook" else email_message
-            return await _deliver_one(row, config, chosen, ctx.settings, ctx.clock, webhook)
-
-        deliveries = await asyncio.gather(*(one(r) for r in rows))
     _log.info(
         "channels.delivered",
         event_id=event_id,

@@ -53,10 +53,13 @@ def _declared_body(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 async def _reject(send: Send, error: DeliveryError) -> None:
-    """Answer ``error`` in the API's error shape and close the connection.
+    """
+    Answer ``error`` in the API's error shape, the rest of the body unread.
 
-    ``Connection: close``: the rest of the body is unread, so the connection cannot
-    carry another request, and closing it stops a client that keeps sending.
+    No ``Connection: close``: uvicorn would close the socket at once, with the unread
+    body in it, and the kernel's reset can destroy the answer before the client reads
+    it. The server protocol (:mod:`delivery.api.serving`) closes a connection answered
+    before its body was in with a lingering close instead.
     """
     body = json.dumps(error.to_body()).encode()
     await send(
@@ -66,7 +69,6 @@ async def _reject(send: Send, error: DeliveryError) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
             ],
         }
     )

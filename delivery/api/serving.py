@@ -15,9 +15,12 @@ protocol (the one ``uvicorn[standard]`` picks by default) with one timer per
 connection, a byte count and the connection set uvicorn already keeps; the body's
 own bounds are the app's (:mod:`delivery.api.limits`).
 
-None of them touches a response in progress: the header timer stops at the end of
-the headers and only restarts at the first byte of a next request, so a live stream
-(a GET answered for hours) is never cut; it holds one connection, as it should.
+A connection answered before its request was read in full (a body over the cap or
+too slow, headers too large) is closed with a short lingering close, so that the
+client can read the answer. None of the bounds touches a response in progress: the
+header timer stops at the end of the headers and only restarts at the first byte of a
+next request, so a live stream (a GET answered for hours) is never cut; it holds one
+connection, as it should.
 """
 
 import asyncio
@@ -37,6 +40,8 @@ _log = structlog.get_logger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
 """Request line plus headers, per request (nginx reads 32 KiB, Node 16 KiB by default)."""
+LINGER_S = 2.0
+"""How long a connection answered before its request was read in full is drained."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +108,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         """Armed exactly while a request's headers are awaited."""
         self._header_bytes = 0
+        self._body_pending = False
+        """Between a request's headers and the end of its body."""
+        self._linger_timer: asyncio.TimerHandle | None = None
+        """Armed while the connection drains before its close; nothing is parsed then."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -116,9 +125,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._linger_timer is not None:
+            return  # draining before the close: read and dropped, never parsed
         reading_headers = self._header_timer is not None
         super().data_received(data)
         if self._header_timer is None or not reading_headers:
@@ -133,7 +147,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             error = HeadersTooLargeError(
                 "", f"the request line and headers exceed {self.limits.max_header_bytes} bytes"
             )
-            self._close_after(_raw_response(error, "Request Header Fields Too Large"))
+            self._close_after(_raw_response(error, "Request Header Fields Too Large"), linger=True)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -144,7 +158,20 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
+        self._body_pending = True
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._body_pending = False
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._body_pending and not self.transport.is_closing():
+            # Answered before its body was in (413 / 408 from delivery.api.limits): the
+            # rest of the body is never read, so the connection cannot carry another
+            # request and a client still sending must be stopped.
+            self._close_after(None, linger=True)
 
     def _arm_header_timer(self) -> None:
         self._header_bytes = 0
@@ -164,10 +191,20 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             client=self.client[0] if self.client else None,
             timeout_s=self.limits.header_timeout_s,
         )
-        self._close_after(None)
+        self._close_after(None, linger=False)
 
-    def _close_after(self, answer: bytes | None) -> None:
-        """Close now, or once the response in progress has gone out (a pipelined request)."""
+    def _close_after(self, answer: bytes | None, *, linger: bool) -> None:
+        """
+        Write ``answer`` and close, or close once the response in progress has gone out
+        (a pipelined request stalled behind it).
+
+        With ``linger``, the close is a lingering one: the write side is shut (the
+        client reads the answer, then end-of-file) and what the client still sends is
+        read and dropped for up to :data:`LINGER_S`. Closing a socket with unread
+        bytes makes the kernel send a reset, which can destroy the answer before the
+        client reads it: a client uploading a too-large body would see "connection
+        reset" instead of its 413.
+        """
         if self.transport.is_closing():
             return
         cycle: RequestResponseCycle | None = self.cycle  # None before a first request
@@ -177,7 +214,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         if answer is not None:
             self.transport.write(answer)
-        self.transport.close()
+        if not linger or not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self._unset_keepalive_if_required()
+        self.transport.write_eof()
+        self.flow.resume_reading()
+        self._linger_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def server_config(app: Any, settings: Settings, **overrides: Any) -> BoundedConfig:

@@ -6,6 +6,7 @@ peak during, and after three concurrent 200 MB ``POST .../wakeups`` bodies (one 
 
     .venv/bin/python bench/bench_big_body.py              # 3 x 200 MB, each framing
     .venv/bin/python bench/bench_big_body.py --mb 20      # smaller bodies
+    .venv/bin/python bench/bench_big_body.py --slow 200   # then 200 slow-body connections
 
 The daemon is the embedded default (SQLite and its own nats-server in a temporary
 folder, a free port, ``DELIVERY_BOOTSTRAP_API_KEY``), started as
@@ -170,12 +171,53 @@ async def probe(port: int, proc: psutil.Process, size: int, *, chunked: bool) ->
         print(f"  request {n}: {out.status} after {out.sent_mb:.1f} MB sent, {out.seconds:.2f} s")
 
 
-async def run(port: int, popen: subprocess.Popen[bytes], size: int) -> None:
+async def slow_body(port: int, stop: asyncio.Event) -> float | None:
+    """One body byte a second, never finished; seconds until the server closed, or None."""
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        (
+            f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+        ).encode()
+    )
+    closed = asyncio.create_task(reader.read())  # returns at EOF: the server closed
+    try:
+        while not stop.is_set():
+            writer.write(b" ")
+            await writer.drain()
+            done, _ = await asyncio.wait([closed], timeout=1.0)
+            if done:
+                return time.perf_counter() - started
+    except (ConnectionResetError, BrokenPipeError):
+        return time.perf_counter() - started
+    finally:
+        closed.cancel()
+        writer.close()
+    return None
+
+
+async def slow_probe(port: int, count: int, limit_s: float) -> None:
+    stop = asyncio.Event()
+    clients = [asyncio.create_task(slow_body(port, stop)) for _ in range(count)]
+    await asyncio.sleep(limit_s)
+    stop.set()
+    closed = [s for s in await asyncio.gather(*clients) if s is not None]
+    latest = f", the last after {max(closed):.1f} s" if closed else ""
+    print(
+        f"{count} slow-body connections (1 byte/s): {count - len(closed)} still open after "
+        f"{limit_s:.0f} s; {len(closed)} closed by the server{latest}"
+    )
+
+
+async def run(port: int, popen: subprocess.Popen[bytes], size: int, slow: int) -> None:
     proc = psutil.Process(popen.pid)
     await wait_up(f"http://127.0.0.1:{port}", popen)
     print(f"delivery run from {ROOT} on port {port}")
     await probe(port, proc, size, chunked=False)
     await probe(port, proc, size, chunked=True)
+    if slow:
+        await slow_probe(port, slow, 40.0)
 
 
 def main() -> None:
@@ -183,6 +225,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--mb", type=int, default=200, help="body size in MiB (default 200)")
+    parser.add_argument(
+        "--slow", type=int, default=0, help="then N slow-body connections, watched for 40 s"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_big_body_") as tmp:
         port = free_port()
@@ -205,7 +250,7 @@ def main() -> None:
                 stderr=subprocess.STDOUT,
             )
         try:
-            asyncio.run(run(port, popen, args.mb * MB))
+            asyncio.run(run(port, popen, args.mb * MB, args.slow))
             if popen.poll() is not None:
                 print(f"the daemon exited with {popen.returncode}:\n{log.read_text()[-3000:]}")
         finally:

@@ -18,6 +18,7 @@ authentication and idempotency middlewares (logged as an unhandled error, and le
 each to clean up after), answers ``{"detail": ...}`` rather than the API's error
 shape, and has no time bound; hence this small class, where nothing below ever sees
 a failure.
+
 Requests without a body (no ``Content-Length`` or a zero one, no
 ``Transfer-Encoding``) pass through untouched: the live stream's GET keeps reading
 ``http.disconnect`` for as long as it lives, with no deadline.

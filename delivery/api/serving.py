@@ -108,6 +108,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         """Armed exactly while a request's headers are awaited."""
         self._header_bytes = 0
+        self._headers_ended = False
+        """A request's headers ended during the current ``data_received``."""
         self._body_pending = False
         """Between a request's headers and the end of its body."""
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -134,8 +136,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._linger_timer is not None:
             return  # draining before the close: read and dropped, never parsed
         reading_headers = self._header_timer is not None
+        self._headers_ended = False
         super().data_received(data)
-        if self._header_timer is None or not reading_headers:
+        if self._header_timer is None or not reading_headers or self._headers_ended:
             # Headers done in this chunk, or a next request began in it: its header bytes
             # are counted from the next chunk (at most one read's worth goes uncounted).
             self._header_bytes = 0
@@ -158,6 +161,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
+        self._headers_ended = True
         self._body_pending = True
         super().on_headers_complete()
 

@@ -282,7 +282,7 @@ async def test_inventory_bad_input(api: Api) -> None:
 
 
 async def test_unauthorized(api: Api) -> None:
-    """Without a valid bearer key every API route is 401 UNAUTHORIZED, before the body is read."""
+    """Without a valid bearer key every API route is 401 UNAUTHORIZED, before the body is parsed."""
     for header in (None, "Bearer", "Bearer wrong-key", "Basic dXNlcjpwYXNz", "bearer  "):
         headers = {"Authorization": header} if header else {}
         response = await api.anonymous.post(SCHEDULES_PATH, content=b"{not json", headers=headers)

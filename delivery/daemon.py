@@ -340,21 +340,13 @@ class Daemon:
     async def _start_api(self, stack: contextlib.AsyncExitStack, engine: AsyncEngine) -> None:
         from delivery.api import create_app
         from delivery.api.auth import bootstrap_key
+        from delivery.api.serving import server_config
         from delivery.store.sql import SqlStore
 
         store = SqlStore(engine, subjects=self.subjects)
         await bootstrap_key(self.settings, store, self.clock)
         app = create_app(self.settings, store, self.clock, self)
-        config = uvicorn.Config(
-            app,
-            host=self.settings.host,
-            port=self.settings.port,
-            log_config=None,
-            access_log=False,
-            ws="none",
-            lifespan="on",
-        )
-        server = _Server(config)
+        server = _Server(server_config(app, self.settings, lifespan="on"))
         task = asyncio.create_task(server.serve(), name="api")
 
         async def stop_api() -> None:

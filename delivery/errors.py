@@ -21,9 +21,13 @@ The API turns any :class:`DeliveryError` into
     │   └── UnsupportedChannelTypeError  UNSUPPORTED_CHANNEL_TYPE
     ├── UnauthorizedError (401)          UNAUTHORIZED
     ├── NotFoundError (404, LookupError) NOT_FOUND
-    └── ConflictError (409)              CONFLICT
-        ├── IdempotencyKeyReusedError    IDEMPOTENCY_KEY_REUSED
-        └── InvalidStateError            INVALID_STATE (e.g. cancelling an executed wakeup)
+    ├── RequestTimeoutError (408)        REQUEST_TIMEOUT  (the body did not arrive in time)
+    ├── ConflictError (409)              CONFLICT
+    │   ├── IdempotencyKeyReusedError    IDEMPOTENCY_KEY_REUSED
+    │   └── InvalidStateError            INVALID_STATE (e.g. cancelling an executed wakeup)
+    ├── RequestTooLargeError (413)       REQUEST_TOO_LARGE
+    ├── HeadersTooLargeError (431)       HEADERS_TOO_LARGE
+    └── TooManyConnectionsError (503)    TOO_MANY_CONNECTIONS
 """
 
 from typing import Any, ClassVar
@@ -149,3 +153,31 @@ class IdempotencyKeyReusedError(ConflictError):
 
 class InvalidStateError(ConflictError):
     code = "INVALID_STATE"
+
+
+class RequestTimeoutError(DeliveryError):
+    """The request body did not arrive within the server's body read time."""
+
+    code = "REQUEST_TIMEOUT"
+    status = 408
+
+
+class RequestTooLargeError(DeliveryError):
+    """The request body is larger than the server accepts; none of it was used."""
+
+    code = "REQUEST_TOO_LARGE"
+    status = 413
+
+
+class HeadersTooLargeError(DeliveryError):
+    """The request line and headers are longer than the server reads."""
+
+    code = "HEADERS_TOO_LARGE"
+    status = 431
+
+
+class TooManyConnectionsError(DeliveryError):
+    """The process already holds as many connections as it is allowed; retry later."""
+
+    code = "TOO_MANY_CONNECTIONS"
+    status = 503

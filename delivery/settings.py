@@ -47,6 +47,30 @@ class Settings(BaseSettings):
     )
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
 
+    # --- HTTP server (API) ---------------------------------------------------------
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted; a larger one is 413 before anything reads it.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Time a connection has to send a request's headers (from accept, or from "
+        "the next request's first byte); then it is closed.",
+    )
+    body_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="Time a request has to send its whole body after its headers; then 408.",
+    )
+    max_connections: int = Field(
+        default=16_384,
+        ge=1,
+        description="Open HTTP connections per process, live streams included; past it a new "
+        "connection is answered 503 and closed.",
+    )
+
     # --- scheduler --------------------------------------------------------------
     tick_interval_s: float = Field(default=0.5, gt=0, le=60)
     claim_batch: int = Field(default=1000, ge=1, le=100_000)

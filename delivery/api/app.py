@@ -2,7 +2,8 @@
 ``create_app(settings, store, clock, waker)``: the API's composition root.
 
 Middleware, outermost first: request context (request id, access log, metrics)
--> authentication (401 before anything else) -> ``Idempotency-Key`` -> routes.
+-> body limit (the body read whole, bounded in size and time: 413 / 408) ->
+authentication (401 before anything parses the body) -> ``Idempotency-Key`` -> routes.
 The app does not own the store's engine: whoever built it disposes of it.
 """
 
@@ -19,6 +20,7 @@ from delivery.api.auth import Authenticator, AuthMiddleware
 from delivery.api.context import ApiContext, NoWaker, Wakeable
 from delivery.api.errors import install_error_handlers
 from delivery.api.idempotency import IdempotencyMiddleware
+from delivery.api.limits import BodyLimitMiddleware
 from delivery.api.metrics import HttpMetrics, RequestContextMiddleware
 from delivery.api.routes import ROUTERS
 from delivery.clock import Clock
@@ -55,7 +57,8 @@ def create_app(
     Build the FastAPI application.
 
     Args:
-        settings: the process settings (subject prefix, idempotency TTL, ...).
+        settings: the process settings (subject prefix, idempotency TTL, body
+            size and time bounds, ...).
         store: the store over a migrated database.
         clock: "now" for every write and computation.
         waker: nudged after writes that may make work due sooner (schedule
@@ -102,5 +105,8 @@ def create_app(
         box_factory=lambda: SecretBox.from_settings(settings),
     )
     app.add_middleware(AuthMiddleware, authenticator=Authenticator(store, ttl_s=auth_cache_ttl_s))
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

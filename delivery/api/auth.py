@@ -2,7 +2,7 @@
 API key -> project: tenancy is decided here, once (DESIGN invariant 6, decision 1).
 
 :class:`AuthMiddleware` answers 401 for every ``/api/`` request without a valid
-``Authorization: Bearer <key>`` before any body is read, and otherwise puts the
+``Authorization: Bearer <key>`` before any body is parsed, and otherwise puts the
 project id in ``scope["state"]``; routes read it with :func:`project_id`.
 """
 

@@ -12,7 +12,14 @@ from typing import Annotated, Any, Protocol
 import structlog
 from fastapi import Depends, Path, Request
 
-from delivery.api.schemas import ID_PATTERN, MAX_METADATA_BYTES, MAX_METADATA_KEYS
+from delivery.api.schemas import (
+    ID_PATTERN,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
+    MAX_METADATA_KEY_CHARS,
+    MAX_METADATA_KEYS,
+    MAX_METADATA_STRING_CHARS,
+)
 from delivery.clock import Clock
 from delivery.errors import InvalidIdError, InvalidLimitError, InvalidRequestError
 from delivery.settings import Settings
@@ -148,7 +155,9 @@ def check_metadata(value: dict[str, Any] | None, field: str = "metadata") -> str
     Canonical JSON of a metadata object, or ``None`` when absent or empty.
 
     Raises:
-        InvalidRequestError: more than 64 keys or more than 16 KiB of JSON.
+        InvalidRequestError: more than 64 keys, nested deeper than 10 levels, a key
+            longer than 128 characters or a string longer than 8000, or more than
+            16 KiB of JSON; the message names the offending path (``metadata.a.0``).
     """
     if not value:
         return None
@@ -156,12 +165,49 @@ def check_metadata(value: dict[str, Any] | None, field: str = "metadata") -> str
         raise InvalidRequestError(
             field, f"{field} has {len(value)} keys; at most {MAX_METADATA_KEYS} are allowed"
         )
+    _check_metadata_shape(value, field)
     text = canonical_json(value)
     if len(utf8(text, field)) > MAX_METADATA_BYTES:
         raise InvalidRequestError(
             field, f"{field} is larger than {MAX_METADATA_BYTES // 1024} KiB as JSON"
         )
     return text
+
+
+def _check_metadata_shape(value: dict[str, Any], field: str) -> None:
+    """
+    Bound the nesting depth and every key and string of a parsed metadata object.
+
+    Walked with an explicit stack, not recursion: the depth is what is being checked.
+
+    Raises:
+        InvalidRequestError: naming the path of the first offending value.
+    """
+    stack: list[tuple[str, Any, int]] = [(field, value, 1)]
+    while stack:
+        path, node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > MAX_METADATA_DEPTH:
+                raise InvalidRequestError(
+                    path,
+                    f"{path} is nested {depth} levels deep in {field}; "
+                    f"at most {MAX_METADATA_DEPTH} levels are allowed",
+                )
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, child in items:
+                if isinstance(key, str) and len(key) > MAX_METADATA_KEY_CHARS:
+                    raise InvalidRequestError(
+                        path,
+                        f"{path} has a key of {len(key)} characters; "
+                        f"at most {MAX_METADATA_KEY_CHARS} are allowed",
+                    )
+                stack.append((f"{path}.{key}", child, depth + 1))
+        elif isinstance(node, str) and len(node) > MAX_METADATA_STRING_CHARS:
+            raise InvalidRequestError(
+                path,
+                f"{path} is {len(node)} characters long; "
+                f"at most {MAX_METADATA_STRING_CHARS} are allowed",
+            )
 
 
 def utf8(text: str, field: str) -> bytes:

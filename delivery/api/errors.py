@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
+from delivery.api.schemas import MAX_METADATA_DEPTH
 from delivery.errors import DeliveryError, InvalidIdError, InvalidRequestError, NotFoundError
 
 _log = structlog.get_logger(__name__)
@@ -122,6 +123,15 @@ def install_error_handlers(app: FastAPI, routers: Sequence[APIRouter]) -> None:
                     )
             return error_response(
                 NotFoundError("", f"no route for {request.method} {path}", resource="route")
+            )
+        if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+            # FastAPI's JSON parse ran out of stack: nesting far past any field's bound.
+            return error_response(
+                InvalidRequestError(
+                    "body",
+                    "the request body nests JSON objects or arrays too deeply to parse "
+                    f"(metadata may nest at most {MAX_METADATA_DEPTH} levels)",
+                )
             )
         if exc.status_code == 405:
             body = {

@@ -36,6 +36,11 @@ Ident = Annotated[str, Field(pattern=ID_PATTERN)]
 
 MAX_METADATA_KEYS = 64
 MAX_METADATA_BYTES = 16 * 1024
+MAX_METADATA_DEPTH = 10
+"""Objects and arrays nested in ``metadata``, ``metadata`` itself being level 1."""
+MAX_METADATA_KEY_CHARS = 128
+MAX_METADATA_STRING_CHARS = 8000
+"""A metadata string may be as long as an ``intent`` (``Text``), no longer."""
 MAX_PROPERTIES_BYTES = 64 * 1024
 
 

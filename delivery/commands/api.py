@@ -13,6 +13,7 @@ import uvicorn
 
 from delivery.api import Wakeable, create_app
 from delivery.api.auth import bootstrap_key
+from delivery.api.serving import server_config
 from delivery.bus.subjects import Subjects
 from delivery.clock import Clock, SystemClock
 from delivery.commands.store import prepare_database
@@ -51,14 +52,7 @@ async def serve_api(
     try:
         await bootstrap_key(settings, store, clock)
         app = create_app(settings, store, clock, waker)
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            log_config=None,  # structlog owns logging; our middleware logs each request
-            access_log=False,
-            ws="none",
-        )
+        config = server_config(app, settings)
         _log.info("serving the API", host=settings.host, port=settings.port, docs="/docs")
         await uvicorn.Server(config).serve()
     finally:

@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from delivery.api import Wakeable, create_app
+from delivery.api.serving import server_config
 from delivery.clock import Clock
 from delivery.settings import Settings
 from delivery.store.engine import create_engine
@@ -72,13 +73,13 @@ def serve_api(
             app = create_app(settings, store, clock, waker)
             for name, value in (state or {}).items():
                 setattr(app.state, name, value)
-            config = uvicorn.Config(
+            # The production configuration (connection bounds from ``settings``).
+            config = server_config(
                 app,
+                settings,
                 host="127.0.0.1",
                 port=0,
                 log_level="warning",
-                access_log=False,
-                ws="none",
                 lifespan="off",
                 timeout_graceful_shutdown=1,
             )

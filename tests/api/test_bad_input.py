@@ -81,6 +81,23 @@ def _surrogate(body: dict[str, Any]) -> bytes:
     return json.dumps(body).replace("SURR", "\\ud800").encode()
 
 
+def _nested(levels: int) -> dict[str, Any]:
+    """``{"d": {"d": ...}}`` with ``levels`` objects below the outer one."""
+    value: dict[str, Any] = {}
+    for _ in range(levels):
+        value = {"d": value}
+    return value
+
+
+def _too_deep_for_json() -> bytes:
+    """A schedule whose metadata nests arrays deeper than Python's JSON parser recurses."""
+    return (
+        json.dumps(_schedule(metadata={"a": "DEEP"}))
+        .replace('"DEEP"', "[" * 100_000 + "]" * 100_000)
+        .encode()
+    )
+
+
 def _schedule(**changes: Any) -> dict[str, Any]:
     body = {**SCHEDULE, **changes}
     return {k: v for k, v in body.items() if v is not None}
@@ -123,7 +140,13 @@ async def test_schedule_bad_input(api: Api) -> None:
         Case("ends_at year 9999", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(ends_at="9999-12-31T23:59:59Z"), field="ends_at"),
         Case("ends_at 2200", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(ends_at="2200-01-01T00:00:00Z"), field="ends_at"),
         Case("65 metadata keys", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(metadata={f"k{i}": "v" for i in range(65)}), field="metadata"),
-        Case("17 KiB metadata", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(metadata={"k": "v" * 17_000}), field="metadata"),
+        Case("17 KiB metadata", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(metadata=dict.fromkeys("abc", "v" * 6000)), field="metadata"),
+        Case("metadata 11 levels deep", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(metadata=_nested(10)), field="metadata" + ".d" * 10),
+        Case("metadata arrays too deep", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(metadata={"a": [[[[[[[[[[1]]]]]]]]]]}), field="metadata.a.0.0.0.0.0.0.0.0.0"),
+        Case("metadata past the parser", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", raw=_too_deep_for_json(), field="body"),
+        Case("long metadata key", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(metadata={"k" * 129: 1}), field="metadata"),
+        Case("long metadata string", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(metadata={"note": "x" * 8001}), field="metadata.note"),
+        Case("long nested metadata string", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(metadata={"a": [{"b": "x" * 8001}]}), field="metadata.a.0.b"),
         Case("NUL in intent", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", _schedule(intent="a\x00b"), field="intent"),
         Case("lone surrogate in intent", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", raw=_surrogate(_schedule(intent="SURR")), field="intent"),
         Case("lone surrogate in metadata", post, SCHEDULES_PATH, 400, "INVALID_REQUEST", raw=_surrogate(_schedule(metadata={"k": "SURR"})), field="metadata"),
@@ -144,6 +167,8 @@ async def test_schedule_bad_input(api: Api) -> None:
         Case("patch starts_at year 1", "PATCH", one, 400, "INVALID_REQUEST", {"starts_at": "0001-01-01T00:00:00Z"}, field="starts_at"),
         Case("patch ends_at year 9999", "PATCH", one, 400, "INVALID_REQUEST", {"ends_at": "9999-12-31T23:59:59Z"}, field="ends_at"),
         Case("patch unknown field", "PATCH", one, 400, "INVALID_REQUEST", {"next_fire_at": "x"}),
+        Case("patch metadata too deep", "PATCH", one, 400, "INVALID_REQUEST", {"metadata": _nested(10)}, field="metadata" + ".d" * 10),
+        Case("patch long metadata string", "PATCH", one, 400, "INVALID_REQUEST", {"metadata": {"k": "x" * 8001}}, field="metadata.k"),
         Case("patch unknown schedule", "PATCH", f"{SCHEDULES_PATH}/sch_nope", 404, "NOT_FOUND", {"intent": "x"}),
         Case("delete unknown", "DELETE", f"{SCHEDULES_PATH}/sch_nope", 404, "NOT_FOUND"),
         Case("wrong method", "PUT", one, 405, "METHOD_NOT_ALLOWED", {"intent": "x"}),
@@ -211,6 +236,8 @@ async def test_event_bad_input(api: Api) -> None:
         Case("missing event_type", "POST", path, 400, "INVALID_REQUEST", {"user_id": "u1"}, field="event_type"),
         Case("numeric metadata", "POST", path, 400, "INVALID_REQUEST", {**ok, "metadata": {"level": 5}}, field="metadata.level"),
         Case("65 metadata keys", "POST", path, 400, "INVALID_REQUEST", {**ok, "metadata": {f"k{i}": "v" for i in range(65)}}, field="metadata"),
+        Case("long metadata key", "POST", path, 400, "INVALID_REQUEST", {**ok, "metadata": {"k" * 129: "v"}}, field="metadata"),
+        Case("long metadata value", "POST", path, 400, "INVALID_REQUEST", {**ok, "metadata": {"k": "v" * 8001}}, field="metadata.k"),
         Case("message without role", "POST", path, 400, "INVALID_REQUEST", {**ok, "messages": [{"content": "hi"}]}, field="messages.0.role"),
         Case("messages not a list", "POST", path, 400, "INVALID_REQUEST", {**ok, "messages": "hi"}, field="messages"),
         Case("bad user id", "POST", path, 400, "INVALID_ID", {**ok, "user_id": "u#1"}, field="user_id"),
@@ -269,7 +296,7 @@ async def test_inventory_bad_input(api: Api) -> None:
 
 
 async def test_unauthorized(api: Api) -> None:
-    """Without a valid bearer key every API route is 401 UNAUTHORIZED, before the body is read."""
+    """Without a valid bearer key every API route is 401 UNAUTHORIZED, before the body is parsed."""
     for header in (None, "Bearer", "Bearer wrong-key", "Basic dXNlcjpwYXNz", "bearer  "):
         headers = {"Authorization": header} if header else {}
         response = await api.anonymous.post(SCHEDULES_PATH, content=b"{not json", headers=headers)

@@ -31,6 +31,7 @@ from nats.aio.client import Client as NatsClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.clock import Clock, SystemClock, backoff_s
+from delivery.datadir import NATS_DIR, prepare_data_dir
 from delivery.dispatcher.subjects import Subjects
 from delivery.embedded import EmbeddedNats
 from delivery.outbox import OutboxRelay, ensure_stream
@@ -276,15 +277,16 @@ class Daemon:
     async def _start(self, stack: _Stack) -> None:
         settings = self.settings
         url = settings.resolved_database_url()
-        if is_sqlite(url) and not settings.database_url:
-            await asyncio.to_thread(Path(settings.data_dir).mkdir, parents=True, exist_ok=True)
+        embedded_sqlite = is_sqlite(url) and not settings.database_url
+        if embedded_sqlite or (not settings.nats_url and self.embedded_nats):
+            await asyncio.to_thread(prepare_data_dir, Path(settings.data_dir))
         await apply_migrations(url)
 
         nats_url = settings.nats_url
         if not nats_url:
             if not self.embedded_nats:
                 raise RuntimeError("DELIVERY_NATS_URL is required for this process")
-            server = EmbeddedNats(Path(settings.data_dir) / "nats")
+            server = EmbeddedNats(Path(settings.data_dir) / NATS_DIR)
             # Started from the loop's own thread, not a worker thread: the child is
             # tied to its spawning thread's life (PR_SET_PDEATHSIG), see embedded.py.
             nats_url = server.start()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from delivery import datadir
 from delivery.settings import Settings
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 # ``cryptography`` is imported where a box is built, not here: about 7 MB that a
 # process that never seals anything (no webhooks, no idempotent POSTs yet) never pays.
 
-KEY_FILE = "secret.key"
+KEY_FILE = datadir.KEY_FILE
 """File name of the generated key inside ``data_dir``."""
 
 _HKDF_INFO = b"sonzai-delivery secrets at rest v1"
@@ -60,7 +61,8 @@ def load_or_create_key_file(path: Path) -> bytes:
         OSError: the file cannot be read or created.
         ValueError: the file exists but is empty or truncated.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # The folder is created private too: it is the data folder of the embedded default.
+    datadir.ensure_private_dir(path.parent, tighten=False)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from delivery.datadir import DATABASE_FILE
 from delivery.dispatcher.subjects import DEFAULT_SUBJECT_PREFIX
 
 
@@ -104,4 +105,4 @@ class Settings(BaseSettings):
         """The database URL, defaulting to a WAL SQLite file inside ``data_dir``."""
         if self.database_url:
             return self.database_url
-        return f"sqlite+aiosqlite:///{(self.data_dir / 'delivery.db').resolve()}"
+        return f"sqlite+aiosqlite:///{(self.data_dir / DATABASE_FILE).resolve()}"

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from delivery.clock import SystemClock
+from delivery.datadir import prepare_data_dir
 from delivery.logs import configure_logging
 from delivery.settings import Settings
 from delivery.store.engine import create_engine, is_sqlite
@@ -25,14 +26,15 @@ keys_app = typer.Typer(
 
 def prepare_database(settings: Settings) -> str:
     """
-    The database URL, with the SQLite data directory created when that is the target.
+    The database URL, with the SQLite data directory created (private, see
+    ``delivery.datadir``) when that is the target.
 
     Returns:
         ``settings.resolved_database_url()``.
     """
     url = settings.resolved_database_url()
     if is_sqlite(url) and not settings.database_url:
-        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(Path(settings.data_dir))
     return url
 
 

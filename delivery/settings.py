@@ -7,11 +7,14 @@ at the process edge (the CLI) and passed down; nothing reads the environment lat
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from delivery.datadir import DATABASE_FILE
 from delivery.dispatcher.subjects import DEFAULT_SUBJECT_PREFIX
+
+OPS_TOKEN_MIN_LENGTH = 16
+"""``DELIVERY_OPS_TOKEN`` guards the operator endpoints of an exposed port: no short ones."""
 
 
 class Settings(BaseSettings):
@@ -47,6 +50,11 @@ class Settings(BaseSettings):
         description="If set, this key is created at start-up for project `default` (local use).",
     )
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
+    ops_token: SecretStr | None = Field(
+        default=None,
+        description="If set, /metrics, /docs, /redoc and /openapi.json require it; unset "
+        "leaves them open (local use).",
+    )
 
     # --- scheduler --------------------------------------------------------------
     tick_interval_s: float = Field(default=0.5, gt=0, le=60)
@@ -100,6 +108,19 @@ class Settings(BaseSettings):
     sms_account_sid: str = ""
     sms_auth_token: SecretStr | None = None
     sms_from: str = ""
+
+    @field_validator("ops_token", mode="before")
+    @classmethod
+    def _ops_token_long_enough(cls, value: object) -> object:
+        # Empty means unset, as for the secret key: an env file can blank a line out.
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is None or text == "":
+            return None
+        if isinstance(text, str) and len(text) < OPS_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"must be at least {OPS_TOKEN_MIN_LENGTH} characters (e.g. `openssl rand -hex 32`)"
+            )
+        return value
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to a WAL SQLite file inside ``data_dir``."""

@@ -2,7 +2,9 @@
 ``create_app(settings, store, clock, waker)``: the API's composition root.
 
 Middleware, outermost first: request context (request id, access log, metrics)
--> authentication (401 before anything else) -> ``Idempotency-Key`` -> routes.
+-> the operator token on ``/metrics`` and the OpenAPI pages (only when
+``DELIVERY_OPS_TOKEN`` is set) -> authentication (401 before anything else) ->
+``Idempotency-Key`` -> routes.
 The app does not own the store's engine: whoever built it disposes of it.
 """
 
@@ -15,7 +17,7 @@ import structlog
 from fastapi import FastAPI
 
 from delivery import __version__
-from delivery.api.auth import Authenticator, AuthMiddleware
+from delivery.api.auth import Authenticator, AuthMiddleware, OpsTokenMiddleware
 from delivery.api.context import ApiContext, NoWaker, Wakeable
 from delivery.api.errors import install_error_handlers
 from delivery.api.idempotency import IdempotencyMiddleware
@@ -102,5 +104,17 @@ def create_app(
         box_factory=lambda: SecretBox.from_settings(settings),
     )
     app.add_middleware(AuthMiddleware, authenticator=Authenticator(store, ttl_s=auth_cache_ttl_s))
+    if settings.ops_token is not None:
+        app.add_middleware(
+            OpsTokenMiddleware,
+            token=settings.ops_token.get_secret_value(),
+            paths=ops_paths(app),
+        )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
+
+
+def ops_paths(app: FastAPI) -> frozenset[str]:
+    """The operator endpoints ``DELIVERY_OPS_TOKEN`` guards: metrics and the OpenAPI pages."""
+    pages = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    return frozenset({"/metrics", *(page for page in pages if page)})

@@ -192,16 +192,18 @@ class _Stack:
                 log.exception("shutdown_step_failed", step=name)
 
 
-async def apply_migrations(url: str) -> None:
+async def apply_migrations(url: str, settings: Settings) -> None:
     """
     Bring the schema up to date: the store's Alembic migrations (serialised, idempotent).
 
     The one place the daemon touches the schema, so the mechanism can change
-    without touching the composition.
+    without touching the composition. ``settings`` name the deployment's key, for a
+    migration that seals stored values.
     """
+    from delivery.secrets import SecretBox
     from delivery.store.migrate import migrate
 
-    await migrate(url)
+    await migrate(url, secrets=partial(SecretBox.from_settings, settings))
 
 
 def _stream_replicas(nc: NatsClient) -> int:
@@ -280,7 +282,7 @@ class Daemon:
         embedded_sqlite = is_sqlite(url) and not settings.database_url
         if embedded_sqlite or (not settings.nats_url and self.embedded_nats):
             await asyncio.to_thread(prepare_data_dir, Path(settings.data_dir))
-        await apply_migrations(url)
+        await apply_migrations(url, settings)
 
         nats_url = settings.nats_url
         if not nats_url:

@@ -45,8 +45,9 @@ from delivery.dispatcher.consumers import settle_batch, subscribe_batches
 from delivery.dispatcher.messages import NotificationCreated
 from delivery.dispatcher.subjects import Subjects
 from delivery.outbox import ensure_stream
+from delivery.secrets import LazySecretBox, SecretBox
 from delivery.settings import Settings
-from delivery.store.channels import AttemptRecord, ChannelStore
+from delivery.store.channels import AttemptRecord, ChannelStore, ContactMapping
 from handlers.base import Channel, Message
 from handlers.contacts import Contact, ContactKind, redact
 from handlers.fanout import (
@@ -118,7 +119,7 @@ def message_for(row: RowMapping) -> Message:
     )
 
 
-def contact_of(row: RowMapping) -> Contact:
+def contact_of(row: ContactMapping) -> Contact:
     """The fan-out's view of a contact row."""
     return Contact(ContactKind(row["kind"]), row["destination"], bool(row["opted_out"]))
 
@@ -200,6 +201,8 @@ class ChannelsWorker:
         rand: jitter source for :func:`handlers.retry.plan_next`.
         on_result: called after each recorded batch or sweep (metrics, and tests
             waiting on an event instead of sleeping).
+        secrets: opens contact destinations; by default the deployment's box from
+            ``settings``, built when a batch first has a contact to open.
     """
 
     def __init__(
@@ -215,9 +218,10 @@ class ChannelsWorker:
         lease: timedelta = LEASE,
         rand: Rand = random.random,
         on_result: Callable[[FanoutResult], None] | None = None,
+        secrets: SecretBox | LazySecretBox | None = None,
     ) -> None:
         self.settings = settings
-        self.store = ChannelStore(engine)
+        self.store = ChannelStore(engine, secrets=secrets or LazySecretBox(settings))
         self.clock = clock
         self.nats_url = nats_url
         self.subjects = Subjects(settings.subject_prefix)
@@ -462,7 +466,7 @@ def _notification_id(data: bytes) -> str:
     return NotificationCreated.model_validate_json(data).notification_id
 
 
-def _why_not(note: RowMapping | None, contact: RowMapping | None) -> str | None:
+def _why_not(note: RowMapping | None, contact: ContactMapping | None) -> str | None:
     """Why a due retry is dropped instead of attempted (pure), or ``None``."""
     if note is None:
         return "notification_gone"

@@ -6,6 +6,7 @@ daemon's waker and clock to host the API in the same process.
 """
 
 import asyncio
+from functools import partial
 
 import structlog
 import typer
@@ -16,6 +17,7 @@ from delivery.clock import Clock, SystemClock
 from delivery.commands.store import prepare_database
 from delivery.dispatcher.subjects import Subjects
 from delivery.logs import configure_logging
+from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.store.engine import create_engine
 from delivery.store.migrate import migrate
@@ -52,7 +54,7 @@ async def serve_api(
     """
     clock = clock or SystemClock()
     url = prepare_database(settings)
-    await migrate(url)
+    await migrate(url, secrets=partial(SecretBox.from_settings, settings))
     engine = None
     if store is None:
         engine = create_engine(url)

@@ -7,6 +7,7 @@ makes a project if needed and prints a new API key, the only time it is shown.
 """
 
 import asyncio
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -14,6 +15,7 @@ import typer
 from delivery.clock import SystemClock
 from delivery.datadir import prepare_data_dir
 from delivery.logs import configure_logging
+from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.store.engine import create_engine, is_sqlite
 from delivery.store.migrate import migrate
@@ -42,13 +44,14 @@ def _migrate_command() -> None:
     """Apply every pending migration to the configured database."""
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
-    asyncio.run(migrate(prepare_database(settings)))
+    url = prepare_database(settings)
+    asyncio.run(migrate(url, secrets=partial(SecretBox.from_settings, settings)))
     typer.echo("database is up to date")
 
 
 async def _create_key(settings: Settings, project_name: str) -> tuple[str, str]:
     url = prepare_database(settings)
-    await migrate(url)
+    await migrate(url, secrets=partial(SecretBox.from_settings, settings))
     engine = create_engine(url)
     try:
         store = SqlStore(engine)

@@ -16,6 +16,7 @@ another, as one pull subscriber does.
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -86,8 +87,7 @@ async def _run(args: argparse.Namespace, settings: Settings, folder: Path) -> No
     worker = ChannelsWorker(settings, engine, clock=clock, batch=args.batch)
     try:
         project = (await SqlStore(engine).ensure_project("bench", clock.now())).id
-        # Destinations are sealed with the deployment's key; the worker opens them with
-        # the same key file (settings.data_dir is this run's folder).
+        # Destinations are sealed with the deployment's key, which the worker opens them with.
         contacts = ChannelStore(engine, secrets=SecretBox.from_settings(settings))
         for kind, destination in [
             ("fcm", "bench-device:APA91b" + "x" * 140),
@@ -198,6 +198,8 @@ def main() -> None:
             http = addresses["http"]
             settings = Settings(
                 data_dir=folder,
+                # Contacts are sealed with this key (a deployment's DELIVERY_SECRET_KEY).
+                secret_key=f"bench-{os.urandom(16).hex()}",
                 subject_prefix="bench",
                 fcm_service_account_file=account_file,
                 fcm_base_url=http,

@@ -286,6 +286,8 @@ class ChannelStore:
         c = CONTACTS.c
         box = await self._box()
         digest = contact_digest(box, project_id, agent_id, user_id, kind, destination)
+        # Sealed before the transaction, not while it holds SQLite's one writer.
+        sealed = box.seal(destination)
         owner = and_(c.project_id == project_id, c.agent_id == agent_id, c.user_id == user_id)
         async with self._sql.write() as conn:
             changed = await conn.execute(
@@ -320,7 +322,7 @@ class ChannelStore:
                             "agent_id": agent_id,
                             "user_id": user_id,
                             "kind": kind,
-                            "destination_enc": box.seal(destination),
+                            "destination_enc": sealed,
                             "destination_hash": digest,
                             "opted_out": opted_out,
                             "disabled": False,

@@ -203,7 +203,7 @@ async def apply_migrations(url: str, settings: Settings) -> None:
     from delivery.secrets import SecretBox
     from delivery.store.migrate import migrate
 
-    await migrate(url, secrets=partial(SecretBox.from_settings, settings))
+    await migrate(url, secrets=partial(SecretBox.for_migration, settings))
 
 
 def _stream_replicas(nc: NatsClient) -> int:

@@ -120,6 +120,29 @@ class SecretBox:
             return cls(settings.secret_key.get_secret_value().encode())
         return cls(load_or_create_key_file(Path(settings.data_dir) / KEY_FILE))
 
+    @classmethod
+    def for_migration(cls, settings: Settings) -> "SecretBox":
+        """
+        The box a migration seals stored values with: :meth:`from_settings`, except that
+        on a configured database (``DELIVERY_DATABASE_URL``) without
+        ``DELIVERY_SECRET_KEY`` an absent key file is not generated. There the other
+        processes hold the key (a one-shot ``delivery migrate`` often runs with less
+        configuration than they do), and a new key would seal what they cannot open.
+        The embedded default keeps its key beside its database, so it may make one.
+
+        Raises:
+            RuntimeError: a configured database, no ``DELIVERY_SECRET_KEY`` and no key file.
+        """
+        has_key = settings.secret_key is not None and settings.secret_key.get_secret_value()
+        path = Path(settings.data_dir) / KEY_FILE
+        if settings.database_url and not has_key and not path.exists():
+            raise RuntimeError(
+                "DELIVERY_SECRET_KEY is not set and there is no "
+                f"{path}: set DELIVERY_SECRET_KEY to the value the other processes use "
+                "before migrating (a new key would seal data they cannot open)"
+            )
+        return cls.from_settings(settings)
+
     def seal(self, plaintext: str) -> str:
         """The ciphertext of ``plaintext``, as ASCII text for a ``TEXT`` column."""
         return self._fernet.encrypt(plaintext.encode()).decode("ascii")

@@ -54,7 +54,7 @@ async def serve_api(
     """
     clock = clock or SystemClock()
     url = prepare_database(settings)
-    await migrate(url, secrets=partial(SecretBox.from_settings, settings))
+    await migrate(url, secrets=partial(SecretBox.for_migration, settings))
     engine = None
     if store is None:
         engine = create_engine(url)

@@ -45,13 +45,13 @@ def _migrate_command() -> None:
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
     url = prepare_database(settings)
-    asyncio.run(migrate(url, secrets=partial(SecretBox.from_settings, settings)))
+    asyncio.run(migrate(url, secrets=partial(SecretBox.for_migration, settings)))
     typer.echo("database is up to date")
 
 
 async def _create_key(settings: Settings, project_name: str) -> tuple[str, str]:
     url = prepare_database(settings)
-    await migrate(url, secrets=partial(SecretBox.from_settings, settings))
+    await migrate(url, secrets=partial(SecretBox.for_migration, settings))
     engine = create_engine(url)
     try:
         store = SqlStore(engine)

@@ -6,10 +6,12 @@ worker opens them to send, and migration 0007 seals the rows an older version st
 
 import hashlib
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import Connection, bindparam, inspect, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -261,5 +263,31 @@ async def test_migration_without_the_key_fails_and_changes_nothing(database_url:
             assert "destination_enc" not in await conn.run_sync(_columns)
             clear = (await conn.execute(text("SELECT destination FROM contacts"))).scalars().all()
         assert sorted(clear) == sorted(d for _, _, d in _LEGACY)
+    finally:
+        await engine.dispose()
+
+
+async def test_migration_on_a_configured_database_never_invents_a_key(
+    database_url: str, tmp_path: Path
+) -> None:
+    """
+    On a DELIVERY_DATABASE_URL database, a migrate run without DELIVERY_SECRET_KEY and
+    without a key file refuses (no key file appears, nothing changes) instead of
+    sealing with a key the other processes lack; with the deployment's key it seals.
+    """
+    engine = await _legacy_database(database_url)
+    bare = Settings(database_url=database_url, data_dir=tmp_path / "migrate")
+    try:
+        with pytest.raises(RuntimeError, match="DELIVERY_SECRET_KEY is not set"):
+            await migrate(database_url, secrets=partial(SecretBox.for_migration, bare))
+        assert not (tmp_path / "migrate" / "secret.key").exists()
+        assert await stored_revision(engine) == "0006"
+
+        keyed = bare.model_copy(update={"secret_key": SecretStr("the deployment's key")})
+        await migrate(database_url, secrets=partial(SecretBox.for_migration, keyed))
+        box = SecretBox(b"the deployment's key")
+        assert sorted(box.open(r["destination_enc"]) for r in await _stored(engine)) == sorted(
+            d for _, _, d in _LEGACY
+        )
     finally:
         await engine.dispose()

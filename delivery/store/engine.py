@@ -8,7 +8,7 @@ this engine creates is readable by its owner only (see :func:`create_engine`).
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,7 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(database)
 
 
-def _private_file_creator(path: Path) -> Any:
+def _private_file_creator(path: Path) -> Callable[..., None]:
     def create(*_args: Any) -> None:
         # Returns None, so SQLAlchemy goes on to open the connection itself. A missing
         # folder is left for SQLite to report ("unable to open database file").

@@ -2,12 +2,12 @@
 Notifications per second through the channels worker, one contact of each kind.
 
 Unlike ``bench_channels.py`` (the router alone), this is the worker's whole path per
-JetStream batch: read the notifications, contacts and preferences
-(``ChannelStore.fanout_inputs``), fan out to FCM, SMTP and SMS concurrently, and record
-every attempt in one transaction. The provider stand-ins (``tests.handlers.channels.
-standins``) run in their own process; the database is SQLite in a temporary folder.
-Batches of ``--batch`` (the consumer's pull size) run one after another, as one pull
-subscriber does.
+JetStream batch: read the notifications, contacts (opening their sealed destinations)
+and preferences (``ChannelStore.fanout_inputs``), fan out to FCM, SMTP and SMS
+concurrently, and record every attempt in one transaction. The provider stand-ins
+(``tests.handlers.channels.standins``) run in their own process; the database is SQLite
+in a temporary folder. Batches of ``--batch`` (the consumer's pull size) run one after
+another, as one pull subscriber does.
 
     .venv/bin/python bench/bench_channels_worker.py            # 1920 notifications
     .venv/bin/python bench/bench_channels_worker.py --quick    # 192, a few seconds
@@ -16,6 +16,7 @@ subscriber does.
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from delivery.clock import SystemClock  # noqa: E402 - after the sys.path fix-up
 from delivery.logs import configure_logging  # noqa: E402
+from delivery.secrets import SecretBox  # noqa: E402
 from delivery.settings import Settings  # noqa: E402
 from delivery.store.bulk import insert_notifications  # noqa: E402
 from delivery.store.channels import ChannelStore  # noqa: E402
@@ -85,7 +87,8 @@ async def _run(args: argparse.Namespace, settings: Settings, folder: Path) -> No
     worker = ChannelsWorker(settings, engine, clock=clock, batch=args.batch)
     try:
         project = (await SqlStore(engine).ensure_project("bench", clock.now())).id
-        contacts = ChannelStore(engine)
+        # Destinations are sealed with the deployment's key, which the worker opens them with.
+        contacts = ChannelStore(engine, secrets=SecretBox.from_settings(settings))
         for kind, destination in [
             ("fcm", "bench-device:APA91b" + "x" * 140),
             ("email", "bench@example.com"),
@@ -195,6 +198,8 @@ def main() -> None:
             http = addresses["http"]
             settings = Settings(
                 data_dir=folder,
+                # Contacts are sealed with this key (a deployment's DELIVERY_SECRET_KEY).
+                secret_key=f"bench-{os.urandom(16).hex()}",
                 subject_prefix="bench",
                 fcm_service_account_file=account_file,
                 fcm_base_url=http,

@@ -5,12 +5,14 @@ Each command group lives in :mod:`delivery.commands` and registers itself here.
 """
 
 import sys
+from typing import get_args
 
 import typer
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from delivery import __version__
 from delivery.commands import api, cadence, daemon, receiver, store
+from delivery.settings import Settings
 
 app = typer.Typer(
     name="delivery",
@@ -40,13 +42,24 @@ for _module in (cadence, store, api, daemon, receiver):
     _module.register(app)
 
 
+def _is_secret(field: str) -> bool:
+    info = Settings.model_fields.get(field)
+    return info is not None and (
+        info.annotation is SecretStr or SecretStr in get_args(info.annotation)
+    )
+
+
 def settings_errors(exc: ValidationError) -> str:
-    """One line per bad ``DELIVERY_*`` variable: its name, the problem, the value given."""
+    """
+    One line per bad ``DELIVERY_*`` variable: its name, the problem, the value given
+    (withheld for secrets: a rejected token or key is still someone's credential).
+    """
     lines = []
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"])
         name = f"DELIVERY_{field.upper()}"
-        lines.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+        given = "a secret, not shown" if _is_secret(field) else repr(error.get("input"))
+        lines.append(f"{name}: {error['msg']} (got {given})")
     return "\n".join(lines)
 
 

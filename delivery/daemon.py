@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from delivery.bus.stream import ensure_stream
 from delivery.bus.subjects import Subjects
 from delivery.clock import Clock, SystemClock
+from delivery.datadir import NATS_DIR, prepare_data_dir
 from delivery.embedded import EmbeddedNats
 from delivery.loops import PeriodicLoop
 from delivery.outbox import OutboxRelay
@@ -96,16 +97,18 @@ def _on_stop(
     stack.push_async_callback(close)
 
 
-async def apply_migrations(url: str) -> None:
+async def apply_migrations(url: str, settings: Settings) -> None:
     """
     Bring the schema up to date: the store's Alembic migrations (serialised, idempotent).
 
     The one place the daemon touches the schema, so the mechanism can change
-    without touching the composition.
+    without touching the composition. ``settings`` name the deployment's key, for a
+    migration that seals stored values.
     """
+    from delivery.secrets import SecretBox
     from delivery.store.migrate import migrate
 
-    await migrate(url)
+    await migrate(url, secrets=partial(SecretBox.for_migration, settings))
 
 
 def _stream_replicas(nc: NatsClient) -> int:
@@ -181,15 +184,16 @@ class Daemon:
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
         url = settings.resolved_database_url()
-        if is_sqlite(url) and not settings.database_url:
-            await asyncio.to_thread(Path(settings.data_dir).mkdir, parents=True, exist_ok=True)
-        await apply_migrations(url)
+        embedded_sqlite = is_sqlite(url) and not settings.database_url
+        if embedded_sqlite or (not settings.nats_url and self.embedded_nats):
+            await asyncio.to_thread(prepare_data_dir, Path(settings.data_dir))
+        await apply_migrations(url, settings)
 
         nats_url = settings.nats_url
         if not nats_url:
             if not self.embedded_nats:
                 raise RuntimeError("DELIVERY_NATS_URL is required for this process")
-            server = EmbeddedNats(Path(settings.data_dir) / "nats")
+            server = EmbeddedNats(Path(settings.data_dir) / NATS_DIR)
             # Started from the loop's own thread, not a worker thread: the child is
             # tied to its spawning thread's life (PR_SET_PDEATHSIG), see embedded.py.
             nats_url = server.start()

@@ -20,6 +20,8 @@ from typing import Self
 
 import structlog
 
+from delivery.datadir import ensure_private_dir
+
 log = structlog.get_logger(__name__)
 
 
@@ -27,6 +29,10 @@ def _detach_and_die_with_parent() -> None:  # pragma: no cover - runs in the chi
     # Own session: a Ctrl+C (SIGINT to the terminal's process group) reaches only
     # the daemon, which drains through NATS before it stops the server itself.
     os.setsid()
+    # The store holds message payloads, for the service's user alone (delivery.datadir).
+    # nats-server 2.15 already writes it 0700 / 0600; the umask keeps that true for a
+    # server version with looser defaults. Only this child's umask changes.
+    os.umask(0o077)
     if sys.platform == "linux":
         # PR_SET_PDEATHSIG = 1: a SIGKILLed daemon takes its server down with it,
         # so a restart on the same data dir never finds an orphan holding the store.
@@ -95,7 +101,7 @@ class EmbeddedNats:
         Raises:
             RuntimeError: if it exits or does not listen within ``timeout_s``.
         """
-        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.store_dir, tighten=True)
         if not self.port:
             self.port = free_port(self.host)
         binary = find_nats_server()

@@ -7,10 +7,14 @@ at the process edge (the CLI) and passed down; nothing reads the environment lat
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX
+from delivery.datadir import DATABASE_FILE
+
+OPS_TOKEN_MIN_LENGTH = 16
+"""``DELIVERY_OPS_TOKEN`` guards the operator endpoints of an exposed port: no short ones."""
 
 
 class Settings(BaseSettings):
@@ -46,6 +50,11 @@ class Settings(BaseSettings):
         description="If set, this key is created at start-up for project `default` (local use).",
     )
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
+    ops_token: SecretStr | None = Field(
+        default=None,
+        description="If set, /metrics, /docs, /redoc and /openapi.json require it; unset "
+        "leaves them open (local use).",
+    )
 
     # --- HTTP server (API) ---------------------------------------------------------
     max_body_bytes: int = Field(
@@ -124,8 +133,21 @@ class Settings(BaseSettings):
     sms_auth_token: SecretStr | None = None
     sms_from: str = ""
 
+    @field_validator("ops_token", mode="before")
+    @classmethod
+    def _ops_token_long_enough(cls, value: object) -> object:
+        # Empty means unset, as for the secret key: an env file can blank a line out.
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is None or text == "":
+            return None
+        if isinstance(text, str) and len(text) < OPS_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"must be at least {OPS_TOKEN_MIN_LENGTH} characters (e.g. `openssl rand -hex 32`)"
+            )
+        return value
+
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to a WAL SQLite file inside ``data_dir``."""
         if self.database_url:
             return self.database_url
-        return f"sqlite+aiosqlite:///{(self.data_dir / 'delivery.db').resolve()}"
+        return f"sqlite+aiosqlite:///{(self.data_dir / DATABASE_FILE).resolve()}"

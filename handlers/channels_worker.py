@@ -40,8 +40,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from delivery.bus.consumers import settle_batch
 from delivery.bus.messages import NotificationCreated
 from delivery.clock import Clock
+from delivery.secrets import LazySecretBox, SecretBox
 from delivery.settings import Settings
-from delivery.store.channels import AttemptRecord, ChannelStore
+from delivery.store.channels import AttemptRecord, ChannelStore, ContactMapping
 from handlers.base import Channel, Message
 from handlers.contacts import Contact, ContactKind, redact
 from handlers.fanout import (
@@ -94,7 +95,7 @@ class FanoutResult:
         self.disabled += other.disabled
 
 
-def contact_of(row: RowMapping) -> Contact:
+def contact_of(row: ContactMapping) -> Contact:
     """The fan-out's view of a contact row."""
     return Contact(ContactKind(row["kind"]), row["destination"], bool(row["opted_out"]))
 
@@ -176,6 +177,8 @@ class ChannelsWorker(QueueWorker):
         rand: jitter source for :func:`handlers.retry.plan_next`.
         on_result: called after each recorded batch or sweep (metrics, and tests
             waiting on an event instead of sleeping).
+        secrets: opens contact destinations; by default the deployment's box from
+            ``settings``, built when a batch first has a contact to open.
     """
 
     name = "channels"
@@ -201,6 +204,7 @@ class ChannelsWorker(QueueWorker):
         lease: timedelta = LEASE,
         rand: Rand = random.random,
         on_result: Callable[[FanoutResult], None] | None = None,
+        secrets: SecretBox | LazySecretBox | None = None,
     ) -> None:
         super().__init__(
             settings,
@@ -210,7 +214,7 @@ class ChannelsWorker(QueueWorker):
             poll_interval=poll_interval,
             log=log,
         )
-        self.store = ChannelStore(engine)
+        self.store = ChannelStore(engine, secrets=secrets or LazySecretBox(settings))
         self.lease = lease
         self._rand = rand
         self._on_result = on_result
@@ -418,7 +422,7 @@ def _notification_id(data: bytes) -> str:
     return NotificationCreated.model_validate_json(data).notification_id
 
 
-def _why_not(note: RowMapping | None, contact: RowMapping | None) -> str | None:
+def _why_not(note: RowMapping | None, contact: ContactMapping | None) -> str | None:
     """Why a due retry is dropped instead of attempted (pure), or ``None``."""
     if note is None:
         return "notification_gone"

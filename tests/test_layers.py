@@ -34,7 +34,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     (
         "bus, settings and runtime",
-        ("delivery.bus", "delivery.settings", "delivery.secrets", "delivery.loops"),
+        (
+            "delivery.bus",
+            "delivery.settings",
+            "delivery.secrets",
+            "delivery.loops",
+            "delivery.datadir",
+        ),
     ),
     ("store", ("delivery.store",)),
     (

@@ -2,8 +2,10 @@
 ``create_app(settings, store, clock, waker)``: the API's composition root.
 
 Middleware, outermost first: request context (request id, access log, metrics)
--> body limit (the body read whole, bounded in size and time: 413 / 408) ->
-authentication (401 before anything parses the body) -> ``Idempotency-Key`` -> routes.
+-> the operator token on ``/metrics`` and the OpenAPI pages (only when
+``DELIVERY_OPS_TOKEN`` is set) -> body limit (the body read whole, bounded in size
+and time: 413 / 408) -> authentication (401 before anything parses the body) ->
+``Idempotency-Key`` -> routes.
 The app does not own the store's engine: whoever built it disposes of it.
 """
 
@@ -16,7 +18,7 @@ import structlog
 from fastapi import FastAPI
 
 from delivery import __version__
-from delivery.api.auth import Authenticator, AuthMiddleware
+from delivery.api.auth import Authenticator, AuthMiddleware, OpsTokenMiddleware
 from delivery.api.context import ApiContext, NoWaker, Wakeable
 from delivery.api.errors import install_error_handlers
 from delivery.api.idempotency import IdempotencyMiddleware
@@ -108,5 +110,17 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
+    if settings.ops_token is not None:
+        app.add_middleware(
+            OpsTokenMiddleware,
+            token=settings.ops_token.get_secret_value(),
+            paths=ops_paths(app),
+        )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
+
+
+def ops_paths(app: FastAPI) -> frozenset[str]:
+    """The operator endpoints ``DELIVERY_OPS_TOKEN`` guards: metrics and the OpenAPI pages."""
+    pages = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    return frozenset({"/metrics", *(page for page in pages if page)})

@@ -4,10 +4,18 @@ API key -> project: tenancy is decided here, once (DESIGN invariant 6, decision 
 :class:`AuthMiddleware` answers 401 for every ``/api/`` request without a valid
 ``Authorization: Bearer <key>`` before any body is parsed, and otherwise puts the
 project id in ``scope["state"]``; routes read it with :func:`project_id`.
+
+:class:`OpsTokenMiddleware` guards the operator endpoints (``/metrics`` and the
+OpenAPI pages) with ``DELIVERY_OPS_TOKEN`` when it is set; tenant keys never open them.
 """
 
+import base64
+import binascii
+import hashlib
+import hmac
 import json
 import time
+from collections.abc import Collection, Sequence
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
@@ -92,21 +100,99 @@ class AuthMiddleware:
         try:
             project = await self.authenticator.project_for(header)
         except UnauthorizedError as exc:
-            body = json.dumps(exc.to_body()).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 401,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"www-authenticate", b"Bearer"),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await send_unauthorized(send, exc, [b"Bearer"])
             return
         scope.setdefault("state", {})["project_id"] = project
+        await self.app(scope, receive, send)
+
+
+async def send_unauthorized(
+    send: Send, exc: UnauthorizedError, challenges: Sequence[bytes]
+) -> None:
+    """Answer 401 with the API's error body and one ``WWW-Authenticate`` per challenge."""
+    body = json.dumps(exc.to_body()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    headers += [(b"www-authenticate", challenge) for challenge in challenges]
+    await send({"type": "http.response.start", "status": 401, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+OPS_REALM = "delivery-ops"
+_OPS_CHALLENGES = (
+    f'Bearer realm="{OPS_REALM}"'.encode(),
+    f'Basic realm="{OPS_REALM}", charset="UTF-8"'.encode(),
+)
+
+
+def _credential(authorization: str) -> str | None:
+    """The token in ``Bearer <token>``, or the password in ``Basic base64(user:password)``."""
+    scheme, _, value = authorization.partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer":
+        return value or None
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        _user, sep, password = decoded.partition(":")
+        return password if sep and password else None
+    return None
+
+
+class OpsTokenMiddleware:
+    """
+    Pure ASGI middleware: the operator endpoints need ``DELIVERY_OPS_TOKEN``.
+
+    Accepted as ``Authorization: Bearer <token>`` (curl, Prometheus'
+    ``authorization`` / ``bearer_token`` settings) or as the password of Basic
+    authentication with any user name. Basic is for the browser: it cannot put a
+    bearer header on a page it navigates to (``/docs``), but on a 401 that offers
+    Basic it asks for credentials once and then sends them itself, also with Swagger
+    UI's fetch of ``/openapi.json`` (same origin, same realm). A query parameter
+    would also work in a browser, and was not taken: a token in a URL is written to
+    access logs, browser history and ``Referer`` headers.
+
+    Both sides are hashed before the constant-time comparison, so the time taken
+    does not depend on the stored token, not even on its length.
+
+    Args:
+        app: the wrapped application.
+        token: the operator token.
+        paths: the exact request paths it guards; every other path passes through.
+    """
+
+    def __init__(self, app: ASGIApp, token: str, paths: Collection[str]) -> None:
+        self.app = app
+        self._digest = hashlib.sha256(token.encode()).digest()
+        self._paths = frozenset(paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self._paths:
+            await self.app(scope, receive, send)
+            return
+        header = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value.decode("latin-1")
+                break
+        if header is None:
+            error = UnauthorizedError(
+                "",
+                f"{scope['path']} needs the operator token (DELIVERY_OPS_TOKEN): "
+                "send 'Authorization: Bearer <token>', or Basic with it as the password",
+            )
+            await send_unauthorized(send, error, _OPS_CHALLENGES)
+            return
+        given = _credential(header)
+        digest = hashlib.sha256((given or "").encode()).digest()
+        if given is None or not hmac.compare_digest(digest, self._digest):
+            error = UnauthorizedError("", "invalid operator token (DELIVERY_OPS_TOKEN)")
+            await send_unauthorized(send, error, _OPS_CHALLENGES)
+            return
         await self.app(scope, receive, send)
 
 

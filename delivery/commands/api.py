@@ -6,6 +6,7 @@ daemon's waker and clock to host the API in the same process.
 """
 
 import asyncio
+from functools import partial
 
 import structlog
 import typer
@@ -18,6 +19,7 @@ from delivery.bus.subjects import Subjects
 from delivery.clock import Clock, SystemClock
 from delivery.commands.store import prepare_database
 from delivery.logs import configure_logging
+from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.store.engine import create_engine
 from delivery.store.migrate import migrate
@@ -44,7 +46,7 @@ async def serve_api(
     """
     clock = clock or SystemClock()
     url = prepare_database(settings)
-    await migrate(url)
+    await migrate(url, secrets=partial(SecretBox.for_migration, settings))
     engine = None
     if store is None:
         engine = create_engine(url)

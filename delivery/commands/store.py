@@ -7,12 +7,15 @@ makes a project if needed and prints a new API key, the only time it is shown.
 """
 
 import asyncio
+from functools import partial
 from pathlib import Path
 
 import typer
 
 from delivery.clock import SystemClock
+from delivery.datadir import prepare_data_dir
 from delivery.logs import configure_logging
+from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.store.engine import create_engine, is_sqlite
 from delivery.store.migrate import migrate
@@ -25,14 +28,15 @@ keys_app = typer.Typer(
 
 def prepare_database(settings: Settings) -> str:
     """
-    The database URL, with the SQLite data directory created when that is the target.
+    The database URL, with the SQLite data directory created (private, see
+    ``delivery.datadir``) when that is the target.
 
     Returns:
         ``settings.resolved_database_url()``.
     """
     url = settings.resolved_database_url()
     if is_sqlite(url) and not settings.database_url:
-        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(Path(settings.data_dir))
     return url
 
 
@@ -40,13 +44,14 @@ def _migrate_command() -> None:
     """Apply every pending migration to the configured database."""
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
-    asyncio.run(migrate(prepare_database(settings)))
+    url = prepare_database(settings)
+    asyncio.run(migrate(url, secrets=partial(SecretBox.for_migration, settings)))
     typer.echo("database is up to date")
 
 
 async def _create_key(settings: Settings, project_name: str) -> tuple[str, str]:
     url = prepare_database(settings)
-    await migrate(url)
+    await migrate(url, secrets=partial(SecretBox.for_migration, settings))
     engine = create_engine(url)
     try:
         store = SqlStore(engine)

@@ -6,22 +6,25 @@ Every tenant-facing method takes the caller's ``project_id`` and filters on it, 
 foreign id behaves exactly like an unknown one (DESIGN invariant 6). Writes run in one
 transaction each through :meth:`SqlStore.write` (``BEGIN IMMEDIATE`` on SQLite).
 Channel secrets never reach a row in clear: :class:`ChannelConfigCodec` splits them
-out of the config and seals them with :class:`delivery.secrets.SecretBox`.
+out of the config and seals them with :class:`delivery.secrets.SecretBox`. Nor do
+contact destinations: a row holds the sealed destination and its keyed digest
+(:func:`contact_digest`), and every contact read returns it opened, under the
+``destination`` key, as before.
 """
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
+import structlog
 from sqlalchemy import Table, and_, delete, func, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.errors import InvalidContactError
-from delivery.secrets import SecretBox
+from delivery.secrets import LazySecretBox, SecretBox, SecretDecryptError
 from delivery.store.bulk import insert_ignoring_duplicates
 from delivery.store.engine import any_row
 from delivery.store.sql import SqlStore, canonical_json, new_id
@@ -44,11 +47,21 @@ MAX_CONTACTS_PER_USER: Final = 50
 
 MASK: Final = "****"
 _SECRET_WORDS: Final = ("secret", "password", "token", "api_key", "apikey", "auth")
+_log = structlog.get_logger(__name__)
+
+type ContactMapping = Mapping[str, Any]
+"""A contact as the store returns it: the row's columns, ``destination`` opened."""
 
 
-def destination_hash(kind: str, destination: str) -> str:
-    """The unique key of a normalised destination (hex SHA-256 of ``kind:destination``)."""
-    return hashlib.sha256(f"{kind}:{destination}".encode()).hexdigest()
+def contact_digest(
+    box: SecretBox, project_id: str, agent_id: str, user_id: str, kind: str, destination: str
+) -> str:
+    """
+    The unique key of a normalised destination of one user: the box's keyed digest of
+    the owner, the kind and the destination. The owner is part of it so that equal
+    destinations of two users cannot be matched by their digests either.
+    """
+    return box.digest(json.dumps([project_id, agent_id, user_id, kind, destination]))
 
 
 def is_secret_key(key: str) -> bool:
@@ -187,7 +200,7 @@ class FanoutInputs:
 
     statuses: dict[str, str]
     notifications: dict[str, RowMapping]
-    contacts: dict[UserKey, list[RowMapping]]
+    contacts: dict[UserKey, list[ContactMapping]]
     preferences: dict[UserKey, dict[str, list[str]]]
     attempted: dict[str, set[str]]
 
@@ -201,12 +214,49 @@ class ChannelStore:
     Issue 6 persistence over one engine (the schema must exist).
 
     The store never closes the engine; its owner does.
+
+    Args:
+        engine: the database.
+        secrets: the deployment's box, which seals and opens contact destinations;
+            a :class:`LazySecretBox` is built only when a contact is first written
+            or read. Contact methods raise ``RuntimeError`` without one.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, secrets: SecretBox | LazySecretBox | None = None
+    ) -> None:
         self.engine = engine
         self._sql = SqlStore(engine)
         self._postgres = engine.dialect.name == "postgresql"
+        self._secrets = secrets
+
+    async def _box(self) -> SecretBox:
+        if self._secrets is None:
+            raise RuntimeError("this ChannelStore has no SecretBox: contacts need one")
+        if isinstance(self._secrets, LazySecretBox):
+            return await self._secrets.get()
+        return self._secrets
+
+    @staticmethod
+    def _opened(box: SecretBox, row: RowMapping, *, strict: bool) -> dict[str, Any]:
+        """
+        ``row`` with ``destination`` in clear in place of ``destination_enc``.
+
+        ``strict`` (delivery) raises :class:`SecretDecryptError` for a destination this
+        key does not open; otherwise (API reads) it shows as :data:`MASK` and is
+        logged, so a changed key does not make a user's contacts unlistable or
+        undeletable.
+        """
+        contact = dict(row)
+        sealed = contact.pop("destination_enc")
+        try:
+            contact["destination"] = box.open(sealed)
+        except SecretDecryptError:
+            if strict:
+                raise
+            _log.error("contacts.destination_undecryptable", contact_id=row["id"])
+            contact["destination"] = MASK
+        return contact
 
     # --- contacts ---------------------------------------------------------------
 
@@ -220,7 +270,7 @@ class ChannelStore:
         destination: str,
         opted_out: bool,
         now: datetime,
-    ) -> tuple[RowMapping, bool]:
+    ) -> tuple[ContactMapping, bool]:
         """
         Add a normalised destination, or update it when it already exists.
 
@@ -228,13 +278,16 @@ class ChannelStore:
         provider had disabled it: an app re-registers a token it was given again.
 
         Returns:
-            The contact row and whether it was created.
+            The contact and whether it was created.
 
         Raises:
             InvalidContactError: the user already has :data:`MAX_CONTACTS_PER_USER`.
         """
         c = CONTACTS.c
-        digest = destination_hash(kind, destination)
+        box = await self._box()
+        digest = contact_digest(box, project_id, agent_id, user_id, kind, destination)
+        # Sealed before the transaction, not while it holds SQLite's one writer.
+        sealed = box.seal(destination)
         owner = and_(c.project_id == project_id, c.agent_id == agent_id, c.user_id == user_id)
         async with self._sql.write() as conn:
             changed = await conn.execute(
@@ -269,7 +322,7 @@ class ChannelStore:
                             "agent_id": agent_id,
                             "user_id": user_id,
                             "kind": kind,
-                            "destination": destination,
+                            "destination_enc": sealed,
                             "destination_hash": digest,
                             "opted_out": opted_out,
                             "disabled": False,
@@ -290,11 +343,11 @@ class ChannelStore:
                 .mappings()
                 .one()
             )
-        return row, created
+        return self._opened(box, row, strict=False), created
 
     async def list_contacts(
         self, project_id: str, agent_id: str, user_id: str
-    ) -> Sequence[RowMapping]:
+    ) -> list[ContactMapping]:
         """A user's contacts, oldest first (disabled and opted-out ones included)."""
         c = CONTACTS.c
         stmt = (
@@ -303,11 +356,15 @@ class ChannelStore:
             .order_by(c.created_at, c.id)
         )
         async with self._sql.read() as conn:
-            return (await conn.execute(stmt)).mappings().all()
+            rows = (await conn.execute(stmt)).mappings().all()
+        if not rows:
+            return []
+        box = await self._box()
+        return [self._opened(box, row, strict=False) for row in rows]
 
     async def get_contact(
         self, project_id: str, agent_id: str, user_id: str, contact_id: str
-    ) -> RowMapping | None:
+    ) -> ContactMapping | None:
         """One contact, or ``None`` (unknown or another owner's)."""
         c = CONTACTS.c
         stmt = select(CONTACTS).where(
@@ -317,7 +374,8 @@ class ChannelStore:
             c.user_id == user_id,
         )
         async with self._sql.read() as conn:
-            return (await conn.execute(stmt)).mappings().one_or_none()
+            row = (await conn.execute(stmt)).mappings().one_or_none()
+        return None if row is None else self._opened(await self._box(), row, strict=False)
 
     async def set_opted_out(
         self,
@@ -328,7 +386,7 @@ class ChannelStore:
         *,
         opted_out: bool,
         now: datetime,
-    ) -> RowMapping | None:
+    ) -> ContactMapping | None:
         """Set a contact's opt-out flag; ``None`` when there is no such contact."""
         c = CONTACTS.c
         owner = and_(
@@ -341,7 +399,8 @@ class ChannelStore:
             await conn.execute(
                 update(CONTACTS).where(owner).values(opted_out=opted_out, updated_at=now)
             )
-            return (await conn.execute(select(CONTACTS).where(owner))).mappings().one_or_none()
+            row = (await conn.execute(select(CONTACTS).where(owner))).mappings().one_or_none()
+        return None if row is None else self._opened(await self._box(), row, strict=False)
 
     async def delete_contact(
         self, project_id: str, agent_id: str, user_id: str, contact_id: str
@@ -488,6 +547,10 @@ class ChannelStore:
         contact at all, so a batch where none has one costs that one query; the full
         rows (with their payloads), contacts, preferences and attempts are then read,
         in four more queries, only for the pending notifications that have one.
+
+        Raises:
+            delivery.secrets.SecretDecryptError: a destination does not open with this
+                key (the batch fails and is redelivered, rather than sent to no one).
         """
         if not notification_ids:
             return FanoutInputs({}, {}, {}, {}, {})
@@ -536,8 +599,10 @@ class ChannelStore:
                 ).mappings()
             }
             keys = sorted({(r["project_id"], r["agent_id"], r["user_id"]) for r in notes.values()})
-            contacts: dict[UserKey, list[RowMapping]] = {}
+            contacts: dict[UserKey, list[ContactMapping]] = {}
             prefs: dict[UserKey, dict[str, list[str]]] = {}
+            # The probe found a contact, so the box is needed (and exists) from here on.
+            box = await self._box()
             for chunk in _chunks(keys, 500):
                 owner = tuple_(c.project_id, c.agent_id, c.user_id).in_(chunk)
                 rows = await conn.execute(
@@ -547,7 +612,7 @@ class ChannelStore:
                 )
                 for row in rows.mappings():
                     key = (row["project_id"], row["agent_id"], row["user_id"])
-                    contacts.setdefault(key, []).append(row)
+                    contacts.setdefault(key, []).append(self._opened(box, row, strict=True))
                 stored = await conn.execute(
                     select(PREFERENCES).where(
                         tuple_(p.project_id, p.agent_id, p.user_id).in_(chunk)
@@ -566,14 +631,20 @@ class ChannelStore:
                 attempted.setdefault(nid, set()).add(cid)
         return FanoutInputs(statuses, notes, contacts, prefs, attempted)
 
-    async def get_contact_by_id(self, contact_id: str) -> RowMapping | None:
-        """A contact by id (worker-side: a retry names it)."""
+    async def get_contact_by_id(self, contact_id: str) -> ContactMapping | None:
+        """
+        A contact by id (worker-side: a retry names it).
+
+        Raises:
+            delivery.secrets.SecretDecryptError: its destination does not open.
+        """
         async with self._sql.read() as conn:
-            return (
+            row = (
                 (await conn.execute(select(CONTACTS).where(CONTACTS.c.id == contact_id)))
                 .mappings()
                 .one_or_none()
             )
+        return None if row is None else self._opened(await self._box(), row, strict=True)
 
     async def record_attempts(
         self,

@@ -2,7 +2,8 @@
 The async engine for SQLite (embedded default) and PostgreSQL (production).
 
 SQLite is tuned for one writer with concurrent readers: WAL, a busy timeout so
-short write contention waits instead of failing, and foreign keys on.
+short write contention waits instead of failing, and foreign keys on. A SQLite file
+this engine creates is readable by its owner only (see :func:`create_engine`).
 """
 
 import asyncio
@@ -10,11 +11,15 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import structlog
 from sqlalchemy import Select, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from delivery.datadir import create_private_file
 
 _log = structlog.get_logger(__name__)
 
@@ -39,6 +44,11 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
     """
     Build the async engine for ``url`` (``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``).
 
+    A SQLite database file that does not exist yet is created empty with mode 0600
+    just before each connection opens it, instead of by SQLite with 0644 (less the
+    umask): it holds every tenant's data, and SQLite gives ``-wal`` and ``-shm`` the
+    mode of their database file, so they are private too (``delivery.datadir``).
+
     Raises:
         ValueError: for a URL of another database.
     """
@@ -48,6 +58,9 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
             echo=echo,
             connect_args={"timeout": 30, "cached_statements": SQLITE_STATEMENT_CACHE},
         )
+        path = _sqlite_file(url)
+        if path is not None:
+            event.listen(engine.sync_engine, "do_connect", _private_file_creator(path))
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     if url.startswith("postgresql"):
@@ -297,6 +310,24 @@ async def any_row(engine: AsyncEngine, query: Select[Any]) -> bool:
     """
     async with read_connection(engine) as conn:
         return (await conn.execute(query.limit(1))).first() is not None
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file a SQLite URL names, or ``None`` for an in-memory or ``file:`` URI database."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _private_file_creator(path: Path) -> Callable[..., None]:
+    def create(*_args: Any) -> None:
+        # Returns None, so SQLAlchemy goes on to open the connection itself. A missing
+        # folder is left for SQLite to report ("unable to open database file").
+        if path.parent.is_dir():
+            create_private_file(path)
+
+    return create
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

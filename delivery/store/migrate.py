@@ -9,9 +9,15 @@ Alembic (and Mako, which it loads) is imported only when there is something to
 upgrade: a daemon restarting on an up-to-date schema, the usual case, checks the
 stored revision with one query against :func:`shipped_head` and never loads them,
 which keeps about 9 MB out of the long-running process (``bench/bench_rss.py``).
+
+A migration that rewrites sealed values (``0007``: contact destinations) needs the
+deployment's key: callers pass ``secrets``, a factory the migration calls only when
+it has rows to rewrite, so an empty or up-to-date database never reads (or creates)
+the key file.
 """
 
 import re
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +32,11 @@ from delivery.store.engine import create_engine, is_sqlite
 
 if TYPE_CHECKING:
     from alembic.config import Config
+
+    from delivery.secrets import SecretBox
+
+SECRETS_ATTRIBUTE = "secret_box_factory"
+"""Alembic ``config.attributes`` key of the ``secrets`` factory (read by migrations)."""
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -86,18 +97,28 @@ async def stored_revision(engine: AsyncEngine) -> str | None:
         return None
 
 
-def _upgrade(connection: Connection, revision: str) -> str | None:
+def _upgrade(
+    connection: Connection,
+    revision: str,
+    secrets: "Callable[[], SecretBox] | None",
+) -> str | None:
     from alembic import command
     from alembic.runtime.migration import MigrationContext
 
     before = MigrationContext.configure(connection).get_current_revision()
     cfg = alembic_config()
     cfg.attributes["connection"] = connection
+    cfg.attributes[SECRETS_ATTRIBUTE] = secrets
     command.upgrade(cfg, revision)
     return before
 
 
-async def migrate(url: str, revision: str = "head") -> None:
+async def migrate(
+    url: str,
+    revision: str = "head",
+    *,
+    secrets: "Callable[[], SecretBox] | None" = None,
+) -> None:
     """
     Upgrade the database at ``url`` to ``revision`` (default: the newest); idempotent.
 
@@ -107,6 +128,9 @@ async def migrate(url: str, revision: str = "head") -> None:
     Args:
         url: a SQLAlchemy async URL (``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``).
         revision: an Alembic revision id or ``head``.
+        secrets: builds the deployment's :class:`~delivery.secrets.SecretBox`, for
+            migrations that seal or open stored values; without it such a migration
+            fails (and changes nothing) when it has rows to rewrite.
     """
     engine = create_engine(url)
     try:
@@ -120,7 +144,7 @@ async def migrate(url: str, revision: str = "head") -> None:
                 await conn.exec_driver_sql("BEGIN IMMEDIATE")
             else:
                 await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_LOCK_KEY})")
-            before = await conn.run_sync(_upgrade, revision)
+            before = await conn.run_sync(_upgrade, revision, secrets)
             await conn.commit()
         _log.info("database migrated", revision=revision, previous=before)
     finally:

@@ -19,6 +19,7 @@ from sqlalchemy import event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.clock import ManualClock
+from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.store.channels import ATTEMPTS, ChannelStore
 from delivery.store.sql import SqlStore
@@ -84,10 +85,16 @@ async def worker(
 
 
 @pytest.fixture
-async def alpha(engine: AsyncEngine, clock: ManualClock) -> tuple[str, ChannelStore]:
-    """Project alpha's id and the channel store both tests write contacts through."""
+async def alpha(
+    engine: AsyncEngine, clock: ManualClock, tmp_path: Path
+) -> tuple[str, ChannelStore]:
+    """
+    Project alpha's id and the channel store both tests write contacts through, with
+    the worker's key (the key file in the same data folder).
+    """
     project = (await SqlStore(engine).ensure_project("alpha", clock.now())).id
-    return project, ChannelStore(engine)
+    box = SecretBox.from_settings(Settings(data_dir=tmp_path))
+    return project, ChannelStore(engine, secrets=box)
 
 
 async def _attempt_count(engine: AsyncEngine) -> int:

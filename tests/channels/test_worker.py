@@ -23,6 +23,7 @@ from delivery.bus.messages import NotificationCreated
 from delivery.bus.stream import ensure_stream
 from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
+from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.store.channels import ChannelStore
 from delivery.store.sql import SqlStore
@@ -67,10 +68,10 @@ def worker_settings(
 
 
 @pytest.fixture
-async def project(engine: AsyncEngine, clock: ManualClock) -> str:
+async def project(engine: AsyncEngine, clock: ManualClock, worker_settings: Settings) -> str:
     """A project whose user has a token, an address, a number and an opted-out address."""
     project_id = (await SqlStore(engine).ensure_project("alpha", clock.now())).id
-    store = ChannelStore(engine)
+    store = ChannelStore(engine, secrets=SecretBox.from_settings(worker_settings))
     for kind, destination, opted_out in [
         ("fcm", TOKEN, False),
         ("email", ADDRESS, False),
@@ -181,9 +182,10 @@ async def test_preferences_opt_out_dead_token_and_retry(
     plain_smtp: SmtpServer,
     fcm_standin: FcmStandIn,
     twilio_standin: TwilioStandIn,
+    worker_settings: Settings,
 ) -> None:
     """Preferences and opt-outs skip; a dead token is disabled; a 503 SMS is retried later."""
-    store = ChannelStore(engine)
+    store = ChannelStore(engine, secrets=SecretBox.from_settings(worker_settings))
     await store.put_preferences(project, A, U, {"quiet": ["email"]}, clock.now())
 
     quiet = _note(project, 1, clock, check_type="quiet")

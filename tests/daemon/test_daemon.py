@@ -103,7 +103,7 @@ async def test_an_async_advance_cut_short_by_a_crash_completes_after_restart(set
 
     url = settings.resolved_database_url()
     await asyncio.to_thread(Path(settings.data_dir).mkdir, parents=True)
-    await apply_migrations(url)
+    await apply_migrations(url, settings)
     engine = create_engine(url)
     pair = Pair("proj_1", "agent_1", "user_1")
     try:

@@ -7,12 +7,14 @@ destination), list, get, opt out / in (PATCH), remove. ``.../channel-preferences
 which channel kinds each ``check_type`` may use. ``.../channel-attempts``: every push,
 email and SMS attempt made for the user (the operator's delivery log).
 Validation is ``handlers.contacts`` (pure); every rejection is 400 ``INVALID_CONTACT``
-naming the field, and nothing is written.
+naming the field, and nothing is written. Destinations are stored sealed
+(``delivery.store.channels``) and answered in clear, as they were given.
 """
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import Field
 from sqlalchemy.engine import RowMapping
@@ -31,6 +33,7 @@ from delivery.api.context import (
 )
 from delivery.api.schemas import RequestModel
 from delivery.errors import InvalidContactError, NotFoundError
+from delivery.secrets import LazySecretBox
 from delivery.store.channels import ChannelStore
 from handlers.contacts import validate_contact, validate_preferences
 
@@ -62,7 +65,7 @@ class PreferencesBody(RequestModel):
     preferences: dict[str, list[str]]
 
 
-def contact_entry(row: RowMapping) -> dict[str, Any]:
+def contact_entry(row: Mapping[str, Any]) -> dict[str, Any]:
     """The wire form of a contact; absent optionals are omitted (CONTRACT R3 style)."""
     entry: dict[str, Any] = {
         "contact_id": row["id"],
@@ -109,6 +112,18 @@ def _store(ctx: ApiContext) -> ChannelStore:
     return ChannelStore(ctx.store.engine)
 
 
+async def _contact_store(request: Request) -> ChannelStore:
+    """The store with the app's box for destinations (built on the first contact call)."""
+    ctx: ApiContext = request.app.state.ctx
+    secrets: LazySecretBox | None = getattr(request.app.state, "contact_secrets", None)
+    if secrets is None:
+        secrets = request.app.state.contact_secrets = LazySecretBox(ctx.settings)
+    return ChannelStore(ctx.store.engine, secrets=secrets)
+
+
+Contacts = Annotated[ChannelStore, Depends(_contact_store)]
+
+
 def _no_contact(contact_id: str) -> NotFoundError:
     return NotFoundError(
         "contact_id", f"contact_id {contact_id!r}: no such contact", resource="contact"
@@ -117,14 +132,19 @@ def _no_contact(contact_id: str) -> NotFoundError:
 
 @router.post(USER_PREFIX + "/contacts", status_code=201)
 async def add_contact(
-    agent_id: AgentId, user_id: UserId, body: ContactBody, project: ProjectId, ctx: Ctx
+    agent_id: AgentId,
+    user_id: UserId,
+    body: ContactBody,
+    project: ProjectId,
+    ctx: Ctx,
+    contacts: Contacts,
 ) -> Response:
     """
     Add a destination (201), or update the existing one with the same kind and
     normalised destination (200: its opt-out flag is set and it is re-enabled).
     """
     contact = validate_contact(body.kind, body.destination, opted_out=body.opted_out)
-    row, created = await _store(ctx).add_contact(
+    row, created = await contacts.add_contact(
         project,
         agent_id,
         user_id,
@@ -138,19 +158,23 @@ async def add_contact(
 
 @router.get(USER_PREFIX + "/contacts")
 async def list_contacts(
-    agent_id: AgentId, user_id: UserId, project: ProjectId, ctx: Ctx
+    agent_id: AgentId, user_id: UserId, project: ProjectId, contacts: Contacts
 ) -> Response:
     """Every contact of the user, oldest first, disabled and opted-out ones included."""
-    rows = await _store(ctx).list_contacts(project, agent_id, user_id)
+    rows = await contacts.list_contacts(project, agent_id, user_id)
     return JSONResponse({"contacts": [contact_entry(r) for r in rows]})
 
 
 @router.get(USER_PREFIX + "/contacts/{contact_id}")
 async def get_contact(
-    agent_id: AgentId, user_id: UserId, contact_id: ResourceId, project: ProjectId, ctx: Ctx
+    agent_id: AgentId,
+    user_id: UserId,
+    contact_id: ResourceId,
+    project: ProjectId,
+    contacts: Contacts,
 ) -> Response:
     """One contact; 404 when unknown."""
-    row = await _store(ctx).get_contact(project, agent_id, user_id, contact_id)
+    row = await contacts.get_contact(project, agent_id, user_id, contact_id)
     if row is None:
         raise _no_contact(contact_id)
     return JSONResponse(contact_entry(row))
@@ -164,9 +188,10 @@ async def patch_contact(
     body: ContactPatch,
     project: ProjectId,
     ctx: Ctx,
+    contacts: Contacts,
 ) -> Response:
     """Opt the contact out (``true``) or back in (``false``)."""
-    row = await _store(ctx).set_opted_out(
+    row = await contacts.set_opted_out(
         project, agent_id, user_id, contact_id, opted_out=body.opted_out, now=ctx.clock.now()
     )
     if row is None:

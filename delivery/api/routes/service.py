@@ -1,4 +1,7 @@
-"""``/health`` (liveness, database, tzdata) and ``/metrics`` (Prometheus text); no auth."""
+"""
+``/health`` (liveness, database, tzdata; never authenticated) and ``/metrics``
+(Prometheus text; open unless ``DELIVERY_OPS_TOKEN`` is set, see ``delivery.api.auth``).
+"""
 
 import structlog
 from fastapi import APIRouter, Request, Response

@@ -19,11 +19,17 @@ class ContactRow(SQLModel, table=True):
     One destination of one (project, agent, user): an FCM token, an email address or
     an E.164 number, normalised by ``handlers.contacts``.
 
-    Unique on (project, agent, user, kind, ``destination_hash``): the hash (SHA-256 hex
-    of the normalised destination) stands in for the destination because an FCM token
-    may be 4 KiB, above what a PostgreSQL btree entry can hold. ``opted_out`` is the
-    user's word (kept so they can opt back in); ``disabled`` is the provider's (a dead
-    token or an unsubscribed number), set by the channels worker.
+    The destination is personal data (or, for a token, a credential to push to a
+    device), so it is stored sealed only: ``destination_enc`` is its Fernet ciphertext
+    (``delivery.secrets.SecretBox``). Unique on (project, agent, user, kind,
+    ``destination_hash``): the hash is the box's keyed digest (HMAC-SHA256 hex) of
+    the owner, kind and normalised destination (``delivery.store.channels.
+    contact_digest``), so adding the same destination again finds its row, while
+    the digest of a guessed number cannot be computed without the key, and equal
+    destinations of two users do not share a digest. It also keeps the index entry
+    small (an FCM token may be 4 KiB, above what a PostgreSQL btree entry holds).
+    ``opted_out`` is the user's word (kept so they can opt back in); ``disabled`` is
+    the provider's (a dead token or an unsubscribed number), set by the channels worker.
     """
 
     __tablename__ = "contacts"
@@ -44,7 +50,7 @@ class ContactRow(SQLModel, table=True):
     agent_id: str = Field(max_length=128)
     user_id: str = Field(max_length=128)
     kind: str = Field(max_length=8, description="fcm | email | sms")
-    destination: str = Field(sa_type=Text)
+    destination_enc: str = Field(sa_type=Text)
     destination_hash: str = Field(max_length=64)
     opted_out: bool = False
     disabled: bool = False

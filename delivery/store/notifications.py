@@ -146,7 +146,7 @@ class NotificationStore(Protocol):
 
     async def load_sources(self, refs: Sequence[SourceRef]) -> Sources:
         """
-        The refs still to do and the rows they need, read in one go (no transaction).
+        The refs still to do and the rows they need, read outside any write transaction.
 
         A ref is done when its source has a notification, except a restage ref
         (``replace_staged``) whose source only has a ``staged`` one. Rows that

@@ -1,27 +1,25 @@
 """
 The dispatcher's core: a batch of fire / wakeup / event ids -> exactly one notification each.
 
-Read the rows, build the intent blocks, compose (outside any transaction, so
-a slow LLM never holds a lock), then in ONE transaction: move wakeups
+Read the rows through the store, build the intent blocks, compose (outside
+any transaction, so a slow LLM never holds a lock), build the rows to write
+(pure), then have the store write them in ONE transaction: move wakeups
 pending -> executed, mark trigger events dispatched, insert the notifications
 (unique on ``source_id``) and queue one ``notification.created`` outbox row per
 new notification (DESIGN invariants 2 and 3). Running a batch twice, or two
-dispatchers running it at once, leaves the same rows as running it once.
+dispatchers running it at once, leaves the same rows as running it once. No
+SQL here: :mod:`delivery.store.notifications` holds it.
 """
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import Table, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.bus.messages import NotificationCreated
 from delivery.bus.subjects import Subjects
@@ -37,31 +35,21 @@ from delivery.domain import (
     SourceRef,
     notification_id,
 )
-from delivery.store import bulk, direct
-from delivery.store.engine import is_sqlite, write_transaction
-from delivery.store.staging import STAGED, drop_staged
-from delivery.store.tables import (
-    FireRow,
-    InventoryItemRow,
-    NotificationRow,
-    OutboxRow,
-    ScheduleRow,
-    TriggerEventRow,
-    WakeupRow,
+from delivery.store.engine import Engine
+from delivery.store.notifications import (
+    NotificationBatch,
+    NotificationStore,
+    Sources,
+    notification_store,
 )
+from delivery.store.staging import STAGED
 
 log = structlog.get_logger(__name__)
 
-FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
-SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
-WAKEUPS: Table = WakeupRow.__table__  # type: ignore[attr-defined]
-EVENTS: Table = TriggerEventRow.__table__  # type: ignore[attr-defined]
-ITEMS: Table = InventoryItemRow.__table__  # type: ignore[attr-defined]
-NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
-OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
-
 COMPOSE_CONCURRENCY = 32
 """Composer calls in flight per batch (bounds LLM fan-out; free for the template)."""
+LOST_WAKEUP = "wakeup no longer pending"
+"""Why a wakeup cancelled between the read and the write produced nothing."""
 
 
 @dataclass(slots=True)
@@ -313,130 +301,9 @@ async def compose_all(
     return list(await asyncio.gather(*(gated(d) for d in drafts)))
 
 
-async def _rows_by_id(
-    conn: AsyncConnection, table: Table, ids: Iterable[str]
-) -> dict[str, Mapping[str, Any]]:
-    wanted = sorted(set(ids))
-    if not wanted:
-        return {}
-    result = await conn.execute(select(table).where(table.c.id.in_(wanted)))
-    return {row["id"]: dict(row) for row in result.mappings()}
-
-
-async def existing_sources(conn: AsyncConnection, source_ids: Iterable[str]) -> set[str]:
-    """The subset of ``source_ids`` that already has a notification."""
-    return _done([], await _existing(conn, source_ids))
-
-
-async def _existing(conn: AsyncConnection, source_ids: Iterable[str]) -> list[Mapping[str, Any]]:
-    wanted = sorted(set(source_ids))
-    if not wanted:
-        return []
-    n = NOTIFICATIONS.c
-    result = await conn.execute(select(n.source_id, n.status).where(n.source_id.in_(wanted)))
-    return [dict(row) for row in result.mappings()]
-
-
-def _done(refs: Iterable[SourceRef], existing: Iterable[Mapping[str, Any]]) -> set[str]:
-    """Sources whose notification is made: all that have one, but a restaged one's staged row."""
-    replaceable = {r.id for r in refs if r.replace_staged}
-    return {
-        row["source_id"]
-        for row in existing
-        if not (row["status"] == STAGED and row["source_id"] in replaceable)
-    }
-
-
-@dataclass(slots=True)
-class _Loaded:
-    """The rows behind a batch of refs, by id (what :func:`build_drafts` reads)."""
-
-    done: set[str]
-    fires: dict[str, Mapping[str, Any]]
-    wakeups: dict[str, Mapping[str, Any]]
-    events: dict[str, Mapping[str, Any]]
-    schedules: dict[str, Mapping[str, Any]]
-    items: dict[str, Mapping[str, Any]]
-
-
-def _split(refs: Sequence[SourceRef], done: set[str]) -> tuple[list[SourceRef], list[str]]:
-    """The refs still to do, and the duplicates: done already, or twice in the batch."""
-    todo: list[SourceRef] = []
-    duplicates: list[str] = []
-    seen: set[SourceRef] = set()
-    for ref in refs:
-        # A batch may carry the same source twice (an outbox replay next to the original).
-        if ref.id in done or ref in seen:
-            duplicates.append(ref.id)
-        else:
-            todo.append(ref)
-        seen.add(ref)
-    return todo, duplicates
-
-
-def _ids(refs: Iterable[SourceRef], kind: SourceKind) -> list[str]:
-    return [r.id for r in refs if r.kind is kind]
-
-
-def _item_ids(
-    loaded_schedules: Iterable[Mapping[str, Any]], wakeups: Iterable[Mapping[str, Any]]
-) -> list[str]:
-    ids = [s["inventory_item_id"] for s in loaded_schedules if s["inventory_item_id"]]
-    return ids + [w["inventory_item_id"] for w in wakeups if w["inventory_item_id"]]
-
-
-async def _load(conn: AsyncConnection, refs: Sequence[SourceRef]) -> _Loaded:
-    done = _done(refs, await _existing(conn, (r.id for r in refs)))
-    todo, _ = _split(refs, done)
-    fires = await _rows_by_id(conn, FIRES, _ids(todo, SourceKind.SCHEDULE))
-    wakeups = await _rows_by_id(conn, WAKEUPS, _ids(todo, SourceKind.WAKEUP))
-    events = await _rows_by_id(conn, EVENTS, _ids(todo, SourceKind.EVENT))
-    schedules = await _rows_by_id(conn, SCHEDULES, (f["schedule_id"] for f in fires.values()))
-    items = await _rows_by_id(conn, ITEMS, _item_ids(schedules.values(), wakeups.values()))
-    return _Loaded(done, fires, wakeups, events, schedules, items)
-
-
-_FIRE_COLUMNS = ("id", "schedule_id", "status", "fire_at")
-_SCHEDULE_COLUMNS = (
-    "id",
-    "project_id",
-    "agent_id",
-    "user_id",
-    "timezone",
-    "intent",
-    "check_type",
-    "inventory_item_id",
-    "metadata_json",
-)
-"""What :func:`build_drafts` reads of fire and schedule rows (a burst reads thousands)."""
-
-
-def _load_sqlite(db: sqlite3.Connection, refs: Sequence[SourceRef]) -> _Loaded:
-    """:func:`_load` in one go on SQLite's driver thread (see :mod:`delivery.store.direct`)."""
-
-    def by_id(
-        table: Table, ids: Iterable[str], columns: Sequence[str] | None = None
-    ) -> dict[str, Mapping[str, Any]]:
-        return {row["id"]: row for row in direct.select_in(db, table, "id", ids, columns=columns)}
-
-    done = _done(
-        refs,
-        direct.select_in(
-            db, NOTIFICATIONS, "source_id", (r.id for r in refs), columns=["source_id", "status"]
-        ),
-    )
-    todo, _ = _split(refs, done)
-    fires = by_id(FIRES, _ids(todo, SourceKind.SCHEDULE), _FIRE_COLUMNS)
-    wakeups = by_id(WAKEUPS, _ids(todo, SourceKind.WAKEUP))
-    events = by_id(EVENTS, _ids(todo, SourceKind.EVENT))
-    schedules = by_id(SCHEDULES, (f["schedule_id"] for f in fires.values()), _SCHEDULE_COLUMNS)
-    items = by_id(ITEMS, _item_ids(schedules.values(), wakeups.values()))
-    return _Loaded(done, fires, wakeups, events, schedules, items)
-
-
-def build_drafts(refs: Sequence[SourceRef], loaded: _Loaded, result: BatchResult) -> list[Draft]:
+def build_drafts(sources: Sources, result: BatchResult) -> list[Draft]:
     """
-    The drafts of ``refs`` from their ``loaded`` rows; record what is skipped.
+    The drafts of the refs still to do, from their ``sources`` rows; record what is skipped.
 
     Skipped (recorded in ``result``, never retried): a source that already has
     its notification (a redelivery), a fire row that is missing or was
@@ -444,13 +311,12 @@ def build_drafts(refs: Sequence[SourceRef], loaded: _Loaded, result: BatchResult
     missing or no longer pending (a cancelled wakeup produces nothing), a
     missing trigger event.
     """
-    todo, duplicates = _split(refs, loaded.done)
-    result.duplicates.extend(duplicates)
-    fires, wakeups, events = loaded.fires, loaded.wakeups, loaded.events
-    schedules, items = loaded.schedules, loaded.items
+    result.duplicates.extend(sources.duplicates)
+    fires, wakeups, events = sources.fires, sources.wakeups, sources.events
+    schedules, items = sources.schedules, sources.items
 
     drafts: list[Draft] = []
-    for ref in todo:
+    for ref in sources.todo:
         if ref.kind is SourceKind.SCHEDULE:
             fire = fires.get(ref.id)
             if fire is None or fire["status"] != "fired":
@@ -484,23 +350,25 @@ def build_drafts(refs: Sequence[SourceRef], loaded: _Loaded, result: BatchResult
     return drafts
 
 
-async def write_notifications(
-    conn: AsyncConnection,
-    composed: Sequence[tuple[Draft, str, str | None]],
+def _staged(draft: Draft, now: datetime, simulated: bool) -> bool:
+    # Only the scheduler's lookahead makes a fire that is still ahead of the
+    # dispatcher's clock; advance-time's simulated fires are final when written.
+    return not simulated and draft.block.kind is SourceKind.SCHEDULE and draft.fire_at > now
+
+
+def notification_batch(
+    composed: Iterable[tuple[Draft, str, str | None]],
     *,
     subjects: Subjects,
     now: datetime,
     simulated: bool = False,
     replace: Sequence[str] = (),
-) -> tuple[list[dict[str, Any]], dict[str, str]]:
+) -> NotificationBatch:
     """
-    Inside the caller's transaction: transition sources and insert notifications + outbox.
+    What the store writes for ``composed`` (pure): the notification rows, their
+    outbox entries, the wakeups to execute and the trigger events to mark dispatched.
 
-    A wakeup is executed only if it is still ``pending`` at write time (the
-    ``UPDATE ... WHERE status = 'pending' RETURNING id`` takes the row lock on
-    PostgreSQL and runs alone on SQLite), so a cancel racing the dispatcher
-    either wins (no notification) or answers 409. Failed generations are kept
-    but not published: there is no text to deliver.
+    Failed generations are kept but not published: there is no text to deliver.
 
     Args:
         now: stamps outbox rows, and notification ``created_at`` / wakeup
@@ -510,135 +378,26 @@ async def write_notifications(
         replace: source ids whose ``staged`` notification (and its unsent
             outbox entry) is deleted first: restaged fires, and advance-time's
             fires that the scheduler had staged (:mod:`delivery.store.staging`).
-
-    Returns:
-        The notification rows written (a concurrent duplicate collides
-        harmlessly on ``source_id``) and source id -> skip reason for wakeups
-        lost to a race.
     """
-    skipped: dict[str, str] = {}
-    await drop_staged(conn, replace)
-    wakeups = [d for d, _, _ in composed if d.block.kind is SourceKind.WAKEUP]
-    executed: set[str] = set()
-    if simulated:
-        # Each wakeup executes at its own simulated instant: one statement each.
-        for draft in wakeups:
-            stmt = (
-                update(WAKEUPS)
-                .where(WAKEUPS.c.id == draft.source_id, WAKEUPS.c.status == "pending")
-                .values(status="executed", executed_at=draft.fire_at)
-                .returning(WAKEUPS.c.id)
-            )
-            executed.update((await conn.execute(stmt)).scalars())
-    elif wakeups:
-        stmt = (
-            update(WAKEUPS)
-            .where(
-                WAKEUPS.c.id.in_(sorted({d.source_id for d in wakeups})),
-                WAKEUPS.c.status == "pending",
-            )
-            .values(status="executed", executed_at=now)
-            .returning(WAKEUPS.c.id)
-        )
-        executed.update((await conn.execute(stmt)).scalars())
-    skipped.update(_lost_wakeups(wakeups, executed))
-    event_ids = _event_ids(composed)
-    if event_ids:
-        await conn.execute(
-            update(EVENTS)
-            .where(EVENTS.c.id.in_(event_ids), EVENTS.c.status == "accepted")
-            .values(status="dispatched")
-        )
-    rows = _notification_rows(composed, skipped, now=now, simulated=simulated)
-    await bulk.insert_notifications(conn, rows)
-    await bulk.insert_outbox(conn, _outbox_rows(rows, subjects, now))
-    return rows, skipped
-
-
-def _lost_wakeups(wakeups: Iterable[Draft], executed: set[str]) -> dict[str, str]:
-    return {d.source_id: "wakeup no longer pending" for d in wakeups if d.source_id not in executed}
-
-
-def _event_ids(composed: Iterable[tuple[Draft, str, str | None]]) -> list[str]:
-    return sorted({d.source_id for d, _, _ in composed if d.block.kind is SourceKind.EVENT})
-
-
-def _staged(draft: Draft, now: datetime, simulated: bool) -> bool:
-    # Only the scheduler's lookahead makes a fire that is still ahead of the
-    # dispatcher's clock; advance-time's simulated fires are final when written.
-    return not simulated and draft.block.kind is SourceKind.SCHEDULE and draft.fire_at > now
-
-
-def _notification_rows(
-    composed: Iterable[tuple[Draft, str, str | None]],
-    skipped: Mapping[str, str],
-    *,
-    now: datetime,
-    simulated: bool,
-) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
+    wakeups: dict[str, datetime] = {}
+    events: list[str] = []
     for d, m, e in composed:
-        if d.source_id in skipped:
-            continue
+        if d.block.kind is SourceKind.WAKEUP:
+            wakeups[d.source_id] = d.fire_at if simulated else now
+        elif d.block.kind is SourceKind.EVENT:
+            events.append(d.source_id)
         staged = _staged(d, now, simulated)
         # A staged row's created_at is a placeholder (promotion sets the real
         # instant); its payload says the fire instant, when it became due.
         created_at = d.fire_at if simulated or staged else now
         rows.append(notification_row(d, message=m, error=e, created_at=created_at, staged=staged))
-    return rows
-
-
-def _outbox_rows(
-    rows: Iterable[Mapping[str, Any]], subjects: Subjects, now: datetime
-) -> list[dict[str, Any]]:
-    # Failed generations are kept but not published: there is no text to deliver.
-    return [
+    outbox = [
         outbox_row(r, subjects, now)
         for r in rows
         if r["status"] == "pending" or (r["status"] == STAGED and r["error"] is None)
     ]
-
-
-def write_notifications_sqlite(
-    db: sqlite3.Connection,
-    composed: Sequence[tuple[Draft, str, str | None]],
-    *,
-    subjects: Subjects,
-    now: datetime,
-    replace: Sequence[str] = (),
-) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """
-    :func:`write_notifications` (not simulated) on SQLite's driver thread, inside
-    the caller's :func:`delivery.store.direct.write` transaction: the same rows.
-    """
-    if replace:
-        ids = sorted({notification_id(source_id) for source_id in replace})
-        direct.delete_in(db, NOTIFICATIONS, "id", ids, only_if={"status": STAGED})
-        direct.delete_in(db, OUTBOX, "msg_id", ids, only_if={"sent_at": None})
-    wakeups = [d for d, _, _ in composed if d.block.kind is SourceKind.WAKEUP]
-    executed: set[str] = set()
-    if wakeups:
-        executed.update(
-            direct.update_in(
-                db,
-                WAKEUPS,
-                "id",
-                sorted({d.source_id for d in wakeups}),
-                {"status": "executed", "executed_at": now},
-                only_if={"status": "pending"},
-            )
-        )
-    skipped = _lost_wakeups(wakeups, executed)
-    event_ids = _event_ids(composed)
-    if event_ids:
-        direct.update_in(
-            db, EVENTS, "id", event_ids, {"status": "dispatched"}, only_if={"status": "accepted"}
-        )
-    rows = _notification_rows(composed, skipped, now=now, simulated=False)
-    direct.insert_ignoring_duplicates(db, NOTIFICATIONS, rows, unique="source_id")
-    outbox = _outbox_rows(rows, subjects, now)
-    direct.insert_ignoring_duplicates(db, OUTBOX, outbox, unique="msg_id")
-    return rows, skipped
+    return NotificationBatch(rows, outbox, wakeups, events, replace)
 
 
 class Processor:
@@ -646,20 +405,23 @@ class Processor:
     Turns batches of source refs into notifications; the dispatcher's whole job.
 
     Args:
-        engine: the store's engine.
+        store: the store, or the engine to build the SQL store over.
         composer: message composer (template or LLM).
         subjects: subjects for the ``notification.created`` outbox rows.
         clock: stamps ``created_at`` / ``executed_at``.
     """
 
     def __init__(
-        self, engine: AsyncEngine, composer: Composer, subjects: Subjects, clock: Clock
+        self,
+        store: NotificationStore | Engine,
+        composer: Composer,
+        subjects: Subjects,
+        clock: Clock,
     ) -> None:
-        self.engine = engine
+        self.store = notification_store(store)
         self.composer = composer
         self.subjects = subjects
         self.clock = clock
-        self._sqlite = is_sqlite(str(engine.url))
 
     async def process(self, refs: Sequence[SourceRef]) -> BatchResult:
         """
@@ -670,12 +432,7 @@ class Processor:
         JetStream redelivers); composer failures do not (``failed_generation``).
         """
         result = BatchResult()
-        if self._sqlite:
-            loaded = await direct.read(self.engine, partial(_load_sqlite, refs=refs))
-        else:
-            async with self.engine.connect() as conn:
-                loaded = await _load(conn, refs)
-        drafts = build_drafts(refs, loaded, result)
+        drafts = build_drafts(await self.store.load_sources(refs), result)
         # A restaged source's staged row goes even when nothing replaces it (its
         # fire or schedule was deleted): it was composed from a state now gone.
         replace = sorted({r.id for r in refs if r.replace_staged})
@@ -690,27 +447,14 @@ class Processor:
         if not drafts and not replace:
             return result
         composed = await compose_all(self.composer, drafts)
-        now = self.clock.now()
-        if self._sqlite:
-            rows, lost = await direct.write(
-                self.engine,
-                partial(
-                    write_notifications_sqlite,
-                    composed=composed,
-                    subjects=self.subjects,
-                    now=now,
-                    replace=replace,
-                ),
-            )
-        else:
-            async with write_transaction(self.engine) as conn:
-                rows, lost = await write_notifications(
-                    conn, composed, subjects=self.subjects, now=now, replace=replace
-                )
-        result.skipped.update(lost)
-        for source_id, reason in lost.items():
-            log.info("dispatch.skipped", source_id=source_id, reason=reason)
-        for row in rows:
+        batch = notification_batch(
+            composed, subjects=self.subjects, now=self.clock.now(), replace=replace
+        )
+        written = await self.store.write_notifications(batch)
+        for source_id in written.lost:
+            result.skipped[source_id] = LOST_WAKEUP
+            log.info("dispatch.skipped", source_id=source_id, reason=LOST_WAKEUP)
+        for row in written.rows:
             result.created.append(row["id"])
             if row["status"] == "failed_generation":
                 result.failed.append(row["id"])

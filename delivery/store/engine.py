@@ -35,6 +35,13 @@ peaked at 162 MB with 32 and 153 MB with 8, and the burst was not slower with 8
 """
 
 
+Engine = AsyncEngine
+"""
+The store's handle on one database. Processes hold it and hand it to store
+constructors; only the store runs statements on it.
+"""
+
+
 def is_sqlite(url: str) -> bool:
     """True for any ``sqlite`` URL, whatever the driver."""
     return url.startswith("sqlite")

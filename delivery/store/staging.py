@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Select, Table, case, delete, select, update
+from sqlalchemy import Select, Table, case, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.bus.messages import FireCreated
@@ -34,6 +34,7 @@ from delivery.bus.subjects import Subjects
 from delivery.domain import notification_id
 from delivery.store.bulk import insert_outbox
 from delivery.store.engine import any_row, write_transaction
+from delivery.store.steps import DeleteIn, Steps, run_core
 from delivery.store.tables import FireRow, NotificationRow, OutboxRow
 
 FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
@@ -83,18 +84,22 @@ async def promote(engine: AsyncEngine, now: datetime) -> int:
     return promoted
 
 
-async def drop_staged(conn: AsyncConnection, source_ids: Sequence[str]) -> None:
+def dropping_staged(source_ids: Sequence[str]) -> Steps[None]:
     """
-    Inside the caller's transaction: delete the ``staged`` notifications of
-    ``source_ids`` and their unsent ``notification.created`` entries (msg id =
-    notification id). Visible notifications are never touched.
+    Delete the ``staged`` notifications of ``source_ids`` and their unsent
+    ``notification.created`` entries (msg id = notification id). Visible
+    notifications are never touched.
     """
     ids = sorted({notification_id(source_id) for source_id in source_ids})
     if not ids:
         return
-    n = NOTIFICATIONS.c
-    await conn.execute(delete(NOTIFICATIONS).where(n.id.in_(ids), n.status == STAGED))
-    await conn.execute(delete(OUTBOX).where(OUTBOX.c.msg_id.in_(ids), OUTBOX.c.sent_at.is_(None)))
+    yield DeleteIn(NOTIFICATIONS, "id", ids, {"status": STAGED})
+    yield DeleteIn(OUTBOX, "msg_id", ids, {"sent_at": None})
+
+
+async def drop_staged(conn: AsyncConnection, source_ids: Sequence[str]) -> None:
+    """:func:`dropping_staged` inside the caller's transaction."""
+    await run_core(dropping_staged(source_ids), conn)
 
 
 def staged_fires(now: datetime) -> Select[Any]:

@@ -22,6 +22,7 @@ from delivery.bus.messages import NotificationCreated
 from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
 from delivery.store.engine import create_engine
+from delivery.store.notifications import SqlNotificationStore
 from delivery.store.sql import NOTIFICATIONS
 from tests.api.notes import add_notifications, notification
 from tests.channels.conftest import channel_settings
@@ -177,7 +178,7 @@ async def test_slow_listener_queue_is_bounded(
 ) -> None:
     """A listener that reads nothing holds at most its queue size, then only the sentinel."""
     subjects = Subjects(subject_prefix)
-    hub = StreamHub(engine, nats_url, subjects)
+    hub = StreamHub(SqlNotificationStore(engine), nats_url, subjects)
     nc = await nats.connect(nats_url)
     try:
         async with engine.begin() as conn:

@@ -12,8 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from delivery.api import create_app
 from delivery.clock import ManualClock
 from delivery.settings import Settings
+from delivery.store.advance import OFFSETS
 from delivery.store.sql import SqlStore
-from delivery.workbench import OFFSETS
 
 START = datetime(2026, 5, 1, tzinfo=UTC)
 BODY = {

@@ -36,9 +36,6 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
-from sqlalchemy import Table, select, tuple_
-from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Receive, Scope, Send
 
 from delivery.api.auth import ProjectId
@@ -47,36 +44,22 @@ from delivery.api.routes.notifications import queue_entry
 from delivery.bus.messages import NotificationCreated
 from delivery.bus.subjects import Subjects
 from delivery.errors import DeliveryError
-from delivery.store.tables import NotificationRow
+from delivery.store.notifications import (
+    NotificationFeed,
+    SqlNotificationStore,
+    StoredRow,
+    UserKey,
+)
 
 router = APIRouter(tags=["stream"])
 PATH = "/api/v1/agents/{agent_id}/users/{user_id}/notifications/stream"
 
-NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
-_n = NOTIFICATIONS.c
-COLUMNS: Final = (
-    _n.id,
-    _n.project_id,
-    _n.agent_id,
-    _n.user_id,
-    _n.check_type,
-    _n.generated_message,
-    _n.status,
-    _n.created_at,
-    _n.consumed_at,
-    _n.source_type,
-    _n.wakeup_id,
-    _n.intent,
-)
 LOAD_BATCH: Final = 500
 """Most ids read in one query when many notifications arrive at once."""
 MAX_PENDING: Final = 20 * LOAD_BATCH
 """Most message ids waiting for the loader; past it, their listeners are dropped."""
 
 log = structlog.get_logger(__name__)
-
-type UserKey = tuple[str, str, str]
-"""(project_id, agent_id, user_id): whose stream an event belongs to."""
 
 
 class StreamUnavailableError(DeliveryError):
@@ -120,7 +103,7 @@ class Listener:
     queue: asyncio.Queue[object]
     overflowed: bool = False
 
-    def offer(self, row: RowMapping) -> None:
+    def offer(self, row: StoredRow) -> None:
         """Queue ``row``; on a full queue, :meth:`drop` the client instead."""
         if self.overflowed:
             return
@@ -150,7 +133,7 @@ class StreamHub:
     single loader task, which keeps them in arrival order.
     """
 
-    engine: AsyncEngine
+    store: NotificationFeed
     nats_url: str
     subjects: Subjects
     listeners: dict[UserKey, set[Listener]] = field(default_factory=dict)
@@ -270,10 +253,8 @@ class StreamHub:
                     for listener in list(self.listeners.get(key, ())):
                         listener.offer(row)
 
-    async def _load(self, ids: Sequence[str]) -> dict[str, RowMapping]:
-        stmt = select(*COLUMNS).where(_n.id.in_(ids), _n.status == "pending")
-        async with self.engine.connect() as conn:
-            return {r["id"]: r for r in (await conn.execute(stmt)).mappings()}
+    async def _load(self, ids: Sequence[str]) -> dict[str, StoredRow]:
+        return await self.store.pending_by_id(ids)
 
     def _drop(self, keys: Iterable[UserKey]) -> None:
         for key in keys:
@@ -281,33 +262,7 @@ class StreamHub:
                 listener.drop()
 
 
-async def replay(
-    engine: AsyncEngine, key: UserKey, last_event_id: str | None, limit: int
-) -> list[RowMapping]:
-    """
-    The user's pending messages after ``last_event_id`` in queue order (created_at, id).
-
-    An id that is not this user's (unknown, or consumed and gone) replays the whole
-    pending queue: the client dedupes on the event id, and a gap would be worse.
-    """
-    project_id, agent_id, user_id = key
-    owner = (_n.project_id == project_id, _n.agent_id == agent_id, _n.user_id == user_id)
-    async with engine.connect() as conn:
-        cursor = None
-        if last_event_id:
-            cursor = (
-                await conn.execute(
-                    select(_n.created_at, _n.id).where(_n.id == last_event_id, *owner)
-                )
-            ).one_or_none()
-        stmt = select(*COLUMNS).where(*owner, _n.status == "pending")
-        if cursor is not None:
-            stmt = stmt.where(tuple_(_n.created_at, _n.id) > tuple_(cursor[0], cursor[1]))
-        stmt = stmt.order_by(_n.created_at, _n.id).limit(limit)
-        return list((await conn.execute(stmt)).mappings().all())
-
-
-def sse_event(row: RowMapping) -> bytes:
+def sse_event(row: StoredRow) -> bytes:
     """One ``notification`` event; ``id`` is the message id (what ``consume`` takes)."""
     data = json.dumps(queue_entry(row), ensure_ascii=False, separators=(",", ":"))
     return f"id: {row['id']}\nevent: notification\ndata: {data}\n\n".encode()
@@ -323,7 +278,8 @@ def _hub(request: Request, ctx: ApiContext) -> StreamHub:
             raise StreamUnavailableError(
                 "", "the live stream needs DELIVERY_NATS_URL; poll the queue instead"
             )
-        hub = StreamHub(ctx.store.engine, url, Subjects(ctx.settings.subject_prefix))
+        store = SqlNotificationStore(ctx.store.engine)
+        hub = StreamHub(store, url, Subjects(ctx.settings.subject_prefix))
         request.app.state.stream_hub = hub
     return hub
 
@@ -338,7 +294,7 @@ async def _watch_disconnect(request: Request) -> None:
 async def _events(
     request: Request,
     listener: Listener,
-    backlog: list[RowMapping],
+    backlog: list[StoredRow],
     config: StreamConfig,
 ) -> AsyncGenerator[bytes]:
     # Two tasks per client: the disconnect watcher and one pending queue get.
@@ -380,7 +336,7 @@ async def _events(
                     b'reconnect with Last-Event-ID"}\n\n'
                 )
                 return
-            assert isinstance(item, RowMapping)  # noqa: S101 - the queue holds rows or _OVERFLOW
+            assert isinstance(item, StoredRow)  # noqa: S101 - the queue holds rows or _OVERFLOW
             if item["id"] in replayed:
                 continue
             yield sse_event(item)
@@ -450,8 +406,11 @@ async def stream_notifications(
     # both, and the replayed-id check drops the second copy instead of losing it.
     listener = await hub.add(key, config.queue_size, config.max_clients)
     try:
+        # The user's pending messages after that id in queue order; an id that is not
+        # this user's (unknown, or consumed and gone) replays the whole pending queue:
+        # the client dedupes on the event id, and a gap would be worse.
         backlog = (
-            await replay(ctx.store.engine, key, last_event_id, config.replay_limit)
+            await hub.store.pending_after(key, last_event_id, config.replay_limit)
             if last_event_id is not None
             else []
         )

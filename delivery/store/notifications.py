@@ -1,0 +1,341 @@
+"""
+Notifications in the store: what the dispatcher reads and writes, and what the live stream reads.
+
+The dispatcher reads what a batch of source refs needs (:meth:`NotificationStore.load_sources`),
+composes outside any transaction, and writes the composed notifications with
+their side effects in one transaction
+(:meth:`NotificationStore.write_notifications`; advance-time writes its
+notifications with the same operation, :func:`writing`, inside its own
+transaction). Each operation is written once as :mod:`delivery.store.steps`:
+on SQLite it runs whole on the driver's thread, on PostgreSQL as Core
+statements, decided once per store.
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+from sqlalchemy import Table, select, tuple_
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from delivery.domain import SourceKind, SourceRef
+from delivery.store.staging import STAGED, dropping_staged
+from delivery.store.steps import InsertIgnoring, Runner, SelectIn, Steps, UpdateIn
+from delivery.store.tables import (
+    FireRow,
+    InventoryItemRow,
+    NotificationRow,
+    OutboxRow,
+    ScheduleRow,
+    TriggerEventRow,
+    WakeupRow,
+)
+
+FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
+SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
+WAKEUPS: Table = WakeupRow.__table__  # type: ignore[attr-defined]
+EVENTS: Table = TriggerEventRow.__table__  # type: ignore[attr-defined]
+ITEMS: Table = InventoryItemRow.__table__  # type: ignore[attr-defined]
+NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
+OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
+
+FIRE_COLUMNS: Final = ("id", "schedule_id", "status", "fire_at")
+SCHEDULE_COLUMNS: Final = (
+    "id",
+    "project_id",
+    "agent_id",
+    "user_id",
+    "timezone",
+    "intent",
+    "check_type",
+    "inventory_item_id",
+    "metadata_json",
+)
+"""What a draft reads of fire and schedule rows (a burst reads thousands; converting
+instants nobody reads was the largest cost of a batch's reads)."""
+
+_n = NOTIFICATIONS.c
+STREAM_COLUMNS: Final = (
+    _n.id,
+    _n.project_id,
+    _n.agent_id,
+    _n.user_id,
+    _n.check_type,
+    _n.generated_message,
+    _n.status,
+    _n.created_at,
+    _n.consumed_at,
+    _n.source_type,
+    _n.wakeup_id,
+    _n.intent,
+)
+"""What a queue entry shows of a notification (the stream's reads)."""
+
+StoredRow = RowMapping
+"""A notification row as the stream reads it (a read-only mapping of column names)."""
+
+type UserKey = tuple[str, str, str]
+"""(project_id, agent_id, user_id): whose notifications."""
+
+
+@dataclass(slots=True)
+class Sources:
+    """
+    What a batch of source refs needs: the refs still to do and their rows by id.
+
+    Attributes:
+        todo: the refs with no notification yet, each once, in batch order.
+        duplicates: ids of the other refs (notification made already, or a
+            repeat within the batch), in batch order.
+        fires: the todo fires (:data:`FIRE_COLUMNS`).
+        wakeups: the todo wakeups (every column).
+        events: the todo trigger events (every column).
+        schedules: the fires' schedules (:data:`SCHEDULE_COLUMNS`).
+        items: the inventory items those schedules and wakeups name (every
+            column; the caller checks they are the owner's).
+    """
+
+    todo: list[SourceRef]
+    duplicates: list[str]
+    fires: dict[str, Mapping[str, Any]]
+    wakeups: dict[str, Mapping[str, Any]]
+    events: dict[str, Mapping[str, Any]]
+    schedules: dict[str, Mapping[str, Any]]
+    items: dict[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationBatch:
+    """
+    Everything one dispatch (or one advance) writes, as plain rows built by pure code.
+
+    Attributes:
+        notifications: ``notifications`` rows (``NotificationRow`` columns).
+        outbox: their ``notification.created`` entries (``msg_id`` = notification id).
+        wakeups: wakeup id -> ``executed_at``, for the wakeup notifications.
+        events: ids of the trigger events whose notifications these are.
+        replace: source ids whose ``staged`` notification is dropped first.
+    """
+
+    notifications: Sequence[Mapping[str, Any]]
+    outbox: Sequence[Mapping[str, Any]]
+    wakeups: Mapping[str, datetime] = field(default_factory=dict)
+    events: Sequence[str] = ()
+    replace: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """
+    What :func:`writing` did.
+
+    Attributes:
+        rows: the notification rows written, in batch order (one that collided with
+            a concurrent writer's on ``source_id`` is listed but not duplicated).
+        lost: wakeups that were no longer pending: their rows were not written.
+    """
+
+    rows: list[Mapping[str, Any]]
+    lost: list[str]
+
+
+class NotificationStore(Protocol):
+    """What the dispatcher relies on."""
+
+    async def load_sources(self, refs: Sequence[SourceRef]) -> Sources:
+        """
+        The refs still to do and the rows they need, read outside any write transaction.
+
+        A ref is done when its source has a notification, except a restage ref
+        (``replace_staged``) whose source only has a ``staged`` one. Rows that
+        are gone are simply absent.
+        """
+        ...
+
+    async def write_notifications(self, batch: NotificationBatch) -> Written:
+        """
+        Write ``batch`` in ONE transaction, all of it or nothing; see :func:`writing`.
+
+        Idempotent: notifications are unique on ``source_id`` and outbox
+        entries on ``msg_id``, so writing a batch again (or two writers at once)
+        leaves the rows of writing it once.
+        """
+        ...
+
+
+class NotificationFeed(Protocol):
+    """What the live stream relies on: reads of ``pending`` notifications only."""
+
+    async def pending_by_id(self, ids: Sequence[str]) -> dict[str, StoredRow]:
+        """The ``pending`` notifications among ``ids`` (:data:`STREAM_COLUMNS`), by id."""
+        ...
+
+    async def pending_after(
+        self, owner: UserKey, after_id: str | None, limit: int
+    ) -> list[StoredRow]:
+        """
+        ``owner``'s first ``limit`` pending notifications in queue order
+        (``created_at``, ``id``), after ``after_id`` when that is one of
+        ``owner``'s notifications, from the start otherwise.
+        """
+        ...
+
+
+def _ids(refs: Iterable[SourceRef], kind: SourceKind) -> list[str]:
+    return [r.id for r in refs if r.kind is kind]
+
+
+def _by_id(rows: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    return {row["id"]: row for row in rows}
+
+
+def _done(refs: Iterable[SourceRef], existing: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Sources whose notification is made: all that have one, but a restaged one's staged row."""
+    replaceable = {r.id for r in refs if r.replace_staged}
+    return {
+        row["source_id"]
+        for row in existing
+        if not (row["status"] == STAGED and row["source_id"] in replaceable)
+    }
+
+
+def _split(refs: Sequence[SourceRef], done: set[str]) -> tuple[list[SourceRef], list[str]]:
+    """The refs still to do, and the duplicates: done already, or twice in the batch."""
+    todo: list[SourceRef] = []
+    duplicates: list[str] = []
+    seen: set[SourceRef] = set()
+    for ref in refs:
+        # A batch may carry the same source twice (an outbox replay next to the original).
+        if ref.id in done or ref in seen:
+            duplicates.append(ref.id)
+        else:
+            todo.append(ref)
+        seen.add(ref)
+    return todo, duplicates
+
+
+def loading(refs: Sequence[SourceRef]) -> Steps[Sources]:
+    """:meth:`NotificationStore.load_sources` as steps."""
+    existing = yield SelectIn(
+        NOTIFICATIONS, "source_id", [r.id for r in refs], ("source_id", "status")
+    )
+    todo, duplicates = _split(refs, _done(refs, existing))
+    fires = _by_id((yield SelectIn(FIRES, "id", _ids(todo, SourceKind.SCHEDULE), FIRE_COLUMNS)))
+    wakeups = _by_id((yield SelectIn(WAKEUPS, "id", _ids(todo, SourceKind.WAKEUP))))
+    events = _by_id((yield SelectIn(EVENTS, "id", _ids(todo, SourceKind.EVENT))))
+    schedule_ids = [f["schedule_id"] for f in fires.values()]
+    schedules = _by_id((yield SelectIn(SCHEDULES, "id", schedule_ids, SCHEDULE_COLUMNS)))
+    item_ids = [
+        row["inventory_item_id"]
+        for row in [*schedules.values(), *wakeups.values()]
+        if row["inventory_item_id"]
+    ]
+    items = _by_id((yield SelectIn(ITEMS, "id", item_ids)))
+    return Sources(todo, duplicates, fires, wakeups, events, schedules, items)
+
+
+def _by_instant(wakeups: Mapping[str, datetime]) -> list[tuple[datetime, list[str]]]:
+    """Wakeup ids grouped by ``executed_at`` (one statement each), in first-seen order."""
+    groups: dict[datetime, set[str]] = {}
+    for wakeup_id, at in wakeups.items():
+        groups.setdefault(at, set()).add(wakeup_id)
+    return [(at, sorted(ids)) for at, ids in groups.items()]
+
+
+def writing(batch: NotificationBatch) -> Steps[Written]:
+    """
+    Write ``batch``, in this order, inside the transaction the steps run in:
+
+    1. drop the ``staged`` notifications of ``batch.replace`` and their unsent
+       outbox entries (visible notifications are never touched);
+    2. move each wakeup of ``batch.wakeups`` from ``pending`` to ``executed``
+       at its instant. One no longer ``pending`` (cancelled meanwhile) is lost:
+       its notification and outbox entry are not written. The ``UPDATE ...
+       WHERE status = 'pending'`` takes the row lock on PostgreSQL and runs
+       alone on SQLite, so a cancel racing the dispatcher either wins (no
+       notification) or finds the wakeup executed;
+    3. move ``batch.events`` from ``accepted`` to ``dispatched``;
+    4. insert the notifications, skipping any whose ``source_id`` has one;
+    5. insert the outbox entries, skipping any whose ``msg_id`` is queued.
+    """
+    yield from dropping_staged(batch.replace)
+    executed: set[str] = set()
+    for at, ids in _by_instant(batch.wakeups):
+        executed.update(
+            (
+                yield UpdateIn(
+                    WAKEUPS,
+                    "id",
+                    ids,
+                    {"status": "executed", "executed_at": at},
+                    {"status": "pending"},
+                )
+            )
+        )
+    lost = [wakeup_id for wakeup_id in batch.wakeups if wakeup_id not in executed]
+    events = sorted(set(batch.events))
+    if events:
+        yield UpdateIn(EVENTS, "id", events, {"status": "dispatched"}, {"status": "accepted"})
+    gone = set(lost)
+    rows = [r for r in batch.notifications if r["source_id"] not in gone]
+    kept = {r["id"] for r in rows}
+    outbox = [o for o in batch.outbox if o["msg_id"] in kept]
+    yield InsertIgnoring(NOTIFICATIONS, rows, ("source_id",))
+    yield InsertIgnoring(OUTBOX, outbox, ("msg_id",))
+    return Written(rows, lost)
+
+
+class SqlNotificationStore:
+    """
+    :class:`NotificationStore` and :class:`NotificationFeed` over one engine.
+
+    Args:
+        engine: from :func:`delivery.store.engine.create_engine`; never closed here.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._runner = Runner(engine)
+
+    async def load_sources(self, refs: Sequence[SourceRef]) -> Sources:
+        """See :meth:`NotificationStore.load_sources`."""
+        return await self._runner.read(loading(refs))
+
+    async def write_notifications(self, batch: NotificationBatch) -> Written:
+        """
+        See :meth:`NotificationStore.write_notifications`. On SQLite the
+        transaction is not part of a request's unit of work (the dispatcher
+        writes outside requests; advance-time runs :func:`writing` in its own).
+        """
+        return await self._runner.write(writing(batch))
+
+    async def pending_by_id(self, ids: Sequence[str]) -> dict[str, StoredRow]:
+        """See :meth:`NotificationFeed.pending_by_id`."""
+        stmt = select(*STREAM_COLUMNS).where(_n.id.in_(ids), _n.status == "pending")
+        async with self.engine.connect() as conn:
+            return {r["id"]: r for r in (await conn.execute(stmt)).mappings()}
+
+    async def pending_after(
+        self, owner: UserKey, after_id: str | None, limit: int
+    ) -> list[StoredRow]:
+        """See :meth:`NotificationFeed.pending_after`."""
+        project_id, agent_id, user_id = owner
+        mine = (_n.project_id == project_id, _n.agent_id == agent_id, _n.user_id == user_id)
+        async with self.engine.connect() as conn:
+            cursor = None
+            if after_id:
+                cursor = (
+                    await conn.execute(select(_n.created_at, _n.id).where(_n.id == after_id, *mine))
+                ).one_or_none()
+            stmt = select(*STREAM_COLUMNS).where(*mine, _n.status == "pending")
+            if cursor is not None:
+                stmt = stmt.where(tuple_(_n.created_at, _n.id) > tuple_(cursor[0], cursor[1]))
+            stmt = stmt.order_by(_n.created_at, _n.id).limit(limit)
+            return list((await conn.execute(stmt)).mappings().all())
+
+
+def notification_store(db: NotificationStore | AsyncEngine) -> NotificationStore:
+    """``db`` itself, or the SQL store over it when the caller holds only an engine."""
+    return SqlNotificationStore(db) if isinstance(db, AsyncEngine) else db

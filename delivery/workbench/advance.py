@@ -1,0 +1,112 @@
+"""
+The advance itself: read the pair's state through the store, plan (pure),
+compose, and have the store commit it all in one transaction.
+"""
+
+from functools import partial
+from typing import Any
+
+import structlog
+
+from delivery.bus.subjects import Subjects
+from delivery.cadence import format_utc
+from delivery.clock import Clock
+from delivery.dispatcher.composers import Composer
+from delivery.dispatcher.process import compose_all, notification_batch
+from delivery.errors import ConflictError
+from delivery.store.advance import AdvanceStore, AdvanceWrite, JobClaim, Pair, advance_store
+from delivery.store.engine import Engine
+from delivery.store.notifications import Written
+from delivery.workbench.plan import advance_window, plan_advance, response_body, validate_hours
+
+log = structlog.get_logger(__name__)
+
+_ATTEMPTS = 3
+
+
+async def advance_time(
+    db: AdvanceStore | Engine,
+    composer: Composer,
+    subjects: Subjects,
+    clock: Clock,
+    pair: Pair,
+    simulated_hours: float,
+    *,
+    job: JobClaim | None = None,
+) -> dict[str, Any]:
+    """
+    Advance ``pair``'s clock by ``simulated_hours`` and fire what falls due.
+
+    Args:
+        db: the store, or the engine to build the SQL store over.
+        simulated_hours: validated with :func:`validate_hours`.
+        job: the ``async: true`` job this advance runs for; it is marked
+            ``succeeded`` in the advance's own transaction, so a job still
+            ``running`` after a crash is one whose advance never committed.
+
+    Returns:
+        The CONTRACT section 9 response body.
+
+    Raises:
+        ConflictError: the pair's clock kept moving under concurrent advances.
+        JobLost: ``job``'s lease passed to another runner; nothing was written.
+    """
+    store = advance_store(db)
+    hours = validate_hours(simulated_hours)
+    bound = log.bind(
+        project_id=pair.project_id, agent_id=pair.agent_id, user_id=pair.user_id, hours=hours
+    )
+    body = partial(_body, hours)
+    for attempt in range(1, _ATTEMPTS + 1):
+        now = clock.now()
+        offset = await store.clock_offset(pair)
+        window = advance_window(now, offset, hours)
+        state = await store.pair_state(pair, window.start, window.end)
+        plan = plan_advance(pair, window, offset, state)
+        # Composed outside the transaction: an LLM call never holds the write lock.
+        composed = await compose_all(composer, plan.drafts)
+        write = AdvanceWrite(
+            pair=pair,
+            old_offset_s=plan.old_offset_s,
+            new_offset_s=(window.end - now).total_seconds(),
+            now=now,
+            fires=plan.fires,
+            schedule_moves=plan.schedule_moves,
+            notifications=notification_batch(
+                composed,
+                subjects=subjects,
+                now=now,
+                simulated=True,
+                # A fire the scheduler staged in the window may already have a
+                # staged notification: this simulated one replaces it.
+                replace=[d.source_id for d in plan.drafts if d.schedule_id is not None],
+            ),
+        )
+        try:
+            written = await store.commit_advance(write, job=job, job_result=body)
+        except ConflictError:
+            bound.warning("advance_time.retry", attempt=attempt)
+            if attempt == _ATTEMPTS:
+                raise
+            continue
+        for row in written.rows:
+            bound.info(
+                "notification.created",
+                notification_id=row["id"],
+                source_id=row["source_id"],
+                fire_at=format_utc(row["fire_at"]),
+                status=row["status"],
+            )
+        bound.info(
+            "advance_time.done",
+            window_start=format_utc(window.start),
+            window_end=format_utc(window.end),
+            fires=len(written.rows),
+            lost=sorted(written.lost),
+        )
+        return body(written)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _body(hours: float, written: Written) -> dict[str, Any]:
+    return response_body(hours, written.rows)

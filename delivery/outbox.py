@@ -97,7 +97,7 @@ class OutboxRelay:
             if not batch.rows:
                 return RelayResult()
             result, acked = await self._publish(batch.rows)
-            await batch.mark_sent(acked, self.clock.now())
+            batch.mark_sent(acked, self.clock.now())
         result.more = len(batch.rows) >= self.batch
         return result
 

@@ -7,10 +7,12 @@ implements it on SQLite and PostgreSQL, choosing each method's form once per
 store from the engine's :class:`~delivery.store.engine.Capabilities`.
 """
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
-from typing import Any, Protocol
+from functools import partial
+from typing import Protocol
 
 from sqlalchemy import Table, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -45,20 +47,17 @@ class UnsentBatch:
 
     Attributes:
         rows: the rows, in publishing order.
+        stamps: the ``sent_at`` stamps recorded so far, written when the batch ends.
     """
 
-    def __init__(
-        self,
-        rows: Sequence[UnsentMessage],
-        stamp: Callable[[Sequence[int], datetime], Awaitable[None]],
-    ) -> None:
+    def __init__(self, rows: Sequence[UnsentMessage]) -> None:
         self.rows = rows
-        self._stamp = stamp
+        self.stamps: list[tuple[list[int], datetime]] = []
 
-    async def mark_sent(self, ids: Sequence[int], at: datetime) -> None:
-        """Stamp ``sent_at = at`` on the rows of ``ids`` (ids of this batch); idempotent."""
+    def mark_sent(self, ids: Sequence[int], at: datetime) -> None:
+        """Record ``sent_at = at`` for the rows of ``ids`` (ids of this batch)."""
         if ids:
-            await self._stamp(ids, at)
+            self.stamps.append((list(ids), at))
 
 
 class RelayStore(Protocol):
@@ -79,10 +78,11 @@ class RelayStore(Protocol):
 
         While the block runs, no other relay holding a batch of its own gets
         these rows (on PostgreSQL they are locked and skipped by the others; on
-        SQLite the one daemon runs one relay). Stamps made with
+        SQLite the one daemon runs one relay). The stamps recorded with
         :meth:`UnsentBatch.mark_sent` are committed when the block ends
         without an exception, and none of them if it raises. A row left
-        unstamped is returned again by a later batch.
+        unstamped is returned again by a later batch; stamping a row again
+        only moves its ``sent_at``.
         """
         ...
 
@@ -131,27 +131,22 @@ class OutboxStore:
         )
         if self._caps.skip_locked:
             async with write_transaction(self.engine) as conn:
-                rows: Sequence[Any] = (
-                    await conn.execute(stmt.with_for_update(skip_locked=True))
-                ).all()
-
-                async def stamp_held(ids: Sequence[int], at: datetime) -> None:
-                    await _stamp(conn, ids, at)
-
-                yield UnsentBatch(rows, stamp_held)
+                batch = UnsentBatch(
+                    (await conn.execute(stmt.with_for_update(skip_locked=True))).all()
+                )
+                yield batch
+                await _stamp(conn, batch.stamps)
             return
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(stmt)).all()
-        yield UnsentBatch(rows, self._stamp_now)
-
-    async def _stamp_now(self, ids: Sequence[int], at: datetime) -> None:
+            batch = UnsentBatch((await conn.execute(stmt)).all())
+        yield batch
+        if not batch.stamps:
+            return
         if self._caps.driver_thread:
-            await direct.write(
-                self.engine, lambda db: direct.update_in(db, OUTBOX, "id", ids, {"sent_at": at})
-            )
+            await direct.write(self.engine, partial(_stamp_direct, stamps=batch.stamps))
             return
         async with write_transaction(self.engine) as conn:
-            await _stamp(conn, ids, at)
+            await _stamp(conn, batch.stamps)
 
     async def prune(self, sent_before: datetime) -> int:
         """See :meth:`RelayStore.prune`."""
@@ -162,7 +157,14 @@ class OutboxStore:
         return int(result.rowcount or 0)
 
 
-async def _stamp(conn: AsyncConnection, ids: Sequence[int], at: datetime) -> None:
-    for start in range(0, len(ids), _STAMP_CHUNK):
-        chunk = ids[start : start + _STAMP_CHUNK]
-        await conn.execute(update(OUTBOX).where(OUTBOX.c.id.in_(chunk)).values(sent_at=at))
+def _stamp_direct(db: sqlite3.Connection, *, stamps: list[tuple[list[int], datetime]]) -> None:
+    # Bound as prepared tuples on the driver's thread (delivery.store.direct).
+    for ids, at in stamps:
+        direct.update_in(db, OUTBOX, "id", ids, {"sent_at": at})
+
+
+async def _stamp(conn: AsyncConnection, stamps: list[tuple[list[int], datetime]]) -> None:
+    for ids, at in stamps:
+        for start in range(0, len(ids), _STAMP_CHUNK):
+            chunk = ids[start : start + _STAMP_CHUNK]
+            await conn.execute(update(OUTBOX).where(OUTBOX.c.id.in_(chunk)).values(sent_at=at))

@@ -285,7 +285,8 @@ class ScheduleStore:
             .on_conflict_do_nothing(index_elements=["schedule_id", "fire_at"])
             .returning(FIRES.c.id)
         )
-        # The same statement as delivery.store.bulk.insert_outbox, built once.
+        # delivery.store.bulk.insert_outbox's statement, built once for the
+        # synchronous Core writes of apply_plans.
         self._insert_outbox = (
             self._caps.insert(OUTBOX)
             .on_conflict_do_nothing(index_elements=["msg_id"])
@@ -393,9 +394,11 @@ class ScheduleStore:
         apply = partial(self._apply, owner=owner, planned=planned, now=now)
         if self._caps.driver_thread:
             return await direct.write(self.engine, lambda db: apply(_DirectWrites(db)))
-        statements = _Statements(self._insert_fires, self._insert_outbox)
+        core = partial(
+            _CoreWrites, insert_fires=self._insert_fires, insert_outbox=self._insert_outbox
+        )
         async with write_transaction(self.engine) as conn:
-            return await conn.run_sync(lambda sync: apply(_CoreWrites(sync, statements)))
+            return await conn.run_sync(lambda sync: apply(core(sync)))
 
     def _apply(
         self,
@@ -587,20 +590,13 @@ class _DirectWrites:
         direct.insert_ignoring_duplicates(self.db, OUTBOX, rows, unique="msg_id")
 
 
-@dataclass(frozen=True, slots=True)
-class _Statements:
-    """The dialect's inserts, built once per store."""
-
-    insert_fires: Any
-    insert_outbox: Any
-
-
 class _CoreWrites:
     """:class:`_Writes` as SQLAlchemy Core statements; any dialect with RETURNING."""
 
-    def __init__(self, conn: Connection, statements: _Statements) -> None:
+    def __init__(self, conn: Connection, *, insert_fires: Any, insert_outbox: Any) -> None:
         self.conn = conn
-        self.statements = statements
+        self._insert_fires = insert_fires
+        self._insert_outbox = insert_outbox
 
     def bump_versions(self, ids: list[str], owner: str) -> dict[str, int]:
         rows: Sequence[Row[Any]] = self.conn.execute(_BUMP, {"ids": ids, "owner": owner}).all()
@@ -618,8 +614,8 @@ class _CoreWrites:
         if not rows:
             return set()
         # executemany + RETURNING batches through SQLAlchemy's insertmanyvalues.
-        return set(self.conn.execute(self.statements.insert_fires, rows).scalars().all())
+        return set(self.conn.execute(self._insert_fires, rows).scalars().all())
 
     def insert_outbox(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            self.conn.execute(self.statements.insert_outbox, rows)
+            self.conn.execute(self._insert_outbox, rows)

@@ -10,27 +10,18 @@ stamp therefore only costs a harmless republish. Publishing is batched with
 """
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import timedelta
 
 import structlog
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from sqlalchemy import Table, delete, select, update
-from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.bus.stream import MSG_ID_HEADER
 from delivery.clock import Clock
-from delivery.store import direct
-from delivery.store.engine import is_sqlite, write_transaction
-from delivery.store.staging import promote
-from delivery.store.tables import OutboxRow
-
-OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
+from delivery.store.engine import Engine
+from delivery.store.outbox import OutboxStore, RelayStore, UnsentMessage
 
 log = structlog.get_logger(__name__)
 
@@ -57,53 +48,36 @@ class OutboxRelay:
     """
     Moves outbox rows to JetStream in batches.
 
-    On PostgreSQL a batch is locked ``FOR UPDATE SKIP LOCKED`` while it is
-    published, so the relays of several scheduler replicas split the work
-    instead of all publishing everything; on SQLite (one process) the batch is
-    read, published, then stamped.
+    The store hands each relay its own batch (:meth:`RelayStore.unsent`: on
+    PostgreSQL locked ``FOR UPDATE SKIP LOCKED`` while it is published), so the
+    relays of several scheduler replicas split the work instead of all
+    publishing everything.
 
     Args:
-        engine: the store's engine.
+        engine: the store's engine; the relay's store
+            (:class:`delivery.store.outbox.OutboxStore`) is built on it.
         js: a JetStream context on the deployment's NATS.
         clock: stamps ``sent_at``.
         batch: rows per batch.
         publish_timeout_s: how long to wait for a batch's acks.
+        store: the store to use instead of an :class:`OutboxStore` on ``engine``.
     """
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: Engine,
         js: JetStreamContext,
         clock: Clock,
         *,
         batch: int = 1000,
         publish_timeout_s: float = 10.0,
+        store: RelayStore | None = None,
     ) -> None:
-        self.engine = engine
+        self.store: RelayStore = store or OutboxStore(engine)
         self.js = js
         self.clock = clock
         self.batch = batch
         self.publish_timeout_s = publish_timeout_s
-        self._sqlite = is_sqlite(str(engine.url))
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with write_transaction(self.engine) as conn:
-            yield conn
-
-    def _unsent(self) -> Any:
-        # A staged notification's notification.created waits for its fire
-        # instant. The (available_at, id) order publishes rows in the order they
-        # became due, so a burst's fires are not queued behind later rows.
-        stmt = (
-            select(OUTBOX.c.id, OUTBOX.c.subject, OUTBOX.c.msg_id, OUTBOX.c.payload)
-            .where(OUTBOX.c.sent_at.is_(None), OUTBOX.c.available_at <= self.clock.now())
-            .order_by(OUTBOX.c.available_at, OUTBOX.c.id)
-            .limit(self.batch)
-        )
-        if not self._sqlite:
-            stmt = stmt.with_for_update(skip_locked=True)
-        return stmt
 
     async def relay_once(self) -> RelayResult:
         """
@@ -118,29 +92,13 @@ class OutboxRelay:
         Returns:
             Counts; ``more`` when the batch was full.
         """
-        await promote(self.engine, self.clock.now())
-        if self._sqlite:
-            async with self.engine.connect() as conn:
-                rows = (await conn.execute(self._unsent())).all()
-            if not rows:
+        await self.store.promote(self.clock.now())
+        async with self.store.unsent(self.clock.now(), self.batch) as batch:
+            if not batch.rows:
                 return RelayResult()
-            result, acked = await self._publish(rows)
-            if acked:
-                # Bound as prepared tuples on the driver's thread (delivery.store.direct).
-                now = self.clock.now()
-                await direct.write(
-                    self.engine,
-                    lambda db: direct.update_in(db, OUTBOX, "id", acked, {"sent_at": now}),
-                )
-        else:
-            async with self._write() as conn:
-                rows = (await conn.execute(self._unsent())).all()
-                if not rows:
-                    return RelayResult()
-                result, acked = await self._publish(rows)
-                if acked:
-                    await self._stamp(conn, acked)
-        result.more = len(rows) >= self.batch
+            result, acked = await self._publish(batch.rows)
+            batch.mark_sent(acked, self.clock.now())
+        result.more = len(batch.rows) >= self.batch
         return result
 
     async def drain(self, *, max_batches: int = 100_000) -> RelayResult:
@@ -157,23 +115,12 @@ class OutboxRelay:
 
     async def prune(self, older_than: timedelta) -> int:
         """Delete rows sent more than ``older_than`` ago; returns how many."""
-        cutoff = self.clock.now() - older_than
-        async with self._write() as conn:
-            result = await conn.execute(
-                delete(OUTBOX).where(OUTBOX.c.sent_at.is_not(None), OUTBOX.c.sent_at < cutoff)
-            )
-        pruned = int(result.rowcount or 0)
+        pruned = await self.store.prune(self.clock.now() - older_than)
         if pruned:
             log.info("outbox_pruned", pruned=pruned)
         return pruned
 
-    async def _stamp(self, conn: AsyncConnection, ids: Sequence[int]) -> None:
-        now: datetime = self.clock.now()
-        for start in range(0, len(ids), 1000):
-            chunk = ids[start : start + 1000]
-            await conn.execute(update(OUTBOX).where(OUTBOX.c.id.in_(chunk)).values(sent_at=now))
-
-    async def _publish(self, rows: Sequence[Row[Any]]) -> tuple[RelayResult, list[int]]:
+    async def _publish(self, rows: Sequence[UnsentMessage]) -> tuple[RelayResult, list[int]]:
         futures: list[asyncio.Future[PubAck]] = []
         for row in rows:
             future = await self.js.publish_async(

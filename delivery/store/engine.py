@@ -11,11 +11,14 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import Select, event
+from sqlalchemy import Select, Table, event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -45,6 +48,45 @@ constructors; only the store runs statements on it.
 def is_sqlite(url: str) -> bool:
     """True for any ``sqlite`` URL, whatever the driver."""
     return url.startswith("sqlite")
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """
+    What the database behind an engine can do, decided once when a store is built.
+
+    A store method takes the faster form where a flag allows it and the portable
+    form otherwise, inside the same method, so neither the method's callers nor
+    its later calls ask which database they run on (APScheduler 4's
+    ``SQLAlchemyDataStore`` keeps ``_supports_update_returning`` the same way).
+
+    Attributes:
+        dialect: SQLAlchemy's dialect name (``sqlite``, ``postgresql``).
+        driver_thread: functions can run on the raw ``sqlite3`` connection on
+            aiosqlite's thread (:mod:`delivery.store.direct`), so a whole write
+            transaction is one call to that thread.
+        skip_locked: ``SELECT ... FOR UPDATE SKIP LOCKED`` exists, so replicas
+            claiming rows skip each other's instead of queueing on them. Without
+            it (SQLite) the file has one writer and there is nothing to skip.
+    """
+
+    dialect: str
+    driver_thread: bool
+    skip_locked: bool
+
+    @classmethod
+    def of(cls, engine: AsyncEngine) -> "Capabilities":
+        """The capabilities of ``engine``'s database and driver."""
+        dialect = engine.dialect
+        return cls(
+            dialect=dialect.name,
+            driver_thread=dialect.name == "sqlite" and dialect.driver == "aiosqlite",
+            skip_locked=dialect.name == "postgresql",
+        )
+
+    def insert(self, table: Table) -> Any:
+        """The dialect's ``INSERT`` for ``table``, which has ``ON CONFLICT`` clauses."""
+        return pg_insert(table) if self.dialect == "postgresql" else sqlite_insert(table)
 
 
 def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:

@@ -1,17 +1,43 @@
 """
-Stored schedules read back as the cadence engine's values.
+The scheduler's store: stored schedules read back as the cadence engine's values,
+and every statement the scheduler runs.
 
 The API, the scheduler and advance-time all recompile a stored schedule; they
-must do it the same way, or ``upcoming`` and the fires disagree (for an
-every-N-hours cadence the anchor decides every fire).
+must do it the same way (:func:`compile_stored`), or ``upcoming`` and the fires
+disagree (for an every-N-hours cadence the anchor decides every fire).
+
+:class:`SchedulerStore` is the contract the scheduler relies on;
+:class:`ScheduleStore` implements it on SQLite and PostgreSQL. Which form each
+method takes is decided once per store from the engine's
+:class:`~delivery.store.engine.Capabilities`: on SQLite the writes of a tick run
+as one function on the driver's thread (:mod:`delivery.store.direct`), elsewhere
+as SQLAlchemy Core statements (DESIGN "Measured": ORM ~3k rows/s, Core 60-80k).
 """
 
 import json
-from collections.abc import Mapping
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
+from sqlalchemy import Select, Table, bindparam, or_, select, update
+from sqlalchemy.engine import Connection, Row
+
+from delivery.bus.messages import FireCreated, WakeupDue
+from delivery.bus.subjects import Subjects
 from delivery.cadence import CompiledSchedule, compile_schedule
+from delivery.domain import FireId, earliest
+from delivery.planning import SchedulePlan, fire_id
+from delivery.store import direct
+from delivery.store.engine import Capabilities, Engine, any_row, write_transaction
+from delivery.store.tables import FireRow, OutboxRow, ScheduleRow, WakeupRow
+
+SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
+FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
+WAKEUPS: Table = WakeupRow.__table__  # type: ignore[attr-defined]
+OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
 
 
 def compile_stored(row: Any) -> CompiledSchedule:
@@ -38,3 +64,558 @@ def compile_stored(row: Any) -> CompiledSchedule:
         ends_at=get("ends_at"),
         created_at=get("anchor_at"),
     )
+
+
+# --- values crossing the store's boundary ---------------------------------------
+
+
+class ClaimedSchedule(Protocol):
+    """A claimed ``schedules`` row: the columns the planner and the writes read."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def project_id(self) -> str: ...
+    @property
+    def agent_id(self) -> str: ...
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def cadence_json(self) -> str: ...
+    @property
+    def active_window_json(self) -> str | None: ...
+    @property
+    def timezone(self) -> str: ...
+    @property
+    def starts_at(self) -> datetime | None: ...
+    @property
+    def ends_at(self) -> datetime | None: ...
+    @property
+    def anchor_at(self) -> datetime: ...
+    @property
+    def updated_at(self) -> datetime: ...
+    @property
+    def next_fire_at(self) -> datetime:  # a due row has one
+        ...
+    @property
+    def last_fire_at(self) -> datetime | None: ...
+    @property
+    def version(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedSchedule:
+    """A claimed schedule and what the planner decided for it."""
+
+    row: ClaimedSchedule
+    plan: SchedulePlan
+
+
+@dataclass(slots=True)
+class AppliedPlans:
+    """
+    What :meth:`SchedulerStore.apply_plans` committed.
+
+    Attributes:
+        kept: schedules whose plan was written (unchanged since the claim).
+        stale: schedules changed since the claim: nothing written, claim released.
+        fire_ids: the ``fired`` fire rows inserted, in plan order; each has one
+            ``fire.created`` outbox row.
+        skipped: ``skipped`` fire rows inserted.
+        conflicts: planned fires whose (schedule_id, fire_at) row already existed.
+        next_release: the earliest fire instant after ``now`` among the fires
+            inserted (staged ahead by a lookahead).
+    """
+
+    kept: frozenset[str] = frozenset()
+    stale: list[str] = field(default_factory=list)
+    fire_ids: list[FireId] = field(default_factory=list)
+    skipped: int = 0
+    conflicts: int = 0
+    next_release: datetime | None = None
+
+
+class SchedulerStore(Protocol):
+    """
+    What the scheduler needs from the store.
+
+    A claim is a lease: the rows are stamped ``claimed_by = owner`` and
+    ``claimed_until``; a row whose lease has passed is claimable again, so a
+    killed owner's work is picked up by itself (DESIGN invariant 3). Claims made
+    at the same time by several owners never return the same row.
+    """
+
+    async def claim_schedules(
+        self, owner: str, *, now: datetime, due_by: datetime, lease_until: datetime, limit: int
+    ) -> Sequence[ClaimedSchedule]:
+        """
+        Claim up to ``limit`` due schedules for ``owner`` and return them.
+
+        Due: ``enabled``, ``next_fire_at <= due_by``, and unclaimed or with a
+        lease that ended before ``now``; the earliest ``next_fire_at`` first. The
+        claim commits before this returns; it stamps ``claimed_by = owner`` and
+        ``claimed_until = lease_until`` and nothing else (``version`` is unchanged,
+        so :meth:`apply_plans` can tell an API write made since).
+        """
+        ...
+
+    async def apply_plans(
+        self, owner: str, planned: Sequence[PlannedSchedule], *, now: datetime
+    ) -> AppliedPlans:
+        """
+        Write the plans of schedules ``owner`` claimed, in ONE transaction.
+
+        In that transaction, for every schedule still claimed by ``owner``: its
+        ``version`` is bumped (this locks it; an API write now waits). A schedule
+        whose new version is not the claimed one + 1 was changed since the claim:
+        it is ``stale``, nothing of its plan is written and its claim is released.
+        For every other one: ``next_fire_at``, ``last_fire_at``, ``staged_fire_at``
+        (its fire after ``now``, if any) and ``enabled`` are written and the claim
+        cleared; one fire row per planned fire and skip is inserted, unique on
+        (schedule_id, fire_at) with the id :func:`~delivery.planning.fire_id`
+        derives from that pair, an existing row being left alone (a
+        ``conflict``); and one ``fire.created`` outbox row (msg id = fire id) is
+        queued per ``fired`` row inserted, available at once when the fire lies
+        after ``now`` and just before its instant otherwise. Either all of it
+        commits or none. Replaying the same plans inserts nothing twice.
+        """
+        ...
+
+    async def claim_wakeups(
+        self, owner: str, *, now: datetime, lease_until: datetime, limit: int
+    ) -> Sequence[str]:
+        """
+        Claim up to ``limit`` due wakeups for ``owner`` and queue one ``wakeup.due`` each.
+
+        Due: ``pending``, ``scheduled_at <= now``, and unclaimed or with a lease
+        that ended before ``now``; the earliest first. In one transaction the
+        claim is stamped and each wakeup's outbox row (msg id = wakeup id) is
+        inserted, or re-armed (``sent_at`` cleared) if it exists, so a message
+        that never reached the dispatcher goes out again. The wakeup stays
+        ``pending``. Returns the ids claimed.
+        """
+        ...
+
+    async def release_claims(self, *, owner: str | None) -> int:
+        """
+        Clear the claims of ``owner`` (every claim with ``None``) on schedules and
+        wakeups, so the rows are claimable at once; how many rows were released.
+        """
+        ...
+
+
+_AHEAD = timedelta(milliseconds=1)
+"""How far before its fire instant a due fire's outbox entry is released (ordering only)."""
+
+_UNCLAIMED: dict[str, Any] = {"claimed_by": None, "claimed_until": None}
+
+# Statements are built once: SQLAlchemy caches their compiled form by identity.
+_CLAIM_COLUMNS = (
+    SCHEDULES.c.id,
+    SCHEDULES.c.project_id,
+    SCHEDULES.c.agent_id,
+    SCHEDULES.c.user_id,
+    SCHEDULES.c.cadence_json,
+    SCHEDULES.c.active_window_json,
+    SCHEDULES.c.timezone,
+    SCHEDULES.c.starts_at,
+    SCHEDULES.c.ends_at,
+    SCHEDULES.c.anchor_at,
+    SCHEDULES.c.updated_at,
+    SCHEDULES.c.next_fire_at,
+    SCHEDULES.c.last_fire_at,
+    SCHEDULES.c.version,
+)
+
+_CLAIMED_BY_OWNER = (
+    SCHEDULES.c.id.in_(bindparam("ids", expanding=True)),
+    SCHEDULES.c.claimed_by == bindparam("owner"),
+)
+
+_BUMP = (
+    update(SCHEDULES)
+    .where(*_CLAIMED_BY_OWNER)
+    .values(version=SCHEDULES.c.version + 1)
+    .returning(SCHEDULES.c.id, SCHEDULES.c.version)
+)
+
+_RELEASE = update(SCHEDULES).where(*_CLAIMED_BY_OWNER).values(_UNCLAIMED)
+
+_WRITE_SCHEDULE = (
+    update(SCHEDULES)
+    .where(SCHEDULES.c.id == bindparam("b_id"), SCHEDULES.c.version == bindparam("b_version"))
+    .values(
+        next_fire_at=bindparam("b_next_fire_at"),
+        last_fire_at=bindparam("b_last_fire_at"),
+        staged_fire_at=bindparam("b_staged_fire_at"),
+        enabled=bindparam("b_enabled"),
+        claimed_by=bindparam("b_claimed_by"),
+        claimed_until=bindparam("b_claimed_until"),
+    )
+)
+
+
+class ScheduleStore:
+    """
+    :class:`SchedulerStore` on SQLite and PostgreSQL.
+
+    On PostgreSQL claims select their rows ``FOR UPDATE SKIP LOCKED``, so
+    replicas skip each other's rows instead of queueing on them (DESIGN
+    "Deployment shapes"); SQLite has one writer. On SQLite
+    :meth:`apply_plans` is one call to the driver's thread for the whole
+    transaction (:func:`delivery.store.direct.write`): a burst's staging
+    shares the writer with the dispatcher composing ahead, and round trips
+    through a busy event loop while holding the lock idled the writer for
+    both.
+
+    Args:
+        engine: the store's engine (schema present).
+        subjects: the NATS subjects of this deployment (outbox rows name them).
+        capabilities: what the database can do; from ``engine`` by default.
+    """
+
+    def __init__(
+        self, engine: Engine, subjects: Subjects, *, capabilities: Capabilities | None = None
+    ) -> None:
+        self.engine = engine
+        self.subjects = subjects
+        self._caps = capabilities or Capabilities.of(engine)
+        self._insert_fires = (
+            self._caps.insert(FIRES)
+            .on_conflict_do_nothing(index_elements=["schedule_id", "fire_at"])
+            .returning(FIRES.c.id)
+        )
+        # delivery.store.bulk.insert_outbox's statement, built once for the
+        # synchronous Core writes of apply_plans.
+        self._insert_outbox = (
+            self._caps.insert(OUTBOX)
+            .on_conflict_do_nothing(index_elements=["msg_id"])
+            .returning(OUTBOX.c.msg_id)
+        )
+        self._rearm_outbox = self._caps.insert(OUTBOX).on_conflict_do_update(
+            index_elements=["msg_id"], set_={"sent_at": None}
+        )
+
+    # --- claims -----------------------------------------------------------------
+
+    async def claim_schedules(
+        self, owner: str, *, now: datetime, due_by: datetime, lease_until: datetime, limit: int
+    ) -> Sequence[ClaimedSchedule]:
+        """See :meth:`SchedulerStore.claim_schedules`."""
+        s = SCHEDULES.c
+        due = (
+            select(s.id)
+            .where(
+                s.enabled.is_(True),
+                s.next_fire_at <= due_by,
+                or_(s.claimed_until.is_(None), s.claimed_until < now),
+            )
+            .order_by(s.next_fire_at)
+            .limit(limit)
+        )
+        if not await any_row(self.engine, due):
+            return []
+        claim = self._claim(SCHEDULES, due, owner=owner, lease_until=lease_until)
+        async with write_transaction(self.engine) as conn:
+            rows: Sequence[ClaimedSchedule] = (
+                await conn.execute(claim.returning(*_CLAIM_COLUMNS))
+            ).all()
+        return rows
+
+    async def claim_wakeups(
+        self, owner: str, *, now: datetime, lease_until: datetime, limit: int
+    ) -> Sequence[str]:
+        """See :meth:`SchedulerStore.claim_wakeups`."""
+        w = WAKEUPS.c
+        due = (
+            select(w.id)
+            .where(
+                w.status == "pending",
+                w.scheduled_at <= now,
+                or_(w.claimed_until.is_(None), w.claimed_until < now),
+            )
+            .order_by(w.scheduled_at)
+            .limit(limit)
+        )
+        if not await any_row(self.engine, due):
+            return []
+        claim = self._claim(WAKEUPS, due, owner=owner, lease_until=lease_until)
+        subject = self.subjects.wakeup_due
+        async with write_transaction(self.engine) as conn:
+            rows = (await conn.execute(claim.returning(w.id, w.scheduled_at))).all()
+            if not rows:
+                return []
+            outbox = [
+                {
+                    "subject": subject,
+                    "msg_id": row.id,
+                    "payload": WakeupDue(
+                        wakeup_id=row.id, fire_at=row.scheduled_at
+                    ).model_dump_json(),
+                    "created_at": now,
+                    "available_at": now,
+                    "sent_at": None,
+                }
+                for row in rows
+            ]
+            await conn.execute(self._rearm_outbox, outbox)
+        return [row.id for row in rows]
+
+    async def release_claims(self, *, owner: str | None) -> int:
+        """See :meth:`SchedulerStore.release_claims`."""
+        released = 0
+        async with write_transaction(self.engine) as conn:
+            for table in (SCHEDULES, WAKEUPS):
+                stmt = update(table).where(table.c.claimed_by.is_not(None))
+                if owner is not None:
+                    stmt = stmt.where(table.c.claimed_by == owner)
+                result = await conn.execute(stmt.values(_UNCLAIMED))
+                released += int(result.rowcount or 0)
+        return released
+
+    def _claim(self, table: Table, due: Select[Any], *, owner: str, lease_until: datetime) -> Any:
+        """The ``UPDATE`` stamping ``owner``'s lease on the rows ``due`` selects."""
+        if self._caps.skip_locked:
+            due = due.with_for_update(skip_locked=True)
+        return (
+            update(table)
+            .where(table.c.id.in_(due.scalar_subquery()))
+            .values(claimed_by=owner, claimed_until=lease_until)
+        )
+
+    # --- writes -----------------------------------------------------------------
+
+    async def apply_plans(
+        self, owner: str, planned: Sequence[PlannedSchedule], *, now: datetime
+    ) -> AppliedPlans:
+        """See :meth:`SchedulerStore.apply_plans`."""
+        if not planned:
+            return AppliedPlans()
+        apply = partial(self._apply, owner=owner, planned=planned, now=now)
+        if self._caps.driver_thread:
+            return await direct.write(self.engine, lambda db: apply(_DirectWrites(db)))
+        core = partial(
+            _CoreWrites, insert_fires=self._insert_fires, insert_outbox=self._insert_outbox
+        )
+        async with write_transaction(self.engine) as conn:
+            return await conn.run_sync(lambda sync: apply(core(sync)))
+
+    def _apply(
+        self,
+        writes: "_Writes",
+        *,
+        owner: str,
+        planned: Sequence[PlannedSchedule],
+        now: datetime,
+    ) -> AppliedPlans:
+        """:meth:`apply_plans` inside its transaction, on either set of writes."""
+        # The version bump comes first: it locks the rows. Bumping a stale row once
+        # more is harmless: a version only has to change.
+        bumped = writes.bump_versions([p.row.id for p in planned], owner)
+        kept = [p for p in planned if bumped.get(p.row.id) == p.row.version + 1]
+        applied = AppliedPlans(
+            kept=frozenset(p.row.id for p in kept),
+            stale=[p.row.id for p in planned if bumped.get(p.row.id) != p.row.version + 1],
+        )
+        if applied.stale:
+            # Give the changed rows back at once instead of at lease expiry.
+            writes.release(applied.stale, owner)
+        if not kept:
+            return applied
+        writes.write_states(_states(kept, now))
+        fire_rows = _fire_rows(kept, now)
+        inserted = writes.insert_fires(fire_rows)
+        writes.insert_outbox(self._outbox_rows(fire_rows, inserted, now, applied))
+        return applied
+
+    def _outbox_rows(
+        self,
+        fire_rows: list[dict[str, Any]],
+        inserted: set[str],
+        now: datetime,
+        applied: AppliedPlans,
+    ) -> list[dict[str, Any]]:
+        """One ``fire.created`` per inserted fire; counts the fires into ``applied``."""
+        outbox_rows: list[dict[str, Any]] = []
+        subject = self.subjects.fire_created
+        for fire in fire_rows:
+            if fire["status"] != "fired":
+                continue
+            if fire["id"] not in inserted:
+                applied.conflicts += 1
+                continue
+            applied.fire_ids.append(fire["id"])
+            payload = FireCreated(
+                fire_id=fire["id"], schedule_id=fire["schedule_id"], fire_at=fire["fire_at"]
+            )
+            if fire["fire_at"] > now:
+                # The relay must run at the instant to promote the staged
+                # notification the dispatcher composes meanwhile.
+                applied.next_release = earliest(applied.next_release, fire["fire_at"])
+            outbox_rows.append(
+                {
+                    "subject": subject,
+                    "msg_id": fire["id"],
+                    "payload": payload.model_dump_json(),
+                    "created_at": now,
+                    # Published at once, even when staged ahead: the dispatcher
+                    # composes it during the lookahead (delivery.store.staging). A fire
+                    # planned late sorts just before its instant, so the relay
+                    # publishes it ahead of the notification.created entries
+                    # that instant released (a burst's promoted messages).
+                    "available_at": now if fire["fire_at"] > now else fire["fire_at"] - _AHEAD,
+                }
+            )
+        # Counted from the rows, not rowcount: asyncpg's executemany rowcount is
+        # not reliable, and each msg_id is a fire id inserted just before.
+        applied.skipped = len(inserted) - len(applied.fire_ids)
+        return outbox_rows
+
+
+def _states(kept: list[PlannedSchedule], now: datetime) -> list[dict[str, Any]]:
+    return [
+        {
+            "next_fire_at": p.plan.next_fire_at,
+            "last_fire_at": p.plan.last_fire_at,
+            # At most one fire lies ahead (the scheduler's lookahead is under a
+            # minute); the API shows it.
+            "staged_fire_at": next((at for at in p.plan.fires if at > now), None),
+            "enabled": not p.plan.disable,
+            **_UNCLAIMED,
+            # The version just set: belt and braces, the row is already locked.
+            "id": p.row.id,
+            "version": p.row.version + 1,
+        }
+        for p in kept
+    ]
+
+
+def _fire_rows(kept: list[PlannedSchedule], now: datetime) -> list[dict[str, Any]]:
+    fire_rows: list[dict[str, Any]] = []
+    for p in kept:
+        row = p.row
+        base = {
+            "schedule_id": row.id,
+            "project_id": row.project_id,
+            "agent_id": row.agent_id,
+            "user_id": row.user_id,
+            "created_at": now,
+        }
+        fire_rows.extend(
+            {
+                **base,
+                "id": fire_id(row.id, at),
+                "fire_at": at,
+                "status": "fired",
+                "skip_reason": None,
+            }
+            for at in p.plan.fires
+        )
+        fire_rows.extend(
+            {
+                **base,
+                "id": fire_id(row.id, skip.fire_at),
+                "fire_at": skip.fire_at,
+                "status": "skipped",
+                "skip_reason": skip.reason,
+            }
+            for skip in p.plan.skips
+        )
+    return fire_rows
+
+
+# --- the two forms of apply_plans' writes -----------------------------------------
+
+
+class _Writes(Protocol):
+    """The statements of :meth:`ScheduleStore.apply_plans`, inside its one transaction."""
+
+    def bump_versions(self, ids: list[str], owner: str) -> dict[str, int]:
+        """Bump the version of ``ids`` still claimed by ``owner``; id -> new version."""
+        ...
+
+    def release(self, ids: list[str], owner: str) -> None:
+        """Clear ``owner``'s claim on ``ids``."""
+        ...
+
+    def write_states(self, states: list[dict[str, Any]]) -> None:
+        """Write each state to the schedule of its ``id`` and ``version``."""
+        ...
+
+    def insert_fires(self, rows: list[dict[str, Any]]) -> set[str]:
+        """Insert fire rows, leaving existing (schedule_id, fire_at) alone; ids inserted."""
+        ...
+
+    def insert_outbox(self, rows: list[dict[str, Any]]) -> None:
+        """Queue outbox rows, leaving an existing msg_id alone."""
+        ...
+
+
+class _DirectWrites:
+    """:class:`_Writes` on SQLite's driver thread (:mod:`delivery.store.direct`)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def bump_versions(self, ids: list[str], owner: str) -> dict[str, int]:
+        bumped: dict[str, int] = {}
+        for start in range(0, len(ids), direct.MAX_VARIABLES):
+            chunk = ids[start : start + direct.MAX_VARIABLES]
+            marks = ",".join("?" * len(chunk))
+            cursor = self.db.execute(
+                "UPDATE schedules SET version = version + 1 "  # noqa: S608 (marks only)
+                f"WHERE id IN ({marks}) AND claimed_by = ? RETURNING id, version",
+                (*chunk, owner),
+            )
+            bumped.update(cursor.fetchall())
+        return bumped
+
+    def release(self, ids: list[str], owner: str) -> None:
+        direct.update_in(self.db, SCHEDULES, "id", ids, _UNCLAIMED, only_if={"claimed_by": owner})
+
+    def write_states(self, states: list[dict[str, Any]]) -> None:
+        direct.update_rows(self.db, SCHEDULES, states, where=["id", "version"])
+
+    def insert_fires(self, rows: list[dict[str, Any]]) -> set[str]:
+        if not rows:
+            return set()
+        # No RETURNING with executemany: what existed before is read in the same
+        # transaction (a fire id is derived from its unique key).
+        ids = [r["id"] for r in rows]
+        had = {r["id"] for r in direct.select_in(self.db, FIRES, "id", ids, columns=["id"])}
+        direct.insert_ignoring_duplicates(self.db, FIRES, rows, unique=["schedule_id", "fire_at"])
+        return set(ids) - had
+
+    def insert_outbox(self, rows: list[dict[str, Any]]) -> None:
+        direct.insert_ignoring_duplicates(self.db, OUTBOX, rows, unique="msg_id")
+
+
+class _CoreWrites:
+    """:class:`_Writes` as SQLAlchemy Core statements; any dialect with RETURNING."""
+
+    def __init__(self, conn: Connection, *, insert_fires: Any, insert_outbox: Any) -> None:
+        self.conn = conn
+        self._insert_fires = insert_fires
+        self._insert_outbox = insert_outbox
+
+    def bump_versions(self, ids: list[str], owner: str) -> dict[str, int]:
+        rows: Sequence[Row[Any]] = self.conn.execute(_BUMP, {"ids": ids, "owner": owner}).all()
+        return {r.id: r.version for r in rows}
+
+    def release(self, ids: list[str], owner: str) -> None:
+        self.conn.execute(_RELEASE, {"ids": ids, "owner": owner})
+
+    def write_states(self, states: list[dict[str, Any]]) -> None:
+        self.conn.execute(
+            _WRITE_SCHEDULE, [{f"b_{k}": v for k, v in state.items()} for state in states]
+        )
+
+    def insert_fires(self, rows: list[dict[str, Any]]) -> set[str]:
+        if not rows:
+            return set()
+        # executemany + RETURNING batches through SQLAlchemy's insertmanyvalues.
+        return set(self.conn.execute(self._insert_fires, rows).scalars().all())
+
+    def insert_outbox(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            self.conn.execute(self._insert_outbox, rows)

@@ -1,4 +1,4 @@
-"""One clock abstraction (DESIGN invariant 4): nothing else calls ``datetime.now()``."""
+"""One clock abstraction, so time is injectable: nothing else calls ``datetime.now()``."""
 
 import asyncio
 from datetime import UTC, datetime, timedelta

@@ -6,7 +6,7 @@ Everything is built here from :class:`~delivery.settings.Settings` and torn down
 reverse order on SIGINT / SIGTERM: the API stops accepting, in-flight ticks finish,
 committed outbox rows are flushed, the dispatcher finishes its batches, NATS is
 drained and the embedded ``nats-server`` child is stopped. Whatever a SIGKILL
-interrupts is recovered on restart (DESIGN invariant 3): claims are released (SQLite,
+interrupts is recovered on restart: claims are released (SQLite,
 one writer) or expire, unsent outbox rows are relayed, and unacked NATS messages
 are redelivered.
 """
@@ -251,7 +251,7 @@ class Daemon:
             self.scheduler = scheduler
             if is_sqlite(url):
                 # SQLite is single-writer: this is the only scheduler, so any claim
-                # left is from a killed process (DESIGN invariant 3).
+                # left is from a killed process.
                 await scheduler.release_claims(everyone=True)
             else:
                 _on_stop(stack, "release-claims", scheduler.release_claims_quietly)

@@ -38,7 +38,7 @@ EVENT_TYPES: Mapping[SourceKind, str] = {
     SourceKind.WAKEUP: "on_wakeup_ready",
     SourceKind.EVENT: "on_trigger_event",
 }
-"""Webhook event type per source (DESIGN decision 2)."""
+"""Webhook event type per source."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +88,7 @@ def scalar_text(value: Any) -> str:
 
 def sorted_pairs(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, str], ...]:
     # Sorted, so both databases (PostgreSQL jsonb reorders keys) render the same
-    # block and advance-time stays deterministic (DESIGN invariant 4).
+    # block and advance-time stays deterministic.
     if not mapping:
         return ()
     return tuple((str(k), scalar_text(mapping[k])) for k in sorted(mapping))
@@ -99,7 +99,7 @@ def notification_id(source_id: str) -> str:
     The notification (message) id of a source: ``msg_`` + 24 hex of SHA-256(source id).
 
     Deterministic, so a replay, a second dispatcher or advance-time run on the
-    same state all name the same notification (DESIGN invariant 4).
+    same state all name the same notification.
     """
     return "msg_" + hashlib.sha256(source_id.encode()).hexdigest()[:24]
 

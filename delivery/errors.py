@@ -2,8 +2,8 @@
 The one error tree. Every member carries a stable ``code`` and an HTTP ``status``.
 
 The API turns any :class:`DeliveryError` into
-``{"code", "message", "errors": [{"field", "message", "code"}]}`` (CONTRACT.md
-2.3); nothing else maps exceptions to responses.
+``{"code", "message", "errors": [{"field", "message", "code"}]}`` (the shape the SDK
+parses); nothing else maps exceptions to responses.
 
     DeliveryError
     ├── BadRequestError (400)

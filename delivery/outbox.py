@@ -1,12 +1,12 @@
 """
 The outbox relay: publishes committed outbox rows to JetStream and stamps ``sent_at``.
 
-Safe to repeat (DESIGN invariant 2): every message carries its row's ``msg_id`` as
+Safe to repeat: every message carries its row's ``msg_id`` as
 ``Nats-Msg-Id``, so JetStream drops a republished duplicate inside the stream's
 duplicate window (:data:`~delivery.bus.subjects.DEDUPE_WINDOW_S`), and the
 consumer's unique ``source_id`` absorbs anything older. A crash between publish and
 stamp therefore only costs a harmless republish. Publishing is batched with
-``publish_async`` (DESIGN "Measured": ~3k msgs/s awaiting each ack, ~14k batched).
+``publish_async`` (measured: ~3k msgs/s awaiting each ack, ~14k batched).
 """
 
 import asyncio

@@ -2,9 +2,9 @@
 Pure planning for the scheduler: given one claimed schedule and ``now``, decide which
 fires to emit, which ticks to record as skipped, and the schedule's new state.
 
-Pure (STYLE.md section 3): no clock, no I/O; only :mod:`delivery.cadence` (itself pure)
+Pure: no clock, no I/O; only :mod:`delivery.cadence` (itself pure)
 is imported. The shell in :mod:`delivery.scheduler` reads rows, calls these functions
-and writes what they return in one transaction (DESIGN invariant 2).
+and writes what they return in one transaction.
 """
 
 import hashlib
@@ -23,7 +23,7 @@ DEFAULT_MAX_SKIPS = 100
 
 DEFAULT_SKIP_HORIZON = timedelta(days=2)
 """How far before the lateness cutoff missed ticks are itemised: bounds a plan after long
-downtime to at most ~2 days of ticks (96/day at the densest, seeds 001 rate limits)."""
+downtime to at most ~2 days of ticks (96/day at the densest, the Sonzai rate limit)."""
 
 _EPSILON = timedelta(microseconds=1)
 
@@ -37,7 +37,7 @@ def fire_id(schedule_id: str, fire_at: datetime) -> FireId:
     """
     The id of the fire of ``schedule_id`` at ``fire_at``: the same everywhere, always.
 
-    Derived from the pair that identifies a fire (DESIGN invariant 2), so the
+    Derived from the pair that identifies a fire, so the
     scheduler, advance-time and a replay after a crash all compute the same id,
     and JetStream (``Nats-Msg-Id``) and the notification's unique ``source_id``
     can dedupe on it.
@@ -123,10 +123,10 @@ def plan_ticks(
     """
     Classify the raw ticks of one schedule in ``(scanned_after, now]``.
 
-    Rules (issue 4, "Catch-up after downtime"):
+    Rules (catch-up after downtime):
 
     * a tick the cadence skipped (active window, DST gap) is recorded with its
-      reason, never deferred (DESIGN invariant 1);
+      reason, never deferred;
     * a firing tick before ``due_from`` was already produced or was superseded
       by an API write that moved ``next_fire_at``: ignored;
     * a firing tick older than ``now - max_lateness`` is recorded as skipped
@@ -176,7 +176,7 @@ def plan_ticks(
             fires.append(tick.fire_at)
             fire_set.add(tick.fire_at)
     # A DST-gap tick maps to an instant another tick may also have: the fire wins
-    # (one row per (schedule_id, fire_at), DESIGN invariant 2).
+    # (one row per (schedule_id, fire_at)).
     seen: set[datetime] = set()
     unique_skips: list[Skip] = []
     for skip in sorted(skips, key=lambda s: s.fire_at):

@@ -2,13 +2,13 @@
 The scheduler shell: claim due schedules and wakeups, plan with pure code, and write the
 fire rows, the schedules' new state and the outbox entries in one transaction.
 
-DESIGN invariant 2: a fire row, its schedule's new ``next_fire_at`` and its outbox
+A fire row, its schedule's new ``next_fire_at`` and its outbox
 entry commit together, so a crash at any moment either lost nothing or did it all;
 the outbox relay (:mod:`delivery.outbox`) then publishes to JetStream with the fire
 id as ``Nats-Msg-Id``. Every statement lives in the store
 (:mod:`delivery.store.schedules`); this shell reads through it, plans with
 :mod:`delivery.planning` and hands the plans back to it. :meth:`Scheduler.tick` is
-bounded and returns what it did (STYLE.md section 3); the periodic runner lives in
+bounded and returns what it did; the periodic runner lives in
 :mod:`delivery.daemon`.
 """
 
@@ -204,7 +204,7 @@ class Scheduler:
         On shutdown a replica releases its own claims. With ``everyone`` (only
         for the embedded single-writer SQLite, at start-up) all claims go: the
         process that held them is dead, and waiting for the lease would only
-        add lateness after a crash (DESIGN invariant 3).
+        add lateness after a crash.
 
         Returns:
             Schedules and wakeups released.
@@ -389,7 +389,7 @@ class Scheduler:
         still pending after that, it is claimed again and its outbox row is
         re-armed (``sent_at`` cleared) so a message that never reached the
         dispatcher is sent again. JetStream dedupe and the notification's
-        unique ``source_id`` absorb the repeat (DESIGN invariant 2).
+        unique ``source_id`` absorb the repeat.
         """
         claimed = await self.store.claim_wakeups(
             self.instance_id, now=now, lease_until=now + self.lease, limit=self.claim_batch

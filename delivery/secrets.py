@@ -1,6 +1,6 @@
 """
 Encryption at rest for tenant secrets (webhook signing secrets, ``auth_header``):
-DESIGN invariant 6, "secrets are stored hashed or encrypted".
+a secret is never stored in clear.
 
 Values are sealed with Fernet (AES-128-CBC + HMAC-SHA256, from ``cryptography``), so a
 tampered or foreign ciphertext fails loudly instead of decrypting to garbage. The key:

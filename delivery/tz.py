@@ -2,7 +2,7 @@
 
 Why: the system zone files on these machines (tzdata 2025b) disagree with the
 pinned package (2026.x) from 2026 on for America/Vancouver, Havana,
-Africa/Casablanca and others (DESIGN.md, "Measured on these machines"). Two
+Africa/Casablanca and others (measured on these machines). Two
 hosts must compute the same fire instants, so the host database is never read.
 """
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 @dataclass(frozen=True, slots=True)
 class Message:
     """
-    One proactive message as every channel sees it (the DESIGN decision 3 payload).
+    One proactive message as every channel sees it (the webhook payload).
 
     ``event_id`` is stable across retries and redeliveries: receivers dedupe on it.
     """

@@ -1,9 +1,9 @@
 """
-The push / email / SMS worker (issue 6 "Fan-out handlers"): JetStream in, one fan-out
+The push / email / SMS worker: JetStream in, one fan-out
 per notification through :class:`handlers.fanout.ChannelRouter`, every attempt
 recorded, transient failures retried from a durable queue in the database.
 
-Two halves, both restartable at any instant (DESIGN invariant 3):
+Two halves, both restartable at any instant:
 
 1. **Fan-out.** A durable JetStream pull consumer (``channels``, shared by every
    handlers replica) reads ``<prefix>.notification.created``. For each batch it reads
@@ -21,7 +21,7 @@ Two halves, both restartable at any instant (DESIGN invariant 3):
 Only ``pending`` notifications are sent: one already consumed through polling (the
 user has read it) gets no push, no email and no SMS, and its retries stop.
 :meth:`ChannelsWorker.fan_out` and :meth:`ChannelsWorker.sweep` are the bounded modes
-(STYLE 3) that tests and the benchmark drive directly.
+that tests and the benchmark drive directly.
 """
 
 import asyncio

@@ -1,5 +1,5 @@
 """
-PURE: the one place that decides transient versus permanent (STYLE 5).
+PURE: the one place that decides transient versus permanent.
 
 Maps an HTTP response status or a transport exception to an :data:`~handlers.base.Outcome`.
 Imports exception *types* only; performs no I/O.

@@ -2,7 +2,7 @@
 PURE: validate and normalise a user's destinations (``fcm`` / ``email`` / ``sms``) and
 resolve per-user channel preferences. No I/O, no clock, no store, no httpx imports.
 
-The contacts REST API (DESIGN decision 14) calls :func:`validate_contact` on every write
+The contacts REST API calls :func:`validate_contact` on every write
 and stores the normalised destination it returns; the fan-out (``handlers.fanout``) calls
 :func:`channels_for` on every message. Every rejection is an
 :class:`~delivery.errors.InvalidContactError` (400 ``INVALID_CONTACT``) whose ``field`` is

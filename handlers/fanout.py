@@ -36,7 +36,7 @@ DEFAULT_SEND_TIMEOUT: Final = timedelta(seconds=60)
 
 
 class AttemptStatus(StrEnum):
-    """Channel delivery status; the values are the wire values (DESIGN decision 10)."""
+    """Channel delivery status; the values are the wire values."""
 
     SENT = "sent"
     FAILED = "failed"

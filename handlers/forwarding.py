@@ -1,5 +1,5 @@
 """
-Push / email / SMS for a tenant who runs only the webhook receiver (issue 6).
+Push / email / SMS for a tenant who runs only the webhook receiver.
 
 :class:`ChannelForwarder` is a :class:`~handlers.webhooks.receiver.Forwarder`: each
 verified delivery becomes a :class:`~handlers.base.Message`, the user's destinations come

@@ -44,7 +44,7 @@ def filter_matches(channel_filter: Mapping[str, Any] | None, payload: Mapping[st
 
     ``agents`` / ``users`` / ``check_types``: ``payload.agent_id`` / ``user_id`` /
     ``check_type`` is in the list; ``min_score``: ``payload.score`` is a number at least
-    that high (CONTRACT 8's example ``{"agents": [...], "min_score": 80}``).
+    that high (the SDK docs' example ``{"agents": [...], "min_score": 80}``).
     """
     if not channel_filter:
         return True
@@ -66,7 +66,7 @@ def filter_matches(channel_filter: Mapping[str, Any] | None, payload: Mapping[st
 
 
 def subscribed(events: Sequence[str], event_type: str) -> bool:
-    """An empty ``events`` list subscribes to everything (CONTRACT 8)."""
+    """An empty ``events`` list subscribes to everything."""
     return not events or event_type in events
 
 

@@ -25,7 +25,7 @@ SCHEDULE: tuple[timedelta, ...] = (
 )
 """
 Delay before attempt ``n`` is ``SCHEDULE[n - 1]``: immediately, then 5 s, 5 min, 30 min,
-2 h, 5 h, 10 h, 10 h (issue 5, after Svix's published schedule). Eight attempts spread
+2 h, 5 h, 10 h, 10 h (after Svix's published schedule). Eight attempts spread
 over about 27.6 hours, so a receiver that is down for a day still gets the message.
 """
 
@@ -120,7 +120,7 @@ class RetryAt:
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """
-    Give up: the message stays visible as dead-lettered (issue 5). When
+    Give up: the message stays visible as dead-lettered. When
     ``disable_destination`` is set (410 Gone) the endpoint is disabled as well.
     """
 
@@ -141,8 +141,8 @@ def plan_next(
     """
     What the caller does after attempt ``attempt_number`` ended with ``outcome``.
 
-    The durable retry queue applies the result; this function decides it (STYLE 3,
-    "pull such logic into a pure ``plan_*`` function").
+    The durable retry queue applies the result; this function decides it, so
+    the decision is pure and testable without a database.
 
     Returns:
         :class:`Done` for :class:`Delivered`; :class:`RetryAt` for a :class:`Retry` with

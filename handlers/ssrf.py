@@ -1,5 +1,5 @@
 """
-The SSRF guard for webhook destinations (issue 5 "SSRF").
+The SSRF guard for webhook destinations.
 
 A destination whose host is, or resolves to, a loopback, private, link-local, CGNAT,
 cloud-metadata, IPv6 ULA or site-local, unspecified, multicast or reserved address is
@@ -276,7 +276,7 @@ async def check_url(
     if parts.scheme not in ("http", "https"):
         raise bad("must be an absolute http:// or https:// URL")
     if parts.username is not None or parts.password is not None:
-        # Credentials belong in auth_header (CONTRACT 7), never in a URL that gets logged.
+        # Credentials belong in auth_header, never in a URL that gets logged.
         raise bad("must not carry credentials; use auth_header")
     host = parts.hostname
     if not host:

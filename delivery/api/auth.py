@@ -1,5 +1,5 @@
 """
-API key -> project: tenancy is decided here, once (DESIGN invariant 6, decision 1).
+API key -> project: tenancy is decided here, once: the key alone names the project.
 
 :class:`AuthMiddleware` answers 401 for every ``/api/`` request without a valid
 ``Authorization: Bearer <key>`` before any body is parsed, and otherwise puts the

@@ -89,7 +89,7 @@ _ID = re.compile(ID_PATTERN)
 
 
 def wire_time(instant: datetime | None) -> str:
-    """RFC 3339 UTC with ``Z`` (CONTRACT R5); ``""`` for "nothing" (DESIGN decision 7)."""
+    """RFC 3339 UTC with ``Z``; an empty string means "nothing"."""
     if instant is None:
         return ""
     utc = instant.astimezone(UTC)
@@ -104,7 +104,7 @@ def opt_time(instant: datetime | None) -> str | None:
 
 def parse_limit(raw: str | None, *, default: int, maximum: int, field: str = "limit") -> int:
     """
-    A ``limit`` query value in 1..maximum (DESIGN decision 11: never clamped).
+    A ``limit`` query value in 1..maximum (never clamped: out of range is an error).
 
     Raises:
         InvalidLimitError: not an integer, or out of range.

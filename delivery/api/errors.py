@@ -3,8 +3,8 @@ Exception handlers: every error leaves as ``{code, message, errors: [{field, mes
 
 FastAPI's 422 ``{"detail": [...]}`` is replaced by 400 ``INVALID_REQUEST`` (or
 ``INVALID_ID`` for a path id), because the SDK only fills ``exc.code`` from that
-shape (CONTRACT 2.3). A route that does not match because an id holds a ``/`` is
-``INVALID_ID`` too (the SDK interpolates ids unescaped, CONTRACT 2.2).
+shape. A route that does not match because an id holds a ``/`` is
+``INVALID_ID`` too (the SDK interpolates ids unescaped).
 """
 
 import re

@@ -80,13 +80,12 @@ class IdempotencyMiddleware:
         """
         The text to record for a response body: always sealed.
 
-        A signing secret is shown once (CONTRACT 7) and stored only encrypted
-        (DESIGN invariant 6), and a replayed first registration must show it
-        again. Deciding per body which ones carry a secret would mean knowing
-        every route's secrets here (a new credential in a response would be
-        stored in clear the day someone forgets); sealing every record costs
-        microseconds per write and keeps the rest of the tenant's data
-        encrypted at rest too.
+        A signing secret is shown once and stored only encrypted, and a replayed
+        first registration must show it again. Deciding per body which ones carry
+        a secret would mean knowing every route's secrets here (a new credential
+        in a response would be stored in clear the day someone forgets); sealing
+        every record costs microseconds per write and keeps the rest of the
+        tenant's data encrypted at rest too.
         """
         return _SEALED_PREFIX + (await self._sealer()).seal(body.decode())
 

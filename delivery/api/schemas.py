@@ -1,10 +1,10 @@
 """
-Request and response models, with the Sonzai wire names (CONTRACT.md sections 3-6, 10).
+Request and response models, with the Sonzai wire names (those the SDK sends and parses).
 
 Requests are strict and closed (``extra="forbid"``): the SDK never sends unknown
-keys or top-level ``null`` (CONTRACT 2.2), so anything else is a client bug we
+keys or top-level ``null``, so anything else is a client bug we
 report as ``INVALID_REQUEST`` naming the field. Responses are dumped with
-``exclude_none``: an absent optional is omitted, never ``null`` (CONTRACT R3).
+``exclude_none``: an absent optional is omitted, never ``null``.
 """
 
 from typing import Annotated, Any, Literal
@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 ID_PATTERN = r"^[A-Za-z0-9._:@+-]{1,128}$"
-"""Every id in a path or an id-valued body field (DESIGN decision 13)."""
+"""Every id in a path or an id-valued body field."""
 
 
 def _no_nul(value: str) -> str:
@@ -60,7 +60,7 @@ class ResponseModel(BaseModel):
 
 
 class ScheduleCreate(RequestModel):
-    """``POST …/schedules`` (CONTRACT 3.1)."""
+    """``POST …/schedules``."""
 
     cadence: dict[str, Any]
     intent: Text
@@ -75,7 +75,7 @@ class ScheduleCreate(RequestModel):
 class SchedulePatch(RequestModel):
     """
     ``PATCH …/schedules/{id}``: absent is unchanged, ``{}`` clears ``active_window`` /
-    ``metadata``, ``""`` clears ``starts_at`` / ``ends_at`` (DESIGN decision 6).
+    ``metadata``, ``""`` clears ``starts_at`` / ``ends_at``.
     """
 
     cadence: dict[str, Any] | None = None
@@ -97,7 +97,7 @@ class ScheduleCreated(ResponseModel):
 
 
 class ScheduleOut(ResponseModel):
-    """The schedule object; structured fields are JSON text (CONTRACT 3.2)."""
+    """The schedule object; structured fields are JSON text."""
 
     schedule_id: str
     cadence_type: str
@@ -132,7 +132,7 @@ class Success(ResponseModel):
 
 
 class WakeupCreate(RequestModel):
-    """``POST /api/v1/agents/{agentId}/wakeups`` (CONTRACT 4); ``scheduled_at`` wins."""
+    """``POST /api/v1/agents/{agentId}/wakeups``; ``scheduled_at`` wins."""
 
     user_id: Ident
     check_type: Label
@@ -183,7 +183,7 @@ class ChatMessage(RequestModel):
 
 
 class EventCreate(RequestModel):
-    """``POST /api/v1/agents/{agentId}/events`` (CONTRACT 5); metadata is string-only."""
+    """``POST /api/v1/agents/{agentId}/events``; metadata is string-only."""
 
     user_id: Ident
     event_type: Label
@@ -218,7 +218,7 @@ class EventList(ResponseModel):
 
 
 class InventoryCreate(RequestModel):
-    """``POST …/inventory/items`` (CONTRACT 10). ``project_id`` is accepted and ignored:
+    """``POST …/inventory/items``. ``project_id`` is accepted and ignored:
     the API key decides the project."""
 
     item_type: Label
@@ -266,7 +266,7 @@ class InventoryItemOut(ResponseModel):
 
 
 class NotificationOut(ResponseModel):
-    """An agent-queue entry: exactly CONTRACT 6.1's fields."""
+    """An agent-queue entry: exactly the SDK model's fields."""
 
     message_id: str
     agent_id: str

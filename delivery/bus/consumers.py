@@ -143,7 +143,7 @@ async def settle_batch[T, R](
     ``process`` raises (the database is down) the batch is nacked with a delay so
     JetStream redelivers it, and ``failed()`` is returned; the consumers' writes are
     idempotent, so the redelivery is safe. Acks come only after ``process`` returned,
-    i.e. after its transaction committed (DESIGN invariant 3).
+    i.e. after its transaction committed: a crash before the ack loses nothing.
 
     Args:
         log: a structlog logger; ``{event}.undecodable`` and ``{event}.batch_failed``

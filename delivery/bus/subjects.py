@@ -1,7 +1,7 @@
 """
 Subject names and stream settings, as constants (one place for every producer and consumer).
 
-Every subject is ``<prefix>.<noun>.<past-tense verb>`` (STYLE.md section 2); the
+Every subject is ``<prefix>.<noun>.<past-tense verb>``; the
 prefix is ``Settings.subject_prefix`` (``delivery`` in production, unique per
 test). The outbox ``msg_id`` of each message is the id named below, sent as
 ``Nats-Msg-Id`` so JetStream drops a republished duplicate.

@@ -1,5 +1,5 @@
 """
-The cadence engine: a schedule and an instant in, fire instants out (DESIGN invariant 1).
+The cadence engine: a schedule and an instant in, fire instants out.
 
 Pure: no clock, no I/O, no sqlmodel/nats/httpx imports. All wall-clock reasoning
 happens in the schedule's own zone; inputs and outputs are aware UTC datetimes.

@@ -196,7 +196,7 @@ def _window(active_window: Any) -> tuple[dict[str, Any] | None, int | None, int 
     days = every_day
     raw_days = active_window.get("days_of_week")
     if raw_days is not None:
-        # Explicit [] is rejected (seeds 001): it could never fire.
+        # Explicit [] is rejected: it could never fire.
         day_list = _weekdays(raw_days, f"{base}.days_of_week", InvalidActiveWindowError)
         days = set(day_list)
         normal["days_of_week"] = [_WEEKDAYS[d] for d in sorted(days)]
@@ -241,12 +241,12 @@ def compile_schedule(
     * ``cron``: 5 fields, Vixie semantics (see :mod:`delivery.cadence.cron`).
     * The order of ``times`` and ``days_of_week`` does not matter; the
       normalised objects list them sorted (days Monday first).
-    * Limits (seeds 001): a repeated time or day is ``CADENCE_TOO_FREQUENT``;
+    * Limits (the Sonzai rate limits): a repeated time or day is ``CADENCE_TOO_FREQUENT``;
       more than 96 raw ticks per 24 hours is ``CADENCE_TOO_DENSE``, counted on
       the wall-clock grid (ticks per allowed local day), so a 23- or 25-hour
       DST day does not change the verdict: ``*/15 * * * *`` (96) passes.
-    * A window that filters out every tick is allowed (seeds: "silently
-      skipped"); such a schedule simply has no next fire.
+    * A window that filters out every tick is allowed (the Sonzai docs:
+      "silently skipped"); such a schedule simply has no next fire.
     * JSON ``null`` for an optional key means "absent" (``"cron": null`` next
       to ``simple`` is fine); a repeated day in the window's ``days_of_week``
       is harmless and dropped, unlike one in a weekly cadence.

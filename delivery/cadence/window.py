@@ -1,7 +1,7 @@
 """
-Active-window membership: quiet hours and allowed days (seeds 001 "active_window").
+Active-window membership: quiet hours and allowed days (the Sonzai ``active_window``).
 
-Pure. A fire outside the window is skipped, never deferred (DESIGN invariant 1).
+Pure. A fire outside the window is skipped, never deferred.
 """
 
 

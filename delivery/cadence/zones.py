@@ -3,7 +3,7 @@ Wall time -> UTC in a zone: the only code that decides gaps and folds.
 
 Pure. A wall time inside a spring-forward gap does not exist; a wall time that
 exists twice at a fall-back maps to its first occurrence (``fold=0``), so it
-fires once (DESIGN invariant 1, seeds 001 "DST handling").
+fires once (as the Sonzai "DST handling" docs describe).
 """
 
 from datetime import UTC, datetime

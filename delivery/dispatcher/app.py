@@ -12,7 +12,7 @@ or, as one awaitable that returns once ``stop_event`` is set::
 
     await run_dispatcher(settings, engine, nats_url, clock, stop_event)
 
-:meth:`Dispatcher.drain` is the bounded mode (STYLE section 3): without the
+:meth:`Dispatcher.drain` is the bounded mode: without the
 consumers running, it pulls what is pending, processes it and returns the
 :class:`~delivery.dispatcher.process.BatchResult`.
 
@@ -51,7 +51,7 @@ DURABLES: dict[SourceKind, str] = {
     SourceKind.WAKEUP: "dispatcher_wakeup",
     SourceKind.EVENT: "dispatcher_event",
 }
-"""Durable consumer per source subject, shared by every dispatcher replica (DESIGN)."""
+"""Durable consumer per source subject, shared by every dispatcher replica."""
 
 LLM_ACK_WAIT_S = 120.0
 """Longer than the slowest LLM batch (batch / concurrency x timeout)."""
@@ -66,7 +66,7 @@ durable created with another value keeps it (consumers are not updated in place)
 NAK_DELAY_S = 5.0
 """Back-off before JetStream redelivers a batch whose processing failed."""
 TEMPLATE_BATCH = 500
-"""Pull size for the template composer: DESIGN measured fetch(500)+ack at ~11k msgs/s."""
+"""Pull size for the template composer: fetch(500)+ack measured at ~11k msgs/s."""
 LLM_BATCH = 32
 """Pull size for the LLM composer, so one batch stays well inside :data:`LLM_ACK_WAIT_S`."""
 BATCH_WAIT_S = 0.1

@@ -1,10 +1,10 @@
 """
-Fire, wakeup or trigger event -> the intent block the agent receives (seeds/001).
+Fire, wakeup or trigger event -> the intent block the agent receives.
 
 Pure: no clock, no I/O. The shell (:mod:`delivery.dispatcher.process`,
 :mod:`delivery.workbench`) reads the rows and hands plain values in.
 
-Every block is one section per line. The seeds print the scheduled-reminder
+Every block is one section per line. The Sonzai docs print the scheduled-reminder
 block with its line breaks collapsed; joining our lines with ``""`` gives that
 text byte for byte, which is what the golden tests check.
 """
@@ -17,11 +17,11 @@ from delivery.cadence.instants import format_utc
 from delivery.domain import IntentBlock, InventoryItem, SourceKind, scalar_text, sorted_pairs
 
 SCHEDULE_HEADER = "[PROACTIVE WAKEUP — SCHEDULED REMINDER]"
-"""The stable header an agent detects (seeds/001 "Scheduled Reminders")."""
+"""The stable header an agent detects (as the Sonzai "Scheduled Reminders" docs show)."""
 WAKEUP_HEADER = "[PROACTIVE WAKEUP — ONE-OFF WAKEUP]"
-"""Our wakeup variant: the seeds name the fields (seeds/001 "Wakeups"), not the header."""
+"""Our wakeup variant: the Sonzai "Wakeups" docs name the fields, not the header."""
 EVENT_HEADER = "[PROACTIVE WAKEUP — TRIGGER EVENT]"
-"""Our trigger-event variant (seeds/001 "TriggerEvent")."""
+"""Our trigger-event variant of the header, for a Sonzai "TriggerEvent"."""
 
 
 def _render_pairs(pairs: Sequence[tuple[str, str]]) -> str:
@@ -29,7 +29,7 @@ def _render_pairs(pairs: Sequence[tuple[str, str]]) -> str:
 
 
 def _item_line(item: InventoryItem | None) -> list[str]:
-    # seeds/001: "present only if inventory_item_id was set and the item still
+    # The Sonzai docs: "present only if inventory_item_id was set and the item still
     # exists. The item's label and all of its properties are included."
     if item is None:
         return []
@@ -41,7 +41,7 @@ def _item_line(item: InventoryItem | None) -> list[str]:
 
 
 def _context_line(context: tuple[tuple[str, str], ...]) -> list[str]:
-    # seeds/001: "present only if metadata was set. All metadata key-value pairs".
+    # The Sonzai docs: "present only if metadata was set. All metadata key-value pairs".
     if not context:
         return []
     return [f"Additional context: {_render_pairs(context)}"]
@@ -56,11 +56,11 @@ def schedule_block(
     metadata: Mapping[str, Any] | None,
 ) -> IntentBlock:
     """
-    The scheduled-reminder block, exactly as seeds/001 "Scheduled Reminders" shows it.
+    The scheduled-reminder block, exactly as the Sonzai "Scheduled Reminders" docs show it.
 
     Args:
         intent: the schedule's ``intent``, verbatim.
-        check_type: the schedule's ``check_type`` (not rendered; the seeds' block has none).
+        check_type: the schedule's ``check_type`` (not rendered; the documented block has none).
         fire_at_local: the fire instant in the schedule's zone with its offset.
         item: the live inventory item, or ``None`` when unset or deleted.
         metadata: the schedule's ``metadata``, or ``None``.
@@ -97,7 +97,7 @@ def wakeup_block(
     """
     The one-off wakeup block: the scheduled-reminder layout plus the wakeup fields.
 
-    seeds/001 "Wakeups": the agent sees ``check_type`` as context, and
+    The Sonzai "Wakeups" docs: the agent sees ``check_type`` as context, and
     ``occasion``, ``interest_topic`` and ``event_description`` "are included in
     the agent's wakeup block at fire time" when set. A wakeup has no zone, so
     its fire time is the authoritative UTC ``scheduled_at``.
@@ -143,7 +143,7 @@ def event_block(
     """
     The trigger-event block: what happened, its string metadata, recent turns.
 
-    seeds/001 "TriggerEvent": ``event_description`` "is for the LLM", metadata
+    The Sonzai "TriggerEvent" docs: ``event_description`` "is for the LLM", metadata
     is extra context, and ``messages`` ground the reaction in the conversation
     that just ended. ``language`` is rendered only when it is not the default
     ``en``.

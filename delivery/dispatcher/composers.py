@@ -5,7 +5,7 @@ Composers: an intent block in, the agent's opening message out.
 :class:`LlmComposer` speaks the OpenAI-compatible chat-completions API over
 httpx. Either raises :class:`CompositionError` when it cannot produce a
 message; the caller then keeps the notification as ``failed_generation``
-with the error (issue 4: "never lost").
+with the error: a message is never lost.
 """
 
 from typing import Any, Protocol
@@ -24,7 +24,7 @@ SYSTEM_PROMPT = (
     "short, warm and specific, grounded in the intent and any reference item or "
     "context given. Reply with the message text only."
 )
-"""seeds/001: "no prompt template is exposed; you control intent, not wording"."""
+"""As the Sonzai docs put it: "no prompt template is exposed; you control intent, not wording"."""
 
 
 class CompositionError(Exception):
@@ -64,7 +64,7 @@ class TemplateComposer:
     A deterministic message from the block's structured parts; no network.
 
     The same block always gives the same text, which keeps advance-time
-    reproducible (DESIGN invariant 4) and tests exact.
+    reproducible and tests exact.
     """
 
     io_bound = False
@@ -135,7 +135,7 @@ class LlmComposer:
                 {"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": block.text},
             ],
-            # As repeatable as the provider allows (seeds/001 "Advance Time" is deterministic).
+            # As repeatable as the provider allows (advance-time is meant to be deterministic).
             "temperature": 0,
         }
         try:

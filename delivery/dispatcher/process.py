@@ -6,7 +6,7 @@ any transaction, so a slow LLM never holds a lock), build the rows to write
 (pure), then have the store write them in ONE transaction: move wakeups
 pending -> executed, mark trigger events dispatched, insert the notifications
 (unique on ``source_id``) and queue one ``notification.created`` outbox row per
-new notification (DESIGN invariants 2 and 3). Running a batch twice, or two
+new notification, in one transaction. Running a batch twice, or two
 dispatchers running it at once, leaves the same rows as running it once. No
 SQL here: :mod:`delivery.store.notifications` holds it.
 """
@@ -55,7 +55,7 @@ LOST_WAKEUP = "wakeup no longer pending"
 @dataclass(slots=True)
 class BatchResult:
     """
-    What one batch did (STYLE section 3: a bounded run returns what it did).
+    What one batch did (a bounded run returns what it did).
 
     Attributes:
         created: ids of notifications this batch inserted (pending or failed_generation).
@@ -98,7 +98,7 @@ def inventory_item(row: Mapping[str, Any] | None, owner: Mapping[str, Any]) -> I
     The block's view of an inventory row, or ``None`` when it is gone or not the owner's.
 
     The owner check keeps a forged ``inventory_item_id`` from reading another
-    tenant's or user's item (DESIGN invariant 6).
+    tenant's or user's item.
     """
     if row is None:
         return None
@@ -116,7 +116,7 @@ def schedule_draft(
     block = schedule_block(
         intent=schedule["intent"],
         check_type=schedule["check_type"],
-        # seeds/001: "Scheduled fire time (user's local) — the next_fire_at_local value".
+        # The Sonzai docs: "Scheduled fire time (user's local) — the next_fire_at_local value".
         fire_at_local=format_local(fire_at, ZoneInfo(schedule["timezone"])),
         item=item,
         metadata=metadata,
@@ -188,7 +188,7 @@ def notification_row(
     staged: bool = False,
 ) -> dict[str, Any]:
     """
-    The ``notifications`` row for a composed draft, payload included (DESIGN decision 3).
+    The ``notifications`` row for a composed draft, payload included (the webhook body).
 
     ``error`` set means the composer failed: the row is kept with status
     ``failed_generation`` and an empty message, never dropped. ``staged``: the
@@ -374,7 +374,7 @@ def notification_batch(
         now: stamps outbox rows, and notification ``created_at`` / wakeup
             ``executed_at`` unless ``simulated``.
         simulated: advance-time: each notification is created, and each
-            wakeup executed, at its own simulated fire instant (DESIGN decision 9).
+            wakeup executed, at its own simulated fire instant.
         replace: source ids whose ``staged`` notification (and its unsent
             outbox entry) is deleted first: restaged fires, and advance-time's
             fires that the scheduler had staged (:mod:`delivery.store.staging`).

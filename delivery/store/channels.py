@@ -1,9 +1,9 @@
 """
-Persistence for issue 6: contacts, channel preferences, notification channels and the
+Persistence for push, email and SMS: contacts, channel preferences, notification channels and the
 channel attempts log (which is also the durable retry queue).
 
 Every tenant-facing method takes the caller's ``project_id`` and filters on it, so a
-foreign id behaves exactly like an unknown one (DESIGN invariant 6). Writes run in one
+foreign id behaves exactly like an unknown one. Writes run in one
 transaction each through :meth:`SqlStore.write` (``BEGIN IMMEDIATE`` on SQLite).
 Channel secrets never reach a row in clear: :class:`ChannelConfigCodec` splits them
 out of the config and seals them with :class:`delivery.secrets.SecretBox`. Nor do
@@ -134,7 +134,7 @@ class ChannelConfigCodec:
         """
         ``new`` with every secret value that is still the masked form of the stored one
         replaced by the stored secret: a client that reads a channel and writes it back
-        (PUT is a full replace, CONTRACT 8) must not overwrite a secret with its mask.
+        (PUT is a full replace) must not overwrite a secret with its mask.
         """
         old = self.secrets(old_secrets_enc)
         merged = dict(new)

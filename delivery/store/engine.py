@@ -383,7 +383,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     # NORMAL is durable across process crashes in WAL mode (only an OS crash can
-    # lose the last transactions), which is the failure model of DESIGN invariant 3.
+    # lose the last transactions), which is the failure model the restart recovery assumes.
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     # A checkpoint (copying WAL pages into the file, with an fsync) every 4 MB of

@@ -11,7 +11,7 @@ disagree (for an every-N-hours cadence the anchor decides every fire).
 method takes is decided once per store from the engine's
 :class:`~delivery.store.engine.Capabilities`: on SQLite the writes of a tick run
 as one function on the driver's thread (:mod:`delivery.store.direct`), elsewhere
-as SQLAlchemy Core statements (DESIGN "Measured": ORM ~3k rows/s, Core 60-80k).
+as SQLAlchemy Core statements (measured: ORM ~3k rows/s, Core 60-80k).
 """
 
 import json
@@ -141,7 +141,7 @@ class SchedulerStore(Protocol):
 
     A claim is a lease: the rows are stamped ``claimed_by = owner`` and
     ``claimed_until``; a row whose lease has passed is claimable again, so a
-    killed owner's work is picked up by itself (DESIGN invariant 3). Claims made
+    killed owner's work is picked up by itself. Claims made
     at the same time by several owners never return the same row.
     """
 
@@ -260,8 +260,7 @@ class ScheduleStore:
     :class:`SchedulerStore` on SQLite and PostgreSQL.
 
     On PostgreSQL claims select their rows ``FOR UPDATE SKIP LOCKED``, so
-    replicas skip each other's rows instead of queueing on them (DESIGN
-    "Deployment shapes"); SQLite has one writer. On SQLite
+    replicas skip each other's rows instead of queueing on them; SQLite has one writer. On SQLite
     :meth:`apply_plans` is one call to the driver's thread for the whole
     transaction (:func:`delivery.store.direct.write`): a burst's staging
     shares the writer with the dispatcher composing ahead, and round trips

@@ -2,7 +2,7 @@
 :class:`SqlStore`: the API's persistence, one implementation for SQLite and PostgreSQL.
 
 Every method that touches tenant data takes the caller's ``project_id`` and filters
-on it, so a foreign id behaves exactly like an unknown one (DESIGN invariant 6).
+on it, so a foreign id behaves exactly like an unknown one.
 Statements are SQLAlchemy Core: one round trip per call, no ORM identity map.
 Write methods run in one transaction each; on SQLite the transaction takes the
 write lock up front (``BEGIN IMMEDIATE``) so a read-then-write never dies on a
@@ -61,7 +61,7 @@ def hash_api_key(key: str) -> str:
 
 
 def canonical_json(value: Any) -> str:
-    """Compact JSON with sorted keys: the stored and echoed form (DESIGN decision 8)."""
+    """Compact JSON with sorted keys: the stored and echoed form."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -323,7 +323,7 @@ class SqlStore:
         self, project_id: str, agent_id: str, user_id: str, schedule_id: str, *, now: datetime
     ) -> bool:
         """
-        Delete a schedule and its fire history (seeds: delete removes "all associated
+        Delete a schedule and its fire history (the Sonzai docs: delete removes "all associated
         fire history"); notifications already produced stay in the queue.
 
         Returns:
@@ -553,7 +553,7 @@ class SqlStore:
     async def delete_item(
         self, project_id: str, agent_id: str, user_id: str, item_id: str, *, now: datetime
     ) -> bool:
-        """Delete one item; schedules linked to it keep firing without it (seeds)."""
+        """Delete one item; schedules linked to it keep firing without it."""
         async with self.write() as conn:
             result = await conn.execute(
                 delete(INVENTORY).where(
@@ -605,7 +605,7 @@ class SqlStore:
         self, project_id: str, agent_id: str, message_id: str, now: datetime
     ) -> ConsumeOutcome:
         """
-        Mark a pending message consumed; consuming it again is a no-op (DESIGN decision 4).
+        Mark a pending message consumed; consuming it again is a no-op.
 
         Returns:
             ``CONSUMED`` when this call changed it, ``ALREADY`` when it was

@@ -11,7 +11,7 @@ the fire instant, goes out right after. A burst's work at its instant is then
 one UPDATE instead of composing and inserting every message.
 
 The message must still show the schedule and its inventory item as they are at
-the fire instant (the seeds' "live properties read at fire time"). So every API
+the fire instant (the Sonzai docs' "live properties read at fire time"). So every API
 write that could change it (schedule PATCH or DELETE, item update or delete)
 calls :func:`restage_fires` in its own transaction for the schedule's fires
 that are staged and not yet due: their staged notifications and unsent outbox

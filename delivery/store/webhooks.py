@@ -1,9 +1,9 @@
 """
-Webhook persistence (issue 5): endpoints for the API, the durable delivery queue and the
+Webhook persistence: endpoints for the API, the durable delivery queue and the
 attempts log for the handlers. SQLAlchemy Core throughout, one transaction per call.
 
-Every API-facing method takes the caller's ``project_id`` and filters on it (DESIGN
-invariant 6). Secrets arrive and leave *sealed* (:class:`delivery.secrets.SecretBox`):
+Every API-facing method takes the caller's ``project_id`` and filters on it.
+Secrets arrive and leave *sealed* (:class:`delivery.secrets.SecretBox`):
 this module never sees one in clear.
 
 Queue contract (what :class:`WebhookStore` guarantees the worker):
@@ -12,9 +12,9 @@ Queue contract (what :class:`WebhookStore` guarantees the worker):
 - :meth:`WebhookStore.claim_due` hands each due delivery to one caller: ``FOR UPDATE
   SKIP LOCKED`` on PostgreSQL, the single SQLite writer lock otherwise. A claim is a
   lease: ``next_attempt_at`` moves to the lease's end, so a killed worker's delivery is
-  due again by itself (DESIGN invariant 3).
+  due again by itself.
 - :meth:`WebhookStore.record_attempt` writes the attempt and the delivery's next state
-  in one transaction; on success it also consumes the notification (DESIGN decision 4).
+  in one transaction; on success it also consumes the notification.
 """
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -98,7 +98,7 @@ class ClaimedDelivery:
 
 @dataclass(frozen=True, slots=True)
 class AttemptRecord:
-    """An attempt to store (the wire fields of CONTRACT 7 plus correlation ids)."""
+    """An attempt to store (the attempt's wire fields plus correlation ids)."""
 
     attempt_id: str
     attempt_number: int
@@ -199,7 +199,7 @@ class WebhookStore:
         Register ``url`` for (project, event type), or replace the registered one.
 
         A first registration stores ``new_secret_enc``; a re-registration keeps the
-        existing secret (it is shown once, CONTRACT 7), replaces ``url`` and
+        existing secret (it is shown once), replaces ``url`` and
         ``auth_header`` (PUT semantics: an absent header clears it) and re-enables an
         endpoint a 410 disabled. Safe under concurrent first registrations.
         """
@@ -286,7 +286,7 @@ class WebhookStore:
     ) -> bool:
         """
         Make ``new_secret_enc`` current; the current one becomes the previous one, which
-        keeps signing for 24 h from ``now`` (issue 5). A second rotation inside that
+        keeps signing for 24 h from ``now``. A second rotation inside that
         window drops the oldest. Returns False when nothing was registered.
         """
         e = ENDPOINTS.c
@@ -363,7 +363,7 @@ class WebhookStore:
                     "project_id": n.project_id,
                     "endpoint_id": endpoint_id,
                     "notification_id": n.notification_id,
-                    # DESIGN decision 3: the notification id is the event id, the
+                    # The notification id is the event id, the
                     # same on every attempt and after any restart.
                     "event_id": n.notification_id,
                     "event_type": n.event_type,
@@ -401,8 +401,8 @@ class WebhookStore:
 
         With ``per_endpoint``, an endpoint that already has that many deliveries in
         flight (``in_flight``, by endpoint id) or claimed in this call gets no more:
-        a backlog for one slow receiver cannot fill the worker and starve the others
-        (issue 5, "they never block other deliveries"). Rows passed over stay due.
+        a backlog for one slow receiver cannot fill the worker and starve the others.
+        Rows passed over stay due.
         """
         d = DELIVERIES.c
         # Look further than ``limit`` when capping per endpoint, so the rows passed
@@ -495,7 +495,7 @@ class WebhookStore:
     ) -> None:
         """
         Close a claimed delivery that is not sent: ``skipped`` (consumed by polling
-        first, DESIGN decision 4) or ``dead`` (endpoint disabled or deleted).
+        first) or ``dead`` (endpoint disabled or deleted).
         """
         d = DELIVERIES.c
         async with self._write() as conn:
@@ -534,7 +534,7 @@ class WebhookStore:
 
         ``delivered`` also consumes the notification (status ``consumed``,
         ``consumed_at`` = ``now``) if it is still pending: a webhook 2xx and a
-        polling consume are one state (DESIGN decision 4). ``disable_reason``
+        polling consume are one state. ``disable_reason``
         deactivates the endpoint (410 Gone).
         """
         d = DELIVERIES.c

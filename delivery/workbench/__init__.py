@@ -1,5 +1,5 @@
 """
-Advance time (seeds/001 "Advance Time", DESIGN decision 9, CONTRACT section 9).
+Advance time (the Sonzai workbench "Advance Time" endpoint).
 
 Each (project, agent, user) pair has a clock offset, zero until advanced. An
 advance fires everything due in ``[pair now, pair now + simulated_hours)`` in
@@ -10,7 +10,7 @@ synchronously and written in ONE transaction with the fire rows, the wakeup
 transitions, the schedules' new ``next_fire_at``, the ``notification.created``
 outbox rows and the new offset.
 
-Deterministic (DESIGN invariant 4): fire ids are the scheduler's
+Deterministic: fire ids are the scheduler's
 (:func:`delivery.planning.fire_id`), notification ids derive from them, and every
 instant written is a simulated fire instant, so the same state and call give
 the same rows, ids and response.

@@ -45,7 +45,7 @@ async def advance_time(
             ``running`` after a crash is one whose advance never committed.
 
     Returns:
-        The CONTRACT section 9 response body.
+        The advance-time response body.
 
     Raises:
         ConflictError: the pair's clock kept moving under concurrent advances.

@@ -29,7 +29,7 @@ from delivery.workbench.advance import advance_time
 log = structlog.get_logger(__name__)
 
 JOB_TTL = timedelta(minutes=30)
-"""seeds/001: job state is pollable for 30 minutes; after that the id is unknown (404)."""
+"""As the Sonzai docs describe: job state is pollable for 30 minutes, then unknown (404)."""
 JOB_LEASE = timedelta(seconds=60)
 """A job runner renews its lease every third of this; a lease this old means it died."""
 JOB_SWEEP_S = 15.0

@@ -2,7 +2,7 @@
 Advance-time's planner: pure. From the pair's state read through the store, the
 window, the fires (fired and skipped), the schedules' moves and the drafts.
 
-Deterministic (DESIGN invariant 4): fire ids are the scheduler's
+Deterministic: fire ids are the scheduler's
 (:func:`delivery.planning.fire_id`), notification ids derive from them, and every
 instant in the plan is a simulated fire instant, so the same state and call give
 the same plan.
@@ -161,10 +161,10 @@ def plan_advance(
 
 def response_body(hours: float, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """
-    The CONTRACT section 9 response: exactly the G model's keys, nothing else.
+    The advance-time response: exactly the SDK model's keys, nothing else.
 
     ``wakeups_executed`` lists every fire in order; a schedule fire's
-    ``wakeup_id`` is its fire id (DESIGN decision 9).
+    ``wakeup_id`` is its fire id.
     """
     return {
         "days_processed": int(hours // 24),

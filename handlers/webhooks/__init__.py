@@ -1,5 +1,5 @@
 """
-Webhooks (issue 5): signing and verification (PURE, :mod:`.signing`), the outbound
+Webhooks: signing and verification (PURE, :mod:`.signing`), the outbound
 :class:`~handlers.webhooks.sender.WebhookChannel`, and the tenant-side receiver router.
 """
 

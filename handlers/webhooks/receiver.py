@@ -1,6 +1,6 @@
 """
 The tenant side of a webhook: a FastAPI router that authenticates deliveries and hands
-them on (issue 5 "The receiver").
+them on.
 
 It verifies either signature scheme on the raw body (5-minute tolerance, constant-time
 comparison), drops replays by event id, and passes each verified payload once to a
@@ -50,7 +50,7 @@ class VerifiedEvent:
         event_id: the dedupe key: ``webhook-id`` (Standard scheme) or the body's
             ``event_id`` (Sonzai scheme).
         event_type: the body's ``event_type`` (``""`` when absent).
-        payload: the parsed JSON object (DESIGN decision 3 shape).
+        payload: the parsed JSON object (the webhook payload).
         scheme: which signature authenticated it.
         signed_at: the signed timestamp.
         raw_body: the exact bytes that were verified.
@@ -221,7 +221,7 @@ def create_receiver_router(
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_body_bytes:
             return _error(413, "PAYLOAD_TOO_LARGE", f"body exceeds {max_body_bytes} bytes")
-        # The RAW body: both schemes sign bytes, never a re-serialised object (seeds/001).
+        # The RAW body: both schemes sign bytes, never a re-serialised object.
         body = await request.body()
         if len(body) > max_body_bytes:
             return _error(413, "PAYLOAD_TOO_LARGE", f"body exceeds {max_body_bytes} bytes")
@@ -256,7 +256,7 @@ def create_receiver_router(
             return JSONResponse({"success": True, "event_id": event_id, "duplicate": True})
         if claim is Claim.IN_PROGRESS:
             return _error(409, "DELIVERY_IN_PROGRESS", f"event {event_id} is being handled")
-        # An HTTP handler is a process edge (STYLE 5): any forwarder failure becomes a
+        # An HTTP handler is a process edge: any forwarder failure becomes a
         # 503 so the sender retries, and the claim is released so that retry forwards.
         try:
             await sink.forward(event)

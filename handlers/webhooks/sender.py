@@ -1,5 +1,5 @@
 """
-The webhook channel: sign, POST, classify, and describe the attempt (issue 5 "Delivery").
+The webhook channel: sign, POST, classify, and describe the attempt.
 
 Storage-free by design. One call is one attempt: :meth:`WebhookChannel.deliver` returns
 the :data:`~handlers.base.Outcome` and a :class:`WebhookAttempt` record; the caller (the
@@ -49,7 +49,7 @@ DEFAULT_TIMEOUT = timedelta(seconds=15)
 """Issue 5: "a timeout (default 15 s)"; ``DELIVERY_WEBHOOK_TIMEOUT_S``."""
 
 BODY_LIMIT = 4096
-"""Bytes of request and response body kept on an attempt record (issue 5: "truncated")."""
+"""Bytes of request and response body kept on an attempt record (truncated beyond this)."""
 
 USER_AGENT = f"sonzai-delivery/{__version__}"
 
@@ -64,7 +64,7 @@ class WebhookEndpoint:
             registration; checked again at connect time here).
         secrets: the active signing secrets, current first
             (``signing.active_secrets``): two during the 24 h after a rotation.
-        auth_header: sent verbatim as ``Authorization`` when set (CONTRACT 7).
+        auth_header: sent verbatim as ``Authorization`` when set.
     """
 
     url: str
@@ -73,7 +73,7 @@ class WebhookEndpoint:
 
 
 class AttemptStatus(StrEnum):
-    """Wire values of an attempt's ``status`` (DESIGN decision 10)."""
+    """Wire values of an attempt's ``status`` (the attempts endpoint's values)."""
 
     SUCCESS = "success"
     FAILED = "failed"
@@ -82,7 +82,7 @@ class AttemptStatus(StrEnum):
 @dataclass(frozen=True, slots=True)
 class WebhookAttempt:
     """
-    One attempt as the attempts endpoint shows it (CONTRACT 7 attempt fields).
+    One attempt as the attempts endpoint shows it (its wire fields).
 
     ``response_code`` is 0 when no response arrived (transport error, timeout, refused
     destination). ``duration_ms`` is the request alone, not the wait for a concurrency
@@ -138,11 +138,11 @@ def _json_default(value: object) -> Any:
 
 def encode_body(message: Message) -> bytes:
     """
-    The request body: ``message.payload`` (the DESIGN decision 3 object) as compact
+    The request body: ``message.payload`` (the notification object) as compact
     UTF-8 JSON. A message built without a payload gets the same shape from its fields.
 
     The bytes returned are exactly the bytes signed and sent: receivers verify the raw
-    body (seeds/001: "do not use the parsed object for verification").
+    body (the Sonzai docs: "do not use the parsed object for verification").
     """
     payload: dict[str, Any] = message.payload or {
         "event_id": message.event_id,
@@ -403,7 +403,7 @@ class WebhookChannel:
                 headers["Authorization"] = endpoint.auth_header
             async with self._per_endpoint.hold(target.origin), self._global:
                 started = time.perf_counter()
-                # The one broad catch of a send (STYLE 5, "at a process edge"): whatever
+                # The one broad catch of a send (a send is a process edge): whatever
                 # the network does becomes an outcome and an attempt, never a crash.
                 try:
                     if target.refusal is not None:

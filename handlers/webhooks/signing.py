@@ -1,8 +1,8 @@
 """
 PURE webhook signing and verification for both schemes we send: ``Sonzai-Signature``
-(seeds/001 "Webhooks") and Standard Webhooks (``spec/standard-webhooks.md``).
+(the Sonzai "Webhooks" docs) and Standard Webhooks (``spec/standard-webhooks.md``).
 
-``now`` is always passed in (STYLE 3): nothing here reads a clock or does I/O, except
+``now`` is always passed in: nothing here reads a clock or does I/O, except
 :func:`generate_secret`, whose randomness source is injectable.
 """
 
@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import ClassVar
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 - a prefix, not a secret
-"""Every signing secret starts with this (seeds/001: "Prefix whsec_")."""
+"""Every signing secret starts with this (the Sonzai docs: "Prefix whsec_")."""
 
 SECRET_BYTES = 24
 """Random bytes in a generated secret: 192 bits, as Svix issues; base64 without padding."""
@@ -28,7 +28,7 @@ TOLERANCE = timedelta(minutes=5)
 """Seeds/001 "Timestamp tolerance" and the Standard Webhooks spec both use 5 minutes."""
 
 ROTATION_OVERLAP = timedelta(hours=24)
-"""After a rotation the previous secret keeps signing this long (issue 5), so receivers roll."""
+"""After a rotation the previous secret keeps signing this long, so receivers roll."""
 
 SONZAI_SIGNATURE = "sonzai-signature"
 WEBHOOK_ID = "webhook-id"
@@ -93,7 +93,7 @@ class SigningKey:
     specifications:
 
     - ``Sonzai-Signature`` keys with the secret text *minus* ``whsec_``, as UTF-8
-      (seeds/001: ``createHmac("sha256", secret.slice(6))``).
+      (the Sonzai sample: ``createHmac("sha256", secret.slice(6))``).
     - Standard Webhooks keys with the base64-*decoded* bytes after ``whsec_``
       (``standardwebhooks.Webhook.__init__``).
     """
@@ -105,7 +105,7 @@ class SigningKey:
     @classmethod
     def parse(cls, secret: str) -> "SigningKey":
         """
-        Decode ``secret`` (``whsec_<base64>``; the prefix is optional, as in the seeds).
+        Decode ``secret`` (``whsec_<base64>``; the prefix is optional, as in the Sonzai docs).
 
         Raises:
             ValueError: the secret is empty or its body is not base64.
@@ -143,7 +143,7 @@ def generate_secret(random_bytes: Callable[[int], bytes] = _secrets.token_bytes)
     """
     A fresh signing secret: ``whsec_`` + standard base64 of :data:`SECRET_BYTES` bytes.
 
-    24 bytes encode to 32 base64 characters without padding, which both the seeds'
+    24 bytes encode to 32 base64 characters without padding, which both the Sonzai
     verifier (HMAC key = the text) and ``standardwebhooks.Webhook`` (base64) accept.
     """
     return SECRET_PREFIX + base64.b64encode(random_bytes(SECRET_BYTES)).decode("ascii")
@@ -159,7 +159,7 @@ def active_secrets(
 ) -> tuple[str, ...]:
     """
     The secrets that sign a delivery made at ``now``: current first, then the previous
-    one while ``now`` is less than ``overlap`` after ``rotated_at`` (issue 5).
+    one while ``now`` is less than ``overlap`` after ``rotated_at``.
     """
     if previous and rotated_at is not None and now - rotated_at < overlap:
         return (current, previous)
@@ -187,7 +187,7 @@ def sonzai_signature(body: bytes, *, timestamp: int, secrets: Iterable[SecretLik
     With several secrets (a rotation in progress) the header repeats ``v1=`` once per
     secret, comma-separated, as Stripe's ``t=..,v1=..`` format (which this one mirrors)
     does while a secret rolls. The *first* secret's signature is written *last*:
-    the seeds' sample verifier parses with ``Object.fromEntries``, which keeps the last
+    the Sonzai sample verifier parses with ``Object.fromEntries``, which keeps the last
     ``v1``, so a receiver that knows one secret and uses that sample sees the current
     secret's signature, exactly as without rotation.
     """
@@ -261,7 +261,7 @@ def _matches(expected: Iterable[bytes], candidates: Iterable[bytes]) -> bool:
     found = False
     for cand in candidates:
         for exp in expected:
-            # Constant time per comparison (seeds/001 uses timingSafeEqual); we keep
+            # Constant time per comparison (the Sonzai sample uses timingSafeEqual); we keep
             # looping after a hit so the work done does not depend on which one matched.
             found |= hmac.compare_digest(exp, cand)
     return found
@@ -381,7 +381,7 @@ def verify(
     tolerance: timedelta = TOLERANCE,
 ) -> Verification:
     """
-    Authenticate a request signed with either scheme (issue 5 "The receiver").
+    Authenticate a request signed with either scheme.
 
     Standard Webhooks headers are tried first when present (they also sign the id);
     ``Sonzai-Signature`` is tried when they are absent or do not verify. A request

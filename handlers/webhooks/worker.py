@@ -1,8 +1,8 @@
 """
-The webhook delivery worker (issue 5 "Delivery"): JetStream in, durable retry queue in
+The webhook delivery worker: JetStream in, durable retry queue in
 the database, signed POSTs out.
 
-Two halves, both restartable at any instant (DESIGN invariant 3):
+Two halves, both restartable at any instant:
 
 1. **Enqueue.** A durable JetStream pull consumer (``webhooks``, shared by every
    handlers replica) reads ``<prefix>.notification.created`` and inserts one
@@ -12,12 +12,12 @@ Two halves, both restartable at any instant (DESIGN invariant 3):
 2. **Sweep.** A loop claims due deliveries (a lease; ``SKIP LOCKED`` on PostgreSQL),
    sends each with :class:`~handlers.webhooks.sender.WebhookChannel` as its own task
    (a slow endpoint never blocks the others), and records every attempt with the
-   delivery's next state in one transaction: a 2xx consumes the notification (DESIGN
-   decision 4), a failure is rescheduled by :func:`handlers.retry.plan_next`
+   delivery's next state in one transaction: a 2xx consumes the notification
+   (as a polling consume would), a failure is rescheduled by :func:`handlers.retry.plan_next`
    (``Retry-After`` honoured), a 410 disables the endpoint, the last failure
    dead-letters. A notification consumed by polling first is ``skipped``, not sent.
 
-:meth:`WebhookWorker.sweep` is the bounded mode (STYLE 3): one claim-and-send pass at
+:meth:`WebhookWorker.sweep` is the bounded mode: one claim-and-send pass at
 the clock's "now", returning what it did, so tests drive retries with a ``ManualClock``.
 """
 
@@ -320,7 +320,7 @@ class WebhookWorker(QueueWorker):
         now = self.clock.now()
         note = claimed.notification
         if note is None or note["status"] != "pending":
-            # DESIGN decision 4: a message consumed by polling first is not sent.
+            # A message consumed by polling first is not sent.
             status = "missing" if note is None else note["status"]
             reason = f"notification is {status}; not sent"
             await self.store.finish_without_attempt(
@@ -356,7 +356,7 @@ class WebhookWorker(QueueWorker):
             return
         endpoint = WebhookEndpoint(
             url=claimed.url,
-            # Both secrets sign for 24 h after a rotation (issue 5).
+            # Both secrets sign for 24 h after a rotation, so receivers can roll.
             secrets=active_secrets(current, previous, claimed.rotated_at, now=now),
             auth_header=auth,
         )

@@ -1,13 +1,13 @@
 """
-Notification channels (CONTRACT section 8): ``/api/v1/channels`` (the key's project,
-DESIGN decision 1) and ``/api/v1/projects/{projectId}/channels`` (another project's id
-is 404), list / create / get / update (PUT, full replace) / delete / deliver.
+Notification channels: ``/api/v1/channels`` (the key's project) and
+``/api/v1/projects/{projectId}/channels`` (another project's id is 404), list / create /
+get / update (PUT, full replace) / delete / deliver.
 
-Types are ``webhook`` and ``email`` only (DESIGN decision 14); anything else, ``composio``
+Types are ``webhook`` and ``email`` only; anything else, ``composio``
 included, is 400 ``UNSUPPORTED_CHANNEL_TYPE`` and the SDK's ``Channel.type`` literal is
 never broken. Secret config keys (``api_key``, ``secret``, ...) are stored sealed and
 always answered masked, except a webhook signing secret the server generated, which
-the create response shows once (DESIGN invariant 6). ``deliver`` is declared before
+the create response shows once. ``deliver`` is declared before
 the ``{channelId}`` routes so it can never be captured by them.
 """
 
@@ -59,7 +59,7 @@ _log = structlog.get_logger(__name__)
 
 
 class ChannelWriteBody(RequestModel):
-    """``ChannelWriteBody`` (CONTRACT 8): the SDK never sends unknown keys or nulls."""
+    """``ChannelWriteBody``: the SDK never sends unknown keys or nulls."""
 
     name: str
     type: str

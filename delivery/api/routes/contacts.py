@@ -1,6 +1,6 @@
 """
-Contacts, channel preferences and channel attempts of one user (DESIGN decision 14;
-beyond the SDK, so the shapes are ours).
+Contacts, channel preferences and channel attempts of one user (push,
+email and SMS; beyond the SDK, so the shapes are ours).
 
 ``/api/v1/agents/{agentId}/users/{userId}/contacts``: add (upsert on kind +
 destination), list, get, opt out / in (PATCH), remove. ``.../channel-preferences``:
@@ -66,7 +66,7 @@ class PreferencesBody(RequestModel):
 
 
 def contact_entry(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The wire form of a contact; absent optionals are omitted (CONTRACT R3 style)."""
+    """The wire form of a contact; absent optionals are omitted, never null."""
     entry: dict[str, Any] = {
         "contact_id": row["id"],
         "agent_id": row["agent_id"],

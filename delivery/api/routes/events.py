@@ -1,5 +1,5 @@
 """
-Trigger events under ``/api/v1/agents/{agentId}/events`` (CONTRACT 5).
+Trigger events under ``/api/v1/agents/{agentId}/events``.
 
 Accepting an event commits the event row and its ``event.accepted`` outbox
 message together; the daemon relays the message and builds the reaction.

@@ -1,5 +1,5 @@
 """
-Inventory items under ``/api/v1/agents/{agentId}/users/{userId}/inventory`` (CONTRACT 10).
+Inventory items under ``/api/v1/agents/{agentId}/users/{userId}/inventory``.
 
 Only what schedules need: create, update (merge properties), get, delete. A
 schedule reads its item live at every fire, so an update here shows up in the
@@ -192,7 +192,7 @@ async def direct_update(
     project: ProjectId,
     ctx: Ctx,
 ) -> Response:
-    """Merge ``properties`` into the item's (top-level keys replace; seeds' dosage example)."""
+    """Merge ``properties`` into the item's (top-level keys replace; the Sonzai dosage example)."""
     updated = await ctx.store.update_item(
         project,
         agent_id,

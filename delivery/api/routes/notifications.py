@@ -1,5 +1,5 @@
 """
-The polling queue (CONTRACT 6.1) and the project view (CONTRACT 6.2) over one table.
+The agent's polling queue and the project view, over one table.
 
 The agent-queue list is the hot read path (``bench/bench_notifications.py``):
 one indexed Core query and dicts built directly, no per-row model validation.
@@ -41,7 +41,7 @@ ACK_STATUSES = ("pending", "acknowledged", "all")
 
 def queue_entry(row: RowMapping) -> dict[str, Any]:
     """
-    One agent-queue entry: exactly CONTRACT 6.1's fields, absent optionals omitted.
+    One agent-queue entry: exactly the SDK model's fields, absent optionals omitted.
 
     ``wakeup_id`` appears only for wakeup-sourced messages (the SDK model has no
     other provenance field).
@@ -100,7 +100,7 @@ async def consume(
     agent_id: AgentId, message_id: ResourceId, project: ProjectId, ctx: Ctx
 ) -> Response:
     """
-    Mark a message consumed; again is ``{"success": true}`` (retry-safe, DESIGN decision 4);
+    Mark a message consumed; again is ``{"success": true}`` (retry-safe);
     unknown is 404; an expired or failed message is 409.
     """
     outcome = await ctx.store.consume_notification(project, agent_id, message_id, ctx.clock.now())

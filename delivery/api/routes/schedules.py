@@ -1,9 +1,9 @@
 """
-Schedules under ``/api/v1/agents/{agentId}/users/{userId}/schedules`` (CONTRACT 3).
+Schedules under ``/api/v1/agents/{agentId}/users/{userId}/schedules``.
 
 Every write validates completely through the cadence engine before it opens a
 transaction, stores the canonical JSON of the normalised cadence / window /
-metadata (DESIGN decision 8) and computes ``next_fire_at`` from the clock.
+metadata (so reads echo what was stored) and computes ``next_fire_at`` from the clock.
 """
 
 import json
@@ -228,7 +228,7 @@ def _patched(
     # yet due reads enabled and stays so when, say, only its ends_at moves.
     enabled = body.enabled if body.enabled is not None else effectively_enabled(row, now)
     # An ends_at in the past is an error when the client sets it, or re-enables a
-    # schedule that is past it (DESIGN decision 6); otherwise an expired schedule
+    # schedule that is past it; otherwise an expired schedule
     # may still be edited (e.g. its intent) and stays disabled.
     check_now = now if (("ends_at" in given and ends_at) or body.enabled is True) else None
     compiled = compile_schedule(
@@ -263,7 +263,7 @@ def _patched(
         changes["inventory_item_id"] = body.inventory_item_id or None
     timing = bool(given & _TIMING)
     if timing:
-        # Recomputed from now: fires already made are never rewritten (DESIGN 6).
+        # Recomputed from now: fires already made are never rewritten.
         changes["next_fire_at"] = next_fire(compiled, now) if enabled else None
         changes["claimed_by"] = None
         changes["claimed_until"] = None
@@ -281,7 +281,7 @@ async def update_schedule(
     project: ProjectId,
     ctx: Ctx,
 ) -> Response:
-    """Change a schedule; absent fields stay, ``{}`` / ``""`` clear (DESIGN decision 6)."""
+    """Change a schedule; absent fields stay, ``{}`` / ``""`` clear."""
     given = {k for k in body.model_fields_set if getattr(body, k) is not None}
     for _ in range(_PATCH_ATTEMPTS):
         row = await _get(ctx, project, agent_id, user_id, schedule_id)

@@ -1,5 +1,5 @@
 """
-The live stream (issue 6): ``GET /api/v1/agents/{agentId}/users/{userId}/notifications/stream``,
+The live stream: ``GET /api/v1/agents/{agentId}/users/{userId}/notifications/stream``,
 Server-Sent Events of each new proactive message for one user.
 
 Source: core NATS ``<prefix>.notification.created`` (the outbox relay publishes it after
@@ -18,7 +18,7 @@ opened with the first client and closed with the last. Each client has a bounded
 with ``Last-Event-ID`` and the replay catches it up from the database.
 
 Wire format (WHATWG HTML "Server-sent events"): ``id:`` is the message id, ``event:
-notification``, ``data:`` the CONTRACT 6.1 queue entry as JSON; ``: heartbeat`` comments
+notification``, ``data:`` the agent-queue entry as JSON; ``: heartbeat`` comments
 keep proxies from closing an idle stream.
 """
 

@@ -1,5 +1,5 @@
 """
-One-off wakeups under ``/api/v1/agents/{agentId}/wakeups`` (CONTRACT 4, DESIGN decision 5).
+One-off wakeups under ``/api/v1/agents/{agentId}/wakeups``.
 
 pending -> executed (by the daemon) | cancelled (by ``DELETE``); both final.
 """
@@ -100,7 +100,7 @@ async def list_wakeups(
     limit: str | None = None,
 ) -> Response:
     """The agent's wakeups, soonest first; filters ``user_id``, ``status``; ``limit`` 1..500."""
-    del instance_id  # accepted for the SDK (CONTRACT 4); instances are not modelled
+    del instance_id  # accepted because the SDK sends it; instances are not modelled
     count = parse_limit(limit, default=50, maximum=500)
     check_id(user_id, "user_id")
     if status is not None and status not in STATUSES:

@@ -1,11 +1,11 @@
 """
-Webhook registration, listing, deletion, attempts and secret rotation (CONTRACT 7),
-tenant-scoped (``/api/v1/webhooks``: the key's project, DESIGN decision 1) and
+Webhook registration, listing, deletion, attempts and secret rotation,
+tenant-scoped (``/api/v1/webhooks``: the key's project) and
 project-scoped (``/api/v1/projects/{projectId}/webhooks``; another project's id is 404).
 
 Secrets: a ``whsec_`` signing secret is generated on first registration and on
 rotation, returned in that response only, and stored sealed (:mod:`delivery.secrets`);
-``auth_header`` is stored sealed and only ever shown masked (DESIGN invariant 6).
+``auth_header`` is stored sealed and only ever shown masked.
 Destinations pass the SSRF check at registration (``handlers.ssrf.check_url``) and
 again at send time.
 """
@@ -33,7 +33,7 @@ router = APIRouter(tags=["webhooks"])
 TENANT = "/api/v1/webhooks"
 PROJECT = "/api/v1/projects/{project_id}/webhooks"
 MAX_PAGE_SIZE = 200
-"""DESIGN decision 11: attempts ``page_size`` 1..200, never clamped."""
+"""Attempts ``page_size`` is 1..200; out of range is an error, never clamped."""
 
 _log = structlog.get_logger(__name__)
 
@@ -41,7 +41,7 @@ EventType = Annotated[
     str,
     Path(
         pattern=ID_PATTERN,
-        description="Webhook event type, e.g. on_wakeup_ready (DESIGN decision 2).",
+        description="Webhook event type, e.g. on_wakeup_ready.",
     ),
 ]
 
@@ -102,7 +102,7 @@ class AttemptPageOut(ResponseModel):
 def mask_auth_header(value: str) -> str:
     """
     ``auth_header`` as listings show it: the scheme word kept, the credential hidden
-    (``Bearer ****``), so a tenant can tell what is set without it leaking (issue 5).
+    (``Bearer ****``), so a tenant can tell what is set without it leaking.
     """
     scheme, sep, _rest = value.partition(" ")
     return f"{scheme} ****" if sep and len(scheme) <= 32 else "****"
@@ -142,7 +142,7 @@ def _entry(row: RowMapping, box: SecretBox | None) -> dict[str, Any]:
 
 
 def _attempt(row: RowMapping) -> dict[str, Any]:
-    # Exactly CONTRACT 7's fields: the SDK parses attempts with extra='forbid'.
+    # Exactly the SDK model's fields: the SDK parses attempts with extra='forbid'.
     entry: dict[str, Any] = {
         "attempt_id": row["id"],
         "attempt_number": row["attempt_number"],
@@ -188,7 +188,7 @@ async def _register(
     )
     out: dict[str, Any] = {"success": True}
     if result.created:
-        # Shown once (CONTRACT 7); on re-registration the key is omitted, never null.
+        # Shown once; on re-registration the key is omitted, never null.
         out["signing_secret"] = secret
     return JSONResponse(out)
 

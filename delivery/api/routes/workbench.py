@@ -1,5 +1,5 @@
 """
-Workbench advance-time under ``/api/v1/workbench`` (CONTRACT section 9, DESIGN decision 9).
+Workbench advance-time under ``/api/v1/workbench``.
 
 Tenant-scoped: the API key's project owns the (agent, user) clock and the jobs.
 ``async: true`` answers 202 with a job id and runs the advance in the
@@ -39,11 +39,11 @@ log = structlog.get_logger(__name__)
 
 class AdvanceTimeBody(BaseModel):
     """
-    What ``client.workbench.advance_time`` always sends (CONTRACT 9, verified).
+    What ``client.workbench.advance_time`` always sends (verified against the SDK).
 
     ``simulated_base_offset_hours``, ``character_config`` and ``instance_id``
     are accepted and ignored: the pair's stored offset is the base of the
-    window (DESIGN decision 9), and agents need no character config here.
+    window, and agents need no character config here.
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -10,8 +10,8 @@ be imported here to exist.
 
 from sqlmodel import SQLModel
 
-import delivery.store.tables.channels  # registers the channel tables (issue 6)
-import delivery.store.tables.webhooks  # noqa: F401 - registers the webhook tables (issue 5)
+import delivery.store.tables.channels  # registers the channel tables
+import delivery.store.tables.webhooks  # noqa: F401 - registers the webhook tables
 from delivery.store.tables.core import (
     AdvanceTimeJobRow,
     ApiKeyRow,

@@ -1,9 +1,9 @@
 """
-Channel tables (issue 6, DESIGN decision 14): per-user contacts and channel
+Channel tables (push, email, SMS): per-user contacts and channel
 preferences, the project's SDK-visible notification channels, and one row per
 channel send attempt (which doubles as the durable retry queue).
 
-Every row carries ``project_id`` and every query filters on it (DESIGN invariant 6).
+Every row carries ``project_id`` and every query filters on it.
 """
 
 from datetime import datetime
@@ -77,7 +77,7 @@ class ChannelPreferenceRow(SQLModel, table=True):
 
 class NotificationChannelRow(SQLModel, table=True):
     """
-    A project's notification channel (CONTRACT section 8): ``webhook`` or ``email``.
+    A project's notification channel: ``webhook`` or ``email``.
 
     ``config_json`` holds the non-secret config keys; the secret ones (``api_key``,
     ``secret``, ...) live only in ``secrets_enc``, AES-GCM encrypted
@@ -104,7 +104,7 @@ class ChannelAttemptRow(SQLModel, table=True):
     """
     One send attempt of one notification to one (channel kind, destination).
 
-    ``status`` is ``sent | failed | skipped`` (DESIGN decision 10). A transient failure
+    ``status`` is ``sent | failed | skipped`` (the wire values). A transient failure
     sets ``next_attempt_at``: the row is then the durable retry queue entry, claimed
     by the worker (``ix_channel_attempts_due``), and cleared in the transaction that
     records the next attempt. ``destination`` is stored redacted

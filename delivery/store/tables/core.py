@@ -1,11 +1,11 @@
 """
 Core tables. Instants are :class:`UTCDateTime` (aware UTC); structured values are
 canonical JSON text (sorted keys, compact) so both databases store the same bytes
-and the API can echo them verbatim (DESIGN decision 8).
+and the API can echo them verbatim.
 
 Ids are prefixed strings (``sch_``, ``wk_``, ``evt_``, ``fire_``, ``msg_``, ...)
 so an id names its kind in logs. Every tenant-owned row carries ``project_id``
-and every query filters on it (DESIGN invariant 6).
+and every query filters on it, so tenants never see each other's rows.
 """
 
 from datetime import datetime
@@ -87,7 +87,7 @@ class FireRow(SQLModel, table=True):
     """
     One cadence tick of a schedule: produced (``status='fired'``) or skipped with a reason.
 
-    Unique on (schedule_id, fire_at): DESIGN invariant 2. ``id`` is derived
+    Unique on (schedule_id, fire_at), so a tick fires at most once. ``id`` is derived
     from that pair, so replays and advance-time produce the same id.
     """
 
@@ -180,13 +180,13 @@ class NotificationRow(SQLModel, table=True):
     One proactive message: the polling queue entry and the project notification at once.
 
     Unique on ``source_id`` (a fire id, wakeup id or event id; the prefixes keep
-    them disjoint): DESIGN invariant 2, a redelivered NATS message or a
+    them disjoint): a redelivered NATS message or a
     restarted process never makes a second one. ``status`` is the agent queue's
     (pending | consumed | expired | failed_generation), or ``staged``: composed
     during the scheduler's lookahead, hidden from every read until the relay
     promotes it at its fire instant (:mod:`delivery.store.staging`). ``ack_status`` is the
-    project view's (pending | acknowledged). ``payload_json`` is the DESIGN
-    decision 3 payload, the same bytes the webhook sends.
+    project view's (pending | acknowledged). ``payload_json`` is the
+    message payload, the same bytes the webhook sends.
     """
 
     __tablename__ = "notifications"
@@ -229,7 +229,7 @@ class NotificationRow(SQLModel, table=True):
 
 
 class IdempotencyRow(SQLModel, table=True):
-    """The first response to an ``Idempotency-Key``, replayed for 24 h (DESIGN decision 12)."""
+    """The first response to an ``Idempotency-Key``, replayed for 24 h."""
 
     __tablename__ = "idempotency_records"
 
@@ -244,7 +244,7 @@ class IdempotencyRow(SQLModel, table=True):
 
 
 class ClockOffsetRow(SQLModel, table=True):
-    """Advance-time's per (agent, user) simulated offset (DESIGN decision 9); absent = 0."""
+    """Advance-time's per (agent, user) simulated offset; absent = 0."""
 
     __tablename__ = "clock_offsets"
 

@@ -1,10 +1,10 @@
 """
-Webhook tables (issue 5): endpoints, the durable delivery queue, and the attempts log.
+Webhook tables: endpoints, the durable delivery queue, and the attempts log.
 
-Secrets and ``auth_header`` are stored encrypted (:mod:`delivery.secrets`, DESIGN
-invariant 6); a table row never holds one in clear. The delivery queue is the only
-retry state there is: a restarted handlers process resumes from ``next_attempt_at``
-(DESIGN invariant 3), so nothing about a retry lives in memory.
+Secrets and ``auth_header`` are stored encrypted (:mod:`delivery.secrets`); a
+table row never holds one in clear. The delivery queue is the only
+retry state there is: a restarted handlers process resumes from ``next_attempt_at``,
+so nothing about a retry lives in memory.
 """
 
 from datetime import datetime
@@ -17,7 +17,7 @@ from delivery.store.types import UTCDateTime
 
 class WebhookEndpointRow(SQLModel, table=True):
     """
-    One registered URL per (project, event type) (CONTRACT 7: registering again upserts).
+    One registered URL per (project, event type); registering again upserts.
 
     ``secret_enc`` is the current ``whsec_`` secret, encrypted. After a rotation
     ``previous_secret_enc`` keeps the old one and both sign until ``rotated_at`` + 24 h
@@ -51,8 +51,8 @@ class WebhookDeliveryRow(SQLModel, table=True):
 
     ``status``: ``pending`` (due at ``next_attempt_at``), ``delivered`` (a 2xx),
     ``dead`` (the last attempt failed, a permanent failure, or the endpoint went
-    away), ``skipped`` (the notification was consumed by polling first, DESIGN
-    decision 4). While a worker sends, ``claimed_by`` names it and
+    away), ``skipped`` (the notification was consumed by polling first,
+    so it is not sent). While a worker sends, ``claimed_by`` names it and
     ``next_attempt_at`` holds the lease's end, so a killed worker's row becomes due
     again by itself. ``event_id`` is the notification id, sent as ``webhook-id`` on
     every attempt (the receiver's dedupe key).
@@ -85,10 +85,10 @@ class WebhookDeliveryRow(SQLModel, table=True):
 
 class WebhookAttemptRow(SQLModel, table=True):
     """
-    One delivery attempt, as the attempts endpoint shows it (CONTRACT 7).
+    One delivery attempt, as the attempts endpoint shows it.
 
     ``seq`` orders attempts and is the page cursor; ``id`` is the wire ``attempt_id``.
-    Rows outlive their endpoint and delivery: a dead letter stays visible (issue 5).
+    Rows outlive their endpoint and delivery: a dead letter stays visible.
     """
 
     __tablename__ = "webhook_attempts"

@@ -1,4 +1,4 @@
-"""webhooks: endpoints, the durable delivery queue, the attempts log (issue 5)
+"""webhooks: endpoints, the durable delivery queue, the attempts log
 
 Revision ID: 0002
 Revises: 0001

@@ -1,4 +1,4 @@
-"""staged fires: outbox.available_at and schedules.staged_fire_at (issue 4, burst)
+"""staged fires: outbox.available_at and schedules.staged_fire_at (for bursts)
 
 Revision ID: 0004
 Revises: 0003

@@ -1,4 +1,4 @@
-"""resumable advance-time jobs: simulated_hours and a lease (issue 4)
+"""resumable advance-time jobs: simulated_hours and a lease
 
 Revision ID: 0005
 Revises: 0004

@@ -1,4 +1,4 @@
-"""staged notifications: a partial index on notifications.fire_at (issue 4, burst)
+"""staged notifications: a partial index on notifications.fire_at (for bursts)
 
 Revision ID: 0006
 Revises: 0005

@@ -20,19 +20,13 @@ from delivery.errors import ConflictError
 from delivery.store import bulk
 from delivery.store.engine import any_row, write_transaction
 from delivery.store.notifications import (
-    ITEMS,
-    SCHEDULES,
-    WAKEUPS,
     NotificationBatch,
     Written,
     writing,
 )
 from delivery.store.steps import run_core
-from delivery.store.tables import AdvanceTimeJobRow, ClockOffsetRow, FireRow
-
-FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
-OFFSETS: Table = ClockOffsetRow.__table__  # type: ignore[attr-defined]
-JOBS: Table = AdvanceTimeJobRow.__table__  # type: ignore[attr-defined]
+from delivery.store.tables import FIRES, JOBS, OFFSETS, SCHEDULES, WAKEUPS
+from delivery.store.tables import INVENTORY as ITEMS
 
 NOT_RESUMABLE: Final = "interrupted by a restart and not resumable; advance again"
 """The error of a lapsed job that :meth:`AdvanceStore.claim_lapsed_jobs` fails."""

@@ -14,10 +14,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from delivery.store.tables import NotificationRow, OutboxRow
-
-NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
-OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
+from delivery.store.tables import NOTIFICATIONS, OUTBOX
 
 
 async def insert_ignoring_duplicates(

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 import structlog
-from sqlalchemy import Table, and_, delete, func, select, tuple_, update
+from sqlalchemy import and_, delete, func, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -28,19 +28,8 @@ from delivery.secrets import LazySecretBox, SecretBox, SecretDecryptError
 from delivery.store.bulk import insert_ignoring_duplicates
 from delivery.store.engine import any_row
 from delivery.store.sql import SqlStore, canonical_json, new_id
-from delivery.store.tables import NotificationRow
-from delivery.store.tables.channels import (
-    ChannelAttemptRow,
-    ChannelPreferenceRow,
-    ContactRow,
-    NotificationChannelRow,
-)
-
-CONTACTS: Table = ContactRow.__table__  # type: ignore[attr-defined]
-PREFERENCES: Table = ChannelPreferenceRow.__table__  # type: ignore[attr-defined]
-CHANNELS: Table = NotificationChannelRow.__table__  # type: ignore[attr-defined]
-ATTEMPTS: Table = ChannelAttemptRow.__table__  # type: ignore[attr-defined]
-NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
+from delivery.store.tables import CHANNEL_ATTEMPTS as ATTEMPTS
+from delivery.store.tables import CHANNELS, CONTACTS, NOTIFICATIONS, PREFERENCES
 
 MAX_CONTACTS_PER_USER: Final = 50
 """Bounds one fan-out (and one user's rows): far above any real user's devices."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Protocol
 
-from sqlalchemy import Table, select, tuple_
+from sqlalchemy import select, tuple_
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -24,22 +24,14 @@ from delivery.domain import SourceKind, SourceRef
 from delivery.store.staging import STAGED, dropping_staged
 from delivery.store.steps import InsertIgnoring, Runner, SelectIn, Steps, UpdateIn
 from delivery.store.tables import (
-    FireRow,
-    InventoryItemRow,
-    NotificationRow,
-    OutboxRow,
-    ScheduleRow,
-    TriggerEventRow,
-    WakeupRow,
+    EVENTS,
+    FIRES,
+    NOTIFICATIONS,
+    OUTBOX,
+    SCHEDULES,
+    WAKEUPS,
 )
-
-FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
-SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
-WAKEUPS: Table = WakeupRow.__table__  # type: ignore[attr-defined]
-EVENTS: Table = TriggerEventRow.__table__  # type: ignore[attr-defined]
-ITEMS: Table = InventoryItemRow.__table__  # type: ignore[attr-defined]
-NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
-OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
+from delivery.store.tables import INVENTORY as ITEMS
 
 FIRE_COLUMNS: Final = ("id", "schedule_id", "status", "fire_at")
 SCHEDULE_COLUMNS: Final = (

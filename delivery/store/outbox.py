@@ -14,15 +14,13 @@ from datetime import datetime
 from functools import partial
 from typing import Protocol
 
-from sqlalchemy import Table, delete, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from delivery.store import direct
 from delivery.store.engine import Capabilities, Engine, write_transaction
 from delivery.store.staging import promote
-from delivery.store.tables import OutboxRow
-
-OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
+from delivery.store.tables import OUTBOX
 
 _STAMP_CHUNK = 1000
 """Ids per ``UPDATE ... WHERE id IN (...)`` when stamping on PostgreSQL."""

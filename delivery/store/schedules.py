@@ -32,12 +32,12 @@ from delivery.domain import FireId, earliest
 from delivery.planning import SchedulePlan, fire_id
 from delivery.store import direct
 from delivery.store.engine import Capabilities, Engine, any_row, write_transaction
-from delivery.store.tables import FireRow, OutboxRow, ScheduleRow, WakeupRow
-
-SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
-FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
-WAKEUPS: Table = WakeupRow.__table__  # type: ignore[attr-defined]
-OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
+from delivery.store.tables import (
+    FIRES,
+    OUTBOX,
+    SCHEDULES,
+    WAKEUPS,
+)
 
 
 def compile_stored(row: Any) -> CompiledSchedule:

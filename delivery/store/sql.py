@@ -24,30 +24,26 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
-from delivery.store.bulk import OUTBOX, insert_ignoring_duplicates, insert_outbox
+from delivery.store.bulk import insert_ignoring_duplicates, insert_outbox
 from delivery.store.engine import is_sqlite, read_connection, write_transaction
 from delivery.store.staging import STAGED, restage_fires, staged_fires
 from delivery.store.tables import (
-    ApiKeyRow,
-    FireRow,
-    IdempotencyRow,
+    API_KEYS,
+    EVENTS,
+    FIRES,
+    IDEMPOTENCY,
+    INVENTORY,
+    NOTIFICATIONS,
+    OUTBOX,
+    PROJECTS,
+    SCHEDULES,
+    WAKEUPS,
     InventoryItemRow,
-    NotificationRow,
     ProjectRow,
     ScheduleRow,
     TriggerEventRow,
     WakeupRow,
 )
-
-PROJECTS: Table = ProjectRow.__table__  # type: ignore[attr-defined]
-API_KEYS: Table = ApiKeyRow.__table__  # type: ignore[attr-defined]
-SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
-FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
-WAKEUPS: Table = WakeupRow.__table__  # type: ignore[attr-defined]
-EVENTS: Table = TriggerEventRow.__table__  # type: ignore[attr-defined]
-INVENTORY: Table = InventoryItemRow.__table__  # type: ignore[attr-defined]
-NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
-IDEMPOTENCY: Table = IdempotencyRow.__table__  # type: ignore[attr-defined]
 
 
 def new_id(prefix: str) -> str:

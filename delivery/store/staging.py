@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Select, Table, case, select, update
+from sqlalchemy import Select, case, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.bus.messages import FireCreated
@@ -35,11 +35,7 @@ from delivery.domain import notification_id
 from delivery.store.bulk import insert_outbox
 from delivery.store.engine import any_row, write_transaction
 from delivery.store.steps import DeleteIn, Steps, run_core
-from delivery.store.tables import FireRow, NotificationRow, OutboxRow
-
-FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
-NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
-OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
+from delivery.store.tables import FIRES, NOTIFICATIONS, OUTBOX
 
 STAGED = "staged"
 """The status of a notification composed ahead of its fire instant; hidden from reads."""

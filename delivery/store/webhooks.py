@@ -31,12 +31,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.store.bulk import insert_ignoring_duplicates
 from delivery.store.engine import any_row, is_sqlite, read_connection, write_transaction
-from delivery.store.sql import NOTIFICATIONS, new_id
-from delivery.store.tables.webhooks import WebhookAttemptRow, WebhookDeliveryRow, WebhookEndpointRow
-
-ENDPOINTS: Table = WebhookEndpointRow.__table__  # type: ignore[attr-defined]
-DELIVERIES: Table = WebhookDeliveryRow.__table__  # type: ignore[attr-defined]
-ATTEMPTS: Table = WebhookAttemptRow.__table__  # type: ignore[attr-defined]
+from delivery.store.sql import new_id
+from delivery.store.tables import DELIVERIES, ENDPOINTS, NOTIFICATIONS
+from delivery.store.tables import WEBHOOK_ATTEMPTS as ATTEMPTS
 
 PENDING = "pending"
 DELIVERED = "delivered"

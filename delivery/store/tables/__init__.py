@@ -8,10 +8,15 @@ Alembic's ``target_metadata`` is :data:`metadata` below, so a table module must
 be imported here to exist.
 """
 
+from sqlalchemy import Table
 from sqlmodel import SQLModel
 
-import delivery.store.tables.channels  # registers the channel tables
-import delivery.store.tables.webhooks  # noqa: F401 - registers the webhook tables
+from delivery.store.tables.channels import (
+    ChannelAttemptRow,
+    ChannelPreferenceRow,
+    ContactRow,
+    NotificationChannelRow,
+)
 from delivery.store.tables.core import (
     AdvanceTimeJobRow,
     ApiKeyRow,
@@ -26,10 +31,52 @@ from delivery.store.tables.core import (
     TriggerEventRow,
     WakeupRow,
 )
+from delivery.store.tables.webhooks import WebhookAttemptRow, WebhookDeliveryRow, WebhookEndpointRow
 
 metadata = SQLModel.metadata
 
+# The Core tables behind the models, declared once for every store module (SQLModel's
+# stubs do not declare ``__table__``, hence the one ignore per table).
+CONTACTS: Table = ContactRow.__table__  # type: ignore[attr-defined]
+PREFERENCES: Table = ChannelPreferenceRow.__table__  # type: ignore[attr-defined]
+CHANNELS: Table = NotificationChannelRow.__table__  # type: ignore[attr-defined]
+CHANNEL_ATTEMPTS: Table = ChannelAttemptRow.__table__  # type: ignore[attr-defined]
+PROJECTS: Table = ProjectRow.__table__  # type: ignore[attr-defined]
+API_KEYS: Table = ApiKeyRow.__table__  # type: ignore[attr-defined]
+SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
+FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
+WAKEUPS: Table = WakeupRow.__table__  # type: ignore[attr-defined]
+EVENTS: Table = TriggerEventRow.__table__  # type: ignore[attr-defined]
+INVENTORY: Table = InventoryItemRow.__table__  # type: ignore[attr-defined]
+NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
+IDEMPOTENCY: Table = IdempotencyRow.__table__  # type: ignore[attr-defined]
+OFFSETS: Table = ClockOffsetRow.__table__  # type: ignore[attr-defined]
+OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
+JOBS: Table = AdvanceTimeJobRow.__table__  # type: ignore[attr-defined]
+ENDPOINTS: Table = WebhookEndpointRow.__table__  # type: ignore[attr-defined]
+DELIVERIES: Table = WebhookDeliveryRow.__table__  # type: ignore[attr-defined]
+WEBHOOK_ATTEMPTS: Table = WebhookAttemptRow.__table__  # type: ignore[attr-defined]
+
 __all__ = [
+    "API_KEYS",
+    "CHANNELS",
+    "CHANNEL_ATTEMPTS",
+    "CONTACTS",
+    "DELIVERIES",
+    "ENDPOINTS",
+    "EVENTS",
+    "FIRES",
+    "IDEMPOTENCY",
+    "INVENTORY",
+    "JOBS",
+    "NOTIFICATIONS",
+    "OFFSETS",
+    "OUTBOX",
+    "PREFERENCES",
+    "PROJECTS",
+    "SCHEDULES",
+    "WAKEUPS",
+    "WEBHOOK_ATTEMPTS",
     "AdvanceTimeJobRow",
     "ApiKeyRow",
     "ClockOffsetRow",

@@ -24,8 +24,8 @@ def classify_status(status_code: int, *, retry_after: timedelta | None = None) -
     """
     The outcome of a delivery the receiver answered with ``status_code``.
 
-    Issue 5: "2xx = delivered ... Anything else, a timeout or a connection error = failed
-    attempt, retried ... 410 Gone disables the endpoint". This follows Svix, which
+    2xx is delivered; anything else, a timeout or a connection error is a failed
+    attempt, retried; 410 Gone disables the endpoint. This follows Svix, which
     retries every non-2xx: a 400/401/404 is usually a receiver mid-deploy or a secret not
     rolled yet, and the schedule gives it a day to recover. 3xx counts as a failure
     because redirects are never followed (SSRF: a redirect could point anywhere).

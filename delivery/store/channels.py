@@ -200,7 +200,8 @@ def _chunks[T](items: Sequence[T], size: int) -> list[Sequence[T]]:
 
 class ChannelStore:
     """
-    Issue 6 persistence over one engine (the schema must exist).
+    Contacts, preferences, project channels and channel attempts over one engine
+    (the schema must exist).
 
     The store never closes the engine; its owner does.
 

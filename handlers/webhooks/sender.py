@@ -46,7 +46,7 @@ from handlers.webhooks.signing import sign
 log = structlog.get_logger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(seconds=15)
-"""Issue 5: "a timeout (default 15 s)"; ``DELIVERY_WEBHOOK_TIMEOUT_S``."""
+"""How long one delivery may take (``DELIVERY_WEBHOOK_TIMEOUT_S``)."""
 
 BODY_LIMIT = 4096
 """Bytes of request and response body kept on an attempt record (truncated beyond this)."""

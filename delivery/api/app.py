@@ -26,9 +26,11 @@ from delivery.api.limits import BodyLimitMiddleware
 from delivery.api.metrics import HttpMetrics, RequestContextMiddleware
 from delivery.api.routes import ROUTERS
 from delivery.clock import Clock
-from delivery.secrets import SecretBox
+from delivery.secrets import LazySecretBox
 from delivery.settings import Settings
+from delivery.store.channels import ChannelStore
 from delivery.store.sql import SqlStore
+from delivery.store.webhooks import WebhookStore
 
 _log = structlog.get_logger(__name__)
 
@@ -90,8 +92,17 @@ def create_app(
         version=__version__,
         description="Proactive delivery: schedules, wakeups, trigger events, notifications.",
     )
+    # Built once here and handed to every route through the context: the secret box
+    # (lazily: it may create the key file), and the stores over the app's engine.
+    secrets = LazySecretBox(settings)
     app.state.ctx = ApiContext(
-        settings=settings, store=store, clock=clock, waker=waker or NoWaker()
+        settings=settings,
+        store=store,
+        clock=clock,
+        waker=waker or NoWaker(),
+        secrets=secrets,
+        channels=ChannelStore(store.engine, secrets=secrets),
+        webhooks=WebhookStore(store.engine),
     )
     metrics = HttpMetrics()
     app.state.metrics = metrics
@@ -104,7 +115,7 @@ def create_app(
         store=store,
         clock=clock,
         ttl=timedelta(seconds=settings.idempotency_ttl_s),
-        box_factory=lambda: SecretBox.from_settings(settings),
+        secrets=secrets,
     )
     app.add_middleware(AuthMiddleware, authenticator=Authenticator(store, ttl_s=auth_cache_ttl_s))
     app.add_middleware(

@@ -22,9 +22,12 @@ from delivery.api.schemas import (
 )
 from delivery.clock import Clock
 from delivery.errors import InvalidIdError, InvalidLimitError, InvalidRequestError
+from delivery.secrets import LazySecretBox
 from delivery.settings import Settings
+from delivery.store.channels import ChannelStore
 from delivery.store.engine import after_commit
 from delivery.store.sql import SqlStore, canonical_json
+from delivery.store.webhooks import WebhookStore
 
 _log = structlog.get_logger(__name__)
 
@@ -52,6 +55,11 @@ class ApiContext:
     store: SqlStore
     clock: Clock
     waker: Wakeable
+    secrets: LazySecretBox
+    """The deployment's secret box, built on first use (it may create the key file)."""
+    channels: ChannelStore
+    """Contacts, preferences and project channels (destinations sealed with ``secrets``)."""
+    webhooks: WebhookStore
 
     def wake(self) -> None:
         """

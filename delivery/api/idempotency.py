@@ -14,10 +14,8 @@ and 4xx answers are recorded: a 5xx is a fault that the retry should get another
 chance at, and its writes are rolled back.
 """
 
-import asyncio
 import hashlib
 import json
-from collections.abc import Callable
 from datetime import timedelta
 
 import structlog
@@ -25,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from delivery.clock import Clock
 from delivery.errors import BadRequestError, ConflictError, DeliveryError, IdempotencyKeyReusedError
-from delivery.secrets import SecretBox
+from delivery.secrets import LazySecretBox, SecretBox
 from delivery.store.engine import unit_of_work
 from delivery.store.sql import IdempotencyRecord, SqlStore
 
@@ -49,7 +47,7 @@ class IdempotencyMiddleware:
         store: where records live.
         clock: "now" for expiry.
         ttl: how long a response is replayed.
-        box_factory: builds the deployment's :class:`SecretBox`; every recorded
+        secrets: the deployment's secret box; every recorded
             response is sealed with it.
     """
 
@@ -59,22 +57,18 @@ class IdempotencyMiddleware:
         store: SqlStore,
         clock: Clock,
         ttl: timedelta,
-        box_factory: Callable[[], SecretBox] | None = None,
+        secrets: LazySecretBox | None = None,
     ) -> None:
         self.app = app
         self.store = store
         self.clock = clock
         self.ttl = ttl
-        self._box_factory = box_factory
-        self._box: SecretBox | None = None
+        self._secrets = secrets
 
     async def _sealer(self) -> SecretBox:
-        # Built on first need only: it may create the key file in the data dir.
-        if self._box is None:
-            if self._box_factory is None:
-                raise RuntimeError("recording a response needs a SecretBox; none is configured")
-            self._box = await asyncio.to_thread(self._box_factory)
-        return self._box
+        if self._secrets is None:
+            raise RuntimeError("recording a response needs a SecretBox; none is configured")
+        return await self._secrets.get()
 
     async def _stored_body(self, body: bytes) -> str:
         """

@@ -11,7 +11,6 @@ the create response shows once. ``deliver`` is declared before
 the ``{channelId}`` routes so it can never be captured by them.
 """
 
-import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,7 +29,7 @@ from delivery.errors import (
     NotFoundError,
     UnsupportedChannelTypeError,
 )
-from delivery.secrets import SecretBox, SecretDecryptError
+from delivery.secrets import SecretDecryptError
 from delivery.settings import Settings
 from delivery.store.channels import ChannelConfigCodec, ChannelStore
 from delivery.store.sql import canonical_json, new_id
@@ -122,18 +121,13 @@ def _recipients(value: Any) -> list[str]:
 # --- request plumbing -------------------------------------------------------------------
 
 
-async def _codec(request: Request, ctx: ApiContext) -> ChannelConfigCodec:
-    """The app's codec; the :class:`SecretBox` is built on first use (it may create a file)."""
-    codec: ChannelConfigCodec | None = getattr(request.app.state, "channel_codec", None)
-    if codec is None:
-        box = await asyncio.to_thread(SecretBox.from_settings, ctx.settings)
-        codec = ChannelConfigCodec(box)
-        request.app.state.channel_codec = codec
-    return codec
+async def _codec(ctx: ApiContext) -> ChannelConfigCodec:
+    """A codec over the app's secret box (built on first use: it may create a file)."""
+    return ChannelConfigCodec(await ctx.secrets.get())
 
 
 def _store(ctx: ApiContext) -> ChannelStore:
-    return ChannelStore(ctx.store.engine)
+    return ctx.channels
 
 
 def _no_channel(channel_id: str) -> NotFoundError:
@@ -255,7 +249,7 @@ def _row_values(
 
 
 async def _list(project: str, request: Request, ctx: ApiContext) -> Response:
-    codec = await _codec(request, ctx)
+    codec = await _codec(ctx)
     rows = await _store(ctx).list_channels(project)
     return JSONResponse({"channels": [channel_entry(r, codec) for r in rows]})
 
@@ -263,7 +257,7 @@ async def _list(project: str, request: Request, ctx: ApiContext) -> Response:
 async def _create(
     project: str, body: ChannelWriteBody, request: Request, ctx: ApiContext
 ) -> Response:
-    codec = await _codec(request, ctx)
+    codec = await _codec(ctx)
     config, generated = await _validate(body, ctx.settings, dict(body.config or {}))
     now = ctx.clock.now()
     values = _row_values(body, config, codec)
@@ -279,7 +273,7 @@ async def _create(
 
 
 async def _get(project: str, channel_id: str, request: Request, ctx: ApiContext) -> Response:
-    codec = await _codec(request, ctx)
+    codec = await _codec(ctx)
     row = await _store(ctx).get_channel(project, channel_id)
     if row is None:
         raise _no_channel(channel_id)
@@ -289,7 +283,7 @@ async def _get(project: str, channel_id: str, request: Request, ctx: ApiContext)
 async def _update(
     project: str, channel_id: str, body: ChannelWriteBody, request: Request, ctx: ApiContext
 ) -> Response:
-    codec = await _codec(request, ctx)
+    codec = await _codec(ctx)
     store = _store(ctx)
     old = await store.get_channel(project, channel_id)
     if old is None:
@@ -333,7 +327,7 @@ async def _deliver(
         raise InvalidRequestError("event_type", "event_type must be 1 to 128 characters")
     payload = dict(body.payload or {})
     _json_size(payload, "payload")
-    codec = await _codec(request, ctx)
+    codec = await _codec(ctx)
     rows = [
         r
         for r in await _store(ctx).list_channels(project, active_only=True)

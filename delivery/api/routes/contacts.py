@@ -33,7 +33,6 @@ from delivery.api.context import (
 )
 from delivery.api.schemas import RequestModel
 from delivery.errors import InvalidContactError, NotFoundError
-from delivery.secrets import LazySecretBox
 from delivery.store.channels import ChannelStore
 from handlers.contacts import validate_contact, validate_preferences
 
@@ -109,16 +108,13 @@ def attempt_entry(row: RowMapping) -> dict[str, Any]:
 
 
 def _store(ctx: ApiContext) -> ChannelStore:
-    return ChannelStore(ctx.store.engine)
+    return ctx.channels
 
 
 async def _contact_store(request: Request) -> ChannelStore:
-    """The store with the app's box for destinations (built on the first contact call)."""
+    """The app's channel store (its box for destinations is built on first use)."""
     ctx: ApiContext = request.app.state.ctx
-    secrets: LazySecretBox | None = getattr(request.app.state, "contact_secrets", None)
-    if secrets is None:
-        secrets = request.app.state.contact_secrets = LazySecretBox(ctx.settings)
-    return ChannelStore(ctx.store.engine, secrets=secrets)
+    return ctx.channels
 
 
 Contacts = Annotated[ChannelStore, Depends(_contact_store)]

@@ -10,7 +10,6 @@ Destinations pass the SSRF check at registration (``handlers.ssrf.check_url``) a
 again at send time.
 """
 
-import asyncio
 from typing import Annotated, Any
 
 import structlog
@@ -108,17 +107,13 @@ def mask_auth_header(value: str) -> str:
     return f"{scheme} ****" if sep and len(scheme) <= 32 else "****"
 
 
-async def _box(request: Request, ctx: ApiContext) -> SecretBox:
+async def _box(ctx: ApiContext) -> SecretBox:
     """The app's :class:`SecretBox`, built on first use (the key file may be created)."""
-    box: SecretBox | None = getattr(request.app.state, "webhook_secret_box", None)
-    if box is None:
-        box = await asyncio.to_thread(SecretBox.from_settings, ctx.settings)
-        request.app.state.webhook_secret_box = box
-    return box
+    return await ctx.secrets.get()
 
 
 def _store(ctx: ApiContext) -> WebhookStore:
-    return WebhookStore(ctx.store.engine)
+    return ctx.webhooks
 
 
 def _not_registered(event_type: str) -> NotFoundError:
@@ -169,7 +164,7 @@ async def _register(
         raise InvalidRequestError("auth_header", f"auth_header {bad}")
     allow = parse_allow_nets(ctx.settings.webhook_allow_nets)
     checked = await check_url(body.webhook_url.strip(), allow, Resolver())
-    box = await _box(request, ctx)
+    box = await _box(ctx)
     secret = generate_secret()
     result = await _store(ctx).upsert_endpoint(
         project,
@@ -195,7 +190,7 @@ async def _register(
 
 async def _list(request: Request, ctx: ApiContext, project: str) -> Response:
     rows = await _store(ctx).list_endpoints(project)
-    box = await _box(request, ctx) if any(r["auth_header_enc"] for r in rows) else None
+    box = await _box(ctx) if any(r["auth_header_enc"] for r in rows) else None
     return JSONResponse({"webhooks": [_entry(r, box) for r in rows]})
 
 
@@ -229,7 +224,7 @@ async def _attempts(
 
 
 async def _rotate(request: Request, ctx: ApiContext, project: str, event_type: str) -> Response:
-    box = await _box(request, ctx)
+    box = await _box(ctx)
     secret = generate_secret()
     rotated = await _store(ctx).rotate_secret(
         project, event_type, new_secret_enc=box.seal(secret), now=ctx.clock.now()

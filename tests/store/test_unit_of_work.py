@@ -1,29 +1,13 @@
 """The request transaction (``unit_of_work``), one test body for SQLite and PostgreSQL."""
 
 import asyncio
-from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.store.engine import after_commit, unit_of_work
 from delivery.store.sql import WAKEUPS, SqlStore
-from delivery.store.tables import WakeupRow
-
-NOW = datetime(2026, 5, 1, tzinfo=UTC)
-
-
-def _wakeup(project: str, n: int) -> WakeupRow:
-    return WakeupRow(
-        id=f"wk_{n}",
-        project_id=project,
-        agent_id="a",
-        user_id="u",
-        check_type="c",
-        intent="i",
-        scheduled_at=NOW + timedelta(hours=n),
-        created_at=NOW,
-    )
+from tests.store.test_sql import NOW, _wakeup
 
 
 async def _outside_count(engine: AsyncEngine) -> int:

@@ -86,7 +86,7 @@ async def _run(args: argparse.Namespace, settings: Settings, folder: Path) -> No
     clock = SystemClock()
     worker = ChannelsWorker(settings, engine, clock=clock, batch=args.batch)
     try:
-        project = (await SqlStore(engine).ensure_project("bench", clock.now())).id
+        project = (await SqlStore(engine).keys.ensure_project("bench", clock.now())).id
         # Destinations are sealed with the deployment's key, which the worker opens them with.
         contacts = ChannelStore(engine, secrets=SecretBox.from_settings(settings))
         for kind, destination in [

@@ -69,8 +69,8 @@ async def _seed(url: str, rows: int) -> tuple[str, str]:
     engine = create_engine(url)
     try:
         store = SqlStore(engine)
-        project = await store.ensure_project("bench", START)
-        key = await store.create_api_key(project.id, START)
+        project = await store.keys.ensure_project("bench", START)
+        key = await store.keys.create_api_key(project.id, START)
         batch: list[dict[str, Any]] = []
         for n in range(rows):
             agent, user = f"agent-{n % AGENTS}", f"user-{(n // AGENTS) % USERS}"

@@ -90,8 +90,8 @@ async def _prepare(db_url: str) -> tuple[str, str]:
     try:
         store = SqlStore(engine)
         now = datetime.now(UTC)
-        project = await store.ensure_project("bench", now)
-        return project.id, await store.create_api_key(project.id, now)
+        project = await store.keys.ensure_project("bench", now)
+        return project.id, await store.keys.create_api_key(project.id, now)
     finally:
         await engine.dispose()
 

@@ -40,7 +40,7 @@ async def purge_idempotency_forever(store: SqlStore, clock: Clock, interval_s: f
     while True:
         await asyncio.sleep(interval_s)
         try:
-            purged = await store.purge_idempotency(clock.now())
+            purged = await store.idempotency.purge_idempotency(clock.now())
         except Exception as exc:  # a database blip must not end the loop
             _log.warning("idempotency purge failed", error=repr(exc))
         else:

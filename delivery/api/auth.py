@@ -25,7 +25,8 @@ from delivery.api.schemas import ID_PATTERN
 from delivery.clock import Clock
 from delivery.errors import NotFoundError, UnauthorizedError
 from delivery.settings import Settings
-from delivery.store.sql import SqlStore, hash_api_key
+from delivery.store.keys import hash_api_key
+from delivery.store.sql import SqlStore
 
 PROTECTED_PREFIX = "/api/"
 
@@ -34,8 +35,8 @@ async def bootstrap_key(settings: Settings, store: SqlStore, clock: Clock) -> No
     """Store ``DELIVERY_BOOTSTRAP_API_KEY`` for project ``default`` when it is set (local use)."""
     if settings.bootstrap_api_key is None:
         return
-    project = await store.ensure_project("default", clock.now())
-    await store.create_api_key(
+    project = await store.keys.ensure_project("default", clock.now())
+    await store.keys.create_api_key(
         project.id, clock.now(), key=settings.bootstrap_api_key.get_secret_value()
     )
 
@@ -72,7 +73,7 @@ class Authenticator:
         hit = self._cache.get(digest)
         if hit is not None and hit[1] > now:
             return hit[0]
-        project = await self._store.project_for_key(key)
+        project = await self._store.keys.project_for_key(key)
         if project is None:
             raise UnauthorizedError("", "invalid or revoked API key")
         if len(self._cache) >= self._max_entries:

@@ -25,8 +25,9 @@ from delivery.errors import InvalidIdError, InvalidLimitError, InvalidRequestErr
 from delivery.secrets import LazySecretBox
 from delivery.settings import Settings
 from delivery.store.channels import ChannelStore
+from delivery.store.common import canonical_json
 from delivery.store.engine import after_commit
-from delivery.store.sql import SqlStore, canonical_json
+from delivery.store.sql import SqlStore
 from delivery.store.webhooks import WebhookStore
 
 _log = structlog.get_logger(__name__)

@@ -25,7 +25,8 @@ from delivery.clock import Clock
 from delivery.errors import BadRequestError, ConflictError, DeliveryError, IdempotencyKeyReusedError
 from delivery.secrets import LazySecretBox, SecretBox
 from delivery.store.engine import unit_of_work
-from delivery.store.sql import IdempotencyRecord, SqlStore
+from delivery.store.idempotency import IdempotencyRecord
+from delivery.store.sql import SqlStore
 
 _METHODS = frozenset({"POST", "PUT", "PATCH"})
 _MAX_KEY = 255
@@ -115,7 +116,7 @@ class IdempotencyMiddleware:
         route = f"{scope['method']} {scope['path']}"[:512]
         digest = hashlib.sha256(body).hexdigest()
         now = self.clock.now()
-        record = await self.store.find_idempotency_record(project, route, key, now=now)
+        record = await self.store.idempotency.find_idempotency_record(project, route, key, now=now)
         if record is not None:
             await self._answer_from(send, record, digest, route)
             return
@@ -133,7 +134,7 @@ class IdempotencyMiddleware:
         async with unit_of_work(self.store.engine) as unit:
             await self.app(scope, replay_body, answer.hold)
             if 200 <= answer.status < 500:
-                recorded = await self.store.record_idempotency(
+                recorded = await self.store.idempotency.record_idempotency(
                     project,
                     route,
                     key,
@@ -147,7 +148,7 @@ class IdempotencyMiddleware:
                     await unit.commit()
                 else:
                     await unit.rollback()
-                    record = await self.store.find_idempotency_record(
+                    record = await self.store.idempotency.find_idempotency_record(
                         project, route, key, now=self.clock.now()
                     )
                     await self._answer_from(send, record, digest, route)

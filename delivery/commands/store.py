@@ -56,8 +56,8 @@ async def _create_key(settings: Settings, project_name: str) -> tuple[str, str]:
     try:
         store = SqlStore(engine)
         now = SystemClock().now()
-        project = await store.ensure_project(project_name, now)
-        key = await store.create_api_key(project.id, now)
+        project = await store.keys.ensure_project(project_name, now)
+        key = await store.keys.create_api_key(project.id, now)
         return project.id, key
     finally:
         await engine.dispose()

@@ -17,7 +17,8 @@ from sqlalchemy import ColumnElement, Table, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.errors import ConflictError
-from delivery.store import bulk
+from delivery.store import common
+from delivery.store.common import owned
 from delivery.store.engine import any_row, write_transaction
 from delivery.store.notifications import (
     NotificationBatch,
@@ -206,12 +207,8 @@ def _held(job: JobClaim) -> ColumnElement[bool]:
     return (JOBS.c.id == job.id) & (JOBS.c.status == "running") & (JOBS.c.lease_owner == job.owner)
 
 
-def _mine(table: Table, pair: Pair) -> tuple[ColumnElement[bool], ...]:
-    return (
-        table.c.project_id == pair.project_id,
-        table.c.agent_id == pair.agent_id,
-        table.c.user_id == pair.user_id,
-    )
+def _mine(table: Table, pair: Pair) -> list[ColumnElement[bool]]:
+    return owned(table, pair.project_id, agent_id=pair.agent_id, user_id=pair.user_id)
 
 
 async def _move_offset(conn: AsyncConnection, write: AdvanceWrite) -> None:
@@ -220,7 +217,7 @@ async def _move_offset(conn: AsyncConnection, write: AdvanceWrite) -> None:
     if write.old_offset_s is None:
         key = {"project_id": pair.project_id, "agent_id": pair.agent_id, "user_id": pair.user_id}
         row = {**key, "offset_s": write.new_offset_s, "updated_at": write.now}
-        moved = await bulk.insert_ignoring_duplicates(conn, OFFSETS, [row], unique=list(key))
+        moved = await common.insert_ignoring_duplicates(conn, OFFSETS, [row], unique=list(key))
     else:
         result = await conn.execute(
             update(OFFSETS)
@@ -327,7 +324,7 @@ class SqlAdvanceStore:
                         version=s.version + 1,
                     )
                 )
-            await bulk.insert_ignoring_duplicates(
+            await common.insert_ignoring_duplicates(
                 conn, FIRES, write.fires, unique=["schedule_id", "fire_at"]
             )
             written = await run_core(writing(write.notifications), conn)
@@ -437,7 +434,7 @@ class SqlAdvanceStore:
 
     async def get_job(self, project_id: str, job_id: str) -> Mapping[str, Any] | None:
         """See :meth:`AdvanceStore.get_job`."""
-        stmt = select(JOBS).where(JOBS.c.id == job_id, JOBS.c.project_id == project_id)
+        stmt = select(JOBS).where(*owned(JOBS, project_id, id=job_id))
         async with self.engine.connect() as conn:
             row = (await conn.execute(stmt)).mappings().first()
         return None if row is None else dict(row)

@@ -9,40 +9,10 @@ so the caller decides what commits together.
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Table
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from delivery.store.common import insert_ignoring_duplicates
 from delivery.store.tables import NOTIFICATIONS, OUTBOX
-
-
-async def insert_ignoring_duplicates(
-    conn: AsyncConnection,
-    table: Table,
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    unique: Sequence[str],
-) -> int:
-    """
-    Insert ``rows``, silently skipping any that collide on the ``unique`` columns.
-
-    Returns:
-        How many rows were actually inserted (duplicates excluded).
-    """
-    if not rows:
-        return 0
-    stmt: Any
-    if conn.dialect.name == "postgresql":
-        stmt = pg_insert(table).on_conflict_do_nothing(index_elements=list(unique))
-    else:
-        stmt = sqlite_insert(table).on_conflict_do_nothing(index_elements=list(unique))
-    # rowcount is -1 for a multi-row executemany on asyncpg, so count what
-    # RETURNING hands back instead: conflicting rows return nothing. SQLAlchemy
-    # batches this into multi-VALUES statements ("insertmanyvalues") on both drivers.
-    key = table.c[unique[0]]
-    result = await conn.execute(stmt.returning(key), [dict(r) for r in rows])
-    return len(result.all())
 
 
 async def insert_notifications(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> int:

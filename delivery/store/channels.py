@@ -25,9 +25,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.errors import InvalidContactError
 from delivery.secrets import LazySecretBox, SecretBox, SecretDecryptError
-from delivery.store.bulk import insert_ignoring_duplicates
+from delivery.store.common import (
+    StoreBase,
+    canonical_json,
+    insert_ignoring_duplicates,
+    new_id,
+    owned,
+)
 from delivery.store.engine import any_row
-from delivery.store.sql import SqlStore, canonical_json, new_id
 from delivery.store.tables import CHANNEL_ATTEMPTS as ATTEMPTS
 from delivery.store.tables import CHANNELS, CONTACTS, NOTIFICATIONS, PREFERENCES
 
@@ -198,7 +203,7 @@ def _chunks[T](items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-class ChannelStore:
+class ChannelStore(StoreBase):
     """
     Contacts, preferences, project channels and channel attempts over one engine
     (the schema must exist).
@@ -215,8 +220,7 @@ class ChannelStore:
     def __init__(
         self, engine: AsyncEngine, *, secrets: SecretBox | LazySecretBox | None = None
     ) -> None:
-        self.engine = engine
-        self._sql = SqlStore(engine)
+        super().__init__(engine)
         self._postgres = engine.dialect.name == "postgresql"
         self._secrets = secrets
 
@@ -278,8 +282,8 @@ class ChannelStore:
         digest = contact_digest(box, project_id, agent_id, user_id, kind, destination)
         # Sealed before the transaction, not while it holds SQLite's one writer.
         sealed = box.seal(destination)
-        owner = and_(c.project_id == project_id, c.agent_id == agent_id, c.user_id == user_id)
-        async with self._sql.write() as conn:
+        owner = and_(*owned(CONTACTS, project_id, agent_id=agent_id, user_id=user_id))
+        async with self.write() as conn:
             changed = await conn.execute(
                 update(CONTACTS)
                 .where(owner, c.kind == kind, c.destination_hash == digest)
@@ -342,10 +346,10 @@ class ChannelStore:
         c = CONTACTS.c
         stmt = (
             select(CONTACTS)
-            .where(c.project_id == project_id, c.agent_id == agent_id, c.user_id == user_id)
+            .where(*owned(CONTACTS, project_id, agent_id=agent_id, user_id=user_id))
             .order_by(c.created_at, c.id)
         )
-        async with self._sql.read() as conn:
+        async with self.read() as conn:
             rows = (await conn.execute(stmt)).mappings().all()
         if not rows:
             return []
@@ -356,14 +360,10 @@ class ChannelStore:
         self, project_id: str, agent_id: str, user_id: str, contact_id: str
     ) -> ContactMapping | None:
         """One contact, or ``None`` (unknown or another owner's)."""
-        c = CONTACTS.c
         stmt = select(CONTACTS).where(
-            c.id == contact_id,
-            c.project_id == project_id,
-            c.agent_id == agent_id,
-            c.user_id == user_id,
+            *owned(CONTACTS, project_id, agent_id=agent_id, user_id=user_id, id=contact_id)
         )
-        async with self._sql.read() as conn:
+        async with self.read() as conn:
             row = (await conn.execute(stmt)).mappings().one_or_none()
         return None if row is None else self._opened(await self._box(), row, strict=False)
 
@@ -378,14 +378,10 @@ class ChannelStore:
         now: datetime,
     ) -> ContactMapping | None:
         """Set a contact's opt-out flag; ``None`` when there is no such contact."""
-        c = CONTACTS.c
         owner = and_(
-            c.id == contact_id,
-            c.project_id == project_id,
-            c.agent_id == agent_id,
-            c.user_id == user_id,
+            *owned(CONTACTS, project_id, agent_id=agent_id, user_id=user_id, id=contact_id)
         )
-        async with self._sql.write() as conn:
+        async with self.write() as conn:
             await conn.execute(
                 update(CONTACTS).where(owner).values(opted_out=opted_out, updated_at=now)
             )
@@ -396,14 +392,10 @@ class ChannelStore:
         self, project_id: str, agent_id: str, user_id: str, contact_id: str
     ) -> bool:
         """Remove a contact; ``False`` when there was none."""
-        c = CONTACTS.c
-        async with self._sql.write() as conn:
+        async with self.write() as conn:
             result = await conn.execute(
                 delete(CONTACTS).where(
-                    c.id == contact_id,
-                    c.project_id == project_id,
-                    c.agent_id == agent_id,
-                    c.user_id == user_id,
+                    *owned(CONTACTS, project_id, agent_id=agent_id, user_id=user_id, id=contact_id)
                 )
             )
         return bool(result.rowcount)
@@ -414,7 +406,7 @@ class ChannelStore:
         number, non-existent mailbox). Worker-side, so not scoped by project.
         """
         c = CONTACTS.c
-        async with self._sql.write() as conn:
+        async with self.write() as conn:
             result = await conn.execute(
                 update(CONTACTS)
                 .where(c.id == contact_id, c.disabled.is_(False))
@@ -430,9 +422,9 @@ class ChannelStore:
         """A user's preferences (``{}`` when never set: every channel allowed)."""
         p = PREFERENCES.c
         stmt = select(p.preferences_json).where(
-            p.project_id == project_id, p.agent_id == agent_id, p.user_id == user_id
+            *owned(PREFERENCES, project_id, agent_id=agent_id, user_id=user_id)
         )
-        async with self._sql.read() as conn:
+        async with self.read() as conn:
             text = (await conn.execute(stmt)).scalar_one_or_none()
         prefs: dict[str, list[str]] = json.loads(text) if text else {}
         return prefs
@@ -446,10 +438,9 @@ class ChannelStore:
         now: datetime,
     ) -> None:
         """Replace a user's preferences (already validated); ``{}`` clears them."""
-        p = PREFERENCES.c
         stored = canonical_json({k: sorted(set(v)) for k, v in preferences.items()})
-        owner = and_(p.project_id == project_id, p.agent_id == agent_id, p.user_id == user_id)
-        async with self._sql.write() as conn:
+        owner = and_(*owned(PREFERENCES, project_id, agent_id=agent_id, user_id=user_id))
+        async with self.write() as conn:
             changed = await conn.execute(
                 update(PREFERENCES).where(owner).values(preferences_json=stored, updated_at=now)
             )
@@ -473,7 +464,7 @@ class ChannelStore:
 
     async def insert_channel(self, values: Mapping[str, Any]) -> None:
         """Insert a channel row (``notification_channels`` column names)."""
-        async with self._sql.write() as conn:
+        async with self.write() as conn:
             await conn.execute(CHANNELS.insert().values(**values))
 
     async def list_channels(
@@ -481,35 +472,32 @@ class ChannelStore:
     ) -> Sequence[RowMapping]:
         """The project's channels, oldest first."""
         ch = CHANNELS.c
-        stmt = select(CHANNELS).where(ch.project_id == project_id)
+        stmt = select(CHANNELS).where(*owned(CHANNELS, project_id))
         if active_only:
             stmt = stmt.where(ch.active.is_(True))
-        async with self._sql.read() as conn:
+        async with self.read() as conn:
             return (await conn.execute(stmt.order_by(ch.created_at, ch.id))).mappings().all()
 
     async def get_channel(self, project_id: str, channel_id: str) -> RowMapping | None:
         """One channel, or ``None`` (unknown or another project's)."""
-        ch = CHANNELS.c
-        stmt = select(CHANNELS).where(ch.id == channel_id, ch.project_id == project_id)
-        async with self._sql.read() as conn:
+        stmt = select(CHANNELS).where(*owned(CHANNELS, project_id, id=channel_id))
+        async with self.read() as conn:
             return (await conn.execute(stmt)).mappings().one_or_none()
 
     async def replace_channel(
         self, project_id: str, channel_id: str, values: Mapping[str, Any]
     ) -> RowMapping | None:
         """Overwrite a channel's writable columns; ``None`` when there is no such channel."""
-        ch = CHANNELS.c
-        owner = and_(ch.id == channel_id, ch.project_id == project_id)
-        async with self._sql.write() as conn:
+        owner = and_(*owned(CHANNELS, project_id, id=channel_id))
+        async with self.write() as conn:
             await conn.execute(update(CHANNELS).where(owner).values(**values))
             return (await conn.execute(select(CHANNELS).where(owner))).mappings().one_or_none()
 
     async def delete_channel(self, project_id: str, channel_id: str) -> bool:
         """Remove a channel; ``False`` when there was none."""
-        ch = CHANNELS.c
-        async with self._sql.write() as conn:
+        async with self.write() as conn:
             result = await conn.execute(
-                delete(CHANNELS).where(ch.id == channel_id, ch.project_id == project_id)
+                delete(CHANNELS).where(*owned(CHANNELS, project_id, id=channel_id))
             )
         return bool(result.rowcount)
 
@@ -518,7 +506,7 @@ class ChannelStore:
     async def get_notification(self, notification_id: str) -> RowMapping | None:
         """A notification row by id (worker-side: the NATS message names it)."""
         n = NOTIFICATIONS.c
-        async with self._sql.read() as conn:
+        async with self.read() as conn:
             return (
                 (await conn.execute(select(NOTIFICATIONS).where(n.id == notification_id)))
                 .mappings()
@@ -568,7 +556,7 @@ class ChannelStore:
             .exists()
             .label("reachable")
         )
-        async with self._sql.read() as conn:
+        async with self.read() as conn:
             probe = await conn.execute(
                 select(n.id, n.status, reachable).where(n.id.in_(notification_ids))
             )
@@ -628,7 +616,7 @@ class ChannelStore:
         Raises:
             delivery.secrets.SecretDecryptError: its destination does not open.
         """
-        async with self._sql.read() as conn:
+        async with self.read() as conn:
             row = (
                 (await conn.execute(select(CONTACTS).where(CONTACTS.c.id == contact_id)))
                 .mappings()
@@ -651,7 +639,7 @@ class ChannelStore:
             # Nothing to write: skip the empty transaction (on SQLite a BEGIN IMMEDIATE
             # that queues for the write lock behind the scheduler, once per batch).
             return
-        async with self._sql.write() as conn:
+        async with self.write() as conn:
             if records:
                 await conn.execute(ATTEMPTS.insert(), [r.values() for r in records])
             if retried_id is not None:
@@ -677,11 +665,11 @@ class ChannelStore:
             .order_by(a.next_attempt_at)
             .limit(limit)
         )
-        if not await any_row(self._sql.engine, pick):
+        if not await any_row(self.engine, pick):
             return []
         if self._postgres:
             pick = pick.with_for_update(skip_locked=True)
-        async with self._sql.write() as conn:
+        async with self.write() as conn:
             rows = (await conn.execute(pick)).mappings().all()
             if rows:
                 await conn.execute(
@@ -702,7 +690,7 @@ class ChannelStore:
     ) -> Sequence[RowMapping]:
         """A user's channel attempts, newest first, optionally for one notification."""
         a = ATTEMPTS.c
-        conds = [a.project_id == project_id, a.agent_id == agent_id, a.user_id == user_id]
+        conds = owned(ATTEMPTS, project_id, agent_id=agent_id, user_id=user_id)
         if notification_id is not None:
             conds.append(a.notification_id == notification_id)
         stmt = (
@@ -711,5 +699,5 @@ class ChannelStore:
             .order_by(a.created_at.desc(), a.attempt_number.desc(), a.id)
             .limit(limit)
         )
-        async with self._sql.read() as conn:
+        async with self.read() as conn:
             return (await conn.execute(stmt)).mappings().all()

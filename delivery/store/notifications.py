@@ -14,13 +14,15 @@ statements, decided once per store.
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, Final, Protocol
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import ColumnElement, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.domain import SourceKind, SourceRef
+from delivery.store.common import StoreBase, owned
 from delivery.store.staging import STAGED, dropping_staged
 from delivery.store.steps import InsertIgnoring, Runner, SelectIn, Steps, UpdateIn
 from delivery.store.tables import (
@@ -279,16 +281,93 @@ def writing(batch: NotificationBatch) -> Steps[Written]:
     return Written(rows, lost)
 
 
-class SqlNotificationStore:
+class ConsumeOutcome(StrEnum):
+    """What :meth:`NotificationQueue.consume_notification` did."""
+
+    CONSUMED = "consumed"
+    ALREADY = "already"
+    NOT_FOUND = "not_found"
+    NOT_PENDING = "not_pending"
+
+
+class NotificationQueue(Protocol):
     """
-    :class:`NotificationStore` and :class:`NotificationFeed` over one engine.
+    What the API's queue routes rely on: a project's notifications as clients
+    see them.
+
+    Invariants: a ``staged`` notification (composed ahead of its instant) does
+    not exist for clients, in any read or write here; consuming or
+    acknowledging twice changes nothing the second time.
+    """
+
+    async def list_queue(
+        self, project_id: str, agent_id: str, *, status: str, user_id: str | None, limit: int
+    ) -> Sequence[RowMapping]:
+        """The agent's queue in one status, oldest first (a queue is read in order)."""
+        ...
+
+    async def notification_history(
+        self, project_id: str, agent_id: str, *, limit: int
+    ) -> Sequence[RowMapping]:
+        """Every notification of the agent, every status and user, newest first."""
+        ...
+
+    async def consume_notification(
+        self, project_id: str, agent_id: str, message_id: str, now: datetime
+    ) -> ConsumeOutcome:
+        """Mark a pending message consumed; consuming it again is a no-op."""
+        ...
+
+    async def list_project_notifications(
+        self,
+        project_id: str,
+        *,
+        agent_id: str | None,
+        event_type: str | None,
+        ack_status: str | None,
+        limit: int,
+    ) -> Sequence[RowMapping]:
+        """The project view, oldest first, optionally filtered."""
+        ...
+
+    async def acknowledge(self, project_id: str, ids: Sequence[str], now: datetime) -> int:
+        """Acknowledge the listed pending notifications; how many changed."""
+        ...
+
+    async def acknowledge_all(
+        self, project_id: str, *, agent_id: str | None, event_type: str | None, now: datetime
+    ) -> int:
+        """Acknowledge every pending notification matching the filters; how many."""
+        ...
+
+
+_QUEUE_COLUMNS = (
+    _n.id,
+    _n.agent_id,
+    _n.user_id,
+    _n.check_type,
+    _n.generated_message,
+    _n.status,
+    _n.created_at,
+    _n.consumed_at,
+    _n.wakeup_id,
+    _n.source_type,
+    _n.intent,
+)
+"""What the queue and history routes show of a notification."""
+
+
+class SqlNotificationStore(StoreBase):
+    """
+    :class:`NotificationStore`, :class:`NotificationFeed` and
+    :class:`NotificationQueue` over one engine.
 
     Args:
         engine: from :func:`delivery.store.engine.create_engine`; never closed here.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+        super().__init__(engine)
         self._runner = Runner(engine)
 
     async def load_sources(self, refs: Sequence[SourceRef]) -> Sources:
@@ -314,7 +393,7 @@ class SqlNotificationStore:
     ) -> list[StoredRow]:
         """See :meth:`NotificationFeed.pending_after`."""
         project_id, agent_id, user_id = owner
-        mine = (_n.project_id == project_id, _n.agent_id == agent_id, _n.user_id == user_id)
+        mine = owned(NOTIFICATIONS, project_id, agent_id=agent_id, user_id=user_id)
         async with self.engine.connect() as conn:
             cursor = None
             if after_id:
@@ -326,6 +405,124 @@ class SqlNotificationStore:
                 stmt = stmt.where(tuple_(_n.created_at, _n.id) > tuple_(cursor[0], cursor[1]))
             stmt = stmt.order_by(_n.created_at, _n.id).limit(limit)
             return list((await conn.execute(stmt)).mappings().all())
+
+    # --- the queue as clients see it ------------------------------------------------
+
+    async def list_queue(
+        self, project_id: str, agent_id: str, *, status: str, user_id: str | None, limit: int
+    ) -> Sequence[RowMapping]:
+        """See :meth:`NotificationQueue.list_queue`."""
+        stmt = (
+            select(*_QUEUE_COLUMNS)
+            .where(
+                *owned(NOTIFICATIONS, project_id, agent_id=agent_id, user_id=user_id),
+                _n.status == status,
+            )
+            .order_by(_n.created_at, _n.id)
+            .limit(limit)
+        )
+        async with self.read() as conn:
+            return (await conn.execute(stmt)).mappings().all()
+
+    async def notification_history(
+        self, project_id: str, agent_id: str, *, limit: int
+    ) -> Sequence[RowMapping]:
+        """See :meth:`NotificationQueue.notification_history`."""
+        stmt = (
+            select(*_QUEUE_COLUMNS)
+            .where(*owned(NOTIFICATIONS, project_id, agent_id=agent_id), _n.status != STAGED)
+            .order_by(_n.created_at.desc(), _n.id.desc())
+            .limit(limit)
+        )
+        async with self.read() as conn:
+            return (await conn.execute(stmt)).mappings().all()
+
+    async def consume_notification(
+        self, project_id: str, agent_id: str, message_id: str, now: datetime
+    ) -> ConsumeOutcome:
+        """
+        Mark a pending message consumed; consuming it again is a no-op.
+
+        Returns:
+            ``CONSUMED`` when this call changed it, ``ALREADY`` when it was
+            consumed before, ``NOT_PENDING`` for expired / failed ones,
+            ``NOT_FOUND`` for an unknown or foreign id.
+        """
+        owner = (
+            *owned(NOTIFICATIONS, project_id, agent_id=agent_id, id=message_id),
+            _n.status != STAGED,
+        )
+        async with self.write() as conn:
+            result = await conn.execute(
+                update(NOTIFICATIONS)
+                .where(*owner, _n.status == "pending")
+                .values(status="consumed", consumed_at=now)
+            )
+            if result.rowcount:
+                return ConsumeOutcome.CONSUMED
+            status = (await conn.execute(select(_n.status).where(*owner))).scalar_one_or_none()
+        if status is None:
+            return ConsumeOutcome.NOT_FOUND
+        return ConsumeOutcome.ALREADY if status == "consumed" else ConsumeOutcome.NOT_PENDING
+
+    async def list_project_notifications(
+        self,
+        project_id: str,
+        *,
+        agent_id: str | None,
+        event_type: str | None,
+        ack_status: str | None,
+        limit: int,
+    ) -> Sequence[RowMapping]:
+        """See :meth:`NotificationQueue.list_project_notifications`."""
+        conds = [*owned(NOTIFICATIONS, project_id, agent_id=agent_id), _n.status != STAGED]
+        if event_type is not None:
+            conds.append(_n.event_type == event_type)
+        if ack_status is not None:
+            conds.append(_n.ack_status == ack_status)
+        stmt = (
+            select(
+                _n.id,
+                _n.project_id,
+                _n.agent_id,
+                _n.user_id,
+                _n.event_type,
+                _n.ack_status,
+                _n.payload_json,
+                _n.created_at,
+                _n.acknowledged_at,
+            )
+            .where(*conds)
+            .order_by(_n.created_at, _n.id)
+            .limit(limit)
+        )
+        async with self.read() as conn:
+            return (await conn.execute(stmt)).mappings().all()
+
+    async def acknowledge(self, project_id: str, ids: Sequence[str], now: datetime) -> int:
+        """Acknowledge the listed pending notifications of the project; returns how many changed."""
+        if not ids:
+            return 0
+        conds = (*owned(NOTIFICATIONS, project_id), _n.id.in_(list(ids)))
+        return await self._acknowledge(conds, now)
+
+    async def acknowledge_all(
+        self, project_id: str, *, agent_id: str | None, event_type: str | None, now: datetime
+    ) -> int:
+        """Acknowledge every pending notification matching the filters; returns the count."""
+        conds = owned(NOTIFICATIONS, project_id, agent_id=agent_id)
+        if event_type is not None:
+            conds.append(_n.event_type == event_type)
+        return await self._acknowledge(conds, now)
+
+    async def _acknowledge(self, conds: Sequence[ColumnElement[bool]], now: datetime) -> int:
+        async with self.write() as conn:
+            result = await conn.execute(
+                update(NOTIFICATIONS)
+                .where(*conds, _n.ack_status == "pending", _n.status != STAGED)
+                .values(ack_status="acknowledged", acknowledged_at=now)
+            )
+        return int(result.rowcount or 0)
 
 
 def notification_store(db: NotificationStore | AsyncEngine) -> NotificationStore:

@@ -22,8 +22,9 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
 
-from sqlalchemy import Select, Table, bindparam, or_, select, update
+from sqlalchemy import Select, Table, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from delivery.bus.messages import FireCreated, WakeupDue
 from delivery.bus.subjects import Subjects
@@ -31,12 +32,15 @@ from delivery.cadence import CompiledSchedule, compile_schedule
 from delivery.domain import FireId, earliest
 from delivery.planning import SchedulePlan, fire_id
 from delivery.store import direct
+from delivery.store.common import StoreBase, insert_ignoring, owned
 from delivery.store.engine import Capabilities, Engine, any_row, write_transaction
+from delivery.store.staging import restage_fires, staged_fires
 from delivery.store.tables import (
     FIRES,
     OUTBOX,
     SCHEDULES,
     WAKEUPS,
+    ScheduleRow,
 )
 
 
@@ -101,6 +105,52 @@ class ClaimedSchedule(Protocol):
     def last_fire_at(self) -> datetime | None: ...
     @property
     def version(self) -> int: ...
+
+
+class ScheduleRecords(Protocol):
+    """
+    Schedules as the API writes and reads them, within one (project, agent, user).
+
+    Invariants: an update is a compare-and-set on ``version`` (the scheduler
+    bumps it when it fires), so a write computed from a stale read changes
+    nothing; a change to a schedule restages its staged fires in the same
+    transaction, so no message is composed from the old state; a deletion
+    removes its fires and their unpublished outbox entries with it.
+    """
+
+    async def insert_schedule(self, row: ScheduleRow) -> None:
+        """Insert a new schedule row as given."""
+        ...
+
+    async def get_schedule(
+        self, project_id: str, agent_id: str, user_id: str, schedule_id: str
+    ) -> ScheduleRow | None:
+        """One schedule of the (agent, user) pair, or ``None``."""
+        ...
+
+    async def list_schedules(
+        self, project_id: str, agent_id: str, user_id: str
+    ) -> list[ScheduleRow]:
+        """Every schedule of the (agent, user) pair, oldest first."""
+        ...
+
+    async def update_schedule(
+        self,
+        row: ScheduleRow,
+        changes: Mapping[str, Any],
+        expected_version: int,
+        *,
+        now: datetime,
+        drop_staged_after: datetime | None = None,
+    ) -> bool:
+        """Apply ``changes`` if the version is still ``expected_version``; whether it did."""
+        ...
+
+    async def delete_schedule(
+        self, project_id: str, agent_id: str, user_id: str, schedule_id: str, *, now: datetime
+    ) -> bool:
+        """Delete a schedule and its fire history; whether it existed."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,9 +305,9 @@ _WRITE_SCHEDULE = (
 )
 
 
-class ScheduleStore:
+class ScheduleStore(StoreBase):
     """
-    :class:`SchedulerStore` on SQLite and PostgreSQL.
+    :class:`SchedulerStore` and :class:`ScheduleRecords` on SQLite and PostgreSQL.
 
     On PostgreSQL claims select their rows ``FOR UPDATE SKIP LOCKED``, so
     replicas skip each other's rows instead of queueing on them; SQLite has one writer. On SQLite
@@ -276,24 +326,157 @@ class ScheduleStore:
     def __init__(
         self, engine: Engine, subjects: Subjects, *, capabilities: Capabilities | None = None
     ) -> None:
-        self.engine = engine
+        super().__init__(engine)
         self.subjects = subjects
         self._caps = capabilities or Capabilities.of(engine)
-        self._insert_fires = (
-            self._caps.insert(FIRES)
-            .on_conflict_do_nothing(index_elements=["schedule_id", "fire_at"])
-            .returning(FIRES.c.id)
-        )
+        self._insert_fires = insert_ignoring(
+            self._caps.dialect, FIRES, ("schedule_id", "fire_at")
+        ).returning(FIRES.c.id)
         # delivery.store.bulk.insert_outbox's statement, built once for the
         # synchronous Core writes of apply_plans.
-        self._insert_outbox = (
-            self._caps.insert(OUTBOX)
-            .on_conflict_do_nothing(index_elements=["msg_id"])
-            .returning(OUTBOX.c.msg_id)
+        self._insert_outbox = insert_ignoring(self._caps.dialect, OUTBOX, ("msg_id",)).returning(
+            OUTBOX.c.msg_id
         )
         self._rearm_outbox = self._caps.insert(OUTBOX).on_conflict_do_update(
             index_elements=["msg_id"], set_={"sent_at": None}
         )
+
+    # --- schedules as the API writes them ---------------------------------------
+
+    async def insert_schedule(self, row: ScheduleRow) -> None:
+        """Insert a new schedule row as given."""
+        async with self.write() as conn:
+            await conn.execute(SCHEDULES.insert().values(**row.model_dump()))
+
+    async def get_schedule(
+        self, project_id: str, agent_id: str, user_id: str, schedule_id: str
+    ) -> ScheduleRow | None:
+        """One schedule of the (agent, user) pair, or ``None``."""
+        owner = owned(SCHEDULES, project_id, agent_id=agent_id, user_id=user_id, id=schedule_id)
+        async with self.read() as conn:
+            row = (await conn.execute(select(SCHEDULES).where(*owner))).one_or_none()
+        return None if row is None else ScheduleRow(**row._mapping)
+
+    async def list_schedules(
+        self, project_id: str, agent_id: str, user_id: str
+    ) -> list[ScheduleRow]:
+        """Every schedule of the (agent, user) pair, oldest first."""
+        stmt = (
+            select(SCHEDULES)
+            .where(*owned(SCHEDULES, project_id, agent_id=agent_id, user_id=user_id))
+            .order_by(SCHEDULES.c.created_at, SCHEDULES.c.id)
+        )
+        async with self.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [ScheduleRow(**r._mapping) for r in rows]
+
+    async def update_schedule(
+        self,
+        row: ScheduleRow,
+        changes: Mapping[str, Any],
+        expected_version: int,
+        *,
+        now: datetime,
+        drop_staged_after: datetime | None = None,
+    ) -> bool:
+        """
+        Apply ``changes`` (column -> value) to ``row`` if nobody wrote it since it was read.
+
+        Compare-and-set on ``version``: the daemon bumps it when it fires, so
+        a PATCH computed from a stale read is retried instead of rewinding
+        ``next_fire_at``. The caller includes the new ``version`` in ``changes``.
+
+        A fire the scheduler staged ahead of ``now`` is restaged in the same
+        transaction, so its message is composed from the new state
+        (:func:`delivery.store.staging.restage_fires`).
+
+        Args:
+            now: the instant of the write.
+            drop_staged_after: the timing changed at this instant: fires the
+                scheduler staged after it (lookahead) are deleted with their
+                unpublished outbox entries, in the same transaction, so the old
+                timing never fires; ``last_fire_at`` goes back to the last fire
+                actually due.
+
+        Returns:
+            False when the version moved (or the row vanished); nothing written.
+        """
+        stmt = (
+            update(SCHEDULES)
+            .where(
+                *owned(SCHEDULES, row.project_id, id=row.id),
+                SCHEDULES.c.version == expected_version,
+            )
+            .values(**changes)
+        )
+        async with self.write() as conn:
+            result = await conn.execute(stmt)
+            if not result.rowcount:
+                return False
+            await self._restage(conn, now, FIRES.c.schedule_id == row.id)
+            if drop_staged_after is not None:
+                await self._drop_staged(conn, row.id, drop_staged_after)
+        return True
+
+    @staticmethod
+    async def _drop_staged(conn: AsyncConnection, schedule_id: str, after: datetime) -> None:
+        # Staged = written before its instant. Advance-time fires lie in the future
+        # too, but are written at their simulated instant and already made their
+        # notifications: they stay.
+        is_staged = (
+            FIRES.c.schedule_id == schedule_id,
+            FIRES.c.fire_at > after,
+            FIRES.c.created_at < FIRES.c.fire_at,
+        )
+        await conn.execute(
+            delete(OUTBOX).where(
+                OUTBOX.c.msg_id.in_(select(FIRES.c.id).where(*is_staged)),
+                OUTBOX.c.sent_at.is_(None),
+            )
+        )
+        dropped = await conn.execute(delete(FIRES).where(*is_staged))
+        if dropped.rowcount:
+            last = (
+                select(func.max(FIRES.c.fire_at))
+                .where(FIRES.c.schedule_id == schedule_id, FIRES.c.status == "fired")
+                .scalar_subquery()
+            )
+            await conn.execute(
+                update(SCHEDULES).where(SCHEDULES.c.id == schedule_id).values(last_fire_at=last)
+            )
+
+    async def _restage(self, conn: AsyncConnection, now: datetime, *where: Any) -> None:
+        await restage_fires(conn, staged_fires(now).where(*where), subjects=self.subjects, now=now)
+
+    async def delete_schedule(
+        self, project_id: str, agent_id: str, user_id: str, schedule_id: str, *, now: datetime
+    ) -> bool:
+        """
+        Delete a schedule and its fire history (deleting removes "all associated
+        fire history"); notifications already produced stay in the queue.
+
+        Returns:
+            Whether a schedule was deleted.
+        """
+        owner = owned(SCHEDULES, project_id, agent_id=agent_id, user_id=user_id, id=schedule_id)
+        its_fires = (FIRES.c.schedule_id == schedule_id, *owned(FIRES, project_id))
+        async with self.write() as conn:
+            result = await conn.execute(delete(SCHEDULES).where(*owner))
+            if not result.rowcount:
+                return False
+            # A staged fire's message may be composed already: drop it, and have
+            # the dispatcher drop any a racing dispatcher writes (it finds no fire).
+            await self._restage(conn, now, *its_fires)
+            # Entries not yet published go too: a fire staged by the lookahead
+            # (or one the relay has not reached) must not reach the dispatcher.
+            await conn.execute(
+                delete(OUTBOX).where(
+                    OUTBOX.c.sent_at.is_(None),
+                    OUTBOX.c.msg_id.in_(select(FIRES.c.id).where(*its_fires)),
+                )
+            )
+            await conn.execute(delete(FIRES).where(*its_fires))
+        return True
 
     # --- claims -----------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Table, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from delivery.store import bulk, direct
+from delivery.store import common, direct
 from delivery.store.engine import write_transaction
 
 
@@ -197,4 +197,4 @@ async def _core_step(conn: AsyncConnection, step: Step) -> Any:
             deleting = delete(table).where(*_where(table, column, values, only_if))
             return int((await conn.execute(deleting)).rowcount or 0)
         case InsertIgnoring(table, rows, unique):
-            return await bulk.insert_ignoring_duplicates(conn, table, rows, unique=unique)
+            return await common.insert_ignoring_duplicates(conn, table, rows, unique=unique)

@@ -17,21 +17,17 @@ Queue contract (what :class:`WebhookStore` guarantees the worker):
   in one transaction; on success it also consumes the notification.
 """
 
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, and_, delete, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import and_, delete, select, tuple_, update
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from delivery.store.bulk import insert_ignoring_duplicates
-from delivery.store.engine import any_row, is_sqlite, read_connection, write_transaction
-from delivery.store.sql import new_id
+from delivery.store.common import StoreBase, insert_ignoring_duplicates, new_id, owned
+from delivery.store.engine import any_row
 from delivery.store.tables import DELIVERIES, ENDPOINTS, NOTIFICATIONS
 from delivery.store.tables import WEBHOOK_ATTEMPTS as ATTEMPTS
 
@@ -126,34 +122,7 @@ class NextState:
     disable_reason: str | None = None
 
 
-_INSERT_CHUNK = 500
-"""Rows per multi-row INSERT: 500 x 16 columns stays far below SQLite's variable limit."""
-
-
-async def _insert_new(
-    conn: AsyncConnection, table: Table, rows: Sequence[Mapping[str, Any]], unique: list[str]
-) -> int:
-    """
-    Insert ``rows`` skipping conflicts on ``unique``; returns how many were new.
-
-    One multi-row ``INSERT ... VALUES`` per chunk rather than an executemany:
-    asyncpg reports ``rowcount = -1`` for an executemany, so the count would be lost
-    on PostgreSQL (``delivery.store.bulk.insert_ignoring_duplicates`` has that issue).
-    """
-    inserted = 0
-    for start in range(0, len(rows), _INSERT_CHUNK):
-        chunk = [dict(r) for r in rows[start : start + _INSERT_CHUNK]]
-        stmt: Any
-        if conn.dialect.name == "postgresql":
-            stmt = pg_insert(table).values(chunk).on_conflict_do_nothing(index_elements=unique)
-        else:
-            stmt = sqlite_insert(table).values(chunk).on_conflict_do_nothing(index_elements=unique)
-        result = await conn.execute(stmt)
-        inserted += int(result.rowcount or 0)
-    return inserted
-
-
-class WebhookStore:
+class WebhookStore(StoreBase):
     """
     Webhook tables over one engine; the engine's owner disposes of it.
 
@@ -162,23 +131,8 @@ class WebhookStore:
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self._sqlite = is_sqlite(str(engine.url))
-
-    @property
-    def single_writer(self) -> bool:
-        """True on SQLite: one handlers process, so every claim left at start-up is stale."""
-        return self._sqlite
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with write_transaction(self.engine) as conn:
-            yield conn
-
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
-        async with read_connection(self.engine) as conn:
-            yield conn
+        # Reads such as the attempts page run several statements that must agree.
+        super().__init__(engine, autocommit_reads=False)
 
     # --- endpoints (API) ------------------------------------------------------------
 
@@ -201,7 +155,7 @@ class WebhookStore:
         endpoint a 410 disabled. Safe under concurrent first registrations.
         """
         e = ENDPOINTS.c
-        async with self._write() as conn:
+        async with self.write() as conn:
             endpoint_id = new_id("whk")
             inserted = await insert_ignoring_duplicates(
                 conn,
@@ -226,7 +180,7 @@ class WebhookStore:
             )
             if inserted:
                 return UpsertResult(endpoint_id, created=True)
-            scope = and_(e.project_id == project_id, e.event_type == event_type)
+            scope = and_(*owned(ENDPOINTS, project_id), e.event_type == event_type)
             await conn.execute(
                 update(ENDPOINTS)
                 .where(scope)
@@ -244,8 +198,8 @@ class WebhookStore:
     async def list_endpoints(self, project_id: str) -> Sequence[RowMapping]:
         """The project's endpoints, by event type."""
         e = ENDPOINTS.c
-        stmt = select(ENDPOINTS).where(e.project_id == project_id).order_by(e.event_type)
-        async with self._read() as conn:
+        stmt = select(ENDPOINTS).where(*owned(ENDPOINTS, project_id)).order_by(e.event_type)
+        async with self.read() as conn:
             return (await conn.execute(stmt)).mappings().all()
 
     async def delete_endpoint(
@@ -256,10 +210,10 @@ class WebhookStore:
         (their attempts stay visible). Returns False when nothing was registered.
         """
         e = ENDPOINTS.c
-        async with self._write() as conn:
+        async with self.write() as conn:
             endpoint_id = (
                 await conn.execute(
-                    select(e.id).where(e.project_id == project_id, e.event_type == event_type)
+                    select(e.id).where(*owned(ENDPOINTS, project_id), e.event_type == event_type)
                 )
             ).scalar_one_or_none()
             if endpoint_id is None:
@@ -287,10 +241,10 @@ class WebhookStore:
         window drops the oldest. Returns False when nothing was registered.
         """
         e = ENDPOINTS.c
-        async with self._write() as conn:
+        async with self.write() as conn:
             result = await conn.execute(
                 update(ENDPOINTS)
-                .where(e.project_id == project_id, e.event_type == event_type)
+                .where(*owned(ENDPOINTS, project_id), e.event_type == event_type)
                 .values(
                     previous_secret_enc=e.secret_enc,
                     secret_enc=new_secret_enc,
@@ -311,11 +265,11 @@ class WebhookStore:
         shift a page.
         """
         a = ATTEMPTS.c
-        conds = [a.project_id == project_id, a.event_type == event_type]
+        conds = [*owned(ATTEMPTS, project_id), a.event_type == event_type]
         if cursor is not None:
             conds.append(a.seq < cursor)
         stmt = select(ATTEMPTS).where(*conds).order_by(a.seq.desc()).limit(page_size + 1)
-        async with self._read() as conn:
+        async with self.read() as conn:
             rows = (await conn.execute(stmt)).mappings().all()
         if len(rows) > page_size:
             rows = rows[:page_size]
@@ -339,7 +293,7 @@ class WebhookStore:
         pairs = {(n.project_id, n.event_type) for n in wanted}
         # Read outside the write transaction: most notifications have no endpoint,
         # and then nothing is written at all (a queue for SQLite's one writer).
-        async with self._read() as conn:
+        async with self.read() as conn:
             found = (
                 await conn.execute(
                     select(e.id, e.project_id, e.event_type).where(
@@ -376,8 +330,10 @@ class WebhookStore:
             )
         if not rows:
             return 0
-        async with self._write() as conn:
-            return await _insert_new(conn, DELIVERIES, rows, ["notification_id", "endpoint_id"])
+        async with self.write() as conn:
+            return await insert_ignoring_duplicates(
+                conn, DELIVERIES, rows, unique=["notification_id", "endpoint_id"]
+            )
 
     async def claim_due(
         self,
@@ -413,9 +369,9 @@ class WebhookStore:
         )
         if not await any_row(self.engine, due):
             return []
-        if not self._sqlite:
+        if not self.single_writer:
             due = due.with_for_update(skip_locked=True)
-        async with self._write() as conn:
+        async with self.write() as conn:
             candidates = (await conn.execute(due)).all()
             ids: list[str] = []
             taken: dict[str, int] = dict(in_flight or {})
@@ -495,7 +451,7 @@ class WebhookStore:
         first) or ``dead`` (endpoint disabled or deleted).
         """
         d = DELIVERIES.c
-        async with self._write() as conn:
+        async with self.write() as conn:
             await conn.execute(
                 update(DELIVERIES)
                 .where(d.id == delivery_id, d.status == PENDING)
@@ -511,7 +467,7 @@ class WebhookStore:
     async def postpone(self, delivery_id: str, *, at: datetime, now: datetime) -> None:
         """Release a claimed delivery until ``at`` without counting an attempt."""
         d = DELIVERIES.c
-        async with self._write() as conn:
+        async with self.write() as conn:
             await conn.execute(
                 update(DELIVERIES)
                 .where(d.id == delivery_id, d.status == PENDING)
@@ -547,7 +503,7 @@ class WebhookStore:
             values |= {"next_attempt_at": step.retry_at, "last_error": step.reason}
         else:
             values |= {"status": DEAD, "next_attempt_at": None, "last_error": step.reason}
-        async with self._write() as conn:
+        async with self.write() as conn:
             await conn.execute(
                 ATTEMPTS.insert().values(
                     id=attempt.attempt_id,
@@ -595,7 +551,7 @@ class WebhookStore:
         conds = [d.status == PENDING, d.claimed_by.is_not(None)]
         if worker_id is not None:
             conds.append(d.claimed_by == worker_id)
-        async with self._write() as conn:
+        async with self.write() as conn:
             result = await conn.execute(
                 update(DELIVERIES)
                 .where(*conds)
@@ -608,6 +564,6 @@ class WebhookStore:
         d = DELIVERIES.c
         stmt = select(DELIVERIES).order_by(d.created_at, d.id)
         if project_id is not None:
-            stmt = stmt.where(d.project_id == project_id)
-        async with self._read() as conn:
+            stmt = stmt.where(*owned(DELIVERIES, project_id))
+        async with self.read() as conn:
             return (await conn.execute(stmt)).mappings().all()

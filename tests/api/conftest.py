@@ -39,9 +39,9 @@ async def api(engine: AsyncEngine) -> AsyncIterator[Api]:
     projects: dict[str, str] = {}
     keys: dict[str, str] = {}
     for name in ("alpha", "beta"):
-        project = await store.ensure_project(name, START)
+        project = await store.keys.ensure_project(name, START)
         projects[name] = project.id
-        keys[name] = await store.create_api_key(project.id, START)
+        keys[name] = await store.keys.create_api_key(project.id, START)
     app = create_app(Settings(subject_prefix="test"), store, clock)
     transport = httpx.ASGITransport(app=app)
 

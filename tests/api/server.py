@@ -67,9 +67,9 @@ def serve_api(
         try:
             store = SqlStore(engine)
             for name in ("alpha", "beta"):
-                project = await store.ensure_project(name, clock.now())
+                project = await store.keys.ensure_project(name, clock.now())
                 served.projects[name] = project.id
-                served.keys[name] = await store.create_api_key(project.id, clock.now())
+                served.keys[name] = await store.keys.create_api_key(project.id, clock.now())
             app = create_app(settings, store, clock, waker)
             for name, value in (state or {}).items():
                 setattr(app.state, name, value)

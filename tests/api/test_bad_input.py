@@ -13,15 +13,8 @@ from typing import Any
 from sqlalchemy import Table
 
 from delivery.store.bulk import OUTBOX
-from delivery.store.sql import (
-    EVENTS,
-    IDEMPOTENCY,
-    INVENTORY,
-    NOTIFICATIONS,
-    SCHEDULES,
-    WAKEUPS,
-    SqlStore,
-)
+from delivery.store.sql import SqlStore
+from delivery.store.tables import EVENTS, IDEMPOTENCY, INVENTORY, NOTIFICATIONS, SCHEDULES, WAKEUPS
 from tests.api.conftest import Api
 
 DAILY = {"simple": {"frequency": "daily", "times": ["09:00"]}, "timezone": "UTC"}

@@ -12,9 +12,12 @@ from structlog.testing import capture_logs
 
 from delivery.api import create_app
 from delivery.api.app import purge_idempotency_forever
+from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
 from delivery.settings import Settings
-from delivery.store.sql import IDEMPOTENCY, SCHEDULES, WAKEUPS, SqlStore
-from delivery.store.tables import ScheduleRow, WakeupRow
+from delivery.store.schedules import ScheduleStore
+from delivery.store.sql import SqlStore
+from delivery.store.tables import IDEMPOTENCY, SCHEDULES, WAKEUPS, ScheduleRow, WakeupRow
+from delivery.store.wakeups import WakeupStore
 from tests.api.conftest import Api
 
 PATH = "/api/v1/agents/a1/users/u1/schedules"
@@ -86,8 +89,8 @@ async def test_client_errors_are_replayed(api: Api) -> None:
     assert again.headers["idempotent-replayed"] == "true"
 
 
-class _FailOnceStore(SqlStore):
-    """A store whose first wakeup insert fails, as a database fault would."""
+class _FailOnceWakeups(WakeupStore):
+    """Wakeups whose first insert fails, as a database fault would."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
@@ -102,7 +105,8 @@ class _FailOnceStore(SqlStore):
 
 async def test_server_errors_are_not_stored(api: Api) -> None:
     """A 5xx releases the key, so the SDK's retry with the same key runs again."""
-    store = _FailOnceStore(api.store.engine)
+    store = SqlStore(api.store.engine)
+    store.wakeups = failing = _FailOnceWakeups(api.store.engine)
     app = create_app(Settings(subject_prefix="test"), store, api.clock)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     headers = {**api.alpha.headers, "Idempotency-Key": "flaky"}
@@ -121,7 +125,7 @@ async def test_server_errors_are_not_stored(api: Api) -> None:
         retried = await client.post("/api/v1/agents/a1/wakeups", json=wakeup, headers=headers)
         assert retried.status_code == 201
         assert "idempotent-replayed" not in retried.headers
-    assert store.calls == 2
+    assert failing.calls == 2
     assert await api.store.count(WAKEUPS) == 1
 
 
@@ -164,11 +168,11 @@ async def test_expired_records_are_purged(api: Api) -> None:
             await task
 
 
-class _PausedStore(SqlStore):
+class _PausedSchedules(ScheduleStore):
     """A store whose first schedule insert holds its request open until released."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        super().__init__(engine)
+        super().__init__(engine, Subjects(DEFAULT_SUBJECT_PREFIX))
         self.inserts = 0
         self.inserted = asyncio.Event()
         self.release = asyncio.Event()
@@ -184,18 +188,19 @@ class _PausedStore(SqlStore):
 
 async def test_concurrent_retry_gets_the_first_answer(api: Api) -> None:
     """A retry arriving while the first request still runs gets one answer for both, one row."""
-    store = _PausedStore(api.store.engine)
+    store = SqlStore(api.store.engine)
+    store.schedules = paused = _PausedSchedules(api.store.engine)
     app = create_app(Settings(subject_prefix="test"), store, api.clock)
     headers = {**api.alpha.headers, "Idempotency-Key": "slow"}
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://api.test", headers=headers
     ) as client:
         first = asyncio.create_task(client.post(PATH, json=BODY))
-        await asyncio.wait_for(store.inserted.wait(), 10)
+        await asyncio.wait_for(paused.inserted.wait(), 10)
         retry = asyncio.create_task(client.post(PATH, json=BODY))
         await asyncio.sleep(0.2)
         assert not first.done()
-        store.release.set()
+        paused.release.set()
         answers = await asyncio.wait_for(asyncio.gather(first, retry), 20)
     assert [a.status_code for a in answers] == [201, 201]
     assert answers[0].json() == answers[1].json()
@@ -204,8 +209,8 @@ async def test_concurrent_retry_gets_the_first_answer(api: Api) -> None:
     assert await api.store.count(IDEMPOTENCY) == 1
 
 
-class _WriteThenFailStore(SqlStore):
-    """A store whose first wakeup insert writes the row and then fails, as a crash would."""
+class _WriteThenFailWakeups(WakeupStore):
+    """Wakeups whose first insert writes the row and then fails, as a crash would."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
@@ -220,7 +225,8 @@ class _WriteThenFailStore(SqlStore):
 
 async def test_a_failed_request_leaves_neither_its_writes_nor_its_key(api: Api) -> None:
     """Writes made before a 5xx roll back with it, so the retry makes the resource exactly once."""
-    store = _WriteThenFailStore(api.store.engine)
+    store = SqlStore(api.store.engine)
+    store.wakeups = _WriteThenFailWakeups(api.store.engine)
     app = create_app(Settings(subject_prefix="test"), store, api.clock)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     headers = {**api.alpha.headers, "Idempotency-Key": "half-done"}

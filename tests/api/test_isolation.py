@@ -6,7 +6,7 @@ projects names two unrelated agents.
 
 from sqlalchemy import select
 
-from delivery.store.sql import INVENTORY, NOTIFICATIONS, SCHEDULES, WAKEUPS
+from delivery.store.tables import INVENTORY, NOTIFICATIONS, SCHEDULES, WAKEUPS
 from tests.api.conftest import START, Api
 from tests.api.notes import add_notifications, notification
 

@@ -25,7 +25,8 @@ from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
 from delivery.settings import Settings
 from delivery.store.engine import create_engine
-from delivery.store.sql import IDEMPOTENCY, WAKEUPS, SqlStore
+from delivery.store.sql import SqlStore
+from delivery.store.tables import IDEMPOTENCY, WAKEUPS
 from tests.api.notes import add_notifications, notification
 from tests.api.server import ServedApi, serve_api
 from tests.channels.sse import read_events

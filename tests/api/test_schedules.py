@@ -18,7 +18,7 @@ from delivery.bus.subjects import Subjects
 from delivery.scheduler import Scheduler
 from delivery.settings import Settings
 from delivery.store.bulk import OUTBOX
-from delivery.store.sql import FIRES, SCHEDULES
+from delivery.store.tables import FIRES, SCHEDULES
 from tests.api.conftest import START, Api
 
 PATH = "/api/v1/agents/a1/users/u1/schedules"

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from delivery.clock import ManualClock
 from delivery.store.bulk import OUTBOX as OUTBOX_TABLE
 from delivery.store.engine import create_engine
-from delivery.store.sql import EVENTS as TRIGGER_EVENTS_TABLE
+from delivery.store.tables import EVENTS as TRIGGER_EVENTS_TABLE
 from tests.api.notes import add_notifications, notification
 from tests.api.server import serve_api
 

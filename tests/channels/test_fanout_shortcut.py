@@ -92,7 +92,7 @@ async def alpha(
     Project alpha's id and the channel store both tests write contacts through, with
     the worker's key (the key file in the same data folder).
     """
-    project = (await SqlStore(engine).ensure_project("alpha", clock.now())).id
+    project = (await SqlStore(engine).keys.ensure_project("alpha", clock.now())).id
     box = SecretBox.from_settings(Settings(data_dir=tmp_path))
     return project, ChannelStore(engine, secrets=box)
 
@@ -130,7 +130,7 @@ async def test_batch_without_contacts_costs_one_read(
     users = [f"user-{i}" for i in range(20)] + ["user-dead"]
     rows = await _notes(engine, project, users, clock)
     # Another project's user with a contact must not make this batch "reachable".
-    other = (await SqlStore(engine).ensure_project("beta", clock.now())).id
+    other = (await SqlStore(engine).keys.ensure_project("beta", clock.now())).id
     await store.add_contact(
         other, A, "user-0", kind="email", destination="beta@example.com",
         opted_out=False, now=clock.now(),
@@ -172,7 +172,7 @@ async def test_mixed_batch_sends_exactly_to_users_with_contacts(
     rows = await _notes(engine, project, [f"user-{i}" for i in range(6)], clock)
     # A consumed notification of a user with a contact: found, but not pending.
     (read,) = await _notes(engine, project, ["user-1"], clock, first=100)
-    await SqlStore(engine).consume_notification(project, A, read["id"], clock.now())
+    await SqlStore(engine).notifications.consume_notification(project, A, read["id"], clock.now())
     ids = [r["id"] for r in [*rows, read]]
     statements.clear()
 

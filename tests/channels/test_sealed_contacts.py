@@ -113,7 +113,7 @@ def made_pairs(made: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
 
 async def test_a_foreign_key_masks_in_listings(engine: AsyncEngine, tmp_path: Path) -> None:
     """Contacts sealed under another key list as **** (and are logged), not as an error."""
-    project = (await SqlStore(engine).ensure_project("alpha", T0)).id
+    project = (await SqlStore(engine).keys.ensure_project("alpha", T0)).id
     mine = ChannelStore(engine, secrets=SecretBox(b"k" * 32))
     made, _ = await mine.add_contact(
         project, A, U, kind="sms", destination=NUMBER, opted_out=False, now=T0
@@ -140,7 +140,7 @@ async def test_the_worker_opens_sealed_destinations_and_needs_no_key_without_con
         smtp_security="plain",
         smtp_from="agent@mail.example.com",
     )
-    project = (await SqlStore(engine).ensure_project("alpha", T0)).id
+    project = (await SqlStore(engine).keys.ensure_project("alpha", T0)).id
     worker = ChannelsWorker(settings, engine, clock=clock, rand=lambda: 0.5)
     try:
         first = notification(project, A, U, 1, clock.now())

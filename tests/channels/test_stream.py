@@ -23,7 +23,7 @@ from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
 from delivery.store.engine import create_engine
 from delivery.store.notifications import SqlNotificationStore
-from delivery.store.sql import NOTIFICATIONS
+from delivery.store.tables import NOTIFICATIONS
 from tests.api.notes import add_notifications, notification
 from tests.channels.conftest import channel_settings
 from tests.channels.server import serve_api_with_state

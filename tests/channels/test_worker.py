@@ -70,7 +70,7 @@ def worker_settings(
 @pytest.fixture
 async def project(engine: AsyncEngine, clock: ManualClock, worker_settings: Settings) -> str:
     """A project whose user has a token, an address, a number and an opted-out address."""
-    project_id = (await SqlStore(engine).ensure_project("alpha", clock.now())).id
+    project_id = (await SqlStore(engine).keys.ensure_project("alpha", clock.now())).id
     store = ChannelStore(engine, secrets=SecretBox.from_settings(worker_settings))
     for kind, destination, opted_out in [
         ("fcm", TOKEN, False),
@@ -267,7 +267,7 @@ async def test_retry_stops_once_the_message_is_consumed(
     row = _note(project, 1, clock)
     await add_notifications(engine, [row])
     assert (await worker.fan_out([row["id"]])).retries_scheduled == 1
-    await SqlStore(engine).consume_notification(project, A, row["id"], clock.now())
+    await SqlStore(engine).notifications.consume_notification(project, A, row["id"], clock.now())
     clock.advance(timedelta(minutes=1))
     result = await worker.sweep()
     assert (result.sent, result.skipped) == (0, 1)

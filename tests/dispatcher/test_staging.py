@@ -17,7 +17,8 @@ from delivery.dispatcher.app import decode
 from delivery.dispatcher.composers import Composer, TemplateComposer
 from delivery.dispatcher.process import Processor
 from delivery.domain import SourceKind, SourceRef, notification_id
-from delivery.store.sql import ConsumeOutcome, SqlStore
+from delivery.store.notifications import ConsumeOutcome
+from delivery.store.sql import SqlStore
 from delivery.store.staging import promote
 from delivery.store.tables import NotificationRow, OutboxRow, ScheduleRow
 from delivery.workbench import Pair, advance_time
@@ -84,20 +85,26 @@ async def test_a_fire_ahead_is_staged_hidden_and_shown_from_its_instant(
 
     store = SqlStore(engine)
     assert (
-        await store.list_queue("proj_1", "agent_1", status="pending", user_id=None, limit=50) == []
+        await store.notifications.list_queue(
+            "proj_1", "agent_1", status="pending", user_id=None, limit=50
+        )
+        == []
     )
-    assert await store.notification_history("proj_1", "agent_1", limit=50) == []
+    assert await store.notifications.notification_history("proj_1", "agent_1", limit=50) == []
     assert (
-        await store.list_project_notifications(
+        await store.notifications.list_project_notifications(
             "proj_1", agent_id=None, event_type=None, ack_status=None, limit=50
         )
         == []
     )
-    assert await store.consume_notification("proj_1", "agent_1", nid, NOW) is (
+    assert await store.notifications.consume_notification("proj_1", "agent_1", nid, NOW) is (
         ConsumeOutcome.NOT_FOUND
     )
-    assert await store.acknowledge("proj_1", [nid], NOW) == 0
-    assert await store.acknowledge_all("proj_1", agent_id=None, event_type=None, now=NOW) == 0
+    assert await store.notifications.acknowledge("proj_1", [nid], NOW) == 0
+    assert (
+        await store.notifications.acknowledge_all("proj_1", agent_id=None, event_type=None, now=NOW)
+        == 0
+    )
 
     assert await promote(engine, FIRE_AT - timedelta(microseconds=1)) == 0
     shown = FIRE_AT + timedelta(milliseconds=300)
@@ -106,9 +113,11 @@ async def test_a_fire_ahead_is_staged_hidden_and_shown_from_its_instant(
     note = await rows.row(engine, NotificationRow, nid)
     assert (note["status"], note["created_at"]) == ("pending", shown)
     assert json.loads(note["payload_json"])["created_at"] == "2026-05-02T01:01:00Z"
-    [queued] = await store.list_queue("proj_1", "agent_1", status="pending", user_id=None, limit=50)
+    [queued] = await store.notifications.list_queue(
+        "proj_1", "agent_1", status="pending", user_id=None, limit=50
+    )
     assert queued["id"] == nid
-    assert await store.consume_notification("proj_1", "agent_1", nid, shown) is (
+    assert await store.notifications.consume_notification("proj_1", "agent_1", nid, shown) is (
         ConsumeOutcome.CONSUMED
     )
 
@@ -141,7 +150,7 @@ async def test_a_schedule_change_before_the_instant_recomposes_the_message(
     schedule = ScheduleRow(**await rows.row(engine, ScheduleRow, "sch_1"))
 
     changed = {"intent": "ask how the new job went", "version": schedule.version + 1}
-    assert await store.update_schedule(schedule, changed, schedule.version, now=NOW)
+    assert await store.schedules.update_schedule(schedule, changed, schedule.version, now=NOW)
 
     assert await rows.count(engine, NotificationRow) == 0
     [ref] = await restage_refs(engine)
@@ -174,7 +183,7 @@ async def test_an_item_update_recomposes_staged_fires_that_use_it(engine: AsyncE
     untouched = await compose_staged(engine, other)
     store = SqlStore(engine, subjects=SUBJECTS)
 
-    await store.update_item(
+    await store.inventory.update_item(
         "proj_1", "agent_1", "user_1", "inv_1", properties={"dosage": "250mg"}, fields={}, now=NOW
     )
 
@@ -185,7 +194,7 @@ async def test_an_item_update_recomposes_staged_fires_that_use_it(engine: AsyncE
     assert "dosage: 250mg" in note["generated_message"]
     assert await rows.row(engine, NotificationRow, notification_id(other)) == untouched
 
-    assert await store.delete_item("proj_1", "agent_1", "user_1", "inv_1", now=NOW)
+    assert await store.inventory.delete_item("proj_1", "agent_1", "user_1", "inv_1", now=NOW)
     [_, ref] = await restage_refs(engine)
     await processor(engine).process([ref])
     note = await rows.row(engine, NotificationRow, notification_id(linked))
@@ -199,7 +208,7 @@ async def test_a_deleted_schedule_sends_nothing_even_after_a_racing_write(
     fid, old, old_out = await staged_message(engine)
     store = SqlStore(engine, subjects=SUBJECTS)
 
-    assert await store.delete_schedule("proj_1", "agent_1", "user_1", "sch_1", now=NOW)
+    assert await store.schedules.delete_schedule("proj_1", "agent_1", "user_1", "sch_1", now=NOW)
     [ref] = await restage_refs(engine)
     await put_back(engine, old, old_out)
     result = await processor(engine).process([ref])
@@ -218,7 +227,7 @@ async def test_a_change_after_the_instant_leaves_the_message_alone(engine: Async
     schedule = ScheduleRow(**await rows.row(engine, ScheduleRow, "sch_1"))
 
     changed = {"intent": "something else", "version": schedule.version + 1}
-    assert await store.update_schedule(schedule, changed, schedule.version, now=FIRE_AT)
+    assert await store.schedules.update_schedule(schedule, changed, schedule.version, now=FIRE_AT)
 
     assert await restage_refs(engine) == []
     note = await rows.row(engine, NotificationRow, notification_id(fid))

@@ -13,7 +13,7 @@ from delivery.store.sql import SqlStore
 async def _project_for(url: str, key: str) -> str | None:
     engine = create_engine(url)
     try:
-        return await SqlStore(engine).project_for_key(key)
+        return await SqlStore(engine).keys.project_for_key(key)
     finally:
         await engine.dispose()
 

@@ -9,20 +9,22 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.store.bulk import OUTBOX
-from delivery.store.sql import (
+from delivery.store.common import canonical_json
+from delivery.store.idempotency import IdempotencyRecord
+from delivery.store.notifications import ConsumeOutcome
+from delivery.store.sql import SqlStore
+from delivery.store.tables import (
     API_KEYS,
     EVENTS,
     IDEMPOTENCY,
     NOTIFICATIONS,
     SCHEDULES,
     WAKEUPS,
-    CancelOutcome,
-    ConsumeOutcome,
-    IdempotencyRecord,
-    SqlStore,
-    canonical_json,
+    ScheduleRow,
+    TriggerEventRow,
+    WakeupRow,
 )
-from delivery.store.tables import ScheduleRow, TriggerEventRow, WakeupRow
+from delivery.store.wakeups import CancelOutcome
 from tests.api.notes import add_notifications, notification
 
 NOW = datetime(2026, 5, 1, tzinfo=UTC)
@@ -43,20 +45,20 @@ def _wakeup(project: str, n: int) -> WakeupRow:
 
 
 async def _project(store: SqlStore, name: str = "p") -> str:
-    return (await store.ensure_project(name, NOW)).id
+    return (await store.keys.ensure_project(name, NOW)).id
 
 
 async def test_projects_and_keys(engine: AsyncEngine) -> None:
     """ensure_project is idempotent; keys resolve to their project and are stored hashed."""
     store = SqlStore(engine)
-    first = await store.ensure_project("acme", NOW)
-    assert (await store.ensure_project("acme", NOW)).id == first.id
-    key = await store.create_api_key(first.id, NOW)
-    assert await store.project_for_key(key) == first.id
-    assert await store.project_for_key(key + "x") is None
-    assert await store.create_api_key(first.id, NOW, key="fixed") == "fixed"
-    assert await store.create_api_key(first.id, NOW, key="fixed") == "fixed"  # no-op again
-    assert await store.project_for_key("fixed") == first.id
+    first = await store.keys.ensure_project("acme", NOW)
+    assert (await store.keys.ensure_project("acme", NOW)).id == first.id
+    key = await store.keys.create_api_key(first.id, NOW)
+    assert await store.keys.project_for_key(key) == first.id
+    assert await store.keys.project_for_key(key + "x") is None
+    assert await store.keys.create_api_key(first.id, NOW, key="fixed") == "fixed"
+    assert await store.keys.create_api_key(first.id, NOW, key="fixed") == "fixed"  # no-op again
+    assert await store.keys.project_for_key("fixed") == first.id
     async with store.read() as conn:
         stored = (await conn.execute(select(API_KEYS.c.key_hash))).scalars().all()
     assert key not in stored
@@ -69,14 +71,14 @@ async def test_idempotency_records(engine: AsyncEngine) -> None:
     project = await _project(store)
 
     async def record(route: str, key: str, digest: str, now: datetime, owner: str = "") -> bool:
-        return await store.record_idempotency(
+        return await store.idempotency.record_idempotency(
             owner or project, route, key, digest, status_code=201, body="b", now=now, ttl=TTL
         )
 
-    assert await store.find_idempotency_record(project, "POST /x", "k", now=NOW) is None
+    assert await store.idempotency.find_idempotency_record(project, "POST /x", "k", now=NOW) is None
     assert await record("POST /x", "k", "h1", NOW)
     assert not await record("POST /x", "k", "h2", NOW)
-    found = await store.find_idempotency_record(project, "POST /x", "k", now=NOW)
+    found = await store.idempotency.find_idempotency_record(project, "POST /x", "k", now=NOW)
     assert found == IdempotencyRecord("h1", 201, "b")
     # Other route or project: independent.
     assert await record("POST /y", "k", "h1", NOW)
@@ -84,9 +86,11 @@ async def test_idempotency_records(engine: AsyncEngine) -> None:
     assert await record("POST /x", "k", "h9", NOW, other)
     # Expired: absent, and the key can be recorded again.
     later = NOW + TTL
-    assert await store.find_idempotency_record(project, "POST /x", "k", now=later) is None
+    assert (
+        await store.idempotency.find_idempotency_record(project, "POST /x", "k", now=later) is None
+    )
     assert await record("POST /x", "k", "h2", later)
-    assert await store.purge_idempotency(NOW + 3 * TTL) == 3
+    assert await store.idempotency.purge_idempotency(NOW + 3 * TTL) == 3
 
 
 async def test_reservations_of_older_versions_count_as_absent(engine: AsyncEngine) -> None:
@@ -106,8 +110,8 @@ async def test_reservations_of_older_versions_count_as_absent(engine: AsyncEngin
                 expires_at=NOW + TTL,
             )
         )
-    assert await store.find_idempotency_record(project, "POST /x", "k", now=NOW) is None
-    assert await store.record_idempotency(
+    assert await store.idempotency.find_idempotency_record(project, "POST /x", "k", now=NOW) is None
+    assert await store.idempotency.record_idempotency(
         project, "POST /x", "k", "h", status_code=200, body="b", now=NOW, ttl=TTL
     )
 
@@ -118,7 +122,7 @@ async def test_concurrent_records_of_one_key_admit_exactly_one(engine: AsyncEngi
     project = await _project(store)
     kept = await asyncio.gather(
         *(
-            store.record_idempotency(
+            store.idempotency.record_idempotency(
                 project, "POST /x", "same", "h", status_code=201, body=str(n), now=NOW, ttl=TTL
             )
             for n in range(20)
@@ -131,11 +135,11 @@ async def test_concurrent_writers_do_not_fail(engine: AsyncEngine) -> None:
     """Many concurrent write transactions all commit (no SQLITE_BUSY on lock upgrade)."""
     store = SqlStore(engine)
     project = await _project(store)
-    await asyncio.gather(*(store.insert_wakeup(_wakeup(project, n)) for n in range(30)))
+    await asyncio.gather(*(store.wakeups.insert_wakeup(_wakeup(project, n)) for n in range(30)))
     outcomes = await asyncio.gather(
-        *(store.cancel_wakeup(project, "a", f"wk_{n}", NOW) for n in range(0, 30, 2)),
+        *(store.wakeups.cancel_wakeup(project, "a", f"wk_{n}", NOW) for n in range(0, 30, 2)),
         *(
-            store.record_idempotency(
+            store.idempotency.record_idempotency(
                 project, "POST /x", f"k{n}", "h", status_code=201, body="", now=NOW, ttl=TTL
             )
             for n in range(15)
@@ -150,18 +154,20 @@ async def test_cancel_wakeup_outcomes(engine: AsyncEngine) -> None:
     store = SqlStore(engine)
     project = await _project(store)
     for n in (1, 2):
-        await store.insert_wakeup(_wakeup(project, n))
+        await store.wakeups.insert_wakeup(_wakeup(project, n))
     async with store.write() as conn:
         await conn.execute(
             update(WAKEUPS).where(WAKEUPS.c.id == "wk_2").values(claimed_until=NOW + timedelta(1))
         )
-    assert await store.cancel_wakeup(project, "a", "wk_1", NOW) is CancelOutcome.CANCELLED
-    assert await store.cancel_wakeup(project, "a", "wk_1", NOW) is CancelOutcome.NOT_PENDING
-    assert await store.cancel_wakeup(project, "a", "wk_2", NOW) is CancelOutcome.NOT_PENDING
-    assert await store.cancel_wakeup(project, "b", "wk_1", NOW) is CancelOutcome.NOT_FOUND
+    assert await store.wakeups.cancel_wakeup(project, "a", "wk_1", NOW) is CancelOutcome.CANCELLED
+    assert await store.wakeups.cancel_wakeup(project, "a", "wk_1", NOW) is CancelOutcome.NOT_PENDING
+    assert await store.wakeups.cancel_wakeup(project, "a", "wk_2", NOW) is CancelOutcome.NOT_PENDING
+    assert await store.wakeups.cancel_wakeup(project, "b", "wk_1", NOW) is CancelOutcome.NOT_FOUND
     other = await _project(store, "other")
-    assert await store.cancel_wakeup(other, "a", "wk_2", NOW) is CancelOutcome.NOT_FOUND
-    listed = await store.list_wakeups(project, "a", user_id=None, status="cancelled", limit=10)
+    assert await store.wakeups.cancel_wakeup(other, "a", "wk_2", NOW) is CancelOutcome.NOT_FOUND
+    listed = await store.wakeups.list_wakeups(
+        project, "a", user_id=None, status="cancelled", limit=10
+    )
     assert [w.id for w in listed] == ["wk_1"]
 
 
@@ -173,9 +179,9 @@ async def test_event_and_outbox_commit_together(engine: AsyncEngine) -> None:
         id="evt_1", project_id=project, agent_id="a", user_id="u", event_type="t", created_at=NOW
     )
     outbox = {"subject": "s.event.accepted", "msg_id": "evt_1", "payload": "{}", "created_at": NOW}
-    await store.insert_event(row, outbox)
+    await store.events.insert_event(row, outbox)
     with pytest.raises(IntegrityError):
-        await store.insert_event(row, {**outbox, "msg_id": "evt_1-again"})
+        await store.events.insert_event(row, {**outbox, "msg_id": "evt_1-again"})
     assert await store.count(EVENTS) == 1
     async with store.read() as conn:
         assert (await conn.execute(select(OUTBOX.c.msg_id))).scalars().all() == ["evt_1"]
@@ -200,18 +206,18 @@ async def test_schedule_compare_and_set(engine: AsyncEngine) -> None:
         created_at=NOW,
         updated_at=NOW,
     )
-    await store.insert_schedule(row)
-    assert await store.update_schedule(
+    await store.schedules.insert_schedule(row)
+    assert await store.schedules.update_schedule(
         row, {"intent": "x", "version": 2}, expected_version=1, now=NOW
     )
-    assert not await store.update_schedule(
+    assert not await store.schedules.update_schedule(
         row, {"intent": "y", "version": 2}, expected_version=1, now=NOW
     )
-    got = await store.get_schedule(project, "a", "u", "sch_1")
+    got = await store.schedules.get_schedule(project, "a", "u", "sch_1")
     assert got is not None
     assert (got.intent, got.version) == ("x", 2)
-    assert await store.get_schedule(project, "a", "other", "sch_1") is None
-    assert await store.delete_schedule(project, "a", "u", "sch_1", now=NOW)
+    assert await store.schedules.get_schedule(project, "a", "other", "sch_1") is None
+    assert await store.schedules.delete_schedule(project, "a", "u", "sch_1", now=NOW)
     assert await store.count(SCHEDULES) == 0
 
 
@@ -224,24 +230,38 @@ async def test_notification_queue_and_project_view(engine: AsyncEngine) -> None:
     await add_notifications(engine, rows)
     await add_notifications(engine, rows[:2])  # unique on source_id: skipped
     assert await store.count(NOTIFICATIONS) == 6
-    queue = await store.list_queue(project, "a", status="pending", user_id=None, limit=3)
+    queue = await store.notifications.list_queue(
+        project, "a", status="pending", user_id=None, limit=3
+    )
     assert [r["generated_message"] for r in queue] == ["hello 1", "hello 2", "hello 3"]
     first = queue[0]["id"]
-    assert await store.consume_notification(project, "a", first, NOW) is ConsumeOutcome.CONSUMED
-    assert await store.consume_notification(project, "a", first, NOW) is ConsumeOutcome.ALREADY
-    assert await store.consume_notification(other, "a", first, NOW) is ConsumeOutcome.NOT_FOUND
-    history = await store.notification_history(project, "a", limit=10)
+    assert (
+        await store.notifications.consume_notification(project, "a", first, NOW)
+        is ConsumeOutcome.CONSUMED
+    )
+    assert (
+        await store.notifications.consume_notification(project, "a", first, NOW)
+        is ConsumeOutcome.ALREADY
+    )
+    assert (
+        await store.notifications.consume_notification(other, "a", first, NOW)
+        is ConsumeOutcome.NOT_FOUND
+    )
+    history = await store.notifications.notification_history(project, "a", limit=10)
     assert history[0]["generated_message"] == "hello 5"
     assert len(history) == 5
     ids = [r["id"] for r in history]
-    assert await store.acknowledge(project, [*ids[:2], rows[-1]["id"]], NOW) == 2
-    assert await store.acknowledge(project, ids[:2], NOW) == 0
-    assert await store.acknowledge_all(project, agent_id="a", event_type=None, now=NOW) == 3
-    view = await store.list_project_notifications(
+    assert await store.notifications.acknowledge(project, [*ids[:2], rows[-1]["id"]], NOW) == 2
+    assert await store.notifications.acknowledge(project, ids[:2], NOW) == 0
+    assert (
+        await store.notifications.acknowledge_all(project, agent_id="a", event_type=None, now=NOW)
+        == 3
+    )
+    view = await store.notifications.list_project_notifications(
         project, agent_id=None, event_type=None, ack_status="pending", limit=10
     )
     assert view == []
-    theirs = await store.list_project_notifications(
+    theirs = await store.notifications.list_project_notifications(
         other, agent_id="a", event_type=None, ack_status=None, limit=10
     )
     assert [r["ack_status"] for r in theirs] == ["pending"]

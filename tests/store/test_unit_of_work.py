@@ -6,7 +6,8 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.store.engine import after_commit, unit_of_work
-from delivery.store.sql import WAKEUPS, SqlStore
+from delivery.store.sql import SqlStore
+from delivery.store.tables import WAKEUPS
 from tests.store.test_sql import NOW, _wakeup
 
 
@@ -18,10 +19,10 @@ async def _outside_count(engine: AsyncEngine) -> int:
 async def test_writes_commit_together_and_only_on_commit(engine: AsyncEngine) -> None:
     """Every store write in a unit is one transaction: invisible to others until commit."""
     store = SqlStore(engine)
-    project = (await store.ensure_project("p", NOW)).id
+    project = (await store.keys.ensure_project("p", NOW)).id
     async with unit_of_work(engine) as unit:
-        await store.insert_wakeup(_wakeup(project, 1))
-        await store.insert_wakeup(_wakeup(project, 2))
+        await store.wakeups.insert_wakeup(_wakeup(project, 1))
+        await store.wakeups.insert_wakeup(_wakeup(project, 2))
         # The unit reads its own writes; nobody else sees them yet.
         assert await store.count(WAKEUPS) == 2
         assert await _outside_count(engine) == 0
@@ -32,26 +33,26 @@ async def test_writes_commit_together_and_only_on_commit(engine: AsyncEngine) ->
 async def test_a_unit_left_without_commit_rolls_back(engine: AsyncEngine) -> None:
     """An exception (a crash of the request) or a plain exit without commit writes nothing."""
     store = SqlStore(engine)
-    project = (await store.ensure_project("p", NOW)).id
+    project = (await store.keys.ensure_project("p", NOW)).id
 
     async def failing_request() -> None:
         async with unit_of_work(engine):
-            await store.insert_wakeup(_wakeup(project, 1))
+            await store.wakeups.insert_wakeup(_wakeup(project, 1))
             raise RuntimeError("the route failed")
 
     with pytest.raises(RuntimeError):
         await failing_request()
     async with unit_of_work(engine):
-        await store.insert_wakeup(_wakeup(project, 2))
+        await store.wakeups.insert_wakeup(_wakeup(project, 2))
     assert await store.count(WAKEUPS) == 0
 
 
 async def test_a_failed_block_rolls_back_alone(engine: AsyncEngine) -> None:
     """A store call failing inside a unit undoes only its own writes, as its transaction did."""
     store = SqlStore(engine)
-    project = (await store.ensure_project("p", NOW)).id
+    project = (await store.keys.ensure_project("p", NOW)).id
     async with unit_of_work(engine) as unit:
-        await store.insert_wakeup(_wakeup(project, 1))
+        await store.wakeups.insert_wakeup(_wakeup(project, 1))
 
         async def failing_call() -> None:
             async with store.write() as conn:
@@ -69,12 +70,12 @@ async def test_a_failed_block_rolls_back_alone(engine: AsyncEngine) -> None:
 async def test_after_commit_runs_only_after_a_commit(engine: AsyncEngine) -> None:
     """Deferred callbacks run after the commit, never after a rollback, at once outside a unit."""
     store = SqlStore(engine)
-    project = (await store.ensure_project("p", NOW)).id
+    project = (await store.keys.ensure_project("p", NOW)).id
     seen: list[str] = []
     after_commit(engine, lambda: seen.append("outside"))
     assert seen == ["outside"]
     async with unit_of_work(engine) as unit:
-        await store.insert_wakeup(_wakeup(project, 1))
+        await store.wakeups.insert_wakeup(_wakeup(project, 1))
         after_commit(engine, lambda: seen.append(f"committed:{len(seen)}"))
         assert seen == ["outside"]
         await unit.commit()
@@ -87,8 +88,8 @@ async def test_after_commit_runs_only_after_a_commit(engine: AsyncEngine) -> Non
 async def test_tasks_started_inside_a_unit_write_on_their_own(engine: AsyncEngine) -> None:
     """A task started by the request does not join its transaction (it commits by itself)."""
     store = SqlStore(engine)
-    project = (await store.ensure_project("p", NOW)).id
+    project = (await store.keys.ensure_project("p", NOW)).id
     async with unit_of_work(engine):
         # On SQLite the unit has not written yet, so the writer lock is free for the task.
-        await asyncio.create_task(store.insert_wakeup(_wakeup(project, 1)))
+        await asyncio.create_task(store.wakeups.insert_wakeup(_wakeup(project, 1)))
     assert await store.count(WAKEUPS) == 1

@@ -116,9 +116,9 @@ async def rig(engine: AsyncEngine, http_server: ServeApp) -> AsyncIterator[Rig]:
     projects: dict[str, str] = {}
     keys: dict[str, str] = {}
     for name in ("alpha", "beta"):
-        project = await store.ensure_project(name, start)
+        project = await store.keys.ensure_project(name, start)
         projects[name] = project.id
-        keys[name] = await store.create_api_key(project.id, start)
+        keys[name] = await store.keys.create_api_key(project.id, start)
     app = create_app(settings, store, clock)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app),

@@ -22,7 +22,8 @@ from delivery.clock import SystemClock
 from delivery.secrets import SecretBox
 from delivery.store.engine import create_engine
 from delivery.store.migrate import migrate
-from delivery.store.sql import NOTIFICATIONS, SqlStore
+from delivery.store.sql import SqlStore
+from delivery.store.tables import NOTIFICATIONS
 from delivery.store.webhooks import DELIVERIES, NewNotification, WebhookStore
 from handlers.webhooks.signing import generate_secret
 from tests.fixtures.http import ServeApp
@@ -146,7 +147,7 @@ async def test_sigkill_mid_retry_then_restart_delivers_everything(
     engine = create_engine(database_url)
     clock = SystemClock()
     try:
-        project = (await SqlStore(engine).ensure_project("alpha", clock.now())).id
+        project = (await SqlStore(engine).keys.ensure_project("alpha", clock.now())).id
         box = SecretBox.from_settings(settings)
         webhooks = WebhookStore(engine)
         await webhooks.upsert_endpoint(

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from delivery.clock import ManualClock
 from delivery.secrets import SecretBox
 from delivery.store.engine import create_engine
-from delivery.store.sql import IDEMPOTENCY
+from delivery.store.tables import IDEMPOTENCY
 from delivery.store.webhooks import ENDPOINTS
 from tests.api.server import serve_api
 from tests.webhooks.helpers import EVENT, add_attempts, webhook_settings

@@ -12,7 +12,8 @@ from standardwebhooks import Webhook
 
 from delivery.bus.stream import ensure_stream
 from delivery.bus.subjects import Subjects
-from delivery.store.sql import NOTIFICATIONS, SqlStore
+from delivery.store.sql import SqlStore
+from delivery.store.tables import NOTIFICATIONS
 from delivery.store.webhooks import ClaimedDelivery
 from handlers.retry import MAX_ATTEMPTS, SCHEDULE
 from handlers.webhooks.signing import verify
@@ -240,7 +241,7 @@ async def test_consumer_and_loop_deliver_from_jetstream(
 
 
 async def _beta_key(rig: Rig) -> str:
-    return await SqlStore(rig.engine).create_api_key(rig.projects["beta"], rig.clock.now())
+    return await SqlStore(rig.engine).keys.create_api_key(rig.projects["beta"], rig.clock.now())
 
 
 async def test_claims_are_capped_per_endpoint(rig: Rig) -> None:

@@ -31,8 +31,8 @@ async def client(engine: AsyncEngine) -> AsyncIterator[tuple[httpx.AsyncClient, 
     """A client with a valid key over the app, and the app's clock."""
     clock = ManualClock(START)
     store = SqlStore(engine)
-    project = await store.ensure_project("alpha", START)
-    key = await store.create_api_key(project.id, START)
+    project = await store.keys.ensure_project("alpha", START)
+    key = await store.keys.create_api_key(project.id, START)
     app = create_app(Settings(subject_prefix="wbt"), store, clock)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app),
@@ -102,7 +102,7 @@ async def test_advance_past_the_latest_instant_is_400(
     500, and leaves the clock where it was.
     """
     http, _ = client
-    project = await SqlStore(engine).ensure_project("alpha", START)
+    project = await SqlStore(engine).keys.ensure_project("alpha", START)
     offset_s = (pair_now - START).total_seconds()
     key = {"project_id": project.id, "agent_id": BODY["agent_id"], "user_id": BODY["user_id"]}
     async with engine.begin() as conn:

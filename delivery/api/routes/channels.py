@@ -32,7 +32,7 @@ from delivery.errors import (
 from delivery.secrets import SecretDecryptError
 from delivery.settings import Settings
 from delivery.store.channels import ChannelConfigCodec, ChannelStore
-from delivery.store.sql import canonical_json, new_id
+from delivery.store.common import canonical_json, new_id
 from handlers.contacts import normalize_email
 from handlers.notification_channels import (
     ChannelTarget,

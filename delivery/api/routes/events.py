@@ -14,7 +14,7 @@ from delivery.api.auth import ProjectId
 from delivery.api.context import AgentId, Ctx, check_id, check_metadata, parse_limit, wire_time
 from delivery.api.schemas import EventAccepted, EventCreate, EventList, EventOut
 from delivery.bus.subjects import Subjects
-from delivery.store.sql import canonical_json, new_id
+from delivery.store.common import canonical_json, new_id
 from delivery.store.tables import TriggerEventRow
 
 router = APIRouter(tags=["events"])
@@ -51,7 +51,7 @@ async def trigger_event(
         "payload": canonical_json({"version": 1, "event_id": row.id}),
         "created_at": now,
     }
-    await ctx.store.insert_event(row, outbox)
+    await ctx.store.events.insert_event(row, outbox)
     ctx.wake()
     return JSONResponse(EventAccepted(accepted=True, event_id=row.id).model_dump())
 
@@ -67,7 +67,9 @@ async def list_events(
     """The agent's accepted events, newest first (beyond the SDK: it has no such call)."""
     count = parse_limit(limit, default=50, maximum=500)
     check_id(user_id, "user_id")
-    rows = await ctx.store.list_events(project, agent_id, user_id=user_id or None, limit=count)
+    rows = await ctx.store.events.list_events(
+        project, agent_id, user_id=user_id or None, limit=count
+    )
     events = [
         EventOut(
             event_id=r.id,

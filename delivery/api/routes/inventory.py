@@ -34,7 +34,7 @@ from delivery.api.schemas import (
     InventoryWriteOut,
 )
 from delivery.errors import ConflictError, InvalidRequestError, NotFoundError
-from delivery.store.sql import canonical_json, new_id
+from delivery.store.common import canonical_json, new_id
 from delivery.store.tables import InventoryItemRow
 
 router = APIRouter(tags=["inventory"])
@@ -78,7 +78,7 @@ async def _add(
         created_at=now,
         updated_at=now,
     )
-    await ctx.store.insert_item(row)
+    await ctx.store.inventory.insert_item(row)
     return _written("added", row.id, 201)
 
 
@@ -102,7 +102,9 @@ async def write_item(
     if body.action == "add":
         return await _add(ctx, project, agent_id, user_id, body)
     properties = _properties(body.properties) if body.properties is not None else None
-    items = await ctx.store.find_items(project, agent_id, user_id, item_type=body.item_type)
+    items = await ctx.store.inventory.find_items(
+        project, agent_id, user_id, item_type=body.item_type
+    )
     for key in ("kb_node_id", "label", "description"):
         wanted = getattr(body, key)
         if wanted is not None:
@@ -120,9 +122,11 @@ async def write_item(
         )
     item = items[0]
     if body.action == "remove":
-        await ctx.store.delete_item(project, agent_id, user_id, item.id, now=ctx.clock.now())
+        await ctx.store.inventory.delete_item(
+            project, agent_id, user_id, item.id, now=ctx.clock.now()
+        )
         return _written("removed", item.id)
-    updated = await ctx.store.update_item(
+    updated = await ctx.store.inventory.update_item(
         project, agent_id, user_id, item.id, properties=properties, fields={}, now=ctx.clock.now()
     )
     if updated is None:
@@ -160,7 +164,7 @@ async def query_items(
     """
     count = parse_limit(limit, default=100, maximum=1000)
     wanted = check_label(item_type, "item_type") or None
-    items = await ctx.store.find_items(project, agent_id, user_id, item_type=wanted)
+    items = await ctx.store.inventory.find_items(project, agent_id, user_id, item_type=wanted)
     per_type: dict[str, int] = {}
     for item in items:
         per_type[item.item_type] = per_type.get(item.item_type, 0) + 1
@@ -177,7 +181,7 @@ async def get_item(
     agent_id: AgentId, user_id: UserId, fact_id: ResourceId, project: ProjectId, ctx: Ctx
 ) -> Response:
     """One item with its live properties (beyond the SDK, which has no single-item read)."""
-    item = await ctx.store.get_item(project, agent_id, user_id, fact_id)
+    item = await ctx.store.inventory.get_item(project, agent_id, user_id, fact_id)
     if item is None:
         raise _not_found(fact_id)
     return JSONResponse(item_out(item).model_dump(exclude_none=True))
@@ -193,7 +197,7 @@ async def direct_update(
     ctx: Ctx,
 ) -> Response:
     """Merge ``properties`` into the item's (top-level keys replace; the Sonzai dosage example)."""
-    updated = await ctx.store.update_item(
+    updated = await ctx.store.inventory.update_item(
         project,
         agent_id,
         user_id,
@@ -212,6 +216,8 @@ async def direct_delete(
     agent_id: AgentId, user_id: UserId, fact_id: ResourceId, project: ProjectId, ctx: Ctx
 ) -> Response:
     """Delete an item; linked schedules keep firing without it."""
-    if not await ctx.store.delete_item(project, agent_id, user_id, fact_id, now=ctx.clock.now()):
+    if not await ctx.store.inventory.delete_item(
+        project, agent_id, user_id, fact_id, now=ctx.clock.now()
+    ):
         raise _not_found(fact_id)
     return JSONResponse(InventoryDirectOut(status="deleted", fact_id=fact_id).model_dump())

@@ -30,7 +30,7 @@ from delivery.api.schemas import (
     Success,
 )
 from delivery.errors import InvalidRequestError, InvalidStateError, NotFoundError
-from delivery.store.sql import ConsumeOutcome
+from delivery.store.notifications import ConsumeOutcome
 
 router = APIRouter(tags=["notifications"])
 AGENT_PREFIX = "/api/v1/agents/{agent_id}/notifications"
@@ -79,7 +79,7 @@ async def list_notifications(
     wanted = status or "pending"
     if wanted not in QUEUE_STATUSES:
         raise InvalidRequestError("status", f"status must be one of {', '.join(QUEUE_STATUSES)}")
-    rows = await ctx.store.list_queue(
+    rows = await ctx.store.notifications.list_queue(
         project, agent_id, status=wanted, user_id=user_id or None, limit=count
     )
     return JSONResponse({"notifications": [queue_entry(r) for r in rows]})
@@ -91,7 +91,7 @@ async def notification_history(
 ) -> Response:
     """Every notification of the agent across users and statuses, newest first."""
     count = parse_limit(limit, default=50, maximum=500)
-    rows = await ctx.store.notification_history(project, agent_id, limit=count)
+    rows = await ctx.store.notifications.notification_history(project, agent_id, limit=count)
     return JSONResponse({"notifications": [queue_entry(r) for r in rows]})
 
 
@@ -103,7 +103,9 @@ async def consume(
     Mark a message consumed; again is ``{"success": true}`` (retry-safe);
     unknown is 404; an expired or failed message is 409.
     """
-    outcome = await ctx.store.consume_notification(project, agent_id, message_id, ctx.clock.now())
+    outcome = await ctx.store.notifications.consume_notification(
+        project, agent_id, message_id, ctx.clock.now()
+    )
     if outcome is ConsumeOutcome.NOT_FOUND:
         raise NotFoundError(
             "message_id",
@@ -136,7 +138,7 @@ async def list_project_notifications(
     wanted = status or "pending"
     if wanted not in ACK_STATUSES:
         raise InvalidRequestError("status", f"status must be one of {', '.join(ACK_STATUSES)}")
-    rows = await ctx.store.list_project_notifications(
+    rows = await ctx.store.notifications.list_project_notifications(
         project,
         agent_id=agent_id or None,
         event_type=check_label(event_type, "event_type") or None,
@@ -166,7 +168,7 @@ async def acknowledge(body: AcknowledgeBody, project: PathProject, ctx: Ctx) -> 
     """Acknowledge the listed notifications; the count covers only those that changed."""
     for i, nid in enumerate(body.notification_ids):
         check_id(nid, f"notification_ids.{i}")
-    n = await ctx.store.acknowledge(project, body.notification_ids, ctx.clock.now())
+    n = await ctx.store.notifications.acknowledge(project, body.notification_ids, ctx.clock.now())
     return JSONResponse({"acknowledged": n})
 
 
@@ -179,7 +181,7 @@ async def acknowledge_all(
 ) -> Response:
     """Acknowledge every pending notification matching the filters (no body is read)."""
     check_id(agent_id, "agent_id")
-    n = await ctx.store.acknowledge_all(
+    n = await ctx.store.notifications.acknowledge_all(
         project,
         agent_id=agent_id or None,
         event_type=check_label(event_type, "event_type") or None,

@@ -43,8 +43,8 @@ from delivery.cadence import (
     upcoming,
 )
 from delivery.errors import ConflictError, NotFoundError
+from delivery.store.common import canonical_json, new_id
 from delivery.store.schedules import compile_stored
-from delivery.store.sql import canonical_json, new_id
 from delivery.store.tables import ScheduleRow
 
 router = APIRouter(tags=["schedules"])
@@ -109,7 +109,7 @@ def _json(model: Any, status: int = 200) -> JSONResponse:
 
 
 async def _check_item(ctx: ApiContext, project: str, agent: str, user: str, item: str) -> None:
-    if await ctx.store.get_item(project, agent, user, item) is None:
+    if await ctx.store.inventory.get_item(project, agent, user, item) is None:
         raise NotFoundError(
             "inventory_item_id",
             f"inventory_item_id {item!r}: no such inventory item for this agent and user",
@@ -118,7 +118,7 @@ async def _check_item(ctx: ApiContext, project: str, agent: str, user: str, item
 
 
 async def _get(ctx: ApiContext, project: str, agent: str, user: str, sid: str) -> ScheduleRow:
-    row = await ctx.store.get_schedule(project, agent, user, sid)
+    row = await ctx.store.schedules.get_schedule(project, agent, user, sid)
     if row is None:
         raise _not_found(sid)
     return row
@@ -130,7 +130,7 @@ async def list_schedules(
 ) -> Response:
     """Every schedule of the (agent, user) pair."""
     now = ctx.clock.now()
-    rows = await ctx.store.list_schedules(project, agent_id, user_id)
+    rows = await ctx.store.schedules.list_schedules(project, agent_id, user_id)
     return _json(ScheduleList(schedules=[schedule_out(r, now) for r in rows]))
 
 
@@ -178,7 +178,7 @@ async def create_schedule(
         created_at=now,
         updated_at=now,
     )
-    await ctx.store.insert_schedule(row)
+    await ctx.store.schedules.insert_schedule(row)
     ctx.wake()
     return _json(
         ScheduleCreated(
@@ -291,7 +291,7 @@ async def update_schedule(
         changes, timing = _patched(row, body, given, now)
         if changes.get("inventory_item_id"):
             await _check_item(ctx, project, agent_id, user_id, changes["inventory_item_id"])
-        if await ctx.store.update_schedule(
+        if await ctx.store.schedules.update_schedule(
             row, changes, row.version, now=now, drop_staged_after=now if timing else None
         ):
             if timing:
@@ -308,7 +308,7 @@ async def delete_schedule(
     agent_id: AgentId, user_id: UserId, schedule_id: ResourceId, project: ProjectId, ctx: Ctx
 ) -> Response:
     """Delete a schedule and its fire history; 404 when unknown (tenants learn nothing)."""
-    if not await ctx.store.delete_schedule(
+    if not await ctx.store.schedules.delete_schedule(
         project, agent_id, user_id, schedule_id, now=ctx.clock.now()
     ):
         raise _not_found(schedule_id)

@@ -22,8 +22,9 @@ from delivery.api.context import (
 from delivery.api.schemas import WakeupCancelled, WakeupCreate, WakeupCreated, WakeupList, WakeupOut
 from delivery.cadence import parse_instant
 from delivery.errors import InvalidRequestError, InvalidStateError, NotFoundError
-from delivery.store.sql import CancelOutcome, new_id
+from delivery.store.common import new_id
 from delivery.store.tables import WakeupRow
+from delivery.store.wakeups import CancelOutcome
 
 router = APIRouter(tags=["wakeups"])
 PREFIX = "/api/v1/agents/{agent_id}/wakeups"
@@ -61,7 +62,9 @@ async def schedule_wakeup(
     else:
         raise InvalidRequestError("delay_hours", "delay_hours or scheduled_at is required")
     if body.inventory_item_id is not None:
-        item = await ctx.store.get_item(project, agent_id, body.user_id, body.inventory_item_id)
+        item = await ctx.store.inventory.get_item(
+            project, agent_id, body.user_id, body.inventory_item_id
+        )
         if item is None:
             raise NotFoundError(
                 "inventory_item_id",
@@ -83,7 +86,7 @@ async def schedule_wakeup(
         status="pending",
         created_at=now,
     )
-    await ctx.store.insert_wakeup(row)
+    await ctx.store.wakeups.insert_wakeup(row)
     ctx.wake()
     created = WakeupCreated(wakeup_id=row.id, scheduled_at=wire_time(scheduled_at))
     return JSONResponse(created.model_dump(), status_code=201)
@@ -105,7 +108,7 @@ async def list_wakeups(
     check_id(user_id, "user_id")
     if status is not None and status not in STATUSES:
         raise InvalidRequestError("status", f"status must be one of {', '.join(STATUSES)}")
-    rows = await ctx.store.list_wakeups(
+    rows = await ctx.store.wakeups.list_wakeups(
         project, agent_id, user_id=user_id or None, status=status, limit=count
     )
     body = WakeupList(wakeups=[wakeup_out(r) for r in rows])
@@ -117,7 +120,7 @@ async def cancel_wakeup(
     agent_id: AgentId, wakeup_id: ResourceId, project: ProjectId, ctx: Ctx
 ) -> Response:
     """Cancel a pending wakeup; 409 ``INVALID_STATE`` once executed or cancelled."""
-    outcome = await ctx.store.cancel_wakeup(project, agent_id, wakeup_id, ctx.clock.now())
+    outcome = await ctx.store.wakeups.cancel_wakeup(project, agent_id, wakeup_id, ctx.clock.now())
     if outcome is CancelOutcome.NOT_FOUND:
         raise NotFoundError(
             "wakeup_id", f"wakeup_id {wakeup_id!r}: no such wakeup", resource="wakeup"

@@ -1,0 +1,108 @@
+"""
+One-off wakeups as the API writes and lists them (the scheduler claims due ones
+through :class:`delivery.store.schedules.ScheduleStore`).
+"""
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+from sqlalchemy import select, update
+
+from delivery.store.common import StoreBase, owned
+from delivery.store.tables import WAKEUPS, WakeupRow
+
+
+class CancelOutcome(StrEnum):
+    """What :meth:`Wakeups.cancel_wakeup` did."""
+
+    CANCELLED = "cancelled"
+    NOT_FOUND = "not_found"
+    NOT_PENDING = "not_pending"
+
+
+class Wakeups(Protocol):
+    """
+    A project's wakeups.
+
+    Invariants: a wakeup is cancelled only while pending and unclaimed (a
+    claimed one may have produced its message already), so a cancelled wakeup
+    never fires.
+    """
+
+    async def insert_wakeup(self, row: WakeupRow) -> None:
+        """Insert a new pending wakeup."""
+        ...
+
+    async def list_wakeups(
+        self,
+        project_id: str,
+        agent_id: str,
+        *,
+        user_id: str | None,
+        status: str | None,
+        limit: int,
+    ) -> list[WakeupRow]:
+        """The agent's wakeups, soonest first, optionally for one user or status."""
+        ...
+
+    async def cancel_wakeup(
+        self, project_id: str, agent_id: str, wakeup_id: str, now: datetime
+    ) -> CancelOutcome:
+        """Cancel a pending, unclaimed wakeup."""
+        ...
+
+
+class WakeupStore(StoreBase):
+    """:class:`Wakeups` on SQLite and PostgreSQL."""
+
+    async def insert_wakeup(self, row: WakeupRow) -> None:
+        """Insert a new pending wakeup."""
+        async with self.write() as conn:
+            await conn.execute(WAKEUPS.insert().values(**row.model_dump()))
+
+    async def list_wakeups(
+        self,
+        project_id: str,
+        agent_id: str,
+        *,
+        user_id: str | None,
+        status: str | None,
+        limit: int,
+    ) -> list[WakeupRow]:
+        """The agent's wakeups, soonest first, optionally for one user or status."""
+        conds = owned(WAKEUPS, project_id, agent_id=agent_id, user_id=user_id)
+        if status is not None:
+            conds.append(WAKEUPS.c.status == status)
+        stmt = (
+            select(WAKEUPS)
+            .where(*conds)
+            .order_by(WAKEUPS.c.scheduled_at, WAKEUPS.c.id)
+            .limit(limit)
+        )
+        async with self.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [WakeupRow(**r._mapping) for r in rows]
+
+    async def cancel_wakeup(
+        self, project_id: str, agent_id: str, wakeup_id: str, now: datetime
+    ) -> CancelOutcome:
+        """
+        Cancel a pending wakeup that no scheduler has claimed (an in-flight claim may
+        already have produced the message, so it counts as no longer pending).
+        """
+        owner = owned(WAKEUPS, project_id, agent_id=agent_id, id=wakeup_id)
+        async with self.write() as conn:
+            result = await conn.execute(
+                update(WAKEUPS)
+                .where(
+                    *owner,
+                    WAKEUPS.c.status == "pending",
+                    (WAKEUPS.c.claimed_until.is_(None)) | (WAKEUPS.c.claimed_until < now),
+                )
+                .values(status="cancelled", cancelled_at=now)
+            )
+            if result.rowcount:
+                return CancelOutcome.CANCELLED
+            exists = (await conn.execute(select(WAKEUPS.c.id).where(*owner))).first()
+        return CancelOutcome.NOT_PENDING if exists else CancelOutcome.NOT_FOUND

@@ -36,7 +36,7 @@ from delivery.loops import PeriodicLoop
 from delivery.outbox import OutboxRelay
 from delivery.scheduler import Scheduler
 from delivery.settings import Settings
-from delivery.store.engine import create_engine, is_sqlite
+from delivery.store.engine import Capabilities, create_engine, is_sqlite
 
 log = structlog.get_logger(__name__)
 
@@ -202,6 +202,7 @@ class Daemon:
 
         engine = create_engine(url)
         _on_stop(stack, "engine", engine.dispose)
+        single_writer = Capabilities.of(engine).single_writer
 
         nc = await nats.connect(
             # A comma-separated list seeds the server pool; cluster peers are
@@ -249,9 +250,9 @@ class Daemon:
                 lookahead=timedelta(seconds=settings.lookahead_s),
             )
             self.scheduler = scheduler
-            if is_sqlite(url):
-                # SQLite is single-writer: this is the only scheduler, so any claim
-                # left is from a killed process.
+            if single_writer:
+                # This is the only scheduler on the database, so any claim left
+                # is from a killed process.
                 await scheduler.release_claims(everyone=True)
             else:
                 _on_stop(stack, "release-claims", scheduler.release_claims_quietly)
@@ -270,7 +271,7 @@ class Daemon:
             self._scheduler_job = job
             job.start()
             _on_stop(stack, "scheduler-tick", job.stop)
-            await self._start_job_sweep(stack, engine, sqlite=is_sqlite(url))
+            await self._start_job_sweep(stack, engine, single_writer=single_writer)
 
         if Part.DISPATCHER in self.parts:
             from delivery.dispatcher.app import Dispatcher
@@ -292,14 +293,14 @@ class Daemon:
         )
 
     async def _start_job_sweep(
-        self, stack: contextlib.AsyncExitStack, engine: AsyncEngine, *, sqlite: bool
+        self, stack: contextlib.AsyncExitStack, engine: AsyncEngine, *, single_writer: bool
     ) -> None:
         """Rerun ``async: true`` advance-time jobs whose runner died before committing."""
         from delivery.dispatcher.composers import build_composer
         from delivery.workbench import JOB_SWEEP_S, new_owner, release_jobs, resume_stalled_jobs
 
-        if sqlite:
-            # The one process on this file: a lease left is a killed process's.
+        if single_writer:
+            # The one process on this database: a lease left is a killed process's.
             await release_jobs(engine)
         owner = new_owner("scheduler")
 

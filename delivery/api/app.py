@@ -26,6 +26,7 @@ from delivery.api.limits import BodyLimitMiddleware
 from delivery.api.metrics import HttpMetrics, RequestContextMiddleware
 from delivery.api.routes import ROUTERS
 from delivery.clock import Clock
+from delivery.dispatcher.composers import SharedComposer
 from delivery.secrets import LazySecretBox
 from delivery.settings import Settings
 from delivery.store.channels import ChannelStore
@@ -85,6 +86,7 @@ def create_app(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            await composer.aclose()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -95,6 +97,7 @@ def create_app(
     # Built once here and handed to every route through the context: the secret box
     # (lazily: it may create the key file), and the stores over the app's engine.
     secrets = LazySecretBox(settings)
+    composer = SharedComposer(settings)
     app.state.ctx = ApiContext(
         settings=settings,
         store=store,
@@ -103,6 +106,7 @@ def create_app(
         secrets=secrets,
         channels=ChannelStore(store.engine, secrets=secrets),
         webhooks=WebhookStore(store.engine),
+        composer=composer,
     )
     metrics = HttpMetrics()
     app.state.metrics = metrics

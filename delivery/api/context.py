@@ -21,6 +21,7 @@ from delivery.api.schemas import (
     MAX_METADATA_STRING_CHARS,
 )
 from delivery.clock import Clock
+from delivery.dispatcher.composers import SharedComposer
 from delivery.errors import InvalidIdError, InvalidLimitError, InvalidRequestError
 from delivery.secrets import LazySecretBox
 from delivery.settings import Settings
@@ -61,6 +62,8 @@ class ApiContext:
     channels: ChannelStore
     """Contacts, preferences and project channels (destinations sealed with ``secrets``)."""
     webhooks: WebhookStore
+    composer: SharedComposer
+    """The advance-time composer, built on first use and closed with the app."""
 
     def wake(self) -> None:
         """

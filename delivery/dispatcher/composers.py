@@ -184,3 +184,34 @@ def build_composer(
             transport=transport,
         )
     raise ValueError(f"unknown composer {settings.composer!r}: use template or llm")
+
+
+class SharedComposer:
+    """
+    The composer ``settings`` names, built on first use and shared until closed.
+
+    The API holds one for its whole life, so advance-time calls reuse one LLM
+    client (and its connection pool) instead of opening one per request; built
+    lazily, so an app that never advances time never builds it (nor fails on
+    a missing ``DELIVERY_LLM_BASE_URL``).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._composer: Composer | None = None
+
+    def get(self) -> Composer:
+        """The shared composer, built now if this is the first call.
+
+        Raises:
+            ValueError: the settings name no usable composer (see :func:`build_composer`).
+        """
+        if self._composer is None:
+            self._composer = build_composer(self._settings)
+        return self._composer
+
+    async def aclose(self) -> None:
+        """Close the composer if it was built; the next :meth:`get` builds a new one."""
+        composer, self._composer = self._composer, None
+        if composer is not None:
+            await composer.aclose()

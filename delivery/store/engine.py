@@ -68,11 +68,15 @@ class Capabilities:
         skip_locked: ``SELECT ... FOR UPDATE SKIP LOCKED`` exists, so replicas
             claiming rows skip each other's instead of queueing on them. Without
             it (SQLite) the file has one writer and there is nothing to skip.
+        single_writer: one process writes the database (a SQLite file), so a
+            claim or lease found at start-up belongs to a killed process and
+            can be released at once.
     """
 
     dialect: str
     driver_thread: bool
     skip_locked: bool
+    single_writer: bool
 
     @classmethod
     def of(cls, engine: AsyncEngine) -> "Capabilities":
@@ -82,6 +86,7 @@ class Capabilities:
             dialect=dialect.name,
             driver_thread=dialect.name == "sqlite" and dialect.driver == "aiosqlite",
             skip_locked=dialect.name == "postgresql",
+            single_writer=dialect.name == "sqlite",
         )
 
     def insert(self, table: Table) -> Any:

@@ -18,7 +18,6 @@ from delivery.api.auth import ProjectId
 from delivery.api.context import ApiContext, Ctx, ResourceId
 from delivery.api.schemas import Ident
 from delivery.bus.subjects import Subjects
-from delivery.dispatcher.composers import build_composer
 from delivery.store.engine import after_commit
 from delivery.workbench import (
     JobClaim,
@@ -58,29 +57,21 @@ class AdvanceTimeBody(BaseModel):
 
 
 async def _run(ctx: ApiContext, pair: Pair, hours: float) -> dict[str, Any]:
-    composer = build_composer(ctx.settings)
-    try:
-        return await advance_time(
-            ctx.store.engine,
-            composer,
-            Subjects(ctx.settings.subject_prefix),
-            ctx.clock,
-            pair,
-            hours,
-        )
-    finally:
-        await composer.aclose()
+    return await advance_time(
+        ctx.store.engine,
+        ctx.composer.get(),
+        Subjects(ctx.settings.subject_prefix),
+        ctx.clock,
+        pair,
+        hours,
+    )
 
 
 async def _run_job(ctx: ApiContext, job: JobClaim) -> None:
     """The background half of ``async: true`` (a restart leaves it to the scheduler)."""
-    composer = build_composer(ctx.settings)
-    try:
-        await run_job(
-            ctx.store.engine, composer, Subjects(ctx.settings.subject_prefix), ctx.clock, job
-        )
-    finally:
-        await composer.aclose()
+    await run_job(
+        ctx.store.engine, ctx.composer.get(), Subjects(ctx.settings.subject_prefix), ctx.clock, job
+    )
 
 
 @router.post(f"{PREFIX}/advance-time", responses={200: {}, 202: {}})

@@ -131,3 +131,30 @@ def test_no_import_runs_up_the_layers() -> None:
         if layer_of(target) > layer_of(module)
     ]
     assert upward == []
+
+
+TYPE_ONLY_SQL = {("sqlalchemy.engine", "RowMapping"), ("sqlalchemy.ext.asyncio", "AsyncEngine")}
+"""What a module outside the store may take from SQLAlchemy: the names of a row and an
+engine, to pass them on; nothing that builds or runs a statement."""
+
+
+def test_no_sql_outside_the_store() -> None:
+    """Only delivery/store/ builds SQL: elsewhere SQLAlchemy is imported for type names only."""
+    found = []
+    for module, path in sorted(modules().items()):
+        if module == "delivery.store" or module.startswith("delivery.store."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found += [f"{module}: import {a.name}" for a in node.names if _is_sql(a.name)]
+            elif isinstance(node, ast.ImportFrom) and node.module and _is_sql(node.module):
+                found += [
+                    f"{module}: from {node.module} import {a.name}"
+                    for a in node.names
+                    if (node.module, a.name) not in TYPE_ONLY_SQL
+                ]
+    assert found == []
+
+
+def _is_sql(name: str) -> bool:
+    return name.split(".")[0] in {"sqlalchemy", "sqlmodel", "sqlite3", "asyncpg", "aiosqlite"}

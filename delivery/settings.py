@@ -50,6 +50,18 @@ class Settings(BaseSettings):
         description="If set, this key is created at start-up for project `default` (local use).",
     )
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
+    auth_cache_ttl_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="How long the API caches a resolved API key: a revoked key keeps "
+        "working for at most this long.",
+    )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="If set, the /admin/v1 key-management routes accept it as a Bearer "
+        "token; unset, those routes do not exist.",
+    )
     ops_token: SecretStr | None = Field(
         default=None,
         description="If set, /metrics, /docs, /redoc and /openapi.json require it; unset "
@@ -133,7 +145,7 @@ class Settings(BaseSettings):
     sms_auth_token: SecretStr | None = None
     sms_from: str = ""
 
-    @field_validator("ops_token", mode="before")
+    @field_validator("ops_token", "admin_token", mode="before")
     @classmethod
     def _ops_token_long_enough(cls, value: object) -> object:
         # Empty means unset, as for the secret key: an env file can blank a line out.

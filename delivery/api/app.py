@@ -55,7 +55,7 @@ def create_app(
     clock: Clock,
     waker: Wakeable | None = None,
     *,
-    auth_cache_ttl_s: float = 30.0,
+    auth_cache_ttl_s: float | None = None,
     purge_interval_s: float = 600.0,
 ) -> FastAPI:
     """
@@ -68,8 +68,9 @@ def create_app(
         clock: "now" for every write and computation.
         waker: nudged after writes that may make work due sooner (schedule
             create / patch, wakeup create, event accepted); a no-op by default.
-        auth_cache_ttl_s: how long a resolved API key is cached in memory
-            (a revoked key works at most this long).
+        auth_cache_ttl_s: how long a resolved API key is cached in memory (a
+            revoked key works at most this long); ``settings.auth_cache_ttl_s``
+            by default.
         purge_interval_s: how often the lifespan task deletes expired
             idempotency records (only while served with a lifespan, e.g. uvicorn).
 
@@ -121,7 +122,14 @@ def create_app(
         ttl=timedelta(seconds=settings.idempotency_ttl_s),
         secrets=secrets,
     )
-    app.add_middleware(AuthMiddleware, authenticator=Authenticator(store, ttl_s=auth_cache_ttl_s))
+    app.add_middleware(
+        AuthMiddleware,
+        authenticator=Authenticator(
+            store,
+            clock,
+            ttl_s=settings.auth_cache_ttl_s if auth_cache_ttl_s is None else auth_cache_ttl_s,
+        ),
+    )
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )

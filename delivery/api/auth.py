@@ -49,8 +49,11 @@ class Authenticator:
     that a revoked key keeps working for at most ``ttl_s``.
     """
 
-    def __init__(self, store: SqlStore, ttl_s: float = 30.0, max_entries: int = 10_000) -> None:
+    def __init__(
+        self, store: SqlStore, clock: Clock, ttl_s: float = 30.0, max_entries: int = 10_000
+    ) -> None:
         self._store = store
+        self._clock = clock
         self._ttl_s = ttl_s
         self._max_entries = max_entries
         self._cache: dict[str, tuple[str, float]] = {}
@@ -73,7 +76,7 @@ class Authenticator:
         hit = self._cache.get(digest)
         if hit is not None and hit[1] > now:
             return hit[0]
-        project = await self._store.keys.project_for_key(key)
+        project = await self._store.keys.project_for_key(key, self._clock.now())
         if project is None:
             raise UnauthorizedError("", "invalid or revoked API key")
         if len(self._cache) >= self._max_entries:

@@ -1,23 +1,32 @@
 """
-``delivery migrate`` and ``delivery keys create``: the store's operator commands.
+``delivery migrate`` and ``delivery keys``: the store's operator commands.
 
 ``migrate`` applies the Alembic migrations to the configured database
-(``DELIVERY_DATABASE_URL``, else SQLite in ``DELIVERY_DATA_DIR``); ``keys create``
-makes a project if needed and prints a new API key, the only time it is shown.
+(``DELIVERY_DATABASE_URL``, else SQLite in ``DELIVERY_DATA_DIR``). ``keys create``
+makes a project if needed and prints a new API key, the only time it is shown;
+``keys list`` shows keys by their first characters, ``keys revoke`` ends one and
+``keys rotate`` replaces one, optionally keeping the old one alive for a grace
+period. A running API caches a resolved key for ``DELIVERY_AUTH_CACHE_TTL_S``
+seconds (30 by default), so a revocation takes effect there within that time.
 """
 
 import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
 import typer
 
+from delivery.cadence import format_utc
 from delivery.clock import SystemClock
 from delivery.datadir import prepare_data_dir
 from delivery.logs import configure_logging
 from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.store.engine import create_engine, is_sqlite
+from delivery.store.keys import Keys
 from delivery.store.migrate import migrate
 from delivery.store.sql import SqlStore
 
@@ -75,6 +84,78 @@ def create_key(
     configure_logging(settings.log_level, json=settings.log_json)
     project_id, key = asyncio.run(_create_key(settings, name))
     typer.echo(f"project: {name} ({project_id})", err=True)
+    typer.echo(key)
+
+
+async def _with_keys[T](settings: Settings, action: Callable[[Keys], Awaitable[T]]) -> T:
+    url = prepare_database(settings)
+    await migrate(url, secrets=partial(SecretBox.for_migration, settings))
+    engine = create_engine(url)
+    try:
+        return await action(SqlStore(engine).keys)
+    finally:
+        await engine.dispose()
+
+
+def _run_keys[T](action: Callable[[Keys], Awaitable[T]]) -> T:
+    settings = Settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+    return asyncio.run(_with_keys(settings, action))
+
+
+@keys_app.command("list")
+def list_keys(
+    project: str | None = typer.Option(None, "--project", help="Only this project's keys."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """List keys by id and first characters, with when each was revoked."""
+    infos = _run_keys(lambda keys: keys.list_keys(project))
+    for info in infos:
+        if as_json:
+            typer.echo(json.dumps(info.as_json()))
+        else:
+            revoked = (
+                "active" if info.revoked_at is None else f"revoked {format_utc(info.revoked_at)}"
+            )
+            typer.echo(f"{info.id}  {info.prefix}…  {info.project_name}  {revoked}")
+
+
+@keys_app.command("revoke")
+def revoke_key(key_id: str = typer.Argument(..., help="The key's id (from `keys list`).")) -> None:
+    """Revoke a key now (a running API stops accepting it within its cache time)."""
+    now = SystemClock().now()
+    settings = Settings()
+    info = _run_keys(lambda keys: keys.revoke_key(key_id, now))
+    if info is None:
+        typer.echo(f"no key with id {key_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(
+        f"revoked {info.id} ({info.prefix}…, {info.project_name}); running APIs stop "
+        f"accepting it within {settings.auth_cache_ttl_s:g} s (DELIVERY_AUTH_CACHE_TTL_S)",
+        err=True,
+    )
+
+
+@keys_app.command("rotate")
+def rotate_key(
+    key_id: str = typer.Argument(..., help="The key to replace (from `keys list`)."),
+    grace_seconds: int = typer.Option(
+        0, "--grace-seconds", min=0, max=30 * 24 * 3600, help="Keep the old key working this long."
+    ),
+) -> None:
+    """Print a new key for the same project; the old one ends after the grace period."""
+    now = SystemClock().now()
+    grace = timedelta(seconds=grace_seconds)
+    rotated = _run_keys(lambda keys: keys.rotate_key(key_id, now, grace=grace))
+    if rotated is None:
+        typer.echo(f"no working key with id {key_id!r}", err=True)
+        raise typer.Exit(1)
+    info, key = rotated
+    typer.echo(
+        f"project: {info.project_name} ({info.project_id}); new key {info.id}; "
+        f"{key_id} ends at {format_utc(now + grace)}",
+        err=True,
+    )
     typer.echo(key)
 
 

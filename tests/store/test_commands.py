@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from delivery.clock import SystemClock
 from delivery.store.engine import create_engine
 from delivery.store.sql import SqlStore
 
@@ -13,7 +14,7 @@ from delivery.store.sql import SqlStore
 async def _project_for(url: str, key: str) -> str | None:
     engine = create_engine(url)
     try:
-        return await SqlStore(engine).keys.project_for_key(key)
+        return await SqlStore(engine).keys.project_for_key(key, SystemClock().now())
     finally:
         await engine.dispose()
 

@@ -54,11 +54,11 @@ async def test_projects_and_keys(engine: AsyncEngine) -> None:
     first = await store.keys.ensure_project("acme", NOW)
     assert (await store.keys.ensure_project("acme", NOW)).id == first.id
     key = await store.keys.create_api_key(first.id, NOW)
-    assert await store.keys.project_for_key(key) == first.id
-    assert await store.keys.project_for_key(key + "x") is None
+    assert await store.keys.project_for_key(key, NOW) == first.id
+    assert await store.keys.project_for_key(key + "x", NOW) is None
     assert await store.keys.create_api_key(first.id, NOW, key="fixed") == "fixed"
     assert await store.keys.create_api_key(first.id, NOW, key="fixed") == "fixed"  # no-op again
-    assert await store.keys.project_for_key("fixed") == first.id
+    assert await store.keys.project_for_key("fixed", NOW) == first.id
     async with store.read() as conn:
         stored = (await conn.execute(select(API_KEYS.c.key_hash))).scalars().all()
     assert key not in stored

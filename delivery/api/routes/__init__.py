@@ -3,6 +3,7 @@
 from fastapi import APIRouter
 
 from delivery.api.routes import (
+    admin,
     channels,
     contacts,
     events,
@@ -28,4 +29,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     contacts.router,
     channels.router,
     stream.router,
+    admin.router,
 )

@@ -196,6 +196,7 @@ async def _run_one(kind: str, args: argparse.Namespace) -> dict[str, float]:
         env = {
             **os.environ,
             "DELIVERY_DATABASE_URL": url,
+            "DELIVERY_SECRET_KEY": "bench-notifications-key",
             "DELIVERY_DATA_DIR": tmp.name,
             "DELIVERY_PORT": str(port),
             "DELIVERY_LOG_LEVEL": "WARNING",

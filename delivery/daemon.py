@@ -14,6 +14,7 @@ are redelivered.
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from enum import StrEnum
@@ -27,6 +28,7 @@ import uvicorn
 from nats.aio.client import Client as NatsClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery.bus.connect import ensure_reachable, server_urls
 from delivery.bus.stream import ensure_stream
 from delivery.bus.subjects import Subjects
 from delivery.clock import Clock, SystemClock
@@ -36,6 +38,12 @@ from delivery.loops import PeriodicLoop
 from delivery.outbox import OutboxRelay
 from delivery.scheduler import Scheduler
 from delivery.settings import Settings
+from delivery.startup import (
+    bind_port,
+    check_secret_key,
+    lock_data_dir,
+    require_secret_key,
+)
 from delivery.store.engine import Capabilities, create_engine, is_sqlite
 
 log = structlog.get_logger(__name__)
@@ -150,6 +158,7 @@ class Daemon:
         self._scheduler_job: PeriodicLoop | None = None
         self._relay_job: PeriodicLoop | None = None
         self.ready = asyncio.Event()
+        self._api_socket: socket.socket | None = None
 
     def request_stop(self) -> None:
         """Begin a clean shutdown (what SIGINT / SIGTERM do)."""
@@ -184,9 +193,19 @@ class Daemon:
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         settings = self.settings
         url = settings.resolved_database_url()
+        require_secret_key(settings, url)
         embedded_sqlite = is_sqlite(url) and not settings.database_url
         if embedded_sqlite or (not settings.nats_url and self.embedded_nats):
-            await asyncio.to_thread(prepare_data_dir, Path(settings.data_dir))
+            data_dir = Path(settings.data_dir)
+            await asyncio.to_thread(prepare_data_dir, data_dir)
+            # Before any side effect: a second instance on this folder stops here.
+            lock = lock_data_dir(data_dir)
+            stack.callback(lock.release)
+        if Part.API in self.parts:
+            # Taken now, handed to uvicorn later: a taken port fails before NATS
+            # starts or any claim is released, and nobody can take it in between.
+            self._api_socket = bind_port(settings.host, settings.port)
+            stack.callback(self._api_socket.close)
         await apply_migrations(url, settings)
 
         nats_url = settings.nats_url
@@ -203,11 +222,14 @@ class Daemon:
         engine = create_engine(url)
         _on_stop(stack, "engine", engine.dispose)
         single_writer = Capabilities.of(engine).single_writer
+        await check_secret_key(settings, engine, self.clock.now())
 
+        servers = server_urls(nats_url)
+        await ensure_reachable(servers)
         nc = await nats.connect(
             # A comma-separated list seeds the server pool; cluster peers are
             # discovered from the servers' INFO either way.
-            [u.strip() for u in nats_url.split(",") if u.strip()],
+            servers,
             name=f"delivery-{'-'.join(sorted(self.parts))}",
             max_reconnect_attempts=-1,
         )
@@ -352,7 +374,8 @@ class Daemon:
         await bootstrap_key(self.settings, store, self.clock)
         app = create_app(self.settings, store, self.clock, self)
         server = _Server(server_config(app, self.settings, lifespan="on"))
-        task = asyncio.create_task(server.serve(), name="api")
+        sockets = [self._api_socket] if self._api_socket is not None else None
+        task = asyncio.create_task(server.serve(sockets=sockets), name="api")
 
         async def stop_api() -> None:
             server.should_exit = True

@@ -69,6 +69,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "daemon and CLI",
         (
             "delivery.daemon",
+            "delivery.startup",
             "delivery.embedded",
             "delivery.commands",
             "delivery.cli",

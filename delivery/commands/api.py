@@ -5,7 +5,6 @@
 daemon's waker and clock to host the API in the same process.
 """
 
-import asyncio
 from functools import partial
 
 import structlog
@@ -21,6 +20,7 @@ from delivery.commands.store import prepare_database
 from delivery.logs import configure_logging
 from delivery.secrets import SecretBox
 from delivery.settings import Settings
+from delivery.startup import bind_port, check_secret_key, require_secret_key, run_main
 from delivery.store.engine import create_engine
 from delivery.store.migrate import migrate
 from delivery.store.sql import SqlStore
@@ -45,28 +45,36 @@ async def serve_api(
             by default one is built on the configured database and disposed here.
     """
     clock = clock or SystemClock()
-    url = prepare_database(settings)
-    await migrate(url, secrets=partial(SecretBox.for_migration, settings))
+    url = settings.resolved_database_url()
+    require_secret_key(settings, url)
+    # Taken before the migrations: a taken port fails before anything is written.
+    sock = bind_port(settings.host, settings.port)
     engine = None
-    if store is None:
-        engine = create_engine(url)
-        store = SqlStore(engine, subjects=Subjects(settings.subject_prefix))
     try:
+        url = prepare_database(settings)
+        await migrate(url, secrets=partial(SecretBox.for_migration, settings))
+        if store is None:
+            engine = create_engine(url)
+            store = SqlStore(engine, subjects=Subjects(settings.subject_prefix))
+        await check_secret_key(settings, store.engine, clock.now())
         await bootstrap_key(settings, store, clock)
         app = create_app(settings, store, clock, waker)
         config = server_config(app, settings)
         _log.info("serving the API", host=settings.host, port=settings.port, docs="/docs")
-        await uvicorn.Server(config).serve()
+        await uvicorn.Server(config).serve(sockets=[sock])
     finally:
+        sock.close()
         if engine is not None:
             await engine.dispose()
 
 
-def web() -> None:
+def web(
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback of a start-up failure."),
+) -> None:
     """Serve the REST API (OpenAPI at /docs); applies migrations first."""
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
-    asyncio.run(serve_api(settings))
+    run_main(lambda: serve_api(settings), debug=debug)
 
 
 def register(app: typer.Typer) -> None:

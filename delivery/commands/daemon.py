@@ -13,6 +13,7 @@ import typer
 from delivery.daemon import ALL_PARTS, Daemon, Part
 from delivery.logs import configure_logging
 from delivery.settings import Settings
+from delivery.startup import run_main
 
 
 async def _serve(settings: Settings, parts: frozenset[Part], *, embedded_nats: bool) -> None:
@@ -40,30 +41,33 @@ def _banner(settings: Settings, daemon: Daemon) -> None:
     typer.echo("\n".join(lines), err=True)
 
 
-def _launch(parts: frozenset[Part], *, embedded_nats: bool) -> None:
+DEBUG = typer.Option(False, "--debug", help="Show the traceback of a start-up failure.")
+
+
+def _launch(parts: frozenset[Part], *, embedded_nats: bool, debug: bool) -> None:
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
-    asyncio.run(_serve(settings, parts, embedded_nats=embedded_nats))
+    run_main(lambda: _serve(settings, parts, embedded_nats=embedded_nats), debug=debug)
 
 
-def run() -> None:
+def run(debug: bool = DEBUG) -> None:
     """API, scheduler, dispatcher and handlers in one process (the embedded default)."""
-    _launch(ALL_PARTS, embedded_nats=True)
+    _launch(ALL_PARTS, embedded_nats=True, debug=debug)
 
 
-def scheduler() -> None:
+def scheduler(debug: bool = DEBUG) -> None:
     """Claim due schedules and wakeups, write fires + outbox, relay the outbox to NATS."""
-    _launch(frozenset({Part.SCHEDULER}), embedded_nats=False)
+    _launch(frozenset({Part.SCHEDULER}), embedded_nats=False, debug=debug)
 
 
-def dispatcher() -> None:
+def dispatcher(debug: bool = DEBUG) -> None:
     """Consume fire / wakeup / event messages and create exactly one notification each."""
-    _launch(frozenset({Part.DISPATCHER}), embedded_nats=False)
+    _launch(frozenset({Part.DISPATCHER}), embedded_nats=False, debug=debug)
 
 
-def handlers() -> None:
+def handlers(debug: bool = DEBUG) -> None:
     """Fan notifications out to webhooks, push, email and SMS."""
-    _launch(frozenset({Part.HANDLERS}), embedded_nats=False)
+    _launch(frozenset({Part.HANDLERS}), embedded_nats=False, debug=debug)
 
 
 def register(app: typer.Typer) -> None:

@@ -25,6 +25,7 @@ from delivery.datadir import prepare_data_dir
 from delivery.logs import configure_logging
 from delivery.secrets import SecretBox
 from delivery.settings import Settings
+from delivery.startup import run_main
 from delivery.store.engine import create_engine, is_sqlite
 from delivery.store.keys import Keys
 from delivery.store.migrate import migrate
@@ -49,12 +50,18 @@ def prepare_database(settings: Settings) -> str:
     return url
 
 
-def _migrate_command() -> None:
+def _migrate_command(
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback of a failure."),
+) -> None:
     """Apply every pending migration to the configured database."""
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
-    url = prepare_database(settings)
-    asyncio.run(migrate(url, secrets=partial(SecretBox.for_migration, settings)))
+
+    async def apply() -> None:
+        url = prepare_database(settings)
+        await migrate(url, secrets=partial(SecretBox.for_migration, settings))
+
+    run_main(apply, debug=debug)
     typer.echo("database is up to date")
 
 

@@ -7,6 +7,7 @@ this engine creates is readable by its owner only (see :func:`create_engine`).
 """
 
 import asyncio
+import socket
 import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -94,6 +95,40 @@ class Capabilities:
         return pg_insert(table) if self.dialect == "postgresql" else sqlite_insert(table)
 
 
+class UnsupportedDatabaseError(ValueError):
+    """A database URL of a kind this service does not run on."""
+
+
+def describe_database_error(exc: BaseException) -> str | None:
+    """
+    One line for a database failure met at start-up (unreachable, refused login,
+    missing database, unusable URL or file), or ``None`` if ``exc`` is not one.
+
+    Drivers' exceptions are told apart by module and name rather than imported, so
+    a deployment without a driver installed does not fail here.
+    """
+    kind = type(exc)
+    name, module = kind.__name__, kind.__module__
+    if isinstance(exc, UnsupportedDatabaseError):
+        return f"{exc}; DELIVERY_DATABASE_URL must be sqlite+aiosqlite:// or postgresql+asyncpg://"
+    if module.startswith("sqlalchemy") and name in {"ArgumentError", "NoSuchModuleError"}:
+        return f"DELIVERY_DATABASE_URL is not a usable database URL ({exc})"
+    if module.startswith("asyncpg"):
+        if name == "InvalidCatalogNameError":
+            return f"the PostgreSQL database does not exist ({exc}); create it first"
+        if name in {"InvalidPasswordError", "InvalidAuthorizationSpecificationError"}:
+            return f"PostgreSQL refused the login ({exc}); check DELIVERY_DATABASE_URL"
+    if module == "sqlite3" and name == "OperationalError" and "unable to open" in str(exc):
+        return f"cannot open the SQLite database ({exc}); check the folder exists and is writable"
+    if isinstance(exc, ConnectionRefusedError | ConnectionResetError) or (
+        isinstance(exc, OSError) and "Connect call failed" in str(exc)
+    ):
+        return f"cannot reach the database ({exc}); check DELIVERY_DATABASE_URL and that it runs"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the database host ({exc}); check DELIVERY_DATABASE_URL"
+    return None
+
+
 def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
     """
     Build the async engine for ``url`` (``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``).
@@ -104,7 +139,7 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
     mode of their database file, so they are private too (``delivery.datadir``).
 
     Raises:
-        ValueError: for a URL of another database.
+        UnsupportedDatabaseError: for a URL of another database.
     """
     if is_sqlite(url):
         engine = create_async_engine(
@@ -121,7 +156,7 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         return create_async_engine(
             url, echo=echo, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
         )
-    raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]!r}")
+    raise UnsupportedDatabaseError(f"unsupported database URL scheme: {url.split(':', 1)[0]!r}")
 
 
 _WRITERS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]]" = (

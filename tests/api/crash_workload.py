@@ -136,6 +136,7 @@ def server_env(database_url: str, data_dir: Path, port: int) -> dict[str, str]:
     )
     env["DELIVERY_DATABASE_URL"] = database_url
     if not database_url.startswith("sqlite"):
+        env["DELIVERY_SECRET_KEY"] = "crash-test-key"
         env["DELIVERY_NATS_URL"] = os.environ.get("DELIVERY_NATS_URL", "nats://127.0.0.1:4222")
     return env
 

@@ -93,6 +93,7 @@ async def test_three_scheduler_processes_never_duplicate_a_fire(
         await add_schedules(engine, due_daily_rows(total, now, now - timedelta(days=1)))
         env = _env(
             DELIVERY_DATABASE_URL=database_url,
+            DELIVERY_SECRET_KEY="replicas-test-key",
             DELIVERY_NATS_URL=nats_url,
             DELIVERY_SUBJECT_PREFIX=subject_prefix,
             DELIVERY_CLAIM_BATCH="50",

@@ -21,6 +21,7 @@ from delivery.store.tables.core import (
     AdvanceTimeJobRow,
     ApiKeyRow,
     ClockOffsetRow,
+    DeploymentFactRow,
     FireRow,
     IdempotencyRow,
     InventoryItemRow,
@@ -51,6 +52,7 @@ INVENTORY: Table = InventoryItemRow.__table__  # type: ignore[attr-defined]
 NOTIFICATIONS: Table = NotificationRow.__table__  # type: ignore[attr-defined]
 IDEMPOTENCY: Table = IdempotencyRow.__table__  # type: ignore[attr-defined]
 OFFSETS: Table = ClockOffsetRow.__table__  # type: ignore[attr-defined]
+FACTS: Table = DeploymentFactRow.__table__  # type: ignore[attr-defined]
 OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
 JOBS: Table = AdvanceTimeJobRow.__table__  # type: ignore[attr-defined]
 ENDPOINTS: Table = WebhookEndpointRow.__table__  # type: ignore[attr-defined]
@@ -65,6 +67,7 @@ __all__ = [
     "DELIVERIES",
     "ENDPOINTS",
     "EVENTS",
+    "FACTS",
     "FIRES",
     "IDEMPOTENCY",
     "INVENTORY",
@@ -80,6 +83,7 @@ __all__ = [
     "AdvanceTimeJobRow",
     "ApiKeyRow",
     "ClockOffsetRow",
+    "DeploymentFactRow",
     "FireRow",
     "IdempotencyRow",
     "InventoryItemRow",

@@ -255,6 +255,16 @@ class ClockOffsetRow(SQLModel, table=True):
     updated_at: datetime = Field(sa_type=UTCDateTime)
 
 
+class DeploymentFactRow(SQLModel, table=True):
+    """A named value the parts of one deployment share (see ``delivery.store.facts``)."""
+
+    __tablename__ = "deployment_facts"
+
+    name: str = Field(primary_key=True, max_length=64)
+    value: str = Field(sa_type=Text)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+
+
 class OutboxRow(SQLModel, table=True):
     """
     A NATS message committed with the state change that caused it.

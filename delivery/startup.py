@@ -1,0 +1,200 @@
+"""
+Safe starts: one process per data folder, the API port taken before anything else
+starts, and start-up failures told in one line.
+
+``delivery run`` keeps its database, its ``nats-server`` store and its key in one
+data folder; two instances on one folder would run two schedulers on one SQLite
+file and two ``nats-server`` on one JetStream store. :func:`lock_data_dir` takes an
+exclusive ``flock`` on ``<data dir>/delivery.lock`` (released by the kernel when the
+process dies, even by SIGKILL, so a stale lock cannot block a restart) and names
+the holder's pid when it is taken.
+
+:func:`bind_port` binds the API's socket before any side effect (no NATS child
+started, no claims released), and hands that socket to uvicorn, so no other
+process can take the port in between.
+
+:func:`explain` turns what start-up commonly meets (an unreachable database or
+NATS, a bad URL, an unwritable folder, a taken port) into one line for the
+operator; the commands print it and exit 1, with the traceback only under
+``--debug``.
+
+:func:`require_secret_key` and :func:`check_secret_key` make every part of a
+deployment use one ``DELIVERY_SECRET_KEY``, checked at start.
+"""
+
+import asyncio
+import errno
+import fcntl
+import os
+import socket
+import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+from delivery.bus.connect import describe_nats_error
+from delivery.secrets import SecretBox, SecretDecryptError
+from delivery.settings import Settings
+from delivery.store.engine import Engine, describe_database_error, is_sqlite
+from delivery.store.facts import SECRET_KEY_CHECK, FactStore
+
+LOCK_FILE: Final = "delivery.lock"
+"""Inside the data folder: held while a process runs on that folder."""
+
+
+class StartupError(Exception):
+    """A start-up failure whose message is the one line an operator needs."""
+
+
+@dataclass
+class DataDirLock:
+    """An exclusive lock on a data folder, held while the file stays open."""
+
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        """Unlock and close (the kernel also does it when the process ends)."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self.fd)
+
+
+def lock_data_dir(data_dir: Path) -> DataDirLock:
+    """
+    Take the data folder for this process, or fail naming who holds it.
+
+    Raises:
+        StartupError: another process holds it, or the folder cannot be written.
+    """
+    path = data_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot write the data folder {data_dir}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StartupError(
+            f"another delivery process (pid {holder}) is running on the data folder "
+            f"{data_dir}; stop it first, or give this one its own DELIVERY_DATA_DIR"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return DataDirLock(path, fd)
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """
+    A listening-ready TCP socket bound to ``host:port`` (``port`` 0: any free port).
+
+    Raises:
+        StartupError: the port is taken, or the address is not this machine's.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # As uvicorn binds: a restart may reuse the port while old connections linger.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError(
+                f"port {port} on {host} is taken by another process; stop it or set DELIVERY_PORT"
+            ) from exc
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+_DESCRIBERS: tuple[Callable[[BaseException], str | None], ...] = (
+    describe_database_error,
+    describe_nats_error,
+)
+
+
+def explain(exc: BaseException) -> str | None:
+    """
+    The one line an operator needs for a start-up failure, or ``None`` for one
+    that is not a known start-up condition (a bug: its traceback is shown).
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StartupError):
+            return str(current)
+        for describe in _DESCRIBERS:
+            line = describe(current)
+            if line is not None:
+                return line
+        if isinstance(current, PermissionError):
+            return f"permission denied: {current.filename or current}"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+KEY_CHECK_TEXT: Final = "delivery secret key check"
+
+
+def require_secret_key(settings: Settings, database_url: str) -> None:
+    """
+    Refuse to start on a shared database without ``DELIVERY_SECRET_KEY``.
+
+    Each process would otherwise make its own key file, and the handlers could not
+    open what the API sealed. The embedded SQLite default keeps its generated key
+    beside its database, shared by its one process.
+
+    Raises:
+        StartupError: not SQLite and no key set.
+    """
+    if is_sqlite(database_url):
+        return
+    if settings.secret_key is None or not settings.secret_key.get_secret_value():
+        raise StartupError(
+            "DELIVERY_SECRET_KEY is required with a PostgreSQL database: every part "
+            "(web, scheduler, dispatcher, handlers) must seal and open secrets with the "
+            "same key; generate one with `openssl rand -base64 32`"
+        )
+
+
+async def check_secret_key(settings: Settings, engine: Engine, now: datetime) -> None:
+    """
+    Check this process's key against the deployment's: the first part to start
+    seals a value with its key; every part must open it.
+
+    Raises:
+        StartupError: this key does not open the value another part sealed.
+    """
+    box = await asyncio.to_thread(SecretBox.from_settings, settings)
+    stored = await FactStore(engine).claim(SECRET_KEY_CHECK, box.seal(KEY_CHECK_TEXT), now)
+    try:
+        box.open(stored)
+    except SecretDecryptError:
+        raise StartupError(
+            "this process's DELIVERY_SECRET_KEY differs from the key the deployment's "
+            "other parts use (it cannot open the check value they sealed); give every "
+            "part the same key"
+        ) from None
+
+
+def run_main(main: Callable[[], Coroutine[Any, Any, None]], *, debug: bool) -> None:
+    """
+    ``asyncio.run(main())`` for a command: a known failure is one line on stderr and
+    exit status 1; anything else (a bug), or any failure with ``debug``, keeps its
+    traceback.
+    """
+    try:
+        asyncio.run(main())
+    except Exception as exc:
+        line = explain(exc)
+        if line is None or debug:
+            raise
+        print(f"delivery: {line}", file=sys.stderr)  # noqa: T201 - the operator's one line
+        raise SystemExit(1) from None

@@ -301,7 +301,7 @@ async def ours(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             env = daemon_env(
                 **lookahead,
                 DELIVERY_DATABASE_URL=url,
-                DELIVERY_SECRET_KEY="bench-burst-key",
+                DELIVERY_SECRET_KEY="bench-burst-key",  # noqa: S106 - a throwaway bench key
                 DELIVERY_NATS_URL=nats_url,
                 DELIVERY_SUBJECT_PREFIX=f"bench{uuid.uuid4().hex[:8]}",
             )

@@ -24,6 +24,7 @@ from delivery.api.errors import install_error_handlers
 from delivery.api.idempotency import IdempotencyMiddleware
 from delivery.api.limits import BodyLimitMiddleware
 from delivery.api.metrics import HttpMetrics, RequestContextMiddleware
+from delivery.api.openapi import install_openapi
 from delivery.api.routes import ROUTERS
 from delivery.clock import Clock
 from delivery.dispatcher.composers import SharedComposer
@@ -114,6 +115,7 @@ def create_app(
     for router in ROUTERS:
         app.include_router(router)
     install_error_handlers(app, ROUTERS)
+    install_openapi(app)
     # add_middleware wraps: the last one added is the outermost.
     app.add_middleware(
         IdempotencyMiddleware,

@@ -1,0 +1,196 @@
+"""
+The OpenAPI document as the API really behaves.
+
+FastAPI's generated document promises a 422 with its own validation shape on every
+route and says nothing of authentication. This service answers bad input with 400
+and the one error body every failure uses (``{code, message, errors}``, see
+:mod:`delivery.errors`), needs a bearer key on ``/api/`` and the admin token on
+``/admin/``, and may answer 401, 404, 409 or 503 as below. :func:`install_openapi`
+rewrites the generated document once, on first request, to say exactly that, and
+gives every request body an example (:data:`EXAMPLES`, checked against its model by
+the tests).
+"""
+
+import re
+from typing import Any, Final
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+ERROR_SCHEMA: Final[dict[str, Any]] = {
+    "title": "Error",
+    "type": "object",
+    "required": ["code", "message", "errors"],
+    "properties": {
+        "code": {
+            "type": "string",
+            "description": "Stable machine code, e.g. INVALID_TIMEZONE, NOT_FOUND.",
+        },
+        "message": {"type": "string", "description": "A sentence naming the offending field."},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["field", "message", "code"],
+                "properties": {
+                    "field": {
+                        "type": "string",
+                        "description": "Dotted path, e.g. cadence.timezone",
+                    },
+                    "message": {"type": "string"},
+                    "code": {"type": "string"},
+                },
+            },
+        },
+        "resource": {"type": "string", "description": "On 404: the kind of thing not found."},
+    },
+}
+
+_ERROR_REF: Final = {"$ref": "#/components/schemas/Error"}
+_WRITES: Final = {"post", "put", "patch", "delete"}
+_PATH_PARAM = re.compile(r"\{[^}]+\}")
+
+SECURITY_SCHEMES: Final[dict[str, Any]] = {
+    "apiKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A project's API key (`delivery keys create`); it alone names the project.",
+    },
+    "adminToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The deployment's DELIVERY_ADMIN_TOKEN; the admin routes exist only "
+        "when it is set.",
+    },
+}
+
+_RESPONSES: Final[dict[str, str]] = {
+    "400": "Bad input: a stable code and a message naming the field; nothing was written.",
+    "401": "Missing, unknown or revoked credentials.",
+    "404": "No such resource in this project (another project's ids are unknown too).",
+    "409": "A conflict: the Idempotency-Key was used with another body, or the resource "
+    "is in a state that forbids the change.",
+    "503": "The service cannot take the request now (connection limit); retry later.",
+}
+
+_SCHEDULE: Final = {
+    "cadence": {
+        "simple": {"frequency": "weekly", "days_of_week": ["mon", "thu"], "times": ["08:30"]},
+        "timezone": "Europe/London",
+    },
+    "intent": "remind the user to take their medication",
+    "check_type": "reminder",
+    "active_window": {"hours": {"start": "07:00", "end": "21:00"}},
+}
+
+EXAMPLES: Final[dict[str, dict[str, Any]]] = {
+    "ScheduleCreate": _SCHEDULE,
+    "SchedulePatch": {"intent": "check in on how the user slept", "enabled": True},
+    "WakeupCreate": {
+        "user_id": "user_123",
+        "check_type": "follow_up",
+        "intent": "ask how the job interview went",
+        "delay_hours": 24,
+    },
+    "EventCreate": {
+        "user_id": "user_123",
+        "event_type": "order_shipped",
+        "event_description": "The user's order #1042 has shipped",
+        "metadata": {"order_id": "1042"},
+    },
+    "InventoryCreate": {
+        "item_type": "medication",
+        "label": "Ibuprofen",
+        "properties": {"dosage": "500mg"},
+    },
+    "InventoryWrite": {
+        "action": "add",
+        "item_type": "plant",
+        "label": "Monstera",
+        "properties": {"water_every_days": 7},
+    },
+    "InventoryDirectUpdate": {"properties": {"dosage": "250mg"}},
+    "AcknowledgeBody": {"notification_ids": ["ntf_3f9a0c2b7d1e4a5b6c7d8e9f"]},
+    "AdvanceTimeBody": {"agent_id": "agent_abc", "user_id": "user_123", "simulated_hours": 48},
+    "WebhookRegister": {"webhook_url": "https://example.com/hooks/delivery"},
+    "ContactBody": {"kind": "email", "destination": "user@example.com"},
+    "ContactPatch": {"opted_out": True},
+    "PreferencesBody": {"preferences": {"reminder": ["fcm", "email"], "*": ["fcm"]}},
+    "ChannelDeliverBody": {"event_type": "on_wakeup_ready", "payload": {"text": "hello"}},
+    "ChannelWriteBody": {
+        "name": "ops alerts",
+        "type": "webhook",
+        "config": {"url": "https://example.com/hooks/channel"},
+        "events": ["on_wakeup_ready"],
+    },
+    "KeyCreate": {"project": "demo"},
+    "KeyRotate": {"grace_seconds": 3600},
+}
+"""An example request body per request model, by the model's schema name."""
+
+
+def _body_schema_name(operation: dict[str, Any], schemas: dict[str, Any]) -> str | None:
+    content = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
+    schema = content.get("schema", {})
+    refs = [schema, *schema.get("anyOf", [])]
+    for ref in refs:
+        name = str(ref.get("$ref", "")).rsplit("/", 1)[-1]
+        if name in schemas:
+            return name
+    return None
+
+
+def truthful_openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated document, rewritten to the API's real errors, security and examples."""
+    spec = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+    )
+    components = spec.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    schemas["Error"] = ERROR_SCHEMA
+    components["securitySchemes"] = SECURITY_SCHEMES
+    for path, operations in spec.get("paths", {}).items():
+        tenant, admin = path.startswith("/api/"), path.startswith("/admin/")
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            wanted = []
+            if operation.get("parameters") or "requestBody" in operation:
+                wanted.append("400")
+            if tenant or admin:
+                wanted += ["401", "503"]
+                operation["security"] = [{"adminToken" if admin else "apiKey": []}]
+            if _PATH_PARAM.search(path) or admin:
+                wanted.append("404")
+            if tenant and method in _WRITES:
+                wanted.append("409")
+            for status in sorted(wanted):
+                responses.setdefault(
+                    status,
+                    {
+                        "description": _RESPONSES[status],
+                        "content": {"application/json": {"schema": _ERROR_REF}},
+                    },
+                )
+            name = _body_schema_name(operation, schemas)
+            if name in EXAMPLES:
+                content = operation["requestBody"]["content"]["application/json"]
+                content["example"] = EXAMPLES[name]
+    return spec
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Serve :func:`truthful_openapi` at ``/openapi.json``, built once."""
+    cache: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        if not cache:
+            cache.update(truthful_openapi(app))
+        return cache
+
+    app.openapi = openapi  # type: ignore[method-assign]

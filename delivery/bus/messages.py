@@ -49,3 +49,35 @@ class NotificationCreated(_Payload):
     agent_id: str
     user_id: str
     event_type: str
+
+
+class NotificationEvent(BaseModel):
+    """
+    The body a webhook receiver (and a project channel) gets for a notification,
+    signed as sent. The dispatcher stores it with the notification, so every
+    attempt sends the same bytes.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_id: str
+    event_type: Literal["on_recurring_event_due", "on_wakeup_ready", "on_trigger_event"]
+    created_at: str
+    """RFC 3339 UTC (``Z``): when the notification was made."""
+    project_id: str
+    agent_id: str
+    user_id: str
+    message_id: str
+    """The notification's id; consuming it by poll or by a 2xx here is the same act."""
+    source_type: Literal["schedule", "wakeup", "event"]
+    check_type: str
+    intent: str
+    generated_message: str
+    fire_at: str
+    """RFC 3339 UTC: the instant the source became due."""
+    fire_at_local: str
+    """The same instant in the user's zone, with its offset."""
+    metadata: dict[str, object]
+    schedule_id: str | None = None
+    wakeup_id: str | None = None
+    trigger_event_id: str | None = None

@@ -25,11 +25,10 @@ from typing import Protocol
 import nats
 import structlog
 import uvicorn
-from nats.aio.client import Client as NatsClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.bus.connect import ensure_reachable, server_urls
-from delivery.bus.stream import ensure_stream
+from delivery.bus.stream import ensure_stream, stream_replicas
 from delivery.bus.subjects import Subjects
 from delivery.clock import Clock, SystemClock
 from delivery.datadir import NATS_DIR, prepare_data_dir
@@ -117,12 +116,6 @@ async def apply_migrations(url: str, settings: Settings) -> None:
     from delivery.store.migrate import migrate
 
     await migrate(url, secrets=partial(SecretBox.for_migration, settings))
-
-
-def _stream_replicas(nc: NatsClient) -> int:
-    # A clustered server advertises its peers (connect_urls), which nats-py adds
-    # to its server pool: 3 replicas on a 3-node cluster, 1 on a single server.
-    return max(1, min(3, len(nc.servers)))
 
 
 class Daemon:
@@ -235,7 +228,7 @@ class Daemon:
         )
         _on_stop(stack, "nats", nc.drain)
         js = nc.jetstream(publish_async_max_pending=4000)
-        await ensure_stream(js, self.subjects, replicas=_stream_replicas(nc))
+        await ensure_stream(js, self.subjects, replicas=stream_replicas(nc))
 
         if Part.SCHEDULER in self.parts or Part.DISPATCHER in self.parts:
             # The relay publishes every outbox row: fires and wakeups (scheduler),

@@ -19,8 +19,9 @@ from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
+from delivery.bus.connect import server_urls
 from delivery.bus.consumers import subscribe_batches
-from delivery.bus.stream import ensure_stream
+from delivery.bus.stream import ensure_stream, stream_replicas
 from delivery.bus.subjects import Subjects
 from delivery.clock import Clock
 from delivery.loops import PeriodicLoop
@@ -101,7 +102,7 @@ class QueueWorker:
         await self.before_start()
         if self.nats_url is not None:
             broker = NatsBroker(
-                self.nats_url,
+                server_urls(self.nats_url),
                 graceful_timeout=self.graceful_timeout_s,
                 # Every line we log goes through structlog with ids bound.
                 logger=None,
@@ -119,7 +120,10 @@ class QueueWorker:
             )
             self._broker = broker
             await broker.connect()
-            await ensure_stream(broker.config.connection_state.stream, self.subjects)
+            state = broker.config.connection_state
+            await ensure_stream(
+                state.stream, self.subjects, replicas=stream_replicas(state.connection)
+            )
             await broker.start()
         self._loop.start()
         self._log.info(f"{self.name}.worker_started", consumer=self.nats_url is not None)

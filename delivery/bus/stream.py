@@ -4,6 +4,7 @@ publishes or consumes, with the duplicate window that makes republishing safe.
 """
 
 import structlog
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from nats.js.errors import NotFoundError
@@ -15,6 +16,17 @@ log = structlog.get_logger(__name__)
 MSG_ID_HEADER = "Nats-Msg-Id"
 STREAM_MAX_AGE_S = 7 * 24 * 3600
 """Messages are kept a week: long enough to replay a consumer after an outage."""
+
+
+def stream_replicas(nc: Client) -> int:
+    """
+    The stream's replicas for the servers ``nc`` knows: 3 on a cluster of three or
+    more, else as many as there are. A clustered server advertises its peers
+    (``connect_urls``), which nats-py adds to its pool, so one seed URL is enough.
+    Every process computes it the same way, so whichever creates the stream first
+    gives it the same replication.
+    """
+    return max(1, min(3, len(nc.servers)))
 
 
 async def ensure_stream(

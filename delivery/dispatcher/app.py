@@ -34,9 +34,10 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery.bus.connect import server_urls
 from delivery.bus.consumers import settle_batch, subscribe_batches
 from delivery.bus.messages import EventAccepted, FireCreated, WakeupDue
-from delivery.bus.stream import ensure_stream
+from delivery.bus.stream import ensure_stream, stream_replicas
 from delivery.bus.subjects import Subjects
 from delivery.clock import Clock
 from delivery.dispatcher.composers import Composer, build_composer
@@ -171,7 +172,7 @@ class Dispatcher:
 
     def _build_broker(self) -> NatsBroker:
         # logger=None: every line we log goes through structlog with ids bound.
-        broker = NatsBroker(self.nats_url, graceful_timeout=30.0, logger=None)
+        broker = NatsBroker(server_urls(self.nats_url), graceful_timeout=30.0, logger=None)
         for kind in SourceKind:
             self._subscribe(broker, kind)
         return broker
@@ -231,7 +232,8 @@ class Dispatcher:
     async def start(self) -> None:
         """Connect, make sure the stream exists, start the three durable consumers."""
         await self.broker.connect()
-        await ensure_stream(self.broker.config.connection_state.stream, self.subjects)
+        state = self.broker.config.connection_state
+        await ensure_stream(state.stream, self.subjects, replicas=stream_replicas(state.connection))
         await self.broker.start()
         self._started = True
         log.info("dispatcher.started", stream=self.subjects.stream, batch_size=self.batch_size)
@@ -266,10 +268,10 @@ class Dispatcher:
         consumer has come back empty after ``idle_s``.
         """
         total = BatchResult()
-        nc = await nats.connect(self.nats_url)
+        nc = await nats.connect(server_urls(self.nats_url))
         try:
             js = nc.jetstream()
-            await ensure_stream(js, self.subjects)
+            await ensure_stream(js, self.subjects, replicas=stream_replicas(nc))
             for kind in SourceKind:
                 sub = await js.pull_subscribe(
                     _subject(self.subjects, kind),

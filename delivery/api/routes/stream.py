@@ -41,6 +41,7 @@ from starlette.types import Receive, Scope, Send
 from delivery.api.auth import ProjectId
 from delivery.api.context import AgentId, ApiContext, Ctx, UserId
 from delivery.api.routes.notifications import queue_entry
+from delivery.bus.connect import server_urls
 from delivery.bus.messages import NotificationCreated
 from delivery.bus.subjects import Subjects
 from delivery.errors import DeliveryError
@@ -188,7 +189,10 @@ class StreamHub:
     async def _connect(self) -> None:
         try:
             nc = await nats.connect(
-                self.nats_url, name="delivery-sse", connect_timeout=5, max_reconnect_attempts=-1
+                server_urls(self.nats_url),
+                name="delivery-sse",
+                connect_timeout=5,
+                max_reconnect_attempts=-1,
             )
         except Exception as exc:
             # Connection errors from nats-py vary (OSError, its own NoServersError).

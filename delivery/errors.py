@@ -94,6 +94,12 @@ class CadenceTooDenseError(BadRequestError):
     code = "CADENCE_TOO_DENSE"
 
 
+class ScheduledAtInPastError(BadRequestError):
+    """An instant so far in the past that firing it now would be a surprise."""
+
+    code = "SCHEDULED_AT_IN_PAST"
+
+
 class InvalidIdError(BadRequestError):
     code = "INVALID_ID"
 

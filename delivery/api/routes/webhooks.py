@@ -199,7 +199,8 @@ async def _delete(ctx: ApiContext, project: str, event_type: str) -> Response:
         project, event_type, now=ctx.clock.now(), reason="webhook deleted"
     )
     if not found:
-        raise _not_registered(event_type)
+        # Idempotent: nothing registered is 204, which the SDK reads as success.
+        return Response(status_code=204)
     _log.info("webhook.deleted", project_id=project, event_type=event_type)
     return JSONResponse({"success": True})
 
@@ -256,9 +257,15 @@ async def register_webhook(
     return await _register(request, ctx, project, event_type, body)
 
 
-@router.delete(TENANT + "/{event_type}", responses={200: {"model": Success}})
+@router.delete(
+    TENANT + "/{event_type}",
+    responses={200: {"model": Success}, 204: {"description": "No webhook registered"}},
+)
 async def delete_webhook(event_type: EventType, project: ProjectId, ctx: Ctx) -> Response:
-    """Remove the webhook; pending deliveries end, past attempts stay listed. 404 if none."""
+    """
+    Remove the webhook; pending deliveries end, past attempts stay listed.
+    Idempotent: 204 when none is registered.
+    """
     return await _delete(ctx, project, event_type)
 
 
@@ -303,7 +310,10 @@ async def register_project_webhook(
     return await _register(request, ctx, project, event_type, body)
 
 
-@router.delete(PROJECT + "/{event_type}", responses={200: {"model": Success}})
+@router.delete(
+    PROJECT + "/{event_type}",
+    responses={200: {"model": Success}, 204: {"description": "No webhook registered"}},
+)
 async def delete_project_webhook(event_type: EventType, project: PathProject, ctx: Ctx) -> Response:
     """As the tenant-scoped delete, for ``project_id``."""
     return await _delete(ctx, project, event_type)

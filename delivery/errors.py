@@ -100,6 +100,12 @@ class ScheduledAtInPastError(BadRequestError):
     code = "SCHEDULED_AT_IN_PAST"
 
 
+class UnsupportedEventTypeError(BadRequestError):
+    """An event type this service never produces: registering it would be silent."""
+
+    code = "UNSUPPORTED_EVENT_TYPE"
+
+
 class InvalidIdError(BadRequestError):
     code = "INVALID_ID"
 

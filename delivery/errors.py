@@ -94,6 +94,18 @@ class CadenceTooDenseError(BadRequestError):
     code = "CADENCE_TOO_DENSE"
 
 
+class ScheduledAtInPastError(BadRequestError):
+    """An instant so far in the past that firing it now would be a surprise."""
+
+    code = "SCHEDULED_AT_IN_PAST"
+
+
+class UnsupportedEventTypeError(BadRequestError):
+    """An event type this service never produces: registering it would be silent."""
+
+    code = "UNSUPPORTED_EVENT_TYPE"
+
+
 class InvalidIdError(BadRequestError):
     code = "INVALID_ID"
 

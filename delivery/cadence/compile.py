@@ -245,8 +245,8 @@ def compile_schedule(
       more than 96 raw ticks per 24 hours is ``CADENCE_TOO_DENSE``, counted on
       the wall-clock grid (ticks per allowed local day), so a 23- or 25-hour
       DST day does not change the verdict: ``*/15 * * * *`` (96) passes.
-    * A window that filters out every tick is allowed (the Sonzai docs:
-      "silently skipped"); such a schedule simply has no next fire.
+    * A window that filters out every tick compiles (the engine has no next
+      fire for it); the API refuses such a schedule, naming ``active_window``.
     * JSON ``null`` for an optional key means "absent" (``"cron": null`` next
       to ``simple`` is fine); a repeated day in the window's ``days_of_week``
       is harmless and dropped, unlike one in a weekly cadence.

@@ -2,7 +2,7 @@
 Parser for standard 5-field cron expressions with Vixie cron semantics.
 
 Pure: no clock, no I/O. croniter is not used: it accepts non-standard syntax
-(``L``, ``W``, ``#``, ``?``, seconds fields, ``5/15``) that we must refuse.
+(``L``, ``W``, ``#``, ``?``, seconds fields) that we must refuse.
 """
 
 import re
@@ -17,8 +17,9 @@ _MAX_LENGTH = 256
 # Longest day of each month; February counts 29 because leap years exist.
 _MONTH_DAYS = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
-# One list item: "*", "*/step", "a", "a-b", "a-b/step" where a and b are numbers
-# or (month, day-of-week) names. A bare "a/step" is not Vixie syntax.
+# One list item: "*", "*/step", "a", "a/step", "a-b", "a-b/step" where a and b are
+# numbers or (month, day-of-week) names. "a/step" runs from a to the field's end, as
+# in cronie, croniter and Quartz ("5/15" is "5-59/15").
 _ITEM = re.compile(r"(?:(\*)|([0-9A-Za-z]+)(?:-([0-9A-Za-z]+))?)(?:/([0-9]+))?", re.ASCII)
 
 
@@ -84,23 +85,22 @@ def _field(
             raise InvalidCadenceError(
                 _FIELD,
                 f"{_FIELD}: {name} field item {item!r} is not standard cron "
-                "(use *, a, a-b, */n or a-b/n)",
+                "(use *, a, a-b, */n, a/n or a-b/n)",
             )
         star, first, last, step_text = match.groups()
         if star:
             start, stop = low, high
         else:
             start = _value(first, name, low, high, names)
-            if last is None:
-                if step_text is not None:
-                    raise InvalidCadenceError(
-                        _FIELD,
-                        f"{_FIELD}: {name} field item {item!r}: a step needs * or a range "
-                        "(write a-b/n)",
-                    )
+            if last is None and step_text is None:
                 values.add(start)
                 continue
-            stop = _value(last, name, low, high, names)
+            if last is None:
+                # Day-of-week ends at Saturday (6), as in croniter: 7 is only an alias
+                # for Sunday, and "1/2" meaning Mon, Wed, Fri and Sun would surprise.
+                stop = max(6, start) if name == "day-of-week" else high
+            else:
+                stop = _value(last, name, low, high, names)
             if stop < start:
                 hint = (
                     " (Sunday is 0 or 7: write 5-7, not FRI-SUN)" if name == "day-of-week" else ""
@@ -124,7 +124,8 @@ def parse_cron(expression: str) -> CronSpec:
     """
     Parse a standard 5-field cron expression.
 
-    Accepted: numbers, ``*``, lists, ranges, steps on ``*`` and ranges, month
+    Accepted: numbers, ``*``, lists, ranges, steps on ``*``, on ranges and on a
+    start (``a/n`` is ``a-<last>/n``; day-of-week's last is 6, Saturday), month
     names ``JAN``-``DEC`` and day names ``SUN``-``SAT`` (any case, also in
     ranges), Sunday as 0 or 7. A step must be 1 up to the field's span; a
     range must not wrap (``FRI-SUN`` is reversed: write ``5-7``).

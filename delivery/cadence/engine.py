@@ -104,14 +104,18 @@ def _has_window(schedule: CompiledSchedule) -> bool:
 
 
 def _first_interval_fire(schedule: CompiledSchedule, step: timedelta, lower: datetime) -> datetime:
-    # Floor division of timedeltas: the first grid point strictly after lower.
-    count = (lower - schedule.anchor) // step + 1
+    # Floor division of timedeltas: the first grid point strictly after lower. The
+    # grid starts at the anchor (starts_at, else creation): asked from an earlier
+    # instant, the anchor itself is the first fire, never a point before it.
+    count = max((lower - schedule.anchor) // step + 1, 0)
     return schedule.anchor + count * step
 
 
 def _next_interval(schedule: CompiledSchedule, step: timedelta, lower: datetime) -> datetime | None:
     fire = _first_interval_fire(schedule, step, lower)
-    limit = lower + _INTERVAL_HORIZON
+    # From the first candidate, not from lower: asked long before the anchor, the
+    # anchor is still found.
+    limit = fire + _INTERVAL_HORIZON
     windowed = _has_window(schedule)
     end = schedule.ends_at
     while fire <= limit:

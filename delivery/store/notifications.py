@@ -307,9 +307,18 @@ class NotificationQueue(Protocol):
         ...
 
     async def notification_history(
-        self, project_id: str, agent_id: str, *, limit: int
+        self,
+        project_id: str,
+        agent_id: str,
+        *,
+        limit: int,
+        before: tuple[datetime, str] | None = None,
     ) -> Sequence[RowMapping]:
-        """Every notification of the agent, every status and user, newest first."""
+        """
+        Every notification of the agent, every status and user, newest first
+        (``created_at``, then ``id``); with ``before`` (a row's ``created_at`` and
+        ``id``) only the rows after it in that order: the next page.
+        """
         ...
 
     async def consume_notification(
@@ -425,12 +434,22 @@ class SqlNotificationStore(StoreBase):
             return (await conn.execute(stmt)).mappings().all()
 
     async def notification_history(
-        self, project_id: str, agent_id: str, *, limit: int
+        self,
+        project_id: str,
+        agent_id: str,
+        *,
+        limit: int,
+        before: tuple[datetime, str] | None = None,
     ) -> Sequence[RowMapping]:
         """See :meth:`NotificationQueue.notification_history`."""
+        conds = [*owned(NOTIFICATIONS, project_id, agent_id=agent_id), _n.status != STAGED]
+        if before is not None:
+            # Keyset, not offset: rows written meanwhile never shift a page.
+            at, last_id = before
+            conds.append((_n.created_at < at) | ((_n.created_at == at) & (_n.id < last_id)))
         stmt = (
             select(*_QUEUE_COLUMNS)
-            .where(*owned(NOTIFICATIONS, project_id, agent_id=agent_id), _n.status != STAGED)
+            .where(*conds)
             .order_by(_n.created_at.desc(), _n.id.desc())
             .limit(limit)
         )

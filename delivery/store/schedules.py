@@ -220,10 +220,11 @@ class SchedulerStore(Protocol):
         whose new version is not the claimed one + 1 was changed since the claim:
         it is ``stale``, nothing of its plan is written and its claim is released.
         For every other one: ``next_fire_at``, ``last_fire_at``, ``staged_fire_at``
-        (its fire after ``now``, if any) and ``enabled`` are written and the claim
-        cleared; one fire row per planned fire and skip is inserted, unique on
-        (schedule_id, fire_at) with the id :func:`~delivery.planning.fire_id`
-        derives from that pair, an existing row being left alone (a
+        (its fire after ``now``, if any) and ``enabled`` are written (``updated_at``
+        becomes ``now`` when the plan disables it) and the claim cleared; one fire
+        row per planned fire and skip is inserted, unique on (schedule_id, fire_at)
+        with the id :func:`~delivery.planning.fire_id` derives from that pair, an
+        existing row being left alone (a
         ``conflict``); and one ``fire.created`` outbox row (msg id = fire id) is
         queued per ``fired`` row inserted, available at once when the fire lies
         after ``now`` and just before its instant otherwise. Either all of it
@@ -299,6 +300,7 @@ _WRITE_SCHEDULE = (
         last_fire_at=bindparam("b_last_fire_at"),
         staged_fire_at=bindparam("b_staged_fire_at"),
         enabled=bindparam("b_enabled"),
+        updated_at=bindparam("b_updated_at"),
         claimed_by=bindparam("b_claimed_by"),
         claimed_until=bindparam("b_claimed_until"),
     )
@@ -663,6 +665,10 @@ def _states(kept: list[PlannedSchedule], now: datetime) -> list[dict[str, Any]]:
             # minute); the API shows it.
             "staged_fire_at": next((at for at in p.plan.fires if at > now), None),
             "enabled": not p.plan.disable,
+            # Disabling (ends_at reached) changes what the API shows, so it is an
+            # update; otherwise the claimed value is written back unchanged. A
+            # column of the UPDATE that runs anyway: no extra statement.
+            "updated_at": now if p.plan.disable else p.row.updated_at,
             **_UNCLAIMED,
             # The version just set: belt and braces, the row is already locked.
             "id": p.row.id,

@@ -17,6 +17,7 @@ class CancelOutcome(StrEnum):
     """What :meth:`Wakeups.cancel_wakeup` did."""
 
     CANCELLED = "cancelled"
+    ALREADY_CANCELLED = "already_cancelled"
     NOT_FOUND = "not_found"
     NOT_PENDING = "not_pending"
 
@@ -104,5 +105,9 @@ class WakeupStore(StoreBase):
             )
             if result.rowcount:
                 return CancelOutcome.CANCELLED
-            exists = (await conn.execute(select(WAKEUPS.c.id).where(*owner))).first()
-        return CancelOutcome.NOT_PENDING if exists else CancelOutcome.NOT_FOUND
+            found = (await conn.execute(select(WAKEUPS.c.status).where(*owner))).first()
+        if found is None:
+            return CancelOutcome.NOT_FOUND
+        if found.status == "cancelled":
+            return CancelOutcome.ALREADY_CANCELLED
+        return CancelOutcome.NOT_PENDING

@@ -156,13 +156,24 @@ def active_secrets(
     *,
     now: datetime,
     overlap: timedelta = ROTATION_OVERLAP,
+    attempt_number: int = 1,
 ) -> tuple[str, ...]:
     """
-    The secrets that sign a delivery made at ``now``: current first, then the previous
-    one while ``now`` is less than ``overlap`` after ``rotated_at``.
+    The secrets that sign attempt ``attempt_number`` of a delivery made at ``now``:
+    the current one, and the previous one too while ``now`` is less than ``overlap``
+    after ``rotated_at``.
+
+    Order matters to receivers that keep one ``v1`` of ``Sonzai-Signature`` (the
+    documented sample verifier keeps the last; see :func:`sonzai_signature`, which
+    writes the first secret's signature last). During the overlap, odd attempts put
+    the current secret first, so a receiver already holding the new secret verifies
+    every first attempt; even attempts (retries) put the previous one first, so a
+    receiver still holding the old secret, which refuses the first attempt, verifies
+    the retry (the first comes 5 s later). Receivers that check every ``v1`` (ours,
+    and Standard Webhooks' ``webhook-signature``) verify either order.
     """
     if previous and rotated_at is not None and now - rotated_at < overlap:
-        return (current, previous)
+        return (previous, current) if attempt_number % 2 == 0 else (current, previous)
     return (current,)
 
 

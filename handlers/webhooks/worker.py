@@ -356,8 +356,15 @@ class WebhookWorker(QueueWorker):
             return
         endpoint = WebhookEndpoint(
             url=claimed.url,
-            # Both secrets sign for 24 h after a rotation, so receivers can roll.
-            secrets=active_secrets(current, previous, claimed.rotated_at, now=now),
+            # Both secrets sign for 24 h after a rotation, so receivers can roll; the
+            # order alternates per attempt for receivers that read only one signature.
+            secrets=active_secrets(
+                current,
+                previous,
+                claimed.rotated_at,
+                now=now,
+                attempt_number=claimed.attempt_number,
+            ),
             auth_header=auth,
         )
         delivery = await channel.deliver(

@@ -52,6 +52,9 @@ def cron_field_matches(
             first, last = _cron_value(a, names, low), _cron_value(b, names, low)
         else:
             first = last = _cron_value(span, names, low)
+            if step_text:
+                # "a/n" runs to the field's end; day-of-week's is Saturday (croniter).
+                last = max(6, first) if high == 7 else high
         if first <= value <= last and (value - first) % step == 0:
             return True
     return False
@@ -152,7 +155,7 @@ def reference_ticks(ref: RefSchedule, after: datetime, until: datetime) -> list[
     if interval is not None:
         anchor = ref.anchor
         for t in _utc_minutes(after, until):
-            if t <= after or (t - anchor) % interval or not ref.in_bounds(t):
+            if t <= after or t < anchor or (t - anchor) % interval or not ref.in_bounds(t):
                 continue
             wall = t.astimezone(zone).replace(tzinfo=None)
             ticks.append(RefTick(t, wall, None if ref.in_window(wall) else "outside_active_window"))

@@ -100,11 +100,11 @@ minutes = st.one_of(st.sampled_from([0, 15, 30, 45]), st.integers(0, 59))
 times = st.lists(st.builds(_hhmm, hours, minutes), min_size=1, max_size=4, unique=True)
 day_sets = st.lists(st.sampled_from(DAYS), min_size=1, max_size=7, unique=True)
 
-CRON_MINUTES = ["0", "30", "*/15", "0,30", "15-45/15", "5", "59", "*/20", "45", "0-10/5"]
+CRON_MINUTES = ["0", "30", "*/15", "0,30", "15-45/15", "5", "59", "*/20", "45", "0-10/5", "5/15"]
 CRON_HOURS = ["*", "0", "1", "2", "3", "1-3", "*/6", "0,12", "9", "23", "22-23", "2-4/2"]
 CRON_DOMS = ["*", "*", "1", "15", "*/2", "31", "29", "1-7", "13", "28-31"]
 CRON_MONTHS = ["*", "*", "3", "10", "3,10", "4-10", "JAN-MAR", "nov", "*/3"]
-CRON_DOWS = ["*", "*", "0", "7", "1-5", "MON-FRI", "sun", "6,0", "*/2", "5", "5-7"]
+CRON_DOWS = ["*", "*", "0", "7", "1-5", "MON-FRI", "sun", "6,0", "*/2", "5", "5-7", "1/2"]
 cron_expressions = st.builds(
     lambda *fields: " ".join(fields),
     *(

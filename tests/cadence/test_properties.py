@@ -139,3 +139,33 @@ def test_reference_sees_named_transitions(case: dict[str, Any]) -> None:
     """The reference itself reports the gap and fold cases the way the invariant says."""
     rows = _as_rows(_reference(case))
     assert rows == _as_rows(ticks_between(_compile(case), case["after"], case["until"]))
+
+
+_ZONES = ["UTC", "America/New_York", "Europe/London", "Asia/Kolkata", "Pacific/Apia"]
+
+
+@given(
+    st.sampled_from(_ZONES),
+    st.integers(1, 24),
+    st.datetimes(
+        min_value=datetime(2020, 1, 1),  # noqa: DTZ001 - hypothesis wants naive bounds
+        max_value=datetime(2030, 1, 1),  # noqa: DTZ001
+        timezones=st.just(UTC),
+    ),
+    st.integers(1, 3 * 365 * 24 * 3600),
+)
+def test_an_interval_never_fires_before_its_anchor(
+    zone: str, hours: int, created_at: datetime, earlier_s: int
+) -> None:
+    """
+    An interval_hours schedule anchored at its creation: asked from any earlier
+    instant, its first fire is the anchor itself, and no tick lies before it.
+    """
+    schedule = compile_schedule(
+        {"simple": {"frequency": "interval_hours", "interval_hours": hours}, "timezone": zone},
+        created_at=created_at,
+    )
+    asked = created_at - timedelta(seconds=earlier_s)
+    assert next_fire(schedule, asked) == schedule.anchor
+    assert schedule.anchor >= created_at
+    assert all(t.fire_at >= schedule.anchor for t in ticks_between(schedule, asked, created_at))

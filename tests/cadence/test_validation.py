@@ -6,10 +6,12 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from croniter import croniter
 from hypothesis import given
 from hypothesis import strategies as st
 
 from delivery.cadence import compile_schedule, parse_instant
+from delivery.cadence.cron import parse_cron
 from delivery.errors import (
     BadRequestError,
     CadenceTooDenseError,
@@ -222,7 +224,6 @@ BAD_CRON = {
     "dow-8": "0 9 * * 8",
     "never-fires-feb-30": "0 9 30 2 *",
     "never-fires-apr-31": "0 9 31 4,6 *",
-    "step-on-single-value": "5/15 * * * *",
     "step-zero": "*/0 * * * *",
     "name-in-minute-field": "MON 9 * * *",
     "unknown-name": "0 9 * * FUN",
@@ -501,3 +502,27 @@ def test_overlong_cron_is_refused_without_echoing_it() -> None:
     error = _error({"cron": "0 " * 10_000, "timezone": "UTC"})
     assert (error.code, error.field) == ("INVALID_CADENCE", "cadence.cron")
     assert len(error.message) < 200
+
+
+@pytest.mark.parametrize(
+    ("short", "spelled_out"),
+    [
+        ("5/15 * * * *", "5-59/15 * * * *"),
+        ("0 3/6 * * *", "0 3-23/6 * * *"),
+        ("0 9 10/7 * *", "0 9 10-31/7 * *"),
+        ("0 9 1 2/3 *", "0 9 1 2-12/3 *"),
+        ("0 9 * * 1/2", "0 9 * * 1-6/2"),
+        ("0 9 * * MON/2", "0 9 * * 1-6/2"),
+    ],
+)
+def test_a_step_on_a_start_runs_to_the_end_of_the_field(short: str, spelled_out: str) -> None:
+    """``a/n`` is ``a-<last>/n`` (day-of-week's last is Saturday), as croniter reads it."""
+    mine = parse_cron(short)
+    same = parse_cron(spelled_out)
+    fields = (mine.minutes, mine.hours, mine.doms, mine.months, mine.dows)
+    assert fields == (same.minutes, same.hours, same.doms, same.months, same.dows)
+    # croniter writes a whole field as ["*"].
+    expanded = croniter(short).expanded
+    for values, theirs in zip(fields, expanded, strict=True):
+        if theirs != ["*"]:
+            assert sorted(values) == theirs

@@ -187,6 +187,33 @@ async def test_ends_at_passing_disables_and_keeps_the_row(engine, bus, project):
     assert (await Scheduler(engine, bus.subjects).drain(T + timedelta(days=3))).claimed == 0
 
 
+async def test_reaching_ends_at_bumps_updated_at_and_firing_does_not(engine, bus, project):
+    """
+    The scheduler's disable at ``ends_at`` is a change the API shows, so ``updated_at``
+    moves to that pass; a fire that leaves the schedule enabled keeps it.
+    """
+    ends = T + timedelta(days=1, minutes=10)
+    await add_schedules(
+        engine,
+        [
+            schedule_row(
+                "sch_e", cadence=daily("09:00"), created_at=CREATED, next_fire_at=T, ends_at=ends
+            )
+        ],
+    )
+    [before] = await rows(engine, select(SCHEDULES))
+    fired_at = T + timedelta(minutes=5)
+    assert (await Scheduler(engine, bus.subjects).drain(fired_at)).fired == 1
+    [still] = await rows(engine, select(SCHEDULES))
+    assert (still.enabled, still.updated_at) == (True, before.updated_at)
+    disabled_at = T + timedelta(days=1, minutes=30)
+    result = await Scheduler(engine, bus.subjects).drain(disabled_at)
+    assert (result.fired, result.disabled) == (1, 1)
+    [schedule] = await rows(engine, select(SCHEDULES))
+    assert schedule.enabled is False
+    assert schedule.updated_at == disabled_at
+
+
 async def test_a_last_fire_staged_by_the_lookahead_keeps_the_schedule_enabled_until_it(
     engine, bus, project
 ):

@@ -160,7 +160,8 @@ async def test_cancel_wakeup_outcomes(engine: AsyncEngine) -> None:
             update(WAKEUPS).where(WAKEUPS.c.id == "wk_2").values(claimed_until=NOW + timedelta(1))
         )
     assert await store.wakeups.cancel_wakeup(project, "a", "wk_1", NOW) is CancelOutcome.CANCELLED
-    assert await store.wakeups.cancel_wakeup(project, "a", "wk_1", NOW) is CancelOutcome.NOT_PENDING
+    again = await store.wakeups.cancel_wakeup(project, "a", "wk_1", NOW)
+    assert again is CancelOutcome.ALREADY_CANCELLED  # the API answers a repeat the same
     assert await store.wakeups.cancel_wakeup(project, "a", "wk_2", NOW) is CancelOutcome.NOT_PENDING
     assert await store.wakeups.cancel_wakeup(project, "b", "wk_1", NOW) is CancelOutcome.NOT_FOUND
     other = await _project(store, "other")

@@ -101,8 +101,7 @@ def test_sync_sdk_webhook_lifecycle(database_url: str) -> None:
         assert client.webhooks.list().webhooks == []
         # The attempts outlive the endpoint (issue 5: dead letters stay visible).
         assert len(client.webhooks.list_delivery_attempts(EVENT).to_list()) == 5
-        with pytest.raises(sonzai.NotFoundError):
-            client.webhooks.delete(EVENT)
+        assert client.webhooks.delete(EVENT).success  # idempotent: 204
         with pytest.raises(sonzai.NotFoundError):
             client.webhooks.rotate_secret(EVENT)
 
@@ -212,8 +211,7 @@ async def test_async_sdk_webhook_lifecycle(database_url: str) -> None:
             assert [a.attempt_id for a in tenant] == [a.attempt_id for a in project]
             assert len(tenant) == 3
             assert (await client.webhooks.delete_for_project(beta, EVENT)).success
-            with pytest.raises(sonzai.NotFoundError):
-                await client.webhooks.delete(EVENT)
+            assert (await client.webhooks.delete(EVENT)).success  # idempotent: 204
 
 
 def _stored_idempotency_bodies(url: str) -> list[str]:
@@ -251,3 +249,31 @@ def test_replayed_registration_shows_the_secret_but_never_stores_it_in_clear(
     bodies = _stored_idempotency_bodies(database_url)
     assert bodies
     assert all("whsec_" not in body for body in bodies)
+
+
+def test_agent_wakeup_is_refused_at_registration(database_url: str) -> None:
+    """
+    ``agent.wakeup`` (wakeups a context engine schedules itself) is never sent here:
+    registering it, tenant- or project-scoped, is 400 naming event_type and pointing at
+    on_wakeup_ready; nothing is stored.
+    """
+    with (
+        serve_api(database_url, ManualClock(START), settings=webhook_settings()) as served,
+        sonzai.Sonzai(api_key=served.keys["alpha"], base_url=served.base_url) as client,
+    ):
+        for register in (
+            lambda: client.webhooks.register("agent.wakeup", webhook_url=HOOK),
+            lambda: client.webhooks.register_for_project(
+                served.projects["alpha"], "agent.wakeup", webhook_url=HOOK
+            ),
+        ):
+            with pytest.raises(sonzai.BadRequestError) as refused:
+                register()
+            assert refused.value.code == "UNSUPPORTED_EVENT_TYPE"
+            assert refused.value.body is not None
+            assert refused.value.body.errors
+            assert refused.value.body.errors[0].field == "event_type"
+            assert "on_wakeup_ready" in str(refused.value)
+        assert client.webhooks.list().webhooks == []
+        assert client.webhooks.register(EVENT, webhook_url=HOOK).signing_secret
+    assert [e["event_type"] for e in _stored_endpoints(database_url)] == [EVENT]

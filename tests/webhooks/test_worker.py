@@ -4,11 +4,15 @@ SQLite and PostgreSQL, retries driven by a ManualClock through the bounded sweep
 """
 
 import asyncio
+import hashlib
+import hmac
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import nats
 from sqlalchemy import select
 from standardwebhooks import Webhook
+from starlette.types import Receive, Scope, Send
 
 from delivery.bus.stream import ensure_stream
 from delivery.bus.subjects import Subjects
@@ -180,6 +184,86 @@ async def test_rotation_signs_with_both_secrets_for_a_day(rig: Rig) -> None:
     assert len(during.headers["webhook-signature"].split(" ")) == 2
     assert len(after.headers["webhook-signature"].split(" ")) == 1
     verify(after.body, after.headers, [new], now=rig.clock.now())
+
+
+def verify_webhook_signature(raw_body: str, signature_header: str, secret: str) -> bool:
+    """The Sonzai docs' TypeScript ``verifyWebhookSignature``, ported line by line."""
+    # Strip whsec_ prefix if present
+    key = secret[6:] if secret.startswith("whsec_") else secret
+    # Parse header: t={timestamp},v1={sig}  (Object.fromEntries: the last key wins;
+    # JS destructuring of p.split("=") keeps the first two parts)
+    parts = {kv[0]: (kv[1] if len(kv) > 1 else None) for kv in
+             (p.split("=") for p in signature_header.split(","))}  # fmt: skip
+    timestamp = parts.get("t")
+    received_sig = parts.get("v1")
+    if not timestamp or not received_sig:
+        return False
+    expected_sig = hmac.new(
+        key.encode(), f"{timestamp}.{raw_body}".encode(), hashlib.sha256
+    ).hexdigest()
+    # crypto.timingSafeEqual throws on a length mismatch (an Express 500).
+    if len(received_sig.encode()) != len(expected_sig.encode()):
+        raise ValueError("Input buffers must have the same byte length")
+    return hmac.compare_digest(received_sig.encode(), expected_sig.encode())
+
+
+@dataclass
+class DocsReceiver:
+    """The docs' Express handler: 401 unless ``verify_webhook_signature`` passes."""
+
+    secret: str = ""
+    answers: list[int] = field(default_factory=list)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        sig = headers.get("sonzai-signature", "")
+        try:
+            status = 200 if verify_webhook_signature(body.decode(), sig, self.secret) else 401
+        except ValueError:
+            status = 500
+        self.answers.append(status)
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok" if status == 200 else b"no"})
+
+
+async def test_rotation_keeps_the_docs_verifier_working_for_either_secret(rig: Rig) -> None:
+    """
+    After a rotation, a receiver running the docs' sample verifier (which keeps only
+    the last ``v1``) verifies every first attempt once it holds the new secret; one
+    still holding the old secret refuses the first attempt and verifies the retry 5 s
+    later. After the 24 h overlap only the new secret signs.
+    """
+    updated, lagging = DocsReceiver(), DocsReceiver()
+    other_event = "on_recurring_event_due"
+    await rig.register(rig.serve(updated) + "/hook")
+    lagging.secret = await rig.register(rig.serve(lagging) + "/hook", event_type=other_event)
+    rotated = await rig.api.post(f"/api/v1/webhooks/{EVENT}/rotate-secret")
+    updated.secret = rotated.json()["signing_secret"]
+    assert (await rig.api.post(f"/api/v1/webhooks/{other_event}/rotate-secret")).is_success
+    worker = rig.worker()
+    assert await worker.enqueue(await rig.notify(1)) == 1
+    assert (await worker.sweep()).delivered == 1
+    assert updated.answers == [200]
+    (late,) = await rig.notify(2, event_type=other_event)
+    await worker.enqueue([late])
+    assert (await worker.sweep()).retried == 1
+    rig.clock.advance(SCHEDULE[1])
+    assert (await worker.sweep()).delivered == 1
+    assert lagging.answers == [401, 200]
+
+    rig.clock.advance(timedelta(hours=24))
+    (after,) = await rig.notify(3)
+    await worker.enqueue([after])
+    assert (await worker.sweep()).delivered == 1
+    assert updated.answers == [200, 200]
 
 
 async def test_consumer_and_loop_deliver_from_jetstream(

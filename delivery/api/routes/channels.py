@@ -309,9 +309,9 @@ async def _update(
 
 
 async def _delete(project: str, channel_id: str, ctx: ApiContext) -> Response:
-    if not await _store(ctx).delete_channel(project, channel_id):
-        raise _no_channel(channel_id)
-    _log.info("channels.deleted", channel_id=channel_id)
+    # Idempotent: an unknown id is 204 too, so a retried delete never fails.
+    if await _store(ctx).delete_channel(project, channel_id):
+        _log.info("channels.deleted", channel_id=channel_id)
     return Response(status_code=204)
 
 
@@ -463,7 +463,7 @@ async def update_channel_for_project(
 
 @router.delete(TENANT + "/{channel_id}", status_code=204)
 async def delete_channel(channel_id: ResourceId, project: ProjectId, ctx: Ctx) -> Response:
-    """Delete (204); 404 when unknown."""
+    """Delete (204); idempotent: an unknown id is 204 too."""
     return await _delete(project, channel_id, ctx)
 
 

@@ -199,9 +199,8 @@ async def patch_contact(
 async def delete_contact(
     agent_id: AgentId, user_id: UserId, contact_id: ResourceId, project: ProjectId, ctx: Ctx
 ) -> Response:
-    """Remove the contact (204); 404 when unknown."""
-    if not await _store(ctx).delete_contact(project, agent_id, user_id, contact_id):
-        raise _no_contact(contact_id)
+    """Remove the contact (204); idempotent: an unknown id is 204 too."""
+    await _store(ctx).delete_contact(project, agent_id, user_id, contact_id)
     return Response(status_code=204)
 
 

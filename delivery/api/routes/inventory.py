@@ -56,6 +56,22 @@ def _not_found(item_id: str) -> NotFoundError:
     )
 
 
+def missing_item(agent_id: str, user_id: str, item_id: str) -> NotFoundError:
+    """
+    The 404 for a schedule or wakeup linking an item that does not exist: it names
+    the item and says how to make one (ids are issued here, never chosen by clients).
+    """
+    path = PREFIX.format(agent_id=agent_id, user_id=user_id)
+    return NotFoundError(
+        "inventory_item_id",
+        f"inventory_item_id {item_id!r}: no such inventory item for agent {agent_id!r} and "
+        f'user {user_id!r}. Create it first (POST {path} with "action": "add", or POST '
+        f"{path}/items; the SDK's inventory.create) and pass the inventory_item_id "
+        "(fact_id) that answer returns.",
+        resource="inventory_item",
+    )
+
+
 def _written(status: str, item_id: str, code: int = 200) -> JSONResponse:
     out = InventoryWriteOut(status=status, inventory_item_id=item_id, fact_id=item_id)
     return JSONResponse(out.model_dump(), status_code=code)
@@ -215,9 +231,9 @@ async def direct_update(
 async def direct_delete(
     agent_id: AgentId, user_id: UserId, fact_id: ResourceId, project: ProjectId, ctx: Ctx
 ) -> Response:
-    """Delete an item; linked schedules keep firing without it."""
-    if not await ctx.store.inventory.delete_item(
-        project, agent_id, user_id, fact_id, now=ctx.clock.now()
-    ):
-        raise _not_found(fact_id)
+    """
+    Delete an item; linked schedules keep firing without it. Idempotent: an unknown
+    id answers the same (the SDK parses this body, so it is not a 204).
+    """
+    await ctx.store.inventory.delete_item(project, agent_id, user_id, fact_id, now=ctx.clock.now())
     return JSONResponse(InventoryDirectOut(status="deleted", fact_id=fact_id).model_dump())

@@ -5,10 +5,12 @@ The agent-queue list is the hot read path (``bench/bench_notifications.py``):
 one indexed Core query and dicts built directly, no per-row model validation.
 """
 
+import base64
 import json
+from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import RowMapping
 
@@ -85,14 +87,58 @@ async def list_notifications(
     return JSONResponse({"notifications": [queue_entry(r) for r in rows]})
 
 
+NEXT_CURSOR = "X-Next-Cursor"
+"""History's next-page cursor header (the SDK's response model forbids extra body keys)."""
+
+
+def _history_cursor(row: RowMapping) -> str:
+    key = f"{row['created_at'].astimezone(UTC).isoformat()}|{row['id']}"
+    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
+def _parse_history_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) a cursor stands for; anything else is a 400 naming ``cursor``."""
+    try:
+        if len(cursor) > 256 or not cursor.isascii():
+            raise ValueError(cursor)
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, sep, message_id = raw.partition("|")
+        instant = datetime.fromisoformat(at)
+        if not sep or not message_id or instant.tzinfo is None:
+            raise ValueError(raw)
+    except ValueError as exc:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise InvalidRequestError(
+            "cursor", f"cursor must be the {NEXT_CURSOR} value of a previous page"
+        ) from exc
+    return instant, message_id
+
+
 @router.get(AGENT_PREFIX + "/history", responses={200: {"model": NotificationList}})
 async def notification_history(
-    agent_id: AgentId, project: ProjectId, ctx: Ctx, limit: str | None = None
+    request: Request,
+    agent_id: AgentId,
+    project: ProjectId,
+    ctx: Ctx,
+    limit: str | None = None,
+    cursor: str | None = None,
 ) -> Response:
-    """Every notification of the agent across users and statuses, newest first."""
+    """
+    Every notification of the agent across users and statuses, newest first;
+    ``limit`` 1..500. When more remain, the ``X-Next-Cursor`` header (and a
+    ``Link: <...>; rel="next"``) carries the ``cursor`` of the next page.
+    """
     count = parse_limit(limit, default=50, maximum=500)
-    rows = await ctx.store.notifications.notification_history(project, agent_id, limit=count)
-    return JSONResponse({"notifications": [queue_entry(r) for r in rows]})
+    before = _parse_history_cursor(cursor) if cursor else None
+    rows = await ctx.store.notifications.notification_history(
+        project, agent_id, limit=count + 1, before=before
+    )
+    response = JSONResponse({"notifications": [queue_entry(r) for r in rows[:count]]})
+    if len(rows) > count:
+        token = _history_cursor(rows[count - 1])
+        following = request.url.include_query_params(cursor=token, limit=count)
+        response.headers[NEXT_CURSOR] = token
+        response.headers["Link"] = f'<{following}>; rel="next"'
+    return response
 
 
 @router.post(AGENT_PREFIX + "/{message_id}/consume", responses={200: {"model": Success}})

@@ -26,6 +26,7 @@ from delivery.api.context import (
     parse_limit,
     wire_time,
 )
+from delivery.api.routes.inventory import missing_item
 from delivery.api.schemas import (
     ScheduleCreate,
     ScheduleCreated,
@@ -42,7 +43,14 @@ from delivery.cadence import (
     parse_instant,
     upcoming,
 )
-from delivery.errors import ConflictError, NotFoundError
+from delivery.cadence.model import CompiledSchedule
+from delivery.errors import (
+    ConflictError,
+    InvalidActiveWindowError,
+    InvalidCadenceError,
+    InvalidWindowError,
+    NotFoundError,
+)
 from delivery.store.common import canonical_json, new_id
 from delivery.store.schedules import compile_stored
 from delivery.store.tables import ScheduleRow
@@ -110,11 +118,46 @@ def _json(model: Any, status: int = 200) -> JSONResponse:
 
 async def _check_item(ctx: ApiContext, project: str, agent: str, user: str, item: str) -> None:
     if await ctx.store.inventory.get_item(project, agent, user, item) is None:
-        raise NotFoundError(
-            "inventory_item_id",
-            f"inventory_item_id {item!r}: no such inventory item for this agent and user",
-            resource="inventory_item",
-        )
+        raise missing_item(agent, user, item)
+
+
+def _first_fire(
+    compiled: CompiledSchedule,
+    cadence: Any,
+    window: Any,
+    *,
+    starts_at: datetime | None,
+    created_at: datetime,
+    now: datetime,
+) -> datetime:
+    """
+    The schedule's next fire after ``now``; a schedule that can never fire again is
+    refused, as an empty ``days_of_week`` is, naming the field that rules it out.
+
+    The cadence engine's search is bounded (400 years of wall-clock days, two years
+    of ``interval_hours`` steps), so "no next fire" is a finite verdict.
+    """
+    fire = next_fire(compiled, now)
+    if fire is not None:
+        return fire
+    unbounded = compiled
+    if compiled.ends_at is not None:
+        # Rebuilt only on this error path: does the window alone rule out every fire?
+        unbounded = compile_schedule(cadence, window, starts_at=starts_at, created_at=created_at)
+    if compiled.ends_at is None or next_fire(unbounded, now) is None:
+        if compiled.active_window is not None:
+            raise InvalidActiveWindowError(
+                "active_window",
+                "active_window leaves no fire: every tick of the cadence falls outside it "
+                "(widen active_window.hours or active_window.days_of_week, or move "
+                "cadence times inside it)",
+            )
+        raise InvalidCadenceError("cadence", "cadence has no fire after now")
+    raise InvalidWindowError(
+        "ends_at",
+        f"ends_at {wire_time(compiled.ends_at)} leaves no fire: the cadence's next tick is "
+        "at or after it",
+    )
 
 
 async def _get(ctx: ApiContext, project: str, agent: str, user: str, sid: str) -> ScheduleRow:
@@ -150,10 +193,17 @@ async def create_schedule(
         created_at=now,
         now=now,
     )
+    upcoming_fire = _first_fire(
+        compiled,
+        body.cadence,
+        body.active_window,
+        starts_at=starts_at,
+        created_at=now,
+        now=now,
+    )
     metadata_json = check_metadata(body.metadata)
     if body.inventory_item_id is not None:
         await _check_item(ctx, project, agent_id, user_id, body.inventory_item_id)
-    upcoming_fire = next_fire(compiled, now)
     row = ScheduleRow(
         id=new_id("sch"),
         project_id=project,
@@ -184,9 +234,7 @@ async def create_schedule(
         ScheduleCreated(
             schedule_id=row.id,
             next_fire_at=wire_time(upcoming_fire),
-            next_fire_at_local=(
-                "" if upcoming_fire is None else format_local(upcoming_fire, compiled.zone)
-            ),
+            next_fire_at_local=format_local(upcoming_fire, compiled.zone),
             enabled=True,
         ),
         201,
@@ -263,8 +311,20 @@ def _patched(
         changes["inventory_item_id"] = body.inventory_item_id or None
     timing = bool(given & _TIMING)
     if timing:
-        # Recomputed from now: fires already made are never rewritten.
-        changes["next_fire_at"] = next_fire(compiled, now) if enabled else None
+        # Recomputed from now: fires already made are never rewritten. A disabled
+        # schedule is not checked: re-enabling it is a timing change checked then.
+        changes["next_fire_at"] = (
+            _first_fire(
+                compiled,
+                cadence,
+                window,
+                starts_at=starts_at,
+                created_at=row.created_at,
+                now=now,
+            )
+            if enabled
+            else None
+        )
         changes["claimed_by"] = None
         changes["claimed_until"] = None
         # A fire staged under the old timing is deleted (SqlStore.update_schedule).
@@ -303,15 +363,21 @@ async def update_schedule(
     )
 
 
-@router.delete(PREFIX + "/{schedule_id}", responses={200: {"model": Success}})
+@router.delete(
+    PREFIX + "/{schedule_id}",
+    responses={200: {"model": Success}, 204: {"description": "No such schedule"}},
+)
 async def delete_schedule(
     agent_id: AgentId, user_id: UserId, schedule_id: ResourceId, project: ProjectId, ctx: Ctx
 ) -> Response:
-    """Delete a schedule and its fire history; 404 when unknown (tenants learn nothing)."""
+    """
+    Delete a schedule and its fire history. Idempotent: an unknown id (or another
+    tenant's) is 204, as the SDK documents, so tenants still learn nothing.
+    """
     if not await ctx.store.schedules.delete_schedule(
         project, agent_id, user_id, schedule_id, now=ctx.clock.now()
     ):
-        raise _not_found(schedule_id)
+        return Response(status_code=204)
     return _json(Success(success=True))
 
 

@@ -19,9 +19,14 @@ from delivery.api.context import (
     parse_limit,
     wire_time,
 )
+from delivery.api.routes.inventory import missing_item
 from delivery.api.schemas import WakeupCancelled, WakeupCreate, WakeupCreated, WakeupList, WakeupOut
 from delivery.cadence import parse_instant
-from delivery.errors import InvalidRequestError, InvalidStateError, NotFoundError
+from delivery.errors import (
+    InvalidRequestError,
+    InvalidStateError,
+    ScheduledAtInPastError,
+)
 from delivery.store.common import new_id
 from delivery.store.tables import WakeupRow
 from delivery.store.wakeups import CancelOutcome
@@ -29,6 +34,8 @@ from delivery.store.wakeups import CancelOutcome
 router = APIRouter(tags=["wakeups"])
 PREFIX = "/api/v1/agents/{agent_id}/wakeups"
 STATUSES = ("pending", "executed", "cancelled")
+ALL = "all"
+"""The ``status`` filter value that lists every wakeup; without a filter only pending ones."""
 
 
 def wakeup_out(row: WakeupRow) -> WakeupOut:
@@ -57,6 +64,16 @@ async def schedule_wakeup(
     now = ctx.clock.now()
     if body.scheduled_at is not None:
         scheduled_at = parse_instant(body.scheduled_at, "scheduled_at")
+        # The scheduler would skip a schedule's fire this late; a wakeup fires once,
+        # so one this late is a client bug (a wrong year, a stale instant) to report.
+        max_lateness = timedelta(seconds=ctx.settings.max_lateness_s)
+        if scheduled_at < now - max_lateness:
+            raise ScheduledAtInPastError(
+                "scheduled_at",
+                f"scheduled_at {wire_time(scheduled_at)} is more than "
+                f"{ctx.settings.max_lateness_s} s in the past; send a future instant "
+                "(or delay_hours 0 to fire now)",
+            )
     elif body.delay_hours is not None:
         scheduled_at = now + timedelta(hours=body.delay_hours)
     else:
@@ -66,11 +83,7 @@ async def schedule_wakeup(
             project, agent_id, body.user_id, body.inventory_item_id
         )
         if item is None:
-            raise NotFoundError(
-                "inventory_item_id",
-                f"inventory_item_id {body.inventory_item_id!r}: no such item for this user",
-                resource="inventory_item",
-            )
+            raise missing_item(agent_id, body.user_id, body.inventory_item_id)
     row = WakeupRow(
         id=new_id("wk"),
         project_id=project,
@@ -102,32 +115,43 @@ async def list_wakeups(
     instance_id: str | None = None,
     limit: str | None = None,
 ) -> Response:
-    """The agent's wakeups, soonest first; filters ``user_id``, ``status``; ``limit`` 1..500."""
+    """
+    The agent's pending wakeups, soonest first; ``status`` (pending, executed,
+    cancelled, or all) lists others; filter ``user_id``; ``limit`` 1..500.
+    """
     del instance_id  # accepted because the SDK sends it; instances are not modelled
     count = parse_limit(limit, default=50, maximum=500)
     check_id(user_id, "user_id")
-    if status is not None and status not in STATUSES:
-        raise InvalidRequestError("status", f"status must be one of {', '.join(STATUSES)}")
+    if status is not None and status not in (*STATUSES, ALL):
+        raise InvalidRequestError("status", f"status must be one of {', '.join((*STATUSES, ALL))}")
+    # The SDK's get_wakeups sends no status and means the pending ones (a queue of
+    # what is still to come); executed and cancelled ones are asked for by name.
+    wanted = None if status == ALL else (status or "pending")
     rows = await ctx.store.wakeups.list_wakeups(
-        project, agent_id, user_id=user_id or None, status=status, limit=count
+        project, agent_id, user_id=user_id or None, status=wanted, limit=count
     )
     body = WakeupList(wakeups=[wakeup_out(r) for r in rows])
     return JSONResponse(body.model_dump(exclude_none=True))
 
 
-@router.delete(PREFIX + "/{wakeup_id}", responses={200: {"model": WakeupCancelled}})
+@router.delete(
+    PREFIX + "/{wakeup_id}",
+    responses={200: {"model": WakeupCancelled}, 204: {"description": "No such wakeup"}},
+)
 async def cancel_wakeup(
     agent_id: AgentId, wakeup_id: ResourceId, project: ProjectId, ctx: Ctx
 ) -> Response:
-    """Cancel a pending wakeup; 409 ``INVALID_STATE`` once executed or cancelled."""
+    """
+    Cancel a pending wakeup. Idempotent: cancelling it again answers the same, an
+    unknown id is 204; 409 ``INVALID_STATE`` once it has fired (or is firing).
+    """
     outcome = await ctx.store.wakeups.cancel_wakeup(project, agent_id, wakeup_id, ctx.clock.now())
     if outcome is CancelOutcome.NOT_FOUND:
-        raise NotFoundError(
-            "wakeup_id", f"wakeup_id {wakeup_id!r}: no such wakeup", resource="wakeup"
-        )
+        # As every DELETE here: a retry after a lost answer must not turn into an error.
+        return Response(status_code=204)
     if outcome is CancelOutcome.NOT_PENDING:
         raise InvalidStateError(
             "wakeup_id",
-            f"wakeup_id {wakeup_id!r}: the wakeup is no longer pending (executed or cancelled)",
+            f"wakeup_id {wakeup_id!r}: the wakeup has already fired; it cannot be cancelled",
         )
     return JSONResponse(WakeupCancelled(wakeup_id=wakeup_id, status="cancelled").model_dump())

@@ -21,7 +21,7 @@ from sqlalchemy.engine import RowMapping
 from delivery.api.auth import PathProject, ProjectId
 from delivery.api.context import ApiContext, Ctx, parse_limit, wire_time
 from delivery.api.schemas import ID_PATTERN, RequestModel, ResponseModel, Success
-from delivery.errors import InvalidRequestError, NotFoundError
+from delivery.errors import InvalidRequestError, NotFoundError, UnsupportedEventTypeError
 from delivery.secrets import SecretBox
 from delivery.store.webhooks import WebhookStore
 from handlers.ssrf import MAX_URL_LENGTH, Resolver, check_url, parse_allow_nets
@@ -43,6 +43,16 @@ EventType = Annotated[
         description="Webhook event type, e.g. on_wakeup_ready.",
     ),
 ]
+
+
+NEVER_PRODUCED: dict[str, str] = {
+    "agent.wakeup": (
+        "event_type 'agent.wakeup' is sent for wakeups an agent's context engine schedules "
+        "on its own, which this service does not do; register 'on_wakeup_ready', which "
+        "receives every wakeup that fires"
+    ),
+}
+"""Event types named in the Sonzai API that nothing here emits, and what to use instead."""
 
 
 class WebhookRegister(RequestModel):
@@ -158,6 +168,9 @@ def _attempt(row: RowMapping) -> dict[str, Any]:
 async def _register(
     request: Request, ctx: ApiContext, project: str, event_type: str, body: WebhookRegister
 ) -> Response:
+    if event_type in NEVER_PRODUCED:
+        # Refused rather than stored: an endpoint that silently never fires is worse.
+        raise UnsupportedEventTypeError("event_type", NEVER_PRODUCED[event_type])
     if body.auth_header is not None and (bad := header_value_problem(body.auth_header)):
         # Sent verbatim as the Authorization header: refused now rather than failing
         # every delivery attempt later.
@@ -199,7 +212,8 @@ async def _delete(ctx: ApiContext, project: str, event_type: str) -> Response:
         project, event_type, now=ctx.clock.now(), reason="webhook deleted"
     )
     if not found:
-        raise _not_registered(event_type)
+        # Idempotent: nothing registered is 204, which the SDK reads as success.
+        return Response(status_code=204)
     _log.info("webhook.deleted", project_id=project, event_type=event_type)
     return JSONResponse({"success": True})
 
@@ -251,14 +265,22 @@ async def register_webhook(
     """
     Register or replace the URL for ``event_type``. The signing secret is returned on
     the first registration only; 400 ``INVALID_WEBHOOK_URL`` for a refused destination,
-    ``INVALID_REQUEST`` for an ``auth_header`` that cannot be an HTTP header value.
+    ``INVALID_REQUEST`` for an ``auth_header`` that cannot be an HTTP header value,
+    ``UNSUPPORTED_EVENT_TYPE`` for ``agent.wakeup`` (never sent here: use
+    ``on_wakeup_ready``).
     """
     return await _register(request, ctx, project, event_type, body)
 
 
-@router.delete(TENANT + "/{event_type}", responses={200: {"model": Success}})
+@router.delete(
+    TENANT + "/{event_type}",
+    responses={200: {"model": Success}, 204: {"description": "No webhook registered"}},
+)
 async def delete_webhook(event_type: EventType, project: ProjectId, ctx: Ctx) -> Response:
-    """Remove the webhook; pending deliveries end, past attempts stay listed. 404 if none."""
+    """
+    Remove the webhook; pending deliveries end, past attempts stay listed.
+    Idempotent: 204 when none is registered.
+    """
     return await _delete(ctx, project, event_type)
 
 
@@ -303,7 +325,10 @@ async def register_project_webhook(
     return await _register(request, ctx, project, event_type, body)
 
 
-@router.delete(PROJECT + "/{event_type}", responses={200: {"model": Success}})
+@router.delete(
+    PROJECT + "/{event_type}",
+    responses={200: {"model": Success}, 204: {"description": "No webhook registered"}},
+)
 async def delete_project_webhook(event_type: EventType, project: PathProject, ctx: Ctx) -> Response:
     """As the tenant-scoped delete, for ``project_id``."""
     return await _delete(ctx, project, event_type)

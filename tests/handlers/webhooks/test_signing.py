@@ -89,6 +89,35 @@ def test_seed_sample_verifier_sees_current_secret_during_rotation() -> None:
     assert seed_verify(BODY.decode(), header, NEW)
 
 
+@pytest.mark.parametrize(
+    ("attempt", "verifies"),
+    [(1, NEW), (2, OLD), (3, NEW), (4, OLD)],
+    ids=["first", "first-retry", "second-retry", "third-retry"],
+)
+def test_seed_sample_verifier_alternates_secrets_across_retries(
+    attempt: int, verifies: str
+) -> None:
+    """
+    During the overlap the last v1 (the one the seeds' sample keeps) is the new
+    secret's on odd attempts and the old one's on retries, so a receiver holding either
+    verifies within two attempts; the header always carries both.
+    """
+    signing = active_secrets(NEW, OLD, T0, now=T0 + timedelta(hours=1), attempt_number=attempt)
+    header = sign(BODY, msg_id="evt_1", secrets=signing, now=T0)["Sonzai-Signature"]
+    assert header.count("v1=") == 2
+    other = OLD if verifies == NEW else NEW
+    assert seed_verify(BODY.decode(), header, verifies)
+    assert not seed_verify(BODY.decode(), header, other)
+    verify_sonzai(BODY, header, [other], now=T0)  # a verifier reading every v1 takes both
+
+
+def test_after_the_overlap_every_attempt_carries_only_the_new_secret() -> None:
+    """Past 24 h the old secret signs nothing, whatever the attempt."""
+    for attempt in (1, 2):
+        signing = active_secrets(NEW, OLD, T0, now=T0 + timedelta(hours=24), attempt_number=attempt)
+        assert signing == (NEW,)
+
+
 def test_standardwebhooks_library_verifies_what_we_send() -> None:
     """The reference library (which reads the real clock) verifies our headers and body."""
     headers = sign(BODY, msg_id="evt_1", secrets=[NEW], now=SystemClock().now())

@@ -27,7 +27,8 @@ parses); nothing else maps exceptions to responses.
     │   └── InvalidStateError            INVALID_STATE (e.g. cancelling an executed wakeup)
     ├── RequestTooLargeError (413)       REQUEST_TOO_LARGE
     ├── HeadersTooLargeError (431)       HEADERS_TOO_LARGE
-    └── TooManyConnectionsError (503)    TOO_MANY_CONNECTIONS
+    ├── TooManyConnectionsError (503)    TOO_MANY_CONNECTIONS
+    └── DatabaseUnavailableError (503)   DATABASE_UNAVAILABLE
 """
 
 from typing import Any, ClassVar
@@ -192,4 +193,11 @@ class TooManyConnectionsError(DeliveryError):
     """The process already holds as many connections as it is allowed; retry later."""
 
     code = "TOO_MANY_CONNECTIONS"
+    status = 503
+
+
+class DatabaseUnavailableError(DeliveryError):
+    """The database went away under the request; nothing was recorded, a retry is safe."""
+
+    code = "DATABASE_UNAVAILABLE"
     status = 503

@@ -19,14 +19,21 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from delivery.api.schemas import MAX_METADATA_DEPTH
-from delivery.errors import DeliveryError, InvalidIdError, InvalidRequestError, NotFoundError
+from delivery.errors import (
+    DatabaseUnavailableError,
+    DeliveryError,
+    InvalidIdError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from delivery.store.engine import is_database_unavailable
 
 _log = structlog.get_logger(__name__)
 
 
-def error_response(exc: DeliveryError) -> JSONResponse:
+def error_response(exc: DeliveryError, headers: dict[str, str] | None = None) -> JSONResponse:
     """The JSON response for a :class:`DeliveryError`."""
-    return JSONResponse(exc.to_body(), status_code=exc.status)
+    return JSONResponse(exc.to_body(), status_code=exc.status, headers=headers)
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
@@ -143,8 +150,15 @@ def install_error_handlers(app: FastAPI, routers: Sequence[APIRouter]) -> None:
         body = {"code": "HTTP_ERROR", "message": str(exc.detail), "errors": []}
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
-    async def on_unexpected(_request: Request, _exc: Exception) -> JSONResponse:
+    async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
         # Already logged with the request id by RequestContextMiddleware.
+        if is_database_unavailable(exc):
+            # Its transaction died with the connection: nothing of the request was
+            # recorded (an Idempotency-Key included), so the client may retry.
+            unavailable = DatabaseUnavailableError(
+                "", "the database is unavailable for a moment; nothing was recorded, retry"
+            )
+            return error_response(unavailable, headers={"Retry-After": "1"})
         body = {"code": "INTERNAL", "message": "internal error; see the server log", "errors": []}
         return JSONResponse(body, status_code=500)
 

@@ -21,6 +21,7 @@ from sqlalchemy import Select, Table, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from delivery.datadir import create_private_file
@@ -127,6 +128,42 @@ def describe_database_error(exc: BaseException) -> str | None:
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the database host ({exc}); check DELIVERY_DATABASE_URL"
     return None
+
+
+_UNAVAILABLE = frozenset(
+    {
+        # asyncpg: the server closed the connection, is shutting down or starting up.
+        "ConnectionDoesNotExistError",
+        "ConnectionFailureError",
+        "AdminShutdownError",
+        "CannotConnectNowError",
+        "CrashShutdownError",
+        "TooManyConnectionsError",
+        "InterfaceError",
+    }
+)
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """
+    Whether ``exc`` says the database went away under a request (a restart, a
+    failover, a terminated backend) rather than that the request was wrong: worth
+    a 503 and a retry, not a 500. The pool's pre-ping replaces such a connection
+    at its next checkout.
+    """
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        if (
+            type(current).__module__.startswith("asyncpg")
+            and type(current).__name__ in _UNAVAILABLE
+        ):
+            return True
+        if isinstance(current, ConnectionError):
+            return True
+        current = current.__cause__
+    return False
 
 
 def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:

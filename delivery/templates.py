@@ -32,7 +32,7 @@ Pure apart from a monotonic clock for the render deadline; no I/O.
 
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
@@ -640,6 +640,33 @@ class Renderer(Protocol):
 
 type TemplateBook = Mapping[tuple[str, str], Renderer]
 """A project's templates by (check_type, source)."""
+
+
+class BrokenTemplate:
+    """A stored template that no longer compiles: each render fails, so the default stands in."""
+
+    def __init__(self, source: str, error: str) -> None:
+        self.source = source
+        self._error = error
+
+    def render(self, block: IntentBlock) -> str:
+        raise TemplateError(self._error)
+
+
+def book_of(rows: Iterable[Mapping[Any, Any]]) -> dict[tuple[str, str], Renderer]:
+    """
+    A project's book from its stored rows (``check_type``, ``source``, ``body``).
+
+    A body that no longer compiles (checked when saved; the policy may have tightened
+    since) becomes a :class:`BrokenTemplate` rather than an error: fires must not fail.
+    """
+    book: dict[tuple[str, str], Renderer] = {}
+    for row in rows:
+        try:
+            book[(row["check_type"], row["source"])] = compile_template(row["body"])
+        except TemplateError as exc:
+            book[(row["check_type"], row["source"])] = BrokenTemplate(row["body"], describe(exc))
+    return book
 
 
 def render_or_default(book: TemplateBook, block: IntentBlock) -> tuple[str, Composed, str | None]:

@@ -20,19 +20,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
-from jinja2 import TemplateError
 
 from delivery.dispatcher.composers import Composer, CompositionError
-from delivery.domain import Draft, IntentBlock
+from delivery.domain import Draft
 from delivery.store.templates import TemplateSource
-from delivery.templates import (
-    Composed,
-    Renderer,
-    TemplateBook,
-    compile_template,
-    describe,
-    render_or_default,
-)
+from delivery.templates import Composed, TemplateBook, book_of, render_or_default
 
 log = structlog.get_logger(__name__)
 
@@ -40,17 +32,6 @@ COMPOSE_CONCURRENCY = 32
 """LLM calls in flight per batch (as :data:`delivery.dispatcher.process.COMPOSE_CONCURRENCY`)."""
 MAX_CACHED_PROJECTS = 10_000
 """Past this many cached projects, expired entries are dropped before adding more."""
-
-
-class _Broken:
-    """A stored template that no longer compiles: every render falls back to the default."""
-
-    def __init__(self, source: str, error: str) -> None:
-        self.source = source
-        self._error = error
-
-    def render(self, block: IntentBlock) -> str:
-        raise TemplateError(self._error)
 
 
 class TemplateBooks:
@@ -88,20 +69,8 @@ class TemplateBooks:
             if len(self._books) + len(stale) > MAX_CACHED_PROJECTS:
                 self._books = {p: e for p, e in self._books.items() if e[0] > now}
             for project_id in stale:
-                book = {
-                    (r["check_type"], r["source"]): _compiled(r["body"])
-                    for r in rows.get(project_id, [])
-                }
-                self._books[project_id] = (now + self._ttl_s, book)
+                self._books[project_id] = (now + self._ttl_s, book_of(rows.get(project_id, [])))
         return {p: self._books[p][1] for p in wanted}
-
-
-def _compiled(body: str) -> Renderer:
-    try:
-        return compile_template(body)
-    except TemplateError as exc:
-        # Checked when saved; a change of policy since then must not fail fires.
-        return _Broken(body, describe(exc))
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,18 +158,26 @@ async def test_preview_renders_body_stored_template_and_default(api: Api) -> Non
         "composer": "template",
     }
 
-    tid = (await _create(api))["template_id"]
-    stored = await api.alpha.post(
-        "/api/v1/templates/preview", json={"template_id": tid, "sample": sample}
-    )
-    assert stored.json()["message"] == "Hi! Time for your Ibuprofen (500mg)."
-
     default = await api.alpha.post(
         "/api/v1/templates/preview", json={"check_type": "medication", "sample": sample}
     )
     assert default.json() == {
         "message": "Hi! Just a reminder: time to take your Ibuprofen (500mg).",
         "composer": "default",
+    }
+
+    tid = (await _create(api))["template_id"]
+    stored = await api.alpha.post(
+        "/api/v1/templates/preview", json={"template_id": tid, "sample": sample}
+    )
+    assert stored.json()["message"] == "Hi! Time for your Ibuprofen (500mg)."
+    # Without body or template_id: what a fire would send, now the project's template.
+    fired = await api.alpha.post(
+        "/api/v1/templates/preview", json={"check_type": "medication", "sample": sample}
+    )
+    assert fired.json() == {
+        "message": "Hi! Time for your Ibuprofen (500mg).",
+        "composer": "template",
     }
     assert await api.store.count(TEMPLATES) == 1
 

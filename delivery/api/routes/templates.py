@@ -35,9 +35,10 @@ from delivery.templates import (
     MAX_SOURCE_CHARS,
     VARIABLES,
     Composed,
+    book_of,
     check_template,
-    default_message,
     kinds_of,
+    render_or_default,
     sample_block,
 )
 
@@ -93,9 +94,10 @@ class TemplateUpdate(RequestModel):
 
 class TemplatePreview(RequestModel):
     """
-    ``POST …/templates/preview``: render ``body`` (or the stored ``template_id``, or
-    when neither is given the built-in default) for a ``source`` block of
-    ``check_type``, built from ``sample`` or the built-in sample.
+    ``POST …/templates/preview``: render ``body``, or the stored ``template_id``, or
+    when neither is given what a fire would use (the project's template for
+    ``check_type`` and ``source``, else the built-in default), for a ``source`` block
+    of ``check_type`` built from ``sample`` or the built-in sample.
     """
 
     body: Body | None = None
@@ -314,7 +316,10 @@ async def _preview(ctx: ApiContext, project: str, body: TemplatePreview) -> Resp
         else sample_block(kind, check_type)
     )
     if source is None:
-        return JSONResponse({"message": default_message(block), "composer": Composed.DEFAULT})
+        # What a fire would send: the project's most specific template, else the default.
+        book = book_of(await ctx.store.templates.list_templates(project))
+        message, how, _error = render_or_default(book, block)
+        return JSONResponse({"message": message, "composer": how})
     field = "body" if body.body is not None else "template_id"
     template = check_template(
         source, check_type=check_type, kinds=(kind,), blocks=[block], field=field

@@ -387,16 +387,18 @@ class MessageTemplate:
 
 
 def _render(template: Any, values: Mapping[str, Any]) -> str:
-    token = _deadline.set(time.monotonic() + RENDER_BUDGET_S)
+    deadline = time.monotonic() + RENDER_BUDGET_S
+    token = _deadline.set(deadline)
     try:
         parts: list[str] = []
         size = 0
-        chunks: Iterator[str] = template.generate(values)
+        chunks: Iterator[str] = template.root_render_func(template.new_context(values))
         for chunk in chunks:
             size += len(chunk)
             if size > 4 * MAX_MESSAGE_CHARS:
                 raise RenderLimitError(f"the message is longer than {MAX_MESSAGE_CHARS} characters")
-            _check_value(None)
+            if time.monotonic() > deadline:
+                _check_value(None)
             parts.append(chunk)
     finally:
         _deadline.reset(token)
@@ -414,7 +416,11 @@ def _compile(source: str) -> Any:
         raise TemplateSyntaxError(f"the template is longer than {MAX_SOURCE_CHARS} characters", 1)
     tree = _ENV.parse(source)
     _walk_checks(tree)
-    return _ENV.from_string(tree)
+    template = _ENV.from_string(tree)
+    # A plain dict: Jinja's ChainMap of globals costs more to copy per render than
+    # the rest of a short template's render.
+    template.globals = dict(template.globals)
+    return template
 
 
 def compile_template(source: str) -> MessageTemplate:
@@ -611,10 +617,15 @@ def candidates(check_type: str, kind: SourceKind) -> tuple[tuple[str, str], ...]
 
 def default_template(block: IntentBlock) -> MessageTemplate:
     """The built-in template for ``block``."""
-    for key in candidates(block.check_type.lower(), block.kind):
+    return _default_for(block.check_type, block.kind)
+
+
+@lru_cache(maxsize=4096)
+def _default_for(check_type: str, kind: SourceKind) -> MessageTemplate:
+    for key in candidates(check_type.lower(), kind):
         if key in DEFAULTS:
             return compile_template(DEFAULTS[key])
-    return compile_template(DEFAULTS[(ANY_CHECK_TYPE, block.kind.value)])
+    return compile_template(DEFAULTS[(ANY_CHECK_TYPE, kind.value)])
 
 
 def default_message(block: IntentBlock) -> str:

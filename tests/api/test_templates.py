@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from delivery.api.openapi import EXAMPLES
 from delivery.store.tables import TEMPLATE_VERSIONS, TEMPLATES
 from tests.api.conftest import Api
 
@@ -234,3 +235,14 @@ async def test_another_projects_template_is_404(api: Api) -> None:
     assert (await beta.get(f"/api/v1/projects/{alpha}/templates/{tid}")).status_code == 404
     got = (await api.alpha.get(f"/api/v1/templates/{tid}")).json()
     assert (got["version"], got["body"]) == (1, BODY)
+
+
+async def test_the_openapi_examples_work(api: Api) -> None:
+    """The documented examples create, update and preview as they are."""
+    created = await api.alpha.post("/api/v1/templates", json=EXAMPLES["TemplateCreate"])
+    assert created.status_code == 201, created.text
+    tid = created.json()["template_id"]
+    updated = await api.alpha.put(f"/api/v1/templates/{tid}", json=EXAMPLES["TemplateUpdate"])
+    assert updated.status_code == 200, updated.text
+    preview = await api.alpha.post("/api/v1/templates/preview", json=EXAMPLES["TemplatePreview"])
+    assert preview.json() == {"message": "Hi! Time for your Ibuprofen.", "composer": "template"}

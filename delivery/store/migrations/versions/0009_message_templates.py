@@ -1,7 +1,7 @@
 """message templates: per project and check type, versioned; how each notification was composed
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-04
 
 New tables ``message_templates`` (one current body per project, check type and
@@ -22,8 +22,8 @@ from alembic import op
 import delivery.store.types
 
 
-revision: str = '0008'
-down_revision: str | Sequence[str] | None = '0007'
+revision: str = '0009'
+down_revision: str | Sequence[str] | None = '0008'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -18,6 +18,7 @@ parses); nothing else maps exceptions to responses.
     │   ├── InvalidRequestError          INVALID_REQUEST  (schema: missing field, wrong type)
     │   ├── InvalidContactError          INVALID_CONTACT
     │   ├── InvalidWebhookUrlError       INVALID_WEBHOOK_URL
+    │   ├── InvalidTemplateError         INVALID_TEMPLATE (a message template that cannot render)
     │   └── UnsupportedChannelTypeError  UNSUPPORTED_CHANNEL_TYPE
     ├── UnauthorizedError (401)          UNAUTHORIZED
     ├── NotFoundError (404, LookupError) NOT_FOUND
@@ -127,6 +128,12 @@ class InvalidContactError(BadRequestError):
 
 class InvalidWebhookUrlError(BadRequestError):
     code = "INVALID_WEBHOOK_URL"
+
+
+class InvalidTemplateError(BadRequestError):
+    """A message template that does not compile, or fails on a sample block."""
+
+    code = "INVALID_TEMPLATE"
 
 
 class UnsupportedChannelTypeError(BadRequestError):

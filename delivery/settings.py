@@ -116,6 +116,18 @@ class Settings(BaseSettings):
     llm_model: str = "gpt-4o-mini"
     llm_api_key: SecretStr | None = None
     llm_timeout_s: float = Field(default=20.0, gt=0)
+    llm_retry_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a failing LLM call is retried (with backoff) before the "
+        "project's template stands in for it.",
+    )
+    template_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long the dispatcher reuses a project's templates before reading "
+        "them again (an update is used by fires after at most this long).",
+    )
 
     # --- webhooks ---------------------------------------------------------------
     secret_key: SecretStr | None = Field(

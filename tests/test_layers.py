@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "delivery.domain",
             "delivery.cadence",
             "delivery.planning",
+            "delivery.templates",
             "handlers",
             "handlers.base",
             "handlers.classify",

@@ -125,6 +125,21 @@ EXAMPLES: Final[dict[str, dict[str, Any]]] = {
     },
     "KeyCreate": {"project": "demo"},
     "KeyRotate": {"grace_seconds": 3600},
+    "TemplateCreate": {
+        "check_type": "medication",
+        "source": "schedule",
+        "body": "Good {{ time_of_day }}! Time for your "
+        "{{ item.summary if item else 'medication' }}.",
+    },
+    "TemplateUpdate": {"body": "Hi! Time for your {{ item.label if item else 'medication' }}."},
+    "TemplatePreview": {
+        "check_type": "medication",
+        "source": "schedule",
+        "sample": {
+            "fire_at": "2026-12-05T08:00:00+01:00",
+            "item": {"label": "Ibuprofen", "properties": {"dosage": "500mg"}},
+        },
+    },
 }
 """An example request body per request model, by the model's schema name."""
 

@@ -40,10 +40,12 @@ from delivery.bus.messages import EventAccepted, FireCreated, WakeupDue
 from delivery.bus.stream import ensure_stream, stream_replicas
 from delivery.bus.subjects import Subjects
 from delivery.clock import Clock
-from delivery.dispatcher.composers import Composer, build_composer
+from delivery.dispatcher.composers import Composer, TemplateComposer, build_composer
+from delivery.dispatcher.messages import Messages, TemplateBooks
 from delivery.dispatcher.process import BatchResult, Processor
 from delivery.domain import SourceKind, SourceRef
 from delivery.settings import Settings
+from delivery.store.templates import TemplateStore
 
 log = structlog.get_logger(__name__)
 
@@ -140,7 +142,10 @@ class Dispatcher:
         nats_url: the JetStream server.
         clock: stamps notifications.
         composer: overrides the composer ``settings`` names (tests); the
-            dispatcher closes only a composer it built itself.
+            dispatcher closes only a composer it built itself. Messages come from
+            the project's templates (or the built-in defaults) unless an LLM is
+            named, or a composer given: then that composes, retried for
+            ``settings.llm_retry_s`` before the templates stand in.
         on_batch: called with every batch's result after its messages are
             acked (metrics, and tests waiting on an event instead of sleeping).
     """
@@ -158,11 +163,20 @@ class Dispatcher:
         self.subjects = Subjects(settings.subject_prefix)
         self._own_composer = composer is None
         self.composer = composer if composer is not None else build_composer(settings)
-        self.processor = Processor(engine, self.composer, self.subjects, clock)
         llm = settings.composer == "llm"
+        self.messages = Messages(
+            TemplateBooks(TemplateStore(engine), ttl_s=settings.template_cache_s),
+            self.composer if llm or not isinstance(self.composer, TemplateComposer) else None,
+            retry_s=settings.llm_retry_s,
+        )
+        self.processor = Processor(
+            engine, self.composer, self.subjects, clock, messages=self.messages
+        )
         self.batch_size = LLM_BATCH if llm else TEMPLATE_BATCH
         self.in_flight = LLM_IN_FLIGHT if llm else TEMPLATE_IN_FLIGHT
-        self.ack_wait_s = LLM_ACK_WAIT_S if llm else TEMPLATE_ACK_WAIT_S
+        # An LLM message may take its timeout and then the whole retry budget.
+        llm_wait = max(LLM_ACK_WAIT_S, 2 * (settings.llm_timeout_s + settings.llm_retry_s))
+        self.ack_wait_s = llm_wait if llm else TEMPLATE_ACK_WAIT_S
         self._slots = asyncio.Semaphore(self.in_flight)
         self._batches: set[asyncio.Task[BatchResult]] = set()
         self.nats_url = nats_url
@@ -291,6 +305,7 @@ class Dispatcher:
                     total.failed += result.failed
                     total.duplicates += result.duplicates
                     total.skipped.update(result.skipped)
+                    total.fallbacks += result.fallbacks
         finally:
             await nc.close()
         return total

@@ -1,11 +1,14 @@
 """
 Composers: an intent block in, the agent's opening message out.
 
-:class:`TemplateComposer` is the default: deterministic, no network.
-:class:`LlmComposer` speaks the OpenAI-compatible chat-completions API over
-httpx. Either raises :class:`CompositionError` when it cannot produce a
-message; the caller then keeps the notification as ``failed_generation``
-with the error: a message is never lost.
+:class:`TemplateComposer` restates the block's parts: deterministic, no network
+(advance-time composes with it). :class:`LlmComposer` speaks the
+OpenAI-compatible chat-completions API over httpx. Either raises
+:class:`CompositionError` when it cannot produce a message; a caller composing
+with one directly keeps the notification as ``failed_generation`` with the error.
+The dispatcher composes through :mod:`delivery.dispatcher.messages` instead: the
+project's templates or the built-in defaults, or the LLM retried and then
+replaced by them, so its notifications always carry a message.
 """
 
 from typing import Any, Protocol

@@ -27,6 +27,7 @@ from delivery.cadence.instants import format_local, format_utc
 from delivery.clock import Clock
 from delivery.dispatcher.compose import event_block, schedule_block, wakeup_block
 from delivery.dispatcher.composers import Composer, CompositionError
+from delivery.dispatcher.messages import Messages, as_composed
 from delivery.domain import (
     EVENT_TYPES,
     Draft,
@@ -43,12 +44,15 @@ from delivery.store.notifications import (
     notification_store,
 )
 from delivery.store.staging import STAGED
+from delivery.templates import Composed
 
 log = structlog.get_logger(__name__)
 
 COMPOSE_CONCURRENCY = 32
 """Composer calls in flight per batch (bounds LLM fan-out; free for the template)."""
 LOST_WAKEUP = "wakeup no longer pending"
+FALLBACKS = frozenset({Composed.TEMPLATE_FALLBACK.value, Composed.DEFAULT_FALLBACK.value})
+"""The ``composer`` values that say a fallback wrote the message."""
 """Why a wakeup cancelled between the read and the write produced nothing."""
 
 
@@ -62,12 +66,15 @@ class BatchResult:
         failed: the subset of ``created`` kept as ``failed_generation``.
         duplicates: source ids that already had their notification (redeliveries).
         skipped: source id -> why nothing was made (cancelled wakeup, missing row, ...).
+        fallbacks: the subset of ``created`` whose message a fallback wrote (the LLM
+            or the project's template failed).
     """
 
     created: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)
 
 
 def parse_json_object(text: str | None) -> dict[str, Any]:
@@ -186,6 +193,7 @@ def notification_row(
     error: str | None,
     created_at: datetime,
     staged: bool = False,
+    composer: str | None = None,
 ) -> dict[str, Any]:
     """
     The ``notifications`` row for a composed draft, payload included (the webhook body).
@@ -193,7 +201,9 @@ def notification_row(
     ``error`` set means the composer failed: the row is kept with status
     ``failed_generation`` and an empty message, never dropped. ``staged``: the
     fire is still ahead (:mod:`delivery.store.staging`); the row stays hidden until
-    promoted, and becomes ``pending`` or ``failed_generation`` then.
+    promoted, and becomes ``pending`` or ``failed_generation`` then. ``composer``
+    says how the message was made (:class:`delivery.templates.Composed`); it is
+    stored, not sent.
     """
     nid = draft.notification_id
     event_type = EVENT_TYPES[draft.block.kind]
@@ -233,6 +243,7 @@ def notification_row(
         "generated_message": message,
         "status": STAGED if staged else ("failed_generation" if error is not None else "pending"),
         "error": error,
+        "composer": composer,
         "fire_at": draft.fire_at,
         "payload_json": json.dumps(payload, sort_keys=True, separators=(",", ":")),
         "ack_status": "pending",
@@ -363,6 +374,7 @@ def notification_batch(
     now: datetime,
     simulated: bool = False,
     replace: Sequence[str] = (),
+    composers: Mapping[str, str] | None = None,
 ) -> NotificationBatch:
     """
     What the store writes for ``composed`` (pure): the notification rows, their
@@ -378,6 +390,7 @@ def notification_batch(
         replace: source ids whose ``staged`` notification (and its unsent
             outbox entry) is deleted first: restaged fires, and advance-time's
             fires that the scheduler had staged (:mod:`delivery.store.staging`).
+        composers: source id -> how its message was made (the ``composer`` column).
     """
     rows: list[dict[str, Any]] = []
     wakeups: dict[str, datetime] = {}
@@ -391,7 +404,16 @@ def notification_batch(
         # A staged row's created_at is a placeholder (promotion sets the real
         # instant); its payload says the fire instant, when it became due.
         created_at = d.fire_at if simulated or staged else now
-        rows.append(notification_row(d, message=m, error=e, created_at=created_at, staged=staged))
+        rows.append(
+            notification_row(
+                d,
+                message=m,
+                error=e,
+                created_at=created_at,
+                staged=staged,
+                composer=(composers or {}).get(d.source_id),
+            )
+        )
     outbox = [
         outbox_row(r, subjects, now)
         for r in rows
@@ -406,9 +428,12 @@ class Processor:
 
     Args:
         store: the store, or the engine to build the SQL store over.
-        composer: message composer (template or LLM).
+        composer: message composer (template or LLM), used as given when
+            ``messages`` is ``None``: a failure is then kept as ``failed_generation``.
         subjects: subjects for the ``notification.created`` outbox rows.
         clock: stamps ``created_at`` / ``executed_at``.
+        messages: the dispatcher's message step (project templates, LLM retries and
+            the template fallback); when set, it composes instead of ``composer``.
     """
 
     def __init__(
@@ -417,11 +442,14 @@ class Processor:
         composer: Composer,
         subjects: Subjects,
         clock: Clock,
+        *,
+        messages: Messages | None = None,
     ) -> None:
         self.store = notification_store(store)
         self.composer = composer
         self.subjects = subjects
         self.clock = clock
+        self.messages = messages
 
     async def process(self, refs: Sequence[SourceRef]) -> BatchResult:
         """
@@ -446,9 +474,17 @@ class Processor:
             )
         if not drafts and not replace:
             return result
-        composed = await compose_all(self.composer, drafts)
+        composers: Mapping[str, str] = {}
+        if self.messages is not None:
+            composed, composers = as_composed(await self.messages.compose(drafts))
+        else:
+            composed = await compose_all(self.composer, drafts)
         batch = notification_batch(
-            composed, subjects=self.subjects, now=self.clock.now(), replace=replace
+            composed,
+            subjects=self.subjects,
+            now=self.clock.now(),
+            replace=replace,
+            composers=composers,
         )
         written = await self.store.write_notifications(batch)
         for source_id in written.lost:
@@ -458,6 +494,8 @@ class Processor:
             result.created.append(row["id"])
             if row["status"] == "failed_generation":
                 result.failed.append(row["id"])
+            if row["composer"] in FALLBACKS:
+                result.fallbacks.append(row["id"])
             log.info(
                 "notification.created",
                 notification_id=row["id"],

@@ -3,7 +3,7 @@
 
 Each aggregate lives in its own module behind a ``Protocol`` that states its
 contract: :mod:`.keys`, :mod:`.schedules`, :mod:`.wakeups`, :mod:`.events`,
-:mod:`.inventory`, :mod:`.notifications` and :mod:`.idempotency`. Every method
+:mod:`.inventory`, :mod:`.notifications`, :mod:`.idempotency` and :mod:`.templates`. Every method
 that touches tenant data takes the caller's ``project_id`` and filters on it
 (:func:`delivery.store.common.owned`), so a foreign id behaves exactly like an
 unknown one. Statements are SQLAlchemy Core: one round trip per call, no ORM
@@ -21,6 +21,7 @@ from delivery.store.inventory import Inventory, InventoryStore
 from delivery.store.keys import Keys, KeyStore
 from delivery.store.notifications import NotificationQueue, SqlNotificationStore
 from delivery.store.schedules import ScheduleRecords, ScheduleStore
+from delivery.store.templates import MessageTemplates, TemplateStore
 from delivery.store.wakeups import Wakeups, WakeupStore
 
 
@@ -42,6 +43,7 @@ class SqlStore(StoreBase):
         inventory: inventory items.
         notifications: the notification queue as clients see it.
         idempotency: the recorded answers to ``Idempotency-Key`` requests.
+        templates: the project's message templates and their versions.
     """
 
     def __init__(self, engine: Engine, *, subjects: Subjects | None = None) -> None:
@@ -54,6 +56,7 @@ class SqlStore(StoreBase):
         self.inventory: Inventory = InventoryStore(engine, subjects=self.subjects)
         self.notifications: NotificationQueue = SqlNotificationStore(engine)
         self.idempotency: Idempotency = IdempotencyStore(engine)
+        self.templates: MessageTemplates = TemplateStore(engine)
 
     async def ping(self) -> None:
         """Run a trivial query; raises whatever the driver raises when the database is down."""

@@ -4,7 +4,8 @@ A tiny OpenAI-compatible ``POST /v1/chat/completions`` server for composer tests
 It checks each request the way the real API documents it (bearer key, model,
 system + user messages) and records it; ``mode`` picks the answer: ``ok`` echoes
 a message built from the intent block, ``error`` answers 500, ``slow`` stalls past
-any sane client timeout, ``empty`` answers a choice without content.
+any sane client timeout, ``empty`` answers a choice without content. ``fail_first``
+makes the first N requests answer 500 whatever the mode (a flaky provider).
 """
 
 import asyncio
@@ -23,6 +24,7 @@ class StandIn:
     mode: str = "ok"
     requests: list[dict[str, Any]] = field(default_factory=list)
     release: asyncio.Event | None = None
+    fail_first: int = 0
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -33,7 +35,7 @@ class StandIn:
                 return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
             body = await request.json()
             self.requests.append(body)
-            if self.mode == "error":
+            if self.mode == "error" or len(self.requests) <= self.fail_first:
                 return JSONResponse({"error": {"message": "overloaded"}}, status_code=500)
             if self.mode == "slow":
                 await asyncio.sleep(5)

@@ -12,6 +12,7 @@ from delivery.api.routes import (
     schedules,
     service,
     stream,
+    templates,
     wakeups,
     webhooks,
     workbench,
@@ -28,6 +29,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     webhooks.router,
     contacts.router,
     channels.router,
+    templates.router,
     stream.router,
     admin.router,
 )

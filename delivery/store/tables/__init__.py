@@ -32,6 +32,7 @@ from delivery.store.tables.core import (
     TriggerEventRow,
     WakeupRow,
 )
+from delivery.store.tables.templates import MessageTemplateRow, MessageTemplateVersionRow
 from delivery.store.tables.webhooks import WebhookAttemptRow, WebhookDeliveryRow, WebhookEndpointRow
 
 metadata = SQLModel.metadata
@@ -55,6 +56,8 @@ OFFSETS: Table = ClockOffsetRow.__table__  # type: ignore[attr-defined]
 FACTS: Table = DeploymentFactRow.__table__  # type: ignore[attr-defined]
 OUTBOX: Table = OutboxRow.__table__  # type: ignore[attr-defined]
 JOBS: Table = AdvanceTimeJobRow.__table__  # type: ignore[attr-defined]
+TEMPLATES: Table = MessageTemplateRow.__table__  # type: ignore[attr-defined]
+TEMPLATE_VERSIONS: Table = MessageTemplateVersionRow.__table__  # type: ignore[attr-defined]
 ENDPOINTS: Table = WebhookEndpointRow.__table__  # type: ignore[attr-defined]
 DELIVERIES: Table = WebhookDeliveryRow.__table__  # type: ignore[attr-defined]
 WEBHOOK_ATTEMPTS: Table = WebhookAttemptRow.__table__  # type: ignore[attr-defined]
@@ -78,6 +81,8 @@ __all__ = [
     "PREFERENCES",
     "PROJECTS",
     "SCHEDULES",
+    "TEMPLATES",
+    "TEMPLATE_VERSIONS",
     "WAKEUPS",
     "WEBHOOK_ATTEMPTS",
     "AdvanceTimeJobRow",
@@ -87,6 +92,8 @@ __all__ = [
     "FireRow",
     "IdempotencyRow",
     "InventoryItemRow",
+    "MessageTemplateRow",
+    "MessageTemplateVersionRow",
     "NotificationRow",
     "OutboxRow",
     "ProjectRow",

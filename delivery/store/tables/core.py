@@ -220,6 +220,11 @@ class NotificationRow(SQLModel, table=True):
     generated_message: str = Field(default="", sa_type=Text)
     status: str = Field(default="pending", max_length=24)
     error: str | None = Field(default=None, sa_type=Text)
+    composer: str | None = Field(
+        default=None,
+        max_length=24,
+        description="template | default | llm | template_fallback | default_fallback",
+    )
     fire_at: datetime = Field(sa_type=UTCDateTime)
     payload_json: str = Field(default="{}", sa_type=Text)
     ack_status: str = Field(default="pending", max_length=16)

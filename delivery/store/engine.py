@@ -306,6 +306,15 @@ def _joined(engine: AsyncEngine) -> UnitOfWork | None:
     return unit if unit is not None and unit.joins(engine) else None
 
 
+def joined_unit(engine: AsyncEngine) -> UnitOfWork | None:
+    """
+    The :func:`unit_of_work` a write on ``engine`` in this task belongs to, if any
+    (for writers that run outside :func:`write_transaction`, such as
+    :mod:`delivery.store.direct`).
+    """
+    return _joined(engine)
+
+
 def after_commit(engine: AsyncEngine, callback: Callable[[], None]) -> None:
     """
     Run ``callback`` once the current writes on ``engine`` are durable: at once

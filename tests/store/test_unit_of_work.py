@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.store.engine import after_commit, unit_of_work
@@ -93,3 +94,23 @@ async def test_tasks_started_inside_a_unit_write_on_their_own(engine: AsyncEngin
         # On SQLite the unit has not written yet, so the writer lock is free for the task.
         await asyncio.create_task(store.wakeups.insert_wakeup(_wakeup(project, 1)))
     assert await store.count(WAKEUPS) == 1
+
+
+async def test_a_failed_store_call_in_a_unit_undoes_only_its_own_writes(
+    engine: AsyncEngine,
+) -> None:
+    """
+    A store method that fails inside a unit (here an insert whose id is taken)
+    leaves the unit's earlier writes in place, whichever path the store writes by.
+    """
+    store = SqlStore(engine)
+    project = (await store.keys.ensure_project("p", NOW)).id
+    async with unit_of_work(engine) as unit:
+        await store.wakeups.insert_wakeup(_wakeup(project, 1))
+        with pytest.raises(IntegrityError):
+            await store.wakeups.insert_wakeup(_wakeup(project, 1))
+        await store.wakeups.insert_wakeup(_wakeup(project, 2))
+        await unit.commit()
+    async with store.read() as conn:
+        ids = [r.id for r in await conn.execute(WAKEUPS.select().order_by(WAKEUPS.c.id))]
+    assert ids == ["wk_1", "wk_2"]

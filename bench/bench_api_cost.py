@@ -267,7 +267,8 @@ def start_service(tree: Path, command: str, tmp: Path) -> Server:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
     env.update(
-        PYTHONPATH=str(tree),
+        # The tree first; a caller's own PYTHONPATH after it (a sitecustomize, say).
+        PYTHONPATH=os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p),
         DELIVERY_DATA_DIR=str(data_dir),
         DELIVERY_PORT=str(port),
         DELIVERY_LOG_JSON="true",
@@ -384,21 +385,42 @@ class Profiler:
         own: dict[str, int] = {}
         cumulative: dict[str, int] = {}
         total = 0
+        idle = 0
         for line in self.out.read_text().splitlines():
             stack, _, count_text = line.rpartition(" ")
             if not stack or not count_text.isdigit():
                 continue
             count = int(count_text)
-            frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+            frames = [re.sub(r":\d+\)$", ")", f.strip()) for f in stack.split(";")]
+            if _IDLE.search(frames[-1]):
+                idle += count
+                continue
             total += count
             own[frames[-1]] = own.get(frames[-1], 0) + count
             for frame in set(frames):
                 cumulative[frame] = cumulative.get(frame, 0) + count
-        print(f"  profile {self.name}: {total} samples in {self.out}")
+        print(f"  profile {self.name}: {total} busy samples ({idle} idle left out) in {self.out}")
         for title, table in (("self", own), ("cumulative", cumulative)):
-            print(f"    top {self.top} by {title}:")
-            for frame, count in sorted(table.items(), key=lambda kv: -kv[1])[: self.top]:
+            print(f"    top {self.top} by {title} (share of busy samples):")
+            ranked = [(f, c) for f, c in table.items() if not _PLUMBING.search(f)]
+            for frame, count in sorted(ranked, key=lambda kv: -kv[1])[: self.top]:
                 print(f"      {100 * count / max(total, 1):5.1f}%  {_short(frame)}")
+
+
+_IDLE = re.compile(
+    r"^(EpollSelector\.select \(|_connection_worker_thread \(.*aiosqlite/core\.py|"
+    r"_worker \(.*concurrent/futures/thread\.py|(Condition|Event)\.wait \(.*threading\.py)"
+)
+"""
+Innermost frames that are a thread waiting, not working: the event loop's ``epoll``,
+aiosqlite's and the thread pool's queue ``get``. py-spy's own idle detection did not
+drop them here, and they would otherwise be half of every profile.
+"""
+_PLUMBING = re.compile(
+    r"typer/|click/|runpy|delivery/__main__|delivery/cli\.py|commands/api\.py|"
+    r"asyncio/runners\.py|run_until_complete|run_forever|Thread\._bootstrap|Thread\.run "
+)
+"""Frames under every sample of a thread (the CLI, the loop's start): left out of the tops."""
 
 
 def _short(frame: str) -> str:
@@ -476,7 +498,7 @@ def measure_floor(figures: Figures, args: argparse.Namespace) -> None:
                 figures.add(figures.cpu, "floor", name, cpu)
                 figures.add(figures.wall, "floor", name, wall)
                 print(f"  floor {name:<20} {cpu:7.3f} ms CPU  {wall:7.3f} ms wall", flush=True)
-            for name in ("GET", "POST"):
+            for name in ("GET", "POST") if args.seconds else ():
                 rate, load_cpu, _ = concurrent(
                     server, FLOOR_KINDS[name], args.clients, args.seconds
                 )
@@ -492,6 +514,8 @@ def measure_tree(figures: Figures, label: str, tree: Path, args: argparse.Namesp
         server = start_service(tree, args.command, Path(tmp))
         try:
             for name, kind in KINDS.items():
+                if args.kind and name not in args.kind:
+                    continue
                 profile = None
                 if args.profile is not None:
                     profile = Profiler(args.py_spy, args.profile / label, name, args.rate, args.top)
@@ -500,6 +524,8 @@ def measure_tree(figures: Figures, label: str, tree: Path, args: argparse.Namesp
                 figures.add(figures.wall, label, name, wall)
                 print(f"  {label} {name:<20} {cpu:7.3f} ms CPU  {wall:7.3f} ms wall", flush=True)
             for name in CONCURRENT:
+                if (args.kind and name not in args.kind) or not args.seconds:
+                    continue
                 rate, load_cpu, bad = concurrent(server, KINDS[name], args.clients, args.seconds)
                 figures.add(figures.rate, label, name, rate)
                 figures.add(figures.load_cpu, label, name, load_cpu)
@@ -523,7 +549,9 @@ def report(figures: Figures, labels: list[str], args: argparse.Namespace) -> Non
         head += f" {label:>12} {'x floor':>8}"
     print(head)
     for name in KINDS:
-        floor = _med(figures.cpu["floor"][FLOOR_OF[name]])
+        if args.kind and name not in args.kind:
+            continue
+        floor = _med(figures.cpu.get("floor", {}).get(FLOOR_OF[name]))
         line = f"{name:<20} {floor:7.3f}"
         for label in labels:
             value = _med(figures.cpu.get(label, {}).get(name))
@@ -536,7 +564,9 @@ def report(figures: Figures, labels: list[str], args: argparse.Namespace) -> Non
         head += f" {label:>12} {'ms CPU/req':>10}"
     print(head)
     for name in CONCURRENT:
-        floor = _med(figures.rate["floor"][FLOOR_OF[name]])
+        if args.kind and name not in args.kind:
+            continue
+        floor = _med(figures.rate.get("floor", {}).get(FLOOR_OF[name]))
         line = f"{name:<20} {floor:7.0f}"
         for label in labels:
             rate = _med(figures.rate.get(label, {}).get(name))
@@ -564,6 +594,13 @@ def main() -> None:
         type=Path,
         help="a checkout with its own .venv to measure (repeatable; default: this one)",
     )
+    parser.add_argument(
+        "--kind",
+        action="append",
+        choices=list(KINDS),
+        help="measure only this kind (repeatable; default: all)",
+    )
+    parser.add_argument("--no-floor", action="store_true", help="skip the hello-world floor")
     parser.add_argument("--quick", action="store_true", help="smoke: 100 per kind, 2 s")
     parser.add_argument(
         "--profile",
@@ -582,7 +619,8 @@ def main() -> None:
     figures = Figures()
     for round_no in range(1, args.rounds + 1):
         print(f"round {round_no}", flush=True)
-        measure_floor(figures, args)
+        if not args.no_floor:
+            measure_floor(figures, args)
         for label, tree in labels:
             measure_tree(figures, label, tree, args)
     report(figures, [label for label, _ in labels], args)

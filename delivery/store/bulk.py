@@ -33,5 +33,12 @@ async def insert_outbox(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]
     A row without ``available_at`` may be published at once (``available_at =
     created_at``); only the scheduler's lookahead sets it later.
     """
-    ready = [r if "available_at" in r else {**r, "available_at": r["created_at"]} for r in rows]
+    ready = [outbox_row(r) for r in rows]
     return await insert_ignoring_duplicates(conn, OUTBOX, ready, unique=["msg_id"])
+
+
+def outbox_row(message: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The row :func:`insert_outbox` inserts for ``message`` (``available_at`` filled in)."""
+    return (
+        message if "available_at" in message else {**message, "available_at": message["created_at"]}
+    )

@@ -58,6 +58,21 @@ def owned(
     return conds
 
 
+def owned_values(
+    project_id: str, *, agent_id: str | None = None, user_id: str | None = None
+) -> dict[str, str]:
+    """
+    :func:`owned` as column values, for the steps of :mod:`delivery.store.steps`
+    (``SelectWhere``): the same tenant filter, the project always.
+    """
+    values = {"project_id": project_id}
+    if agent_id is not None:
+        values["agent_id"] = agent_id
+    if user_id is not None:
+        values["user_id"] = user_id
+    return values
+
+
 def insert_ignoring(dialect: str, table: Table, unique: Sequence[str]) -> Any:
     """
     ``INSERT ... ON CONFLICT (unique) DO NOTHING`` on ``table`` in ``dialect``.

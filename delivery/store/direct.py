@@ -28,9 +28,10 @@ from functools import cache, partial
 from typing import Any
 
 from sqlalchemy import Boolean, Table
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from delivery.store.engine import writer_lock
+from delivery.store.engine import joined_unit, writer_lock
 from delivery.store.types import UTCDateTime
 
 MAX_VARIABLES = 900
@@ -128,15 +129,30 @@ def codec(table: Table) -> Codec:
 
 
 async def on_driver_thread[T](conn: AsyncConnection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    """Run ``fn`` with the raw ``sqlite3`` connection behind ``conn``, on its thread."""
+    """
+    Run ``fn`` with the raw ``sqlite3`` connection behind ``conn``, on its thread.
+
+    A ``sqlite3`` error is raised as the SQLAlchemy exception the same statement
+    would have raised through SQLAlchemy (``sqlalchemy.exc.IntegrityError`` for a
+    taken key, ...), so a store method's failures do not depend on its path.
+    """
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
-    result: T = await driver._execute(fn, driver._conn)
+    try:
+        result: T = await driver._execute(fn, driver._conn)
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(None, None, exc, sqlite3.Error) from exc
     return result
 
 
 async def read[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) -> T:
-    """Run ``fn`` (reads only) on a pooled connection's thread."""
+    """
+    Run ``fn`` (reads only) on a pooled connection's thread, or on the request's
+    unit of work once it has written (so it reads the unit's own uncommitted writes).
+    """
+    unit = joined_unit(engine)
+    if unit is not None and unit.began:
+        return await on_driver_thread(await unit.connection(), fn)
     async with engine.connect() as conn:
         return await on_driver_thread(conn, fn)
 
@@ -152,7 +168,16 @@ async def write[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) -
     file's write lock across them. In a burst the loop is busy for tens of
     milliseconds at a time, so each round trip kept the writer idle and every
     other writer queued behind it; here the lock is held only while SQLite works.
+
+    Inside a :func:`~delivery.store.engine.unit_of_work` (a request with an
+    ``Idempotency-Key``), ``fn`` runs in a savepoint of the unit's transaction
+    instead, still in one call to the thread, and commits only with the unit; an
+    exception rolls back only ``fn``'s writes, as
+    :func:`~delivery.store.engine.write_transaction` does there.
     """
+    unit = joined_unit(engine)
+    if unit is not None:
+        return await on_driver_thread(await unit.connection(), partial(_in_savepoint, fn))
     lock = writer_lock(engine)
     await lock.acquire()
     held = True
@@ -177,6 +202,18 @@ def _in_transaction[T](fn: Callable[[sqlite3.Connection], T], db: sqlite3.Connec
         db.rollback()
         raise
     db.commit()
+    return result
+
+
+def _in_savepoint[T](fn: Callable[[sqlite3.Connection], T], db: sqlite3.Connection) -> T:
+    db.execute("SAVEPOINT direct_write")
+    try:
+        result = fn(db)
+    except BaseException:
+        db.execute("ROLLBACK TO direct_write")
+        db.execute("RELEASE direct_write")
+        raise
+    db.execute("RELEASE direct_write")
     return result
 
 
@@ -221,6 +258,52 @@ def select_in(
         )
         found.extend(c.row(values) for values in cursor.fetchall())
     return found
+
+
+def select_where(
+    db: sqlite3.Connection,
+    table: Table,
+    equals: Mapping[str, Any],
+    *,
+    columns: Sequence[str] | None = None,
+    order_by: Sequence[str] = (),
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """
+    The rows of ``table`` whose columns equal ``equals`` (``None`` means ``IS NULL``),
+    ordered by ``order_by`` (ascending) and at most ``limit``, as mapped dicts of
+    ``columns`` (default all).
+    """
+    full = codec(table)
+    c = full if columns is None else full.only(tuple(columns))
+    conditions = {k: v for k, v in equals.items() if v is not None}
+    where = [f"{_names(full, [n])} = ?" for n in conditions]
+    where += [f"{_names(full, [n])} IS NULL" for n, v in equals.items() if v is None]
+    [params] = full.params([conditions], list(conditions))
+    sql = f'SELECT {_names(c, c.columns)} FROM "{c.table}"'  # noqa: S608
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if order_by:
+        sql += " ORDER BY " + _names(full, order_by)
+    if limit is not None:
+        sql += " LIMIT ?"
+        params = (*params, limit)
+    return [c.row(values) for values in db.execute(sql, params).fetchall()]
+
+
+def insert_rows(db: sqlite3.Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """
+    Insert ``rows`` (the columns of the first row); a constraint violation raises
+    ``sqlite3.IntegrityError``.
+    """
+    if not rows:
+        return
+    c = codec(table)
+    columns = list(rows[0])
+    db.executemany(
+        f'INSERT INTO "{c.table}" ({_names(c, columns)}) VALUES ({_marks(len(columns))})',  # noqa: S608
+        c.params(rows, columns),
+    )
 
 
 def insert_ignoring_duplicates(

@@ -5,9 +5,11 @@ from typing import Any, Protocol
 
 from sqlalchemy import select
 
-from delivery.store.bulk import insert_outbox
+from delivery.store.bulk import outbox_row
 from delivery.store.common import StoreBase, owned
-from delivery.store.tables import EVENTS, TriggerEventRow
+from delivery.store.engine import Engine
+from delivery.store.steps import InsertIgnoring, InsertRows, Runner, inserting
+from delivery.store.tables import EVENTS, OUTBOX, TriggerEventRow
 
 
 class Events(Protocol):
@@ -33,11 +35,19 @@ class Events(Protocol):
 class EventStore(StoreBase):
     """:class:`Events` on SQLite and PostgreSQL."""
 
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        # One call to SQLite's driver thread per operation (delivery.store.steps).
+        self._runner = Runner(engine, reader=self._reader)
+
     async def insert_event(self, row: TriggerEventRow, outbox: Mapping[str, Any]) -> None:
         """Insert the event and its ``event.accepted`` outbox message in one transaction."""
-        async with self.write() as conn:
-            await conn.execute(EVENTS.insert().values(**row.model_dump()))
-            await insert_outbox(conn, [outbox])
+        await self._runner.write(
+            inserting(
+                InsertRows(EVENTS, [row.model_dump()]),
+                InsertIgnoring(OUTBOX, [outbox_row(outbox)], unique=("msg_id",)),
+            )
+        )
 
     async def list_events(
         self, project_id: str, agent_id: str, *, user_id: str | None, limit: int

@@ -7,13 +7,16 @@ describes or not at all: after a crash a retry finds either the record (and
 replays it) or nothing (and runs for the first time).
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 
-from delivery.store.common import StoreBase, insert_ignoring_duplicates, owned
+from delivery.store.common import StoreBase, owned_values
+from delivery.store.engine import Engine
+from delivery.store.steps import DeleteIn, InsertIgnoring, Runner, SelectWhere, Steps, selecting
 from delivery.store.tables import IDEMPOTENCY
 
 
@@ -71,6 +74,11 @@ class Idempotency(Protocol):
 class IdempotencyStore(StoreBase):
     """:class:`Idempotency` on SQLite and PostgreSQL."""
 
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        # One call to SQLite's driver thread per operation (delivery.store.steps).
+        self._runner = Runner(engine, reader=self._reader)
+
     async def find_idempotency_record(
         self, project_id: str, route: str, key: str, *, now: datetime
     ) -> IdempotencyRecord | None:
@@ -81,18 +89,19 @@ class IdempotencyStore(StoreBase):
         versions that reserved a key before running the request, count as absent.
         Inside a unit of work that has written, this reads its uncommitted state.
         """
-        i = IDEMPOTENCY.c
-        async with self.read() as conn:
-            row = (
-                await conn.execute(
-                    select(i.request_hash, i.status_code, i.response_body, i.expires_at).where(
-                        *owned(IDEMPOTENCY, project_id), i.route == route, i.key == key
-                    )
+        rows = await self._runner.read(
+            selecting(
+                SelectWhere(
+                    IDEMPOTENCY,
+                    {**owned_values(project_id), "route": route, "key": key},
+                    columns=("request_hash", "status_code", "response_body", "expires_at"),
                 )
-            ).one_or_none()
-        if row is None or row.status_code == 0 or row.expires_at <= now:
+            )
+        )
+        row = rows[0] if rows else None
+        if row is None or row["status_code"] == 0 or row["expires_at"] <= now:
             return None
-        return IdempotencyRecord(row.request_hash, row.status_code, row.response_body)
+        return IdempotencyRecord(row["request_hash"], row["status_code"], row["response_body"])
 
     async def record_idempotency(
         self,
@@ -118,33 +127,17 @@ class IdempotencyStore(StoreBase):
             False when another request recorded ``key`` first: the caller rolls
             its writes back and answers from that record.
         """
-        i = IDEMPOTENCY.c
-        async with self.write() as conn:
-            await conn.execute(
-                delete(IDEMPOTENCY).where(
-                    *owned(IDEMPOTENCY, project_id),
-                    i.route == route,
-                    i.key == key,
-                    (i.expires_at <= now) | (i.status_code == 0),
-                )
-            )
-            inserted = await insert_ignoring_duplicates(
-                conn,
-                IDEMPOTENCY,
-                [
-                    {
-                        "project_id": project_id,
-                        "route": route,
-                        "key": key,
-                        "request_hash": request_hash,
-                        "status_code": status_code,
-                        "response_body": body,
-                        "created_at": now,
-                        "expires_at": now + ttl,
-                    }
-                ],
-                unique=["project_id", "route", "key"],
-            )
+        record = {
+            "project_id": project_id,
+            "route": route,
+            "key": key,
+            "request_hash": request_hash,
+            "status_code": status_code,
+            "response_body": body,
+            "created_at": now,
+            "expires_at": now + ttl,
+        }
+        inserted: int = await self._runner.write(_recording(record, now))
         return inserted == 1
 
     async def purge_idempotency(self, now: datetime) -> int:
@@ -152,3 +145,25 @@ class IdempotencyStore(StoreBase):
         async with self.write() as conn:
             result = await conn.execute(delete(IDEMPOTENCY).where(IDEMPOTENCY.c.expires_at <= now))
         return int(result.rowcount or 0)
+
+
+def _recording(record: Mapping[str, Any], now: datetime) -> Steps[int]:
+    """
+    Insert ``record`` unless its key has a live record; how many rows were inserted.
+
+    A dead record of the key (expired, or a reservation with status 0 left by
+    older versions) is deleted first. The read and the delete run in the write
+    transaction: on SQLite it holds the file's writer; on PostgreSQL a concurrent
+    recorder of the same key blocks this delete or insert on its row, and this
+    insert then finds its record and inserts nothing.
+    """
+    mine = {**owned_values(record["project_id"]), "route": record["route"]}
+    found: list[dict[str, Any]] = yield SelectWhere(
+        IDEMPOTENCY, {**mine, "key": record["key"]}, columns=("status_code", "expires_at")
+    )
+    if found and (found[0]["expires_at"] <= now or found[0]["status_code"] == 0):
+        yield DeleteIn(IDEMPOTENCY, "key", [record["key"]], only_if=mine)
+    inserted: int = yield InsertIgnoring(
+        IDEMPOTENCY, [record], unique=("project_id", "route", "key")
+    )
+    return inserted

@@ -22,9 +22,17 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.domain import SourceKind, SourceRef
-from delivery.store.common import StoreBase, owned
+from delivery.store.common import StoreBase, owned, owned_values
 from delivery.store.staging import STAGED, dropping_staged
-from delivery.store.steps import InsertIgnoring, Runner, SelectIn, Steps, UpdateIn
+from delivery.store.steps import (
+    InsertIgnoring,
+    Runner,
+    SelectIn,
+    SelectWhere,
+    Steps,
+    UpdateIn,
+    selecting,
+)
 from delivery.store.tables import (
     EVENTS,
     FIRES,
@@ -302,7 +310,7 @@ class NotificationQueue(Protocol):
 
     async def list_queue(
         self, project_id: str, agent_id: str, *, status: str, user_id: str | None, limit: int
-    ) -> Sequence[RowMapping]:
+    ) -> Sequence[Mapping[str, Any]]:
         """The agent's queue in one status, oldest first (a queue is read in order)."""
         ...
 
@@ -377,7 +385,7 @@ class SqlNotificationStore(StoreBase):
 
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
-        self._runner = Runner(engine)
+        self._runner = Runner(engine, reader=self._reader)
 
     async def load_sources(self, refs: Sequence[SourceRef]) -> Sources:
         """See :meth:`NotificationStore.load_sources`."""
@@ -419,19 +427,23 @@ class SqlNotificationStore(StoreBase):
 
     async def list_queue(
         self, project_id: str, agent_id: str, *, status: str, user_id: str | None, limit: int
-    ) -> Sequence[RowMapping]:
-        """See :meth:`NotificationQueue.list_queue`."""
-        stmt = (
-            select(*_QUEUE_COLUMNS)
-            .where(
-                *owned(NOTIFICATIONS, project_id, agent_id=agent_id, user_id=user_id),
-                _n.status == status,
+    ) -> Sequence[Mapping[str, Any]]:
+        """
+        See :meth:`NotificationQueue.list_queue`: the polling path, so one call to
+        SQLite's driver thread (:mod:`delivery.store.steps`).
+        """
+        mine = owned_values(project_id, agent_id=agent_id, user_id=user_id)
+        return await self._runner.read(
+            selecting(
+                SelectWhere(
+                    NOTIFICATIONS,
+                    {**mine, "status": status},
+                    columns=tuple(c.name for c in _QUEUE_COLUMNS),
+                    order_by=("created_at", "id"),
+                    limit=limit,
+                )
             )
-            .order_by(_n.created_at, _n.id)
-            .limit(limit)
         )
-        async with self.read() as conn:
-            return (await conn.execute(stmt)).mappings().all()
 
     async def notification_history(
         self,

@@ -35,6 +35,7 @@ from delivery.store import direct
 from delivery.store.common import StoreBase, insert_ignoring, owned
 from delivery.store.engine import Capabilities, Engine, any_row, write_transaction
 from delivery.store.staging import restage_fires, staged_fires
+from delivery.store.steps import InsertRows, Runner, inserting
 from delivery.store.tables import (
     FIRES,
     OUTBOX,
@@ -331,6 +332,8 @@ class ScheduleStore(StoreBase):
         super().__init__(engine)
         self.subjects = subjects
         self._caps = capabilities or Capabilities.of(engine)
+        # One call to SQLite's driver thread per operation (delivery.store.steps).
+        self._runner = Runner(engine, reader=self._reader)
         self._insert_fires = insert_ignoring(
             self._caps.dialect, FIRES, ("schedule_id", "fire_at")
         ).returning(FIRES.c.id)
@@ -347,8 +350,7 @@ class ScheduleStore(StoreBase):
 
     async def insert_schedule(self, row: ScheduleRow) -> None:
         """Insert a new schedule row as given."""
-        async with self.write() as conn:
-            await conn.execute(SCHEDULES.insert().values(**row.model_dump()))
+        await self._runner.write(inserting(InsertRows(SCHEDULES, [row.model_dump()])))
 
     async def get_schedule(
         self, project_id: str, agent_id: str, user_id: str, schedule_id: str

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, delete, select, update
+from sqlalchemy import ColumnElement, Table, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.store import common, direct
-from delivery.store.engine import write_transaction
+from delivery.store.engine import read_connection, write_transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +90,50 @@ class InsertIgnoring:
     unique: tuple[str, ...]
 
 
-type Step = SelectIn | UpdateIn | DeleteIn | InsertIgnoring
+@dataclass(frozen=True, slots=True)
+class InsertRows:
+    """
+    Insert ``rows`` (the columns of the first row); a constraint violation raises.
+
+    Result: ``None``.
+    """
+
+    table: Table
+    rows: Sequence[Mapping[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class SelectWhere:
+    """
+    The rows of ``table`` whose columns equal ``equals`` (``None`` means ``IS NULL``),
+    ordered by ``order_by`` (ascending), at most ``limit``.
+
+    Result: ``list[dict[str, Any]]`` of ``columns`` (default: every column).
+    """
+
+    table: Table
+    equals: Mapping[str, Any]
+    columns: tuple[str, ...] | None = None
+    order_by: tuple[str, ...] = ()
+    limit: int | None = None
+
+
+type Step = SelectIn | UpdateIn | DeleteIn | InsertIgnoring | InsertRows | SelectWhere
 type Steps[T] = Generator[Step, Any, T]
 """An operation: yields steps, is sent each step's result, returns its value."""
+
+
+def inserting(*steps: InsertRows | InsertIgnoring) -> Steps[None]:
+    """An operation that runs ``steps`` (inserts) in order and returns nothing."""
+    # Not ``yield from``: the runner sends each step's result, which a tuple refuses.
+    for step in steps:  # noqa: UP028
+        yield step
+
+
+def selecting(step: SelectWhere) -> Steps[list[dict[str, Any]]]:
+    """An operation that runs one ``SelectWhere`` and returns its rows."""
+    rows: list[dict[str, Any]] = yield step
+    return rows
 
 
 class Runner:
@@ -102,23 +143,28 @@ class Runner:
     With aiosqlite, an operation runs whole on the driver's thread
     (:func:`delivery.store.direct.read` / :func:`~delivery.store.direct.write`:
     one call to that thread, the write lock held only while SQLite works);
-    otherwise as Core statements on a pooled connection. A SQLite write is then
-    its own transaction even inside a request's unit of work, so only processes
-    that run outside requests (the dispatcher) write through :meth:`write`;
-    operations reachable from the API run :func:`run_core` inside
-    :func:`~delivery.store.engine.write_transaction`.
+    otherwise as Core statements on a pooled connection. Inside a request's
+    unit of work both paths join the unit's transaction (a write is a savepoint
+    of it, a read after its first write reads its uncommitted state), as
+    :func:`~delivery.store.engine.write_transaction` does.
+
+    Args:
+        engine: the engine written on.
+        reader: the engine Core reads run on (default ``engine``); a store may
+            pass an autocommit one, as every read here is one statement per step.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, reader: AsyncEngine | None = None) -> None:
         self.engine = engine
+        self.reader = reader or engine
         dialect = engine.dialect
         self.driver_thread = dialect.name == "sqlite" and dialect.driver == "aiosqlite"
 
     async def read[T](self, steps: Steps[T]) -> T:
-        """Run ``steps`` (selects only) on a pooled connection."""
+        """Run ``steps`` (selects only) on a pooled connection, or the unit's once it wrote."""
         if self.driver_thread:
             return await direct.read(self.engine, partial(run_direct, steps))
-        async with self.engine.connect() as conn:
+        async with read_connection(self.reader) as conn:
             return await run_core(steps, conn)
 
     async def write[T](self, steps: Steps[T]) -> T:
@@ -161,6 +207,12 @@ def _direct_step(db: sqlite3.Connection, step: Step) -> Any:
             return direct.delete_in(db, table, column, values, only_if=only_if)
         case InsertIgnoring(table, rows, unique):
             return direct.insert_ignoring_duplicates(db, table, rows, unique=unique)
+        case InsertRows(table, rows):
+            return direct.insert_rows(db, table, rows)
+        case SelectWhere(table, equals, columns, order_by, limit):
+            return direct.select_where(
+                db, table, equals, columns=columns, order_by=order_by, limit=limit
+            )
 
 
 def _where(
@@ -198,3 +250,17 @@ async def _core_step(conn: AsyncConnection, step: Step) -> Any:
             return int((await conn.execute(deleting)).rowcount or 0)
         case InsertIgnoring(table, rows, unique):
             return await common.insert_ignoring_duplicates(conn, table, rows, unique=unique)
+        case InsertRows(table, rows):
+            if rows:
+                await conn.execute(insert(table), [dict(r) for r in rows])
+            return None
+        case SelectWhere(table, equals, columns, order_by, limit):
+            picked = table.c if columns is None else [table.c[name] for name in columns]
+            selecting = (
+                select(*picked)
+                # ``== None`` compiles to IS NULL.
+                .where(*(table.c[name] == value for name, value in equals.items()))
+                .order_by(*(table.c[name] for name in order_by))
+                .limit(limit)
+            )
+            return [dict(row) for row in (await conn.execute(selecting)).mappings()]

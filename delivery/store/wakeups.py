@@ -10,6 +10,8 @@ from typing import Protocol
 from sqlalchemy import select, update
 
 from delivery.store.common import StoreBase, owned
+from delivery.store.engine import Engine
+from delivery.store.steps import InsertRows, Runner, inserting
 from delivery.store.tables import WAKEUPS, WakeupRow
 
 
@@ -57,10 +59,14 @@ class Wakeups(Protocol):
 class WakeupStore(StoreBase):
     """:class:`Wakeups` on SQLite and PostgreSQL."""
 
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        # One call to SQLite's driver thread per operation (delivery.store.steps).
+        self._runner = Runner(engine, reader=self._reader)
+
     async def insert_wakeup(self, row: WakeupRow) -> None:
         """Insert a new pending wakeup."""
-        async with self.write() as conn:
-            await conn.execute(WAKEUPS.insert().values(**row.model_dump()))
+        await self._runner.write(inserting(InsertRows(WAKEUPS, [row.model_dump()])))
 
     async def list_wakeups(
         self,

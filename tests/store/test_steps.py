@@ -5,11 +5,13 @@ SQLite's driver thread or SQLAlchemy Core (what PostgreSQL and advance-time use)
 
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Table, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.bus.subjects import Subjects
@@ -33,7 +35,7 @@ from delivery.store.notifications import (
     loading,
     writing,
 )
-from delivery.store.steps import run_core, run_direct
+from delivery.store.steps import InsertRows, SelectWhere, run_core, run_direct
 from delivery.store.tables import ScheduleRow, TriggerEventRow, WakeupRow
 from delivery.store.tables import metadata as all_tables
 from tests.dispatcher import rows
@@ -170,3 +172,70 @@ async def test_a_write_keeps_its_contract_on_each_database(engine: AsyncEngine) 
         r["source_id"]: r["generated_message"] for r in (await dump(engine))["notifications"]
     }
     assert messages == {fid: "second", "wk_1": "first", "evt_1": "first"}
+
+
+def _reading(step: SelectWhere) -> Any:
+    found = yield step
+    return found
+
+
+def _inserting(step: InsertRows) -> Any:
+    yield step
+
+
+async def test_select_where_and_insert_rows_are_the_same_on_both_runners(
+    sqlite_pair: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    """
+    Rows inserted by either runner are equal, and a filtered, ordered, limited read
+    (``None`` as ``IS NULL``, instants converted) answers the same on both.
+    """
+    on_thread, on_core = sqlite_pair
+    for engine, run in ((on_thread, by_driver_thread), (on_core, by_core)):
+        await rows.project(engine)
+        wakeups = [
+            WakeupRow(
+                id=f"wk_{n}",
+                project_id="proj_1",
+                agent_id="a1",
+                user_id="u1" if n % 2 else "u2",
+                check_type="c",
+                intent="i",
+                occasion=None if n % 3 else "birthday",
+                scheduled_at=NOW - timedelta(minutes=n),
+                status="pending",
+                created_at=NOW,
+            ).model_dump()
+            for n in range(1, 7)
+        ]
+        await run(engine, _inserting(InsertRows(WAKEUPS, wakeups)))
+    assert await dump(on_thread) == await dump(on_core)
+
+    for step in (
+        SelectWhere(WAKEUPS, {"user_id": "u1"}, order_by=("scheduled_at", "id"), limit=2),
+        SelectWhere(WAKEUPS, {"occasion": None}, columns=("id", "scheduled_at")),
+        SelectWhere(WAKEUPS, {"agent_id": "a1", "user_id": "u2", "occasion": "birthday"}),
+        SelectWhere(WAKEUPS, {"agent_id": "nobody"}),
+    ):
+        thread_rows = await direct.read(on_thread, partial(run_direct, _reading(step)))
+        async with on_thread.connect() as conn:
+            core_rows = await run_core(_reading(step), conn)
+        assert thread_rows == core_rows
+        if step.equals.get("user_id") == "u1":
+            assert [r["id"] for r in thread_rows] == ["wk_5", "wk_3"]
+            assert thread_rows[0]["scheduled_at"] == NOW - timedelta(minutes=5)
+
+
+async def test_insert_rows_refuses_a_taken_key_on_both_runners(
+    sqlite_pair: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    """Unlike InsertIgnoring, a duplicate primary key raises and writes nothing."""
+    on_thread, on_core = sqlite_pair
+    for engine, run in ((on_thread, by_driver_thread), (on_core, by_core)):
+        await rows.project(engine)
+        await rows.wakeup(engine, "wk_1", scheduled_at=NOW)
+        again = await rows.row(engine, WakeupRow, "wk_1")
+        fresh = {**again, "id": "wk_2"}
+        with pytest.raises(IntegrityError):
+            await run(engine, _inserting(InsertRows(WAKEUPS, [fresh, again])))
+        assert [w["id"] for w in (await dump(engine))["wakeups"]] == ["wk_1"]

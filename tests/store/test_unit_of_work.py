@@ -3,11 +3,13 @@
 import asyncio
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.store.engine import after_commit, unit_of_work
 from delivery.store.sql import SqlStore
-from delivery.store.tables import WAKEUPS
+from delivery.store.steps import InsertRows, Runner, Steps
+from delivery.store.tables import WAKEUPS, WakeupRow
 from tests.store.test_sql import NOW, _wakeup
 
 
@@ -93,3 +95,28 @@ async def test_tasks_started_inside_a_unit_write_on_their_own(engine: AsyncEngin
         # On SQLite the unit has not written yet, so the writer lock is free for the task.
         await asyncio.create_task(store.wakeups.insert_wakeup(_wakeup(project, 1)))
     assert await store.count(WAKEUPS) == 1
+
+
+async def test_a_failed_store_call_in_a_unit_undoes_only_its_own_writes(
+    engine: AsyncEngine,
+) -> None:
+    """
+    A store call that fails inside a unit after writing part of its rows (the second
+    of two inserts hits a taken id) leaves none of its own rows and all of the unit's
+    earlier ones, on SQLite's driver-thread path as on Core.
+    """
+    store = SqlStore(engine)
+    project = (await store.keys.ensure_project("p", NOW)).id
+
+    def inserting(*rows: WakeupRow) -> Steps[None]:
+        yield InsertRows(WAKEUPS, [r.model_dump() for r in rows])
+
+    async with unit_of_work(engine) as unit:
+        await store.wakeups.insert_wakeup(_wakeup(project, 1))
+        with pytest.raises(IntegrityError):
+            await Runner(engine).write(inserting(_wakeup(project, 3), _wakeup(project, 1)))
+        await store.wakeups.insert_wakeup(_wakeup(project, 2))
+        await unit.commit()
+    async with store.read() as conn:
+        ids = [r.id for r in await conn.execute(WAKEUPS.select().order_by(WAKEUPS.c.id))]
+    assert ids == ["wk_1", "wk_2"]

@@ -7,6 +7,7 @@ one indexed Core query and dicts built directly, no per-row model validation.
 
 import base64
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,7 +42,7 @@ QUEUE_STATUSES = ("pending", "consumed", "expired", "failed_generation")
 ACK_STATUSES = ("pending", "acknowledged", "all")
 
 
-def queue_entry(row: RowMapping) -> dict[str, Any]:
+def queue_entry(row: Mapping[str, Any] | RowMapping) -> dict[str, Any]:
     """
     One agent-queue entry: exactly the SDK model's fields, absent optionals omitted.
 

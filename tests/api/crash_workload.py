@@ -163,6 +163,8 @@ class Outcome:
     answered_before_kill: dict[str, dict[str, Any]] = field(default_factory=dict)
     interrupted: int = 0
     retries: int = 0
+    refusals: list[str] = field(default_factory=list)
+    """What each retry that did not succeed was answered (status and code)."""
     replayed_after_restart: int = 0
     slowest_s: float = 0.0
     written: dict[str, int] = field(default_factory=dict)
@@ -221,6 +223,7 @@ async def run_workload(
             answer = await _send(client, name)
             if answer.is_success:
                 break
+            outcome.refusals.append(f"{name}: {answer.status_code} {answer.text[:200]}")
             if time.monotonic() - started > 30:
                 raise AssertionError(f"{name}: {answer.status_code} {answer.text}")
             await asyncio.sleep(0.05)

@@ -28,6 +28,7 @@ from delivery.store.tables.core import (
     NotificationRow,
     OutboxRow,
     ProjectRow,
+    ScheduleChangeRow,
     ScheduleRow,
     TriggerEventRow,
     WakeupRow,
@@ -46,6 +47,7 @@ PROJECTS: Table = ProjectRow.__table__  # type: ignore[attr-defined]
 API_KEYS: Table = ApiKeyRow.__table__  # type: ignore[attr-defined]
 SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
 FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
+SCHEDULE_CHANGES: Table = ScheduleChangeRow.__table__  # type: ignore[attr-defined]
 WAKEUPS: Table = WakeupRow.__table__  # type: ignore[attr-defined]
 EVENTS: Table = TriggerEventRow.__table__  # type: ignore[attr-defined]
 INVENTORY: Table = InventoryItemRow.__table__  # type: ignore[attr-defined]
@@ -78,6 +80,7 @@ __all__ = [
     "PREFERENCES",
     "PROJECTS",
     "SCHEDULES",
+    "SCHEDULE_CHANGES",
     "WAKEUPS",
     "WEBHOOK_ATTEMPTS",
     "AdvanceTimeJobRow",
@@ -90,6 +93,7 @@ __all__ = [
     "NotificationRow",
     "OutboxRow",
     "ProjectRow",
+    "ScheduleChangeRow",
     "ScheduleRow",
     "TriggerEventRow",
     "WakeupRow",

@@ -168,7 +168,9 @@ def parse_window(raw: str | None) -> timedelta:
         )
     window = timedelta(seconds=int(number) * (unit or 1))
     if not timedelta(0) < window <= MAX_WINDOW:
-        raise InvalidRequestError("window", f"window must be more than 0 and at most 7d; got {raw!r}")
+        raise InvalidRequestError(
+            "window", f"window must be more than 0 and at most 7d; got {raw!r}"
+        )
     return window
 
 
@@ -265,7 +267,9 @@ def _fire_story(
             code = Reason(fire.skip_reason)
         except ValueError:
             code = Reason.NOT_COVERED
-        sentence = f"No: schedule {fire.schedule_id} had a tick at {_when(fire.fire_at, zone)}; {rule}."
+        sentence = (
+            f"No: schedule {fire.schedule_id} had a tick at {_when(fire.fire_at, zone)}; {rule}."
+        )
         return Explanation(code, sentence, False, **common)
     sentence = (
         f"Not yet: schedule {fire.schedule_id} fired at {_when(fire.fire_at, zone)}, but its "
@@ -296,9 +300,13 @@ def _expected(
             f"ends_at is {_when(schedule.ends_at, zone)}, after which it is disabled."
         )
         return Explanation(Reason.SCHEDULE_ENDED, sentence, False, **common)
-    if not schedule.enabled and (schedule.disabled_at is None or schedule.disabled_at <= tick.fire_at):
+    if not schedule.enabled and (
+        schedule.disabled_at is None or schedule.disabled_at <= tick.fire_at
+    ):
         since = f" since {_when(schedule.disabled_at, zone)}" if schedule.disabled_at else ""
-        sentence = f"No: schedule {schedule.id} would have fired at {when}, but it was disabled{since}."
+        sentence = (
+            f"No: schedule {schedule.id} would have fired at {when}, but it was disabled{since}."
+        )
         return Explanation(Reason.SCHEDULE_DISABLED, sentence, False, **common)
     if schedule.starts_at is not None and tick.fire_at < schedule.starts_at:
         sentence = (
@@ -347,22 +355,21 @@ def explain(facts: ExplainFacts) -> Explanation:
     span = f"between {_when(lo, zone)} and {_when(hi, zone)}"
     deleted = [d for d in facts.deleted_schedules if d[1] <= hi]
     gone = (
-        " (" + ", ".join(f"schedule {sid} was deleted at {_when(t, zone)}" for sid, t in deleted) + ")"
+        " ("
+        + ", ".join(f"schedule {sid} was deleted at {_when(t, zone)}" for sid, t in deleted)
+        + ")"
         if deleted
         else ""
     )
     if facts.schedules:
-        names = ", ".join(
-            f"{s.id} ({_describe(s)})" for s in facts.schedules[:3]
-        )
+        names = ", ".join(f"{s.id} ({_describe(s)})" for s in facts.schedules[:3])
         sentence = (
             f"No: no schedule covered that time: none of the user's schedules ({names}) has "
             f"a tick {span}, and no wakeup or trigger event made a message then{gone}."
         )
         return Explanation(Reason.NOT_COVERED, sentence, False, timezone=zone)
     sentence = (
-        f"No: the user has no schedule, and no wakeup or trigger event made a message {span}"
-        f"{gone}."
+        f"No: the user has no schedule, and no wakeup or trigger event made a message {span}{gone}."
     )
     return Explanation(Reason.NO_SCHEDULE, sentence, False, timezone=zone)
 
@@ -374,7 +381,8 @@ def _describe(schedule: ScheduleFacts) -> str:
         times = ",".join(simple.get("times", [])) or f"every {simple.get('interval_hours')} h"
         text = f"{simple.get('frequency')} {times} {schedule.timezone}"
     else:
-        text = f"cron {cadence.get('cron') if isinstance(cadence, dict) else cadence} {schedule.timezone}"
+        cron = cadence.get("cron") if isinstance(cadence, dict) else cadence
+        text = f"cron {cron} {schedule.timezone}"
     if schedule.active_window_json:
         text += f", window {window_text(json.loads(schedule.active_window_json))}"
     return text

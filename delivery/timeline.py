@@ -154,9 +154,10 @@ def gap_wall_time(fire_at: datetime, zone: ZoneInfo) -> datetime | None:
             continue
         wall = (fire_at + offset).replace(tzinfo=None)
         there = wall.replace(tzinfo=zone)
-        if there.astimezone(UTC) == fire_at and there.astimezone(UTC).astimezone(zone).replace(
-            tzinfo=None
-        ) != wall:
+        if (
+            there.astimezone(UTC) == fire_at
+            and there.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != wall
+        ):
             return wall
     return None
 

@@ -25,6 +25,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "delivery.domain",
             "delivery.cadence",
             "delivery.planning",
+            "delivery.timeline",
+            "delivery.explain",
             "handlers",
             "handlers.base",
             "handlers.classify",

@@ -12,6 +12,7 @@ from delivery.api.routes import (
     schedules,
     service,
     stream,
+    timeline,
     wakeups,
     webhooks,
     workbench,
@@ -30,4 +31,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     channels.router,
     stream.router,
     admin.router,
+    timeline.router,
 )

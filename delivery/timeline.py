@@ -125,6 +125,29 @@ def decode_cursor(cursor: str, order: Order) -> EventKey:
     return (instant, ref, kind)
 
 
+def to_wire(event: TimelineEvent, zone: str, zone_source: str) -> dict[str, Any]:
+    """
+    One timeline entry as the API and the CLI show it: UTC, local time, the zone
+    used and where it came from (``schedule``: the event's own; otherwise
+    ``zone``/``zone_source``, the user's default).
+    """
+    if event.timezone:
+        zone, zone_source = event.timezone, "schedule"
+    out: dict[str, Any] = {
+        "at": format_utc(event.at),
+        "local_at": local_time(event.at, zone),
+        "timezone": zone,
+        "timezone_source": zone_source,
+        "kind": event.kind.value,
+        "summary": event.summary,
+        "ref": event.ref,
+        "detail": dict(event.detail),
+    }
+    if event.schedule_id:
+        out["schedule_id"] = event.schedule_id
+    return out
+
+
 def zone_of(name: str | None) -> ZoneInfo:
     """The zone called ``name``, UTC when absent or unknown (a stored zone was validated)."""
     if name:

@@ -28,6 +28,7 @@ from delivery.store.tables import (
     EVENTS,
     FIRES,
     NOTIFICATIONS,
+    PROJECTS,
     SCHEDULE_CHANGES,
     SCHEDULES,
     WAKEUPS,
@@ -180,6 +181,11 @@ class SqlTimelineStore:
         return rows
 
     # --- scope ------------------------------------------------------------------------
+
+    async def projects(self) -> list[tuple[str, str]]:
+        """Every project as (id, name), by name: the CLI resolves ``--project`` with it."""
+        rows = await self._all(select(PROJECTS.c.id, PROJECTS.c.name).order_by(PROJECTS.c.name))
+        return [(r["id"], r["name"]) for r in rows]
 
     async def schedule_known(self, scope: Scope) -> bool:
         sid = scope.schedule_id

@@ -23,7 +23,14 @@ from delivery.cadence import EARLIEST, LATEST, format_utc, parse_instant
 from delivery.errors import InvalidRequestError, NotFoundError
 from delivery.explain import explain, parse_window
 from delivery.store.timeline import PageQuery, Scope, SqlTimelineStore, UserZone
-from delivery.timeline import Order, TimelineEvent, decode_cursor, encode_cursor, local_time
+from delivery.timeline import (
+    Order,
+    TimelineEvent,
+    decode_cursor,
+    encode_cursor,
+    local_time,
+    to_wire,
+)
 
 router = APIRouter(tags=["timeline"])
 USER = "/api/v1/agents/{agent_id}/users/{user_id}/timeline"
@@ -51,23 +58,8 @@ def parse_span(since: str | None, until: str | None) -> tuple[datetime, datetime
 
 
 def entry(event: TimelineEvent, user_zone: UserZone) -> dict[str, Any]:
-    """One wire entry: UTC, local time, the zone used and where it came from."""
-    zone, source = (
-        (event.timezone, "schedule") if event.timezone else (user_zone.name, user_zone.source)
-    )
-    out: dict[str, Any] = {
-        "at": format_utc(event.at),
-        "local_at": local_time(event.at, zone),
-        "timezone": zone,
-        "timezone_source": source,
-        "kind": event.kind.value,
-        "summary": event.summary,
-        "ref": event.ref,
-        "detail": dict(event.detail),
-    }
-    if event.schedule_id:
-        out["schedule_id"] = event.schedule_id
-    return out
+    """One wire entry (:func:`delivery.timeline.to_wire`) with the user's default zone."""
+    return to_wire(event, user_zone.name, user_zone.source)
 
 
 def zone_body(zone: UserZone) -> dict[str, Any]:

@@ -49,6 +49,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "processes",
         (
             "delivery.scheduler",
+            "delivery.retention",
             "delivery.outbox",
             "delivery.dispatcher",
             "delivery.workbench",

@@ -154,7 +154,6 @@ class SqlRetentionStore:
                     n.consumed_at.is_not(None),
                     n.consumed_at < before,
                     n.status == "consumed",
-                    
                     ~waiting_hook,
                     ~waiting_channel,
                 )

@@ -79,8 +79,8 @@ async def story(
             now=now,
             max_lateness=lateness,
         )
-        events = (await store.page(scope, query))[:limit][::-1]
-        zone = await store.user_zone(scope)
+        found = await store.page(scope, query)
+        events, zone = found.events[:limit][::-1], found.zone
         facts = await store.explain_facts(
             scope, at=at, window=window, now=now, max_lateness=lateness
         )

@@ -9,14 +9,30 @@ a page costs a few short range scans however long the history is.
 """
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, Select, and_, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    Select,
+    String,
+    and_,
+    bindparam,
+    case,
+    cast,
+    exists,
+    literal,
+    null,
+    or_,
+    select,
+    union_all,
+)
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.expression import Executable
 
 from delivery.cadence import format_utc
 from delivery.explain import ExplainFacts, FireFacts, MessageFacts, ScheduleFacts
@@ -34,6 +50,7 @@ from delivery.store.tables import (
     WAKEUPS,
     WEBHOOK_ATTEMPTS,
 )
+from delivery.store.types import UTCDateTime
 from delivery.timeline import EventKey, Kind, Order, TimelineEvent, after_cursor, skip_rule
 
 
@@ -75,6 +92,14 @@ class UserZone:
     schedule_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Up to ``limit + 1`` events, and the zone for those without a schedule."""
+
+    events: list[TimelineEvent]
+    zone: UserZone
+
+
 class TimelineStore(Protocol):
     """
     Reads for the timeline and the explanation; it never writes.
@@ -83,7 +108,8 @@ class TimelineStore(Protocol):
 
     * every method sees only ``scope.project_id``'s rows: another project's ids
       behave as unknown ones;
-    * :meth:`page` returns at most ``limit + 1`` events, strictly after
+    * :meth:`page` returns at most ``limit + 1`` events (two round trips, however
+      long the history), strictly after
       ``query.after`` in ``query.order``, in that order, by the total order
       :attr:`delivery.timeline.TimelineEvent.key`: following the last returned
       key pages through every event exactly once (the extra one only says a
@@ -101,8 +127,8 @@ class TimelineStore(Protocol):
         """The zone for events that have no schedule of their own."""
         ...
 
-    async def page(self, scope: Scope, query: PageQuery) -> list[TimelineEvent]:
-        """One page of the story (see the contract)."""
+    async def page(self, scope: Scope, query: PageQuery) -> "Page":
+        """One page of the story (see the contract), with the user's default zone."""
         ...
 
     async def explain_facts(
@@ -132,19 +158,49 @@ ch_ = CHANNEL_ATTEMPTS.c
 ep_ = ENDPOINTS.c
 
 
-def _keyset(at: Any, ref: Any, query: PageQuery) -> tuple[list[ColumnElement[bool]], list[Any]]:
-    """The range and keyset conditions of one source, and its ORDER BY."""
-    conds: list[ColumnElement[bool]] = [at >= query.since, at < query.until]
-    if query.after is not None:
-        c_at, c_ref, _ = query.after
+def _keyset(
+    at: Any, ref: Any, shape: "_Shape", binary: Callable[[Any], Any]
+) -> tuple[list[ColumnElement[bool]], list[Any]]:
+    """The range and keyset conditions of one source (bound parameters), and its ORDER BY."""
+    ref = binary(ref)
+    conds: list[ColumnElement[bool]] = [at >= _SINCE, at < _UNTIL]
+    if shape.cursor:
         # >= on the id: a row may hold two events (an attempt and its dead letter)
         # and the first may be the cursor; after_cursor drops what is not after it.
-        if query.order is _DESC:
-            conds.append(or_(at < c_at, and_(at == c_at, ref <= c_ref)))
+        if shape.order is _DESC:
+            conds.append(or_(at < _C_AT, and_(at == _C_AT, ref <= binary(_C_REF))))
         else:
-            conds.append(or_(at > c_at, and_(at == c_at, ref >= c_ref)))
-    order = [at.desc(), ref.desc()] if query.order is _DESC else [at.asc(), ref.asc()]
+            conds.append(or_(at > _C_AT, and_(at == _C_AT, ref >= binary(_C_REF))))
+    order = [at.desc(), ref.desc()] if shape.order is _DESC else [at.asc(), ref.asc()]
     return conds, order
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What changes a page's statement (everything else is a bound parameter)."""
+
+    scoped: bool
+    order: Order
+    cursor: bool
+
+
+_SINCE = bindparam("since", type_=UTCDateTime())
+_UNTIL = bindparam("until", type_=UTCDateTime())
+_C_AT = bindparam("c_at", type_=UTCDateTime())
+_C_REF = bindparam("c_ref", type_=String())
+_ROWS = bindparam("rows", type_=Integer())
+_MERGED = bindparam("merged", type_=Integer())
+
+
+def _bound_owner(table_c: Any) -> list[ColumnElement[bool]]:
+    return [
+        table_c.project_id == bindparam("p", type_=String()),
+        table_c.agent_id == bindparam("a", type_=String()),
+        table_c.user_id == bindparam("u", type_=String()),
+    ]
+
+
+_SCHEDULE = bindparam("s", type_=String())
 
 
 def _owner(table_c: Any, scope: Scope) -> list[ColumnElement[bool]]:
@@ -169,13 +225,21 @@ class SqlTimelineStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        postgres = engine.dialect.name == "postgresql"
+        # Ids are compared byte by byte, as Python compares them: PostgreSQL's default
+        # collation may order "_" or case differently, and a cursor must mean the
+        # same position in both. SQLite compares bytes already.
+        self._binary: Callable[[Any], Any] = (
+            (lambda column: column.collate("C")) if postgres else (lambda column: column)
+        )
+        self._statements: dict[_Shape, Select[Any]] = {}
         self._reader = (
             engine
             if engine.dialect.name == "sqlite"
             else engine.execution_options(isolation_level="AUTOCOMMIT")
         )
 
-    async def _all(self, stmt: Select[Any]) -> Sequence[RowMapping]:
+    async def _all(self, stmt: Executable) -> Sequence[RowMapping]:
         async with read_connection(self._reader) as conn:
             rows: Sequence[RowMapping] = (await conn.execute(stmt)).mappings().all()
         return rows
@@ -198,34 +262,43 @@ class SqlTimelineStore:
         return bool(await self._all(past))
 
     async def user_zone(self, scope: Scope) -> UserZone:
-        latest = (
-            select(s_.id, s_.timezone)
-            .where(*_owner(s_, scope))
-            .order_by(s_.created_at.desc(), s_.id.desc())
-            .limit(1)
-        )
+        return await self._zone(scope, await self._schedules(scope))
+
+    async def _zone(self, scope: Scope, schedules: dict[str, RowMapping]) -> UserZone:
+        """The most recently created schedule's zone; a deleted schedule's last; UTC."""
+        latest = max(schedules.values(), key=lambda r: (r["created_at"], r["id"]), default=None)
+        if latest is not None:
+            return UserZone(latest["timezone"], "schedule", latest["id"])
         if scope.schedule_id is not None:
-            latest = latest.where(s_.id == scope.schedule_id)
-        rows = await self._all(latest)
-        if not rows and scope.schedule_id is not None:
             gone = (
-                select(c_.schedule_id.label("id"), c_.timezone)
+                select(c_.schedule_id, c_.timezone)
                 .where(c_.schedule_id == scope.schedule_id, *_owner(c_, scope))
                 .order_by(c_.changed_at.desc())
                 .limit(1)
             )
             rows = await self._all(gone)
-        if rows:
-            return UserZone(rows[0]["timezone"], "schedule", rows[0]["id"])
+            if rows:
+                return UserZone(rows[0]["timezone"], "schedule", rows[0]["schedule_id"])
         return UserZone("UTC", "utc")
 
-    async def _schedules(self, scope: Scope) -> dict[str, RowMapping]:
-        stmt = select(s_.id, s_.timezone, s_.active_window_json, s_.ends_at, s_.enabled).where(
-            *_owner(s_, scope)
-        )
+    @staticmethod
+    def _schedules_of(scope: Scope) -> Select[Any]:
+        stmt = select(
+            s_.id, s_.timezone, s_.active_window_json, s_.ends_at, s_.enabled, s_.created_at
+        ).where(*_owner(s_, scope))
         if scope.schedule_id is not None:
             stmt = stmt.where(s_.id == scope.schedule_id)
-        return {r["id"]: r for r in await self._all(stmt)}
+        return stmt
+
+    async def _schedules(self, scope: Scope) -> dict[str, RowMapping]:
+        return {r["id"]: r for r in await self._all(self._schedules_of(scope))}
+
+    @staticmethod
+    def _notifications(scope: Scope) -> list[ColumnElement[bool]]:
+        conds = _owner(n_, scope)
+        if scope.schedule_id is not None:
+            conds.append(n_.schedule_id == scope.schedule_id)
+        return conds
 
     async def _zones_of_deleted(self, scope: Scope, ids: Iterable[str]) -> dict[str, str]:
         wanted = sorted(set(ids))
@@ -238,24 +311,38 @@ class SqlTimelineStore:
 
     # --- the page ---------------------------------------------------------------------
 
-    async def page(self, scope: Scope, query: PageQuery) -> list[TimelineEvent]:
-        schedules = await self._schedules(scope)
-        events: list[TimelineEvent] = []
-        events += self._ended(schedules, query)
-        events += await self._changes(scope, query)
-        events += await self._fires(scope, query, schedules)
-        if scope.schedule_id is None:
-            events += await self._wakeups(scope, query)
-            events += await self._trigger_events(scope, query)
-        events += await self._composed(scope, query)
-        events += await self._consumed(scope, query)
-        events += await self._webhook_attempts(scope, query)
-        events += await self._channel_attempts(scope, query)
-        events += await self._endpoints_disabled(scope, query)
-        missing = {
-            e.schedule_id for e in events if e.schedule_id and e.schedule_id not in schedules
+    async def page(self, scope: Scope, query: PageQuery) -> Page:
+        # Two round trips whatever the history's length: the scope's schedules (zones,
+        # windows, ends_at), then every source's next rows in one UNION ALL, merged
+        # by the database. The statement is built once per shape and reused.
+        shape = _Shape(scope.schedule_id is not None, query.order, query.after is not None)
+        stmt = self._statements.get(shape)
+        if stmt is None:
+            stmt = self._statements[shape] = self._statement(shape)
+        c_at, c_ref, _ = query.after if query.after is not None else (None, None, None)
+        params = {
+            "p": scope.project_id,
+            "a": scope.agent_id,
+            "u": scope.user_id,
+            "s": scope.schedule_id,
+            "since": query.since,
+            "until": query.until,
+            "c_at": c_at,
+            "c_ref": c_ref,
+            "rows": query.limit + 1,
+            # +2: the cursor's own row may come back (the keyset is inclusive on the
+            # id) and still leave limit + 1 after it.
+            "merged": query.limit + 2,
         }
-        zones = {sid: r["timezone"] for sid, r in schedules.items()}
+        async with read_connection(self._reader) as conn:
+            found = (await conn.execute(self._schedules_of(scope))).mappings().all()
+            rows = (await conn.execute(stmt, params)).mappings().all()
+        schedules = {r["id"]: r for r in found}
+        events = _ended(schedules, query)
+        for r in rows:
+            events += _EVENTS[r["src"]](r, schedules, query)
+        zones = {sid: s["timezone"] for sid, s in schedules.items()}
+        missing = {e.schedule_id for e in events if e.schedule_id and e.schedule_id not in zones}
         zones |= await self._zones_of_deleted(scope, (m for m in missing if m))
         chosen = [
             e if e.timezone or not e.schedule_id else _with_zone(e, zones.get(e.schedule_id))
@@ -263,371 +350,146 @@ class SqlTimelineStore:
             if query.since <= e.at < query.until and after_cursor(e.key, query.after, query.order)
         ]
         chosen.sort(key=lambda e: e.key, reverse=query.order is _DESC)
-        return chosen[: query.limit + 1]
+        zone = await self._zone(scope, schedules)
+        return Page(chosen[: query.limit + 1], zone)
 
-    def _ended(self, schedules: dict[str, RowMapping], query: PageQuery) -> list[TimelineEvent]:
-        return [
-            TimelineEvent(
-                at=r["ends_at"],
-                kind=Kind.SCHEDULE_ENDED,
-                ref=sid,
-                summary=f"schedule {sid} reached its ends_at and no longer fires",
-                schedule_id=sid,
-                timezone=r["timezone"],
-                detail={"ends_at": format_utc(r["ends_at"])},
-            )
-            for sid, r in schedules.items()
-            if r["ends_at"] is not None and r["ends_at"] <= query.now
-        ]
+    def _statement(self, shape: _Shape) -> Select[Any]:
+        merged = union_all(*self._sources(shape)).subquery()
+        at, ref = merged.c.at, self._binary(merged.c.ref)
+        order = [at.desc(), ref.desc()] if shape.order is _DESC else [at.asc(), ref.asc()]
+        return select(merged).order_by(*order).limit(_MERGED)
 
-    async def _changes(self, scope: Scope, query: PageQuery) -> list[TimelineEvent]:
-        conds, order = _keyset(c_.changed_at, c_.id, query)
-        stmt = select(SCHEDULE_CHANGES).where(*_owner(c_, scope), *conds)
-        if scope.schedule_id is not None:
-            stmt = stmt.where(c_.schedule_id == scope.schedule_id)
-        rows = await self._all(stmt.order_by(*order).limit(query.limit + 1))
-        out = []
-        for r in rows:
-            kind = _kind(r["kind"])
-            fields = json.loads(r["fields_json"])
-            said = f" ({', '.join(fields)})" if fields else ""
-            out.append(
-                TimelineEvent(
-                    at=r["changed_at"],
-                    kind=kind,
-                    ref=r["id"],
-                    summary=f"schedule {r['schedule_id']} {r['kind']}{said}",
-                    schedule_id=r["schedule_id"],
-                    timezone=r["timezone"],
-                    detail={"fields": fields, "version": r["version"]},
-                )
-            )
-        return out
+    def _sources(self, shape: _Shape) -> list[Select[Any]]:
+        """One capped, ordered select per source, all with the same columns."""
+        mine = _bound_owner(n_) + ([n_.schedule_id == _SCHEDULE] if shape.scoped else [])
+        sources: list[Select[Any]] = []
 
-    async def _fires(
-        self, scope: Scope, query: PageQuery, schedules: dict[str, RowMapping]
-    ) -> list[TimelineEvent]:
-        conds, order = _keyset(f_.fire_at, f_.id, query)
-        stmt = select(f_.id, f_.schedule_id, f_.fire_at, f_.status, f_.skip_reason)
-        if scope.schedule_id is not None:
-            stmt = stmt.where(
-                f_.schedule_id == scope.schedule_id, f_.project_id == scope.project_id, *conds
-            )
-        else:
-            stmt = stmt.where(*_owner(f_, scope), *conds)
-        rows = await self._all(stmt.order_by(*order).limit(query.limit + 1))
-        out = []
-        for r in rows:
-            schedule = schedules.get(r["schedule_id"])
-            zone = schedule["timezone"] if schedule else None
-            if r["status"] == "skipped":
-                window = (
-                    json.loads(schedule["active_window_json"])
-                    if schedule and schedule["active_window_json"]
-                    else None
-                )
-                reason = r["skip_reason"] or ""
-                rule = skip_rule(reason, r["fire_at"], zone, window, query.max_lateness)
-                out.append(
-                    TimelineEvent(
-                        at=r["fire_at"],
-                        kind=Kind.FIRE_SKIPPED,
-                        ref=r["id"],
-                        summary=f"skipped: {rule}",
-                        schedule_id=r["schedule_id"],
-                        timezone=zone,
-                        detail={"reason": reason, "rule": rule},
-                    )
-                )
-            else:
-                out.append(
-                    TimelineEvent(
-                        at=r["fire_at"],
-                        kind=Kind.FIRE_FIRED,
-                        ref=r["id"],
-                        summary=f"schedule {r['schedule_id']} fired",
-                        schedule_id=r["schedule_id"],
-                        timezone=zone,
-                    )
-                )
-        return out
+        def add(src: str, at: Any, ref: Any, base: Select[Any], **cols: Any) -> None:
+            conds, order = _keyset(at, ref, shape, self._binary)
+            stmt = base.add_columns(*_columns(src, at, ref, cols)).where(*conds)
+            sources.append(select(stmt.order_by(*order).limit(_ROWS).subquery()))
 
-    async def _wakeups(self, scope: Scope, query: PageQuery) -> list[TimelineEvent]:
-        conds, order = _keyset(w_.created_at, w_.id, query)
-        stmt = (
-            select(w_.id, w_.created_at, w_.scheduled_at, w_.status, w_.check_type)
-            .where(*_owner(w_, scope), *conds)
-            .order_by(*order)
-            .limit(query.limit + 1)
+        schedule_only = [c_.schedule_id == _SCHEDULE] if shape.scoped else []
+        add(
+            "change",
+            c_.changed_at,
+            c_.id,
+            select().select_from(SCHEDULE_CHANGES).where(*_bound_owner(c_), *schedule_only),
+            schedule_id=c_.schedule_id,
+            s1=c_.kind,
+            s2=c_.fields_json,
+            s3=c_.timezone,
+            n1=c_.version,
         )
-        return [
-            TimelineEvent(
-                at=r["created_at"],
-                kind=Kind.WAKEUP_ACCEPTED,
-                ref=r["id"],
-                summary=f"wakeup {r['id']} accepted for {format_utc(r['scheduled_at'])} "
-                f"(now {r['status']})",
-                detail={
-                    "scheduled_at": format_utc(r["scheduled_at"]),
-                    "status": r["status"],
-                    "check_type": r["check_type"],
-                },
-            )
-            for r in await self._all(stmt)
-        ]
-
-    async def _trigger_events(self, scope: Scope, query: PageQuery) -> list[TimelineEvent]:
-        conds, order = _keyset(e_.created_at, e_.id, query)
-        stmt = (
-            select(e_.id, e_.created_at, e_.event_type, e_.status)
-            .where(*_owner(e_, scope), *conds)
-            .order_by(*order)
-            .limit(query.limit + 1)
+        fires = (
+            [f_.schedule_id == _SCHEDULE, f_.project_id == bindparam("p", type_=String())]
+            if shape.scoped
+            else _bound_owner(f_)
         )
-        return [
-            TimelineEvent(
-                at=r["created_at"],
-                kind=Kind.EVENT_ACCEPTED,
-                ref=r["id"],
-                summary=f"trigger event {r['event_type']} accepted (now {r['status']})",
-                detail={"event_type": r["event_type"], "status": r["status"]},
-            )
-            for r in await self._all(stmt)
-        ]
-
-    def _notifications(self, scope: Scope) -> list[ColumnElement[bool]]:
-        conds = _owner(n_, scope)
-        if scope.schedule_id is not None:
-            conds.append(n_.schedule_id == scope.schedule_id)
-        return conds
-
-    async def _composed(self, scope: Scope, query: PageQuery) -> list[TimelineEvent]:
-        conds, order = _keyset(n_.created_at, n_.id, query)
-        stmt = (
-            select(
-                n_.id,
-                n_.created_at,
-                n_.status,
-                n_.error,
-                n_.source_type,
-                n_.source_id,
-                n_.schedule_id,
-                n_.fire_at,
-                n_.check_type,
-            )
-            .where(*self._notifications(scope), *conds)
-            .order_by(*order)
-            .limit(query.limit + 1)
+        add(
+            "fire",
+            f_.fire_at,
+            f_.id,
+            select().select_from(FIRES).where(*fires),
+            schedule_id=f_.schedule_id,
+            s1=f_.status,
+            s2=f_.skip_reason,
         )
-        out = []
-        for r in await self._all(stmt):
-            detail = {
-                "status": r["status"],
-                "source_type": r["source_type"],
-                "source_id": r["source_id"],
-                "fire_at": format_utc(r["fire_at"]),
-            }
-            if r["status"] == "failed_generation":
-                kind = Kind.NOTIFICATION_FAILED
-                summary = f"composing message {r['id']} failed: {r['error'] or 'no error recorded'}"
-                detail["error"] = r["error"] or ""
-            else:
-                kind = Kind.NOTIFICATION_COMPOSED
-                state = {
-                    "staged": "staged until its fire instant",
-                    "pending": "pending in the queue",
-                }.get(r["status"], f"now {r['status']}")
-                summary = f"message {r['id']} composed ({state})"
-            out.append(
-                TimelineEvent(
-                    at=r["created_at"],
-                    kind=kind,
-                    ref=r["id"],
-                    summary=summary,
-                    schedule_id=r["schedule_id"],
-                    detail=detail,
-                )
+        if not shape.scoped:
+            add(
+                "wakeup",
+                w_.created_at,
+                w_.id,
+                select().select_from(WAKEUPS).where(*_bound_owner(w_)),
+                s1=w_.status,
+                s2=w_.check_type,
+                t1=w_.scheduled_at,
             )
-        return out
-
-    async def _consumed(self, scope: Scope, query: PageQuery) -> list[TimelineEvent]:
-        conds, order = _keyset(n_.consumed_at, n_.id, query)
-        stmt = (
-            select(n_.id, n_.consumed_at, n_.schedule_id)
-            .where(*self._notifications(scope), n_.consumed_at.is_not(None), *conds)
-            .order_by(*order)
-            .limit(query.limit + 1)
+            add(
+                "event",
+                e_.created_at,
+                e_.id,
+                select().select_from(EVENTS).where(*_bound_owner(e_)),
+                s1=e_.event_type,
+                s2=e_.status,
+            )
+        add(
+            "composed",
+            n_.created_at,
+            n_.id,
+            select().select_from(NOTIFICATIONS).where(*mine),
+            schedule_id=n_.schedule_id,
+            s1=n_.status,
+            s2=n_.error,
+            s3=n_.source_type,
+            s4=n_.source_id,
+            t1=n_.fire_at,
         )
-        rows = await self._all(stmt)
-        if not rows:
-            return []
-        by_hook = {
-            r["notification_id"]
-            for r in await self._all(
-                select(d_.notification_id).where(
-                    d_.notification_id.in_([r["id"] for r in rows]), d_.status == "delivered"
-                )
-            )
-        }
-        return [
-            TimelineEvent(
-                at=r["consumed_at"],
-                kind=Kind.NOTIFICATION_CONSUMED,
-                ref=r["id"],
-                summary=f"message {r['id']} consumed "
-                + ("by a webhook 2xx" if r["id"] in by_hook else "by a poll"),
-                schedule_id=r["schedule_id"],
-                detail={"by": "webhook" if r["id"] in by_hook else "poll"},
-            )
-            for r in rows
-        ]
-
-    async def _webhook_attempts(self, scope: Scope, query: PageQuery) -> list[TimelineEvent]:
-        conds, order = _keyset(a_.created_at, a_.id, query)
-        stmt = select(
-            a_.id,
-            a_.delivery_id,
-            a_.event_id,
-            a_.attempt_number,
-            a_.webhook_url,
-            a_.status,
-            a_.response_code,
-            a_.duration_ms,
-            a_.error_message,
+        # delivered_at, not status: the probe must use the (notification_id, ...) key,
+        # not the due index on status, which holds every delivered row.
+        by_hook = exists().where(d_.notification_id == n_.id, d_.delivered_at.is_not(None))
+        add(
+            "consumed",
+            n_.consumed_at,
+            n_.id,
+            select().select_from(NOTIFICATIONS).where(*mine, n_.consumed_at.is_not(None)),
+            schedule_id=n_.schedule_id,
+            n1=case((by_hook, 1), else_=0),
+        )
+        hook = WEBHOOK_ATTEMPTS.outerjoin(DELIVERIES, d_.id == a_.delivery_id).outerjoin(
+            NOTIFICATIONS, n_.id == a_.event_id
+        )
+        hooks = _bound_owner(a_)
+        if shape.scoped:
+            hooks.append(n_.schedule_id == _SCHEDULE)
+        add(
+            "attempt",
             a_.created_at,
-        ).where(*_owner(a_, scope), *conds)
-        if scope.schedule_id is not None:
-            mine = select(n_.id).where(*self._notifications(scope))
-            stmt = stmt.where(a_.event_id.in_(mine.scalar_subquery()))
-        rows = await self._all(stmt.order_by(*order).limit(query.limit + 1))
-        if not rows:
-            return []
-        deliveries = {
-            r["id"]: r
-            for r in await self._all(
-                select(d_.id, d_.status, d_.attempt_count, d_.next_attempt_at, d_.claimed_by).where(
-                    d_.id.in_(sorted({r["delivery_id"] for r in rows}))
-                )
-            )
-        }
-        schedules = {
-            r["id"]: r["schedule_id"]
-            for r in await self._all(
-                select(n_.id, n_.schedule_id).where(
-                    n_.id.in_(sorted({r["event_id"] for r in rows}))
-                )
-            )
-        }
-        out = []
-        for r in rows:
-            delivery = deliveries.get(r["delivery_id"])
-            last = delivery is not None and delivery["attempt_count"] == r["attempt_number"]
-            answer = f"HTTP {r['response_code']}" if r["response_code"] else "no answer"
-            detail: dict[str, Any] = {
-                "endpoint": r["webhook_url"],
-                "attempt": r["attempt_number"],
-                "status": r["status"],
-                "response_code": r["response_code"],
-                "latency_ms": r["duration_ms"],
-                "message_id": r["event_id"],
-            }
-            if r["error_message"]:
-                detail["error"] = r["error_message"]
-            then = ""
-            if r["status"] != "success" and delivery is not None:
-                if not last:
-                    then = "; retried"
-                elif delivery["status"] == "pending" and delivery["next_attempt_at"] is not None:
-                    retry = delivery["next_attempt_at"]
-                    detail["next_retry_at"] = format_utc(retry)
-                    then = f"; next retry at {format_utc(retry)}"
-            sid = schedules.get(r["event_id"])
-            out.append(
-                TimelineEvent(
-                    at=r["created_at"],
-                    kind=Kind.WEBHOOK_ATTEMPT,
-                    ref=r["id"],
-                    summary=f"webhook attempt {r['attempt_number']} to {r['webhook_url']}: "
-                    f"{r['status']}, {answer} in {r['duration_ms']} ms{then}",
-                    schedule_id=sid,
-                    detail=detail,
-                )
-            )
-            if last and delivery is not None and delivery["status"] == "dead":
-                out.append(
-                    TimelineEvent(
-                        at=r["created_at"],
-                        kind=Kind.WEBHOOK_DEAD_LETTERED,
-                        ref=r["id"],
-                        summary=f"message {r['event_id']} dead-lettered for {r['webhook_url']} "
-                        f"after {r['attempt_number']} attempts: no more retries",
-                        schedule_id=sid,
-                        detail={"endpoint": r["webhook_url"], "message_id": r["event_id"]},
-                    )
-                )
-        return out
-
-    async def _channel_attempts(self, scope: Scope, query: PageQuery) -> list[TimelineEvent]:
-        conds, order = _keyset(ch_.created_at, ch_.id, query)
-        stmt = select(
-            ch_.id,
-            ch_.notification_id,
-            ch_.kind,
-            ch_.destination,
-            ch_.status,
-            ch_.reason,
-            ch_.response_code,
-            ch_.duration_ms,
-            ch_.attempt_number,
-            ch_.next_attempt_at,
-            ch_.created_at,
-        ).where(*_owner(ch_, scope), *conds)
-        if scope.schedule_id is not None:
-            mine = select(n_.id).where(*self._notifications(scope))
-            stmt = stmt.where(ch_.notification_id.in_(mine.scalar_subquery()))
-        out = []
-        for r in await self._all(stmt.order_by(*order).limit(query.limit + 1)):
-            detail: dict[str, Any] = {
-                "channel": r["kind"],
-                "destination": r["destination"],
-                "attempt": r["attempt_number"],
-                "status": r["status"],
-                "response_code": r["response_code"],
-                "latency_ms": r["duration_ms"],
-                "message_id": r["notification_id"],
-            }
-            then = ""
-            if r["next_attempt_at"] is not None:
-                detail["next_retry_at"] = format_utc(r["next_attempt_at"])
-                then = f"; next retry at {format_utc(r['next_attempt_at'])}"
-            why = f" ({r['reason']})" if r["reason"] else ""
-            out.append(
-                TimelineEvent(
-                    at=r["created_at"],
-                    kind=Kind.CHANNEL_ATTEMPT,
-                    ref=r["id"],
-                    summary=f"{r['kind']} attempt {r['attempt_number']} to {r['destination']}: "
-                    f"{r['status']}{why} in {r['duration_ms']} ms{then}",
-                    detail=detail,
-                )
-            )
-        return out
-
-    async def _endpoints_disabled(self, scope: Scope, query: PageQuery) -> list[TimelineEvent]:
-        stmt = select(ep_.id, ep_.url, ep_.event_type, ep_.disabled_reason, ep_.updated_at).where(
-            ep_.project_id == scope.project_id, ep_.is_active.is_(False)
+            a_.id,
+            select().select_from(hook).where(*hooks),
+            schedule_id=n_.schedule_id,
+            s1=a_.status,
+            s2=a_.webhook_url,
+            s3=a_.error_message,
+            s4=a_.event_id,
+            s5=d_.status,
+            n1=a_.attempt_number,
+            n2=a_.response_code,
+            n3=a_.duration_ms,
+            n4=d_.attempt_count,
+            t1=d_.next_attempt_at,
         )
-        return [
-            TimelineEvent(
-                at=r["updated_at"],
-                kind=Kind.ENDPOINT_DISABLED,
-                ref=r["id"],
-                summary=f"webhook endpoint {r['url']} ({r['event_type']}) disabled: "
-                f"{r['disabled_reason'] or 'no reason recorded'}",
-                detail={"endpoint": r["url"], "event_type": r["event_type"]},
-            )
-            for r in await self._all(stmt)
-        ]
+        channel = select().select_from(CHANNEL_ATTEMPTS).where(*_bound_owner(ch_))
+        if shape.scoped:
+            ids = select(n_.id).where(*mine).scalar_subquery()
+            channel = channel.where(ch_.notification_id.in_(ids))
+        add(
+            "channel",
+            ch_.created_at,
+            ch_.id,
+            channel,
+            s1=ch_.kind,
+            s2=ch_.destination,
+            s3=ch_.status,
+            s4=ch_.reason,
+            s5=ch_.notification_id,
+            n1=ch_.attempt_number,
+            n2=ch_.response_code,
+            n3=ch_.duration_ms,
+            t1=ch_.next_attempt_at,
+        )
+        add(
+            "endpoint",
+            ep_.updated_at,
+            ep_.id,
+            select()
+            .select_from(ENDPOINTS)
+            .where(ep_.project_id == bindparam("p", type_=String()), ep_.is_active.is_(False)),
+            s1=ep_.url,
+            s2=ep_.event_type,
+            s3=ep_.disabled_reason,
+        )
+        return sources
 
     # --- explain ----------------------------------------------------------------------
 
@@ -744,6 +606,268 @@ class SqlTimelineStore:
                     "dead_lettered": delivery["status"] == "dead",
                 }
         return MessageFacts(**facts)
+
+
+_TEXT = ("schedule_id", "s1", "s2", "s3", "s4", "s5")
+_INTS = ("n1", "n2", "n3", "n4")
+
+
+def _columns(src: str, at: Any, ref: Any, given: dict[str, Any]) -> list[Any]:
+    """The union's columns, in one order: typed NULLs where a source has no value."""
+    cols: list[Any] = [
+        literal(src, String()).label("src"),
+        at.label("at"),
+        cast(ref, String()).label("ref"),
+    ]
+    for name in _TEXT:
+        value = given.get(name)
+        cols.append(
+            (cast(value, String()) if value is not None else cast(null(), String())).label(name)
+        )
+    for name in _INTS:
+        value = given.get(name)
+        cols.append((value if value is not None else cast(null(), Integer())).label(name))
+    t1 = given.get("t1")
+    cols.append((t1 if t1 is not None else cast(null(), UTCDateTime())).label("t1"))
+    return cols
+
+
+type _Convert = Callable[[RowMapping, dict[str, RowMapping], PageQuery], list[TimelineEvent]]
+
+
+def _ended(schedules: dict[str, RowMapping], query: PageQuery) -> list[TimelineEvent]:
+    # The scheduler disables a schedule once its ends_at passed; that write is not a
+    # change row, the stored ends_at says when.
+    return [
+        TimelineEvent(
+            at=r["ends_at"],
+            kind=Kind.SCHEDULE_ENDED,
+            ref=sid,
+            summary=f"schedule {sid} reached its ends_at and no longer fires",
+            schedule_id=sid,
+            timezone=r["timezone"],
+            detail={"ends_at": format_utc(r["ends_at"])},
+        )
+        for sid, r in schedules.items()
+        if r["ends_at"] is not None and r["ends_at"] <= query.now
+    ]
+
+
+def _change(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[TimelineEvent]:
+    fields = json.loads(r["s2"] or "[]")
+    said = f" ({', '.join(fields)})" if fields else ""
+    return [
+        TimelineEvent(
+            at=r["at"],
+            kind=_kind(r["s1"]),
+            ref=r["ref"],
+            summary=f"schedule {r['schedule_id']} {r['s1']}{said}",
+            schedule_id=r["schedule_id"],
+            timezone=r["s3"],
+            detail={"fields": fields, "version": r["n1"]},
+        )
+    ]
+
+
+def _fire(r: RowMapping, schedules: dict[str, RowMapping], q: PageQuery) -> list[TimelineEvent]:
+    schedule = schedules.get(r["schedule_id"])
+    zone = schedule["timezone"] if schedule else None
+    if r["s1"] != "skipped":
+        return [
+            TimelineEvent(
+                at=r["at"],
+                kind=Kind.FIRE_FIRED,
+                ref=r["ref"],
+                summary=f"schedule {r['schedule_id']} fired",
+                schedule_id=r["schedule_id"],
+                timezone=zone,
+            )
+        ]
+    window_json = schedule["active_window_json"] if schedule else None
+    reason = r["s2"] or ""
+    rule = skip_rule(
+        reason, r["at"], zone, json.loads(window_json) if window_json else None, q.max_lateness
+    )
+    return [
+        TimelineEvent(
+            at=r["at"],
+            kind=Kind.FIRE_SKIPPED,
+            ref=r["ref"],
+            summary=f"skipped: {rule}",
+            schedule_id=r["schedule_id"],
+            timezone=zone,
+            detail={"reason": reason, "rule": rule},
+        )
+    ]
+
+
+def _wakeup(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[TimelineEvent]:
+    return [
+        TimelineEvent(
+            at=r["at"],
+            kind=Kind.WAKEUP_ACCEPTED,
+            ref=r["ref"],
+            summary=f"wakeup {r['ref']} accepted for {format_utc(r['t1'])} (now {r['s1']})",
+            detail={"scheduled_at": format_utc(r["t1"]), "status": r["s1"], "check_type": r["s2"]},
+        )
+    ]
+
+
+def _event(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[TimelineEvent]:
+    return [
+        TimelineEvent(
+            at=r["at"],
+            kind=Kind.EVENT_ACCEPTED,
+            ref=r["ref"],
+            summary=f"trigger event {r['s1']} accepted (now {r['s2']})",
+            detail={"event_type": r["s1"], "status": r["s2"]},
+        )
+    ]
+
+
+def _composed(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[TimelineEvent]:
+    status = r["s1"]
+    detail = {
+        "status": status,
+        "source_type": r["s3"],
+        "source_id": r["s4"],
+        "fire_at": format_utc(r["t1"]),
+    }
+    if status == "failed_generation":
+        kind = Kind.NOTIFICATION_FAILED
+        summary = f"composing message {r['ref']} failed: {r['s2'] or 'no error recorded'}"
+        detail["error"] = r["s2"] or ""
+    else:
+        kind = Kind.NOTIFICATION_COMPOSED
+        state = {
+            "staged": "staged until its fire instant",
+            "pending": "pending in the queue",
+        }.get(status, f"now {status}")
+        summary = f"message {r['ref']} composed ({state})"
+    return [
+        TimelineEvent(
+            at=r["at"],
+            kind=kind,
+            ref=r["ref"],
+            summary=summary,
+            schedule_id=r["schedule_id"],
+            detail=detail,
+        )
+    ]
+
+
+def _consumed(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[TimelineEvent]:
+    by = "webhook" if r["n1"] else "poll"
+    how = "by a webhook 2xx" if r["n1"] else "by a poll"
+    return [
+        TimelineEvent(
+            at=r["at"],
+            kind=Kind.NOTIFICATION_CONSUMED,
+            ref=r["ref"],
+            summary=f"message {r['ref']} consumed {how}",
+            schedule_id=r["schedule_id"],
+            detail={"by": by},
+        )
+    ]
+
+
+def _attempt(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[TimelineEvent]:
+    url, number = r["s2"], r["n1"]
+    last = r["n4"] is not None and r["n4"] == number
+    answer = f"HTTP {r['n2']}" if r["n2"] else "no answer"
+    detail: dict[str, Any] = {
+        "endpoint": url,
+        "attempt": number,
+        "status": r["s1"],
+        "response_code": r["n2"],
+        "latency_ms": r["n3"],
+        "message_id": r["s4"],
+    }
+    if r["s3"]:
+        detail["error"] = r["s3"]
+    then = ""
+    if r["s1"] != "success" and r["s5"] is not None:
+        if not last:
+            then = "; retried"
+        elif r["s5"] == "pending" and r["t1"] is not None:
+            detail["next_retry_at"] = format_utc(r["t1"])
+            then = f"; next retry at {format_utc(r['t1'])}"
+    out = [
+        TimelineEvent(
+            at=r["at"],
+            kind=Kind.WEBHOOK_ATTEMPT,
+            ref=r["ref"],
+            summary=f"webhook attempt {number} to {url}: {r['s1']}, {answer} in {r['n3']} ms{then}",
+            schedule_id=r["schedule_id"],
+            detail=detail,
+        )
+    ]
+    if last and r["s5"] == "dead":
+        out.append(
+            TimelineEvent(
+                at=r["at"],
+                kind=Kind.WEBHOOK_DEAD_LETTERED,
+                ref=r["ref"],
+                summary=f"message {r['s4']} dead-lettered for {url} after {number} attempts: "
+                "no more retries",
+                schedule_id=r["schedule_id"],
+                detail={"endpoint": url, "message_id": r["s4"]},
+            )
+        )
+    return out
+
+
+def _channel(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[TimelineEvent]:
+    detail: dict[str, Any] = {
+        "channel": r["s1"],
+        "destination": r["s2"],
+        "attempt": r["n1"],
+        "status": r["s3"],
+        "response_code": r["n2"],
+        "latency_ms": r["n3"],
+        "message_id": r["s5"],
+    }
+    then = ""
+    if r["t1"] is not None:
+        detail["next_retry_at"] = format_utc(r["t1"])
+        then = f"; next retry at {format_utc(r['t1'])}"
+    why = f" ({r['s4']})" if r["s4"] else ""
+    return [
+        TimelineEvent(
+            at=r["at"],
+            kind=Kind.CHANNEL_ATTEMPT,
+            ref=r["ref"],
+            summary=f"{r['s1']} attempt {r['n1']} to {r['s2']}: {r['s3']}{why} in {r['n3']} ms"
+            f"{then}",
+            detail=detail,
+        )
+    ]
+
+
+def _endpoint(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[TimelineEvent]:
+    return [
+        TimelineEvent(
+            at=r["at"],
+            kind=Kind.ENDPOINT_DISABLED,
+            ref=r["ref"],
+            summary=f"webhook endpoint {r['s1']} ({r['s2']}) disabled: "
+            f"{r['s3'] or 'no reason recorded'}",
+            detail={"endpoint": r["s1"], "event_type": r["s2"]},
+        )
+    ]
+
+
+_EVENTS: dict[str, _Convert] = {
+    "change": _change,
+    "fire": _fire,
+    "wakeup": _wakeup,
+    "event": _event,
+    "composed": _composed,
+    "consumed": _consumed,
+    "attempt": _attempt,
+    "channel": _channel,
+    "endpoint": _endpoint,
+}
 
 
 def _with_zone(event: TimelineEvent, zone: str | None) -> TimelineEvent:

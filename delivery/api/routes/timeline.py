@@ -105,8 +105,8 @@ async def _timeline(
         now=ctx.clock.now(),
         max_lateness=timedelta(seconds=ctx.settings.max_lateness_s),
     )
-    events = await store.page(scope, query)
-    zone = await store.user_zone(scope)
+    found = await store.page(scope, query)
+    events, zone = found.events, found.zone
     page = events[:count]
     body: dict[str, Any] = {
         "agent_id": scope.agent_id,

@@ -10,10 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.applications import Starlette
 
 from delivery.api import create_app
 from delivery.bus.subjects import Subjects

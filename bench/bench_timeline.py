@@ -292,9 +292,41 @@ async def _measure(
     }
 
 
+async def _walk(base_url: str, key: str, order: str) -> dict[str, float]:
+    """Follow ``next_cursor`` through the whole history; every event must come once."""
+    headers = {"Authorization": f"Bearer {key}"}
+    params = {"limit": "50", "order": order}
+    latencies: list[float] = []
+    seen: set[tuple[str, str, str]] = set()
+    count = 0
+    async with aiohttp.ClientSession() as session:
+        while True:
+            started = time.perf_counter()
+            async with session.get(
+                f"{base_url}/api/v1/agents/{AGENT}/users/{USER}/timeline",
+                params=params,
+                headers=headers,
+            ) as r:
+                page = await r.json()
+            latencies.append(time.perf_counter() - started)
+            count += len(page["events"])
+            seen |= {(e["at"], e["ref"], e["kind"]) for e in page["events"]}
+            if not page["has_more"]:
+                break
+            params["cursor"] = page["next_cursor"]
+    latencies.sort()
+    return {
+        "pages": len(latencies),
+        "events": count,
+        "unique": len(seen),
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[max(int(len(latencies) * 0.99) - 1, 0)] * 1000,
+    }
+
+
 async def _run_one(
     kind: str, args: argparse.Namespace
-) -> tuple[dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     tmp = tempfile.TemporaryDirectory(prefix="dlv-bench-")
     pg_name = ""
     if kind == "sqlite":
@@ -325,7 +357,8 @@ async def _run_one(
         options = {"requests": args.requests, "concurrency": args.concurrency}
         timeline = await _measure(base_url, key, _timeline_path, expect=b'"events":[{', **options)
         floor = await _measure(base_url, key, _floor_path, expect=b'"message_id"', **options)
-        return timeline, floor
+        walk = await _walk(base_url, key, "desc")
+        return timeline, floor, walk
     finally:
         if proc is not None:
             proc.terminate()
@@ -353,7 +386,7 @@ def main() -> None:
         f"target p99 <= {TARGET_P99_MS:g} ms"
     )
     for kind in kinds:
-        t, f = asyncio.run(_run_one(kind, args))
+        t, f, w = asyncio.run(_run_one(kind, args))
         verdict = "meets" if t["p99_ms"] <= TARGET_P99_MS else "MISSES"
         print(
             f"{kind:9s} timeline p50 {t['p50_ms']:6.1f} ms  p99 {t['p99_ms']:6.1f} ms  "
@@ -361,6 +394,11 @@ def main() -> None:
             f"{f['p50_ms']:5.1f} ms  p99 {f['p99_ms']:5.1f} ms | ratio p99 "
             f"{t['p99_ms'] / f['p99_ms']:4.1f}x | {verdict} the target "
             f"(load average {os.getloadavg()[0]:.1f})"
+        )
+        print(
+            f"{'':9s} cursor walk, newest first: {int(w['pages'])} pages, {int(w['events'])} "
+            f"events, {int(w['unique'])} distinct; p50 {w['p50_ms']:.1f} ms  "
+            f"p99 {w['p99_ms']:.1f} ms"
         )
 
 

@@ -204,8 +204,8 @@ async def _seed(url: str) -> str:
     engine = create_engine(url)
     try:
         store = SqlStore(engine)
-        project = await store.ensure_project("bench", START)
-        key = await store.create_api_key(project.id, START)
+        project = await store.keys.ensure_project("bench", START)
+        key = await store.keys.create_api_key(project.id, START)
         stories = [_story(project.id, USER, "u")]
         stories += [_story(project.id, f"other-{n}", f"o{n}", scale=5) for n in range(OTHERS)]
         for story in stories:

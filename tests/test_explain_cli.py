@@ -12,9 +12,10 @@ from datetime import UTC, datetime, timedelta
 from delivery.bus.subjects import Subjects
 from delivery.cadence import compile_schedule, next_fire
 from delivery.scheduler import Scheduler
+from delivery.store.common import canonical_json
 from delivery.store.engine import create_engine
 from delivery.store.migrate import migrate
-from delivery.store.sql import SqlStore, canonical_json
+from delivery.store.sql import SqlStore
 from delivery.store.tables import ScheduleRow
 
 START = datetime(2026, 5, 1, tzinfo=UTC)
@@ -27,8 +28,8 @@ async def missed_fire(database_url: str) -> str:
     engine = create_engine(database_url)
     try:
         store = SqlStore(engine)
-        project = await store.ensure_project("demo", START)
-        await store.ensure_project("other", START)
+        project = await store.keys.ensure_project("demo", START)
+        await store.keys.ensure_project("other", START)
         compiled = compile_schedule(CADENCE, None, created_at=START)
         row = ScheduleRow(
             id="sch_cli",
@@ -45,7 +46,7 @@ async def missed_fire(database_url: str) -> str:
             created_at=START,
             updated_at=START,
         )
-        await store.insert_schedule(row)
+        await store.schedules.insert_schedule(row)
         scheduler = Scheduler(engine, Subjects("cli"), max_lateness=timedelta(hours=1))
         await scheduler.tick(datetime(2026, 5, 1, 10, 0, tzinfo=UTC))
     finally:

@@ -349,7 +349,9 @@ class ScheduleStore(StoreBase):
         """Insert a new schedule row as given, and its ``created`` change (same transaction)."""
         async with self.write() as conn:
             await conn.execute(SCHEDULES.insert().values(**row.model_dump()))
-            await _record_change(conn, row, "created", [], row.timezone, row.version, row.created_at)
+            await _record_change(
+                conn, row, "created", [], row.timezone, row.version, row.created_at
+            )
 
     async def get_schedule(
         self, project_id: str, agent_id: str, user_id: str, schedule_id: str

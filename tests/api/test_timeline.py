@@ -208,14 +208,18 @@ async def test_no_schedule(api: Api) -> None:
 async def app_client(api: Api, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """Alpha's client over a second app on the same database, with other settings."""
     store = SqlStore(api.store.engine)
-    key = await store.create_api_key(api.projects["alpha"], START)
+    key = await store.keys.create_api_key(api.projects["alpha"], START)
     app = create_app(settings, store, api.clock)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app),
         base_url="http://api.test",
         headers={"Authorization": f"Bearer {key}"},
     ) as client:
-        yield client
+        try:
+            yield client
+        finally:
+            # Served without a lifespan: close the app's composer (its HTTP client) here.
+            await app.state.ctx.composer.aclose()
 
 
 def failing_llm() -> Starlette:

@@ -89,7 +89,7 @@ def attempt(project: str, aid: str, at: datetime, retry: datetime | None = None)
 async def test_prune_keeps_what_is_still_needed(engine: AsyncEngine) -> None:
     """Old history goes, batch by batch; pending messages and queued retries stay."""
     store = SqlStore(engine)
-    project = (await store.ensure_project("p", OLD)).id
+    project = (await store.keys.ensure_project("p", OLD)).id
     async with engine.begin() as conn:
         await conn.execute(
             FIRES.insert(),
@@ -201,9 +201,9 @@ async def test_prune_keeps_what_is_still_needed(engine: AsyncEngine) -> None:
 async def test_a_pruned_fire_is_never_fired_again(engine: AsyncEngine) -> None:
     """Forty days of daily fires, the old ones pruned: the scheduler makes none of them again."""
     store = SqlStore(engine)
-    project = (await store.ensure_project("p", OLD)).id
+    project = (await store.keys.ensure_project("p", OLD)).id
     row = schedule_row("sch_daily", cadence=daily("09:00"), created_at=OLD, project_id=project)
-    await store.insert_schedule(ScheduleRow(**row))
+    await store.schedules.insert_schedule(ScheduleRow(**row))
     scheduler = Scheduler(engine, Subjects("ret"), max_lateness=timedelta(hours=1))
     day = OLD.replace(hour=10)
     while day <= NOW:

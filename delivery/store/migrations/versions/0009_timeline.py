@@ -1,7 +1,7 @@
 """timeline: schedule_changes, the owner of each webhook attempt, and time indexes
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-04
 
 "Why did this user not get a message?" is answered from the tables that record
@@ -20,8 +20,8 @@ from alembic import op
 import delivery.store.types
 
 
-revision: str = '0008'
-down_revision: str | Sequence[str] | None = '0007'
+revision: str = '0009'
+down_revision: str | Sequence[str] | None = '0008'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

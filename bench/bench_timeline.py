@@ -342,6 +342,7 @@ async def _run_one(
         env = {
             **os.environ,
             "DELIVERY_DATABASE_URL": url,
+            "DELIVERY_SECRET_KEY": "bench-timeline-key",  # required on PostgreSQL
             "DELIVERY_DATA_DIR": tmp.name,
             "DELIVERY_PORT": str(port),
             "DELIVERY_LOG_LEVEL": "WARNING",

@@ -35,6 +35,7 @@ from delivery.datadir import NATS_DIR, prepare_data_dir
 from delivery.embedded import EmbeddedNats
 from delivery.loops import PeriodicLoop
 from delivery.outbox import OutboxRelay
+from delivery.retention import Retention
 from delivery.scheduler import Scheduler
 from delivery.settings import Settings
 from delivery.startup import (
@@ -286,6 +287,12 @@ class Daemon:
             self._scheduler_job = job
             job.start()
             _on_stop(stack, "scheduler-tick", job.stop)
+            # History older than the retention goes in short batches, beside the tick
+            # rather than in it: a prune never delays a fire.
+            retention = Retention.from_settings(settings, engine, self.clock)
+            pruning = PeriodicLoop("retention-prune", retention.step, settings.retention_interval_s)
+            pruning.start()
+            _on_stop(stack, "retention-prune", pruning.stop)
             await self._start_job_sweep(stack, engine, single_writer=single_writer)
 
         if Part.DISPATCHER in self.parts:

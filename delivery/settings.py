@@ -110,6 +110,22 @@ class Settings(BaseSettings):
     )
     lease_s: int = Field(default=30, ge=1)
 
+    # --- retention ---------------------------------------------------------------
+    retention_days: int = Field(
+        default=30,
+        ge=8,
+        le=3650,
+        description="Fires, attempts, schedule changes and consumed notifications older than "
+        "this are pruned (pending messages never are). At least 8: longer than the stream "
+        "keeps a message, so a pruned message cannot be made again from a redelivery.",
+    )
+    retention_batch: int = Field(
+        default=1000, ge=1, le=100_000, description="Rows deleted per table per transaction."
+    )
+    retention_interval_s: float = Field(
+        default=3600.0, gt=0, description="How often the daemon prunes (a backlog drains at once)."
+    )
+
     # --- composer ---------------------------------------------------------------
     composer: str = Field(default="template", description="`template` or `llm`.")
     llm_base_url: str = ""

@@ -26,6 +26,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "delivery.cadence",
             "delivery.planning",
             "delivery.templates",
+            "delivery.timeline",
+            "delivery.explain",
             "handlers",
             "handlers.base",
             "handlers.classify",
@@ -48,6 +50,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "processes",
         (
             "delivery.scheduler",
+            "delivery.retention",
             "delivery.outbox",
             "delivery.dispatcher",
             "delivery.workbench",

@@ -32,6 +32,7 @@ from delivery.secrets import LazySecretBox
 from delivery.settings import Settings
 from delivery.store.channels import ChannelStore
 from delivery.store.sql import SqlStore
+from delivery.store.timeline import SqlTimelineStore
 from delivery.store.webhooks import WebhookStore
 
 _log = structlog.get_logger(__name__)
@@ -109,6 +110,7 @@ def create_app(
         channels=ChannelStore(store.engine, secrets=secrets),
         webhooks=WebhookStore(store.engine),
         composer=composer,
+        timeline=SqlTimelineStore(store.engine),
     )
     metrics = HttpMetrics()
     app.state.metrics = metrics

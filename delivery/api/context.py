@@ -29,6 +29,7 @@ from delivery.store.channels import ChannelStore
 from delivery.store.common import canonical_json
 from delivery.store.engine import after_commit
 from delivery.store.sql import SqlStore
+from delivery.store.timeline import SqlTimelineStore
 from delivery.store.webhooks import WebhookStore
 
 _log = structlog.get_logger(__name__)
@@ -64,6 +65,8 @@ class ApiContext:
     webhooks: WebhookStore
     composer: SharedComposer
     """The advance-time composer, built on first use and closed with the app."""
+    timeline: SqlTimelineStore
+    """The timeline's reads (read-only)."""
 
     def wake(self) -> None:
         """

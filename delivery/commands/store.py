@@ -8,6 +8,8 @@ makes a project if needed and prints a new API key, the only time it is shown;
 ``keys rotate`` replaces one, optionally keeping the old one alive for a grace
 period. A running API caches a resolved key for ``DELIVERY_AUTH_CACHE_TTL_S``
 seconds (30 by default), so a revocation takes effect there within that time.
+``prune`` deletes history older than ``DELIVERY_RETENTION_DAYS``
+(:mod:`delivery.retention`) and prints the rows per table.
 """
 
 import asyncio
@@ -23,6 +25,7 @@ from delivery.cadence import format_utc
 from delivery.clock import SystemClock
 from delivery.datadir import prepare_data_dir
 from delivery.logs import configure_logging
+from delivery.retention import Retention
 from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.startup import run_main
@@ -166,8 +169,31 @@ def rotate_key(
     typer.echo(key)
 
 
+async def _prune(settings: Settings) -> dict[str, int]:
+    url = prepare_database(settings)
+    await migrate(url, secrets=partial(SecretBox.for_migration, settings))
+    engine = create_engine(url)
+    try:
+        report = await Retention.from_settings(settings, engine, SystemClock()).prune_all()
+    finally:
+        await engine.dispose()
+    return report.rows
+
+
+def _prune_command() -> None:
+    """Delete history older than DELIVERY_RETENTION_DAYS now (the daemon also does it hourly)."""
+    settings = Settings()
+    configure_logging(settings.log_level, json=settings.log_json)
+    rows = asyncio.run(_prune(settings))
+    for table, deleted in rows.items():
+        typer.echo(f"{table}: {deleted}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.command("prune", help="Prune fires, attempts, schedule changes and consumed messages now.")(
+        _prune_command
+    )
     app.command("migrate", help="Apply database migrations (SQLite or PostgreSQL).")(
         _migrate_command
     )

@@ -503,6 +503,7 @@ class WebhookStore(StoreBase):
             values |= {"next_attempt_at": step.retry_at, "last_error": step.reason}
         else:
             values |= {"status": DEAD, "next_attempt_at": None, "last_error": step.reason}
+        note = claimed.notification
         async with self.write() as conn:
             await conn.execute(
                 ATTEMPTS.insert().values(
@@ -511,6 +512,8 @@ class WebhookStore(StoreBase):
                     project_id=claimed.project_id,
                     event_type=claimed.event_type,
                     event_id=attempt.event_id,
+                    agent_id=None if note is None else note["agent_id"],
+                    user_id=None if note is None else note["user_id"],
                     attempt_number=attempt.attempt_number,
                     webhook_url=attempt.webhook_url,
                     status=attempt.status,

@@ -13,6 +13,7 @@ from delivery.api.routes import (
     service,
     stream,
     templates,
+    timeline,
     wakeups,
     webhooks,
     workbench,
@@ -32,4 +33,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     templates.router,
     stream.router,
     admin.router,
+    timeline.router,
 )

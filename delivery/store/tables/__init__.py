@@ -28,6 +28,7 @@ from delivery.store.tables.core import (
     NotificationRow,
     OutboxRow,
     ProjectRow,
+    ScheduleChangeRow,
     ScheduleRow,
     TriggerEventRow,
     WakeupRow,
@@ -47,6 +48,7 @@ PROJECTS: Table = ProjectRow.__table__  # type: ignore[attr-defined]
 API_KEYS: Table = ApiKeyRow.__table__  # type: ignore[attr-defined]
 SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
 FIRES: Table = FireRow.__table__  # type: ignore[attr-defined]
+SCHEDULE_CHANGES: Table = ScheduleChangeRow.__table__  # type: ignore[attr-defined]
 WAKEUPS: Table = WakeupRow.__table__  # type: ignore[attr-defined]
 EVENTS: Table = TriggerEventRow.__table__  # type: ignore[attr-defined]
 INVENTORY: Table = InventoryItemRow.__table__  # type: ignore[attr-defined]
@@ -81,6 +83,7 @@ __all__ = [
     "PREFERENCES",
     "PROJECTS",
     "SCHEDULES",
+    "SCHEDULE_CHANGES",
     "TEMPLATES",
     "TEMPLATE_VERSIONS",
     "WAKEUPS",
@@ -97,6 +100,7 @@ __all__ = [
     "NotificationRow",
     "OutboxRow",
     "ProjectRow",
+    "ScheduleChangeRow",
     "ScheduleRow",
     "TriggerEventRow",
     "WakeupRow",

@@ -116,6 +116,7 @@ class ChannelAttemptRow(SQLModel, table=True):
         Index("ix_channel_attempts_due", "next_attempt_at"),
         Index("ix_channel_attempts_notification", "notification_id", "created_at"),
         Index("ix_channel_attempts_owner", "project_id", "agent_id", "user_id", "created_at"),
+        Index("ix_channel_attempts_created_at", "created_at"),
     )
 
     id: str = Field(primary_key=True, max_length=64)

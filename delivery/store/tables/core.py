@@ -83,6 +83,37 @@ class ScheduleRow(SQLModel, table=True):
     updated_at: datetime = Field(sa_type=UTCDateTime)
 
 
+class ScheduleChangeRow(SQLModel, table=True):
+    """
+    One change of a schedule: append-only history for the timeline.
+
+    Written in the transaction of the schedule write it records (create, PATCH,
+    delete), so a change is recorded exactly when it happened. ``kind`` is
+    ``created | updated | disabled | enabled | deleted``; ``fields_json`` lists the
+    fields the write set; ``timezone`` is the schedule's zone after it.
+    The scheduler's own disable when ``ends_at`` passes is not a row here: the
+    timeline shows it from ``schedules.ends_at``.
+    """
+
+    __tablename__ = "schedule_changes"
+    __table_args__ = (
+        Index("ix_schedule_changes_owner", "project_id", "agent_id", "user_id", "changed_at"),
+        Index("ix_schedule_changes_schedule", "schedule_id", "changed_at"),
+        Index("ix_schedule_changes_changed_at", "changed_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=64)
+    schedule_id: str = Field(max_length=64)
+    project_id: str = Field(max_length=64)
+    agent_id: str = Field(max_length=128)
+    user_id: str = Field(max_length=128)
+    kind: str = Field(max_length=16)
+    fields_json: str = Field(default="[]", sa_type=Text)
+    timezone: str = Field(max_length=64)
+    version: int
+    changed_at: datetime = Field(sa_type=UTCDateTime)
+
+
 class FireRow(SQLModel, table=True):
     """
     One cadence tick of a schedule: produced (``status='fired'``) or skipped with a reason.
@@ -95,6 +126,8 @@ class FireRow(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("schedule_id", "fire_at", name="uq_fires_schedule_fire_at"),
         Index("ix_fires_owner", "project_id", "agent_id", "user_id", "fire_at"),
+        # Retention prunes the oldest fires in batches, across every tenant.
+        Index("ix_fires_fire_at", "fire_at"),
     )
 
     id: str = Field(primary_key=True, max_length=64)
@@ -115,6 +148,7 @@ class WakeupRow(SQLModel, table=True):
     __table_args__ = (
         Index("ix_wakeups_due", "status", "scheduled_at"),
         Index("ix_wakeups_owner", "project_id", "agent_id", "user_id"),
+        Index("ix_wakeups_timeline", "project_id", "agent_id", "user_id", "created_at"),
     )
 
     id: str = Field(primary_key=True, max_length=64)
@@ -140,7 +174,10 @@ class TriggerEventRow(SQLModel, table=True):
     """A backend trigger event, accepted and awaiting (or past) its reaction."""
 
     __tablename__ = "trigger_events"
-    __table_args__ = (Index("ix_trigger_events_owner", "project_id", "agent_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_trigger_events_owner", "project_id", "agent_id", "created_at"),
+        Index("ix_trigger_events_timeline", "project_id", "agent_id", "user_id", "created_at"),
+    )
 
     id: str = Field(primary_key=True, max_length=64)
     project_id: str = Field(foreign_key="projects.id", max_length=64)
@@ -195,6 +232,24 @@ class NotificationRow(SQLModel, table=True):
         Index("ix_notifications_queue", "project_id", "agent_id", "status", "created_at"),
         Index("ix_notifications_user", "project_id", "agent_id", "user_id", "status", "created_at"),
         Index("ix_notifications_project", "project_id", "ack_status", "created_at"),
+        # The timeline reads one user's messages by instant, whatever their status,
+        # and their consumptions by when they happened (and retention by that too).
+        Index("ix_notifications_timeline", "project_id", "agent_id", "user_id", "created_at"),
+        Index(
+            "ix_notifications_consumed",
+            "project_id",
+            "agent_id",
+            "user_id",
+            "consumed_at",
+            sqlite_where=text("consumed_at IS NOT NULL"),
+            postgresql_where=text("consumed_at IS NOT NULL"),
+        ),
+        Index(
+            "ix_notifications_consumed_at",
+            "consumed_at",
+            sqlite_where=text("consumed_at IS NOT NULL"),
+            postgresql_where=text("consumed_at IS NOT NULL"),
+        ),
         # Only composed-ahead rows are in it, and they leave it when promoted, so
         # the relay's "anything due to promote?" probe stays a tiny index lookup.
         Index(

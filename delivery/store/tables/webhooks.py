@@ -89,10 +89,15 @@ class WebhookAttemptRow(SQLModel, table=True):
 
     ``seq`` orders attempts and is the page cursor; ``id`` is the wire ``attempt_id``.
     Rows outlive their endpoint and delivery: a dead letter stays visible.
+    ``agent_id`` and ``user_id`` copy the notification's, so one user's attempts are
+    an index range (the timeline); rows from before they existed have them backfilled.
     """
 
     __tablename__ = "webhook_attempts"
-    __table_args__ = (Index("ix_webhook_attempts_scope", "project_id", "event_type", "seq"),)
+    __table_args__ = (
+        Index("ix_webhook_attempts_scope", "project_id", "event_type", "seq"),
+        Index("ix_webhook_attempts_owner", "project_id", "agent_id", "user_id", "created_at"),
+    )
 
     seq: int | None = Field(default=None, primary_key=True)
     id: str = Field(max_length=64, unique=True)
@@ -100,6 +105,10 @@ class WebhookAttemptRow(SQLModel, table=True):
     project_id: str = Field(max_length=64)
     event_type: str = Field(max_length=128)
     event_id: str = Field(max_length=64)
+    agent_id: str | None = Field(
+        default=None, max_length=128, description="the notification's, for the user timeline"
+    )
+    user_id: str | None = Field(default=None, max_length=128)
     attempt_number: int
     webhook_url: str = Field(sa_type=Text)
     status: str = Field(max_length=16, description="success | failed")

@@ -41,6 +41,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "delivery.secrets",
             "delivery.loops",
             "delivery.datadir",
+            "delivery.metrics",
+            "delivery.tracing",
         ),
     ),
     ("store", ("delivery.store",)),
@@ -49,6 +51,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "delivery.scheduler",
             "delivery.outbox",
+            "delivery.ops",
             "delivery.dispatcher",
             "delivery.workbench",
             "delivery.api",

@@ -3,11 +3,11 @@ What follows one message across processes: its request id and, when tracing is o
 its OpenTelemetry trace context.
 
 Both travel as a *carrier*, a small ``str -> str`` mapping: ``X-Request-Id`` and the
-W3C ``traceparent`` (and ``tracestate``). The API puts the carrier of the request
-into the outbox payload it writes (key :data:`TRACE_KEY`, which consumers' models
-ignore); the relay lifts it into the NATS message's headers; each consumer reads
-the headers and passes the carrier on to what it writes next, so one grep of the
-message id, or one trace id, shows the message's whole path.
+W3C ``traceparent`` (and ``tracestate``). The API stores the carrier of the request
+beside the outbox row it writes (the ``headers`` column; the payload stays what
+consumers read); the relay sends it as the NATS message's headers; each consumer
+reads the headers and passes the carrier on to what it writes next, so one grep of
+the message id, or one trace id, shows the message's whole path.
 
 Tracing is off unless ``DELIVERY_OTEL_EXPORTER`` is ``otlp`` or ``console``. Off,
 :func:`enabled` is false and every caller skips its tracing branch: no spans, no
@@ -17,7 +17,6 @@ context objects, nothing on the hot path but that one check.
 import contextlib
 import json
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 import structlog
 from opentelemetry import trace
@@ -30,10 +29,6 @@ REQUEST_ID_HEADER = "X-Request-Id"
 """The request id's header, on HTTP and on NATS messages."""
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
-TRACE_KEY = "trace"
-"""The outbox payload key that holds a message's carrier until the relay publishes it."""
-TRACE_MARK = f'"{TRACE_KEY}":'
-"""What the relay looks for in a stored payload before parsing it (most have none)."""
 CARRIED = (REQUEST_ID_HEADER, TRACEPARENT, TRACESTATE)
 """The headers a carrier may hold."""
 
@@ -101,14 +96,6 @@ def carrier() -> Carrier:
     return found
 
 
-def with_carrier(payload: dict[str, Any]) -> dict[str, Any]:
-    """``payload`` plus the current carrier under :data:`TRACE_KEY`, when there is one."""
-    found = carrier()
-    if found:
-        payload[TRACE_KEY] = found
-    return payload
-
-
 def carrier_of(headers: Mapping[str, str] | None) -> Carrier | None:
     """The carried headers of a NATS message's ``headers``; ``None`` when it has none."""
     if not headers:
@@ -117,24 +104,33 @@ def carrier_of(headers: Mapping[str, str] | None) -> Carrier | None:
     return found or None
 
 
-def headers_of_payload(payload: str) -> Carrier:
+def publish_headers(stored: str) -> Carrier:
     """
-    The carrier stored in an outbox ``payload`` (JSON), as NATS headers.
+    The carrier stored beside an outbox row (a JSON object), as NATS headers.
 
-    The relay calls it only for payloads containing :data:`TRACE_MARK`. When tracing,
-    the publish is a span of the stored trace and the headers name that span.
+    When tracing, the publish is a span of the stored trace and the headers name it.
     """
     try:
-        stored = json.loads(payload).get(TRACE_KEY)
-    except (ValueError, AttributeError):
+        value = json.loads(stored)
+    except ValueError:
         return {}
-    if not isinstance(stored, dict):
+    if not isinstance(value, dict):
         return {}
-    found = {k: v for k, v in stored.items() if k in CARRIED and isinstance(v, str)}
+    found = {k: v for k, v in value.items() if k in CARRIED and isinstance(v, str)}
     if _tracer is not None and found:
         with span("outbox publish", found, kind=trace.SpanKind.PRODUCER):
             inject(found)
     return found
+
+
+def stored(found: Mapping[str, str] | None) -> str | None:
+    """A carrier as the outbox stores it (JSON), or ``None`` for none."""
+    return json.dumps(dict(found), separators=(",", ":"), sort_keys=True) if found else None
+
+
+def current_stored() -> str | None:
+    """The current context's carrier (:func:`carrier`) as the outbox stores it."""
+    return stored(carrier())
 
 
 def request_id_of(found: Mapping[str, str] | None) -> dict[str, str]:

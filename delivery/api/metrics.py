@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from delivery import tracing
 from delivery.metrics import HttpMetrics
 
-__all__ = ["HttpMetrics", "RequestContextMiddleware", "route_template"]
+__all__ = ["HttpMetrics", "RequestContextMiddleware", "bind_ids", "route_template"]
 
 _log = structlog.get_logger("delivery.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -34,6 +34,17 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REPLAYED = (b"idempotent-replayed", b"true")
 UNMATCHED = "unmatched"
+ROUTE_IDS = ("message_id", "event_id", "wakeup_id", "schedule_id", "agent_id", "user_id")
+"""What a route may bind (:func:`bind_ids`); unbound when its request ends."""
+
+
+def bind_ids(**ids: str) -> None:
+    """
+    Bind the ids a write route learns (message, schedule, agent, user) into the
+    request's log context: its access line and every later line of the request
+    carry them, so one grep of a message id finds the request that caused it.
+    """
+    structlog.contextvars.bind_contextvars(**ids)
 
 
 def route_template(scope: Scope) -> str:
@@ -142,6 +153,7 @@ class RequestContextMiddleware:
                     status=status,
                     duration_ms=round(elapsed * 1000, 2),
                 )
+                structlog.contextvars.unbind_contextvars(*ROUTE_IDS)
 
 
 def _start_span(scope: Scope) -> trace.Span:

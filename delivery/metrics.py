@@ -25,6 +25,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
@@ -44,6 +45,10 @@ LATENESS_BUCKETS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
 COMPOSER_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
 """Composition takes microseconds (template) to seconds (LLM)."""
 
+
+# A ``*_created`` gauge per series doubles the exposition for a value Prometheus
+# derives itself (counter resets).
+disable_created_metrics()
 
 # --- build ---------------------------------------------------------------------------
 

@@ -152,7 +152,11 @@ def create_app(
             token=settings.ops_token.get_secret_value(),
             paths=ops_paths(app),
         )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        routes=[route for router in ROUTERS for route in router.routes],
+    )
     return app
 
 

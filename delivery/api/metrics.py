@@ -17,10 +17,11 @@ route is ``unmatched``.
 import re
 import time
 import uuid
+from collections.abc import Sequence
 
 import structlog
 from opentelemetry import trace
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from delivery import tracing
@@ -47,20 +48,18 @@ def bind_ids(**ids: str) -> None:
     structlog.contextvars.bind_contextvars(**ids)
 
 
-def route_template(scope: Scope) -> str:
+def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
     """
     The template of the route that answered (or would have answered) the request.
 
     Routing sets ``scope["route"]``; when a middleware answered first, the path is
-    matched against the app's routes here (a method mismatch still names the route).
+    matched against ``routes`` here (a method mismatch still names the route).
     """
     route = scope.get("route")
     if route is not None:
         return str(getattr(route, "path", UNMATCHED))
-    app = scope.get("app")
-    router = getattr(app, "router", None)
     found = UNMATCHED
-    for candidate in getattr(router, "routes", ()):
+    for candidate in routes:
         match, _ = candidate.matches(scope)
         if match is Match.FULL:
             return str(getattr(candidate, "path", UNMATCHED))
@@ -86,9 +85,13 @@ def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 class RequestContextMiddleware:
     """Pure ASGI middleware: request id, structlog binding, access log line, metrics, span."""
 
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: HttpMetrics, routes: Sequence[BaseRoute] = ()
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = tuple(routes)
+        """Every route of the app, flat: the templates of answers given before routing."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,7 +139,7 @@ class RequestContextMiddleware:
                 metrics.in_flight.dec()
                 elapsed = time.perf_counter() - started
                 method = scope["method"]
-                route = route_template(scope)
+                route = route_template(scope, self.routes)
                 metrics.requests.labels(method, route, str(status)).inc()
                 metrics.duration.labels(method, route).observe(elapsed)
                 if replayed:

@@ -48,7 +48,7 @@ COMPOSER_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 
 # A ``*_created`` gauge per series doubles the exposition for a value Prometheus
 # derives itself (counter resets).
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # --- build ---------------------------------------------------------------------------
 

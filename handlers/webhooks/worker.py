@@ -323,9 +323,10 @@ class WebhookWorker(QueueWorker):
             event_type=claimed.event_type,
             project_id=claimed.project_id,
             attempt_number=claimed.attempt_number,
-            message_id=message_id,
-            **request_id_of(found),
         )
+        # Every line of the attempt (the sender's too) names the message and the
+        # request that caused it; each delivery runs in a task of its own.
+        ids = structlog.contextvars.bind_contextvars(message_id=message_id, **request_id_of(found))
         try:
             if found is not None and tracing.enabled():
                 with tracing.span(
@@ -345,6 +346,8 @@ class WebhookWorker(QueueWorker):
             # unexpected error (database blip) delays it instead of losing it.
             result.errors += 1
             bound.exception("webhook.process_failed", lease_s=self.lease.total_seconds())
+        finally:
+            structlog.contextvars.reset_contextvars(**ids)
 
     async def _attempt(self, claimed: ClaimedDelivery, result: SweepResult, bound: Any) -> None:
         box, channel = await self._ensure_parts()
@@ -449,8 +452,6 @@ class WebhookWorker(QueueWorker):
                 reason=state.reason,
                 endpoint_disabled=state.disable_reason is not None,
             )
-        else:
-            bound.debug("webhook.delivered", response_code=a.response_code)
         self._finished(claimed, outcome)
 
     def _finished(self, claimed: ClaimedDelivery, outcome: str) -> None:

@@ -15,9 +15,10 @@ route is ``unmatched``.
 """
 
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 from opentelemetry import trace
@@ -27,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from delivery import tracing
 from delivery.metrics import HttpMetrics
 
-__all__ = ["HttpMetrics", "RequestContextMiddleware", "bind_ids", "route_template"]
+__all__ = ["HttpMetrics", "RequestContextMiddleware", "RouteIndex", "bind_ids", "route_template"]
 
 _log = structlog.get_logger("delivery.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -48,24 +49,43 @@ def bind_ids(**ids: str) -> None:
     structlog.contextvars.bind_contextvars(**ids)
 
 
-def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
+class RouteIndex:
+    """
+    The app's routes by number of path segments, to name the template of a request
+    that was answered before routing (401, idempotent replay, 409, 413): only the
+    routes as deep as the path are tried.
+    """
+
+    def __init__(self, routes: Sequence[BaseRoute]) -> None:
+        self._by_depth: dict[int, list[BaseRoute]] = {}
+        for route in routes:
+            path = getattr(route, "path", None)
+            if isinstance(path, str):
+                self._by_depth.setdefault(path.count("/"), []).append(route)
+
+    def template(self, scope: Scope) -> str:
+        """The matching route's template (a method mismatch still names it), or unmatched."""
+        found = UNMATCHED
+        for candidate in self._by_depth.get(scope["path"].count("/"), ()):
+            match, _ = candidate.matches(scope)
+            if match is Match.FULL:
+                return str(getattr(candidate, "path", UNMATCHED))
+            if match is Match.PARTIAL and found == UNMATCHED:
+                found = str(getattr(candidate, "path", UNMATCHED))
+        return found
+
+
+def route_template(scope: Scope, index: RouteIndex | None = None) -> str:
     """
     The template of the route that answered (or would have answered) the request.
 
     Routing sets ``scope["route"]``; when a middleware answered first, the path is
-    matched against ``routes`` here (a method mismatch still names the route).
+    looked up in ``index``.
     """
     route = scope.get("route")
     if route is not None:
         return str(getattr(route, "path", UNMATCHED))
-    found = UNMATCHED
-    for candidate in routes:
-        match, _ = candidate.matches(scope)
-        if match is Match.FULL:
-            return str(getattr(candidate, "path", UNMATCHED))
-        if match is Match.PARTIAL and found == UNMATCHED:
-            found = str(getattr(candidate, "path", UNMATCHED))
-    return found
+    return index.template(scope) if index is not None else UNMATCHED
 
 
 def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -90,8 +110,10 @@ class RequestContextMiddleware:
     ) -> None:
         self.app = app
         self.metrics = metrics
-        self.routes = tuple(routes)
-        """Every route of the app, flat: the templates of answers given before routing."""
+        self.routes = RouteIndex(routes)
+        """Every route of the app: the templates of answers given before routing."""
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        """(method, route, status) -> its counter and histogram children (labels() is slow)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,7 +127,7 @@ class RequestContextMiddleware:
         if scope["method"] in _BODY_METHODS and scope["path"].startswith("/api/"):
             scope["headers"] = _as_json(scope["headers"])
         if not _REQUEST_ID.match(request_id):
-            request_id = f"req_{uuid.uuid4().hex[:20]}"
+            request_id = f"req_{secrets.token_hex(10)}"
         status = 500
         replayed = False
         started = time.perf_counter()
@@ -140,8 +162,14 @@ class RequestContextMiddleware:
                 elapsed = time.perf_counter() - started
                 method = scope["method"]
                 route = route_template(scope, self.routes)
-                metrics.requests.labels(method, route, str(status)).inc()
-                metrics.duration.labels(method, route).observe(elapsed)
+                series = self._series.get((method, route, status))
+                if series is None:
+                    series = self._series[(method, route, status)] = (
+                        metrics.requests.labels(method, route, str(status)),
+                        metrics.duration.labels(method, route),
+                    )
+                series[0].inc()
+                series[1].observe(elapsed)
                 if replayed:
                     metrics.replays.labels(route).inc()
                 elif status == 401:

@@ -38,7 +38,8 @@ class Proc:
 def env(**extra: str) -> dict[str, str]:
     """The test's environment without its DELIVERY_* settings, plus ``extra``."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
-    clean.update({"DELIVERY_LOG_JSON": "true", **extra})
+    # Every part must share the deployment's key (required with PostgreSQL).
+    clean.update({"DELIVERY_LOG_JSON": "true", "DELIVERY_SECRET_KEY": "ops-test-key", **extra})
     return clean
 
 

@@ -151,7 +151,7 @@ async def test_one_request_id_from_the_api_to_the_webhook_and_the_exported_names
 
     # uvicorn's own lines arrive as structlog JSON, with its logger's name.
     uvicorn = [e for e in lines if e.get("logger") == "uvicorn.error"]
-    assert any(e["event"].startswith("Uvicorn running on") for e in uvicorn), uvicorn
+    assert any(e["event"].startswith("Started server process") for e in uvicorn), uvicorn
     assert all({"level", "timestamp"} <= set(e) for e in uvicorn)
 
     # The counters saw the work.

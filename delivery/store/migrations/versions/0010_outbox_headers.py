@@ -1,7 +1,7 @@
 """outbox headers: the request id and trace context a message carries to NATS
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-04
 
 A message an API request caused (a trigger event, then its notification) carries
@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from alembic import op
 
 
-revision: str = '0009'
-down_revision: str | Sequence[str] | None = '0008'
+revision: str = '0010'
+down_revision: str | Sequence[str] | None = '0009'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

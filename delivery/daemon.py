@@ -25,6 +25,8 @@ from typing import Protocol
 import nats
 import structlog
 import uvicorn
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.bus.connect import ensure_reachable, server_urls
@@ -34,6 +36,7 @@ from delivery.clock import Clock, SystemClock
 from delivery.datadir import NATS_DIR, prepare_data_dir
 from delivery.embedded import EmbeddedNats
 from delivery.loops import PeriodicLoop
+from delivery.ops import OpsServer, Readiness, ScrapeGauges, database_checks, nats_checks
 from delivery.outbox import OutboxRelay
 from delivery.retention import Retention
 from delivery.scheduler import Scheduler
@@ -45,6 +48,7 @@ from delivery.startup import (
     require_secret_key,
 )
 from delivery.store.engine import Capabilities, create_engine, is_sqlite
+from delivery.store.gauges import GaugeStore
 
 log = structlog.get_logger(__name__)
 
@@ -146,6 +150,8 @@ class Daemon:
         self.subjects = Subjects(settings.subject_prefix)
         self.stop_event = asyncio.Event()
         self.api_url: str | None = None
+        self.ops_url: str | None = None
+        """Where ``/health``, ``/ready`` and ``/metrics`` answer when the API is not run."""
         self.nats_url: str | None = None
         self.scheduler: Scheduler | None = None
         self.relay: OutboxRelay | None = None
@@ -200,6 +206,10 @@ class Daemon:
             # starts or any claim is released, and nobody can take it in between.
             self._api_socket = bind_port(settings.host, settings.port)
             stack.callback(self._api_socket.close)
+        else:
+            # The same for the ops port of a process without the API.
+            ops_socket = bind_port(settings.host, settings.ops_port, setting="DELIVERY_OPS_PORT")
+            stack.callback(ops_socket.close)
         await apply_migrations(url, settings)
 
         nats_url = settings.nats_url
@@ -305,14 +315,54 @@ class Daemon:
         if Part.HANDLERS in self.parts:
             await self._start_handlers(stack, engine, nats_url)
 
+        readiness, gauges = self._ops(engine, nc, js)
         if Part.API in self.parts:
-            await self._start_api(stack, engine)
+            await self._start_api(stack, engine, readiness, gauges)
+        else:
+            ops = OpsServer(
+                ops_socket,
+                readiness,
+                [gauges],
+                token=settings.ops_token.get_secret_value() if settings.ops_token else None,
+            )
+            await ops.start()
+            self.ops_url = f"http://{settings.host}:{ops.port}"
+            _on_stop(stack, "ops", ops.stop)
         log.info(
             "daemon_started",
             parts=sorted(p.value for p in self.parts),
             nats_url=nats_url,
             database=engine.url.render_as_string(hide_password=True),
         )
+
+    def _ops(
+        self, engine: AsyncEngine, nc: NatsClient, js: JetStreamContext
+    ) -> tuple[Readiness, ScrapeGauges]:
+        """What ``/ready`` checks and ``/metrics`` measures for the parts this process runs."""
+        from delivery.dispatcher.app import DURABLES
+        from handlers.channels_worker import DURABLE as CHANNELS
+        from handlers.webhooks.worker import DURABLE as WEBHOOKS
+
+        consumers: list[str] = []
+        if Part.DISPATCHER in self.parts:
+            consumers.extend(DURABLES.values())
+        if Part.HANDLERS in self.parts:
+            consumers.extend((WEBHOOKS, CHANNELS))
+        store = GaugeStore(engine)
+        stream = self.subjects.stream
+        readiness = Readiness(database_checks(store))
+        readiness.add(nats_checks(nc, js, stream, consumers))
+        gauges = ScrapeGauges(
+            store,
+            self.clock,
+            # The scheduler owns the work that waits in the database: one exporter of
+            # the backlog per deployment kind is enough.
+            work=Part.SCHEDULER in self.parts,
+            js=js,
+            stream=stream,
+            consumers=consumers,
+        )
+        return readiness, gauges
 
     async def _start_job_sweep(
         self, stack: contextlib.AsyncExitStack, engine: AsyncEngine, *, single_writer: bool
@@ -364,7 +414,13 @@ class Daemon:
         await runner.start()
         _on_stop(stack, "handlers", runner.stop)
 
-    async def _start_api(self, stack: contextlib.AsyncExitStack, engine: AsyncEngine) -> None:
+    async def _start_api(
+        self,
+        stack: contextlib.AsyncExitStack,
+        engine: AsyncEngine,
+        readiness: Readiness,
+        gauges: ScrapeGauges,
+    ) -> None:
         from delivery.api import create_app
         from delivery.api.auth import bootstrap_key
         from delivery.api.serving import server_config
@@ -372,7 +428,9 @@ class Daemon:
 
         store = SqlStore(engine, subjects=self.subjects)
         await bootstrap_key(self.settings, store, self.clock)
-        app = create_app(self.settings, store, self.clock, self)
+        app = create_app(
+            self.settings, store, self.clock, self, readiness=readiness, gauges=[gauges]
+        )
         server = _Server(server_config(app, self.settings, lifespan="on"))
         sockets = [self._api_socket] if self._api_socket is not None else None
         task = asyncio.create_task(server.serve(sockets=sockets), name="api")

@@ -1,4 +1,12 @@
-"""structlog set up once: JSON lines when stderr is not a TTY, a console renderer when it is."""
+"""
+structlog set up once: JSON lines when stderr is not a TTY, a console renderer when it is.
+
+Every line goes out in the one format: structlog's own lines straight from
+structlog (its fast path), and the standard library's, uvicorn's and
+every other library's through a root handler whose :class:`structlog.stdlib.ProcessorFormatter`
+runs them through the same processors (context variables such as the request id
+included) and the same renderer.
+"""
 
 import logging
 import sys
@@ -7,10 +15,21 @@ import structlog
 
 _configured = False
 
+QUIET_LOGGERS = {
+    "httpx": logging.WARNING,
+    "httpcore": logging.WARNING,
+    "aiosqlite": logging.WARNING,
+    "asyncio": logging.WARNING,
+    "nats": logging.WARNING,
+    "faststream": logging.WARNING,
+    "alembic": logging.WARNING,
+}
+"""Libraries that log a line per request or per message at INFO / DEBUG: kept quiet."""
+
 
 def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     """
-    Configure structlog and the stdlib root logger; safe to call more than once.
+    Configure structlog and bridge the stdlib root logger into it; safe to call more than once.
 
     Args:
         level: a stdlib level name.
@@ -25,11 +44,14 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     )
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             renderer,
@@ -38,7 +60,28 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # Third-party libraries log through stdlib; keep them at WARNING so our
-    # structured lines stay readable.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    for name, quiet in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(numeric, quiet))
+    # uvicorn's loggers propagate to the root (the API serves with log_config=None);
+    # its own handlers, if a caller configured some, would print a second format.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers.clear()
+        uvicorn_logger.propagate = True
     _configured = True

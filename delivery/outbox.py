@@ -18,10 +18,12 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
+from delivery import metrics
 from delivery.bus.stream import MSG_ID_HEADER
 from delivery.clock import Clock
 from delivery.store.engine import Engine
 from delivery.store.outbox import OutboxStore, RelayStore, UnsentMessage
+from delivery.tracing import publish_headers
 
 log = structlog.get_logger(__name__)
 
@@ -123,9 +125,13 @@ class OutboxRelay:
     async def _publish(self, rows: Sequence[UnsentMessage]) -> tuple[RelayResult, list[int]]:
         futures: list[asyncio.Future[PubAck]] = []
         for row in rows:
-            future = await self.js.publish_async(
-                row.subject, row.payload.encode(), headers={MSG_ID_HEADER: row.msg_id}
-            )
+            headers = {MSG_ID_HEADER: row.msg_id}
+            if row.headers:
+                # Caused by an API request: its request id and trace ride along as
+                # headers, for the consumer to log and continue.
+                headers.update(publish_headers(row.headers))
+                log.debug("outbox.publish", msg_id=row.msg_id, subject=row.subject, **headers)
+            future = await self.js.publish_async(row.subject, row.payload.encode(), headers=headers)
             futures.append(future)
         done, pending = await asyncio.wait(futures, timeout=self.publish_timeout_s)
         for future in pending:
@@ -154,4 +160,10 @@ class OutboxRelay:
                 error=repr(first_error) if first_error else "timeout",
             )
         result.published = len(acked)
+        if result.published - result.duplicates:
+            metrics.OUTBOX_MESSAGES.labels("published").inc(result.published - result.duplicates)
+        if result.duplicates:
+            metrics.OUTBOX_MESSAGES.labels("duplicate").inc(result.duplicates)
+        if result.failed:
+            metrics.OUTBOX_MESSAGES.labels("failed").inc(result.failed)
         return result, acked

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from delivery import metrics
 from delivery.bus.subjects import Subjects
 from delivery.cadence import CompiledSchedule
 from delivery.domain import TickResult
@@ -340,6 +341,7 @@ class Scheduler:
             compiled[row.id], plan = outcome
             planned.append(PlannedSchedule(row, plan))
         if not planned:
+            _count(result, {})
             return result
 
         applied = await self.store.apply_plans(self.instance_id, planned, now=now)
@@ -355,11 +357,20 @@ class Scheduler:
 
         # After the commit: the next claim of each schedule sees version + 1, so
         # the compiled cadence is still valid under the new key.
+        skip_reasons: dict[str, int] = {}
+        observe_lateness = metrics.SCHEDULER_FIRE_LATENESS.observe
         for p in planned:
             row, plan = p.row, p.plan
             if row.id not in applied.kept:
                 continue
             self.cache.put((row.id, row.version + 1), compiled[row.id])
+            if plan.fires:
+                # The oldest fire of the pass says how late the scheduler is running.
+                observe_lateness(max(0.0, (now - plan.fires[0]).total_seconds()))
+            for skip in plan.skips:
+                skip_reasons[skip.reason] = skip_reasons.get(skip.reason, 0) + 1
+            if plan.unitemised:
+                skip_reasons["unitemised"] = skip_reasons.get("unitemised", 0) + plan.unitemised
             if plan.disable:
                 result.disabled += 1
                 self._log.info("schedule_ended", schedule_id=row.id, ends_at=row.ends_at)
@@ -372,6 +383,7 @@ class Scheduler:
                     truncated=plan.truncated,
                     since=row.next_fire_at,
                 )
+        _count(result, skip_reasons)
         for fid in result.fire_ids:
             self._log.debug("fire_created", fire_id=fid)
         if result.conflicts:
@@ -394,6 +406,23 @@ class Scheduler:
         claimed = await self.store.claim_wakeups(
             self.instance_id, now=now, lease_until=now + self.lease, limit=self.claim_batch
         )
+        if claimed:
+            metrics.SCHEDULER_WAKEUPS.inc(len(claimed))
         for wakeup_id in claimed:
             self._log.debug("wakeup_due", wakeup_id=wakeup_id)
         return len(claimed), len(claimed) >= self.claim_batch
+
+
+def _count(result: TickResult, skip_reasons: dict[str, int]) -> None:
+    """One pass's counters, added once per batch."""
+    if result.fired:
+        metrics.SCHEDULER_FIRES.labels("fired").inc(result.fired)
+    if result.skipped:
+        metrics.SCHEDULER_FIRES.labels("skipped").inc(result.skipped)
+    if result.conflicts:
+        metrics.SCHEDULER_FIRES.labels("conflict").inc(result.conflicts)
+    metrics.inc_each(metrics.SCHEDULER_FIRE_SKIPS, skip_reasons)
+    metrics.inc_each(
+        metrics.SCHEDULER_SCHEDULES,
+        {"stale": result.stale, "failed": result.failed, "disabled": result.disabled},
+    )

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX
 from delivery.datadir import DATABASE_FILE
+from delivery.tracing import EXPORTERS
 
 OPS_TOKEN_MIN_LENGTH = 16
 """``DELIVERY_OPS_TOKEN`` guards the operator endpoints of an exposed port: no short ones."""
@@ -66,6 +67,19 @@ class Settings(BaseSettings):
         default=None,
         description="If set, /metrics, /docs, /redoc and /openapi.json require it; unset "
         "leaves them open (local use).",
+    )
+
+    ops_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the /health, /ready and /metrics server of `delivery scheduler`, "
+        "`dispatcher` and `handlers` (on DELIVERY_HOST); 0 picks a free one, logged at start.",
+    )
+    otel_exporter: str = Field(
+        default="",
+        description="`otlp` or `console` turns OpenTelemetry tracing on; empty or `none` "
+        "leaves it off.",
     )
 
     # --- HTTP server (API) ---------------------------------------------------------
@@ -172,6 +186,14 @@ class Settings(BaseSettings):
     sms_account_sid: str = ""
     sms_auth_token: SecretStr | None = None
     sms_from: str = ""
+
+    @field_validator("otel_exporter")
+    @classmethod
+    def _known_exporter(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in EXPORTERS:
+            raise ValueError(f"must be one of {', '.join(repr(e) for e in EXPORTERS)}")
+        return value
 
     @field_validator("ops_token", "admin_token", mode="before")
     @classmethod

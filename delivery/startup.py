@@ -89,7 +89,7 @@ def lock_data_dir(data_dir: Path) -> DataDirLock:
     return DataDirLock(path, fd)
 
 
-def bind_port(host: str, port: int) -> socket.socket:
+def bind_port(host: str, port: int, *, setting: str = "DELIVERY_PORT") -> socket.socket:
     """
     A listening-ready TCP socket bound to ``host:port`` (``port`` 0: any free port).
 
@@ -109,7 +109,7 @@ def bind_port(host: str, port: int) -> socket.socket:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise StartupError(
-                f"port {port} on {host} is taken by another process; stop it or set DELIVERY_PORT"
+                f"port {port} on {host} is taken by another process; stop it or set {setting}"
             ) from exc
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     sock.set_inheritable(True)

@@ -25,7 +25,9 @@ that tests and the benchmark drive directly.
 """
 
 import asyncio
+import contextlib
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -34,15 +36,18 @@ import httpx
 import structlog
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
+from opentelemetry.trace import SpanKind
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery import metrics, tracing
 from delivery.bus.consumers import settle_batch
 from delivery.bus.messages import NotificationCreated
 from delivery.clock import Clock
 from delivery.secrets import LazySecretBox, SecretBox
 from delivery.settings import Settings
 from delivery.store.channels import AttemptRecord, ChannelStore, ContactMapping
+from delivery.tracing import Carrier, request_id_of
 from handlers.base import Channel, Message
 from handlers.contacts import Contact, ContactKind, redact
 from handlers.fanout import (
@@ -72,6 +77,8 @@ BATCH_WAIT_S = 0.1
 """How long a pull waits to fill a batch: the latency floor of a lone message."""
 LEASE = SEND_TIMEOUT + timedelta(seconds=60)
 """A claimed retry outlives its send by this much before another worker may retake it."""
+MAX_CARRIERS = 10_000
+"""Request ids / trace contexts kept for notifications not yet fanned out."""
 
 
 @dataclass(slots=True)
@@ -218,6 +225,8 @@ class ChannelsWorker(QueueWorker):
         self.lease = lease
         self._rand = rand
         self._on_result = on_result
+        self._carriers: dict[str, Carrier] = {}
+        """Notification id -> the request id and trace its message carried (bounded)."""
         self._client: httpx.AsyncClient | None = None
         self._router = ChannelRouter(channels, send_timeout=SEND_TIMEOUT) if channels else None
 
@@ -266,7 +275,14 @@ class ChannelsWorker(QueueWorker):
             log=log,
             event="channels",
             nak_delay_s=NAK_DELAY_S,
+            on_carrier=self._keep_carrier,
         )
+
+    def _keep_carrier(self, notification_id: str, found: Carrier) -> None:
+        # Used by the first fan-out, in memory only: a retry logs without it.
+        if len(self._carriers) >= MAX_CARRIERS:
+            del self._carriers[next(iter(self._carriers))]
+        self._carriers[notification_id] = found
 
     async def fan_out(self, notification_ids: Sequence[str]) -> FanoutResult:
         """
@@ -286,11 +302,22 @@ class ChannelsWorker(QueueWorker):
             rows = [r for r in inputs.contacts.get(key, []) if r["id"] not in done]
             if not rows:
                 return [], [], FanoutResult(notifications=1)
-            attempts = await router.fan_out(
-                Message.of_notification(note),
-                [contact_of(r) for r in rows],
-                inputs.preferences.get(key),
-            )
+            found = self._carriers.pop(note["id"], None) if self._carriers else None
+            with (
+                tracing.span(
+                    "channels fan-out",
+                    found,
+                    kind=SpanKind.CLIENT,
+                    attributes={"messaging.message.id": note["id"]},
+                )
+                if found is not None
+                else contextlib.nullcontext()
+            ):
+                attempts = await router.fan_out(
+                    Message.of_notification(note),
+                    [contact_of(r) for r in rows],
+                    inputs.preferences.get(key),
+                )
             ids = {(r["kind"], r["destination"]): r["id"] for r in rows}
             records, disable, result = plan_records(
                 note, attempts, ids, attempt_number=1, now=now, rand=self._rand
@@ -300,6 +327,7 @@ class ChannelsWorker(QueueWorker):
                 "channels.fanned_out",
                 notification_id=note["id"],
                 user_id=note["user_id"],
+                **request_id_of(found),
                 **summarize(attempts),
             )
             return records, disable, result
@@ -334,6 +362,10 @@ class ChannelsWorker(QueueWorker):
         retried_id: str | None = None,
     ) -> None:
         await self.store.record_attempts(records, retried_id=retried_id)
+        if records:
+            sends = Counter((r.kind, r.status) for r in records)
+            for (provider, outcome), n in sends.items():
+                metrics.CHANNEL_SENDS.labels(provider, outcome).inc(n)
         for contact_id, reason in disable:
             if await self.store.disable_contact(contact_id, reason, now):
                 log.info("channels.destination_disabled", contact_id=contact_id, reason=reason)

@@ -1,7 +1,7 @@
 """
 ``create_app(settings, store, clock, waker)``: the API's composition root.
 
-Middleware, outermost first: request context (request id, access log, metrics)
+Middleware, outermost first: request context (request id, access log, metrics, span)
 -> the operator token on ``/metrics`` and the OpenAPI pages (only when
 ``DELIVERY_OPS_TOKEN`` is set) -> body limit (the body read whole, bounded in size
 and time: 413 / 408) -> authentication (401 before anything parses the body) ->
@@ -11,7 +11,7 @@ The app does not own the store's engine: whoever built it disposes of it.
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 
 import structlog
@@ -28,9 +28,11 @@ from delivery.api.openapi import install_openapi
 from delivery.api.routes import ROUTERS
 from delivery.clock import Clock
 from delivery.dispatcher.composers import SharedComposer
+from delivery.ops import Readiness, ScrapeGauges, database_checks
 from delivery.secrets import LazySecretBox
 from delivery.settings import Settings
 from delivery.store.channels import ChannelStore
+from delivery.store.gauges import GaugeStore
 from delivery.store.sql import SqlStore
 from delivery.store.timeline import SqlTimelineStore
 from delivery.store.webhooks import WebhookStore
@@ -59,6 +61,8 @@ def create_app(
     *,
     auth_cache_ttl_s: float | None = None,
     purge_interval_s: float = 600.0,
+    readiness: Readiness | None = None,
+    gauges: Sequence[ScrapeGauges] | None = None,
 ) -> FastAPI:
     """
     Build the FastAPI application.
@@ -75,6 +79,10 @@ def create_app(
             by default.
         purge_interval_s: how often the lifespan task deletes expired
             idempotency records (only while served with a lifespan, e.g. uvicorn).
+        readiness: the checks ``/ready`` runs; the database and its migrations by
+            default (``delivery run`` adds NATS, the stream and the consumers).
+        gauges: the scrape-time gauges ``/metrics`` refreshes; ``delivery_database_up``
+            by default.
 
     Returns:
         The app; OpenAPI docs at ``/docs``.
@@ -114,6 +122,9 @@ def create_app(
     )
     metrics = HttpMetrics()
     app.state.metrics = metrics
+    gauge_store = GaugeStore(store.engine)
+    app.state.readiness = readiness or Readiness(database_checks(gauge_store))
+    app.state.gauges = list(gauges) if gauges is not None else [ScrapeGauges(gauge_store, clock)]
     for router in ROUTERS:
         app.include_router(router)
     install_error_handlers(app, ROUTERS)
@@ -143,7 +154,11 @@ def create_app(
             token=settings.ops_token.get_secret_value(),
             paths=ops_paths(app),
         )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        routes=[route for router in ROUTERS for route in router.routes],
+    )
     return app
 
 

@@ -1,86 +1,91 @@
 """
 Request context and Prometheus metrics for the API.
 
-:class:`RequestContextMiddleware` gives every request an id (``X-Request-ID``,
-echoed back), binds it into structlog's context so every log line of the
-request carries it, logs one line per request, and feeds :class:`HttpMetrics`,
-which ``/metrics`` renders in the Prometheus text format (version 0.0.4).
+:class:`RequestContextMiddleware` is the one outermost middleware: it gives every
+request an id (``X-Request-ID``, echoed back), binds it into structlog's context
+so every log line of the request carries it, logs one line per request (INFO, or
+ERROR for a 5xx), feeds the app's :class:`~delivery.metrics.HttpMetrics` and, when
+tracing is on, makes the request a span.
+
+Every series is labelled with the route *template*
+(``/api/v1/agents/{agent_id}/...``). An answer given before routing ran (401 from
+authentication, an idempotent replay or 409, 413 / 408 from the body limit) has
+its template looked up against the app's routes, so only a path that matches no
+route is ``unmatched``.
 """
 
-import bisect
 import re
+import secrets
 import time
-import uuid
-from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
 
 import structlog
+from opentelemetry import trace
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from delivery import tracing
+from delivery.metrics import HttpMetrics
+
+__all__ = ["HttpMetrics", "RequestContextMiddleware", "RouteIndex", "bind_ids", "route_template"]
 
 _log = structlog.get_logger("delivery.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-class HttpMetrics:
-    """Counters and a latency histogram per (method, route template, status)."""
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.bucket_counts: dict[tuple[str, str], list[int]] = defaultdict(
-            lambda: [0] * (len(BUCKETS) + 1)
-        )
-        self.duration_sum: dict[tuple[str, str], float] = defaultdict(float)
-        self.in_flight = 0
-
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        """Count one finished request."""
-        self.requests[(method, route, status)] += 1
-        self.bucket_counts[(method, route)][bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.duration_sum[(method, route)] += seconds
-
-    def render(self, extra: dict[str, float] | None = None) -> str:
-        """The Prometheus text exposition of everything observed, plus ``extra`` gauges."""
-        lines = [
-            "# HELP delivery_http_requests_total HTTP requests answered.",
-            "# TYPE delivery_http_requests_total counter",
-        ]
-        for (method, route, status), n in sorted(self.requests.items()):
-            labels = f'method="{method}",route="{_esc(route)}",status="{status}"'
-            lines.append(f"delivery_http_requests_total{{{labels}}} {n}")
-        lines += [
-            "# HELP delivery_http_request_duration_seconds Time to answer a request.",
-            "# TYPE delivery_http_request_duration_seconds histogram",
-        ]
-        for (method, route), counts in sorted(self.bucket_counts.items()):
-            labels = f'method="{method}",route="{_esc(route)}"'
-            cumulative = 0
-            for bound, n in zip((*BUCKETS, float("inf")), counts, strict=True):
-                cumulative += n
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(
-                    f'delivery_http_request_duration_seconds_bucket{{{labels},le="{le}"}} '
-                    f"{cumulative}"
-                )
-            lines.append(f"delivery_http_request_duration_seconds_count{{{labels}}} {cumulative}")
-            lines.append(
-                f"delivery_http_request_duration_seconds_sum{{{labels}}} "
-                f"{self.duration_sum[(method, route)]:.6f}"
-            )
-        lines += [
-            "# HELP delivery_http_requests_in_flight Requests being answered now.",
-            "# TYPE delivery_http_requests_in_flight gauge",
-            f"delivery_http_requests_in_flight {self.in_flight}",
-        ]
-        for name, value in sorted((extra or {}).items()):
-            lines += [f"# TYPE {name} gauge", f"{name} {value}"]
-        return "\n".join(lines) + "\n"
+_REPLAYED = (b"idempotent-replayed", b"true")
+UNMATCHED = "unmatched"
+ROUTE_IDS = ("message_id", "event_id", "wakeup_id", "schedule_id", "agent_id", "user_id")
+"""What a route may bind (:func:`bind_ids`); unbound when its request ends."""
 
 
-def _esc(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def bind_ids(**ids: str) -> None:
+    """
+    Bind the ids a write route learns (message, schedule, agent, user) into the
+    request's log context: its access line and every later line of the request
+    carry them, so one grep of a message id finds the request that caused it.
+    """
+    structlog.contextvars.bind_contextvars(**ids)
+
+
+class RouteIndex:
+    """
+    The app's routes by number of path segments, to name the template of a request
+    that was answered before routing (401, idempotent replay, 409, 413): only the
+    routes as deep as the path are tried.
+    """
+
+    def __init__(self, routes: Sequence[BaseRoute]) -> None:
+        self._by_depth: dict[int, list[BaseRoute]] = {}
+        for route in routes:
+            path = getattr(route, "path", None)
+            if isinstance(path, str):
+                self._by_depth.setdefault(path.count("/"), []).append(route)
+
+    def template(self, scope: Scope) -> str:
+        """The matching route's template (a method mismatch still names it), or unmatched."""
+        found = UNMATCHED
+        for candidate in self._by_depth.get(scope["path"].count("/"), ()):
+            match, _ = candidate.matches(scope)
+            if match is Match.FULL:
+                return str(getattr(candidate, "path", UNMATCHED))
+            if match is Match.PARTIAL and found == UNMATCHED:
+                found = str(getattr(candidate, "path", UNMATCHED))
+        return found
+
+
+def route_template(scope: Scope, index: RouteIndex | None = None) -> str:
+    """
+    The template of the route that answered (or would have answered) the request.
+
+    Routing sets ``scope["route"]``; when a middleware answered first, the path is
+    looked up in ``index``.
+    """
+    route = scope.get("route")
+    if route is not None:
+        return str(getattr(route, "path", UNMATCHED))
+    return index.template(scope) if index is not None else UNMATCHED
 
 
 def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -98,11 +103,17 @@ def _as_json(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 
 
 class RequestContextMiddleware:
-    """Pure ASGI middleware: request id, structlog binding, access log line, metrics."""
+    """Pure ASGI middleware: request id, structlog binding, access log line, metrics, span."""
 
-    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: HttpMetrics, routes: Sequence[BaseRoute] = ()
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = RouteIndex(routes)
+        """Every route of the app: the templates of answers given before routing."""
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        """(method, route, status) -> its counter and histogram children (labels() is slow)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -116,38 +127,83 @@ class RequestContextMiddleware:
         if scope["method"] in _BODY_METHODS and scope["path"].startswith("/api/"):
             scope["headers"] = _as_json(scope["headers"])
         if not _REQUEST_ID.match(request_id):
-            request_id = f"req_{uuid.uuid4().hex[:20]}"
+            request_id = f"req_{secrets.token_hex(10)}"
         status = 500
+        replayed = False
         started = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, replayed
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = list(message.get("headers", []))
+                replayed = _REPLAYED in headers
                 headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
-        self.metrics.in_flight += 1
+        metrics = self.metrics
+        metrics.in_flight.inc()
         with structlog.contextvars.bound_contextvars(request_id=request_id):
+            span = _start_span(scope) if tracing.enabled() else None
             try:
-                await self.app(scope, receive, send_with_id)
+                if span is None:
+                    await self.app(scope, receive, send_with_id)
+                else:
+                    with trace.use_span(span, end_on_exit=False):
+                        await self.app(scope, receive, send_with_id)
             except Exception as exc:
                 # Logged here, where the request id is still bound; Starlette's
                 # outermost error middleware then answers the 500 body.
                 _log.exception("unhandled error", error=type(exc).__name__)
                 raise
             finally:
-                self.metrics.in_flight -= 1
+                metrics.in_flight.dec()
                 elapsed = time.perf_counter() - started
-                route = getattr(scope.get("route"), "path", None) or "unmatched"
-                self.metrics.observe(scope["method"], route, status, elapsed)
-                level = _log.error if status >= 500 else _log.debug if status < 400 else _log.info
-                level(
+                method = scope["method"]
+                route = route_template(scope, self.routes)
+                series = self._series.get((method, route, status))
+                if series is None:
+                    series = self._series[(method, route, status)] = (
+                        metrics.requests.labels(method, route, str(status)),
+                        metrics.duration.labels(method, route),
+                    )
+                series[0].inc()
+                series[1].observe(elapsed)
+                if replayed:
+                    metrics.replays.labels(route).inc()
+                elif status == 401:
+                    metrics.auth_failures.labels(route).inc()
+                if span is not None:
+                    _end_span(span, method, route, status)
+                (_log.error if status >= 500 else _log.info)(
                     "request",
-                    method=scope["method"],
+                    method=method,
+                    route=route,
                     path=scope["path"],
                     status=status,
                     duration_ms=round(elapsed * 1000, 2),
                 )
+                structlog.contextvars.unbind_contextvars(*ROUTE_IDS)
+
+
+def _start_span(scope: Scope) -> trace.Span:
+    incoming: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        if name in (b"traceparent", b"tracestate"):
+            incoming[name.decode()] = value.decode("latin-1")
+    return tracing.start_span(
+        f"HTTP {scope['method']}",
+        incoming or None,
+        kind=trace.SpanKind.SERVER,
+        attributes={"http.request.method": scope["method"], "url.path": scope["path"]},
+    )
+
+
+def _end_span(span: trace.Span, method: str, route: str, status: int) -> None:
+    span.update_name(f"{method} {route}")
+    span.set_attribute("http.route", route)
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_status(trace.StatusCode.ERROR)
+    span.end()

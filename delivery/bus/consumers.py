@@ -23,6 +23,9 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 
+from delivery.metrics import CONSUMER_MESSAGES
+from delivery.tracing import Carrier, carrier_of
+
 type _Fetch = Callable[..., Coroutine[Any, Any, list[Msg]]]
 
 _nats_fetch: _Fetch = JetStreamContext.PullSubscription.fetch
@@ -135,6 +138,7 @@ async def settle_batch[T, R](
     log: Any,
     event: str,
     nak_delay_s: float,
+    on_carrier: Callable[[T, Carrier], None] | None = None,
 ) -> R:
     """
     The body of every batch subscriber: decode, process, then ack or nak the batch.
@@ -150,6 +154,8 @@ async def settle_batch[T, R](
             are its lines.
         event: the log event prefix (``dispatch``, ``webhook``, ``channels``).
         ident: the id an operator searches for, of a decoded item.
+        on_carrier: called with each decoded item whose message carries a request
+            id or trace context (:mod:`delivery.tracing`), and that carrier.
     """
     # Event names are built once; structlog's event is a plain string.
     undecodable, batch_failed = f"{event}.undecodable", f"{event}.batch_failed"
@@ -157,18 +163,30 @@ async def settle_batch[T, R](
     good: list[Msg] = []
     for raw in raws:
         try:
-            items.append(decode(raw.data))
-            good.append(raw)
+            item = decode(raw.data)
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             log.error(undecodable, subject=raw.subject, error=str(exc))
             await raw.term()
+            continue
+        items.append(item)
+        good.append(raw)
+        # Most messages carry only Nats-Msg-Id; those an API request caused carry more.
+        if on_carrier is not None and raw.headers and len(raw.headers) > 1:
+            found = carrier_of(raw.headers)
+            if found is not None:
+                on_carrier(item, found)
+    if len(good) < len(raws):
+        CONSUMER_MESSAGES.labels(event, "terminated").inc(len(raws) - len(good))
     try:
         result = await process(items)
     except Exception:
         log.exception(batch_failed, ids=[ident(i) for i in items], nak_delay_s=nak_delay_s)
         for raw in good:
             await raw.nak(delay=nak_delay_s)
+        CONSUMER_MESSAGES.labels(event, "nacked").inc(len(good))
         return failed()
     for raw in good:
         await raw.ack()
+    if good:
+        CONSUMER_MESSAGES.labels(event, "acked").inc(len(good))
     return result

@@ -11,6 +11,7 @@ import structlog
 import typer
 import uvicorn
 
+from delivery import tracing
 from delivery.api import Wakeable, create_app
 from delivery.api.auth import bootstrap_key
 from delivery.api.serving import server_config
@@ -74,7 +75,11 @@ def web(
     """Serve the REST API (OpenAPI at /docs); applies migrations first."""
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
-    run_main(lambda: serve_api(settings), debug=debug)
+    tracing.configure(settings.otel_exporter, service="delivery-web")
+    try:
+        run_main(lambda: serve_api(settings), debug=debug)
+    finally:
+        tracing.shutdown()
 
 
 def register(app: typer.Typer) -> None:

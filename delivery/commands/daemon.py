@@ -10,6 +10,7 @@ import asyncio
 
 import typer
 
+from delivery import tracing
 from delivery.daemon import ALL_PARTS, Daemon, Part
 from delivery.logs import configure_logging
 from delivery.settings import Settings
@@ -32,6 +33,8 @@ def _banner(settings: Settings, daemon: Daemon) -> None:
     lines = [f"delivery is running: {', '.join(sorted(daemon.parts))}"]
     if daemon.api_url:
         lines.append(f"  API        {daemon.api_url}  (OpenAPI docs at {daemon.api_url}/docs)")
+    if daemon.ops_url:
+        lines.append(f"  ops        {daemon.ops_url}/health  /ready  /metrics")
     lines.append(f"  NATS       {daemon.nats_url}")
     if not settings.database_url:
         lines.append(f"  data       {settings.data_dir.resolve()}")
@@ -47,7 +50,12 @@ DEBUG = typer.Option(False, "--debug", help="Show the traceback of a start-up fa
 def _launch(parts: frozenset[Part], *, embedded_nats: bool, debug: bool) -> None:
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
-    run_main(lambda: _serve(settings, parts, embedded_nats=embedded_nats), debug=debug)
+    name = "delivery" if parts == ALL_PARTS else f"delivery-{'-'.join(sorted(parts))}"
+    tracing.configure(settings.otel_exporter, service=name)
+    try:
+        run_main(lambda: _serve(settings, parts, embedded_nats=embedded_nats), debug=debug)
+    finally:
+        tracing.shutdown()
 
 
 def run(debug: bool = DEBUG) -> None:

@@ -34,6 +34,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery import metrics
 from delivery.bus.connect import server_urls
 from delivery.bus.consumers import settle_batch, subscribe_batches
 from delivery.bus.messages import EventAccepted, FireCreated, WakeupDue
@@ -46,6 +47,7 @@ from delivery.dispatcher.process import BatchResult, Processor
 from delivery.domain import SourceKind, SourceRef
 from delivery.settings import Settings
 from delivery.store.templates import TemplateStore
+from delivery.tracing import Carrier
 
 log = structlog.get_logger(__name__)
 
@@ -225,20 +227,25 @@ class Dispatcher:
         """Decode, process, ack: the whole subscriber (errors stop here: a process edge)."""
         redelivered = sum(1 for raw in raws if _delivery_count(raw) > 1)
         if redelivered:
+            metrics.DISPATCH_REDELIVERED.labels(kind.value).inc(redelivered)
             # JetStream sent these before and got no ack within ack_wait (a crash,
             # or a batch lost in the client): the unique source_id absorbs them, but their
             # notifications are late by ack_wait, which an operator should see.
             log.warning("dispatch.redelivered", kind=kind.value, messages=redelivered)
+        # Filled by settle_batch for the messages an API request caused (few).
+        carriers: dict[str, Carrier] = {}
         result = await settle_batch(
             raws,
             decode=partial(decode, kind),
-            process=self.processor.process,
+            process=partial(self.processor.process, carriers=carriers),
             failed=BatchResult,
             ident=lambda ref: ref.id,
             log=log,
             event="dispatch",
             nak_delay_s=NAK_DELAY_S,
+            on_carrier=lambda ref, found: carriers.__setitem__(ref.id, found),
         )
+        _count(result)
         if self._on_batch is not None:
             self._on_batch(result)
         return result
@@ -309,6 +316,19 @@ class Dispatcher:
         finally:
             await nc.close()
         return total
+
+
+def _count(result: BatchResult) -> None:
+    """A batch's outcomes, added once per batch."""
+    metrics.inc_each(
+        metrics.DISPATCH_MESSAGES,
+        {
+            "created": len(result.created) - len(result.failed),
+            "failed_generation": len(result.failed),
+            "duplicate": len(result.duplicates),
+            "skipped": len(result.skipped),
+        },
+    )
 
 
 async def run_dispatcher(

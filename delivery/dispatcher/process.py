@@ -12,15 +12,19 @@ SQL here: :mod:`delivery.store.notifications` holds it.
 """
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
+from opentelemetry.trace import SpanKind, use_span
 
+from delivery import tracing
 from delivery.bus.messages import NotificationCreated
 from delivery.bus.subjects import Subjects
 from delivery.cadence.instants import format_local, format_utc
@@ -36,6 +40,7 @@ from delivery.domain import (
     SourceRef,
     notification_id,
 )
+from delivery.metrics import COMPOSER_DURATION, COMPOSER_FAILURES
 from delivery.store.engine import Engine
 from delivery.store.notifications import (
     NotificationBatch,
@@ -45,6 +50,7 @@ from delivery.store.notifications import (
 )
 from delivery.store.staging import STAGED
 from delivery.templates import Composed
+from delivery.tracing import Carrier, request_id_of, stored
 
 log = structlog.get_logger(__name__)
 
@@ -253,12 +259,19 @@ def notification_row(
     }
 
 
-def outbox_row(row: Mapping[str, Any], subjects: Subjects, now: datetime) -> dict[str, Any]:
+def outbox_row(
+    row: Mapping[str, Any],
+    subjects: Subjects,
+    now: datetime,
+    carriers: Mapping[str, Carrier] | None = None,
+) -> dict[str, Any]:
     """
     The ``notification.created`` outbox entry of a notification row (msg id = its id).
 
     A staged row's entry waits for its fire instant, when the relay promotes
     the row just before publishing (:func:`delivery.store.staging.promote`).
+    ``carriers``: source id -> the request id and trace context its message
+    carried, stored to be passed on to the handlers (:mod:`delivery.tracing`).
     """
     message = NotificationCreated(
         notification_id=row["id"],
@@ -267,30 +280,47 @@ def outbox_row(row: Mapping[str, Any], subjects: Subjects, now: datetime) -> dic
         user_id=row["user_id"],
         event_type=row["event_type"],
     )
-    return {
+    entry = {
         "subject": subjects.notification_created,
         "msg_id": row["id"],
         "payload": message.model_dump_json(),
         "created_at": now,
         "available_at": row["fire_at"] if row["status"] == STAGED else now,
     }
+    if carriers is not None:
+        # Every entry of a batch has the same keys (one executemany).
+        entry["headers"] = stored(carriers.get(row["source_id"]))
+    return entry
 
 
 async def compose_all(
-    composer: Composer, drafts: Sequence[Draft]
+    composer: Composer,
+    drafts: Sequence[Draft],
+    carriers: dict[str, Carrier] | None = None,
 ) -> list[tuple[Draft, str, str | None]]:
     """
     Compose every draft, at most :data:`COMPOSE_CONCURRENCY` at a time, keeping order.
+
+    Args:
+        carriers: source id -> the request id and trace its message carried; with
+            tracing on, each such composition is a span of that trace, and the
+            carrier is updated to name it (what the handlers continue).
 
     Returns:
         ``(draft, message, error)`` per draft; ``error`` is set (and the
         message empty) when the composer raised :class:`CompositionError`.
     """
+    name = type(composer).__name__.removesuffix("Composer").lower() or "composer"
+    io_bound = getattr(composer, "io_bound", True)
+    failures = 0
 
     async def one(draft: Draft) -> tuple[Draft, str, str | None]:
+        nonlocal failures
+        started = time.perf_counter() if io_bound else 0.0
         try:
             return draft, await composer.compose(draft.block), None
         except CompositionError as exc:
+            failures += 1
             log.warning(
                 "notification.generation_failed",
                 notification_id=draft.notification_id,
@@ -298,18 +328,91 @@ async def compose_all(
                 error=str(exc),
             )
             return draft, "", str(exc) or type(exc).__name__
+        finally:
+            if io_bound:
+                COMPOSER_DURATION.labels(name).observe(time.perf_counter() - started)
 
-    if not getattr(composer, "io_bound", True):
+    async def traced(draft: Draft) -> tuple[Draft, str, str | None]:
+        found = carriers.get(draft.source_id) if carriers else None
+        if found is None or not tracing.enabled():
+            return await one(draft)
+        with tracing.span(
+            "dispatch compose",
+            found,
+            kind=SpanKind.CONSUMER,
+            attributes={"messaging.message.id": draft.notification_id},
+        ):
+            composed = await one(draft)
+            assert carriers is not None  # noqa: S101 - found came from it
+            carriers[draft.source_id] = tracing.child_carrier(found) or found
+        return composed
+
+    started = time.perf_counter()
+    if not io_bound:
         # A composer that never waits gains nothing from tasks; 500 of them per
         # batch only queued 500 more callbacks on a loop the whole burst shares.
-        return [await one(d) for d in drafts]
-    gate = asyncio.Semaphore(COMPOSE_CONCURRENCY)
+        # Timed once per batch: a clock read per message would cost as much as it.
+        results = [await traced(d) for d in drafts]
+        if drafts:
+            COMPOSER_DURATION.labels(name).observe((time.perf_counter() - started) / len(drafts))
+    else:
+        gate = asyncio.Semaphore(COMPOSE_CONCURRENCY)
 
-    async def gated(draft: Draft) -> tuple[Draft, str, str | None]:
-        async with gate:
-            return await one(draft)
+        async def gated(draft: Draft) -> tuple[Draft, str, str | None]:
+            async with gate:
+                return await traced(draft)
 
-    return list(await asyncio.gather(*(gated(d) for d in drafts)))
+        results = list(await asyncio.gather(*(gated(d) for d in drafts)))
+    if failures:
+        COMPOSER_FAILURES.labels(name).inc(failures)
+    return results
+
+
+@contextlib.contextmanager
+def compose_spans(drafts: Sequence[Draft], carriers: dict[str, Carrier] | None) -> Iterator[None]:
+    """
+    With tracing on, a ``dispatch compose`` span per draft whose message carried a
+    trace, open while the batch is composed; each carrier then names its span.
+    """
+    if not carriers or not tracing.enabled():
+        yield
+        return
+    spans = []
+    for draft in drafts:
+        found = carriers.get(draft.source_id)
+        if found is None:
+            continue
+        span = tracing.start_span(
+            "dispatch compose",
+            found,
+            kind=SpanKind.CONSUMER,
+            attributes={"messaging.message.id": draft.notification_id},
+        )
+        with use_span(span, end_on_exit=False):
+            carriers[draft.source_id] = tracing.child_carrier(found) or found
+        spans.append(span)
+    try:
+        yield
+    finally:
+        for span in spans:
+            span.end()
+
+
+def _count_messages(composers: Mapping[str, str], seconds: float) -> None:
+    """The message step's timing (the batch's mean per message, per composer) and fallbacks."""
+    if not composers:
+        return
+    made: dict[str, int] = {}
+    for how in composers.values():
+        made[how] = made.get(how, 0) + 1
+    mean = seconds / len(composers)
+    for how in made:
+        COMPOSER_DURATION.labels(how).observe(mean)
+    # A fallback is the failure of the composer it stood in for.
+    if made.get(Composed.TEMPLATE_FALLBACK):
+        COMPOSER_FAILURES.labels(Composed.LLM.value).inc(made[Composed.TEMPLATE_FALLBACK])
+    if made.get(Composed.DEFAULT_FALLBACK):
+        COMPOSER_FAILURES.labels(Composed.TEMPLATE.value).inc(made[Composed.DEFAULT_FALLBACK])
 
 
 def build_drafts(sources: Sources, result: BatchResult) -> list[Draft]:
@@ -375,6 +478,7 @@ def notification_batch(
     simulated: bool = False,
     replace: Sequence[str] = (),
     composers: Mapping[str, str] | None = None,
+    carriers: Mapping[str, Carrier] | None = None,
 ) -> NotificationBatch:
     """
     What the store writes for ``composed`` (pure): the notification rows, their
@@ -391,6 +495,7 @@ def notification_batch(
             outbox entry) is deleted first: restaged fires, and advance-time's
             fires that the scheduler had staged (:mod:`delivery.store.staging`).
         composers: source id -> how its message was made (the ``composer`` column).
+        carriers: source id -> request id and trace to pass on in the outbox entry.
     """
     rows: list[dict[str, Any]] = []
     wakeups: dict[str, datetime] = {}
@@ -415,7 +520,7 @@ def notification_batch(
             )
         )
     outbox = [
-        outbox_row(r, subjects, now)
+        outbox_row(r, subjects, now, carriers or None)
         for r in rows
         if r["status"] == "pending" or (r["status"] == STAGED and r["error"] is None)
     ]
@@ -451,13 +556,19 @@ class Processor:
         self.clock = clock
         self.messages = messages
 
-    async def process(self, refs: Sequence[SourceRef]) -> BatchResult:
+    async def process(
+        self, refs: Sequence[SourceRef], carriers: dict[str, Carrier] | None = None
+    ) -> BatchResult:
         """
         Make the notification of every ref that does not have one yet.
 
         Idempotent: a ref whose notification exists is reported as a duplicate
         and changes nothing. Database errors propagate (the caller nacks and
         JetStream redelivers); composer failures do not (``failed_generation``).
+
+        Args:
+            carriers: source id -> the request id and trace context its message
+                carried (most have none); passed on to the handlers.
         """
         result = BatchResult()
         drafts = build_drafts(await self.store.load_sources(refs), result)
@@ -476,15 +587,19 @@ class Processor:
             return result
         composers: Mapping[str, str] = {}
         if self.messages is not None:
-            composed, composers = as_composed(await self.messages.compose(drafts))
+            started = time.perf_counter()
+            with compose_spans(drafts, carriers):
+                composed, composers = as_composed(await self.messages.compose(drafts))
+            _count_messages(composers, time.perf_counter() - started)
         else:
-            composed = await compose_all(self.composer, drafts)
+            composed = await compose_all(self.composer, drafts, carriers)
         batch = notification_batch(
             composed,
             subjects=self.subjects,
             now=self.clock.now(),
             replace=replace,
             composers=composers,
+            carriers=carriers,
         )
         written = await self.store.write_notifications(batch)
         for source_id in written.lost:
@@ -502,5 +617,6 @@ class Processor:
                 source_id=row["source_id"],
                 source_type=row["source_type"],
                 status=row["status"],
+                **(request_id_of(carriers.get(row["source_id"])) if carriers else {}),
             )
         return result

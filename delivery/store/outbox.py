@@ -37,6 +37,8 @@ class UnsentMessage(Protocol):
     def msg_id(self) -> str: ...
     @property
     def payload(self) -> str: ...
+    @property
+    def headers(self) -> str | None: ...
 
 
 class UnsentBatch:
@@ -122,7 +124,7 @@ class OutboxStore:
         # became due, so a burst's fires are not queued behind later rows.
         o = OUTBOX.c
         stmt = (
-            select(o.id, o.subject, o.msg_id, o.payload)
+            select(o.id, o.subject, o.msg_id, o.payload, o.headers)
             .where(o.sent_at.is_(None), o.available_at <= now)
             .order_by(o.available_at, o.id)
             .limit(limit)

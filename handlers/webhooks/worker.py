@@ -32,8 +32,10 @@ from typing import Any
 
 import structlog
 from nats.aio.msg import Msg
+from opentelemetry.trace import SpanKind
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery import metrics, tracing
 from delivery.bus.consumers import settle_batch
 from delivery.bus.messages import NotificationCreated
 from delivery.clock import Clock
@@ -48,6 +50,7 @@ from delivery.store.webhooks import (
     NextState,
     WebhookStore,
 )
+from delivery.tracing import Carrier, request_id_of
 from handlers.base import Message
 from handlers.queue import QueueWorker
 from handlers.retry import DeadLetter, Done, Rand, RetryAt, plan_next
@@ -70,6 +73,8 @@ LEASE_MARGIN = timedelta(seconds=60)
 """A claim outlives the send timeout by this much before another worker may retake it."""
 STOP_GRACE = timedelta(seconds=10)
 """How long stopping waits for in-flight sends before cancelling them."""
+MAX_CARRIERS = 10_000
+"""Request ids / trace contexts kept for deliveries not yet attempted."""
 UNREADABLE_SECRET_DELAY = timedelta(minutes=5)
 """A secret that does not decrypt (wrong ``DELIVERY_SECRET_KEY``) waits for the operator."""
 
@@ -163,6 +168,8 @@ class WebhookWorker(QueueWorker):
         self._endpoint_load: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_finished = on_finished
+        self._carriers: dict[str, Carrier] = {}
+        """Notification id -> the request id and trace its message carried (bounded)."""
 
     @classmethod
     def from_settings(
@@ -229,7 +236,15 @@ class WebhookWorker(QueueWorker):
             log=self._log,
             event="webhook",
             nak_delay_s=NAK_DELAY_S,
+            on_carrier=self._keep_carrier,
         )
+
+    def _keep_carrier(self, created: NotificationCreated, found: Carrier) -> None:
+        # Kept in memory only: the delivery row does not store it, so an attempt
+        # after a restart logs without the request id and starts its own trace.
+        if len(self._carriers) >= MAX_CARRIERS:
+            del self._carriers[next(iter(self._carriers))]
+        self._carriers[created.notification_id] = found
 
     async def enqueue(self, items: Sequence[NewNotification | NotificationCreated]) -> int:
         """
@@ -300,6 +315,8 @@ class WebhookWorker(QueueWorker):
 
     async def _process(self, claimed: ClaimedDelivery, result: SweepResult) -> None:
         """One claimed delivery: skip, or attempt and record. Never raises."""
+        message_id = claimed.notification["id"] if claimed.notification is not None else None
+        found = self._carriers.get(message_id) if message_id is not None else None
         bound = self._log.bind(
             delivery_id=claimed.delivery_id,
             event_id=claimed.event_id,
@@ -307,13 +324,30 @@ class WebhookWorker(QueueWorker):
             project_id=claimed.project_id,
             attempt_number=claimed.attempt_number,
         )
+        # Every line of the attempt (the sender's too) names the message and the
+        # request that caused it; each delivery runs in a task of its own.
+        ids = structlog.contextvars.bind_contextvars(message_id=message_id, **request_id_of(found))
         try:
-            await self._attempt(claimed, result, bound)
+            if found is not None and tracing.enabled():
+                with tracing.span(
+                    "webhook attempt",
+                    found,
+                    kind=SpanKind.CLIENT,
+                    attributes={
+                        "messaging.message.id": message_id or "",
+                        "delivery.attempt": claimed.attempt_number,
+                    },
+                ):
+                    await self._attempt(claimed, result, bound)
+            else:
+                await self._attempt(claimed, result, bound)
         except Exception:
             # A process edge: the claim's lease makes the delivery due again, so an
             # unexpected error (database blip) delays it instead of losing it.
             result.errors += 1
             bound.exception("webhook.process_failed", lease_s=self.lease.total_seconds())
+        finally:
+            structlog.contextvars.reset_contextvars(**ids)
 
     async def _attempt(self, claimed: ClaimedDelivery, result: SweepResult, bound: Any) -> None:
         box, channel = await self._ensure_parts()
@@ -328,6 +362,7 @@ class WebhookWorker(QueueWorker):
             )
             result.skipped += 1
             bound.info("webhook.skipped", reason=reason)
+            metrics.WEBHOOK_DELIVERIES.labels("skipped", "none").inc()
             self._finished(claimed, "skipped")
             return
         if not claimed.endpoint_active or not claimed.url:
@@ -337,6 +372,7 @@ class WebhookWorker(QueueWorker):
             )
             result.dead += 1
             bound.warning("webhook.dead", reason=reason)
+            metrics.WEBHOOK_DELIVERIES.labels("dead", "none").inc()
             self._finished(claimed, "dead")
             return
         try:
@@ -403,18 +439,20 @@ class WebhookWorker(QueueWorker):
             state,
             now=done_at,
         )
+        outcome = "retry" if state.retry_at is not None else "dead" if state.dead else "delivered"
+        metrics.WEBHOOK_DELIVERIES.labels(outcome, metrics.status_class(a.response_code)).inc()
+        metrics.WEBHOOK_DURATION.observe(a.duration_ms / 1000)
+        if state.disable_reason is not None:
+            metrics.WEBHOOK_ENDPOINTS_DISABLED.inc()
         if state.retry_at is not None:
             bound.info("webhook.retry_scheduled", retry_at=state.retry_at.isoformat())
-            self._finished(claimed, "retry")
         elif state.dead:
             bound.warning(
                 "webhook.dead_lettered",
                 reason=state.reason,
                 endpoint_disabled=state.disable_reason is not None,
             )
-            self._finished(claimed, "dead")
-        else:
-            self._finished(claimed, "delivered")
+        self._finished(claimed, outcome)
 
     def _finished(self, claimed: ClaimedDelivery, outcome: str) -> None:
         if self._on_finished is not None:

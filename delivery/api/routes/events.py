@@ -12,10 +12,13 @@ from fastapi.responses import JSONResponse
 
 from delivery.api.auth import ProjectId
 from delivery.api.context import AgentId, Ctx, check_id, check_metadata, parse_limit, wire_time
+from delivery.api.metrics import bind_ids
 from delivery.api.schemas import EventAccepted, EventCreate, EventList, EventOut
 from delivery.bus.subjects import Subjects
+from delivery.domain import notification_id
 from delivery.store.common import canonical_json, new_id
 from delivery.store.tables import TriggerEventRow
+from delivery.tracing import current_stored
 
 router = APIRouter(tags=["events"])
 PREFIX = "/api/v1/agents/{agent_id}/events"
@@ -49,8 +52,13 @@ async def trigger_event(
         "subject": Subjects(ctx.settings.subject_prefix).event_accepted,
         "msg_id": row.id,
         "payload": canonical_json({"version": 1, "event_id": row.id}),
+        # The request's id and trace ride along to the dispatcher and the handlers.
+        "headers": current_stored(),
         "created_at": now,
     }
+    bind_ids(
+        event_id=row.id, message_id=notification_id(row.id), user_id=body.user_id, agent_id=agent_id
+    )
     await ctx.store.events.insert_event(row, outbox)
     ctx.wake()
     return JSONResponse(EventAccepted(accepted=True, event_id=row.id).model_dump())

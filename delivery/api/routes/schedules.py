@@ -26,6 +26,7 @@ from delivery.api.context import (
     parse_limit,
     wire_time,
 )
+from delivery.api.metrics import bind_ids
 from delivery.api.routes.inventory import missing_item
 from delivery.api.schemas import (
     ScheduleCreate,
@@ -228,6 +229,7 @@ async def create_schedule(
         created_at=now,
         updated_at=now,
     )
+    bind_ids(schedule_id=row.id)
     await ctx.store.schedules.insert_schedule(row)
     ctx.wake()
     return _json(

@@ -1,6 +1,8 @@
 """
-``/health`` (liveness, database, tzdata; never authenticated) and ``/metrics``
-(Prometheus text; open unless ``DELIVERY_OPS_TOKEN`` is set, see ``delivery.api.auth``).
+``/health`` (liveness, database, tzdata; never authenticated), ``/ready`` (every
+dependency the process needs, 503 naming the failing ones; never authenticated) and
+``/metrics`` (Prometheus text; open unless ``DELIVERY_OPS_TOKEN`` is set, see
+``delivery.api.auth``).
 """
 
 import structlog
@@ -10,6 +12,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from delivery.api.context import Ctx
 from delivery.api.metrics import HttpMetrics
 from delivery.api.schemas import Health
+from delivery.metrics import CONTENT_TYPE
+from delivery.ops import Readiness, render_metrics
 from delivery.tz import tzdata_version
 
 router = APIRouter(tags=["service"])
@@ -33,16 +37,23 @@ async def health(ctx: Ctx) -> Response:
     return JSONResponse(body.model_dump(), status_code=200 if database == "ok" else 503)
 
 
+@router.get(
+    "/ready",
+    responses={
+        200: {"description": "Every dependency is usable."},
+        503: {"description": "Not ready; `failing` names the dependencies."},
+    },
+)
+async def ready(request: Request) -> Response:
+    """200 when every check passes; 503 with ``failing`` naming the ones that did not."""
+    readiness: Readiness = request.app.state.readiness
+    ok, body = await readiness.run()
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(request: Request, ctx: Ctx) -> Response:
-    """Request counts and latencies per route, in the Prometheus text format."""
+async def metrics(request: Request) -> Response:
+    """Everything the process measures, in the Prometheus text format."""
     registry: HttpMetrics = request.app.state.metrics
-    try:
-        await ctx.store.ping()
-        up = 1.0
-    except Exception:  # reported as a gauge, not an error: scrapes must not fail
-        up = 0.0
-    return PlainTextResponse(
-        registry.render({"delivery_database_up": up}),
-        media_type="text/plain; version=0.0.4",
-    )
+    body = await render_metrics(request.app.state.gauges, [registry.registry])
+    return Response(body, media_type=CONTENT_TYPE)

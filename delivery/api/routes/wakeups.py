@@ -19,9 +19,11 @@ from delivery.api.context import (
     parse_limit,
     wire_time,
 )
+from delivery.api.metrics import bind_ids
 from delivery.api.routes.inventory import missing_item
 from delivery.api.schemas import WakeupCancelled, WakeupCreate, WakeupCreated, WakeupList, WakeupOut
 from delivery.cadence import parse_instant
+from delivery.domain import notification_id
 from delivery.errors import (
     InvalidRequestError,
     InvalidStateError,
@@ -99,6 +101,7 @@ async def schedule_wakeup(
         status="pending",
         created_at=now,
     )
+    bind_ids(wakeup_id=row.id, message_id=notification_id(row.id), user_id=body.user_id)
     await ctx.store.wakeups.insert_wakeup(row)
     ctx.wake()
     created = WakeupCreated(wakeup_id=row.id, scheduled_at=wire_time(scheduled_at))

@@ -346,6 +346,8 @@ class OutboxRow(SQLModel, table=True):
     created_at: datetime = Field(sa_type=UTCDateTime)
     available_at: datetime = Field(sa_type=UTCDateTime)
     sent_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    headers: str | None = Field(default=None, sa_type=Text)
+    """JSON object of NATS headers to send besides ``Nats-Msg-Id`` (request id, trace)."""
 
 
 class AdvanceTimeJobRow(SQLModel, table=True):

@@ -1,0 +1,118 @@
+"""
+The API's metrics carry route templates for every answer (also those given before
+routing: 401, idempotent replays, 409), its access line is one INFO line per request,
+and ``/ready`` names what is not ready.
+"""
+
+import re
+
+import structlog
+
+from tests.api.conftest import Api
+
+EVENTS = "/api/v1/agents/{agent_id}/events"
+NOTIFICATIONS = "/api/v1/agents/{agent_id}/notifications"
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of the one sample of ``name`` with exactly ``labels`` (0 if absent)."""
+    for line in text.splitlines():
+        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
+        if match is None or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+        if found == labels:
+            return float(match.group(3))
+    return 0.0
+
+
+async def _metrics(api: Api) -> str:
+    response = await api.anonymous.get("/metrics")
+    assert response.status_code == 200
+    return response.text
+
+
+async def test_401_replay_and_409_are_labelled_with_their_route_template(api: Api) -> None:
+    """Answers given by authentication and idempotency count under the route, not unmatched."""
+    refused = await api.anonymous.get("/api/v1/agents/a1/notifications")
+    assert refused.status_code == 401
+    wrong = await api.anonymous.post(
+        "/api/v1/agents/a1/events",
+        json={"user_id": "u1", "event_type": "x"},
+        headers={"Authorization": "Bearer dk_not_a_key"},
+    )
+    assert wrong.status_code == 401
+
+    key = {"Idempotency-Key": "obs-key-1"}
+    body = {"user_id": "u1", "event_type": "birthday"}
+    first = await api.alpha.post("/api/v1/agents/a1/events", json=body, headers=key)
+    replay = await api.alpha.post("/api/v1/agents/a1/events", json=body, headers=key)
+    assert first.status_code == replay.status_code == 200
+    assert replay.headers["idempotent-replayed"] == "true"
+    reused = await api.alpha.post(
+        "/api/v1/agents/a1/events", json={**body, "event_type": "other"}, headers=key
+    )
+    assert reused.status_code == 409
+
+    text = await _metrics(api)
+    assert _sample(text, "delivery_http_auth_failures_total", route=NOTIFICATIONS) == 1
+    assert _sample(text, "delivery_http_auth_failures_total", route=EVENTS) == 1
+    assert _sample(text, "delivery_http_idempotent_replays_total", route=EVENTS) == 1
+    requests = "delivery_http_requests_total"
+    assert _sample(text, requests, method="GET", route=NOTIFICATIONS, status="401") == 1
+    assert _sample(text, requests, method="POST", route=EVENTS, status="401") == 1
+    assert _sample(text, requests, method="POST", route=EVENTS, status="200") == 2
+    assert _sample(text, requests, method="POST", route=EVENTS, status="409") == 1
+    assert 'route="unmatched"' not in text
+
+    # A path that matches no route is still unmatched.
+    assert (await api.alpha.get("/api/v1/nowhere")).status_code == 404
+    text = await _metrics(api)
+    assert _sample(text, requests, method="GET", route="unmatched", status="404") == 1
+
+
+async def test_one_info_line_per_request_with_route_status_and_duration(api: Api) -> None:
+    """A successful request is logged once, at INFO, with its template, status and time."""
+    with structlog.testing.capture_logs() as logs:
+        response = await api.alpha.get(
+            "/api/v1/agents/a1/notifications", headers={"X-Request-Id": "obs-req-1"}
+        )
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "obs-req-1"
+    lines = [entry for entry in logs if entry["event"] == "request"]
+    assert len(lines) == 1
+    (line,) = lines
+    assert line["log_level"] == "info"
+    assert (line["method"], line["route"], line["status"]) == ("GET", NOTIFICATIONS, 200)
+    assert line["path"] == "/api/v1/agents/a1/notifications"
+    assert isinstance(line["duration_ms"], float)
+
+
+async def test_the_event_route_binds_the_message_id_into_its_access_line(api: Api) -> None:
+    """The access line of an accepted event names the message it will become."""
+    from delivery.domain import notification_id
+
+    with structlog.testing.capture_logs(
+        processors=[structlog.contextvars.merge_contextvars]
+    ) as logs:
+        accepted = await api.alpha.post(
+            "/api/v1/agents/a1/events", json={"user_id": "u1", "event_type": "birthday"}
+        )
+    event_id = accepted.json()["event_id"]
+    (line,) = [entry for entry in logs if entry["event"] == "request"]
+    assert line["message_id"] == notification_id(event_id)
+    assert (line["event_id"], line["agent_id"], line["user_id"]) == (event_id, "a1", "u1")
+    assert line["request_id"] == accepted.headers["x-request-id"]
+
+
+async def test_ready_names_the_failing_check(api: Api) -> None:
+    """A schema made without migrations is not at the head: 503 naming `migrations`."""
+    response = await api.anonymous.get("/ready")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "not_ready"
+    assert body["failing"] == ["migrations"]
+    assert body["checks"]["database"] == "ok"
+    assert "not at the shipped head" in body["checks"]["migrations"]
+    # /health stays what it was: alive and the database answers.
+    assert (await api.anonymous.get("/health")).status_code == 200

@@ -45,6 +45,10 @@ from tests.daemon.helpers import add_project, add_schedules, due_daily_rows
 from tests.fixtures.http import serve
 
 TOTAL = int(os.environ.get("DELIVERY_CLUSTER_TOTAL", "20000"))
+SHAPE = {"web": 2, "scheduler": 3, "dispatcher": 2, "handlers": 2}
+"""Processes per part; deploy/compose.yaml runs the same parts (test_compose_matches)."""
+SHARED_ENV = ("DELIVERY_DATABASE_URL", "DELIVERY_NATS_URL", "DELIVERY_SECRET_KEY")
+"""What every part of the shape is given alike (besides test tuning)."""
 SECRET = "cluster-test-secret-key"
 EVENT_TYPES = ("on_recurring_event_due", "on_wakeup_ready", "on_trigger_event")
 
@@ -180,10 +184,11 @@ async def test_every_source_once_through_chaos(
                 command, {**env, **extra}, log, port=int(extra.get("DELIVERY_PORT", 0)) or None
             )
 
-        webs = [part("web", n, DELIVERY_PORT=str(free_port())) for n in range(2)]
-        schedulers = [part("scheduler", n) for n in range(3)]
-        dispatchers = [part("dispatcher", n) for n in range(2)]
-        handlers = [part("handlers", n) for n in range(2)]
+        webs = [part("web", n, DELIVERY_PORT=str(free_port())) for n in range(SHAPE["web"])]
+        schedulers = [part("scheduler", n) for n in range(SHAPE["scheduler"])]
+        dispatchers = [part("dispatcher", n) for n in range(SHAPE["dispatcher"])]
+        handlers = [part("handlers", n) for n in range(SHAPE["handlers"])]
+        assert all(name in env for name in SHARED_ENV)
         parts = [*webs, *schedulers, *dispatchers, *handlers]
         for p in parts:
             await p.start()

@@ -36,7 +36,14 @@ from delivery.clock import Clock, SystemClock
 from delivery.datadir import NATS_DIR, prepare_data_dir
 from delivery.embedded import EmbeddedNats
 from delivery.loops import PeriodicLoop
-from delivery.ops import OpsServer, Readiness, ScrapeGauges, database_checks, nats_checks
+from delivery.ops import (
+    HEARTBEAT_S,
+    OpsServer,
+    Readiness,
+    ScrapeGauges,
+    database_checks,
+    nats_checks,
+)
 from delivery.outbox import OutboxRelay
 from delivery.retention import Retention
 from delivery.scheduler import Scheduler
@@ -48,6 +55,7 @@ from delivery.startup import (
     require_secret_key,
 )
 from delivery.store.engine import Capabilities, create_engine, is_sqlite
+from delivery.store.facts import SCHEDULER_SEEN, FactStore
 from delivery.store.gauges import GaugeStore
 
 log = structlog.get_logger(__name__)
@@ -297,6 +305,16 @@ class Daemon:
             self._scheduler_job = job
             job.start()
             _on_stop(stack, "scheduler-tick", job.stop)
+            facts = FactStore(engine)
+
+            async def heartbeat_step() -> bool:
+                # Lets a web process's /ready say whether any scheduler runs at all.
+                await facts.put(SCHEDULER_SEEN, scheduler.instance_id, self.clock.now())
+                return False
+
+            heartbeat = PeriodicLoop("scheduler-heartbeat", heartbeat_step, HEARTBEAT_S)
+            heartbeat.start()
+            _on_stop(stack, "scheduler-heartbeat", heartbeat.stop)
             # History older than the retention goes in short batches, beside the tick
             # rather than in it: a prune never delays a fire.
             retention = Retention.from_settings(settings, engine, self.clock)

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from delivery.clock import Clock
 from delivery.metrics import CONTENT_TYPE, exposition
+from delivery.store.facts import SCHEDULER_SEEN, Facts
 from delivery.store.gauges import GaugeStore, WorkGauges
 
 log = structlog.get_logger(__name__)
@@ -56,6 +57,29 @@ def database_checks(store: GaugeStore) -> dict[str, Check]:
     return {"database": store.ping, "migrations": migrations}
 
 
+SCHEDULER_SILENT_S = 60.0
+"""A scheduler beats every :data:`HEARTBEAT_S`; silent this long, none is running."""
+HEARTBEAT_S = 15.0
+
+
+def scheduler_check(facts: Facts, clock: Clock) -> dict[str, Check]:
+    """An advisory check: some scheduler beat within :data:`SCHEDULER_SILENT_S`."""
+
+    async def seen() -> None:
+        last = await facts.updated_at(SCHEDULER_SEEN)
+        if last is None:
+            raise NotReadyError(
+                "no scheduler has run on this database: schedules and wakeups will not fire"
+            )
+        silent = (clock.now() - last).total_seconds()
+        if silent > SCHEDULER_SILENT_S:
+            raise NotReadyError(
+                f"no scheduler seen for {silent:.0f} s: schedules and wakeups will not fire"
+            )
+
+    return {"scheduler": seen}
+
+
 def nats_checks(
     nc: NatsClient, js: JetStreamContext, stream: str, consumers: Sequence[str]
 ) -> dict[str, Check]:
@@ -80,22 +104,35 @@ def nats_checks(
 
 @dataclass
 class Readiness:
-    """Named checks; :meth:`run` runs them all at once, each bounded in time."""
+    """
+    Named checks; :meth:`run` runs them all at once, each bounded in time.
+
+    Advisory checks are reported beside the others (under ``warnings`` when they
+    fail) but never make the process unready: a web process without a scheduler
+    still takes writes, it should only say that nothing will fire them.
+    """
 
     checks: dict[str, Check] = field(default_factory=dict)
+    advisories: dict[str, Check] = field(default_factory=dict)
 
     def add(self, checks: Mapping[str, Check]) -> None:
         """More checks (a part adds its own as it starts)."""
         self.checks.update(checks)
 
+    def advise(self, checks: Mapping[str, Check]) -> None:
+        """More advisory checks (reported, never failing the process)."""
+        self.advisories.update(checks)
+
     async def run(self) -> tuple[bool, dict[str, Any]]:
         """``(ready, body)``; the body names every check and each failing one's reason."""
-        names = list(self.checks)
+        every = {**self.checks, **self.advisories}
+        names = list(every)
         results = await asyncio.gather(
-            *(self._one(self.checks[name]) for name in names), return_exceptions=False
+            *(self._one(every[name]) for name in names), return_exceptions=False
         )
         outcome = dict(zip(names, results, strict=True))
-        failing = sorted(name for name, result in outcome.items() if result != "ok")
+        failing = sorted(n for n in self.checks if outcome[n] != "ok")
+        warnings = sorted(n for n in self.advisories if outcome[n] != "ok")
         body: dict[str, Any] = {
             "status": "ready" if not failing else "not_ready",
             "checks": outcome,
@@ -103,6 +140,8 @@ class Readiness:
         if failing:
             body["failing"] = failing
             log.warning("ops.not_ready", failing=failing, checks=outcome)
+        if warnings:
+            body["warnings"] = warnings
         return not failing, body
 
     @staticmethod

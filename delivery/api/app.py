@@ -28,10 +28,11 @@ from delivery.api.openapi import install_openapi
 from delivery.api.routes import ROUTERS
 from delivery.clock import Clock
 from delivery.dispatcher.composers import SharedComposer
-from delivery.ops import Readiness, ScrapeGauges, database_checks
+from delivery.ops import Readiness, ScrapeGauges, database_checks, scheduler_check
 from delivery.secrets import LazySecretBox
 from delivery.settings import Settings
 from delivery.store.channels import ChannelStore
+from delivery.store.facts import FactStore
 from delivery.store.gauges import GaugeStore
 from delivery.store.sql import SqlStore
 from delivery.store.timeline import SqlTimelineStore
@@ -123,7 +124,11 @@ def create_app(
     metrics = HttpMetrics()
     app.state.metrics = metrics
     gauge_store = GaugeStore(store.engine)
-    app.state.readiness = readiness or Readiness(database_checks(gauge_store))
+    if readiness is None:
+        readiness = Readiness(database_checks(gauge_store))
+    # Said by every API: a web process without any scheduler takes writes that never fire.
+    readiness.advise(scheduler_check(FactStore(store.engine), clock))
+    app.state.readiness = readiness
     app.state.gauges = list(gauges) if gauges is not None else [ScrapeGauges(gauge_store, clock)]
     for router in ROUTERS:
         app.include_router(router)

@@ -133,6 +133,7 @@ async def test_one_request_id_from_the_api_to_the_webhook_and_the_exported_names
                     "nats",
                     "stream",
                     "consumers",
+                    "scheduler",
                 }
         lines = proc.lines()
     finally:

@@ -347,7 +347,7 @@ async def peer(count: int, *, misfire_grace_time: float | None = 1.0) -> dict[st
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
     from apscheduler.triggers.cron import CronTrigger
 
-    # APScheduler 3 needs ~0.3 ms per add_job (DESIGN "Measured"): leave room.
+    # APScheduler 3 needs ~0.3 ms per add_job (measured): leave room.
     lead = timedelta(seconds=max(20.0, count * 0.0008))
     due = ceil_minute(datetime.now(UTC), at_least=lead)
     # One warning line per dropped job would dominate the output; count them instead.

@@ -3,7 +3,7 @@ Notifications list latency (p50 / p99) and requests/s at 64 concurrent clients, 
 100k pending notifications in the store, on SQLite and on PostgreSQL.
 
 The API runs as ``delivery web`` in its own process (one uvicorn worker); the load
-generator (aiohttp, because httpx's pool collapses under concurrency: DESIGN.md)
+generator (aiohttp, because httpx's pool collapses under concurrency)
 runs here. Both share the machine, so the figures are a floor, not a ceiling.
 
     .venv/bin/python bench/bench_notifications.py            # 100k rows, 10 s per database

@@ -9,7 +9,7 @@ share the sender's event loop or CPU time slice.
     .venv/bin/python bench/bench_webhooks.py            # 5 s per measurement
     .venv/bin/python bench/bench_webhooks.py --quick    # a few seconds in total
 
-Target (issue 5): >= 2,000 deliveries/s at 256 in flight with p99 < 250 ms, >= 5x plain httpx.
+Target: >= 2,000 deliveries/s at 256 in flight with p99 < 250 ms, >= 5x plain httpx.
 """
 
 import argparse

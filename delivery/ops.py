@@ -12,6 +12,9 @@ them on (``DELIVERY_OPS_PORT``); ``run`` and ``web`` serve the same on the API p
 """
 
 import asyncio
+import base64
+import binascii
+import hashlib
 import hmac
 import socket
 import time
@@ -40,6 +43,22 @@ CHECK_TIMEOUT_S = 2.0
 """A dependency that has not answered within this is not ready."""
 WORK_REFRESH_S = 5.0
 """The work gauges are queried at most this often, however many scrapers there are."""
+
+
+def operator_credential(authorization: str) -> str | None:
+    """The token in ``Bearer <token>``, or the password in ``Basic base64(user:password)``."""
+    scheme, _, value = authorization.partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer":
+        return value or None
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        _user, sep, password = decoded.partition(":")
+        return password if sep and password else None
+    return None
 
 
 class NotReadyError(Exception):
@@ -358,8 +377,11 @@ class OpsServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         if self.token is not None:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            # As on the API port: Bearer or Basic, both sides hashed before the
+            # constant-time comparison so its time says nothing of the token's length.
+            given = operator_credential(request.headers.get("Authorization", "")) or ""
+            expected = hashlib.sha256(self.token.encode()).digest()
+            if not hmac.compare_digest(hashlib.sha256(given.encode()).digest(), expected):
                 return web.json_response(
                     {
                         "code": "UNAUTHORIZED",

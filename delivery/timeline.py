@@ -113,10 +113,21 @@ def decode_cursor(cursor: str, order: Order) -> EventKey:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         at, ref, kind, made_for = json.loads(raw)
-        instant = datetime.fromisoformat(at.replace("Z", "+00:00")).astimezone(UTC)
-    except (binascii.Error, ValueError, TypeError, AttributeError):
+        parsed = datetime.fromisoformat(at.replace("Z", "+00:00"))
+        # A naive instant would be read as the server's local time; one near year 1
+        # overflows when converted. Neither comes from encode_cursor.
+        if parsed.tzinfo is None:
+            raise bad
+        instant = parsed.astimezone(UTC)
+    except (binascii.Error, ValueError, TypeError, AttributeError, OverflowError):
         raise bad from None
     if not (isinstance(ref, str) and isinstance(kind, str) and made_for in ("asc", "desc")):
+        raise bad
+    # Both are compared with stored values: printable ASCII only (a NUL, for one,
+    # fails on PostgreSQL when the statement runs, not here).
+    if not (0 < len(ref) <= 256 and ref.isascii() and ref.isprintable()):
+        raise bad
+    if not (0 < len(kind) <= 64 and kind.isascii() and kind.isprintable()):
         raise bad
     if made_for != order.value:
         raise InvalidRequestError(

@@ -212,3 +212,27 @@ def test_cursor_round_trip() -> None:
     assert decode_cursor(encode_cursor(event.key, Order.DESC), Order.DESC) == event.key
     with pytest.raises(InvalidRequestError):
         decode_cursor(encode_cursor(event.key, Order.DESC), Order.ASC)
+
+
+def _forged(parts: list[object]) -> str:
+    import base64
+
+    raw = json.dumps(parts, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ["2026-01-01T00:00:00", "fire_1", "fire_fired", "asc"],  # naive: server-local time
+        ["0001-01-01T00:00:00+14:00", "fire_1", "fire_fired", "asc"],  # overflows in UTC
+        ["2026-01-01T00:00:00Z", "fire\x001", "fire_fired", "asc"],  # NUL: PostgreSQL refuses
+        ["2026-01-01T00:00:00Z", "", "fire_fired", "asc"],
+        ["2026-01-01T00:00:00Z", "fire_1", "x" * 65, "asc"],
+    ],
+    ids=["naive", "overflow", "nul-ref", "empty-ref", "long-kind"],
+)
+def test_forged_cursors_are_400_not_500(parts: list[object]) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        decode_cursor(_forged(parts), Order.ASC)
+    assert caught.value.field == "cursor"

@@ -9,8 +9,6 @@ project id in ``scope["state"]``; routes read it with :func:`project_id`.
 OpenAPI pages) with ``DELIVERY_OPS_TOKEN`` when it is set; tenant keys never open them.
 """
 
-import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -24,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from delivery.api.schemas import ID_PATTERN
 from delivery.clock import Clock
 from delivery.errors import NotFoundError, UnauthorizedError
+from delivery.ops import operator_credential
 from delivery.settings import Settings
 from delivery.store.keys import hash_api_key
 from delivery.store.sql import SqlStore
@@ -131,22 +130,6 @@ _OPS_CHALLENGES = (
 )
 
 
-def _credential(authorization: str) -> str | None:
-    """The token in ``Bearer <token>``, or the password in ``Basic base64(user:password)``."""
-    scheme, _, value = authorization.partition(" ")
-    value = value.strip()
-    if scheme.lower() == "bearer":
-        return value or None
-    if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(value, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        _user, sep, password = decoded.partition(":")
-        return password if sep and password else None
-    return None
-
-
 class OpsTokenMiddleware:
     """
     Pure ASGI middleware: the operator endpoints need ``DELIVERY_OPS_TOKEN``.
@@ -191,7 +174,7 @@ class OpsTokenMiddleware:
             )
             await send_unauthorized(send, error, _OPS_CHALLENGES)
             return
-        given = _credential(header)
+        given = operator_credential(header)
         digest = hashlib.sha256((given or "").encode()).digest()
         if given is None or not hmac.compare_digest(digest, self._digest):
             error = UnauthorizedError("", "invalid operator token (DELIVERY_OPS_TOKEN)")

@@ -178,9 +178,13 @@ class TemplateStore(StoreBase):
     async def delete_template(self, project_id: str, template_id: str) -> bool:
         """See :meth:`MessageTemplates.delete_template`."""
         async with self.write() as conn:
+            # The row lock keeps a concurrent update from adding a version between the
+            # two deletes (its version row would then point at a deleted template).
             found = (
                 await conn.execute(
-                    select(_t.id).where(*owned(TEMPLATES, project_id, id=template_id))
+                    select(_t.id)
+                    .where(*owned(TEMPLATES, project_id, id=template_id))
+                    .with_for_update()
                 )
             ).first()
             if found is None:

@@ -1,6 +1,6 @@
 """
 Bad input, one table per resource: each case is a clear 4xx with a stable code and a
-message naming the field, never a 500, and nothing is written (DESIGN invariant 5).
+message naming the field, never a 500, and nothing is written.
 """
 
 # ruff: noqa: E501 - the case tables read best one case per line

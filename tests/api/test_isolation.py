@@ -1,5 +1,5 @@
 """
-Two projects side by side (DESIGN invariant 6): every read and write by one against the
+Two projects side by side: every read and write by one against the
 other's ids is a 404, lists never show the other's rows, and the same agent id in both
 projects names two unrelated agents.
 """

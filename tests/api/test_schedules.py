@@ -1,5 +1,5 @@
 """
-Schedule PATCH semantics (DESIGN decision 6) and the waker hook: absent is unchanged,
+Schedule PATCH semantics and the waker hook: absent is unchanged,
 ``{}`` / ``""`` clear, timing changes recompute ``next_fire_at`` from now and wake the
 daemon, other changes do not.
 """
@@ -52,7 +52,7 @@ async def test_patch_semantics_and_wakes(
     api: Api, woken: tuple[httpx.AsyncClient, RecordingWaker]
 ) -> None:
     """
-    Each PATCH form does what DESIGN decision 6 says; only timing changes, new
+    Each PATCH form does what the API documents; only timing changes, new
     wakeups and accepted events wake the daemon.
     """
     client, waker = woken

@@ -1,7 +1,7 @@
 """
 The official sonzai SDK (sync and async), unchanged, against the API served by uvicorn,
 on SQLite and PostgreSQL: every in-scope H method, plus the strict G / G* models as
-shape checks (CONTRACT 0).
+shape checks.
 """
 
 import asyncio

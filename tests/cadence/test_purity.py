@@ -1,4 +1,4 @@
-"""DESIGN invariant 1: the cadence engine is pure (no clock, no I/O, no storage or bus imports)."""
+"""The cadence engine is pure (no clock, no I/O, no storage or bus imports)."""
 
 import ast
 import subprocess

@@ -1,5 +1,5 @@
 """
-Fixtures for the channels tests (issue 6): the API in-process over ``engine`` (both
+Fixtures for the channels tests: the API in-process over ``engine`` (both
 databases) with two projects, settings that let webhooks reach 127.0.0.1, and a data
 folder for the secret key; and the provider stand-ins of ``tests/handlers/channels``.
 """

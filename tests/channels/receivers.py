@@ -1,6 +1,6 @@
 """
 Real receivers for channel deliveries: a webhook endpoint under uvicorn that keeps each
-request, and an aiosmtpd server that keeps each message (STYLE 7: real services).
+request, and an aiosmtpd server that keeps each message (real services, not mocks).
 """
 
 import asyncio

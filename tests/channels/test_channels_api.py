@@ -1,6 +1,6 @@
 """
 Notification channel input rules over HTTP (in-process, both databases): every bad
-write is 400 with a code naming the field and stores nothing (DESIGN invariant 5), and
+write is 400 with a code naming the field and stores nothing, and
 another project's channels stay invisible (invariant 6).
 """
 

@@ -1,6 +1,6 @@
 """
 Notification channels through the official sonzai SDK (sync and async, H and G*), on
-SQLite and PostgreSQL, against the API under uvicorn (CONTRACT section 8): strict
+SQLite and PostgreSQL, against the API under uvicorn: strict
 shapes, composio refused, secrets masked, ``events`` and ``filter`` honoured on deliver,
 webhooks signed (verified with the ``standardwebhooks`` library) and email received by
 a real SMTP server.

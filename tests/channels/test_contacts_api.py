@@ -1,5 +1,5 @@
 """
-Contacts, channel preferences and channel attempts over HTTP (DESIGN decision 14), on
+Contacts, channel preferences and channel attempts over HTTP, on
 SQLite and PostgreSQL: bad input is 400 with a code naming the field and writes nothing.
 """
 

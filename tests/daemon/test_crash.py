@@ -1,7 +1,7 @@
 """
 Crash: SIGKILL a ``delivery run`` process (embedded SQLite + its own nats-server) in the
 middle of a burst of due fires, restart it on the same data, and check that every fire
-has exactly one notification (DESIGN invariants 2 and 3).
+has exactly one notification: no fire is lost, none produces two.
 """
 
 import asyncio

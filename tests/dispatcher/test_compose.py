@@ -1,4 +1,4 @@
-"""Intent blocks, golden: exactly the seeds' text, and the wakeup / event variants."""
+"""Intent blocks, golden: exactly the documented text, and the wakeup / event variants."""
 
 from datetime import UTC, datetime
 
@@ -8,7 +8,7 @@ from delivery.dispatcher.compose import event_block, schedule_block, wakeup_bloc
 from delivery.dispatcher.composers import TemplateComposer
 from delivery.domain import IntentBlock, InventoryItem, SourceKind
 
-# seeds/001 "Scheduled Reminders", verbatim (the seed page lost its line breaks).
+# The documented "Scheduled Reminders" block, verbatim (its page lost its line breaks).
 SEED_BLOCK = (
     "[PROACTIVE WAKEUP — SCHEDULED REMINDER]Why you're reaching out: check in on how the user "
     "is feelingScheduled fire time (user's local): 2026-05-02T09:00:00+08:00Reference item "
@@ -22,7 +22,7 @@ VITAMIN_D = InventoryItem(
 
 
 def test_schedule_block_is_the_seed_block() -> None:
-    """With an item and metadata, the block's lines joined are the seeds' text byte for byte."""
+    """With an item and metadata, the block's lines joined are the documented text byte for byte."""
     block = schedule_block(
         intent="check in on how the user is feeling",
         check_type="reminder",
@@ -42,7 +42,7 @@ def test_schedule_block_is_the_seed_block() -> None:
 
 
 def test_schedule_block_without_item_or_metadata() -> None:
-    """No item and no metadata: both optional sections are omitted (seeds: "present only if")."""
+    """No item and no metadata: both optional sections are omitted ("present only if")."""
     block = schedule_block(
         intent="check in on how the user is feeling",
         check_type="reminder",

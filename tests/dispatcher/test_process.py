@@ -32,7 +32,7 @@ def processor(engine: AsyncEngine, composer: Composer | None = None) -> Processo
 
 
 async def test_schedule_fire_makes_one_notification_with_payload(engine: AsyncEngine) -> None:
-    """A fire becomes one pending notification whose payload is DESIGN decision 3's shape."""
+    """A fire becomes one pending notification with the webhook payload's shape."""
     await rows.project(engine)
     await rows.item(engine)
     await rows.schedule(
@@ -156,7 +156,7 @@ async def test_wakeup_executes_once(engine: AsyncEngine) -> None:
 
 
 async def test_cancelled_wakeup_produces_nothing(engine: AsyncEngine) -> None:
-    """A cancelled wakeup stays cancelled and produces no notification (seeds: immutable)."""
+    """A cancelled wakeup stays cancelled and produces no notification (a cancel is final)."""
     await rows.project(engine)
     await rows.wakeup(engine, status="cancelled", cancelled_at=NOW)
 

@@ -35,7 +35,7 @@ STATUS_TABLE = [
 
 @pytest.mark.parametrize(("status", "kind"), STATUS_TABLE, ids=[str(s) for s, _ in STATUS_TABLE])
 def test_status_table(status: int, kind: type) -> None:
-    """2xx is delivered; every other status except 410 is retried (issue 5, as Svix does)."""
+    """2xx is delivered; every other status except 410 is retried (as Svix does)."""
     outcome = classify_status(status)
     assert isinstance(outcome, kind)
     assert outcome.status_code == status

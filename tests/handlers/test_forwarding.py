@@ -1,5 +1,5 @@
 """
-ChannelForwarder behind the real receiver router (issue 6, "a tenant who runs only the
+ChannelForwarder behind the real receiver router ("a tenant who runs only the
 receiver gets push / email / SMS").
 
 Everything on the wire is real: signed requests to a uvicorn-served receiver, an aiosmtpd
@@ -226,7 +226,7 @@ def receiver_url(
 
 
 def event_body(event_id: str = "evt_01JD0000000000000000000001", **extra: Any) -> bytes:
-    """A DESIGN decision 3 payload, as the sender serialises it."""
+    """A notification payload, as the sender serialises it."""
     payload = {
         "event_id": event_id,
         "event_type": "delivery.notification.created",

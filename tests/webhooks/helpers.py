@@ -30,7 +30,7 @@ def webhook_settings(**overrides: Any) -> Settings:
 def notification_row(
     project_id: str, n: int, at: datetime, *, event_type: str = EVENT
 ) -> dict[str, Any]:
-    """A pending notification whose payload is the DESIGN decision 3 shape."""
+    """A pending notification with the webhook payload's shape."""
     nid = f"msg_{project_id[-6:]}_{n}"
     created = at + timedelta(seconds=n)
     payload = {

@@ -1,5 +1,5 @@
 """
-Kill the handlers process mid-retry (DESIGN invariant 3): a subprocess running the webhook
+Kill the handlers process mid-retry: a subprocess running the webhook
 worker is SIGKILLed while some deliveries wait for their retry and others are in flight;
 after a restart on the same database every message is delivered at least once, always
 with the same event id (``webhook-id``).

@@ -1,7 +1,7 @@
 """
 The official sonzai SDK's ``client.webhooks`` (sync and async) against the API under
 uvicorn, on SQLite and PostgreSQL, with the strict generated models as shape checks
-(CONTRACT 7: no ``signing_secret`` on re-registration, attempts parsed ``extra='forbid'``).
+(no ``signing_secret`` on re-registration, attempts parsed ``extra='forbid'``).
 """
 
 import asyncio
@@ -99,7 +99,7 @@ def test_sync_sdk_webhook_lifecycle(database_url: str) -> None:
 
         assert client.webhooks.delete(EVENT).success
         assert client.webhooks.list().webhooks == []
-        # The attempts outlive the endpoint (issue 5: dead letters stay visible).
+        # The attempts outlive the endpoint (dead letters stay visible).
         assert len(client.webhooks.list_delivery_attempts(EVENT).to_list()) == 5
         assert client.webhooks.delete(EVENT).success  # idempotent: 204
         with pytest.raises(sonzai.NotFoundError):

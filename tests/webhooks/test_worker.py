@@ -146,7 +146,7 @@ async def test_dead_letter_after_the_last_attempt(rig: Rig) -> None:
 
 
 async def test_a_message_consumed_by_polling_is_not_sent(rig: Rig) -> None:
-    """DESIGN decision 4: consumed first by polling -> the delivery is skipped, nothing sent."""
+    """Consumed first by polling -> the delivery is skipped, nothing sent."""
     receiver, url = rig.receiver(Reply(200))
     await rig.register(url)
     worker = rig.worker()

@@ -1,4 +1,4 @@
-"""Advance-time core on SQLite and PostgreSQL: the seeds' example, order, determinism."""
+"""Advance-time core on SQLite and PostgreSQL: the documented example, order, determinism."""
 
 import asyncio
 import json
@@ -64,7 +64,7 @@ async def advance(
 
 
 async def test_seed_example_two_daily_fires_in_48_hours(engine: AsyncEngine) -> None:
-    """seeds/001: a daily 09:00 UTC schedule, advance 48 hours -> exactly two fires."""
+    """The documented example: a daily 09:00 UTC schedule, advance 48 hours -> exactly two fires."""
     await seed(engine)
 
     body = await advance(engine, 48)

@@ -1,6 +1,6 @@
 """
 Advance-time through the official sonzai SDK (sync and ``run_async`` + job polling),
-against the API served by uvicorn, on SQLite and PostgreSQL (CONTRACT section 9).
+against the API served by uvicorn, on SQLite and PostgreSQL.
 """
 
 import asyncio
@@ -20,7 +20,7 @@ A, U = "agent_abc", "user_123"
 
 
 def test_sync_advance_fires_the_seed_example(database_url: str) -> None:
-    """seeds/001 verbatim: a daily 09:00 UTC reminder, advance 48 hours -> two fires."""
+    """The documented example: a daily 09:00 UTC reminder, advance 48 hours -> two fires."""
     with (
         serve_api(database_url, ManualClock(START)) as served,
         sonzai.Sonzai(api_key=served.keys["alpha"], base_url=served.base_url) as client,

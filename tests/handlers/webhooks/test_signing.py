@@ -1,4 +1,4 @@
-"""Webhook signing and verification: hand-computed vectors, the seeds, standardwebhooks."""
+"""Webhook signing and verification: fixed vectors, the documented verifier, standardwebhooks."""
 
 import base64
 import hashlib
@@ -40,7 +40,7 @@ BODY = '{"event_id":"evt_1","generated_message":"Hi ✨ there"}'.encode()
 
 
 def seed_verify(raw_body: str, signature_header: str, secret: str) -> bool:
-    """A line-by-line port of the seeds/001 TypeScript `verifyWebhookSignature` sample."""
+    """A line-by-line port of the documented TypeScript `verifyWebhookSignature` sample."""
     key = secret[6:] if secret.startswith("whsec_") else secret
     parts = dict(p.split("=") for p in signature_header.split(","))  # Object.fromEntries
     timestamp, received = parts.get("t"), parts.get("v1")
@@ -77,13 +77,13 @@ def test_sonzai_signature_matches_hand_computed_hmac() -> None:
 
 
 def test_seed_sample_verifier_accepts_our_header() -> None:
-    """The seeds' own verification sample accepts what we send."""
+    """The documented verification sample accepts what we send."""
     header = sign(BODY, msg_id="evt_1", secrets=[NEW], now=T0)["Sonzai-Signature"]
     assert seed_verify(BODY.decode(), header, NEW)
 
 
 def test_seed_sample_verifier_sees_current_secret_during_rotation() -> None:
-    """With two secrets the seeds' last-v1-wins parser still verifies with the current one."""
+    """With two secrets the documented last-v1-wins parser still verifies with the current one."""
     header = sign(BODY, msg_id="evt_1", secrets=[NEW, OLD], now=T0)["Sonzai-Signature"]
     assert header.count("v1=") == 2
     assert seed_verify(BODY.decode(), header, NEW)
@@ -98,7 +98,7 @@ def test_seed_sample_verifier_alternates_secrets_across_retries(
     attempt: int, verifies: str
 ) -> None:
     """
-    During the overlap the last v1 (the one the seeds' sample keeps) is the new
+    During the overlap the last v1 (the one the documented sample keeps) is the new
     secret's on odd attempts and the old one's on retries, so a receiver holding either
     verifies within two attempts; the header always carries both.
     """

@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from delivery.store.engine import Engine, is_sqlite, read_connection, write_transaction
+from delivery.store.engine import Capabilities, Engine, read_connection, write_transaction
 
 
 def new_id(prefix: str) -> str:
@@ -123,13 +123,15 @@ class StoreBase:
             opens a transaction for a SELECT anyway.
 
     Attributes:
+        capabilities: what the database can do, decided once (as every store asks).
         single_writer: True on SQLite, where one process writes the file: a
             claim left at start-up is stale, and nothing is skipped while locked.
     """
 
     def __init__(self, engine: Engine, *, autocommit_reads: bool = True) -> None:
         self.engine = engine
-        self.single_writer = is_sqlite(str(engine.url))
+        self.capabilities = Capabilities.of(engine)
+        self.single_writer = self.capabilities.single_writer
         self._reader = (
             engine.execution_options(isolation_level="AUTOCOMMIT")
             if autocommit_reads and not self.single_writer

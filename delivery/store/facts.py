@@ -11,7 +11,6 @@ from typing import Final, Protocol
 from sqlalchemy import select
 
 from delivery.store.common import StoreBase, insert_ignoring_duplicates
-from delivery.store.engine import Capabilities, Engine
 from delivery.store.tables import FACTS
 
 SCHEDULER_SEEN: Final = "scheduler_seen"
@@ -39,10 +38,6 @@ class Facts(Protocol):
 class FactStore(StoreBase):
     """:class:`Facts` on SQLite and PostgreSQL."""
 
-    def __init__(self, engine: Engine) -> None:
-        super().__init__(engine)
-        self._caps = Capabilities.of(engine)
-
     async def claim(self, name: str, value: str, now: datetime) -> str:
         """Store ``value`` under ``name`` unless one is there; the value in force."""
         async with self.write() as conn:
@@ -54,7 +49,7 @@ class FactStore(StoreBase):
     async def put(self, name: str, value: str, now: datetime) -> None:
         """Store ``value`` under ``name``, replacing any, stamped ``now``."""
         stmt = (
-            self._caps.insert(FACTS)
+            self.capabilities.insert(FACTS)
             .values(name=name, value=value, updated_at=now)
             .on_conflict_do_update(
                 index_elements=["name"], set_={"value": value, "updated_at": now}

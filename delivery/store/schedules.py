@@ -333,7 +333,7 @@ class ScheduleStore(StoreBase):
     ) -> None:
         super().__init__(engine)
         self.subjects = subjects
-        self._caps = capabilities or Capabilities.of(engine)
+        self._caps = capabilities or self.capabilities
         # One call to SQLite's driver thread per operation (delivery.store.steps).
         self._runner = Runner(engine, reader=self._reader)
         self._insert_fires = insert_ignoring(

@@ -31,7 +31,7 @@ from sqlalchemy import Boolean, Table
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from delivery.store.engine import joined_unit, writer_lock
+from delivery.store.engine import CLEAN_CHECKIN, joined_unit, writer_lock
 from delivery.store.types import UTCDateTime
 
 MAX_VARIABLES = 900
@@ -154,7 +154,24 @@ async def read[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) ->
     if unit is not None and unit.began:
         return await on_driver_thread(await unit.connection(), fn)
     async with engine.connect() as conn:
-        return await on_driver_thread(conn, fn)
+        return await _alone(conn, fn)
+
+
+async def _alone[T](conn: AsyncConnection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """
+    ``fn`` on a connection checked out for it alone, which is then returned to the
+    pool without the reset round trip when ``fn`` left no transaction open (the pool
+    still rolls back one that did; see :data:`~delivery.store.engine.CLEAN_CHECKIN`).
+    """
+    raw = await conn.get_raw_connection()
+    result, open_transaction = await on_driver_thread(conn, partial(_and_state, fn))
+    if not open_transaction:
+        raw.info[CLEAN_CHECKIN] = True
+    return result
+
+
+def _and_state[T](fn: Callable[[sqlite3.Connection], T], db: sqlite3.Connection) -> tuple[T, bool]:
+    return fn(db), db.in_transaction
 
 
 async def write[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -184,7 +201,7 @@ async def write[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) -
     try:
         async with engine.connect() as conn:
             try:
-                return await on_driver_thread(conn, partial(_in_transaction, fn))
+                return await _alone(conn, partial(_in_transaction, fn))
             finally:
                 # Before the pool resets the connection (another round trip).
                 lock.release()

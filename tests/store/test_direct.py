@@ -203,3 +203,43 @@ async def test_only_the_table_s_own_column_names_reach_the_sql(sqlite: AsyncEngi
             sqlite,
             lambda db: direct.update_in(db, SCHEDULES, "id", ["x"], {"enabled = 0, id": 1}),
         )
+
+
+async def test_a_connection_left_in_a_transaction_is_rolled_back_on_return(
+    sqlite: AsyncEngine,
+) -> None:
+    # A function that leaves a write open (misuse of read) must not hand its
+    # transaction, and the file's write lock, to the connection's next user.
+    def insert_without_commit(db: Any) -> None:
+        db.execute("INSERT INTO projects (id, name, created_at) VALUES ('prj2', 'q', 'x')")
+
+    await direct.read(sqlite, insert_without_commit)
+    for _ in range(6):  # every pooled connection has been returned at least once
+        state = await direct.read(sqlite, lambda db: db.in_transaction)
+        assert state is False
+    async with sqlite.connect() as conn:
+        found = (await conn.execute(text("SELECT count(*) FROM projects"))).scalar()
+    assert found == 1
+    # The file's write lock went with the rollback: a write goes through at once.
+    await direct.write(sqlite, lambda db: db.execute("DELETE FROM projects WHERE id = 'prj'"))
+
+
+async def test_a_clean_return_skips_the_reset_only_once(sqlite: AsyncEngine) -> None:
+    from delivery.store.engine import CLEAN_CHECKIN
+
+    await direct.read(sqlite, lambda db: None)
+    pool: Any = sqlite.sync_engine.pool
+    async with sqlite.connect() as conn:
+        raw = await conn.get_raw_connection()
+        # The mark of the previous return is gone once the connection is out again.
+        assert CLEAN_CHECKIN not in raw.info
+        # An open SQLAlchemy-less transaction, then an ordinary return: rolled back.
+        await direct.on_driver_thread(
+            conn, lambda db: db.execute("INSERT INTO projects VALUES ('prj3', 'r', 'x')")
+        )
+    assert pool.checkedout() == 0
+    assert await direct.read(sqlite, lambda db: db.in_transaction) is False
+    count = await direct.read(
+        sqlite, lambda db: db.execute("SELECT count(*) FROM projects").fetchone()[0]
+    )
+    assert count == 1

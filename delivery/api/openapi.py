@@ -14,8 +14,18 @@ the tests).
 import re
 from typing import Any, Final
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
+
+DOCS = "/docs"
+DOCS_OAUTH_REDIRECT = "/docs/oauth2-redirect"
+DOCS_ASSETS = "/docs/assets"
+DOCS_PAGES: Final = (DOCS, DOCS_OAUTH_REDIRECT)
+"""The Swagger pages (guarded by the operator token like the document itself)."""
 
 ERROR_SCHEMA: Final[dict[str, Any]] = {
     "title": "Error",
@@ -210,3 +220,28 @@ def install_openapi(app: FastAPI) -> None:
         return cache
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def install_offline_docs(app: FastAPI) -> None:
+    """
+    Swagger UI at ``/docs`` with its script and stylesheet served from the
+    ``swagger-ui-bundle`` package under ``/docs/assets``, not a CDN: the page works on
+    a machine without internet access.
+    """
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="swagger-assets")
+
+    async def docs(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=DOCS_OAUTH_REDIRECT,
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
+
+    async def oauth_redirect(request: Request) -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    app.add_route(DOCS, docs, include_in_schema=False)
+    app.add_route(DOCS_OAUTH_REDIRECT, oauth_redirect, include_in_schema=False)

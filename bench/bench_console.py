@@ -32,9 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from pydantic import SecretStr
-from sqlalchemy.engine import make_url
-
 from bench_timeline import (
     AGENT,
     PG_ADMIN_URL,
@@ -45,6 +42,9 @@ from bench_timeline import (
     _story,
     _wait_ready,
 )
+from pydantic import SecretStr
+from sqlalchemy.engine import make_url
+
 from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.store.engine import create_engine
@@ -53,7 +53,7 @@ from delivery.store.sql import SqlStore
 from delivery.store.tables import ENDPOINTS, SCHEDULES
 
 TARGET_P99_MS = 100.0
-SECRET = "bench-console-key"
+SECRET = "bench-console-key"  # noqa: S105 - the benchmark's throwaway at-rest key
 EVENT = "on_recurring_event_due"
 OTHER_USERS = 1000
 PER_USER = 10
@@ -61,28 +61,26 @@ PER_USER = 10
 
 def _schedules(project: str) -> list[dict[str, Any]]:
     """9,999 schedules of other users: with the user's own, 10,000 in the project."""
-    rows = []
-    for n in range(OTHER_USERS * PER_USER - 1):
-        rows.append(
-            {
-                "id": f"sch_other_{n:06d}",
-                "project_id": project,
-                "agent_id": AGENT,
-                "user_id": f"other-{n // PER_USER:04d}",
-                "cadence_type": "simple",
-                "cadence_json": '{"simple":{"frequency":"daily","times":["09:00"]}}',
-                "timezone": "America/New_York",
-                "active_window_json": None,
-                "intent": "check in",
-                "check_type": f"routine_{n % PER_USER}",
-                "anchor_at": START,
-                "next_fire_at": START + timedelta(days=1, minutes=n % 600),
-                "version": 1,
-                "created_at": START,
-                "updated_at": START,
-            }
-        )
-    return rows
+    return [
+        {
+            "id": f"sch_other_{n:06d}",
+            "project_id": project,
+            "agent_id": AGENT,
+            "user_id": f"other-{n // PER_USER:04d}",
+            "cadence_type": "simple",
+            "cadence_json": '{"simple":{"frequency":"daily","times":["09:00"]}}',
+            "timezone": "America/New_York",
+            "active_window_json": None,
+            "intent": "check in",
+            "check_type": f"routine_{n % PER_USER}",
+            "anchor_at": START,
+            "next_fire_at": START + timedelta(days=1, minutes=n % 600),
+            "version": 1,
+            "created_at": START,
+            "updated_at": START,
+        }
+        for n in range(OTHER_USERS * PER_USER - 1)
+    ]
 
 
 async def _seed(url: str) -> str:

@@ -6,8 +6,8 @@ Middleware, outermost first: request context (request id, access log, metrics, s
 ``DELIVERY_OPS_TOKEN`` is set) -> body limit (the body read whole, bounded in size
 and time: 413 / 408) -> authentication (401 before anything parses the body) ->
 ``Idempotency-Key`` -> routes. The operator console (:mod:`delivery.console`) is served
-at ``/console`` beside them, and ``/docs`` with Swagger UI's assets from the
-``swagger-ui-bundle`` package, so both work offline.
+at ``/console`` beside them, and ``/docs`` and ``/redoc`` with their assets from the
+``fastapi-offline`` package, so all of them work offline.
 The app does not own the store's engine: whoever built it disposes of it.
 """
 
@@ -108,8 +108,9 @@ def create_app(
         title="sonzai-delivery",
         version=__version__,
         description="Proactive delivery: schedules, wakeups, trigger events, notifications.",
-        # Served by install_offline_docs instead: the same page with local assets.
+        # Served by install_offline_docs instead: the same pages with local assets.
         docs_url=None,
+        redoc_url=None,
     )
     # Built once here and handed to every route through the context: the secret box
     # (lazily: it may create the key file), and the stores over the app's engine.
@@ -174,5 +175,5 @@ def create_app(
 
 def ops_paths(app: FastAPI) -> frozenset[str]:
     """The operator endpoints ``DELIVERY_OPS_TOKEN`` guards: metrics and the OpenAPI pages."""
-    pages = (app.openapi_url, app.redoc_url, *DOCS_PAGES)
+    pages = (app.openapi_url, *DOCS_PAGES)
     return frozenset({"/metrics", *(page for page in pages if page)})

@@ -554,8 +554,12 @@ async def resend(request: Request, event_type: str) -> Response:
         done = await ctx.webhooks.resend(
             viewer.project_id, event_type, form.get("id", ""), now=ctx.clock.now()
         )
-    except (EndpointMissingError, EndpointDisabledError):
+    except EndpointMissingError:
         raise ConsoleNotFound from None
+    except EndpointDisabledError:
+        return await _webhook_error(
+            request, viewer, event_type, "The endpoint is disabled: register it again first."
+        )
     if done is None:
         raise ConsoleNotFound
     _log.info("console.resend", project_id=viewer.project_id, delivery_id=done.delivery_id)

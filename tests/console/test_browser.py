@@ -7,7 +7,7 @@ wide: nothing overflows sideways.
 
 from datetime import timedelta
 
-from playwright.async_api import expect
+from playwright.async_api import Route, expect
 
 from delivery.store.webhooks import NewNotification
 from handlers.webhooks.worker import WebhookWorker
@@ -87,3 +87,23 @@ async def test_operator_journey_in_chromium(rig: Rig, http_server: ServeApp) -> 
                 assert width <= 360, (path, width)
     finally:
         await worker.stop()
+
+
+async def test_swagger_docs_render_with_no_network(rig: Rig) -> None:
+    """/docs renders the API in Chromium with every request off the machine refused."""
+    async with serving(rig.app) as base, chromium() as browser:
+        page = await browser.new_page()
+        outside: list[str] = []
+
+        async def local_only(route: Route) -> None:
+            if route.request.url.startswith(base):
+                await route.continue_()
+            else:
+                outside.append(route.request.url)
+                await route.abort()
+
+        await page.route("**/*", local_only)
+        await page.goto(base + "/docs")
+        await expect(page.locator(".swagger-ui .info .title")).to_contain_text("sonzai-delivery")
+        await expect(page.locator(".opblock-tag-section").first).to_be_visible()
+        assert outside == []

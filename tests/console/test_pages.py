@@ -260,6 +260,11 @@ async def test_docs_assets_are_served_locally(rig: Rig) -> None:
         assert len(js.content) > 100_000
         css = await browser.get("/docs/assets/swagger-ui.css")
         assert css.status_code == 200
+        redoc = await browser.get("/redoc")
+        assert redoc.status_code == 200
+        assert "/docs/assets/redoc.standalone.js" in redoc.text
+        assert "cdn" not in redoc.text.lower()
+        assert "fonts.googleapis" not in redoc.text
 
 
 def test_cadence_in_words() -> None:

@@ -60,6 +60,10 @@ ATTEMPTS_SHOWN = 50
 EXCERPT = 400
 """Characters of a request or response body shown per attempt."""
 NEXT_FIRES = 10
+CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 
 _log = structlog.get_logger(__name__)
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
@@ -136,6 +140,11 @@ def _render(
     )
     response = HTMLResponse(body, status_code=status)
     response.headers["Cache-Control"] = "no-store"
+    # Only our own stylesheet, no script, never inside another site's frame (the
+    # buttons write), forms only back to us.
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "same-origin"
     return response
 
 

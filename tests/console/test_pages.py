@@ -6,6 +6,7 @@ page says.
 
 from datetime import UTC, datetime, timedelta
 
+from delivery import metrics
 from delivery.console.figures import read_figures
 from delivery.console.words import cadence_words, local_fires
 from delivery.store.webhooks import NewNotification
@@ -57,6 +58,7 @@ async def test_sign_in_cookie_is_strict_httponly_and_sealed(rig: Rig) -> None:
         assert rig.keys["alpha"] not in cookie
         page = await browser.get("/console/users")
         assert page.status_code == 200
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
         assert rig.projects["alpha"] in page.text
         assert rig.keys["alpha"] not in page.text
         # A revoked key ends the session at once (no cache in this app: ttl from settings).
@@ -245,7 +247,10 @@ async def test_health_reads_the_ready_checks_and_metrics(rig: Rig) -> None:
         page = await browser.get("/console/health")
         assert page.status_code == 200
         assert "database" in page.text
-        assert "Fires in the last hour" in page.text
+        assert '<dd id="fires-hour">0 ' in page.text
+        metrics.SCHEDULER_FIRES.labels("fired").inc(5)  # what a scheduler pass adds
+        again = await browser.get("/console/health")
+        assert '<dd id="fires-hour">5 ' in again.text
 
 
 async def test_docs_assets_are_served_locally(rig: Rig) -> None:

@@ -51,6 +51,7 @@ async def test_operator_journey_in_chromium(rig: Rig, http_server: ServeApp) -> 
             await expect(skipped).to_contain_text("reason: outside_active_window")
 
             await page.get_by_role("link", name="reminder").click()
+            schedule_path = page.url.removeprefix(base)
             await expect(page.locator("#next-fire-at")).to_have_text("2026-05-04T07:30:00Z")
             await expect(page.locator(".words")).to_have_text(
                 "every weekday at 03:00 and 08:30 in Europe/London, 07:00-21:00"

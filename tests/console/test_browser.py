@@ -78,7 +78,10 @@ async def test_operator_journey_in_chromium(rig: Rig, http_server: ServeApp) -> 
             narrow = await browser.new_page(viewport={"width": 360, "height": 740})
             await narrow.context.add_cookies(await page.context.cookies())
             for path in (
+                "/console/users?agent=agent_&user=user_",
                 f"/console/users/{A}/{U}",
+                schedule_path,
+                "/console/webhooks",
                 f"/console/webhooks/{EVENT}",
                 "/console/health",
             ):

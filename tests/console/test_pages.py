@@ -61,7 +61,7 @@ async def test_sign_in_cookie_is_strict_httponly_and_sealed(rig: Rig) -> None:
         assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
         assert rig.projects["alpha"] in page.text
         assert rig.keys["alpha"] not in page.text
-        # A revoked key ends the session at once (no cache in this app: ttl from settings).
+        # Signing out drops the cookie: the next page asks to sign in again.
         signed_out = await browser.post("/console/sign-out", data={"csrf": csrf_of(page.text)})
         assert signed_out.status_code == 303
         assert (await browser.get("/console/users")).status_code == 303

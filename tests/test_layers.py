@@ -58,6 +58,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "delivery.dispatcher",
             "delivery.workbench",
             "delivery.api",
+            "delivery.console",
             "handlers.webhooks",
             "handlers.ssrf",
             "handlers.contacts",

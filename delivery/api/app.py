@@ -5,7 +5,9 @@ Middleware, outermost first: request context (request id, access log, metrics, s
 -> the operator token on ``/metrics`` and the OpenAPI pages (only when
 ``DELIVERY_OPS_TOKEN`` is set) -> body limit (the body read whole, bounded in size
 and time: 413 / 408) -> authentication (401 before anything parses the body) ->
-``Idempotency-Key`` -> routes.
+``Idempotency-Key`` -> routes. The operator console (:mod:`delivery.console`) is served
+at ``/console`` beside them, and ``/docs`` and ``/redoc`` with their assets from the
+``fastapi-offline`` package, so all of them work offline.
 The app does not own the store's engine: whoever built it disposes of it.
 """
 
@@ -24,9 +26,10 @@ from delivery.api.errors import install_error_handlers
 from delivery.api.idempotency import IdempotencyMiddleware
 from delivery.api.limits import BodyLimitMiddleware
 from delivery.api.metrics import HttpMetrics, RequestContextMiddleware
-from delivery.api.openapi import install_openapi
+from delivery.api.openapi import DOCS_PAGES, install_offline_docs, install_openapi
 from delivery.api.routes import ROUTERS
 from delivery.clock import Clock
+from delivery.console import install_console
 from delivery.dispatcher.composers import SharedComposer
 from delivery.ops import Readiness, ScrapeGauges, database_checks, scheduler_check
 from delivery.secrets import LazySecretBox
@@ -105,12 +108,15 @@ def create_app(
         title="sonzai-delivery",
         version=__version__,
         description="Proactive delivery: schedules, wakeups, trigger events, notifications.",
+        # Served by install_offline_docs instead: the same pages with local assets.
+        docs_url=None,
+        redoc_url=None,
     )
     # Built once here and handed to every route through the context: the secret box
     # (lazily: it may create the key file), and the stores over the app's engine.
     secrets = LazySecretBox(settings)
     composer = SharedComposer(settings)
-    app.state.ctx = ApiContext(
+    app.state.ctx = ctx = ApiContext(
         settings=settings,
         store=store,
         clock=clock,
@@ -134,6 +140,13 @@ def create_app(
         app.include_router(router)
     install_error_handlers(app, ROUTERS)
     install_openapi(app)
+    install_offline_docs(app)
+    authenticator = Authenticator(
+        store,
+        clock,
+        ttl_s=settings.auth_cache_ttl_s if auth_cache_ttl_s is None else auth_cache_ttl_s,
+    )
+    install_console(app, ctx, authenticator)
     # add_middleware wraps: the last one added is the outermost.
     app.add_middleware(
         IdempotencyMiddleware,
@@ -142,14 +155,7 @@ def create_app(
         ttl=timedelta(seconds=settings.idempotency_ttl_s),
         secrets=secrets,
     )
-    app.add_middleware(
-        AuthMiddleware,
-        authenticator=Authenticator(
-            store,
-            clock,
-            ttl_s=settings.auth_cache_ttl_s if auth_cache_ttl_s is None else auth_cache_ttl_s,
-        ),
-    )
+    app.add_middleware(AuthMiddleware, authenticator=authenticator)
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
@@ -169,5 +175,5 @@ def create_app(
 
 def ops_paths(app: FastAPI) -> frozenset[str]:
     """The operator endpoints ``DELIVERY_OPS_TOKEN`` guards: metrics and the OpenAPI pages."""
-    pages = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    pages = (app.openapi_url, *DOCS_PAGES)
     return frozenset({"/metrics", *(page for page in pages if page)})

@@ -12,10 +12,28 @@ the tests).
 """
 
 import re
+from pathlib import Path
 from typing import Any, Final
 
-from fastapi import FastAPI
+import fastapi_offline
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+DOCS = "/docs"
+DOCS_OAUTH_REDIRECT = "/docs/oauth2-redirect"
+REDOC = "/redoc"
+DOCS_ASSETS = "/docs/assets"
+DOCS_PAGES: Final = (DOCS, DOCS_OAUTH_REDIRECT, REDOC)
+"""The documentation pages (guarded by the operator token like the document itself)."""
+ASSETS_DIR: Final = Path(fastapi_offline.__file__).parent / "static"
+"""Swagger UI 5 (OpenAPI 3.1) and ReDoc builds, shipped by the ``fastapi-offline`` package."""
 
 ERROR_SCHEMA: Final[dict[str, Any]] = {
     "title": "Error",
@@ -113,6 +131,7 @@ EXAMPLES: Final[dict[str, dict[str, Any]]] = {
     "AcknowledgeBody": {"notification_ids": ["ntf_3f9a0c2b7d1e4a5b6c7d8e9f"]},
     "AdvanceTimeBody": {"agent_id": "agent_abc", "user_id": "user_123", "simulated_hours": 48},
     "WebhookRegister": {"webhook_url": "https://example.com/hooks/delivery"},
+    "RecoverIn": {"since": "2026-12-01T00:00:00Z"},
     "ContactBody": {"kind": "email", "destination": "user@example.com"},
     "ContactPatch": {"opted_out": True},
     "PreferencesBody": {"preferences": {"reminder": ["fcm", "email"], "*": ["fcm"]}},
@@ -209,3 +228,38 @@ def install_openapi(app: FastAPI) -> None:
         return cache
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def install_offline_docs(app: FastAPI) -> None:
+    """
+    Swagger UI at ``/docs`` and ReDoc at ``/redoc`` with their scripts and stylesheet
+    served from the ``fastapi-offline`` package under ``/docs/assets``, not a CDN: the
+    pages work on a machine without internet access.
+    """
+    app.mount(DOCS_ASSETS, StaticFiles(directory=ASSETS_DIR), name="docs-assets")
+
+    async def docs(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=DOCS_OAUTH_REDIRECT,
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+        )
+
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    async def oauth_redirect(request: Request) -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    app.add_route(DOCS, docs, include_in_schema=False)
+    app.add_route(DOCS_OAUTH_REDIRECT, oauth_redirect, include_in_schema=False)
+    app.add_route(REDOC, redoc, include_in_schema=False)

@@ -61,7 +61,13 @@ async def serve_api(
         await bootstrap_key(settings, store, clock)
         app = create_app(settings, store, clock, waker)
         config = server_config(app, settings)
-        _log.info("serving the API", host=settings.host, port=settings.port, docs="/docs")
+        _log.info(
+            "serving the API",
+            host=settings.host,
+            port=settings.port,
+            docs="/docs",
+            console="/console",
+        )
         await uvicorn.Server(config).serve(sockets=[sock])
     finally:
         sock.close()

@@ -33,6 +33,7 @@ def _banner(settings: Settings, daemon: Daemon) -> None:
     lines = [f"delivery is running: {', '.join(sorted(daemon.parts))}"]
     if daemon.api_url:
         lines.append(f"  API        {daemon.api_url}  (OpenAPI docs at {daemon.api_url}/docs)")
+        lines.append(f"  console    {daemon.api_url}/console  (sign in with an API key)")
     if daemon.ops_url:
         lines.append(f"  ops        {daemon.ops_url}/health  /ready  /metrics")
     lines.append(f"  NATS       {daemon.nats_url}")

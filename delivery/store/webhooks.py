@@ -15,6 +15,10 @@ Queue contract (what :class:`WebhookStore` guarantees the worker):
   due again by itself.
 - :meth:`WebhookStore.record_attempt` writes the attempt and the delivery's next state
   in one transaction; on success it also consumes the notification.
+- :meth:`WebhookStore.resend` and :meth:`WebhookStore.recover` put finished
+  deliveries back in the queue (the same rows, so the worker records their attempts
+  like any other) and are idempotent: a delivery already pending is left alone, one
+  statement per step, each guarded by the status it changes.
 """
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -87,6 +91,10 @@ class ClaimedDelivery:
     endpoint_active: bool
     notification: RowMapping | None
     """The notification row; ``None`` if it no longer exists."""
+    round_start: int = 0
+    """The attempt count the current round began at: 0, or where a re-send started."""
+    force_send: bool = False
+    """An explicit re-send: sent even though the notification was consumed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +112,38 @@ class AttemptRecord:
     request_body: str | None
     response_body: str | None
     error_message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Requeued:
+    """
+    What :meth:`WebhookStore.resend` did: ``queued`` is False when the delivery was
+    already pending (a repeated call), so nothing was queued twice.
+    """
+
+    delivery_id: str
+    event_id: str
+    queued: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """What :meth:`WebhookStore.recover` queued: failed deliveries again, missing ones new."""
+
+    requeued: int
+    created: int
+
+
+class EndpointMissingError(LookupError):
+    """No endpoint is registered for the (project, event type)."""
+
+
+class EndpointDisabledError(RuntimeError):
+    """The endpoint is disabled; ``reason`` says why."""
+
+    def __init__(self, reason: str | None) -> None:
+        super().__init__(reason or "disabled")
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +440,8 @@ class WebhookStore(StoreBase):
                         d.event_type,
                         d.attempt_count,
                         d.notification_id,
+                        d.round_start,
+                        d.force_send,
                         e.url,
                         e.secret_enc,
                         e.previous_secret_enc,
@@ -439,6 +481,8 @@ class WebhookStore(StoreBase):
                 auth_header_enc=r.auth_header_enc,
                 endpoint_active=bool(r.is_active),
                 notification=notes.get(r.notification_id),
+                round_start=r.round_start,
+                force_send=bool(r.force_send),
             )
             for r in rows
         ]
@@ -561,6 +605,221 @@ class WebhookStore(StoreBase):
                 .values(next_attempt_at=now, claimed_by=None, updated_at=now)
             )
         return int(result.rowcount or 0)
+
+    # --- recovery (API) ------------------------------------------------------------
+
+    async def _endpoint(self, conn: Any, project_id: str, event_type: str) -> str:
+        e = ENDPOINTS.c
+        row = (
+            await conn.execute(
+                select(e.id, e.is_active, e.disabled_reason).where(
+                    *owned(ENDPOINTS, project_id), e.event_type == event_type
+                )
+            )
+        ).first()
+        if row is None:
+            raise EndpointMissingError(event_type)
+        if not row.is_active:
+            raise EndpointDisabledError(row.disabled_reason)
+        return str(row.id)
+
+    async def resend(
+        self, project_id: str, event_type: str, ident: str, *, now: datetime
+    ) -> Requeued | None:
+        """
+        Send one message to the (project, event type) endpoint again, through the queue.
+
+        ``ident`` is a delivery id, an ``attempt_id`` from the attempts list, or the
+        message's event id (the ``webhook-id`` the receiver saw, the notification id).
+        A finished delivery (delivered, dead or skipped) becomes pending now, with a
+        fresh retry round and ``force_send`` (a consumed message is sent anyway); a
+        pending one is left as it is (``queued`` False); an event id with no delivery
+        to this endpoint yet gets one. Returns ``None`` when ``ident`` names nothing of
+        this project and event type.
+
+        Raises:
+            EndpointMissingError: nothing is registered for the event type.
+            EndpointDisabledError: the endpoint is disabled.
+        """
+        d = DELIVERIES.c
+        a = ATTEMPTS.c
+        n = NOTIFICATIONS.c
+        async with self.write() as conn:
+            endpoint_id = await self._endpoint(conn, project_id, event_type)
+            mine = and_(d.project_id == project_id, d.endpoint_id == endpoint_id)
+            row = (
+                await conn.execute(
+                    select(d.id, d.event_id, d.status).where(
+                        mine,
+                        d.id.in_(
+                            select(a.delivery_id)
+                            .where(*owned(ATTEMPTS, project_id), a.id == ident)
+                            .scalar_subquery()
+                        )
+                        | (d.id == ident)
+                        | (d.event_id == ident),
+                    )
+                )
+            ).first()
+            if row is None:
+                note = (
+                    await conn.execute(
+                        select(n.id).where(
+                            *owned(NOTIFICATIONS, project_id),
+                            n.id == ident,
+                            n.event_type == event_type,
+                            n.status != "staged",
+                        )
+                    )
+                ).first()
+                if note is None:
+                    return None
+                delivery_id = new_id("whd")
+                inserted = await insert_ignoring_duplicates(
+                    conn,
+                    DELIVERIES,
+                    [
+                        self._new_delivery(
+                            delivery_id,
+                            project_id,
+                            endpoint_id,
+                            ident,
+                            event_type,
+                            now=now,
+                            force=True,
+                        )
+                    ],
+                    unique=["notification_id", "endpoint_id"],
+                )
+                if not inserted:
+                    # A concurrent call queued it first: report that delivery.
+                    delivery_id = (
+                        await conn.execute(select(d.id).where(mine, d.notification_id == ident))
+                    ).scalar_one()
+                return Requeued(delivery_id, ident, queued=bool(inserted))
+            if row.status == PENDING:
+                return Requeued(row.id, row.event_id, queued=False)
+            result = await conn.execute(
+                update(DELIVERIES)
+                .where(d.id == row.id, d.status != PENDING)
+                .values(
+                    status=PENDING,
+                    next_attempt_at=now,
+                    claimed_by=None,
+                    last_error=None,
+                    round_start=d.attempt_count,
+                    force_send=True,
+                    updated_at=now,
+                )
+            )
+        return Requeued(row.id, row.event_id, queued=bool(result.rowcount))
+
+    async def recover(
+        self, project_id: str, event_type: str, *, since: datetime, now: datetime
+    ) -> Recovered:
+        """
+        Queue again every message of the event type created at or after ``since`` that
+        the endpoint has not received and that is still pending (not consumed,
+        expired or staged): its failed (dead) deliveries restart with a fresh retry
+        round, and messages it never had a delivery for (created while it was
+        disabled or unregistered) get one. Delivered, skipped and pending deliveries are
+        left alone, so a repeated call queues nothing twice.
+
+        Raises:
+            EndpointMissingError: nothing is registered for the event type.
+            EndpointDisabledError: the endpoint is disabled.
+        """
+        d = DELIVERIES.c
+        n = NOTIFICATIONS.c
+        async with self.write() as conn:
+            endpoint_id = await self._endpoint(conn, project_id, event_type)
+            wanted = select(n.id).where(
+                *owned(NOTIFICATIONS, project_id),
+                n.event_type == event_type,
+                n.created_at >= since,
+                n.status == "pending",
+            )
+            result = await conn.execute(
+                update(DELIVERIES)
+                .where(
+                    d.endpoint_id == endpoint_id,
+                    d.status == DEAD,
+                    d.notification_id.in_(wanted.scalar_subquery()),
+                )
+                .values(
+                    status=PENDING,
+                    next_attempt_at=now,
+                    claimed_by=None,
+                    last_error=None,
+                    round_start=d.attempt_count,
+                    force_send=False,
+                    updated_at=now,
+                )
+            )
+            requeued = int(result.rowcount or 0)
+            missing = (
+                (
+                    await conn.execute(
+                        wanted.where(
+                            ~select(d.id)
+                            .where(d.notification_id == n.id, d.endpoint_id == endpoint_id)
+                            .exists()
+                        ).order_by(n.created_at)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            created = 0
+            if missing:
+                created = await insert_ignoring_duplicates(
+                    conn,
+                    DELIVERIES,
+                    [
+                        self._new_delivery(
+                            new_id("whd"),
+                            project_id,
+                            endpoint_id,
+                            note_id,
+                            event_type,
+                            now=now,
+                            force=False,
+                        )
+                        for note_id in missing
+                    ],
+                    unique=["notification_id", "endpoint_id"],
+                )
+        return Recovered(requeued=requeued, created=created)
+
+    @staticmethod
+    def _new_delivery(
+        delivery_id: str,
+        project_id: str,
+        endpoint_id: str,
+        notification_id: str,
+        event_type: str,
+        *,
+        now: datetime,
+        force: bool,
+    ) -> dict[str, Any]:
+        return {
+            "id": delivery_id,
+            "project_id": project_id,
+            "endpoint_id": endpoint_id,
+            "notification_id": notification_id,
+            "event_id": notification_id,
+            "event_type": event_type,
+            "status": PENDING,
+            "attempt_count": 0,
+            "next_attempt_at": now,
+            "claimed_by": None,
+            "last_error": None,
+            "delivered_at": None,
+            "created_at": now,
+            "updated_at": now,
+            "round_start": 0,
+            "force_send": force,
+        }
 
     async def deliveries(self, *, project_id: str | None = None) -> Sequence[RowMapping]:
         """Every delivery row (optionally one project's), oldest first: operators and tests."""

@@ -353,8 +353,10 @@ class WebhookWorker(QueueWorker):
         box, channel = await self._ensure_parts()
         now = self.clock.now()
         note = claimed.notification
-        if note is None or note["status"] != "pending":
-            # A message consumed by polling first is not sent.
+        forced = claimed.force_send and note is not None and note["status"] == "consumed"
+        if note is None or (note["status"] != "pending" and not forced):
+            # A message consumed by polling first is not sent, unless an operator asked
+            # for this re-send; an expired or missing one never is.
             status = "missing" if note is None else note["status"]
             reason = f"notification is {status}; not sent"
             await self.store.finish_without_attempt(
@@ -407,7 +409,13 @@ class WebhookWorker(QueueWorker):
             _message(claimed), endpoint, attempt_number=claimed.attempt_number
         )
         done_at = self.clock.now()
-        step = plan_next(delivery.outcome, claimed.attempt_number, now=done_at, rand=self._rand)
+        # A re-send starts a fresh retry round; attempt numbers keep rising on the wire.
+        step = plan_next(
+            delivery.outcome,
+            claimed.attempt_number - claimed.round_start,
+            now=done_at,
+            rand=self._rand,
+        )
         match step:
             case Done():
                 state = NextState(delivered=True)

@@ -344,12 +344,28 @@ async def update_schedule(
     ctx: Ctx,
 ) -> Response:
     """Change a schedule; absent fields stay, ``{}`` / ``""`` clear."""
+    row, now = await patch_schedule(ctx, project, agent_id, user_id, schedule_id, body)
+    return _json(schedule_out(row, now))
+
+
+async def patch_schedule(
+    ctx: ApiContext,
+    project: str,
+    agent_id: str,
+    user_id: str,
+    schedule_id: str,
+    body: SchedulePatch,
+) -> tuple[ScheduleRow, datetime]:
+    """
+    Apply a PATCH (the API's and the console's enable / disable): the schedule as
+    written and the instant of the write. Retried on a concurrent change, then 409.
+    """
     given = {k for k in body.model_fields_set if getattr(body, k) is not None}
     for _ in range(_PATCH_ATTEMPTS):
         row = await _get(ctx, project, agent_id, user_id, schedule_id)
         now = ctx.clock.now()
         if not given:
-            return _json(schedule_out(row, now))
+            return row, now
         changes, timing = _patched(row, body, given, now)
         if changes.get("inventory_item_id"):
             await _check_item(ctx, project, agent_id, user_id, changes["inventory_item_id"])
@@ -358,7 +374,7 @@ async def update_schedule(
         ):
             if timing:
                 ctx.wake()
-            return _json(schedule_out(row.model_copy(update=changes), now))
+            return row.model_copy(update=changes), now
     raise ConflictError(
         "schedule_id",
         f"schedule_id {schedule_id!r}: the schedule is being changed concurrently; retry",

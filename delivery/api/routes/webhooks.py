@@ -1,5 +1,5 @@
 """
-Webhook registration, listing, deletion, attempts and secret rotation,
+Webhook registration, listing, deletion, attempts, secret rotation and recovery,
 tenant-scoped (``/api/v1/webhooks``: the key's project) and
 project-scoped (``/api/v1/projects/{projectId}/webhooks``; another project's id is 404).
 
@@ -8,6 +8,12 @@ rotation, returned in that response only, and stored sealed (:mod:`delivery.secr
 ``auth_header`` is stored sealed and only ever shown masked.
 Destinations pass the SSRF check at registration (``handlers.ssrf.check_url``) and
 again at send time.
+
+Recovery (``POST …/{eventType}/recover`` with ``since``, ``POST
+…/{eventType}/resend/{id}``) puts messages back in the durable delivery queue the
+handlers' webhook worker sweeps, so every re-sent attempt is recorded as any other.
+Both are idempotent: what is already queued is not queued again (and an
+``Idempotency-Key`` replays the first answer).
 """
 
 from typing import Annotated, Any
@@ -21,9 +27,15 @@ from sqlalchemy.engine import RowMapping
 from delivery.api.auth import PathProject, ProjectId
 from delivery.api.context import ApiContext, Ctx, parse_limit, wire_time
 from delivery.api.schemas import ID_PATTERN, RequestModel, ResponseModel, Success
-from delivery.errors import InvalidRequestError, NotFoundError, UnsupportedEventTypeError
+from delivery.cadence import parse_instant
+from delivery.errors import (
+    InvalidRequestError,
+    InvalidStateError,
+    NotFoundError,
+    UnsupportedEventTypeError,
+)
 from delivery.secrets import SecretBox
-from delivery.store.webhooks import WebhookStore
+from delivery.store.webhooks import EndpointDisabledError, EndpointMissingError, WebhookStore
 from handlers.ssrf import MAX_URL_LENGTH, Resolver, check_url, parse_allow_nets
 from handlers.webhooks.sender import header_value_problem
 from handlers.webhooks.signing import generate_secret
@@ -100,6 +112,33 @@ class AttemptOut(ResponseModel):
     error_message: str | None = None
     request_body: str | None = None
     response_body: str | None = None
+
+
+class RecoverIn(RequestModel):
+    """``POST …/webhooks/{eventType}/recover`` body."""
+
+    since: str = Field(
+        min_length=1,
+        max_length=64,
+        description="RFC 3339 instant with an offset; messages created at or after it",
+    )
+
+
+class RecoverOut(ResponseModel):
+    """What a recovery queued: ``requeued`` failed deliveries, ``created`` missing ones."""
+
+    success: bool
+    requeued: int
+    created: int
+
+
+class ResendOut(ResponseModel):
+    """A re-send: ``queued`` False when the delivery was already waiting to be sent."""
+
+    success: bool
+    delivery_id: str
+    event_id: str
+    queued: bool
 
 
 class AttemptPageOut(ResponseModel):
@@ -249,6 +288,76 @@ async def _rotate(request: Request, ctx: ApiContext, project: str, event_type: s
     return JSONResponse({"success": True, "signing_secret": secret})
 
 
+def _recovery_error(event_type: str, exc: Exception) -> Exception:
+    if isinstance(exc, EndpointDisabledError):
+        return InvalidStateError(
+            "event_type",
+            f"event_type {event_type!r}: the endpoint is disabled ({exc.reason}); "
+            "register it again, then recover",
+        )
+    return _not_registered(event_type)
+
+
+async def _recover(ctx: ApiContext, project: str, event_type: str, body: RecoverIn) -> Response:
+    since = parse_instant(body.since, "since")
+    now = ctx.clock.now()
+    if since > now:
+        raise InvalidRequestError("since", f"since ({body.since}) is in the future")
+    try:
+        done = await _store(ctx).recover(project, event_type, since=since, now=now)
+    except (EndpointMissingError, EndpointDisabledError) as exc:
+        raise _recovery_error(event_type, exc) from None
+    _log.info(
+        "webhook.recovery_queued",
+        project_id=project,
+        event_type=event_type,
+        since=since.isoformat(),
+        requeued=done.requeued,
+        created=done.created,
+    )
+    return JSONResponse(
+        {"success": True, "requeued": done.requeued, "created": done.created}, status_code=202
+    )
+
+
+async def _resend(ctx: ApiContext, project: str, event_type: str, ident: str) -> Response:
+    try:
+        done = await _store(ctx).resend(project, event_type, ident, now=ctx.clock.now())
+    except (EndpointMissingError, EndpointDisabledError) as exc:
+        raise _recovery_error(event_type, exc) from None
+    if done is None:
+        raise NotFoundError(
+            "delivery_id",
+            f"delivery_id {ident!r}: no delivery, attempt or message of {event_type!r}",
+            resource="delivery",
+        )
+    _log.info(
+        "webhook.resend_queued",
+        project_id=project,
+        event_type=event_type,
+        delivery_id=done.delivery_id,
+        queued=done.queued,
+    )
+    return JSONResponse(
+        {
+            "success": True,
+            "delivery_id": done.delivery_id,
+            "event_id": done.event_id,
+            "queued": done.queued,
+        },
+        status_code=202,
+    )
+
+
+DeliveryRef = Annotated[
+    str,
+    Path(
+        pattern=ID_PATTERN,
+        description="A delivery id, an attempt_id from the attempts list, or the message's "
+        "event id (the webhook-id header the receiver saw).",
+    ),
+]
+
 # --- tenant-scoped: the key's project ---------------------------------------------------
 
 
@@ -352,3 +461,60 @@ async def rotate_project_secret(
 ) -> Response:
     """As the tenant-scoped rotate, for ``project_id``."""
     return await _rotate(request, ctx, project, event_type)
+
+
+# --- recovery ---------------------------------------------------------------------------
+
+
+@router.post(
+    TENANT + "/{event_type}/recover", status_code=202, responses={202: {"model": RecoverOut}}
+)
+async def recover_webhook(
+    event_type: EventType, body: RecoverIn, project: ProjectId, ctx: Ctx
+) -> Response:
+    """
+    Send again every message of ``event_type`` created at or after ``since`` that the
+    endpoint has not received and that is still pending: failed deliveries restart
+    their retry schedule, messages it never had (created while it was disabled or not
+    registered) are queued. Idempotent: queued or delivered messages are left alone.
+    404 when nothing is registered, 409 ``INVALID_STATE`` when the endpoint is disabled.
+    """
+    return await _recover(ctx, project, event_type, body)
+
+
+@router.post(
+    TENANT + "/{event_type}/resend/{delivery_id}",
+    status_code=202,
+    responses={202: {"model": ResendOut}},
+)
+async def resend_webhook(
+    event_type: EventType, delivery_id: DeliveryRef, project: ProjectId, ctx: Ctx
+) -> Response:
+    """
+    Send one message again (even one already delivered), through the retry queue.
+    Idempotent: a delivery still waiting to be sent is not queued twice
+    (``queued`` false). No body is read.
+    """
+    return await _resend(ctx, project, event_type, delivery_id)
+
+
+@router.post(
+    PROJECT + "/{event_type}/recover", status_code=202, responses={202: {"model": RecoverOut}}
+)
+async def recover_project_webhook(
+    event_type: EventType, body: RecoverIn, project: PathProject, ctx: Ctx
+) -> Response:
+    """As the tenant-scoped recover, for ``project_id``."""
+    return await _recover(ctx, project, event_type, body)
+
+
+@router.post(
+    PROJECT + "/{event_type}/resend/{delivery_id}",
+    status_code=202,
+    responses={202: {"model": ResendOut}},
+)
+async def resend_project_webhook(
+    event_type: EventType, delivery_id: DeliveryRef, project: PathProject, ctx: Ctx
+) -> Response:
+    """As the tenant-scoped resend, for ``project_id``."""
+    return await _resend(ctx, project, event_type, delivery_id)

@@ -232,6 +232,8 @@ class NotificationRow(SQLModel, table=True):
         Index("ix_notifications_queue", "project_id", "agent_id", "status", "created_at"),
         Index("ix_notifications_user", "project_id", "agent_id", "user_id", "status", "created_at"),
         Index("ix_notifications_project", "project_id", "ack_status", "created_at"),
+        # Webhook recovery: an event type's messages since an instant.
+        Index("ix_notifications_event_type", "project_id", "event_type", "created_at"),
         # The timeline reads one user's messages by instant, whatever their status,
         # and their consumptions by when they happened (and retention by that too).
         Index("ix_notifications_timeline", "project_id", "agent_id", "user_id", "created_at"),

@@ -9,7 +9,7 @@ so nothing about a retry lives in memory.
 
 from datetime import datetime
 
-from sqlalchemy import Index, Text, UniqueConstraint
+from sqlalchemy import Index, Text, UniqueConstraint, false, text
 from sqlmodel import Field, SQLModel
 
 from delivery.store.types import UTCDateTime
@@ -52,7 +52,11 @@ class WebhookDeliveryRow(SQLModel, table=True):
     ``status``: ``pending`` (due at ``next_attempt_at``), ``delivered`` (a 2xx),
     ``dead`` (the last attempt failed, a permanent failure, or the endpoint went
     away), ``skipped`` (the notification was consumed by polling first,
-    so it is not sent). While a worker sends, ``claimed_by`` names it and
+    so it is not sent). A re-send (:meth:`delivery.store.webhooks.WebhookStore.resend`,
+    ``recover``) makes a finished row ``pending`` again: ``round_start`` keeps the
+    attempt count the new round began at (the retry schedule restarts from it while
+    attempt numbers keep rising) and ``force_send`` sends a consumed message anyway.
+    While a worker sends, ``claimed_by`` names it and
     ``next_attempt_at`` holds the lease's end, so a killed worker's row becomes due
     again by itself. ``event_id`` is the notification id, sent as ``webhook-id`` on
     every attempt (the receiver's dedupe key).
@@ -81,6 +85,16 @@ class WebhookDeliveryRow(SQLModel, table=True):
     delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
+    round_start: int = Field(
+        default=0,
+        sa_column_kwargs={"server_default": text("0")},
+        description="attempt_count when the current round (a re-send) began",
+    )
+    force_send: bool = Field(
+        default=False,
+        sa_column_kwargs={"server_default": false()},
+        description="send even though the notification was consumed",
+    )
 
 
 class WebhookAttemptRow(SQLModel, table=True):

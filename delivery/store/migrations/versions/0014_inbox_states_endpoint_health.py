@@ -1,0 +1,38 @@
+"""inbox states, endpoint health and channel fallback
+
+Revision ID: 0014
+Revises: 0011
+Create Date: 2026-12-04
+
+Inbox states: ``notifications.seen_at`` / ``read_at`` / ``archived_at``, three
+independent flags kept as the instant each was set, beside the queue ``status``
+(which stays the one state polling and webhooks share). Nullable: every existing
+message is unseen, unread and not archived.
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+import delivery.store.types
+
+
+revision: str = '0014'
+down_revision: str | Sequence[str] | None = '0011'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('notifications') as batch:
+        batch.add_column(sa.Column('seen_at', delivery.store.types.UTCDateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column('read_at', delivery.store.types.UTCDateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column('archived_at', delivery.store.types.UTCDateTime(timezone=True), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('notifications') as batch:
+        batch.drop_column('archived_at')
+        batch.drop_column('read_at')
+        batch.drop_column('seen_at')

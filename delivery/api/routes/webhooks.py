@@ -19,7 +19,7 @@ from pydantic import Field
 from sqlalchemy.engine import RowMapping
 
 from delivery.api.auth import PathProject, ProjectId
-from delivery.api.context import ApiContext, Ctx, parse_limit, wire_time
+from delivery.api.context import ApiContext, Ctx, opt_time, parse_limit, wire_time
 from delivery.api.schemas import ID_PATTERN, RequestModel, ResponseModel, Success
 from delivery.errors import InvalidRequestError, NotFoundError, UnsupportedEventTypeError
 from delivery.secrets import SecretBox
@@ -83,6 +83,21 @@ class WebhookOut(ResponseModel):
 
 class WebhookList(ResponseModel):
     webhooks: list[WebhookOut]
+
+
+class WebhookEnabled(ResponseModel):
+    """
+    Enable response. When the endpoint had been disabled: when, why, and
+    ``recover_since``, the instant to recover from (the first failure of the
+    streak that disabled it, else the disable itself).
+    """
+
+    success: bool
+    was_disabled: bool
+    disabled_at: str | None = None
+    disabled_reason: str | None = None
+    failing_since: str | None = None
+    recover_since: str | None = None
 
 
 class AttemptOut(ResponseModel):
@@ -249,6 +264,28 @@ async def _rotate(request: Request, ctx: ApiContext, project: str, event_type: s
     return JSONResponse({"success": True, "signing_secret": secret})
 
 
+async def _enable(ctx: ApiContext, project: str, event_type: str) -> Response:
+    enabled = await _store(ctx).enable_endpoint(project, event_type, now=ctx.clock.now())
+    if enabled is None:
+        raise _not_registered(event_type)
+    out: dict[str, Any] = {"success": True, "was_disabled": enabled.was_disabled}
+    if enabled.was_disabled:
+        _log.info(
+            "webhook.enabled",
+            project_id=project,
+            event_type=event_type,
+            disabled_reason=enabled.disabled_reason,
+        )
+        found = {
+            "disabled_at": opt_time(enabled.disabled_at),
+            "disabled_reason": enabled.disabled_reason,
+            "failing_since": opt_time(enabled.failing_since),
+            "recover_since": opt_time(enabled.recover_since),
+        }
+        out |= {key: value for key, value in found.items() if value is not None}
+    return JSONResponse(out)
+
+
 # --- tenant-scoped: the key's project ---------------------------------------------------
 
 
@@ -304,6 +341,16 @@ async def rotate_secret(
     return await _rotate(request, ctx, project, event_type)
 
 
+@router.post(TENANT + "/{event_type}/enable", responses={200: {"model": WebhookEnabled}})
+async def enable_webhook(event_type: EventType, project: ProjectId, ctx: Ctx) -> Response:
+    """
+    Re-enable an endpoint disabled after failing (or a 410), keeping its URL and
+    secret; ``recover_since`` says from when to recover. Enabling an active one
+    changes nothing (``was_disabled`` false). No body is read.
+    """
+    return await _enable(ctx, project, event_type)
+
+
 # --- project-scoped ---------------------------------------------------------------------
 
 
@@ -352,3 +399,9 @@ async def rotate_project_secret(
 ) -> Response:
     """As the tenant-scoped rotate, for ``project_id``."""
     return await _rotate(request, ctx, project, event_type)
+
+
+@router.post(PROJECT + "/{event_type}/enable", responses={200: {"model": WebhookEnabled}})
+async def enable_project_webhook(event_type: EventType, project: PathProject, ctx: Ctx) -> Response:
+    """As the tenant-scoped enable, for ``project_id``."""
+    return await _enable(ctx, project, event_type)

@@ -8,6 +8,10 @@ Inbox states: ``notifications.seen_at`` / ``read_at`` / ``archived_at``, three
 independent flags kept as the instant each was set, beside the queue ``status``
 (which stays the one state polling and webhooks share). Nullable: every existing
 message is unseen, unread and not archived.
+
+Endpoint health: ``webhook_endpoints.failing_since`` (the first failure of the
+current streak, cleared by a 2xx) and ``disabled_at`` (when it was disabled, the
+instant a re-enable offers to recover from).
 """
 
 from collections.abc import Sequence
@@ -29,9 +33,15 @@ def upgrade() -> None:
         batch.add_column(sa.Column('seen_at', delivery.store.types.UTCDateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column('read_at', delivery.store.types.UTCDateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column('archived_at', delivery.store.types.UTCDateTime(timezone=True), nullable=True))
+    with op.batch_alter_table('webhook_endpoints') as batch:
+        batch.add_column(sa.Column('disabled_at', delivery.store.types.UTCDateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column('failing_since', delivery.store.types.UTCDateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('webhook_endpoints') as batch:
+        batch.drop_column('failing_since')
+        batch.drop_column('disabled_at')
     with op.batch_alter_table('notifications') as batch:
         batch.drop_column('archived_at')
         batch.drop_column('read_at')

@@ -192,6 +192,13 @@ class Settings(BaseSettings):
     sms_account_sid: str = ""
     sms_auth_token: SecretStr | None = None
     sms_from: str = ""
+    channel_fallback_after_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Send a message to one channel at a time, in the user's preference order, "
+        "moving on when a channel has not delivered it within this many seconds (0: every "
+        "channel at once).",
+    )
 
     @field_validator("otel_exporter")
     @classmethod

@@ -30,6 +30,7 @@ from delivery.store.sql import SqlStore
 from handlers.channels_worker import ChannelsWorker
 from handlers.retry import SCHEDULE
 from tests.api.notes import add_notifications, notification
+from tests.channels.conftest import Api
 from tests.handlers.channels.conftest import ACCOUNT_SID, AUTH_TOKEN, SMS_FROM, SmtpServer
 from tests.handlers.channels.standins import (
     FcmStandIn,
@@ -126,6 +127,7 @@ async def _decisions(store: ChannelStore, nid: str) -> list[tuple[str, str]]:
 
 async def test_push_then_email_never_sms(
     engine: AsyncEngine,
+    api: Api,
     project: str,
     store: ChannelStore,
     worker: ChannelsWorker,
@@ -187,6 +189,16 @@ async def test_push_then_email_never_sms(
     row = await store.get_fallback(nid)
     assert row is not None
     assert (row["status"], row["next_attempt_at"], row["claim"]) == ("delivered", None, None)
+    # The user timeline shows the fallback with its decisions beside the attempts.
+    assert api.projects["alpha"] == project
+    timeline = await api.alpha.get(f"/api/v1/agents/{A}/users/{U}/timeline")
+    assert timeline.status_code == 200, timeline.text
+    (event,) = [e for e in timeline.json()["events"] if e["kind"] == "channel.fallback"]
+    assert event["detail"]["status"] == "delivered"
+    assert event["detail"]["order"] == ["fcm", "email", "sms"]
+    assert "fcm -> email -> sms" in event["summary"]
+    assert "email sent it" in event["summary"]
+    assert [d["decision"] for d in event["detail"]["decisions"]][-2:] == ["fallback", "delivered"]
 
 
 async def test_first_channel_sends_so_no_other_does(

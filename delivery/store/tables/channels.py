@@ -155,7 +155,9 @@ class ChannelFallbackRow(SQLModel, table=True):
     __tablename__ = "channel_fallbacks"
     __table_args__ = (
         Index("ix_channel_fallbacks_due", "next_attempt_at"),
-        Index("ix_channel_fallbacks_owner", "project_id", "agent_id", "user_id", "created_at"),
+        Index("ix_channel_fallbacks_updated_at", "updated_at"),
+        # The user timeline reads a user's rows by their latest decision.
+        Index("ix_channel_fallbacks_owner", "project_id", "agent_id", "user_id", "updated_at"),
     )
 
     notification_id: str = Field(primary_key=True, max_length=64)

@@ -63,7 +63,8 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('channel_fallbacks', schema=None) as batch_op:
         batch_op.create_index('ix_channel_fallbacks_due', ['next_attempt_at'], unique=False)
-        batch_op.create_index('ix_channel_fallbacks_owner', ['project_id', 'agent_id', 'user_id', 'created_at'], unique=False)
+        batch_op.create_index('ix_channel_fallbacks_updated_at', ['updated_at'], unique=False)
+        batch_op.create_index('ix_channel_fallbacks_owner', ['project_id', 'agent_id', 'user_id', 'updated_at'], unique=False)
 
 
 def downgrade() -> None:

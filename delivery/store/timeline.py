@@ -594,7 +594,7 @@ class SqlTimelineStore:
 
     async def _message(self, r: RowMapping) -> MessageFacts:
         deliveries = await self._all(
-            select(d_.id, d_.status, d_.next_attempt_at, d_.claimed_by)
+            select(d_.id, d_.status, d_.next_attempt_at, d_.claimed_by, d_.endpoint_id)
             .where(d_.notification_id == r["id"])
             .order_by(d_.created_at)
         )
@@ -623,6 +623,16 @@ class SqlTimelineStore:
                     ),
                     "dead_lettered": delivery["status"] == "dead",
                 }
+                disabled = await self._all(
+                    select(ep_.disabled_reason, ep_.disabled_at).where(
+                        ep_.id == delivery["endpoint_id"], ep_.is_active.is_(False)
+                    )
+                )
+                if disabled:
+                    facts["endpoint_disabled"] = (
+                        disabled[0]["disabled_reason"] or "no reason recorded"
+                    )
+                    facts["endpoint_disabled_at"] = disabled[0]["disabled_at"]
         return MessageFacts(**facts)
 
 

@@ -158,6 +158,16 @@ async def test_410_disables_with_a_project_notification(rig: Rig) -> None:
     (notice,) = await _notices(rig)
     assert notice["payload"]["failing_since"] is None
     assert notice["payload"]["recover_since"] == rig.clock.now().isoformat()
+    # Explain names the disabled endpoint and its reason.
+    timeline = f"/api/v1/agents/{A}/users/{U}/timeline"
+    events = (await rig.api.get(timeline, params={"limit": "500"})).json()["events"]
+    composed = next(e for e in events if e["kind"] == "notification.composed")
+    answer = (
+        await rig.api.get(f"{timeline}/explain", params={"at": composed["detail"]["fire_at"]})
+    ).json()
+    assert answer["code"] == "webhook_failing"
+    assert "The endpoint was disabled at" in answer["sentence"]
+    assert "410" in answer["sentence"]
     body = (await rig.api.post(f"/api/v1/webhooks/{EVENT}/enable")).json()
     assert body["was_disabled"] is True
     assert "failing_since" not in body

@@ -102,6 +102,9 @@ class MessageFacts:
     last_attempt_at: datetime | None = None
     next_attempt_at: datetime | None = None
     dead_lettered: bool = False
+    endpoint_disabled: str | None = None
+    """Why the endpoint of the failing delivery is disabled, when it is."""
+    endpoint_disabled_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,10 +235,17 @@ def _message_story(m: MessageFacts, zone: str | None, schedule_id: str | None) -
                 else "no retry is planned"
             )
         )
+        disabled = ""
+        if m.endpoint_disabled is not None:
+            since = f" at {_when(m.endpoint_disabled_at, zone)}" if m.endpoint_disabled_at else ""
+            disabled = (
+                f" The endpoint was disabled{since} ({m.endpoint_disabled}); re-enable it "
+                "and recover the messages since then."
+            )
         sentence = (
             f"No: {made}, but the webhook is failing: the last attempt at "
             f"{_when(m.last_attempt_at, zone)} got {answer}; {then}. The message is still "
-            "pending in the queue."
+            f"pending in the queue.{disabled}"
         )
         return Explanation(Reason.WEBHOOK_FAILING, sentence, False, **common)
     if m.status == "staged":

@@ -171,6 +171,12 @@ class Settings(BaseSettings):
     )
     webhook_max_in_flight: int = Field(default=256, ge=1)
     webhook_per_endpoint: int = Field(default=32, ge=1)
+    webhook_disable_after_s: float = Field(
+        default=5 * 86400.0,
+        ge=0,
+        description="Disable an endpoint that has had no successful attempt for this long "
+        "since the first failure of its current streak (0: never).",
+    )
 
     # --- channels ---------------------------------------------------------------
     fcm_service_account_file: Path | None = None
@@ -186,6 +192,13 @@ class Settings(BaseSettings):
     sms_account_sid: str = ""
     sms_auth_token: SecretStr | None = None
     sms_from: str = ""
+    channel_fallback_after_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Send a message to one channel at a time, in the user's preference order, "
+        "moving on when a channel has not delivered it within this many seconds (0: every "
+        "channel at once).",
+    )
 
     @field_validator("otel_exporter")
     @classmethod

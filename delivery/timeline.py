@@ -41,6 +41,7 @@ class Kind(StrEnum):
     WEBHOOK_ATTEMPT = "webhook.attempt"
     WEBHOOK_DEAD_LETTERED = "webhook.dead_lettered"
     CHANNEL_ATTEMPT = "channel.attempt"
+    CHANNEL_FALLBACK = "channel.fallback"
     ENDPOINT_DISABLED = "webhook_endpoint.disabled"
 
 

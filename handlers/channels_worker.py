@@ -20,17 +20,26 @@ Two halves, both restartable at any instant:
 
 Only ``pending`` notifications are sent: one already consumed through polling (the
 user has read it) gets no push, no email and no SMS, and its retries stop.
+
+With ``DELIVERY_CHANNEL_FALLBACK_AFTER_S`` set, a user with destinations on two
+channels or more gets the message on one channel at a time (:mod:`handlers.fallback`):
+the fan-out sends on the first and records, with its attempts, the message's
+``channel_fallbacks`` row; the retry loop claims due rows, retries the current
+channel or moves to the next, and records each decision on the row.
 :meth:`ChannelsWorker.fan_out` and :meth:`ChannelsWorker.sweep` are the bounded modes
 that tests and the benchmark drive directly.
 """
 
 import asyncio
 import contextlib
+import json
 import random
+import secrets as token_source
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 import httpx
 import structlog
@@ -46,15 +55,24 @@ from delivery.bus.messages import NotificationCreated
 from delivery.clock import Clock
 from delivery.secrets import LazySecretBox, SecretBox
 from delivery.settings import Settings
-from delivery.store.channels import AttemptRecord, ChannelStore, ContactMapping
+from delivery.store.channels import AttemptRecord, ChannelStore, ContactMapping, FallbackStep
 from delivery.tracing import Carrier, request_id_of
 from handlers.base import Channel, Message
 from handlers.contacts import Contact, ContactKind, redact
+from handlers.fallback import (
+    Decision,
+    FallbackStatus,
+    NextStep,
+    after_sends,
+    fallback_order,
+    next_step,
+)
 from handlers.fanout import (
     AttemptStatus,
     ChannelAttempt,
     ChannelRouter,
     channels_from_settings,
+    plan_fanout,
     provider_http_client,
     summarize,
 )
@@ -229,6 +247,13 @@ class ChannelsWorker(QueueWorker):
         """Notification id -> the request id and trace its message carried (bounded)."""
         self._client: httpx.AsyncClient | None = None
         self._router = ChannelRouter(channels, send_timeout=SEND_TIMEOUT) if channels else None
+        self._fallback_after = (
+            timedelta(seconds=settings.channel_fallback_after_s)
+            if settings.channel_fallback_after_s > 0
+            else None
+        )
+        self._token = f"chw_{token_source.token_hex(6)}"
+        """This worker's claim on fallback rows."""
 
     @classmethod
     def from_settings(
@@ -296,12 +321,21 @@ class ChannelsWorker(QueueWorker):
 
         async def one(
             note: RowMapping,
-        ) -> tuple[list[AttemptRecord], list[tuple[str, str]], FanoutResult]:
+        ) -> tuple[list[AttemptRecord], list[tuple[str, str]], FanoutResult, dict[str, Any] | None]:
             key = (note["project_id"], note["agent_id"], note["user_id"])
             done = inputs.attempted.get(note["id"], set())
             rows = [r for r in inputs.contacts.get(key, []) if r["id"] not in done]
+            if note["id"] in inputs.fallbacks:
+                # Its first channel is recorded; the fallback row carries it on, and
+                # the destinations not yet attempted are the later channels'.
+                rows = []
             if not rows:
-                return [], [], FanoutResult(notifications=1)
+                return [], [], FanoutResult(notifications=1), None
+            order = self._order(note, rows, inputs.preferences.get(key), router)
+            if len(order) > 1:
+                # One channel now: the later channels' destinations wait for the fallback.
+                later = set(order[1:])
+                rows = [r for r in rows if ContactKind(r["kind"]) not in later or r["opted_out"]]
             found = self._carriers.pop(note["id"], None) if self._carriers else None
             with (
                 tracing.span(
@@ -323,6 +357,9 @@ class ChannelsWorker(QueueWorker):
                 note, attempts, ids, attempt_number=1, now=now, rand=self._rand
             )
             result.notifications = 1
+            fallback = None
+            if len(order) > 1:
+                records, fallback = self._first_channel(note, order, records, now)
             log.debug(
                 "channels.fanned_out",
                 notification_id=note["id"],
@@ -330,7 +367,7 @@ class ChannelsWorker(QueueWorker):
                 **request_id_of(found),
                 **summarize(attempts),
             )
-            return records, disable, result
+            return records, disable, result, fallback
 
         pending = [nid for nid, status in inputs.statuses.items() if status == "pending"]
         # The store loads full rows only for pending notifications with a contact left
@@ -342,16 +379,81 @@ class ChannelsWorker(QueueWorker):
             log.debug("channels.no_contacts", notifications=len(pending))
         records: list[AttemptRecord] = []
         disable: list[tuple[str, str]] = []
-        for recs, dis, res in outcomes:
+        fallbacks: list[dict[str, Any]] = []
+        for recs, dis, res, fallback in outcomes:
             records.extend(recs)
             disable.extend(dis)
             total.add(res)
-        await self._record(records, disable, now)
-        if total.retries_scheduled:
+            if fallback is not None:
+                fallbacks.append(fallback)
+        await self._record(records, disable, now, fallbacks=fallbacks)
+        if total.retries_scheduled or fallbacks:
             self._loop.wake()
         if self._on_result is not None:
             self._on_result(total)
         return total
+
+    def _order(
+        self,
+        note: RowMapping,
+        rows: Sequence[ContactMapping],
+        prefs: Mapping[str, Sequence[str]] | None,
+        router: ChannelRouter,
+    ) -> list[ContactKind]:
+        """The fallback order for ``note`` (empty when fallback is off)."""
+        if self._fallback_after is None:
+            return []
+        planned = plan_fanout(
+            note["check_type"], [contact_of(r) for r in rows], prefs, router.kinds
+        )
+        sendable = [p.contact for p in planned if p.skip is None]
+        return fallback_order(note["check_type"], prefs, sendable)
+
+    def _first_channel(
+        self,
+        note: RowMapping,
+        order: Sequence[ContactKind],
+        records: Sequence[AttemptRecord],
+        now: datetime,
+    ) -> tuple[list[AttemptRecord], dict[str, Any]]:
+        """
+        The first channel's attempts without their retry times, and the message's
+        fallback row (recorded with them, in one transaction): the row, not the
+        attempts, holds any retry, so one claim at a time decides for the message.
+        """
+        assert self._fallback_after is not None  # noqa: S101 - only called with fallback on
+        first = order[0]
+        outcome = after_sends(
+            first,
+            sent=any(r.status == AttemptStatus.SENT.value for r in records),
+            retry_at=[r.next_attempt_at for r in records if r.next_attempt_at is not None],
+            deadline=now + self._fallback_after,
+            attempt_number=1,
+            now=now,
+        )
+        kinds = [k.value for k in order]
+        decisions = [
+            Decision(now, first.value, "first", f"channels in order: {', '.join(kinds)}"),
+            outcome.decision,
+        ]
+        row = {
+            "notification_id": note["id"],
+            "project_id": note["project_id"],
+            "agent_id": note["agent_id"],
+            "user_id": note["user_id"],
+            "order_json": json.dumps(kinds),
+            "step": 0,
+            "attempt_number": outcome.retry_number,
+            "step_deadline": outcome.step_deadline,
+            "next_attempt_at": outcome.next_attempt_at,
+            "claim": None,
+            "sending": False,
+            "status": outcome.status.value,
+            "decisions_json": json.dumps([d.as_json() for d in decisions]),
+            "created_at": now,
+            "updated_at": now,
+        }
+        return [replace(r, next_attempt_at=None) for r in records], row
 
     async def _record(
         self,
@@ -360,12 +462,13 @@ class ChannelsWorker(QueueWorker):
         now: datetime,
         *,
         retried_id: str | None = None,
+        fallbacks: Sequence[Mapping[str, Any]] = (),
     ) -> None:
-        await self.store.record_attempts(records, retried_id=retried_id)
-        if records:
-            sends = Counter((r.kind, r.status) for r in records)
-            for (provider, outcome), n in sends.items():
-                metrics.CHANNEL_SENDS.labels(provider, outcome).inc(n)
+        await self.store.record_attempts(records, retried_id=retried_id, fallbacks=fallbacks)
+        _count_sends(records)
+        await self._disable(disable, now)
+
+    async def _disable(self, disable: Sequence[tuple[str, str]], now: datetime) -> None:
         for contact_id, reason in disable:
             if await self.store.disable_contact(contact_id, reason, now):
                 log.info("channels.destination_disabled", contact_id=contact_id, reason=reason)
@@ -373,18 +476,161 @@ class ChannelsWorker(QueueWorker):
     # --- retries ------------------------------------------------------------------
 
     async def sweep(self) -> FanoutResult:
-        """Bounded mode: make the next attempt of every retry due at ``clock.now()``."""
+        """
+        Bounded mode: make the next attempt of every retry due at ``clock.now()``,
+        and the next step of every channel fallback due then.
+        """
         router = self._ensure_router()
         claimed = await self.store.claim_due_retries(
             self.clock.now(), lease=self.lease, limit=self.batch
         )
-        results = await asyncio.gather(*(self._retry(router, row) for row in claimed))
+        due = await self.store.claim_due_fallbacks(
+            self.clock.now(), lease=self.lease, limit=self.batch, token=self._token
+        )
+        results = await asyncio.gather(
+            *(self._retry(router, row) for row in claimed),
+            *(self._fallback(router, row) for row in due),
+        )
         total = FanoutResult()
         for result in results:
             total.add(result)
-        if claimed and self._on_result is not None:
+        if (claimed or due) and self._on_result is not None:
             self._on_result(total)
         return total
+
+    async def _fallback(self, router: ChannelRouter, row: RowMapping) -> FanoutResult:
+        """One claimed fallback row: decide, write the step, send, record. Never raises."""
+        nid = row["notification_id"]
+        bound = log.bind(notification_id=nid, step=row["step"])
+        try:
+            return await self._fallback_step(router, row, bound)
+        except Exception:
+            # A process edge: the claim's lease makes the row due again.
+            bound.exception("channels.fallback_failed", lease_s=self.lease.total_seconds())
+            return FanoutResult()
+
+    async def _fallback_step(
+        self, router: ChannelRouter, row: RowMapping, bound: Any
+    ) -> FanoutResult:
+        delay = self._fallback_after or timedelta(0)
+        nid = row["notification_id"]
+        order: list[str] = json.loads(row["order_json"])
+        decisions: list[dict[str, str]] = json.loads(row["decisions_json"])
+        now = self.clock.now()
+        note, sent_already = await self.store.fallback_facts(nid)
+        pending = note is not None and note["status"] == "pending"
+        if row["sending"] and pending and not sent_already:
+            # The last worker wrote this step and stopped before recording its
+            # result: the send may have happened, so only this channel may go again.
+            step = NextStep(
+                row["step"],
+                row["attempt_number"],
+                FallbackStatus.ACTIVE,
+                Decision(now, order[row["step"]], "resumed", "a send was cut short; again"),
+                row["step_deadline"],
+            )
+        else:
+            step = next_step(
+                order,
+                step=row["step"],
+                attempt_number=row["attempt_number"],
+                step_deadline=row["step_deadline"],
+                pending=pending,
+                sent_already=sent_already,
+                delay=delay,
+                now=now,
+            )
+        decisions.append(step.decision.as_json())
+        if step.status is not FallbackStatus.ACTIVE or note is None:
+            await self.store.finish_fallback_step(
+                nid,
+                self._token,
+                [],
+                FallbackStep(
+                    step.status.value,
+                    step.step,
+                    step.attempt_number,
+                    step.step_deadline,
+                    None,
+                    json.dumps(decisions),
+                ),
+                now=now,
+            )
+            bound.info("channels.fallback_finished", status=step.status.value)
+            return FanoutResult()
+        started = await self.store.begin_fallback_step(
+            nid,
+            self._token,
+            FallbackStep(
+                FallbackStatus.ACTIVE.value,
+                step.step,
+                step.attempt_number,
+                step.step_deadline,
+                row["next_attempt_at"],
+                json.dumps(decisions),
+            ),
+            now=now,
+        )
+        if not started:
+            bound.warning("channels.fallback_claim_lost")
+            return FanoutResult()
+        kind = ContactKind(order[step.step])
+        owner = (note["project_id"], note["agent_id"], note["user_id"])
+        contacts = [
+            c
+            for c in await self.store.list_contacts(*owner)
+            if c["kind"] == kind.value and not c["disabled"]
+        ]
+        prefs = await self.store.get_preferences(*owner)
+        attempts = (
+            await router.fan_out(
+                Message.of_notification(note), [contact_of(c) for c in contacts], prefs
+            )
+            if contacts
+            else []
+        )
+        done_at = self.clock.now()
+        records, disable, result = plan_records(
+            note,
+            attempts,
+            {(c["kind"], c["destination"]): c["id"] for c in contacts},
+            attempt_number=step.attempt_number,
+            now=done_at,
+            rand=self._rand,
+        )
+        outcome = after_sends(
+            kind,
+            sent=any(r.status == AttemptStatus.SENT.value for r in records),
+            retry_at=[r.next_attempt_at for r in records if r.next_attempt_at is not None],
+            deadline=step.step_deadline,
+            attempt_number=step.attempt_number,
+            now=done_at,
+        )
+        decisions.append(outcome.decision.as_json())
+        records = [replace(r, next_attempt_at=None) for r in records]
+        await self.store.finish_fallback_step(
+            nid,
+            self._token,
+            records,
+            FallbackStep(
+                outcome.status.value,
+                step.step,
+                outcome.retry_number,
+                outcome.step_deadline,
+                outcome.next_attempt_at,
+                json.dumps(decisions),
+            ),
+            now=done_at,
+        )
+        _count_sends(records)
+        await self._disable(disable, done_at)
+        bound.info(
+            "channels.fallback_step",
+            kind=kind.value,
+            decision=outcome.decision.decision,
+            **summarize(attempts),
+        )
+        return result
 
     async def _retry(self, router: ChannelRouter, row: RowMapping) -> FanoutResult:
         """One claimed retry: attempt it (or record why not) and settle the claim."""
@@ -448,6 +694,13 @@ class ChannelsWorker(QueueWorker):
         result = await self.sweep()
         # A full batch: there may be more due right now.
         return result.sent + result.failed + result.skipped >= self.batch
+
+
+def _count_sends(records: Sequence[AttemptRecord]) -> None:
+    if records:
+        sends = Counter((r.kind, r.status) for r in records)
+        for (provider, outcome), n in sends.items():
+            metrics.CHANNEL_SENDS.labels(provider, outcome).inc(n)
 
 
 def _notification_id(data: bytes) -> str:

@@ -161,6 +161,11 @@ class ChannelRouter:
         self._timeout = send_timeout.total_seconds() if send_timeout is not None else None
         self._timer = timer
 
+    @property
+    def kinds(self) -> frozenset[ContactKind]:
+        """The channel kinds configured (the others' contacts are skipped)."""
+        return frozenset(self._channels)
+
     async def fan_out(
         self,
         message: Message,

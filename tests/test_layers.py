@@ -62,6 +62,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "handlers.webhooks",
             "handlers.ssrf",
             "handlers.contacts",
+            "handlers.fallback",
             "handlers.email",
             "handlers.fcm",
             "handlers.sms",

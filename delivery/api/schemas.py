@@ -284,6 +284,59 @@ class NotificationList(ResponseModel):
     notifications: list[NotificationOut]
 
 
+class InboxEntryOut(ResponseModel):
+    """
+    A queue entry with its inbox instants: what the inbox routes answer, and what
+    the list sends with ``include=inbox`` (the SDK's own model has no such fields).
+    """
+
+    message_id: str
+    agent_id: str
+    user_id: str
+    check_type: str
+    generated_message: str
+    status: str
+    created_at: str
+    consumed_at: str | None = None
+    wakeup_id: str | None = None
+    intent: str | None = None
+    seen_at: str | None = None
+    read_at: str | None = None
+    archived_at: str | None = None
+
+
+class InboxBulk(RequestModel):
+    """
+    ``POST …/notifications/inbox``: one action over the listed messages, or over
+    every message of ``user_id``; exactly one of the two.
+    """
+
+    action: Literal["seen", "read", "unread", "archive", "unarchive"]
+    message_ids: (
+        Annotated[
+            list[Annotated[str, Field(pattern=ID_PATTERN)]], Field(min_length=1, max_length=1000)
+        ]
+        | None
+    ) = None
+    user_id: Ident | None = None
+
+
+class InboxUpdated(ResponseModel):
+    """How many messages the action changed (those already in that state are not counted)."""
+
+    updated: int
+
+
+class InboxCountsOut(ResponseModel):
+    """Badge counts; every count but ``total`` and ``archived`` leaves archived messages out."""
+
+    total: int
+    unseen: int
+    unread: int
+    archived: int
+    pending: int
+
+
 class ProjectNotificationOut(ResponseModel):
     notification_id: str
     project_id: str

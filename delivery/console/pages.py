@@ -567,7 +567,11 @@ async def resend(request: Request, event_type: str) -> Response:
         raise ConsoleNotFound from None
     except EndpointDisabledError:
         return await _webhook_error(
-            request, viewer, event_type, "The endpoint is disabled: register it again first."
+            request,
+            viewer,
+            event_type,
+            "The endpoint is disabled: enable it first "
+            f"(POST /api/v1/webhooks/{event_type}/enable).",
         )
     if done is None:
         raise ConsoleNotFound
@@ -596,7 +600,11 @@ async def recover(request: Request, event_type: str) -> Response:
         raise ConsoleNotFound from None
     except EndpointDisabledError:
         return await _webhook_error(
-            request, viewer, event_type, "The endpoint is disabled: register it again first."
+            request,
+            viewer,
+            event_type,
+            "The endpoint is disabled: enable it first "
+            f"(POST /api/v1/webhooks/{event_type}/enable).",
         )
     return _see_other(f"{PREFIX}/webhooks/{_seg(event_type)}", notice="recovered")
 

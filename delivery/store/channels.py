@@ -14,7 +14,7 @@ contact destinations: a row holds the sealed destination and its keyed digest
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -34,6 +34,7 @@ from delivery.store.common import (
 )
 from delivery.store.engine import any_row
 from delivery.store.tables import CHANNEL_ATTEMPTS as ATTEMPTS
+from delivery.store.tables import CHANNEL_FALLBACKS as FALLBACKS
 from delivery.store.tables import CHANNELS, CONTACTS, NOTIFICATIONS, PREFERENCES
 
 MAX_CONTACTS_PER_USER: Final = 50
@@ -197,6 +198,24 @@ class FanoutInputs:
     contacts: dict[UserKey, list[ContactMapping]]
     preferences: dict[UserKey, dict[str, list[str]]]
     attempted: dict[str, set[str]]
+    fallbacks: set[str] = field(default_factory=set)
+    """Those with a channel fallback row: their fan-out is done, the row goes on."""
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackStep:
+    """
+    A fallback row's next state, written with the sends' attempts
+    (:meth:`ChannelStore.finish_fallback_step`) or before a send
+    (:meth:`ChannelStore.begin_fallback_step`).
+    """
+
+    status: str
+    step: int
+    attempt_number: int
+    step_deadline: datetime
+    next_attempt_at: datetime | None
+    decisions_json: str
 
 
 def _chunks[T](items: Sequence[T], size: int) -> list[Sequence[T]]:
@@ -437,8 +456,11 @@ class ChannelStore(StoreBase):
         preferences: Mapping[str, Sequence[str]],
         now: datetime,
     ) -> None:
-        """Replace a user's preferences (already validated); ``{}`` clears them."""
-        stored = canonical_json({k: sorted(set(v)) for k, v in preferences.items()})
+        """
+        Replace a user's preferences (already validated); ``{}`` clears them. Each
+        list keeps its order (the channel fallback's order), repeats dropped.
+        """
+        stored = canonical_json({k: list(dict.fromkeys(v)) for k, v in preferences.items()})
         owner = and_(*owned(PREFERENCES, project_id, agent_id=agent_id, user_id=user_id))
         async with self.write() as conn:
             changed = await conn.execute(
@@ -607,7 +629,15 @@ class ChannelStore(StoreBase):
             )
             for nid, cid in done:
                 attempted.setdefault(nid, set()).add(cid)
-        return FanoutInputs(statuses, notes, contacts, prefs, attempted)
+            f = FALLBACKS.c
+            fallbacks = set(
+                (
+                    await conn.execute(
+                        select(f.notification_id).where(f.notification_id.in_(wanted))
+                    )
+                ).scalars()
+            )
+        return FanoutInputs(statuses, notes, contacts, prefs, attempted, fallbacks)
 
     async def get_contact_by_id(self, contact_id: str) -> ContactMapping | None:
         """
@@ -629,19 +659,26 @@ class ChannelStore(StoreBase):
         records: Sequence[AttemptRecord],
         *,
         retried_id: str | None = None,
+        fallbacks: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         """
         Insert attempt rows; when ``retried_id`` names the retry queue entry these
         attempts answer, its ``next_attempt_at`` is cleared in the same transaction, so
         the queue entry and its result can never both exist or both be missing.
+        ``fallbacks`` (``channel_fallbacks`` rows of the messages whose first channel
+        these attempts are) are inserted in that transaction too, once per message.
         """
-        if not records and retried_id is None:
+        if not records and retried_id is None and not fallbacks:
             # Nothing to write: skip the empty transaction (on SQLite a BEGIN IMMEDIATE
             # that queues for the write lock behind the scheduler, once per batch).
             return
         async with self.write() as conn:
             if records:
                 await conn.execute(ATTEMPTS.insert(), [r.values() for r in records])
+            if fallbacks:
+                await insert_ignoring_duplicates(
+                    conn, FALLBACKS, fallbacks, unique=["notification_id"]
+                )
             if retried_id is not None:
                 await conn.execute(
                     update(ATTEMPTS).where(ATTEMPTS.c.id == retried_id).values(next_attempt_at=None)
@@ -678,6 +715,140 @@ class ChannelStore(StoreBase):
                     .values(next_attempt_at=now + lease)
                 )
         return rows
+
+    # --- channel fallback ------------------------------------------------------
+
+    async def claim_due_fallbacks(
+        self, now: datetime, *, lease: timedelta, limit: int, token: str
+    ) -> Sequence[RowMapping]:
+        """
+        Claim fallback rows due at ``now`` for one worker: ``claim`` becomes
+        ``token`` and ``next_attempt_at`` the lease's end, so a killed worker's row
+        is due again by itself (``SKIP LOCKED`` on PostgreSQL, as the retries).
+        Returns the rows as they are after the claim.
+        """
+        f = FALLBACKS.c
+        pick = (
+            select(f.notification_id)
+            .where(f.next_attempt_at.is_not(None), f.next_attempt_at <= now)
+            .order_by(f.next_attempt_at)
+            .limit(limit)
+        )
+        if not await any_row(self.engine, pick):
+            return []
+        if self._postgres:
+            pick = pick.with_for_update(skip_locked=True)
+        async with self.write() as conn:
+            ids = list((await conn.execute(pick)).scalars())
+            if not ids:
+                return []
+            await conn.execute(
+                update(FALLBACKS)
+                .where(f.notification_id.in_(ids))
+                .values(next_attempt_at=now + lease, claim=token, updated_at=now)
+            )
+            return (
+                (await conn.execute(select(FALLBACKS).where(f.notification_id.in_(ids))))
+                .mappings()
+                .all()
+            )
+
+    async def fallback_facts(self, notification_id: str) -> tuple[RowMapping | None, bool]:
+        """The notification row (``None`` if gone) and whether any channel has sent it."""
+        a = ATTEMPTS.c
+        async with self.read() as conn:
+            note = (
+                (
+                    await conn.execute(
+                        select(NOTIFICATIONS).where(NOTIFICATIONS.c.id == notification_id)
+                    )
+                )
+                .mappings()
+                .one_or_none()
+            )
+            sent = await conn.execute(
+                select(a.id)
+                .where(a.notification_id == notification_id, a.status == "sent")
+                .limit(1)
+            )
+            return note, sent.first() is not None
+
+    async def begin_fallback_step(
+        self, notification_id: str, token: str, step: FallbackStep, *, now: datetime
+    ) -> bool:
+        """
+        Write the step a claimed row takes before any send (``sending`` set while it
+        stays active); False when the claim was lost (the lease ran out and another
+        worker holds the row), and then nothing may be sent.
+        """
+        active = step.next_attempt_at is not None
+        return await self._update_fallback(
+            None, notification_id, token, step, sending=active, keep_claim=active, now=now
+        )
+
+    async def finish_fallback_step(
+        self,
+        notification_id: str,
+        token: str,
+        records: Sequence[AttemptRecord],
+        step: FallbackStep,
+        *,
+        now: datetime,
+    ) -> bool:
+        """
+        Record a step's attempts and the row's next state in one transaction; the
+        row changes only while ``token`` still holds it (the attempts are recorded
+        either way: they happened).
+        """
+        async with self.write() as conn:
+            if records:
+                await conn.execute(ATTEMPTS.insert(), [r.values() for r in records])
+            return await self._update_fallback(
+                conn, notification_id, token, step, sending=False, keep_claim=False, now=now
+            )
+
+    async def _update_fallback(
+        self,
+        conn: Any,
+        notification_id: str,
+        token: str,
+        step: FallbackStep,
+        *,
+        sending: bool,
+        keep_claim: bool,
+        now: datetime,
+    ) -> bool:
+        f = FALLBACKS.c
+        values: dict[str, Any] = {
+            "status": step.status,
+            "step": step.step,
+            "attempt_number": step.attempt_number,
+            "step_deadline": step.step_deadline,
+            "decisions_json": step.decisions_json,
+            "sending": sending,
+            "updated_at": now,
+        }
+        if not keep_claim:
+            values |= {"claim": None, "next_attempt_at": step.next_attempt_at}
+        stmt = (
+            update(FALLBACKS)
+            .where(f.notification_id == notification_id, f.claim == token)
+            .values(**values)
+        )
+        if conn is not None:
+            return bool((await conn.execute(stmt)).rowcount)
+        async with self.write() as own:
+            return bool((await own.execute(stmt)).rowcount)
+
+    async def get_fallback(self, notification_id: str) -> RowMapping | None:
+        """One message's fallback row (operators, tests)."""
+        f = FALLBACKS.c
+        async with self.read() as conn:
+            return (
+                (await conn.execute(select(FALLBACKS).where(f.notification_id == notification_id)))
+                .mappings()
+                .one_or_none()
+            )
 
     async def list_attempts(
         self,

@@ -17,7 +17,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
-from sqlalchemy import ColumnElement, select, tuple_, update
+from sqlalchemy import ColumnElement, case, func, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -289,6 +289,107 @@ def writing(batch: NotificationBatch) -> Steps[Written]:
     return Written(rows, lost)
 
 
+class InboxAction(StrEnum):
+    """
+    An inbox state change (the wire values of the inbox routes).
+
+    The three inbox flags are independent instants beside ``status``: ``seen``
+    (shown in a list: clears the badge), ``read`` (opened; implies seen),
+    ``archived`` (out of the inbox view, kept). Setting a flag already set keeps
+    its first instant, so repeating an action changes nothing.
+    """
+
+    SEEN = "seen"
+    READ = "read"
+    UNREAD = "unread"
+    ARCHIVE = "archive"
+    UNARCHIVE = "unarchive"
+
+
+@dataclass(frozen=True, slots=True)
+class InboxFilter:
+    """
+    Which messages a queue read keeps by inbox state: ``None`` keeps both sides.
+
+    Attributes:
+        seen: True only seen ones, False only unseen ones.
+        read: True only read ones, False only unread ones.
+        archived: True only archived ones, False only those in the inbox.
+    """
+
+    seen: bool | None = None
+    read: bool | None = None
+    archived: bool | None = None
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing is filtered."""
+        return self.seen is None and self.read is None and self.archived is None
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        """The WHERE terms of this filter."""
+        conds: list[ColumnElement[bool]] = []
+        for wanted, column in (
+            (self.seen, _n.seen_at),
+            (self.read, _n.read_at),
+            (self.archived, _n.archived_at),
+        ):
+            if wanted is not None:
+                conds.append(column.is_not(None) if wanted else column.is_(None))
+        return conds
+
+
+def _inbox_values(action: InboxAction, now: datetime) -> dict[str, Any]:
+    """The column values ``action`` sets; a flag already set keeps its first instant."""
+    keep = func.coalesce
+    match action:
+        case InboxAction.SEEN:
+            return {"seen_at": keep(_n.seen_at, now)}
+        case InboxAction.READ:
+            return {"seen_at": keep(_n.seen_at, now), "read_at": keep(_n.read_at, now)}
+        case InboxAction.UNREAD:
+            return {"read_at": None}
+        case InboxAction.ARCHIVE:
+            return {"archived_at": keep(_n.archived_at, now)}
+        case InboxAction.UNARCHIVE:
+            return {"archived_at": None}
+
+
+def _inbox_changes(action: InboxAction) -> ColumnElement[bool]:
+    """The rows ``action`` would change (so the count says how many changed)."""
+    match action:
+        case InboxAction.SEEN:
+            return _n.seen_at.is_(None)
+        case InboxAction.READ:
+            return _n.read_at.is_(None) | _n.seen_at.is_(None)
+        case InboxAction.UNREAD:
+            return _n.read_at.is_not(None)
+        case InboxAction.ARCHIVE:
+            return _n.archived_at.is_(None)
+        case InboxAction.UNARCHIVE:
+            return _n.archived_at.is_not(None)
+
+
+@dataclass(frozen=True, slots=True)
+class InboxCounts:
+    """
+    A badge's numbers over one agent's (or one user's) visible messages.
+
+    Attributes:
+        total: every message, archived or not.
+        unseen: not archived and never seen (the badge).
+        unread: not archived and not read.
+        archived: archived.
+        pending: not archived and still pending (neither consumed nor delivered).
+    """
+
+    total: int
+    unseen: int
+    unread: int
+    archived: int
+    pending: int
+
+
 class ConsumeOutcome(StrEnum):
     """What :meth:`NotificationQueue.consume_notification` did."""
 
@@ -309,9 +410,48 @@ class NotificationQueue(Protocol):
     """
 
     async def list_queue(
-        self, project_id: str, agent_id: str, *, status: str, user_id: str | None, limit: int
+        self,
+        project_id: str,
+        agent_id: str,
+        *,
+        status: str | None,
+        user_id: str | None,
+        limit: int,
+        inbox: InboxFilter | None = None,
     ) -> Sequence[Mapping[str, Any]]:
-        """The agent's queue in one status, oldest first (a queue is read in order)."""
+        """
+        The agent's queue in one status (``None``: every visible status), kept by
+        ``inbox``, oldest first (a queue is read in order).
+        """
+        ...
+
+    async def set_inbox_state(
+        self,
+        project_id: str,
+        agent_id: str,
+        action: InboxAction,
+        *,
+        now: datetime,
+        message_ids: Sequence[str] | None = None,
+        user_id: str | None = None,
+    ) -> int:
+        """
+        Apply ``action`` to the listed messages of the agent, or (``message_ids``
+        ``None``) to every message of ``user_id``; how many changed. One statement:
+        all of them or none.
+        """
+        ...
+
+    async def inbox_state(
+        self, project_id: str, agent_id: str, message_id: str
+    ) -> RowMapping | None:
+        """One message's queue columns (with its inbox instants), or ``None``."""
+        ...
+
+    async def inbox_counts(
+        self, project_id: str, agent_id: str, *, user_id: str | None
+    ) -> InboxCounts:
+        """The badge counts of the agent's (or one user's) visible messages."""
         ...
 
     async def notification_history(
@@ -370,6 +510,9 @@ _QUEUE_COLUMNS = (
     _n.wakeup_id,
     _n.source_type,
     _n.intent,
+    _n.seen_at,
+    _n.read_at,
+    _n.archived_at,
 )
 """What the queue and history routes show of a notification."""
 
@@ -426,12 +569,29 @@ class SqlNotificationStore(StoreBase):
     # --- the queue as clients see it ------------------------------------------------
 
     async def list_queue(
-        self, project_id: str, agent_id: str, *, status: str, user_id: str | None, limit: int
+        self,
+        project_id: str,
+        agent_id: str,
+        *,
+        status: str | None,
+        user_id: str | None,
+        limit: int,
+        inbox: InboxFilter | None = None,
     ) -> Sequence[Mapping[str, Any]]:
         """
         See :meth:`NotificationQueue.list_queue`: the polling path, so one call to
-        SQLite's driver thread (:mod:`delivery.store.steps`).
+        SQLite's driver thread (:mod:`delivery.store.steps`) when neither an inbox
+        filter nor "every status" is asked for (the SDK's reads).
         """
+        if status is None or (inbox is not None and not inbox.empty):
+            conds = [
+                *owned(NOTIFICATIONS, project_id, agent_id=agent_id, user_id=user_id),
+                _n.status != STAGED if status is None else _n.status == status,
+                *(inbox.conditions() if inbox is not None else ()),
+            ]
+            stmt = select(*_QUEUE_COLUMNS).where(*conds).order_by(_n.created_at, _n.id).limit(limit)
+            async with self.read() as conn:
+                return [dict(r) for r in (await conn.execute(stmt)).mappings()]
         mine = owned_values(project_id, agent_id=agent_id, user_id=user_id)
         return await self._runner.read(
             selecting(
@@ -444,6 +604,66 @@ class SqlNotificationStore(StoreBase):
                 )
             )
         )
+
+    async def set_inbox_state(
+        self,
+        project_id: str,
+        agent_id: str,
+        action: InboxAction,
+        *,
+        now: datetime,
+        message_ids: Sequence[str] | None = None,
+        user_id: str | None = None,
+    ) -> int:
+        """See :meth:`NotificationQueue.set_inbox_state`."""
+        conds = [
+            *owned(NOTIFICATIONS, project_id, agent_id=agent_id, user_id=user_id),
+            _n.status != STAGED,
+            _inbox_changes(action),
+        ]
+        if message_ids is not None:
+            if not message_ids:
+                return 0
+            conds.append(_n.id.in_(list(message_ids)))
+        async with self.write() as conn:
+            result = await conn.execute(
+                update(NOTIFICATIONS).where(*conds).values(**_inbox_values(action, now))
+            )
+        return int(result.rowcount or 0)
+
+    async def inbox_state(
+        self, project_id: str, agent_id: str, message_id: str
+    ) -> RowMapping | None:
+        """See :meth:`NotificationQueue.inbox_state`."""
+        stmt = select(*_QUEUE_COLUMNS).where(
+            *owned(NOTIFICATIONS, project_id, agent_id=agent_id, id=message_id),
+            _n.status != STAGED,
+        )
+        async with self.read() as conn:
+            return (await conn.execute(stmt)).mappings().one_or_none()
+
+    async def inbox_counts(
+        self, project_id: str, agent_id: str, *, user_id: str | None
+    ) -> InboxCounts:
+        """See :meth:`NotificationQueue.inbox_counts`: one aggregate statement."""
+        inbox = _n.archived_at.is_(None)
+
+        def count(cond: ColumnElement[bool]) -> Any:
+            return func.coalesce(func.sum(case((cond, 1), else_=0)), 0)
+
+        stmt = select(
+            func.count(),
+            count(inbox & _n.seen_at.is_(None)),
+            count(inbox & _n.read_at.is_(None)),
+            count(_n.archived_at.is_not(None)),
+            count(inbox & (_n.status == "pending")),
+        ).where(
+            *owned(NOTIFICATIONS, project_id, agent_id=agent_id, user_id=user_id),
+            _n.status != STAGED,
+        )
+        async with self.read() as conn:
+            total, unseen, unread, archived, pending = (await conn.execute(stmt)).one()
+        return InboxCounts(int(total), int(unseen), int(unread), int(archived), int(pending))
 
     async def notification_history(
         self,

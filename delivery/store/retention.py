@@ -10,6 +10,7 @@ its instant):
 * ``webhook_attempts`` created before it (oldest ``seq`` first);
 * ``channel_attempts`` created before it that are not a queued retry
   (``next_attempt_at`` set: that row *is* the durable retry queue entry);
+* ``channel_fallbacks`` finished (delivered, exhausted or stopped) before it;
 * ``notifications`` consumed (by a poll or a webhook 2xx) before it that no webhook
   delivery or channel retry still waits on.
 
@@ -44,6 +45,7 @@ from delivery.planning import DEFAULT_SKIP_HORIZON
 from delivery.store.engine import write_transaction
 from delivery.store.tables import (
     CHANNEL_ATTEMPTS,
+    CHANNEL_FALLBACKS,
     DELIVERIES,
     FIRES,
     NOTIFICATIONS,
@@ -57,6 +59,7 @@ PRUNED_TABLES = (
     "schedule_changes",
     "webhook_attempts",
     "channel_attempts",
+    "channel_fallbacks",
     "notifications",
 )
 """Every table retention prunes, in the order a pass visits them."""
@@ -139,6 +142,15 @@ class SqlRetentionStore:
                 .limit(batch)
             )
             return CHANNEL_ATTEMPTS, ch.id, chosen
+        if table == "channel_fallbacks":
+            fb = CHANNEL_FALLBACKS.c
+            chosen = (
+                select(fb.notification_id)
+                .where(fb.updated_at < before, fb.next_attempt_at.is_(None))
+                .order_by(fb.updated_at)
+                .limit(batch)
+            )
+            return CHANNEL_FALLBACKS, fb.notification_id, chosen
         if table == "notifications":
             n = NOTIFICATIONS.c
             waiting_hook = exists().where(

@@ -39,6 +39,7 @@ from delivery.explain import ExplainFacts, FireFacts, MessageFacts, ScheduleFact
 from delivery.store.engine import read_connection
 from delivery.store.tables import (
     CHANNEL_ATTEMPTS,
+    CHANNEL_FALLBACKS,
     DELIVERIES,
     ENDPOINTS,
     EVENTS,
@@ -155,6 +156,7 @@ e_ = EVENTS.c
 a_ = WEBHOOK_ATTEMPTS.c
 d_ = DELIVERIES.c
 ch_ = CHANNEL_ATTEMPTS.c
+fb_ = CHANNEL_FALLBACKS.c
 ep_ = ENDPOINTS.c
 
 
@@ -478,6 +480,22 @@ class SqlTimelineStore:
             n3=ch_.duration_ms,
             t1=ch_.next_attempt_at,
         )
+        fallback = select().select_from(CHANNEL_FALLBACKS).where(*_bound_owner(fb_))
+        if shape.scoped:
+            ids = select(n_.id).where(*mine).scalar_subquery()
+            fallback = fallback.where(fb_.notification_id.in_(ids))
+        # One event per message, at its latest decision (the row's updated_at).
+        add(
+            "fallback",
+            fb_.updated_at,
+            fb_.notification_id,
+            fallback,
+            s1=fb_.status,
+            s2=fb_.order_json,
+            s3=fb_.decisions_json,
+            n1=fb_.step,
+            t1=fb_.next_attempt_at,
+        )
         add(
             "endpoint",
             ep_.updated_at,
@@ -576,7 +594,7 @@ class SqlTimelineStore:
 
     async def _message(self, r: RowMapping) -> MessageFacts:
         deliveries = await self._all(
-            select(d_.id, d_.status, d_.next_attempt_at, d_.claimed_by)
+            select(d_.id, d_.status, d_.next_attempt_at, d_.claimed_by, d_.endpoint_id)
             .where(d_.notification_id == r["id"])
             .order_by(d_.created_at)
         )
@@ -605,6 +623,16 @@ class SqlTimelineStore:
                     ),
                     "dead_lettered": delivery["status"] == "dead",
                 }
+                disabled = await self._all(
+                    select(ep_.disabled_reason, ep_.disabled_at).where(
+                        ep_.id == delivery["endpoint_id"], ep_.is_active.is_(False)
+                    )
+                )
+                if disabled:
+                    facts["endpoint_disabled"] = (
+                        disabled[0]["disabled_reason"] or "no reason recorded"
+                    )
+                    facts["endpoint_disabled_at"] = disabled[0]["disabled_at"]
         return MessageFacts(**facts)
 
 
@@ -844,6 +872,33 @@ def _channel(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[Ti
     ]
 
 
+def _fallback(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[TimelineEvent]:
+    order = json.loads(r["s2"] or "[]")
+    decisions = json.loads(r["s3"] or "[]")
+    last = decisions[-1] if decisions else {"reason": "no decision recorded"}
+    detail: dict[str, Any] = {
+        "message_id": r["ref"],
+        "status": r["s1"],
+        "order": order,
+        "channel": order[r["n1"]] if 0 <= (r["n1"] or 0) < len(order) else None,
+        "decisions": decisions,
+    }
+    then = ""
+    if r["t1"] is not None:
+        detail["next_step_at"] = format_utc(r["t1"])
+        then = f"; next step at {format_utc(r['t1'])}"
+    return [
+        TimelineEvent(
+            at=r["at"],
+            kind=Kind.CHANNEL_FALLBACK,
+            ref=r["ref"],
+            summary=f"channel fallback for message {r['ref']} ({' -> '.join(order)}), "
+            f"{r['s1']}: {last['reason']}{then}",
+            detail=detail,
+        )
+    ]
+
+
 def _endpoint(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[TimelineEvent]:
     return [
         TimelineEvent(
@@ -866,6 +921,7 @@ _EVENTS: dict[str, _Convert] = {
     "consumed": _consumed,
     "attempt": _attempt,
     "channel": _channel,
+    "fallback": _fallback,
     "endpoint": _endpoint,
 }
 

@@ -19,8 +19,18 @@ Queue contract (what :class:`WebhookStore` guarantees the worker):
   deliveries back in the queue (the same rows, so the worker records their attempts
   like any other) and are idempotent: a delivery already pending is left alone, one
   statement per step, each guarded by the status it changes.
+
+Endpoint health: the same transaction keeps the endpoint's ``failing_since`` (the
+first failure of the current streak; a 2xx clears it) and disables the endpoint when
+a receiver answers 410 or when the streak has lasted ``disable_after``. A disable
+records its reason and instant on the endpoint and adds one
+:data:`ENDPOINT_DISABLED` notification to the project feed (``GET
+/api/v1/projects/{projectId}/notifications``): a ``notifications`` row of status
+:data:`SYSTEM`, with no agent or user, so no agent queue, stream, timeline or
+worker ever reads it, acknowledged like any project notification.
 """
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,7 +38,7 @@ from typing import Any
 
 from sqlalchemy import and_, delete, select, tuple_, update
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.store.common import StoreBase, insert_ignoring_duplicates, new_id, owned
 from delivery.store.engine import any_row
@@ -39,6 +49,110 @@ PENDING = "pending"
 DELIVERED = "delivered"
 DEAD = "dead"
 SKIPPED = "skipped"
+SUCCESS = "success"
+"""An attempt's status for a 2xx (the other is ``failed``)."""
+
+ENDPOINT_DISABLED = "webhook.endpoint_disabled"
+"""The event type of the project notification a disabled endpoint adds."""
+SYSTEM = "system"
+"""Status (and source type) of notifications the service writes about itself."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointDisabled:
+    """
+    An endpoint disabled by an attempt, as recorded.
+
+    Attributes:
+        endpoint_id: the endpoint.
+        reason: the recorded reason.
+        disabled_at: when.
+        failing_since: the first failure of the streak (``None`` for a 410 on a
+            healthy endpoint: nothing failed before it).
+        notification_id: the project notification written.
+    """
+
+    endpoint_id: str
+    reason: str
+    disabled_at: datetime
+    failing_since: datetime | None
+    notification_id: str
+
+    @property
+    def recover_since(self) -> datetime:
+        """Where a recovery should start: the first failure, else the disable itself."""
+        return self.failing_since or self.disabled_at
+
+
+@dataclass(frozen=True, slots=True)
+class Enabled:
+    """
+    What :meth:`WebhookStore.enable_endpoint` did.
+
+    Attributes:
+        was_disabled: False when the endpoint was active already (nothing changed).
+        disabled_at: when it had been disabled.
+        disabled_reason: why.
+        failing_since: the first failure of the streak that disabled it, if any.
+    """
+
+    was_disabled: bool
+    disabled_at: datetime | None = None
+    disabled_reason: str | None = None
+    failing_since: datetime | None = None
+
+    @property
+    def recover_since(self) -> datetime | None:
+        """
+        Where a recovery should start: the first failure of the streak, since every
+        message from then on may have been dead-lettered before the disable; else
+        the disable instant.
+        """
+        return self.failing_since or self.disabled_at
+
+
+def streak_reason(failing_since: datetime, limit: timedelta) -> str:
+    """The recorded reason of a disable for a failing streak (pure)."""
+    return (
+        f"no successful attempt since {failing_since.isoformat()} "
+        f"(disabled after failing continuously for {int(limit.total_seconds())} s)"
+    )
+
+
+def _disabled_notice(
+    endpoint: RowMapping, reason: str, now: datetime, failing_since: datetime | None
+) -> dict[str, Any]:
+    """The project notification of a disabled endpoint (a ``notifications`` row)."""
+    notice_id = new_id("msg")
+    recover = failing_since or now
+    payload = {
+        "endpoint_id": endpoint["id"],
+        "event_type": endpoint["event_type"],
+        "webhook_url": endpoint["url"],
+        "reason": reason,
+        "disabled_at": now.isoformat(),
+        "failing_since": None if failing_since is None else failing_since.isoformat(),
+        "recover_since": recover.isoformat(),
+    }
+    return {
+        "id": notice_id,
+        "project_id": endpoint["project_id"],
+        # No agent or user: no queue, stream or timeline of anyone reads it.
+        "agent_id": "",
+        "user_id": "",
+        "source_type": SYSTEM,
+        "source_id": notice_id,
+        "event_type": ENDPOINT_DISABLED,
+        "check_type": ENDPOINT_DISABLED,
+        "intent": "",
+        "generated_message": f"webhook endpoint {endpoint['url']} "
+        f"({endpoint['event_type']}) disabled: {reason}",
+        "status": SYSTEM,
+        "fire_at": now,
+        "payload_json": json.dumps(payload, sort_keys=True, separators=(",", ":")),
+        "ack_status": "pending",
+        "created_at": now,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +343,8 @@ class WebhookStore(StoreBase):
                     auth_header_enc=auth_header_enc,
                     is_active=True,
                     disabled_reason=None,
+                    disabled_at=None,
+                    failing_since=None,
                     updated_at=now,
                 )
             )
@@ -525,14 +641,22 @@ class WebhookStore(StoreBase):
         step: NextState,
         *,
         now: datetime,
-    ) -> None:
+        disable_after: timedelta | None = None,
+    ) -> EndpointDisabled | None:
         """
         Store ``attempt`` and apply ``step`` in one transaction.
 
         ``delivered`` also consumes the notification (status ``consumed``,
         ``consumed_at`` = ``now``) if it is still pending: a webhook 2xx and a
-        polling consume are one state. ``disable_reason``
-        deactivates the endpoint (410 Gone).
+        polling consume are one state. A 2xx ends the endpoint's failing
+        streak; a failure starts one (``failing_since``) unless one runs.
+        ``disable_reason`` (410 Gone), or a streak that has lasted
+        ``disable_after``, disables the endpoint and adds its project
+        notification, once however many attempts race (the update is
+        conditional on the endpoint being active).
+
+        Returns:
+            The disable this attempt caused, or ``None``.
         """
         d = DELIVERIES.c
         values: dict[str, Any] = {
@@ -581,12 +705,97 @@ class WebhookStore(StoreBase):
                     .where(n.id == claimed.event_id, n.status == "pending")
                     .values(status="consumed", consumed_at=now)
                 )
-            if step.disable_reason is not None:
-                await conn.execute(
-                    update(ENDPOINTS)
-                    .where(ENDPOINTS.c.id == claimed.endpoint_id)
-                    .values(is_active=False, disabled_reason=step.disable_reason, updated_at=now)
+            return await self._endpoint_health(conn, claimed, attempt, step, now, disable_after)
+
+    async def _endpoint_health(
+        self,
+        conn: AsyncConnection,
+        claimed: ClaimedDelivery,
+        attempt: AttemptRecord,
+        step: NextState,
+        now: datetime,
+        disable_after: timedelta | None,
+    ) -> EndpointDisabled | None:
+        """The endpoint's streak and disable, inside :meth:`record_attempt`'s transaction."""
+        e = ENDPOINTS.c
+        mine = e.id == claimed.endpoint_id
+        if attempt.status == SUCCESS:
+            await conn.execute(
+                update(ENDPOINTS)
+                .where(mine, e.failing_since.is_not(None))
+                .values(failing_since=None)
+            )
+            return None
+        await conn.execute(
+            update(ENDPOINTS).where(mine, e.failing_since.is_(None)).values(failing_since=now)
+        )
+        row = (
+            (await conn.execute(select(ENDPOINTS).where(mine, e.is_active.is_(True))))
+            .mappings()
+            .one_or_none()
+        )
+        if row is None:
+            return None
+        since: datetime | None = row["failing_since"]
+        if step.disable_reason is not None:
+            reason = step.disable_reason
+            # A 410 on an endpoint that was healthy until now: nothing failed before it.
+            since = since if since is not None and since < now else None
+        elif disable_after is not None and since is not None and now - since >= disable_after:
+            reason = streak_reason(since, disable_after)
+        else:
+            return None
+        changed = await conn.execute(
+            update(ENDPOINTS)
+            .where(mine, e.is_active.is_(True))
+            .values(
+                is_active=False,
+                disabled_reason=reason,
+                disabled_at=now,
+                failing_since=since,
+                updated_at=now,
+            )
+        )
+        if not changed.rowcount:
+            return None  # a concurrent attempt disabled it first, and said so
+        notice = _disabled_notice(row, reason, now, since)
+        await conn.execute(NOTIFICATIONS.insert().values(**notice))
+        return EndpointDisabled(claimed.endpoint_id, reason, now, since, notice["id"])
+
+    async def enable_endpoint(
+        self, project_id: str, event_type: str, *, now: datetime
+    ) -> Enabled | None:
+        """
+        Re-enable the endpoint (idempotent); ``None`` when nothing is registered.
+
+        The answer carries when and why it had been disabled, so the caller can
+        recover the messages since then. Its failing streak starts afresh.
+        """
+        e = ENDPOINTS.c
+        scope = (*owned(ENDPOINTS, project_id), e.event_type == event_type)
+        async with self.write() as conn:
+            row = (await conn.execute(select(ENDPOINTS).where(*scope))).mappings().one_or_none()
+            if row is None:
+                return None
+            if row["is_active"]:
+                return Enabled(was_disabled=False)
+            await conn.execute(
+                update(ENDPOINTS)
+                .where(*scope)
+                .values(
+                    is_active=True,
+                    disabled_reason=None,
+                    disabled_at=None,
+                    failing_since=None,
+                    updated_at=now,
                 )
+            )
+        return Enabled(
+            was_disabled=True,
+            disabled_at=row["disabled_at"],
+            disabled_reason=row["disabled_reason"],
+            failing_since=row["failing_since"],
+        )
 
     async def release_claims(self, *, now: datetime, worker_id: str | None = None) -> int:
         """

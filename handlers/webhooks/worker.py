@@ -14,8 +14,10 @@ Two halves, both restartable at any instant:
    (a slow endpoint never blocks the others), and records every attempt with the
    delivery's next state in one transaction: a 2xx consumes the notification
    (as a polling consume would), a failure is rescheduled by :func:`handlers.retry.plan_next`
-   (``Retry-After`` honoured), a 410 disables the endpoint, the last failure
-   dead-letters. A notification consumed by polling first is ``skipped``, not sent.
+   (``Retry-After`` honoured), a 410 or a failing streak of
+   ``DELIVERY_WEBHOOK_DISABLE_AFTER_S`` disables the endpoint (with a project
+   notification), the last failure dead-letters. A notification consumed by
+   polling first is ``skipped``, not sent.
 
 :meth:`WebhookWorker.sweep` is the bounded mode: one claim-and-send pass at
 the clock's "now", returning what it did, so tests drive retries with a ``ManualClock``.
@@ -165,6 +167,12 @@ class WebhookWorker(QueueWorker):
         # at once to one origin, so a slow receiver's backlog stays in the database.
         self._max_in_flight = 2 * settings.webhook_max_in_flight
         self._per_endpoint = settings.webhook_per_endpoint
+        # An endpoint that keeps failing is disabled rather than retried for ever.
+        self._disable_after = (
+            timedelta(seconds=settings.webhook_disable_after_s)
+            if settings.webhook_disable_after_s > 0
+            else None
+        )
         self._endpoint_load: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_finished = on_finished
@@ -429,7 +437,7 @@ class WebhookWorker(QueueWorker):
                 )
                 result.dead += 1
         a = delivery.attempt
-        await self.store.record_attempt(
+        disabled = await self.store.record_attempt(
             claimed,
             AttemptRecord(
                 attempt_id=a.attempt_id,
@@ -446,12 +454,20 @@ class WebhookWorker(QueueWorker):
             ),
             state,
             now=done_at,
+            disable_after=self._disable_after,
         )
         outcome = "retry" if state.retry_at is not None else "dead" if state.dead else "delivered"
         metrics.WEBHOOK_DELIVERIES.labels(outcome, metrics.status_class(a.response_code)).inc()
         metrics.WEBHOOK_DURATION.observe(a.duration_ms / 1000)
-        if state.disable_reason is not None:
+        if disabled is not None:
             metrics.WEBHOOK_ENDPOINTS_DISABLED.inc()
+            bound.warning(
+                "webhook.endpoint_disabled",
+                endpoint_id=disabled.endpoint_id,
+                reason=disabled.reason,
+                recover_since=disabled.recover_since.isoformat(),
+                notification_id=disabled.notification_id,
+            )
         if state.retry_at is not None:
             bound.info("webhook.retry_scheduled", retry_at=state.retry_at.isoformat())
         elif state.dead:

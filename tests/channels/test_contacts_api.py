@@ -99,12 +99,15 @@ async def test_contacts_are_tenant_isolated(api: Api) -> None:
 
 
 async def test_preferences_round_trip_and_reject_unknown_kinds(api: Api) -> None:
-    """Preferences are stored sorted and de-duplicated; an unknown kind is INVALID_CONTACT."""
+    """
+    Preferences keep their order (the channel fallback's) without repeats; an unknown
+    kind is INVALID_CONTACT.
+    """
     assert (await api.alpha.get(PREFS)).json() == {"preferences": {}}
     body = {"preferences": {"reminder": ["sms", "email", "sms"], "*": ["fcm"], "quiet": []}}
     put = await api.alpha.put(PREFS, json=body)
     assert put.status_code == 200
-    expected = {"reminder": ["email", "sms"], "*": ["fcm"], "quiet": []}
+    expected = {"reminder": ["sms", "email"], "*": ["fcm"], "quiet": []}
     assert put.json() == {"preferences": expected}
     assert (await api.alpha.get(PREFS)).json() == {"preferences": expected}
 

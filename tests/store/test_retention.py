@@ -16,6 +16,7 @@ from delivery.scheduler import Scheduler
 from delivery.store.sql import SqlStore
 from delivery.store.tables import (
     CHANNEL_ATTEMPTS,
+    CHANNEL_FALLBACKS,
     DELIVERIES,
     FIRES,
     NOTIFICATIONS,
@@ -150,6 +151,34 @@ async def test_prune_keeps_what_is_still_needed(engine: AsyncEngine) -> None:
             ],
         )
         await conn.execute(
+            CHANNEL_FALLBACKS.insert(),
+            [
+                {
+                    "notification_id": nid,
+                    "project_id": project,
+                    "agent_id": "a",
+                    "user_id": "u",
+                    "order_json": '["fcm","email"]',
+                    "step": 0,
+                    "attempt_number": 1,
+                    "step_deadline": at,
+                    "next_attempt_at": due,
+                    "sending": False,
+                    "status": "active" if due else "delivered",
+                    "decisions_json": "[]",
+                    "created_at": at,
+                    "updated_at": at,
+                }
+                # A finished old row goes; an active one (its next step due) and a
+                # recent one stay.
+                for nid, at, due in (
+                    ("fb_done", OLD, None),
+                    ("fb_active", OLD, NOW),
+                    ("fb_new", NEW, None),
+                )
+            ],
+        )
+        await conn.execute(
             NOTIFICATIONS.insert(),
             [
                 notification(project, "msg_consumed", status="consumed", consumed_at=OLD),
@@ -187,6 +216,10 @@ async def test_prune_keeps_what_is_still_needed(engine: AsyncEngine) -> None:
     assert await ids(engine, SCHEDULE_CHANGES) == {"chg_new"}
     assert await ids(engine, WEBHOOK_ATTEMPTS) == {"wha_new"}
     assert await ids(engine, CHANNEL_ATTEMPTS) == {"cha_retry", "cha_new"}
+    assert await ids(engine, CHANNEL_FALLBACKS, CHANNEL_FALLBACKS.c.notification_id) == {
+        "fb_active",
+        "fb_new",
+    }
     assert await ids(engine, NOTIFICATIONS) == {
         "msg_pending",
         "msg_staged",

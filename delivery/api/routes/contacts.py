@@ -230,8 +230,9 @@ async def put_preferences(
             raise InvalidContactError(
                 "preferences", "preferences keys are check types of at most 128 characters"
             )
-    validated = validate_preferences(body.preferences)
-    stored = {key: sorted(k.value for k in kinds) for key, kinds in validated.items()}
+    validate_preferences(body.preferences)
+    # Validated above; the order is kept, as the channel fallback tries kinds in it.
+    stored = {key: list(dict.fromkeys(kinds)) for key, kinds in body.preferences.items()}
     await _store(ctx).put_preferences(project, agent_id, user_id, stored, ctx.clock.now())
     return JSONResponse({"preferences": stored})
 

@@ -28,17 +28,25 @@ from delivery.api.context import (
 from delivery.api.schemas import (
     AcknowledgeBody,
     Acknowledged,
+    InboxBulk,
+    InboxCountsOut,
+    InboxEntryOut,
+    InboxUpdated,
     NotificationList,
     ProjectNotificationList,
     Success,
 )
 from delivery.errors import InvalidRequestError, InvalidStateError, NotFoundError
-from delivery.store.notifications import ConsumeOutcome
+from delivery.store.notifications import ConsumeOutcome, InboxAction, InboxFilter
 
 router = APIRouter(tags=["notifications"])
 AGENT_PREFIX = "/api/v1/agents/{agent_id}/notifications"
 PROJECT_PREFIX = "/api/v1/projects/{project_id}/notifications"
 QUEUE_STATUSES = ("pending", "consumed", "expired", "failed_generation")
+ALL_STATUSES = "all"
+"""``status=all``: every visible status at once (an inbox view)."""
+INCLUDE_INBOX = "inbox"
+"""``include=inbox``: entries carry ``seen_at`` / ``read_at`` / ``archived_at``."""
 ACK_STATUSES = ("pending", "acknowledged", "all")
 
 
@@ -67,6 +75,24 @@ def queue_entry(row: Mapping[str, Any] | RowMapping) -> dict[str, Any]:
     return entry
 
 
+def inbox_entry(row: Mapping[str, Any] | RowMapping) -> dict[str, Any]:
+    """A queue entry plus its inbox instants (each only when set)."""
+    entry = queue_entry(row)
+    for name in ("seen_at", "read_at", "archived_at"):
+        if row[name] is not None:
+            entry[name] = wire_time(row[name])
+    return entry
+
+
+def _flag(raw: str | None, field: str) -> bool | None:
+    """A ``true`` / ``false`` query flag; absent is ``None``; anything else a 400."""
+    if raw is None or raw == "":
+        return None
+    if raw in ("true", "false"):
+        return raw == "true"
+    raise InvalidRequestError(field, f"{field} must be true or false")
+
+
 @router.get(AGENT_PREFIX, responses={200: {"model": NotificationList}})
 async def list_notifications(
     agent_id: AgentId,
@@ -75,17 +101,133 @@ async def list_notifications(
     status: str | None = None,
     user_id: str | None = None,
     limit: str | None = None,
+    seen: str | None = None,
+    read: str | None = None,
+    archived: str | None = None,
+    include: str | None = None,
 ) -> Response:
-    """The agent's queue in one ``status`` (default pending), oldest first; ``limit`` 1..500."""
+    """
+    The agent's queue in one ``status`` (default pending; ``all`` for every
+    status), oldest first; ``limit`` 1..500. ``seen``, ``read`` and ``archived``
+    (``true`` / ``false``) keep only the messages in that inbox state;
+    ``include=inbox`` adds ``seen_at`` / ``read_at`` / ``archived_at`` to each entry.
+    """
     count = parse_limit(limit, default=50, maximum=500)
     check_id(user_id, "user_id")
     wanted = status or "pending"
-    if wanted not in QUEUE_STATUSES:
-        raise InvalidRequestError("status", f"status must be one of {', '.join(QUEUE_STATUSES)}")
+    if wanted not in QUEUE_STATUSES and wanted != ALL_STATUSES:
+        allowed = ", ".join((*QUEUE_STATUSES, ALL_STATUSES))
+        raise InvalidRequestError("status", f"status must be one of {allowed}")
+    if include not in (None, "", INCLUDE_INBOX):
+        raise InvalidRequestError("include", f"include must be {INCLUDE_INBOX}")
+    inbox = InboxFilter(_flag(seen, "seen"), _flag(read, "read"), _flag(archived, "archived"))
     rows = await ctx.store.notifications.list_queue(
-        project, agent_id, status=wanted, user_id=user_id or None, limit=count
+        project,
+        agent_id,
+        status=None if wanted == ALL_STATUSES else wanted,
+        user_id=user_id or None,
+        limit=count,
+        inbox=inbox,
     )
-    return JSONResponse({"notifications": [queue_entry(r) for r in rows]})
+    entry = inbox_entry if include == INCLUDE_INBOX else queue_entry
+    return JSONResponse({"notifications": [entry(r) for r in rows]})
+
+
+@router.get(AGENT_PREFIX + "/counts", responses={200: {"model": InboxCountsOut}})
+async def inbox_counts(
+    agent_id: AgentId, project: ProjectId, ctx: Ctx, user_id: str | None = None
+) -> Response:
+    """
+    Badge counts over the agent's messages (one user's with ``user_id``):
+    ``unseen``, ``unread`` and ``pending`` leave archived messages out.
+    """
+    check_id(user_id, "user_id")
+    counts = await ctx.store.notifications.inbox_counts(project, agent_id, user_id=user_id or None)
+    return JSONResponse(
+        {
+            "total": counts.total,
+            "unseen": counts.unseen,
+            "unread": counts.unread,
+            "archived": counts.archived,
+            "pending": counts.pending,
+        }
+    )
+
+
+@router.post(AGENT_PREFIX + "/inbox", responses={200: {"model": InboxUpdated}})
+async def inbox_bulk(body: InboxBulk, agent_id: AgentId, project: ProjectId, ctx: Ctx) -> Response:
+    """
+    Apply one inbox ``action`` to the listed ``message_ids`` or to every message
+    of ``user_id`` (exactly one of them); ``updated`` counts the messages it
+    changed. Unknown ids are passed over; repeating the call changes nothing.
+    """
+    if (body.message_ids is None) == (body.user_id is None):
+        raise InvalidRequestError("message_ids", "give exactly one of message_ids and user_id")
+    n = await ctx.store.notifications.set_inbox_state(
+        project,
+        agent_id,
+        InboxAction(body.action),
+        now=ctx.clock.now(),
+        message_ids=body.message_ids,
+        user_id=body.user_id,
+    )
+    return JSONResponse({"updated": n})
+
+
+async def _set_one(
+    ctx: Ctx, project: str, agent_id: str, message_id: str, action: InboxAction
+) -> Response:
+    await ctx.store.notifications.set_inbox_state(
+        project, agent_id, action, now=ctx.clock.now(), message_ids=[message_id]
+    )
+    row = await ctx.store.notifications.inbox_state(project, agent_id, message_id)
+    if row is None:
+        raise NotFoundError(
+            "message_id",
+            f"message_id {message_id!r}: no such notification",
+            resource="notification",
+        )
+    return JSONResponse(inbox_entry(row))
+
+
+@router.post(AGENT_PREFIX + "/{message_id}/seen", responses={200: {"model": InboxEntryOut}})
+async def mark_seen(
+    agent_id: AgentId, message_id: ResourceId, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Mark a message seen (again keeps the first instant); answers the entry."""
+    return await _set_one(ctx, project, agent_id, message_id, InboxAction.SEEN)
+
+
+@router.post(AGENT_PREFIX + "/{message_id}/read", responses={200: {"model": InboxEntryOut}})
+async def mark_read(
+    agent_id: AgentId, message_id: ResourceId, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Mark a message read, and seen if it was not; answers the entry."""
+    return await _set_one(ctx, project, agent_id, message_id, InboxAction.READ)
+
+
+@router.post(AGENT_PREFIX + "/{message_id}/unread", responses={200: {"model": InboxEntryOut}})
+async def mark_unread(
+    agent_id: AgentId, message_id: ResourceId, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Clear a message's read instant (it stays seen); answers the entry."""
+    return await _set_one(ctx, project, agent_id, message_id, InboxAction.UNREAD)
+
+
+@router.post(AGENT_PREFIX + "/{message_id}/archive", responses={200: {"model": InboxEntryOut}})
+async def archive(
+    agent_id: AgentId, message_id: ResourceId, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Archive a message (kept, out of the inbox view and the badge); answers the entry."""
+    return await _set_one(ctx, project, agent_id, message_id, InboxAction.ARCHIVE)
+
+
+@router.post(AGENT_PREFIX + "/{message_id}/unarchive", responses={200: {"model": InboxEntryOut}})
+async def unarchive(
+    agent_id: AgentId, message_id: ResourceId, project: ProjectId, ctx: Ctx
+) -> Response:
+    """Bring an archived message back to the inbox; answers the entry."""
+    return await _set_one(ctx, project, agent_id, message_id, InboxAction.UNARCHIVE)
 
 
 NEXT_CURSOR = "X-Next-Cursor"

@@ -168,8 +168,8 @@ async def user_timeline(
     """
     Everything that happened for the user, in order: schedule changes, fires and
     skips with their rule, wakeups and trigger events, messages composed, failed and
-    consumed, webhook and channel attempts, dead letters, disabled endpoints.
-    ``limit`` 1..500 (default 50); ``order`` asc (default) or desc; ``next_cursor``
+    consumed, webhook and channel attempts, channel fallbacks, dead letters, disabled
+    endpoints. ``limit`` 1..500 (default 50); ``order`` asc (default) or desc; ``next_cursor``
     continues the page.
     """
     return await _timeline(

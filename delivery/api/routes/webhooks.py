@@ -25,7 +25,7 @@ from pydantic import Field
 from sqlalchemy.engine import RowMapping
 
 from delivery.api.auth import PathProject, ProjectId
-from delivery.api.context import ApiContext, Ctx, parse_limit, wire_time
+from delivery.api.context import ApiContext, Ctx, opt_time, parse_limit, wire_time
 from delivery.api.schemas import ID_PATTERN, RequestModel, ResponseModel, Success
 from delivery.cadence import parse_instant
 from delivery.errors import (
@@ -95,6 +95,21 @@ class WebhookOut(ResponseModel):
 
 class WebhookList(ResponseModel):
     webhooks: list[WebhookOut]
+
+
+class WebhookEnabled(ResponseModel):
+    """
+    Enable response. When the endpoint had been disabled: when, why, and
+    ``recover_since``, the instant to recover from (the first failure of the
+    streak that disabled it, else the disable itself).
+    """
+
+    success: bool
+    was_disabled: bool
+    disabled_at: str | None = None
+    disabled_reason: str | None = None
+    failing_since: str | None = None
+    recover_since: str | None = None
 
 
 class AttemptOut(ResponseModel):
@@ -293,7 +308,8 @@ def _recovery_error(event_type: str, exc: Exception) -> Exception:
         return InvalidStateError(
             "event_type",
             f"event_type {event_type!r}: the endpoint is disabled ({exc.reason}); "
-            "register it again, then recover",
+            f"enable it (POST .../webhooks/{event_type}/enable) or register it again, "
+            "then recover",
         )
     return _not_registered(event_type)
 
@@ -358,6 +374,29 @@ DeliveryRef = Annotated[
     ),
 ]
 
+
+async def _enable(ctx: ApiContext, project: str, event_type: str) -> Response:
+    enabled = await _store(ctx).enable_endpoint(project, event_type, now=ctx.clock.now())
+    if enabled is None:
+        raise _not_registered(event_type)
+    out: dict[str, Any] = {"success": True, "was_disabled": enabled.was_disabled}
+    if enabled.was_disabled:
+        _log.info(
+            "webhook.enabled",
+            project_id=project,
+            event_type=event_type,
+            disabled_reason=enabled.disabled_reason,
+        )
+        found = {
+            "disabled_at": opt_time(enabled.disabled_at),
+            "disabled_reason": enabled.disabled_reason,
+            "failing_since": opt_time(enabled.failing_since),
+            "recover_since": opt_time(enabled.recover_since),
+        }
+        out |= {key: value for key, value in found.items() if value is not None}
+    return JSONResponse(out)
+
+
 # --- tenant-scoped: the key's project ---------------------------------------------------
 
 
@@ -411,6 +450,16 @@ async def rotate_secret(
 ) -> Response:
     """A new signing secret; the previous one keeps signing for 24 h. No body is read."""
     return await _rotate(request, ctx, project, event_type)
+
+
+@router.post(TENANT + "/{event_type}/enable", responses={200: {"model": WebhookEnabled}})
+async def enable_webhook(event_type: EventType, project: ProjectId, ctx: Ctx) -> Response:
+    """
+    Re-enable an endpoint disabled after failing (or a 410), keeping its URL and
+    secret; ``recover_since`` says from when to recover. Enabling an active one
+    changes nothing (``was_disabled`` false). No body is read.
+    """
+    return await _enable(ctx, project, event_type)
 
 
 # --- project-scoped ---------------------------------------------------------------------
@@ -518,3 +567,9 @@ async def resend_project_webhook(
 ) -> Response:
     """As the tenant-scoped resend, for ``project_id``."""
     return await _resend(ctx, project, event_type, delivery_id)
+
+
+@router.post(PROJECT + "/{event_type}/enable", responses={200: {"model": WebhookEnabled}})
+async def enable_project_webhook(event_type: EventType, project: PathProject, ctx: Ctx) -> Response:
+    """As the tenant-scoped enable, for ``project_id``."""
+    return await _enable(ctx, project, event_type)

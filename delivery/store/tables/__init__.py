@@ -13,6 +13,7 @@ from sqlmodel import SQLModel
 
 from delivery.store.tables.channels import (
     ChannelAttemptRow,
+    ChannelFallbackRow,
     ChannelPreferenceRow,
     ContactRow,
     NotificationChannelRow,
@@ -44,6 +45,7 @@ CONTACTS: Table = ContactRow.__table__  # type: ignore[attr-defined]
 PREFERENCES: Table = ChannelPreferenceRow.__table__  # type: ignore[attr-defined]
 CHANNELS: Table = NotificationChannelRow.__table__  # type: ignore[attr-defined]
 CHANNEL_ATTEMPTS: Table = ChannelAttemptRow.__table__  # type: ignore[attr-defined]
+CHANNEL_FALLBACKS: Table = ChannelFallbackRow.__table__  # type: ignore[attr-defined]
 PROJECTS: Table = ProjectRow.__table__  # type: ignore[attr-defined]
 API_KEYS: Table = ApiKeyRow.__table__  # type: ignore[attr-defined]
 SCHEDULES: Table = ScheduleRow.__table__  # type: ignore[attr-defined]
@@ -68,6 +70,7 @@ __all__ = [
     "API_KEYS",
     "CHANNELS",
     "CHANNEL_ATTEMPTS",
+    "CHANNEL_FALLBACKS",
     "CONTACTS",
     "DELIVERIES",
     "ENDPOINTS",

@@ -134,3 +134,44 @@ class ChannelAttemptRow(SQLModel, table=True):
     attempt_number: int = 1
     next_attempt_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class ChannelFallbackRow(SQLModel, table=True):
+    """
+    One message's channel fallback (``DELIVERY_CHANNEL_FALLBACK_AFTER_S``): the
+    channels to try in order, the one being tried, and every decision taken.
+
+    ``order_json`` lists the channel kinds; ``step`` indexes the current one and
+    ``attempt_number`` numbers its next send. ``step_deadline`` ends its time.
+    ``next_attempt_at`` is when the row is due (a retry of the current channel,
+    or its deadline); ``None`` once finished (``status`` ``delivered``,
+    ``exhausted`` or ``stopped``). A worker claims a due row by setting
+    ``claim`` (its token) and moving ``next_attempt_at`` to the lease's end;
+    ``sending`` is written before a send and cleared with its result, so a
+    worker killed in between is replaced by one that repeats the same channel.
+    ``decisions_json`` is the list of decisions (``handlers.fallback.Decision``).
+    """
+
+    __tablename__ = "channel_fallbacks"
+    __table_args__ = (
+        Index("ix_channel_fallbacks_due", "next_attempt_at"),
+        Index("ix_channel_fallbacks_updated_at", "updated_at"),
+        # The user timeline reads a user's rows by their latest decision.
+        Index("ix_channel_fallbacks_owner", "project_id", "agent_id", "user_id", "updated_at"),
+    )
+
+    notification_id: str = Field(primary_key=True, max_length=64)
+    project_id: str = Field(foreign_key="projects.id", max_length=64)
+    agent_id: str = Field(max_length=128)
+    user_id: str = Field(max_length=128)
+    order_json: str = Field(sa_type=Text)
+    step: int = 0
+    attempt_number: int = 1
+    step_deadline: datetime = Field(sa_type=UTCDateTime)
+    next_attempt_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    claim: str | None = Field(default=None, max_length=64)
+    sending: bool = False
+    status: str = Field(max_length=16, description="active | delivered | exhausted | stopped")
+    decisions_json: str = Field(default="[]", sa_type=Text)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    updated_at: datetime = Field(sa_type=UTCDateTime)

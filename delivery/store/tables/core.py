@@ -224,6 +224,12 @@ class NotificationRow(SQLModel, table=True):
     promotes it at its fire instant (:mod:`delivery.store.staging`). ``ack_status`` is the
     project view's (pending | acknowledged). ``payload_json`` is the
     message payload, the same bytes the webhook sends.
+
+    ``seen_at``, ``read_at`` and ``archived_at`` are the inbox states, three
+    independent flags kept as the instant each was set (``None``: not set), beside
+    ``status``: a consumed message can be unread, an archived one unseen. Marking
+    read also marks seen; unarchiving clears ``archived_at`` (``delivery.store.
+    notifications.InboxAction``).
     """
 
     __tablename__ = "notifications"
@@ -288,6 +294,9 @@ class NotificationRow(SQLModel, table=True):
     acknowledged_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(sa_type=UTCDateTime)
     consumed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    seen_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    read_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    archived_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class IdempotencyRow(SQLModel, table=True):

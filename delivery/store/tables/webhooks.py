@@ -22,8 +22,11 @@ class WebhookEndpointRow(SQLModel, table=True):
     ``secret_enc`` is the current ``whsec_`` secret, encrypted. After a rotation
     ``previous_secret_enc`` keeps the old one and both sign until ``rotated_at`` + 24 h
     (``handlers.webhooks.signing.active_secrets``). ``is_active`` turns false when a
-    receiver answers 410 Gone; ``disabled_reason`` says why, and registering again
-    re-enables the endpoint.
+    receiver answers 410 Gone, or when it has failed continuously for
+    ``DELIVERY_WEBHOOK_DISABLE_AFTER_S``; ``disabled_reason`` says why and
+    ``disabled_at`` when, and registering again (or the enable route) re-enables the
+    endpoint. ``failing_since`` is the first failed attempt of the current streak
+    (cleared by any 2xx): the endpoint has had no success since then.
     """
 
     __tablename__ = "webhook_endpoints"
@@ -41,6 +44,8 @@ class WebhookEndpointRow(SQLModel, table=True):
     auth_header_enc: str | None = Field(default=None, sa_type=Text)
     is_active: bool = True
     disabled_reason: str | None = Field(default=None, sa_type=Text)
+    disabled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    failing_since: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
 

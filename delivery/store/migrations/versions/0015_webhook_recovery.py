@@ -1,7 +1,7 @@
 """webhook recovery: re-send one delivery, or every message for an endpoint since an instant
 
 Revision ID: 0015
-Revises: 0011
+Revises: 0014
 Create Date: 2026-12-04
 
 A delivery an operator re-sends goes back into the same durable queue row, so the
@@ -20,7 +20,7 @@ from alembic import op
 
 
 revision: str = '0015'
-down_revision: str | Sequence[str] | None = '0011'
+down_revision: str | Sequence[str] | None = '0014'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

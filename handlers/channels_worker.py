@@ -355,9 +355,7 @@ class ChannelsWorker(QueueWorker):
             records.extend(recs)
             disable.extend(dis)
             total.add(res)
-        channel_records, channel_result = await self._to_project_channels(
-            list(dict.fromkeys(notification_ids)), now
-        )
+        channel_records, channel_result = await self._to_project_channels(inputs.channelled, now)
         records.extend(channel_records)
         total.add(channel_result)
         # One transaction for the batch's contact and channel attempts, before the ack.
@@ -395,6 +393,8 @@ class ChannelsWorker(QueueWorker):
         to its event type whose filter matches, skipping channels a previous delivery
         of the same message already attempted; the attempts to record.
         """
+        if not notification_ids:
+            return [], FanoutResult()
         notes, channels, attempted = await self.store.channel_inputs(notification_ids)
         sends: list[tuple[RowMapping, OpenedChannel]] = []
         for note in notes.values():

@@ -212,6 +212,8 @@ class FanoutInputs:
     contacts: dict[UserKey, list[ContactMapping]]
     preferences: dict[UserKey, dict[str, list[str]]]
     attempted: dict[str, set[str]]
+    channelled: tuple[str, ...] = ()
+    """Pending notifications whose project has an active notification channel."""
 
 
 def _chunks[T](items: Sequence[T], size: int) -> list[Sequence[T]]:
@@ -537,11 +539,12 @@ class ChannelStore(StoreBase):
         self, notification_ids: Sequence[str]
     ) -> tuple[dict[str, RowMapping], dict[str, list[OpenedChannel]], dict[str, set[str]]]:
         """
-        What routing a batch to project channels reads: the pending notifications
+        What routing notifications to project channels reads: those still pending
         whose project has an active channel (full rows), those projects' active
         channels (opened), and per notification the channels already attempted (a
-        JetStream redelivery must not send twice). One query when no project of the
-        batch has a channel (``ix_notification_channels_project``), three otherwise.
+        JetStream redelivery must not send twice). The worker asks only for the
+        notifications :meth:`fanout_inputs` found ``channelled``, so a batch of
+        projects without channels costs nothing more than that probe.
         """
         if not notification_ids:
             return {}, {}, {}
@@ -633,8 +636,9 @@ class ChannelStore(StoreBase):
         (a JetStream redelivery must not send twice to a destination the first delivery
         reached).
 
-        A first query reads only each notification's status and whether its user has
-        an active contact it was not yet attempted to. In a burst most users have no
+        A first query reads only each notification's status, whether its user has
+        an active contact it was not yet attempted to, and whether its project has an
+        active notification channel (``channelled``, for :meth:`channel_inputs`). In a burst most users have no
         contact at all, so a batch where none has one costs that one query; the full
         rows (with their payloads), contacts, preferences and attempts are then read,
         in four more queries, only for the pending notifications that have one.
@@ -669,20 +673,32 @@ class ChannelStore(StoreBase):
             .exists()
             .label("reachable")
         )
+        # In the same probe: does the project have a channel to route it to
+        # (ix_notification_channels_project)? Most have none.
+        ch = CHANNELS.c
+        channelled_ = (
+            select(ch.id)
+            .where(ch.project_id == n.project_id, ch.active.is_(True))
+            .exists()
+            .label("channelled")
+        )
         async with self.read() as conn:
             probe = await conn.execute(
-                select(n.id, n.status, reachable).where(n.id.in_(notification_ids))
+                select(n.id, n.status, reachable, channelled_).where(n.id.in_(notification_ids))
             )
             statuses: dict[str, str] = {}
             wanted: list[str] = []
-            for nid, status, has_contact in probe:
+            channelled: list[str] = []
+            for nid, status, has_contact, has_channel in probe:
                 statuses[nid] = status
                 # Only pending notifications are sent (one already read by polling gets
                 # no push), so a consumed one is never worth its full row.
                 if status == "pending" and has_contact:  # SQLite answers 0/1
                     wanted.append(nid)
+                if status == "pending" and has_channel:
+                    channelled.append(nid)
             if not wanted:
-                return FanoutInputs(statuses, {}, {}, {}, {})
+                return FanoutInputs(statuses, {}, {}, {}, {}, tuple(channelled))
             notes = {
                 r["id"]: r
                 for r in (
@@ -720,7 +736,7 @@ class ChannelStore(StoreBase):
             )
             for nid, cid in done:
                 attempted.setdefault(nid, set()).add(cid)
-        return FanoutInputs(statuses, notes, contacts, prefs, attempted)
+        return FanoutInputs(statuses, notes, contacts, prefs, attempted, tuple(channelled))
 
     async def get_contact_by_id(self, contact_id: str) -> ContactMapping | None:
         """

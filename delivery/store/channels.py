@@ -638,8 +638,9 @@ class ChannelStore(StoreBase):
 
         A first query reads only each notification's status, whether its user has
         an active contact it was not yet attempted to, and whether its project has an
-        active notification channel (``channelled``, for :meth:`channel_inputs`). In a burst most users have no
-        contact at all, so a batch where none has one costs that one query; the full
+        active notification channel (``channelled``, for :meth:`channel_inputs`). In
+        a burst most users have no contact at all, so a batch where none has one costs
+        that one query; the full
         rows (with their payloads), contacts, preferences and attempts are then read,
         in four more queries, only for the pending notifications that have one.
 

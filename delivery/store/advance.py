@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from delivery.errors import ConflictError
 from delivery.store import common
 from delivery.store.common import owned
-from delivery.store.engine import any_row, write_transaction
+from delivery.store.engine import any_row, read_connection, write_transaction
 from delivery.store.notifications import (
     NotificationBatch,
     Written,
@@ -329,7 +329,7 @@ class SqlAdvanceStore:
 
     async def clock_offset(self, pair: Pair) -> float | None:
         """See :meth:`AdvanceStore.clock_offset`."""
-        async with self.engine.connect() as conn:
+        async with read_connection(self.engine) as conn:
             row = (
                 await conn.execute(select(OFFSETS.c.offset_s).where(*_mine(OFFSETS, pair)))
             ).first()

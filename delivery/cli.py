@@ -11,7 +11,7 @@ import typer
 from pydantic import SecretStr, ValidationError
 
 from delivery import __version__
-from delivery.commands import api, cadence, daemon, explain, receiver, store
+from delivery.commands import api, cadence, daemon, explain, receiver, store, workbench
 from delivery.settings import Settings
 
 app = typer.Typer(
@@ -38,7 +38,7 @@ def _root(
     """Proactive delivery service."""
 
 
-for _module in (cadence, store, api, daemon, receiver, explain):
+for _module in (cadence, store, api, daemon, receiver, explain, workbench):
     _module.register(app)
 
 

@@ -118,6 +118,8 @@ class SourceRef:
     kind: SourceKind
     id: str
     replace_staged: bool = field(default=False, compare=False)
+    offset_s: float = field(default=0.0, compare=False)
+    """The source's pair clock offset: its notification is stamped on that clock."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -277,3 +277,42 @@ def plan_schedule(
         ends_at=compiled.ends_at,
         max_skips=max_skips,
     )
+
+
+BEFORE_PAIR_CLOCK = "before_pair_clock"
+"""
+Skip reason of a tick a schedule never had the chance to fire: it lies between real
+time and its (agent, user) pair's advanced clock when the schedule was created.
+"""
+
+
+BEHIND_CLOCK_HORIZON = timedelta(days=31)
+"""How far behind an advanced pair's clock :func:`ticks_behind_clock` looks (bounded work)."""
+
+
+def ticks_behind_clock(
+    compiled: CompiledSchedule,
+    *,
+    real_now: datetime,
+    pair_now: datetime,
+    max_skips: int = DEFAULT_MAX_SKIPS,
+    skip_horizon: timedelta = BEHIND_CLOCK_HORIZON,
+) -> list[Skip]:
+    """
+    The ticks a schedule created on an advanced pair's clock passed over, as skips.
+
+    The schedule is created at the pair's ``pair_now``; the ticks in
+    ``(real_now, pair_now]`` are in that clock's past (they are never fired) but
+    in real time's future, where a reader would look for them, so they are
+    recorded: ``before_pair_clock``, or the cadence's own reason (active window,
+    DST gap) when it would have skipped the tick anyway. Bounded like the
+    scheduler's catch-up: only those of the last ``skip_horizon``, and at most
+    ``max_skips`` of them, the latest.
+    """
+    if pair_now <= real_now:
+        return []
+    after = max(real_now, pair_now - skip_horizon)
+    ticks = ticks_between(compiled, after, pair_now)[-max_skips:] if max_skips > 0 else []
+    return [
+        Skip(t.fire_at, BEFORE_PAIR_CLOCK if t.skipped is None else t.skipped.value) for t in ticks
+    ]

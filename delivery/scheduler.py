@@ -33,6 +33,7 @@ from delivery.store.schedules import (
     SchedulerStore,
     ScheduleStore,
     compile_stored,
+    pair_offset,
 )
 
 log = structlog.get_logger(__name__)
@@ -291,6 +292,11 @@ class Scheduler:
     def _plan(
         self, row: ClaimedSchedule, now: datetime
     ) -> tuple[CompiledSchedule, SchedulePlan] | None:
+        # An advanced pair's schedule is planned on the pair's clock (real now plus
+        # its offset, which the row carries as next_fire_at - due_at), without
+        # lookahead: a staged fire would be promoted on the real clock.
+        offset = pair_offset(row)
+        lookahead = timedelta(0) if row.due_at is not None else self.lookahead
         try:
             compiled = self.cache.compiled(row)
             plan = plan_schedule(
@@ -301,8 +307,8 @@ class Scheduler:
                 handled_until=_latest(row.last_fire_at, row.updated_at),
                 # Planning as of now + lookahead stages the fires of that window;
                 # the lateness cutoff stays at now - max_lateness.
-                now=now + self.lookahead,
-                max_lateness=self.max_lateness + self.lookahead,
+                now=now + offset + lookahead,
+                max_lateness=self.max_lateness + lookahead,
                 last_fire_at=row.last_fire_at,
                 max_skips=self.max_skips,
             )
@@ -366,7 +372,8 @@ class Scheduler:
             self.cache.put((row.id, row.version + 1), compiled[row.id])
             if plan.fires:
                 # The oldest fire of the pass says how late the scheduler is running.
-                observe_lateness(max(0.0, (now - plan.fires[0]).total_seconds()))
+                late = now + pair_offset(row) - plan.fires[0]
+                observe_lateness(max(0.0, late.total_seconds()))
             for skip in plan.skips:
                 skip_reasons[skip.reason] = skip_reasons.get(skip.reason, 0) + 1
             if plan.unitemised:

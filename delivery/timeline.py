@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from delivery.cadence import SkipReason, format_local, format_utc
 from delivery.errors import InvalidRequestError
-from delivery.planning import MISSED_MAX_LATENESS
+from delivery.planning import BEFORE_PAIR_CLOCK, MISSED_MAX_LATENESS
 
 
 class Kind(StrEnum):
@@ -257,5 +257,11 @@ def skip_rule(
             f"the tick due at {local:%H:%M} on {local:%Y-%m-%d} ({where}) was reached more than "
             f"the maximum lateness ({lateness_text(max_lateness)}) after it was due: the "
             "scheduler was down or behind, and a fire that late is recorded as missed, not sent"
+        )
+    if reason == BEFORE_PAIR_CLOCK:
+        return (
+            f"the tick at {local:%H:%M} on {local:%Y-%m-%d} ({where}) was already in the past "
+            "of this agent and user's advanced clock when the schedule was created, so it "
+            "was never due"
         )
     return f"the tick was skipped ({reason})"

@@ -55,7 +55,13 @@ from delivery.bus.messages import NotificationCreated
 from delivery.clock import Clock
 from delivery.secrets import LazySecretBox, SecretBox
 from delivery.settings import Settings
-from delivery.store.channels import AttemptRecord, ChannelStore, ContactMapping, FallbackStep
+from delivery.store.channels import (
+    AttemptRecord,
+    ChannelStore,
+    ContactMapping,
+    FallbackStep,
+    OpenedChannel,
+)
 from delivery.tracing import Carrier, request_id_of
 from handlers.base import Channel, Message
 from handlers.contacts import Contact, ContactKind, redact
@@ -75,6 +81,13 @@ from handlers.fanout import (
     plan_fanout,
     provider_http_client,
     summarize,
+)
+from handlers.notification_channels import (
+    ChannelSend,
+    ChannelTarget,
+    filter_matches,
+    send_event,
+    subscribed,
 )
 from handlers.queue import QueueWorker
 from handlers.retry import DeadLetter, Rand, RetryAt, plan_next
@@ -386,6 +399,11 @@ class ChannelsWorker(QueueWorker):
             total.add(res)
             if fallback is not None:
                 fallbacks.append(fallback)
+        channel_records, channel_result = await self._to_project_channels(inputs.channelled, now)
+        records.extend(channel_records)
+        total.add(channel_result)
+        # One transaction for the batch's contact and channel attempts and its fallback
+        # rows, before the ack.
         await self._record(records, disable, now, fallbacks=fallbacks)
         if total.retries_scheduled or fallbacks:
             self._loop.wake()
@@ -472,6 +490,60 @@ class ChannelsWorker(QueueWorker):
         for contact_id, reason in disable:
             if await self.store.disable_contact(contact_id, reason, now):
                 log.info("channels.destination_disabled", contact_id=contact_id, reason=reason)
+
+    # --- project channels ---------------------------------------------------------
+
+    async def _to_project_channels(
+        self, notification_ids: Sequence[str], now: datetime
+    ) -> tuple[list[AttemptRecord], FanoutResult]:
+        """
+        Send each pending notification once to every active project channel subscribed
+        to its event type whose filter matches, skipping channels a previous delivery
+        of the same message already attempted; the attempts to record.
+        """
+        if not notification_ids:
+            return [], FanoutResult()
+        notes, channels, attempted = await self.store.channel_inputs(notification_ids)
+        sends: list[tuple[RowMapping, OpenedChannel]] = []
+        for note in notes.values():
+            event = json.loads(note["payload_json"] or "{}")
+            done = attempted.get(note["id"], set())
+            sends.extend(
+                (note, channel)
+                for channel in channels.get(note["project_id"], [])
+                if channel.id not in done
+                and subscribed(channel.events, note["event_type"])
+                and filter_matches(channel.filter, event)
+            )
+        if not sends:
+            return [], FanoutResult()
+        results = await asyncio.gather(
+            *(self._send_to_channel(note, channel, 1, now) for note, channel in sends)
+        )
+        records = [record for record, _ in results]
+        total = FanoutResult()
+        for _, result in results:
+            total.add(result)
+        log.debug("channels.project_channels", sends=len(sends), sent=total.sent)
+        return records, total
+
+    async def _send_to_channel(
+        self, note: RowMapping, channel: OpenedChannel, number: int, now: datetime
+    ) -> tuple[AttemptRecord, FanoutResult]:
+        """One send of a notification's event to one project channel, as an attempt."""
+        event = json.loads(note["payload_json"] or "{}")
+        event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+        [send] = await send_event(
+            note["project_id"],
+            note["event_type"],
+            event,
+            [ChannelTarget(channel.id, channel.type, channel.config)],
+            event_id=event_id or note["id"],
+            settings=self.settings,
+            clock=self.clock,
+            now=note["created_at"],
+        )
+        return channel_attempt(note, channel.id, send, number, now=now, rand=self._rand)
 
     # --- retries ------------------------------------------------------------------
 
@@ -640,6 +712,8 @@ class ChannelsWorker(QueueWorker):
             attempt_number=row["attempt_number"] + 1,
         )
         try:
+            if row["channel_id"] is not None:
+                return await self._retry_channel(row)
             note = await self.store.get_notification(row["notification_id"])
             contact = (
                 await self.store.get_contact_by_id(row["contact_id"]) if row["contact_id"] else None
@@ -690,6 +764,44 @@ class ChannelsWorker(QueueWorker):
             bound.exception("channels.retry_failed", lease_s=self.lease.total_seconds())
             return FanoutResult()
 
+    async def _retry_channel(self, row: RowMapping) -> FanoutResult:
+        """A due retry of a project channel attempt: send again, or record why not."""
+        note = await self.store.get_notification(row["notification_id"])
+        channel = await self.store.get_opened_channel(row["channel_id"])
+        now = self.clock.now()
+        number = row["attempt_number"] + 1
+        reason = _why_not_channel(note, channel)
+        if reason is not None or note is None or channel is None:
+            skipped = AttemptRecord(
+                project_id=row["project_id"],
+                notification_id=row["notification_id"],
+                agent_id=row["agent_id"],
+                user_id=row["user_id"],
+                kind=row["kind"],
+                contact_id=None,
+                destination=row["destination"],
+                status=AttemptStatus.SKIPPED.value,
+                reason=reason or "gone",
+                response_code=0,
+                duration_ms=0,
+                attempt_number=number,
+                next_attempt_at=None,
+                created_at=now,
+                channel_id=row["channel_id"],
+            )
+            await self._record([skipped], [], now, retried_id=row["id"])
+            log.info("channels.retry_dropped", channel_id=row["channel_id"], reason=reason)
+            return FanoutResult(skipped=1)
+        record, result = await self._send_to_channel(note, channel, number, now)
+        await self._record([record], [], now, retried_id=row["id"])
+        log.info(
+            "channels.retried",
+            channel_id=channel.id,
+            notification_id=note["id"],
+            status=record.status,
+        )
+        return result
+
     async def claim_step(self) -> bool:
         result = await self.sweep()
         # A full batch: there may be more due right now.
@@ -705,6 +817,68 @@ def _count_sends(records: Sequence[AttemptRecord]) -> None:
 
 def _notification_id(data: bytes) -> str:
     return NotificationCreated.model_validate_json(data).notification_id
+
+
+def channel_attempt(
+    note: Mapping[Any, Any],
+    channel_id: str,
+    send: ChannelSend,
+    number: int,
+    *,
+    now: datetime,
+    rand: Rand,
+) -> tuple[AttemptRecord, FanoutResult]:
+    """
+    The attempt record of one send to a project channel (pure): a transient failure
+    with attempts left gets ``next_attempt_at`` (:func:`handlers.retry.plan_next`),
+    so the retry loop sends it again.
+    """
+    status = send.result["status"]
+    result = FanoutResult()
+    next_at: datetime | None = None
+    if status == "sent":
+        result.sent = 1
+    elif status == "skipped":
+        result.skipped = 1
+    else:
+        result.failed = 1
+        if send.outcome is not None:
+            step = plan_next(send.outcome, number, now=now, rand=rand)
+            if isinstance(step, RetryAt):
+                next_at = step.at
+                result.retries_scheduled = 1
+    code = getattr(send.outcome, "status_code", 0) if send.outcome is not None else 0
+    record = AttemptRecord(
+        project_id=note["project_id"],
+        notification_id=note["id"],
+        agent_id=note["agent_id"],
+        user_id=note["user_id"],
+        kind=send.result["type"],
+        contact_id=None,
+        destination=send.destination,
+        status=status,
+        reason=str(send.result.get("error", "")),
+        response_code=int(code or 0),
+        duration_ms=send.duration_ms,
+        attempt_number=number,
+        next_attempt_at=next_at,
+        created_at=now,
+        channel_id=channel_id,
+    )
+    return record, result
+
+
+def _why_not_channel(note: RowMapping | None, channel: OpenedChannel | None) -> str | None:
+    """Why a due project channel retry is dropped instead of attempted (pure), or ``None``."""
+    if note is None:
+        return "notification_gone"
+    if note["status"] != "pending":
+        return "notification_not_pending"
+    if channel is None:
+        return "channel_removed"
+    if not subscribed(channel.events, note["event_type"]):
+        return "channel_unsubscribed"
+    return None
 
 
 def _why_not(note: RowMapping | None, contact: ContactMapping | None) -> str | None:

@@ -11,17 +11,20 @@ import asyncio
 import dataclasses
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 
 from delivery.cadence.instants import format_utc
 from delivery.clock import Clock
 from delivery.settings import Settings
-from handlers.base import Delivered, Failed, Message, Retry
+from handlers.base import Delivered, Failed, Message, Outcome, Retry
+from handlers.contacts import ContactKind, redact
 from handlers.email import SmtpChannel, SmtpSecurity
 from handlers.webhooks.sender import WebhookChannel, WebhookEndpoint
 
@@ -84,12 +87,16 @@ async def _deliver_one(
     settings: Settings,
     clock: Clock,
     webhook: WebhookChannel,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Outcome | None]:
     result: dict[str, Any] = {"channel_id": row.id, "type": row.type}
     if row.type == "webhook":
         secret = config.get("secret")
         if not isinstance(secret, str) or not secret:
-            return {**result, "status": "failed", "error": "the channel has no signing secret"}
+            return {
+                **result,
+                "status": "failed",
+                "error": "the channel has no signing secret",
+            }, None
         auth = config.get("auth_header")
         endpoint = WebhookEndpoint(
             url=str(config.get("url", "")),
@@ -101,18 +108,22 @@ async def _deliver_one(
     else:
         recipients = config.get("to") or []
         if not recipients:
-            return {**result, "status": "skipped", "error": "config.to names no recipient"}
+            return {**result, "status": "skipped", "error": "config.to names no recipient"}, None
         if not settings.smtp_host:
             return {
                 **result,
                 "status": "failed",
                 "error": "email is not configured on this server (DELIVERY_SMTP_HOST)",
-            }
+            }, None
         try:
             security = SmtpSecurity(settings.smtp_security)
         except ValueError:
             _log.error("channels.smtp_misconfigured", smtp_security=settings.smtp_security)
-            return {**result, "status": "failed", "error": "the server's SMTP settings are invalid"}
+            return {
+                **result,
+                "status": "failed",
+                "error": "the server's SMTP settings are invalid",
+            }, None
         channel = SmtpChannel(
             settings.smtp_host,
             settings.smtp_port,
@@ -126,9 +137,32 @@ async def _deliver_one(
         failures = [o for o in outcomes if not isinstance(o, Delivered)]
         outcome = failures[0] if failures else outcomes[0]
     if isinstance(outcome, Delivered):
-        return {**result, "status": "sent"}
+        return {**result, "status": "sent"}, outcome
     assert isinstance(outcome, Retry | Failed)  # noqa: S101 - Outcome is a closed union
-    return {**result, "status": "failed", "error": outcome.reason}
+    return {**result, "status": "failed", "error": outcome.reason}, outcome
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSend:
+    """One target's send: the wire result, the provider's outcome (``None`` when nothing
+    was sent), how long it took, and the redacted destination it went to."""
+
+    result: dict[str, Any]
+    outcome: Outcome | None
+    duration_ms: int
+    destination: str
+
+
+def destination_of(target: ChannelTarget) -> str:
+    """Where a channel sends, redacted for the attempt log: a webhook's scheme and host
+    (a path or query may carry a token), an email channel's first recipient, masked."""
+    config = target.config or {}
+    if target.type == "webhook":
+        parts = urlsplit(str(config.get("url", "")))
+        return f"{parts.scheme}://{parts.hostname or ''}"
+    recipients = config.get("to") or []
+    first = recipients[0] if isinstance(recipients, list) and recipients else ""
+    return redact(ContactKind.EMAIL, str(first)) if first else ""
 
 
 async def deliver_event(
@@ -146,6 +180,31 @@ async def deliver_event(
     Send ``payload`` once to every target; one result per target, in target order
     (``status`` ``sent``, ``failed`` with an ``error``, or ``skipped``).
     """
+    sends = await send_event(
+        project,
+        event_type,
+        payload,
+        targets,
+        event_id=event_id,
+        settings=settings,
+        clock=clock,
+        now=now,
+    )
+    return [s.result for s in sends]
+
+
+async def send_event(
+    project: str,
+    event_type: str,
+    payload: Mapping[str, Any],
+    targets: Sequence[ChannelTarget],
+    *,
+    event_id: str,
+    settings: Settings,
+    clock: Clock,
+    now: datetime | None = None,
+) -> list[ChannelSend]:
+    """:func:`deliver_event` with each send's outcome, duration and destination (to record)."""
     now = now or clock.now()
     envelope = {
         "event_id": event_id,
@@ -171,15 +230,22 @@ async def deliver_event(
     email_message = dataclasses.replace(message, payload={"subject": str(subject)})
     async with WebhookChannel.from_settings(settings, clock=clock) as webhook:
 
-        async def one(target: ChannelTarget) -> dict[str, Any]:
+        async def one(target: ChannelTarget) -> ChannelSend:
+            started = time.perf_counter()
             if target.config is None:
-                return {
+                result: dict[str, Any] = {
                     "channel_id": target.id,
                     "type": target.type,
                     "status": "failed",
                     "error": "the channel's secrets cannot be decrypted with this server's key",
                 }
-            chosen = message if target.type == "webhook" else email_message
-            return await _deliver_one(target, target.config, chosen, settings, clock, webhook)
+                outcome: Outcome | None = None
+            else:
+                chosen = message if target.type == "webhook" else email_message
+                result, outcome = await _deliver_one(
+                    target, target.config, chosen, settings, clock, webhook
+                )
+            took = round((time.perf_counter() - started) * 1000)
+            return ChannelSend(result, outcome, took, destination_of(target))
 
         return list(await asyncio.gather(*(one(t) for t in targets)))

@@ -6,7 +6,7 @@ small parsing helpers the routes share: wire timestamps, limits, ids, metadata.
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol
 
 import structlog
@@ -25,6 +25,7 @@ from delivery.dispatcher.composers import SharedComposer
 from delivery.errors import InvalidIdError, InvalidLimitError, InvalidRequestError
 from delivery.secrets import LazySecretBox
 from delivery.settings import Settings
+from delivery.store.advance import Pair, due_in_real_time
 from delivery.store.channels import ChannelStore
 from delivery.store.common import canonical_json
 from delivery.store.engine import after_commit
@@ -85,6 +86,36 @@ class ApiContext:
             self.waker.wake()
         except Exception as exc:  # the waker belongs to another component
             _log.warning("waker failed", error=repr(exc))
+
+
+@dataclass(frozen=True, slots=True)
+class PairClock:
+    """
+    An (agent, user) pair's clock: real time plus its advance-time offset.
+
+    Every read and write for the pair takes "now" from here (:attr:`now`); a row
+    written on an advanced clock also carries the real instant it is due at
+    (:meth:`due_at`), which is what the scheduler claims by.
+    """
+
+    real: datetime
+    offset: timedelta
+
+    @property
+    def now(self) -> datetime:
+        """The pair's now."""
+        return self.real + self.offset
+
+    def due_at(self, instant: datetime | None) -> datetime | None:
+        """The ``due_at`` column of a row due at ``instant`` on this clock."""
+        return due_in_real_time(instant, self.offset)
+
+
+async def pair_clock(ctx: "ApiContext", project: str, agent: str, user: str) -> PairClock:
+    """The pair's clock now (one primary-key read)."""
+    real = ctx.clock.now()
+    offset_s = await ctx.store.clocks.clock_offset(Pair(project, agent, user))
+    return PairClock(real, timedelta(seconds=offset_s or 0.0))
 
 
 async def _ctx(request: Request) -> ApiContext:

@@ -131,6 +131,7 @@ EXAMPLES: Final[dict[str, dict[str, Any]]] = {
     "AcknowledgeBody": {"notification_ids": ["ntf_3f9a0c2b7d1e4a5b6c7d8e9f"]},
     "InboxBulk": {"action": "read", "message_ids": ["msg_3f9a0c2b7d1e4a5b6c7d8e9f"]},
     "AdvanceTimeBody": {"agent_id": "agent_abc", "user_id": "user_123", "simulated_hours": 48},
+    "ResetClockBody": {"agent_id": "agent_abc", "user_id": "user_123"},
     "WebhookRegister": {"webhook_url": "https://example.com/hooks/delivery"},
     "RecoverIn": {"since": "2026-12-01T00:00:00Z"},
     "ContactBody": {"kind": "email", "destination": "user@example.com"},

@@ -26,6 +26,8 @@ class FireCreated(_Payload):
     fire_at: datetime
     restage: bool = False
     """Compose again, replacing a staged notification (see ``restage_fires`` in the store)."""
+    offset_s: float = 0.0
+    """How far the pair's clock runs ahead of real time (advance-time); ``fire_at`` is on it."""
 
 
 class WakeupDue(_Payload):
@@ -33,6 +35,8 @@ class WakeupDue(_Payload):
 
     wakeup_id: str
     fire_at: datetime
+    offset_s: float = 0.0
+    """How far the pair's clock runs ahead of real time (advance-time); ``fire_at`` is on it."""
 
 
 class EventAccepted(_Payload):

@@ -37,7 +37,7 @@ _COLOURS = {
 }
 
 
-def _pick_project(projects: list[tuple[str, str]], wanted: str | None) -> str:
+def pick_project(projects: list[tuple[str, str]], wanted: str | None) -> str:
     """The id of the project named (or with the id) ``wanted``; the only one when omitted."""
     if wanted is not None:
         for pid, name in projects:
@@ -66,7 +66,7 @@ async def story(
     engine = create_engine(settings.resolved_database_url())
     try:
         store = SqlTimelineStore(engine)
-        scope = Scope(_pick_project(await store.projects(), project), agent, user, schedule)
+        scope = Scope(pick_project(await store.projects(), project), agent, user, schedule)
         if schedule is not None and not await store.schedule_known(scope):
             raise NotFoundError("--schedule", f"--schedule {schedule!r}: no such schedule")
         lateness = timedelta(seconds=settings.max_lateness_s)

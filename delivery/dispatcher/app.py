@@ -119,9 +119,9 @@ def decode(kind: SourceKind, data: bytes) -> SourceRef:
     """
     model = _MODELS[kind].model_validate_json(data)
     if isinstance(model, FireCreated):
-        return SourceRef(kind, model.fire_id, replace_staged=model.restage)
+        return SourceRef(kind, model.fire_id, replace_staged=model.restage, offset_s=model.offset_s)
     if isinstance(model, WakeupDue):
-        return SourceRef(kind, model.wakeup_id)
+        return SourceRef(kind, model.wakeup_id, offset_s=model.offset_s)
     if isinstance(model, EventAccepted):
         return SourceRef(kind, model.event_id)
     raise ValueError(f"no source in {type(model).__name__}")

@@ -17,7 +17,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -479,6 +479,7 @@ def notification_batch(
     replace: Sequence[str] = (),
     composers: Mapping[str, str] | None = None,
     carriers: Mapping[str, Carrier] | None = None,
+    offsets: Mapping[str, float] | None = None,
 ) -> NotificationBatch:
     """
     What the store writes for ``composed`` (pure): the notification rows, their
@@ -496,19 +497,24 @@ def notification_batch(
             fires that the scheduler had staged (:mod:`delivery.store.staging`).
         composers: source id -> how its message was made (the ``composer`` column).
         carriers: source id -> request id and trace to pass on in the outbox entry.
+        offsets: source id -> its pair's clock offset in seconds (advance-time):
+            such a notification is created, and its wakeup executed, at the
+            pair's now, so a pair's history reads in its own clock's order.
     """
     rows: list[dict[str, Any]] = []
     wakeups: dict[str, datetime] = {}
     events: list[str] = []
     for d, m, e in composed:
+        shift = (offsets or {}).get(d.source_id)
+        pair_now = now + timedelta(seconds=shift) if shift else now
         if d.block.kind is SourceKind.WAKEUP:
-            wakeups[d.source_id] = d.fire_at if simulated else now
+            wakeups[d.source_id] = d.fire_at if simulated else pair_now
         elif d.block.kind is SourceKind.EVENT:
             events.append(d.source_id)
-        staged = _staged(d, now, simulated)
+        staged = _staged(d, pair_now, simulated)
         # A staged row's created_at is a placeholder (promotion sets the real
         # instant); its payload says the fire instant, when it became due.
-        created_at = d.fire_at if simulated or staged else now
+        created_at = d.fire_at if simulated or staged else pair_now
         rows.append(
             notification_row(
                 d,
@@ -600,6 +606,7 @@ class Processor:
             replace=replace,
             composers=composers,
             carriers=carriers,
+            offsets={r.id: r.offset_s for r in refs if r.offset_s},
         )
         written = await self.store.write_notifications(batch)
         for source_id in written.lost:

@@ -10,16 +10,16 @@ work (``Idempotency-Key``). Not a hot path: Core statements on both databases.
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 
-from sqlalchemy import ColumnElement, Table, select, update
+from sqlalchemy import ColumnElement, Table, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.errors import ConflictError
 from delivery.store import common
 from delivery.store.common import owned
-from delivery.store.engine import any_row, write_transaction
+from delivery.store.engine import any_row, read_connection, write_transaction
 from delivery.store.notifications import (
     NotificationBatch,
     Written,
@@ -40,6 +40,17 @@ class Pair:
     project_id: str
     agent_id: str
     user_id: str
+
+
+def due_in_real_time(instant: datetime | None, offset: timedelta) -> datetime | None:
+    """
+    The ``due_at`` of a row whose ``instant`` is on a pair's clock: when it is due
+    in real time (``instant - offset``), or ``None`` when the pair is not advanced
+    (the instant itself is due in real time; the scheduler's main index serves it).
+    """
+    if instant is None or not offset:
+        return None
+    return instant - offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +123,16 @@ class AdvanceStore(Protocol):
         """The pair's offset in seconds, ``None`` when it was never advanced."""
         ...
 
+    async def reset_clock(self, pair: Pair) -> float | None:
+        """
+        Put the pair back on real time, in ONE transaction: delete its offset, clear
+        ``due_at`` of its schedules and pending wakeups (their instants, kept as they
+        are, are now due in real time) and bump its schedules' versions (a scheduler
+        claim planned on the old clock is then stale and writes nothing). Returns
+        the offset it had (``None``: never advanced).
+        """
+        ...
+
     async def pair_state(self, pair: Pair, start: datetime, end: datetime) -> PairState:
         """The pair's state for a window ``[start, end)`` (no transaction: the write re-checks)."""
         ...
@@ -130,12 +151,17 @@ class AdvanceStore(Protocol):
         2. apply each schedule move only if the row still has the version read
            (the API or a scheduler replica changing it meanwhile wins; the fire
            ids still dedupe), bumping the version;
-        3. insert the fires, skipping any already recorded (unique on
+        3. set ``due_at`` of every enabled schedule and pending wakeup of the
+           pair from the new offset (their instants stay on the pair's clock;
+           the scheduler claims them when real time reaches ``due_at``),
+           bumping the schedules' versions under a row lock so a scheduler
+           claim planned on the old offset turns stale;
+        4. insert the fires, skipping any already recorded (unique on
            ``schedule_id``, ``fire_at``);
-        4. write the notifications as
+        5. write the notifications as
            :meth:`~delivery.store.notifications.NotificationStore.write_notifications`
            does (:func:`~delivery.store.notifications.writing`);
-        5. mark ``job`` ``succeeded`` with ``job_result`` of what was written,
+        6. mark ``job`` ``succeeded`` with ``job_result`` of what was written,
            so a job still ``running`` after a crash is one whose advance never
            committed.
 
@@ -254,6 +280,42 @@ async def _end_job(
         raise JobLost(job.id)
 
 
+async def _shift_rows(conn: AsyncConnection, pair: Pair, offset: timedelta) -> None:
+    """Every live row of ``pair`` gets the ``due_at`` of ``offset`` (see ``commit_advance``)."""
+    s, w = SCHEDULES.c, WAKEUPS.c
+    schedules = (
+        await conn.execute(
+            select(s.id, s.next_fire_at).where(*_mine(SCHEDULES, pair), s.enabled.is_(True))
+        )
+    ).all()
+    for schedule_id, next_fire_at in schedules:
+        await conn.execute(
+            update(SCHEDULES)
+            .where(s.id == schedule_id)
+            .values(due_at=due_in_real_time(next_fire_at, offset), version=s.version + 1)
+        )
+    wakeups = (
+        await conn.execute(
+            select(w.id, w.scheduled_at).where(*_mine(WAKEUPS, pair), w.status == "pending")
+        )
+    ).all()
+    for wakeup_id, scheduled_at in wakeups:
+        await conn.execute(
+            update(WAKEUPS)
+            .where(w.id == wakeup_id)
+            .values(due_at=due_in_real_time(scheduled_at, offset))
+        )
+
+
+async def _lock_schedules(conn: AsyncConnection, pair: Pair) -> None:
+    """
+    Lock the pair's schedules for the transaction (PostgreSQL; SQLite has one writer):
+    a scheduler applying a plan made on the old clock then either committed before
+    (and the rows are re-read after it) or waits and finds its version bumped.
+    """
+    await conn.execute(select(SCHEDULES.c.id).where(*_mine(SCHEDULES, pair)).with_for_update())
+
+
 class SqlAdvanceStore:
     """
     :class:`AdvanceStore` over one engine.
@@ -267,11 +329,26 @@ class SqlAdvanceStore:
 
     async def clock_offset(self, pair: Pair) -> float | None:
         """See :meth:`AdvanceStore.clock_offset`."""
-        async with self.engine.connect() as conn:
+        async with read_connection(self.engine) as conn:
             row = (
                 await conn.execute(select(OFFSETS.c.offset_s).where(*_mine(OFFSETS, pair)))
             ).first()
         return None if row is None else float(row[0])
+
+    async def reset_clock(self, pair: Pair) -> float | None:
+        """See :meth:`AdvanceStore.reset_clock`."""
+        async with write_transaction(self.engine) as conn:
+            row = (
+                await conn.execute(
+                    select(OFFSETS.c.offset_s).where(*_mine(OFFSETS, pair)).with_for_update()
+                )
+            ).first()
+            if row is None:
+                return None
+            await conn.execute(delete(OFFSETS).where(*_mine(OFFSETS, pair)))
+            await _lock_schedules(conn, pair)
+            await _shift_rows(conn, pair, timedelta(0))
+        return float(row[0])
 
     async def pair_state(self, pair: Pair, start: datetime, end: datetime) -> PairState:
         """See :meth:`AdvanceStore.pair_state`."""
@@ -312,6 +389,7 @@ class SqlAdvanceStore:
         s = SCHEDULES.c
         async with write_transaction(self.engine) as conn:
             await _move_offset(conn, write)
+            await _lock_schedules(conn, write.pair)
             for move in write.schedule_moves:
                 await conn.execute(
                     update(SCHEDULES)
@@ -324,6 +402,7 @@ class SqlAdvanceStore:
                         version=s.version + 1,
                     )
                 )
+            await _shift_rows(conn, write.pair, timedelta(seconds=write.new_offset_s))
             await common.insert_ignoring_duplicates(
                 conn, FIRES, write.fires, unique=["schedule_id", "fire_at"]
             )

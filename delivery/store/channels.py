@@ -157,6 +157,7 @@ class AttemptRecord:
     attempt_number: int
     next_attempt_at: datetime | None
     created_at: datetime
+    channel_id: str | None = None
 
     def values(self) -> dict[str, Any]:
         """The row to insert, with a fresh ``cha_`` id."""
@@ -168,6 +169,7 @@ class AttemptRecord:
             "user_id": self.user_id,
             "kind": self.kind,
             "contact_id": self.contact_id,
+            "channel_id": self.channel_id,
             "destination": self.destination[:255],
             "status": self.status,
             "reason": self.reason,
@@ -177,6 +179,19 @@ class AttemptRecord:
             "next_attempt_at": self.next_attempt_at,
             "created_at": self.created_at,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedChannel:
+    """A project channel to send to: its row's id, type, events and filter, and its
+    whole config in clear (``None`` when this server's key does not open its secrets)."""
+
+    id: str
+    project_id: str
+    type: str
+    events: list[str]
+    filter: dict[str, Any] | None
+    config: dict[str, Any] | None
 
 
 type UserKey = tuple[str, str, str]
@@ -200,6 +215,9 @@ class FanoutInputs:
     attempted: dict[str, set[str]]
     fallbacks: set[str] = field(default_factory=set)
     """Those with a channel fallback row: their fan-out is done, the row goes on."""
+
+    channelled: tuple[str, ...] = ()
+    """Pending notifications whose project has an active notification channel."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,6 +541,105 @@ class ChannelStore(StoreBase):
             )
         return bool(result.rowcount)
 
+    # --- project channels for the worker ---------------------------------------
+
+    def _open_channel(self, box: SecretBox, row: RowMapping) -> OpenedChannel:
+        try:
+            config: dict[str, Any] | None = ChannelConfigCodec(box).full(row)
+        except SecretDecryptError:
+            _log.error("channels.config_undecryptable", channel_id=row["id"])
+            config = None
+        return OpenedChannel(
+            id=row["id"],
+            project_id=row["project_id"],
+            type=row["type"],
+            events=list(json.loads(row["events_json"] or "[]")),
+            filter=json.loads(row["filter_json"]) if row["filter_json"] else None,
+            config=config,
+        )
+
+    async def channel_inputs(
+        self, notification_ids: Sequence[str]
+    ) -> tuple[dict[str, RowMapping], dict[str, list[OpenedChannel]], dict[str, set[str]]]:
+        """
+        What routing notifications to project channels reads: those still pending
+        whose project has an active channel (full rows), those projects' active
+        channels (opened), and per notification the channels already attempted (a
+        JetStream redelivery must not send twice). The worker asks only for the
+        notifications :meth:`fanout_inputs` found ``channelled``, so a batch of
+        projects without channels costs nothing more than that probe.
+        """
+        if not notification_ids:
+            return {}, {}, {}
+        n, ch, a = NOTIFICATIONS.c, CHANNELS.c, ATTEMPTS.c
+        has_channel = (
+            select(ch.id)
+            .where(ch.project_id == n.project_id, ch.active.is_(True))
+            .correlate(NOTIFICATIONS)
+            .exists()
+        )
+        notes: dict[str, RowMapping] = {}
+        async with self.read() as conn:
+            for chunk in _chunks(list(notification_ids), 500):
+                found = await conn.execute(
+                    select(NOTIFICATIONS).where(n.id.in_(chunk), n.status == "pending", has_channel)
+                )
+                notes.update({r["id"]: r for r in found.mappings()})
+            if not notes:
+                return {}, {}, {}
+            projects = sorted({r["project_id"] for r in notes.values()})
+            rows = (
+                (
+                    await conn.execute(
+                        select(CHANNELS)
+                        .where(ch.project_id.in_(projects), ch.active.is_(True))
+                        .order_by(ch.created_at, ch.id)
+                    )
+                )
+                .mappings()
+                .all()
+            )
+            done = (
+                await conn.execute(
+                    select(a.notification_id, a.channel_id).where(
+                        a.notification_id.in_(sorted(notes)), a.channel_id.is_not(None)
+                    )
+                )
+            ).all()
+        box = await self._box()
+        channels: dict[str, list[OpenedChannel]] = {}
+        for row in rows:
+            channels.setdefault(row["project_id"], []).append(self._open_channel(box, row))
+        attempted: dict[str, set[str]] = {}
+        for notification_id, channel_id in done:
+            attempted.setdefault(notification_id, set()).add(channel_id)
+        return notes, channels, attempted
+
+    async def get_opened_channel(self, channel_id: str) -> OpenedChannel | None:
+        """An active channel by id, opened (worker-side: a retry names it)."""
+        ch = CHANNELS.c
+        async with self.read() as conn:
+            row = (
+                (await conn.execute(select(CHANNELS).where(ch.id == channel_id, ch.active)))
+                .mappings()
+                .one_or_none()
+            )
+        return None if row is None else self._open_channel(await self._box(), row)
+
+    async def list_channel_attempts(
+        self, project_id: str, channel_id: str, *, limit: int
+    ) -> Sequence[RowMapping]:
+        """One project channel's attempts, newest first (``ix_channel_attempts_channel``)."""
+        a = ATTEMPTS.c
+        stmt = (
+            select(ATTEMPTS)
+            .where(*owned(ATTEMPTS, project_id), a.channel_id == channel_id)
+            .order_by(a.created_at.desc(), a.attempt_number.desc(), a.id)
+            .limit(limit)
+        )
+        async with self.read() as conn:
+            return (await conn.execute(stmt)).mappings().all()
+
     # --- notifications and attempts --------------------------------------------
 
     async def get_notification(self, notification_id: str) -> RowMapping | None:
@@ -542,9 +659,11 @@ class ChannelStore(StoreBase):
         (a JetStream redelivery must not send twice to a destination the first delivery
         reached).
 
-        A first query reads only each notification's status and whether its user has
-        an active contact it was not yet attempted to. In a burst most users have no
-        contact at all, so a batch where none has one costs that one query; the full
+        A first query reads only each notification's status, whether its user has
+        an active contact it was not yet attempted to, and whether its project has an
+        active notification channel (``channelled``, for :meth:`channel_inputs`). In
+        a burst most users have no contact at all, so a batch where none has one costs
+        that one query; the full
         rows (with their payloads), contacts, preferences and attempts are then read,
         in four more queries, only for the pending notifications that have one.
 
@@ -578,20 +697,32 @@ class ChannelStore(StoreBase):
             .exists()
             .label("reachable")
         )
+        # In the same probe: does the project have a channel to route it to
+        # (ix_notification_channels_project)? Most have none.
+        ch = CHANNELS.c
+        channelled_ = (
+            select(ch.id)
+            .where(ch.project_id == n.project_id, ch.active.is_(True))
+            .exists()
+            .label("channelled")
+        )
         async with self.read() as conn:
             probe = await conn.execute(
-                select(n.id, n.status, reachable).where(n.id.in_(notification_ids))
+                select(n.id, n.status, reachable, channelled_).where(n.id.in_(notification_ids))
             )
             statuses: dict[str, str] = {}
             wanted: list[str] = []
-            for nid, status, has_contact in probe:
+            channelled: list[str] = []
+            for nid, status, has_contact, has_channel in probe:
                 statuses[nid] = status
                 # Only pending notifications are sent (one already read by polling gets
                 # no push), so a consumed one is never worth its full row.
                 if status == "pending" and has_contact:  # SQLite answers 0/1
                     wanted.append(nid)
+                if status == "pending" and has_channel:
+                    channelled.append(nid)
             if not wanted:
-                return FanoutInputs(statuses, {}, {}, {}, {})
+                return FanoutInputs(statuses, {}, {}, {}, {}, channelled=tuple(channelled))
             notes = {
                 r["id"]: r
                 for r in (
@@ -637,7 +768,9 @@ class ChannelStore(StoreBase):
                     )
                 ).scalars()
             )
-        return FanoutInputs(statuses, notes, contacts, prefs, attempted, fallbacks)
+        return FanoutInputs(
+            statuses, notes, contacts, prefs, attempted, fallbacks, tuple(channelled)
+        )
 
     async def get_contact_by_id(self, contact_id: str) -> ContactMapping | None:
         """

@@ -31,8 +31,9 @@ from delivery.bus.messages import FireCreated, WakeupDue
 from delivery.bus.subjects import Subjects
 from delivery.cadence import CompiledSchedule, compile_schedule
 from delivery.domain import FireId, earliest
-from delivery.planning import SchedulePlan, fire_id
+from delivery.planning import SchedulePlan, Skip, fire_id
 from delivery.store import direct
+from delivery.store.advance import due_in_real_time
 from delivery.store.common import StoreBase, canonical_json, insert_ignoring, owned
 from delivery.store.engine import Capabilities, Engine, any_row, write_transaction
 from delivery.store.staging import restage_fires, staged_fires
@@ -105,9 +106,23 @@ class ClaimedSchedule(Protocol):
     def next_fire_at(self) -> datetime:  # a due row has one
         ...
     @property
+    def due_at(self) -> datetime | None: ...
+    @property
     def last_fire_at(self) -> datetime | None: ...
     @property
     def version(self) -> int: ...
+
+
+def _offset_s(instant: datetime, due_at: datetime | None) -> float:
+    return 0.0 if due_at is None else (instant - due_at).total_seconds()
+
+
+def pair_offset(row: ClaimedSchedule) -> timedelta:
+    """
+    How far the row's pair clock runs ahead of real time: ``next_fire_at - due_at``
+    (``due_at`` is set only on an advanced pair's rows, from the pair's offset).
+    """
+    return timedelta(seconds=_offset_s(row.next_fire_at, row.due_at))
 
 
 class ScheduleRecords(Protocol):
@@ -121,8 +136,11 @@ class ScheduleRecords(Protocol):
     removes its fires and their unpublished outbox entries with it.
     """
 
-    async def insert_schedule(self, row: ScheduleRow) -> None:
-        """Insert a new schedule row as given."""
+    async def insert_schedule(self, row: ScheduleRow, skips: Sequence[Skip] = ()) -> None:
+        """
+        Insert a new schedule row as given, with ``skipped`` fire rows for ``skips``
+        (ticks its pair's advanced clock had passed; same transaction).
+        """
         ...
 
     async def get_schedule(
@@ -277,6 +295,7 @@ _CLAIM_COLUMNS = (
     SCHEDULES.c.anchor_at,
     SCHEDULES.c.updated_at,
     SCHEDULES.c.next_fire_at,
+    SCHEDULES.c.due_at,
     SCHEDULES.c.last_fire_at,
     SCHEDULES.c.version,
 )
@@ -300,6 +319,7 @@ _WRITE_SCHEDULE = (
     .where(SCHEDULES.c.id == bindparam("b_id"), SCHEDULES.c.version == bindparam("b_version"))
     .values(
         next_fire_at=bindparam("b_next_fire_at"),
+        due_at=bindparam("b_due_at"),
         last_fire_at=bindparam("b_last_fire_at"),
         staged_fire_at=bindparam("b_staged_fire_at"),
         enabled=bindparam("b_enabled"),
@@ -350,17 +370,39 @@ class ScheduleStore(StoreBase):
 
     # --- schedules as the API writes them ---------------------------------------
 
-    async def insert_schedule(self, row: ScheduleRow) -> None:
-        """Insert a new schedule row as given, and its ``created`` change (same transaction)."""
-        await self._runner.write(
-            inserting(
-                InsertRows(SCHEDULES, [row.model_dump()]),
+    async def insert_schedule(self, row: ScheduleRow, skips: Sequence[Skip] = ()) -> None:
+        """
+        Insert a new schedule row as given, its ``created`` change and a ``skipped``
+        fire row per ``skips`` (same transaction).
+        """
+        inserts = [
+            InsertRows(SCHEDULES, [row.model_dump()]),
+            InsertRows(
+                SCHEDULE_CHANGES,
+                [change_row(row, "created", [], row.timezone, row.version, row.created_at)],
+            ),
+        ]
+        if skips:
+            inserts.append(
                 InsertRows(
-                    SCHEDULE_CHANGES,
-                    [change_row(row, "created", [], row.timezone, row.version, row.created_at)],
-                ),
+                    FIRES,
+                    [
+                        {
+                            "id": fire_id(row.id, skip.fire_at),
+                            "schedule_id": row.id,
+                            "project_id": row.project_id,
+                            "agent_id": row.agent_id,
+                            "user_id": row.user_id,
+                            "fire_at": skip.fire_at,
+                            "status": "skipped",
+                            "skip_reason": skip.reason,
+                            "created_at": row.created_at,
+                        }
+                        for skip in skips
+                    ],
+                )
             )
-        )
+        await self._runner.write(inserting(*inserts))
 
     async def get_schedule(
         self, project_id: str, agent_id: str, user_id: str, schedule_id: str
@@ -529,19 +571,24 @@ class ScheduleStore(StoreBase):
     ) -> Sequence[ClaimedSchedule]:
         """See :meth:`SchedulerStore.claim_schedules`."""
         s = SCHEDULES.c
+        unclaimed = or_(s.claimed_until.is_(None), s.claimed_until < now)
         due = (
             select(s.id)
-            .where(
-                s.enabled.is_(True),
-                s.next_fire_at <= due_by,
-                or_(s.claimed_until.is_(None), s.claimed_until < now),
-            )
+            .where(s.enabled.is_(True), s.next_fire_at <= due_by, s.due_at.is_(None), unclaimed)
             .order_by(s.next_fire_at)
             .limit(limit)
         )
-        if not await any_row(self.engine, due):
+        # An advanced pair's rows are due by their real instant; no lookahead for
+        # them (a fire staged ahead would be promoted on the real clock).
+        shifted = (
+            select(s.id)
+            .where(s.enabled.is_(True), s.due_at <= now, unclaimed)
+            .order_by(s.due_at)
+            .limit(limit)
+        )
+        if not (await any_row(self.engine, due) or await any_row(self.engine, shifted)):
             return []
-        claim = self._claim(SCHEDULES, due, owner=owner, lease_until=lease_until)
+        claim = self._claim(SCHEDULES, due, shifted, owner=owner, lease_until=lease_until)
         async with write_transaction(self.engine) as conn:
             rows: Sequence[ClaimedSchedule] = (
                 await conn.execute(claim.returning(*_CLAIM_COLUMNS))
@@ -553,22 +600,25 @@ class ScheduleStore(StoreBase):
     ) -> Sequence[str]:
         """See :meth:`SchedulerStore.claim_wakeups`."""
         w = WAKEUPS.c
+        unclaimed = or_(w.claimed_until.is_(None), w.claimed_until < now)
         due = (
             select(w.id)
-            .where(
-                w.status == "pending",
-                w.scheduled_at <= now,
-                or_(w.claimed_until.is_(None), w.claimed_until < now),
-            )
+            .where(w.status == "pending", w.scheduled_at <= now, w.due_at.is_(None), unclaimed)
             .order_by(w.scheduled_at)
             .limit(limit)
         )
-        if not await any_row(self.engine, due):
+        shifted = (
+            select(w.id)
+            .where(w.status == "pending", w.due_at <= now, unclaimed)
+            .order_by(w.due_at)
+            .limit(limit)
+        )
+        if not (await any_row(self.engine, due) or await any_row(self.engine, shifted)):
             return []
-        claim = self._claim(WAKEUPS, due, owner=owner, lease_until=lease_until)
+        claim = self._claim(WAKEUPS, due, shifted, owner=owner, lease_until=lease_until)
         subject = self.subjects.wakeup_due
         async with write_transaction(self.engine) as conn:
-            rows = (await conn.execute(claim.returning(w.id, w.scheduled_at))).all()
+            rows = (await conn.execute(claim.returning(w.id, w.scheduled_at, w.due_at))).all()
             if not rows:
                 return []
             outbox = [
@@ -576,7 +626,9 @@ class ScheduleStore(StoreBase):
                     "subject": subject,
                     "msg_id": row.id,
                     "payload": WakeupDue(
-                        wakeup_id=row.id, fire_at=row.scheduled_at
+                        wakeup_id=row.id,
+                        fire_at=row.scheduled_at,
+                        offset_s=_offset_s(row.scheduled_at, row.due_at),
                     ).model_dump_json(),
                     "created_at": now,
                     "available_at": now,
@@ -599,13 +651,13 @@ class ScheduleStore(StoreBase):
                 released += int(result.rowcount or 0)
         return released
 
-    def _claim(self, table: Table, due: Select[Any], *, owner: str, lease_until: datetime) -> Any:
-        """The ``UPDATE`` stamping ``owner``'s lease on the rows ``due`` selects."""
+    def _claim(self, table: Table, *due: Select[Any], owner: str, lease_until: datetime) -> Any:
+        """The ``UPDATE`` stamping ``owner``'s lease on the rows the ``due`` queries select."""
         if self._caps.skip_locked:
-            due = due.with_for_update(skip_locked=True)
+            due = tuple(d.with_for_update(skip_locked=True) for d in due)
         return (
             update(table)
-            .where(table.c.id.in_(due.scalar_subquery()))
+            .where(or_(*(table.c.id.in_(d.scalar_subquery()) for d in due)))
             .values(claimed_by=owner, claimed_until=lease_until)
         )
 
@@ -651,7 +703,8 @@ class ScheduleStore(StoreBase):
         writes.write_states(_states(kept, now))
         fire_rows = _fire_rows(kept, now)
         inserted = writes.insert_fires(fire_rows)
-        writes.insert_outbox(self._outbox_rows(fire_rows, inserted, now, applied))
+        offsets = {p.row.id: pair_offset(p.row) for p in kept if p.row.due_at is not None}
+        writes.insert_outbox(self._outbox_rows(fire_rows, inserted, now, applied, offsets))
         return applied
 
     def _outbox_rows(
@@ -660,8 +713,14 @@ class ScheduleStore(StoreBase):
         inserted: set[str],
         now: datetime,
         applied: AppliedPlans,
+        offsets: Mapping[str, timedelta],
     ) -> list[dict[str, Any]]:
-        """One ``fire.created`` per inserted fire; counts the fires into ``applied``."""
+        """
+        One ``fire.created`` per inserted fire; counts the fires into ``applied``.
+
+        ``offsets``: schedule id -> its pair's clock offset, for the schedules of
+        advanced pairs (their fire instants are on the pair's clock).
+        """
         outbox_rows: list[dict[str, Any]] = []
         subject = self.subjects.fire_created
         for fire in fire_rows:
@@ -671,9 +730,25 @@ class ScheduleStore(StoreBase):
                 applied.conflicts += 1
                 continue
             applied.fire_ids.append(fire["id"])
+            offset = offsets.get(fire["schedule_id"])
             payload = FireCreated(
-                fire_id=fire["id"], schedule_id=fire["schedule_id"], fire_at=fire["fire_at"]
+                fire_id=fire["id"],
+                schedule_id=fire["schedule_id"],
+                fire_at=fire["fire_at"],
+                offset_s=0.0 if offset is None else offset.total_seconds(),
             )
+            if offset is not None:
+                # Planned on the pair's clock without lookahead: due now, never staged.
+                outbox_rows.append(
+                    {
+                        "subject": subject,
+                        "msg_id": fire["id"],
+                        "payload": payload.model_dump_json(),
+                        "created_at": now,
+                        "available_at": now,
+                    }
+                )
+                continue
             if fire["fire_at"] > now:
                 # The relay must run at the instant to promote the staged
                 # notification the dispatcher composes meanwhile.
@@ -699,25 +774,30 @@ class ScheduleStore(StoreBase):
 
 
 def _states(kept: list[PlannedSchedule], now: datetime) -> list[dict[str, Any]]:
-    return [
-        {
-            "next_fire_at": p.plan.next_fire_at,
-            "last_fire_at": p.plan.last_fire_at,
-            # At most one fire lies ahead (the scheduler's lookahead is under a
-            # minute); the API shows it.
-            "staged_fire_at": next((at for at in p.plan.fires if at > now), None),
-            "enabled": not p.plan.disable,
-            # Disabling (ends_at reached) changes what the API shows, so it is an
-            # update; otherwise the claimed value is written back unchanged. A
-            # column of the UPDATE that runs anyway: no extra statement.
-            "updated_at": now if p.plan.disable else p.row.updated_at,
-            **_UNCLAIMED,
-            # The version just set: belt and braces, the row is already locked.
-            "id": p.row.id,
-            "version": p.row.version + 1,
-        }
-        for p in kept
-    ]
+    return [_state(p, now, pair_offset(p.row)) for p in kept]
+
+
+def _state(p: PlannedSchedule, real_now: datetime, offset: timedelta) -> dict[str, Any]:
+    # An advanced pair's row lives on its clock: instants written are pair
+    # instants, and due_at is the next fire's real instant.
+    now = real_now + offset
+    return {
+        "next_fire_at": p.plan.next_fire_at,
+        "due_at": due_in_real_time(p.plan.next_fire_at, offset),
+        "last_fire_at": p.plan.last_fire_at,
+        # At most one fire lies ahead (the scheduler's lookahead is under a
+        # minute); the API shows it.
+        "staged_fire_at": next((at for at in p.plan.fires if at > now), None),
+        "enabled": not p.plan.disable,
+        # Disabling (ends_at reached) changes what the API shows, so it is an
+        # update; otherwise the claimed value is written back unchanged. A
+        # column of the UPDATE that runs anyway: no extra statement.
+        "updated_at": now if p.plan.disable else p.row.updated_at,
+        **_UNCLAIMED,
+        # The version just set: belt and braces, the row is already locked.
+        "id": p.row.id,
+        "version": p.row.version + 1,
+    }
 
 
 def _fire_rows(kept: list[PlannedSchedule], now: datetime) -> list[dict[str, Any]]:
@@ -729,7 +809,8 @@ def _fire_rows(kept: list[PlannedSchedule], now: datetime) -> list[dict[str, Any
             "project_id": row.project_id,
             "agent_id": row.agent_id,
             "user_id": row.user_id,
-            "created_at": now,
+            # On the pair's clock, as everything of an advanced pair is.
+            "created_at": now + pair_offset(row),
         }
         fire_rows.extend(
             {

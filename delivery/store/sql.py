@@ -13,6 +13,7 @@ identity map.
 from sqlalchemy import Table, func, select, text
 
 from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
+from delivery.store.advance import AdvanceStore, SqlAdvanceStore
 from delivery.store.common import StoreBase
 from delivery.store.engine import Engine
 from delivery.store.events import Events, EventStore
@@ -44,6 +45,7 @@ class SqlStore(StoreBase):
         notifications: the notification queue as clients see it.
         idempotency: the recorded answers to ``Idempotency-Key`` requests.
         templates: the project's message templates and their versions.
+        clocks: the (agent, user) pairs' advance-time clocks.
     """
 
     def __init__(self, engine: Engine, *, subjects: Subjects | None = None) -> None:
@@ -57,6 +59,7 @@ class SqlStore(StoreBase):
         self.notifications: NotificationQueue = SqlNotificationStore(engine)
         self.idempotency: Idempotency = IdempotencyStore(engine)
         self.templates: MessageTemplates = TemplateStore(engine)
+        self.clocks: AdvanceStore = SqlAdvanceStore(engine)
 
     async def ping(self) -> None:
         """Run a trivial query; raises whatever the driver raises when the database is down."""

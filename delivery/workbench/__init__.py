@@ -21,7 +21,7 @@ composes and commits, and :mod:`~delivery.workbench.jobs` the ``async: true`` jo
 """
 
 from delivery.store.advance import JobClaim, JobLost, Pair
-from delivery.workbench.advance import advance_time
+from delivery.workbench.advance import advance_time, reset_clock
 from delivery.workbench.jobs import (
     JOB_LEASE,
     JOB_SWEEP_S,
@@ -66,6 +66,7 @@ __all__ = [
     "new_owner",
     "plan_advance",
     "release_jobs",
+    "reset_clock",
     "response_body",
     "resume_stalled_jobs",
     "run_job",

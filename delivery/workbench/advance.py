@@ -3,20 +3,25 @@ The advance itself: read the pair's state through the store, plan (pure),
 compose, and have the store commit it all in one transaction.
 """
 
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.bus.subjects import Subjects
 from delivery.cadence import format_utc
 from delivery.clock import Clock
-from delivery.dispatcher.composers import Composer
+from delivery.dispatcher.composers import Composer, TemplateComposer
+from delivery.dispatcher.messages import Messages, TemplateBooks, as_composed
 from delivery.dispatcher.process import compose_all, notification_batch
+from delivery.domain import Draft
 from delivery.errors import ConflictError
 from delivery.store.advance import AdvanceStore, AdvanceWrite, JobClaim, Pair, advance_store
 from delivery.store.engine import Engine
 from delivery.store.notifications import Written
+from delivery.store.templates import TemplateStore
 from delivery.workbench.plan import advance_window, plan_advance, response_body, validate_hours
 
 log = structlog.get_logger(__name__)
@@ -64,7 +69,7 @@ async def advance_time(
         state = await store.pair_state(pair, window.start, window.end)
         plan = plan_advance(pair, window, offset, state)
         # Composed outside the transaction: an LLM call never holds the write lock.
-        composed = await compose_all(composer, plan.drafts)
+        composed, composers = await _compose(db, composer, plan.drafts)
         write = AdvanceWrite(
             pair=pair,
             old_offset_s=plan.old_offset_s,
@@ -80,6 +85,7 @@ async def advance_time(
                 # A fire the scheduler staged in the window may already have a
                 # staged notification: this simulated one replaces it.
                 replace=[d.source_id for d in plan.drafts if d.schedule_id is not None],
+                composers=composers,
             ),
         )
         try:
@@ -108,5 +114,55 @@ async def advance_time(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+async def _compose(
+    db: AdvanceStore | Engine, composer: Composer, drafts: Sequence[Draft]
+) -> tuple[list[tuple[Draft, str, str | None]], Mapping[str, str]]:
+    """
+    The messages of ``drafts`` as the dispatcher makes them: the project's templates
+    (read fresh: an advance is rare and a template just saved must show), or the
+    LLM with the template as its fallback; without an engine, ``composer`` alone.
+    """
+    engine = db if isinstance(db, AsyncEngine) else getattr(db, "engine", None)
+    if not isinstance(engine, AsyncEngine):
+        return await compose_all(composer, drafts), {}
+    llm = None if isinstance(composer, TemplateComposer) else composer
+    messages = Messages(TemplateBooks(TemplateStore(engine), ttl_s=0.0), llm)
+    return as_composed(await messages.compose(drafts))
+
+
 def _body(hours: float, written: Written) -> dict[str, Any]:
     return response_body(hours, written.rows)
+
+
+async def reset_clock(db: AdvanceStore | Engine, clock: Clock, pair: Pair) -> dict[str, Any]:
+    """
+    Put ``pair``'s clock back on real time.
+
+    What the simulated clock already passed stays passed: fires and skips it
+    recorded and the wakeups it executed are history and never fire again. A
+    schedule keeps its ``next_fire_at`` (its first tick after what was handled,
+    possibly later than real now: the ticks in between were handled on the
+    simulated clock) and fires at that instant in real time; a pending wakeup
+    fires at its ``scheduled_at`` in real time. Nothing is fired by the reset
+    itself, and resetting a pair never advanced changes nothing.
+
+    Returns:
+        ``agent_id``, ``user_id``, ``previous_offset_hours`` (0 when never
+        advanced) and ``clock``, the pair's now afterwards (real now).
+    """
+    store = advance_store(db)
+    previous = await store.reset_clock(pair)
+    now = clock.now()
+    log.info(
+        "advance_time.clock_reset",
+        project_id=pair.project_id,
+        agent_id=pair.agent_id,
+        user_id=pair.user_id,
+        previous_offset_s=previous,
+    )
+    return {
+        "agent_id": pair.agent_id,
+        "user_id": pair.user_id,
+        "previous_offset_hours": (previous or 0.0) / 3600,
+        "clock": format_utc(now),
+    }

@@ -1,5 +1,7 @@
 """A database connection lost under a request is a 503 that records nothing, not a 500."""
 
+from collections.abc import Sequence
+
 import httpx
 import pytest
 from sqlalchemy import text
@@ -7,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.api import create_app
 from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
+from delivery.planning import Skip
 from delivery.settings import Settings
 from delivery.store.schedules import ScheduleStore
 from delivery.store.sql import SqlStore
@@ -28,14 +31,14 @@ class _BackendKilledSchedules(ScheduleStore):
         super().__init__(engine, Subjects(DEFAULT_SUBJECT_PREFIX))
         self.killed = False
 
-    async def insert_schedule(self, row: ScheduleRow) -> None:
+    async def insert_schedule(self, row: ScheduleRow, skips: Sequence[Skip] = ()) -> None:
         if not self.killed:
             self.killed = True
             async with self.write() as conn:
                 # The server ends this very session, as a failover or an operator would.
                 await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
                 await conn.execute(SCHEDULES.insert().values(**row.model_dump()))
-        await super().insert_schedule(row)
+        await super().insert_schedule(row, skips)
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from datetime import timedelta
 
 import httpx
@@ -13,6 +14,7 @@ from structlog.testing import capture_logs
 from delivery.api import create_app
 from delivery.api.app import purge_idempotency_forever
 from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
+from delivery.planning import Skip
 from delivery.settings import Settings
 from delivery.store.schedules import ScheduleStore
 from delivery.store.sql import SqlStore
@@ -177,10 +179,10 @@ class _PausedSchedules(ScheduleStore):
         self.inserted = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def insert_schedule(self, row: ScheduleRow) -> None:
+    async def insert_schedule(self, row: ScheduleRow, skips: Sequence[Skip] = ()) -> None:
         self.inserts += 1
         first = self.inserts == 1
-        await super().insert_schedule(row)
+        await super().insert_schedule(row, skips)
         if first:
             self.inserted.set()
             await self.release.wait()

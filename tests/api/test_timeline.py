@@ -17,6 +17,10 @@ from starlette.routing import Route
 
 from delivery.api import create_app
 from delivery.bus.subjects import Subjects
+from delivery.clock import ManualClock
+from delivery.dispatcher.composers import build_composer
+from delivery.dispatcher.process import Processor
+from delivery.domain import SourceKind, SourceRef
 from delivery.scheduler import Scheduler
 from delivery.settings import Settings
 from delivery.store.sql import SqlStore
@@ -230,17 +234,28 @@ def failing_llm() -> Starlette:
 
 
 async def test_composition_failed(api: Api, http_server: ServeApp) -> None:
-    """An LLM answering 500: the message is kept as failed_generation, and said so."""
+    """
+    An LLM answering 500 to a composer used without the message step (the dispatcher's
+    and advance-time's step falls back to the template instead): the message is kept as
+    failed_generation, and said so.
+    """
     url = http_server(failing_llm())
     settings = Settings(subject_prefix="test", composer="llm", llm_base_url=url)
-    async with app_client(api, settings) as client:
-        await create(client, cadence=daily("09:00"))
-        await advance(client, 12)
-        found = await events(client)
-        failed = [e for e in found if e["kind"] == "notification.failed_generation"]
-        assert len(failed) == 1
-        assert "500" in failed[0]["detail"]["error"]
-        answer = await why(client, datetime(2026, 5, 1, 9, 0, tzinfo=UTC))
+    engine = api.store.engine
+    await create(api.alpha, cadence=daily("09:00"))
+    nine = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
+    fired = await Scheduler(engine, Subjects("test")).tick(nine)
+    composer = build_composer(settings)
+    try:
+        processor = Processor(engine, composer, Subjects("test"), ManualClock(nine))
+        await processor.process([SourceRef(SourceKind.SCHEDULE, fid) for fid in fired.fire_ids])
+    finally:
+        await composer.aclose()
+    found = await events(api.alpha)
+    failed = [e for e in found if e["kind"] == "notification.failed_generation"]
+    assert len(failed) == 1
+    assert "500" in failed[0]["detail"]["error"]
+    answer = await why(api.alpha, nine)
     assert answer["code"] == "composition_failed"
     assert "composing its message failed" in answer["sentence"]
     assert "500" in answer["sentence"]

@@ -70,7 +70,9 @@ async def test_seed_example_two_daily_fires_in_48_hours(engine: AsyncEngine) -> 
     body = await advance(engine, 48)
 
     fires = [fire_id("sch_1", at(1, 9)), fire_id("sch_1", at(2, 9))]
-    message = "Check in on how the user is feeling."
+    # The dispatcher's message step: the built-in default for a reminder, as for a
+    # fire the scheduler makes (no project template here).
+    message = "Hi! Just a friendly reminder from me. Anything I can help with?"
     assert body == {
         "days_processed": 2,
         "consolidation_ran": False,

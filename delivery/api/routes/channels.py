@@ -11,7 +11,9 @@ the create response shows once. ``deliver`` is declared before
 the ``{channelId}`` routes so it can never be captured by them.
 """
 
+import dataclasses
 import json
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,7 +23,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.engine import RowMapping
 
 from delivery.api.auth import PathProject, ProjectId
-from delivery.api.context import ApiContext, Ctx, ResourceId, wire_time
+from delivery.api.context import ApiContext, Ctx, ResourceId, parse_limit, wire_time
+from delivery.api.routes.contacts import attempt_entry
 from delivery.api.schemas import RequestModel
 from delivery.errors import (
     InvalidRequestError,
@@ -33,11 +36,12 @@ from delivery.secrets import SecretDecryptError
 from delivery.settings import Settings
 from delivery.store.channels import ChannelConfigCodec, ChannelStore
 from delivery.store.common import canonical_json, new_id
+from handlers.channels_worker import channel_attempt
 from handlers.contacts import normalize_email
 from handlers.notification_channels import (
     ChannelTarget,
-    deliver_event,
     filter_matches,
+    send_event,
     subscribed,
 )
 from handlers.ssrf import Resolver, check_url, parse_allow_nets
@@ -344,7 +348,8 @@ async def _deliver(
         except SecretDecryptError:
             config = None
         targets.append(ChannelTarget(row["id"], row["type"], config))
-    deliveries = await deliver_event(
+    now = ctx.clock.now()
+    sends = await send_event(
         project,
         body.event_type,
         payload,
@@ -352,7 +357,26 @@ async def _deliver(
         event_id=event_id,
         settings=ctx.settings,
         clock=ctx.clock,
+        now=now,
     )
+    # Each send is recorded before the answer (a deliver has no notification: the
+    # attempts carry the event id, and are not retried: the caller has the result).
+    event = {
+        "id": event_id,
+        "project_id": project,
+        "agent_id": str(payload.get("agent_id", "")),
+        "user_id": str(payload.get("user_id", "")),
+    }
+    await _store(ctx).record_attempts(
+        [
+            dataclasses.replace(
+                channel_attempt(event, t.id, send, 1, now=now, rand=random.random)[0],
+                next_attempt_at=None,
+            )
+            for t, send in zip(targets, sends, strict=True)
+        ]
+    )
+    deliveries = [send.result for send in sends]
     _log.info(
         "channels.delivered",
         event_id=event_id,
@@ -382,6 +406,35 @@ async def deliver_for_project(
 ) -> Response:
     """Project-scoped :func:`deliver`."""
     return await _deliver(project, body, request, ctx)
+
+
+async def _attempts(project: str, channel_id: str, limit: str | None, ctx: ApiContext) -> Response:
+    count = parse_limit(limit, default=50, maximum=500)
+    if await _store(ctx).get_channel(project, channel_id) is None:
+        raise NotFoundError(
+            "channel_id", f"channel_id {channel_id!r}: no such channel", resource="channel"
+        )
+    rows = await _store(ctx).list_channel_attempts(project, channel_id, limit=count)
+    return JSONResponse({"attempts": [attempt_entry(r) for r in rows]})
+
+
+@router.get(TENANT + "/{channel_id}/attempts")
+async def list_attempts(
+    channel_id: ResourceId, project: ProjectId, ctx: Ctx, limit: str | None = None
+) -> Response:
+    """
+    The channel's send attempts, newest first (proactive events routed to it and
+    ``deliver`` calls); ``limit`` 1..500 (default 50); 404 for an unknown channel.
+    """
+    return await _attempts(project, channel_id, limit, ctx)
+
+
+@router.get(PROJECT + "/{channel_id}/attempts")
+async def list_attempts_for_project(
+    channel_id: ResourceId, project: PathProject, ctx: Ctx, limit: str | None = None
+) -> Response:
+    """Project-scoped :func:`list_attempts`."""
+    return await _attempts(project, channel_id, limit, ctx)
 
 
 @router.get(TENANT)

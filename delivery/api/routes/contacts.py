@@ -99,6 +99,8 @@ def attempt_entry(row: RowMapping) -> dict[str, Any]:
     }
     if row["contact_id"]:
         entry["contact_id"] = row["contact_id"]
+    if row["channel_id"]:
+        entry["channel_id"] = row["channel_id"]
     if row["reason"]:
         entry["reason"] = row["reason"]
     next_at = opt_time(row["next_attempt_at"])

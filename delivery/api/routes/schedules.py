@@ -7,7 +7,7 @@ metadata (so reads echo what was stored) and computes ``next_fire_at`` from the 
 """
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -23,6 +23,7 @@ from delivery.api.context import (
     check_metadata,
     loads,
     opt_time,
+    pair_clock,
     parse_limit,
     wire_time,
 )
@@ -52,6 +53,7 @@ from delivery.errors import (
     InvalidWindowError,
     NotFoundError,
 )
+from delivery.planning import ticks_behind_clock
 from delivery.store.common import canonical_json, new_id
 from delivery.store.schedules import compile_stored
 from delivery.store.tables import ScheduleRow
@@ -59,6 +61,7 @@ from delivery.store.tables import ScheduleRow
 router = APIRouter(tags=["schedules"])
 PREFIX = "/api/v1/agents/{agent_id}/users/{user_id}/schedules"
 _PATCH_ATTEMPTS = 5
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _not_found(schedule_id: str) -> NotFoundError:
@@ -173,7 +176,7 @@ async def list_schedules(
     agent_id: AgentId, user_id: UserId, project: ProjectId, ctx: Ctx
 ) -> Response:
     """Every schedule of the (agent, user) pair."""
-    now = ctx.clock.now()
+    now = (await pair_clock(ctx, project, agent_id, user_id)).now
     rows = await ctx.store.schedules.list_schedules(project, agent_id, user_id)
     return _json(ScheduleList(schedules=[schedule_out(r, now) for r in rows]))
 
@@ -182,8 +185,15 @@ async def list_schedules(
 async def create_schedule(
     agent_id: AgentId, user_id: UserId, body: ScheduleCreate, project: ProjectId, ctx: Ctx
 ) -> Response:
-    """Create a schedule; ``next_fire_at`` is the first fire after now."""
-    now = ctx.clock.now()
+    """
+    Create a schedule; ``next_fire_at`` is the first fire after the pair's now.
+
+    On an advanced pair the schedule is created at the pair's now (its anchor);
+    the cadence's ticks between real now and then are recorded as skipped
+    (``before_pair_clock``): never due, but visible in the timeline.
+    """
+    clock = await pair_clock(ctx, project, agent_id, user_id)
+    now = clock.now
     starts_at = None if body.starts_at is None else parse_instant(body.starts_at, "starts_at")
     ends_at = None if body.ends_at is None else parse_instant(body.ends_at, "ends_at")
     compiled = compile_schedule(
@@ -225,12 +235,14 @@ async def create_schedule(
         anchor_at=compiled.anchor,
         enabled=True,
         next_fire_at=upcoming_fire,
+        due_at=clock.due_at(upcoming_fire),
         version=1,
         created_at=now,
         updated_at=now,
     )
     bind_ids(schedule_id=row.id)
-    await ctx.store.schedules.insert_schedule(row)
+    skips = ticks_behind_clock(compiled, real_now=clock.real, pair_now=now)
+    await ctx.store.schedules.insert_schedule(row, skips)
     ctx.wake()
     return _json(
         ScheduleCreated(
@@ -249,7 +261,7 @@ async def get_schedule(
 ) -> Response:
     """One schedule."""
     row = await _get(ctx, project, agent_id, user_id, schedule_id)
-    return _json(schedule_out(row, ctx.clock.now()))
+    return _json(schedule_out(row, (await pair_clock(ctx, project, agent_id, user_id)).now))
 
 
 _TIMING = frozenset({"cadence", "active_window", "starts_at", "ends_at", "enabled"})
@@ -363,10 +375,14 @@ async def patch_schedule(
     given = {k for k in body.model_fields_set if getattr(body, k) is not None}
     for _ in range(_PATCH_ATTEMPTS):
         row = await _get(ctx, project, agent_id, user_id, schedule_id)
-        now = ctx.clock.now()
+        clock = await pair_clock(ctx, project, agent_id, user_id)
+        now = clock.now
         if not given:
             return row, now
         changes, timing = _patched(row, body, given, now)
+        if timing:
+            # Recomputed on the pair's clock; due in real time at its offset.
+            changes["due_at"] = clock.due_at(changes["next_fire_at"])
         if changes.get("inventory_item_id"):
             await _check_item(ctx, project, agent_id, user_id, changes["inventory_item_id"])
         if await ctx.store.schedules.update_schedule(
@@ -411,8 +427,14 @@ async def upcoming_fires(
     """The next ``limit`` (1..1000, default 10) fires after now, active window applied."""
     count = parse_limit(limit, default=10, maximum=1000)
     row = await _get(ctx, project, agent_id, user_id, schedule_id)
-    now = ctx.clock.now()
+    now = (await pair_clock(ctx, project, agent_id, user_id)).now
     if not effectively_enabled(row, now):
         return _json(Upcoming(upcoming=[]))
-    fires = upcoming(compile_stored(row), now, count)
+    # From what get() shows as next: after a clock reset the ticks between real now
+    # and it were handled on the pair's simulated clock and will not fire.
+    first = row.next_fire_at
+    if row.staged_fire_at is not None and row.staged_fire_at > now:
+        first = row.staged_fire_at
+    after = now if first is None or first <= now else first - _MICROSECOND
+    fires = upcoming(compile_stored(row), after, count)
     return _json(Upcoming(upcoming=[wire_time(f) for f in fires]))

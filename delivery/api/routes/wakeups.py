@@ -16,6 +16,7 @@ from delivery.api.context import (
     ResourceId,
     check_id,
     opt_time,
+    pair_clock,
     parse_limit,
     wire_time,
 )
@@ -62,8 +63,12 @@ def wakeup_out(row: WakeupRow) -> WakeupOut:
 async def schedule_wakeup(
     agent_id: AgentId, body: WakeupCreate, project: ProjectId, ctx: Ctx
 ) -> Response:
-    """Schedule one fire at ``scheduled_at``, else ``now + delay_hours``."""
-    now = ctx.clock.now()
+    """
+    Schedule one fire at ``scheduled_at``, else ``now + delay_hours``; ``now`` and
+    the past check are on the (agent, user) pair's clock.
+    """
+    clock = await pair_clock(ctx, project, agent_id, body.user_id)
+    now = clock.now
     if body.scheduled_at is not None:
         scheduled_at = parse_instant(body.scheduled_at, "scheduled_at")
         # The scheduler would skip a schedule's fire this late; a wakeup fires once,
@@ -98,6 +103,7 @@ async def schedule_wakeup(
         event_description=body.event_description,
         inventory_item_id=body.inventory_item_id,
         scheduled_at=scheduled_at,
+        due_at=clock.due_at(scheduled_at),
         status="pending",
         created_at=now,
     )

@@ -27,6 +27,7 @@ from delivery.workbench import (
     get_job,
     new_job_id,
     new_owner,
+    reset_clock,
     run_job,
     validate_hours,
 )
@@ -103,6 +104,25 @@ async def advance(
     # must not look for it before then.
     after_commit(ctx.store.engine, start)
     return JSONResponse({"job_id": job_id, "status": "running"}, status_code=202)
+
+
+class ResetClockBody(BaseModel):
+    """Whose clock goes back to real time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: Ident
+    user_id: Ident
+
+
+@router.post(f"{PREFIX}/reset-clock", responses={200: {}})
+async def reset(body: ResetClockBody, project: ProjectId, ctx: Ctx) -> Response:
+    """
+    Put the pair's clock back on real time (see :func:`delivery.workbench.reset_clock`);
+    idempotent: a pair never advanced answers the same with a zero offset.
+    """
+    pair = Pair(project, body.agent_id, body.user_id)
+    return JSONResponse(await reset_clock(ctx.store.engine, ctx.clock, pair))
 
 
 @router.get(f"{PREFIX}/advance-time/jobs/{{job_id}}", responses={200: {}})

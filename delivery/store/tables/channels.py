@@ -102,7 +102,10 @@ class NotificationChannelRow(SQLModel, table=True):
 
 class ChannelAttemptRow(SQLModel, table=True):
     """
-    One send attempt of one notification to one (channel kind, destination).
+    One send attempt of one notification to one (channel kind, destination), or to
+    one project notification channel (``channel_id`` set, ``kind`` the channel's
+    type ``webhook`` | ``email``; ``notification_id`` is the event's id for a
+    ``deliver`` call, which has no notification).
 
     ``status`` is ``sent | failed | skipped`` (the wire values). A transient failure
     sets ``next_attempt_at``: the row is then the durable retry queue entry, claimed
@@ -117,6 +120,7 @@ class ChannelAttemptRow(SQLModel, table=True):
         Index("ix_channel_attempts_notification", "notification_id", "created_at"),
         Index("ix_channel_attempts_owner", "project_id", "agent_id", "user_id", "created_at"),
         Index("ix_channel_attempts_created_at", "created_at"),
+        Index("ix_channel_attempts_channel", "channel_id", "created_at"),
     )
 
     id: str = Field(primary_key=True, max_length=64)
@@ -124,8 +128,11 @@ class ChannelAttemptRow(SQLModel, table=True):
     notification_id: str = Field(max_length=64)
     agent_id: str = Field(max_length=128)
     user_id: str = Field(max_length=128)
-    kind: str = Field(max_length=8, description="fcm | email | sms")
+    kind: str = Field(max_length=8, description="fcm | email | sms | webhook")
     contact_id: str | None = Field(default=None, max_length=64)
+    channel_id: str | None = Field(
+        default=None, max_length=64, description="the project channel attempted, if one was"
+    )
     destination: str = Field(max_length=255, description="redacted")
     status: str = Field(max_length=16, description="sent | failed | skipped")
     reason: str = Field(default="", sa_type=Text)

@@ -42,7 +42,10 @@ class ScheduleRow(SQLModel, table=True):
     A recurring schedule. ``next_fire_at`` is NULL when disabled or exhausted.
 
     The scheduler claims rows with ``enabled AND next_fire_at <= now AND
-    (claimed_until IS NULL OR claimed_until < now)`` through ``ix_schedules_due``.
+    (claimed_until IS NULL OR claimed_until < now)`` through ``ix_schedules_due``;
+    the rows of an advanced (agent, user) pair, whose instants are on the pair's
+    simulated clock, carry ``due_at`` (``next_fire_at`` minus the pair's offset,
+    in real time) and are claimed by it through ``ix_schedules_shifted``.
     ``version`` increments on every write so an API PATCH racing a scheduler
     tick is detected instead of silently overwritten.
     """
@@ -50,6 +53,7 @@ class ScheduleRow(SQLModel, table=True):
     __tablename__ = "schedules"
     __table_args__ = (
         Index("ix_schedules_due", "enabled", "next_fire_at"),
+        Index("ix_schedules_shifted", "enabled", "due_at"),
         Index("ix_schedules_owner", "project_id", "agent_id", "user_id"),
     )
 
@@ -70,6 +74,11 @@ class ScheduleRow(SQLModel, table=True):
     anchor_at: datetime = Field(sa_type=UTCDateTime, description="interval_hours anchor")
     enabled: bool = True
     next_fire_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    due_at: datetime | None = Field(
+        default=None,
+        sa_type=UTCDateTime,
+        description="real instant next_fire_at is due at, set only on an advanced pair's rows",
+    )
     last_fire_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     staged_fire_at: datetime | None = Field(
         default=None,
@@ -142,11 +151,18 @@ class FireRow(SQLModel, table=True):
 
 
 class WakeupRow(SQLModel, table=True):
-    """A one-off fire: pending -> executed | cancelled; executed and cancelled are final."""
+    """
+    A one-off fire: pending -> executed | cancelled; executed and cancelled are final.
+
+    ``scheduled_at`` is on the pair's clock; on an advanced pair ``due_at`` is that
+    instant in real time (``scheduled_at`` minus the offset), which the scheduler
+    claims by instead (``ix_wakeups_shifted``).
+    """
 
     __tablename__ = "wakeups"
     __table_args__ = (
         Index("ix_wakeups_due", "status", "scheduled_at"),
+        Index("ix_wakeups_shifted", "status", "due_at"),
         Index("ix_wakeups_owner", "project_id", "agent_id", "user_id"),
         Index("ix_wakeups_timeline", "project_id", "agent_id", "user_id", "created_at"),
     )
@@ -162,6 +178,7 @@ class WakeupRow(SQLModel, table=True):
     event_description: str | None = Field(default=None, sa_type=Text)
     inventory_item_id: str | None = Field(default=None, max_length=128)
     scheduled_at: datetime = Field(sa_type=UTCDateTime)
+    due_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     status: str = Field(default="pending", max_length=16)
     executed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     cancelled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

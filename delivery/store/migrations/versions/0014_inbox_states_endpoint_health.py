@@ -1,7 +1,7 @@
 """inbox states, endpoint health and channel fallback
 
 Revision ID: 0014
-Revises: 0011
+Revises: 0013
 Create Date: 2026-12-04
 
 Inbox states: ``notifications.seen_at`` / ``read_at`` / ``archived_at``, three
@@ -27,7 +27,7 @@ import delivery.store.types
 
 
 revision: str = '0014'
-down_revision: str | Sequence[str] | None = '0011'
+down_revision: str | Sequence[str] | None = '0013'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, case, or_, select, update
 
 from delivery.cadence import format_utc
 from delivery.store.common import StoreBase, insert_ignoring_duplicates, new_id
@@ -200,7 +200,20 @@ class KeyStore(StoreBase):
                 await conn.execute(
                     update(API_KEYS)
                     .where(API_KEYS.c.id == key_id, _live(now))
-                    .values(revoked_at=now + grace)
+                    # A key already ending (rotated before, still in its grace) keeps
+                    # the earlier end: rotating again never lengthens an old key's life.
+                    .values(
+                        revoked_at=case(
+                            (
+                                or_(
+                                    API_KEYS.c.revoked_at.is_(None),
+                                    API_KEYS.c.revoked_at > now + grace,
+                                ),
+                                now + grace,
+                            ),
+                            else_=API_KEYS.c.revoked_at,
+                        )
+                    )
                     .returning(API_KEYS.c.project_id)
                 )
             ).one_or_none()

@@ -66,6 +66,25 @@ async def test_store_lists_revokes_and_rotates(engine: AsyncEngine) -> None:
     assert await keys.revoke_key("key_unknown", START) is None
 
 
+async def test_rotating_a_key_in_its_grace_never_lengthens_it(engine: AsyncEngine) -> None:
+    keys = SqlStore(engine).keys
+    alpha = await keys.ensure_project("alpha", START)
+    first = await keys.create_api_key(alpha.id, START)
+    [only] = await keys.list_keys("alpha")
+    assert await keys.rotate_key(only.id, START, grace=timedelta(hours=1)) is not None
+    # Rotated again, still in its grace, with a longer grace: the first end holds.
+    assert await keys.rotate_key(only.id, START + timedelta(minutes=30), grace=timedelta(days=1))
+    assert await keys.project_for_key(first, START + timedelta(minutes=59)) == alpha.id
+    assert await keys.project_for_key(first, START + timedelta(hours=1)) is None
+    # A shorter grace the second time ends it sooner.
+    second_listed = [k for k in await keys.list_keys("alpha") if k.revoked_at is None]
+    newest = second_listed[0]
+    assert await keys.rotate_key(newest.id, START, grace=timedelta(hours=2))
+    assert await keys.rotate_key(newest.id, START + timedelta(minutes=1), grace=timedelta(0))
+    [ended] = [k for k in await keys.list_keys("alpha") if k.id == newest.id]
+    assert ended.revoked_at == START + timedelta(minutes=1)
+
+
 async def test_admin_routes_do_not_exist_without_a_token(engine: AsyncEngine) -> None:
     """Unset DELIVERY_ADMIN_TOKEN: 404 as for any unknown route, even with a tenant key."""
     store = SqlStore(engine)

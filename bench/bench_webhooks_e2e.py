@@ -226,6 +226,7 @@ async def _run(args: argparse.Namespace, folder: Path, hook: str, count_url: str
     )
     await worker.start()
     started = time.perf_counter()
+    cpu_started = time.process_time()
     try:
         # The consumer's part: pull-sized batches, one after another, as one subscriber.
         for i in range(0, len(seeded), BATCH):
@@ -233,6 +234,7 @@ async def _run(args: argparse.Namespace, folder: Path, hook: str, count_url: str
         enqueued = time.perf_counter() - started
         await asyncio.wait_for(done.wait(), timeout=args.timeout)
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu_started
     finally:
         await worker.stop()
 
@@ -279,6 +281,11 @@ async def _run(args: argparse.Namespace, folder: Path, hook: str, count_url: str
         f"{elapsed:.2f} s ({enqueued:.2f} s to enqueue), {kind}; "
         f"attempts recorded {total_attempts:,}, receiver POSTs {posts:,}; "
         f"target {TARGET_RATE:,.0f}/s, ratio {rate / TARGET_RATE:.2f}"
+    )
+    # CPU per delivery holds still when other work shares the cores; the rate does not.
+    print(
+        f"worker process CPU: {1000 * cpu / len(seeded):.3f} ms per delivery "
+        f"(one free core would do {len(seeded) / cpu:,.0f}/s)"
     )
     print("load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     if problems:

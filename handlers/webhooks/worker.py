@@ -79,6 +79,8 @@ STOP_GRACE = timedelta(seconds=10)
 """How long stopping waits for in-flight sends before cancelling them."""
 MAX_CARRIERS = 10_000
 """Request ids / trace contexts kept for deliveries not yet attempted."""
+MAX_OPENED = 4096
+"""Opened secrets kept in memory (endpoints' signing secrets and auth headers)."""
 RECORD_BATCH = 512
 """The most attempts recorded in one transaction."""
 UNREADABLE_SECRET_DELAY = timedelta(minutes=5)
@@ -253,6 +255,8 @@ class WebhookWorker(QueueWorker):
         self._on_finished = on_finished
         self._carriers: dict[str, Carrier] = {}
         """Notification id -> the request id and trace its message carried (bounded)."""
+        self._opened: dict[str, str] = {}
+        """Sealed secret -> its clear text (bounded by :data:`MAX_OPENED`)."""
         self._recorder = AttemptRecorder(self.store, disable_after=self._disable_after)
 
     @classmethod
@@ -465,11 +469,13 @@ class WebhookWorker(QueueWorker):
             self._finished(claimed, "dead")
             return
         try:
-            current = box.open(claimed.secret_enc)
+            current = self._open(box, claimed.secret_enc)
             previous = (
-                box.open(claimed.previous_secret_enc) if claimed.previous_secret_enc else None
+                self._open(box, claimed.previous_secret_enc)
+                if claimed.previous_secret_enc
+                else None
             )
-            auth = box.open(claimed.auth_header_enc) if claimed.auth_header_enc else None
+            auth = self._open(box, claimed.auth_header_enc) if claimed.auth_header_enc else None
         except SecretDecryptError:
             # Not the receiver's fault and not fixed by sending: wait for the operator
             # to restore DELIVERY_SECRET_KEY; the attempt count is untouched.
@@ -551,6 +557,23 @@ class WebhookWorker(QueueWorker):
                 endpoint_disabled=state.disable_reason is not None,
             )
         self._finished(claimed, outcome)
+
+    def _open(self, box: SecretBox, sealed: str) -> str:
+        """
+        ``box.open(sealed)``, remembered: every delivery to an endpoint carries the
+        same sealed text, and decrypting it each time was a visible share of the
+        worker's CPU. A rotation seals anew (another text), so nothing goes stale.
+
+        Raises:
+            SecretDecryptError: the text does not open with this deployment's key.
+        """
+        opened = self._opened.get(sealed)
+        if opened is None:
+            opened = box.open(sealed)
+            if len(self._opened) >= MAX_OPENED:
+                self._opened.clear()
+            self._opened[sealed] = opened
+        return opened
 
     def _finished(self, claimed: ClaimedDelivery, outcome: str) -> None:
         if self._on_finished is not None:

@@ -12,9 +12,11 @@ Two halves, both restartable at any instant:
 2. **Sweep.** A loop claims due deliveries (a lease; ``SKIP LOCKED`` on PostgreSQL),
    sends each with :class:`~handlers.webhooks.sender.WebhookChannel` as its own task
    (a slow endpoint never blocks the others), and records every attempt with the
-   delivery's next state in one transaction: a 2xx consumes the notification
-   (as a polling consume would), a failure is rescheduled by :func:`handlers.retry.plan_next`
-   (``Retry-After`` honoured), a 410 or a failing streak of
+   delivery's next state in one transaction, shared by group commit with the
+   attempts that finished alongside it (:class:`AttemptRecorder`): a 2xx consumes
+   the notification (as a polling consume would), a failure is rescheduled by
+   :func:`handlers.retry.plan_next` (``Retry-After`` honoured), a 410 or a failing
+   streak of
    ``DELIVERY_WEBHOOK_DISABLE_AFTER_S`` disables the endpoint (with a project
    notification), the last failure dead-letters. A notification consumed by
    polling first is ``skipped``, not sent.

@@ -188,6 +188,11 @@ class Settings(BaseSettings):
     smtp_username: str = ""
     smtp_password: SecretStr | None = None
     smtp_from: str = ""
+    smtp_pool_size: int = Field(
+        default=8,
+        ge=1,
+        description="Most SMTP connections open at once; idle ones are reused for later mail.",
+    )
     sms_base_url: str = "https://api.twilio.com"
     sms_account_sid: str = ""
     sms_auth_token: SecretStr | None = None

@@ -294,7 +294,9 @@ class ChannelsWorker(QueueWorker):
         self._ensure_router()
 
     async def after_stop(self) -> None:
-        """Close the providers' HTTP client."""
+        """Close the pooled SMTP connections and the providers' HTTP client."""
+        if self._router is not None:
+            await self._router.aclose()
         if self._client is not None:
             await self._client.aclose()
             self._client = None

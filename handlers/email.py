@@ -1,6 +1,6 @@
 """
 Email over SMTP with aiosmtplib: one ``multipart/alternative`` message (plain text and
-escaped HTML) per send, on its own connection.
+escaped HTML) per send, over a small pool of reused connections.
 
 References: RFC 5321 (SMTP reply codes: 4yz transient, 5yz permanent, section 4.2.1),
 RFC 3463 (enhanced status codes: ``5.1.x`` is a bad destination address), RFC 5322
@@ -10,9 +10,13 @@ RFC 3207 (STARTTLS) and RFC 8314 (implicit TLS on port 465).
 Channel contract: :meth:`SmtpChannel.send` never raises for server or network trouble.
 """
 
+import asyncio
 import html
 import re
 import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from enum import StrEnum
@@ -35,6 +39,13 @@ SUBJECT_MAX: Final = 78
 # syntax, null MX ...). Only a permanent one of those condemns the address; a 550 for
 # policy or spam reasons does not.
 _BAD_ADDRESS = re.compile(r"\b5\.1\.\d{1,3}\b")
+#: Connections one channel keeps at most (open at once, busy or idle).
+POOL_SIZE: Final = 8
+#: A connection is closed after this many messages: some relays cap a session.
+MAX_MESSAGES_PER_CONNECTION: Final = 100
+#: An idle connection older than this is not reused: servers drop idle sessions
+#: (RFC 5321 section 4.5.3.2.7 lets them after 5 minutes; many do sooner).
+MAX_IDLE_S: Final = 30.0
 # RFC 5322 section 3.2.3 atext minus "=" (our escape character) and "/" (some
 # archives use Message-IDs as file names).
 _MSG_ID_SAFE = re.compile(r"[A-Za-z0-9!#$%&'*+?^_`{|}~\-]")
@@ -159,13 +170,28 @@ def classify_smtp_error(exc: Exception) -> Retry | Failed:
     return Retry(f"smtp unreachable: {exc!r}")
 
 
+@dataclass(slots=True)
+class _Connection:
+    """A pooled SMTP session: how many messages it carried, since when it is idle."""
+
+    client: aiosmtplib.SMTP
+    sent: int = 0
+    idle_since: float = 0.0
+
+
 class SmtpChannel:
     """
     :class:`~handlers.base.Channel` for email addresses (``ContactKind.EMAIL``).
 
-    Each send opens, uses and closes one connection, so a dead connection never leaks
-    into the next send and concurrent sends need no locking. Relays that matter for
-    throughput should sit close to the daemon.
+    Sends share a pool of at most ``pool_size`` connections to the one server: a send
+    takes an idle connection (or opens one, with STARTTLS/TLS and AUTH as configured),
+    sends one message on it and puts it back, so a burst of mail costs a handful of
+    handshakes instead of one per message; sends beyond the bound wait for a
+    connection. A connection that failed in any way is closed, never reused; one idle
+    for :data:`MAX_IDLE_S` or used for :data:`MAX_MESSAGES_PER_CONNECTION` messages is
+    closed too. When the server dropped an idle connection (it disconnects, or
+    answers 421, on the first command), the message goes once more on a fresh one.
+    :meth:`aclose` closes the idle connections.
 
     Args:
         host: SMTP server.
@@ -179,9 +205,11 @@ class SmtpChannel:
         timeout_s: per-operation timeout handed to aiosmtplib.
         tls_context: certificates to trust (tests pass a context that trusts their
             self-signed certificate); ``None`` uses the system store.
+        pool_size: the most connections open at once.
+        timer: monotonic seconds, for idle ages (tests may pass a fake).
 
     Raises:
-        ValueError: ``sender`` holds no address.
+        ValueError: ``sender`` holds no address, or ``pool_size`` is below 1.
     """
 
     kind: Final = ContactKind.EMAIL
@@ -198,10 +226,14 @@ class SmtpChannel:
         password: str = "",
         timeout_s: float = 30.0,
         tls_context: ssl.SSLContext | None = None,
+        pool_size: int = POOL_SIZE,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
         address = parseaddr(sender)[1]
         if "@" not in address:
             raise ValueError(f"SMTP sender must be an address or 'Name <address>'; got {sender!r}")
+        if pool_size < 1:
+            raise ValueError(f"SMTP pool_size must be at least 1; got {pool_size}")
         self._host = host
         self._port = port
         self._sender = sender
@@ -212,6 +244,9 @@ class SmtpChannel:
         self._password = password if username else None
         self._timeout_s = timeout_s
         self._tls_context = tls_context
+        self._slots = asyncio.Semaphore(pool_size)
+        self._idle: list[_Connection] = []
+        self._timer = timer
 
     @classmethod
     def from_settings(
@@ -242,6 +277,7 @@ class SmtpChannel:
             username=settings.smtp_username,
             password=settings.smtp_password.get_secret_value() if settings.smtp_password else "",
             tls_context=tls_context,
+            pool_size=settings.smtp_pool_size,
         )
 
     async def send(self, message: Message, destination: str) -> Outcome:
@@ -259,20 +295,8 @@ class SmtpChannel:
         )
         bound = log.bind(event_id=message.event_id, to=redact(self.kind, destination))
         try:
-            _, reply = await aiosmtplib.send(
-                mail,
-                sender=self._sender_address,
-                recipients=[destination],
-                hostname=self._host,
-                port=self._port,
-                username=self._username,
-                password=self._password,
-                use_tls=self._security is SmtpSecurity.TLS,
-                # True makes STARTTLS mandatory: never fall back to clear text.
-                start_tls=self._security is SmtpSecurity.STARTTLS,
-                tls_context=self._tls_context,
-                timeout=self._timeout_s,
-            )
+            async with self._slots:
+                reply = await self._send_pooled(mail, destination)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             outcome = classify_smtp_error(exc)
             bound.warning(
@@ -283,3 +307,91 @@ class SmtpChannel:
             )
             return outcome
         return Delivered(250, reply)
+
+    async def aclose(self) -> None:
+        """Close the idle connections (QUIT, then the socket); sends may still open new ones."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await self._quit(connection)
+
+    async def _send_pooled(self, mail: EmailMessage, destination: str) -> str:
+        """One message on a pooled connection (the caller holds a slot)."""
+        connection = self._take_idle()
+        reused = connection is not None
+        if connection is None:
+            connection = await self._connect()
+        try:
+            reply = await self._send_on(connection, mail, destination)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPResponseException) as exc:
+            self._discard(connection)
+            stale = isinstance(exc, aiosmtplib.SMTPServerDisconnected) or exc.code == 421
+            if not (reused and stale):
+                raise
+            # A reused session the server ended, almost always while it sat idle:
+            # once more on a fresh connection, now rather than at the caller's retry
+            # (a drop after DATA could mean a second copy, as that retry would; both
+            # carry one Message-ID, which mail stores use to spot duplicates).
+            log.debug("email.pool.stale_connection", host=self._host, error=repr(exc))
+            connection = await self._connect()
+            try:
+                reply = await self._send_on(connection, mail, destination)
+            except BaseException:
+                self._discard(connection)
+                raise
+        except BaseException:
+            # Timed out, cancelled, refused: the session's state is unknown.
+            self._discard(connection)
+            raise
+        connection.sent += 1
+        if connection.sent >= MAX_MESSAGES_PER_CONNECTION:
+            await self._quit(connection)
+        else:
+            connection.idle_since = self._timer()
+            self._idle.append(connection)
+        return reply
+
+    async def _send_on(self, connection: _Connection, mail: EmailMessage, destination: str) -> str:
+        _, reply = await connection.client.send_message(
+            mail, sender=self._sender_address, recipients=[destination]
+        )
+        return reply
+
+    def _take_idle(self) -> _Connection | None:
+        """The most recently used idle connection still fit for use, else ``None``."""
+        while self._idle:
+            connection = self._idle.pop()
+            fresh = self._timer() - connection.idle_since < MAX_IDLE_S
+            if fresh and connection.client.is_connected:
+                return connection
+            self._discard(connection)
+        return None
+
+    async def _connect(self) -> _Connection:
+        client = aiosmtplib.SMTP(
+            hostname=self._host,
+            port=self._port,
+            username=self._username,
+            password=self._password,
+            use_tls=self._security is SmtpSecurity.TLS,
+            # True makes STARTTLS mandatory: never fall back to clear text.
+            start_tls=self._security is SmtpSecurity.STARTTLS,
+            tls_context=self._tls_context,
+            timeout=self._timeout_s,
+        )
+        try:
+            await client.connect()
+        except BaseException:
+            client.close()
+            raise
+        return _Connection(client)
+
+    async def _quit(self, connection: _Connection) -> None:
+        """End a session politely; a server that is gone already just loses the socket."""
+        try:
+            await connection.client.quit(timeout=min(self._timeout_s, 5.0))
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            connection.client.close()
+
+    @staticmethod
+    def _discard(connection: _Connection) -> None:
+        connection.client.close()

@@ -166,6 +166,12 @@ class ChannelRouter:
         """The channel kinds configured (the others' contacts are skipped)."""
         return frozenset(self._channels)
 
+    async def aclose(self) -> None:
+        """Close what the channels keep open between sends (the SMTP pool)."""
+        for channel in self._channels.values():
+            if isinstance(channel, SmtpChannel):
+                await channel.aclose()
+
     async def fan_out(
         self,
         message: Message,

@@ -133,7 +133,10 @@ async def _deliver_one(
             username=settings.smtp_username,
             password=settings.smtp_password.get_secret_value() if settings.smtp_password else "",
         )
-        outcomes = await asyncio.gather(*(channel.send(message, to) for to in recipients))
+        try:
+            outcomes = await asyncio.gather(*(channel.send(message, to) for to in recipients))
+        finally:
+            await channel.aclose()
         failures = [o for o in outcomes if not isinstance(o, Delivered)]
         outcome = failures[0] if failures else outcomes[0]
     if isinstance(outcome, Delivered):

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, select, tuple_, update
+from sqlalchemy import and_, bindparam, delete, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -274,6 +274,16 @@ class NextState:
     dead: bool = False
     reason: str | None = None
     disable_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedAttempt:
+    """One item of :meth:`WebhookStore.record_attempts`: an attempt made at ``now``."""
+
+    claimed: ClaimedDelivery
+    attempt: AttemptRecord
+    step: NextState
+    now: datetime
 
 
 class WebhookStore(StoreBase):
@@ -658,54 +668,130 @@ class WebhookStore(StoreBase):
         Returns:
             The disable this attempt caused, or ``None``.
         """
-        d = DELIVERIES.c
-        values: dict[str, Any] = {
-            "attempt_count": attempt.attempt_number,
-            "claimed_by": None,
-            "updated_at": now,
-        }
-        if step.delivered:
-            values |= {"status": DELIVERED, "next_attempt_at": None, "delivered_at": now}
-            values["last_error"] = None
-        elif step.retry_at is not None:
-            values |= {"next_attempt_at": step.retry_at, "last_error": step.reason}
-        else:
-            values |= {"status": DEAD, "next_attempt_at": None, "last_error": step.reason}
-        note = claimed.notification
-        async with self.write() as conn:
-            await conn.execute(
-                ATTEMPTS.insert().values(
-                    id=attempt.attempt_id,
-                    delivery_id=claimed.delivery_id,
-                    project_id=claimed.project_id,
-                    event_type=claimed.event_type,
-                    event_id=attempt.event_id,
-                    agent_id=None if note is None else note["agent_id"],
-                    user_id=None if note is None else note["user_id"],
-                    attempt_number=attempt.attempt_number,
-                    webhook_url=attempt.webhook_url,
-                    status=attempt.status,
-                    response_code=attempt.response_code,
-                    duration_ms=attempt.duration_ms,
-                    request_body=attempt.request_body,
-                    response_body=attempt.response_body,
-                    error_message=attempt.error_message,
-                    created_at=attempt.created_at,
-                )
+        found = await self.record_attempts(
+            [RecordedAttempt(claimed, attempt, step, now)], disable_after=disable_after
+        )
+        return found[0]
+
+    async def record_attempts(
+        self, items: Sequence["RecordedAttempt"], *, disable_after: timedelta | None = None
+    ) -> list[EndpointDisabled | None]:
+        """
+        :meth:`record_attempt` for many attempts in one transaction: all are stored or
+        none is, in a handful of statements whatever their number (one insert, one
+        update per kind of next state, one consume, the endpoints' streaks).
+
+        The endpoints' health is applied in the order of ``items``, as separate calls
+        would: a success clears a streak before a later failure starts a new one.
+
+        Returns:
+            Per item, in order, the disable it caused or ``None``.
+        """
+        if not items:
+            return []
+        d, n = DELIVERIES.c, NOTIFICATIONS.c
+        attempt_rows: list[dict[str, Any]] = []
+        by_kind: dict[str, list[dict[str, Any]]] = {DELIVERED: [], PENDING: [], DEAD: []}
+        consumed: list[dict[str, Any]] = []
+        for item in items:
+            claimed, attempt, step, now = item.claimed, item.attempt, item.step, item.now
+            note = claimed.notification
+            attempt_rows.append(
+                {
+                    "id": attempt.attempt_id,
+                    "delivery_id": claimed.delivery_id,
+                    "project_id": claimed.project_id,
+                    "event_type": claimed.event_type,
+                    "event_id": attempt.event_id,
+                    "agent_id": None if note is None else note["agent_id"],
+                    "user_id": None if note is None else note["user_id"],
+                    "attempt_number": attempt.attempt_number,
+                    "webhook_url": attempt.webhook_url,
+                    "status": attempt.status,
+                    "response_code": attempt.response_code,
+                    "duration_ms": attempt.duration_ms,
+                    "request_body": attempt.request_body,
+                    "response_body": attempt.response_body,
+                    "error_message": attempt.error_message,
+                    "created_at": attempt.created_at,
+                }
             )
-            await conn.execute(
-                update(DELIVERIES)
-                .where(d.id == claimed.delivery_id, d.status == PENDING)
-                .values(**values)
-            )
+            row = {
+                "b_id": claimed.delivery_id,
+                "b_count": attempt.attempt_number,
+                "b_now": now,
+                "b_error": None if step.delivered else step.reason,
+            }
             if step.delivered:
-                n = NOTIFICATIONS.c
+                by_kind[DELIVERED].append(row)
+                consumed.append({"b_id": claimed.event_id, "b_now": now})
+            elif step.retry_at is not None:
+                by_kind[PENDING].append(row | {"b_at": step.retry_at})
+            else:
+                by_kind[DEAD].append(row)
+        common: dict[str, Any] = {
+            "attempt_count": bindparam("b_count"),
+            "claimed_by": None,
+            "updated_at": bindparam("b_now"),
+            "last_error": bindparam("b_error"),
+        }
+        next_state: dict[str, dict[str, Any]] = {
+            DELIVERED: {
+                "status": DELIVERED,
+                "next_attempt_at": None,
+                "delivered_at": bindparam("b_now"),
+            },
+            PENDING: {"next_attempt_at": bindparam("b_at")},
+            DEAD: {"status": DEAD, "next_attempt_at": None},
+        }
+        async with self.write() as conn:
+            await conn.execute(ATTEMPTS.insert(), attempt_rows)
+            for kind, rows in by_kind.items():
+                if rows:
+                    # Guarded by the status: a delivery finished meanwhile is left alone.
+                    await conn.execute(
+                        update(DELIVERIES)
+                        .where(d.id == bindparam("b_id"), d.status == PENDING)
+                        .values(**common, **next_state[kind]),
+                        rows,
+                    )
+            if consumed:
                 await conn.execute(
                     update(NOTIFICATIONS)
-                    .where(n.id == claimed.event_id, n.status == "pending")
-                    .values(status="consumed", consumed_at=now)
+                    .where(n.id == bindparam("b_id"), n.status == "pending")
+                    .values(status="consumed", consumed_at=bindparam("b_now")),
+                    consumed,
                 )
-            return await self._endpoint_health(conn, claimed, attempt, step, now, disable_after)
+            found: list[EndpointDisabled | None] = []
+            # Successes only clear a streak: consecutive ones are one statement, flushed
+            # before a failure of the same endpoint so the order of items is kept.
+            clear: set[str] = set()
+            for item in items:
+                endpoint_id = item.claimed.endpoint_id
+                if item.attempt.status == SUCCESS:
+                    clear.add(endpoint_id)
+                    found.append(None)
+                    continue
+                if endpoint_id in clear:
+                    await self._clear_streaks(conn, [endpoint_id])
+                    clear.discard(endpoint_id)
+                found.append(
+                    await self._endpoint_health(
+                        conn, item.claimed, item.attempt, item.step, item.now, disable_after
+                    )
+                )
+            if clear:
+                await self._clear_streaks(conn, sorted(clear))
+        return found
+
+    async def _clear_streaks(self, conn: AsyncConnection, endpoint_ids: Sequence[str]) -> None:
+        """End the failing streaks of ``endpoint_ids`` (a 2xx), in the caller's transaction."""
+        e = ENDPOINTS.c
+        await conn.execute(
+            update(ENDPOINTS)
+            .where(e.id.in_(endpoint_ids), e.failing_since.is_not(None))
+            .values(failing_since=None)
+        )
 
     async def _endpoint_health(
         self,
@@ -716,16 +802,12 @@ class WebhookStore(StoreBase):
         now: datetime,
         disable_after: timedelta | None,
     ) -> EndpointDisabled | None:
-        """The endpoint's streak and disable, inside :meth:`record_attempt`'s transaction."""
+        """
+        A failed attempt's streak and disable, inside :meth:`record_attempts`'s
+        transaction (a success only clears the streak: :meth:`_clear_streaks`).
+        """
         e = ENDPOINTS.c
         mine = e.id == claimed.endpoint_id
-        if attempt.status == SUCCESS:
-            await conn.execute(
-                update(ENDPOINTS)
-                .where(mine, e.failing_since.is_not(None))
-                .values(failing_since=None)
-            )
-            return None
         await conn.execute(
             update(ENDPOINTS).where(mine, e.failing_since.is_(None)).values(failing_since=now)
         )

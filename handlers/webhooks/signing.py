@@ -132,8 +132,14 @@ def _parse(secret: str) -> SigningKey:
 type SecretLike = str | SigningKey
 
 
+@lru_cache(maxsize=1024)
+def _parsed(secret: str) -> SigningKey:
+    # One endpoint signs every delivery with the same secret: decode it once.
+    return SigningKey.parse(secret)
+
+
 def _keys(secrets: Iterable[SecretLike]) -> tuple[SigningKey, ...]:
-    keys = tuple(s if isinstance(s, SigningKey) else SigningKey.parse(s) for s in secrets)
+    keys = tuple(s if isinstance(s, SigningKey) else _parsed(s) for s in secrets)
     if not keys:
         raise ValueError("at least one signing secret is required")
     return keys

@@ -2,6 +2,7 @@
 
 import email
 import email.policy
+from collections.abc import AsyncIterator
 from email.message import EmailMessage
 
 import aiosmtplib
@@ -31,6 +32,17 @@ SENDER_ADDRESS = "notify@mail.example.com"
 TO = "ada@example.com"
 
 
+_OPEN: list[SmtpChannel] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_pools() -> AsyncIterator[None]:
+    """Every channel a test built closes its pooled connections, as the worker's stop does."""
+    yield
+    while _OPEN:
+        await _OPEN.pop().aclose()
+
+
 def _channel(
     server: SmtpServer,
     clock: ManualClock,
@@ -38,7 +50,7 @@ def _channel(
     tls: TlsFiles | None = None,
     **kwargs: str,
 ) -> SmtpChannel:
-    return SmtpChannel(
+    channel = SmtpChannel(
         "127.0.0.1",
         server.port,
         SENDER,
@@ -48,6 +60,8 @@ def _channel(
         tls_context=tls.client_context() if tls else None,
         **kwargs,
     )
+    _OPEN.append(channel)
+    return channel
 
 
 def _received(server: SmtpServer) -> EmailMessage:

@@ -3,6 +3,7 @@
 import asyncio
 import itertools
 import json
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -246,12 +247,12 @@ async def test_attempt_exposes_retry_and_disable_hints() -> None:
 
 
 @pytest.fixture
-def real_channels(
+async def real_channels(
     fcm_channel: FcmChannel,
     sms_channel: SmsChannel,
     plain_smtp: SmtpServer,
     clock: ManualClock,
-) -> dict[ContactKind, Channel]:
+) -> AsyncIterator[dict[ContactKind, Channel]]:
     smtp = SmtpChannel(
         "127.0.0.1",
         plain_smtp.port,
@@ -260,7 +261,8 @@ def real_channels(
         security=SmtpSecurity.PLAIN,
         timeout_s=5,
     )
-    return {FCM: fcm_channel, EMAIL: smtp, SMS: sms_channel}
+    yield {FCM: fcm_channel, EMAIL: smtp, SMS: sms_channel}
+    await smtp.aclose()  # its pooled connection, as the worker's stop closes it
 
 
 async def test_real_fanout_reaches_every_provider(

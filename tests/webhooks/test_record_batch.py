@@ -1,0 +1,158 @@
+"""
+Attempts recorded together (the worker's group commit), on SQLite and PostgreSQL: one
+transaction applies each attempt as separate calls would, in order, and one bad attempt
+costs only its own record.
+"""
+
+import asyncio
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+
+from delivery.store.tables import DELIVERIES, NOTIFICATIONS
+from delivery.store.webhooks import (
+    ATTEMPTS,
+    SUCCESS,
+    AttemptRecord,
+    ClaimedDelivery,
+    NextState,
+    RecordedAttempt,
+)
+from handlers.webhooks.worker import AttemptRecorder
+from tests.webhooks.conftest import Rig
+
+
+def _attempt(claimed: ClaimedDelivery, at: datetime, *, ok: bool, n: int = 1) -> AttemptRecord:
+    return AttemptRecord(
+        attempt_id=f"att_{claimed.delivery_id}_{n}",
+        attempt_number=claimed.attempt_number,
+        event_id=claimed.event_id,
+        webhook_url=claimed.url,
+        status=SUCCESS if ok else "failed",
+        response_code=200 if ok else 500,
+        duration_ms=3,
+        created_at=at,
+        request_body="{}",
+        response_body=None,
+        error_message=None if ok else "HTTP 500",
+    )
+
+
+async def _claimed(rig: Rig, count: int) -> list[ClaimedDelivery]:
+    _receiver, url = rig.receiver()
+    await rig.register(url)
+    worker = rig.worker()
+    await worker.enqueue(await rig.notify(*range(1, count + 1)))
+    claimed = await rig.webhooks.claim_due(
+        now=rig.clock.now(), limit=count, lease=timedelta(minutes=1), worker_id="w"
+    )
+    assert len(claimed) == count
+    return sorted(claimed, key=lambda c: c.event_id)
+
+
+async def test_one_batch_applies_each_next_state(rig: Rig) -> None:
+    """Delivered, retried and dead in one transaction: each row gets its own state."""
+    ok, retry, dead = await _claimed(rig, 3)
+    now = rig.clock.now()
+    later = now + timedelta(minutes=5)
+    found = await rig.webhooks.record_attempts(
+        [
+            RecordedAttempt(ok, _attempt(ok, now, ok=True), NextState(delivered=True), now),
+            RecordedAttempt(
+                retry, _attempt(retry, now, ok=False), NextState(retry_at=later, reason="500"), now
+            ),
+            RecordedAttempt(
+                dead, _attempt(dead, now, ok=False), NextState(dead=True, reason="gave up"), now
+            ),
+        ]
+    )
+    assert found == [None, None, None]
+    d, n = DELIVERIES.c, NOTIFICATIONS.c
+    async with rig.engine.connect() as conn:
+        rows = {
+            r.event_id: r
+            for r in await conn.execute(
+                select(d.event_id, d.status, d.next_attempt_at, d.last_error, d.attempt_count)
+            )
+        }
+        notes = dict((await conn.execute(select(n.id, n.status))).all())
+        attempts = (await conn.execute(select(func.count()).select_from(ATTEMPTS))).scalar_one()
+    assert attempts == 3
+    assert (rows[ok.event_id].status, rows[ok.event_id].last_error) == ("delivered", None)
+    assert (rows[retry.event_id].status, rows[retry.event_id].next_attempt_at) == (
+        "pending",
+        later,
+    )
+    assert (rows[dead.event_id].status, rows[dead.event_id].last_error) == ("dead", "gave up")
+    assert {r.attempt_count for r in rows.values()} == {1}
+    # Only the delivered one consumes its notification.
+    assert notes == {ok.event_id: "consumed", retry.event_id: "pending", dead.event_id: "pending"}
+
+
+async def test_endpoint_streak_follows_the_order_of_the_batch(rig: Rig) -> None:
+    """Failure, success, failure in one batch: the streak restarts at the last failure."""
+    first, middle, last = await _claimed(rig, 3)
+    t0 = rig.clock.now()
+    t1, t2 = t0 + timedelta(seconds=1), t0 + timedelta(seconds=2)
+    retry = NextState(retry_at=t0 + timedelta(minutes=5), reason="500")
+    await rig.webhooks.record_attempts(
+        [
+            RecordedAttempt(first, _attempt(first, t0, ok=False), retry, t0),
+            RecordedAttempt(middle, _attempt(middle, t1, ok=True), NextState(delivered=True), t1),
+            RecordedAttempt(last, _attempt(last, t2, ok=False), retry, t2),
+        ]
+    )
+    (endpoint,) = await rig.webhooks.list_endpoints(rig.projects["alpha"])
+    assert endpoint["failing_since"] == t2
+    # And a success last ends the streak.
+    again = await rig.webhooks.claim_due(
+        now=t0 + timedelta(minutes=5), limit=2, lease=timedelta(minutes=1), worker_id="w"
+    )
+    at = t0 + timedelta(minutes=5)
+    await rig.webhooks.record_attempts(
+        [
+            RecordedAttempt(c, _attempt(c, at, ok=True, n=2), NextState(delivered=True), at)
+            for c in again
+        ]
+    )
+    (endpoint,) = await rig.webhooks.list_endpoints(rig.projects["alpha"])
+    assert endpoint["failing_since"] is None
+
+
+async def test_a_bad_attempt_fails_alone(rig: Rig) -> None:
+    """
+    An attempt whose row cannot be written (a repeated attempt id) fails its own
+    sender; the attempts that finished with it are recorded all the same.
+    """
+    claimed = await _claimed(rig, 4)
+    now = rig.clock.now()
+    recorder = AttemptRecorder(rig.webhooks, disable_after=None)
+    items = [
+        RecordedAttempt(c, _attempt(c, now, ok=True), NextState(delivered=True), now)
+        for c in claimed
+    ]
+    # The second attempt reuses the first one's id: its insert collides.
+    clash = RecordedAttempt(
+        claimed[1],
+        AttemptRecord(**{**_fields(items[1].attempt), "attempt_id": items[0].attempt.attempt_id}),
+        NextState(delivered=True),
+        now,
+    )
+    items[1] = clash
+    results = await asyncio.gather(*(recorder.record(i) for i in items), return_exceptions=True)
+    await recorder.drain()
+
+    assert [isinstance(r, Exception) for r in results] == [False, True, False, False]
+    d = DELIVERIES.c
+    async with rig.engine.connect() as conn:
+        states = dict((await conn.execute(select(d.event_id, d.status))).all())
+    assert states == {
+        claimed[0].event_id: "delivered",
+        claimed[1].event_id: "pending",  # left for its lease to make due again
+        claimed[2].event_id: "delivered",
+        claimed[3].event_id: "delivered",
+    }
+
+
+def _fields(record: AttemptRecord) -> dict[str, object]:
+    return {name: getattr(record, name) for name in record.__dataclass_fields__}

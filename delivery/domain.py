@@ -15,6 +15,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, NewType
 
+from delivery.policy import DEFAULT_SOURCE, SourcePolicy
+
 FireId = NewType("FireId", str)
 """A schedule fire's id, derived from (schedule id, fire instant)."""
 
@@ -140,6 +142,10 @@ class Draft:
     schedule_id: str | None = None
     wakeup_id: str | None = None
     trigger_event_id: str | None = None
+    policy: SourcePolicy = DEFAULT_SOURCE
+    """What the source says about its messages (priority, deadline, ...)."""
+    next_fire_at: datetime | None = None
+    """A schedule's next regular fire: a deferred message never goes out after it."""
 
     @property
     def notification_id(self) -> str:

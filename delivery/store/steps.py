@@ -21,7 +21,7 @@ values and can be run in a transaction of its own or inside a caller's.
 """
 
 import sqlite3
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -118,7 +118,21 @@ class SelectWhere:
     limit: int | None = None
 
 
-type Step = SelectIn | UpdateIn | DeleteIn | InsertIgnoring | InsertRows | SelectWhere
+@dataclass(frozen=True, slots=True)
+class Call:
+    """
+    A step the set-based ones cannot say (a row lock, a grouped count), written for
+    both paths: ``direct`` on the raw ``sqlite3`` connection, ``core`` on the async
+    connection. Both must return the same value.
+
+    Result: what the function returns.
+    """
+
+    direct: Callable[[sqlite3.Connection], Any]
+    core: Callable[[AsyncConnection], Awaitable[Any]]
+
+
+type Step = SelectIn | UpdateIn | DeleteIn | InsertIgnoring | InsertRows | SelectWhere | Call
 type Steps[T] = Generator[Step, Any, T]
 """An operation: yields steps, is sent each step's result, returns its value."""
 
@@ -213,6 +227,8 @@ def _direct_step(db: sqlite3.Connection, step: Step) -> Any:
             return direct.select_where(
                 db, table, equals, columns=columns, order_by=order_by, limit=limit
             )
+        case Call(fn, _):
+            return fn(db)
 
 
 def _where(
@@ -264,3 +280,5 @@ async def _core_step(conn: AsyncConnection, step: Step) -> Any:
                 .limit(limit)
             )
             return [dict(row) for row in (await conn.execute(selecting)).mappings()]
+        case Call(_, fn):
+            return await fn(conn)

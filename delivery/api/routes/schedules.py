@@ -28,6 +28,7 @@ from delivery.api.context import (
 )
 from delivery.api.metrics import bind_ids
 from delivery.api.routes.inventory import missing_item
+from delivery.api.routes.policy import source_policy_json
 from delivery.api.schemas import (
     ScheduleCreate,
     ScheduleCreated,
@@ -228,6 +229,7 @@ async def create_schedule(
         version=1,
         created_at=now,
         updated_at=now,
+        policy_json=source_policy_json(body),
     )
     bind_ids(schedule_id=row.id)
     await ctx.store.schedules.insert_schedule(row)

@@ -336,6 +336,11 @@ class ChannelsWorker(QueueWorker):
         # The store loads full rows only for pending notifications with a contact left
         # to try; the other pending ones are counted, as before, with nothing to send.
         notes = [inputs.notifications[nid] for nid in pending if nid in inputs.notifications]
+        # Past its deadline a message is never sent, even before the sweep marks it.
+        stale = [n["id"] for n in notes if expired(n, now)]
+        if stale:
+            log.info("channels.expired_not_sent", notifications=len(stale))
+            notes = [n for n in notes if n["id"] not in set(stale)]
         outcomes = await asyncio.gather(*(one(n) for n in notes))
         total = FanoutResult(notifications=len(pending) - len(notes))
         if not notes:
@@ -400,7 +405,7 @@ class ChannelsWorker(QueueWorker):
             )
             now = self.clock.now()
             number = row["attempt_number"] + 1
-            reason = _why_not(note, contact)
+            reason = _why_not(note, contact, now)
             if reason is not None or note is None or contact is None:
                 skipped = AttemptRecord(
                     project_id=row["project_id"],
@@ -454,12 +459,20 @@ def _notification_id(data: bytes) -> str:
     return NotificationCreated.model_validate_json(data).notification_id
 
 
-def _why_not(note: RowMapping | None, contact: ContactMapping | None) -> str | None:
+def expired(note: RowMapping, now: datetime) -> bool:
+    """Whether ``note``'s deadline (``expires_at``) has passed at ``now``."""
+    deadline = note.get("expires_at")
+    return deadline is not None and deadline <= now
+
+
+def _why_not(note: RowMapping | None, contact: ContactMapping | None, now: datetime) -> str | None:
     """Why a due retry is dropped instead of attempted (pure), or ``None``."""
     if note is None:
         return "notification_gone"
     if note["status"] != "pending":
         return "notification_not_pending"
+    if expired(note, now):
+        return "notification_expired"
     if contact is None:
         return "contact_removed"
     if contact["disabled"]:

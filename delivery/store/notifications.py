@@ -17,7 +17,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
-from sqlalchemy import ColumnElement, select, tuple_, update
+from sqlalchemy import ColumnElement, or_, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -388,9 +388,20 @@ class NotificationQueue(Protocol):
     """
 
     async def list_queue(
-        self, project_id: str, agent_id: str, *, status: str, user_id: str | None, limit: int
+        self,
+        project_id: str,
+        agent_id: str,
+        *,
+        status: str,
+        user_id: str | None,
+        limit: int,
+        now: datetime | None = None,
     ) -> Sequence[Mapping[str, Any]]:
-        """The agent's queue in one status, oldest first (a queue is read in order)."""
+        """
+        The agent's queue in one status, oldest first (a queue is read in order);
+        with ``now``, pending messages past their deadline are left out (they are
+        expired, whether or not the sweep has marked them yet).
+        """
         ...
 
     async def notification_history(
@@ -505,7 +516,14 @@ class SqlNotificationStore(StoreBase):
     # --- the queue as clients see it ------------------------------------------------
 
     async def list_queue(
-        self, project_id: str, agent_id: str, *, status: str, user_id: str | None, limit: int
+        self,
+        project_id: str,
+        agent_id: str,
+        *,
+        status: str,
+        user_id: str | None,
+        limit: int,
+        now: datetime | None = None,
     ) -> Sequence[Mapping[str, Any]]:
         """
         See :meth:`NotificationQueue.list_queue`: the polling path, so one call to
@@ -520,6 +538,7 @@ class SqlNotificationStore(StoreBase):
                     columns=tuple(c.name for c in _QUEUE_COLUMNS),
                     order_by=("created_at", "id"),
                     limit=limit,
+                    after=("expires_at", now) if now is not None and status == "pending" else None,
                 )
             )
         )
@@ -565,7 +584,12 @@ class SqlNotificationStore(StoreBase):
         async with self.write() as conn:
             result = await conn.execute(
                 update(NOTIFICATIONS)
-                .where(*owner, _n.status == "pending")
+                # Past its deadline a message is expired, swept or not: never consumed.
+                .where(
+                    *owner,
+                    _n.status == "pending",
+                    or_(_n.expires_at.is_(None), _n.expires_at > now),
+                )
                 .values(status="consumed", consumed_at=now)
             )
             if result.rowcount:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+import structlog
 from sqlalchemy import and_, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import RowMapping
@@ -21,10 +22,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from delivery.policy import EXPIRED, NOT_COUNTED, SUPERSEDED, SUPERSEDED_BY_KEY, TTL
 from delivery.store.common import StoreBase, insert_ignoring_duplicates
 from delivery.store.direct import MAX_VARIABLES, sqlite_instant
-from delivery.store.engine import write_transaction
+from delivery.store.engine import any_row, write_transaction
 from delivery.store.staging import STAGED
 from delivery.store.steps import Call, Steps
 from delivery.store.tables import ATTENTION, NOTIFICATIONS, OUTBOX, POLICIES, QUIET_HOURS
+
+log = structlog.get_logger(__name__)
 
 _n = NOTIFICATIONS.c
 _q = QUIET_HOURS.c
@@ -140,7 +143,7 @@ class PolicyStore(StoreBase):
             POLICIES.c.project_id.in_(ids)
         )
         async with self.read() as conn:
-            texts: dict[str, str] = {p: t for p, t in (await conn.execute(stmt)).all()}
+            texts: dict[str, str] = dict((await conn.execute(stmt)).all())
             having = set((await conn.execute(quiet)).scalars())
         return {p: (texts.get(p), p in having) for p in ids}
 
@@ -336,7 +339,11 @@ async def _supersede_core(conn: AsyncConnection, rows: Sequence[Mapping[str, Any
 _LIVE_DEADLINE = "expires_at IS NOT NULL AND status IN ('pending', 'staged')"
 
 
-async def expire_due(engine: AsyncEngine, now: datetime, *, limit: int = 1000) -> list[str]:
+EXPIRY_BATCH = 1000
+"""Messages expired per sweep transaction."""
+
+
+async def expire_due(engine: AsyncEngine, now: datetime, *, limit: int = EXPIRY_BATCH) -> list[str]:
     """
     Move up to ``limit`` pending (or staged) notifications whose deadline has passed
     to ``expired`` and drop their unsent outbox entries; the ids moved.
@@ -346,6 +353,10 @@ async def expire_due(engine: AsyncEngine, now: datetime, *, limit: int = 1000) -
     """
     # Spelt as the partial index's predicate, literally, so PostgreSQL uses it.
     due = and_(text(_LIVE_DEADLINE), _n.expires_at <= now)
+    # Probe first: on SQLite a write transaction queues for the one writer even
+    # when it would change nothing, and the sweep runs every few seconds.
+    if not await any_row(engine, select(_n.id).where(due)):
+        return []
     async with write_transaction(engine) as conn:
         ids = list((await conn.execute(select(_n.id).where(due).limit(limit))).scalars())
         if not ids:
@@ -364,4 +375,6 @@ async def expire_due(engine: AsyncEngine, now: datetime, *, limit: int = 1000) -
             await conn.execute(
                 delete(OUTBOX).where(OUTBOX.c.msg_id.in_(expired), OUTBOX.c.sent_at.is_(None))
             )
+    if expired:
+        log.info("notifications_expired", expired=len(expired))
     return expired

@@ -23,10 +23,11 @@ values and can be run in a transaction of its own or inside a caller's.
 import sqlite3
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, delete, insert, select, update
+from sqlalchemy import ColumnElement, Table, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.store import common, direct
@@ -106,7 +107,8 @@ class InsertRows:
 class SelectWhere:
     """
     The rows of ``table`` whose columns equal ``equals`` (``None`` means ``IS NULL``),
-    ordered by ``order_by`` (ascending), at most ``limit``.
+    ordered by ``order_by`` (ascending), at most ``limit``; with ``after`` (an
+    instant column and an instant), only rows whose column is NULL or later.
 
     Result: ``list[dict[str, Any]]`` of ``columns`` (default: every column).
     """
@@ -116,6 +118,7 @@ class SelectWhere:
     columns: tuple[str, ...] | None = None
     order_by: tuple[str, ...] = ()
     limit: int | None = None
+    after: tuple[str, datetime] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,9 +226,9 @@ def _direct_step(db: sqlite3.Connection, step: Step) -> Any:
             return direct.insert_ignoring_duplicates(db, table, rows, unique=unique)
         case InsertRows(table, rows):
             return direct.insert_rows(db, table, rows)
-        case SelectWhere(table, equals, columns, order_by, limit):
+        case SelectWhere(table, equals, columns, order_by, limit, after):
             return direct.select_where(
-                db, table, equals, columns=columns, order_by=order_by, limit=limit
+                db, table, equals, columns=columns, order_by=order_by, limit=limit, after=after
             )
         case Call(fn, _):
             return fn(db)
@@ -270,7 +273,7 @@ async def _core_step(conn: AsyncConnection, step: Step) -> Any:
             if rows:
                 await conn.execute(insert(table), [dict(r) for r in rows])
             return None
-        case SelectWhere(table, equals, columns, order_by, limit):
+        case SelectWhere(table, equals, columns, order_by, limit, after):
             picked = table.c if columns is None else [table.c[name] for name in columns]
             selecting = (
                 select(*picked)
@@ -279,6 +282,9 @@ async def _core_step(conn: AsyncConnection, step: Step) -> Any:
                 .order_by(*(table.c[name] for name in order_by))
                 .limit(limit)
             )
+            if after is not None:
+                bound = table.c[after[0]]
+                selecting = selecting.where(or_(bound.is_(None), bound > after[1]))
             return [dict(row) for row in (await conn.execute(selecting)).mappings()]
         case Call(_, fn):
             return await fn(conn)

@@ -365,6 +365,19 @@ class WebhookWorker(QueueWorker):
             metrics.WEBHOOK_DELIVERIES.labels("skipped", "none").inc()
             self._finished(claimed, "skipped")
             return
+        deadline = note["expires_at"]
+        if deadline is not None and deadline <= now:
+            # Never sent after its deadline, retries included, even before the
+            # expiry sweep marks it expired.
+            reason = f"notification expired at {deadline.isoformat()}; not sent"
+            await self.store.finish_without_attempt(
+                claimed.delivery_id, status=SKIPPED, reason=reason, now=now
+            )
+            result.skipped += 1
+            bound.info("webhook.skipped", reason=reason)
+            metrics.WEBHOOK_DELIVERIES.labels("skipped", "none").inc()
+            self._finished(claimed, "skipped")
+            return
         if not claimed.endpoint_active or not claimed.url:
             reason = "endpoint disabled or deleted"
             await self.store.finish_without_attempt(

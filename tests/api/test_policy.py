@@ -5,8 +5,14 @@ schedules, wakeups and events, bad input refused naming the field, tenancy.
 """
 
 import json
+from datetime import timedelta
 
 from delivery.api.openapi import EXAMPLES
+from delivery.bus.subjects import Subjects
+from delivery.clock import ManualClock
+from delivery.dispatcher.composers import TemplateComposer
+from delivery.dispatcher.process import Processor
+from delivery.domain import SourceKind, SourceRef
 from delivery.store.tables import POLICIES, QUIET_HOURS, WakeupRow
 from tests.api.conftest import Api
 from tests.dispatcher import rows
@@ -131,3 +137,37 @@ async def test_bad_source_policy_fields_are_400(api: Api) -> None:
     assert response.status_code == 400
     assert "outside_window" in response.text
     assert await api.store.count(WakeupRow.__table__) == 0  # type: ignore[attr-defined]
+
+
+async def test_policy_decisions_are_on_the_timeline_and_explained(api: Api) -> None:
+    """A message over the budget shows suppressed/attention_budget, and explain says why."""
+    await api.alpha.put(
+        "/api/v1/policy", json={"attention_budget": {"limit": 1, "window_seconds": 86400}}
+    )
+    user = "/api/v1/agents/agent_t/users/user_t"
+    sent = []
+    for minutes in (0, 5):
+        at = api.clock.now()
+        response = await api.alpha.post(
+            "/api/v1/agents/agent_t/events", json={"user_id": "user_t", "event_type": "nudge"}
+        )
+        assert response.status_code in (200, 201, 202), response.text
+        refs = [SourceRef(SourceKind.EVENT, response.json()["event_id"])]
+        await Processor(
+            api.store.engine, TemplateComposer(), Subjects("tl"), ManualClock(at)
+        ).process(refs)
+        sent.append(at)
+        api.clock.advance(timedelta(minutes=5 + minutes))
+
+    page = (await api.alpha.get(f"{user}/timeline")).json()
+    composed = [e for e in page["events"] if e["kind"] == "notification.composed"]
+    assert [e["detail"].get("reason") for e in composed] == [None, "attention_budget"]
+    assert "suppressed/attention_budget" in composed[1]["summary"]
+
+    explained = await api.alpha.get(
+        f"{user}/timeline/explain",
+        params={"at": sent[1].isoformat().replace("+00:00", "Z")},
+    )
+    assert explained.status_code == 200, explained.text
+    assert explained.json()["code"] == "suppressed"
+    assert "attention budget" in explained.json()["sentence"]

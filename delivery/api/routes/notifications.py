@@ -83,7 +83,7 @@ async def list_notifications(
     if wanted not in QUEUE_STATUSES:
         raise InvalidRequestError("status", f"status must be one of {', '.join(QUEUE_STATUSES)}")
     rows = await ctx.store.notifications.list_queue(
-        project, agent_id, status=wanted, user_id=user_id or None, limit=count
+        project, agent_id, status=wanted, user_id=user_id or None, limit=count, now=ctx.clock.now()
     )
     return JSONResponse({"notifications": [queue_entry(r) for r in rows]})
 

@@ -25,13 +25,12 @@ own :class:`SourcePolicy` (``priority``, ``outside_window``, ``ttl_seconds`` /
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from delivery.cadence.window import in_hours
-from delivery.cadence.zones import wall_to_utc
+from delivery.cadence.window import Window
 
 
 class Priority(StrEnum):
@@ -57,6 +56,7 @@ SUPERSEDED = "superseded"
 ATTENTION_BUDGET = "attention_budget"
 QUIET_HOURS = "quiet_hours"
 DEFERRED = "deferred_quiet_hours"
+DEFERRED_WINDOW = "deferred_active_window"
 TTL = "deadline_passed"
 SUPERSEDED_BY_KEY = "supersede_key"
 SUPERSEDED_BY_NEXT_FIRE = "next_regular_fire"
@@ -208,51 +208,26 @@ class QuietHours:
     timezone: str
     start: int
     end: int
-    zone: ZoneInfo = field(init=False, repr=False, compare=False)
+    open: Window = field(init=False, repr=False, compare=False)
+    """The rest of the day: when a message may go out."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "zone", ZoneInfo(self.timezone))
+        object.__setattr__(self, "open", Window(ZoneInfo(self.timezone), self.end, self.start))
 
     def contains(self, instant: datetime) -> bool:
         """Whether ``instant`` falls inside the quiet hours (on the user's wall clock)."""
-        local = instant.astimezone(self.zone)
-        return in_hours(local.hour * 60 + local.minute + local.second / 60, self.start, self.end)
+        return not self.open.contains(instant)
 
     def next_opening(self, instant: datetime) -> datetime:
         """
-        The first instant at or after ``instant`` outside the quiet hours.
-
-        The opening is ``end`` on the user's wall clock. On a day whose ``end`` lies
-        in a spring-forward gap (02:30 in New York on the second Sunday of March),
-        the opening is the first instant after the jump (03:00 local): the wall
-        time never appears, and waiting a day would be a day late.
+        The first instant at or after ``instant`` outside the quiet hours: their end on
+        the user's wall clock, or right after a spring-forward jump that skips it
+        (:meth:`delivery.cadence.Window.next_inside`).
         """
-        if not self.contains(instant):
-            return instant
-        local = instant.astimezone(self.zone)
-        day: date = local.date()
-        for offset in range(3):
-            candidate_day = day + timedelta(days=offset)
-            at, in_gap = wall_to_utc(
-                candidate_day.year, candidate_day.month, candidate_day.day, self.end, self.zone
-            )
-            if in_gap:
-                at = _after_gap(at, self.zone)
-            if at > instant:
-                return at
-        raise AssertionError("quiet hours never open")  # pragma: no cover - end != start
-
-
-def _after_gap(at: datetime, zone: ZoneInfo) -> datetime:
-    """The first instant after the spring-forward gap that ``at`` (fold=0 mapping) fell in."""
-    # The fold=0 mapping of a gap time lands after the jump by the gap's width;
-    # the jump itself is the first whole minute whose offset is the new one.
-    probe = at
-    step = timedelta(minutes=1)
-    after = at.astimezone(zone).utcoffset()
-    while (probe - step).astimezone(zone).utcoffset() == after:
-        probe -= step
-    return probe
+        opening = self.open.next_inside(instant)
+        if opening is None:  # pragma: no cover - every day is allowed
+            raise AssertionError("quiet hours never open")
+        return opening
 
 
 def quiet_hours(row: Any) -> QuietHours | None:
@@ -319,33 +294,47 @@ def decide(
     due: datetime,
     fire_at: datetime,
     next_fire_at: datetime | None,
+    window: Window | None = None,
 ) -> Outcome:
     """
     The quiet-hours and freshness rules for one message due at ``due``.
 
-    Inside the user's quiet hours the source's ``outside_window`` (else the
-    project's, else ``skip``) decides: ``skip`` suppresses it (:data:`QUIET_HOURS`);
-    ``defer`` moves it to the next opening, unless that is at or after the
-    source's next regular fire (``next_fire_at``), which then supersedes it
-    (:data:`SUPERSEDED_BY_NEXT_FIRE`). A message whose deadline is not after the
-    instant it would go out is expired at once (:data:`TTL`).
+    ``window`` (a deferring schedule's active window): a fire outside it moves to
+    the window's next opening (:data:`DEFERRED_WINDOW`). Inside the user's quiet
+    hours the source's ``outside_window`` (else the project's, else ``skip``)
+    decides: ``skip`` suppresses it (:data:`QUIET_HOURS`); ``defer`` moves it to
+    their end (:data:`DEFERRED`). A message moved to or past the source's next
+    regular fire (``next_fire_at``) is superseded by it
+    (:data:`SUPERSEDED_BY_NEXT_FIRE`): one deferred fire is delivered at most
+    once, and never after the fire that follows it. A message whose deadline is
+    not after the instant it would go out is expired at once (:data:`TTL`).
     """
     expires_at = source.deadline(fire_at)
     at = due
-    status: str | None = None
     reason: str | None = None
+    # The two windows may push each other (a window opening inside quiet hours);
+    # a few rounds settle any pair of real windows.
+    for _ in range(8):
+        moved = False
+        if window is not None and not window.contains(at):
+            opening = window.next_inside(at)
+            if opening is None:  # pragma: no cover - the API refuses such a window
+                return Outcome(SUPPRESSED, DEFERRED_WINDOW, None, expires_at)
+            at, reason, moved = opening, DEFERRED_WINDOW, True
+        if quiet is not None and quiet.contains(at):
+            action = source.outside_window or project.outside_window or "skip"
+            if action != "defer":
+                return Outcome(SUPPRESSED, QUIET_HOURS, None, expires_at)
+            at, reason, moved = quiet.next_opening(at), DEFERRED, True
+        if not moved:
+            break
     due_at: datetime | None = None
-    if quiet is not None and quiet.contains(due):
-        action = source.outside_window or project.outside_window or "skip"
-        if action != "defer":
-            return Outcome(SUPPRESSED, QUIET_HOURS, None, expires_at)
-        opening = quiet.next_opening(due)
-        if next_fire_at is not None and opening >= next_fire_at:
+    if at != due:
+        if next_fire_at is not None and at >= next_fire_at:
             return Outcome(SUPERSEDED, SUPERSEDED_BY_NEXT_FIRE, None, expires_at)
-        at = due_at = opening
-        reason = DEFERRED
+        due_at = at
     if expires_at is not None and expires_at <= at:
         return Outcome(EXPIRED, TTL, None, expires_at)
-    if status is None and reason is None and expires_at is None:
+    if reason is None and expires_at is None:
         return KEEP
-    return Outcome(status, reason, due_at, expires_at)
+    return Outcome(None, reason, due_at, expires_at)

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from delivery import tracing
 from delivery.bus.messages import NotificationCreated
 from delivery.bus.subjects import Subjects
+from delivery.cadence import Window, compile_window
 from delivery.cadence.instants import format_local, format_utc
 from delivery.clock import Clock
 from delivery.dispatcher.compose import event_block, schedule_block, wakeup_block
@@ -51,6 +52,7 @@ from delivery.policy import (
     Priority,
     ProjectPolicy,
     QuietHours,
+    SourcePolicy,
     decide,
     source_policy,
 )
@@ -145,6 +147,7 @@ def schedule_draft(
 ) -> Draft:
     """The draft of one schedule fire (``source_id`` = the fire id)."""
     metadata = parse_json_object(schedule["metadata_json"])
+    policy = source_policy(schedule.get("policy_json"))
     block = schedule_block(
         intent=schedule["intent"],
         check_type=schedule["check_type"],
@@ -162,9 +165,18 @@ def schedule_draft(
         block=block,
         metadata=metadata,
         schedule_id=schedule["id"],
-        policy=source_policy(schedule.get("policy_json")),
+        policy=policy,
         next_fire_at=schedule.get("next_fire_at"),
+        window=_deferring_window(schedule, policy),
     )
+
+
+def _deferring_window(schedule: Mapping[str, Any], policy: SourcePolicy) -> Window | None:
+    """The active window of a schedule that defers what falls outside it, else ``None``."""
+    text = schedule.get("active_window_json")
+    if policy.outside_window != "defer" or not text:
+        return None
+    return compile_window(json.loads(text), schedule["timezone"])
 
 
 def wakeup_draft(wakeup: Mapping[str, Any], item: InventoryItem | None) -> Draft:
@@ -552,7 +564,7 @@ def notification_batch(
         created_at = d.fire_at if simulated or staged else now
         outcome = KEEP
         hours = quiet.get((d.project_id, d.user_id)) if quiet else None
-        if hours is not None or d.policy is not DEFAULT_SOURCE:
+        if hours is not None or d.policy is not DEFAULT_SOURCE or d.window is not None:
             outcome = decide(
                 d.policy,
                 (policies or {}).get(d.project_id, DEFAULT_POLICY),
@@ -560,6 +572,7 @@ def notification_batch(
                 due=created_at,
                 fire_at=d.fire_at,
                 next_fire_at=d.next_fire_at,
+                window=d.window,
             )
         rows.append(
             notification_row(

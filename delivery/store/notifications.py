@@ -67,6 +67,7 @@ SCHEDULE_COLUMNS: Final = (
     "metadata_json",
     "policy_json",
     "next_fire_at",
+    "active_window_json",
 )
 """What a draft reads of fire and schedule rows (a burst reads thousands; converting
 instants nobody reads was the largest cost of a batch's reads)."""

@@ -54,7 +54,7 @@ from delivery.errors import (
     NotFoundError,
 )
 from delivery.store.common import canonical_json, new_id
-from delivery.store.schedules import compile_stored
+from delivery.store.schedules import compile_stored, defers
 from delivery.store.tables import ScheduleRow
 
 router = APIRouter(tags=["schedules"])
@@ -162,6 +162,26 @@ def _first_fire(
     )
 
 
+def _deferred_first_fire(
+    first: datetime,
+    cadence: Any,
+    *,
+    starts_at: datetime | None,
+    ends_at: datetime | None,
+    created_at: datetime,
+    now: datetime,
+) -> datetime:
+    """
+    A deferring schedule's next fire: its cadence's next tick, window or not (the
+    dispatcher defers one outside the window to its opening); ``first`` (the
+    windowed one, already checked) when the cadence alone has none.
+    """
+    windowless = compile_schedule(
+        cadence, None, starts_at=starts_at, ends_at=ends_at, created_at=created_at
+    )
+    return next_fire(windowless, now) or first
+
+
 async def _get(ctx: ApiContext, project: str, agent: str, user: str, sid: str) -> ScheduleRow:
     row = await ctx.store.schedules.get_schedule(project, agent, user, sid)
     if row is None:
@@ -203,6 +223,15 @@ async def create_schedule(
         created_at=now,
         now=now,
     )
+    if body.outside_window == "defer" and compiled.active_window is not None:
+        upcoming_fire = _deferred_first_fire(
+            upcoming_fire,
+            body.cadence,
+            starts_at=starts_at,
+            ends_at=ends_at,
+            created_at=now,
+            now=now,
+        )
     metadata_json = check_metadata(body.metadata)
     if body.inventory_item_id is not None:
         await _check_item(ctx, project, agent_id, user_id, body.inventory_item_id)
@@ -317,7 +346,7 @@ def _patched(
     if timing:
         # Recomputed from now: fires already made are never rewritten. A disabled
         # schedule is not checked: re-enabling it is a timing change checked then.
-        changes["next_fire_at"] = (
+        first = (
             _first_fire(
                 compiled,
                 cadence,
@@ -329,6 +358,16 @@ def _patched(
             if enabled
             else None
         )
+        if first is not None and compiled.active_window is not None and defers(row):
+            first = _deferred_first_fire(
+                first,
+                cadence,
+                starts_at=starts_at,
+                ends_at=ends_at,
+                created_at=row.created_at,
+                now=now,
+            )
+        changes["next_fire_at"] = first
         changes["claimed_by"] = None
         changes["claimed_until"] = None
         # A fire staged under the old timing is deleted (SqlStore.update_schedule).

@@ -133,12 +133,18 @@ async def test_no_policy_changes_nothing(engine: AsyncEngine) -> None:
 
 async def test_concurrent_dispatchers_never_both_spend_the_last_unit(engine: AsyncEngine) -> None:
     """
-    Two dispatchers (their own processors and connections) race over twelve messages
-    for one user with a budget of 1, one message per batch: exactly one is sent.
+    Two dispatchers (their own processors, caches and connections) race over ten
+    messages for each of three users with a budget of 1, one message per batch, all
+    at once: exactly one message per user is sent.
     """
     await rows.project(engine)
     await budget(engine, limit=1)
-    refs = [await event(engine, f"evt_{i:02d}") for i in range(12)]
+    refs = []
+    for user in ("user_a", "user_b", "user_c"):
+        for i in range(10):
+            eid = f"evt_{user}_{i}"
+            await rows.event(engine, eid, user_id=user, created_at=NOW - timedelta(seconds=5))
+            refs.append(SourceRef(SourceKind.EVENT, eid))
     first, second = processor(engine), processor(engine)
 
     await asyncio.gather(
@@ -146,8 +152,9 @@ async def test_concurrent_dispatchers_never_both_spend_the_last_unit(engine: Asy
     )
 
     notes = (await by_source(engine)).values()
-    assert sorted(n["status"] for n in notes).count("pending") == 1
-    assert len(await published(engine)) == 1
+    sent = sorted(n["user_id"] for n in notes if n["status"] == "pending")
+    assert sent == ["user_a", "user_b", "user_c"]
+    assert len(await published(engine)) == 3
 
 
 # --- freshness ------------------------------------------------------------------------

@@ -334,14 +334,22 @@ def budgeting(
     users = [(r["project_id"], r["user_id"]) for r in candidates]
     windows = {p: b.window_s for p, b in budgets.items()}
     used = yield from spending(windows, users, at)
-    asking: dict[UserOf, list[Candidate]] = {}
+    asking: dict[UserOf, list[Mapping[str, Any]]] = {}
     for r in candidates:
-        asking.setdefault((r["project_id"], r["user_id"]), []).append(
-            Candidate(r["id"], r["priority"] or Priority.NORMAL.value, r["fire_at"])
-        )
+        asking.setdefault((r["project_id"], r["user_id"]), []).append(r)
     over: set[str] = set()
     for user, wanting in asking.items():
-        _passed, suppressed = allot(wanting, used.get(user, 0), budgets[user[0]].limit)
+        limit = budgets[user[0]].limit
+        if used.get(user, 0) + len(wanting) <= limit:
+            continue  # all of them fit: nothing to share out (the burst's case)
+        _passed, suppressed = allot(
+            [
+                Candidate(r["id"], r["priority"] or Priority.NORMAL.value, r["fire_at"])
+                for r in wanting
+            ],
+            used.get(user, 0),
+            limit,
+        )
         over.update(suppressed)
     if not over:
         return list(rows)

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import and_, delete, func, select, text, update
+from sqlalchemy import ARRAY, String, and_, bindparam, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -255,18 +255,40 @@ async def _count_core(
     used: dict[UserOf, int] = dict.fromkeys(keys, 0)
     for project_id, user_ids in _grouped(keys).items():
         since = now - timedelta(seconds=windows[project_id])
-        stmt = (
-            select(_n.user_id, func.count())
-            .where(
-                _n.project_id == project_id,
-                _n.user_id.in_(user_ids),
-                _n.created_at > since,
-                _n.status.not_in(NOT_COUNTED),
+        if conn.dialect.name == "postgresql":
+            # One index probe per user (ix_notifications_attention), whatever the
+            # table's statistics say: in a burst they are stale, and an IN list over
+            # the project then planned a scan of all its recent messages per batch.
+            users = (
+                func.unnest(bindparam("users", user_ids, type_=ARRAY(String)))
+                .table_valued("user_id")
+                .render_derived(name="asking")
             )
-            .group_by(_n.user_id)
-        )
+            recent = (
+                select(func.count())
+                .where(
+                    _n.project_id == project_id,
+                    _n.user_id == users.c.user_id,
+                    _n.created_at > since,
+                    _n.status.not_in(NOT_COUNTED),
+                )
+                .scalar_subquery()
+            )
+            stmt = select(users.c.user_id, recent)
+        else:
+            stmt = (
+                select(_n.user_id, func.count())
+                .where(
+                    _n.project_id == project_id,
+                    _n.user_id.in_(user_ids),
+                    _n.created_at > since,
+                    _n.status.not_in(NOT_COUNTED),
+                )
+                .group_by(_n.user_id)
+            )
         for user_id, count in (await conn.execute(stmt)).all():
-            used[(project_id, user_id)] = int(count)
+            if count:
+                used[(project_id, user_id)] = int(count)
     return used
 
 

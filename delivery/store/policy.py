@@ -239,44 +239,58 @@ def _count_direct(
     return used
 
 
+def _pg_statements() -> tuple[Any, Any]:
+    """
+    PostgreSQL's lock and count, built once (SQLAlchemy caches a statement's
+    compiled form by identity; built per batch, compiling them cost more than
+    running them).
+    """
+    lock = pg_insert(ATTENTION)
+    lock = lock.on_conflict_do_update(
+        index_elements=["project_id", "user_id"], set_={"touched_at": lock.excluded.touched_at}
+    )
+    # One index probe per user (ix_notifications_attention), whatever the table's
+    # statistics say: in a burst they are stale, and an IN list over the project
+    # was planned as a scan of all its recent messages, per batch.
+    users = (
+        func.unnest(bindparam("users", type_=ARRAY(String)))
+        .table_valued("user_id")
+        .render_derived(name="asking")
+    )
+    recent = (
+        select(func.count())
+        .where(
+            _n.project_id == bindparam("project_id"),
+            _n.user_id == users.c.user_id,
+            _n.created_at > bindparam("since", type_=_n.created_at.type),
+            _n.status.not_in(NOT_COUNTED),
+        )
+        .scalar_subquery()
+    )
+    return lock, select(users.c.user_id, recent)
+
+
+_PG_LOCK, _PG_COUNT = _pg_statements()
+
+
 async def _count_core(
     conn: AsyncConnection, windows: Mapping[str, int], keys: Sequence[UserOf], now: datetime
 ) -> dict[UserOf, int]:
-    if conn.dialect.name == "postgresql":
-        lock = pg_insert(ATTENTION).values(
-            [{"project_id": p, "user_id": u, "touched_at": now} for p, u in keys]
-        )
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        # executemany keeps the key order, so replicas lock users in one order.
         await conn.execute(
-            lock.on_conflict_do_update(
-                index_elements=["project_id", "user_id"],
-                set_={"touched_at": lock.excluded.touched_at},
-            )
+            _PG_LOCK, [{"project_id": p, "user_id": u, "touched_at": now} for p, u in keys]
         )
     used: dict[UserOf, int] = dict.fromkeys(keys, 0)
     for project_id, user_ids in _grouped(keys).items():
         since = now - timedelta(seconds=windows[project_id])
-        if conn.dialect.name == "postgresql":
-            # One index probe per user (ix_notifications_attention), whatever the
-            # table's statistics say: in a burst they are stale, and an IN list over
-            # the project then planned a scan of all its recent messages per batch.
-            users = (
-                func.unnest(bindparam("users", user_ids, type_=ARRAY(String)))
-                .table_valued("user_id")
-                .render_derived(name="asking")
+        if postgres:
+            result = await conn.execute(
+                _PG_COUNT, {"users": user_ids, "project_id": project_id, "since": since}
             )
-            recent = (
-                select(func.count())
-                .where(
-                    _n.project_id == project_id,
-                    _n.user_id == users.c.user_id,
-                    _n.created_at > since,
-                    _n.status.not_in(NOT_COUNTED),
-                )
-                .scalar_subquery()
-            )
-            stmt = select(users.c.user_id, recent)
         else:
-            stmt = (
+            result = await conn.execute(
                 select(_n.user_id, func.count())
                 .where(
                     _n.project_id == project_id,
@@ -286,7 +300,7 @@ async def _count_core(
                 )
                 .group_by(_n.user_id)
             )
-        for user_id, count in (await conn.execute(stmt)).all():
+        for user_id, count in result.all():
             if count:
                 used[(project_id, user_id)] = int(count)
     return used

@@ -15,6 +15,13 @@ dropped afterwards), with 1 or 3 ``delivery scheduler`` processes and one
     .venv/bin/python bench/bench_burst.py --replicas 3 \
         --database-url postgresql+asyncpg://postgres@127.0.0.1:5432/test
 
+``--attention-budget`` runs the burst twice in one invocation, without and then
+with a project attention budget large enough to pass every message (each user
+gets one), and prints both figures and their ratio: what deciding the budget in
+the dispatcher's write transaction costs::
+
+    .venv/bin/python bench/bench_burst.py --attention-budget --no-peer
+
 ``--no-peer`` skips APScheduler. The daemon runs with ``DELIVERY_LOG_LEVEL=WARNING``
 so 100,000 per-notification log lines do not take the CPU the figure is about.
 """
@@ -47,13 +54,24 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from delivery.embedded import EmbeddedNats
 from delivery.store.engine import create_engine
 from delivery.store.migrate import migrate
-from delivery.store.tables import FireRow, NotificationRow, OutboxRow, ProjectRow, ScheduleRow
+from delivery.store.tables import (
+    DeliveryPolicyRow,
+    FireRow,
+    NotificationRow,
+    OutboxRow,
+    ProjectRow,
+    ScheduleRow,
+)
 
 SCHEDULES = ScheduleRow.__table__  # type: ignore[attr-defined]
 FIRES = FireRow.__table__  # type: ignore[attr-defined]
 NOTIFICATIONS = NotificationRow.__table__  # type: ignore[attr-defined]
 PROJECTS = ProjectRow.__table__  # type: ignore[attr-defined]
 OUTBOX = OutboxRow.__table__  # type: ignore[attr-defined]
+POLICIES = DeliveryPolicyRow.__table__  # type: ignore[attr-defined]
+
+GENEROUS_BUDGET = '{"attention_budget":{"limit":1000,"window_seconds":86400},"outside_window":null}'
+"""A budget every user of the burst stays within (each gets one message)."""
 
 ZONES = [
     "UTC",
@@ -125,14 +143,27 @@ def schedule_rows(count: int, due: datetime, *, offset: int = 0) -> Iterator[dic
         }
 
 
-async def seed(engine: AsyncEngine, count: int, due: datetime, *, offset: int = 0) -> float:
-    """Insert the project (once) and ``count`` schedules; returns seconds taken."""
+async def seed(
+    engine: AsyncEngine, count: int, due: datetime, *, offset: int = 0, budget: bool = False
+) -> float:
+    """
+    Insert the project (once) and ``count`` schedules; returns seconds taken. With
+    ``budget`` the project gets :data:`GENEROUS_BUDGET`.
+    """
     started = time.perf_counter()
     async with engine.begin() as conn:
         if offset == 0:
             await conn.execute(
                 PROJECTS.insert().values(id="prj_bench", name="bench", created_at=datetime.now(UTC))
             )
+            if budget:
+                await conn.execute(
+                    POLICIES.insert().values(
+                        project_id="prj_bench",
+                        policy_json=GENEROUS_BUDGET,
+                        updated_at=datetime.now(UTC),
+                    )
+                )
         chunk: list[dict[str, Any]] = []
         for row in schedule_rows(count, due, offset=offset):
             chunk.append(row)
@@ -262,8 +293,8 @@ def warnings_in(log: Path) -> dict[str, int]:
     return counts
 
 
-async def ours(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Run the burst through the service; the figures."""
+async def ours(args: argparse.Namespace, workdir: Path, *, budget: bool = False) -> dict[str, Any]:
+    """Run the burst through the service (with ``budget``: the project has one); the figures."""
     procs: list[subprocess.Popen[bytes]] = []
     nats_server: EmbeddedNats | None = None
     pg_admin: str | None = None
@@ -290,7 +321,7 @@ async def ours(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # of whatever the minute boundary leaves after seeding.
         lead = timedelta(seconds=25 if args.count <= 10_000 else 80)
         due = ceil_minute(datetime.now(UTC), at_least=lead)
-        seeded = await seed(engine, args.count, due)
+        seeded = await seed(engine, args.count, due, budget=budget)
         lookahead = {} if args.lookahead_s is None else {"DELIVERY_LOOKAHEAD_S": args.lookahead_s}
         print(f"seeded {args.count:,} schedules in {seeded:.1f} s; all due at {due:%H:%M:%S} UTC")
         if args.database_url:
@@ -418,6 +449,11 @@ async def main() -> None:
     )
     parser.add_argument("--no-peer", action="store_true", help="skip APScheduler")
     parser.add_argument(
+        "--attention-budget",
+        action="store_true",
+        help="run the burst without, then with, a budget that passes everything (no peer)",
+    )
+    parser.add_argument(
         "--lookahead-s",
         default=None,
         help="DELIVERY_LOOKAHEAD_S for the daemon (default: the setting's default; 0 plans "
@@ -431,6 +467,9 @@ async def main() -> None:
         else "embedded (`delivery run`, SQLite + spawned nats-server)"
     )
     print(f"burst of {args.count:,} schedules, {len(ZONES)} zones, all due in one minute; {shape}")
+    if args.attention_budget:
+        await budget_pair(args)
+        return
     with tempfile.TemporaryDirectory(prefix="bench_burst_") as tmp:
         result = await ours(args, Path(tmp))
     ours_lateness = result["lateness"]
@@ -466,6 +505,33 @@ async def main() -> None:
         figures["peer_default"] = {**default, "lateness": vars(default["lateness"])}
         figures["peer_no_grace"] = {**patient, "lateness": vars(patient["lateness"])}
     print(json.dumps(figures, default=str))
+
+
+async def budget_pair(args: argparse.Namespace) -> None:
+    """The burst without, then with, an attention budget that passes everything; the ratio."""
+    runs: dict[str, dict[str, Any]] = {}
+    for label, budget in (("budget off", False), ("budget on", True)):
+        with tempfile.TemporaryDirectory(prefix="bench_burst_") as tmp:
+            result = await ours(args, Path(tmp), budget=budget)
+        runs[label] = result
+        print(
+            f"{label}: all {result['pending']:,} of {result['notifications']:,} pending "
+            f"{result['all_pending_s']:.2f} s after the minute; lateness {result['lateness']}; "
+            f"daemon CPU {result['daemon_cpu_s']:.1f} s; warnings "
+            f"{result['daemon_warnings'] or 'none'}"
+        )
+    off, on = runs["budget off"], runs["budget on"]
+    wall = on["all_pending_s"] / off["all_pending_s"]
+    cpu = on["daemon_cpu_s"] / off["daemon_cpu_s"]
+    print(
+        f"ratio (budget on / off): all pending {wall:.2f}x, daemon CPU {cpu:.2f}x "
+        f"(floor: within 1.15x)"
+    )
+    print(
+        json.dumps(
+            {k: {**v, "lateness": vars(v["lateness"])} for k, v in runs.items()}, default=str
+        )
+    )
 
 
 def _aps_version() -> str:

@@ -57,6 +57,7 @@ from delivery.startup import (
 from delivery.store.engine import Capabilities, create_engine, is_sqlite
 from delivery.store.facts import SCHEDULER_SEEN, FactStore
 from delivery.store.gauges import GaugeStore
+from delivery.store.policy import EXPIRY_BATCH, expire_due
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +65,10 @@ OUTBOX_RETENTION = timedelta(days=1)
 """Sent outbox rows are deleted after a day (JetStream's dedupe window is 2 h)."""
 SHUTDOWN_FLUSH_S = 10.0
 """How long shutdown waits to publish committed outbox rows before giving up (they stay)."""
+
+
+EXPIRY_SWEEP_S = 5.0
+"""How often the scheduler process moves pending messages past their deadline to expired."""
 
 
 class Part(StrEnum):
@@ -321,6 +326,15 @@ class Daemon:
             pruning = PeriodicLoop("retention-prune", retention.step, settings.retention_interval_s)
             pruning.start()
             _on_stop(stack, "retention-prune", pruning.stop)
+
+            async def expiry_step() -> bool:
+                # Messages past their deadline leave the queue; the handlers check the
+                # deadline themselves, so this only bounds how long one is listed.
+                return len(await expire_due(engine, self.clock.now())) >= EXPIRY_BATCH
+
+            expiry = PeriodicLoop("notification-expiry", expiry_step, EXPIRY_SWEEP_S)
+            expiry.start()
+            _on_stop(stack, "notification-expiry", expiry.stop)
             await self._start_job_sweep(stack, engine, single_writer=single_writer)
 
         if Part.DISPATCHER in self.parts:

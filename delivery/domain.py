@@ -15,6 +15,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, NewType
 
+from delivery.cadence.window import Window
+from delivery.policy import DEFAULT_SOURCE, SourcePolicy
+
 FireId = NewType("FireId", str)
 """A schedule fire's id, derived from (schedule id, fire instant)."""
 
@@ -142,6 +145,12 @@ class Draft:
     schedule_id: str | None = None
     wakeup_id: str | None = None
     trigger_event_id: str | None = None
+    policy: SourcePolicy = DEFAULT_SOURCE
+    """What the source says about its messages (priority, deadline, ...)."""
+    next_fire_at: datetime | None = None
+    """A schedule's next regular fire: a deferred message never goes out after it."""
+    window: Window | None = None
+    """A deferring schedule's active window: a fire outside it waits for its opening."""
 
     @property
     def notification_id(self) -> str:

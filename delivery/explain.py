@@ -41,6 +41,8 @@ class Reason(StrEnum):
     WEBHOOK_FAILING = "webhook_failing"
     COMPOSITION_FAILED = "composition_failed"
     EXPIRED = "expired"
+    SUPPRESSED = "suppressed"
+    SUPERSEDED = "superseded"
     DST_GAP = "dst_gap"
     OUTSIDE_ACTIVE_WINDOW = "outside_active_window"
     MISSED_MAX_LATENESS = "missed_max_lateness"
@@ -95,6 +97,8 @@ class MessageFacts:
     created_at: datetime
     consumed_at: datetime | None
     error: str | None
+    status_reason: str | None = None
+    """Why a delivery policy set the status (:mod:`delivery.policy`), or ``None``."""
     consumed_by_webhook: bool = False
     last_attempt_status: int | None = None
     """The last webhook attempt's HTTP status (0: no answer), ``None`` when none."""
@@ -218,8 +222,31 @@ def _message_story(m: MessageFacts, zone: str | None, schedule_id: str | None) -
         )
         return Explanation(Reason.COMPOSITION_FAILED, sentence, False, **common)
     if m.status == "expired":
-        sentence = f"No: {made} but expired in the queue before anyone took it."
+        if m.status_reason == "deadline_passed":
+            sentence = (
+                f"No: {made} but its deadline (ttl_seconds / expires_at) passed before it "
+                "was delivered, so it expired (expired/deadline_passed) and is never sent."
+            )
+        else:
+            sentence = f"No: {made} but expired in the queue before anyone took it."
         return Explanation(Reason.EXPIRED, sentence, False, **common)
+    if m.status == "suppressed":
+        why = {
+            "attention_budget": "the user's attention budget for the window was already "
+            "spent by other messages (suppressed/attention_budget)",
+            "quiet_hours": "it fell inside the user's quiet hours and its source skips "
+            "them (suppressed/quiet_hours)",
+        }.get(m.status_reason or "", f"a delivery policy suppressed it ({m.status_reason})")
+        sentence = f"No: {made} but was not sent: {why}."
+        return Explanation(Reason.SUPPRESSED, sentence, False, **common)
+    if m.status == "superseded":
+        why = {
+            "supersede_key": "a newer message with the same supersede_key replaced it",
+            "next_regular_fire": "it was deferred out of the user's quiet hours, which end "
+            "only after the schedule's next fire, so that fire replaced it",
+        }.get(m.status_reason or "", f"it was superseded ({m.status_reason})")
+        sentence = f"No: {made} but was not sent: {why}."
+        return Explanation(Reason.SUPERSEDED, sentence, False, **common)
     if m.last_attempt_status is not None and m.last_attempt_at is not None:
         answer = (
             f"HTTP {m.last_attempt_status}"
@@ -248,6 +275,12 @@ def _message_story(m: MessageFacts, zone: str | None, schedule_id: str | None) -
             f"pending in the queue.{disabled}"
         )
         return Explanation(Reason.WEBHOOK_FAILING, sentence, False, **common)
+    if m.status == "staged" and m.status_reason == "deferred_quiet_hours":
+        sentence = (
+            f"Not yet: {made} inside the user's quiet hours and deferred to their end: it "
+            f"is shown from {_when(m.fire_at, zone)}."
+        )
+        return Explanation(Reason.PENDING, sentence, False, **common)
     if m.status == "staged":
         sentence = (
             f"Not yet: {made} ahead of its instant and is shown from "

@@ -33,6 +33,7 @@ from delivery.store.schedules import (
     SchedulerStore,
     ScheduleStore,
     compile_stored,
+    defers,
     pair_offset,
 )
 
@@ -76,7 +77,9 @@ class CompiledCache:
             self.hits += 1
             self._items.move_to_end(key)
             return value
-        content = (row.cadence_json, row.active_window_json, row.timezone)
+        # A deferring schedule compiles without its window (compile_stored).
+        window = None if defers(row) else row.active_window_json
+        content = (row.cadence_json, window, row.timezone)
         template = self._templates.get(content)
         if template is None:
             self.misses += 1

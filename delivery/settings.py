@@ -155,8 +155,9 @@ class Settings(BaseSettings):
     template_cache_s: float = Field(
         default=5.0,
         ge=0,
-        description="How long the dispatcher reuses a project's templates before reading "
-        "them again (an update is used by fires after at most this long).",
+        description="How long the dispatcher reuses a project's templates and delivery "
+        "policy before reading them again (an update is used by fires after at most this "
+        "long).",
     )
 
     # --- webhooks ---------------------------------------------------------------

@@ -388,6 +388,11 @@ class ChannelsWorker(QueueWorker):
         # The store loads full rows only for pending notifications with a contact left
         # to try; the other pending ones are counted, as before, with nothing to send.
         notes = [inputs.notifications[nid] for nid in pending if nid in inputs.notifications]
+        # Past its deadline a message is never sent, even before the sweep marks it.
+        stale = [n["id"] for n in notes if expired(n, now)]
+        if stale:
+            log.info("channels.expired_not_sent", notifications=len(stale))
+            notes = [n for n in notes if n["id"] not in set(stale)]
         outcomes = await asyncio.gather(*(one(n) for n in notes))
         total = FanoutResult(notifications=len(pending) - len(notes))
         if not notes:
@@ -508,6 +513,9 @@ class ChannelsWorker(QueueWorker):
         notes, channels, attempted = await self.store.channel_inputs(notification_ids)
         sends: list[tuple[RowMapping, OpenedChannel]] = []
         for note in notes.values():
+            if expired(note, now):
+                # Past its deadline a message is never sent, even before the sweep.
+                continue
             event = json.loads(note["payload_json"] or "{}")
             done = attempted.get(note["id"], set())
             sends.extend(
@@ -722,7 +730,7 @@ class ChannelsWorker(QueueWorker):
             )
             now = self.clock.now()
             number = row["attempt_number"] + 1
-            reason = _why_not(note, contact)
+            reason = _why_not(note, contact, now)
             if reason is not None or note is None or contact is None:
                 skipped = AttemptRecord(
                     project_id=row["project_id"],
@@ -772,7 +780,7 @@ class ChannelsWorker(QueueWorker):
         channel = await self.store.get_opened_channel(row["channel_id"])
         now = self.clock.now()
         number = row["attempt_number"] + 1
-        reason = _why_not_channel(note, channel)
+        reason = _why_not_channel(note, channel, now)
         if reason is not None or note is None or channel is None:
             skipped = AttemptRecord(
                 project_id=row["project_id"],
@@ -819,6 +827,12 @@ def _count_sends(records: Sequence[AttemptRecord]) -> None:
 
 def _notification_id(data: bytes) -> str:
     return NotificationCreated.model_validate_json(data).notification_id
+
+
+def expired(note: RowMapping, now: datetime) -> bool:
+    """Whether ``note``'s deadline (``expires_at``) has passed at ``now``."""
+    deadline = note.get("expires_at")
+    return deadline is not None and deadline <= now
 
 
 def channel_attempt(
@@ -870,12 +884,16 @@ def channel_attempt(
     return record, result
 
 
-def _why_not_channel(note: RowMapping | None, channel: OpenedChannel | None) -> str | None:
+def _why_not_channel(
+    note: RowMapping | None, channel: OpenedChannel | None, now: datetime
+) -> str | None:
     """Why a due project channel retry is dropped instead of attempted (pure), or ``None``."""
     if note is None:
         return "notification_gone"
     if note["status"] != "pending":
         return "notification_not_pending"
+    if expired(note, now):
+        return "notification_expired"
     if channel is None:
         return "channel_removed"
     if not subscribed(channel.events, note["event_type"]):
@@ -883,12 +901,14 @@ def _why_not_channel(note: RowMapping | None, channel: OpenedChannel | None) -> 
     return None
 
 
-def _why_not(note: RowMapping | None, contact: ContactMapping | None) -> str | None:
+def _why_not(note: RowMapping | None, contact: ContactMapping | None, now: datetime) -> str | None:
     """Why a due retry is dropped instead of attempted (pure), or ``None``."""
     if note is None:
         return "notification_gone"
     if note["status"] != "pending":
         return "notification_not_pending"
+    if expired(note, now):
+        return "notification_expired"
     if contact is None:
         return "contact_removed"
     if contact["disabled"]:

@@ -111,6 +111,36 @@ CASES = [
     ),
     (Reason.EXPIRED, facts(messages=[message(status="expired")]), "expired"),
     (
+        Reason.EXPIRED,
+        facts(messages=[message(status="expired", status_reason="deadline_passed")]),
+        "expired/deadline_passed",
+    ),
+    (
+        Reason.SUPPRESSED,
+        facts(messages=[message(status="suppressed", status_reason="attention_budget")]),
+        "suppressed/attention_budget",
+    ),
+    (
+        Reason.SUPPRESSED,
+        facts(messages=[message(status="suppressed", status_reason="quiet_hours")]),
+        "suppressed/quiet_hours",
+    ),
+    (
+        Reason.SUPERSEDED,
+        facts(messages=[message(status="superseded", status_reason="supersede_key")]),
+        "same supersede_key",
+    ),
+    (
+        Reason.SUPERSEDED,
+        facts(messages=[message(status="superseded", status_reason="next_regular_fire")]),
+        "that fire replaced it",
+    ),
+    (
+        Reason.PENDING,
+        facts(messages=[message(status="staged", status_reason="deferred_quiet_hours")]),
+        "deferred to their end",
+    ),
+    (
         Reason.DST_GAP,
         facts(
             at=datetime(2027, 3, 14, 7, 30, tzinfo=UTC),

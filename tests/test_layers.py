@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "delivery.domain",
             "delivery.cadence",
             "delivery.planning",
+            "delivery.policy",
             "delivery.templates",
             "delivery.timeline",
             "delivery.explain",

@@ -109,12 +109,16 @@ EXAMPLES: Final[dict[str, dict[str, Any]]] = {
         "check_type": "follow_up",
         "intent": "ask how the job interview went",
         "delay_hours": 24,
+        "priority": "high",
+        "outside_window": "defer",
+        "ttl_seconds": 21600,
     },
     "EventCreate": {
         "user_id": "user_123",
         "event_type": "order_shipped",
         "event_description": "The user's order #1042 has shipped",
         "metadata": {"order_id": "1042"},
+        "supersede_key": "order-1042-status",
     },
     "InventoryCreate": {
         "item_type": "medication",
@@ -152,6 +156,11 @@ EXAMPLES: Final[dict[str, dict[str, Any]]] = {
         "body": "Good {{ time_of_day }}! Time for your "
         "{{ item.summary if item else 'medication' }}.",
     },
+    "PolicyBody": {
+        "attention_budget": {"limit": 3, "window_seconds": 86400},
+        "outside_window": "defer",
+    },
+    "QuietHoursBody": {"timezone": "America/New_York", "start": "22:00", "end": "07:30"},
     "TemplateUpdate": {"body": "Hi! Time for your {{ item.label if item else 'medication' }}."},
     "TemplatePreview": {
         "check_type": "medication",

@@ -59,7 +59,33 @@ class ResponseModel(BaseModel):
 # --- schedules ----------------------------------------------------------------
 
 
-class ScheduleCreate(RequestModel):
+Priority = Literal["low", "normal", "high", "critical"]
+OutsideWindow = Literal["skip", "defer"]
+SupersedeKey = Annotated[str, Field(min_length=1, max_length=128), Clean]
+TtlSeconds = Annotated[int, Field(ge=1, le=31_536_000)]
+
+
+class FreshnessFields(RequestModel):
+    """
+    A source's delivery policy (every field optional; absent keeps today's behaviour):
+    ``priority`` against the attention budget, ``ttl_seconds`` / ``expires_at`` (the
+    message's deadline), ``supersede_key`` (a newer message with the key replaces the
+    user's pending one).
+    """
+
+    priority: Priority | None = None
+    ttl_seconds: TtlSeconds | None = None
+    expires_at: str | None = None
+    supersede_key: SupersedeKey | None = None
+
+
+class WindowFields(FreshnessFields):
+    """Also ``outside_window``: inside the user's quiet hours, ``skip`` or ``defer``."""
+
+    outside_window: OutsideWindow | None = None
+
+
+class ScheduleCreate(WindowFields):
     """``POST …/schedules``."""
 
     cadence: dict[str, Any]
@@ -131,7 +157,7 @@ class Success(ResponseModel):
 # --- wakeups ------------------------------------------------------------------
 
 
-class WakeupCreate(RequestModel):
+class WakeupCreate(WindowFields):
     """``POST /api/v1/agents/{agentId}/wakeups``; ``scheduled_at`` wins."""
 
     user_id: Ident
@@ -182,7 +208,7 @@ class ChatMessage(RequestModel):
     content: Annotated[str, Field(max_length=32_000), Clean]
 
 
-class EventCreate(RequestModel):
+class EventCreate(FreshnessFields):
     """``POST /api/v1/agents/{agentId}/events``; metadata is string-only."""
 
     user_id: Ident

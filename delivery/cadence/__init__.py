@@ -12,10 +12,11 @@ Usage::
     ticks_between(schedule, a, b)     # every raw tick in (a, b], skipped ones included
 """
 
-from delivery.cadence.compile import compile_schedule
+from delivery.cadence.compile import compile_schedule, compile_window
 from delivery.cadence.engine import next_fire, ticks_between, upcoming
 from delivery.cadence.instants import EARLIEST, LATEST, format_local, format_utc, parse_instant
 from delivery.cadence.model import CompiledSchedule, SkipReason, Tick
+from delivery.cadence.window import Window
 
 __all__ = [
     "EARLIEST",
@@ -23,7 +24,9 @@ __all__ = [
     "CompiledSchedule",
     "SkipReason",
     "Tick",
+    "Window",
     "compile_schedule",
+    "compile_window",
     "format_local",
     "format_utc",
     "next_fire",

@@ -14,7 +14,7 @@ from typing import Any
 
 from delivery.cadence.cron import parse_cron
 from delivery.cadence.model import CompiledSchedule
-from delivery.cadence.window import in_hours
+from delivery.cadence.window import Window, in_hours
 from delivery.errors import (
     CadenceTooDenseError,
     CadenceTooFrequentError,
@@ -379,3 +379,14 @@ def compile_schedule(
         _window_days=window_days_ok,
         _never=never,
     )
+
+
+def compile_window(active_window: Any, timezone: str) -> Window | None:
+    """
+    A stored schedule's active window as a :class:`Window` in its zone, or ``None``
+    (no window). Validated as :func:`compile_schedule` validates it.
+    """
+    normal, start, end, days = _window(active_window)
+    if normal is None:
+        return None
+    return Window(zoneinfo.ZoneInfo(timezone), start, end, tuple(d in days for d in range(7)))

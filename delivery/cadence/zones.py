@@ -6,7 +6,7 @@ exists twice at a fall-back maps to its first occurrence (``fold=0``), so it
 fires once (as the Sonzai "DST handling" docs describe).
 """
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 
@@ -28,3 +28,19 @@ def wall_to_utc(
     back = instant.astimezone(zone)
     # Comparing the day too catches a whole skipped day (Pacific/Apia, 2011-12-30).
     return instant, (back.minute != minute or back.hour != hour or back.day != day)
+
+
+def first_after_gap(at: datetime, zone: ZoneInfo) -> datetime:
+    """
+    The first instant after the spring-forward jump whose gap ``at`` fell in.
+
+    ``at`` is a gap wall time's ``fold=0`` mapping (:func:`wall_to_utc`), which
+    lands after the jump by the gap's width; the jump is the first whole minute
+    before it that already has the new offset.
+    """
+    step = timedelta(minutes=1)
+    after = at.astimezone(zone).utcoffset()
+    probe = at
+    while (probe - step).astimezone(zone).utcoffset() == after:
+        probe -= step
+    return probe

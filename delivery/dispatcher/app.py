@@ -43,9 +43,11 @@ from delivery.bus.subjects import Subjects
 from delivery.clock import Clock
 from delivery.dispatcher.composers import Composer, TemplateComposer, build_composer
 from delivery.dispatcher.messages import Messages, TemplateBooks
+from delivery.dispatcher.policies import Policies
 from delivery.dispatcher.process import BatchResult, Processor
 from delivery.domain import SourceKind, SourceRef
 from delivery.settings import Settings
+from delivery.store.policy import PolicyStore
 from delivery.store.templates import TemplateStore
 from delivery.tracing import Carrier
 
@@ -172,7 +174,12 @@ class Dispatcher:
             retry_s=settings.llm_retry_s,
         )
         self.processor = Processor(
-            engine, self.composer, self.subjects, clock, messages=self.messages
+            engine,
+            self.composer,
+            self.subjects,
+            clock,
+            messages=self.messages,
+            policies=Policies(PolicyStore(engine), ttl_s=settings.template_cache_s),
         )
         self.batch_size = LLM_BATCH if llm else TEMPLATE_BATCH
         self.in_flight = LLM_IN_FLIGHT if llm else TEMPLATE_IN_FLIGHT

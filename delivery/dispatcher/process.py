@@ -23,15 +23,18 @@ from zoneinfo import ZoneInfo
 
 import structlog
 from opentelemetry.trace import SpanKind, use_span
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery import tracing
 from delivery.bus.messages import NotificationCreated
 from delivery.bus.subjects import Subjects
+from delivery.cadence import Window, compile_window
 from delivery.cadence.instants import format_local, format_utc
 from delivery.clock import Clock
 from delivery.dispatcher.compose import event_block, schedule_block, wakeup_block
 from delivery.dispatcher.composers import Composer, CompositionError
 from delivery.dispatcher.messages import Messages, as_composed
+from delivery.dispatcher.policies import Policies
 from delivery.domain import (
     EVENT_TYPES,
     Draft,
@@ -41,6 +44,18 @@ from delivery.domain import (
     notification_id,
 )
 from delivery.metrics import COMPOSER_DURATION, COMPOSER_FAILURES
+from delivery.policy import (
+    DEFAULT_POLICY,
+    DEFAULT_SOURCE,
+    KEEP,
+    Outcome,
+    Priority,
+    ProjectPolicy,
+    QuietHours,
+    SourcePolicy,
+    decide,
+    source_policy,
+)
 from delivery.store.engine import Engine
 from delivery.store.notifications import (
     NotificationBatch,
@@ -48,6 +63,7 @@ from delivery.store.notifications import (
     Sources,
     notification_store,
 )
+from delivery.store.policy import PolicyStore, UserOf
 from delivery.store.staging import STAGED
 from delivery.templates import Composed
 from delivery.tracing import Carrier, request_id_of, stored
@@ -57,6 +73,8 @@ log = structlog.get_logger(__name__)
 COMPOSE_CONCURRENCY = 32
 """Composer calls in flight per batch (bounds LLM fan-out; free for the template)."""
 LOST_WAKEUP = "wakeup no longer pending"
+POLICY_CACHE_S = 5.0
+"""How long a project's delivery policy is reused when the caller gives no cache."""
 FALLBACKS = frozenset({Composed.TEMPLATE_FALLBACK.value, Composed.DEFAULT_FALLBACK.value})
 """The ``composer`` values that say a fallback wrote the message."""
 """Why a wakeup cancelled between the read and the write produced nothing."""
@@ -74,6 +92,8 @@ class BatchResult:
         skipped: source id -> why nothing was made (cancelled wakeup, missing row, ...).
         fallbacks: the subset of ``created`` whose message a fallback wrote (the LLM
             or the project's template failed).
+        policy: notification id -> ``status/reason`` for those a delivery policy
+            decided (suppressed, deferred, expired, superseded).
     """
 
     created: list[str] = field(default_factory=list)
@@ -81,6 +101,7 @@ class BatchResult:
     duplicates: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     fallbacks: list[str] = field(default_factory=list)
+    policy: dict[str, str] = field(default_factory=dict)
 
 
 def parse_json_object(text: str | None) -> dict[str, Any]:
@@ -126,6 +147,7 @@ def schedule_draft(
 ) -> Draft:
     """The draft of one schedule fire (``source_id`` = the fire id)."""
     metadata = parse_json_object(schedule["metadata_json"])
+    policy = source_policy(schedule.get("policy_json"))
     block = schedule_block(
         intent=schedule["intent"],
         check_type=schedule["check_type"],
@@ -143,7 +165,18 @@ def schedule_draft(
         block=block,
         metadata=metadata,
         schedule_id=schedule["id"],
+        policy=policy,
+        next_fire_at=schedule.get("next_fire_at"),
+        window=_deferring_window(schedule, policy),
     )
+
+
+def _deferring_window(schedule: Mapping[str, Any], policy: SourcePolicy) -> Window | None:
+    """The active window of a schedule that defers what falls outside it, else ``None``."""
+    text = schedule.get("active_window_json")
+    if policy.outside_window != "defer" or not text:
+        return None
+    return compile_window(json.loads(text), schedule["timezone"])
 
 
 def wakeup_draft(wakeup: Mapping[str, Any], item: InventoryItem | None) -> Draft:
@@ -166,6 +199,7 @@ def wakeup_draft(wakeup: Mapping[str, Any], item: InventoryItem | None) -> Draft
         block=block,
         metadata={},
         wakeup_id=wakeup["id"],
+        policy=source_policy(wakeup.get("policy_json")),
     )
 
 
@@ -189,6 +223,7 @@ def event_draft(event: Mapping[str, Any]) -> Draft:
         block=block,
         metadata=metadata,
         trigger_event_id=event["id"],
+        policy=source_policy(event.get("policy_json")),
     )
 
 
@@ -200,6 +235,7 @@ def notification_row(
     created_at: datetime,
     staged: bool = False,
     composer: str | None = None,
+    outcome: Outcome = KEEP,
 ) -> dict[str, Any]:
     """
     The ``notifications`` row for a composed draft, payload included (the webhook body).
@@ -209,7 +245,9 @@ def notification_row(
     fire is still ahead (:mod:`delivery.store.staging`); the row stays hidden until
     promoted, and becomes ``pending`` or ``failed_generation`` then. ``composer``
     says how the message was made (:class:`delivery.templates.Composed`); it is
-    stored, not sent.
+    stored, not sent. ``outcome``: what the delivery policy decided
+    (:func:`delivery.policy.decide`): a status and its reason, a deferred instant
+    (the row is staged until then), the deadline.
     """
     nid = draft.notification_id
     event_type = EVENT_TYPES[draft.block.kind]
@@ -233,6 +271,11 @@ def notification_row(
         value = getattr(draft, key)
         if value is not None:
             payload[key] = value
+    status = STAGED if staged else ("failed_generation" if error is not None else "pending")
+    if outcome.due_at is not None:
+        status = STAGED
+    if outcome.status is not None and error is None:
+        status = outcome.status
     return {
         "id": nid,
         "project_id": draft.project_id,
@@ -247,15 +290,20 @@ def notification_row(
         "check_type": draft.block.check_type,
         "intent": draft.block.intent,
         "generated_message": message,
-        "status": STAGED if staged else ("failed_generation" if error is not None else "pending"),
+        "status": status,
         "error": error,
         "composer": composer,
-        "fire_at": draft.fire_at,
+        # A deferred row waits for its new instant as a staged one waits for its fire.
+        "fire_at": draft.fire_at if outcome.due_at is None else outcome.due_at,
         "payload_json": json.dumps(payload, sort_keys=True, separators=(",", ":")),
         "ack_status": "pending",
         "acknowledged_at": None,
-        "created_at": created_at,
+        "created_at": created_at if outcome.due_at is None else outcome.due_at,
         "consumed_at": None,
+        "priority": None if draft.policy.priority == Priority.NORMAL else draft.policy.priority,
+        "expires_at": outcome.expires_at,
+        "supersede_key": draft.policy.supersede_key,
+        "status_reason": outcome.reason,
     }
 
 
@@ -480,6 +528,8 @@ def notification_batch(
     composers: Mapping[str, str] | None = None,
     carriers: Mapping[str, Carrier] | None = None,
     offsets: Mapping[str, float] | None = None,
+    policies: Mapping[str, ProjectPolicy] | None = None,
+    quiet: Mapping[UserOf, QuietHours] | None = None,
 ) -> NotificationBatch:
     """
     What the store writes for ``composed`` (pure): the notification rows, their
@@ -500,6 +550,9 @@ def notification_batch(
         offsets: source id -> its pair's clock offset in seconds (advance-time):
             such a notification is created, and its wakeup executed, at the
             pair's now, so a pair's history reads in its own clock's order.
+        policies: project id -> its delivery policy (absent: the default, every rule
+            off); the attention budgets go to the store, decided in its transaction.
+        quiet: (project id, user id) -> the user's quiet hours, for those who have them.
     """
     rows: list[dict[str, Any]] = []
     wakeups: dict[str, datetime] = {}
@@ -515,6 +568,18 @@ def notification_batch(
         # A staged row's created_at is a placeholder (promotion sets the real
         # instant); its payload says the fire instant, when it became due.
         created_at = d.fire_at if simulated or staged else pair_now
+        outcome = KEEP
+        hours = quiet.get((d.project_id, d.user_id)) if quiet else None
+        if hours is not None or d.policy is not DEFAULT_SOURCE or d.window is not None:
+            outcome = decide(
+                d.policy,
+                (policies or {}).get(d.project_id, DEFAULT_POLICY),
+                hours,
+                due=created_at,
+                fire_at=d.fire_at,
+                next_fire_at=d.next_fire_at,
+                window=d.window,
+            )
         rows.append(
             notification_row(
                 d,
@@ -523,6 +588,7 @@ def notification_batch(
                 created_at=created_at,
                 staged=staged,
                 composer=(composers or {}).get(d.source_id),
+                outcome=outcome,
             )
         )
     outbox = [
@@ -530,7 +596,12 @@ def notification_batch(
         for r in rows
         if r["status"] == "pending" or (r["status"] == STAGED and r["error"] is None)
     ]
-    return NotificationBatch(rows, outbox, wakeups, events, replace)
+    budgets = {
+        p: policy.attention_budget
+        for p, policy in (policies or {}).items()
+        if policy.attention_budget is not None
+    }
+    return NotificationBatch(rows, outbox, wakeups, events, replace, budgets, now)
 
 
 class Processor:
@@ -545,6 +616,8 @@ class Processor:
         clock: stamps ``created_at`` / ``executed_at``.
         messages: the dispatcher's message step (project templates, LLM retries and
             the template fallback); when set, it composes instead of ``composer``.
+        policies: the projects' delivery policies; by default read through the
+            store's engine (when given one) and kept :data:`POLICY_CACHE_S`.
     """
 
     def __init__(
@@ -555,12 +628,28 @@ class Processor:
         clock: Clock,
         *,
         messages: Messages | None = None,
+        policies: Policies | None = None,
     ) -> None:
         self.store = notification_store(store)
         self.composer = composer
         self.subjects = subjects
         self.clock = clock
         self.messages = messages
+        if policies is None and isinstance(store, AsyncEngine):
+            policies = Policies(PolicyStore(store), ttl_s=POLICY_CACHE_S)
+        self.policies = policies
+
+    async def _rules(
+        self, drafts: Sequence[Draft]
+    ) -> tuple[dict[str, ProjectPolicy], dict[UserOf, QuietHours]]:
+        """The batch's project policies that are on, and its users' quiet hours."""
+        if self.policies is None or not drafts:
+            return {}, {}
+        rules = await self.policies.rules({d.project_id for d in drafts})
+        policies = {p: r.policy for p, r in rules.items() if not r.policy.is_default}
+        users = [(d.project_id, d.user_id) for d in drafts if rules[d.project_id].quiet_hours]
+        quiet = await self.policies.quiet_hours(users) if users else {}
+        return policies, quiet
 
     async def process(
         self, refs: Sequence[SourceRef], carriers: dict[str, Carrier] | None = None
@@ -599,6 +688,7 @@ class Processor:
             _count_messages(composers, time.perf_counter() - started)
         else:
             composed = await compose_all(self.composer, drafts, carriers)
+        policies, quiet = await self._rules(drafts)
         batch = notification_batch(
             composed,
             subjects=self.subjects,
@@ -607,6 +697,8 @@ class Processor:
             composers=composers,
             carriers=carriers,
             offsets={r.id: r.offset_s for r in refs if r.offset_s},
+            policies=policies,
+            quiet=quiet,
         )
         written = await self.store.write_notifications(batch)
         for source_id in written.lost:
@@ -618,12 +710,15 @@ class Processor:
                 result.failed.append(row["id"])
             if row["composer"] in FALLBACKS:
                 result.fallbacks.append(row["id"])
+            if row.get("status_reason") is not None:
+                result.policy[row["id"]] = f"{row['status']}/{row['status_reason']}"
             log.info(
                 "notification.created",
                 notification_id=row["id"],
                 source_id=row["source_id"],
                 source_type=row["source_type"],
                 status=row["status"],
+                **({"reason": row["status_reason"]} if row.get("status_reason") else {}),
                 **(request_id_of(carriers.get(row["source_id"])) if carriers else {}),
             )
         return result

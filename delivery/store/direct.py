@@ -285,11 +285,13 @@ def select_where(
     columns: Sequence[str] | None = None,
     order_by: Sequence[str] = (),
     limit: int | None = None,
+    after: tuple[str, datetime] | None = None,
 ) -> list[dict[str, Any]]:
     """
     The rows of ``table`` whose columns equal ``equals`` (``None`` means ``IS NULL``),
     ordered by ``order_by`` (ascending) and at most ``limit``, as mapped dicts of
-    ``columns`` (default all).
+    ``columns`` (default all). ``after`` (column, instant): only rows whose instant
+    column is NULL or later than the instant.
     """
     full = codec(table)
     c = full if columns is None else full.only(tuple(columns))
@@ -297,6 +299,10 @@ def select_where(
     where = [f"{_names(full, [n])} = ?" for n in conditions]
     where += [f"{_names(full, [n])} IS NULL" for n, v in equals.items() if v is None]
     [params] = full.params([conditions], list(conditions))
+    if after is not None:
+        name = _names(full, [after[0]])
+        where.append(f"({name} IS NULL OR {name} > ?)")
+        params = (*params, sqlite_instant(after[1]))
     sql = f'SELECT {_names(c, c.columns)} FROM "{c.table}"'  # noqa: S608
     if where:
         sql += " WHERE " + " AND ".join(where)

@@ -17,12 +17,23 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
-from sqlalchemy import ColumnElement, case, func, select, tuple_, update
+from sqlalchemy import ColumnElement, case, func, or_, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.domain import SourceKind, SourceRef
+from delivery.policy import (
+    ATTENTION_BUDGET,
+    SUPERSEDED,
+    SUPERSEDED_BY_KEY,
+    SUPPRESSED,
+    AttentionBudget,
+    Candidate,
+    Priority,
+    allot,
+)
 from delivery.store.common import StoreBase, owned, owned_values
+from delivery.store.policy import LIVE, UserOf, spending, superseding
 from delivery.store.staging import STAGED, dropping_staged
 from delivery.store.steps import (
     InsertIgnoring,
@@ -54,6 +65,9 @@ SCHEDULE_COLUMNS: Final = (
     "check_type",
     "inventory_item_id",
     "metadata_json",
+    "policy_json",
+    "next_fire_at",
+    "active_window_json",
 )
 """What a draft reads of fire and schedule rows (a burst reads thousands; converting
 instants nobody reads was the largest cost of a batch's reads)."""
@@ -119,6 +133,8 @@ class NotificationBatch:
         wakeups: wakeup id -> ``executed_at``, for the wakeup notifications.
         events: ids of the trigger events whose notifications these are.
         replace: source ids whose ``staged`` notification is dropped first.
+        budgets: project id -> its attention budget, for the projects that have one.
+        now: the instant the budget's rolling window ends at.
     """
 
     notifications: Sequence[Mapping[str, Any]]
@@ -126,6 +142,8 @@ class NotificationBatch:
     wakeups: Mapping[str, datetime] = field(default_factory=dict)
     events: Sequence[str] = ()
     replace: Sequence[str] = ()
+    budgets: Mapping[str, AttentionBudget] = field(default_factory=dict)
+    now: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,8 +277,13 @@ def writing(batch: NotificationBatch) -> Steps[Written]:
        alone on SQLite, so a cancel racing the dispatcher either wins (no
        notification) or finds the wakeup executed;
     3. move ``batch.events`` from ``accepted`` to ``dispatched``;
-    4. insert the notifications, skipping any whose ``source_id`` has one;
-    5. insert the outbox entries, skipping any whose ``msg_id`` is queued.
+    4. the attention budget (:func:`budgeting`): lock each budgeted user's counter,
+       count their recent messages and suppress what is over (no outbox entry);
+    5. supersede the users' live messages that share a new one's ``supersede_key``
+       (:func:`delivery.store.policy.superseding`);
+    6. insert the notifications, skipping any whose ``source_id`` has one;
+    7. insert the outbox entries of the rows still live, skipping any whose
+       ``msg_id`` is queued.
     """
     yield from dropping_staged(batch.replace)
     executed: set[str] = set()
@@ -282,7 +305,12 @@ def writing(batch: NotificationBatch) -> Steps[Written]:
         yield UpdateIn(EVENTS, "id", events, {"status": "dispatched"}, {"status": "accepted"})
     gone = set(lost)
     rows = [r for r in batch.notifications if r["source_id"] not in gone]
-    kept = {r["id"] for r in rows}
+    if batch.budgets:
+        rows = yield from budgeting(rows, batch.budgets, batch.now)
+    if any(r.get("supersede_key") for r in rows):
+        rows = _newest_per_key(rows)
+        yield from superseding(rows)
+    kept = {r["id"] for r in rows if r["status"] in LIVE}
     outbox = [o for o in batch.outbox if o["msg_id"] in kept]
     yield InsertIgnoring(NOTIFICATIONS, rows, ("source_id",))
     yield InsertIgnoring(OUTBOX, outbox, ("msg_id",))
@@ -390,6 +418,66 @@ class InboxCounts:
     pending: int
 
 
+def budgeting(
+    rows: Sequence[Mapping[str, Any]],
+    budgets: Mapping[str, AttentionBudget],
+    now: datetime | None,
+) -> Steps[list[Mapping[str, Any]]]:
+    """
+    ``rows`` with those over their user's attention budget suppressed
+    (``suppressed`` / ``attention_budget``), decided with the users' counters
+    locked (:func:`delivery.store.policy.spending`), in the caller's transaction.
+    """
+    candidates = [r for r in rows if r["project_id"] in budgets and r["status"] in LIVE]
+    if not candidates:
+        return list(rows)
+    at = now if now is not None else max(r["created_at"] for r in candidates)
+    users = [(r["project_id"], r["user_id"]) for r in candidates]
+    windows = {p: b.window_s for p, b in budgets.items()}
+    used = yield from spending(windows, users, at)
+    asking: dict[UserOf, list[Mapping[str, Any]]] = {}
+    for r in candidates:
+        asking.setdefault((r["project_id"], r["user_id"]), []).append(r)
+    over: set[str] = set()
+    for user, wanting in asking.items():
+        limit = budgets[user[0]].limit
+        if used.get(user, 0) + len(wanting) <= limit:
+            continue  # all of them fit: nothing to share out (the burst's case)
+        _passed, suppressed = allot(
+            [
+                Candidate(r["id"], r["priority"] or Priority.NORMAL.value, r["fire_at"])
+                for r in wanting
+            ],
+            used.get(user, 0),
+            limit,
+        )
+        over.update(suppressed)
+    if not over:
+        return list(rows)
+    return [
+        {**r, "status": SUPPRESSED, "status_reason": ATTENTION_BUDGET} if r["id"] in over else r
+        for r in rows
+    ]
+
+
+def _newest_per_key(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Within one batch, only the latest live row per (project, user, key) stays live."""
+    newest: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+    for r in rows:
+        if r.get("supersede_key") and r["status"] in LIVE:
+            key = (r["project_id"], r["user_id"], r["supersede_key"])
+            seen = newest.get(key)
+            if seen is None or (r["fire_at"], r["id"]) > (seen["fire_at"], seen["id"]):
+                newest[key] = r
+    latest = {r["id"] for r in newest.values()}
+    return [
+        {**r, "status": SUPERSEDED, "status_reason": SUPERSEDED_BY_KEY}
+        if r.get("supersede_key") and r["status"] in LIVE and r["id"] not in latest
+        else r
+        for r in rows
+    ]
+
+
 class ConsumeOutcome(StrEnum):
     """What :meth:`NotificationQueue.consume_notification` did."""
 
@@ -418,10 +506,13 @@ class NotificationQueue(Protocol):
         user_id: str | None,
         limit: int,
         inbox: InboxFilter | None = None,
+        now: datetime | None = None,
     ) -> Sequence[Mapping[str, Any]]:
         """
         The agent's queue in one status (``None``: every visible status), kept by
-        ``inbox``, oldest first (a queue is read in order).
+        ``inbox``, oldest first (a queue is read in order); with ``now``, pending
+        messages past their deadline are left out (they are expired, whether or not
+        the sweep has marked them yet).
         """
         ...
 
@@ -577,6 +668,7 @@ class SqlNotificationStore(StoreBase):
         user_id: str | None,
         limit: int,
         inbox: InboxFilter | None = None,
+        now: datetime | None = None,
     ) -> Sequence[Mapping[str, Any]]:
         """
         See :meth:`NotificationQueue.list_queue`: the polling path, so one call to
@@ -589,6 +681,11 @@ class SqlNotificationStore(StoreBase):
                 _n.status != STAGED if status is None else _n.status == status,
                 *(inbox.conditions() if inbox is not None else ()),
             ]
+            if now is not None:
+                # A pending message past its deadline is expired, swept or not.
+                conds.append(
+                    or_(_n.status != "pending", _n.expires_at.is_(None), _n.expires_at > now)
+                )
             stmt = select(*_QUEUE_COLUMNS).where(*conds).order_by(_n.created_at, _n.id).limit(limit)
             async with self.read() as conn:
                 return [dict(r) for r in (await conn.execute(stmt)).mappings()]
@@ -601,6 +698,7 @@ class SqlNotificationStore(StoreBase):
                     columns=tuple(c.name for c in _QUEUE_COLUMNS),
                     order_by=("created_at", "id"),
                     limit=limit,
+                    after=("expires_at", now) if now is not None and status == "pending" else None,
                 )
             )
         )
@@ -706,7 +804,12 @@ class SqlNotificationStore(StoreBase):
         async with self.write() as conn:
             result = await conn.execute(
                 update(NOTIFICATIONS)
-                .where(*owner, _n.status == "pending")
+                # Past its deadline a message is expired, swept or not: never consumed.
+                .where(
+                    *owner,
+                    _n.status == "pending",
+                    or_(_n.expires_at.is_(None), _n.expires_at > now),
+                )
                 .values(status="consumed", consumed_at=now)
             )
             if result.rowcount:

@@ -32,6 +32,7 @@ from delivery.bus.subjects import Subjects
 from delivery.cadence import CompiledSchedule, compile_schedule
 from delivery.domain import FireId, earliest
 from delivery.planning import SchedulePlan, Skip, fire_id
+from delivery.policy import source_policy
 from delivery.store import direct
 from delivery.store.advance import due_in_real_time
 from delivery.store.common import StoreBase, canonical_json, insert_ignoring, owned
@@ -48,9 +49,23 @@ from delivery.store.tables import (
 )
 
 
+def defers(row: Any) -> bool:
+    """
+    Whether a ``schedules`` row defers what falls outside its active window
+    (``outside_window: defer``) instead of skipping it. A row read without
+    ``policy_json`` says nothing, so it skips.
+    """
+    get = row.get if isinstance(row, Mapping) else partial(getattr, row)
+    return source_policy(get("policy_json", None)).outside_window == "defer"
+
+
 def compile_stored(row: Any) -> CompiledSchedule:
     """
     Recompile a stored (already validated) schedule row.
+
+    A schedule that defers (:func:`defers`) is compiled without its active window:
+    every tick of its cadence fires, and the dispatcher defers a fire outside the
+    window to the window's next opening (:func:`delivery.policy.decide`).
 
     Args:
         row: a ``schedules`` row as a mapping (``RowMapping``) or with attributes
@@ -64,7 +79,7 @@ def compile_stored(row: Any) -> CompiledSchedule:
     cadence = json.loads(get("cadence_json"))
     if isinstance(cadence, dict) and "timezone" not in cadence:
         cadence = {**cadence, "timezone": get("timezone")}
-    window_json = get("active_window_json")
+    window_json = None if defers(row) else get("active_window_json")
     return compile_schedule(
         cadence,
         json.loads(window_json) if window_json else None,
@@ -111,6 +126,8 @@ class ClaimedSchedule(Protocol):
     def last_fire_at(self) -> datetime | None: ...
     @property
     def version(self) -> int: ...
+    @property
+    def policy_json(self) -> str | None: ...
 
 
 def _offset_s(instant: datetime, due_at: datetime | None) -> float:
@@ -298,6 +315,7 @@ _CLAIM_COLUMNS = (
     SCHEDULES.c.due_at,
     SCHEDULES.c.last_fire_at,
     SCHEDULES.c.version,
+    SCHEDULES.c.policy_json,
 )
 
 _CLAIMED_BY_OWNER = (

@@ -21,6 +21,7 @@ from delivery.store.idempotency import Idempotency, IdempotencyStore
 from delivery.store.inventory import Inventory, InventoryStore
 from delivery.store.keys import Keys, KeyStore
 from delivery.store.notifications import NotificationQueue, SqlNotificationStore
+from delivery.store.policy import PolicyRecords, PolicyStore
 from delivery.store.schedules import ScheduleRecords, ScheduleStore
 from delivery.store.templates import MessageTemplates, TemplateStore
 from delivery.store.wakeups import Wakeups, WakeupStore
@@ -46,6 +47,7 @@ class SqlStore(StoreBase):
         idempotency: the recorded answers to ``Idempotency-Key`` requests.
         templates: the project's message templates and their versions.
         clocks: the (agent, user) pairs' advance-time clocks.
+        policy: the project's delivery policy and its users' quiet hours.
     """
 
     def __init__(self, engine: Engine, *, subjects: Subjects | None = None) -> None:
@@ -60,6 +62,7 @@ class SqlStore(StoreBase):
         self.idempotency: Idempotency = IdempotencyStore(engine)
         self.templates: MessageTemplates = TemplateStore(engine)
         self.clocks: AdvanceStore = SqlAdvanceStore(engine)
+        self.policy: PolicyRecords = PolicyStore(engine)
 
     async def ping(self) -> None:
         """Run a trivial query; raises whatever the driver raises when the database is down."""

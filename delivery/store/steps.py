@@ -21,12 +21,13 @@ values and can be run in a transaction of its own or inside a caller's.
 """
 
 import sqlite3
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, delete, insert, select, update
+from sqlalchemy import ColumnElement, Table, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.store import common, direct
@@ -106,7 +107,8 @@ class InsertRows:
 class SelectWhere:
     """
     The rows of ``table`` whose columns equal ``equals`` (``None`` means ``IS NULL``),
-    ordered by ``order_by`` (ascending), at most ``limit``.
+    ordered by ``order_by`` (ascending), at most ``limit``; with ``after`` (an
+    instant column and an instant), only rows whose column is NULL or later.
 
     Result: ``list[dict[str, Any]]`` of ``columns`` (default: every column).
     """
@@ -116,9 +118,24 @@ class SelectWhere:
     columns: tuple[str, ...] | None = None
     order_by: tuple[str, ...] = ()
     limit: int | None = None
+    after: tuple[str, datetime] | None = None
 
 
-type Step = SelectIn | UpdateIn | DeleteIn | InsertIgnoring | InsertRows | SelectWhere
+@dataclass(frozen=True, slots=True)
+class Call:
+    """
+    A step the set-based ones cannot say (a row lock, a grouped count), written for
+    both paths: ``direct`` on the raw ``sqlite3`` connection, ``core`` on the async
+    connection. Both must return the same value.
+
+    Result: what the function returns.
+    """
+
+    direct: Callable[[sqlite3.Connection], Any]
+    core: Callable[[AsyncConnection], Awaitable[Any]]
+
+
+type Step = SelectIn | UpdateIn | DeleteIn | InsertIgnoring | InsertRows | SelectWhere | Call
 type Steps[T] = Generator[Step, Any, T]
 """An operation: yields steps, is sent each step's result, returns its value."""
 
@@ -209,10 +226,12 @@ def _direct_step(db: sqlite3.Connection, step: Step) -> Any:
             return direct.insert_ignoring_duplicates(db, table, rows, unique=unique)
         case InsertRows(table, rows):
             return direct.insert_rows(db, table, rows)
-        case SelectWhere(table, equals, columns, order_by, limit):
+        case SelectWhere(table, equals, columns, order_by, limit, after):
             return direct.select_where(
-                db, table, equals, columns=columns, order_by=order_by, limit=limit
+                db, table, equals, columns=columns, order_by=order_by, limit=limit, after=after
             )
+        case Call(fn, _):
+            return fn(db)
 
 
 def _where(
@@ -254,7 +273,7 @@ async def _core_step(conn: AsyncConnection, step: Step) -> Any:
             if rows:
                 await conn.execute(insert(table), [dict(r) for r in rows])
             return None
-        case SelectWhere(table, equals, columns, order_by, limit):
+        case SelectWhere(table, equals, columns, order_by, limit, after):
             picked = table.c if columns is None else [table.c[name] for name in columns]
             selecting = (
                 select(*picked)
@@ -263,4 +282,9 @@ async def _core_step(conn: AsyncConnection, step: Step) -> Any:
                 .order_by(*(table.c[name] for name in order_by))
                 .limit(limit)
             )
+            if after is not None:
+                bound = table.c[after[0]]
+                selecting = selecting.where(or_(bound.is_(None), bound > after[1]))
             return [dict(row) for row in (await conn.execute(selecting)).mappings()]
+        case Call(_, fn):
+            return await fn(conn)

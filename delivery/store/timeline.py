@@ -425,6 +425,7 @@ class SqlTimelineStore:
             s2=n_.error,
             s3=n_.source_type,
             s4=n_.source_id,
+            s5=n_.status_reason,
             t1=n_.fire_at,
         )
         # delivered_at, not status: the probe must use the (notification_id, ...) key,
@@ -573,6 +574,7 @@ class SqlTimelineStore:
             n_.created_at,
             n_.consumed_at,
             n_.error,
+            n_.status_reason,
         ).where(
             *self._notifications(scope),
             n_.created_at >= lo - timedelta(minutes=2),
@@ -753,6 +755,21 @@ def _event(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[Time
     ]
 
 
+POLICY_STATES: dict[tuple[str, str | None], str] = {
+    ("suppressed", "attention_budget"): "suppressed/attention_budget: the user's attention "
+    "budget was spent",
+    ("suppressed", "quiet_hours"): "suppressed/quiet_hours: inside the user's quiet hours",
+    ("superseded", "supersede_key"): "superseded by a newer message with the same supersede_key",
+    ("superseded", "next_regular_fire"): "superseded: the quiet hours end after the "
+    "schedule's next fire",
+    ("expired", "deadline_passed"): "expired: its deadline passed before it was delivered",
+    ("staged", "deferred_quiet_hours"): "deferred out of the user's quiet hours until its fire_at",
+    ("pending", "deferred_quiet_hours"): "deferred out of the user's quiet hours, then "
+    "pending in the queue",
+}
+"""How the timeline words a status a delivery policy set, with its reason."""
+
+
 def _composed(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[TimelineEvent]:
     status = r["s1"]
     detail = {
@@ -761,13 +778,17 @@ def _composed(r: RowMapping, _s: dict[str, RowMapping], _q: PageQuery) -> list[T
         "source_id": r["s4"],
         "fire_at": format_utc(r["t1"]),
     }
+    reason = r["s5"]
+    if reason is not None:
+        # What a delivery policy decided, and why (delivery.policy).
+        detail["reason"] = reason
     if status == "failed_generation":
         kind = Kind.NOTIFICATION_FAILED
         summary = f"composing message {r['ref']} failed: {r['s2'] or 'no error recorded'}"
         detail["error"] = r["s2"] or ""
     else:
         kind = Kind.NOTIFICATION_COMPOSED
-        state = {
+        state = POLICY_STATES.get((status, reason)) or {
             "staged": "staged until its fire instant",
             "pending": "pending in the queue",
         }.get(status, f"now {status}")

@@ -30,7 +30,7 @@ import random
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -442,6 +442,23 @@ class WebhookWorker(QueueWorker):
         finally:
             structlog.contextvars.reset_contextvars(**ids)
 
+    async def _skip(
+        self,
+        claimed: ClaimedDelivery,
+        reason: str,
+        result: SweepResult,
+        bound: Any,
+        now: datetime,
+    ) -> None:
+        """Finish ``claimed`` without sending it, recording why."""
+        await self.store.finish_without_attempt(
+            claimed.delivery_id, status=SKIPPED, reason=reason, now=now
+        )
+        result.skipped += 1
+        bound.info("webhook.skipped", reason=reason)
+        metrics.WEBHOOK_DELIVERIES.labels("skipped", "none").inc()
+        self._finished(claimed, "skipped")
+
     async def _attempt(self, claimed: ClaimedDelivery, result: SweepResult, bound: Any) -> None:
         box, channel = await self._ensure_parts()
         now = self.clock.now()
@@ -451,14 +468,14 @@ class WebhookWorker(QueueWorker):
             # A message consumed by polling first is not sent, unless an operator asked
             # for this re-send; an expired or missing one never is.
             status = "missing" if note is None else note["status"]
-            reason = f"notification is {status}; not sent"
-            await self.store.finish_without_attempt(
-                claimed.delivery_id, status=SKIPPED, reason=reason, now=now
-            )
-            result.skipped += 1
-            bound.info("webhook.skipped", reason=reason)
-            metrics.WEBHOOK_DELIVERIES.labels("skipped", "none").inc()
-            self._finished(claimed, "skipped")
+            await self._skip(claimed, f"notification is {status}; not sent", result, bound, now)
+            return
+        deadline = note["expires_at"]
+        if deadline is not None and deadline <= now:
+            # Never sent after its deadline, retries included, even before the
+            # expiry sweep marks it expired.
+            reason = f"notification expired at {deadline.isoformat()}; not sent"
+            await self._skip(claimed, reason, result, bound, now)
             return
         if not claimed.endpoint_active or not claimed.url:
             reason = "endpoint disabled or deleted"

@@ -275,3 +275,43 @@ async def test_retry_stops_once_the_message_is_consumed(
     attempts = await store.list_attempts(project, A, U, notification_id=row["id"], limit=9)
     latest = next((a["attempt_number"], a["reason"]) for a in attempts if a["kind"] == "sms")
     assert latest == (2, "notification_not_pending")
+
+
+async def test_retry_stops_at_the_deadline(
+    engine: AsyncEngine,
+    project: str,
+    worker: ChannelsWorker,
+    clock: ManualClock,
+    twilio_standin: TwilioStandIn,
+) -> None:
+    """A message whose deadline passes before its retry gets no further SMS."""
+    store = ChannelStore(engine)
+    await store.put_preferences(project, A, U, {"*": ["sms"]}, clock.now())
+    twilio_standin.script.append(Canned(503, twilio_error(503, 20503, "busy").body))
+    row = {**_note(project, 1, clock), "expires_at": clock.now() + timedelta(seconds=30)}
+    await add_notifications(engine, [row])
+    assert (await worker.fan_out([row["id"]])).retries_scheduled == 1
+    clock.advance(timedelta(minutes=1))
+    result = await worker.sweep()
+    assert (result.sent, result.skipped) == (0, 1)
+    assert twilio_standin.send_count == 1
+    attempts = await store.list_attempts(project, A, U, notification_id=row["id"], limit=9)
+    latest = next((a["attempt_number"], a["reason"]) for a in attempts if a["kind"] == "sms")
+    assert latest == (2, "notification_expired")
+
+
+async def test_a_message_past_its_deadline_is_not_fanned_out(
+    engine: AsyncEngine,
+    project: str,
+    worker: ChannelsWorker,
+    clock: ManualClock,
+    twilio_standin: TwilioStandIn,
+) -> None:
+    """The first fan-out of a message already past its deadline sends nothing."""
+    store = ChannelStore(engine)
+    await store.put_preferences(project, A, U, {"*": ["sms"]}, clock.now())
+    row = {**_note(project, 1, clock), "expires_at": clock.now() - timedelta(seconds=1)}
+    await add_notifications(engine, [row])
+    result = await worker.fan_out([row["id"]])
+    assert result.sent == 0
+    assert twilio_standin.send_count == 0

@@ -9,6 +9,7 @@ from delivery.api.routes import (
     events,
     inventory,
     notifications,
+    policy,
     schedules,
     service,
     stream,
@@ -34,4 +35,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     stream.router,
     admin.router,
     timeline.router,
+    policy.router,
 )

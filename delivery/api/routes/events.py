@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from delivery.api.auth import ProjectId
 from delivery.api.context import AgentId, Ctx, check_id, check_metadata, parse_limit, wire_time
 from delivery.api.metrics import bind_ids
+from delivery.api.routes.policy import source_policy_json
 from delivery.api.schemas import EventAccepted, EventCreate, EventList, EventOut
 from delivery.bus.subjects import Subjects
 from delivery.domain import notification_id
@@ -47,6 +48,7 @@ async def trigger_event(
         instance_id=body.instance_id or None,
         status="accepted",
         created_at=now,
+        policy_json=source_policy_json(body),
     )
     outbox = {
         "subject": Subjects(ctx.settings.subject_prefix).event_accepted,

@@ -128,6 +128,7 @@ async def list_notifications(
         user_id=user_id or None,
         limit=count,
         inbox=inbox,
+        now=ctx.clock.now(),
     )
     entry = inbox_entry if include == INCLUDE_INBOX else queue_entry
     return JSONResponse({"notifications": [entry(r) for r in rows]})

@@ -29,6 +29,7 @@ from delivery.api.context import (
 )
 from delivery.api.metrics import bind_ids
 from delivery.api.routes.inventory import missing_item
+from delivery.api.routes.policy import source_policy_json
 from delivery.api.schemas import (
     ScheduleCreate,
     ScheduleCreated,
@@ -55,7 +56,7 @@ from delivery.errors import (
 )
 from delivery.planning import ticks_behind_clock
 from delivery.store.common import canonical_json, new_id
-from delivery.store.schedules import compile_stored
+from delivery.store.schedules import compile_stored, defers
 from delivery.store.tables import ScheduleRow
 
 router = APIRouter(tags=["schedules"])
@@ -164,6 +165,26 @@ def _first_fire(
     )
 
 
+def _deferred_first_fire(
+    first: datetime,
+    cadence: Any,
+    *,
+    starts_at: datetime | None,
+    ends_at: datetime | None,
+    created_at: datetime,
+    now: datetime,
+) -> datetime:
+    """
+    A deferring schedule's next fire: its cadence's next tick, window or not (the
+    dispatcher defers one outside the window to its opening); ``first`` (the
+    windowed one, already checked) when the cadence alone has none.
+    """
+    windowless = compile_schedule(
+        cadence, None, starts_at=starts_at, ends_at=ends_at, created_at=created_at
+    )
+    return next_fire(windowless, now) or first
+
+
 async def _get(ctx: ApiContext, project: str, agent: str, user: str, sid: str) -> ScheduleRow:
     row = await ctx.store.schedules.get_schedule(project, agent, user, sid)
     if row is None:
@@ -212,6 +233,15 @@ async def create_schedule(
         created_at=now,
         now=now,
     )
+    if body.outside_window == "defer" and compiled.active_window is not None:
+        upcoming_fire = _deferred_first_fire(
+            upcoming_fire,
+            body.cadence,
+            starts_at=starts_at,
+            ends_at=ends_at,
+            created_at=now,
+            now=now,
+        )
     metadata_json = check_metadata(body.metadata)
     if body.inventory_item_id is not None:
         await _check_item(ctx, project, agent_id, user_id, body.inventory_item_id)
@@ -239,6 +269,7 @@ async def create_schedule(
         version=1,
         created_at=now,
         updated_at=now,
+        policy_json=source_policy_json(body),
     )
     bind_ids(schedule_id=row.id)
     skips = ticks_behind_clock(compiled, real_now=clock.real, pair_now=now)
@@ -327,7 +358,7 @@ def _patched(
     if timing:
         # Recomputed from now: fires already made are never rewritten. A disabled
         # schedule is not checked: re-enabling it is a timing change checked then.
-        changes["next_fire_at"] = (
+        first = (
             _first_fire(
                 compiled,
                 cadence,
@@ -339,6 +370,16 @@ def _patched(
             if enabled
             else None
         )
+        if first is not None and compiled.active_window is not None and defers(row):
+            first = _deferred_first_fire(
+                first,
+                cadence,
+                starts_at=starts_at,
+                ends_at=ends_at,
+                created_at=row.created_at,
+                now=now,
+            )
+        changes["next_fire_at"] = first
         changes["claimed_by"] = None
         changes["claimed_until"] = None
         # A fire staged under the old timing is deleted (SqlStore.update_schedule).

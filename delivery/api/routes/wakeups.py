@@ -22,6 +22,7 @@ from delivery.api.context import (
 )
 from delivery.api.metrics import bind_ids
 from delivery.api.routes.inventory import missing_item
+from delivery.api.routes.policy import source_policy_json
 from delivery.api.schemas import WakeupCancelled, WakeupCreate, WakeupCreated, WakeupList, WakeupOut
 from delivery.cadence import parse_instant
 from delivery.domain import notification_id
@@ -106,6 +107,7 @@ async def schedule_wakeup(
         due_at=clock.due_at(scheduled_at),
         status="pending",
         created_at=now,
+        policy_json=source_policy_json(body),
     )
     bind_ids(wakeup_id=row.id, message_id=notification_id(row.id), user_id=body.user_id)
     await ctx.store.wakeups.insert_wakeup(row)

@@ -34,6 +34,11 @@ from delivery.store.tables.core import (
     TriggerEventRow,
     WakeupRow,
 )
+from delivery.store.tables.policy import (
+    AttentionCounterRow,
+    DeliveryPolicyRow,
+    UserQuietHoursRow,
+)
 from delivery.store.tables.templates import MessageTemplateRow, MessageTemplateVersionRow
 from delivery.store.tables.webhooks import WebhookAttemptRow, WebhookDeliveryRow, WebhookEndpointRow
 
@@ -65,9 +70,13 @@ TEMPLATE_VERSIONS: Table = MessageTemplateVersionRow.__table__  # type: ignore[a
 ENDPOINTS: Table = WebhookEndpointRow.__table__  # type: ignore[attr-defined]
 DELIVERIES: Table = WebhookDeliveryRow.__table__  # type: ignore[attr-defined]
 WEBHOOK_ATTEMPTS: Table = WebhookAttemptRow.__table__  # type: ignore[attr-defined]
+POLICIES: Table = DeliveryPolicyRow.__table__  # type: ignore[attr-defined]
+QUIET_HOURS: Table = UserQuietHoursRow.__table__  # type: ignore[attr-defined]
+ATTENTION: Table = AttentionCounterRow.__table__  # type: ignore[attr-defined]
 
 __all__ = [
     "API_KEYS",
+    "ATTENTION",
     "CHANNELS",
     "CHANNEL_ATTEMPTS",
     "CHANNEL_FALLBACKS",
@@ -83,8 +92,10 @@ __all__ = [
     "NOTIFICATIONS",
     "OFFSETS",
     "OUTBOX",
+    "POLICIES",
     "PREFERENCES",
     "PROJECTS",
+    "QUIET_HOURS",
     "SCHEDULES",
     "SCHEDULE_CHANGES",
     "TEMPLATES",

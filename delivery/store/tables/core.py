@@ -90,6 +90,9 @@ class ScheduleRow(SQLModel, table=True):
     version: int = 1
     created_at: datetime = Field(sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
+    policy_json: str | None = Field(
+        default=None, sa_type=Text, description="the source's delivery policy (delivery.policy)"
+    )
 
 
 class ScheduleChangeRow(SQLModel, table=True):
@@ -185,6 +188,7 @@ class WakeupRow(SQLModel, table=True):
     claimed_by: str | None = Field(default=None, max_length=64)
     claimed_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(sa_type=UTCDateTime)
+    policy_json: str | None = Field(default=None, sa_type=Text)
 
 
 class TriggerEventRow(SQLModel, table=True):
@@ -208,6 +212,7 @@ class TriggerEventRow(SQLModel, table=True):
     instance_id: str | None = Field(default=None, max_length=128)
     status: str = Field(default="accepted", max_length=16, description="accepted | dispatched")
     created_at: datetime = Field(sa_type=UTCDateTime)
+    policy_json: str | None = Field(default=None, sa_type=Text)
 
 
 class InventoryItemRow(SQLModel, table=True):
@@ -236,7 +241,8 @@ class NotificationRow(SQLModel, table=True):
     Unique on ``source_id`` (a fire id, wakeup id or event id; the prefixes keep
     them disjoint): a redelivered NATS message or a
     restarted process never makes a second one. ``status`` is the agent queue's
-    (pending | consumed | expired | failed_generation), or ``staged``: composed
+    (pending | consumed | expired | failed_generation, and the policies'
+    suppressed | superseded with a ``status_reason``), or ``staged``: composed
     during the scheduler's lookahead, hidden from every read until the relay
     promotes it at its fire instant (:mod:`delivery.store.staging`). ``ack_status`` is the
     project view's (pending | acknowledged). ``payload_json`` is the
@@ -277,6 +283,24 @@ class NotificationRow(SQLModel, table=True):
         ),
         # Only composed-ahead rows are in it, and they leave it when promoted, so
         # the relay's "anything due to promote?" probe stays a tiny index lookup.
+        # The attention budget counts one user's recent messages across agents.
+        Index("ix_notifications_attention", "project_id", "user_id", "created_at"),
+        # The expiry sweep finds live (pending or staged) rows past their deadline.
+        Index(
+            "ix_notifications_expiring",
+            "expires_at",
+            sqlite_where=text("expires_at IS NOT NULL AND status IN ('pending', 'staged')"),
+            postgresql_where=text("expires_at IS NOT NULL AND status IN ('pending', 'staged')"),
+        ),
+        # A supersede_key replaces the user's pending message with the same key.
+        Index(
+            "ix_notifications_supersede",
+            "project_id",
+            "user_id",
+            "supersede_key",
+            sqlite_where=text("supersede_key IS NOT NULL"),
+            postgresql_where=text("supersede_key IS NOT NULL"),
+        ),
         Index(
             "ix_notifications_staged",
             "fire_at",
@@ -314,6 +338,14 @@ class NotificationRow(SQLModel, table=True):
     seen_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     read_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     archived_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    priority: str | None = Field(default=None, max_length=16)
+    expires_at: datetime | None = Field(
+        default=None, sa_type=UTCDateTime, description="never sent after; expired when passed"
+    )
+    supersede_key: str | None = Field(default=None, max_length=128)
+    status_reason: str | None = Field(
+        default=None, max_length=64, description="why a policy set the status (delivery.policy)"
+    )
 
 
 class IdempotencyRow(SQLModel, table=True):

@@ -100,6 +100,16 @@ class WakeupStore(StoreBase):
         """
         owner = owned(WAKEUPS, project_id, agent_id=agent_id, id=wakeup_id)
         async with self.write() as conn:
+            # An advanced pair's wakeup is stamped on the pair's clock, like every
+            # other instant of its row: ``scheduled_at - due_at`` is the pair's offset.
+            shift = (
+                await conn.execute(
+                    select(WAKEUPS.c.scheduled_at, WAKEUPS.c.due_at).where(*owner)
+                )
+            ).first()
+            at = now
+            if shift is not None and shift.due_at is not None:
+                at = now + (shift.scheduled_at - shift.due_at)
             result = await conn.execute(
                 update(WAKEUPS)
                 .where(
@@ -107,7 +117,7 @@ class WakeupStore(StoreBase):
                     WAKEUPS.c.status == "pending",
                     (WAKEUPS.c.claimed_until.is_(None)) | (WAKEUPS.c.claimed_until < now),
                 )
-                .values(status="cancelled", cancelled_at=now)
+                .values(status="cancelled", cancelled_at=at)
             )
             if result.rowcount:
                 return CancelOutcome.CANCELLED

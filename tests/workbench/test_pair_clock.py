@@ -32,7 +32,7 @@ from delivery.domain import SourceKind
 from delivery.planning import fire_id
 from delivery.scheduler import Scheduler
 from delivery.store.engine import create_engine
-from delivery.store.tables import OUTBOX
+from delivery.store.tables import OUTBOX, WAKEUPS
 from tests.api.server import ServedApi, serve_api
 
 START = datetime(2026, 5, 1, 0, 0, tzinfo=UTC)
@@ -145,6 +145,36 @@ def test_wakeup_delay_and_scheduled_at_count_on_the_pair_clock(database_url: str
                 delay_hours=0,
             )
         assert refused.value.code == "SCHEDULED_AT_IN_PAST"
+
+
+def test_a_cancelled_pair_wakeup_is_stamped_on_the_pair_clock(database_url: str) -> None:
+    """Cancelling on a pair advanced 24 h stamps ``cancelled_at`` 24 h ahead of real now."""
+    with served(database_url, ManualClock(START)) as (api, client):
+        client.workbench.advance_time(A, U, 24)
+        wakeup = client.agents.schedule_wakeup(
+            A, user_id=U, check_type="check_in", intent="ask how the day went", delay_hours=5
+        )
+        # HTTP: the SDK has no cancel method.
+        cancelled = httpx.delete(
+            f"{api.base_url}/api/v1/agents/{A}/wakeups/{wakeup.wakeup_id}",
+            headers={"Authorization": f"Bearer {api.keys['alpha']}"},
+            timeout=10,
+        )
+        assert cancelled.status_code == 200, cancelled.text
+
+    async def stamped() -> datetime:
+        engine = create_engine(database_url)
+        try:
+            async with engine.connect() as conn:
+                return (
+                    await conn.execute(
+                        select(WAKEUPS.c.cancelled_at).where(WAKEUPS.c.id == wakeup.wakeup_id)
+                    )
+                ).scalar_one()
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(stamped()) == START + timedelta(hours=24)
 
 
 def test_ticks_between_real_now_and_the_pair_clock_are_recorded_skipped(

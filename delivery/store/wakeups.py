@@ -103,9 +103,7 @@ class WakeupStore(StoreBase):
             # An advanced pair's wakeup is stamped on the pair's clock, like every
             # other instant of its row: ``scheduled_at - due_at`` is the pair's offset.
             shift = (
-                await conn.execute(
-                    select(WAKEUPS.c.scheduled_at, WAKEUPS.c.due_at).where(*owner)
-                )
+                await conn.execute(select(WAKEUPS.c.scheduled_at, WAKEUPS.c.due_at).where(*owner))
             ).first()
             at = now
             if shift is not None and shift.due_at is not None:

@@ -69,16 +69,24 @@ class GaugeStore:
                     )
                 )
             ).one()
-            schedules = (
-                await conn.execute(
-                    select(func.count()).where(s.enabled.is_(True), s.next_fire_at <= due_by)
-                )
-            ).scalar_one()
-            wakeups = (
-                await conn.execute(
-                    select(func.count()).where(w.status == "pending", w.scheduled_at <= due_by)
-                )
-            ).scalar_one()
+            # An advanced pair's rows are due by their real instant (``due_at``), the
+            # others by their own; two counts, each on the index its claim uses.
+            schedules = 0
+            for when in (
+                (s.due_at.is_(None), s.next_fire_at <= due_by),
+                (s.due_at <= due_by,),
+            ):
+                schedules += (
+                    await conn.execute(select(func.count()).where(s.enabled.is_(True), *when))
+                ).scalar_one()
+            wakeups = 0
+            for when in (
+                (w.due_at.is_(None), w.scheduled_at <= due_by),
+                (w.due_at <= due_by,),
+            ):
+                wakeups += (
+                    await conn.execute(select(func.count()).where(w.status == "pending", *when))
+                ).scalar_one()
             statuses = (await conn.execute(select(n.status, func.count()).group_by(n.status))).all()
         age = (now - oldest).total_seconds() if oldest is not None else 0.0
         return WorkGauges(

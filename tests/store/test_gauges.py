@@ -19,8 +19,8 @@ async def test_schedules_due_counts_advanced_pairs_by_their_real_instant(
             SCHEDULES.insert(),
             [
                 # Real time: due in 30 s, and due in 3 h.
-                schedule(1, next_fire_at=soon),
-                schedule(2, next_fire_at=later),
+                schedule(1, next_fire_at=soon, due_at=None),
+                schedule(2, next_fire_at=later, due_at=None),
                 # A pair 48 h ahead: its next fire is 48 h away on real time's clock
                 # face but due (in real time) in 30 s; and the reverse case.
                 schedule(3, next_fire_at=soon + timedelta(hours=48), due_at=soon),

@@ -600,7 +600,9 @@ class ChannelsWorker(QueueWorker):
         decisions: list[dict[str, str]] = json.loads(row["decisions_json"])
         now = self.clock.now()
         note, sent_already = await self.store.fallback_facts(nid)
-        pending = note is not None and note["status"] == "pending"
+        # Past its deadline a message is no longer pending, swept or not: the
+        # fallback stops rather than send it on the next channel.
+        pending = note is not None and note["status"] == "pending" and not expired(note, now)
         if row["sending"] and pending and not sent_already:
             # The last worker wrote this step and stopped before recording its
             # result: the send may have happened, so only this channel may go again.

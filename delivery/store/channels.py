@@ -901,7 +901,13 @@ class ChannelStore(StoreBase):
             )
             sent = await conn.execute(
                 select(a.id)
-                .where(a.notification_id == notification_id, a.status == "sent")
+                # The user's own channels only: a project channel's send is not the
+                # user's delivery.
+                .where(
+                    a.notification_id == notification_id,
+                    a.status == "sent",
+                    a.channel_id.is_(None),
+                )
                 .limit(1)
             )
             return note, sent.first() is not None

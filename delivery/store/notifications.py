@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from delivery.domain import SourceKind, SourceRef
 from delivery.policy import (
     ATTENTION_BUDGET,
+    EXPIRED,
     SUPERSEDED,
     SUPERSEDED_BY_KEY,
     SUPPRESSED,
@@ -305,10 +306,14 @@ def writing(batch: NotificationBatch) -> Steps[Written]:
         yield UpdateIn(EVENTS, "id", events, {"status": "dispatched"}, {"status": "accepted"})
     gone = set(lost)
     rows = [r for r in batch.notifications if r["source_id"] not in gone]
+    keyed = any(r.get("supersede_key") for r in rows)
+    if keyed:
+        # Within the batch the newest of a key is the one message left: it, not a
+        # stale one, is what the budget then spends a unit on.
+        rows = _newest_per_key(rows)
     if batch.budgets:
         rows = yield from budgeting(rows, batch.budgets, batch.now)
-    if any(r.get("supersede_key") for r in rows):
-        rows = _newest_per_key(rows)
+    if keyed:
         yield from superseding(rows)
     kept = {r["id"] for r in rows if r["status"] in LIVE}
     outbox = [o for o in batch.outbox if o["msg_id"] in kept]
@@ -757,7 +762,9 @@ class SqlNotificationStore(StoreBase):
             count(inbox & (_n.status == "pending")),
         ).where(
             *owned(NOTIFICATIONS, project_id, agent_id=agent_id, user_id=user_id),
-            _n.status != STAGED,
+            # What the user never received (staged, or held back by a delivery policy)
+            # is no message of theirs to count.
+            _n.status.not_in((STAGED, SUPPRESSED, SUPERSEDED, EXPIRED)),
         )
         async with self.read() as conn:
             total, unseen, unread, archived, pending = (await conn.execute(stmt)).one()

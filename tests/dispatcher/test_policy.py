@@ -19,6 +19,7 @@ from delivery.dispatcher.policies import Policies
 from delivery.dispatcher.process import Processor
 from delivery.domain import SourceKind, SourceRef, notification_id
 from delivery.policy import SourcePolicy
+from delivery.store.notifications import SqlNotificationStore
 from delivery.store.policy import PolicyStore, expire_due
 from delivery.store.staging import promote
 from tests.dispatcher import rows
@@ -82,6 +83,23 @@ async def test_over_budget_lower_priorities_are_suppressed_and_critical_passes(
         )
     assert await published(engine) == {notification_id("evt_critical")}
     assert result.policy[notification_id("evt_normal")] == "suppressed/attention_budget"
+
+
+async def test_the_inbox_badge_counts_only_what_the_user_received(engine: AsyncEngine) -> None:
+    """Budget 1 and three events: one message reached the user, so the badge says one."""
+    await rows.project(engine)
+    await budget(engine, limit=1)
+    refs = [await event(engine, f"evt_{n}") for n in range(3)]
+    await processor(engine).process(refs)
+    assert sorted(n["status"] for n in await rows.notifications(engine)) == [
+        "pending",
+        "suppressed",
+        "suppressed",
+    ]
+
+    counts = await SqlNotificationStore(engine).inbox_counts("proj_1", "agent_1", user_id="user_1")
+
+    assert (counts.total, counts.unseen, counts.unread, counts.pending) == (1, 1, 1, 1)
 
 
 async def test_budget_counts_earlier_batches_and_every_agent(engine: AsyncEngine) -> None:
@@ -224,6 +242,29 @@ async def test_supersede_within_one_batch_keeps_the_latest(engine: AsyncEngine) 
 
     notes = await by_source(engine)
     assert (notes["evt_a"]["status"], notes["evt_b"]["status"]) == ("superseded", "pending")
+
+
+async def test_the_budget_spends_its_last_unit_on_the_newest_of_a_key(
+    engine: AsyncEngine,
+) -> None:
+    """One unit left, two versions of one reminder in a batch: the newer one is sent."""
+    await rows.project(engine)
+    await budget(engine, limit=1)
+    await rows.event(engine, "evt_a", policy_json='{"supersede_key":"k"}', created_at=NOW)
+    await rows.event(
+        engine,
+        "evt_b",
+        policy_json='{"supersede_key":"k"}',
+        created_at=NOW + timedelta(seconds=1),
+    )
+
+    await processor(engine, NOW + timedelta(seconds=2)).process(
+        [SourceRef(SourceKind.EVENT, "evt_a"), SourceRef(SourceKind.EVENT, "evt_b")]
+    )
+
+    notes = await by_source(engine)
+    assert (notes["evt_a"]["status"], notes["evt_b"]["status"]) == ("superseded", "pending")
+    assert await published(engine) == {notification_id("evt_b")}
 
 
 # --- quiet hours ----------------------------------------------------------------------

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, select, tuple_, update
+from sqlalchemy import and_, bindparam, delete, func, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -100,15 +100,21 @@ class Enabled:
     disabled_at: datetime | None = None
     disabled_reason: str | None = None
     failing_since: datetime | None = None
+    earliest_undelivered: datetime | None = None
 
     @property
     def recover_since(self) -> datetime | None:
         """
-        Where a recovery should start: the first failure of the streak, since every
-        message from then on may have been dead-lettered before the disable; else
-        the disable instant.
+        Where a recovery should start: the first failure of the streak (every message
+        from then on may have been dead-lettered before the disable), or the disable
+        instant; and earlier still when a message that failed in that time was made
+        before it (a recovery selects messages by when they were made, and a failure
+        is recorded after its message was).
         """
-        return self.failing_since or self.disabled_at
+        start = self.failing_since or self.disabled_at
+        if start is None or self.earliest_undelivered is None:
+            return start
+        return min(start, self.earliest_undelivered)
 
 
 def streak_reason(failing_since: datetime, limit: timedelta) -> str:
@@ -789,7 +795,9 @@ class WebhookStore(StoreBase):
         e = ENDPOINTS.c
         await conn.execute(
             update(ENDPOINTS)
-            .where(e.id.in_(endpoint_ids), e.failing_since.is_not(None))
+            # A disabled endpoint's streak is kept as it was when it was disabled:
+            # it says where a recovery starts.
+            .where(e.id.in_(endpoint_ids), e.failing_since.is_not(None), e.is_active.is_(True))
             .values(failing_since=None)
         )
 
@@ -809,7 +817,9 @@ class WebhookStore(StoreBase):
         e = ENDPOINTS.c
         mine = e.id == claimed.endpoint_id
         await conn.execute(
-            update(ENDPOINTS).where(mine, e.failing_since.is_(None)).values(failing_since=now)
+            update(ENDPOINTS)
+            .where(mine, e.failing_since.is_(None), e.is_active.is_(True))
+            .values(failing_since=now)
         )
         row = (
             (await conn.execute(select(ENDPOINTS).where(mine, e.is_active.is_(True))))
@@ -861,6 +871,23 @@ class WebhookStore(StoreBase):
                 return None
             if row["is_active"]:
                 return Enabled(was_disabled=False)
+            start = row["failing_since"] or row["disabled_at"]
+            earliest = None
+            if start is not None:
+                # When the messages that failed since then were made: a recovery
+                # selects messages by that instant.
+                d, n = DELIVERIES.c, NOTIFICATIONS.c
+                earliest = (
+                    await conn.execute(
+                        select(func.min(n.created_at))
+                        .select_from(DELIVERIES.join(NOTIFICATIONS, n.id == d.notification_id))
+                        .where(
+                            d.endpoint_id == row["id"],
+                            d.status != DELIVERED,
+                            d.updated_at >= start,
+                        )
+                    )
+                ).scalar()
             await conn.execute(
                 update(ENDPOINTS)
                 .where(*scope)
@@ -877,6 +904,7 @@ class WebhookStore(StoreBase):
             disabled_at=row["disabled_at"],
             disabled_reason=row["disabled_reason"],
             failing_since=row["failing_since"],
+            earliest_undelivered=earliest,
         )
 
     async def release_claims(self, *, now: datetime, worker_id: str | None = None) -> int:

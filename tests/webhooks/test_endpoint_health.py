@@ -172,3 +172,36 @@ async def test_410_disables_with_a_project_notification(rig: Rig) -> None:
     assert body["was_disabled"] is True
     assert "failing_since" not in body
     assert body["recover_since"] == body["disabled_at"]
+
+
+async def test_recovery_starts_at_the_first_failed_message_not_its_failure(rig: Rig) -> None:
+    """
+    A message made 10 min before its first (failing) attempt: ``recover_since`` is
+    when it was made, so a recovery from there selects it; and a disabled endpoint's
+    streak stays as it was, whatever attempt still finishes after the disable.
+    """
+    settings = webhook_settings(webhook_timeout_s=0.5, webhook_disable_after_s=3600)
+    receiver, url = rig.receiver(Reply(500, b"down"))
+    await rig.register(url)
+    worker = rig.worker(settings=settings)
+    (created,) = await rig.notify(1)
+    made = rig.start + timedelta(seconds=1)  # the test row's created_at
+    rig.clock.advance(timedelta(minutes=10))
+    await worker.enqueue([created])
+    await worker.sweep()
+    first_failure = rig.clock.now()
+    assert (await _endpoint(rig))["failing_since"] == first_failure
+    for step in SCHEDULE[1:]:
+        rig.clock.advance(step)
+        await worker.sweep()
+        if not (await _endpoint(rig))["is_active"]:
+            break
+    endpoint = await _endpoint(rig)
+    assert endpoint["is_active"] is False
+    assert endpoint["failing_since"] == first_failure
+    assert len(receiver.requests) >= 2
+
+    body = (await rig.api.post(f"/api/v1/webhooks/{EVENT}/enable")).json()
+
+    assert body["failing_since"].startswith(first_failure.strftime("%Y-%m-%dT%H:%M:%S"))
+    assert body["recover_since"].startswith(made.strftime("%Y-%m-%dT%H:%M:%S"))

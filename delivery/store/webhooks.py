@@ -987,7 +987,9 @@ class WebhookStore(StoreBase):
                             *owned(NOTIFICATIONS, project_id),
                             n.id == ident,
                             n.event_type == event_type,
-                            n.status != "staged",
+                            # Only a message the user can still get: not staged, and
+                            # not held back or ended by a delivery policy.
+                            n.status.in_(("pending", "consumed")),
                         )
                     )
                 ).first()

@@ -208,3 +208,29 @@ async def _beta_key(rig: Rig) -> str:
     from delivery.store.sql import SqlStore
 
     return await SqlStore(rig.engine).keys.create_api_key(rig.projects["beta"], rig.start)
+
+
+async def test_a_message_a_policy_held_back_is_not_resent(rig: Rig) -> None:
+    """A suppressed message never had a delivery; asking to resend it finds nothing."""
+    _receiver, url = rig.receiver(Reply(200))
+    await rig.register(url)
+    (created,) = await rig.notify(1)
+    async with rig.engine.begin() as conn:
+        await conn.execute(
+            update(NOTIFICATIONS)
+            .where(NOTIFICATIONS.c.id == created.notification_id)
+            .values(status="suppressed", status_reason="attention_budget")
+        )
+
+    answer = await rig.api.post(f"{BASE}/resend/{created.notification_id}")
+
+    assert answer.status_code == 404, answer.text
+    async with rig.engine.connect() as conn:
+        found = (
+            await conn.execute(
+                select(DELIVERIES.c.id).where(
+                    DELIVERIES.c.notification_id == created.notification_id
+                )
+            )
+        ).all()
+    assert found == []

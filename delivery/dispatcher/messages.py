@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from delivery.dispatcher.cache import ProjectCache
 from delivery.dispatcher.composers import Composer, CompositionError
 from delivery.domain import Draft
 from delivery.store.templates import TemplateSource
@@ -30,8 +31,6 @@ log = structlog.get_logger(__name__)
 
 COMPOSE_CONCURRENCY = 32
 """LLM calls in flight per batch (as :data:`delivery.dispatcher.process.COMPOSE_CONCURRENCY`)."""
-MAX_CACHED_PROJECTS = 10_000
-"""Past this many cached projects, expired entries are dropped before adding more."""
 
 
 class TemplateBooks:
@@ -52,25 +51,20 @@ class TemplateBooks:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
-        self._ttl_s = ttl_s
-        self._clock = clock
-        self._books: dict[str, tuple[float, TemplateBook]] = {}
-        self.reads = 0
+        self._cache: ProjectCache[TemplateBook] = ProjectCache(self._load, ttl_s=ttl_s, clock=clock)
+
+    @property
+    def reads(self) -> int:
         """Store reads made (tests and the benchmark check the cache)."""
+        return self._cache.reads
+
+    async def _load(self, project_ids: list[str]) -> dict[str, TemplateBook]:
+        rows = await self._source.project_templates(project_ids)
+        return {p: book_of(rows.get(p, [])) for p in project_ids}
 
     async def books(self, project_ids: Iterable[str]) -> dict[str, TemplateBook]:
         """The templates of every project named, reading the stale ones in one query."""
-        now = self._clock()
-        wanted = set(project_ids)
-        stale = [p for p in wanted if p not in self._books or self._books[p][0] <= now]
-        if stale:
-            rows = await self._source.project_templates(stale)
-            self.reads += 1
-            if len(self._books) + len(stale) > MAX_CACHED_PROJECTS:
-                self._books = {p: e for p, e in self._books.items() if e[0] > now}
-            for project_id in stale:
-                self._books[project_id] = (now + self._ttl_s, book_of(rows.get(project_id, [])))
-        return {p: self._books[p][1] for p in wanted}
+        return await self._cache.get(project_ids)
 
 
 @dataclass(frozen=True, slots=True)

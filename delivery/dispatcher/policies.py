@@ -12,11 +12,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from delivery.dispatcher.cache import ProjectCache
 from delivery.policy import DEFAULT_POLICY, ProjectPolicy, QuietHours, project_policy, quiet_hours
 from delivery.store.policy import PolicySource, UserOf
-
-MAX_CACHED_PROJECTS = 10_000
-"""Past this many cached projects, expired entries are dropped before adding more."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,27 +46,25 @@ class Policies:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
-        self._ttl_s = ttl_s
-        self._clock = clock
-        self._rules: dict[str, tuple[float, ProjectRules]] = {}
-        self.reads = 0
+        self._cache: ProjectCache[ProjectRules] = ProjectCache(self._load, ttl_s=ttl_s, clock=clock)
+
+    @property
+    def reads(self) -> int:
         """Store reads made (tests and the benchmark check the cache)."""
+        return self._cache.reads
+
+    async def _load(self, project_ids: list[str]) -> dict[str, ProjectRules]:
+        found = await self._source.project_policies(project_ids)
+        loaded: dict[str, ProjectRules] = {}
+        for project_id in project_ids:
+            text, has_quiet = found.get(project_id, (None, False))
+            rules = ProjectRules(project_policy(text), has_quiet)
+            loaded[project_id] = OFF if rules == OFF else rules
+        return loaded
 
     async def rules(self, project_ids: Iterable[str]) -> dict[str, ProjectRules]:
         """The rules of every project named, reading the stale ones in one query."""
-        now = self._clock()
-        wanted = set(project_ids)
-        stale = [p for p in wanted if p not in self._rules or self._rules[p][0] <= now]
-        if stale:
-            found = await self._source.project_policies(stale)
-            self.reads += 1
-            if len(self._rules) + len(stale) > MAX_CACHED_PROJECTS:
-                self._rules = {p: e for p, e in self._rules.items() if e[0] > now}
-            for project_id in stale:
-                text, has_quiet = found.get(project_id, (None, False))
-                rules = ProjectRules(project_policy(text), has_quiet)
-                self._rules[project_id] = (now + self._ttl_s, OFF if rules == OFF else rules)
-        return {p: self._rules[p][1] for p in wanted}
+        return await self._cache.get(project_ids)
 
     async def quiet_hours(self, users: Iterable[UserOf]) -> dict[UserOf, QuietHours]:
         """The quiet hours of those ``users`` that have them (one read per batch)."""

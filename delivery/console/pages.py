@@ -353,8 +353,14 @@ async def user_page(
             }
         except DeliveryError as exc:
             error = exc.message
+    # As the API's list: a message past its deadline is not shown as pending.
     pending = await ctx.store.notifications.list_queue(
-        project, agent_id, status="pending", user_id=user_id, limit=PENDING_SHOWN
+        project,
+        agent_id,
+        status="pending",
+        user_id=user_id,
+        limit=PENDING_SHOWN,
+        now=ctx.clock.now(),
     )
     rows = [
         {

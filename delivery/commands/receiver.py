@@ -117,12 +117,17 @@ def _forwarding_app(
             f"channel settings: {exc}",
             param_hint="DELIVERY_FCM_* / DELIVERY_SMTP_* / DELIVERY_SMS_*",
         ) from exc
-    forwarder = ChannelForwarder(ChannelRouter(channels, send_timeout=SEND_TIMEOUT), directory)
+    router = ChannelRouter(channels, send_timeout=SEND_TIMEOUT)
+    forwarder = ChannelForwarder(router, directory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with client:
-            yield
+            try:
+                yield
+            finally:
+                # The pooled SMTP connections belong to this loop too.
+                await router.aclose()
         # Evidence for operators (and the tests) that shutdown got this far.
         structlog.get_logger(__name__).info("receiver.channels_closed")
 

@@ -203,7 +203,10 @@ class ServerSideForwarder:
             channels = channels_from_settings(self.settings, client=client, clock=SystemClock())
             router = ChannelRouter(channels, send_timeout=timedelta(seconds=5))
             self.inner = ChannelForwarder(router, self.directory, sleep=self.sleep)
-            yield
+            try:
+                yield
+            finally:
+                await router.aclose()
 
     async def forward(self, event: VerifiedEvent) -> None:
         assert self.inner is not None

@@ -310,22 +310,12 @@ class NotificationList(ResponseModel):
     notifications: list[NotificationOut]
 
 
-class InboxEntryOut(ResponseModel):
+class InboxEntryOut(NotificationOut):
     """
     A queue entry with its inbox instants: what the inbox routes answer, and what
     the list sends with ``include=inbox`` (the SDK's own model has no such fields).
     """
 
-    message_id: str
-    agent_id: str
-    user_id: str
-    check_type: str
-    generated_message: str
-    status: str
-    created_at: str
-    consumed_at: str | None = None
-    wakeup_id: str | None = None
-    intent: str | None = None
     seen_at: str | None = None
     read_at: str | None = None
     archived_at: str | None = None

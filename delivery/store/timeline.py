@@ -462,10 +462,11 @@ class SqlTimelineStore:
             n4=d_.attempt_count,
             t1=d_.next_attempt_at,
         )
+        # A schedule's timeline keeps the channel rows of its own messages only.
+        scoped_ids = select(n_.id).where(*mine).scalar_subquery() if shape.scoped else None
         channel = select().select_from(CHANNEL_ATTEMPTS).where(*_bound_owner(ch_))
-        if shape.scoped:
-            ids = select(n_.id).where(*mine).scalar_subquery()
-            channel = channel.where(ch_.notification_id.in_(ids))
+        if scoped_ids is not None:
+            channel = channel.where(ch_.notification_id.in_(scoped_ids))
         add(
             "channel",
             ch_.created_at,
@@ -482,9 +483,8 @@ class SqlTimelineStore:
             t1=ch_.next_attempt_at,
         )
         fallback = select().select_from(CHANNEL_FALLBACKS).where(*_bound_owner(fb_))
-        if shape.scoped:
-            ids = select(n_.id).where(*mine).scalar_subquery()
-            fallback = fallback.where(fb_.notification_id.in_(ids))
+        if scoped_ids is not None:
+            fallback = fallback.where(fb_.notification_id.in_(scoped_ids))
         # One event per message, at its latest decision (the row's updated_at).
         add(
             "fallback",

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -39,6 +38,7 @@ from tests.handlers.channels.standins import (
     fcm_error,
     free_port,
 )
+from tests.worker_proc import start_worker
 
 A, U = "agent-1", "user-1"
 TOKEN = "dXNlci0xLWRldmljZQ:APA91bHdeviceTokenForUser1"
@@ -323,39 +323,6 @@ class HangingSink(SmtpSink):
         return reply
 
 
-async def _start_worker(env: dict[str, str]) -> tuple[asyncio.subprocess.Process, list[bytes]]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.channels.worker_proc",
-        str(LEASE_S),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output: list[bytes] = []
-    ready = asyncio.Event()
-
-    async def drain() -> None:
-        assert proc.stdout is not None
-        async for line in proc.stdout:
-            output.append(line)
-            if line == b"ready\n":
-                ready.set()
-
-    reader = asyncio.create_task(drain())
-    proc_tasks.add(reader)
-    reader.add_done_callback(proc_tasks.discard)
-    try:
-        await asyncio.wait_for(ready.wait(), 30)
-    except BaseException:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError(b"".join(output).decode()) from None
-    return proc, output
-
-
-proc_tasks: set[asyncio.Task[None]] = set()
 HANG_S = 20.0
 """How long the first email's DATA is held: far longer than the kill takes to land."""
 LEASE_S = 3.0
@@ -413,12 +380,11 @@ async def test_sigkill_mid_send_repeats_that_channel_only(
             "DELIVERY_SMS_FROM": SMS_FROM,
             "DELIVERY_CHANNEL_FALLBACK_AFTER_S": "1",
         }
-        proc, output = await _start_worker(env)
+        worker = await start_worker("channels", LEASE_S, env)
         try:
-            assert await asyncio.to_thread(sink.first_data.wait, 20), b"".join(output)
+            assert await asyncio.to_thread(sink.first_data.wait, 20), worker.printed()
         finally:
-            proc.kill()
-            await proc.wait()
+            await worker.stop(signal.SIGKILL)
         row = await store.get_fallback(nid)
         assert row is not None
         assert (row["status"], row["sending"], json.loads(row["order_json"])[row["step"]]) == (
@@ -428,18 +394,17 @@ async def test_sigkill_mid_send_repeats_that_channel_only(
         )
         assert sink.count == 1
 
-        proc, output = await _start_worker(env)
+        worker = await start_worker("channels", LEASE_S, env)
         try:
             async with asyncio.timeout(20):
                 # Another process writes the database: there is no event to wait on.
                 while (await store.get_fallback(nid) or {}).get("status") == "active":  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.wait(), 30)
+            await worker.stop(signal.SIGTERM)
         final = await store.get_fallback(nid)
         assert final is not None
-        assert final["status"] == "delivered", b"".join(output)
+        assert final["status"] == "delivered", worker.printed()
         assert sink.count == 2, "email again: the one channel that may have had it"
         assert fcm_standin.sends == [], "never a channel past the one that sent it"
         decided = [(d["kind"], d["decision"]) for d in json.loads(final["decisions_json"])]

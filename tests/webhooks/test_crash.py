@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from delivery.store.webhooks import DELIVERIES, NewNotification, WebhookStore
 from handlers.webhooks.signing import generate_secret
 from tests.fixtures.http import ServeApp
 from tests.webhooks.helpers import EVENT, add_notifications, notification_row, webhook_settings
+from tests.worker_proc import start_worker
 
 TOTAL = 12
 HANG_S = 2.0
@@ -90,51 +90,6 @@ class FlakyReceiver:
         await send({"type": "http.response.body", "body": b"{}"})
 
 
-@dataclass
-class WorkerProcess:
-    """A running ``worker_proc`` whose output is drained (a full pipe would block it)."""
-
-    proc: asyncio.subprocess.Process
-    reader: asyncio.Task[None]
-    output: list[bytes]
-
-    async def stop(self, sig: signal.Signals) -> None:
-        """Send ``sig`` and reap the process and its output."""
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        await asyncio.wait_for(self.proc.wait(), 30)
-        await self.reader
-
-
-async def _start_worker(env: dict[str, str]) -> WorkerProcess:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.webhooks.worker_proc",
-        str(LEASE_S),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    ready = asyncio.Event()
-    output: list[bytes] = []
-
-    async def drain() -> None:
-        assert proc.stdout is not None
-        async for line in proc.stdout:
-            output.append(line)
-            if line == b"ready\n":
-                ready.set()
-
-    worker = WorkerProcess(proc, asyncio.create_task(drain()), output)
-    try:
-        await asyncio.wait_for(ready.wait(), 30)
-    except BaseException:
-        await worker.stop(signal.SIGKILL)
-        raise AssertionError(b"".join(output).decode()) from None
-    return worker
-
-
 @pytest.mark.slow
 async def test_sigkill_mid_retry_then_restart_delivers_everything(
     database_url: str, http_server: ServeApp
@@ -174,7 +129,7 @@ async def test_sigkill_mid_retry_then_restart_delivers_everything(
             "DELIVERY_WEBHOOK_TIMEOUT_S": str(TIMEOUT_S),
             "DELIVERY_LOG_LEVEL": "WARNING",
         }
-        worker = await _start_worker(env)
+        worker = await start_worker("webhooks", LEASE_S, env)
         try:
             assert await asyncio.to_thread(receiver.all_first_seen.wait, 20)
         finally:
@@ -185,7 +140,7 @@ async def test_sigkill_mid_retry_then_restart_delivers_everything(
             ).all()
         assert len(pending) == TOTAL  # none finished: half wait to retry, half were in flight
 
-        worker = await _start_worker(env)
+        worker = await start_worker("webhooks", LEASE_S, env)
         try:
             assert await asyncio.to_thread(receiver.all_delivered.wait, 30)
 

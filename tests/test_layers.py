@@ -59,7 +59,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "delivery.dispatcher",
             "delivery.workbench",
             "delivery.api",
-            "delivery.console",
             "handlers.webhooks",
             "handlers.ssrf",
             "handlers.contacts",

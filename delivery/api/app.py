@@ -5,7 +5,7 @@ Middleware, outermost first: request context (request id, access log, metrics, s
 -> the operator token on ``/metrics`` and the OpenAPI pages (only when
 ``DELIVERY_OPS_TOKEN`` is set) -> body limit (the body read whole, bounded in size
 and time: 413 / 408) -> authentication (401 before anything parses the body) ->
-``Idempotency-Key`` -> routes. The operator console (:mod:`delivery.console`) is served
+``Idempotency-Key`` -> routes. The operator console (:mod:`delivery.api.console`) is served
 at ``/console`` beside them, and ``/docs`` and ``/redoc`` with their assets from the
 ``fastapi-offline`` package, so all of them work offline.
 The app does not own the store's engine: whoever built it disposes of it.
@@ -21,6 +21,7 @@ from fastapi import FastAPI
 
 from delivery import __version__
 from delivery.api.auth import Authenticator, AuthMiddleware, OpsTokenMiddleware
+from delivery.api.console import install_console
 from delivery.api.context import ApiContext, NoWaker, Wakeable
 from delivery.api.errors import install_error_handlers
 from delivery.api.idempotency import IdempotencyMiddleware
@@ -29,7 +30,6 @@ from delivery.api.metrics import HttpMetrics, RequestContextMiddleware
 from delivery.api.openapi import DOCS_PAGES, install_offline_docs, install_openapi
 from delivery.api.routes import ROUTERS
 from delivery.clock import Clock
-from delivery.console import install_console
 from delivery.dispatcher.composers import SharedComposer
 from delivery.ops import Readiness, ScrapeGauges, database_checks, scheduler_check
 from delivery.secrets import LazySecretBox

@@ -1,5 +1,5 @@
 """
-The operator console's own reads (:mod:`delivery.console`): finding users and the
+The operator console's own reads (:mod:`delivery.api.console`): finding users and the
 webhook endpoints' health. Everything else the console shows comes from the stores the
 API uses (timeline, schedules, notifications, webhooks), so the two never disagree.
 

@@ -7,8 +7,8 @@ page says.
 from datetime import UTC, datetime, timedelta
 
 from delivery import metrics
-from delivery.console.figures import read_figures
-from delivery.console.words import cadence_words, local_fires
+from delivery.api.console.figures import read_figures
+from delivery.api.console.words import cadence_words, local_fires
 from delivery.store.webhooks import NewNotification
 from handlers.webhooks.worker import WebhookWorker
 from tests.console.conftest import (

@@ -24,13 +24,8 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from delivery.api.auth import Authenticator
-from delivery.api.context import ApiContext
-from delivery.api.routes.schedules import effectively_enabled, patch_schedule
-from delivery.api.routes.webhooks import mask_auth_header
-from delivery.api.schemas import SchedulePatch
-from delivery.cadence import EARLIEST, LATEST, format_utc, parse_instant, upcoming
-from delivery.console.figures import FireSamples, read_figures
-from delivery.console.session import (
+from delivery.api.console.figures import FireSamples, read_figures
+from delivery.api.console.session import (
     COOKIE,
     MAX_AGE_S,
     PRE_COOKIE,
@@ -39,7 +34,12 @@ from delivery.console.session import (
     new_token,
     same_token,
 )
-from delivery.console.words import cadence_words, local_fires
+from delivery.api.console.words import cadence_words, local_fires
+from delivery.api.context import ApiContext
+from delivery.api.routes.schedules import effectively_enabled, patch_schedule
+from delivery.api.routes.webhooks import mask_auth_header
+from delivery.api.schemas import SchedulePatch
+from delivery.cadence import EARLIEST, LATEST, format_utc, parse_instant, upcoming
 from delivery.errors import DeliveryError, UnauthorizedError
 from delivery.explain import explain, parse_window
 from delivery.ops import Readiness, render_metrics

@@ -12,6 +12,7 @@ from delivery.api.console.words import cadence_words, local_fires
 from delivery.store.webhooks import NewNotification
 from handlers.webhooks.worker import WebhookWorker
 from tests.console.conftest import (
+    START,
     USER,
     A,
     Rig,
@@ -330,3 +331,17 @@ def test_figures_from_the_exposition() -> None:
     assert (figures.fires_total, figures.skips_total) == (90.0, 10.0)
     assert figures.lateness_p99_s == 5.0
     assert figures.outbox_backlog == 7.0
+
+
+async def test_an_advanced_pairs_pages_use_its_clock(rig: Rig) -> None:
+    """After advance-time the next fires start at the pair's now, as the API's do."""
+    sid = await create_schedule(rig.alpha)
+    await advance(rig.alpha, 24 * 5)
+    api = (await rig.alpha.get(f"{USER}/schedules/{sid}")).json()
+    async with rig.browser() as browser:
+        await sign_in(browser, rig.keys["alpha"])
+        page = (await browser.get(f"/console/users/{A}/{U}/schedules/{sid}")).text
+    first = page.split('<ol class="fires">', 1)[1].split('<time datetime="', 1)[1]
+    first_fire = datetime.fromisoformat(first.split('"', 1)[0])
+    assert first_fire == datetime.fromisoformat(api["next_fire_at"].replace("Z", "+00:00"))
+    assert first_fire > START + timedelta(days=5)

@@ -35,7 +35,7 @@ from delivery.api.console.session import (
     same_token,
 )
 from delivery.api.console.words import cadence_words, local_fires
-from delivery.api.context import ApiContext
+from delivery.api.context import ApiContext, pair_clock
 from delivery.api.routes.schedules import effectively_enabled, patch_schedule
 from delivery.api.routes.webhooks import mask_auth_header
 from delivery.api.schemas import SchedulePatch
@@ -303,7 +303,8 @@ async def user_page(
     viewer = await _viewer(request)
     ctx = _state(request).ctx
     project = viewer.project_id
-    now = ctx.clock.now()
+    # An advanced pair's rows are dated on its clock: "now" is the pair's, as in the API.
+    now = (await pair_clock(ctx, project, agent_id, user_id)).now
     scope = Scope(project, agent_id, user_id, None)
     schedules = await ctx.store.schedules.list_schedules(project, agent_id, user_id)
     error = None
@@ -419,7 +420,7 @@ async def schedule_page(
     row = await ctx.store.schedules.get_schedule(viewer.project_id, agent_id, user_id, schedule_id)
     if row is None:
         raise ConsoleNotFound
-    now = ctx.clock.now()
+    now = (await pair_clock(ctx, viewer.project_id, agent_id, user_id)).now
     enabled = effectively_enabled(row, now)
     fires = local_fires(
         upcoming(compile_stored(row), now, NEXT_FIRES) if enabled else [], row.timezone, now

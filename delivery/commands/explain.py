@@ -20,6 +20,7 @@ from delivery.errors import DeliveryError, InvalidRequestError, NotFoundError
 from delivery.explain import explain, parse_window
 from delivery.logs import configure_logging
 from delivery.settings import Settings
+from delivery.store.advance import Pair, SqlAdvanceStore
 from delivery.store.engine import create_engine
 from delivery.store.timeline import PageQuery, Scope, SqlTimelineStore
 from delivery.timeline import Order, local_time, to_wire
@@ -57,18 +58,26 @@ async def story(
     agent: str,
     user: str,
     schedule: str | None,
-    at: datetime,
+    at: datetime | None,
     window: timedelta,
     limit: int,
     now: datetime,
 ) -> dict[str, Any]:
-    """The events of the day before ``at`` (to ``at + window``) and the explanation."""
+    """
+    The events of the day before ``at`` (to ``at + window``) and the explanation.
+
+    ``now`` is real time; an advanced pair is judged on its own clock (its rows are
+    dated there), which is also ``at`` when none is given.
+    """
     engine = create_engine(settings.resolved_database_url())
     try:
         store = SqlTimelineStore(engine)
         scope = Scope(pick_project(await store.projects(), project), agent, user, schedule)
         if schedule is not None and not await store.schedule_known(scope):
             raise NotFoundError("--schedule", f"--schedule {schedule!r}: no such schedule")
+        offset = await SqlAdvanceStore(engine).clock_offset(Pair(scope.project_id, agent, user))
+        now += timedelta(seconds=offset or 0.0)
+        at = at or now
         lateness = timedelta(seconds=settings.max_lateness_s)
         query = PageQuery(
             since=max(at - STORY_SPAN, EARLIEST),
@@ -148,7 +157,7 @@ def explain_command(
     try:
         if not 1 <= limit <= 500:
             raise InvalidRequestError("--limit", f"--limit must be between 1 and 500; got {limit}")
-        instant = now if at is None else parse_instant(at, "--at")
+        instant = None if at is None else parse_instant(at, "--at")
         body = asyncio.run(
             story(
                 settings,

@@ -18,7 +18,15 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from delivery.api.auth import ProjectId
-from delivery.api.context import AgentId, ApiContext, Ctx, ResourceId, UserId, parse_limit
+from delivery.api.context import (
+    AgentId,
+    ApiContext,
+    Ctx,
+    ResourceId,
+    UserId,
+    pair_clock,
+    parse_limit,
+)
 from delivery.cadence import EARLIEST, LATEST, format_utc, parse_instant
 from delivery.errors import InvalidRequestError, NotFoundError
 from delivery.explain import explain, parse_window
@@ -96,13 +104,15 @@ async def _timeline(
     lo, hi = parse_span(since, until)
     after = decode_cursor(cursor, direction) if cursor else None
     store, scope = await _scope(ctx, *scope_ids)
+    # An advanced pair's rows are dated on its clock; "late" is judged on it too.
+    now = (await pair_clock(ctx, *scope_ids[:3])).now
     query = PageQuery(
         since=lo,
         until=hi,
         after=after,
         order=direction,
         limit=count,
-        now=ctx.clock.now(),
+        now=now,
         max_lateness=timedelta(seconds=ctx.settings.max_lateness_s),
     )
     found = await store.page(scope, query)
@@ -129,10 +139,12 @@ async def _explain(
     at: str | None,
     window: str | None,
 ) -> Response:
-    now = ctx.clock.now()
-    instant = now if not at else parse_instant(at, "at")
+    instant = parse_instant(at, "at") if at else None
     span = parse_window(window)
     store, scope = await _scope(ctx, *scope_ids)
+    # "Now" for an advanced pair is its own clock: what fired there is in its past.
+    now = (await pair_clock(ctx, *scope_ids[:3])).now
+    instant = instant or now
     facts = await store.explain_facts(
         scope,
         at=instant,

@@ -266,6 +266,14 @@ class EndpointDisabledError(RuntimeError):
         self.reason = reason
 
 
+class MessageEndedError(RuntimeError):
+    """The message can no longer be sent; ``status`` says why (``expired`` and so on)."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 @dataclass(frozen=True, slots=True)
 class NextState:
     """
@@ -959,6 +967,9 @@ class WebhookStore(StoreBase):
         Raises:
             EndpointMissingError: nothing is registered for the event type.
             EndpointDisabledError: the endpoint is disabled.
+            MessageEndedError: the message can no longer be sent (past its deadline,
+                or held back or replaced by a delivery policy): the worker would skip
+                it, so nothing is queued.
         """
         d = DELIVERIES.c
         a = ATTEMPTS.c
@@ -968,7 +979,7 @@ class WebhookStore(StoreBase):
             mine = and_(d.project_id == project_id, d.endpoint_id == endpoint_id)
             row = (
                 await conn.execute(
-                    select(d.id, d.event_id, d.status).where(
+                    select(d.id, d.event_id, d.status, d.notification_id).where(
                         mine,
                         d.id.in_(
                             select(a.delivery_id)
@@ -980,21 +991,24 @@ class WebhookStore(StoreBase):
                     )
                 )
             ).first()
-            if row is None:
-                note = (
-                    await conn.execute(
-                        select(n.id).where(
-                            *owned(NOTIFICATIONS, project_id),
-                            n.id == ident,
-                            n.event_type == event_type,
-                            # Only a message the user can still get: not staged, and
-                            # not held back or ended by a delivery policy.
-                            n.status.in_(("pending", "consumed")),
-                        )
+            note = (
+                await conn.execute(
+                    select(n.status, n.expires_at).where(
+                        *owned(NOTIFICATIONS, project_id),
+                        n.id == (ident if row is None else row.notification_id),
+                        n.event_type == event_type,
+                        # A staged message is not the user's yet: it is not re-sent.
+                        n.status != "staged",
                     )
-                ).first()
-                if note is None:
-                    return None
+                )
+            ).first()
+            if note is None:
+                return None
+            if note.status not in ("pending", "consumed"):
+                raise MessageEndedError(note.status)
+            if note.expires_at is not None and note.expires_at <= now:
+                raise MessageEndedError("expired")
+            if row is None:
                 delivery_id = new_id("whd")
                 inserted = await insert_ignoring_duplicates(
                     conn,

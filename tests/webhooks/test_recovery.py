@@ -211,7 +211,7 @@ async def _beta_key(rig: Rig) -> str:
 
 
 async def test_a_message_a_policy_held_back_is_not_resent(rig: Rig) -> None:
-    """A suppressed message never had a delivery; asking to resend it finds nothing."""
+    """A suppressed message never had a delivery; asking to resend it says why, queues none."""
     _receiver, url = rig.receiver(Reply(200))
     await rig.register(url)
     (created,) = await rig.notify(1)
@@ -224,7 +224,8 @@ async def test_a_message_a_policy_held_back_is_not_resent(rig: Rig) -> None:
 
     answer = await rig.api.post(f"{BASE}/resend/{created.notification_id}")
 
-    assert answer.status_code == 404, answer.text
+    assert answer.status_code == 409, answer.text
+    assert "suppressed" in answer.json()["message"]
     async with rig.engine.connect() as conn:
         found = (
             await conn.execute(
@@ -234,3 +235,44 @@ async def test_a_message_a_policy_held_back_is_not_resent(rig: Rig) -> None:
             )
         ).all()
     assert found == []
+
+
+async def test_resend_of_a_message_past_its_deadline_is_refused(rig: Rig) -> None:
+    """
+    A message past its deadline is never sent again: its re-send is 409 and queues
+    nothing, whether it had a delivery already or not, before and after the sweep
+    marks it expired.
+    """
+    _receiver, url = rig.receiver(Reply(500))
+    await rig.register(url)
+    worker = rig.worker()
+    sent, never = await rig.notify(1, 2)
+    await worker.enqueue([sent])
+    await _exhaust(rig, sent.notification_id)
+    async with rig.engine.begin() as conn:
+        await conn.execute(
+            update(NOTIFICATIONS)
+            .where(NOTIFICATIONS.c.id.in_([sent.notification_id, never.notification_id]))
+            .values(expires_at=rig.clock.now() - timedelta(seconds=1))
+        )
+    for note in (sent, never):
+        answer = await rig.api.post(f"{BASE}/resend/{note.notification_id}")
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["code"] == "INVALID_STATE"
+        assert "expired" in answer.json()["message"]
+    assert (await _delivery(rig, sent.notification_id))["status"] == "dead"
+    async with rig.engine.begin() as conn:
+        await conn.execute(
+            update(NOTIFICATIONS)
+            .where(NOTIFICATIONS.c.id == sent.notification_id)
+            .values(status="expired")
+        )
+    answer = await rig.api.post(f"{BASE}/resend/{sent.notification_id}")
+    assert answer.status_code == 409, answer.text
+    async with rig.engine.connect() as conn:
+        count = (
+            await conn.execute(
+                select(DELIVERIES.c.id).where(DELIVERIES.c.notification_id == never.notification_id)
+            )
+        ).all()
+    assert count == []

@@ -46,7 +46,11 @@ from delivery.ops import Readiness, render_metrics
 from delivery.store.console import ConsoleStore
 from delivery.store.schedules import compile_stored
 from delivery.store.timeline import PageQuery, Scope
-from delivery.store.webhooks import EndpointDisabledError, EndpointMissingError
+from delivery.store.webhooks import (
+    EndpointDisabledError,
+    EndpointMissingError,
+    MessageEndedError,
+)
 from delivery.timeline import Order, decode_cursor, encode_cursor, local_time, to_wire
 
 PREFIX = "/console"
@@ -579,6 +583,10 @@ async def resend(request: Request, event_type: str) -> Response:
             event_type,
             "The endpoint is disabled: enable it first "
             f"(POST /api/v1/webhooks/{event_type}/enable).",
+        )
+    except MessageEndedError as exc:
+        return await _webhook_error(
+            request, viewer, event_type, f"The message is {exc.status}: it is never sent again."
         )
     if done is None:
         raise ConsoleNotFound

@@ -35,7 +35,12 @@ from delivery.errors import (
     UnsupportedEventTypeError,
 )
 from delivery.secrets import SecretBox
-from delivery.store.webhooks import EndpointDisabledError, EndpointMissingError, WebhookStore
+from delivery.store.webhooks import (
+    EndpointDisabledError,
+    EndpointMissingError,
+    MessageEndedError,
+    WebhookStore,
+)
 from handlers.ssrf import MAX_URL_LENGTH, Resolver, check_url, parse_allow_nets
 from handlers.webhooks.sender import header_value_problem
 from handlers.webhooks.signing import generate_secret
@@ -341,6 +346,11 @@ async def _resend(ctx: ApiContext, project: str, event_type: str, ident: str) ->
         done = await _store(ctx).resend(project, event_type, ident, now=ctx.clock.now())
     except (EndpointMissingError, EndpointDisabledError) as exc:
         raise _recovery_error(event_type, exc) from None
+    except MessageEndedError as exc:
+        raise InvalidStateError(
+            "delivery_id",
+            f"delivery_id {ident!r}: the message is {exc.status} and is never sent again",
+        ) from None
     if done is None:
         raise NotFoundError(
             "delivery_id",
@@ -542,7 +552,9 @@ async def resend_webhook(
     """
     Send one message again (even one already delivered), through the retry queue.
     Idempotent: a delivery still waiting to be sent is not queued twice
-    (``queued`` false). No body is read.
+    (``queued`` false). No body is read. 409 ``INVALID_STATE`` when the endpoint is
+    disabled, or when the message can never be sent again (past its deadline, or held
+    back or replaced by a delivery policy).
     """
     return await _resend(ctx, project, event_type, delivery_id)
 

@@ -66,6 +66,15 @@ NOT_COUNTED = ("suppressed", "failed_generation", "superseded")
 """Statuses of messages that never spent a unit of the attention budget."""
 
 
+def past_deadline(deadline: datetime | None, now: datetime) -> bool:
+    """
+    Whether a message with ``deadline`` (its ``expires_at``) is stale at ``now``, swept
+    or not: the one rule every sender checks in Python before it sends (the store
+    spells the same rule in SQL as :func:`delivery.store.notifications.live_at`).
+    """
+    return deadline is not None and deadline <= now
+
+
 @dataclass(frozen=True, slots=True)
 class AttentionBudget:
     """At most ``limit`` messages per user in any ``window_s`` seconds."""

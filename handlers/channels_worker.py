@@ -53,6 +53,7 @@ from delivery import metrics, tracing
 from delivery.bus.consumers import settle_batch
 from delivery.bus.messages import NotificationCreated
 from delivery.clock import Clock
+from delivery.policy import past_deadline
 from delivery.secrets import LazySecretBox, SecretBox
 from delivery.settings import Settings
 from delivery.store.channels import (
@@ -833,8 +834,7 @@ def _notification_id(data: bytes) -> str:
 
 def expired(note: RowMapping, now: datetime) -> bool:
     """Whether ``note``'s deadline (``expires_at``) has passed at ``now``."""
-    deadline = note.get("expires_at")
-    return deadline is not None and deadline <= now
+    return past_deadline(note.get("expires_at"), now)
 
 
 def channel_attempt(

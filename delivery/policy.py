@@ -239,6 +239,23 @@ class QuietHours:
         return opening
 
 
+def quiet_wait(
+    quiet: QuietHours | None, at: datetime, deadline: datetime | None
+) -> datetime | None:
+    """
+    When a send due at ``at`` (a channel retry or fallback step) should wait until:
+    ``None`` to send now; inside the user's quiet hours, their end
+    (:meth:`QuietHours.next_opening`, the dispatcher's defer instant), or the message's
+    ``deadline`` when that comes first (it then expires instead of being sent). Every
+    priority waits, as the dispatcher holds a ``critical`` message out of quiet hours
+    too (priority only weighs against the attention budget).
+    """
+    if quiet is None or not quiet.contains(at):
+        return None
+    opening = quiet.next_opening(at)
+    return opening if deadline is None else min(opening, deadline)
+
+
 def quiet_hours(row: Any) -> QuietHours | None:
     """A ``user_quiet_hours`` row (a mapping) as a value."""
     if row is None:

@@ -66,6 +66,15 @@ NOT_COUNTED = ("suppressed", "failed_generation", "superseded")
 """Statuses of messages that never spent a unit of the attention budget."""
 
 
+def past_deadline(deadline: datetime | None, now: datetime) -> bool:
+    """
+    Whether a message with ``deadline`` (its ``expires_at``) is stale at ``now``, swept
+    or not: the one rule every sender checks in Python before it sends (the store
+    spells the same rule in SQL as :func:`delivery.store.notifications.live_at`).
+    """
+    return deadline is not None and deadline <= now
+
+
 @dataclass(frozen=True, slots=True)
 class AttentionBudget:
     """At most ``limit`` messages per user in any ``window_s`` seconds."""
@@ -228,6 +237,23 @@ class QuietHours:
         if opening is None:  # pragma: no cover - every day is allowed
             raise AssertionError("quiet hours never open")
         return opening
+
+
+def quiet_wait(
+    quiet: QuietHours | None, at: datetime, deadline: datetime | None
+) -> datetime | None:
+    """
+    When a send due at ``at`` (a channel retry or fallback step) should wait until:
+    ``None`` to send now; inside the user's quiet hours, their end
+    (:meth:`QuietHours.next_opening`, the dispatcher's defer instant), or the message's
+    ``deadline`` when that comes first (it then expires instead of being sent). Every
+    priority waits, as the dispatcher holds a ``critical`` message out of quiet hours
+    too (priority only weighs against the attention budget).
+    """
+    if quiet is None or not quiet.contains(at):
+        return None
+    opening = quiet.next_opening(at)
+    return opening if deadline is None else min(opening, deadline)
 
 
 def quiet_hours(row: Any) -> QuietHours | None:

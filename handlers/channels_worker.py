@@ -17,6 +17,8 @@ Two halves, both restartable at any instant:
    (:func:`handlers.retry.plan_next`: backoff with jitter, ``Retry-After`` honoured).
    A loop claims due rows under a lease (``SKIP LOCKED`` on PostgreSQL), makes the
    next attempt, and records it while clearing the claimed row, in one transaction.
+   A retry (or fallback step) due inside the user's quiet hours is moved to their
+   end instead (:func:`delivery.policy.quiet_wait`): the row stays the queue entry.
 
 Only ``pending`` notifications are sent: one already consumed through polling (the
 user has read it) gets no push, no email and no SMS, and its retries stop.
@@ -53,6 +55,7 @@ from delivery import metrics, tracing
 from delivery.bus.consumers import settle_batch
 from delivery.bus.messages import NotificationCreated
 from delivery.clock import Clock
+from delivery.policy import past_deadline, quiet_hours, quiet_wait
 from delivery.secrets import LazySecretBox, SecretBox
 from delivery.settings import Settings
 from delivery.store.channels import (
@@ -62,6 +65,7 @@ from delivery.store.channels import (
     FallbackStep,
     OpenedChannel,
 )
+from delivery.store.policy import PolicyStore
 from delivery.tracing import Carrier, request_id_of
 from handlers.base import Channel, Message
 from handlers.contacts import Contact, ContactKind, redact
@@ -253,6 +257,7 @@ class ChannelsWorker(QueueWorker):
             log=log,
         )
         self.store = ChannelStore(engine, secrets=secrets or LazySecretBox(settings))
+        self._policies = PolicyStore(engine)
         self.lease = lease
         self._rand = rand
         self._on_result = on_result
@@ -624,6 +629,27 @@ class ChannelsWorker(QueueWorker):
                 delay=delay,
                 now=now,
             )
+        if step.status is FallbackStatus.ACTIVE and note is not None:
+            until = await self._quiet_until(note, now)
+            if until is not None:
+                # Inside the user's quiet hours: the row waits as it is (the step is
+                # decided again then), and holds that wait, so a crash loses nothing.
+                kind = order[row["step"]]
+                reason = f"inside the user's quiet hours; waiting until {until.isoformat()}"
+                decisions.append(Decision(now, kind, "quiet_hours", reason).as_json())
+                postponed = FallbackStep(
+                    FallbackStatus.ACTIVE.value,
+                    row["step"],
+                    row["attempt_number"],
+                    row["step_deadline"],
+                    until,
+                    json.dumps(decisions),
+                )
+                await self.store.postpone_fallback_step(
+                    nid, self._token, postponed, sending=bool(row["sending"]), now=now
+                )
+                bound.info("channels.fallback_quiet_hours", until=until.isoformat())
+                return FanoutResult()
         decisions.append(step.decision.as_json())
         if step.status is not FallbackStatus.ACTIVE or note is None:
             await self.store.finish_fallback_step(
@@ -753,6 +779,13 @@ class ChannelsWorker(QueueWorker):
                 await self._record([skipped], [], now, retried_id=row["id"])
                 bound.info("channels.retry_dropped", reason=reason)
                 return FanoutResult(skipped=1)
+            until = await self._quiet_until(note, now)
+            if until is not None:
+                # Inside the user's quiet hours: the retry waits for their end (the
+                # row stays the durable queue entry; nothing was attempted).
+                await self.store.postpone_retry(row["id"], until)
+                bound.info("channels.retry_quiet_hours", until=until.isoformat())
+                return FanoutResult()
             prefs = await self.store.get_preferences(
                 note["project_id"], note["agent_id"], note["user_id"]
             )
@@ -814,6 +847,13 @@ class ChannelsWorker(QueueWorker):
         )
         return result
 
+    async def _quiet_until(self, note: RowMapping, now: datetime) -> datetime | None:
+        """Until when a send to ``note``'s user waits for their quiet hours (``None``: not)."""
+        hours = quiet_hours(
+            await self._policies.get_quiet_hours(note["project_id"], note["user_id"])
+        )
+        return quiet_wait(hours, now, note.get("expires_at"))
+
     async def claim_step(self) -> bool:
         result = await self.sweep()
         # A full batch: there may be more due right now.
@@ -833,8 +873,7 @@ def _notification_id(data: bytes) -> str:
 
 def expired(note: RowMapping, now: datetime) -> bool:
     """Whether ``note``'s deadline (``expires_at``) has passed at ``now``."""
-    deadline = note.get("expires_at")
-    return deadline is not None and deadline <= now
+    return past_deadline(note.get("expires_at"), now)
 
 
 def channel_attempt(

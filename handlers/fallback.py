@@ -9,7 +9,8 @@ channel at once. A channel that has not delivered it (no ``sent`` attempt) withi
 the delay, or that can no longer (every destination failed for good), hands it to
 the next channel with a sendable destination; once one channel has sent it, no
 other is tried. Transient failures of the current channel are retried on the
-usual schedule while its time lasts.
+usual schedule while its time lasts. A step that comes due inside the user's quiet
+hours waits, on the row, until they end (:func:`delivery.policy.quiet_wait`).
 
 The state lives in one ``channel_fallbacks`` row per message
 (:mod:`delivery.store.channels`), claimed under a lease by one worker at a time,

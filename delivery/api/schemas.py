@@ -98,10 +98,12 @@ class ScheduleCreate(WindowFields):
     ends_at: str | None = None
 
 
-class SchedulePatch(RequestModel):
+class SchedulePatch(WindowFields):
     """
     ``PATCH …/schedules/{id}``: absent is unchanged, ``{}`` clears ``active_window`` /
-    ``metadata``, ``""`` clears ``starts_at`` / ``ends_at``.
+    ``metadata``, ``""`` clears ``starts_at`` / ``ends_at``; the delivery-policy fields
+    (validated as at creation) are cleared by ``null`` and apply to the fires after
+    the change.
     """
 
     cadence: dict[str, Any] | None = None

@@ -946,6 +946,27 @@ class ChannelStore(StoreBase):
                 conn, notification_id, token, step, sending=False, keep_claim=False, now=now
             )
 
+    async def postpone_fallback_step(
+        self, notification_id: str, token: str, step: FallbackStep, *, sending: bool, now: datetime
+    ) -> bool:
+        """
+        Put a claimed row back unchanged but for its decisions and ``next_attempt_at``
+        (the step waits; nothing was sent), keeping ``sending`` as it was so that a
+        step cut short is still repeated on its channel; False when the claim was lost.
+        """
+        return await self._update_fallback(
+            None, notification_id, token, step, sending=sending, keep_claim=False, now=now
+        )
+
+    async def postpone_retry(self, attempt_id: str, at: datetime) -> None:
+        """Move a claimed retry queue entry to ``at`` (nothing was attempted)."""
+        async with self.write() as conn:
+            await conn.execute(
+                update(ATTEMPTS)
+                .where(ATTEMPTS.c.id == attempt_id, ATTEMPTS.c.next_attempt_at.is_not(None))
+                .values(next_attempt_at=at)
+            )
+
     async def _update_fallback(
         self,
         conn: Any,

@@ -87,8 +87,20 @@ STREAM_COLUMNS: Final = (
     _n.source_type,
     _n.wakeup_id,
     _n.intent,
+    _n.expires_at,
 )
-"""What a queue entry shows of a notification (the stream's reads)."""
+"""What a queue entry shows of a notification (the stream's reads), and its deadline
+(checked when the stream sends it, never shown)."""
+
+
+def live_at(now: datetime) -> ColumnElement[bool]:
+    """
+    A message's deadline has not passed at ``now`` (none, or later): a pending message
+    past it is expired, swept or not. The SQL form of
+    :func:`delivery.policy.past_deadline`, for every read that hands out pending ones.
+    """
+    return or_(_n.expires_at.is_(None), _n.expires_at > now)
+
 
 StoredRow = RowMapping
 """A notification row as the stream reads it (a read-only mapping of column names)."""
@@ -189,17 +201,20 @@ class NotificationStore(Protocol):
 class NotificationFeed(Protocol):
     """What the live stream relies on: reads of ``pending`` notifications only."""
 
-    async def pending_by_id(self, ids: Sequence[str]) -> dict[str, StoredRow]:
-        """The ``pending`` notifications among ``ids`` (:data:`STREAM_COLUMNS`), by id."""
+    async def pending_by_id(self, ids: Sequence[str], now: datetime) -> dict[str, StoredRow]:
+        """
+        The ``pending`` notifications among ``ids`` (:data:`STREAM_COLUMNS`) not past
+        their deadline at ``now``, by id.
+        """
         ...
 
     async def pending_after(
-        self, owner: UserKey, after_id: str | None, limit: int
+        self, owner: UserKey, after_id: str | None, limit: int, now: datetime
     ) -> list[StoredRow]:
         """
-        ``owner``'s first ``limit`` pending notifications in queue order
-        (``created_at``, ``id``), after ``after_id`` when that is one of
-        ``owner``'s notifications, from the start otherwise.
+        ``owner``'s first ``limit`` pending notifications not past their deadline at
+        ``now``, in queue order (``created_at``, ``id``), after ``after_id`` when that
+        is one of ``owner``'s notifications, from the start otherwise.
         """
         ...
 
@@ -638,14 +653,14 @@ class SqlNotificationStore(StoreBase):
         """
         return await self._runner.write(writing(batch))
 
-    async def pending_by_id(self, ids: Sequence[str]) -> dict[str, StoredRow]:
+    async def pending_by_id(self, ids: Sequence[str], now: datetime) -> dict[str, StoredRow]:
         """See :meth:`NotificationFeed.pending_by_id`."""
-        stmt = select(*STREAM_COLUMNS).where(_n.id.in_(ids), _n.status == "pending")
+        stmt = select(*STREAM_COLUMNS).where(_n.id.in_(ids), _n.status == "pending", live_at(now))
         async with self.engine.connect() as conn:
             return {r["id"]: r for r in (await conn.execute(stmt)).mappings()}
 
     async def pending_after(
-        self, owner: UserKey, after_id: str | None, limit: int
+        self, owner: UserKey, after_id: str | None, limit: int, now: datetime
     ) -> list[StoredRow]:
         """See :meth:`NotificationFeed.pending_after`."""
         project_id, agent_id, user_id = owner
@@ -656,7 +671,7 @@ class SqlNotificationStore(StoreBase):
                 cursor = (
                     await conn.execute(select(_n.created_at, _n.id).where(_n.id == after_id, *mine))
                 ).one_or_none()
-            stmt = select(*STREAM_COLUMNS).where(*mine, _n.status == "pending")
+            stmt = select(*STREAM_COLUMNS).where(*mine, _n.status == "pending", live_at(now))
             if cursor is not None:
                 stmt = stmt.where(tuple_(_n.created_at, _n.id) > tuple_(cursor[0], cursor[1]))
             stmt = stmt.order_by(_n.created_at, _n.id).limit(limit)
@@ -688,9 +703,7 @@ class SqlNotificationStore(StoreBase):
             ]
             if now is not None:
                 # A pending message past its deadline is expired, swept or not.
-                conds.append(
-                    or_(_n.status != "pending", _n.expires_at.is_(None), _n.expires_at > now)
-                )
+                conds.append(or_(_n.status != "pending", live_at(now)))
             stmt = select(*_QUEUE_COLUMNS).where(*conds).order_by(_n.created_at, _n.id).limit(limit)
             async with self.read() as conn:
                 return [dict(r) for r in (await conn.execute(stmt)).mappings()]
@@ -815,7 +828,7 @@ class SqlNotificationStore(StoreBase):
                 .where(
                     *owner,
                     _n.status == "pending",
-                    or_(_n.expires_at.is_(None), _n.expires_at > now),
+                    live_at(now),
                 )
                 .values(status="consumed", consumed_at=now)
             )

@@ -11,11 +11,19 @@ its instant):
 * ``channel_attempts`` created before it that are not a queued retry
   (``next_attempt_at`` set: that row *is* the durable retry queue entry);
 * ``channel_fallbacks`` finished (delivered, exhausted or stopped) before it;
-* ``notifications`` consumed (by a poll or a webhook 2xx) before it that no webhook
-  delivery or channel retry still waits on.
+* ``notifications`` consumed (by a poll or a webhook 2xx) before it, and settled ones
+  (``suppressed``, ``superseded``, ``expired``, or ``system`` project notices) made
+  before it (an expired one also past its deadline before it), that no webhook
+  delivery, channel retry or channel fallback step still waits on. A settled row
+  never changes again and none of them is ever delivered, so the instant it was made
+  is its age, as ``consumed_at`` is a consumed one's: the timeline shows such a
+  message only at that instant, so pruning never removes an entry younger than the
+  cutoff. A batch takes consumed rows first and fills up with settled ones. The
+  rows that hang off a message (webhook and channel attempts, finished fallbacks)
+  go by their own instants above; its inbox states are columns of its row.
 
-What never goes: pending, staged, failed or expired notifications, wakeups, trigger
-events, webhook deliveries, schedules, and anything younger than the cutoff.
+What never goes: pending, staged (deferred) or failed notifications, wakeups,
+trigger events, webhook deliveries, schedules, and anything younger than the cutoff.
 
 Why pruning cannot make anything happen twice:
 
@@ -38,7 +46,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, Select, Table, delete, exists, select
+from sqlalchemy import ColumnElement, Select, Table, delete, exists, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.planning import DEFAULT_SKIP_HORIZON
@@ -53,6 +61,7 @@ from delivery.store.tables import (
     SCHEDULE_CHANGES,
     WEBHOOK_ATTEMPTS,
 )
+from delivery.store.tables.core import SETTLED_PREDICATE
 
 PRUNED_TABLES = (
     "fires",
@@ -104,34 +113,43 @@ class SqlRetentionStore:
         self.engine = engine
 
     async def prune_batch(self, table: str, cutoffs: Cutoffs, batch: int) -> int:
-        target, key, chosen = self._batch(table, cutoffs, batch)
+        deleted = 0
         async with write_transaction(self.engine) as conn:
-            result = await conn.execute(delete(target).where(key.in_(chosen.scalar_subquery())))
-        return int(result.rowcount or 0)
+            # Most tables have one selection; notifications have two (consumed, then
+            # settled), which share the batch so a transaction stays bounded.
+            for target, key, chosen in self._batches(table, cutoffs):
+                if deleted >= batch:
+                    break
+                limited = chosen.limit(batch - deleted).scalar_subquery()
+                result = await conn.execute(delete(target).where(key.in_(limited)))
+                deleted += int(result.rowcount or 0)
+        return deleted
 
     @staticmethod
-    def _batch(
-        table: str, cutoffs: Cutoffs, batch: int
-    ) -> tuple[Table, ColumnElement[Any], Select[Any]]:
+    def _batches(
+        table: str, cutoffs: Cutoffs
+    ) -> list[tuple[Table, ColumnElement[Any], Select[Any]]]:
+        """The oldest-first selections (unlimited) whose rows ``table``'s batch deletes."""
+        if table == "notifications":
+            return _notification_batches(cutoffs.rows)
+        return [SqlRetentionStore._batch(table, cutoffs)]
+
+    @staticmethod
+    def _batch(table: str, cutoffs: Cutoffs) -> tuple[Table, ColumnElement[Any], Select[Any]]:
         before = cutoffs.rows
         if table == "fires":
             f = FIRES.c
             unsent = exists().where(OUTBOX.c.msg_id == f.id, OUTBOX.c.sent_at.is_(None))
-            chosen = (
-                select(f.id)
-                .where(f.fire_at < cutoffs.fires, ~unsent)
-                .order_by(f.fire_at)
-                .limit(batch)
-            )
+            chosen = select(f.id).where(f.fire_at < cutoffs.fires, ~unsent).order_by(f.fire_at)
             return FIRES, f.id, chosen
         if table == "schedule_changes":
             c = SCHEDULE_CHANGES.c
-            chosen = select(c.id).where(c.changed_at < before).order_by(c.changed_at).limit(batch)
+            chosen = select(c.id).where(c.changed_at < before).order_by(c.changed_at)
             return SCHEDULE_CHANGES, c.id, chosen
         if table == "webhook_attempts":
             a = WEBHOOK_ATTEMPTS.c
             # seq grows with time: the oldest rows are the first ones in key order.
-            chosen = select(a.seq).where(a.created_at < before).order_by(a.seq).limit(batch)
+            chosen = select(a.seq).where(a.created_at < before).order_by(a.seq)
             return WEBHOOK_ATTEMPTS, a.seq, chosen
         if table == "channel_attempts":
             ch = CHANNEL_ATTEMPTS.c
@@ -139,7 +157,6 @@ class SqlRetentionStore:
                 select(ch.id)
                 .where(ch.created_at < before, ch.next_attempt_at.is_(None))
                 .order_by(ch.created_at)
-                .limit(batch)
             )
             return CHANNEL_ATTEMPTS, ch.id, chosen
         if table == "channel_fallbacks":
@@ -148,29 +165,48 @@ class SqlRetentionStore:
                 select(fb.notification_id)
                 .where(fb.updated_at < before, fb.next_attempt_at.is_(None))
                 .order_by(fb.updated_at)
-                .limit(batch)
             )
             return CHANNEL_FALLBACKS, fb.notification_id, chosen
-        if table == "notifications":
-            n = NOTIFICATIONS.c
-            waiting_hook = exists().where(
-                DELIVERIES.c.notification_id == n.id, DELIVERIES.c.status == "pending"
-            )
-            waiting_channel = exists().where(
-                CHANNEL_ATTEMPTS.c.notification_id == n.id,
-                CHANNEL_ATTEMPTS.c.next_attempt_at.is_not(None),
-            )
-            chosen = (
-                select(n.id)
-                .where(
-                    n.consumed_at.is_not(None),
-                    n.consumed_at < before,
-                    n.status == "consumed",
-                    ~waiting_hook,
-                    ~waiting_channel,
-                )
-                .order_by(n.consumed_at)
-                .limit(batch)
-            )
-            return NOTIFICATIONS, n.id, chosen
         raise ValueError(f"retention does not prune {table!r}")
+
+
+def _notification_batches(
+    before: datetime,
+) -> list[tuple[Table, ColumnElement[Any], Select[Any]]]:
+    """Consumed notifications by ``consumed_at``, then settled ones by ``created_at``."""
+    n = NOTIFICATIONS.c
+    # What could still send it, or record one more step of sending it: such a row
+    # stays until that is over, whatever its status says.
+    waiting = (
+        ~exists().where(DELIVERIES.c.notification_id == n.id, DELIVERIES.c.status == "pending"),
+        ~exists().where(
+            CHANNEL_ATTEMPTS.c.notification_id == n.id,
+            CHANNEL_ATTEMPTS.c.next_attempt_at.is_not(None),
+        ),
+        ~exists().where(
+            CHANNEL_FALLBACKS.c.notification_id == n.id,
+            CHANNEL_FALLBACKS.c.next_attempt_at.is_not(None),
+        ),
+    )
+    consumed = (
+        select(n.id)
+        .where(
+            n.consumed_at.is_not(None),
+            n.consumed_at < before,
+            n.status == "consumed",
+            *waiting,
+        )
+        .order_by(n.consumed_at)
+    )
+    settled = (
+        select(n.id)
+        .where(
+            # Spelt as the partial index's predicate, literally, so both databases use it.
+            text(SETTLED_PREDICATE),
+            n.created_at < before,
+            or_(n.expires_at.is_(None), n.expires_at < before),
+            *waiting,
+        )
+        .order_by(n.created_at)
+    )
+    return [(NOTIFICATIONS, n.id, consumed), (NOTIFICATIONS, n.id, settled)]

@@ -43,6 +43,7 @@ from delivery import metrics, tracing
 from delivery.bus.consumers import settle_batch
 from delivery.bus.messages import NotificationCreated
 from delivery.clock import Clock
+from delivery.policy import past_deadline
 from delivery.secrets import SecretBox, SecretDecryptError
 from delivery.settings import Settings
 from delivery.store.webhooks import (
@@ -471,7 +472,7 @@ class WebhookWorker(QueueWorker):
             await self._skip(claimed, f"notification is {status}; not sent", result, bound, now)
             return
         deadline = note["expires_at"]
-        if deadline is not None and deadline <= now:
+        if past_deadline(deadline, now):
             # Never sent after its deadline, retries included, even before the
             # expiry sweep marks it expired.
             reason = f"notification expired at {deadline.isoformat()}; not sent"

@@ -5,7 +5,8 @@ schedules, wakeups and events, bad input refused naming the field, tenancy.
 """
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from delivery.api.openapi import EXAMPLES
 from delivery.bus.subjects import Subjects
@@ -13,7 +14,15 @@ from delivery.clock import ManualClock
 from delivery.dispatcher.composers import TemplateComposer
 from delivery.dispatcher.process import Processor
 from delivery.domain import SourceKind, SourceRef
-from delivery.store.tables import POLICIES, QUIET_HOURS, WakeupRow
+from delivery.scheduler import Scheduler
+from delivery.store.tables import (
+    NOTIFICATIONS,
+    POLICIES,
+    QUIET_HOURS,
+    NotificationRow,
+    ScheduleRow,
+    WakeupRow,
+)
 from tests.api.conftest import Api
 from tests.dispatcher import rows
 
@@ -171,3 +180,114 @@ async def test_policy_decisions_are_on_the_timeline_and_explained(api: Api) -> N
     assert explained.status_code == 200, explained.text
     assert explained.json()["code"] == "suppressed"
     assert "attention budget" in explained.json()["sentence"]
+
+
+SCHEDULES = "/api/v1/agents/agent_p/users/user_p/schedules"
+POLICY_KEYS = {"priority", "ttl_seconds", "expires_at", "supersede_key", "outside_window"}
+
+
+async def _stored_policy(api: Api, sid: str) -> dict[str, Any]:
+    stored = await rows.row(api.store.engine, ScheduleRow, sid)
+    return json.loads(stored["policy_json"]) if stored["policy_json"] else {}
+
+
+async def _fire_and_compose(api: Api, at: datetime) -> dict[str, Any]:
+    """The scheduler fires at ``at`` and the dispatcher composes: the new message."""
+    fired = await Scheduler(api.store.engine, Subjects("test")).tick(at)
+    assert len(fired.fire_ids) == 1
+    processor = Processor(api.store.engine, TemplateComposer(), Subjects("test"), ManualClock(at))
+    await processor.process([SourceRef(SourceKind.SCHEDULE, fid) for fid in fired.fire_ids])
+    async with api.store.engine.connect() as conn:
+        found = (
+            (await conn.execute(NOTIFICATIONS.select().where(NOTIFICATIONS.c.fire_at == at)))
+            .mappings()
+            .one()
+        )
+    return dict(found)
+
+
+async def test_schedule_policy_fields_are_patched_and_apply_to_later_fires(api: Api) -> None:
+    """
+    PATCH sets, replaces and (with null) clears the policy fields; the response never
+    echoes them; a message made before keeps its policy, the next fire's has the new one.
+    """
+    body = {
+        "cadence": {"simple": {"frequency": "daily", "times": ["09:00"]}, "timezone": "UTC"},
+        "intent": "check in",
+        "check_type": "check_in",
+        "priority": "high",
+        "ttl_seconds": 600,
+        "supersede_key": "daily",
+    }
+    created = await api.alpha.post(SCHEDULES, json=body)
+    assert created.status_code == 201, created.text
+    sid = created.json()["schedule_id"]
+    first_fire = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
+    first = await _fire_and_compose(api, first_fire)
+    assert (first["priority"], first["supersede_key"]) == ("high", "daily")
+    assert first["expires_at"] == first_fire + timedelta(seconds=600)
+
+    api.clock.set(first_fire + timedelta(hours=1))
+    patch = {
+        "priority": "critical",
+        "ttl_seconds": None,
+        "expires_at": "2030-01-01T00:00:00Z",
+        "supersede_key": None,
+        "outside_window": "defer",
+    }
+    patched = await api.alpha.patch(f"{SCHEDULES}/{sid}", json=patch)
+    assert patched.status_code == 200, patched.text
+    assert not POLICY_KEYS & set(patched.json())
+    got = await api.alpha.get(f"{SCHEDULES}/{sid}")
+    assert set(got.json()) == set(patched.json())
+    assert await _stored_policy(api, sid) == {
+        "priority": "critical",
+        "expires_at": "2030-01-01T00:00:00+00:00",
+        "outside_window": "defer",
+    }
+
+    second_fire = first_fire + timedelta(days=1)
+    second = await _fire_and_compose(api, second_fire)
+    assert (second["priority"], second["supersede_key"]) == ("critical", None)
+    assert second["expires_at"] == datetime(2030, 1, 1, tzinfo=UTC)
+    kept = await rows.row(api.store.engine, NotificationRow, first["id"])
+    assert kept["priority"] == "high"  # made before the change: unchanged
+
+    # Absent fields stay; null clears one; clearing all stores nothing.
+    await api.alpha.patch(f"{SCHEDULES}/{sid}", json={"intent": "new intent"})
+    assert (await _stored_policy(api, sid))["priority"] == "critical"
+    cleared = await api.alpha.patch(
+        f"{SCHEDULES}/{sid}",
+        json={"priority": None, "expires_at": None, "outside_window": None},
+    )
+    assert cleared.status_code == 200, cleared.text
+    assert await _stored_policy(api, sid) == {}
+
+
+async def test_bad_schedule_policy_patch_is_400_as_at_creation(api: Api) -> None:
+    """Each bad policy field: the creation's code, the field named, nothing written."""
+    body = {
+        "cadence": {"simple": {"frequency": "daily", "times": ["09:00"]}, "timezone": "UTC"},
+        "intent": "check in",
+        "check_type": "check_in",
+        "priority": "high",
+    }
+    created = await api.alpha.post(SCHEDULES, json=body)
+    sid = created.json()["schedule_id"]
+    before = await rows.row(api.store.engine, ScheduleRow, sid)
+    for bad, field in (
+        ({"priority": "urgent"}, "priority"),
+        ({"ttl_seconds": 0}, "ttl_seconds"),
+        ({"ttl_seconds": "soon"}, "ttl_seconds"),
+        ({"expires_at": "tomorrow"}, "expires_at"),
+        ({"expires_at": "2030-01-01T00:00:00"}, "expires_at"),
+        ({"supersede_key": ""}, "supersede_key"),
+        ({"outside_window": "later"}, "outside_window"),
+    ):
+        at_creation = await api.alpha.post(SCHEDULES, json={**body, **bad})
+        response = await api.alpha.patch(f"{SCHEDULES}/{sid}", json={"intent": "x", **bad})
+        assert response.status_code == 400, (bad, response.text)
+        assert response.json()["code"] == at_creation.json()["code"], bad
+        assert field in response.json()["message"], (bad, response.text)
+    assert await rows.row(api.store.engine, ScheduleRow, sid) == before
+    assert len((await api.alpha.get(SCHEDULES)).json()["schedules"]) == 1

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.clock import ManualClock, SystemClock
+from delivery.policy import QuietHours, quiet_wait
 from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.store.channels import ChannelStore, FallbackStep
+from delivery.store.policy import PolicyStore
 from delivery.store.sql import SqlStore
 from handlers.channels_worker import ChannelsWorker
 from handlers.retry import SCHEDULE
@@ -411,3 +413,189 @@ async def test_sigkill_mid_send_repeats_that_channel_only(
         assert decided[-2:] == [("email", "resumed"), ("email", "delivered")]
     finally:
         controller.stop()
+
+
+async def _quiet_from(
+    engine: AsyncEngine, project: str, user: str, start: datetime, minutes: int
+) -> datetime:
+    """Quiet hours (UTC) from ``start`` (a whole minute) for ``minutes``; their end."""
+    first = start.hour * 60 + start.minute
+    await PolicyStore(engine).put_quiet_hours(
+        project, user, timezone="UTC", start=first, end=(first + minutes) % 1440, now=start
+    )
+    return start + timedelta(minutes=minutes)
+
+
+def _minute(at: datetime) -> datetime:
+    return at.replace(second=0, microsecond=0)
+
+
+async def test_fallback_waits_out_quiet_hours(
+    engine: AsyncEngine,
+    project: str,
+    store: ChannelStore,
+    worker: ChannelsWorker,
+    clock: ManualClock,
+    plain_smtp: SmtpServer,
+    fcm_standin: FcmStandIn,
+    twilio_standin: TwilioStandIn,
+) -> None:
+    """
+    Push keeps failing; the move to email falls inside the user's quiet hours, so
+    it waits until they end (the row holds that instant), then email goes.
+    """
+    for _ in range(5):
+        fcm_standin.script.append(fcm_error(503, "UNAVAILABLE", "The service is unavailable."))
+    start = clock.now()
+    opening = await _quiet_from(engine, project, U, _minute(start + timedelta(minutes=8)), 120)
+    nid = await _message(engine, project, clock, 1)
+    await worker.fan_out([nid])
+    clock.advance(SCHEDULE[1])
+    await worker.sweep()
+    clock.advance(SCHEDULE[2])  # both push retries before the quiet hours
+    await worker.sweep()
+    assert len(fcm_standin.sends) == 3
+    clock.set(start + DELAY)  # push's time is up, inside the quiet hours
+    await worker.sweep()
+    assert plain_smtp.sink.count == 0, "no email inside quiet hours"
+    row = await store.get_fallback(nid)
+    assert row is not None
+    assert (row["status"], row["next_attempt_at"], row["sending"]) == ("active", opening, False)
+    clock.set(opening - timedelta(seconds=1))
+    await worker.sweep()
+    assert plain_smtp.sink.count == 0
+    clock.set(opening)
+    assert (await worker.sweep()).sent == 1
+    assert [e.rcpt_tos for e in plain_smtp.sink.envelopes] == [[ADDRESS]]
+    assert twilio_standin.send_count == 0
+    assert (await _decisions(store, nid))[-4:] == [
+        ("fcm", "waiting"),
+        ("fcm", "quiet_hours"),
+        ("email", "fallback"),
+        ("email", "delivered"),
+    ]
+
+
+async def test_quiet_hours_wait_stops_at_the_deadline(
+    engine: AsyncEngine,
+    project: str,
+    store: ChannelStore,
+    worker: ChannelsWorker,
+    clock: ManualClock,
+    plain_smtp: SmtpServer,
+    fcm_standin: FcmStandIn,
+    twilio_standin: TwilioStandIn,
+) -> None:
+    """A message whose deadline comes before the quiet hours end waits until it, then stops."""
+    fcm_standin.script.append(fcm_error(400, "INVALID_ARGUMENT", "bad", "INVALID_ARGUMENT"))
+    start = clock.now()
+    await _quiet_from(engine, project, U, _minute(start), 120)
+    deadline = start + timedelta(minutes=30)
+    row = {**notification(project, A, U, 1, start), "expires_at": deadline}
+    await add_notifications(engine, [row])
+    nid = str(row["id"])
+    await worker.fan_out([nid])  # push fails for good: email is due at once, in quiet hours
+    await worker.sweep()
+    assert plain_smtp.sink.count == 0
+    waiting = await store.get_fallback(nid)
+    assert waiting is not None
+    assert waiting["next_attempt_at"] == deadline
+    clock.set(deadline)
+    await worker.sweep()
+    clock.advance(timedelta(hours=3))
+    await worker.sweep()
+    assert plain_smtp.sink.count == 0
+    assert twilio_standin.send_count == 0
+    final = await store.get_fallback(nid)
+    assert final is not None
+    assert (final["status"], final["next_attempt_at"]) == ("stopped", None)
+
+
+async def test_a_step_cut_short_in_quiet_hours_resumes_on_its_channel_after(
+    engine: AsyncEngine,
+    project: str,
+    store: ChannelStore,
+    worker: ChannelsWorker,
+    clock: ManualClock,
+    plain_smtp: SmtpServer,
+    fcm_standin: FcmStandIn,
+    twilio_standin: TwilioStandIn,
+) -> None:
+    """
+    A worker dies mid-email; its lease runs out inside quiet hours: the row waits
+    and still remembers the cut-short send, so email (not SMS) goes at their end.
+    """
+    fcm_standin.script.append(fcm_error(400, "INVALID_ARGUMENT", "bad", "INVALID_ARGUMENT"))
+    nid = await _message(engine, project, clock, 1)
+    await worker.fan_out([nid])
+    (row,) = await store.claim_due_fallbacks(
+        clock.now(), lease=timedelta(minutes=2), limit=10, token="chw_dead"
+    )
+    step = FallbackStep(
+        "active", 1, 1, clock.now() + DELAY, row["next_attempt_at"], row["decisions_json"]
+    )
+    assert await store.begin_fallback_step(nid, "chw_dead", step, now=clock.now())
+    opening = await _quiet_from(engine, project, U, _minute(clock.now()), 60)
+    clock.advance(DELAY + timedelta(minutes=1))  # the lease and email's time are over
+    await worker.sweep()
+    assert plain_smtp.sink.count == 0
+    waiting = await store.get_fallback(nid)
+    assert waiting is not None
+    assert (waiting["next_attempt_at"], waiting["sending"]) == (opening, True)
+    clock.set(opening)
+    assert (await worker.sweep()).sent == 1
+    assert [e.rcpt_tos for e in plain_smtp.sink.envelopes] == [[ADDRESS]]
+    assert twilio_standin.send_count == 0
+    assert (await _decisions(store, nid))[-3:] == [
+        ("email", "quiet_hours"),
+        ("email", "resumed"),
+        ("email", "delivered"),
+    ]
+
+
+async def test_a_retry_waits_out_quiet_hours(
+    engine: AsyncEngine,
+    project: str,
+    store: ChannelStore,
+    worker: ChannelsWorker,
+    clock: ManualClock,
+    fcm_standin: FcmStandIn,
+) -> None:
+    """One channel (no fallback): a push retry due in quiet hours is attempted at their end."""
+    user = "user-push-only"
+    await store.add_contact(
+        project, A, user, kind="fcm", destination=TOKEN, opted_out=False, now=clock.now()
+    )
+    fcm_standin.script.append(fcm_error(503, "UNAVAILABLE", "The service is unavailable."))
+    row = notification(project, A, user, 1, clock.now())
+    await add_notifications(engine, [row])
+    nid = str(row["id"])
+    assert (await worker.fan_out([nid])).retries_scheduled == 1
+    opening = await _quiet_from(engine, project, user, _minute(clock.now()), 30)
+    clock.advance(SCHEDULE[1])
+    await worker.sweep()
+    assert len(fcm_standin.sends) == 1, "no retry inside quiet hours"
+    (queued,) = [
+        r
+        for r in await store.list_attempts(project, A, user, notification_id=nid, limit=10)
+        if r["next_attempt_at"] is not None
+    ]
+    assert queued["next_attempt_at"] == opening
+    clock.set(opening)
+    assert (await worker.sweep()).sent == 1
+    assert len(fcm_standin.sends) == 2
+
+
+def test_quiet_wait_is_the_dispatchers_opening_across_dst() -> None:
+    """
+    22:00-07:30 in New York on the spring-forward night: a send due at 03:30 EDT waits
+    until 07:30 EDT (11:30Z, not 12:30Z); one due outside sends now; a deadline caps it.
+    """
+    quiet = QuietHours("America/New_York", 22 * 60, 7 * 60 + 30)
+    due = datetime(2027, 3, 14, 7, 30, tzinfo=UTC)  # 03:30 EDT, after the jump
+    assert quiet_wait(quiet, due, None) == datetime(2027, 3, 14, 11, 30, tzinfo=UTC)
+    assert quiet_wait(quiet, due, None) == quiet.next_opening(due)
+    assert quiet_wait(quiet, datetime(2027, 3, 14, 16, 0, tzinfo=UTC), None) is None
+    cap = datetime(2027, 3, 14, 9, 0, tzinfo=UTC)
+    assert quiet_wait(quiet, due, cap) == cap
+    assert quiet_wait(None, due, cap) is None

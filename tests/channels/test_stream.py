@@ -7,7 +7,7 @@ pending queue, heartbeats flow, tenants are apart, and a slow client's queue is 
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -16,13 +16,23 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import Request
+from starlette.types import Message
 
-from delivery.api.routes.stream import _OVERFLOW, StreamConfig, StreamHub, StreamUnavailableError
+from delivery.api.routes.stream import (
+    _OVERFLOW,
+    Listener,
+    StreamConfig,
+    StreamHub,
+    StreamUnavailableError,
+    _events,
+)
 from delivery.bus.messages import NotificationCreated
 from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
 from delivery.store.engine import create_engine
 from delivery.store.notifications import SqlNotificationStore
+from delivery.store.sql import SqlStore
 from delivery.store.tables import NOTIFICATIONS
 from tests.api.notes import add_notifications, notification
 from tests.channels.conftest import channel_settings
@@ -210,3 +220,78 @@ async def test_slow_listener_queue_is_bounded(
         assert hub.connected == 0
         assert hub.listeners == {}
         await nc.close()
+
+
+def _with_deadline(row: dict[str, object], deadline: datetime | None) -> dict[str, object]:
+    return {**row, "expires_at": deadline}
+
+
+async def test_stream_never_shows_a_message_past_its_deadline(
+    database_url: str, nats_url: str, subject_prefix: str, tmp_path: Path
+) -> None:
+    """
+    A pending message whose deadline has passed (the expiry sweep not run yet) is
+    neither streamed live nor replayed; a fresh one next to it is.
+    """
+    subjects = Subjects(subject_prefix)
+    settings = channel_settings(tmp_path, nats_url=nats_url, subject_prefix=subject_prefix)
+    clock = ManualClock(START + timedelta(minutes=1))
+    nc = await nats.connect(nats_url)
+    engine = create_engine(database_url)
+    try:
+        with serve_api_with_state(database_url, clock, settings, {}) as served:
+            project = served.projects["alpha"]
+            stale = _with_deadline(
+                notification(project, A, U, 1, START), START + timedelta(seconds=30)
+            )
+            fresh = _with_deadline(notification(project, A, U, 2, START), None)
+            async with httpx.AsyncClient(
+                base_url=served.base_url,
+                headers={"Authorization": f"Bearer {served.keys['alpha']}"},
+                timeout=10,
+            ) as client:
+                async with client.stream("GET", PATH) as live:
+                    events = read_events(live)
+                    assert "connected" in (await anext(events)).comments
+                    await add_notifications(engine, [stale, fresh])
+                    await _publish(nc, subjects, [stale, fresh])
+                    got = await _next_event(events, want="notification")
+                    assert got.id == fresh["id"], "the stale message is not streamed"
+                # The whole pending queue replayed: the stale one (queued first) is not.
+                unknown = {"Last-Event-ID": "msg_never_seen"}
+                async with client.stream("GET", PATH, headers=unknown) as resumed:
+                    replayed = await _next_event(read_events(resumed), want="notification")
+                    assert replayed.id == fresh["id"], "the stale message is not replayed"
+    finally:
+        await engine.dispose()
+        await nc.close()
+
+
+async def test_a_queued_message_is_checked_again_when_sent(engine: AsyncEngine) -> None:
+    """A message that waited in a slow client's queue past its deadline is not sent."""
+    project = (await SqlStore(engine).keys.ensure_project("x", START)).id
+    stale = _with_deadline(notification(project, A, U, 1, START), START + timedelta(seconds=30))
+    fresh = _with_deadline(notification(project, A, U, 2, START), None)
+    await add_notifications(engine, [stale, fresh])
+    store = SqlNotificationStore(engine)
+    # Loaded while both were live, as the hub loads a message when it is published.
+    loaded = await store.pending_by_id([str(stale["id"]), str(fresh["id"])], START)
+    assert set(loaded) == {stale["id"], fresh["id"]}
+    listener = Listener((project, A, U), asyncio.Queue())
+    listener.offer(loaded[str(stale["id"])])
+    listener.offer(loaded[str(fresh["id"])])
+
+    async def connected() -> Message:
+        await asyncio.Event().wait()  # the client never leaves
+        raise AssertionError("unreachable")
+
+    request = Request({"type": "http", "method": "GET", "headers": []}, receive=connected)
+    clock = ManualClock(START + timedelta(minutes=1))  # the client read them late
+    events = _events(request, listener, [], StreamConfig(heartbeat_s=5), clock)
+    try:
+        assert b"connected" in await anext(events)
+        async with asyncio.timeout(5):
+            sent = await anext(events)
+        assert sent.startswith(f"id: {fresh['id']}\n".encode()), sent
+    finally:
+        await events.aclose()

@@ -266,3 +266,94 @@ async def test_a_pruned_fire_is_never_fired_again(engine: AsyncEngine) -> None:
         ).scalar_one()
     assert next_fire == NOW.replace(hour=9)
     assert old_rows == 0
+
+
+async def test_prune_takes_settled_messages_and_keeps_what_could_still_send(
+    engine: AsyncEngine,
+) -> None:
+    """
+    Suppressed, superseded, expired and system messages made before the cutoff go, in
+    bounded batches; one that a webhook delivery, channel retry or fallback step still
+    waits on stays, as do live (pending, staged) and recent ones.
+    """
+    store = SqlStore(engine)
+    project = (await store.keys.ensure_project("p", OLD)).id
+
+    def settled(nid: str, status: str, **extra: Any) -> dict[str, Any]:
+        # Every row the same keys: a multi-row insert takes its columns from the first.
+        row = notification(project, nid, status=status, consumed_at=None)
+        return {**row, "expires_at": None, "status_reason": None, **extra}
+
+    async with engine.begin() as conn:
+        await conn.execute(
+            NOTIFICATIONS.insert(),
+            [
+                settled("msg_consumed", "consumed", consumed_at=OLD),
+                settled("msg_suppressed", "suppressed", status_reason="attention_budget"),
+                settled("msg_superseded", "superseded", status_reason="supersede_key"),
+                settled("msg_expired", "expired", expires_at=OLD + timedelta(hours=1)),
+                settled("msg_system", "system", agent_id="", user_id=""),
+                # Expired only recently: its deadline is younger than the cutoff.
+                settled("msg_expired_late", "expired", expires_at=NEW),
+                settled("msg_suppressed_new", "suppressed", created_at=NEW),
+                settled("msg_hook_waits", "superseded"),
+                settled("msg_retry_waits", "expired", expires_at=OLD),
+                settled("msg_fallback_waits", "expired", expires_at=OLD),
+                settled("msg_pending", "pending"),
+                settled("msg_deferred", "staged", status_reason="deferred_quiet_hours"),
+            ],
+        )
+        await conn.execute(
+            DELIVERIES.insert().values(
+                id="whd_w",
+                project_id=project,
+                endpoint_id="whe_1",
+                notification_id="msg_hook_waits",
+                event_id="msg_hook_waits",
+                event_type="e",
+                status="pending",
+                created_at=OLD,
+                updated_at=OLD,
+            )
+        )
+        await conn.execute(
+            CHANNEL_ATTEMPTS.insert(),
+            [{**attempt(project, "cha_retry", OLD, NOW), "notification_id": "msg_retry_waits"}],
+        )
+        await conn.execute(
+            CHANNEL_FALLBACKS.insert().values(
+                notification_id="msg_fallback_waits",
+                project_id=project,
+                agent_id="a",
+                user_id="u",
+                order_json='["fcm","email"]',
+                step=1,
+                attempt_number=1,
+                step_deadline=OLD,
+                next_attempt_at=NOW,
+                sending=False,
+                status="active",
+                decisions_json="[]",
+                created_at=OLD,
+                updated_at=OLD,
+            )
+        )
+
+    retention = Retention(
+        engine, ManualClock(NOW), days=30, batch=2, max_lateness=timedelta(hours=1)
+    )
+    first = await retention.pass_once()
+    assert first.rows["notifications"] == 2  # the batch bounds consumed and settled together
+    assert first.more
+    report = await retention.prune_all()
+    assert await ids(engine, NOTIFICATIONS) == {
+        "msg_expired_late",
+        "msg_suppressed_new",
+        "msg_hook_waits",
+        "msg_retry_waits",
+        "msg_fallback_waits",
+        "msg_pending",
+        "msg_deferred",
+    }
+    assert first.rows["notifications"] + report.rows["notifications"] == 5
+    assert (await retention.prune_all()).total == 0

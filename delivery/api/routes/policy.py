@@ -13,6 +13,7 @@ project's policy that long, as it keeps its templates). The rules are described 
 
 import json
 import zoneinfo
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Annotated
 
@@ -30,6 +31,7 @@ from delivery.api.schemas import (
     RequestModel,
     ResponseModel,
     Success,
+    WindowFields,
 )
 from delivery.cadence import parse_instant
 from delivery.errors import InvalidRequestError, InvalidTimezoneError, NotFoundError
@@ -39,6 +41,7 @@ from delivery.policy import (
     ProjectPolicy,
     SourcePolicy,
     project_policy,
+    source_policy,
 )
 
 router = APIRouter(tags=["policy"])
@@ -108,6 +111,36 @@ def _minute(text: str) -> int:
 
 def _clock(minute: int) -> str:
     return f"{minute // 60:02d}:{minute % 60:02d}"
+
+
+POLICY_FIELDS = frozenset(WindowFields.model_fields) - frozenset(RequestModel.model_fields)
+"""The delivery-policy fields of a create or update body."""
+
+
+def patched_policy_json(
+    stored: str | None, body: FreshnessFields, given: Iterable[str]
+) -> str | None:
+    """
+    A source's stored policy after an update that sets the ``given`` policy fields of
+    ``body`` (``None`` clears one; the others keep their stored value).
+
+    Raises:
+        InvalidRequestError: ``expires_at`` is not an instant with an offset.
+    """
+    fields = set(given)
+    old = source_policy(stored)
+    expires = old.expires_at
+    if "expires_at" in fields:
+        expires = None if body.expires_at is None else parse_instant(body.expires_at, "expires_at")
+    return SourcePolicy(
+        priority=(body.priority or Priority.NORMAL.value) if "priority" in fields else old.priority,
+        outside_window=getattr(body, "outside_window", None)
+        if "outside_window" in fields
+        else old.outside_window,
+        ttl_seconds=body.ttl_seconds if "ttl_seconds" in fields else old.ttl_seconds,
+        expires_at=expires,
+        supersede_key=body.supersede_key if "supersede_key" in fields else old.supersede_key,
+    ).stored()
 
 
 def source_policy_json(body: FreshnessFields) -> str | None:

@@ -29,7 +29,7 @@ from delivery.api.context import (
 )
 from delivery.api.metrics import bind_ids
 from delivery.api.routes.inventory import missing_item
-from delivery.api.routes.policy import source_policy_json
+from delivery.api.routes.policy import POLICY_FIELDS, patched_policy_json, source_policy_json
 from delivery.api.schemas import (
     ScheduleCreate,
     ScheduleCreated,
@@ -304,9 +304,18 @@ def _patched(
     """
     The column changes a PATCH makes to ``row`` (pure; raises on invalid input).
 
+    ``given`` holds the fields the body sets: the others' non-null ones, and the
+    delivery-policy ones even when null (null clears those).
+
     Returns:
         The changes and whether timing changed (so the daemon should look again).
     """
+    policy_json = row.policy_json
+    if given & POLICY_FIELDS:
+        policy_json = patched_policy_json(row.policy_json, body, given & POLICY_FIELDS)
+    # Skip or defer decides which ticks fire (a deferring schedule fires the ones
+    # outside its active window too): a change of it is a change of timing.
+    defer = defers({"policy_json": policy_json})
     cadence = body.cadence if "cadence" in given else json.loads(row.cadence_json)
     window = (
         (body.active_window or None) if "active_window" in given else loads(row.active_window_json)
@@ -354,7 +363,9 @@ def _patched(
         changes["metadata_json"] = check_metadata(body.metadata)
     if "inventory_item_id" in given:
         changes["inventory_item_id"] = body.inventory_item_id or None
-    timing = bool(given & _TIMING)
+    if given & POLICY_FIELDS:
+        changes["policy_json"] = policy_json
+    timing = bool(given & _TIMING) or (defer != defers(row) and compiled.active_window is not None)
     if timing:
         # Recomputed from now: fires already made are never rewritten. A disabled
         # schedule is not checked: re-enabling it is a timing change checked then.
@@ -370,7 +381,7 @@ def _patched(
             if enabled
             else None
         )
-        if first is not None and compiled.active_window is not None and defers(row):
+        if first is not None and compiled.active_window is not None and defer:
             first = _deferred_first_fire(
                 first,
                 cadence,
@@ -413,7 +424,11 @@ async def patch_schedule(
     Apply a PATCH (the API's and the console's enable / disable): the schedule as
     written and the instant of the write. Retried on a concurrent change, then 409.
     """
-    given = {k for k in body.model_fields_set if getattr(body, k) is not None}
+    given = {
+        k
+        for k in body.model_fields_set
+        if getattr(body, k) is not None or k in POLICY_FIELDS  # null clears a policy field
+    }
     for _ in range(_PATCH_ATTEMPTS):
         row = await _get(ctx, project, agent_id, user_id, schedule_id)
         clock = await pair_clock(ctx, project, agent_id, user_id)

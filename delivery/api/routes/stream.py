@@ -44,7 +44,9 @@ from delivery.api.routes.notifications import queue_entry
 from delivery.bus.connect import server_urls
 from delivery.bus.messages import NotificationCreated
 from delivery.bus.subjects import Subjects
+from delivery.clock import Clock, SystemClock
 from delivery.errors import DeliveryError
+from delivery.policy import past_deadline
 from delivery.store.notifications import (
     NotificationFeed,
     SqlNotificationStore,
@@ -137,6 +139,7 @@ class StreamHub:
     store: NotificationFeed
     nats_url: str
     subjects: Subjects
+    clock: Clock = field(default_factory=SystemClock)
     listeners: dict[UserKey, set[Listener]] = field(default_factory=dict)
     _nc: NatsClient | None = None
     _sub: Subscription | None = None
@@ -258,7 +261,7 @@ class StreamHub:
                         listener.offer(row)
 
     async def _load(self, ids: Sequence[str]) -> dict[str, StoredRow]:
-        return await self.store.pending_by_id(ids)
+        return await self.store.pending_by_id(ids, self.clock.now())
 
     def _drop(self, keys: Iterable[UserKey]) -> None:
         for key in keys:
@@ -283,7 +286,7 @@ def _hub(request: Request, ctx: ApiContext) -> StreamHub:
                 "", "the live stream needs DELIVERY_NATS_URL; poll the queue instead"
             )
         store = SqlNotificationStore(ctx.store.engine)
-        hub = StreamHub(store, url, Subjects(ctx.settings.subject_prefix))
+        hub = StreamHub(store, url, Subjects(ctx.settings.subject_prefix), ctx.clock)
         request.app.state.stream_hub = hub
     return hub
 
@@ -300,6 +303,7 @@ async def _events(
     listener: Listener,
     backlog: list[StoredRow],
     config: StreamConfig,
+    clock: Clock,
 ) -> AsyncGenerator[bytes]:
     # Two tasks per client: the disconnect watcher and one pending queue get.
     watcher = asyncio.create_task(_watch_disconnect(request))
@@ -309,7 +313,8 @@ async def _events(
         yield f"retry: {config.retry_ms}\n: connected\n\n".encode()
         replayed = {row["id"] for row in backlog}
         for row in backlog:
-            yield sse_event(row)
+            if not past_deadline(row["expires_at"], clock.now()):
+                yield sse_event(row)
         if len(backlog) >= config.replay_limit:
             # More may be pending than one replay holds: end the stream so the client
             # reconnects at once with the last id it got (EventSource does this by
@@ -341,7 +346,9 @@ async def _events(
                 )
                 return
             assert isinstance(item, StoredRow)  # noqa: S101 - the queue holds rows or _OVERFLOW
-            if item["id"] in replayed:
+            # A row waits in the queue while the client is slow: its deadline is
+            # checked again now, at send time, since the expiry sweep may lag.
+            if item["id"] in replayed or past_deadline(item["expires_at"], clock.now()):
                 continue
             yield sse_event(item)
     finally:
@@ -414,7 +421,7 @@ async def stream_notifications(
         # this user's (unknown, or consumed and gone) replays the whole pending queue:
         # the client dedupes on the event id, and a gap would be worse.
         backlog = (
-            await hub.store.pending_after(key, last_event_id, config.replay_limit)
+            await hub.store.pending_after(key, last_event_id, config.replay_limit, ctx.clock.now())
             if last_event_id is not None
             else []
         )
@@ -423,5 +430,5 @@ async def stream_notifications(
         raise
     log.debug("stream.opened", user_id=user_id, agent_id=agent_id, replayed=len(backlog))
     return EventStreamResponse(
-        _events(request, listener, backlog, config), lambda: hub.remove(listener)
+        _events(request, listener, backlog, config, ctx.clock), lambda: hub.remove(listener)
     )

@@ -234,6 +234,11 @@ class InventoryItemRow(SQLModel, table=True):
     updated_at: datetime = Field(sa_type=UTCDateTime)
 
 
+SETTLED_PREDICATE = "status IN ('suppressed', 'superseded', 'expired', 'system')"
+"""Notifications in a final state other than ``consumed``: never delivered, never
+changed again (spelt once: the partial index and retention's query must match)."""
+
+
 class NotificationRow(SQLModel, table=True):
     """
     One proactive message: the polling queue entry and the project notification at once.
@@ -300,6 +305,14 @@ class NotificationRow(SQLModel, table=True):
             "supersede_key",
             sqlite_where=text("supersede_key IS NOT NULL"),
             postgresql_where=text("supersede_key IS NOT NULL"),
+        ),
+        # Retention finds old messages that can never be delivered (a policy held
+        # them back, or the service wrote them about itself) by when they were made.
+        Index(
+            "ix_notifications_settled",
+            "created_at",
+            sqlite_where=text(SETTLED_PREDICATE),
+            postgresql_where=text(SETTLED_PREDICATE),
         ),
         Index(
             "ix_notifications_staged",

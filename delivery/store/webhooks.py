@@ -40,6 +40,7 @@ from sqlalchemy import and_, bindparam, delete, func, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from delivery.policy import past_deadline
 from delivery.store.common import StoreBase, insert_ignoring_duplicates, new_id, owned
 from delivery.store.engine import any_row
 from delivery.store.tables import DELIVERIES, ENDPOINTS, NOTIFICATIONS
@@ -1006,7 +1007,7 @@ class WebhookStore(StoreBase):
                 return None
             if note.status not in ("pending", "consumed"):
                 raise MessageEndedError(note.status)
-            if note.expires_at is not None and note.expires_at <= now:
+            if past_deadline(note.expires_at, now):
                 raise MessageEndedError("expired")
             if row is None:
                 delivery_id = new_id("whd")

@@ -25,8 +25,10 @@ from delivery.store.notifications import (
     Written,
     writing,
 )
+from delivery.store.policy import LIVE
+from delivery.store.staging import STAGED
 from delivery.store.steps import run_core
-from delivery.store.tables import FIRES, JOBS, OFFSETS, SCHEDULES, WAKEUPS
+from delivery.store.tables import FIRES, JOBS, NOTIFICATIONS, OFFSETS, OUTBOX, SCHEDULES, WAKEUPS
 from delivery.store.tables import INVENTORY as ITEMS
 
 NOT_RESUMABLE: Final = "interrupted by a restart and not resumable; advance again"
@@ -307,6 +309,39 @@ async def _shift_rows(conn: AsyncConnection, pair: Pair, offset: timedelta) -> N
         )
 
 
+async def _shift_held(conn: AsyncConnection, pair: Pair, moved: timedelta) -> None:
+    """
+    The pair's live messages keep their instants on its clock when the offset moves
+    by ``moved``: their deadline and a held message's release, stored in real time
+    (:func:`delivery.dispatcher.process.notification_row`), move back by it, and so
+    does the held one's outbox entry.
+    """
+    if not moved:
+        return
+    n = NOTIFICATIONS.c
+    rows = (
+        await conn.execute(
+            select(n.id, n.status, n.fire_at, n.expires_at).where(
+                *_mine(NOTIFICATIONS, pair),
+                n.status.in_(LIVE),
+                (n.status == STAGED) | n.expires_at.is_not(None),
+            )
+        )
+    ).all()
+    for nid, status, fire_at, expires_at in rows:
+        changes: dict[str, Any] = {}
+        if expires_at is not None:
+            changes["expires_at"] = expires_at - moved
+        if status == STAGED:
+            changes["fire_at"] = fire_at - moved
+            await conn.execute(
+                update(OUTBOX)
+                .where(OUTBOX.c.msg_id == nid, OUTBOX.c.sent_at.is_(None))
+                .values(available_at=fire_at - moved)
+            )
+        await conn.execute(update(NOTIFICATIONS).where(n.id == nid).values(changes))
+
+
 async def _lock_schedules(conn: AsyncConnection, pair: Pair) -> None:
     """
     Lock the pair's schedules for the transaction (PostgreSQL; SQLite has one writer):
@@ -348,6 +383,7 @@ class SqlAdvanceStore:
             await conn.execute(delete(OFFSETS).where(*_mine(OFFSETS, pair)))
             await _lock_schedules(conn, pair)
             await _shift_rows(conn, pair, timedelta(0))
+            await _shift_held(conn, pair, -timedelta(seconds=float(row[0])))
         return float(row[0])
 
     async def pair_state(self, pair: Pair, start: datetime, end: datetime) -> PairState:
@@ -403,6 +439,8 @@ class SqlAdvanceStore:
                     )
                 )
             await _shift_rows(conn, write.pair, timedelta(seconds=write.new_offset_s))
+            moved = write.new_offset_s - (write.old_offset_s or 0.0)
+            await _shift_held(conn, write.pair, timedelta(seconds=moved))
             await common.insert_ignoring_duplicates(
                 conn, FIRES, write.fires, unique=["schedule_id", "fire_at"]
             )

@@ -64,8 +64,9 @@ def wakeup(api: ServedApi, agent: str = A, **fields: Any) -> str:
     return wakeup_id
 
 
-def daily(api: ServedApi, hour: int) -> str:
+def daily(api: ServedApi, hour: int, **fields: Any) -> str:
     body = {
+        **fields,
         "cadence": {
             "simple": {"frequency": "daily", "times": [f"{hour:02d}:00"]},
             "timezone": "UTC",
@@ -257,3 +258,35 @@ def test_a_deferral_is_released_when_the_pair_clock_opens(database_url: str) -> 
         [note] = client.agents.notifications.list(A, user_id=U).notifications
 
     assert (note.wakeup_id, note.created_at) == (held, z(at(3, 7)))
+
+
+def test_advance_time_defers_into_the_pair_quiet_hours_opening(database_url: str) -> None:
+    """
+    Quiet hours 22:00-07:00 UTC, a deferring schedule at 23:00, advanced 48 h (the
+    pair's 3 May 00:00): 1 May 23:00 is held until 2 May 07:00, which the pair's clock
+    has passed, so the relay releases it at once, dated then; 2 May 23:00 is held until
+    3 May 07:00, 7 real hours ahead.
+    """
+    clock = ManualClock(START)
+    with served(database_url, clock) as (api, client):
+        call(
+            api,
+            "PUT",
+            f"/api/v1/policy/users/{U}/quiet_hours",
+            {"timezone": "UTC", "start": "22:00", "end": "07:00"},
+        )
+        daily(api, 23, outside_window="defer")
+        client.workbench.advance_time(A, U, 48)
+        held = {r["fire_at"]: r for r in notes(database_url).values()}
+        assert {(r["status"], r["status_reason"]) for r in held.values()} == {
+            ("staged", "deferred_quiet_hours")
+        }
+        assert sorted(held) == [START - timedelta(hours=17), START + timedelta(hours=7)]
+
+        assert relay_promote(database_url, START) == 1
+        [note] = client.agents.notifications.list(A, user_id=U).notifications
+        assert (note.check_type, note.created_at) == ("reminder", z(at(2, 7)))
+        assert relay_promote(database_url, START + timedelta(hours=7)) == 1
+        clock.set(START + timedelta(hours=7))
+        listed = client.agents.notifications.list(A, user_id=U).notifications
+        assert [n.created_at for n in listed] == [z(at(2, 7)), z(at(3, 7))]

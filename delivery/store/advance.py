@@ -129,8 +129,9 @@ class AdvanceStore(Protocol):
         """
         Put the pair back on real time, in ONE transaction: delete its offset, clear
         ``due_at`` of its schedules and pending wakeups (their instants, kept as they
-        are, are now due in real time) and bump its schedules' versions (a scheduler
-        claim planned on the old clock is then stale and writes nothing). Returns
+        are, are now due in real time), move its live messages' deadlines and held
+        messages' releases back onto real time, and bump its schedules' versions (a
+        scheduler claim planned on the old clock is then stale and writes nothing). Returns
         the offset it had (``None``: never advanced).
         """
         ...
@@ -158,6 +159,8 @@ class AdvanceStore(Protocol):
            the scheduler claims them when real time reaches ``due_at``),
            bumping the schedules' versions under a row lock so a scheduler
            claim planned on the old offset turns stale;
+           Its live messages' deadlines and held messages' releases, stored in
+           real time, move by the change of offset (they stay put on its clock);
         4. insert the fires, skipping any already recorded (unique on
            ``schedule_id``, ``fire_at``);
         5. write the notifications as

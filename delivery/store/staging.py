@@ -57,8 +57,9 @@ async def promote(engine: AsyncEngine, now: datetime) -> int:
     keeps its ``created_at``: the pair's instant it was held until, later than its
     ``fire_at`` (the same instant in real time, which released it; see
     :func:`delivery.dispatcher.process.notification_row`), as real now is not on
-    the pair's clock. A staged row whose composition failed becomes
-    ``failed_generation`` (it has no outbox entry: nothing to deliver).
+    the pair's clock, and its ``fire_at`` becomes that instant too. A staged row
+    whose composition failed becomes ``failed_generation`` (it has no outbox
+    entry: nothing to deliver).
     Idempotent, so every relay of every replica may run it.
 
     Returns:
@@ -78,6 +79,8 @@ async def promote(engine: AsyncEngine, now: datetime) -> int:
                 (n.created_at > n.fire_at, n.created_at),
                 else_=literal(now, n.created_at.type),
             ),
+            # Released, such a message is dated on its pair's clock again throughout.
+            fire_at=case((n.created_at > n.fire_at, n.created_at), else_=n.fire_at),
         )
     )
     async with write_transaction(engine) as conn:

@@ -258,6 +258,7 @@ def test_a_deferral_is_released_when_the_pair_clock_opens(database_url: str) -> 
         [note] = client.agents.notifications.list(A, user_id=U).notifications
 
     assert (note.wakeup_id, note.created_at) == (held, z(at(3, 7)))
+    assert notes(database_url)[held]["fire_at"] == at(3, 7)
 
 
 def test_advance_time_defers_into_the_pair_quiet_hours_opening(database_url: str) -> None:

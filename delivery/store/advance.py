@@ -8,7 +8,7 @@ work (``Idempotency-Key``). Not a hot path: Core statements on both databases.
 """
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
@@ -159,14 +159,16 @@ class AdvanceStore(Protocol):
            the scheduler claims them when real time reaches ``due_at``),
            bumping the schedules' versions under a row lock so a scheduler
            claim planned on the old offset turns stale;
-           Its live messages' deadlines and held messages' releases, stored in
-           real time, move by the change of offset (they stay put on its clock);
         4. insert the fires, skipping any already recorded (unique on
            ``schedule_id``, ``fire_at``);
         5. write the notifications as
            :meth:`~delivery.store.notifications.NotificationStore.write_notifications`
-           does (:func:`~delivery.store.notifications.writing`);
-        6. mark ``job`` ``succeeded`` with ``job_result`` of what was written,
+           does (:func:`~delivery.store.notifications.writing`), the dispatcher's
+           policy decisions with them;
+        6. move the deadlines and held releases of the pair's other live
+           messages, stored in real time, by the change of offset (they stay put
+           on its clock);
+        7. mark ``job`` ``succeeded`` with ``job_result`` of what was written,
            so a job still ``running`` after a crash is one whose advance never
            committed.
 
@@ -312,12 +314,14 @@ async def _shift_rows(conn: AsyncConnection, pair: Pair, offset: timedelta) -> N
         )
 
 
-async def _shift_held(conn: AsyncConnection, pair: Pair, moved: timedelta) -> None:
+async def _shift_held(
+    conn: AsyncConnection, pair: Pair, moved: timedelta, fresh: Collection[str] = ()
+) -> None:
     """
     The pair's live messages keep their instants on its clock when the offset moves
     by ``moved``: their deadline and a held message's release, stored in real time
     (:func:`delivery.dispatcher.process.notification_row`), move back by it, and so
-    does the held one's outbox entry.
+    does the held one's outbox entry. ``fresh``: messages written at the new offset.
     """
     if not moved:
         return
@@ -332,6 +336,8 @@ async def _shift_held(conn: AsyncConnection, pair: Pair, moved: timedelta) -> No
         )
     ).all()
     for nid, status, fire_at, expires_at in rows:
+        if nid in fresh:
+            continue
         changes: dict[str, Any] = {}
         if expires_at is not None:
             changes["expires_at"] = expires_at - moved
@@ -442,12 +448,16 @@ class SqlAdvanceStore:
                     )
                 )
             await _shift_rows(conn, write.pair, timedelta(seconds=write.new_offset_s))
-            moved = write.new_offset_s - (write.old_offset_s or 0.0)
-            await _shift_held(conn, write.pair, timedelta(seconds=moved))
             await common.insert_ignoring_duplicates(
                 conn, FIRES, write.fires, unique=["schedule_id", "fire_at"]
             )
             written = await run_core(writing(write.notifications), conn)
+            # After the write, whose budget step locks the user's counter row before
+            # it changes any message, as the dispatcher's does: one lock order. The
+            # messages just written are on the new offset already.
+            moved = write.new_offset_s - (write.old_offset_s or 0.0)
+            fresh = {r["id"] for r in written.rows}
+            await _shift_held(conn, write.pair, timedelta(seconds=moved), fresh)
             if job is not None:
                 result = None if job_result is None else job_result(written)
                 await _end_job(conn, job, write.now, result=result)

@@ -291,6 +291,36 @@ def allot(candidates: Sequence[Candidate], used: int, limit: int) -> tuple[list[
     return passed, suppressed
 
 
+def allot_rolling(
+    candidates: Sequence[Candidate],
+    counted: Sequence[datetime],
+    limit: int,
+    window: timedelta,
+) -> tuple[list[str], list[str]]:
+    """
+    :func:`allot` for candidates dated at different instants of one clock (an advanced
+    pair's, whose advance dates a day's messages over days): each instant's
+    candidates share what the window ending at it leaves, counting ``counted`` (the
+    instants of the messages already spent, each until it leaves the window; one
+    dated after the instant is one held for later and counts too) and the
+    candidates passed at earlier instants. (passed keys, suppressed keys).
+    """
+    spent = sorted(counted)
+    at_instant: dict[datetime, list[Candidate]] = {}
+    for c in candidates:
+        at_instant.setdefault(c.at, []).append(c)
+    passed: list[str] = []
+    suppressed: list[str] = []
+    for instant in sorted(at_instant):
+        since = instant - window
+        used = sum(1 for t in spent if t > since)
+        now_passed, now_suppressed = allot(at_instant[instant], used, limit)
+        passed += now_passed
+        suppressed += now_suppressed
+        spent += [instant] * len(now_passed)
+    return passed, suppressed
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """

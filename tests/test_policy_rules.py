@@ -10,6 +10,7 @@ from delivery.policy import (
     QuietHours,
     SourcePolicy,
     allot,
+    allot_rolling,
     decide,
     project_policy,
     source_policy,
@@ -32,6 +33,25 @@ def test_allot_serves_higher_priorities_first_and_critical_always() -> None:
     assert sorted(suppressed) == ["high", "low", "normal"]
     passed, suppressed = allot(wanting, used=1, limit=3)
     assert passed == ["crit", "high"]
+
+
+def test_allot_rolling_decides_each_instant_in_the_window_ending_there() -> None:
+    """
+    Two a day, three a day asked for over three days, one spent the evening before:
+    the first morning has one unit left; later mornings find the day before's
+    passed messages gone from the window; a message held for later still counts.
+    """
+    day = timedelta(days=1)
+    wanting = [
+        Candidate(f"{d}-{h}", "high" if h == 11 else "normal", AT + d * day + timedelta(hours=h))
+        for d in range(3)
+        for h in (9, 10, 11)
+    ]
+    passed, suppressed = allot_rolling(wanting, [AT - timedelta(hours=2)], 2, day)
+    assert passed == ["0-9", "1-9", "1-10", "2-9", "2-10"]
+    assert suppressed == ["0-10", "0-11", "1-11", "2-11"]
+    held = [AT + 3 * day]
+    assert allot_rolling(wanting[:1], held, 1, day) == ([], ["0-9"])
 
 
 def test_quiet_hours_open_at_their_end_and_wrap_midnight() -> None:

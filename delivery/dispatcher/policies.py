@@ -9,10 +9,11 @@ cached project entries say so and no other query runs.
 """
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from delivery.dispatcher.cache import ProjectCache
+from delivery.domain import Draft
 from delivery.policy import DEFAULT_POLICY, ProjectPolicy, QuietHours, project_policy, quiet_hours
 from delivery.store.policy import PolicySource, UserOf
 
@@ -65,6 +66,21 @@ class Policies:
     async def rules(self, project_ids: Iterable[str]) -> dict[str, ProjectRules]:
         """The rules of every project named, reading the stale ones in one query."""
         return await self._cache.get(project_ids)
+
+    async def of_drafts(
+        self, drafts: Sequence[Draft]
+    ) -> tuple[dict[str, ProjectPolicy], dict[UserOf, QuietHours]]:
+        """
+        What the drafts' messages are decided by: their projects' policies that
+        are on, and their users' quiet hours (the dispatcher's batch, an advance).
+        """
+        if not drafts:
+            return {}, {}
+        rules = await self.rules({d.project_id for d in drafts})
+        policies = {p: r.policy for p, r in rules.items() if not r.policy.is_default}
+        users = [(d.project_id, d.user_id) for d in drafts if rules[d.project_id].quiet_hours]
+        quiet = await self.quiet_hours(users) if users else {}
+        return policies, quiet
 
     async def quiet_hours(self, users: Iterable[UserOf]) -> dict[UserOf, QuietHours]:
         """The quiet hours of those ``users`` that have them (one read per batch)."""

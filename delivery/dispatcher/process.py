@@ -236,6 +236,7 @@ def notification_row(
     staged: bool = False,
     composer: str | None = None,
     outcome: Outcome = KEEP,
+    offset: timedelta = timedelta(0),
 ) -> dict[str, Any]:
     """
     The ``notifications`` row for a composed draft, payload included (the webhook body).
@@ -248,6 +249,15 @@ def notification_row(
     stored, not sent. ``outcome``: what the delivery policy decided
     (:func:`delivery.policy.decide`): a status and its reason, a deferred instant
     (the row is staged until then), the deadline.
+
+    ``offset``: the clock offset of the draft's advanced pair. The outcome's
+    instants are on the pair's clock; the two that real time acts on are stored in
+    real time, as a schedule's ``due_at`` is: the deadline (``expires_at``, which
+    the expiry sweep, the queue, consume and every sender compare with real now)
+    and a deferred row's ``fire_at`` (when the relay releases it and its outbox
+    entry becomes available). Its ``created_at`` stays the pair's instant, which
+    promotion keeps (:func:`delivery.store.staging.promote`). An advance moves
+    them with the offset (:mod:`delivery.store.advance`).
     """
     nid = draft.notification_id
     event_type = EVENT_TYPES[draft.block.kind]
@@ -294,14 +304,14 @@ def notification_row(
         "error": error,
         "composer": composer,
         # A deferred row waits for its new instant as a staged one waits for its fire.
-        "fire_at": draft.fire_at if outcome.due_at is None else outcome.due_at,
+        "fire_at": draft.fire_at if outcome.due_at is None else outcome.due_at - offset,
         "payload_json": json.dumps(payload, sort_keys=True, separators=(",", ":")),
         "ack_status": "pending",
         "acknowledged_at": None,
         "created_at": created_at if outcome.due_at is None else outcome.due_at,
         "consumed_at": None,
         "priority": None if draft.policy.priority == Priority.NORMAL else draft.policy.priority,
-        "expires_at": outcome.expires_at,
+        "expires_at": None if outcome.expires_at is None else outcome.expires_at - offset,
         "supersede_key": draft.policy.supersede_key,
         "status_reason": outcome.reason,
     }
@@ -547,9 +557,13 @@ def notification_batch(
             fires that the scheduler had staged (:mod:`delivery.store.staging`).
         composers: source id -> how its message was made (the ``composer`` column).
         carriers: source id -> request id and trace to pass on in the outbox entry.
-        offsets: source id -> its pair's clock offset in seconds (advance-time):
-            such a notification is created, and its wakeup executed, at the
-            pair's now, so a pair's history reads in its own clock's order.
+        offsets: source id -> its pair's clock offset in seconds: such a
+            notification is created, and its wakeup executed, at the pair's now
+            (``simulated``: at its own instant, already on the pair's clock), so a
+            pair's history reads in its own clock's order; its deadline and
+            deferral are stored in real time (:func:`notification_row`) and its
+            budget counted on the pair's clock
+            (:func:`delivery.store.notifications.budgeting`).
         policies: project id -> its delivery policy (absent: the default, every rule
             off); the attention budgets go to the store, decided in its transaction.
         quiet: (project id, user id) -> the user's quiet hours, for those who have them.
@@ -559,7 +573,8 @@ def notification_batch(
     events: list[str] = []
     for d, m, e in composed:
         shift = (offsets or {}).get(d.source_id)
-        pair_now = now + timedelta(seconds=shift) if shift else now
+        offset = timedelta(seconds=shift or 0.0)
+        pair_now = now + offset
         if d.block.kind is SourceKind.WAKEUP:
             wakeups[d.source_id] = d.fire_at if simulated else pair_now
         elif d.block.kind is SourceKind.EVENT:
@@ -589,6 +604,7 @@ def notification_batch(
                 staged=staged,
                 composer=(composers or {}).get(d.source_id),
                 outcome=outcome,
+                offset=offset,
             )
         )
     outbox = [
@@ -601,7 +617,8 @@ def notification_batch(
         for p, policy in (policies or {}).items()
         if policy.attention_budget is not None
     }
-    return NotificationBatch(rows, outbox, wakeups, events, replace, budgets, now)
+    shifted = {k: v for k, v in (offsets or {}).items() if v} if budgets else {}
+    return NotificationBatch(rows, outbox, wakeups, events, replace, budgets, now, shifted)
 
 
 class Processor:
@@ -643,13 +660,9 @@ class Processor:
         self, drafts: Sequence[Draft]
     ) -> tuple[dict[str, ProjectPolicy], dict[UserOf, QuietHours]]:
         """The batch's project policies that are on, and its users' quiet hours."""
-        if self.policies is None or not drafts:
+        if self.policies is None:
             return {}, {}
-        rules = await self.policies.rules({d.project_id for d in drafts})
-        policies = {p: r.policy for p, r in rules.items() if not r.policy.is_default}
-        users = [(d.project_id, d.user_id) for d in drafts if rules[d.project_id].quiet_hours]
-        quiet = await self.policies.quiet_hours(users) if users else {}
-        return policies, quiet
+        return await self.policies.of_drafts(drafts)
 
     async def process(
         self, refs: Sequence[SourceRef], carriers: dict[str, Carrier] | None = None

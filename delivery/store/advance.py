@@ -8,7 +8,7 @@ work (``Idempotency-Key``). Not a hot path: Core statements on both databases.
 """
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
@@ -25,8 +25,10 @@ from delivery.store.notifications import (
     Written,
     writing,
 )
+from delivery.store.policy import LIVE
+from delivery.store.staging import STAGED
 from delivery.store.steps import run_core
-from delivery.store.tables import FIRES, JOBS, OFFSETS, SCHEDULES, WAKEUPS
+from delivery.store.tables import FIRES, JOBS, NOTIFICATIONS, OFFSETS, OUTBOX, SCHEDULES, WAKEUPS
 from delivery.store.tables import INVENTORY as ITEMS
 
 NOT_RESUMABLE: Final = "interrupted by a restart and not resumable; advance again"
@@ -127,8 +129,9 @@ class AdvanceStore(Protocol):
         """
         Put the pair back on real time, in ONE transaction: delete its offset, clear
         ``due_at`` of its schedules and pending wakeups (their instants, kept as they
-        are, are now due in real time) and bump its schedules' versions (a scheduler
-        claim planned on the old clock is then stale and writes nothing). Returns
+        are, are now due in real time), move its live messages' deadlines and held
+        messages' releases back onto real time, and bump its schedules' versions (a
+        scheduler claim planned on the old clock is then stale and writes nothing). Returns
         the offset it had (``None``: never advanced).
         """
         ...
@@ -160,8 +163,12 @@ class AdvanceStore(Protocol):
            ``schedule_id``, ``fire_at``);
         5. write the notifications as
            :meth:`~delivery.store.notifications.NotificationStore.write_notifications`
-           does (:func:`~delivery.store.notifications.writing`);
-        6. mark ``job`` ``succeeded`` with ``job_result`` of what was written,
+           does (:func:`~delivery.store.notifications.writing`), the dispatcher's
+           policy decisions with them;
+        6. move the deadlines and held releases of the pair's other live
+           messages, stored in real time, by the change of offset (they stay put
+           on its clock);
+        7. mark ``job`` ``succeeded`` with ``job_result`` of what was written,
            so a job still ``running`` after a crash is one whose advance never
            committed.
 
@@ -307,6 +314,43 @@ async def _shift_rows(conn: AsyncConnection, pair: Pair, offset: timedelta) -> N
         )
 
 
+async def _shift_held(
+    conn: AsyncConnection, pair: Pair, moved: timedelta, fresh: Collection[str] = ()
+) -> None:
+    """
+    The pair's live messages keep their instants on its clock when the offset moves
+    by ``moved``: their deadline and a held message's release, stored in real time
+    (:func:`delivery.dispatcher.process.notification_row`), move back by it, and so
+    does the held one's outbox entry. ``fresh``: messages written at the new offset.
+    """
+    if not moved:
+        return
+    n = NOTIFICATIONS.c
+    rows = (
+        await conn.execute(
+            select(n.id, n.status, n.fire_at, n.expires_at).where(
+                *_mine(NOTIFICATIONS, pair),
+                n.status.in_(LIVE),
+                (n.status == STAGED) | n.expires_at.is_not(None),
+            )
+        )
+    ).all()
+    for nid, status, fire_at, expires_at in rows:
+        if nid in fresh:
+            continue
+        changes: dict[str, Any] = {}
+        if expires_at is not None:
+            changes["expires_at"] = expires_at - moved
+        if status == STAGED:
+            changes["fire_at"] = fire_at - moved
+            await conn.execute(
+                update(OUTBOX)
+                .where(OUTBOX.c.msg_id == nid, OUTBOX.c.sent_at.is_(None))
+                .values(available_at=fire_at - moved)
+            )
+        await conn.execute(update(NOTIFICATIONS).where(n.id == nid).values(changes))
+
+
 async def _lock_schedules(conn: AsyncConnection, pair: Pair) -> None:
     """
     Lock the pair's schedules for the transaction (PostgreSQL; SQLite has one writer):
@@ -348,6 +392,7 @@ class SqlAdvanceStore:
             await conn.execute(delete(OFFSETS).where(*_mine(OFFSETS, pair)))
             await _lock_schedules(conn, pair)
             await _shift_rows(conn, pair, timedelta(0))
+            await _shift_held(conn, pair, -timedelta(seconds=float(row[0])))
         return float(row[0])
 
     async def pair_state(self, pair: Pair, start: datetime, end: datetime) -> PairState:
@@ -407,6 +452,12 @@ class SqlAdvanceStore:
                 conn, FIRES, write.fires, unique=["schedule_id", "fire_at"]
             )
             written = await run_core(writing(write.notifications), conn)
+            # After the write, whose budget step locks the user's counter row before
+            # it changes any message, as the dispatcher's does: one lock order. The
+            # messages just written are on the new offset already.
+            moved = write.new_offset_s - (write.old_offset_s or 0.0)
+            fresh = {r["id"] for r in written.rows}
+            await _shift_held(conn, write.pair, timedelta(seconds=moved), fresh)
             if job is not None:
                 result = None if job_result is None else job_result(written)
                 await _end_job(conn, job, write.now, result=result)

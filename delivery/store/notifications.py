@@ -13,7 +13,7 @@ statements, decided once per store.
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final, Protocol
 
@@ -32,9 +32,10 @@ from delivery.policy import (
     Candidate,
     Priority,
     allot,
+    allot_rolling,
 )
 from delivery.store.common import StoreBase, owned, owned_values
-from delivery.store.policy import LIVE, UserOf, spending, superseding
+from delivery.store.policy import LIVE, PairOf, UserOf, pair_spent, spending, superseding
 from delivery.store.staging import STAGED, dropping_staged
 from delivery.store.steps import (
     InsertIgnoring,
@@ -148,6 +149,8 @@ class NotificationBatch:
         replace: source ids whose ``staged`` notification is dropped first.
         budgets: project id -> its attention budget, for the projects that have one.
         now: the instant the budget's rolling window ends at.
+        offsets: source id -> the clock offset (seconds) of its advanced pair: that
+            message's budget is counted on the pair's clock (:func:`budgeting`).
     """
 
     notifications: Sequence[Mapping[str, Any]]
@@ -157,6 +160,7 @@ class NotificationBatch:
     replace: Sequence[str] = ()
     budgets: Mapping[str, AttentionBudget] = field(default_factory=dict)
     now: datetime | None = None
+    offsets: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +331,7 @@ def writing(batch: NotificationBatch) -> Steps[Written]:
         # stale one, is what the budget then spends a unit on.
         rows = _newest_per_key(rows)
     if batch.budgets:
-        rows = yield from budgeting(rows, batch.budgets, batch.now)
+        rows = yield from budgeting(rows, batch.budgets, batch.now, batch.offsets)
     if keyed:
         yield from superseding(rows)
     kept = {r["id"] for r in rows if r["status"] in LIVE}
@@ -442,22 +446,35 @@ def budgeting(
     rows: Sequence[Mapping[str, Any]],
     budgets: Mapping[str, AttentionBudget],
     now: datetime | None,
+    offsets: Mapping[str, float] | None = None,
 ) -> Steps[list[Mapping[str, Any]]]:
     """
     ``rows`` with those over their user's attention budget suppressed
     (``suppressed`` / ``attention_budget``), decided with the users' counters
     locked (:func:`delivery.store.policy.spending`), in the caller's transaction.
+
+    A message of an advanced pair (its source in ``offsets``) is dated on the pair's
+    clock, so it is decided there: at its own ``created_at`` (advance-time dates a
+    day's messages over days), against the pair's own messages in the window ending
+    at that instant (:func:`delivery.store.policy.pair_spent`,
+    :func:`delivery.policy.allot_rolling`). The others share the user's budget in
+    real time, as before, among the messages dated in real time.
     """
     candidates = [r for r in rows if r["project_id"] in budgets and r["status"] in LIVE]
     if not candidates:
         return list(rows)
+    shifted = offsets or {}
     at = now if now is not None else max(r["created_at"] for r in candidates)
     users = [(r["project_id"], r["user_id"]) for r in candidates]
     windows = {p: b.window_s for p, b in budgets.items()}
     used = yield from spending(windows, users, at)
     asking: dict[UserOf, list[Mapping[str, Any]]] = {}
+    on_pair: dict[PairOf, list[Mapping[str, Any]]] = {}
     for r in candidates:
-        asking.setdefault((r["project_id"], r["user_id"]), []).append(r)
+        if shifted.get(r["source_id"]):
+            on_pair.setdefault((r["project_id"], r["agent_id"], r["user_id"]), []).append(r)
+        else:
+            asking.setdefault((r["project_id"], r["user_id"]), []).append(r)
     over: set[str] = set()
     for user, wanting in asking.items():
         limit = budgets[user[0]].limit
@@ -472,6 +489,25 @@ def budgeting(
             limit,
         )
         over.update(suppressed)
+    if on_pair:
+        since = {
+            pair: min(r["created_at"] for r in wanting)
+            - timedelta(seconds=budgets[pair[0]].window_s)
+            for pair, wanting in on_pair.items()
+        }
+        spent = yield from pair_spent(since)
+        for pair, wanting in on_pair.items():
+            budget = budgets[pair[0]]
+            _passed, suppressed = allot_rolling(
+                [
+                    Candidate(r["id"], r["priority"] or Priority.NORMAL.value, r["created_at"])
+                    for r in wanting
+                ],
+                spent.get(pair, []),
+                budget.limit,
+                timedelta(seconds=budget.window_s),
+            )
+            over.update(suppressed)
     if not over:
         return list(rows)
     return [

@@ -14,18 +14,25 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import ARRAY, String, and_, bindparam, delete, func, select, text, update
+from sqlalchemy import ARRAY, String, and_, bindparam, delete, exists, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.policy import EXPIRED, NOT_COUNTED, SUPERSEDED, SUPERSEDED_BY_KEY, TTL
 from delivery.store.common import StoreBase, insert_ignoring_duplicates
-from delivery.store.direct import MAX_VARIABLES, sqlite_instant
+from delivery.store.direct import MAX_VARIABLES, parse_instant, sqlite_instant
 from delivery.store.engine import any_row, write_transaction
 from delivery.store.staging import STAGED
 from delivery.store.steps import Call, Steps
-from delivery.store.tables import ATTENTION, NOTIFICATIONS, OUTBOX, POLICIES, QUIET_HOURS
+from delivery.store.tables import (
+    ATTENTION,
+    NOTIFICATIONS,
+    OFFSETS,
+    OUTBOX,
+    POLICIES,
+    QUIET_HOURS,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +41,9 @@ _q = QUIET_HOURS.c
 
 type UserOf = tuple[str, str]
 """(project_id, user_id): whose attention (every agent of the project counts)."""
+
+type PairOf = tuple[str, str, str]
+"""(project_id, agent_id, user_id): an advanced pair, whose budget runs on its clock."""
 
 LIVE = ("pending", STAGED)
 """Statuses a policy may still change: not yet read, or not yet visible."""
@@ -188,6 +198,9 @@ def spending(
     Lock each user's attention counter and count the messages that spent their
     budget in the project's rolling window: ``{(project, user): used}``.
 
+    Only messages dated in real time count: those of a pair whose clock is advanced
+    (``clock_offsets``) are dated on that clock and counted by :func:`pair_spent`.
+
     On PostgreSQL the counter rows are upserted in key order (``INSERT ... ON
     CONFLICT DO UPDATE`` takes each row's lock, held to the commit), so a second
     dispatcher deciding for the same user waits here and then, READ COMMITTED,
@@ -217,6 +230,16 @@ def _grouped(keys: Sequence[UserOf]) -> dict[str, list[str]]:
 
 
 _NOT_COUNTED_SQL = ",".join(f"'{s}'" for s in NOT_COUNTED)
+_REAL_TIME_SQL = (
+    "NOT EXISTS (SELECT 1 FROM clock_offsets o WHERE o.project_id = notifications.project_id "
+    "AND o.agent_id = notifications.agent_id AND o.user_id = notifications.user_id)"
+)
+"""A message not of an advanced pair (dated in real time); as :data:`_REAL_TIME` in Core."""
+_REAL_TIME = ~exists().where(
+    OFFSETS.c.project_id == _n.project_id,
+    OFFSETS.c.agent_id == _n.agent_id,
+    OFFSETS.c.user_id == _n.user_id,
+)
 
 
 def _count_direct(
@@ -231,7 +254,7 @@ def _count_direct(
             rows = db.execute(
                 "SELECT user_id, COUNT(*) FROM notifications WHERE project_id = ? "  # noqa: S608 - only marks interpolated
                 f"AND user_id IN ({marks}) AND created_at > ? "
-                f"AND status NOT IN ({_NOT_COUNTED_SQL}) GROUP BY user_id",
+                f"AND status NOT IN ({_NOT_COUNTED_SQL}) AND {_REAL_TIME_SQL} GROUP BY user_id",
                 (project_id, *chunk, since),
             ).fetchall()
             for user_id, count in rows:
@@ -264,6 +287,7 @@ def _pg_statements() -> tuple[Any, Any]:
             _n.user_id == users.c.user_id,
             _n.created_at > bindparam("since", type_=_n.created_at.type),
             _n.status.not_in(NOT_COUNTED),
+            _REAL_TIME,
         )
         .scalar_subquery()
     )
@@ -297,6 +321,7 @@ async def _count_core(
                     _n.user_id.in_(user_ids),
                     _n.created_at > since,
                     _n.status.not_in(NOT_COUNTED),
+                    _REAL_TIME,
                 )
                 .group_by(_n.user_id)
             )
@@ -304,6 +329,54 @@ async def _count_core(
             if count:
                 used[(project_id, user_id)] = int(count)
     return used
+
+
+def pair_spent(since: Mapping[PairOf, datetime]) -> Steps[dict[PairOf, list[datetime]]]:
+    """
+    The instants (on the pair's clock) of each advanced pair's messages that spent a
+    unit of its budget, dated after ``since[pair]``: an advanced pair's budget counts
+    its own messages on its own clock (:func:`delivery.policy.allot_rolling`). The
+    caller holds the users' counter rows (:func:`spending`).
+    """
+    if not since:
+        return {}
+    found: dict[PairOf, list[datetime]] = yield Call(
+        lambda db: _pair_spent_direct(db, since),
+        lambda conn: _pair_spent_core(conn, since),
+    )
+    return found
+
+
+def _pair_spent_direct(
+    db: sqlite3.Connection, since: Mapping[PairOf, datetime]
+) -> dict[PairOf, list[datetime]]:
+    out: dict[PairOf, list[datetime]] = {}
+    for pair, start in sorted(since.items()):
+        rows = db.execute(
+            "SELECT created_at FROM notifications WHERE project_id = ? AND agent_id = ? "  # noqa: S608 - constants only
+            f"AND user_id = ? AND created_at > ? AND status NOT IN ({_NOT_COUNTED_SQL})",
+            (*pair, sqlite_instant(start)),
+        ).fetchall()
+        out[pair] = [parse_instant(t) for (t,) in rows]
+    return out
+
+
+async def _pair_spent_core(
+    conn: AsyncConnection, since: Mapping[PairOf, datetime]
+) -> dict[PairOf, list[datetime]]:
+    out: dict[PairOf, list[datetime]] = {}
+    for (project_id, agent_id, user_id), start in sorted(since.items()):
+        result = await conn.execute(
+            select(_n.created_at).where(
+                _n.project_id == project_id,
+                _n.agent_id == agent_id,
+                _n.user_id == user_id,
+                _n.created_at > start,
+                _n.status.not_in(NOT_COUNTED),
+            )
+        )
+        out[(project_id, agent_id, user_id)] = list(result.scalars())
+    return out
 
 
 def superseding(rows: Sequence[Mapping[str, Any]]) -> Steps[int]:

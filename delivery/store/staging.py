@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Select, case, select, update
+from sqlalchemy import Select, case, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.bus.messages import FireCreated
@@ -53,8 +53,13 @@ async def promote(engine: AsyncEngine, now: datetime) -> int:
     Make every staged notification whose fire instant has passed visible.
 
     ``created_at`` becomes ``now``: the instant it joined the queue, which is
-    what lateness is measured on. A staged row whose composition failed becomes
-    ``failed_generation`` (it has no outbox entry: nothing to deliver).
+    what lateness is measured on. A message of an advanced pair held for later
+    keeps its ``created_at``: the pair's instant it was held until, later than its
+    ``fire_at`` (the same instant in real time, which released it; see
+    :func:`delivery.dispatcher.process.notification_row`), as real now is not on
+    the pair's clock, and its ``fire_at`` becomes that instant too. A staged row
+    whose composition failed becomes ``failed_generation`` (it has no outbox
+    entry: nothing to deliver).
     Idempotent, so every relay of every replica may run it.
 
     Returns:
@@ -70,7 +75,12 @@ async def promote(engine: AsyncEngine, now: datetime) -> int:
         .where(*_due(now))
         .values(
             status=case((n.error.is_(None), "pending"), else_="failed_generation"),
-            created_at=now,
+            created_at=case(
+                (n.created_at > n.fire_at, n.created_at),
+                else_=literal(now, n.created_at.type),
+            ),
+            # Released, such a message is dated on its pair's clock again throughout.
+            fire_at=case((n.created_at > n.fire_at, n.created_at), else_=n.fire_at),
         )
     )
     async with write_transaction(engine) as conn:

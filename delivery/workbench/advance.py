@@ -15,12 +15,15 @@ from delivery.cadence import format_utc
 from delivery.clock import Clock
 from delivery.dispatcher.composers import Composer, TemplateComposer
 from delivery.dispatcher.messages import Messages, TemplateBooks, as_composed
+from delivery.dispatcher.policies import Policies
 from delivery.dispatcher.process import compose_all, notification_batch
 from delivery.domain import Draft
 from delivery.errors import ConflictError
+from delivery.policy import ProjectPolicy, QuietHours
 from delivery.store.advance import AdvanceStore, AdvanceWrite, JobClaim, Pair, advance_store
 from delivery.store.engine import Engine
 from delivery.store.notifications import Written
+from delivery.store.policy import PolicyStore, UserOf
 from delivery.store.templates import TemplateStore
 from delivery.workbench.plan import advance_window, plan_advance, response_body, validate_hours
 
@@ -70,10 +73,12 @@ async def advance_time(
         plan = plan_advance(pair, window, offset, state)
         # Composed outside the transaction: an LLM call never holds the write lock.
         composed, composers = await _compose(db, composer, plan.drafts)
+        policies, quiet = await _rules(db, plan.drafts)
+        new_offset_s = (window.end - now).total_seconds()
         write = AdvanceWrite(
             pair=pair,
             old_offset_s=plan.old_offset_s,
-            new_offset_s=(window.end - now).total_seconds(),
+            new_offset_s=new_offset_s,
             now=now,
             fires=plan.fires,
             schedule_moves=plan.schedule_moves,
@@ -86,6 +91,11 @@ async def advance_time(
                 # staged notification: this simulated one replaces it.
                 replace=[d.source_id for d in plan.drafts if d.schedule_id is not None],
                 composers=composers,
+                # The dispatcher's policy decisions, on the pair's clock: each
+                # message at its own instant, its budget counted among the pair's.
+                offsets=dict.fromkeys((d.source_id for d in plan.drafts), new_offset_s),
+                policies=policies,
+                quiet=quiet,
             ),
         )
         try:
@@ -102,6 +112,7 @@ async def advance_time(
                 source_id=row["source_id"],
                 fire_at=format_utc(row["fire_at"]),
                 status=row["status"],
+                **({"reason": row["status_reason"]} if row.get("status_reason") else {}),
             )
         bound.info(
             "advance_time.done",
@@ -128,6 +139,19 @@ async def _compose(
     llm = None if isinstance(composer, TemplateComposer) else composer
     messages = Messages(TemplateBooks(TemplateStore(engine), ttl_s=0.0), llm)
     return as_composed(await messages.compose(drafts))
+
+
+async def _rules(
+    db: AdvanceStore | Engine, drafts: Sequence[Draft]
+) -> tuple[dict[str, ProjectPolicy], dict[UserOf, QuietHours]]:
+    """
+    The delivery policies the dispatcher would decide ``drafts`` by, read fresh (an
+    advance is rare and a policy just saved must apply); none without an engine.
+    """
+    engine = db if isinstance(db, AsyncEngine) else getattr(db, "engine", None)
+    if not isinstance(engine, AsyncEngine):
+        return {}, {}
+    return await Policies(PolicyStore(engine), ttl_s=0.0).of_drafts(drafts)
 
 
 def _body(hours: float, written: Written) -> dict[str, Any]:

@@ -130,7 +130,10 @@ def plan_advance(
                 }
             )
             if tick.skipped is None:
-                drafts.append(schedule_draft(schedule, fid, tick.fire_at, item))
+                # The tick after this one is the fire that supersedes a message
+                # deferred past it, as the dispatcher reads it from the schedule.
+                following = {**schedule, "next_fire_at": next_fire(compiled, tick.fire_at)}
+                drafts.append(schedule_draft(following, fid, tick.fire_at, item))
                 fired_at = tick.fire_at
         # The pair's clock passes these ticks: the scheduler must not fire them again
         # when real time gets there, so next_fire_at moves past the window.

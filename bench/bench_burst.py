@@ -22,8 +22,26 @@ the dispatcher's write transaction costs::
 
     .venv/bin/python bench/bench_burst.py --attention-budget --no-peer
 
-``--no-peer`` skips APScheduler. The daemon runs with ``DELIVERY_LOG_LEVEL=WARNING``
-so 100,000 per-notification log lines do not take the CPU the figure is about.
+``--compare-replicas`` (PostgreSQL) runs the burst with 1 scheduler + 1
+dispatcher, then with 3 schedulers + 2 dispatchers, and prints both and the
+ratio of fires/s (``--replicas`` / ``--dispatchers`` set one shape)::
+
+    .venv/bin/python bench/bench_burst.py --compare-replicas --lookahead-s 0 \
+        --database-url postgresql+asyncpg://postgres@127.0.0.1:5432/test
+
+``--restart-after-s 600`` measures catch-up after downtime instead: the schedules
+are seeded as they stand after 10 minutes with no scheduler (each one's
+``next_fire_at`` a whole minute at least that long ago, unhandled; within
+``DELIVERY_MAX_LATENESS_S``, so each is produced once), then the daemon starts;
+times and lateness count from its start. The peer's jobs get a next run time
+that long before ``start()``::
+
+    .venv/bin/python bench/bench_burst.py --restart-after-s 600
+
+``--daemon-env NAME=VALUE`` passes a setting to the daemon processes
+(``--daemon-env DELIVERY_CLAIM_BATCH=5000``). ``--no-peer`` skips APScheduler. The
+daemon runs with ``DELIVERY_LOG_LEVEL=WARNING`` so 100,000 per-notification log
+lines do not take the CPU the figure is about.
 """
 
 import argparse
@@ -233,10 +251,20 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 async def wait_idle_then_burst(
-    engine: AsyncEngine, count: int, due: datetime, *, timeout_s: float
+    engine: AsyncEngine,
+    count: int,
+    due: datetime,
+    *,
+    timeout_s: float,
+    origin: datetime | None = None,
 ) -> dict[str, Any]:
     """
     Poll until all ``count`` notifications are pending; the timings, from the database.
+
+    Times are measured from ``origin`` (default ``due``): for a restart after
+    downtime that is the daemon's start, and lateness is also counted from it for
+    fires that fell due while it was down (``lateness_since_due`` keeps the raw
+    ``created_at - fire_at``).
 
     Only ``pending`` counts: a fire staged ahead is composed early into a hidden
     ``staged`` row whose ``created_at`` is a placeholder until the relay shows it
@@ -267,16 +295,21 @@ async def wait_idle_then_burst(
                 select(func.max(OUTBOX.c.sent_at)).where(OUTBOX.c.subject.like("%.fire.%"))
             )
         ).scalar_one()
-    lateness = [(r.created_at - r.fire_at).total_seconds() for r in rows]
-    return {
+    start = origin or due
+    lateness = [(r.created_at - max(r.fire_at, start)).total_seconds() for r in rows]
+    result = {
         "notifications": len(rows),
         "pending": sum(1 for r in rows if r.status == "pending"),
         "fires": fires,
-        "all_pending_s": (max(r.created_at for r in rows) - due).total_seconds(),
-        "all_fires_committed_s": (last_fire - due).total_seconds(),
-        "all_fires_published_s": (published - due).total_seconds() if published else None,
+        "all_pending_s": (max(r.created_at for r in rows) - start).total_seconds(),
+        "all_fires_committed_s": (last_fire - start).total_seconds(),
+        "all_fires_published_s": (published - start).total_seconds() if published else None,
         "lateness": Distribution.of(lateness),
     }
+    if origin is not None:
+        since_due = [(r.created_at - r.fire_at).total_seconds() for r in rows]
+        result["lateness_since_due"] = Distribution.of(since_due)
+    return result
 
 
 def warnings_in(log: Path) -> dict[str, int]:
@@ -320,10 +353,20 @@ async def ours(args: argparse.Namespace, workdir: Path, *, budget: bool = False)
         # minute, so staging gets exactly the window it has in production instead
         # of whatever the minute boundary leaves after seeding.
         lead = timedelta(seconds=25 if args.count <= 10_000 else 80)
-        due = ceil_minute(datetime.now(UTC), at_least=lead)
+        if args.restart_after_s is not None:
+            # As the data stands after that much downtime: every schedule's
+            # next_fire_at is a whole minute (daily HH:MM) that long ago, unhandled.
+            overdue = datetime.now(UTC) - timedelta(seconds=args.restart_after_s)
+            due = overdue.replace(second=0, microsecond=0)
+        else:
+            due = ceil_minute(datetime.now(UTC), at_least=lead)
         seeded = await seed(engine, args.count, due, budget=budget)
         lookahead = {} if args.lookahead_s is None else {"DELIVERY_LOOKAHEAD_S": args.lookahead_s}
+        lookahead.update(pair.split("=", 1) for pair in args.daemon_env)
         print(f"seeded {args.count:,} schedules in {seeded:.1f} s; all due at {due:%H:%M:%S} UTC")
+        restarted: datetime | None = None
+        if args.restart_after_s is not None:
+            restarted = datetime.now(UTC)
         if args.database_url:
             nats_url = args.nats_url or os.environ.get("DELIVERY_NATS_URL", "")
             if not nats_url:
@@ -337,19 +380,30 @@ async def ours(args: argparse.Namespace, workdir: Path, *, budget: bool = False)
                 DELIVERY_SUBJECT_PREFIX=f"bench{uuid.uuid4().hex[:8]}",
             )
             procs += [spawn(["scheduler"], env, log) for _ in range(args.replicas)]
-            procs.append(spawn(["dispatcher"], env, log))
+            procs += [spawn(["dispatcher"], env, log) for _ in range(args.dispatchers)]
         else:
             env = daemon_env(**lookahead, DELIVERY_DATA_DIR=str(workdir / "data"))
             procs.append(spawn(["run"], env, log))
-        wait = (due - datetime.now(UTC)).total_seconds()
-        if wait < 5:
-            raise RuntimeError("seeding took too long; the burst minute has passed")
-        print(f"daemon started; burst in {wait:.0f} s")
-        result = await wait_idle_then_burst(engine, args.count, due, timeout_s=wait + args.timeout)
+        if restarted is not None:
+            wait = 0.0
+            down = (restarted - due).total_seconds()
+            print(f"daemon started {down:.0f} s after the fires fell due (the downtime)")
+        else:
+            wait = (due - datetime.now(UTC)).total_seconds()
+            if wait < 5:
+                raise RuntimeError("seeding took too long; the burst minute has passed")
+            print(f"daemon started; burst in {wait:.0f} s")
+        result = await wait_idle_then_burst(
+            engine, args.count, due, timeout_s=wait + args.timeout, origin=restarted
+        )
+        if restarted is not None:
+            result["downtime_s"] = (restarted - due).total_seconds()
         for proc in procs:
             if proc.poll() is not None:
                 raise RuntimeError(f"a daemon process exited with {proc.returncode}; see {log}")
         result["daemon_warnings"] = warnings_in(log)
+        # Other work shares the machine: the load at the end says how much.
+        result["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
         # CPU of the daemon processes themselves (not a spawned nats-server): on a
         # shared machine a steadier figure than the wall-clock ones.
         result["daemon_cpu_s"] = sum(
@@ -367,12 +421,19 @@ async def ours(args: argparse.Namespace, workdir: Path, *, budget: bool = False)
             await conn.close()
 
 
-async def peer(count: int, *, misfire_grace_time: float | None = 1.0) -> dict[str, Any]:
+async def peer(
+    count: int, *, misfire_grace_time: float | None = 1.0, overdue_s: float | None = None
+) -> dict[str, Any]:
     """
     APScheduler 3 (AsyncIOScheduler, MemoryJobStore): ``count`` cron jobs due in one minute.
 
     ``misfire_grace_time=1`` is APScheduler's default (a job processed more than 1 s
     late is dropped as misfired); ``None`` runs every job however late.
+
+    With ``overdue_s`` the jobs' next run time is that long before ``start()`` (as a
+    persistent job store holds them after that much downtime; coalescing, its
+    default, is moot with one missed run per job), and times and lateness count
+    from ``start()``.
     """
     from apscheduler.events import EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, JobEvent
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -380,7 +441,11 @@ async def peer(count: int, *, misfire_grace_time: float | None = 1.0) -> dict[st
 
     # APScheduler 3 needs ~0.3 ms per add_job (measured): leave room.
     lead = timedelta(seconds=max(20.0, count * 0.0008))
-    due = ceil_minute(datetime.now(UTC), at_least=lead)
+    if overdue_s is not None:
+        due = (datetime.now(UTC) - timedelta(seconds=overdue_s)).replace(second=0, microsecond=0)
+    else:
+        due = ceil_minute(datetime.now(UTC), at_least=lead)
+    restarted = 0.0
     # One warning line per dropped job would dominate the output; count them instead.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     scheduler = AsyncIOScheduler(
@@ -396,7 +461,7 @@ async def peer(count: int, *, misfire_grace_time: float | None = 1.0) -> dict[st
 
     def listener(event: JobEvent) -> None:
         nonlocal missed
-        lateness = time.time() - event.scheduled_run_time.timestamp()
+        lateness = time.time() - max(event.scheduled_run_time.timestamp(), restarted)
         seen.append(lateness)
         if event.code == EVENT_JOB_MISSED:
             missed += 1
@@ -410,13 +475,19 @@ async def peer(count: int, *, misfire_grace_time: float | None = 1.0) -> dict[st
     for i in range(count):
         zone = ZoneInfo(ZONES[i % len(ZONES)])
         local = due.astimezone(zone)
-        scheduler.add_job(
-            job, CronTrigger(hour=local.hour, minute=local.minute, timezone=zone), id=f"j{i}"
-        )
+        trigger = CronTrigger(hour=local.hour, minute=local.minute, timezone=zone)
+        if overdue_s is not None:
+            scheduler.add_job(job, trigger, id=f"j{i}", next_run_time=due)
+        else:
+            scheduler.add_job(job, trigger, id=f"j{i}")
     add_s = time.perf_counter() - started
+    if overdue_s is not None:
+        restarted = time.time()
     scheduler.start()
     try:
-        await asyncio.wait_for(done.wait(), (due - datetime.now(UTC)).total_seconds() + 600)
+        await asyncio.wait_for(
+            done.wait(), max(0.0, (due - datetime.now(UTC)).total_seconds()) + 600
+        )
     finally:
         scheduler.shutdown(wait=False)
     return {
@@ -441,8 +512,15 @@ async def main() -> None:
     parser.add_argument(
         "--nats-url", default="", help="external NATS for --database-url (default: spawn one)"
     )
+    parser.add_argument("--replicas", type=int, default=1, help="scheduler processes (PostgreSQL)")
     parser.add_argument(
-        "--replicas", type=int, choices=[1, 3], default=1, help="scheduler processes (PostgreSQL)"
+        "--dispatchers", type=int, default=1, help="dispatcher processes (PostgreSQL)"
+    )
+    parser.add_argument(
+        "--compare-replicas",
+        action="store_true",
+        help="PostgreSQL: run 1 scheduler + 1 dispatcher, then 3 schedulers + 2 dispatchers, "
+        "and print the ratio (no peer)",
     )
     parser.add_argument(
         "--timeout", type=float, default=900.0, help="seconds after the burst minute"
@@ -459,42 +537,78 @@ async def main() -> None:
         help="DELIVERY_LOOKAHEAD_S for the daemon (default: the setting's default; 0 plans "
         "at fire time)",
     )
+    parser.add_argument(
+        "--daemon-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra DELIVERY_* setting for the daemon processes (repeatable)",
+    )
+    parser.add_argument(
+        "--restart-after-s",
+        type=float,
+        default=None,
+        help="catch-up instead of a burst: the fires fell due this many seconds before the "
+        "daemon starts (it was down); times count from its start",
+    )
     args = parser.parse_args()
     args.count = args.count or (5_000 if args.quick else 100_000)
+    if args.compare_replicas and not args.database_url:
+        parser.error("--compare-replicas needs --database-url (PostgreSQL)")
     shape = (
-        f"PostgreSQL, {args.replicas} scheduler(s) + 1 dispatcher"
+        f"PostgreSQL, {args.replicas} scheduler(s) + {args.dispatchers} dispatcher(s)"
         if args.database_url
         else "embedded (`delivery run`, SQLite + spawned nats-server)"
     )
-    print(f"burst of {args.count:,} schedules, {len(ZONES)} zones, all due in one minute; {shape}")
+    restart = args.restart_after_s is not None
+    what = (
+        f"all due {args.restart_after_s:.0f} s before the daemon starts (restart catch-up)"
+        if restart
+        else "all due in one minute"
+    )
+    print(f"burst of {args.count:,} schedules, {len(ZONES)} zones, {what}; {shape}")
     if args.attention_budget:
         await budget_pair(args)
+        return
+    if args.compare_replicas:
+        await replicas_pair(args)
         return
     with tempfile.TemporaryDirectory(prefix="bench_burst_") as tmp:
         result = await ours(args, Path(tmp))
     ours_lateness = result["lateness"]
+    since = "the restart" if restart else "the minute"
     print(
         f"ours: all {result['notifications']:,} notifications pending "
-        f"{result['all_pending_s']:.2f} s after the minute (fires all committed at "
+        f"{result['all_pending_s']:.2f} s after {since} (fires all committed at "
         f"{result['all_fires_committed_s']:.2f} s, all published to JetStream at "
-        f"{result['all_fires_published_s']:.2f} s); lateness {ours_lateness}"
+        f"{result['all_fires_published_s']:.2f} s); {rate(result):,.0f} fires/s; "
+        f"lateness {ours_lateness}"
     )
-    print(f"daemon CPU: {result['daemon_cpu_s']:.1f} s")
+    if restart:
+        print(
+            f"ours: downtime {result['downtime_s']:.0f} s; lateness counted from the fire "
+            f"instant {result['lateness_since_due']}; target: all pending with p99 <= 10 s "
+            f"after the restart ({args.count / 10:,.0f} fires/s)"
+        )
+    print(f"daemon CPU: {result['daemon_cpu_s']:.1f} s; load average {result['loadavg']}")
     print(f"daemon warnings and errors: {result['daemon_warnings'] or 'none'}")
-    figures: dict[str, Any] = {"ours": {**result, "lateness": vars(ours_lateness)}}
+    figures: dict[str, Any] = {"ours": jsonable(result)}
     if not args.no_peer:
+        overdue = args.restart_after_s
         aps = f"APScheduler {_aps_version()}, {args.count:,} cron jobs in memory"
-        default = await peer(args.count)
+        if restart:
+            aps += f", next run {overdue:.0f} s before start()"
+        default = await peer(args.count, overdue_s=overdue)
         print(
             f"peer ({aps}, default misfire_grace_time=1 s): add {default['add_s']:.1f} s; "
             f"ran {default['ran']:,}, dropped as misfired {default['missed']:,}; "
             f"lateness when processed {default['lateness']}"
         )
-        patient = await peer(args.count, misfire_grace_time=None)
+        patient = await peer(args.count, misfire_grace_time=None, overdue_s=overdue)
         print(
             f"peer ({aps}, misfire_grace_time=None so every job runs): "
-            f"add {patient['add_s']:.1f} s; ran {patient['ran']:,}; "
-            f"lateness {patient['lateness']}"
+            f"add {patient['add_s']:.1f} s; ran {patient['ran']:,}; all run "
+            f"{patient['all_processed_s']:.2f} s after {since}; lateness {patient['lateness']}"
         )
         p50 = patient["lateness"].p50 / ours_lateness.p50
         p99 = patient["lateness"].p99 / ours_lateness.p99
@@ -502,9 +616,43 @@ async def main() -> None:
             f"ratio (peer / ours): p50 {p50:.1f}x, p99 {p99:.1f}x lateness; with its defaults "
             f"the peer delivers {default['ran']:,} of {args.count:,}, ours {result['pending']:,}"
         )
-        figures["peer_default"] = {**default, "lateness": vars(default["lateness"])}
-        figures["peer_no_grace"] = {**patient, "lateness": vars(patient["lateness"])}
+        figures["peer_default"] = jsonable(default)
+        figures["peer_no_grace"] = jsonable(patient)
     print(json.dumps(figures, default=str))
+
+
+def rate(result: dict[str, Any]) -> float:
+    """Fires per second end to end: notifications over the time until all were pending."""
+    return float(result["notifications"]) / max(float(result["all_pending_s"]), 1e-9)
+
+
+def jsonable(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: vars(v) if isinstance(v, Distribution) else v for k, v in result.items()}
+
+
+async def replicas_pair(args: argparse.Namespace) -> None:
+    """The burst with 1 scheduler + 1 dispatcher, then 3 + 2, on PostgreSQL; the ratio."""
+    runs: dict[str, dict[str, Any]] = {}
+    for replicas, dispatchers in ((1, 1), (3, 2)):
+        args.replicas, args.dispatchers = replicas, dispatchers
+        label = f"{replicas} scheduler(s) + {dispatchers} dispatcher(s)"
+        since = "the restart" if args.restart_after_s is not None else "the minute"
+        with tempfile.TemporaryDirectory(prefix="bench_burst_") as tmp:
+            result = await ours(args, Path(tmp))
+        runs[label] = result
+        print(
+            f"{label}: all {result['pending']:,} of {result['notifications']:,} pending "
+            f"{result['all_pending_s']:.2f} s after {since} ({rate(result):,.0f} fires/s); "
+            f"lateness {result['lateness']}; daemon CPU {result['daemon_cpu_s']:.1f} s; "
+            f"load average {result['loadavg']}; warnings {result['daemon_warnings'] or 'none'}"
+        )
+    one, many = runs.values()
+    print(
+        f"ratio (3+2 / 1+1): fires/s {rate(many) / rate(one):.2f}x (target >= 1.5x), "
+        f"daemon CPU {many['daemon_cpu_s'] / one['daemon_cpu_s']:.2f}x; "
+        f"this machine has {os.cpu_count()} cores"
+    )
+    print(json.dumps({k: jsonable(v) for k, v in runs.items()}, default=str))
 
 
 async def budget_pair(args: argparse.Namespace) -> None:

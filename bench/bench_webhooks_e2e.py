@@ -15,6 +15,7 @@ receiver's count of POSTs equals the number of attempts recorded.
 
     .venv/bin/python bench/bench_webhooks_e2e.py                   # 100,000, SQLite
     .venv/bin/python bench/bench_webhooks_e2e.py --count 20000     # shorter
+    .venv/bin/python bench/bench_webhooks_e2e.py --origin-per-project  # 127.0.0.1 ... .8
     .venv/bin/python bench/bench_webhooks_e2e.py --database-url postgresql+asyncpg://postgres@127.0.0.1:5432/bench_webhooks
 
 A PostgreSQL database named by ``--database-url`` is dropped and created afresh.
@@ -66,8 +67,11 @@ EVENT = "on_wakeup_ready"
 USERS_PER_PROJECT = 5
 
 
-def serve_forever() -> None:
-    """The receiver process: count POSTs and answer 200 as cheaply as aiohttp allows."""
+def serve_forever(hosts: int) -> None:
+    """
+    The receiver process: count POSTs and answer 200 as cheaply as aiohttp allows, on
+    127.0.0.1 and on 127.0.0.2 ... up to ``hosts`` loopback addresses, one port.
+    """
     from aiohttp import web
 
     count = 0
@@ -89,7 +93,10 @@ def serve_forever() -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
         await site.start()
-        print(runner.addresses[0][1], flush=True)
+        port = runner.addresses[0][1]
+        for n in range(2, hosts + 1):
+            await web.TCPSite(runner, f"127.0.0.{n}", port, backlog=4096).start()
+        print(port, flush=True)
         await asyncio.Event().wait()
 
     try:
@@ -162,7 +169,7 @@ async def _fresh_postgres(url: str) -> None:
     await admin.dispose()
 
 
-async def _run(args: argparse.Namespace, folder: Path, hook: str, count_url: str) -> None:
+async def _run(args: argparse.Namespace, folder: Path, port: str) -> None:
     url = args.database_url or f"sqlite+aiosqlite:///{folder / 'delivery.db'}"
     if not url.startswith("sqlite"):
         await _fresh_postgres(url)
@@ -182,10 +189,11 @@ async def _run(args: argparse.Namespace, folder: Path, hook: str, count_url: str
     projects: list[str] = []
     for p in range(args.projects):
         project = (await store.keys.ensure_project(f"bench-{p}", now)).id
+        host = f"127.0.0.{p + 1}" if args.origin_per_project else "127.0.0.1"
         await webhooks.upsert_endpoint(
             project,
             EVENT,
-            url=hook,
+            url=f"http://{host}:{port}/webhooks/sonzai",
             auth_header_enc=None,
             new_secret_enc=box.seal(generate_secret()),
             now=now,
@@ -261,7 +269,7 @@ async def _run(args: argparse.Namespace, folder: Path, hook: str, count_url: str
         ).scalar_one()
     await engine.dispose()
     async with httpx.AsyncClient() as client:
-        posts = int((await client.get(count_url)).text)
+        posts = int((await client.get(f"http://127.0.0.1:{port}/count")).text)
 
     total_attempts = sum(attempts.values())
     problems = []
@@ -277,7 +285,9 @@ async def _run(args: argparse.Namespace, folder: Path, hook: str, count_url: str
     kind = "SQLite" if url.startswith("sqlite") else "PostgreSQL"
     print(
         f"webhooks end to end: {rate:,.0f} deliveries/s over {len(seeded):,} notifications "
-        f"({len(projects)} projects, one endpoint each, {args.in_flight} in flight), "
+        f"({len(projects)} projects, one endpoint each, "
+        f"{'one origin each' if args.origin_per_project else 'all on one origin'}, "
+        f"{args.in_flight} in flight), "
         f"{elapsed:.2f} s ({enqueued:.2f} s to enqueue), {kind}; "
         f"attempts recorded {total_attempts:,}, receiver POSTs {posts:,}; "
         f"target {TARGET_RATE:,.0f}/s, ratio {rate / TARGET_RATE:.2f}"
@@ -301,22 +311,29 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=256, help="DELIVERY_WEBHOOK_MAX_IN_FLIGHT")
     parser.add_argument("--database-url", default=None, help="PostgreSQL (dropped, recreated)")
     parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument(
+        "--origin-per-project",
+        action="store_true",
+        help="each project's endpoint on its own loopback address (127.0.0.N), as tenants' "
+        "receivers are; by default all share one origin, so DELIVERY_WEBHOOK_PER_ENDPOINT "
+        "(32) bounds the whole run's concurrency",
+    )
     args = parser.parse_args()
     if args.serve:
-        serve_forever()
+        serve_forever(args.projects if args.origin_per_project else 1)
         return
     configure_logging("WARNING")
-    receiver = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--serve"], stdout=subprocess.PIPE, text=True
-    )
+    serve = [sys.executable, os.path.abspath(__file__), "--serve", "--projects", str(args.projects)]
+    if args.origin_per_project:
+        serve.append("--origin-per-project")
+    receiver = subprocess.Popen(serve, stdout=subprocess.PIPE, text=True)
     try:
         assert receiver.stdout is not None
         port = receiver.stdout.readline().strip()
         if not port.isdigit():
             raise SystemExit(f"receiver did not start: {port!r}")
-        base = f"http://127.0.0.1:{port}"
         with tempfile.TemporaryDirectory() as name:
-            asyncio.run(_run(args, Path(name), f"{base}/webhooks/sonzai", f"{base}/count"))
+            asyncio.run(_run(args, Path(name), port))
     finally:
         receiver.kill()
         receiver.wait()

@@ -29,6 +29,7 @@ from delivery.settings import Settings
 from handlers.base import Delivered, Failed, Message, Outcome, Retry
 from handlers.classify import classify_exception
 from handlers.contacts import ContactKind, redact
+from handlers.provider_http import DirectPost
 from handlers.retry import parse_retry_after
 
 log = structlog.get_logger(__name__)
@@ -369,6 +370,7 @@ class FcmChannel:
         self._client = client
         self._clock = clock
         self._url = f"{base_url.rstrip('/')}/v1/projects/{account.project_id}/messages:send"
+        self._post_direct = DirectPost(client, self._url)
         self._tokens = GoogleAccessTokens(account, client=client, clock=clock, token_url=token_url)
         self._default_title = default_title
 
@@ -440,8 +442,13 @@ class FcmChannel:
         return outcome
 
     async def _post(self, token: str, body: dict[str, Any]) -> httpx.Response:
-        return await self._client.post(
-            self._url, json=body, headers={"Authorization": f"Bearer {token}"}
+        # The encoding httpx's ``json=`` uses (compact, UTF-8, no NaN).
+        content = json.dumps(
+            body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        ).encode()
+        return await self._post_direct(
+            content,
+            {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         )
 
 

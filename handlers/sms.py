@@ -14,10 +14,12 @@ References:
 Channel contract: :meth:`SmsChannel.send` never raises for provider or network trouble.
 """
 
+import base64
 from bisect import bisect_right
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final, Literal, Self
+from urllib.parse import urlencode
 
 import httpx
 import structlog
@@ -27,6 +29,7 @@ from delivery.settings import Settings
 from handlers.base import Delivered, Failed, Message, Outcome, Retry
 from handlers.classify import classify_exception
 from handlers.contacts import ContactKind, redact
+from handlers.provider_http import DirectPost
 from handlers.retry import parse_retry_after
 
 log = structlog.get_logger(__name__)
@@ -204,10 +207,15 @@ class SmsChannel:
         if max_segments < 1:
             raise ValueError("max_segments must be at least 1")
         self._url = f"{base_url.rstrip('/')}/2010-04-01/Accounts/{account_sid}/Messages.json"
-        self._auth = httpx.BasicAuth(account_sid, auth_token)
+        credentials = base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode()
+        # HTTP basic auth, as httpx.BasicAuth writes it, once for every send.
+        self._headers = {
+            "Authorization": f"Basic {credentials}",
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
         self._sender_field = "MessagingServiceSid" if sender.startswith("MG") else "From"
         self._sender = sender
-        self._client = client
+        self._post = DirectPost(client, self._url)
         self._clock = clock
         self._max_segments = max_segments
 
@@ -247,7 +255,7 @@ class SmsChannel:
         }
         bound = log.bind(event_id=message.event_id, to=redact(self.kind, destination))
         try:
-            response = await self._client.post(self._url, data=form, auth=self._auth)
+            response = await self._post(urlencode(form).encode(), self._headers)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             outcome = classify_exception(exc)
             bound.warning(

@@ -64,6 +64,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "handlers.contacts",
             "handlers.fallback",
             "handlers.email",
+            "handlers.provider_http",
             "handlers.fcm",
             "handlers.sms",
             "handlers.fanout",

@@ -34,6 +34,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, func, select, tuple_, update
@@ -759,6 +760,12 @@ class WebhookStore(StoreBase):
             PENDING: {"next_attempt_at": bindparam("b_at")},
             DEAD: {"status": DEAD, "next_attempt_at": None},
         }
+        # Rows are updated in key order, table by table, so two handlers replicas whose
+        # batches touch the same notifications or endpoints take their row locks in one
+        # order on PostgreSQL and cannot deadlock each other.
+        for rows in by_kind.values():
+            rows.sort(key=itemgetter("b_id"))
+        consumed.sort(key=itemgetter("b_id"))
         async with self.write() as conn:
             await conn.execute(ATTEMPTS.insert(), attempt_rows)
             for kind, rows in by_kind.items():
@@ -777,26 +784,30 @@ class WebhookStore(StoreBase):
                     .values(status="consumed", consumed_at=bindparam("b_now")),
                     consumed,
                 )
-            found: list[EndpointDisabled | None] = []
-            # Successes only clear a streak: consecutive ones are one statement, flushed
-            # before a failure of the same endpoint so the order of items is kept.
-            clear: set[str] = set()
-            for item in items:
-                endpoint_id = item.claimed.endpoint_id
-                if item.attempt.status == SUCCESS:
-                    clear.add(endpoint_id)
-                    found.append(None)
-                    continue
-                if endpoint_id in clear:
-                    await self._clear_streaks(conn, [endpoint_id])
-                    clear.discard(endpoint_id)
-                found.append(
-                    await self._endpoint_health(
+            found: list[EndpointDisabled | None] = [None] * len(items)
+            by_endpoint: dict[str, list[int]] = {}
+            for index, item in enumerate(items):
+                by_endpoint.setdefault(item.claimed.endpoint_id, []).append(index)
+            # Endpoints in key order; each one's attempts in the order of items, so a
+            # success clears a streak before a later failure starts a new one. Successes
+            # only clear a streak: the clears wait and go in one statement, flushed
+            # before any failure's statements so the key order holds.
+            clear: list[str] = []
+            for endpoint_id in sorted(by_endpoint):
+                for index in by_endpoint[endpoint_id]:
+                    item = items[index]
+                    if item.attempt.status == SUCCESS:
+                        if not clear or clear[-1] != endpoint_id:
+                            clear.append(endpoint_id)
+                        continue
+                    if clear:
+                        await self._clear_streaks(conn, clear)
+                        clear = []
+                    found[index] = await self._endpoint_health(
                         conn, item.claimed, item.attempt, item.step, item.now, disable_after
                     )
-                )
             if clear:
-                await self._clear_streaks(conn, sorted(clear))
+                await self._clear_streaks(conn, clear)
         return found
 
     async def _clear_streaks(self, conn: AsyncConnection, endpoint_ids: Sequence[str]) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Protocol, Self
 import aiohttp
 import httpx
 import structlog
-from httpx_aiohttp import AiohttpTransport
+import yarl
 
 from delivery import __version__
 from delivery.clock import Clock
@@ -226,6 +226,8 @@ _TARGET_CACHE = 4096
 @dataclass(frozen=True, slots=True)
 class _Target:
     url: httpx.URL
+    yarl: yarl.URL
+    """The same URL for aiohttp, parsed once (it would parse a string per request)."""
     origin: str
     refusal: str | None
     """Why the SSRF guard refuses an IP-literal host; checked once per URL."""
@@ -236,13 +238,15 @@ class WebhookChannel:
     Signed webhook POSTs over httpx with a transport that scales.
 
     httpx's default pool collapses at high concurrency (encode/httpx#3215: 49 req/s at
-    256 in flight), so requests go through ``httpx_aiohttp.AiohttpTransport`` on an
-    aiohttp connector whose resolver is the SSRF :class:`~handlers.ssrf.GuardedResolver`.
-    Requests are ``httpx.Request`` objects handed straight to that transport, without an
-    ``httpx.AsyncClient`` around it: a client would add a cookie jar shared by every
-    tenant's receiver, redirect handling and environment proxies, none of which a
-    webhook may have (a redirect or a proxy connects somewhere the guard did not
-    check), and its per-request bookkeeping costs a third of the CPU of a delivery.
+    256 in flight), so requests go to an aiohttp session whose connector's resolver is
+    the SSRF :class:`~handlers.ssrf.GuardedResolver`, called directly: an
+    ``httpx.AsyncClient`` would add a cookie jar shared by every tenant's receiver,
+    redirect handling and environment proxies, none of which a webhook may have (a
+    redirect or a proxy connects somewhere the guard did not check), and its
+    per-request bookkeeping cost a third of the CPU of a delivery; the
+    ``httpx.Request`` and response wrapping of ``httpx_aiohttp`` cost a further fifth of
+    the sender's CPU under py-spy in ``bench/bench_webhooks_e2e.py``. An injected
+    httpx ``transport`` (tests) is still driven through ``httpx.Request`` objects.
 
     Concurrency is bounded twice: at most ``per_endpoint`` requests per origin
     (scheme, host, port), then at most ``max_in_flight`` overall. A request waits for its
@@ -295,7 +299,7 @@ class WebhookChannel:
         guard = GuardedResolver(self._allow_nets, resolver)
 
         def session() -> aiohttp.ClientSession:
-            # Built lazily by the transport, inside the running loop, on first use.
+            # Built lazily, inside the running loop, on first use.
             connector = aiohttp.TCPConnector(
                 resolver=guard,
                 limit=max_in_flight,
@@ -303,11 +307,18 @@ class WebhookChannel:
                 ssl=tls,
             )
             # No cookie jar: one receiver's Set-Cookie must never ride along to another's.
+            # No session timeout: deliver's one deadline bounds the whole attempt.
             return aiohttp.ClientSession(
-                connector=connector, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
+                connector=connector,
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=aiohttp.ClientTimeout(total=None),
+                auto_decompress=False,
             )
 
-        self._transport = transport or AiohttpTransport(client=session)
+        self._new_session = session
+        self._session: aiohttp.ClientSession | None = None
+        self._transport = transport
         # One deadline per attempt (asyncio.timeout in deliver) bounds connect, send and
         # read together; per-phase transport timeouts would only add timers per request.
         self._timeouts: dict[str, float | None] = {}
@@ -338,7 +349,11 @@ class WebhookChannel:
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
-        await self._transport.aclose()
+        if self._transport is not None:
+            await self._transport.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     @property
     def endpoints_in_flight(self) -> int:
@@ -410,7 +425,7 @@ class WebhookChannel:
                         raise BlockedAddressError(target.refusal)
                     async with asyncio.timeout(self._timeout_s):
                         status_code, response_body, retry_after = await self._post(
-                            target.url, headers, body
+                            target, headers, body
                         )
                 except Exception as exc:
                     outcome = classify_exception(exc)
@@ -455,17 +470,47 @@ class WebhookChannel:
                 check_literal_host(parsed.host, self._allow_nets)
             except BlockedAddressError as exc:
                 refusal = str(exc)
-            target = _Target(parsed, f"{parsed.scheme}://{parsed.host}:{port}", refusal)
+            target = _Target(
+                parsed,
+                yarl.URL(str(parsed), encoded=True),
+                f"{parsed.scheme}://{parsed.host}:{port}",
+                refusal,
+            )
             self._targets[url] = target
         return target
 
     async def _post(
-        self, url: httpx.URL, headers: dict[str, str], body: bytes
+        self, target: "_Target", headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes, str | None]:
+        if self._transport is not None:
+            return await self._post_transport(self._transport, target.url, headers, body)
+        if self._session is None:
+            self._session = self._new_session()
+        async with self._session.post(
+            target.yarl, data=body, headers=headers, allow_redirects=False
+        ) as response:
+            kept = b""
+            # Read at most body_limit + 1 bytes: enough to record and to know it was cut,
+            # without letting a receiver stream gigabytes into our memory. Leaving the
+            # block early closes the connection rather than reading the rest.
+            while len(kept) <= self._body_limit:
+                chunk = await response.content.read(self._body_limit + 1 - len(kept))
+                if not chunk:
+                    break
+                kept += chunk
+            return response.status, kept, response.headers.get("Retry-After")
+
+    async def _post_transport(
+        self,
+        transport: httpx.AsyncBaseTransport,
+        url: httpx.URL,
+        headers: dict[str, str],
+        body: bytes,
     ) -> tuple[int, bytes, str | None]:
         request = httpx.Request(
             "POST", url, content=body, headers=headers, extensions={"timeout": self._timeouts}
         )
-        response = await self._transport.handle_async_request(request)
+        response = await transport.handle_async_request(request)
         try:
             kept = bytearray()
             # Read at most body_limit + 1 bytes: enough to record and to know it was cut,

@@ -7,9 +7,9 @@ costs only its own record.
 import asyncio
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from delivery.store.tables import DELIVERIES, NOTIFICATIONS
+from delivery.store.tables import DELIVERIES, ENDPOINTS, NOTIFICATIONS
 from delivery.store.webhooks import (
     ATTEMPTS,
     SUCCESS,
@@ -156,3 +156,46 @@ async def test_a_bad_attempt_fails_alone(rig: Rig) -> None:
 
 def _fields(record: AttemptRecord) -> dict[str, object]:
     return {name: getattr(record, name) for name in record.__dataclass_fields__}
+
+
+async def test_batches_failing_on_two_endpoints_in_opposite_orders_do_not_deadlock(
+    rig: Rig,
+) -> None:
+    """
+    Two replicas' batches fail on the same two endpoints, one batch A then B, the other
+    B then A, at the same time: each endpoint row is locked in key order, so on
+    PostgreSQL neither waits for the other in a cycle (a deadlock aborts one batch).
+    """
+    _receiver, url = rig.receiver()
+    await rig.register(url)
+    await rig.register(url, event_type="on_trigger_event")
+    worker = rig.worker()
+    rounds = 8
+    await worker.enqueue(await rig.notify(*range(1, 2 * rounds + 1)))
+    await worker.enqueue(
+        await rig.notify(*range(101, 101 + 2 * rounds), event_type="on_trigger_event")
+    )
+    claimed = await rig.webhooks.claim_due(
+        now=rig.clock.now(), limit=4 * rounds, lease=timedelta(minutes=1), worker_id="w"
+    )
+    by_type: dict[str, list[ClaimedDelivery]] = {}
+    for c in claimed:
+        by_type.setdefault(c.event_type, []).append(c)
+    a, b = by_type["on_wakeup_ready"], by_type["on_trigger_event"]
+    assert len(a) == len(b) == 2 * rounds
+    now = rig.clock.now()
+    retry = NextState(retry_at=now + timedelta(minutes=5), reason="500")
+
+    def failed(c: ClaimedDelivery) -> RecordedAttempt:
+        return RecordedAttempt(c, _attempt(c, now, ok=False), retry, now)
+
+    for r in range(rounds):
+        # Only the first failure of a streak locks its endpoint row: start afresh.
+        async with rig.engine.begin() as conn:
+            await conn.execute(update(ENDPOINTS).values(failing_since=None))
+        one = [failed(a[2 * r]), failed(b[2 * r])]
+        other = [failed(b[2 * r + 1]), failed(a[2 * r + 1])]
+        await asyncio.gather(rig.webhooks.record_attempts(one), rig.webhooks.record_attempts(other))
+    async with rig.engine.connect() as conn:
+        attempts = (await conn.execute(select(func.count()).select_from(ATTEMPTS))).scalar_one()
+    assert attempts == 4 * rounds

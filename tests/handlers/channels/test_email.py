@@ -329,3 +329,21 @@ def test_subject_for(payload: dict[str, str], text: str, expected: str) -> None:
 def test_classify_smtp_error(error: Exception, expected: type) -> None:
     """4yz and network trouble retry; 5yz and missing capabilities fail."""
     assert type(classify_smtp_error(error)) is expected
+
+
+async def test_a_recipient_the_writer_leaves_to_the_stdlib_is_still_sent(
+    plain_smtp: SmtpServer, clock: ManualClock
+) -> None:
+    """A quoted local part goes through the stdlib's builder; the mail arrives whole."""
+    quoted = '"ada lovelace"@example.com'
+    message = make_message(generated_message="Hi Ada!")
+
+    outcome = await _channel(plain_smtp, clock).send(message, quoted)
+
+    assert isinstance(outcome, Delivered)
+    assert plain_smtp.sink.envelopes[0].rcpt_tos == [quoted]
+    mail = _received(plain_smtp)
+    assert mail["To"] == quoted
+    assert mail["Subject"] == "Hi Ada!"
+    plain_part, _html_part = mail.iter_parts()
+    assert plain_part.get_content().strip() == "Hi Ada!"

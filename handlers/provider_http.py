@@ -37,6 +37,9 @@ class DirectPost:
         """One POST of ``content`` with ``headers`` over the client's defaults; read whole."""
         if self._parts is None:
             # Read on first use, as the client's configuration is by then final.
+            # ``_transport_for_url`` is httpx's own (private) choice of transport, mounts
+            # and proxies included; httpx is bounded below 1.0 and every FCM and SMS
+            # test goes through this line, so a change there fails loudly.
             self._parts = (
                 self._client._transport_for_url(self._url),
                 dict(self._client.headers),

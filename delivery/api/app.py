@@ -24,6 +24,7 @@ from delivery.api.auth import Authenticator, AuthMiddleware, OpsTokenMiddleware
 from delivery.api.context import ApiContext, NoWaker, Wakeable
 from delivery.api.errors import install_error_handlers
 from delivery.api.idempotency import IdempotencyMiddleware
+from delivery.api.ingest import EventIngest
 from delivery.api.limits import BodyLimitMiddleware
 from delivery.api.metrics import HttpMetrics, RequestContextMiddleware
 from delivery.api.openapi import DOCS_PAGES, install_offline_docs, install_openapi
@@ -126,6 +127,7 @@ def create_app(
         webhooks=WebhookStore(store.engine),
         composer=composer,
         timeline=SqlTimelineStore(store.engine),
+        ingest=EventIngest(store.events, clock.now, lambda: ctx.wake_relay()),
     )
     metrics = HttpMetrics()
     app.state.metrics = metrics

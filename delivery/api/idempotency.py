@@ -16,6 +16,8 @@ chance at, and its writes are rolled back.
 
 import hashlib
 import json
+import re
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -51,6 +53,11 @@ class IdempotencyMiddleware:
         ttl: how long a response is replayed.
         secrets: the deployment's secret box; every recorded
             response is sealed with it.
+        self_recording: ``METHOD path`` patterns of routes that take the
+            request's :class:`IdempotencyClaim` and check the key themselves,
+            in the transaction of their write: the read of the key before the
+            route runs is skipped for them (a retry runs the route again and is
+            answered from the record its write finds).
     """
 
     def __init__(
@@ -60,8 +67,10 @@ class IdempotencyMiddleware:
         clock: Clock,
         ttl: timedelta,
         secrets: LazySecretBox | None = None,
+        self_recording: Sequence[re.Pattern[str]] = (),
     ) -> None:
         self.app = app
+        self._self_recording = tuple(self_recording)
         self.store = store
         self.clock = clock
         self.ttl = ttl
@@ -117,10 +126,13 @@ class IdempotencyMiddleware:
         route = f"{scope['method']} {scope['path']}"[:512]
         digest = hashlib.sha256(body).hexdigest()
         now = self.clock.now()
-        record = await self.store.idempotency.find_idempotency_record(project, route, key, now=now)
-        if record is not None:
-            await self._answer_from(send, record, digest, route)
-            return
+        if not any(pattern.fullmatch(route) for pattern in self._self_recording):
+            record = await self.store.idempotency.find_idempotency_record(
+                project, route, key, now=now
+            )
+            if record is not None:
+                await self._answer_from(send, record, digest, route)
+                return
 
         replayed = False
 

@@ -220,3 +220,27 @@ async def test_a_lost_database_answers_503_and_the_retry_writes_once(api: Api) -
     ids, outbox, records = await _written(api)
     assert ids == {retried.json()["event_id"]}
     assert outbox == records == 1
+
+
+async def test_retries_are_answered_from_the_record(api: Api) -> None:
+    """
+    The route checks its key in its own write: a retry replays the first answer,
+    another body with the key is 409, a recorded 400 is replayed; one event.
+    """
+    headers = {"Idempotency-Key": "again"}
+    first = await api.alpha.post(PATH, json=_event(1), headers=headers)
+    retry = await api.alpha.post(PATH, json=_event(1), headers=headers)
+    assert first.status_code == retry.status_code == 200
+    assert retry.json() == first.json()
+    assert retry.headers["idempotent-replayed"] == "true"
+    other = await api.alpha.post(PATH, json=_event(2), headers=headers)
+    assert (other.status_code, other.json()["code"]) == (409, "IDEMPOTENCY_KEY_REUSED")
+    bad = {**_event(3), "metadata": {"k": "v" * 100_000}}
+    refused = await api.alpha.post(PATH, json=bad, headers={"Idempotency-Key": "bad"})
+    replayed = await api.alpha.post(PATH, json=bad, headers={"Idempotency-Key": "bad"})
+    assert refused.status_code == replayed.status_code == 400
+    assert replayed.json() == refused.json()
+    assert replayed.headers["idempotent-replayed"] == "true"
+    ids, outbox, records = await _written(api)
+    assert ids == {first.json()["event_id"]}
+    assert (outbox, records) == (1, 2)

@@ -8,6 +8,7 @@ and builds the reaction.
 """
 
 import json
+import re
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -27,6 +28,8 @@ from delivery.tracing import current_stored
 
 router = APIRouter(tags=["events"])
 PREFIX = "/api/v1/agents/{agent_id}/events"
+SELF_RECORDING = re.compile(r"POST /api/v1/agents/[^/]+/events")
+"""The route that records its ``Idempotency-Key`` answer with its grouped write."""
 
 
 @router.post(PREFIX, responses={200: {"model": EventAccepted}})

@@ -74,8 +74,9 @@ class EventIngest:
             # A fresh context: the writer serves every request, and must neither
             # join the first one's unit of work nor log with its request id.
             self._writer = asyncio.create_task(self._write_all(), context=contextvars.Context())
-        # Shielded: a client that disconnects cancels its request, not the batch.
-        return await asyncio.shield(future)
+        # A request cancelled meanwhile (its client left) cancels only its
+        # future: the batch still commits its event, and answers nobody for it.
+        return await future
 
     async def _write_all(self) -> None:
         try:

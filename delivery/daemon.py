@@ -184,6 +184,10 @@ class Daemon:
         if self._scheduler_job is not None:
             self._scheduler_job.wake()
 
+    def wake_relay(self) -> None:
+        """Nudge the outbox relay alone (the API's waker after it accepted events)."""
+        self._wake_relay()
+
     async def run(self, *, install_signals: bool = True) -> None:
         """Start the parts, wait for a stop request, then stop them in reverse order."""
         loop = asyncio.get_running_loop()

@@ -25,10 +25,11 @@ from delivery.api.console import install_console
 from delivery.api.context import ApiContext, NoWaker, Wakeable
 from delivery.api.errors import install_error_handlers
 from delivery.api.idempotency import IdempotencyMiddleware
+from delivery.api.ingest import EventIngest
 from delivery.api.limits import BodyLimitMiddleware
 from delivery.api.metrics import HttpMetrics, RequestContextMiddleware
 from delivery.api.openapi import DOCS_PAGES, install_offline_docs, install_openapi
-from delivery.api.routes import ROUTERS
+from delivery.api.routes import ROUTERS, events
 from delivery.clock import Clock
 from delivery.dispatcher.composers import SharedComposer
 from delivery.ops import Readiness, ScrapeGauges, database_checks, scheduler_check
@@ -126,6 +127,7 @@ def create_app(
         webhooks=WebhookStore(store.engine),
         composer=composer,
         timeline=SqlTimelineStore(store.engine),
+        ingest=EventIngest(store.events, clock.now, lambda: ctx.wake_relay()),
     )
     metrics = HttpMetrics()
     app.state.metrics = metrics
@@ -154,6 +156,7 @@ def create_app(
         clock=clock,
         ttl=timedelta(seconds=settings.idempotency_ttl_s),
         secrets=secrets,
+        self_recording=[events.SELF_RECORDING],
     )
     app.add_middleware(AuthMiddleware, authenticator=authenticator)
     app.add_middleware(

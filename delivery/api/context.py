@@ -7,11 +7,12 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, runtime_checkable
 
 import structlog
 from fastapi import Depends, Path, Request
 
+from delivery.api.ingest import EventIngest
 from delivery.api.schemas import (
     ID_PATTERN,
     MAX_METADATA_BYTES,
@@ -44,6 +45,15 @@ class Wakeable(Protocol):
         ...
 
 
+@runtime_checkable
+class RelayWakeable(Protocol):
+    """A :class:`Wakeable` that can also nudge the outbox relay alone."""
+
+    def wake_relay(self) -> None:
+        """Publish committed outbox rows soon; must not block, safe to call often."""
+        ...
+
+
 class NoWaker:
     """The default :class:`Wakeable`: the API runs without a daemon in-process."""
 
@@ -68,6 +78,8 @@ class ApiContext:
     """The advance-time composer, built on first use and closed with the app."""
     timeline: SqlTimelineStore
     """The timeline's reads (read-only)."""
+    ingest: EventIngest
+    """Accepted events, written in grouped transactions."""
 
     def wake(self) -> None:
         """
@@ -80,6 +92,20 @@ class ApiContext:
         SDK retry and duplicate the write).
         """
         after_commit(self.store.engine, self._wake_now)
+
+    def wake_relay(self) -> None:
+        """
+        Nudge the outbox relay after a commit that wrote only outbox rows (an
+        accepted event): the scheduler has nothing to claim for it. A waker
+        without a relay of its own is woken whole.
+        """
+        try:
+            if isinstance(self.waker, RelayWakeable):
+                self.waker.wake_relay()
+            else:
+                self.waker.wake()
+        except Exception as exc:  # the waker belongs to another component
+            _log.warning("waker failed", error=repr(exc))
 
     def _wake_now(self) -> None:
         try:

@@ -16,7 +16,10 @@ chance at, and its writes are rolled back.
 
 import hashlib
 import json
-from datetime import timedelta
+import re
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,7 +28,7 @@ from delivery.clock import Clock
 from delivery.errors import BadRequestError, ConflictError, DeliveryError, IdempotencyKeyReusedError
 from delivery.secrets import LazySecretBox, SecretBox
 from delivery.store.engine import unit_of_work
-from delivery.store.idempotency import IdempotencyRecord
+from delivery.store.idempotency import IdempotencyRecord, idempotency_row
 from delivery.store.sql import SqlStore
 
 _METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -50,6 +53,11 @@ class IdempotencyMiddleware:
         ttl: how long a response is replayed.
         secrets: the deployment's secret box; every recorded
             response is sealed with it.
+        self_recording: ``METHOD path`` patterns of routes that take the
+            request's :class:`IdempotencyClaim` and check the key themselves,
+            in the transaction of their write: the read of the key before the
+            route runs is skipped for them (a retry runs the route again and is
+            answered from the record its write finds).
     """
 
     def __init__(
@@ -59,8 +67,10 @@ class IdempotencyMiddleware:
         clock: Clock,
         ttl: timedelta,
         secrets: LazySecretBox | None = None,
+        self_recording: Sequence[re.Pattern[str]] = (),
     ) -> None:
         self.app = app
+        self._self_recording = tuple(self_recording)
         self.store = store
         self.clock = clock
         self.ttl = ttl
@@ -116,10 +126,13 @@ class IdempotencyMiddleware:
         route = f"{scope['method']} {scope['path']}"[:512]
         digest = hashlib.sha256(body).hexdigest()
         now = self.clock.now()
-        record = await self.store.idempotency.find_idempotency_record(project, route, key, now=now)
-        if record is not None:
-            await self._answer_from(send, record, digest, route)
-            return
+        if not any(pattern.fullmatch(route) for pattern in self._self_recording):
+            record = await self.store.idempotency.find_idempotency_record(
+                project, route, key, now=now
+            )
+            if record is not None:
+                await self._answer_from(send, record, digest, route)
+                return
 
         replayed = False
 
@@ -131,9 +144,19 @@ class IdempotencyMiddleware:
             return await receive()
 
         answer = _HeldResponse()
+        claim = IdempotencyClaim(self, project, route, key, digest, now)
+        scope.setdefault("state", {})[CLAIM_STATE] = claim
         async with unit_of_work(self.store.engine) as unit:
             await self.app(scope, replay_body, answer.hold)
-            if 200 <= answer.status < 500:
+            if claim.taken:
+                # The route wrote its record with its writes (or failed to):
+                # nothing is left to record here.
+                if claim.replayed:
+                    await unit.rollback()
+                    await self._answer_from(send, claim.replay, digest, route)
+                    return
+                await unit.commit()
+            elif 200 <= answer.status < 500:
                 recorded = await self.store.idempotency.record_idempotency(
                     project,
                     route,
@@ -180,6 +203,64 @@ class IdempotencyMiddleware:
             _log.info("idempotent replay", route=route, status=record.status_code)
             replay = await self._replayed_body(record.body)
             await _send_json(send, record.status_code, replay, [(b"idempotent-replayed", b"true")])
+
+
+CLAIM_STATE = "idempotency_claim"
+"""The key of a request's :class:`IdempotencyClaim` in its ASGI scope's ``state``."""
+
+
+class IdempotencyClaim:
+    """
+    A request's ``Idempotency-Key``, for a route that records its answer itself.
+
+    The middleware records a route's answer after the route returns, in the
+    request's unit of work. A route whose write is committed elsewhere (the
+    grouped event writes of :mod:`delivery.api.ingest`) instead takes the claim,
+    builds the record with :meth:`record` and commits it with its writes; when
+    its key turns out to have a record already, it says so with
+    :meth:`replay_from` and the middleware answers from that record.
+    """
+
+    def __init__(
+        self,
+        middleware: "IdempotencyMiddleware",
+        project: str,
+        route: str,
+        key: str,
+        digest: str,
+        now: datetime,
+    ) -> None:
+        self._middleware = middleware
+        self.project = project
+        self.route = route
+        self.key = key
+        self.digest = digest
+        self.now = now
+        self.taken = False
+        self.replayed = False
+        self.replay: IdempotencyRecord | None = None
+
+    async def record(self, status_code: int, body: bytes) -> dict[str, Any]:
+        """Take the claim; the record of answering ``status_code`` with ``body``."""
+        self.taken = True
+        return idempotency_row(
+            self.project,
+            self.route,
+            self.key,
+            self.digest,
+            status_code=status_code,
+            body=await self._middleware._stored_body(body),
+            now=self.now,
+            ttl=self._middleware.ttl,
+        )
+
+    def replay_from(self, record: IdempotencyRecord | None) -> None:
+        """
+        The key had a live record (None: it vanished meanwhile); the middleware
+        answers from it, whatever the route returns.
+        """
+        self.replayed = True
+        self.replay = record
 
 
 class _HeldResponse:

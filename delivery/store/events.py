@@ -1,6 +1,8 @@
 """Trigger events as the API accepts and lists them."""
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy import select
@@ -8,8 +10,41 @@ from sqlalchemy import select
 from delivery.store.bulk import outbox_row
 from delivery.store.common import StoreBase, owned
 from delivery.store.engine import Engine
-from delivery.store.steps import InsertIgnoring, InsertRows, Runner, inserting
+from delivery.store.idempotency import IdempotencyRecord, finding, recording
+from delivery.store.steps import InsertIgnoring, InsertRows, Runner, Steps, inserting
 from delivery.store.tables import EVENTS, OUTBOX, TriggerEventRow
+
+
+@dataclass(frozen=True, slots=True)
+class EventWrite:
+    """
+    One accepted event as :meth:`Events.accept_events` writes it.
+
+    Attributes:
+        row: the event.
+        outbox: its ``event.accepted`` outbox message.
+        record: the ``Idempotency-Key`` record of the answer
+            (:func:`delivery.store.idempotency.idempotency_row`), or None without a key.
+    """
+
+    row: TriggerEventRow
+    outbox: Mapping[str, Any]
+    record: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventOutcome:
+    """
+    What :meth:`Events.accept_events` did with one :class:`EventWrite`.
+
+    Attributes:
+        written: the event, its outbox message and its record were written.
+        replay: when not written, the live record its key already had (answer
+            from it); None when that record vanished meanwhile (a purge).
+    """
+
+    written: bool
+    replay: IdempotencyRecord | None = None
 
 
 class Events(Protocol):
@@ -23,6 +58,20 @@ class Events(Protocol):
 
     async def insert_event(self, row: TriggerEventRow, outbox: Mapping[str, Any]) -> None:
         """Insert the event and its outbox message in one transaction."""
+        ...
+
+    async def accept_events(
+        self, writes: Sequence[EventWrite], now: datetime
+    ) -> list[EventOutcome]:
+        """
+        Write many accepted events in ONE transaction, each with its outbox
+        message and its idempotency record, unless its key already has a live
+        record (``now`` decides which are live); one outcome per write, in order.
+
+        Of two writes with one key, in this call or concurrent ones, only the
+        first keeps its event; the other is answered from the first's record.
+        All of it commits, or none (it raised).
+        """
         ...
 
     async def list_events(
@@ -49,6 +98,12 @@ class EventStore(StoreBase):
             )
         )
 
+    async def accept_events(
+        self, writes: Sequence[EventWrite], now: datetime
+    ) -> list[EventOutcome]:
+        """See :meth:`Events.accept_events`."""
+        return await self._runner.write(_accepting(writes, now))
+
     async def list_events(
         self, project_id: str, agent_id: str, *, user_id: str | None, limit: int
     ) -> list[TriggerEventRow]:
@@ -62,3 +117,30 @@ class EventStore(StoreBase):
         async with self.read() as conn:
             rows = (await conn.execute(stmt)).all()
         return [TriggerEventRow(**r._mapping) for r in rows]
+
+
+def _accepting(writes: Sequence[EventWrite], now: datetime) -> Steps[list[EventOutcome]]:
+    """
+    Record each write's key first (its key's live record wins), then insert the
+    events and outbox messages of the recorded ones in two multi-row statements.
+    """
+    outcomes: list[EventOutcome] = []
+    kept: list[EventWrite] = []
+    for write in writes:
+        record = write.record
+        if record is not None:
+            inserted: int = yield from recording(record, now)
+            if inserted != 1:
+                # The key's record, committed earlier or written by a write
+                # before this one in the batch: answer from it.
+                replay = yield from finding(
+                    record["project_id"], record["route"], record["key"], now
+                )
+                outcomes.append(EventOutcome(written=False, replay=replay))
+                continue
+        outcomes.append(EventOutcome(written=True))
+        kept.append(write)
+    if kept:
+        yield InsertRows(EVENTS, [w.row.model_dump() for w in kept])
+        yield InsertIgnoring(OUTBOX, [outbox_row(w.outbox) for w in kept], unique=("msg_id",))
+    return outcomes

@@ -16,7 +16,7 @@ from sqlalchemy import delete
 
 from delivery.store.common import StoreBase, owned_values
 from delivery.store.engine import Engine
-from delivery.store.steps import DeleteIn, InsertIgnoring, Runner, SelectWhere, Steps, selecting
+from delivery.store.steps import DeleteIn, InsertIgnoring, Runner, SelectWhere, Steps
 from delivery.store.tables import IDEMPOTENCY
 
 
@@ -89,19 +89,7 @@ class IdempotencyStore(StoreBase):
         versions that reserved a key before running the request, count as absent.
         Inside a unit of work that has written, this reads its uncommitted state.
         """
-        rows = await self._runner.read(
-            selecting(
-                SelectWhere(
-                    IDEMPOTENCY,
-                    {**owned_values(project_id), "route": route, "key": key},
-                    columns=("request_hash", "status_code", "response_body", "expires_at"),
-                )
-            )
-        )
-        row = rows[0] if rows else None
-        if row is None or row["status_code"] == 0 or row["expires_at"] <= now:
-            return None
-        return IdempotencyRecord(row["request_hash"], row["status_code"], row["response_body"])
+        return await self._runner.read(finding(project_id, route, key, now))
 
     async def record_idempotency(
         self,
@@ -127,17 +115,17 @@ class IdempotencyStore(StoreBase):
             False when another request recorded ``key`` first: the caller rolls
             its writes back and answers from that record.
         """
-        record = {
-            "project_id": project_id,
-            "route": route,
-            "key": key,
-            "request_hash": request_hash,
-            "status_code": status_code,
-            "response_body": body,
-            "created_at": now,
-            "expires_at": now + ttl,
-        }
-        inserted: int = await self._runner.write(_recording(record, now))
+        record = idempotency_row(
+            project_id,
+            route,
+            key,
+            request_hash,
+            status_code=status_code,
+            body=body,
+            now=now,
+            ttl=ttl,
+        )
+        inserted: int = await self._runner.write(recording(record, now))
         return inserted == 1
 
     async def purge_idempotency(self, now: datetime) -> int:
@@ -147,7 +135,46 @@ class IdempotencyStore(StoreBase):
         return int(result.rowcount or 0)
 
 
-def _recording(record: Mapping[str, Any], now: datetime) -> Steps[int]:
+def idempotency_row(
+    project_id: str,
+    route: str,
+    key: str,
+    request_hash: str,
+    *,
+    status_code: int,
+    body: str,
+    now: datetime,
+    ttl: timedelta,
+) -> dict[str, Any]:
+    """The row that records the answer to ``key`` on ``route`` (:func:`recording`)."""
+    return {
+        "project_id": project_id,
+        "route": route,
+        "key": key,
+        "request_hash": request_hash,
+        "status_code": status_code,
+        "response_body": body,
+        "created_at": now,
+        "expires_at": now + ttl,
+    }
+
+
+def finding(
+    project_id: str, route: str, key: str, now: datetime
+) -> Steps[IdempotencyRecord | None]:
+    """The live record of ``key`` on ``route``, or None (as ``find_idempotency_record``)."""
+    rows: list[dict[str, Any]] = yield SelectWhere(
+        IDEMPOTENCY,
+        {**owned_values(project_id), "route": route, "key": key},
+        columns=("request_hash", "status_code", "response_body", "expires_at"),
+    )
+    row = rows[0] if rows else None
+    if row is None or row["status_code"] == 0 or row["expires_at"] <= now:
+        return None
+    return IdempotencyRecord(row["request_hash"], row["status_code"], row["response_body"])
+
+
+def recording(record: Mapping[str, Any], now: datetime) -> Steps[int]:
     """
     Insert ``record`` unless its key has a live record; how many rows were inserted.
 

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,9 @@ TABLES = (
 )
 
 
-def request_for(key: str) -> tuple[str, str, dict[str, Any]]:
+def request_for(key: str, kinds: Sequence[str] = KINDS) -> tuple[str, str, dict[str, Any]]:
     """The (method, path, body) that ``key`` sends, every time it is sent."""
-    kind = KINDS[int(key.rsplit("-", 1)[1]) % len(KINDS)]
+    kind = kinds[int(key.rsplit("-", 1)[1]) % len(kinds)]
     user = f"user-{key}"
     if kind == "schedule":
         return (
@@ -171,13 +171,19 @@ class Outcome:
     """Rows per key, over every kind's table."""
 
 
-async def _send(client: httpx.AsyncClient, key: str) -> httpx.Response:
-    method, path, body = request_for(key)
+async def _send(client: httpx.AsyncClient, key: str, kinds: Sequence[str]) -> httpx.Response:
+    method, path, body = request_for(key, kinds)
     return await client.request(method, path, json=body, headers={"Idempotency-Key": key})
 
 
 async def run_workload(
-    server: Server, database_url: str, *, keys: int, kill_after: int, concurrency: int = 16
+    server: Server,
+    database_url: str,
+    *,
+    keys: int,
+    kill_after: int,
+    concurrency: int = 16,
+    kinds: Sequence[str] = KINDS,
 ) -> Outcome:
     """
     Send ``keys`` idempotent creations ``concurrency`` at a time, SIGKILL the server once
@@ -199,7 +205,7 @@ async def run_workload(
             except asyncio.QueueEmpty:
                 return
             try:
-                answer = await _send(client, name)
+                answer = await _send(client, name, kinds)
             except httpx.TransportError:
                 outcome.interrupted += 1
                 continue
@@ -220,7 +226,7 @@ async def run_workload(
         attempts = 0
         while True:
             attempts += 1
-            answer = await _send(client, name)
+            answer = await _send(client, name, kinds)
             if answer.is_success:
                 break
             outcome.refusals.append(f"{name}: {answer.status_code} {answer.text[:200]}")

@@ -26,3 +26,23 @@ async def test_sigkill_mid_stream_then_retry_every_key(database_url: str, tmp_pa
     assert outcome.replayed_after_restart >= len(outcome.answered_before_kill)
     assert sorted(outcome.written) == [f"k-{n:05d}" for n in range(KEYS)]
     assert set(outcome.written.values()) == {1}
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_event_storm_then_retry_every_key(
+    database_url: str, tmp_path: Path
+) -> None:
+    """
+    Trigger events only, 64 at a time, so they are written in grouped transactions:
+    after a SIGKILL mid-batch every retried key answers 2xx, each event exists once.
+    """
+    keys = 600
+    async with server_for(database_url, tmp_path) as server:
+        outcome = await run_workload(
+            server, database_url, keys=keys, kill_after=keys // 3, concurrency=64, kinds=("event",)
+        )
+    assert keys // 3 <= len(outcome.answered_before_kill) < keys
+    assert outcome.retries == 0, outcome.refusals
+    assert outcome.replayed_after_restart >= len(outcome.answered_before_kill)
+    assert sorted(outcome.written) == [f"k-{n:05d}" for n in range(keys)]
+    assert set(outcome.written.values()) == {1}

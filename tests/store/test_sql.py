@@ -10,7 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.store.bulk import OUTBOX
 from delivery.store.common import canonical_json
-from delivery.store.idempotency import IdempotencyRecord
+from delivery.store.events import EventOutcome, EventWrite
+from delivery.store.idempotency import IdempotencyRecord, idempotency_row
 from delivery.store.notifications import ConsumeOutcome
 from delivery.store.sql import SqlStore
 from delivery.store.tables import (
@@ -186,6 +187,69 @@ async def test_event_and_outbox_commit_together(engine: AsyncEngine) -> None:
     assert await store.count(EVENTS) == 1
     async with store.read() as conn:
         assert (await conn.execute(select(OUTBOX.c.msg_id))).scalars().all() == ["evt_1"]
+
+
+async def test_accepted_events_in_one_call_keep_one_event_per_key(engine: AsyncEngine) -> None:
+    """
+    accept_events: each key recorded first; a second write of a key in the same
+    call, or of a key recorded before, is answered from that record and writes
+    nothing; a dead record is replaced; the rest commit together.
+    """
+    store = SqlStore(engine)
+    project = await _project(store)
+
+    def write(n: int, key: str | None) -> EventWrite:
+        row = TriggerEventRow(
+            id=f"evt_{n}",
+            project_id=project,
+            agent_id="a",
+            user_id="u",
+            event_type="t",
+            created_at=NOW,
+        )
+        outbox = {"subject": "s", "msg_id": f"evt_{n}", "payload": "{}", "created_at": NOW}
+        record = None
+        if key is not None:
+            record = idempotency_row(
+                project,
+                "POST /e",
+                key,
+                f"hash-{n}",
+                status_code=200,
+                body=f"body-{n}",
+                now=NOW,
+                ttl=timedelta(hours=1),
+            )
+        return EventWrite(row, outbox, record)
+
+    await store.idempotency.record_idempotency(
+        project,
+        "POST /e",
+        "old",
+        "h",
+        status_code=200,
+        body="b",
+        now=NOW - timedelta(hours=2),
+        ttl=timedelta(hours=1),
+    )
+    outcomes = await store.events.accept_events(
+        [write(1, "k"), write(2, "k"), write(3, None), write(4, "old"), write(5, "k2")], NOW
+    )
+    assert outcomes == [
+        EventOutcome(written=True),
+        EventOutcome(written=False, replay=IdempotencyRecord("hash-1", 200, "body-1")),
+        EventOutcome(written=True),
+        EventOutcome(written=True),
+        EventOutcome(written=True),
+    ]
+    again = await store.events.accept_events([write(6, "k2")], NOW)
+    assert again == [EventOutcome(written=False, replay=IdempotencyRecord("hash-5", 200, "body-5"))]
+    async with store.read() as conn:
+        events = (await conn.execute(select(EVENTS.c.id).order_by(EVENTS.c.id))).scalars().all()
+        sent = (await conn.execute(select(OUTBOX.c.msg_id).order_by(OUTBOX.c.msg_id))).scalars()
+        assert events == ["evt_1", "evt_3", "evt_4", "evt_5"]
+        assert list(sent) == events
+    assert await store.count(IDEMPOTENCY) == 3
 
 
 async def test_schedule_compare_and_set(engine: AsyncEngine) -> None:

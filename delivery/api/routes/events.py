@@ -2,32 +2,39 @@
 Trigger events under ``/api/v1/agents/{agentId}/events``.
 
 Accepting an event commits the event row and its ``event.accepted`` outbox
-message together; the daemon relays the message and builds the reaction.
+message together (with its ``Idempotency-Key`` record, and with the events of
+concurrent requests: :mod:`delivery.api.ingest`); the daemon relays the message
+and builds the reaction.
 """
 
 import json
+import re
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from delivery.api.auth import ProjectId
 from delivery.api.context import AgentId, Ctx, check_id, check_metadata, parse_limit, wire_time
+from delivery.api.idempotency import CLAIM_STATE, IdempotencyClaim
 from delivery.api.metrics import bind_ids
 from delivery.api.routes.policy import source_policy_json
 from delivery.api.schemas import EventAccepted, EventCreate, EventList, EventOut
 from delivery.bus.subjects import Subjects
 from delivery.domain import notification_id
 from delivery.store.common import canonical_json, new_id
+from delivery.store.events import EventWrite
 from delivery.store.tables import TriggerEventRow
 from delivery.tracing import current_stored
 
 router = APIRouter(tags=["events"])
 PREFIX = "/api/v1/agents/{agent_id}/events"
+SELF_RECORDING = re.compile(r"POST /api/v1/agents/[^/]+/events")
+"""The route that records its ``Idempotency-Key`` answer with its grouped write."""
 
 
 @router.post(PREFIX, responses={200: {"model": EventAccepted}})
 async def trigger_event(
-    agent_id: AgentId, body: EventCreate, project: ProjectId, ctx: Ctx
+    agent_id: AgentId, body: EventCreate, project: ProjectId, ctx: Ctx, request: Request
 ) -> Response:
     """Accept a backend event for the agent's reaction; answers ``{accepted, event_id}``."""
     now = ctx.clock.now()
@@ -61,9 +68,17 @@ async def trigger_event(
     bind_ids(
         event_id=row.id, message_id=notification_id(row.id), user_id=body.user_id, agent_id=agent_id
     )
-    await ctx.store.events.insert_event(row, outbox)
-    ctx.wake()
-    return JSONResponse(EventAccepted(accepted=True, event_id=row.id).model_dump())
+    answer = JSONResponse(EventAccepted(accepted=True, event_id=row.id).model_dump())
+    claim: IdempotencyClaim | None = getattr(request.state, CLAIM_STATE, None)
+    # Written with the other requests' events in one transaction; the key's
+    # record commits with it, so the answer is never recorded without its event.
+    record = (
+        await claim.record(answer.status_code, bytes(answer.body)) if claim is not None else None
+    )
+    outcome = await ctx.ingest.accept(EventWrite(row, outbox, record))
+    if not outcome.written and claim is not None:
+        claim.replay_from(outcome.replay)
+    return answer
 
 
 @router.get(PREFIX, responses={200: {"model": EventList}})

@@ -1,0 +1,119 @@
+"""
+Group commit of accepted trigger events.
+
+A storm of ``POST .../events`` used to make one write transaction per request:
+on SQLite each one queued for the file's single writer and held it across
+several round trips between the event loop and the driver's thread (BEGIN, the
+inserts, the idempotency record, COMMIT), so requests were answered one writer
+turn at a time. Here a request hands its event (row, outbox message,
+idempotency record) to :class:`EventIngest` and waits; one task writes
+everything handed in meanwhile in ONE transaction
+(:meth:`delivery.store.events.Events.accept_events`) and answers each request
+only after that commit. While a batch is written, the next one gathers, so
+under load a batch holds as many events as arrived during the previous commit,
+and a lone request is written at once (no timer).
+
+Never a 2xx for an event not recorded: a request's future resolves after the
+commit, or fails with the batch's exception (the route then answers as it would
+have for its own failed write, e.g. 503 when the database is gone). A batch that
+fails for another reason is retried one write at a time, so one bad event does
+not fail its neighbours.
+"""
+
+import asyncio
+import contextvars
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+import structlog
+
+from delivery.store.engine import is_database_unavailable
+from delivery.store.events import EventOutcome, Events, EventWrite
+
+_log = structlog.get_logger(__name__)
+
+MAX_BATCH = 500
+"""Events per transaction at most; more wait for the next one."""
+
+
+type _Waiting = tuple[EventWrite, asyncio.Future[EventOutcome]]
+
+
+class EventIngest:
+    """
+    Writes the events handed to :meth:`accept` in batches, one transaction each.
+
+    Args:
+        events: the store the batches are written to.
+        now: "now" for deciding which idempotency records are live.
+        on_commit: called after each committed batch that wrote an event (wakes
+            the outbox relay); its faults are logged, never answered.
+        max_batch: events per transaction at most.
+    """
+
+    def __init__(
+        self,
+        events: Events,
+        now: Callable[[], datetime],
+        on_commit: Callable[[], None],
+        *,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        self._events = events
+        self._now = now
+        self._on_commit = on_commit
+        self._max_batch = max_batch
+        self._queue: list[_Waiting] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def accept(self, write: EventWrite) -> EventOutcome:
+        """Write ``write`` with the others waiting; its outcome once it has committed."""
+        future: asyncio.Future[EventOutcome] = asyncio.get_running_loop().create_future()
+        self._queue.append((write, future))
+        if self._writer is None or self._writer.done():
+            # A fresh context: the writer serves every request, and must neither
+            # join the first one's unit of work nor log with its request id.
+            self._writer = asyncio.create_task(self._write_all(), context=contextvars.Context())
+        # A request cancelled meanwhile (its client left) cancels only its
+        # future: the batch still commits its event, and answers nobody for it.
+        return await future
+
+    async def _write_all(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._write(batch)
+        finally:
+            # Only on cancellation (shutdown) can anything be left waiting.
+            for _, future in self._queue:
+                if not future.done():
+                    future.set_exception(RuntimeError("event ingest stopped"))
+            self._queue.clear()
+
+    async def _write(self, batch: Sequence[_Waiting]) -> None:
+        try:
+            outcomes = await self._events.accept_events([w for w, _ in batch], self._now())
+        except asyncio.CancelledError:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(RuntimeError("event ingest stopped"))
+            raise
+        except Exception as exc:
+            if len(batch) == 1 or is_database_unavailable(exc):
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            _log.warning("event batch failed; writing one by one", size=len(batch), error=repr(exc))
+            for one in batch:
+                await self._write([one])
+            return
+        if any(outcome.written for outcome in outcomes):
+            try:
+                self._on_commit()
+            except Exception as exc:  # the events are durable; a waker fault must not undo that
+                _log.warning("waker failed", error=repr(exc))
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if not future.done():
+                future.set_result(outcome)

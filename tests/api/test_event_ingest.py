@@ -1,0 +1,246 @@
+"""
+Trigger events written in grouped transactions (``delivery.api.ingest``): under
+concurrency each accepted event is written once with its outbox message and its
+``Idempotency-Key`` record, and no request is answered 2xx before its commit.
+"""
+
+import asyncio
+from collections.abc import Sequence
+from datetime import datetime
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from delivery.api import create_app
+from delivery.settings import Settings
+from delivery.store.events import EventOutcome, EventStore, EventWrite, _accepting
+from delivery.store.sql import SqlStore
+from delivery.store.steps import Steps
+from delivery.store.tables import EVENTS, IDEMPOTENCY, OUTBOX
+from tests.api.conftest import Api
+
+PATH = "/api/v1/agents/a1/events"
+
+
+def _event(n: int) -> dict[str, str]:
+    return {"user_id": f"u{n % 7}", "event_type": "order_shipped", "event_description": f"#{n}"}
+
+
+class _RecordingEvents(EventStore):
+    """Events that remember the size of every batch, and can hold one before it is written."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.batches: list[int] = []
+        self.hold: asyncio.Event | None = None
+        self.holding = asyncio.Event()
+
+    async def accept_events(
+        self, writes: Sequence[EventWrite], now: datetime
+    ) -> list[EventOutcome]:
+        self.batches.append(len(writes))
+        if self.hold is not None:
+            self.holding.set()
+            await self.hold.wait()
+        return await super().accept_events(writes, now)
+
+
+def _client(api: Api, events: EventStore) -> httpx.AsyncClient:
+    store = SqlStore(api.store.engine)
+    store.events = events
+    app = create_app(Settings(subject_prefix="test"), store, api.clock)
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+        base_url="http://api.test",
+        headers=api.alpha.headers,
+    )
+
+
+async def _written(api: Api) -> tuple[set[str], int, int]:
+    """The event ids written, and how many outbox messages and idempotency records."""
+    async with api.store.engine.connect() as conn:
+        ids = {r[0] for r in await conn.execute(EVENTS.select().with_only_columns(EVENTS.c.id))}
+    return ids, await api.store.count(OUTBOX), await api.store.count(IDEMPOTENCY)
+
+
+async def test_concurrent_events_are_grouped_and_each_written_once(api: Api) -> None:
+    """
+    Many concurrent posts, each key sent twice at once and some without a key: the
+    writes are grouped, every key has one event, one outbox message and one
+    record, and both its answers name that event.
+    """
+    events = _RecordingEvents(api.store.engine)
+    keyed = 60
+    async with _client(api, events) as client:
+        posts = [
+            client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"key-{n}"})
+            for n in range(keyed)
+            for _ in range(2)
+        ]
+        posts += [client.post(PATH, json=_event(1000 + n)) for n in range(20)]
+        # The same key with another body: refused, not written.
+        posts.append(client.post(PATH, json=_event(999), headers={"Idempotency-Key": "key-0"}))
+        answers = await asyncio.gather(*posts)
+    reused = answers.pop()
+    assert reused.status_code in (200, 409)  # 200 only if it won the race for the key
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.is_error]
+    assert max(events.batches) > 1, events.batches
+    ids, outbox, records = await _written(api)
+    assert len(ids) == outbox == keyed + 20
+    assert records == keyed
+    for n in range(keyed):
+        first, second = answers[2 * n], answers[2 * n + 1]
+        if reused.status_code == 200 and n == 0:
+            continue
+        assert first.json() == second.json()
+        assert first.json()["event_id"] in ids
+        replayed = [a.headers.get("idempotent-replayed") for a in (first, second)]
+        assert replayed.count("true") == 1, replayed
+    assert {a.json()["event_id"] for a in answers} == ids
+    if reused.status_code == 409:
+        assert reused.json()["code"] == "IDEMPOTENCY_KEY_REUSED"
+
+
+async def test_no_answer_before_the_batch_commits(api: Api) -> None:
+    """While a batch is being written its requests wait; they are answered after its commit."""
+    events = _RecordingEvents(api.store.engine)
+    events.hold = asyncio.Event()
+    async with _client(api, events) as client:
+        posts = [
+            asyncio.create_task(
+                client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"held-{n}"})
+            )
+            for n in range(10)
+        ]
+        await asyncio.wait_for(events.holding.wait(), 10)
+        await asyncio.sleep(0.2)
+        assert not any(p.done() for p in posts)
+        assert (await _written(api))[0] == set()
+        events.hold.set()
+        answers = await asyncio.wait_for(asyncio.gather(*posts), 20)
+    assert [a.status_code for a in answers] == [200] * 10
+    ids, outbox, records = await _written(api)
+    assert {a.json()["event_id"] for a in answers} == ids
+    assert len(ids) == outbox == records == 10
+
+
+def _then_fail(steps: Steps[list[EventOutcome]]) -> Steps[list[EventOutcome]]:
+    outcomes = yield from steps
+    raise RuntimeError(f"connection lost after writing {len(outcomes)} events")
+
+
+class _FailingEvents(EventStore):
+    """Events whose batches write everything and then fail inside the transaction."""
+
+    def __init__(self, engine: AsyncEngine, *, larger_than: int) -> None:
+        super().__init__(engine)
+        self.larger_than = larger_than
+        self.failed = 0
+
+    async def accept_events(
+        self, writes: Sequence[EventWrite], now: datetime
+    ) -> list[EventOutcome]:
+        if len(writes) > self.larger_than:
+            self.failed += 1
+            return await self._runner.write(_then_fail(_accepting(writes, now)))
+        return await super().accept_events(writes, now)
+
+
+async def test_a_failed_batch_is_rolled_back_and_answered_as_a_failure(api: Api) -> None:
+    """A failed batch rolls back whole, its requests get a 5xx, their retries write once."""
+    async with _client(api, _FailingEvents(api.store.engine, larger_than=0)) as client:
+        posts = [
+            client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"lost-{n}"})
+            for n in range(3)
+        ]
+        failed = await asyncio.gather(*posts)
+    assert [a.status_code for a in failed] == [500] * 3
+    assert await _written(api) == (set(), 0, 0)
+    async with _client(api, EventStore(api.store.engine)) as client:
+        retried = await asyncio.gather(
+            *(
+                client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"lost-{n}"})
+                for n in range(3)
+            )
+        )
+    assert [a.status_code for a in retried] == [200] * 3
+    assert not any(a.headers.get("idempotent-replayed") for a in retried)
+    ids, outbox, records = await _written(api)
+    assert len(ids) == outbox == records == 3
+
+
+async def test_a_failed_batch_is_retried_one_event_at_a_time(api: Api) -> None:
+    """A batch that fails (not for a lost database) is rewritten event by event, once each."""
+    events = _FailingEvents(api.store.engine, larger_than=1)
+    async with _client(api, events) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"split-{n}"})
+                for n in range(12)
+            )
+        )
+    assert events.failed >= 1
+    assert [a.status_code for a in answers] == [200] * 12
+    ids, outbox, records = await _written(api)
+    assert {a.json()["event_id"] for a in answers} == ids
+    assert len(ids) == outbox == records == 12
+
+
+class _BackendKilledEvents(EventStore):
+    """Its first batch runs after PostgreSQL terminated the connection's backend."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.killed = False
+
+    async def accept_events(
+        self, writes: Sequence[EventWrite], now: datetime
+    ) -> list[EventOutcome]:
+        if not self.killed:
+            self.killed = True
+            async with self.write() as conn:
+                # The server ends this very session, as a failover or an operator would.
+                await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+                await conn.execute(EVENTS.insert().values(**writes[0].row.model_dump()))
+        return await super().accept_events(writes, now)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_lost_database_answers_503_and_the_retry_writes_once(api: Api) -> None:
+    """The grouped write keeps the 503 of a lost connection; nothing of it is recorded."""
+    async with _client(api, _BackendKilledEvents(api.store.engine)) as client:
+        headers = {"Idempotency-Key": "failover"}
+        lost = await client.post(PATH, json=_event(1), headers=headers)
+        assert (lost.status_code, lost.json()["code"]) == (503, "DATABASE_UNAVAILABLE")
+        assert await _written(api) == (set(), 0, 0)
+        retried = await client.post(PATH, json=_event(1), headers=headers)
+    assert retried.status_code == 200, retried.text
+    ids, outbox, records = await _written(api)
+    assert ids == {retried.json()["event_id"]}
+    assert outbox == records == 1
+
+
+async def test_retries_are_answered_from_the_record(api: Api) -> None:
+    """
+    The route checks its key in its own write: a retry replays the first answer,
+    another body with the key is 409, a recorded 400 is replayed; one event.
+    """
+    headers = {"Idempotency-Key": "again"}
+    first = await api.alpha.post(PATH, json=_event(1), headers=headers)
+    retry = await api.alpha.post(PATH, json=_event(1), headers=headers)
+    assert first.status_code == retry.status_code == 200
+    assert retry.json() == first.json()
+    assert retry.headers["idempotent-replayed"] == "true"
+    other = await api.alpha.post(PATH, json=_event(2), headers=headers)
+    assert (other.status_code, other.json()["code"]) == (409, "IDEMPOTENCY_KEY_REUSED")
+    bad = {**_event(3), "metadata": {"k": "v" * 100_000}}
+    refused = await api.alpha.post(PATH, json=bad, headers={"Idempotency-Key": "bad"})
+    replayed = await api.alpha.post(PATH, json=bad, headers={"Idempotency-Key": "bad"})
+    assert refused.status_code == replayed.status_code == 400
+    assert replayed.json() == refused.json()
+    assert replayed.headers["idempotent-replayed"] == "true"
+    ids, outbox, records = await _written(api)
+    assert ids == {first.json()["event_id"]}
+    assert (outbox, records) == (1, 2)

@@ -14,10 +14,23 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import ARRAY, String, and_, bindparam, delete, exists, func, select, text, update
+from sqlalchemy import (
+    ARRAY,
+    String,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from delivery.policy import EXPIRED, NOT_COUNTED, SUPERSEDED, SUPERSEDED_BY_KEY, TTL
 from delivery.store.common import StoreBase, insert_ignoring_duplicates
@@ -235,6 +248,19 @@ _REAL_TIME_SQL = (
     "AND o.agent_id = notifications.agent_id AND o.user_id = notifications.user_id)"
 )
 """A message not of an advanced pair (dated in real time); as :data:`_REAL_TIME` in Core."""
+_NOT_AHEAD_SQL = f"(created_at <= ? OR status = '{STAGED}')"
+"""
+Dated at or before the decision, or held (a held message still counts). A pair whose
+clock was reset keeps its messages dated on the old clock, possibly days ahead of real
+now: without this bound each of them would spend every real-time window until then.
+"""
+
+
+def _not_ahead(until: Any) -> ColumnElement[bool]:
+    """:data:`_NOT_AHEAD_SQL` in Core."""
+    return or_(_n.created_at <= until, _n.status == STAGED)
+
+
 _REAL_TIME = ~exists().where(
     OFFSETS.c.project_id == _n.project_id,
     OFFSETS.c.agent_id == _n.agent_id,
@@ -254,8 +280,9 @@ def _count_direct(
             rows = db.execute(
                 "SELECT user_id, COUNT(*) FROM notifications WHERE project_id = ? "  # noqa: S608 - only marks interpolated
                 f"AND user_id IN ({marks}) AND created_at > ? "
-                f"AND status NOT IN ({_NOT_COUNTED_SQL}) AND {_REAL_TIME_SQL} GROUP BY user_id",
-                (project_id, *chunk, since),
+                f"AND status NOT IN ({_NOT_COUNTED_SQL}) AND {_REAL_TIME_SQL} "
+                f"AND {_NOT_AHEAD_SQL} GROUP BY user_id",
+                (project_id, *chunk, since, sqlite_instant(now)),
             ).fetchall()
             for user_id, count in rows:
                 used[(project_id, user_id)] = int(count)
@@ -288,6 +315,7 @@ def _pg_statements() -> tuple[Any, Any]:
             _n.created_at > bindparam("since", type_=_n.created_at.type),
             _n.status.not_in(NOT_COUNTED),
             _REAL_TIME,
+            _not_ahead(bindparam("until", type_=_n.created_at.type)),
         )
         .scalar_subquery()
     )
@@ -311,7 +339,8 @@ async def _count_core(
         since = now - timedelta(seconds=windows[project_id])
         if postgres:
             result = await conn.execute(
-                _PG_COUNT, {"users": user_ids, "project_id": project_id, "since": since}
+                _PG_COUNT,
+                {"users": user_ids, "project_id": project_id, "since": since, "until": now},
             )
         else:
             result = await conn.execute(
@@ -322,6 +351,7 @@ async def _count_core(
                     _n.created_at > since,
                     _n.status.not_in(NOT_COUNTED),
                     _REAL_TIME,
+                    _not_ahead(now),
                 )
                 .group_by(_n.user_id)
             )

@@ -291,3 +291,24 @@ def test_advance_time_defers_into_the_pair_quiet_hours_opening(database_url: str
         clock.set(START + timedelta(hours=7))
         listed = client.agents.notifications.list(A, user_id=U).notifications
         assert [n.created_at for n in listed] == [z(at(2, 7)), z(at(3, 7))]
+
+
+def test_after_a_reset_the_pairs_future_dated_messages_spend_no_real_time_budget(
+    database_url: str,
+) -> None:
+    """
+    Two messages a day; a daily schedule advanced 7 days leaves seven messages dated on
+    the old clock, days ahead of real time, and a reset puts the pair back on real
+    time. A wakeup of the user's other agent an hour later counts only what is dated
+    in the real window ending then (none), so it passes.
+    """
+    with served(database_url, ManualClock(START)) as (api, client):
+        budget(api, 2, 86_400)
+        daily(api, 9)
+        client.workbench.advance_time(A, U, 168)
+        call(api, "POST", "/api/v1/workbench/reset-clock", {"agent_id": A, "user_id": U})
+        other = wakeup(api, agent=B, delay_hours=1)
+
+        assert _run(scheduler_pass(database_url, START + timedelta(hours=1))) == [other]
+
+    assert notes(database_url)[other]["status"] == "pending"

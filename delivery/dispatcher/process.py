@@ -679,7 +679,8 @@ class Processor:
                 carried (most have none); passed on to the handlers.
         """
         result = BatchResult()
-        drafts = build_drafts(await self.store.load_sources(refs), result)
+        sources = await self.store.load_sources(refs)
+        drafts = build_drafts(sources, result)
         # A restaged source's staged row goes even when nothing replaces it (its
         # fire or schedule was deleted): it was composed from a state now gone.
         replace = sorted({r.id for r in refs if r.replace_staged})
@@ -709,7 +710,7 @@ class Processor:
             replace=replace,
             composers=composers,
             carriers=carriers,
-            offsets={r.id: r.offset_s for r in refs if r.offset_s},
+            offsets={r.id: r.offset_s for r in refs if r.offset_s} | sources.event_offsets,
             policies=policies,
             quiet=quiet,
         )

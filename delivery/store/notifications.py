@@ -50,6 +50,7 @@ from delivery.store.tables import (
     EVENTS,
     FIRES,
     NOTIFICATIONS,
+    OFFSETS,
     OUTBOX,
     SCHEDULES,
     WAKEUPS,
@@ -134,6 +135,8 @@ class Sources:
     events: dict[str, Mapping[str, Any]]
     schedules: dict[str, Mapping[str, Any]]
     items: dict[str, Mapping[str, Any]]
+    event_offsets: dict[str, float]
+    """Trigger event id -> its advanced pair's clock offset in seconds (others absent)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +276,20 @@ def loading(refs: Sequence[SourceRef]) -> Steps[Sources]:
         if row["inventory_item_id"]
     ]
     items = _by_id((yield SelectIn(ITEMS, "id", item_ids)))
-    return Sources(todo, duplicates, fires, wakeups, events, schedules, items)
+    # Fires and wakeups carry their pair's offset in their message (the scheduler
+    # read it); an event is accepted without one, so it is read here. The table
+    # holds only advanced pairs: a handful, read by user and matched whole.
+    offsets: dict[str, float] = {}
+    if events:
+        pairs: dict[tuple[str, str, str], list[str]] = {}
+        for event_id, e in events.items():
+            pairs.setdefault((e["project_id"], e["agent_id"], e["user_id"]), []).append(event_id)
+        users = sorted({user for _, _, user in pairs})
+        for row in (yield SelectIn(OFFSETS, "user_id", users)):
+            if row["offset_s"]:
+                for event_id in pairs.get((row["project_id"], row["agent_id"], row["user_id"]), []):
+                    offsets[event_id] = float(row["offset_s"])
+    return Sources(todo, duplicates, fires, wakeups, events, schedules, items, offsets)
 
 
 def _by_instant(wakeups: Mapping[str, datetime]) -> list[tuple[datetime, list[str]]]:

@@ -15,6 +15,9 @@ import httpx
 from sqlalchemy import select
 
 from delivery.clock import ManualClock
+from delivery.dispatcher.composers import TemplateComposer
+from delivery.dispatcher.process import Processor
+from delivery.domain import SourceKind, SourceRef
 from delivery.store.engine import create_engine
 from delivery.store.policy import expire_due
 from delivery.store.staging import promote
@@ -22,6 +25,7 @@ from delivery.store.tables import NOTIFICATIONS, OUTBOX
 from tests.api.server import ServedApi
 from tests.workbench.test_pair_clock import (
     START,
+    SUBJECTS,
     A,
     U,
     _run,
@@ -312,3 +316,40 @@ def test_after_a_reset_the_pairs_future_dated_messages_spend_no_real_time_budget
         assert _run(scheduler_pass(database_url, START + timedelta(hours=1))) == [other]
 
     assert notes(database_url)[other]["status"] == "pending"
+
+
+def test_an_advanced_pairs_trigger_events_are_budgeted_on_its_clock(database_url: str) -> None:
+    """
+    A trigger event carries no offset of its own: the dispatcher reads its pair's. Two
+    messages a day, seven of them dated on a pair advanced 7 days; two events an hour
+    later (the pair's 8 May 01:00) find one message in the window ending there, so the
+    high one passes, dated on the pair's clock, and the normal one is over.
+    """
+    with served(database_url, ManualClock(START)) as (api, client):
+        budget(api, 2, 86_400)
+        daily(api, 9)
+        client.workbench.advance_time(A, U, 168)
+        path = f"/api/v1/agents/{A}/events"
+        body = {"user_id": U, "event_type": "nudge"}
+        high = call(api, "POST", path, {**body, "priority": "high"}).json()["event_id"]
+        normal = call(api, "POST", path, body).json()["event_id"]
+
+    async def dispatch() -> None:
+        engine = create_engine(database_url)
+        try:
+            processor = Processor(
+                engine, TemplateComposer(), SUBJECTS, ManualClock(START + timedelta(hours=1))
+            )
+            await processor.process(
+                [SourceRef(SourceKind.EVENT, high), SourceRef(SourceKind.EVENT, normal)]
+            )
+        finally:
+            await engine.dispose()
+
+    _run(dispatch())
+    rows = notes(database_url)
+    assert (rows[high]["status"], rows[high]["created_at"]) == ("pending", at(8, 1))
+    assert (rows[normal]["status"], rows[normal]["status_reason"]) == (
+        "suppressed",
+        "attention_budget",
+    )

@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from delivery.policy import past_deadline
 from delivery.store.common import StoreBase, insert_ignoring_duplicates, new_id, owned
 from delivery.store.engine import any_row
+from delivery.store.notifications import live_at
 from delivery.store.tables import DELIVERIES, ENDPOINTS, NOTIFICATIONS
 from delivery.store.tables import WEBHOOK_ATTEMPTS as ATTEMPTS
 
@@ -1085,6 +1086,8 @@ class WebhookStore(StoreBase):
                 n.event_type == event_type,
                 n.created_at >= since,
                 n.status == "pending",
+                # Past its deadline it is never sent: queued, the worker would skip it.
+                live_at(now),
             )
             result = await conn.execute(
                 update(DELIVERIES)

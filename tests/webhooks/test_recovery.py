@@ -276,3 +276,25 @@ async def test_resend_of_a_message_past_its_deadline_is_refused(rig: Rig) -> Non
             )
         ).all()
     assert count == []
+
+
+async def test_recover_leaves_out_messages_past_their_deadline(rig: Rig) -> None:
+    """A dead delivery and a message never sent, both past their deadline: none queued."""
+    _receiver, url = rig.receiver(Reply(200))
+    await rig.register(url)
+    worker = rig.worker()
+    dead, never = await rig.notify(1, 2)
+    await worker.enqueue([dead])
+    await _exhaust(rig, dead.notification_id)
+    rig.clock.advance(timedelta(seconds=10))
+    async with rig.engine.begin() as conn:
+        await conn.execute(
+            update(NOTIFICATIONS)
+            .where(NOTIFICATIONS.c.id.in_([dead.notification_id, never.notification_id]))
+            .values(expires_at=rig.clock.now() - timedelta(seconds=1))
+        )
+
+    answer = await rig.api.post(f"{BASE}/recover", json={"since": rig.start.isoformat()})
+
+    assert answer.json() == {"success": True, "requeued": 0, "created": 0}
+    assert (await _delivery(rig, dead.notification_id))["status"] == "dead"

@@ -342,12 +342,22 @@ async def _shift_held(
         if expires_at is not None:
             changes["expires_at"] = expires_at - moved
         if status == STAGED:
-            changes["fire_at"] = fire_at - moved
-            await conn.execute(
-                update(OUTBOX)
-                .where(OUTBOX.c.msg_id == nid, OUTBOX.c.sent_at.is_(None))
-                .values(available_at=fire_at - moved)
+            # Only while still held: the relay may have released it since the read
+            # (no row lock here), setting the fire_at and release that must then stay.
+            done = await conn.execute(
+                update(NOTIFICATIONS)
+                .where(n.id == nid, n.status == STAGED)
+                .values(changes | {"fire_at": fire_at - moved})
             )
+            if done.rowcount:
+                await conn.execute(
+                    update(OUTBOX)
+                    .where(OUTBOX.c.msg_id == nid, OUTBOX.c.sent_at.is_(None))
+                    .values(available_at=fire_at - moved)
+                )
+                continue
+            if not changes:
+                continue
         await conn.execute(update(NOTIFICATIONS).where(n.id == nid).values(changes))
 
 

@@ -102,6 +102,7 @@ def create_app(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            await ctx.ingest.aclose()
             await composer.aclose()
 
     app = FastAPI(

@@ -21,6 +21,7 @@ not fail its neighbours.
 """
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -77,6 +78,23 @@ class EventIngest:
         # A request cancelled meanwhile (its client left) cancels only its
         # future: the batch still commits its event, and answers nobody for it.
         return await future
+
+    async def aclose(self, timeout_s: float = 10.0) -> None:
+        """
+        Let the batch being written, and what waits behind it, commit (at most
+        ``timeout_s``), then stop. Called when the app shuts down, before its engine
+        is disposed: a batch cut off mid-write would fail on a closed pool.
+        """
+        writer = self._writer
+        if writer is None or writer.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(writer), timeout_s)
+        except TimeoutError:
+            _log.warning("event ingest stopped with a batch unwritten", timeout_s=timeout_s)
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
 
     async def _write_all(self) -> None:
         try:

@@ -244,3 +244,23 @@ async def test_retries_are_answered_from_the_record(api: Api) -> None:
     ids, outbox, records = await _written(api)
     assert ids == {first.json()["event_id"]}
     assert (outbox, records) == (1, 2)
+
+
+async def test_shutdown_waits_for_the_batch_being_written(api: Api) -> None:
+    """The app's shutdown lets a batch in its write commit before the engine goes away."""
+    events = _RecordingEvents(api.store.engine)
+    events.hold = asyncio.Event()
+    store = SqlStore(api.store.engine)
+    store.events = events
+    app = create_app(Settings(subject_prefix="test"), store, api.clock)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://api.test", headers=api.alpha.headers
+    ) as client:
+        async with app.router.lifespan_context(app):
+            post = asyncio.create_task(client.post(PATH, json=_event(1)))
+            await asyncio.wait_for(events.holding.wait(), 10)
+            asyncio.get_running_loop().call_later(0.3, events.hold.set)
+        # The shutdown returned only after the held batch committed.
+        assert len((await _written(api))[0]) == 1
+        assert (await asyncio.wait_for(post, 10)).status_code == 200

@@ -124,22 +124,22 @@ def _accepting(writes: Sequence[EventWrite], now: datetime) -> Steps[list[EventO
     Record each write's key first (its key's live record wins), then insert the
     events and outbox messages of the recorded ones in two multi-row statements.
     """
-    outcomes: list[EventOutcome] = []
-    kept: list[EventWrite] = []
-    for write in writes:
-        record = write.record
-        if record is not None:
-            inserted: int = yield from recording(record, now)
-            if inserted != 1:
-                # The key's record, committed earlier or written by a write
-                # before this one in the batch: answer from it.
-                replay = yield from finding(
-                    record["project_id"], record["route"], record["key"], now
-                )
-                outcomes.append(EventOutcome(written=False, replay=replay))
-                continue
-        outcomes.append(EventOutcome(written=True))
-        kept.append(write)
+    outcomes: list[EventOutcome] = [EventOutcome(written=True)] * len(writes)
+    # Keys are recorded in key order (stable: among repeats of one key the first
+    # to arrive wins), so two replicas' batches sharing keys lock their rows in
+    # one order on PostgreSQL instead of deadlocking.
+    keyed = sorted(
+        ((i, w.record) for i, w in enumerate(writes) if w.record is not None),
+        key=lambda pair: (pair[1]["project_id"], pair[1]["route"], pair[1]["key"]),
+    )
+    for i, record in keyed:
+        inserted: int = yield from recording(record, now)
+        if inserted != 1:
+            # The key's record, committed earlier or written by a write before
+            # this one in the batch: answer from it.
+            replay = yield from finding(record["project_id"], record["route"], record["key"], now)
+            outcomes[i] = EventOutcome(written=False, replay=replay)
+    kept = [w for w, outcome in zip(writes, outcomes, strict=True) if outcome.written]
     if kept:
         yield InsertRows(EVENTS, [w.row.model_dump() for w in kept])
         yield InsertIgnoring(OUTBOX, [outbox_row(w.outbox) for w in kept], unique=("msg_id",))

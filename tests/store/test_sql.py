@@ -330,3 +330,50 @@ async def test_notification_queue_and_project_view(engine: AsyncEngine) -> None:
         other, agent_id="a", event_type=None, ack_status=None, limit=10
     )
     assert [r["ack_status"] for r in theirs] == ["pending"]
+
+
+async def test_two_batches_sharing_keys_in_opposite_orders_both_finish(
+    engine: AsyncEngine,
+) -> None:
+    """
+    Two accept_events calls at once whose keys arrive in opposite orders (two API
+    replicas): keys are recorded in key order, so on PostgreSQL one waits for the
+    other instead of deadlocking. Each key ends with one event; the later batch is
+    answered from the earlier one's records.
+    """
+    store = SqlStore(engine)
+    project = await _project(store)
+    keys = [f"k{n:03d}" for n in range(200)]
+
+    def batch(prefix: str, order: list[str]) -> list[EventWrite]:
+        writes = []
+        for key in order:
+            row = TriggerEventRow(
+                id=f"evt_{prefix}_{key}",
+                project_id=project,
+                agent_id="a",
+                user_id="u",
+                event_type="t",
+                created_at=NOW,
+            )
+            outbox = {"subject": "s", "msg_id": row.id, "payload": "{}", "created_at": NOW}
+            record = idempotency_row(
+                project,
+                "POST /e",
+                key,
+                f"hash-{prefix}",
+                status_code=200,
+                body=prefix,
+                now=NOW,
+                ttl=timedelta(hours=1),
+            )
+            writes.append(EventWrite(row, outbox, record))
+        return writes
+
+    first, second = await asyncio.gather(
+        store.events.accept_events(batch("a", keys), NOW),
+        store.events.accept_events(batch("b", keys[::-1]), NOW),
+    )
+    written = sum(o.written for o in first) + sum(o.written for o in second)
+    assert written == len(keys)
+    assert await store.count(EVENTS) == len(keys)

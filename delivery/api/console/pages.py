@@ -577,13 +577,7 @@ async def resend(request: Request, event_type: str) -> Response:
     except EndpointMissingError:
         raise ConsoleNotFound from None
     except EndpointDisabledError:
-        return await _webhook_error(
-            request,
-            viewer,
-            event_type,
-            "The endpoint is disabled: enable it first "
-            f"(POST /api/v1/webhooks/{event_type}/enable).",
-        )
+        return await _webhook_error(request, viewer, event_type, _disabled(event_type))
     except MessageEndedError as exc:
         return await _webhook_error(
             request, viewer, event_type, f"The message is {exc.status}: it is never sent again."
@@ -614,14 +608,12 @@ async def recover(request: Request, event_type: str) -> Response:
     except EndpointMissingError:
         raise ConsoleNotFound from None
     except EndpointDisabledError:
-        return await _webhook_error(
-            request,
-            viewer,
-            event_type,
-            "The endpoint is disabled: enable it first "
-            f"(POST /api/v1/webhooks/{event_type}/enable).",
-        )
+        return await _webhook_error(request, viewer, event_type, _disabled(event_type))
     return _see_other(f"{PREFIX}/webhooks/{_seg(event_type)}", notice="recovered")
+
+
+def _disabled(event_type: str) -> str:
+    return f"The endpoint is disabled: enable it first (POST /api/v1/webhooks/{event_type}/enable)."
 
 
 async def _webhook_error(

@@ -65,6 +65,22 @@ def create_daily(client: sonzai.Sonzai, **extra: Any) -> Any:
     )
 
 
+def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``delivery *args --project alpha`` on the database, checked to succeed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
+    env["DELIVERY_DATABASE_URL"] = database_url
+    done = subprocess.run(
+        [*CLI, *args, "--project", "alpha"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def timeline(api: ServedApi) -> list[dict[str, Any]]:
     """The pair's timeline, oldest first (HTTP: the SDK has no timeline method)."""
     found: list[dict[str, Any]] = []
@@ -319,17 +335,7 @@ def test_reset_clock_from_the_cli(database_url: str) -> None:
     """``delivery workbench reset-clock`` resets the pair in the settings' database."""
     with served(database_url, ManualClock(START)) as (_, client):
         client.workbench.advance_time(A, U, 30)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
-        env["DELIVERY_DATABASE_URL"] = database_url
-        done = subprocess.run(
-            [*CLI, "workbench", "reset-clock", "--agent", A, "--user", U, "--project", "alpha"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
+        done = cli(database_url, "workbench", "reset-clock", "--agent", A, "--user", U)
         assert json.loads(done.stdout)["previous_offset_hours"] == 30.0
         wakeup = client.agents.schedule_wakeup(
             A, user_id=U, check_type="check_in", intent="now", delay_hours=1

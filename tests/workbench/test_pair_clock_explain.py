@@ -5,15 +5,12 @@ the past. On SQLite and PostgreSQL, through the served API and the CLI.
 """
 
 import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 
 import httpx
 
 from delivery.clock import ManualClock
-from tests.workbench.test_pair_clock import START, A, U, create_daily, served, z
+from tests.workbench.test_pair_clock import START, A, U, cli, create_daily, served, z
 
 
 def test_explain_without_at_answers_for_the_pairs_now(database_url: str) -> None:
@@ -33,29 +30,7 @@ def test_the_explain_cli_takes_the_pairs_clock(database_url: str) -> None:
     with served(database_url, ManualClock(START)) as (_, client):
         create_daily(client)
         client.workbench.advance_time(A, U, 48)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
-    env["DELIVERY_DATABASE_URL"] = database_url
     before = datetime.now(UTC)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "delivery",
-            "explain",
-            "--project",
-            "alpha",
-            "--agent",
-            A,
-            "--user",
-            U,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = cli(database_url, "explain", "--agent", A, "--user", U, "--json")
     at = datetime.fromisoformat(json.loads(done.stdout)["explanation"]["at"])
     assert before + timedelta(hours=48) <= at <= datetime.now(UTC) + timedelta(hours=48)

@@ -7,12 +7,14 @@ fires by the dispatcher's rules and records each decision. Through the served AP
 relay steps on the same database, on SQLite and PostgreSQL.
 """
 
-import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 import httpx
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.clock import ManualClock
 from delivery.dispatcher.composers import TemplateComposer
@@ -83,58 +85,47 @@ def daily(api: ServedApi, hour: int, **fields: Any) -> str:
     return schedule_id
 
 
+def on_engine[T](database_url: str, use: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """``use`` on a fresh engine over the database, disposed after."""
+
+    async def run() -> T:
+        engine = create_engine(database_url)
+        try:
+            return await use(engine)
+        finally:
+            await engine.dispose()
+
+    return _run(run())
+
+
 def notes(database_url: str) -> dict[str, dict[str, Any]]:
     """Every notification row, by source id."""
 
-    async def read() -> dict[str, dict[str, Any]]:
-        engine = create_engine(database_url)
-        try:
-            async with engine.connect() as conn:
-                rows = (await conn.execute(select(NOTIFICATIONS))).mappings().all()
-            return {r["source_id"]: dict(r) for r in rows}
-        finally:
-            await engine.dispose()
+    async def read(engine: AsyncEngine) -> dict[str, dict[str, Any]]:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(select(NOTIFICATIONS))).mappings().all()
+        return {r["source_id"]: dict(r) for r in rows}
 
-    return _run(read())
+    return on_engine(database_url, read)
 
 
 def relay_promote(database_url: str, real_now: datetime) -> int:
-    async def run() -> int:
-        engine = create_engine(database_url)
-        try:
-            return await promote(engine, real_now)
-        finally:
-            await engine.dispose()
-
-    return _run(run())
+    return on_engine(database_url, lambda engine: promote(engine, real_now))
 
 
 def sweep(database_url: str, real_now: datetime) -> list[str]:
-    async def run() -> list[str]:
-        engine = create_engine(database_url)
-        try:
-            return await expire_due(engine, real_now)
-        finally:
-            await engine.dispose()
-
-    return _run(run())
+    return on_engine(database_url, lambda engine: expire_due(engine, real_now))
 
 
 def available_at(database_url: str, msg_id: str) -> datetime:
-    async def run() -> datetime:
-        engine = create_engine(database_url)
-        try:
-            async with engine.connect() as conn:
-                found: datetime = (
-                    await conn.execute(
-                        select(OUTBOX.c.available_at).where(OUTBOX.c.msg_id == msg_id)
-                    )
-                ).scalar_one()
-            return found
-        finally:
-            await engine.dispose()
+    async def read(engine: AsyncEngine) -> datetime:
+        async with engine.connect() as conn:
+            found: datetime = (
+                await conn.execute(select(OUTBOX.c.available_at).where(OUTBOX.c.msg_id == msg_id))
+            ).scalar_one()
+        return found
 
-    return asyncio.run(run())
+    return on_engine(database_url, read)
 
 
 def test_budget_counts_an_advanced_pair_on_its_clock(database_url: str) -> None:
@@ -334,19 +325,11 @@ def test_an_advanced_pairs_trigger_events_are_budgeted_on_its_clock(database_url
         high = call(api, "POST", path, {**body, "priority": "high"}).json()["event_id"]
         normal = call(api, "POST", path, body).json()["event_id"]
 
-    async def dispatch() -> None:
-        engine = create_engine(database_url)
-        try:
-            processor = Processor(
-                engine, TemplateComposer(), SUBJECTS, ManualClock(START + timedelta(hours=1))
-            )
-            await processor.process(
-                [SourceRef(SourceKind.EVENT, high), SourceRef(SourceKind.EVENT, normal)]
-            )
-        finally:
-            await engine.dispose()
-
-    _run(dispatch())
+    processor = partial(
+        Processor, composer=TemplateComposer(), subjects=SUBJECTS, clock=ManualClock(at(1, 1))
+    )
+    refs = [SourceRef(SourceKind.EVENT, high), SourceRef(SourceKind.EVENT, normal)]
+    on_engine(database_url, lambda engine: processor(engine).process(refs))
     rows = notes(database_url)
     assert (rows[high]["status"], rows[high]["created_at"]) == ("pending", at(8, 1))
     assert (rows[normal]["status"], rows[normal]["status_reason"]) == (

@@ -14,13 +14,14 @@ an id of another project is the same 404 page as an unknown one.
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
 import structlog
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from delivery.api.auth import Authenticator
 from delivery.api.console.figures import FireSamples, read_figures
@@ -51,9 +52,6 @@ from delivery.store.webhooks import (
     MessageEndedError,
 )
 from delivery.timeline import Order, decode_cursor, encode_cursor, local_time, to_wire
-
-if TYPE_CHECKING:
-    from jinja2 import Environment
 
 PREFIX = "/console"
 HERE = Path(__file__).parent
@@ -104,29 +102,9 @@ class ConsoleState:
     ctx: ApiContext
     authenticator: Authenticator
     store: ConsoleStore
+    env: Environment
     samples: FireSamples = field(default_factory=FireSamples)
     codec: SessionCodec | None = None
-    _env: "Environment | None" = None
-
-    @property
-    def env(self) -> "Environment":
-        """
-        The templates' environment, built on the first page rendered: Jinja2 is ~1.7 MB
-        of RSS that a daemon nobody opens the console of should not carry.
-        """
-        if self._env is None:
-            from jinja2 import Environment, FileSystemLoader, select_autoescape
-
-            env = Environment(
-                loader=FileSystemLoader(HERE / "templates"),
-                autoescape=select_autoescape(default=True, default_for_string=True),
-                trim_blocks=True,
-                lstrip_blocks=True,
-            )
-            env.globals["prefix"] = PREFIX
-            env.filters["seg"] = _seg
-            self._env = env
-        return self._env
 
     async def sessions(self) -> SessionCodec:
         """The cookie codec, built on first use (the secret box may create its key file)."""
@@ -728,8 +706,16 @@ async def _csrf_refused(request: Request, _exc: Exception) -> Response:
 
 def install_console(app: FastAPI, ctx: ApiContext, authenticator: Authenticator) -> None:
     """Serve the console at ``/console`` on ``app`` (its state, routes and error pages)."""
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.globals["prefix"] = PREFIX
+    env.filters["seg"] = _seg
     app.state.console = ConsoleState(
-        ctx=ctx, authenticator=authenticator, store=ConsoleStore(ctx.store.engine)
+        ctx=ctx, authenticator=authenticator, store=ConsoleStore(ctx.store.engine), env=env
     )
     app.include_router(router)
     app.mount(PREFIX + "/static", StaticFiles(directory=STATIC), name="console-static")

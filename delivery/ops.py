@@ -20,10 +20,9 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from aiohttp import web
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -33,6 +32,12 @@ from delivery.clock import Clock
 from delivery.metrics import CONTENT_TYPE, exposition
 from delivery.store.facts import SCHEDULER_SEEN, Facts
 from delivery.store.gauges import GaugeStore, WorkGauges
+
+if TYPE_CHECKING:
+    # aiohttp's server half is ~1.6 MB of RSS; only the processes without the API
+    # (``delivery scheduler``, ``dispatcher``, ``handlers``) start an OpsServer, so
+    # ``delivery run`` and ``web`` never load it (:meth:`OpsServer.start` does).
+    from aiohttp import web
 
 log = structlog.get_logger(__name__)
 
@@ -351,6 +356,8 @@ class OpsServer:
 
     async def start(self) -> None:
         """Serve on the socket."""
+        from aiohttp import web
+
         app = web.Application()
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
@@ -368,14 +375,20 @@ class OpsServer:
             await self._runner.cleanup()
             self._runner = None
 
-    async def _health(self, _request: web.Request) -> web.Response:
+    async def _health(self, _request: "web.Request") -> "web.Response":
+        from aiohttp import web
+
         return web.json_response({"status": "ok"})
 
-    async def _ready(self, _request: web.Request) -> web.Response:
+    async def _ready(self, _request: "web.Request") -> "web.Response":
+        from aiohttp import web
+
         ready, body = await self.readiness.run()
         return web.json_response(body, status=200 if ready else 503)
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: "web.Request") -> "web.Response":
+        from aiohttp import web
+
         if self.token is not None:
             # As on the API port: Bearer or Basic, both sides hashed before the
             # constant-time comparison so its time says nothing of the token's length.

@@ -17,13 +17,16 @@ context objects, nothing on the hot path but that one check.
 import contextlib
 import json
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import structlog
 from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+if TYPE_CHECKING:
+    # The SDK (and psutil, which its resources import) costs ~1.5 MB of RSS in every
+    # process; tracing is off by default, so :func:`configure` imports it when turned on.
+    from opentelemetry.sdk.trace import TracerProvider
 
 REQUEST_ID_HEADER = "X-Request-Id"
 """The request id's header, on HTTP and on NATS messages."""
@@ -39,7 +42,7 @@ type Carrier = dict[str, str]
 
 _tracer: trace.Tracer | None = None
 """The tracer once tracing is on; ``None`` (off) is what the hot paths test."""
-_provider: TracerProvider | None = None
+_provider: "TracerProvider | None" = None
 
 
 def enabled() -> bool:
@@ -55,6 +58,14 @@ def configure(exporter: str, *, service: str) -> None:
     """
     if exporter in ("", "none"):
         return
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SpanExporter,
+    )
+
     span_exporter: SpanExporter
     if exporter == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -69,7 +80,7 @@ def configure(exporter: str, *, service: str) -> None:
     use_provider(provider)
 
 
-def use_provider(provider: TracerProvider | None) -> None:
+def use_provider(provider: "TracerProvider | None") -> None:
     """Record spans with ``provider`` (tests: an in-memory exporter); ``None`` turns off."""
     global _tracer, _provider
     if _provider is not None and _provider is not provider:

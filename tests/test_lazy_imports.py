@@ -1,0 +1,54 @@
+"""
+What ``delivery run`` does not load until it is used.
+
+Each of these costs RSS in every daemon (measured by ``bench/bench_rss.py``): the
+OpenTelemetry SDK (~0.7 MB, with psutil ~0.8 MB more) while tracing is off, and
+aiohttp's server (~1.6 MB), which only the processes without the API serve their ops
+port with. A fresh interpreter imports what ``delivery run`` imports and must find
+none of them loaded.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+DAEMON_MODULES = (
+    "delivery.cli",
+    "delivery.daemon",
+    "delivery.api.app",
+    "delivery.dispatcher.app",
+    "handlers.runner",
+    "delivery.outbox",
+    "delivery.scheduler",
+)
+
+NOT_LOADED = ("opentelemetry.sdk", "psutil", "aiohttp.web")
+
+
+@pytest.mark.parametrize("module", NOT_LOADED)
+def test_the_daemon_does_not_import(module: str) -> None:
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in DAEMON_MODULES)
+        + f"print({module!r} in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "False", f"{module} is imported at start-up"
+
+
+def test_tracing_still_turns_on() -> None:
+    """The SDK, loaded on first use by ``configure``, still records spans."""
+    code = (
+        "from delivery import tracing\n"
+        "tracing.configure('console', service='t')\n"
+        "assert tracing.enabled()\n"
+        "tracing.shutdown()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip().endswith("ok")

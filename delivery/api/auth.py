@@ -183,11 +183,16 @@ class OpsTokenMiddleware:
         await self.app(scope, receive, send)
 
 
-async def _project_id(request: Request) -> str:  # async: see context._ctx
+def project_of(request: Request) -> str:
+    """The authenticated caller's project id (set by :class:`AuthMiddleware`)."""
     project = getattr(request.state, "project_id", None)
     if not isinstance(project, str):  # pragma: no cover - the middleware always sets it
         raise UnauthorizedError("", "missing Authorization: Bearer <api key> header")
     return project
+
+
+async def _project_id(request: Request) -> str:  # async: see context._ctx
+    return project_of(request)
 
 
 ProjectId = Annotated[str, Depends(_project_id)]

@@ -266,6 +266,19 @@ async def test_notification_bad_input(api: Api) -> None:
     await _check(api, cases)
 
 
+async def test_queue_bad_agent_id_answers_as_a_declared_path_does(api: Api) -> None:
+    """
+    The polling read checks its agent id itself (it declares no parameters, for
+    speed); a bad one gets exactly the answer of a route whose path FastAPI checks.
+    """
+    for bad in ("a%20b", "a%0A", "a%2Fb", "a" * 129, "%C3%A9"):
+        queue = await api.alpha.get(f"/api/v1/agents/{bad}/notifications?user_id=u1")
+        declared = await api.alpha.get(f"/api/v1/agents/{bad}/users/u1/schedules")
+        assert (queue.status_code, queue.json()) == (declared.status_code, declared.json()), bad
+        assert queue.status_code == 400, bad
+        assert queue.json()["code"] == "INVALID_ID", bad
+
+
 async def test_inventory_bad_input(api: Api) -> None:
     """Inventory writes need an item_type, object properties and a known item."""
     base = "/api/v1/agents/a1/users/u1/inventory"

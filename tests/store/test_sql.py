@@ -189,6 +189,29 @@ async def test_event_and_outbox_commit_together(engine: AsyncEngine) -> None:
         assert (await conn.execute(select(OUTBOX.c.msg_id))).scalars().all() == ["evt_1"]
 
 
+def _event_write(
+    project: str, event_id: str, key: str | None, digest: str, body: str
+) -> EventWrite:
+    """An accepted event's rows: the event, its outbox message, and its key's record."""
+    row = TriggerEventRow(
+        id=event_id, project_id=project, agent_id="a", user_id="u", event_type="t", created_at=NOW
+    )
+    outbox = {"subject": "s", "msg_id": event_id, "payload": "{}", "created_at": NOW}
+    record = None
+    if key is not None:
+        record = idempotency_row(
+            project,
+            "POST /e",
+            key,
+            digest,
+            status_code=200,
+            body=body,
+            now=NOW,
+            ttl=timedelta(hours=1),
+        )
+    return EventWrite(row, outbox, record)
+
+
 async def test_accepted_events_in_one_call_keep_one_event_per_key(engine: AsyncEngine) -> None:
     """
     accept_events: each key recorded first; a second write of a key in the same
@@ -199,28 +222,7 @@ async def test_accepted_events_in_one_call_keep_one_event_per_key(engine: AsyncE
     project = await _project(store)
 
     def write(n: int, key: str | None) -> EventWrite:
-        row = TriggerEventRow(
-            id=f"evt_{n}",
-            project_id=project,
-            agent_id="a",
-            user_id="u",
-            event_type="t",
-            created_at=NOW,
-        )
-        outbox = {"subject": "s", "msg_id": f"evt_{n}", "payload": "{}", "created_at": NOW}
-        record = None
-        if key is not None:
-            record = idempotency_row(
-                project,
-                "POST /e",
-                key,
-                f"hash-{n}",
-                status_code=200,
-                body=f"body-{n}",
-                now=NOW,
-                ttl=timedelta(hours=1),
-            )
-        return EventWrite(row, outbox, record)
+        return _event_write(project, f"evt_{n}", key, f"hash-{n}", f"body-{n}")
 
     await store.idempotency.record_idempotency(
         project,
@@ -346,29 +348,10 @@ async def test_two_batches_sharing_keys_in_opposite_orders_both_finish(
     keys = [f"k{n:03d}" for n in range(200)]
 
     def batch(prefix: str, order: list[str]) -> list[EventWrite]:
-        writes = []
-        for key in order:
-            row = TriggerEventRow(
-                id=f"evt_{prefix}_{key}",
-                project_id=project,
-                agent_id="a",
-                user_id="u",
-                event_type="t",
-                created_at=NOW,
-            )
-            outbox = {"subject": "s", "msg_id": row.id, "payload": "{}", "created_at": NOW}
-            record = idempotency_row(
-                project,
-                "POST /e",
-                key,
-                f"hash-{prefix}",
-                status_code=200,
-                body=prefix,
-                now=NOW,
-                ttl=timedelta(hours=1),
-            )
-            writes.append(EventWrite(row, outbox, record))
-        return writes
+        return [
+            _event_write(project, f"evt_{prefix}_{key}", key, f"hash-{prefix}", prefix)
+            for key in order
+        ]
 
     first, second = await asyncio.gather(
         store.events.accept_events(batch("a", keys), NOW),

@@ -19,6 +19,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, parseaddr
@@ -386,6 +387,8 @@ class SmtpChannel:
         self._idle: list[_Connection] = []
         self._timer = timer
         self._writer = MailWriter(sender)
+        self._date_second: datetime | None = None
+        self._date_text = ""
 
     @classmethod
     def from_settings(
@@ -426,7 +429,7 @@ class SmtpChannel:
         Returns ``Delivered(250)`` once the server accepted the DATA. Never raises for
         SMTP or network errors.
         """
-        date = format_datetime(self._clock.now())
+        date = self._date(self._clock.now())
         mail: EmailMessage | bytes | None = self._writer.write(
             message, recipient=destination, date=date
         )
@@ -447,6 +450,14 @@ class SmtpChannel:
             )
             return outcome
         return Delivered(250, reply)
+
+    def _date(self, now: datetime) -> str:
+        """The ``Date`` header for ``now``, written once a second (it has no finer unit)."""
+        second = now.replace(microsecond=0)
+        if second != self._date_second:
+            self._date_second = second
+            self._date_text = format_datetime(second)
+        return self._date_text
 
     async def aclose(self) -> None:
         """Close the idle connections (QUIT, then the socket); sends may still open new ones."""

@@ -61,10 +61,9 @@ class DirectPost:
             and isinstance(transport, AiohttpTransport)
             and self._url.scheme in ("http", "https")
         ):
-            # What httpx would send, less the encodings httpx could decode only with
-            # optional packages (brotli, zstd): gzip and deflate it decodes itself.
+            # The client's default headers, as httpx would send them; the encodings it
+            # advertises are the ones ``httpx.Response`` decodes.
             fields = {k.lower(): v for k, v in defaults.items()}
-            fields["accept-encoding"] = "gzip, deflate"
             lines = "".join(
                 f"{name}: {value}\r\n" for name, value in fields.items() if name != "host"
             )

@@ -53,6 +53,7 @@ MAX_IDLE_S: Final = 30.0
 # RFC 5322 section 3.2.3 atext minus "=" (our escape character) and "/" (some
 # archives use Message-IDs as file names).
 _MSG_ID_SAFE = re.compile(r"[A-Za-z0-9!#$%&'*+?^_`{|}~\-]")
+_MSG_ID_PLAIN = re.compile(r"[A-Za-z0-9!#$%&'*+?^_`{|}~\-]*")
 
 
 class SmtpSecurity(StrEnum):
@@ -72,6 +73,8 @@ def message_id_for(event_id: str, domain: str) -> str:
     are escaped as ``=XX`` (hex of each UTF-8 byte), so distinct event ids never
     collide.
     """
+    if _MSG_ID_PLAIN.fullmatch(event_id):
+        return f"<{event_id}@{domain}>"  # nothing to escape: the usual case
     escaped = "".join(
         ch if _MSG_ID_SAFE.fullmatch(ch) else "".join(f"={b:02X}" for b in ch.encode())
         for ch in event_id

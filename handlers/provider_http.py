@@ -123,8 +123,17 @@ class DirectPost:
                 origin.idle.append(connection)
             else:
                 connection.close()
-        # httpx decodes a gzip or deflate body here, as it would have.
-        return httpx.Response(parsed.status, headers=parsed.headers, content=parsed.body)
+        response = httpx.Response(
+            parsed.status, headers=parsed.headers, stream=httpx.ByteStream(parsed.body)
+        )
+        if response.headers.get("content-encoding", "identity") == "identity":
+            # The body as ``read`` would leave it, without its chunking and decoder
+            # passes (about 25 us a response, timeit); ``_content`` is where httpx keeps
+            # a read body, and every FCM and SMS test reads one through it.
+            response._content = parsed.body
+        else:
+            response.read()  # httpx decodes gzip or deflate, as it would have
+        return response
 
 
 # --- the plain HTTP/1.1 path ------------------------------------------------------

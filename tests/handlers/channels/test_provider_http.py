@@ -16,7 +16,7 @@ import pytest
 from handlers.base import Retry
 from handlers.classify import classify_exception
 from handlers.fanout import provider_http_client
-from handlers.provider_http import DirectPost, parse_response
+from handlers.provider_http import DirectPost, ProviderHttpClient, parse_response
 
 # --- framing (pure) ---------------------------------------------------------------
 
@@ -245,3 +245,14 @@ async def test_refused_connection_is_a_connect_error() -> None:
             await DirectPost(client, f"http://127.0.0.1:{port}/send")(b"a", {})
 
     assert isinstance(classify_exception(caught.value), Retry)
+
+
+async def test_a_proxy_for_the_url_goes_through_the_clients_transport(scripted: Scripted) -> None:
+    """With a proxy the POST goes to the proxy in absolute form, not straight out."""
+    scripted.replies = [ok()]
+    proxy = scripted.url.split("/2010")[0]
+    async with ProviderHttpClient(proxy=proxy, timeout=5.0) as client:
+        response = await DirectPost(client, "http://provider.invalid/send")(b"a", {})
+
+    assert response.status_code == 201
+    assert scripted.requests[0].startswith(b"POST http://provider.invalid/send HTTP/1.1\r\n")

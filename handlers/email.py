@@ -19,6 +19,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, parseaddr
@@ -52,6 +53,7 @@ MAX_IDLE_S: Final = 30.0
 # RFC 5322 section 3.2.3 atext minus "=" (our escape character) and "/" (some
 # archives use Message-IDs as file names).
 _MSG_ID_SAFE = re.compile(r"[A-Za-z0-9!#$%&'*+?^_`{|}~\-]")
+_MSG_ID_PLAIN = re.compile(r"[A-Za-z0-9!#$%&'*+?^_`{|}~\-]*")
 
 
 class SmtpSecurity(StrEnum):
@@ -71,6 +73,8 @@ def message_id_for(event_id: str, domain: str) -> str:
     are escaped as ``=XX`` (hex of each UTF-8 byte), so distinct event ids never
     collide.
     """
+    if _MSG_ID_PLAIN.fullmatch(event_id):
+        return f"<{event_id}@{domain}>"  # nothing to escape: the usual case
     escaped = "".join(
         ch if _MSG_ID_SAFE.fullmatch(ch) else "".join(f"={b:02X}" for b in ch.encode())
         for ch in event_id
@@ -386,6 +390,8 @@ class SmtpChannel:
         self._idle: list[_Connection] = []
         self._timer = timer
         self._writer = MailWriter(sender)
+        self._date_second: datetime | None = None
+        self._date_text = ""
 
     @classmethod
     def from_settings(
@@ -426,7 +432,7 @@ class SmtpChannel:
         Returns ``Delivered(250)`` once the server accepted the DATA. Never raises for
         SMTP or network errors.
         """
-        date = format_datetime(self._clock.now())
+        date = self._date(self._clock.now())
         mail: EmailMessage | bytes | None = self._writer.write(
             message, recipient=destination, date=date
         )
@@ -447,6 +453,14 @@ class SmtpChannel:
             )
             return outcome
         return Delivered(250, reply)
+
+    def _date(self, now: datetime) -> str:
+        """The ``Date`` header for ``now``, written once a second (it has no finer unit)."""
+        second = now.replace(microsecond=0)
+        if second != self._date_second:
+            self._date_second = second
+            self._date_text = format_datetime(second)
+        return self._date_text
 
     async def aclose(self) -> None:
         """Close the idle connections (QUIT, then the socket); sends may still open new ones."""

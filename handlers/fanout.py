@@ -19,7 +19,6 @@ from typing import Final
 
 import httpx
 import structlog
-from httpx_aiohttp import HttpxAiohttpClient
 
 from delivery.clock import Clock
 from delivery.settings import Settings
@@ -27,6 +26,7 @@ from handlers.base import Channel, Delivered, Failed, Message, Outcome, Retry
 from handlers.contacts import Contact, ContactKind, channels_for, redact
 from handlers.email import SmtpChannel
 from handlers.fcm import FcmChannel
+from handlers.provider_http import ProviderHttpClient
 from handlers.sms import SmsChannel
 
 log = structlog.get_logger(__name__)
@@ -246,9 +246,11 @@ def provider_http_client(*, timeout: timedelta = timedelta(seconds=30)) -> httpx
     re-checks every idle connection on every request (encode/httpx#3215), which cost
     about 45% of fan-out throughput in ``bench/bench_channels.py``. Provider URLs are
     operator settings, not tenant input, so no SSRF guard is needed here; proxies from
-    the environment are honoured, as egress to Google and Twilio may need them.
+    the environment are honoured, as egress to Google and Twilio may need them. Its
+    :class:`~handlers.provider_http.ProviderHttpClient` also keeps the connections of
+    the channels' plain HTTP/1.1 path (:class:`~handlers.provider_http.DirectPost`).
     """
-    return HttpxAiohttpClient(
+    return ProviderHttpClient(
         timeout=timeout.total_seconds(),
         limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
     )

@@ -1,19 +1,30 @@
 """
-A provider POST straight through an httpx client's transport.
+A provider POST straight to the socket, or straight through an httpx client's transport.
 
 ``httpx.AsyncClient.post`` builds and merges a request (cookies, headers, URL), then runs
 auth, redirect and event-hook machinery around the transport; for the FCM and SMS
 sends that was about half of each send's CPU under py-spy in
-``bench/bench_channels_worker.py`` (the aiohttp transport itself the other half).
-:class:`DirectPost` keeps what matters of the client (the transport it would pick for
-the URL, proxies included, its default headers and its timeout) and skips the rest: a
-provider needs no redirects, and no cookie should ride from one send to the next.
+``bench/bench_channels_worker.py``. Going straight to the transport halved that; what
+was left was the httpx request and response objects around aiohttp's own request path
+(about 40% of the channels worker's CPU: the ``httpx_aiohttp`` wrapping a quarter of
+it, aiohttp's request, connector and writer the rest). So for the providers' own
+client (:class:`ProviderHttpClient`, which :func:`handlers.fanout.provider_http_client`
+builds) with no proxy for the URL, :class:`DirectPost` writes the request bytes itself
+on kept-alive HTTP/1.1 connections (TLS with the transport's own context) and parses
+the answer whole (:func:`parse_response`): one fixed POST to one provider needs none of
+a general client's machinery. A proxy, or any other client (plain httpx, a test's
+transport), still goes through the client's transport as before.
 """
 
+import asyncio
+import time
 from collections.abc import Mapping
-from typing import Any
+from types import TracebackType
+from typing import Any, cast
 
 import httpx
+from httpx_aiohttp import HttpxAiohttpClient
+from httpx_aiohttp.transport import AiohttpTransport
 
 
 class DirectPost:
@@ -21,7 +32,8 @@ class DirectPost:
     POSTs to one fixed ``url`` with ``client``'s transport, headers and timeout.
 
     The client still owns the connections (closing it closes them). Errors are the
-    transport's httpx exceptions, as ``client.post`` would raise them.
+    httpx exceptions ``client.post`` would raise (connect and read timeouts, connect
+    errors, protocol errors).
 
     Args:
         client: the caller-owned client.
@@ -32,19 +44,46 @@ class DirectPost:
         self._client = client
         self._url = httpx.URL(url)
         self._parts: tuple[httpx.AsyncBaseTransport, dict[str, str], dict[str, Any]] | None = None
+        self._plain: tuple[ProviderHttpClient, _Origin, bytes] | None = None
+
+    def _setup(self) -> None:
+        # Read on first use, as the client's configuration is by then final.
+        # ``_transport_for_url`` is httpx's own (private) choice of transport, mounts
+        # and proxies included; httpx is bounded below 1.0 and every FCM and SMS
+        # test goes through this line, so a change there fails loudly.
+        transport = self._client._transport_for_url(self._url)
+        defaults = dict(self._client.headers)
+        self._parts = (transport, defaults, self._client.timeout.as_dict())
+        client = self._client
+        if (
+            isinstance(client, ProviderHttpClient)
+            and transport is client._transport
+            and isinstance(transport, AiohttpTransport)
+            and self._url.scheme in ("http", "https")
+        ):
+            # The client's default headers, as httpx would send them; the encodings it
+            # advertises are the ones ``httpx.Response`` decodes.
+            fields = {k.lower(): v for k, v in defaults.items()}
+            lines = "".join(
+                f"{name}: {value}\r\n" for name, value in fields.items() if name != "host"
+            )
+            prefix = (
+                b"POST "
+                + self._url.raw_path
+                + b" HTTP/1.1\r\nHost: "
+                + self._url.netloc
+                + b"\r\n"
+                + lines.encode("latin-1")
+            )
+            self._plain = (client, client._origin(self._url), prefix)
 
     async def __call__(self, content: bytes, headers: Mapping[str, str]) -> httpx.Response:
         """One POST of ``content`` with ``headers`` over the client's defaults; read whole."""
         if self._parts is None:
-            # Read on first use, as the client's configuration is by then final.
-            # ``_transport_for_url`` is httpx's own (private) choice of transport, mounts
-            # and proxies included; httpx is bounded below 1.0 and every FCM and SMS
-            # test goes through this line, so a change there fails loudly.
-            self._parts = (
-                self._client._transport_for_url(self._url),
-                dict(self._client.headers),
-                self._client.timeout.as_dict(),
-            )
+            self._setup()
+        if self._plain is not None:
+            return await self._post_plain(content, headers)
+        assert self._parts is not None  # noqa: S101 - set by _setup
         transport, defaults, timeout = self._parts
         request = httpx.Request(
             "POST",
@@ -60,3 +99,320 @@ class DirectPost:
         finally:
             await response.aclose()
         return response
+
+    async def _post_plain(self, content: bytes, headers: Mapping[str, str]) -> httpx.Response:
+        assert self._plain is not None  # noqa: S101 - set by _setup
+        assert self._parts is not None  # noqa: S101 - set by _setup
+        client, origin, prefix = self._plain
+        timeout = self._parts[2]
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        request = b"".join(
+            (prefix, extra.encode("latin-1"), b"Content-Length: %d\r\n\r\n" % len(content), content)
+        )
+        async with client._slots:
+            connection = client._take(origin)
+            if connection is None:
+                connection = await client._connect(origin, timeout["connect"])
+            try:
+                parsed = await connection.exchange(request, timeout["read"])
+            except BaseException:
+                connection.close()
+                raise
+            if parsed.keep_alive and not connection.closed:
+                connection.idle_since = time.monotonic()
+                origin.idle.append(connection)
+            else:
+                connection.close()
+        response = httpx.Response(
+            parsed.status, headers=parsed.headers, stream=httpx.ByteStream(parsed.body)
+        )
+        if response.headers.get("content-encoding", "identity") == "identity":
+            # The body as ``read`` would leave it, without its chunking and decoder
+            # passes (about 25 us a response, timeit); ``_content`` is where httpx keeps
+            # a read body, and every FCM and SMS test reads one through it.
+            response._content = parsed.body
+        else:
+            response.read()  # httpx decodes gzip or deflate, as it would have
+        return response
+
+
+# --- the plain HTTP/1.1 path ------------------------------------------------------
+
+_MAX_HEAD = 64 * 1024
+"""Bytes a response's status line and headers may take (aiohttp's default is 8190 a line)."""
+
+
+class _Parsed:
+    """A whole response read off one connection."""
+
+    __slots__ = ("body", "headers", "keep_alive", "status")
+
+    def __init__(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+
+
+def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, int] | None:
+    """
+    The first whole HTTP/1.1 response in ``buffer`` and the bytes it took, or ``None``
+    while more must be read (pure). Interim ``1xx`` responses are passed over; the body
+    is framed by ``Transfer-Encoding: chunked``, ``Content-Length`` or, failing both,
+    the end of the connection (``eof``), as RFC 9112 section 6.3 orders them.
+
+    Raises:
+        httpx.RemoteProtocolError: the bytes are not an HTTP/1.x response.
+    """
+    start = 0
+    while True:
+        end = buffer.find(b"\r\n\r\n", start)
+        if end < 0:
+            if len(buffer) - start > _MAX_HEAD:
+                raise httpx.RemoteProtocolError("response head too long")
+            if eof:
+                raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+            return None
+        lines = bytes(buffer[start:end]).split(b"\r\n")
+        version, _, rest = lines[0].partition(b" ")
+        code = rest[:3]
+        if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
+            raise httpx.RemoteProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+        status = int(code)
+        headers: list[tuple[bytes, bytes]] = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name != name.strip():
+                raise httpx.RemoteProtocolError(f"malformed header line: {line[:80]!r}")
+            headers.append((name, value.strip()))
+        body_at = end + 4
+        if 100 <= status < 200:
+            start = body_at  # an interim answer; the final one follows
+            continue
+        break
+    fields = {name.lower(): value for name, value in headers}
+    connection = fields.get(b"connection", b"").lower()
+    keep_alive = b"close" not in connection and (
+        version == b"HTTP/1.1" or b"keep-alive" in connection
+    )
+    if status in (204, 304):
+        return _Parsed(status, headers, b"", keep_alive), body_at
+    if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
+        chunks: list[bytes] = []
+        at = body_at
+        while True:
+            line_end = buffer.find(b"\r\n", at)
+            if line_end < 0:
+                _incomplete(eof=eof)
+                return None
+            size_text = bytes(buffer[at:line_end]).split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise httpx.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}") from None
+            if size == 0:
+                # Trailer fields (none expected), then an empty line.
+                at = line_end + 2
+                while True:
+                    field_end = buffer.find(b"\r\n", at)
+                    if field_end < 0:
+                        _incomplete(eof=eof)
+                        return None
+                    if field_end == at:
+                        return _Parsed(status, headers, b"".join(chunks), keep_alive), at + 2
+                    at = field_end + 2
+            data_at = line_end + 2
+            if len(buffer) < data_at + size + 2:
+                _incomplete(eof=eof)
+                return None
+            if buffer[data_at + size : data_at + size + 2] != b"\r\n":
+                raise httpx.RemoteProtocolError("chunk not followed by CRLF")
+            chunks.append(bytes(buffer[data_at : data_at + size]))
+            at = data_at + size + 2
+    length = fields.get(b"content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise httpx.RemoteProtocolError(f"bad Content-Length {length[:20]!r}")
+        stop = body_at + int(length)
+        if len(buffer) < stop:
+            _incomplete(eof=eof)
+            return None
+        return _Parsed(status, headers, bytes(buffer[body_at:stop]), keep_alive), stop
+    if not eof:
+        return None  # the body runs to the end of the connection
+    return _Parsed(status, headers, bytes(buffer[body_at:]), False), len(buffer)
+
+
+def _incomplete(*, eof: bool) -> None:
+    """``None`` (read more), or, at the end of the connection, the error."""
+    if eof:
+        raise httpx.RemoteProtocolError("Server disconnected before the response was complete.")
+
+
+class _Connection(asyncio.Protocol):
+    """One kept-alive HTTP/1.1 connection: one request at a time, the answer parsed whole."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[_Parsed] | None = None
+        self.closed = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream socket's transport (uvloop's does not subclass asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._settle(eof=False)
+
+    def eof_received(self) -> bool:
+        self._settle(eof=True)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._settle(eof=True)
+            if not waiter.done():
+                waiter.set_exception(httpx.RemoteProtocolError(f"Server disconnected: {exc!r}"))
+
+    def _settle(self, *, eof: bool) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            if self._buffer and waiter is None:
+                # Bytes nobody asked for: the connection is out of step; never reuse it.
+                self.closed = True
+            return
+        try:
+            parsed = parse_response(self._buffer, eof=eof)
+        except httpx.RemoteProtocolError as exc:
+            waiter.set_exception(exc)
+            return
+        if parsed is not None:
+            response, used = parsed
+            del self._buffer[:used]
+            if self._buffer:
+                response.keep_alive = False  # more than one answer to one request
+            waiter.set_result(response)
+
+    async def exchange(self, request: bytes, timeout_s: float | None) -> _Parsed:
+        """
+        Write ``request`` and wait for its whole response, at most ``timeout_s``.
+
+        One timer per exchange rather than ``asyncio.timeout``, whose context and
+        cancellation bookkeeping cost about a tenth of the worker's CPU under py-spy.
+
+        Raises:
+            httpx.ReadTimeout: no whole answer within ``timeout_s``.
+            httpx.RemoteProtocolError: a malformed answer, or the server hung up.
+        """
+        assert self.transport is not None  # noqa: S101 - connected before use
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[_Parsed] = loop.create_future()
+        self._waiter = waiter
+        timer = None if timeout_s is None else loop.call_later(timeout_s, self._expire, timeout_s)
+        self.transport.write(request)
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, timeout_s: float) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(httpx.ReadTimeout(f"no whole answer within {timeout_s}s"))
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Origin:
+    """The idle connections to one ``(scheme, host, port)``."""
+
+    def __init__(self, scheme: str, host: str, port: int) -> None:
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.idle: list[_Connection] = []
+
+
+class ProviderHttpClient(HttpxAiohttpClient):
+    """
+    The providers' httpx client (aiohttp-backed), plus the connections
+    :class:`DirectPost` keeps for its plain HTTP/1.1 path; :meth:`aclose` closes both.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._origins: dict[tuple[str, str, int], _Origin] = {}
+        limits: httpx.Limits = kwargs.get("limits", httpx.Limits())
+        self._slots = asyncio.Semaphore(limits.max_connections or 100)
+        self._keepalive_s = limits.keepalive_expiry if limits.keepalive_expiry is not None else 5.0
+
+    def _origin(self, url: httpx.URL) -> _Origin:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        key = (url.scheme, url.host, port)
+        found = self._origins.get(key)
+        if found is None:
+            found = self._origins[key] = _Origin(url.scheme, url.host, port)
+        return found
+
+    def _take(self, origin: _Origin) -> _Connection | None:
+        """The most recently used idle connection still open and fresh, else ``None``."""
+        now = time.monotonic()
+        while origin.idle:
+            connection = origin.idle.pop()
+            if not connection.closed and now - connection.idle_since < self._keepalive_s:
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self, origin: _Origin, timeout_s: float | None) -> _Connection:
+        transport = self._transport
+        assert isinstance(transport, AiohttpTransport)  # noqa: S101 - checked by DirectPost
+        loop = asyncio.get_running_loop()
+        tls = transport.ssl_context if origin.scheme == "https" else None
+        try:
+            async with asyncio.timeout(timeout_s):
+                _, connection = await loop.create_connection(
+                    _Connection,
+                    origin.host,
+                    origin.port,
+                    ssl=tls,
+                    server_hostname=origin.host if tls is not None else None,
+                )
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(f"connecting to {origin.host}:{origin.port}") from exc
+        except OSError as exc:
+            raise httpx.ConnectError(f"connecting to {origin.host}:{origin.port}: {exc}") from exc
+        return connection
+
+    def _close_plain(self) -> None:
+        for origin in self._origins.values():
+            idle, origin.idle = origin.idle, []
+            for connection in idle:
+                connection.close()
+
+    async def aclose(self) -> None:
+        """Close the plain path's connections, then the httpx client's."""
+        self._close_plain()
+        await super().aclose()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        # httpx's ``async with`` closes its transports without calling ``aclose``.
+        self._close_plain()
+        await super().__aexit__(exc_type, exc_value, traceback)

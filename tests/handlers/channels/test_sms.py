@@ -5,6 +5,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from delivery.clock import ManualClock
 from delivery.settings import Settings
@@ -273,6 +275,8 @@ def test_encoding_and_segments(text: str, encoding: str, segments: int) -> None:
         ("aaaa " * 10 + "b" * 200, 1, "aaaa " * 10 + "b" * 107 + "..."),
         ("ç" * 1000, 1, "ç" * 69 + "…"),
         ("ç" * 1000, 10, "ç" * 669 + "…"),
+        ("😀" * 35, 1, "😀" * 35),
+        ("😀" * 36, 1, "😀" * 34 + "…"),
     ],
     ids=[
         "fits",
@@ -283,6 +287,8 @@ def test_encoding_and_segments(text: str, encoding: str, segments: int) -> None:
         "long-run-cut-hard",
         "ucs2-one-segment",
         "ucs2-ten-segments",
+        "surrogate-pairs-exactly-one-segment",
+        "surrogate-pairs-one-over",
     ],
 )
 def test_fit_sms(text: str, max_segments: int, expected: str) -> None:
@@ -297,3 +303,16 @@ def test_fit_sms_rejects_zero_segments() -> None:
     """A budget below one segment is a programming error."""
     with pytest.raises(ValueError, match="max_segments"):
         fit_sms("x", 0)
+
+
+@given(
+    text=st.text(alphabet=st.sampled_from("a €{ç😀\n"), max_size=700),
+    max_segments=st.integers(min_value=1, max_value=10),
+)
+@settings(max_examples=300, deadline=None)
+def test_fit_sms_always_fits(text: str, max_segments: int) -> None:
+    """Whatever the mix of one- and two-unit characters, the result fits the budget."""
+    result = fit_sms(text, max_segments)
+
+    assert sms_segments(result) <= max_segments
+    assert result == text or len(result) < len(text) + 3

@@ -58,6 +58,7 @@ from delivery.clock import Clock
 from delivery.policy import past_deadline, quiet_hours, quiet_wait
 from delivery.secrets import LazySecretBox, SecretBox
 from delivery.settings import Settings
+from delivery.store.advance import Pair, SqlAdvanceStore
 from delivery.store.channels import (
     AttemptRecord,
     ChannelStore,
@@ -258,6 +259,7 @@ class ChannelsWorker(QueueWorker):
         )
         self.store = ChannelStore(engine, secrets=secrets or LazySecretBox(settings))
         self._policies = PolicyStore(engine)
+        self._clocks = SqlAdvanceStore(engine)
         self.lease = lease
         self._rand = rand
         self._on_result = on_result
@@ -848,11 +850,22 @@ class ChannelsWorker(QueueWorker):
         return result
 
     async def _quiet_until(self, note: RowMapping, now: datetime) -> datetime | None:
-        """Until when a send to ``note``'s user waits for their quiet hours (``None``: not)."""
+        """
+        Until when a send to ``note``'s user waits for their quiet hours (``None``: not),
+        in real time. The hours are judged on the (agent, user) pair's clock, as the
+        dispatcher judges them when it defers: an advanced pair is ``offset`` ahead,
+        and the deadline (stored in real time) moves onto that clock with it.
+        """
         hours = quiet_hours(
             await self._policies.get_quiet_hours(note["project_id"], note["user_id"])
         )
-        return quiet_wait(hours, now, note.get("expires_at"))
+        if hours is None:
+            return None
+        pair = Pair(note["project_id"], note["agent_id"], note["user_id"])
+        offset = timedelta(seconds=await self._clocks.clock_offset(pair) or 0.0)
+        deadline = note.get("expires_at")
+        until = quiet_wait(hours, now + offset, None if deadline is None else deadline + offset)
+        return None if until is None else until - offset
 
     async def claim_step(self) -> bool:
         result = await self.sweep()

@@ -28,6 +28,7 @@ from delivery.settings import Settings
 from delivery.store.channels import ChannelStore, FallbackStep
 from delivery.store.policy import PolicyStore
 from delivery.store.sql import SqlStore
+from delivery.store.tables import OFFSETS
 from handlers.channels_worker import ChannelsWorker
 from handlers.retry import SCHEDULE
 from tests.api.notes import add_notifications, notification
@@ -474,6 +475,53 @@ async def test_fallback_waits_out_quiet_hours(
         ("email", "fallback"),
         ("email", "delivered"),
     ]
+
+
+async def test_an_advanced_pairs_fallback_waits_out_quiet_hours_on_its_clock(
+    engine: AsyncEngine,
+    project: str,
+    store: ChannelStore,
+    worker: ChannelsWorker,
+    clock: ManualClock,
+    plain_smtp: SmtpServer,
+    fcm_standin: FcmStandIn,
+    twilio_standin: TwilioStandIn,
+) -> None:
+    """
+    The pair's clock is five hours ahead: its quiet hours start eight minutes from
+    now on that clock, so the move to email waits, and until their end in real time.
+    """
+    ahead = timedelta(hours=5)
+    for _ in range(5):
+        fcm_standin.script.append(fcm_error(503, "UNAVAILABLE", "The service is unavailable."))
+    start = clock.now()
+    async with engine.begin() as conn:
+        await conn.execute(
+            OFFSETS.insert().values(
+                project_id=project,
+                agent_id=A,
+                user_id=U,
+                offset_s=ahead.total_seconds(),
+                updated_at=start,
+            )
+        )
+    on_its_clock = _minute(start + ahead + timedelta(minutes=8))
+    opening = await _quiet_from(engine, project, U, on_its_clock, 120) - ahead
+    nid = await _message(engine, project, clock, 1)
+    await worker.fan_out([nid])
+    clock.advance(SCHEDULE[1])
+    await worker.sweep()
+    clock.advance(SCHEDULE[2])
+    await worker.sweep()
+    clock.set(start + DELAY)  # inside the quiet hours on the pair's clock only
+    await worker.sweep()
+    assert plain_smtp.sink.count == 0, "no email inside the pair's quiet hours"
+    row = await store.get_fallback(nid)
+    assert row is not None
+    assert (row["status"], row["next_attempt_at"]) == ("active", opening)
+    clock.set(opening)
+    assert (await worker.sweep()).sent == 1
+    assert twilio_standin.send_count == 0
 
 
 async def test_quiet_hours_wait_stops_at_the_deadline(

@@ -8,7 +8,8 @@ batching are decided once.
 
 Importing this module also applies :func:`normalise_fetch_timeouts` (see there): a
 fix for fetched messages that FastStream's batch pull loop dropped, to be redelivered
-only after ``ack_wait``.
+only after ``ack_wait``; and :func:`take_queued_messages_at_once` (see there), which
+takes the per-message task out of a batch pull.
 """
 
 import functools
@@ -20,6 +21,7 @@ from faststream import AckPolicy, Context, StreamMessage
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
 from faststream.nats.message import NatsBatchMessage
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 
@@ -68,6 +70,49 @@ def normalise_fetch_timeouts() -> None:
 
 
 normalise_fetch_timeouts()
+
+_nats_next_msg: Callable[..., Coroutine[Any, Any, Msg]] = Subscription.next_msg
+"""nats-py's own ``Subscription.next_msg``, which :func:`take_queued_messages_at_once` wraps."""
+
+
+def take_queued_messages_at_once() -> None:
+    """
+    Let ``Subscription.next_msg`` return a message already queued without a task.
+
+    nats-py's pull ``fetch`` takes a batch one ``next_msg`` call per message, and
+    each call makes a ``uuid4`` name, a task and an ``asyncio.wait_for`` around the
+    queue's ``get``, even when the message has already arrived; in a due-now burst
+    that was most of the consumers' own cost per message (py-spy, see
+    ``bench/README.md``). When the subscription's queue holds a message this returns
+    it at once, with nats-py's own bookkeeping (pending bytes, ``task_done``); an
+    empty queue, a callback subscription, a closed connection or a spent timeout
+    (``timeout <= 0``, which nats-py answers with a timeout even when a message is
+    queued) go to nats-py's method unchanged. Idempotent.
+    """
+    current = Subscription.next_msg
+    if getattr(current, "_at_once", False):
+        return
+
+    @functools.wraps(current)
+    async def next_msg(self: Subscription, timeout: float | None = 1.0) -> Msg:  # noqa: ASYNC109 - nats-py's signature
+        queue = self._pending_queue
+        if (
+            queue.qsize()
+            and (timeout is None or timeout > 0)
+            and not self._cb
+            and not self._conn.is_closed
+        ):
+            msg = queue.get_nowait()
+            self._pending_size -= len(msg.data)
+            queue.task_done()
+            return msg
+        return await _nats_next_msg(self, timeout)
+
+    next_msg._at_once = True  # type: ignore[attr-defined]
+    Subscription.next_msg = next_msg  # type: ignore[method-assign]
+
+
+take_queued_messages_at_once()
 
 BatchHandler = Callable[[Sequence[Msg]], Awaitable[object]]
 """Receives one pulled batch; it acks, naks or terminates each message itself."""

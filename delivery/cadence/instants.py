@@ -6,6 +6,7 @@ Pure: no clock, no I/O.
 
 import re
 from datetime import UTC, datetime, timedelta, timezone
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -25,11 +26,16 @@ LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 """The first instant :func:`parse_instant` refuses (exclusive)."""
 
 
+@lru_cache(maxsize=1024)
 def format_utc(instant: datetime) -> str:
     """
     Render an aware instant as RFC 3339 UTC with ``Z``: ``2026-05-02T01:00:00Z``.
 
     Fractional seconds appear only when non-zero (fires never have them).
+
+    Cached: a burst's payloads repeat a few instants (its fire minute, a batch's
+    ``created_at``); equal instants in different zones render alike, so a hit is
+    always right.
 
     Raises:
         ValueError: ``instant`` is naive.

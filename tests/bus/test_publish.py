@@ -1,0 +1,63 @@
+"""
+The batch publisher and the at-once ``next_msg`` against a real JetStream: what a
+batch stored, which messages the stream dropped as duplicates, and what a subject no
+stream takes answers.
+"""
+
+import asyncio
+
+import nats
+import pytest
+from nats.js.errors import NoStreamResponseError
+
+from delivery.bus.publish import BatchPublisher
+from delivery.bus.stream import MSG_ID_HEADER, ensure_stream
+from delivery.bus.subjects import Subjects
+
+
+async def test_a_batch_is_stored_once_and_a_repeated_msg_id_is_a_duplicate(
+    nats_url: str, subject_prefix: str
+) -> None:
+    subjects = Subjects(subject_prefix)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_stream(js, subjects)
+    publisher = BatchPublisher(nc)
+    try:
+        first = await publisher.publish(
+            (subjects.fire_created, f"m{i}".encode(), {MSG_ID_HEADER: f"id{i}"}) for i in range(5)
+        )
+        assert [await f for f in first] == [False] * 5
+        # Ids 3 and 4 again (a relay that crashed before stamping), then two new ones.
+        again = await publisher.publish(
+            (subjects.fire_created, f"m{i}".encode(), {MSG_ID_HEADER: f"id{i}"})
+            for i in range(3, 7)
+        )
+        assert [await f for f in again] == [True, True, False, False]
+        sub = await js.pull_subscribe(subjects.fire_created, durable="publish_check")
+        got = await sub.fetch(10, timeout=2)
+        assert [m.data for m in got] == [f"m{i}".encode() for i in range(7)]
+        assert [m.headers[MSG_ID_HEADER] for m in got if m.headers] == [f"id{i}" for i in range(7)]
+        assert sub._sub.pending_bytes == 0
+        assert sub._sub.pending_msgs == 0
+        assert publisher._futures == {}
+    finally:
+        await publisher.close()
+        await js.delete_stream(subjects.stream)
+        await nc.close()
+
+
+async def test_a_subject_without_a_stream_fails_its_future(
+    nats_url: str, subject_prefix: str
+) -> None:
+    nc = await nats.connect(nats_url)
+    publisher = BatchPublisher(nc)
+    try:
+        (future,) = await publisher.publish(
+            [(f"{subject_prefix}.nowhere", b"x", {MSG_ID_HEADER: "lost"})]
+        )
+        with pytest.raises(NoStreamResponseError):
+            await asyncio.wait_for(future, 5)
+    finally:
+        await publisher.close()
+        await nc.close()

@@ -217,7 +217,8 @@ class IdempotencyClaim:
 
     The middleware records a route's answer after the route returns, in the
     request's unit of work. A route whose write is committed elsewhere (the
-    grouped event writes of :mod:`delivery.api.ingest`) instead takes the claim,
+    grouped event writes of :mod:`delivery.api.ingest`, the wakeup and schedule
+    creations through :func:`write_recorded_answer`) instead takes the claim,
     builds the record with :meth:`record` and commits it with its writes; when
     its key turns out to have a record already, it says so with
     :meth:`replay_from` and the middleware answers from that record.

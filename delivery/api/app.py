@@ -29,7 +29,7 @@ from delivery.api.ingest import EventIngest
 from delivery.api.limits import BodyLimitMiddleware
 from delivery.api.metrics import HttpMetrics, RequestContextMiddleware
 from delivery.api.openapi import DOCS_PAGES, install_offline_docs, install_openapi
-from delivery.api.routes import ROUTERS, events
+from delivery.api.routes import ROUTERS, events, schedules, wakeups
 from delivery.clock import Clock
 from delivery.dispatcher.composers import SharedComposer
 from delivery.ops import Readiness, ScrapeGauges, database_checks, scheduler_check
@@ -157,7 +157,7 @@ def create_app(
         clock=clock,
         ttl=timedelta(seconds=settings.idempotency_ttl_s),
         secrets=secrets,
-        self_recording=[events.SELF_RECORDING],
+        self_recording=[events.SELF_RECORDING, wakeups.SELF_RECORDING, schedules.SELF_RECORDING],
     )
     app.add_middleware(AuthMiddleware, authenticator=authenticator)
     app.add_middleware(

@@ -10,8 +10,8 @@ import asyncio
 import socket
 import sqlite3
 import weakref
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,6 +394,30 @@ def after_commit(engine: AsyncEngine, callback: Callable[[], None]) -> None:
         callback()
     else:
         unit.after_commit(callback)
+
+
+@contextmanager
+def alone_unless_begun(engine: AsyncEngine) -> Iterator[None]:
+    """
+    Writes on ``engine`` in this block commit in their own transaction, outside
+    the task's :func:`unit_of_work`, when that unit has not written yet; once it
+    has, they join it as usual (on SQLite its writer lock is held: a transaction
+    of their own would wait on it forever).
+
+    For a write that records its own ``Idempotency-Key`` answer in its
+    transaction (the store's ``recorded`` operations): it needs no unit, and
+    joining one costs the unit's BEGIN, a savepoint and the commit, each a round
+    trip to SQLite's driver thread, where a write of its own is one.
+    """
+    unit = _joined(engine)
+    if unit is None or unit.began:
+        yield
+        return
+    token = _UNIT.set(None)
+    try:
+        yield
+    finally:
+        _UNIT.reset(token)
 
 
 @asynccontextmanager

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from sqlalchemy import delete
 
 from delivery.store.common import StoreBase, owned_values
-from delivery.store.engine import Engine
+from delivery.store.engine import Engine, alone_unless_begun
 from delivery.store.steps import DeleteIn, InsertIgnoring, Runner, SelectWhere, Steps
 from delivery.store.tables import IDEMPOTENCY
 
@@ -172,6 +172,54 @@ def finding(
     if row is None or row["status_code"] == 0 or row["expires_at"] <= now:
         return None
     return IdempotencyRecord(row["request_hash"], row["status_code"], row["response_body"])
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """
+    What a write that records its ``Idempotency-Key`` answer with it did
+    (:func:`recorded`).
+
+    Attributes:
+        written: the write and its record (if any) were committed.
+        replay: when not written, the live record its key already had (answer
+            from it); None when that record vanished meanwhile (a purge).
+    """
+
+    written: bool
+    replay: IdempotencyRecord | None = None
+
+
+def recorded(steps: Steps[Any], record: Mapping[str, Any] | None, now: datetime) -> Steps[Recorded]:
+    """
+    ``steps`` (a write) with the record of its answer, in one transaction: the
+    record first, and ``steps`` only when it was inserted; when the key already
+    had a live record, nothing is written and the outcome carries that record.
+    Without a record, just ``steps``.
+    """
+    if record is not None:
+        inserted = yield from recording(record, now)
+        if inserted != 1:
+            replay = yield from finding(record["project_id"], record["route"], record["key"], now)
+            return Recorded(written=False, replay=replay)
+    yield from steps
+    return Recorded(written=True)
+
+
+async def write_recorded(
+    runner: Runner, steps: Steps[Any], record: Mapping[str, Any] | None
+) -> Recorded:
+    """
+    Run :func:`recorded` on ``runner`` (a record is live if it had not expired
+    when ``record`` was made) in a transaction of its own, unless the request's
+    unit of work has written already (then in it:
+    :func:`~delivery.store.engine.alone_unless_begun`).
+    """
+    if record is None:
+        await runner.write(steps)
+        return Recorded(written=True)
+    with alone_unless_begun(runner.engine):
+        return await runner.write(recorded(steps, record, record["created_at"]))
 
 
 def recording(record: Mapping[str, Any], now: datetime) -> Steps[int]:

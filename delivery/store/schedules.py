@@ -37,6 +37,7 @@ from delivery.store import direct
 from delivery.store.advance import due_in_real_time
 from delivery.store.common import StoreBase, canonical_json, insert_ignoring, owned
 from delivery.store.engine import Capabilities, Engine, any_row, write_transaction
+from delivery.store.idempotency import Recorded, write_recorded
 from delivery.store.staging import restage_fires, staged_fires
 from delivery.store.steps import InsertRows, Runner, inserting
 from delivery.store.tables import (
@@ -153,10 +154,19 @@ class ScheduleRecords(Protocol):
     removes its fires and their unpublished outbox entries with it.
     """
 
-    async def insert_schedule(self, row: ScheduleRow, skips: Sequence[Skip] = ()) -> None:
+    async def insert_schedule(
+        self,
+        row: ScheduleRow,
+        skips: Sequence[Skip] = (),
+        *,
+        record: Mapping[str, Any] | None = None,
+    ) -> Recorded:
         """
         Insert a new schedule row as given, with ``skipped`` fire rows for ``skips``
-        (ticks its pair's advanced clock had passed; same transaction).
+        (ticks its pair's advanced clock had passed; same transaction); with
+        ``record`` (its ``Idempotency-Key`` answer) in that transaction too, unless
+        that key already has a live record: then nothing is written and the
+        outcome carries that record.
         """
         ...
 
@@ -388,10 +398,16 @@ class ScheduleStore(StoreBase):
 
     # --- schedules as the API writes them ---------------------------------------
 
-    async def insert_schedule(self, row: ScheduleRow, skips: Sequence[Skip] = ()) -> None:
+    async def insert_schedule(
+        self,
+        row: ScheduleRow,
+        skips: Sequence[Skip] = (),
+        *,
+        record: Mapping[str, Any] | None = None,
+    ) -> Recorded:
         """
         Insert a new schedule row as given, its ``created`` change and a ``skipped``
-        fire row per ``skips`` (same transaction).
+        fire row per ``skips`` (same transaction); see :meth:`Schedules.insert_schedule`.
         """
         inserts = [
             InsertRows(SCHEDULES, [row.model_dump()]),
@@ -420,7 +436,7 @@ class ScheduleStore(StoreBase):
                     ],
                 )
             )
-        await self._runner.write(inserting(*inserts))
+        return await write_recorded(self._runner, inserting(*inserts), record)
 
     async def get_schedule(
         self, project_id: str, agent_id: str, user_id: str, schedule_id: str

@@ -3,14 +3,16 @@ One-off wakeups as the API writes and lists them (the scheduler claims due ones
 through :class:`delivery.store.schedules.ScheduleStore`).
 """
 
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import select, update
 
 from delivery.store.common import StoreBase, owned
 from delivery.store.engine import Engine
+from delivery.store.idempotency import Recorded, write_recorded
 from delivery.store.steps import InsertRows, Runner, inserting
 from delivery.store.tables import WAKEUPS, WakeupRow
 
@@ -33,8 +35,14 @@ class Wakeups(Protocol):
     never fires.
     """
 
-    async def insert_wakeup(self, row: WakeupRow) -> None:
-        """Insert a new pending wakeup."""
+    async def insert_wakeup(
+        self, row: WakeupRow, *, record: Mapping[str, Any] | None = None
+    ) -> Recorded:
+        """
+        Insert a new pending wakeup; with ``record`` (its ``Idempotency-Key``
+        answer) in the same transaction, unless that key already has a live
+        record: then nothing is written and the outcome carries that record.
+        """
         ...
 
     async def list_wakeups(
@@ -64,9 +72,13 @@ class WakeupStore(StoreBase):
         # One call to SQLite's driver thread per operation (delivery.store.steps).
         self._runner = Runner(engine, reader=self._reader)
 
-    async def insert_wakeup(self, row: WakeupRow) -> None:
-        """Insert a new pending wakeup."""
-        await self._runner.write(inserting(InsertRows(WAKEUPS, [row.model_dump()])))
+    async def insert_wakeup(
+        self, row: WakeupRow, *, record: Mapping[str, Any] | None = None
+    ) -> Recorded:
+        """See :meth:`Wakeups.insert_wakeup`."""
+        return await write_recorded(
+            self._runner, inserting(InsertRows(WAKEUPS, [row.model_dump()])), record
+        )
 
     async def list_wakeups(
         self,

@@ -1,6 +1,7 @@
 """A database connection lost under a request is a 503 that records nothing, not a 500."""
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import httpx
 import pytest
@@ -11,6 +12,7 @@ from delivery.api import create_app
 from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
 from delivery.planning import Skip
 from delivery.settings import Settings
+from delivery.store.idempotency import Recorded
 from delivery.store.schedules import ScheduleStore
 from delivery.store.sql import SqlStore
 from delivery.store.tables import IDEMPOTENCY, SCHEDULES, ScheduleRow
@@ -31,14 +33,20 @@ class _BackendKilledSchedules(ScheduleStore):
         super().__init__(engine, Subjects(DEFAULT_SUBJECT_PREFIX))
         self.killed = False
 
-    async def insert_schedule(self, row: ScheduleRow, skips: Sequence[Skip] = ()) -> None:
+    async def insert_schedule(
+        self,
+        row: ScheduleRow,
+        skips: Sequence[Skip] = (),
+        *,
+        record: Mapping[str, Any] | None = None,
+    ) -> Recorded:
         if not self.killed:
             self.killed = True
             async with self.write() as conn:
                 # The server ends this very session, as a failover or an operator would.
                 await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
                 await conn.execute(SCHEDULES.insert().values(**row.model_dump()))
-        await super().insert_schedule(row, skips)
+        return await super().insert_schedule(row, skips, record=record)
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)

@@ -2,8 +2,9 @@
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
@@ -16,9 +17,20 @@ from delivery.api.app import purge_idempotency_forever
 from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
 from delivery.planning import Skip
 from delivery.settings import Settings
+from delivery.store.idempotency import Recorded, write_recorded
+from delivery.store.inventory import InventoryStore
 from delivery.store.schedules import ScheduleStore
 from delivery.store.sql import SqlStore
-from delivery.store.tables import IDEMPOTENCY, SCHEDULES, WAKEUPS, ScheduleRow, WakeupRow
+from delivery.store.steps import Call, InsertRows, inserting
+from delivery.store.tables import (
+    IDEMPOTENCY,
+    INVENTORY,
+    SCHEDULES,
+    WAKEUPS,
+    InventoryItemRow,
+    ScheduleRow,
+    WakeupRow,
+)
 from delivery.store.wakeups import WakeupStore
 from tests.api.conftest import Api
 
@@ -98,11 +110,13 @@ class _FailOnceWakeups(WakeupStore):
         super().__init__(engine)
         self.calls = 0
 
-    async def insert_wakeup(self, row: WakeupRow) -> None:
+    async def insert_wakeup(
+        self, row: WakeupRow, *, record: Mapping[str, Any] | None = None
+    ) -> Recorded:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("database unreachable")
-        await super().insert_wakeup(row)
+        return await super().insert_wakeup(row, record=record)
 
 
 async def test_server_errors_are_not_stored(api: Api) -> None:
@@ -179,13 +193,20 @@ class _PausedSchedules(ScheduleStore):
         self.inserted = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def insert_schedule(self, row: ScheduleRow, skips: Sequence[Skip] = ()) -> None:
+    async def insert_schedule(
+        self,
+        row: ScheduleRow,
+        skips: Sequence[Skip] = (),
+        *,
+        record: Mapping[str, Any] | None = None,
+    ) -> Recorded:
         self.inserts += 1
         first = self.inserts == 1
-        await super().insert_schedule(row, skips)
+        outcome = await super().insert_schedule(row, skips, record=record)
         if first:
             self.inserted.set()
             await self.release.wait()
+        return outcome
 
 
 async def test_concurrent_retry_gets_the_first_answer(api: Api) -> None:
@@ -211,16 +232,16 @@ async def test_concurrent_retry_gets_the_first_answer(api: Api) -> None:
     assert await api.store.count(IDEMPOTENCY) == 1
 
 
-class _WriteThenFailWakeups(WakeupStore):
-    """Wakeups whose first insert writes the row and then fails, as a crash would."""
+class _WriteThenFailItems(InventoryStore):
+    """Inventory whose first insert writes the row and then fails, as a lost connection would."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        super().__init__(engine)
+        super().__init__(engine, subjects=Subjects(DEFAULT_SUBJECT_PREFIX))
         self.calls = 0
 
-    async def insert_wakeup(self, row: WakeupRow) -> None:
+    async def insert_item(self, row: InventoryItemRow) -> None:
         self.calls += 1
-        await super().insert_wakeup(row)
+        await super().insert_item(row)
         if self.calls == 1:
             raise RuntimeError("connection lost after the insert")
 
@@ -228,7 +249,63 @@ class _WriteThenFailWakeups(WakeupStore):
 async def test_a_failed_request_leaves_neither_its_writes_nor_its_key(api: Api) -> None:
     """Writes made before a 5xx roll back with it, so the retry makes the resource exactly once."""
     store = SqlStore(api.store.engine)
-    store.wakeups = _WriteThenFailWakeups(api.store.engine)
+    store.inventory = _WriteThenFailItems(api.store.engine)
+    app = create_app(Settings(subject_prefix="test"), store, api.clock)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    headers = {**api.alpha.headers, "Idempotency-Key": "half-done"}
+    path = "/api/v1/agents/a1/users/u1/inventory/items"
+    item = {"item_type": "medication", "label": "aspirin"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
+        failed = await client.post(path, json=item, headers=headers)
+        assert failed.status_code == 500
+        assert await api.store.count(INVENTORY) == 0
+        assert await api.store.count(IDEMPOTENCY) == 0
+        retried = await client.post(path, json=item, headers=headers)
+        replayed = await client.post(path, json=item, headers=headers)
+    assert retried.status_code == replayed.status_code == 201
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert replayed.json() == retried.json()
+    assert await api.store.count(INVENTORY) == 1
+
+
+def _fail(_: object) -> None:
+    raise RuntimeError("connection lost after the insert")
+
+
+async def _fail_core(_: object) -> None:
+    _fail(None)
+
+
+class _RecordedThenFailWakeups(WakeupStore):
+    """
+    Wakeups whose first write inserts the row and its key's record, then fails
+    in the same transaction (a fault between the statements).
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.calls = 0
+
+    async def insert_wakeup(
+        self, row: WakeupRow, *, record: Mapping[str, Any] | None = None
+    ) -> Recorded:
+        self.calls += 1
+        if self.calls > 1:
+            return await super().insert_wakeup(row, record=record)
+        failing = inserting(
+            InsertRows(WAKEUPS, [row.model_dump()]),
+            Call(_fail, _fail_core),
+        )
+        return await write_recorded(self._runner, failing, record)
+
+
+async def test_a_failed_self_recorded_write_leaves_neither_row_nor_key(api: Api) -> None:
+    """
+    A wakeup records its key with its own write: a fault inside that write rolls
+    back the row and the record together, so the retry makes the wakeup once.
+    """
+    store = SqlStore(api.store.engine)
+    store.wakeups = _RecordedThenFailWakeups(api.store.engine)
     app = create_app(Settings(subject_prefix="test"), store, api.clock)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     headers = {**api.alpha.headers, "Idempotency-Key": "half-done"}
@@ -241,5 +318,61 @@ async def test_a_failed_request_leaves_neither_its_writes_nor_its_key(api: Api) 
         retried = await client.post("/api/v1/agents/a1/wakeups", json=wakeup, headers=headers)
         replayed = await client.post("/api/v1/agents/a1/wakeups", json=wakeup, headers=headers)
     assert retried.status_code == replayed.status_code == 201
+    assert replayed.headers["idempotent-replayed"] == "true"
     assert replayed.json() == retried.json()
+    assert await api.store.count(WAKEUPS) == 1
+
+
+@pytest.mark.parametrize("kind", ["wakeup", "schedule"])
+async def test_self_recording_routes_replay_and_refuse_reuse(api: Api, kind: str) -> None:
+    """
+    Wakeups and schedules record their key with their write; a retry runs the route
+    again, and still gets the first answer (nothing written twice), a reused key 409.
+    """
+    if kind == "wakeup":
+        path, table = "/api/v1/agents/a1/wakeups", WAKEUPS
+        body: dict[str, Any] = {"user_id": "u1", "check_type": "c", "intent": "i"}
+        body["delay_hours"] = 1
+    else:
+        path, table, body = PATH, SCHEDULES, BODY
+    headers = {"Idempotency-Key": f"self-{kind}"}
+    first = await api.alpha.post(path, json=body, headers=headers)
+    again = await api.alpha.post(path, json=body, headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json()
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    reused = await api.alpha.post(path, json={**body, "intent": "other"}, headers=headers)
+    assert reused.status_code == 409
+    assert reused.json()["code"] == "IDEMPOTENCY_KEY_REUSED"
+    assert await api.store.count(table) == 1
+    assert await api.store.count(IDEMPOTENCY) == 1
+    # The key's record is sealed like every other.
+    async with api.store.engine.connect() as conn:
+        [stored] = [
+            r[0]
+            for r in await conn.execute(
+                IDEMPOTENCY.select().with_only_columns(IDEMPOTENCY.c.response_body)
+            )
+        ]
+    assert stored.startswith("sealed:")
+
+
+async def test_a_retry_the_route_would_now_refuse_replays_the_first_answer(api: Api) -> None:
+    """
+    A wakeup's retry runs the route again; one that its checks now refuse (its
+    instant is past by then) still gets the first answer, not a 400.
+    """
+    headers = {"Idempotency-Key": "late-retry"}
+    at = (api.clock.now() + timedelta(hours=1)).isoformat()
+    wakeup = {"user_id": "u1", "check_type": "c", "intent": "i", "scheduled_at": at}
+    first = await api.alpha.post("/api/v1/agents/a1/wakeups", json=wakeup, headers=headers)
+    assert first.status_code == 201
+    api.clock.advance(timedelta(hours=3))
+    unkeyed = await api.alpha.post("/api/v1/agents/a1/wakeups", json=wakeup)
+    assert unkeyed.status_code == 400
+    retried = await api.alpha.post("/api/v1/agents/a1/wakeups", json=wakeup, headers=headers)
+    assert retried.status_code == 201
+    assert retried.json() == first.json()
+    assert retried.headers["idempotent-replayed"] == "true"
     assert await api.store.count(WAKEUPS) == 1

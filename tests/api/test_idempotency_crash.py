@@ -46,3 +46,29 @@ async def test_sigkill_mid_event_storm_then_retry_every_key(
     assert outcome.replayed_after_restart >= len(outcome.answered_before_kill)
     assert sorted(outcome.written) == [f"k-{n:05d}" for n in range(keys)]
     assert set(outcome.written.values()) == {1}
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_self_recorded_creations_then_retry_every_key(
+    database_url: str, tmp_path: Path
+) -> None:
+    """
+    Wakeups and schedules, 32 at a time: each records its key in its own write's
+    transaction. After a SIGKILL mid-stream every retried key answers 2xx (the
+    answered ones replayed), and each resource exists once.
+    """
+    keys = 300
+    async with server_for(database_url, tmp_path) as server:
+        outcome = await run_workload(
+            server,
+            database_url,
+            keys=keys,
+            kill_after=keys // 3,
+            concurrency=32,
+            kinds=("wakeup", "schedule"),
+        )
+    assert keys // 3 <= len(outcome.answered_before_kill) < keys
+    assert outcome.retries == 0, outcome.refusals
+    assert outcome.replayed_after_restart >= len(outcome.answered_before_kill)
+    assert sorted(outcome.written) == [f"k-{n:05d}" for n in range(keys)]
+    assert set(outcome.written.values()) == {1}

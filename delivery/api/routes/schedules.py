@@ -7,10 +7,11 @@ metadata (so reads echo what was stored) and computes ``next_fire_at`` from the 
 """
 
 import json
+import re
 from datetime import datetime, timedelta
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from delivery.api.auth import ProjectId
@@ -27,6 +28,7 @@ from delivery.api.context import (
     parse_limit,
     wire_time,
 )
+from delivery.api.idempotency import write_recorded_answer
 from delivery.api.metrics import bind_ids
 from delivery.api.routes.inventory import missing_item
 from delivery.api.routes.policy import POLICY_FIELDS, patched_policy_json, source_policy_json
@@ -61,6 +63,8 @@ from delivery.store.tables import ScheduleRow
 
 router = APIRouter(tags=["schedules"])
 PREFIX = "/api/v1/agents/{agent_id}/users/{user_id}/schedules"
+SELF_RECORDING = re.compile(r"POST /api/v1/agents/[^/]+/users/[^/]+/schedules")
+"""The route that records its ``Idempotency-Key`` answer with its write."""
 _PATCH_ATTEMPTS = 5
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -204,7 +208,12 @@ async def list_schedules(
 
 @router.post(PREFIX, status_code=201, responses={201: {"model": ScheduleCreated}})
 async def create_schedule(
-    agent_id: AgentId, user_id: UserId, body: ScheduleCreate, project: ProjectId, ctx: Ctx
+    agent_id: AgentId,
+    user_id: UserId,
+    body: ScheduleCreate,
+    project: ProjectId,
+    ctx: Ctx,
+    request: Request,
 ) -> Response:
     """
     Create a schedule; ``next_fire_at`` is the first fire after the pair's now.
@@ -273,9 +282,7 @@ async def create_schedule(
     )
     bind_ids(schedule_id=row.id)
     skips = ticks_behind_clock(compiled, real_now=clock.real, pair_now=now)
-    await ctx.store.schedules.insert_schedule(row, skips)
-    ctx.wake()
-    return _json(
+    answer = _json(
         ScheduleCreated(
             schedule_id=row.id,
             next_fire_at=wire_time(upcoming_fire),
@@ -284,6 +291,14 @@ async def create_schedule(
         ),
         201,
     )
+    # The key's record commits with the schedule (see wakeups.py).
+    if await write_recorded_answer(
+        request,
+        answer,
+        lambda record: ctx.store.schedules.insert_schedule(row, skips, record=record),
+    ):
+        ctx.wake()
+    return answer
 
 
 @router.get(PREFIX + "/{schedule_id}", responses={200: {"model": ScheduleOut}})

@@ -4,9 +4,10 @@ One-off wakeups under ``/api/v1/agents/{agentId}/wakeups``.
 pending -> executed (by the daemon) | cancelled (by ``DELETE``); both final.
 """
 
+import re
 from datetime import timedelta
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from delivery.api.auth import ProjectId
@@ -20,6 +21,7 @@ from delivery.api.context import (
     parse_limit,
     wire_time,
 )
+from delivery.api.idempotency import write_recorded_answer
 from delivery.api.metrics import bind_ids
 from delivery.api.routes.inventory import missing_item
 from delivery.api.routes.policy import source_policy_json
@@ -37,6 +39,8 @@ from delivery.store.wakeups import CancelOutcome
 
 router = APIRouter(tags=["wakeups"])
 PREFIX = "/api/v1/agents/{agent_id}/wakeups"
+SELF_RECORDING = re.compile(r"POST /api/v1/agents/[^/]+/wakeups")
+"""The route that records its ``Idempotency-Key`` answer with its write."""
 STATUSES = ("pending", "executed", "cancelled")
 ALL = "all"
 """The ``status`` filter value that lists every wakeup; without a filter only pending ones."""
@@ -62,7 +66,7 @@ def wakeup_out(row: WakeupRow) -> WakeupOut:
 
 @router.post(PREFIX, status_code=201, responses={201: {"model": WakeupCreated}})
 async def schedule_wakeup(
-    agent_id: AgentId, body: WakeupCreate, project: ProjectId, ctx: Ctx
+    agent_id: AgentId, body: WakeupCreate, project: ProjectId, ctx: Ctx, request: Request
 ) -> Response:
     """
     Schedule one fire at ``scheduled_at``, else ``now + delay_hours``; ``now`` and
@@ -110,10 +114,15 @@ async def schedule_wakeup(
         policy_json=source_policy_json(body),
     )
     bind_ids(wakeup_id=row.id, message_id=notification_id(row.id), user_id=body.user_id)
-    await ctx.store.wakeups.insert_wakeup(row)
-    ctx.wake()
     created = WakeupCreated(wakeup_id=row.id, scheduled_at=wire_time(scheduled_at))
-    return JSONResponse(created.model_dump(), status_code=201)
+    answer = JSONResponse(created.model_dump(), status_code=201)
+    # The key's record commits with the row, so the answer is never recorded
+    # without its wakeup (nor the wakeup written twice for one key).
+    if await write_recorded_answer(
+        request, answer, lambda record: ctx.store.wakeups.insert_wakeup(row, record=record)
+    ):
+        ctx.wake()
+    return answer
 
 
 @router.get(PREFIX, responses={200: {"model": WakeupList}})

@@ -20,7 +20,7 @@ from datetime import timedelta
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import nats
 import structlog
@@ -58,6 +58,9 @@ from delivery.store.engine import Capabilities, create_engine, is_sqlite
 from delivery.store.facts import SCHEDULER_SEEN, FactStore
 from delivery.store.gauges import GaugeStore
 from delivery.store.policy import EXPIRY_BATCH, expire_due
+
+if TYPE_CHECKING:
+    from delivery.dispatcher.process import BatchResult
 
 log = structlog.get_logger(__name__)
 
@@ -344,7 +347,9 @@ class Daemon:
         if Part.DISPATCHER in self.parts:
             from delivery.dispatcher.app import Dispatcher
 
-            dispatcher = Dispatcher(settings, engine, nats_url=nats_url, clock=self.clock)
+            dispatcher = Dispatcher(
+                settings, engine, nats_url=nats_url, clock=self.clock, on_batch=self._dispatched
+            )
             await dispatcher.start()
             _on_stop(stack, "dispatcher", dispatcher.stop)
 
@@ -426,6 +431,12 @@ class Daemon:
     def _wake_relay(self) -> None:
         if self._relay_job is not None:
             self._relay_job.wake()
+
+    def _dispatched(self, result: "BatchResult") -> None:
+        # The batch committed notification.created outbox rows: hand them on now, not
+        # at the relay's next periodic pass (tick_interval_s later).
+        if result.created:
+            self._wake_relay()
 
     @staticmethod
     def _flush_outbox(relay: OutboxRelay, job: PeriodicLoop) -> Callable[[], Awaitable[None]]:

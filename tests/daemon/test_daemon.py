@@ -4,13 +4,16 @@ NATS): a write through the API wakes the scheduler, and shutdown is clean.
 """
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 from pydantic import SecretStr
 
+from delivery.bus.subjects import Subjects
 from delivery.daemon import Daemon
 from delivery.loops import PeriodicLoop
 from delivery.settings import Settings
@@ -65,6 +68,38 @@ async def test_an_api_write_wakes_the_scheduler_and_shutdown_is_clean(settings):
             notification = await asyncio.wait_for(notified(), 15)
         assert wakeup_id in str(notification)
     finally:
+        daemon.request_stop()
+        await asyncio.wait_for(running, 60)
+        await delete_stream(settings.nats_url, settings.subject_prefix)
+    running.result()
+
+
+async def test_a_dispatched_notification_is_published_before_the_next_tick(settings):
+    """The dispatcher's commit wakes the relay: notification.created goes out at once."""
+    daemon = Daemon(settings)
+    running = asyncio.create_task(daemon.run(install_signals=False))
+    nc = await nats.connect(settings.nats_url)
+    try:
+        created_events: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_created(msg: Any) -> None:
+            await created_events.put(msg.data)
+
+        await nc.subscribe(Subjects(settings.subject_prefix).notification_created, cb=on_created)
+        await asyncio.wait_for(daemon.ready.wait(), 30)
+        assert daemon.api_url is not None
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=daemon.api_url, headers=headers) as client:
+            created = await client.post(
+                "/api/v1/agents/agent_1/wakeups",
+                json={"user_id": "u1", "check_type": "reminder", "intent": "hi", "delay_hours": 0},
+            )
+            assert created.status_code == 201, created.text
+        # The relay's periodic pass is 30 s away; only a wake publishes within 15 s.
+        published = await asyncio.wait_for(created_events.get(), 15)
+        assert json.loads(published)["event_type"] == "on_wakeup_ready"
+    finally:
+        await nc.close()
         daemon.request_stop()
         await asyncio.wait_for(running, 60)
         await delete_stream(settings.nats_url, settings.subject_prefix)

@@ -206,18 +206,19 @@ def run_main(main: Callable[[], Coroutine[Any, Any, None]], *, debug: bool) -> N
 MALLOC_ARENAS: Final = 1
 """
 The glibc malloc arenas a long-running process may use (glibc's default on 64-bit
-is eight per core). Every thread that mallocs while another holds the main arena
-gets an arena of its own, and each aiosqlite connection is a thread: SQLite's page
-cache, statements and rows are allocated there. An arena keeps what its thread
-freed for reuse by that thread's arena only, so a burst that opens overflow
-connections leaves a few MB in each of several arenas.
+is eight per core). A new thread gets an arena of its own at its first malloc while
+there are fewer than that, and each aiosqlite connection is a thread: SQLite's page
+cache, statements and rows are allocated there. What is freed in an arena serves
+only the threads attached to it, so a burst that opens overflow connections of the
+pool leaves a few MB in each of several arenas.
 
-Measured with ``bench/bench_rss.py --quick`` (100,000 stored, 10,000 due), the
-daemon's RSS at the burst's peak: 148-149 MB with glibc's default, 145 MB with
-one arena (idle 126 MB either way); the full figures are in the "Memory" part
-of ``bench/README.md``. The threads run SQLite with the GIL released, so they
-now share the arena's lock with the loop's thread; ``bench/bench_burst.py``
-measured no loss of rate or CPU (same file).
+Measured with ``bench/bench_rss.py`` (1,000,000 stored, a burst of 100,000 due),
+the daemon's RSS at the burst's peak went from 162 MB with glibc's default to
+151 MB with one arena, idle 127 / 126 MB; with ``--quick`` (100,000 / 10,000)
+148-152 MB against 145 MB, and two arenas gave 146 MB. The threads run SQLite
+with the GIL released, so they now share the arena's lock with the loop's
+thread; ``bench/bench_burst.py`` measured the burst's time and daemon CPU
+against the default (the "Memory" part of ``bench/README.md``).
 """
 
 M_ARENA_MAX: Final = -8

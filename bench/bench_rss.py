@@ -7,6 +7,10 @@ Run::
     .venv/bin/python bench/bench_rss.py            # 1,000,000 stored, 100,000 due in the burst
     .venv/bin/python bench/bench_rss.py --quick    # 100,000 stored, 10,000 due
 
+The daemon is started as ``python -m delivery run`` from the current directory, so
+running this script from another worktree (with that tree's venv) measures that
+tree's daemon with this bench.
+
 Before sampling, the bench uses the daemon's API the way a live deployment has: an
 SDK-style POST (with an ``Idempotency-Key``, whose recorded response is sealed) and
 a notification poll, so code paths that load on first use are counted in both windows.
@@ -140,6 +144,13 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100,000 stored, 10,000 due")
     parser.add_argument("--stored", type=int, default=None)
     parser.add_argument("--burst", type=int, default=None)
+    parser.add_argument(
+        "--seed-s",
+        type=float,
+        default=None,
+        help="seconds allowed for seeding before the burst's staging (default: 30 + stored/10,000;"
+        " raise it on a loaded machine, where seeding 1,000,000 rows can take 300 s)",
+    )
     args = parser.parse_args()
     stored = args.stored or (100_000 if args.quick else 1_000_000)
     burst = args.burst or stored // 10
@@ -150,9 +161,8 @@ async def main() -> None:
         await migrate(url)
         # Seeding 1M rows takes a while on a shared machine: aim the burst after it.
         staging = timedelta(seconds=Settings().lookahead_s + 5)
-        due = ceil_minute(
-            datetime.now(UTC), at_least=staging + timedelta(seconds=30 + stored / 10_000)
-        )
+        seed_s = args.seed_s if args.seed_s is not None else 30 + stored / 10_000
+        due = ceil_minute(datetime.now(UTC), at_least=staging + timedelta(seconds=seed_s))
         took = await seed(url, stored, burst, due)
         print(f"stored {stored:,} schedules ({burst:,} due at {due:%H:%M:%S} UTC) in {took:.0f} s")
         if due - datetime.now(UTC) < staging + timedelta(seconds=10):

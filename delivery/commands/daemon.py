@@ -14,7 +14,7 @@ from delivery import tracing
 from delivery.daemon import ALL_PARTS, Daemon, Part
 from delivery.logs import configure_logging
 from delivery.settings import Settings
-from delivery.startup import run_main
+from delivery.startup import cap_malloc_arenas, run_main
 
 
 async def _serve(settings: Settings, parts: frozenset[Part], *, embedded_nats: bool) -> None:
@@ -49,6 +49,8 @@ DEBUG = typer.Option(False, "--debug", help="Show the traceback of a start-up fa
 
 
 def _launch(parts: frozenset[Part], *, embedded_nats: bool, debug: bool) -> None:
+    # Before any thread starts (each SQLite connection is one): see MALLOC_ARENAS.
+    cap_malloc_arenas()
     settings = Settings()
     configure_logging(settings.log_level, json=settings.log_json)
     name = "delivery" if parts == ALL_PARTS else f"delivery-{'-'.join(sorted(parts))}"

@@ -318,6 +318,11 @@ def main() -> None:
         "receivers are; by default all share one origin, so DELIVERY_WEBHOOK_PER_ENDPOINT "
         "(32) bounds the whole run's concurrency",
     )
+    parser.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="run the worker on uvloop (the handlers process runs on asyncio's own loop)",
+    )
     args = parser.parse_args()
     if args.serve:
         serve_forever(args.projects if args.origin_per_project else 1)
@@ -333,7 +338,12 @@ def main() -> None:
         if not port.isdigit():
             raise SystemExit(f"receiver did not start: {port!r}")
         with tempfile.TemporaryDirectory() as name:
-            asyncio.run(_run(args, Path(name), port))
+            if args.uvloop:
+                import uvloop
+
+                uvloop.run(_run(args, Path(name), port))
+            else:
+                asyncio.run(_run(args, Path(name), port))
     finally:
         receiver.kill()
         receiver.wait()

@@ -26,23 +26,28 @@ LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 """The first instant :func:`parse_instant` refuses (exclusive)."""
 
 
-@lru_cache(maxsize=1024)
 def format_utc(instant: datetime) -> str:
     """
     Render an aware instant as RFC 3339 UTC with ``Z``: ``2026-05-02T01:00:00Z``.
 
     Fractional seconds appear only when non-zero (fires never have them).
 
-    Cached: a burst's payloads repeat a few instants (its fire minute, a batch's
-    ``created_at``); equal instants in different zones render alike, so a hit is
-    always right.
-
     Raises:
         ValueError: ``instant`` is naive.
     """
     if instant.tzinfo is None:
         raise ValueError("format_utc needs an aware datetime")
-    utc = instant.astimezone(UTC)
+    return _format_utc(instant if instant.tzinfo is UTC else instant.astimezone(UTC))
+
+
+@lru_cache(maxsize=1024)
+def _format_utc(utc: datetime) -> str:
+    """
+    :func:`format_utc` of an instant already in ``UTC``, cached: a burst's payloads
+    repeat a few instants (its fire minute, a batch's ``created_at``). Only UTC values
+    are cached, as two local times that differ only in ``fold`` (the repeated hour of a
+    DST fall-back) compare and hash equal while being an hour apart.
+    """
     spec = "microseconds" if utc.microsecond else "seconds"
     return utc.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
 

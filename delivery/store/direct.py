@@ -38,21 +38,23 @@ MAX_VARIABLES = 900
 """Parameters per ``IN (...)`` list; SQLite builds before 3.32 allow 999."""
 
 
-@lru_cache(maxsize=1024)
 def sqlite_instant(value: datetime) -> str:
-    """
-    An aware instant as SQLAlchemy stores it in SQLite (``UTCDateTime``).
-
-    Cached: the rows of one write share a few instants (the batch's ``created_at``,
-    a burst's fire minute, the next local times of each zone), and a cache hit is
-    ~15x cheaper than the conversion (it was 1.5% of a due-now burst's samples).
-    Equal instants in different zones hash alike and have the same text, so a hit
-    is always right.
-    """
+    """An aware instant as SQLAlchemy stores it in SQLite (``UTCDateTime``)."""
     if value.tzinfo is None:
         raise ValueError("naive datetime given to a UTC column")
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
+    return _sqlite_utc(value if value.tzinfo is UTC else value.astimezone(UTC))
+
+
+@lru_cache(maxsize=1024)
+def _sqlite_utc(value: datetime) -> str:
+    """
+    :func:`sqlite_instant` of an instant already in ``UTC``, cached: the rows of one
+    write share a few instants (the batch's ``created_at``, a burst's fire minute), and
+    a hit is ~15x cheaper than the conversion (it was 1.5% of a due-now burst's
+    samples). Only UTC values are cached, as two local times that differ only in
+    ``fold`` (the repeated hour of a DST fall-back) compare and hash equal while being
+    an hour apart.
+    """
     # isoformat is several times faster than strftime; timespec keeps the
     # microseconds when they are zero, as SQLAlchemy does.
     return value.replace(tzinfo=None).isoformat(" ", timespec="microseconds")

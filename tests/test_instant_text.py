@@ -1,0 +1,24 @@
+"""
+The cached instant texts (RFC 3339 for payloads, SQLite's column text) of the repeated
+hour of a DST fall-back: the two local times differ only in ``fold``, compare and hash
+equal, and are an hour apart, so each must be written as its own instant.
+"""
+
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+from delivery.cadence.instants import format_utc
+from delivery.store.direct import sqlite_instant
+
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+def test_the_repeated_hour_is_written_as_two_instants() -> None:
+    first = datetime(2025, 11, 2, 1, 30, tzinfo=NEW_YORK, fold=0)
+    second = first.replace(fold=1)
+    assert first == second  # why a cache keyed on the local value would be wrong
+    assert format_utc(first) == "2025-11-02T05:30:00Z"
+    assert format_utc(second) == "2025-11-02T06:30:00Z"
+    assert sqlite_instant(first) == "2025-11-02 05:30:00.000000"
+    assert sqlite_instant(second) == "2025-11-02 06:30:00.000000"
+    assert format_utc(second.astimezone(UTC)) == "2025-11-02T06:30:00Z"

@@ -17,14 +17,23 @@ transport), still goes through the client's transport as before.
 """
 
 import asyncio
+import re
+import socket
 import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, cast
 
+import aiohappyeyeballs
 import httpx
 from httpx_aiohttp import HttpxAiohttpClient
 from httpx_aiohttp.transport import AiohttpTransport
+
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+"""A chunk-size line's number (RFC 9112: 1*HEXDIG; 16 digits is more than any body)."""
+
+_HAPPY_EYEBALLS_DELAY_S = 0.25
+"""aiohttp's own: the next address family is tried if a connect has not finished by then."""
 
 
 class DirectPost:
@@ -106,6 +115,10 @@ class DirectPost:
         client, origin, prefix = self._plain
         timeout = self._parts[2]
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        if extra.count("\r") + extra.count("\n") != 2 * len(headers):
+            # A value with a line break would start a header line of its own (an access
+            # token is a provider's answer); httpx and aiohttp refuse it the same way.
+            raise httpx.LocalProtocolError("a header value holds a line break")
         request = b"".join(
             (prefix, extra.encode("latin-1"), b"Content-Length: %d\r\n\r\n" % len(content), content)
         )
@@ -208,10 +221,11 @@ def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, in
                 _incomplete(eof=eof)
                 return None
             size_text = bytes(buffer[at:line_end]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise httpx.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}") from None
+            # Hex digits only: int() would also take "-6", "+a", "0x10" or "1_0", and a
+            # negative size would send this loop back to where it started, for ever.
+            if _CHUNK_SIZE.fullmatch(size_text) is None:
+                raise httpx.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}")
+            size = int(size_text, 16)
             if size == 0:
                 # Trailer fields (none expected), then an empty line.
                 at = line_end + 2
@@ -383,13 +397,23 @@ class ProviderHttpClient(HttpxAiohttpClient):
         tls = transport.ssl_context if origin.scheme == "https" else None
         try:
             async with asyncio.timeout(timeout_s):
-                _, connection = await loop.create_connection(
-                    _Connection,
-                    origin.host,
-                    origin.port,
-                    ssl=tls,
-                    server_hostname=origin.host if tls is not None else None,
+                # Happy eyeballs as aiohttp connects (the library it uses): a host whose
+                # IPv6 address resolves but is dropped still gets an IPv4 connection.
+                # uvloop's create_connection has no happy_eyeballs_delay of its own.
+                infos = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
+                sock = await aiohappyeyeballs.start_connection(
+                    infos, happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY_S, interleave=1
                 )
+                try:
+                    _, connection = await loop.create_connection(
+                        _Connection,
+                        sock=sock,
+                        ssl=tls,
+                        server_hostname=origin.host if tls is not None else None,
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
         except TimeoutError as exc:
             raise httpx.ConnectTimeout(f"connecting to {origin.host}:{origin.port}") from exc
         except OSError as exc:

@@ -91,6 +91,8 @@ def test_unframed_body_runs_to_the_end_of_the_connection() -> None:
         (b"HTTP/1.1 2x0 OK\r\n\r\n", False),
         (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", False),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-6\r\n", False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x10\r\n", False),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort", True),
         (b"HTTP/1.1 200 OK\r\nContent", True),
     ],
@@ -245,6 +247,27 @@ async def test_refused_connection_is_a_connect_error() -> None:
             await DirectPost(client, f"http://127.0.0.1:{port}/send")(b"a", {})
 
     assert isinstance(classify_exception(caught.value), Retry)
+
+
+async def test_a_header_value_with_a_line_break_is_refused_before_connecting(
+    scripted: Scripted,
+) -> None:
+    """A value that would start a header line of its own never reaches the wire."""
+    async with provider_http_client(timeout=timedelta(seconds=5)) as client:
+        with pytest.raises(httpx.LocalProtocolError):
+            await DirectPost(client, scripted.url)(b"a", {"Authorization": "Bearer t\r\nX: 1"})
+    assert (scripted.connections, scripted.requests) == (0, [])
+
+
+async def test_a_name_with_several_addresses_connects_to_the_one_listening(
+    scripted: Scripted,
+) -> None:
+    """``localhost`` (often ::1 and 127.0.0.1) reaches the server on 127.0.0.1 alone."""
+    scripted.replies.append(lambda _: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    url = scripted.url.replace("127.0.0.1", "localhost")
+    async with provider_http_client(timeout=timedelta(seconds=5)) as client:
+        response = await DirectPost(client, url)(b"a", {})
+    assert (response.status_code, response.content) == (200, b"ok")
 
 
 async def test_a_proxy_for_the_url_goes_through_the_clients_transport(scripted: Scripted) -> None:

@@ -28,12 +28,12 @@ for t in threads:
     t.start()
 for t in threads:
     t.join()
-path = tempfile.mktemp()
-f = libc.fopen(path.encode(), b"w")
-libc.malloc_info(0, f)
-libc.fclose(f)
-xml = open(path).read()
-os.unlink(path)
+with tempfile.TemporaryDirectory() as folder:
+    path = os.path.join(folder, "malloc_info.xml")
+    f = libc.fopen(path.encode(), b"w")
+    libc.malloc_info(0, f)
+    libc.fclose(f)
+    xml = open(path).read()
 print(capped, xml.count("<heap nr="))
 """
 

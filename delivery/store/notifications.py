@@ -13,6 +13,7 @@ statements, decided once per store.
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final, Protocol
@@ -35,6 +36,7 @@ from delivery.policy import (
     allot_rolling,
 )
 from delivery.store.common import StoreBase, owned, owned_values
+from delivery.store.engine import read_on_loop
 from delivery.store.policy import LIVE, PairOf, UserOf, pair_spent, spending, superseding
 from delivery.store.staging import STAGED, dropping_staged
 from delivery.store.steps import (
@@ -44,6 +46,7 @@ from delivery.store.steps import (
     SelectWhere,
     Steps,
     UpdateIn,
+    run_direct,
     selecting,
 )
 from delivery.store.tables import (
@@ -678,6 +681,7 @@ _QUEUE_COLUMNS = (
     _n.archived_at,
 )
 """What the queue and history routes show of a notification."""
+_QUEUE_NAMES = tuple(c.name for c in _QUEUE_COLUMNS)
 
 
 class SqlNotificationStore(StoreBase):
@@ -760,18 +764,21 @@ class SqlNotificationStore(StoreBase):
             async with self.read() as conn:
                 return [dict(r) for r in (await conn.execute(stmt)).mappings()]
         mine = owned_values(project_id, agent_id=agent_id, user_id=user_id)
-        return await self._runner.read(
-            selecting(
-                SelectWhere(
-                    NOTIFICATIONS,
-                    {**mine, "status": status},
-                    columns=tuple(c.name for c in _QUEUE_COLUMNS),
-                    order_by=("created_at", "id"),
-                    limit=limit,
-                    after=("expires_at", now) if now is not None and status == "pending" else None,
-                )
-            )
+        step = SelectWhere(
+            NOTIFICATIONS,
+            {**mine, "status": status},
+            columns=_QUEUE_NAMES,
+            order_by=("created_at", "id"),
+            limit=limit,
+            after=("expires_at", now) if now is not None and status == "pending" else None,
         )
+        if self._runner.driver_thread:
+            # The SDK's poll: on the loop's own SQLite connection when it can be
+            # (delivery.store.engine.read_on_loop), the driver's thread otherwise.
+            rows = read_on_loop(self.engine, partial(run_direct, selecting(step)))
+            if rows is not None:
+                return rows
+        return await self._runner.read(selecting(step))
 
     async def set_inbox_state(
         self,

@@ -192,17 +192,19 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         UnsupportedDatabaseError: for a URL of another database.
     """
     if is_sqlite(url):
+        path = _sqlite_file(url)
+        # A file's queue pool keeps its connections; an in-memory database has a pool
+        # of one connection that takes no sizes.
+        sizes = {"pool_size": SQLITE_POOL_SIZE, "max_overflow": 0} if path is not None else {}
         engine = create_async_engine(
             url,
             echo=echo,
             connect_args={"timeout": 30, "cached_statements": SQLITE_STATEMENT_CACHE},
-            pool_size=SQLITE_POOL_SIZE,
-            max_overflow=0,
+            **sizes,
             # _reset_unless_clean does the pool's rollback-on-return itself, so that it
             # can skip it for a connection known to hold no transaction.
             pool_reset_on_return=None,
         )
-        path = _sqlite_file(url)
         if path is not None:
             event.listen(engine.sync_engine, "do_connect", _private_file_creator(path))
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)

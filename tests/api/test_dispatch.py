@@ -85,7 +85,8 @@ def test_only_endpoints_of_the_request_alone_are_called_directly() -> None:
     assert "/api/v1/agents/{agent_id}/notifications" in direct
     for route in ROUTES:
         if isinstance(route, APIRoute) and route.path in direct:
-            assert route.dependant.dependencies == [] and route.body_field is None
+            assert route.dependant.dependencies == []
+            assert route.body_field is None
 
 
 async def test_the_polling_read_is_routed_by_the_index_and_called_directly(

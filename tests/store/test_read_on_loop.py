@@ -7,15 +7,22 @@ goes the usual way with the same answer.
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery.store import direct
 from delivery.store import engine as engine_module
 from delivery.store.engine import create_engine, read_on_loop, unit_of_work, write_transaction
-from delivery.store.notifications import SqlNotificationStore
+from delivery.store.notifications import (
+    _INLINE_STATUSES,
+    _QUEUE_NAMES,
+    SqlNotificationStore,
+    _queue_page,
+)
 from delivery.store.tables import NOTIFICATIONS, ProjectRow
 from delivery.store.tables import metadata as all_tables
 
@@ -40,10 +47,11 @@ def _thread(db: sqlite3.Connection) -> int:
     return threading.get_ident()
 
 
-async def _pending(eng: AsyncEngine, message_id: str) -> None:
+async def _pending(eng: AsyncEngine, message_id: str, **columns: object) -> None:
     async with write_transaction(eng) as conn:
         await conn.execute(
-            NOTIFICATIONS.insert().values(
+            NOTIFICATIONS.insert()
+            .values(
                 id=message_id,
                 project_id="prj",
                 agent_id="a1",
@@ -58,6 +66,7 @@ async def _pending(eng: AsyncEngine, message_id: str) -> None:
                 fire_at=T,
                 created_at=T,
             )
+            .values(**columns)
         )
 
 
@@ -136,3 +145,56 @@ async def test_other_databases_and_memory_read_the_usual_way() -> None:
             assert read_on_loop(other, _thread) is None
         finally:
             await other.dispose()
+
+
+async def test_the_queue_page_reads_what_select_where_reads(sqlite: AsyncEngine) -> None:
+    later = T + timedelta(hours=1)
+    await _pending(sqlite, "msg_1")
+    await _pending(sqlite, "msg_2", user_id="u2", created_at=later)
+    await _pending(sqlite, "msg_3", expires_at=T + timedelta(minutes=1))
+    await _pending(sqlite, "msg_4", status="consumed", consumed_at=later, intent="x")
+    await _pending(sqlite, "msg_5", agent_id="a2")
+    await _pending(sqlite, "msg_6", wakeup_id="wk_1", source_type="wakeup", created_at=later)
+    cases = [
+        (owner, status, after, limit)
+        for owner in (
+            {"project_id": "prj", "agent_id": "a1"},
+            {"project_id": "prj", "agent_id": "a1", "user_id": "u1"},
+        )
+        for status in sorted(_INLINE_STATUSES)
+        for after in (None, T, later)
+        for limit in (1, 50)
+    ]
+    for owner, status, after, limit in cases:
+        expected = await direct.read(
+            sqlite,
+            partial(
+                direct.select_where,
+                table=NOTIFICATIONS,
+                equals={**owner, "status": status},
+                columns=_QUEUE_NAMES,
+                order_by=("created_at", "id"),
+                limit=limit,
+                after=None if after is None else ("expires_at", after),
+            ),
+        )
+        page = partial(_queue_page, owner=owner, status=status, limit=limit, after=after)
+        assert read_on_loop(sqlite, page) == expected, (owner, status, after, limit)
+    everyone = partial(
+        _queue_page, owner={"project_id": "prj"}, status="pending", limit=50, after=None
+    )
+    assert [row["id"] for row in read_on_loop(sqlite, everyone) or []] == [
+        "msg_1",
+        "msg_3",
+        "msg_5",
+        "msg_2",
+        "msg_6",
+    ]
+
+
+def test_the_queue_page_takes_only_known_statuses_and_owner_columns() -> None:
+    db = sqlite3.connect(":memory:")
+    with pytest.raises(ValueError, match="not a queue read"):
+        _queue_page(db, owner={"project_id": "p"}, status="x' OR 1=1 --", limit=1, after=None)
+    with pytest.raises(ValueError, match="not a queue read"):
+        _queue_page(db, owner={"id": "p"}, status="pending", limit=1, after=None)

@@ -23,6 +23,7 @@ from delivery import __version__
 from delivery.api.auth import Authenticator, AuthMiddleware, OpsTokenMiddleware
 from delivery.api.console import install_console
 from delivery.api.context import ApiContext, NoWaker, Wakeable
+from delivery.api.dispatch import IndexedRoutes
 from delivery.api.errors import install_error_handlers
 from delivery.api.idempotency import IdempotencyMiddleware
 from delivery.api.ingest import EventIngest
@@ -113,6 +114,11 @@ def create_app(
         # Served by install_offline_docs instead: the same pages with local assets.
         docs_url=None,
         redoc_url=None,
+        # The request context middleware makes the request's span and metrics
+        # (delivery.tracing, delivery.metrics); FastAPI's own would repeat them, and
+        # asking whether a global OpenTelemetry provider is set read the environment
+        # three times per request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     # Built once here and handed to every route through the context: the secret box
     # (lazily: it may create the key file), and the stores over the app's engine.
@@ -139,8 +145,13 @@ def create_app(
     readiness.advise(scheduler_check(FactStore(store.engine), clock))
     app.state.readiness = readiness
     app.state.gauges = list(gauges) if gauges is not None else [ScrapeGauges(gauge_store, clock)]
+    first_included = len(app.router.routes)
     for router in ROUTERS:
         app.include_router(router)
+    api_routes = [route for router in ROUTERS for route in router.routes]
+    # In front of the included routers: one lookup instead of FastAPI asking each
+    # router in turn (delivery.api.dispatch); what it does not answer falls through.
+    app.router.routes.insert(first_included, IndexedRoutes(api_routes, app.dependency_overrides))
     install_error_handlers(app, ROUTERS)
     install_openapi(app)
     install_offline_docs(app)
@@ -172,7 +183,7 @@ def create_app(
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,
-        routes=[route for router in ROUTERS for route in router.routes],
+        routes=api_routes,
     )
     return app
 

@@ -22,10 +22,11 @@ from typing import Any
 
 import structlog
 from opentelemetry import trace
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from delivery import tracing
+from delivery.api.dispatch import UNMATCHED, RouteIndex
 from delivery.metrics import HttpMetrics
 
 __all__ = ["HttpMetrics", "RequestContextMiddleware", "RouteIndex", "bind_ids", "route_template"]
@@ -35,7 +36,6 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REPLAYED = (b"idempotent-replayed", b"true")
-UNMATCHED = "unmatched"
 ROUTE_IDS = ("message_id", "event_id", "wakeup_id", "schedule_id", "agent_id", "user_id")
 """What a route may bind (:func:`bind_ids`); unbound when its request ends."""
 
@@ -47,32 +47,6 @@ def bind_ids(**ids: str) -> None:
     carry them, so one grep of a message id finds the request that caused it.
     """
     structlog.contextvars.bind_contextvars(**ids)
-
-
-class RouteIndex:
-    """
-    The app's routes by number of path segments, to name the template of a request
-    that was answered before routing (401, idempotent replay, 409, 413): only the
-    routes as deep as the path are tried.
-    """
-
-    def __init__(self, routes: Sequence[BaseRoute]) -> None:
-        self._by_depth: dict[int, list[BaseRoute]] = {}
-        for route in routes:
-            path = getattr(route, "path", None)
-            if isinstance(path, str):
-                self._by_depth.setdefault(path.count("/"), []).append(route)
-
-    def template(self, scope: Scope) -> str:
-        """The matching route's template (a method mismatch still names it), or unmatched."""
-        found = UNMATCHED
-        for candidate in self._by_depth.get(scope["path"].count("/"), ()):
-            match, _ = candidate.matches(scope)
-            if match is Match.FULL:
-                return str(getattr(candidate, "path", UNMATCHED))
-            if match is Match.PARTIAL and found == UNMATCHED:
-                found = str(getattr(candidate, "path", UNMATCHED))
-        return found
 
 
 def route_template(scope: Scope, index: RouteIndex | None = None) -> str:

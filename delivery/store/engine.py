@@ -9,6 +9,7 @@ this engine creates is readable by its owner only (see :func:`create_engine`).
 import asyncio
 import socket
 import sqlite3
+import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -38,6 +39,17 @@ daemon peaked at 235 MB with the default and 195 MB with 32, while its writes
 went through SQLAlchemy. With the hot paths on ``delivery.store.direct``, it
 peaked at 162 MB with 32 and 153 MB with 8, and the burst was not slower with 8
 (all notified within 79 s, against 109 s with 32).
+"""
+
+
+SQLITE_POOL_SIZE = 15
+"""
+SQLite connections per engine, all kept once opened. The pool's default (5 kept,
+10 more opened past them and closed on return) had the same bound, but under 64
+concurrent requests it closed and reopened connections all the time (each open: an
+aiosqlite thread, the file and six PRAGMAs): 593 opens for 6400 reads, at
+0.78 ms of CPU per read against 0.11 ms without the pool (/tmp harness, 64 tasks of
+100 queue reads each). A kept connection costs an idle thread and its page cache.
 """
 
 
@@ -180,15 +192,19 @@ def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Async
         UnsupportedDatabaseError: for a URL of another database.
     """
     if is_sqlite(url):
+        path = _sqlite_file(url)
+        # A file's queue pool keeps its connections; an in-memory database has a pool
+        # of one connection that takes no sizes.
+        sizes = {"pool_size": SQLITE_POOL_SIZE, "max_overflow": 0} if path is not None else {}
         engine = create_async_engine(
             url,
             echo=echo,
             connect_args={"timeout": 30, "cached_statements": SQLITE_STATEMENT_CACHE},
+            **sizes,
             # _reset_unless_clean does the pool's rollback-on-return itself, so that it
             # can skip it for a connection known to hold no transaction.
             pool_reset_on_return=None,
         )
-        path = _sqlite_file(url)
         if path is not None:
             event.listen(engine.sync_engine, "do_connect", _private_file_creator(path))
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
@@ -567,3 +583,90 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA cache_size=-512")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+class _LoopReader:
+    """A read-only SQLite connection used on the thread that opened it, and only there."""
+
+    def __init__(self, path: Path) -> None:
+        self.thread = threading.get_ident()
+        # Used on one thread only (checked by the caller); closed from any, at dispose.
+        self.db = sqlite3.connect(
+            path,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=SQLITE_STATEMENT_CACHE,
+        )
+        # Never waits for a lock: a read that meets one is run on the pool instead.
+        self.db.execute("PRAGMA busy_timeout=0")
+        self.db.execute("PRAGMA query_only=ON")
+        self.db.execute("PRAGMA cache_size=-512")
+
+
+_LOOP_READERS: "weakref.WeakKeyDictionary[Any, _LoopReader | None]" = weakref.WeakKeyDictionary()
+"""Per engine (its sync engine): its on-loop reader, or None where it cannot have one."""
+
+
+def _loop_reader(engine: AsyncEngine) -> _LoopReader | None:
+    sync_engine = engine.sync_engine
+    try:
+        reader = _LOOP_READERS[sync_engine]
+    except KeyError:
+        reader = _LOOP_READERS[sync_engine] = _open_loop_reader(engine)
+    if reader is None or reader.thread != threading.get_ident():
+        return None
+    return reader
+
+
+def _open_loop_reader(engine: AsyncEngine) -> _LoopReader | None:
+    dialect = engine.dialect
+    if dialect.name != "sqlite" or dialect.driver != "aiosqlite":
+        return None
+    path = _sqlite_file(engine.url.render_as_string(hide_password=False))
+    # Only a database the pool has created (and migrated): never create a file here.
+    if path is None or not path.is_file():
+        return None
+    try:
+        reader = _LoopReader(path)
+    except sqlite3.Error:
+        return None
+    event.listen(engine.sync_engine, "engine_disposed", lambda *_: _drop_loop_reader(engine))
+    return reader
+
+
+def _drop_loop_reader(engine: AsyncEngine) -> None:
+    reader = _LOOP_READERS.pop(engine.sync_engine, None)
+    if reader is not None:
+        reader.db.close()
+
+
+def read_on_loop[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) -> T | None:
+    """
+    Run the read ``fn`` on the calling (event loop) thread, on a SQLite connection of its
+    own; ``None`` when it cannot run there: then the caller reads the usual way.
+
+    For short indexed reads only (the polling read of the notification queue). A read
+    through the pool costs a checkout and a return (each a greenlet switch in
+    SQLAlchemy's async adaptation) and a round trip to the connection's aiosqlite
+    thread, whose answer wakes the loop through its self-pipe: together more than the
+    statement itself (``bench/bench_api_cost.py --kind "GET queue" --profile``: 14% of
+    busy samples against 8% for SQLite's work). In WAL mode a reader does not wait
+    for the writer, so the loop is held only for the statement. It never waits for a
+    lock (``busy_timeout`` 0) and never writes (``query_only``): a read that meets a
+    lock or any other SQLite error returns ``None`` (the pool's path then waits or
+    raises as before), and inside a request's unit of work that has written, the read
+    must see its writes, so it returns ``None`` too.
+    """
+    unit = _joined(engine)
+    if unit is not None and unit.began:
+        return None
+    reader = _loop_reader(engine)
+    if reader is None:
+        return None
+    try:
+        result = fn(reader.db)
+    except sqlite3.Error:
+        if reader.db.in_transaction:
+            reader.db.rollback()
+        return None
+    return result

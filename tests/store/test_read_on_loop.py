@@ -1,0 +1,200 @@
+"""
+The polling read on the event loop's own SQLite connection: it runs there when it can,
+and otherwise (a lock, an error, a unit of work that wrote, another thread) the read
+goes the usual way with the same answer.
+"""
+
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from delivery.store import direct
+from delivery.store import engine as engine_module
+from delivery.store.engine import create_engine, read_on_loop, unit_of_work, write_transaction
+from delivery.store.notifications import (
+    _INLINE_STATUSES,
+    _QUEUE_NAMES,
+    SqlNotificationStore,
+    _queue_page,
+)
+from delivery.store.tables import NOTIFICATIONS, ProjectRow
+from delivery.store.tables import metadata as all_tables
+
+PROJECTS = ProjectRow.__table__  # type: ignore[attr-defined]
+T = datetime(2026, 3, 29, 1, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+async def sqlite(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    eng = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'loop.db'}")
+    async with eng.begin() as conn:
+        await conn.run_sync(all_tables.create_all)
+        await conn.execute(PROJECTS.insert().values(id="prj", name="p", created_at=T))
+    try:
+        yield eng
+    finally:
+        await eng.dispose()
+
+
+def _thread(db: sqlite3.Connection) -> int:
+    db.execute("SELECT 1").fetchall()
+    return threading.get_ident()
+
+
+async def _pending(eng: AsyncEngine, message_id: str, **columns: object) -> None:
+    async with write_transaction(eng) as conn:
+        await conn.execute(
+            NOTIFICATIONS.insert()
+            .values(
+                id=message_id,
+                project_id="prj",
+                agent_id="a1",
+                user_id="u1",
+                source_type="schedule",
+                source_id=f"fire_{message_id}",
+                event_type="on_recurring_event_due",
+                check_type="reminder",
+                generated_message="hi",
+                status="pending",
+                ack_status="pending",
+                fire_at=T,
+                created_at=T,
+            )
+            .values(**columns)
+        )
+
+
+async def test_the_read_runs_on_the_calling_thread(sqlite: AsyncEngine) -> None:
+    assert read_on_loop(sqlite, _thread) == threading.get_ident()
+
+
+async def test_the_queue_read_sees_committed_rows_from_the_loop_connection(
+    sqlite: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SqlNotificationStore(sqlite)
+    read = await store.list_queue("prj", "a1", status="pending", user_id="u1", limit=10, now=T)
+    assert read == []
+    await _pending(sqlite, "msg_1")
+
+    async def no_pool(*_args: object) -> None:
+        raise AssertionError("read through the pool")
+
+    monkeypatch.setattr(store._runner, "read", no_pool)
+    rows = await store.list_queue("prj", "a1", status="pending", user_id="u1", limit=10, now=T)
+    assert [row["id"] for row in rows] == ["msg_1"]
+
+
+async def test_a_sqlite_error_sends_the_read_the_usual_way(sqlite: AsyncEngine) -> None:
+    def locked(_db: sqlite3.Connection) -> int:
+        raise sqlite3.OperationalError("database is locked")
+
+    assert read_on_loop(sqlite, locked) is None
+    # The connection is still usable afterwards.
+    assert read_on_loop(sqlite, _thread) == threading.get_ident()
+
+
+async def test_a_write_in_progress_does_not_block_or_hide_rows(sqlite: AsyncEngine) -> None:
+    await _pending(sqlite, "msg_1")
+    store = SqlNotificationStore(sqlite)
+    async with write_transaction(sqlite) as conn:
+        # The writer holds SQLite's write lock; the loop's reader does not wait for it
+        # and sees the last committed state.
+        await conn.execute(NOTIFICATIONS.update().values(status="consumed"))
+        rows = await store.list_queue("prj", "a1", status="pending", user_id="u1", limit=10)
+        assert [row["id"] for row in rows] == ["msg_1"]
+
+
+async def test_inside_a_unit_that_wrote_the_read_sees_its_writes(sqlite: AsyncEngine) -> None:
+    store = SqlNotificationStore(sqlite)
+    async with unit_of_work(sqlite) as unit:
+        await _pending(sqlite, "msg_1")
+        assert read_on_loop(sqlite, _thread) is None
+        rows = await store.list_queue("prj", "a1", status="pending", user_id="u1", limit=10)
+        assert [row["id"] for row in rows] == ["msg_1"]
+        await unit.rollback()
+
+
+async def test_another_thread_reads_the_usual_way(sqlite: AsyncEngine) -> None:
+    assert read_on_loop(sqlite, _thread) is not None
+    found: list[object] = []
+    worker = threading.Thread(target=lambda: found.append(read_on_loop(sqlite, _thread)))
+    worker.start()
+    worker.join()
+    assert found == [None]
+
+
+async def test_dispose_closes_the_loop_connection(sqlite: AsyncEngine) -> None:
+    assert read_on_loop(sqlite, _thread) is not None
+    reader = engine_module._LOOP_READERS[sqlite.sync_engine]
+    assert reader is not None
+    await sqlite.dispose()
+    with pytest.raises(sqlite3.ProgrammingError):
+        reader.db.execute("SELECT 1")
+
+
+async def test_other_databases_and_memory_read_the_usual_way() -> None:
+    for url in ("postgresql+asyncpg://user@127.0.0.1:1/none", "sqlite+aiosqlite://"):
+        other = create_engine(url)
+        try:
+            assert read_on_loop(other, _thread) is None
+        finally:
+            await other.dispose()
+
+
+async def test_the_queue_page_reads_what_select_where_reads(sqlite: AsyncEngine) -> None:
+    later = T + timedelta(hours=1)
+    await _pending(sqlite, "msg_1")
+    await _pending(sqlite, "msg_2", user_id="u2", created_at=later)
+    await _pending(sqlite, "msg_3", expires_at=T + timedelta(minutes=1))
+    await _pending(sqlite, "msg_4", status="consumed", consumed_at=later, intent="x")
+    await _pending(sqlite, "msg_5", agent_id="a2")
+    await _pending(sqlite, "msg_6", wakeup_id="wk_1", source_type="wakeup", created_at=later)
+    cases = [
+        (owner, status, after, limit)
+        for owner in (
+            {"project_id": "prj", "agent_id": "a1"},
+            {"project_id": "prj", "agent_id": "a1", "user_id": "u1"},
+        )
+        for status in sorted(_INLINE_STATUSES)
+        for after in (None, T, later)
+        for limit in (1, 50)
+    ]
+    for owner, status, after, limit in cases:
+        expected = await direct.read(
+            sqlite,
+            partial(
+                direct.select_where,
+                table=NOTIFICATIONS,
+                equals={**owner, "status": status},
+                columns=_QUEUE_NAMES,
+                order_by=("created_at", "id"),
+                limit=limit,
+                after=None if after is None else ("expires_at", after),
+            ),
+        )
+        page = partial(_queue_page, owner=owner, status=status, limit=limit, after=after)
+        assert read_on_loop(sqlite, page) == expected, (owner, status, after, limit)
+    everyone = partial(
+        _queue_page, owner={"project_id": "prj"}, status="pending", limit=50, after=None
+    )
+    assert [row["id"] for row in read_on_loop(sqlite, everyone) or []] == [
+        "msg_1",
+        "msg_3",
+        "msg_5",
+        "msg_2",
+        "msg_6",
+    ]
+
+
+def test_the_queue_page_takes_only_known_statuses_and_owner_columns() -> None:
+    db = sqlite3.connect(":memory:")
+    with pytest.raises(ValueError, match="not a queue read"):
+        _queue_page(db, owner={"project_id": "p"}, status="x' OR 1=1 --", limit=1, after=None)
+    with pytest.raises(ValueError, match="not a queue read"):
+        _queue_page(db, owner={"id": "p"}, status="pending", limit=1, after=None)

@@ -105,6 +105,18 @@ async def test_plain_send_delivers_a_multipart_message(
     assert "<title>Hi Ada!</title>" in html
 
 
+async def test_the_transaction_declares_the_size_the_server_offers(
+    plain_smtp: SmtpServer, clock: ManualClock
+) -> None:
+    """MAIL carries ``SIZE`` (RFC 1870) with the message's length, as sendmail's does."""
+    outcome = await _channel(plain_smtp, clock).send(make_message(), TO)
+
+    assert isinstance(outcome, Delivered)
+    envelope = plain_smtp.sink.envelopes[0]
+    assert envelope.original_content is not None
+    assert envelope.mail_options == [f"SIZE={len(envelope.original_content)}"]
+
+
 async def test_non_ascii_message_and_long_lines_survive(
     plain_smtp: SmtpServer, clock: ManualClock
 ) -> None:

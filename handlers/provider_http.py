@@ -35,6 +35,9 @@ _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """A header name: an RFC 9110 token."""
 
+_CHECKED_NAMES: dict[str, str] = {}
+"""Header names found to be tokens, with their lower case: the providers' few, checked once."""
+
 _FRAMING = frozenset({"host", "content-length", "transfer-encoding"})
 """Headers the plain path writes itself; a call naming one would send it twice."""
 
@@ -124,15 +127,19 @@ class DirectPost:
         names: set[str] = set()
         lines: list[str] = []
         for name, value in headers.items():
-            lower = name.lower()
+            lower = _CHECKED_NAMES.get(name)
+            if lower is None:
+                if _FIELD_NAME.fullmatch(name) is None:
+                    raise httpx.LocalProtocolError(f"header name {name[:40]!r} is not a token")
+                lower = name.lower()
+                if len(_CHECKED_NAMES) < 256:
+                    _CHECKED_NAMES[name] = lower
             if lower in names:
                 # Two entries whose names differ only in case: which one the provider
                 # reads is up to its parser, so neither goes out (httpx would send both).
                 raise httpx.LocalProtocolError(f"header {name!r} given twice")
             if lower in _FRAMING:
                 raise httpx.LocalProtocolError(f"header {name!r} is the client's to write")
-            if _FIELD_NAME.fullmatch(name) is None:
-                raise httpx.LocalProtocolError(f"header name {name[:40]!r} is not a token")
             if "\r" in value or "\n" in value or "\0" in value:
                 # A value with a line break would start a header line of its own (an access
                 # token is a provider's answer); httpx and aiohttp refuse it the same way.

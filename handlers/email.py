@@ -143,6 +143,13 @@ def build_email(
 # local part and a domain of letters, digits, dots and hyphens. Anything else (quoted
 # local parts, SMTPUTF8 addresses) goes through the stdlib, which knows those rules.
 _PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@[A-Za-z0-9.\-]+")
+# A dot-atom address (RFC 5322 section 3.4.1, ASCII): aiosmtplib's quote_address (an
+# ``email.utils.parseaddr`` per message, 2% of the channels worker's CPU) gives it back
+# in angle brackets unchanged, which a property test checks.
+DOT_ATOM_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+)*"
+    r"@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*"
+)
 # Header text sent as is: printable ASCII, and no "=?" that a reader would take for
 # the start of an RFC 2047 encoded word.
 _PLAIN_TEXT = re.compile(r"[\x20-\x7e]*")
@@ -540,7 +547,10 @@ class SmtpChannel:
         reply = await client.execute_command(b"MAIL", mail_from, *size)
         if reply.code != 250:
             raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, self._sender_address)
-        to = b"TO:" + aiosmtplib.email.quote_address(destination).encode("ascii")
+        if DOT_ATOM_ADDRESS.fullmatch(destination):
+            to = b"TO:<" + destination.encode("ascii") + b">"  # what quote_address writes
+        else:
+            to = b"TO:" + aiosmtplib.email.quote_address(destination).encode("ascii")
         reply = await client.execute_command(b"RCPT", to)
         if reply.code not in (250, 251):
             refused = aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, destination)

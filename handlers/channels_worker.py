@@ -33,7 +33,6 @@ that tests and the benchmark drive directly.
 """
 
 import asyncio
-import contextlib
 import json
 import random
 import secrets as token_source
@@ -82,6 +81,7 @@ from handlers.fanout import (
     AttemptStatus,
     ChannelAttempt,
     ChannelRouter,
+    FanoutJob,
     channels_from_settings,
     plan_fanout,
     provider_http_client,
@@ -341,56 +341,6 @@ class ChannelsWorker(QueueWorker):
         inputs = await self.store.fanout_inputs(list(dict.fromkeys(notification_ids)))
         now = self.clock.now()
 
-        async def one(
-            note: RowMapping,
-        ) -> tuple[list[AttemptRecord], list[tuple[str, str]], FanoutResult, dict[str, Any] | None]:
-            key = (note["project_id"], note["agent_id"], note["user_id"])
-            done = inputs.attempted.get(note["id"], set())
-            rows = [r for r in inputs.contacts.get(key, []) if r["id"] not in done]
-            if note["id"] in inputs.fallbacks:
-                # Its first channel is recorded; the fallback row carries it on, and
-                # the destinations not yet attempted are the later channels'.
-                rows = []
-            if not rows:
-                return [], [], FanoutResult(notifications=1), None
-            order = self._order(note, rows, inputs.preferences.get(key), router)
-            if len(order) > 1:
-                # One channel now: the later channels' destinations wait for the fallback.
-                later = set(order[1:])
-                rows = [r for r in rows if ContactKind(r["kind"]) not in later or r["opted_out"]]
-            found = self._carriers.pop(note["id"], None) if self._carriers else None
-            with (
-                tracing.span(
-                    "channels fan-out",
-                    found,
-                    kind=SpanKind.CLIENT,
-                    attributes={"messaging.message.id": note["id"]},
-                )
-                if found is not None
-                else contextlib.nullcontext()
-            ):
-                attempts = await router.fan_out(
-                    Message.of_notification(note),
-                    [contact_of(r) for r in rows],
-                    inputs.preferences.get(key),
-                )
-            ids = {(r["kind"], r["destination"]): r["id"] for r in rows}
-            records, disable, result = plan_records(
-                note, attempts, ids, attempt_number=1, now=now, rand=self._rand
-            )
-            result.notifications = 1
-            fallback = None
-            if len(order) > 1:
-                records, fallback = self._first_channel(note, order, records, now)
-            log.debug(
-                "channels.fanned_out",
-                notification_id=note["id"],
-                user_id=note["user_id"],
-                **request_id_of(found),
-                **summarize(attempts),
-            )
-            return records, disable, result, fallback
-
         pending = [nid for nid, status in inputs.statuses.items() if status == "pending"]
         # The store loads full rows only for pending notifications with a contact left
         # to try; the other pending ones are counted, as before, with nothing to send.
@@ -400,19 +350,69 @@ class ChannelsWorker(QueueWorker):
         if stale:
             log.info("channels.expired_not_sent", notifications=len(stale))
             notes = [n for n in notes if n["id"] not in set(stale)]
-        outcomes = await asyncio.gather(*(one(n) for n in notes))
         total = FanoutResult(notifications=len(pending) - len(notes))
         if not notes:
             log.debug("channels.no_contacts", notifications=len(pending))
+        # Each notification's sends are planned here, then every send of the batch runs
+        # at once (``fan_out_many``: one deadline, no task per notification); one traced
+        # by its message keeps its own span around its sends.
+        planned: list[_Planned] = []
+        traced: list[_Planned] = []
+        tracing_on = tracing.enabled()
+        for note in notes:
+            key = (note["project_id"], note["agent_id"], note["user_id"])
+            done = inputs.attempted.get(note["id"], set())
+            rows = [r for r in inputs.contacts.get(key, []) if r["id"] not in done]
+            if note["id"] in inputs.fallbacks:
+                # Its first channel is recorded; the fallback row carries it on, and
+                # the destinations not yet attempted are the later channels'.
+                rows = []
+            if not rows:
+                total.notifications += 1
+                continue
+            prefs = inputs.preferences.get(key)
+            order = self._order(note, rows, prefs, router)
+            if len(order) > 1:
+                # One channel now: the later channels' destinations wait for the fallback.
+                later = set(order[1:])
+                rows = [r for r in rows if ContactKind(r["kind"]) not in later or r["opted_out"]]
+            found = self._carriers.pop(note["id"], None) if self._carriers else None
+            plan = _Planned(note, rows, prefs, order, found)
+            (traced if found is not None and tracing_on else planned).append(plan)
+        if traced:
+            batched, alone = await asyncio.gather(
+                router.fan_out_many([p.job() for p in planned]),
+                asyncio.gather(*(self._traced_fan_out(router, p) for p in traced)),
+            )
+            attempt_lists: list[list[ChannelAttempt]] = [*batched, *alone]
+            planned.extend(traced)
+        elif planned:
+            attempt_lists = await router.fan_out_many([p.job() for p in planned])
+        else:
+            attempt_lists = []
         records: list[AttemptRecord] = []
         disable: list[tuple[str, str]] = []
         fallbacks: list[dict[str, Any]] = []
-        for recs, dis, res, fallback in outcomes:
+        for plan, attempts in zip(planned, attempt_lists, strict=True):
+            note = plan.note
+            ids = {(r["kind"], r["destination"]): r["id"] for r in plan.rows}
+            recs, dis, result = plan_records(
+                note, attempts, ids, attempt_number=1, now=now, rand=self._rand
+            )
+            result.notifications = 1
+            if len(plan.order) > 1:
+                recs, fallback = self._first_channel(note, plan.order, recs, now)
+                fallbacks.append(fallback)
             records.extend(recs)
             disable.extend(dis)
-            total.add(res)
-            if fallback is not None:
-                fallbacks.append(fallback)
+            total.add(result)
+            log.debug(
+                "channels.fanned_out",
+                notification_id=note["id"],
+                user_id=note["user_id"],
+                **request_id_of(plan.found),
+                **summarize(attempts),
+            )
         channel_records, channel_result = await self._to_project_channels(inputs.channelled, now)
         records.extend(channel_records)
         total.add(channel_result)
@@ -424,6 +424,19 @@ class ChannelsWorker(QueueWorker):
         if self._on_result is not None:
             self._on_result(total)
         return total
+
+    async def _traced_fan_out(
+        self, router: ChannelRouter, plan: "_Planned"
+    ) -> list[ChannelAttempt]:
+        """One notification's sends inside the span of the trace its message carried."""
+        with tracing.span(
+            "channels fan-out",
+            plan.found,
+            kind=SpanKind.CLIENT,
+            attributes={"messaging.message.id": plan.note["id"]},
+        ):
+            [attempts] = await router.fan_out_many([plan.job()])
+            return attempts
 
     def _order(
         self,
@@ -871,6 +884,20 @@ class ChannelsWorker(QueueWorker):
         result = await self.sweep()
         # A full batch: there may be more due right now.
         return result.sent + result.failed + result.skipped >= self.batch
+
+
+@dataclass(slots=True)
+class _Planned:
+    """One notification of a fan-out batch: the contacts to try now, its fallback order."""
+
+    note: RowMapping
+    rows: list[ContactMapping]
+    prefs: Mapping[str, Sequence[str]] | None
+    order: list[ContactKind]
+    found: Carrier | None
+
+    def job(self) -> FanoutJob:
+        return (Message.of_notification(self.note), [contact_of(r) for r in self.rows], self.prefs)
 
 
 def _count_sends(records: Sequence[AttemptRecord]) -> None:

@@ -32,6 +32,15 @@ from httpx_aiohttp.transport import AiohttpTransport
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 """A chunk-size line's number (RFC 9112: 1*HEXDIG; 16 digits is more than any body)."""
 
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""A header name: an RFC 9110 token."""
+
+_CHECKED_NAMES: dict[str, str] = {}
+"""Header names found to be tokens, with their lower case: the providers' few, checked once."""
+
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding"})
+"""Headers the plain path writes itself; a call naming one would send it twice."""
+
 _HAPPY_EYEBALLS_DELAY_S = 0.25
 """aiohttp's own: the next address family is tried if a connect has not finished by then."""
 
@@ -54,6 +63,10 @@ class DirectPost:
         self._url = httpx.URL(url)
         self._parts: tuple[httpx.AsyncBaseTransport, dict[str, str], dict[str, Any]] | None = None
         self._plain: tuple[ProviderHttpClient, _Origin, bytes] | None = None
+        self._start = b""
+        """The request line and ``Host`` (the plain path)."""
+        self._defaults: dict[str, str] = {}
+        """The client's default headers by lower-case name, ``host`` left out (the plain path)."""
 
     def _setup(self) -> None:
         # Read on first use, as the client's configuration is by then final.
@@ -72,18 +85,13 @@ class DirectPost:
         ):
             # The client's default headers, as httpx would send them; the encodings it
             # advertises are the ones ``httpx.Response`` decodes.
-            fields = {k.lower(): v for k, v in defaults.items()}
-            lines = "".join(
-                f"{name}: {value}\r\n" for name, value in fields.items() if name != "host"
+            fields = {k.lower(): v for k, v in defaults.items() if k.lower() != "host"}
+            self._start = (
+                b"POST " + self._url.raw_path + b" HTTP/1.1\r\nHost: " + self._url.netloc + b"\r\n"
             )
-            prefix = (
-                b"POST "
-                + self._url.raw_path
-                + b" HTTP/1.1\r\nHost: "
-                + self._url.netloc
-                + b"\r\n"
-                + lines.encode("latin-1")
-            )
+            self._defaults = fields
+            lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+            prefix = self._start + lines.encode("latin-1")
             self._plain = (client, client._origin(self._url), prefix)
 
     async def __call__(self, content: bytes, headers: Mapping[str, str]) -> httpx.Response:
@@ -114,14 +122,43 @@ class DirectPost:
         assert self._parts is not None  # noqa: S101 - set by _setup
         client, origin, prefix = self._plain
         timeout = self._parts[2]
-        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        if extra.count("\r") + extra.count("\n") != 2 * len(headers):
-            # A value with a line break would start a header line of its own (an access
-            # token is a provider's answer); httpx and aiohttp refuse it the same way.
-            raise httpx.LocalProtocolError("a header value holds a line break")
-        request = b"".join(
-            (prefix, extra.encode("latin-1"), b"Content-Length: %d\r\n\r\n" % len(content), content)
-        )
+        if client.plain_closed:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        names: set[str] = set()
+        lines: list[str] = []
+        for name, value in headers.items():
+            lower = _CHECKED_NAMES.get(name)
+            if lower is None:
+                if _FIELD_NAME.fullmatch(name) is None:
+                    raise httpx.LocalProtocolError(f"header name {name[:40]!r} is not a token")
+                lower = name.lower()
+                if len(_CHECKED_NAMES) < 256:
+                    _CHECKED_NAMES[name] = lower
+            if lower in names:
+                # Two entries whose names differ only in case: which one the provider
+                # reads is up to its parser, so neither goes out (httpx would send both).
+                raise httpx.LocalProtocolError(f"header {name!r} given twice")
+            if lower in _FRAMING:
+                raise httpx.LocalProtocolError(f"header {name!r} is the client's to write")
+            if "\r" in value or "\n" in value or "\0" in value:
+                # A value with a line break would start a header line of its own (an access
+                # token is a provider's answer); httpx and aiohttp refuse it the same way.
+                raise httpx.LocalProtocolError("a header value holds a line break")
+            names.add(lower)
+            lines.append(f"{name}: {value}\r\n")
+        if not names.isdisjoint(self._defaults):
+            # A header the call names replaces the client's default of that name, as
+            # httpx merges them: one field line each, never two.
+            prefix = self._start + "".join(
+                f"{name}: {value}\r\n"
+                for name, value in self._defaults.items()
+                if name not in names
+            ).encode("latin-1")
+        try:
+            extra = "".join(lines).encode("latin-1")
+        except UnicodeEncodeError as exc:
+            raise httpx.LocalProtocolError(f"a header value is not Latin-1: {exc}") from None
+        request = b"".join((prefix, extra, b"Content-Length: %d\r\n\r\n" % len(content), content))
         async with client._slots:
             connection = client._take(origin)
             if connection is None:
@@ -131,7 +168,7 @@ class DirectPost:
             except BaseException:
                 connection.close()
                 raise
-            if parsed.keep_alive and not connection.closed:
+            if parsed.keep_alive and not connection.closed and not client.plain_closed:
                 connection.idle_since = time.monotonic()
                 origin.idle.append(connection)
             else:
@@ -154,6 +191,12 @@ class DirectPost:
 _MAX_HEAD = 64 * 1024
 """Bytes a response's status line and headers may take (aiohttp's default is 8190 a line)."""
 
+MAX_BODY = 1024 * 1024
+"""
+Bytes a response body may take: an FCM or Twilio answer is a few hundred bytes, so a
+larger one is a fault, and it is refused before it is all held in memory.
+"""
+
 
 class _Parsed:
     """A whole response read off one connection."""
@@ -174,7 +217,9 @@ def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, in
     The first whole HTTP/1.1 response in ``buffer`` and the bytes it took, or ``None``
     while more must be read (pure). Interim ``1xx`` responses are passed over; the body
     is framed by ``Transfer-Encoding: chunked``, ``Content-Length`` or, failing both,
-    the end of the connection (``eof``), as RFC 9112 section 6.3 orders them.
+    the end of the connection (``eof``), as RFC 9112 section 6.3 orders them; an answer
+    with a ``Transfer-Encoding`` is never kept alive, and a body over :data:`MAX_BODY`
+    is an error as soon as its size is declared or received.
 
     Raises:
         httpx.RemoteProtocolError: the bytes are not an HTTP/1.x response.
@@ -205,15 +250,28 @@ def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, in
             start = body_at  # an interim answer; the final one follows
             continue
         break
-    fields = {name.lower(): value for name, value in headers}
+    fields: dict[bytes, bytes] = {}
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length" and fields.get(lower, value) != value:
+            raise httpx.RemoteProtocolError("two different Content-Length values")
+        fields[lower] = value
     connection = fields.get(b"connection", b"").lower()
     keep_alive = b"close" not in connection and (
         version == b"HTTP/1.1" or b"keep-alive" in connection
     )
     if status in (204, 304):
         return _Parsed(status, headers, b"", keep_alive), body_at
-    if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
+    coding = fields.get(b"transfer-encoding")
+    if coding is not None:
+        # RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length, and an
+        # answer with both may be an attempt at smuggling, so the connection is closed
+        # after it. A coding other than a final "chunked" runs to the close.
+        keep_alive = False
+        if coding.lower().rpartition(b",")[2].strip() != b"chunked":
+            return _read_to_close(status, headers, buffer, body_at, eof=eof)
         chunks: list[bytes] = []
+        held = 0
         at = body_at
         while True:
             line_end = buffer.find(b"\r\n", at)
@@ -226,6 +284,9 @@ def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, in
             if _CHUNK_SIZE.fullmatch(size_text) is None:
                 raise httpx.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}")
             size = int(size_text, 16)
+            held += size
+            if held > MAX_BODY:
+                raise httpx.RemoteProtocolError(f"response body over {MAX_BODY} bytes")
             if size == 0:
                 # Trailer fields (none expected), then an empty line.
                 at = line_end + 2
@@ -249,13 +310,29 @@ def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, in
     if length is not None:
         if not length.isdigit():
             raise httpx.RemoteProtocolError(f"bad Content-Length {length[:20]!r}")
+        if len(length) > 10 or int(length) > MAX_BODY:
+            raise httpx.RemoteProtocolError(f"response body over {MAX_BODY} bytes")
         stop = body_at + int(length)
         if len(buffer) < stop:
             _incomplete(eof=eof)
             return None
         return _Parsed(status, headers, bytes(buffer[body_at:stop]), keep_alive), stop
+    return _read_to_close(status, headers, buffer, body_at, eof=eof)
+
+
+def _read_to_close(
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    buffer: bytes | bytearray,
+    body_at: int,
+    *,
+    eof: bool,
+) -> tuple[_Parsed, int] | None:
+    """A body that runs to the end of the connection (never kept alive), within ``MAX_BODY``."""
+    if len(buffer) - body_at > MAX_BODY:
+        raise httpx.RemoteProtocolError(f"response body over {MAX_BODY} bytes")
     if not eof:
-        return None  # the body runs to the end of the connection
+        return None
     return _Parsed(status, headers, bytes(buffer[body_at:]), False), len(buffer)
 
 
@@ -268,16 +345,19 @@ def _incomplete(*, eof: bool) -> None:
 class _Connection(asyncio.Protocol):
     """One kept-alive HTTP/1.1 connection: one request at a time, the answer parsed whole."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: set["_Connection"]) -> None:
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._waiter: asyncio.Future[_Parsed] | None = None
         self.closed = False
         self.idle_since = 0.0
+        self._registry = registry
+        """The client's open connections, idle or in use, which its ``aclose`` closes."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream socket's transport (uvloop's does not subclass asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
+        self._registry.add(self)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -289,6 +369,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._registry.discard(self)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             self._settle(eof=True)
@@ -345,6 +426,12 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self._registry.discard(self)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            # Closed while an exchange waits (the client's ``aclose``): it fails now
+            # rather than at its read timeout.
+            waiter.set_exception(httpx.ReadError("the connection was closed by the client"))
         if self.transport is not None:
             self.transport.close()
 
@@ -368,6 +455,10 @@ class ProviderHttpClient(HttpxAiohttpClient):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._origins: dict[tuple[str, str, int], _Origin] = {}
+        self._open: set[_Connection] = set()
+        """Every open plain connection, idle or carrying an exchange."""
+        self.plain_closed = False
+        """Set by :meth:`aclose`: the plain path sends nothing more."""
         limits: httpx.Limits = kwargs.get("limits", httpx.Limits())
         self._slots = asyncio.Semaphore(limits.max_connections or 100)
         self._keepalive_s = limits.keepalive_expiry if limits.keepalive_expiry is not None else 5.0
@@ -406,7 +497,7 @@ class ProviderHttpClient(HttpxAiohttpClient):
                 )
                 try:
                     _, connection = await loop.create_connection(
-                        _Connection,
+                        lambda: _Connection(self._open),
                         sock=sock,
                         ssl=tls,
                         server_hostname=origin.host if tls is not None else None,
@@ -418,13 +509,20 @@ class ProviderHttpClient(HttpxAiohttpClient):
             raise httpx.ConnectTimeout(f"connecting to {origin.host}:{origin.port}") from exc
         except OSError as exc:
             raise httpx.ConnectError(f"connecting to {origin.host}:{origin.port}: {exc}") from exc
+        if self.plain_closed:
+            # The client was closed while this connection was being opened.
+            connection.close()
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
         return connection
 
     def _close_plain(self) -> None:
+        # Idle connections and the ones carrying an exchange (which then fails with
+        # ``httpx.ReadError``), so none outlives the client.
+        self.plain_closed = True
         for origin in self._origins.values():
-            idle, origin.idle = origin.idle, []
-            for connection in idle:
-                connection.close()
+            origin.idle = []
+        for connection in list(self._open):
+            connection.close()
 
     async def aclose(self) -> None:
         """Close the plain path's connections, then the httpx client's."""

@@ -19,7 +19,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Final, Literal, Self
-from urllib.parse import urlencode
+from urllib.parse import quote_plus, urlencode
 
 import httpx
 import structlog
@@ -224,6 +224,7 @@ class SmsChannel:
         }
         self._sender_field = "MessagingServiceSid" if sender.startswith("MG") else "From"
         self._sender = sender
+        self._sender_pair = urlencode({self._sender_field: sender})
         self._post = DirectPost(client, self._url)
         self._clock = clock
         self._max_segments = max_segments
@@ -257,11 +258,9 @@ class SmsChannel:
         Success is Twilio's 201 with the Message resource; its ``sid`` becomes
         ``Delivered.detail``. Never raises for network or provider errors.
         """
-        form = {
-            "To": destination,
-            self._sender_field: self._sender,
-            "Body": fit_sms(message.generated_message, self._max_segments),
-        }
+        form = sms_form(
+            destination, self._sender_pair, fit_sms(message.generated_message, self._max_segments)
+        )
 
         def bound() -> Any:
             # Bound only when there is something to log: a bind per send was a few
@@ -269,7 +268,7 @@ class SmsChannel:
             return log.bind(event_id=message.event_id, to=redact(self.kind, destination))
 
         try:
-            response = await self._post(urlencode(form).encode(), self._headers)
+            response = await self._post(form, self._headers)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             outcome = classify_exception(exc)
             bound().warning(
@@ -292,6 +291,15 @@ class SmsChannel:
             reason=outcome.reason if not isinstance(outcome, Delivered) else "",
         )
         return outcome
+
+
+def sms_form(to: str, sender_pair: str, body: str) -> bytes:
+    """
+    The form ``urlencode({"To": to, <sender field>: sender, "Body": body})`` writes
+    (pure), with the sender's ``field=value`` pair encoded once per channel: the
+    whole ``urlencode`` per send was about 2% of the channels worker's CPU.
+    """
+    return f"To={quote_plus(to)}&{sender_pair}&Body={quote_plus(body)}".encode()
 
 
 def _json_or_none(response: httpx.Response) -> Any:

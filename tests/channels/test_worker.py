@@ -17,8 +17,12 @@ from typing import Any
 
 import nats
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from delivery import tracing
 from delivery.bus.messages import NotificationCreated
 from delivery.bus.stream import ensure_stream
 from delivery.bus.subjects import Subjects
@@ -315,3 +319,38 @@ async def test_a_message_past_its_deadline_is_not_fanned_out(
     result = await worker.fan_out([row["id"]])
     assert result.sent == 0
     assert twilio_standin.send_count == 0
+
+
+async def test_a_traced_message_keeps_its_span_around_its_sends(
+    engine: AsyncEngine,
+    project: str,
+    worker: ChannelsWorker,
+    clock: ManualClock,
+    plain_smtp: SmtpServer,
+    fcm_standin: FcmStandIn,
+    twilio_standin: TwilioStandIn,
+) -> None:
+    """
+    Tracing on: the notification whose message carried a trace gets its "channels
+    fan-out" span in that trace, and the batch's other notification is sent with it.
+    """
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.use_provider(provider)
+    try:
+        traced, plain = _note(project, 1, clock), _note(project, 2, clock)
+        await add_notifications(engine, [traced, plain])
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+        worker._keep_carrier(traced["id"], {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})
+
+        result = await worker.fan_out([traced["id"], plain["id"]])
+    finally:
+        tracing.use_provider(None)
+
+    assert (result.notifications, result.sent) == (2, 6)
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "channels fan-out"]
+    assert span.context is not None
+    assert f"{span.context.trace_id:032x}" == trace_id
+    assert span.attributes is not None
+    assert span.attributes["messaging.message.id"] == traced["id"]

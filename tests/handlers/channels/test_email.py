@@ -7,11 +7,14 @@ from email.message import EmailMessage
 
 import aiosmtplib
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from delivery.clock import ManualClock
 from delivery.settings import Settings
 from handlers.base import Delivered, Failed, Retry
 from handlers.email import (
+    DOT_ATOM_ADDRESS,
     SmtpChannel,
     SmtpSecurity,
     classify_smtp_error,
@@ -103,6 +106,18 @@ async def test_plain_send_delivers_a_multipart_message(
     assert "<p>&lt;b&gt;Tip&lt;/b&gt;: drink water &amp; rest.</p>" in html
     assert "<b>" not in html
     assert "<title>Hi Ada!</title>" in html
+
+
+async def test_the_transaction_declares_the_size_the_server_offers(
+    plain_smtp: SmtpServer, clock: ManualClock
+) -> None:
+    """MAIL carries ``SIZE`` (RFC 1870) with the message's length, as sendmail's does."""
+    outcome = await _channel(plain_smtp, clock).send(make_message(), TO)
+
+    assert isinstance(outcome, Delivered)
+    envelope = plain_smtp.sink.envelopes[0]
+    assert envelope.original_content is not None
+    assert envelope.mail_options == [f"SIZE={len(envelope.original_content)}"]
 
 
 async def test_non_ascii_message_and_long_lines_survive(
@@ -347,3 +362,10 @@ async def test_a_recipient_the_writer_leaves_to_the_stdlib_is_still_sent(
     assert mail["Subject"] == "Hi Ada!"
     plain_part, _html_part = mail.iter_parts()
     assert plain_part.get_content().strip() == "Hi Ada!"
+
+
+@settings(max_examples=500, deadline=None)
+@given(address=st.from_regex(DOT_ATOM_ADDRESS, fullmatch=True))
+def test_a_dot_atom_address_is_what_quote_address_writes(address: str) -> None:
+    """The RCPT path that skips ``quote_address`` writes exactly what it would."""
+    assert aiosmtplib.email.quote_address(address) == f"<{address}>"

@@ -205,6 +205,70 @@ async def test_a_hung_channel_times_out_without_blocking_the_others() -> None:
     assert sms.sent == [(make_message().event_id, NUMBER)]
 
 
+class HangingFor:
+    """Hangs for one destination, answers the others; notes the sends it saw cancelled."""
+
+    def __init__(self, hang_on: str) -> None:
+        self.hang_on = hang_on
+        self.cancelled: list[str] = []
+
+    async def send(self, message: Message, destination: str) -> Outcome:
+        if destination == self.hang_on:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(message.event_id)
+                raise
+        return Delivered(200)
+
+
+async def test_many_messages_share_one_deadline_and_keep_their_order() -> None:
+    """
+    Three messages at once: each gets its own attempts in its contacts' order; the
+    one send that hangs is a Retry at the deadline and was cancelled (its clean-up
+    ran) before the answer, while every other send of the batch went out.
+    """
+    hanging = HangingFor(NUMBER)
+    router = ChannelRouter(
+        {FCM: RecordingChannel(), EMAIL: RecordingChannel(), SMS: hanging},
+        send_timeout=timedelta(seconds=0.05),
+    )
+    messages = [make_message(event_id=f"evt_{n}") for n in range(3)]
+    jobs = [
+        (messages[0], _contacts(), None),
+        (messages[1], [Contact(EMAIL, "b@example.com")], None),
+        (messages[2], [Contact(SMS, "+14155550101"), Contact(FCM, TOKEN, opted_out=True)], None),
+    ]
+
+    results = await asyncio.wait_for(router.fan_out_many(jobs), 5)
+
+    assert [[(a.destination, a.status) for a in attempts] for attempts in results] == [
+        [
+            (TOKEN, AttemptStatus.SENT),
+            (ADDRESS, AttemptStatus.SENT),
+            (NUMBER, AttemptStatus.FAILED),
+        ],
+        [("b@example.com", AttemptStatus.SENT)],
+        [("+14155550101", AttemptStatus.SENT), (TOKEN, AttemptStatus.SKIPPED)],
+    ]
+    assert "timed out" in results[0][2].reason
+    assert results[0][2].retryable
+    assert hanging.cancelled == ["evt_0"]
+
+
+async def test_cancelling_a_fan_out_cancels_its_sends() -> None:
+    """A cancelled caller leaves no send running behind it."""
+    hanging = HangingFor(TOKEN)
+    router = ChannelRouter({FCM: hanging})
+    task = asyncio.create_task(router.fan_out(make_message(), [Contact(FCM, TOKEN)]))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)
+    assert hanging.cancelled == [make_message().event_id]
+
+
 async def test_a_crashing_channel_is_contained() -> None:
     """A channel that raises yields a retryable failure and an error log; others are sent."""
     router = ChannelRouter(

@@ -16,7 +16,7 @@ import pytest
 from handlers.base import Retry
 from handlers.classify import classify_exception
 from handlers.fanout import provider_http_client
-from handlers.provider_http import DirectPost, ProviderHttpClient, parse_response
+from handlers.provider_http import MAX_BODY, DirectPost, ProviderHttpClient, parse_response
 
 # --- framing (pure) ---------------------------------------------------------------
 
@@ -103,6 +103,64 @@ def test_bad_or_cut_answers_are_protocol_errors(data: bytes, eof: bool) -> None:
         parse_response(data, eof=eof)
 
 
+def test_chunked_with_content_length_is_read_as_chunked_and_not_kept() -> None:
+    """
+    Both framings: the chunks are the body (RFC 9112 section 6.3) and the connection is
+    not reused, as the answer may be an attempt at smuggling a second one.
+    """
+    data = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    parsed, used = parse_response(data, eof=False) or (None, 0)
+
+    assert parsed is not None
+    assert (parsed.body, parsed.keep_alive, used) == (b"hello", False, len(data))
+
+
+def test_a_coding_other_than_final_chunked_runs_to_the_close() -> None:
+    """``Transfer-Encoding: gzip`` alone: the body ends with the connection."""
+    data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 2\r\n\r\nabcdef"
+
+    assert parse_response(data, eof=False) is None
+    parsed, _ = parse_response(data, eof=True) or (None, 0)
+    assert parsed is not None
+    assert (parsed.body, parsed.keep_alive) == (b"abcdef", False)
+
+
+def test_two_different_content_lengths_are_a_protocol_error() -> None:
+    """Which length frames the body would be a guess."""
+    data = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc"
+    with pytest.raises(httpx.RemoteProtocolError):
+        parse_response(data, eof=False)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1),
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % (MAX_BODY + 1),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n%x\r\n"
+        % (MAX_BODY, b"a" * MAX_BODY, 1),
+        b"HTTP/1.1 200 OK\r\n\r\n" + b"a" * (MAX_BODY + 1),
+    ],
+    ids=["content-length", "huge-content-length", "one-chunk", "chunks", "to-close"],
+)
+def test_a_body_over_the_cap_is_refused_before_it_is_all_in(data: bytes) -> None:
+    """Over ``MAX_BODY``, declared or received, without waiting for the rest or the close."""
+    with pytest.raises(httpx.RemoteProtocolError, match="over"):
+        parse_response(data, eof=False)
+
+
+def test_a_body_at_the_cap_is_whole() -> None:
+    """Exactly ``MAX_BODY`` bytes is still an answer."""
+    data = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % MAX_BODY + b"a" * MAX_BODY
+    parsed, _ = parse_response(data, eof=False) or (None, 0)
+    assert parsed is not None
+    assert len(parsed.body) == MAX_BODY
+
+
 # --- exchanges with a scripted server -----------------------------------------------
 
 
@@ -114,6 +172,7 @@ class Scripted:
     requests: list[bytes] = field(default_factory=list)
     connections: int = 0
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    received: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -127,6 +186,7 @@ class Scripted:
                     if line.lower().startswith(b"content-length:")
                 )
                 self.requests.append(head + await reader.readexactly(length))
+                self.received.set()
                 reply = self.replies.pop(0)(writer)
                 if reply is None:
                     writer.close()
@@ -279,3 +339,94 @@ async def test_a_proxy_for_the_url_goes_through_the_clients_transport(scripted: 
 
     assert response.status_code == 201
     assert scripted.requests[0].startswith(b"POST http://provider.invalid/send HTTP/1.1\r\n")
+
+
+async def test_chunked_with_content_length_answer_is_not_reused(scripted: Scripted) -> None:
+    """The connection that carried a doubly framed answer is closed, not pooled."""
+    both = b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    scripted.replies = [lambda _: b"HTTP/1.1 200 OK\r\n" + both, ok()]
+    async with provider_http_client(timeout=timedelta(seconds=5)) as client:
+        post = DirectPost(client, scripted.url)
+        first = await post(b"a", {})
+        await post(b"b", {})
+
+    assert first.json() == {}
+    assert scripted.connections == 2
+
+
+async def test_an_answer_over_the_cap_fails_and_its_connection_is_not_reused(
+    scripted: Scripted,
+) -> None:
+    """A body past ``MAX_BODY``: a protocol error (Retry), and the next POST reconnects."""
+    scripted.replies = [ok(b"a" * (MAX_BODY + 1)), ok()]
+    async with provider_http_client(timeout=timedelta(seconds=5)) as client:
+        post = DirectPost(client, scripted.url)
+        with pytest.raises(httpx.RemoteProtocolError) as caught:
+            await post(b"a", {})
+        second = await post(b"b", {})
+
+    assert isinstance(classify_exception(caught.value), Retry)
+    assert second.status_code == 201
+    assert scripted.connections == 2
+
+
+async def test_aclose_closes_a_connection_carrying_an_exchange(scripted: Scripted) -> None:
+    """
+    Closing the client fails the POST waiting on its answer at once (not at its read
+    timeout) and closes its socket; the client sends nothing afterwards.
+    """
+    scripted.replies = [lambda _: b""]  # read the request, never answer
+    client = provider_http_client(timeout=timedelta(seconds=60))
+    post = DirectPost(client, scripted.url)
+    waiting = asyncio.create_task(post(b"a", {}))
+    async with asyncio.timeout(5):
+        await scripted.received.wait()
+        await client.aclose()
+        with pytest.raises(httpx.ReadError):
+            await waiting
+        await scripted.closed.wait()
+    with pytest.raises(RuntimeError):
+        await post(b"b", {})
+    assert scripted.connections == 1
+
+
+async def test_a_header_the_call_names_replaces_the_clients_default(scripted: Scripted) -> None:
+    """
+    ``Accept`` given by the call goes out once, with the call's value (as httpx merges
+    headers), in whatever case the call spells it.
+    """
+    scripted.replies = [ok()]
+    async with provider_http_client(timeout=timedelta(seconds=5)) as client:
+        assert "accept" in client.headers
+        await DirectPost(client, scripted.url)(b"a", {"ACCEPT": "application/json"})
+
+    lines = scripted.requests[0].split(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+    accept = [line for line in lines if line.lower().startswith(b"accept:")]
+    assert accept == [b"ACCEPT: application/json"]
+    names = [line.split(b":")[0].lower() for line in lines]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Token": "a", "x-token": "b"},
+        {"Content-Length": "1"},
+        {"Host": "elsewhere.example"},
+        {"Transfer-Encoding": "chunked"},
+        {"Bad Name": "a"},
+        {"X-Token": "caf\u00e9\u20ac"},
+    ],
+    ids=["twice", "content-length", "host", "transfer-encoding", "not-a-token", "not-latin-1"],
+)
+async def test_a_header_given_twice_or_the_clients_own_is_refused(
+    scripted: Scripted, headers: dict[str, str]
+) -> None:
+    """
+    A name given twice (in any case), a framing header the client writes itself, a
+    name that is not a token, or a value outside Latin-1: refused, nothing sent.
+    """
+    async with provider_http_client(timeout=timedelta(seconds=5)) as client:
+        with pytest.raises(httpx.LocalProtocolError):
+            await DirectPost(client, scripted.url)(b"a", headers)
+    assert (scripted.connections, scripted.requests) == (0, [])

@@ -140,7 +140,12 @@ def pair_offset(row: ClaimedSchedule) -> timedelta:
     How far the row's pair clock runs ahead of real time: ``next_fire_at - due_at``
     (``due_at`` is set only on an advanced pair's rows, from the pair's offset).
     """
-    return timedelta(seconds=_offset_s(row.next_fire_at, row.due_at))
+    due_at = row.due_at
+    # Most rows belong to no advanced pair; a batch asks this several times per row.
+    return _NO_OFFSET if due_at is None else timedelta(seconds=_offset_s(row.next_fire_at, due_at))
+
+
+_NO_OFFSET = timedelta(0)
 
 
 class ScheduleRecords(Protocol):

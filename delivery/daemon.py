@@ -447,6 +447,9 @@ class Daemon:
                 log.info("outbox_flushed", published=result.published, failed=result.failed)
             except TimeoutError:
                 log.warning("outbox_flush_timeout", timeout_s=SHUTDOWN_FLUSH_S)
+            finally:
+                # Before the connection drains (registered earlier, so stopped later).
+                await relay.aclose()
 
         return flush
 

@@ -118,6 +118,15 @@ class OutboxRelay:
                 break
         return total
 
+    async def aclose(self) -> None:
+        """
+        Release what the relay holds on its connection (the publisher's reply inbox);
+        the connection itself belongs to the caller. Call it once the last batch is
+        done (after :meth:`drain` on shutdown): a batch still waiting for acks is
+        given up, its rows stay unsent and go out again on the next start.
+        """
+        await self.publisher.close()
+
     async def prune(self, older_than: timedelta) -> int:
         """Delete rows sent more than ``older_than`` ago; returns how many."""
         pruned = await self.store.prune(self.clock.now() - older_than)

@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
 from delivery.cadence import CompiledSchedule, Tick, next_fire, ticks_between
 from delivery.domain import FireId
@@ -42,9 +43,19 @@ def fire_id(schedule_id: str, fire_at: datetime) -> FireId:
     and JetStream (``Nats-Msg-Id``) and the notification's unique ``source_id``
     can dedupe on it.
     """
-    instant = fire_at.astimezone(UTC).isoformat()
+    instant = _utc_text(fire_at if fire_at.tzinfo is UTC else fire_at.astimezone(UTC))
     digest = hashlib.sha256(f"{schedule_id}|{instant}".encode()).hexdigest()
     return FireId("fire_" + digest[:24])
+
+
+@lru_cache(maxsize=1024)
+def _utc_text(utc: datetime) -> str:
+    """
+    ``utc.isoformat()``, cached: a burst's fires share a few instants. Only UTC values
+    are cached, as two local times that differ only in ``fold`` compare and hash
+    equal while being an hour apart.
+    """
+    return utc.isoformat()
 
 
 @dataclass(frozen=True, slots=True)

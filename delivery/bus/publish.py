@@ -14,6 +14,7 @@ unchanged.
 """
 
 import asyncio
+import contextlib
 import itertools
 import json
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from collections.abc import Iterable
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import ConnectionClosedError, ConnectionDrainingError
 from nats.js.errors import APIError, NoStreamResponseError
 
 NO_RESPONDERS_STATUS = "503"
@@ -46,6 +48,12 @@ class BatchPublisher:
         self._tokens = itertools.count()
         self._prefix = ""
         self._sub: Subscription | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran: the reply inbox is gone and nothing more is published."""
+        return self._closed
 
     async def publish(
         self, messages: Iterable[tuple[str, bytes, dict[str, str]]]
@@ -55,7 +63,12 @@ class BatchPublisher:
 
         A future that is not wanted any more (a timeout) must be cancelled, which
         forgets it.
+
+        Raises:
+            RuntimeError: the publisher was closed (its acks would have no inbox).
         """
+        if self._closed:
+            raise RuntimeError("BatchPublisher is closed")
         if self._sub is None:
             inbox = self._nc.new_inbox()
             self._prefix = inbox + "."
@@ -85,10 +98,22 @@ class BatchPublisher:
             del self._futures[token]
 
     async def close(self) -> None:
-        """Unsubscribe the reply inbox (the connection stays open)."""
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        """
+        Unsubscribe the reply inbox (the connection stays open) and cancel the futures
+        still waiting for an ack: no ack can reach them any more, so a caller awaiting
+        one returns at once instead of at its timeout (its rows stay unsent and are
+        published again, deduplicated by their ``Nats-Msg-Id``). Idempotent; the
+        publisher takes no batch after it.
+        """
+        self._closed = True
+        pending, self._futures = list(self._futures.values()), {}
+        for future in pending:
+            future.cancel()
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            # A connection already closed or draining takes its subscriptions with it.
+            with contextlib.suppress(ConnectionClosedError, ConnectionDrainingError):
+                await sub.unsubscribe()
 
     async def _on_reply(self, msg: Msg) -> None:
         future = self._futures.pop(msg.subject[len(self._prefix) :], None)

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import Select, Table, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
@@ -140,7 +140,12 @@ def pair_offset(row: ClaimedSchedule) -> timedelta:
     How far the row's pair clock runs ahead of real time: ``next_fire_at - due_at``
     (``due_at`` is set only on an advanced pair's rows, from the pair's offset).
     """
-    return timedelta(seconds=_offset_s(row.next_fire_at, row.due_at))
+    due_at = row.due_at
+    # Most rows belong to no advanced pair; a batch asks this several times per row.
+    return _NO_OFFSET if due_at is None else timedelta(seconds=_offset_s(row.next_fire_at, due_at))
+
+
+_NO_OFFSET = timedelta(0)
 
 
 class ScheduleRecords(Protocol):
@@ -622,6 +627,18 @@ class ScheduleStore(StoreBase):
         )
         if not (await any_row(self.engine, due) or await any_row(self.engine, shifted)):
             return []
+        if self._caps.driver_thread:
+            return await direct.write(
+                self.engine,
+                partial(
+                    _claim_direct,
+                    owner=owner,
+                    now=now,
+                    due_by=due_by,
+                    lease_until=lease_until,
+                    limit=limit,
+                ),
+            )
         claim = self._claim(SCHEDULES, due, shifted, owner=owner, lease_until=lease_until)
         async with write_transaction(self.engine) as conn:
             rows: Sequence[ClaimedSchedule] = (
@@ -805,6 +822,74 @@ class ScheduleStore(StoreBase):
         # not reliable, and each msg_id is a fire id inserted just before.
         applied.skipped = len(inserted) - len(applied.fire_ids)
         return outbox_rows
+
+
+_CLAIM_SQL = (
+    'UPDATE "schedules" SET "claimed_by" = ?, "claimed_until" = ? WHERE "id" IN ('
+    'SELECT "id" FROM "schedules" WHERE "enabled" IS 1 AND "next_fire_at" <= ? '
+    'AND "due_at" IS NULL AND ("claimed_until" IS NULL OR "claimed_until" < ?) '
+    'ORDER BY "next_fire_at" LIMIT ?'
+    ') OR "id" IN ('
+    'SELECT "id" FROM "schedules" WHERE "enabled" IS 1 AND "due_at" <= ? '
+    'AND ("claimed_until" IS NULL OR "claimed_until" < ?) ORDER BY "due_at" LIMIT ?'
+    ') RETURNING "id", "project_id", "agent_id", "user_id", "cadence_json", '
+    '"active_window_json", "timezone", "starts_at", "ends_at", "anchor_at", "updated_at", '
+    '"next_fire_at", "due_at", "last_fire_at", "version", "policy_json"'
+)
+"""
+The claim of :meth:`ScheduleStore.claim_schedules` as SQLite runs it: the statement
+SQLAlchemy compiles from ``_claim`` (the same two index ranges), written out so the
+claim is one call to the driver's thread whose rows skip SQLAlchemy's result
+processing (1,000 rows of 16 columns per tick in a burst).
+"""
+
+
+class _ClaimedRow(NamedTuple):
+    """A claimed row read on the driver's thread: the columns of ``_CLAIM_COLUMNS``."""
+
+    id: str
+    project_id: str
+    agent_id: str
+    user_id: str
+    cadence_json: str
+    active_window_json: str | None
+    timezone: str
+    starts_at: datetime | None
+    ends_at: datetime | None
+    anchor_at: datetime
+    updated_at: datetime
+    next_fire_at: datetime
+    due_at: datetime | None
+    last_fire_at: datetime | None
+    version: int
+    policy_json: str | None
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        # As a SQLAlchemy ``Row`` of the Core form offers it.
+        return self._asdict()
+
+
+def _claim_direct(
+    db: sqlite3.Connection,
+    *,
+    owner: str,
+    now: datetime,
+    due_by: datetime,
+    lease_until: datetime,
+    limit: int,
+) -> list[_ClaimedRow]:
+    c = direct.codec(SCHEDULES)
+    [(lease, stored_now, stored_due_by)] = c.params(
+        [{"claimed_until": lease_until, "updated_at": now, "next_fire_at": due_by}],
+        ["claimed_until", "updated_at", "next_fire_at"],
+    )
+    cursor = db.execute(
+        _CLAIM_SQL,
+        (owner, lease, stored_due_by, stored_now, limit, stored_now, stored_now, limit),
+    )
+    read = c.only(_ClaimedRow._fields)
+    return [_ClaimedRow(**read.row(values)) for values in cursor.fetchall()]
 
 
 def _states(kept: list[PlannedSchedule], now: datetime) -> list[dict[str, Any]]:

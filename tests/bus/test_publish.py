@@ -61,3 +61,45 @@ async def test_a_subject_without_a_stream_fails_its_future(
     finally:
         await publisher.close()
         await nc.close()
+
+
+async def test_close_cancels_the_waiting_futures_unsubscribes_and_refuses_more(
+    nats_url: str, subject_prefix: str
+) -> None:
+    """
+    Closing gives up the batch still waiting (its caller returns at once, the rows stay
+    unsent), drops the reply inbox from the connection, and is idempotent.
+    """
+    subjects = Subjects(subject_prefix)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_stream(js, subjects)
+    publisher = BatchPublisher(nc)
+    try:
+        subscriptions = len(nc._subs)
+        waiting = await publisher.publish(
+            [(subjects.fire_created, b"x", {MSG_ID_HEADER: "closing"})]
+        )
+        assert len(nc._subs) == subscriptions + 1
+        # No await in between: the ack cannot have been read yet.
+        await publisher.close()
+        assert publisher.closed
+        assert all(f.cancelled() for f in waiting)
+        assert publisher._futures == {}
+        assert len(nc._subs) == subscriptions
+        await publisher.close()
+        with pytest.raises(RuntimeError):
+            await publisher.publish([(subjects.fire_created, b"y", {MSG_ID_HEADER: "late"})])
+    finally:
+        await publisher.close()
+        await js.delete_stream(subjects.stream)
+        await nc.close()
+
+
+async def test_close_after_the_connection_closed_is_quiet(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    publisher = BatchPublisher(nc)
+    await publisher.publish([("nowhere.at.all", b"x", {MSG_ID_HEADER: "gone"})])
+    await nc.close()
+    await publisher.close()
+    assert publisher.closed

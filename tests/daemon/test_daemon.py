@@ -72,6 +72,9 @@ async def test_an_api_write_wakes_the_scheduler_and_shutdown_is_clean(settings):
         await asyncio.wait_for(running, 60)
         await delete_stream(settings.nats_url, settings.subject_prefix)
     running.result()
+    # The relay let go of its reply inbox on the way out.
+    assert daemon.relay is not None
+    assert daemon.relay.publisher.closed
 
 
 async def test_a_dispatched_notification_is_published_before_the_next_tick(settings):

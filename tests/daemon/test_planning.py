@@ -354,3 +354,109 @@ def test_compiled_cache_template_path_equals_a_full_compile(cadence, starts_at, 
         cadence, window, starts_at=starts_at, ends_at=ends_at, created_at=anchor_at
     )
     assert via_template == direct
+
+
+# --- the scheduler's per-batch plan memo ----------------------------------------------
+
+MEMO_ZONES = ["America/New_York", "Europe/Berlin", "Australia/Lord_Howe", "Pacific/Apia"]
+MEMO_CADENCES = [
+    '{"simple":{"frequency":"daily","times":["02:30","09:00"]}}',
+    '{"simple":{"frequency":"interval_hours","interval_hours":5}}',
+    '{"cron":"*/20 1-3 * * *"}',
+]
+MEMO_WINDOWS = [None, '{"hours":{"start":"02:00","end":"08:00"}}']
+# Around the 2026 transitions of the zones above (both directions, both hemispheres).
+MEMO_NOWS = [
+    datetime(2026, 3, 8, 7, 41, tzinfo=UTC),
+    datetime(2026, 3, 29, 1, 41, tzinfo=UTC),
+    datetime(2026, 4, 4, 15, 41, tzinfo=UTC),
+    datetime(2026, 10, 4, 15, 41, tzinfo=UTC),
+    datetime(2026, 11, 1, 6, 41, tzinfo=UTC),
+]
+
+
+def _memo_row(schedule_id: str, now: datetime, **changes: Any) -> Any:
+    base: dict[str, Any] = {
+        "id": schedule_id,
+        "version": 1,
+        "cadence_json": MEMO_CADENCES[0],
+        "active_window_json": MEMO_WINDOWS[1],
+        "policy_json": None,
+        "timezone": MEMO_ZONES[0],
+        "starts_at": None,
+        "ends_at": None,
+        "anchor_at": now - timedelta(days=3, minutes=7),
+        "next_fire_at": now - timedelta(hours=20),
+        "due_at": None,
+        "last_fire_at": now - timedelta(days=1, hours=2),
+        "updated_at": now - timedelta(days=2),
+    }
+    base.update(changes)
+    return SimpleNamespace(**base)
+
+
+def _memo_variants(now: datetime) -> list[dict[str, Any]]:
+    """One change per column the planner reads, each one that changes the plan somewhere."""
+    return [
+        {},
+        {"cadence_json": MEMO_CADENCES[1]},
+        {"cadence_json": MEMO_CADENCES[2]},
+        {"active_window_json": MEMO_WINDOWS[0]},
+        {"policy_json": '{"outside_window":"defer"}'},
+        {"policy_json": '{"priority":"high"}'},
+        {"timezone": MEMO_ZONES[1]},
+        {"timezone": MEMO_ZONES[2]},
+        {"timezone": MEMO_ZONES[3]},
+        {"starts_at": now - timedelta(hours=5)},
+        {"ends_at": now - timedelta(minutes=30)},
+        {"ends_at": now + timedelta(hours=3)},
+        {"anchor_at": now - timedelta(days=3, minutes=61)},
+        {"next_fire_at": now - timedelta(hours=3)},
+        {"next_fire_at": now - timedelta(minutes=50)},
+        {"due_at": now - timedelta(hours=21)},
+        {"last_fire_at": None},
+        {"last_fire_at": now - timedelta(hours=23)},
+        {"updated_at": now - timedelta(hours=22)},
+        {"updated_at": now - timedelta(hours=4)},
+    ]
+
+
+@pytest.mark.parametrize("now", MEMO_NOWS, ids=lambda n: n.isoformat())
+def test_plan_memo_gives_each_row_the_answer_of_planning_it_alone(now):
+    """
+    A batch of rows that differ in one column each (and exact copies under other ids)
+    planned with the memo: every row's compiled cadence and plan equal planning that row
+    alone, and the copies are answered from the memo.
+    """
+    from delivery.bus.subjects import Subjects
+    from delivery.scheduler import Scheduler
+
+    def scheduler() -> Scheduler:
+        return Scheduler(
+            None,  # type: ignore[arg-type]
+            Subjects("t"),
+            store=object(),  # type: ignore[arg-type]
+            lookahead=timedelta(seconds=20),
+        )
+
+    rows = []
+    for zone in MEMO_ZONES:
+        for n, variant in enumerate(_memo_variants(now)):
+            for copy in range(2):
+                changes = {"timezone": zone, **variant}
+                rows.append(_memo_row(f"sch_{zone}_{n}_{copy}", now, **changes))
+    # Interleaved, so a copy never simply follows its original.
+    rows = rows[::2] + rows[1::2]
+    memoised = scheduler()
+    planned, compiled = memoised.plan_batch(rows, now)
+    assert [p.row.id for p in planned] == [r.id for r in rows]
+    assert memoised.plan_memo_hits >= len(rows) // 2
+    plans = {p.row.id: p.plan for p in planned}
+    distinct = set()
+    for row in rows:
+        alone = scheduler()._plan(row, now)
+        assert alone is not None
+        assert (compiled[row.id], plans[row.id]) == alone, row
+        distinct.add(alone[1])
+    # The variants do change the answer (else the comparison proves little).
+    assert len(distinct) > len(rows) // 5

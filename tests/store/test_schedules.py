@@ -155,3 +155,95 @@ async def test_releasing_claims_frees_the_owners_rows_or_every_row(engine, store
     assert await store.release_claims(owner=None) == 2
     assert await count(engine, SCHEDULES, SCHEDULES.c.claimed_by.is_not(None)) == 0
     assert await count(engine, WAKEUPS, WAKEUPS.c.claimed_by.is_not(None)) == 0
+
+
+async def test_a_claim_takes_exactly_the_due_unclaimed_rows_and_returns_their_columns(
+    engine, capabilities
+):
+    """
+    Both forms of the claim (SQLite's statement on the driver thread, the Core one) take
+    the rows due by ``due_by`` on the real clock and those of advanced pairs due by
+    ``now``, unclaimed or with a lease that ended, earliest first up to the limit; and
+    return each one's columns as stored.
+    """
+    await add_project(engine)
+    window = {"hours": {"start": "08:00", "end": "20:00"}}
+
+    def row(schedule_id: str, next_fire_at: datetime, **changes: object) -> dict[str, object]:
+        return {
+            **schedule_row(
+                schedule_id,
+                cadence=daily("09:00", "Europe/Berlin"),
+                active_window=window,
+                created_at=T - timedelta(days=3, seconds=17),
+                next_fire_at=next_fire_at,
+                last_fire_at=T - timedelta(days=1),
+            ),
+            # Every row names every column (an executemany takes the first row's).
+            "claimed_by": None,
+            "claimed_until": None,
+            "due_at": None,
+            "policy_json": None,
+            **changes,
+        }
+
+    await add_schedules(
+        engine,
+        [
+            row("sch_due", T - timedelta(minutes=5)),
+            row("sch_ahead", T + timedelta(seconds=20)),  # within due_by (a lookahead)
+            row("sch_later", T + timedelta(minutes=5)),
+            row("sch_off", T - timedelta(minutes=4), enabled=False),
+            row("sch_held", T - timedelta(minutes=3), claimed_by="other", claimed_until=T + LEASE),
+            row(
+                "sch_lapsed", T - timedelta(minutes=2), claimed_by="other", claimed_until=T - LEASE
+            ),
+            # Advanced pairs (their clock 1 h ahead): due by their real instant only.
+            row("sch_pair", T + timedelta(minutes=50), due_at=T - timedelta(minutes=10)),
+            row("sch_pair_later", T + timedelta(hours=2), due_at=T + timedelta(seconds=10)),
+            # The real clock's range leaves out an advanced pair's row by its next_fire_at.
+            row("sch_pair_odd", T - timedelta(hours=3), due_at=T + timedelta(minutes=10)),
+            row("sch_policy", T - timedelta(minutes=1), policy_json='{"outside_window":"defer"}'),
+        ]
+        + [row(f"sch_many_{i}", T - timedelta(hours=2, minutes=i)) for i in range(3)],
+    )
+    store = ScheduleStore(engine, SUBJECTS, capabilities=capabilities)
+    claimed = await store.claim_schedules(
+        "me", now=T, due_by=T + timedelta(seconds=30), lease_until=T + LEASE, limit=6
+    )
+    # The six earliest of the real clock's due rows, and the pair's due one.
+    assert sorted(r.id for r in claimed) == sorted(
+        [f"sch_many_{i}" for i in range(3)] + ["sch_due", "sch_lapsed", "sch_policy", "sch_pair"]
+    )
+    stored = {
+        r.id: r for r in await rows(engine, select(*(SCHEDULES.c[name] for name in CLAIM_FIELDS)))
+    }
+    for got in claimed:
+        assert tuple(getattr(got, name) for name in CLAIM_FIELDS) == tuple(stored[got.id]), got.id
+        assert got.next_fire_at.tzinfo is not None
+    owners = {
+        r.id: r.claimed_by
+        for r in await rows(engine, select(SCHEDULES.c.id, SCHEDULES.c.claimed_by))
+    }
+    assert {i for i, o in owners.items() if o == "me"} == {r.id for r in claimed}
+    assert owners["sch_held"] == "other"
+
+
+CLAIM_FIELDS = (
+    "id",
+    "project_id",
+    "agent_id",
+    "user_id",
+    "cadence_json",
+    "active_window_json",
+    "timezone",
+    "starts_at",
+    "ends_at",
+    "anchor_at",
+    "updated_at",
+    "next_fire_at",
+    "due_at",
+    "last_fire_at",
+    "version",
+    "policy_json",
+)

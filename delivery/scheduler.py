@@ -124,39 +124,6 @@ def _anchor(starts_at: datetime | None, created_at: datetime) -> datetime:
     return floor if floor == instant else floor + timedelta(minutes=1)
 
 
-def plan_inputs(row: ClaimedSchedule) -> tuple[Any, ...]:
-    """
-    Every column of a claimed row that :meth:`Scheduler._plan` reads, as a memo key.
-
-    In a burst most due rows share a cadence, zone and window, and the same
-    ``next_fire_at`` / ``last_fire_at``: planning each one again (the cadence
-    walk, the compiled-cadence lookup) was most of the scheduler tick in the
-    due-now profile (``bench/README.md``). ``_plan`` is a pure function of
-    these columns and of the tick's own constants (``now``, lateness,
-    lookahead, max skips): the compiled cadence comes from the cadence, window,
-    policy (a deferring schedule drops its window), zone, bounds and anchor
-    (:func:`~delivery.store.schedules.compile_stored`); the plan from it,
-    ``next_fire_at``, ``last_fire_at``, ``updated_at`` and ``due_at`` (the
-    pair's offset and lookahead). The id and version are left out on
-    purpose: nothing of the answer depends on them (fire ids are derived from
-    the id later, by the store). The store gives every instant in UTC, so
-    equal instants are equal values.
-    """
-    return (
-        row.cadence_json,
-        row.active_window_json,
-        row.policy_json,
-        row.timezone,
-        row.starts_at,
-        row.ends_at,
-        row.anchor_at,
-        row.next_fire_at,
-        row.due_at,
-        row.last_fire_at,
-        row.updated_at,
-    )
-
-
 def _latest(*instants: datetime | None) -> datetime | None:
     present = [i for i in instants if i is not None]
     return max(present) if present else None
@@ -230,7 +197,6 @@ class Scheduler:
         self.instance_id = instance_id or new_instance_id()
         self.max_skips = max_skips
         self.cache = CompiledCache(cache_size)
-        self.plan_memo_hits = 0
         self.on_outbox = on_outbox
         self._log = log.bind(scheduler=self.instance_id)
 
@@ -356,38 +322,6 @@ class Scheduler:
             return None
         return compiled, plan
 
-    def plan_batch(
-        self, rows: Sequence[ClaimedSchedule], now: datetime
-    ) -> tuple[list[PlannedSchedule], dict[str, CompiledSchedule]]:
-        """
-        Plan claimed ``rows`` at ``now`` (pure apart from the caches); a row the
-        cadence engine rejects is logged and left out.
-
-        Rows equal in every column the planner reads (:func:`plan_inputs`) share
-        one answer, computed once. The memo lives for this call only (one
-        ``now``), so it is bounded by the claim batch and outlives no row's
-        version.
-
-        Returns:
-            The plans, in row order, and each planned row's compiled cadence.
-        """
-        planned: list[PlannedSchedule] = []
-        compiled: dict[str, CompiledSchedule] = {}
-        memo: dict[tuple[Any, ...], tuple[CompiledSchedule, SchedulePlan]] = {}
-        for row in rows:
-            key = plan_inputs(row)
-            outcome = memo.get(key)
-            if outcome is None:
-                outcome = self._plan(row, now)
-                if outcome is None:
-                    continue
-                memo[key] = outcome
-            else:
-                self.plan_memo_hits += 1
-            compiled[row.id], plan = outcome
-            planned.append(PlannedSchedule(row, plan))
-        return planned, compiled
-
     async def _tick_schedules(self, now: datetime) -> TickResult:
         rows = await self.claim_schedules(now)
         result = await self.apply_schedules(rows, now)
@@ -406,8 +340,15 @@ class Scheduler:
             What was written (``more`` is left false).
         """
         result = TickResult(claimed=len(rows))
-        planned, compiled = self.plan_batch(rows, now)
-        result.failed = len(rows) - len(planned)
+        planned: list[PlannedSchedule] = []
+        compiled: dict[str, CompiledSchedule] = {}
+        for row in rows:
+            outcome = self._plan(row, now)
+            if outcome is None:
+                result.failed += 1
+                continue
+            compiled[row.id], plan = outcome
+            planned.append(PlannedSchedule(row, plan))
         if not planned:
             _count(result, {})
             return result

@@ -21,7 +21,13 @@ from delivery.commands.store import prepare_database
 from delivery.logs import configure_logging
 from delivery.secrets import SecretBox
 from delivery.settings import Settings
-from delivery.startup import bind_port, check_secret_key, require_secret_key, run_main
+from delivery.startup import (
+    bind_port,
+    check_secret_key,
+    frozen_heap,
+    require_secret_key,
+    run_main,
+)
 from delivery.store.engine import create_engine
 from delivery.store.migrate import migrate
 from delivery.store.sql import SqlStore
@@ -68,7 +74,8 @@ async def serve_api(
             docs="/docs",
             console="/console",
         )
-        await uvicorn.Server(config).serve(sockets=[sock])
+        with frozen_heap():
+            await uvicorn.Server(config).serve(sockets=[sock])
     finally:
         sock.close()
         if engine is not None:

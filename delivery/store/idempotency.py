@@ -9,7 +9,7 @@ replays it) or nothing (and runs for the first time).
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import delete
@@ -188,15 +188,41 @@ class Recorded:
 
     written: bool
     replay: IdempotencyRecord | None = None
+    moved: bool = False
+    """
+    Not written because the write's ``guard`` refused it (the pair's clock was
+    not on the offset the write was built for: :mod:`delivery.store.pairclock`);
+    nothing was recorded either.
+    """
+    offset_s: float | None = None
+    """With ``moved``: the pair's offset the guard found (None: it has none)."""
 
 
-def recorded(steps: Steps[Any], record: Mapping[str, Any] | None, now: datetime) -> Steps[Recorded]:
+type Guard = Steps[Recorded | None]
+"""
+A check run first in a recorded write's transaction: None lets the write go on,
+a :class:`Recorded` is the outcome instead (and nothing is written).
+"""
+
+
+def recorded(
+    steps: Steps[Any],
+    record: Mapping[str, Any] | None,
+    now: datetime,
+    *,
+    guard: Guard | None = None,
+) -> Steps[Recorded]:
     """
     ``steps`` (a write) with the record of its answer, in one transaction: the
     record first, and ``steps`` only when it was inserted; when the key already
     had a live record, nothing is written and the outcome carries that record.
-    Without a record, just ``steps``.
+    Without a record, just ``steps``. A ``guard`` runs before all of it and may
+    refuse the write (its outcome is then the answer).
     """
+    if guard is not None:
+        refused = yield from guard
+        if refused is not None:
+            return refused
     if record is not None:
         inserted = yield from recording(record, now)
         if inserted != 1:
@@ -207,7 +233,11 @@ def recorded(steps: Steps[Any], record: Mapping[str, Any] | None, now: datetime)
 
 
 async def write_recorded(
-    runner: Runner, steps: Steps[Any], record: Mapping[str, Any] | None
+    runner: Runner,
+    steps: Steps[Any],
+    record: Mapping[str, Any] | None,
+    *,
+    guard: Guard | None = None,
 ) -> Recorded:
     """
     Run :func:`recorded` on ``runner`` (a record is live if it had not expired
@@ -216,10 +246,16 @@ async def write_recorded(
     :func:`~delivery.store.engine.alone_unless_begun`).
     """
     if record is None:
-        await runner.write(steps)
-        return Recorded(written=True)
+        if guard is None:
+            await runner.write(steps)
+            return Recorded(written=True)
+        # ``now`` only decides which records are live; there is no record here.
+        return await runner.write(recorded(steps, None, _NO_RECORD, guard=guard))
     with alone_unless_begun(runner.engine):
-        return await runner.write(recorded(steps, record, record["created_at"]))
+        return await runner.write(recorded(steps, record, record["created_at"], guard=guard))
+
+
+_NO_RECORD = datetime.min.replace(tzinfo=UTC)
 
 
 def recording(record: Mapping[str, Any], now: datetime) -> Steps[int]:

@@ -17,6 +17,7 @@ from delivery.api.app import purge_idempotency_forever
 from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
 from delivery.planning import Skip
 from delivery.settings import Settings
+from delivery.store.creates import ExpectedOffset, offset_guard, row_values
 from delivery.store.idempotency import Recorded, write_recorded
 from delivery.store.inventory import InventoryStore
 from delivery.store.schedules import ScheduleStore
@@ -111,12 +112,16 @@ class _FailOnceWakeups(WakeupStore):
         self.calls = 0
 
     async def insert_wakeup(
-        self, row: WakeupRow, *, record: Mapping[str, Any] | None = None
+        self,
+        row: WakeupRow | Mapping[str, Any],
+        *,
+        record: Mapping[str, Any] | None = None,
+        expected: ExpectedOffset | None = None,
     ) -> Recorded:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("database unreachable")
-        return await super().insert_wakeup(row, record=record)
+        return await super().insert_wakeup(row, record=record, expected=expected)
 
 
 async def test_server_errors_are_not_stored(api: Api) -> None:
@@ -195,14 +200,15 @@ class _PausedSchedules(ScheduleStore):
 
     async def insert_schedule(
         self,
-        row: ScheduleRow,
+        row: ScheduleRow | Mapping[str, Any],
         skips: Sequence[Skip] = (),
         *,
         record: Mapping[str, Any] | None = None,
+        expected: ExpectedOffset | None = None,
     ) -> Recorded:
         self.inserts += 1
         first = self.inserts == 1
-        outcome = await super().insert_schedule(row, skips, record=record)
+        outcome = await super().insert_schedule(row, skips, record=record, expected=expected)
         if first:
             self.inserted.set()
             await self.release.wait()
@@ -287,16 +293,20 @@ class _RecordedThenFailWakeups(WakeupStore):
         self.calls = 0
 
     async def insert_wakeup(
-        self, row: WakeupRow, *, record: Mapping[str, Any] | None = None
+        self,
+        row: WakeupRow | Mapping[str, Any],
+        *,
+        record: Mapping[str, Any] | None = None,
+        expected: ExpectedOffset | None = None,
     ) -> Recorded:
         self.calls += 1
         if self.calls > 1:
-            return await super().insert_wakeup(row, record=record)
+            return await super().insert_wakeup(row, record=record, expected=expected)
         failing = inserting(
-            InsertRows(WAKEUPS, [row.model_dump()]),
+            InsertRows(WAKEUPS, [row_values(row)]),
             Call(_fail, _fail_core),
         )
-        return await write_recorded(self._runner, failing, record)
+        return await write_recorded(self._runner, failing, record, guard=offset_guard(expected))
 
 
 async def test_a_failed_self_recorded_write_leaves_neither_row_nor_key(api: Api) -> None:

@@ -286,8 +286,13 @@ async def write_recorded_answer(
     claim: IdempotencyClaim | None = getattr(request.state, CLAIM_STATE, None)
     record = None if claim is None else await claim.record(answer.status_code, bytes(answer.body))
     outcome = await write(record)
-    if not outcome.written and not outcome.moved and claim is not None:
-        claim.replay_from(outcome.replay)
+    if claim is not None:
+        if outcome.moved:
+            # Nothing was recorded: until the route writes again, its answer (a
+            # 4xx from the pair's clock, say) is the middleware's to record.
+            claim.taken = False
+        elif not outcome.written:
+            claim.replay_from(outcome.replay)
     return outcome
 
 

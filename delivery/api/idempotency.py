@@ -270,11 +270,13 @@ async def write_recorded_answer(
     request: Request,
     answer: Response,
     write: Callable[[Mapping[str, Any] | None], Awaitable[Recorded]],
-) -> bool:
+) -> Recorded:
     """
     Run ``write`` with the record of ``answer`` when the request has an
     ``Idempotency-Key`` (the store commits both in one transaction, or answers
-    from the record the key already has); whether it wrote.
+    from the record the key already has); what it did. A write its guard
+    refused (``moved``: built on the wrong pair clock) recorded nothing, and the
+    route may build its answer again and call this once more.
 
     For the routes listed as self-recording in :class:`IdempotencyMiddleware`:
     the middleware's read before the route and its separate recording
@@ -284,9 +286,14 @@ async def write_recorded_answer(
     claim: IdempotencyClaim | None = getattr(request.state, CLAIM_STATE, None)
     record = None if claim is None else await claim.record(answer.status_code, bytes(answer.body))
     outcome = await write(record)
-    if not outcome.written and claim is not None:
-        claim.replay_from(outcome.replay)
-    return outcome.written
+    if claim is not None:
+        if outcome.moved:
+            # Nothing was recorded: until the route writes again, its answer (a
+            # 4xx from the pair's clock, say) is the middleware's to record.
+            claim.taken = False
+        elif not outcome.written:
+            claim.replay_from(outcome.replay)
+    return outcome
 
 
 class _HeldResponse:

@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from delivery.store.bulk import outbox_row
 from delivery.store.common import StoreBase, owned
+from delivery.store.creates import row_values
 from delivery.store.engine import Engine
 from delivery.store.idempotency import IdempotencyRecord, finding, recording
 from delivery.store.steps import InsertIgnoring, InsertRows, Runner, Steps, inserting
@@ -21,13 +22,13 @@ class EventWrite:
     One accepted event as :meth:`Events.accept_events` writes it.
 
     Attributes:
-        row: the event.
+        row: the event (a row, or its column values: every column).
         outbox: its ``event.accepted`` outbox message.
         record: the ``Idempotency-Key`` record of the answer
             (:func:`delivery.store.idempotency.idempotency_row`), or None without a key.
     """
 
-    row: TriggerEventRow
+    row: TriggerEventRow | Mapping[str, Any]
     outbox: Mapping[str, Any]
     record: Mapping[str, Any] | None = None
 
@@ -141,6 +142,6 @@ def _accepting(writes: Sequence[EventWrite], now: datetime) -> Steps[list[EventO
             outcomes[i] = EventOutcome(written=False, replay=replay)
     kept = [w for w, outcome in zip(writes, outcomes, strict=True) if outcome.written]
     if kept:
-        yield InsertRows(EVENTS, [w.row.model_dump() for w in kept])
+        yield InsertRows(EVENTS, [row_values(w.row) for w in kept])
         yield InsertIgnoring(OUTBOX, [outbox_row(w.outbox) for w in kept], unique=("msg_id",))
     return outcomes

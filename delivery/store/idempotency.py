@@ -9,7 +9,7 @@ replays it) or nothing (and runs for the first time).
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import delete
@@ -188,15 +188,41 @@ class Recorded:
 
     written: bool
     replay: IdempotencyRecord | None = None
+    moved: bool = False
+    """
+    Not written because the write's ``guard`` refused it (the pair's clock was
+    not on the offset the write was built for: :mod:`delivery.store.pairclock`);
+    nothing was recorded either.
+    """
+    offset_s: float | None = None
+    """With ``moved``: the pair's offset the guard found (None: it has none)."""
 
 
-def recorded(steps: Steps[Any], record: Mapping[str, Any] | None, now: datetime) -> Steps[Recorded]:
+type Guard = Steps[Recorded | None]
+"""
+A check run first in a recorded write's transaction: None lets the write go on,
+a :class:`Recorded` is the outcome instead (and nothing is written).
+"""
+
+
+def recorded(
+    steps: Steps[Any],
+    record: Mapping[str, Any] | None,
+    now: datetime,
+    *,
+    guard: Guard | None = None,
+) -> Steps[Recorded]:
     """
     ``steps`` (a write) with the record of its answer, in one transaction: the
     record first, and ``steps`` only when it was inserted; when the key already
     had a live record, nothing is written and the outcome carries that record.
-    Without a record, just ``steps``.
+    Without a record, just ``steps``. A ``guard`` runs before all of it and may
+    refuse the write (its outcome is then the answer).
     """
+    if guard is not None:
+        refused = yield from guard
+        if refused is not None:
+            return refused
     if record is not None:
         inserted = yield from recording(record, now)
         if inserted != 1:
@@ -207,7 +233,11 @@ def recorded(steps: Steps[Any], record: Mapping[str, Any] | None, now: datetime)
 
 
 async def write_recorded(
-    runner: Runner, steps: Steps[Any], record: Mapping[str, Any] | None
+    runner: Runner,
+    steps: Steps[Any],
+    record: Mapping[str, Any] | None,
+    *,
+    guard: Guard | None = None,
 ) -> Recorded:
     """
     Run :func:`recorded` on ``runner`` (a record is live if it had not expired
@@ -216,29 +246,43 @@ async def write_recorded(
     :func:`~delivery.store.engine.alone_unless_begun`).
     """
     if record is None:
-        await runner.write(steps)
-        return Recorded(written=True)
+        if guard is None:
+            await runner.write(steps)
+            return Recorded(written=True)
+        # ``now`` only decides which records are live; there is no record here.
+        return await runner.write(recorded(steps, None, _NO_RECORD, guard=guard))
     with alone_unless_begun(runner.engine):
-        return await runner.write(recorded(steps, record, record["created_at"]))
+        return await runner.write(recorded(steps, record, record["created_at"], guard=guard))
+
+
+_NO_RECORD = datetime.min.replace(tzinfo=UTC)
 
 
 def recording(record: Mapping[str, Any], now: datetime) -> Steps[int]:
     """
     Insert ``record`` unless its key has a live record; how many rows were inserted.
 
-    A dead record of the key (expired, or a reservation with status 0 left by
-    older versions) is deleted first. The read and the delete run in the write
-    transaction: on SQLite it holds the file's writer; on PostgreSQL a concurrent
-    recorder of the same key blocks this delete or insert on its row, and this
-    insert then finds its record and inserts nothing.
+    The insert comes first, as a new key is the common case (one statement;
+    reading the key first was a third of a keyed create's SQL work on SQLite's
+    driver thread). Only when the key has a row is it read: a dead record
+    (expired, or a reservation with status 0 left by older versions) is deleted
+    and the insert made again. All of it runs in the write transaction: on SQLite
+    it holds the file's writer; on PostgreSQL a concurrent recorder of the same
+    key blocks this insert or delete on its row, and this insert then finds its
+    record and inserts nothing.
     """
+    unique = ("project_id", "route", "key")
+    inserted: int = yield InsertIgnoring(IDEMPOTENCY, [record], unique=unique)
+    if inserted:
+        return inserted
     mine = {**owned_values(record["project_id"]), "route": record["route"]}
     found: list[dict[str, Any]] = yield SelectWhere(
         IDEMPOTENCY, {**mine, "key": record["key"]}, columns=("status_code", "expires_at")
     )
-    if found and (found[0]["expires_at"] <= now or found[0]["status_code"] == 0):
+    if found and found[0]["expires_at"] > now and found[0]["status_code"] != 0:
+        return 0
+    if found:
         yield DeleteIn(IDEMPOTENCY, "key", [record["key"]], only_if=mine)
-    inserted: int = yield InsertIgnoring(
-        IDEMPOTENCY, [record], unique=("project_id", "route", "key")
-    )
+    # Dead, or gone since the insert (a purge): the key is free again.
+    inserted = yield InsertIgnoring(IDEMPOTENCY, [record], unique=unique)
     return inserted

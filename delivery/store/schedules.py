@@ -36,6 +36,7 @@ from delivery.policy import source_policy
 from delivery.store import direct
 from delivery.store.advance import due_in_real_time
 from delivery.store.common import StoreBase, canonical_json, insert_ignoring, owned
+from delivery.store.creates import ExpectedOffset, offset_guard, row_values
 from delivery.store.engine import Capabilities, Engine, any_row, write_transaction
 from delivery.store.idempotency import Recorded, write_recorded
 from delivery.store.staging import restage_fires, staged_fires
@@ -161,17 +162,20 @@ class ScheduleRecords(Protocol):
 
     async def insert_schedule(
         self,
-        row: ScheduleRow,
+        row: ScheduleRow | Mapping[str, Any],
         skips: Sequence[Skip] = (),
         *,
         record: Mapping[str, Any] | None = None,
+        expected: ExpectedOffset | None = None,
     ) -> Recorded:
         """
-        Insert a new schedule row as given, with ``skipped`` fire rows for ``skips``
-        (ticks its pair's advanced clock had passed; same transaction); with
-        ``record`` (its ``Idempotency-Key`` answer) in that transaction too, unless
-        that key already has a live record: then nothing is written and the
-        outcome carries that record.
+        Insert a new schedule row as given (a row, or its column values: every
+        column), with ``skipped`` fire rows for ``skips`` (ticks its pair's
+        advanced clock had passed; same transaction); with ``record`` (its
+        ``Idempotency-Key`` answer) in that transaction too, unless that key
+        already has a live record: then nothing is written and the outcome
+        carries that record. With ``expected``, nothing is written either when
+        the pair's clock offset is not that one (the outcome is ``moved``).
         """
         ...
 
@@ -405,43 +409,54 @@ class ScheduleStore(StoreBase):
 
     async def insert_schedule(
         self,
-        row: ScheduleRow,
+        row: ScheduleRow | Mapping[str, Any],
         skips: Sequence[Skip] = (),
         *,
         record: Mapping[str, Any] | None = None,
+        expected: ExpectedOffset | None = None,
     ) -> Recorded:
         """
         Insert a new schedule row as given, its ``created`` change and a ``skipped``
         fire row per ``skips`` (same transaction); see :meth:`Schedules.insert_schedule`.
         """
-        inserts = [
-            InsertRows(SCHEDULES, [row.model_dump()]),
-            InsertRows(
-                SCHEDULE_CHANGES,
-                [change_row(row, "created", [], row.timezone, row.version, row.created_at)],
-            ),
-        ]
+        values = row_values(row)
+        sid = values["id"]
+        change = {
+            "id": change_id(values["version"]),
+            "schedule_id": sid,
+            "project_id": values["project_id"],
+            "agent_id": values["agent_id"],
+            "user_id": values["user_id"],
+            "kind": "created",
+            "fields_json": "[]",
+            "timezone": values["timezone"],
+            "version": values["version"],
+            "changed_at": values["created_at"],
+        }
+        inserts = [InsertRows(SCHEDULES, [values]), InsertRows(SCHEDULE_CHANGES, [change])]
         if skips:
             inserts.append(
                 InsertRows(
                     FIRES,
                     [
                         {
-                            "id": fire_id(row.id, skip.fire_at),
-                            "schedule_id": row.id,
-                            "project_id": row.project_id,
-                            "agent_id": row.agent_id,
-                            "user_id": row.user_id,
+                            "id": fire_id(sid, skip.fire_at),
+                            "schedule_id": sid,
+                            "project_id": values["project_id"],
+                            "agent_id": values["agent_id"],
+                            "user_id": values["user_id"],
                             "fire_at": skip.fire_at,
                             "status": "skipped",
                             "skip_reason": skip.reason,
-                            "created_at": row.created_at,
+                            "created_at": values["created_at"],
                         }
                         for skip in skips
                     ],
                 )
             )
-        return await write_recorded(self._runner, inserting(*inserts), record)
+        return await write_recorded(
+            self._runner, inserting(*inserts), record, guard=offset_guard(expected)
+        )
 
     async def get_schedule(
         self, project_id: str, agent_id: str, user_id: str, schedule_id: str

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from sqlalchemy import select, update
 
 from delivery.store.common import StoreBase, owned
+from delivery.store.creates import ExpectedOffset, offset_guard, row_values
 from delivery.store.engine import Engine
 from delivery.store.idempotency import Recorded, write_recorded
 from delivery.store.steps import InsertRows, Runner, inserting
@@ -36,12 +37,18 @@ class Wakeups(Protocol):
     """
 
     async def insert_wakeup(
-        self, row: WakeupRow, *, record: Mapping[str, Any] | None = None
+        self,
+        row: WakeupRow | Mapping[str, Any],
+        *,
+        record: Mapping[str, Any] | None = None,
+        expected: ExpectedOffset | None = None,
     ) -> Recorded:
         """
-        Insert a new pending wakeup; with ``record`` (its ``Idempotency-Key``
-        answer) in the same transaction, unless that key already has a live
-        record: then nothing is written and the outcome carries that record.
+        Insert a new pending wakeup (a row, or its column values: every column);
+        with ``record`` (its ``Idempotency-Key`` answer) in the same transaction,
+        unless that key already has a live record: then nothing is written and the
+        outcome carries that record. With ``expected``, nothing is written either
+        when the pair's clock offset is not that one (the outcome is ``moved``).
         """
         ...
 
@@ -73,11 +80,18 @@ class WakeupStore(StoreBase):
         self._runner = Runner(engine, reader=self._reader)
 
     async def insert_wakeup(
-        self, row: WakeupRow, *, record: Mapping[str, Any] | None = None
+        self,
+        row: WakeupRow | Mapping[str, Any],
+        *,
+        record: Mapping[str, Any] | None = None,
+        expected: ExpectedOffset | None = None,
     ) -> Recorded:
         """See :meth:`Wakeups.insert_wakeup`."""
         return await write_recorded(
-            self._runner, inserting(InsertRows(WAKEUPS, [row.model_dump()])), record
+            self._runner,
+            inserting(InsertRows(WAKEUPS, [row_values(row)])),
+            record,
+            guard=offset_guard(expected),
         )
 
     async def list_wakeups(

@@ -12,6 +12,7 @@ from delivery.api import create_app
 from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
 from delivery.planning import Skip
 from delivery.settings import Settings
+from delivery.store.creates import ExpectedOffset, row_values
 from delivery.store.idempotency import Recorded
 from delivery.store.schedules import ScheduleStore
 from delivery.store.sql import SqlStore
@@ -35,18 +36,19 @@ class _BackendKilledSchedules(ScheduleStore):
 
     async def insert_schedule(
         self,
-        row: ScheduleRow,
+        row: ScheduleRow | Mapping[str, Any],
         skips: Sequence[Skip] = (),
         *,
         record: Mapping[str, Any] | None = None,
+        expected: ExpectedOffset | None = None,
     ) -> Recorded:
         if not self.killed:
             self.killed = True
             async with self.write() as conn:
                 # The server ends this very session, as a failover or an operator would.
                 await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
-                await conn.execute(SCHEDULES.insert().values(**row.model_dump()))
-        return await super().insert_schedule(row, skips, record=record)
+                await conn.execute(SCHEDULES.insert().values(**row_values(row)))
+        return await super().insert_schedule(row, skips, record=record, expected=expected)
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)

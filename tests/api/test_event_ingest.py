@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.api import create_app
 from delivery.settings import Settings
+from delivery.store.creates import row_values
 from delivery.store.events import EventOutcome, EventStore, EventWrite, _accepting
 from delivery.store.sql import SqlStore
 from delivery.store.steps import Steps
@@ -203,7 +204,7 @@ class _BackendKilledEvents(EventStore):
             async with self.write() as conn:
                 # The server ends this very session, as a failover or an operator would.
                 await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
-                await conn.execute(EVENTS.insert().values(**writes[0].row.model_dump()))
+                await conn.execute(EVENTS.insert().values(**row_values(writes[0].row)))
         return await super().accept_events(writes, now)
 
 

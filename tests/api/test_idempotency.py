@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
@@ -17,6 +18,7 @@ from delivery.api.app import purge_idempotency_forever
 from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
 from delivery.planning import Skip
 from delivery.settings import Settings
+from delivery.store.creates import ExpectedOffset, offset_guard, row_values
 from delivery.store.idempotency import Recorded, write_recorded
 from delivery.store.inventory import InventoryStore
 from delivery.store.schedules import ScheduleStore
@@ -25,6 +27,7 @@ from delivery.store.steps import Call, InsertRows, inserting
 from delivery.store.tables import (
     IDEMPOTENCY,
     INVENTORY,
+    OFFSETS,
     SCHEDULES,
     WAKEUPS,
     InventoryItemRow,
@@ -32,7 +35,7 @@ from delivery.store.tables import (
     WakeupRow,
 )
 from delivery.store.wakeups import WakeupStore
-from tests.api.conftest import Api
+from tests.api.conftest import START, Api
 
 PATH = "/api/v1/agents/a1/users/u1/schedules"
 CADENCE = {"simple": {"frequency": "daily", "times": ["09:00"]}, "timezone": "UTC"}
@@ -111,12 +114,16 @@ class _FailOnceWakeups(WakeupStore):
         self.calls = 0
 
     async def insert_wakeup(
-        self, row: WakeupRow, *, record: Mapping[str, Any] | None = None
+        self,
+        row: WakeupRow | Mapping[str, Any],
+        *,
+        record: Mapping[str, Any] | None = None,
+        expected: ExpectedOffset | None = None,
     ) -> Recorded:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("database unreachable")
-        return await super().insert_wakeup(row, record=record)
+        return await super().insert_wakeup(row, record=record, expected=expected)
 
 
 async def test_server_errors_are_not_stored(api: Api) -> None:
@@ -195,14 +202,15 @@ class _PausedSchedules(ScheduleStore):
 
     async def insert_schedule(
         self,
-        row: ScheduleRow,
+        row: ScheduleRow | Mapping[str, Any],
         skips: Sequence[Skip] = (),
         *,
         record: Mapping[str, Any] | None = None,
+        expected: ExpectedOffset | None = None,
     ) -> Recorded:
         self.inserts += 1
         first = self.inserts == 1
-        outcome = await super().insert_schedule(row, skips, record=record)
+        outcome = await super().insert_schedule(row, skips, record=record, expected=expected)
         if first:
             self.inserted.set()
             await self.release.wait()
@@ -287,16 +295,20 @@ class _RecordedThenFailWakeups(WakeupStore):
         self.calls = 0
 
     async def insert_wakeup(
-        self, row: WakeupRow, *, record: Mapping[str, Any] | None = None
+        self,
+        row: WakeupRow | Mapping[str, Any],
+        *,
+        record: Mapping[str, Any] | None = None,
+        expected: ExpectedOffset | None = None,
     ) -> Recorded:
         self.calls += 1
         if self.calls > 1:
-            return await super().insert_wakeup(row, record=record)
+            return await super().insert_wakeup(row, record=record, expected=expected)
         failing = inserting(
-            InsertRows(WAKEUPS, [row.model_dump()]),
+            InsertRows(WAKEUPS, [row_values(row)]),
             Call(_fail, _fail_core),
         )
-        return await write_recorded(self._runner, failing, record)
+        return await write_recorded(self._runner, failing, record, guard=offset_guard(expected))
 
 
 async def test_a_failed_self_recorded_write_leaves_neither_row_nor_key(api: Api) -> None:
@@ -376,3 +388,65 @@ async def test_a_retry_the_route_would_now_refuse_replays_the_first_answer(api: 
     assert retried.json() == first.json()
     assert retried.headers["idempotent-replayed"] == "true"
     assert await api.store.count(WAKEUPS) == 1
+
+
+async def _advance(api: Api, agent: str, user: str, hours: float) -> None:
+    """Give the pair an advance-time offset, as advance-time would (its rows aside)."""
+    async with api.store.engine.begin() as conn:
+        await conn.execute(
+            OFFSETS.insert().values(
+                project_id=api.projects["alpha"],
+                agent_id=agent,
+                user_id=user,
+                offset_s=hours * 3600,
+                updated_at=START,
+            )
+        )
+
+
+async def test_a_keyed_create_on_an_advanced_pair_is_built_on_its_clock(api: Api) -> None:
+    """
+    A keyed wakeup on an advanced pair is built for real time first; its write finds
+    the offset and writes nothing, and the route builds it again on the pair's clock:
+    one row, due in real time, and its answer recorded and replayed.
+    """
+    await _advance(api, "a1", "u1", 24)
+    body = {"user_id": "u1", "check_type": "c", "intent": "i", "delay_hours": 1}
+    headers = {"Idempotency-Key": "pair-1"}
+
+    first = await api.alpha.post("/api/v1/agents/a1/wakeups", json=body, headers=headers)
+    again = await api.alpha.post("/api/v1/agents/a1/wakeups", json=body, headers=headers)
+
+    assert first.status_code == 201, first.text
+    assert first.json()["scheduled_at"] == "2026-05-02T01:00:00Z"
+    assert (again.status_code, again.json()) == (201, first.json())
+    assert again.headers.get("idempotent-replayed") == "true"
+    async with api.store.engine.connect() as conn:
+        rows = (await conn.execute(select(WAKEUPS.c.id, WAKEUPS.c.due_at))).all()
+    due = START + timedelta(hours=1)
+    assert [(r.id, r.due_at) for r in rows] == [(first.json()["wakeup_id"], due)]
+
+
+async def test_a_refusal_on_an_advanced_pair_clock_is_recorded(api: Api) -> None:
+    """
+    A keyed wakeup whose instant real time has not reached but its pair's clock has
+    long passed: its write on the real-time guess is refused by the pair's offset,
+    and the 400 the pair's clock gives is recorded like any 4xx (the retry replays it).
+    """
+    await _advance(api, "a1", "u1", 24)
+    body = {
+        "user_id": "u1",
+        "check_type": "c",
+        "intent": "i",
+        "scheduled_at": "2026-05-01T03:00:00Z",
+        "delay_hours": 0,
+    }
+    headers = {"Idempotency-Key": "pair-late"}
+
+    first = await api.alpha.post("/api/v1/agents/a1/wakeups", json=body, headers=headers)
+    again = await api.alpha.post("/api/v1/agents/a1/wakeups", json=body, headers=headers)
+
+    assert (first.status_code, first.json()["code"]) == (400, "SCHEDULED_AT_IN_PAST")
+    assert (again.status_code, again.json()) == (400, first.json())
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert await api.store.count(WAKEUPS) == 0

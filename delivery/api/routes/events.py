@@ -13,6 +13,7 @@ import re
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from delivery.api import bodyroute as body_route
 from delivery.api.auth import ProjectId
 from delivery.api.context import AgentId, Ctx, check_id, check_metadata, parse_limit, wire_time
 from delivery.api.idempotency import CLAIM_STATE, IdempotencyClaim
@@ -23,7 +24,6 @@ from delivery.bus.subjects import Subjects
 from delivery.domain import notification_id
 from delivery.store.common import canonical_json, new_id
 from delivery.store.events import EventWrite
-from delivery.store.tables import TriggerEventRow
 from delivery.tracing import current_stored
 
 router = APIRouter(tags=["events"])
@@ -32,7 +32,7 @@ SELF_RECORDING = re.compile(r"POST /api/v1/agents/[^/]+/events")
 """The route that records its ``Idempotency-Key`` answer with its grouped write."""
 
 
-@router.post(PREFIX, responses={200: {"model": EventAccepted}})
+@body_route.post(router, PREFIX, responses={200: {"model": EventAccepted}})
 async def trigger_event(
     agent_id: AgentId, body: EventCreate, project: ProjectId, ctx: Ctx, request: Request
 ) -> Response:
@@ -42,33 +42,38 @@ async def trigger_event(
     messages_json = (
         canonical_json([m.model_dump() for m in body.messages]) if body.messages else None
     )
-    row = TriggerEventRow(
-        id=new_id("evt"),
-        project_id=project,
-        agent_id=agent_id,
-        user_id=body.user_id,
-        event_type=body.event_type,
-        event_description=body.event_description,
-        metadata_json=metadata_json,
-        messages_json=messages_json,
-        language=body.language or "en",
-        instance_id=body.instance_id or None,
-        status="accepted",
-        created_at=now,
-        policy_json=source_policy_json(body),
-    )
+    event_id = new_id("evt")
+    # Every column of trigger_events, as plain values (delivery.store.creates).
+    row = {
+        "id": event_id,
+        "project_id": project,
+        "agent_id": agent_id,
+        "user_id": body.user_id,
+        "event_type": body.event_type,
+        "event_description": body.event_description,
+        "metadata_json": metadata_json,
+        "messages_json": messages_json,
+        "language": body.language or "en",
+        "instance_id": body.instance_id or None,
+        "status": "accepted",
+        "created_at": now,
+        "policy_json": source_policy_json(body),
+    }
     outbox = {
         "subject": Subjects(ctx.settings.subject_prefix).event_accepted,
-        "msg_id": row.id,
-        "payload": canonical_json({"version": 1, "event_id": row.id}),
+        "msg_id": event_id,
+        "payload": canonical_json({"version": 1, "event_id": event_id}),
         # The request's id and trace ride along to the dispatcher and the handlers.
         "headers": current_stored(),
         "created_at": now,
     }
     bind_ids(
-        event_id=row.id, message_id=notification_id(row.id), user_id=body.user_id, agent_id=agent_id
+        event_id=event_id,
+        message_id=notification_id(event_id),
+        user_id=body.user_id,
+        agent_id=agent_id,
     )
-    answer = JSONResponse(EventAccepted(accepted=True, event_id=row.id).model_dump())
+    answer = JSONResponse(EventAccepted(accepted=True, event_id=event_id).model_dump())
     claim: IdempotencyClaim | None = getattr(request.state, CLAIM_STATE, None)
     # Written with the other requests' events in one transaction; the key's
     # record commits with it, so the answer is never recorded without its event.

@@ -8,17 +8,20 @@ metadata (so reads echo what was stored) and computes ``next_fire_at`` from the 
 
 import json
 import re
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from delivery.api import bodyroute as body_route
 from delivery.api.auth import ProjectId
 from delivery.api.context import (
     AgentId,
     ApiContext,
     Ctx,
+    PairClock,
     ResourceId,
     UserId,
     check_metadata,
@@ -56,8 +59,11 @@ from delivery.errors import (
     InvalidWindowError,
     NotFoundError,
 )
-from delivery.planning import ticks_behind_clock
+from delivery.planning import Skip, ticks_behind_clock
+from delivery.store.advance import Pair
 from delivery.store.common import canonical_json, new_id
+from delivery.store.creates import ExpectedOffset
+from delivery.store.idempotency import Recorded
 from delivery.store.schedules import compile_stored, defers
 from delivery.store.tables import ScheduleRow
 
@@ -206,7 +212,7 @@ async def list_schedules(
     return _json(ScheduleList(schedules=[schedule_out(r, now) for r in rows]))
 
 
-@router.post(PREFIX, status_code=201, responses={201: {"model": ScheduleCreated}})
+@body_route.post(router, PREFIX, status_code=201, responses={201: {"model": ScheduleCreated}})
 async def create_schedule(
     agent_id: AgentId,
     user_id: UserId,
@@ -222,7 +228,60 @@ async def create_schedule(
     the cadence's ticks between real now and then are recorded as skipped
     (``before_pair_clock``): never due, but visible in the timeline.
     """
-    clock = await pair_clock(ctx, project, agent_id, user_id)
+    pair = Pair(project, agent_id, user_id)
+    schedule_id = new_id("sch")
+    real = ctx.clock.now()
+    built = None
+    policy_json = None
+    if body.inventory_item_id is None:
+        # Built for the clock almost every pair has (never advanced); the write
+        # checks that offset in its own transaction (delivery.store.creates).
+        # Whatever fails on that guess is decided again on the pair's clock, so
+        # each error is the one the pair's clock gives, in the same order.
+        try:
+            built = _new_schedule(body, pair, schedule_id, PairClock(real, timedelta(0)))
+            policy_json = source_policy_json(body)
+        except Exception:
+            built = None
+    expected: ExpectedOffset | None = ExpectedOffset(pair, None)
+    if built is None:
+        clock = await pair_clock(ctx, project, agent_id, user_id)
+        built = _new_schedule(body, pair, schedule_id, clock)
+        if body.inventory_item_id is not None:
+            await _check_item(ctx, project, agent_id, user_id, body.inventory_item_id)
+        policy_json = source_policy_json(body)
+        expected = None
+    bind_ids(schedule_id=schedule_id)
+    outcome = await _write_schedule(ctx, request, built, policy_json, expected)
+    if outcome.moved:
+        # An advanced pair: built again on its clock, and written as before
+        # (with the offset just read, without a second check).
+        clock = PairClock(real, timedelta(seconds=outcome.offset_s or 0.0))
+        built = _new_schedule(body, pair, schedule_id, clock)
+        outcome = await _write_schedule(ctx, request, built, policy_json, None)
+    if outcome.written:
+        ctx.wake()
+    return built.answer
+
+
+@dataclass(frozen=True, slots=True)
+class _NewSchedule:
+    row: dict[str, Any]
+    skips: list[Skip]
+    answer: JSONResponse
+
+
+def _new_schedule(
+    body: ScheduleCreate, pair: Pair, schedule_id: str, clock: PairClock
+) -> _NewSchedule:
+    """
+    The schedule's row (every column but ``policy_json``, which does not depend
+    on the clock and is checked after the inventory item), the ticks its pair's
+    clock has passed, and the answer, on ``clock``.
+
+    Raises:
+        DeliveryError: the body is refused at ``clock``'s now.
+    """
     now = clock.now
     starts_at = None if body.starts_at is None else parse_instant(body.starts_at, "starts_at")
     ends_at = None if body.ends_at is None else parse_instant(body.ends_at, "ends_at")
@@ -252,53 +311,64 @@ async def create_schedule(
             now=now,
         )
     metadata_json = check_metadata(body.metadata)
-    if body.inventory_item_id is not None:
-        await _check_item(ctx, project, agent_id, user_id, body.inventory_item_id)
-    row = ScheduleRow(
-        id=new_id("sch"),
-        project_id=project,
-        agent_id=agent_id,
-        user_id=user_id,
-        cadence_type=compiled.cadence_type,
-        cadence_json=canonical_json(compiled.cadence),
-        timezone=compiled.timezone,
-        active_window_json=(
+    row = {
+        "id": schedule_id,
+        "project_id": pair.project_id,
+        "agent_id": pair.agent_id,
+        "user_id": pair.user_id,
+        "cadence_type": compiled.cadence_type,
+        "cadence_json": canonical_json(compiled.cadence),
+        "timezone": compiled.timezone,
+        "active_window_json": (
             None if compiled.active_window is None else canonical_json(compiled.active_window)
         ),
-        intent=body.intent,
-        check_type=body.check_type,
-        inventory_item_id=body.inventory_item_id,
-        metadata_json=metadata_json,
-        starts_at=compiled.starts_at,
-        ends_at=compiled.ends_at,
-        anchor_at=compiled.anchor,
-        enabled=True,
-        next_fire_at=upcoming_fire,
-        due_at=clock.due_at(upcoming_fire),
-        version=1,
-        created_at=now,
-        updated_at=now,
-        policy_json=source_policy_json(body),
-    )
-    bind_ids(schedule_id=row.id)
+        "intent": body.intent,
+        "check_type": body.check_type,
+        "inventory_item_id": body.inventory_item_id,
+        "metadata_json": metadata_json,
+        "starts_at": compiled.starts_at,
+        "ends_at": compiled.ends_at,
+        "anchor_at": compiled.anchor,
+        "enabled": True,
+        "next_fire_at": upcoming_fire,
+        "due_at": clock.due_at(upcoming_fire),
+        "last_fire_at": None,
+        "staged_fire_at": None,
+        "claimed_by": None,
+        "claimed_until": None,
+        "version": 1,
+        "created_at": now,
+        "updated_at": now,
+    }
     skips = ticks_behind_clock(compiled, real_now=clock.real, pair_now=now)
     answer = _json(
         ScheduleCreated(
-            schedule_id=row.id,
+            schedule_id=schedule_id,
             next_fire_at=wire_time(upcoming_fire),
             next_fire_at_local=format_local(upcoming_fire, compiled.zone),
             enabled=True,
         ),
         201,
     )
+    return _NewSchedule(row, skips, answer)
+
+
+async def _write_schedule(
+    ctx: ApiContext,
+    request: Request,
+    built: _NewSchedule,
+    policy_json: str | None,
+    expected: ExpectedOffset | None,
+) -> Recorded:
+    row = {**built.row, "policy_json": policy_json}
     # The key's record commits with the schedule (see wakeups.py).
-    if await write_recorded_answer(
+    return await write_recorded_answer(
         request,
-        answer,
-        lambda record: ctx.store.schedules.insert_schedule(row, skips, record=record),
-    ):
-        ctx.wake()
-    return answer
+        built.answer,
+        lambda record: ctx.store.schedules.insert_schedule(
+            row, built.skips, record=record, expected=expected
+        ),
+    )
 
 
 @router.get(PREFIX + "/{schedule_id}", responses={200: {"model": ScheduleOut}})

@@ -6,14 +6,18 @@ pending -> executed (by the daemon) | cancelled (by ``DELETE``); both final.
 
 import re
 from datetime import timedelta
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from delivery.api import bodyroute as body_route
 from delivery.api.auth import ProjectId
 from delivery.api.context import (
     AgentId,
+    ApiContext,
     Ctx,
+    PairClock,
     ResourceId,
     check_id,
     opt_time,
@@ -33,7 +37,10 @@ from delivery.errors import (
     InvalidStateError,
     ScheduledAtInPastError,
 )
+from delivery.store.advance import Pair
 from delivery.store.common import new_id
+from delivery.store.creates import ExpectedOffset
+from delivery.store.idempotency import Recorded
 from delivery.store.tables import WakeupRow
 from delivery.store.wakeups import CancelOutcome
 
@@ -64,7 +71,7 @@ def wakeup_out(row: WakeupRow) -> WakeupOut:
     )
 
 
-@router.post(PREFIX, status_code=201, responses={201: {"model": WakeupCreated}})
+@body_route.post(router, PREFIX, status_code=201, responses={201: {"model": WakeupCreated}})
 async def schedule_wakeup(
     agent_id: AgentId, body: WakeupCreate, project: ProjectId, ctx: Ctx, request: Request
 ) -> Response:
@@ -72,7 +79,56 @@ async def schedule_wakeup(
     Schedule one fire at ``scheduled_at``, else ``now + delay_hours``; ``now`` and
     the past check are on the (agent, user) pair's clock.
     """
-    clock = await pair_clock(ctx, project, agent_id, body.user_id)
+    pair = Pair(project, agent_id, body.user_id)
+    wakeup_id = new_id("wk")
+    real = ctx.clock.now()
+    built = None
+    policy_json = None
+    if body.inventory_item_id is None:
+        # Built for the clock almost every pair has (never advanced); the write
+        # checks that offset in its own transaction (delivery.store.creates).
+        # Whatever fails on that guess is decided again on the pair's clock, so
+        # each error is the one the pair's clock gives, in the same order.
+        try:
+            built = _new_wakeup(ctx, body, pair, wakeup_id, PairClock(real, timedelta(0)))
+            policy_json = source_policy_json(body)
+        except Exception:
+            built = None
+    expected: ExpectedOffset | None = ExpectedOffset(pair, None)
+    if built is None:
+        clock = await pair_clock(ctx, project, agent_id, body.user_id)
+        built = _new_wakeup(ctx, body, pair, wakeup_id, clock)
+        if body.inventory_item_id is not None:
+            item = await ctx.store.inventory.get_item(
+                project, agent_id, body.user_id, body.inventory_item_id
+            )
+            if item is None:
+                raise missing_item(agent_id, body.user_id, body.inventory_item_id)
+        policy_json = source_policy_json(body)
+        expected = None
+    bind_ids(wakeup_id=wakeup_id, message_id=notification_id(wakeup_id), user_id=body.user_id)
+    outcome = await _write_wakeup(ctx, request, built, policy_json, expected)
+    if outcome.moved:
+        # An advanced pair: built again on its clock, and written as before
+        # (with the offset just read, without a second check).
+        clock = PairClock(real, timedelta(seconds=outcome.offset_s or 0.0))
+        built = _new_wakeup(ctx, body, pair, wakeup_id, clock)
+        outcome = await _write_wakeup(ctx, request, built, policy_json, None)
+    if outcome.written:
+        ctx.wake()
+    return built[1]
+
+
+def _new_wakeup(
+    ctx: ApiContext, body: WakeupCreate, pair: Pair, wakeup_id: str, clock: PairClock
+) -> tuple[dict[str, Any], JSONResponse]:
+    """
+    The wakeup's row (every column but ``policy_json``, which does not depend on
+    the clock and is checked after the inventory item) and the answer, on ``clock``.
+
+    Raises:
+        DeliveryError: the body is refused at ``clock``'s now.
+    """
     now = clock.now
     if body.scheduled_at is not None:
         scheduled_at = parse_instant(body.scheduled_at, "scheduled_at")
@@ -90,39 +146,46 @@ async def schedule_wakeup(
         scheduled_at = now + timedelta(hours=body.delay_hours)
     else:
         raise InvalidRequestError("delay_hours", "delay_hours or scheduled_at is required")
-    if body.inventory_item_id is not None:
-        item = await ctx.store.inventory.get_item(
-            project, agent_id, body.user_id, body.inventory_item_id
-        )
-        if item is None:
-            raise missing_item(agent_id, body.user_id, body.inventory_item_id)
-    row = WakeupRow(
-        id=new_id("wk"),
-        project_id=project,
-        agent_id=agent_id,
-        user_id=body.user_id,
-        check_type=body.check_type,
-        intent=body.intent,
-        occasion=body.occasion,
-        interest_topic=body.interest_topic,
-        event_description=body.event_description,
-        inventory_item_id=body.inventory_item_id,
-        scheduled_at=scheduled_at,
-        due_at=clock.due_at(scheduled_at),
-        status="pending",
-        created_at=now,
-        policy_json=source_policy_json(body),
-    )
-    bind_ids(wakeup_id=row.id, message_id=notification_id(row.id), user_id=body.user_id)
-    created = WakeupCreated(wakeup_id=row.id, scheduled_at=wire_time(scheduled_at))
-    answer = JSONResponse(created.model_dump(), status_code=201)
+    row = {
+        "id": wakeup_id,
+        "project_id": pair.project_id,
+        "agent_id": pair.agent_id,
+        "user_id": pair.user_id,
+        "check_type": body.check_type,
+        "intent": body.intent,
+        "occasion": body.occasion,
+        "interest_topic": body.interest_topic,
+        "event_description": body.event_description,
+        "inventory_item_id": body.inventory_item_id,
+        "scheduled_at": scheduled_at,
+        "due_at": clock.due_at(scheduled_at),
+        "status": "pending",
+        "executed_at": None,
+        "cancelled_at": None,
+        "claimed_by": None,
+        "claimed_until": None,
+        "created_at": now,
+    }
+    created = WakeupCreated(wakeup_id=wakeup_id, scheduled_at=wire_time(scheduled_at))
+    return row, JSONResponse(created.model_dump(), status_code=201)
+
+
+async def _write_wakeup(
+    ctx: ApiContext,
+    request: Request,
+    built: tuple[dict[str, Any], JSONResponse],
+    policy_json: str | None,
+    expected: ExpectedOffset | None,
+) -> Recorded:
+    row = {**built[0], "policy_json": policy_json}
+    answer = built[1]
     # The key's record commits with the row, so the answer is never recorded
     # without its wakeup (nor the wakeup written twice for one key).
-    if await write_recorded_answer(
-        request, answer, lambda record: ctx.store.wakeups.insert_wakeup(row, record=record)
-    ):
-        ctx.wake()
-    return answer
+    return await write_recorded_answer(
+        request,
+        answer,
+        lambda record: ctx.store.wakeups.insert_wakeup(row, record=record, expected=expected),
+    )
 
 
 @router.get(PREFIX, responses={200: {"model": WakeupList}})

@@ -51,7 +51,6 @@ from delivery.settings import Settings
 from delivery.startup import (
     bind_port,
     check_secret_key,
-    frozen_heap,
     lock_data_dir,
     require_secret_key,
 )
@@ -202,8 +201,7 @@ class Daemon:
         try:
             await self._start(stack)
             self.ready.set()
-            with frozen_heap():
-                await self.stop_event.wait()
+            await self.stop_event.wait()
         finally:
             log.info("shutting_down", parts=sorted(p.value for p in self.parts))
             await stack.aclose()

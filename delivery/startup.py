@@ -23,14 +23,12 @@ deployment use one ``DELIVERY_SECRET_KEY``, checked at start.
 """
 
 import asyncio
-import contextlib
 import errno
 import fcntl
-import gc
 import os
 import socket
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -187,30 +185,6 @@ async def check_secret_key(settings: Settings, engine: Engine, now: datetime) ->
             "other parts use (it cannot open the check value they sealed); give every "
             "part the same key"
         ) from None
-
-
-@contextlib.contextmanager
-def frozen_heap() -> Iterator[None]:
-    """
-    Move every object alive now (modules, classes, the app, its routes, the stores)
-    out of the cyclic garbage collector's reach until the block ends.
-
-    A long-running process makes a few hundred thousand objects at start-up that live
-    as long as it does, and each full collection walks all of them again: in the
-    channels worker that was about 10% of its CPU (two full collections of ~180,000
-    objects per 1,920 notifications, ``gc.callbacks``; ``bench/README.md``).
-    :func:`gc.freeze` is CPython's own answer for such a heap. Garbage is collected
-    first, so only live objects are frozen; the block's end unfreezes them, so a
-    process that starts and stops the parts several times (the tests) leaks nothing.
-    Reference counting still frees a frozen object that stops being used; only a
-    cycle among start-up objects that is dropped while frozen waits for the block's end.
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def run_main(main: Callable[[], Coroutine[Any, Any, None]], *, debug: bool) -> None:

@@ -21,13 +21,7 @@ from delivery.commands.store import prepare_database
 from delivery.logs import configure_logging
 from delivery.secrets import SecretBox
 from delivery.settings import Settings
-from delivery.startup import (
-    bind_port,
-    check_secret_key,
-    frozen_heap,
-    require_secret_key,
-    run_main,
-)
+from delivery.startup import bind_port, check_secret_key, require_secret_key, run_main
 from delivery.store.engine import create_engine
 from delivery.store.migrate import migrate
 from delivery.store.sql import SqlStore
@@ -74,8 +68,7 @@ async def serve_api(
             docs="/docs",
             console="/console",
         )
-        with frozen_heap():
-            await uvicorn.Server(config).serve(sockets=[sock])
+        await uvicorn.Server(config).serve(sockets=[sock])
     finally:
         sock.close()
         if engine is not None:

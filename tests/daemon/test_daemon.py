@@ -4,9 +4,7 @@ NATS): a write through the API wakes the scheduler, and shutdown is clean.
 """
 
 import asyncio
-import gc
 import json
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,6 @@ from delivery.bus.subjects import Subjects
 from delivery.daemon import Daemon
 from delivery.loops import PeriodicLoop
 from delivery.settings import Settings
-from delivery.startup import frozen_heap
 from delivery.store.tables import NotificationRow
 from tests.daemon.helpers import delete_stream
 
@@ -176,37 +173,3 @@ async def test_an_async_advance_cut_short_by_a_crash_completes_after_restart(set
         assert await rows.count(engine, NotificationRow) == 2
     finally:
         await engine.dispose()
-
-
-async def test_the_start_up_heap_is_frozen_while_the_daemon_runs(settings):
-    """Full collections skip what start-up built; stopping gives it back to the collector."""
-    before = gc.get_freeze_count()
-    daemon = Daemon(settings)
-    running = asyncio.create_task(daemon.run(install_signals=False))
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 30)
-        await asyncio.sleep(0)
-        # The app, its routes and the stores are among the frozen objects.
-        assert gc.get_freeze_count() > before + 50_000
-    finally:
-        daemon.request_stop()
-        await asyncio.wait_for(running, 60)
-        await delete_stream(settings.nats_url, settings.subject_prefix)
-    running.result()
-    assert gc.get_freeze_count() <= before
-
-
-def test_frozen_heap_collects_first_and_unfreezes_after() -> None:
-    class Node:
-        other: "Node | None" = None
-
-    before = gc.get_freeze_count()
-    node = Node()
-    node.other = node
-    cycle = weakref.ref(node)
-    del node
-    with frozen_heap():
-        # Garbage is collected before the freeze: no dead cycle is kept for good.
-        assert cycle() is None
-        assert gc.get_freeze_count() > before
-    assert gc.get_freeze_count() <= before

@@ -676,8 +676,9 @@ class WebhookStore(StoreBase):
         ``delivered`` also consumes the notification (status ``consumed``,
         ``consumed_at`` = ``now``) if it is still pending and this attempt finishes
         the delivery (one finished meanwhile, by another worker or a deleted
-        endpoint, consumes nothing): a webhook 2xx and a polling consume are one state. A 2xx ends the endpoint's failing
-        streak; a failure starts one (``failing_since``) unless one runs.
+        endpoint, consumes nothing): a webhook 2xx and a polling consume are one
+        state. A 2xx ends the endpoint's failing streak; a failure starts one
+        (``failing_since``) unless one runs.
         ``disable_reason`` (410 Gone), or a streak that has lasted
         ``disable_after``, disables the endpoint and adds its project
         notification, once however many attempts race (the update is

@@ -674,9 +674,11 @@ class WebhookStore(StoreBase):
         Store ``attempt`` and apply ``step`` in one transaction.
 
         ``delivered`` also consumes the notification (status ``consumed``,
-        ``consumed_at`` = ``now``) if it is still pending: a webhook 2xx and a
-        polling consume are one state. A 2xx ends the endpoint's failing
-        streak; a failure starts one (``failing_since``) unless one runs.
+        ``consumed_at`` = ``now``) if it is still pending and this attempt finishes
+        the delivery (one finished meanwhile, by another worker or a deleted
+        endpoint, consumes nothing): a webhook 2xx and a polling consume are one
+        state. A 2xx ends the endpoint's failing streak; a failure starts one
+        (``failing_since``) unless one runs.
         ``disable_reason`` (410 Gone), or a streak that has lasted
         ``disable_after``, disables the endpoint and adds its project
         notification, once however many attempts race (the update is
@@ -741,7 +743,9 @@ class WebhookStore(StoreBase):
             }
             if step.delivered:
                 by_kind[DELIVERED].append(row)
-                consumed.append({"b_id": claimed.event_id, "b_now": now})
+                consumed.append(
+                    {"b_id": claimed.event_id, "b_now": now, "b_via": claimed.delivery_id}
+                )
             elif step.retry_at is not None:
                 by_kind[PENDING].append(row | {"b_at": step.retry_at})
             else:
@@ -769,6 +773,38 @@ class WebhookStore(StoreBase):
         consumed.sort(key=itemgetter("b_id"))
         async with self.write() as conn:
             await conn.execute(ATTEMPTS.insert(), attempt_rows)
+            # A 2xx consumes the notification only through a delivery this attempt
+            # finishes: one finished meanwhile (dead after its endpoint was deleted,
+            # delivered by another worker whose lease had ended) decides nothing more.
+            consume = (
+                update(NOTIFICATIONS)
+                .where(n.id == bindparam("b_id"), n.status == "pending")
+                .values(status="consumed", consumed_at=bindparam("b_now"))
+            )
+            if consumed and self.single_writer:
+                # One writer: the delivery's status, read in this statement before the
+                # deliveries are updated, cannot change before the commit.
+                await conn.execute(
+                    consume.where(
+                        select(d.id).where(d.id == bindparam("b_via"), d.status == PENDING).exists()
+                    ),
+                    consumed,
+                )
+            elif consumed:
+                # Locked first, in key order like every update here, so a concurrent
+                # change of the delivery waits for this commit.
+                ids = sorted({row["b_via"] for row in consumed})
+                live = set(
+                    (
+                        await conn.execute(
+                            select(d.id)
+                            .where(d.id.in_(ids), d.status == PENDING)
+                            .order_by(d.id)
+                            .with_for_update()
+                        )
+                    ).scalars()
+                )
+                consumed = [row for row in consumed if row["b_via"] in live]
             for kind, rows in by_kind.items():
                 if rows:
                     # Guarded by the status: a delivery finished meanwhile is left alone.
@@ -778,13 +814,8 @@ class WebhookStore(StoreBase):
                         .values(**common, **next_state[kind]),
                         rows,
                     )
-            if consumed:
-                await conn.execute(
-                    update(NOTIFICATIONS)
-                    .where(n.id == bindparam("b_id"), n.status == "pending")
-                    .values(status="consumed", consumed_at=bindparam("b_now")),
-                    consumed,
-                )
+            if consumed and not self.single_writer:
+                await conn.execute(consume, consumed)
             found: list[EndpointDisabled | None] = [None] * len(items)
             by_endpoint: dict[str, list[int]] = {}
             for index, item in enumerate(items):

@@ -199,3 +199,31 @@ async def test_batches_failing_on_two_endpoints_in_opposite_orders_do_not_deadlo
     async with rig.engine.connect() as conn:
         attempts = (await conn.execute(select(func.count()).select_from(ATTEMPTS))).scalar_one()
     assert attempts == 4 * rounds
+
+
+async def test_a_2xx_for_a_delivery_finished_meanwhile_consumes_nothing(rig: Rig) -> None:
+    """
+    A success recorded after its delivery was finished by someone else (dead when its
+    endpoint went, delivered through another worker's lease) is kept as an attempt,
+    but consumes the notification only through a delivery it finishes itself.
+    """
+    finished, live = await _claimed(rig, 2)
+    now = rig.clock.now()
+    await rig.webhooks.finish_without_attempt(
+        finished.delivery_id, status="dead", reason="endpoint deleted", now=now
+    )
+    await rig.webhooks.record_attempts(
+        [
+            RecordedAttempt(c, _attempt(c, now, ok=True), NextState(delivered=True), now)
+            for c in (finished, live)
+        ]
+    )
+    d, n = DELIVERIES.c, NOTIFICATIONS.c
+    async with rig.engine.connect() as conn:
+        deliveries = dict((await conn.execute(select(d.event_id, d.status))).all())
+        notes = dict((await conn.execute(select(n.id, n.status))).all())
+        attempts = (await conn.execute(select(func.count()).select_from(ATTEMPTS))).scalar_one()
+    assert attempts == 2
+    assert deliveries == {finished.event_id: "dead", live.event_id: "delivered"}
+    assert notes[finished.event_id] == "pending"
+    assert notes[live.event_id] == "consumed"

@@ -5,6 +5,7 @@ small parsing helpers the routes share: wire timestamps, limits, ids, metadata.
 
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol, runtime_checkable
@@ -29,7 +30,9 @@ from delivery.settings import Settings
 from delivery.store.advance import Pair, due_in_real_time
 from delivery.store.channels import ChannelStore
 from delivery.store.common import canonical_json
+from delivery.store.creates import ExpectedOffset
 from delivery.store.engine import after_commit
+from delivery.store.idempotency import Recorded
 from delivery.store.sql import SqlStore
 from delivery.store.timeline import SqlTimelineStore
 from delivery.store.webhooks import WebhookStore
@@ -142,6 +145,57 @@ async def pair_clock(ctx: "ApiContext", project: str, agent: str, user: str) -> 
     real = ctx.clock.now()
     offset_s = await ctx.store.clocks.clock_offset(Pair(project, agent, user))
     return PairClock(real, timedelta(seconds=offset_s or 0.0))
+
+
+async def create_on_pair_clock[B, P](
+    ctx: "ApiContext",
+    pair: Pair,
+    *,
+    build: Callable[[PairClock], B],
+    settle: Callable[[], P],
+    write: Callable[[B, P, ExpectedOffset | None], Awaitable[Recorded]],
+    check: Callable[[], Awaitable[None]] | None = None,
+) -> B:
+    """
+    Build a create (wakeup, schedule) on ``pair``'s clock and write it, reading the
+    clock's offset only for a pair that has one.
+
+    Almost no pair is advanced, so the row is first built on real time and its
+    write checks, in its own transaction, that the pair still has no offset
+    (:class:`~delivery.store.creates.ExpectedOffset`): that saves the separate
+    read of the offset, a tenth of the request. When that guess cannot be used
+    (``check`` is given: an inventory item is read on the pair's clock), or
+    anything fails on it, the offset is read and everything is decided again on
+    the pair's clock, in the route's order (``build``, ``check``, ``settle``), so
+    each error is the one that clock gives. A write refused by the check (the pair
+    was advanced) wrote nothing; the row is built again on the offset it found
+    and written without a second check.
+
+    Returns:
+        What ``build`` made for the clock the row was written on.
+    """
+    real = ctx.clock.now()
+    guessed: tuple[B, P] | None = None
+    if check is None:
+        try:
+            guessed = build(PairClock(real, timedelta(0))), settle()
+        except Exception:
+            guessed = None
+    if guessed is not None:
+        built, settled = guessed
+        outcome = await write(built, settled, ExpectedOffset(pair, None))
+    else:
+        built = build(await pair_clock(ctx, pair.project_id, pair.agent_id, pair.user_id))
+        if check is not None:
+            await check()
+        settled = settle()
+        outcome = await write(built, settled, None)
+    if outcome.moved:
+        built = build(PairClock(real, timedelta(seconds=outcome.offset_s or 0.0)))
+        outcome = await write(built, settled, None)
+    if outcome.written:
+        ctx.wake()
+    return built
 
 
 async def _ctx(request: Request) -> ApiContext:

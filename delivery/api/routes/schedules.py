@@ -25,6 +25,7 @@ from delivery.api.context import (
     ResourceId,
     UserId,
     check_metadata,
+    create_on_pair_clock,
     loads,
     opt_time,
     pair_clock,
@@ -230,37 +231,20 @@ async def create_schedule(
     """
     pair = Pair(project, agent_id, user_id)
     schedule_id = new_id("sch")
-    real = ctx.clock.now()
-    built = None
-    policy_json = None
-    if body.inventory_item_id is None:
-        # Built for the clock almost every pair has (never advanced); the write
-        # checks that offset in its own transaction (delivery.store.creates).
-        # Whatever fails on that guess is decided again on the pair's clock, so
-        # each error is the one the pair's clock gives, in the same order.
-        try:
-            built = _new_schedule(body, pair, schedule_id, PairClock(real, timedelta(0)))
-            policy_json = source_policy_json(body)
-        except Exception:
-            built = None
-    expected: ExpectedOffset | None = ExpectedOffset(pair, None)
-    if built is None:
-        clock = await pair_clock(ctx, project, agent_id, user_id)
-        built = _new_schedule(body, pair, schedule_id, clock)
-        if body.inventory_item_id is not None:
-            await _check_item(ctx, project, agent_id, user_id, body.inventory_item_id)
-        policy_json = source_policy_json(body)
-        expected = None
     bind_ids(schedule_id=schedule_id)
-    outcome = await _write_schedule(ctx, request, built, policy_json, expected)
-    if outcome.moved:
-        # An advanced pair: built again on its clock, and written as before
-        # (with the offset just read, without a second check).
-        clock = PairClock(real, timedelta(seconds=outcome.offset_s or 0.0))
-        built = _new_schedule(body, pair, schedule_id, clock)
-        outcome = await _write_schedule(ctx, request, built, policy_json, None)
-    if outcome.written:
-        ctx.wake()
+    item = body.inventory_item_id
+    built = await create_on_pair_clock(
+        ctx,
+        pair,
+        build=lambda clock: _new_schedule(body, pair, schedule_id, clock),
+        settle=lambda: source_policy_json(body),
+        write=lambda new, policy_json, expected: _write_schedule(
+            ctx, request, new, policy_json, expected
+        ),
+        check=None
+        if item is None
+        else (lambda: _check_item(ctx, project, agent_id, user_id, item)),
+    )
     return built.answer
 
 

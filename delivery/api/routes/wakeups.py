@@ -20,8 +20,8 @@ from delivery.api.context import (
     PairClock,
     ResourceId,
     check_id,
+    create_on_pair_clock,
     opt_time,
-    pair_clock,
     parse_limit,
     wire_time,
 )
@@ -81,42 +81,25 @@ async def schedule_wakeup(
     """
     pair = Pair(project, agent_id, body.user_id)
     wakeup_id = new_id("wk")
-    real = ctx.clock.now()
-    built = None
-    policy_json = None
-    if body.inventory_item_id is None:
-        # Built for the clock almost every pair has (never advanced); the write
-        # checks that offset in its own transaction (delivery.store.creates).
-        # Whatever fails on that guess is decided again on the pair's clock, so
-        # each error is the one the pair's clock gives, in the same order.
-        try:
-            built = _new_wakeup(ctx, body, pair, wakeup_id, PairClock(real, timedelta(0)))
-            policy_json = source_policy_json(body)
-        except Exception:
-            built = None
-    expected: ExpectedOffset | None = ExpectedOffset(pair, None)
-    if built is None:
-        clock = await pair_clock(ctx, project, agent_id, body.user_id)
-        built = _new_wakeup(ctx, body, pair, wakeup_id, clock)
-        if body.inventory_item_id is not None:
-            item = await ctx.store.inventory.get_item(
-                project, agent_id, body.user_id, body.inventory_item_id
-            )
-            if item is None:
-                raise missing_item(agent_id, body.user_id, body.inventory_item_id)
-        policy_json = source_policy_json(body)
-        expected = None
     bind_ids(wakeup_id=wakeup_id, message_id=notification_id(wakeup_id), user_id=body.user_id)
-    outcome = await _write_wakeup(ctx, request, built, policy_json, expected)
-    if outcome.moved:
-        # An advanced pair: built again on its clock, and written as before
-        # (with the offset just read, without a second check).
-        clock = PairClock(real, timedelta(seconds=outcome.offset_s or 0.0))
-        built = _new_wakeup(ctx, body, pair, wakeup_id, clock)
-        outcome = await _write_wakeup(ctx, request, built, policy_json, None)
-    if outcome.written:
-        ctx.wake()
+    item = body.inventory_item_id
+    built = await create_on_pair_clock(
+        ctx,
+        pair,
+        build=lambda clock: _new_wakeup(ctx, body, pair, wakeup_id, clock),
+        settle=lambda: source_policy_json(body),
+        write=lambda new, policy_json, expected: _write_wakeup(
+            ctx, request, new, policy_json, expected
+        ),
+        check=None if item is None else (lambda: _check_wakeup_item(ctx, pair, item)),
+    )
     return built[1]
+
+
+async def _check_wakeup_item(ctx: ApiContext, pair: Pair, item: str) -> None:
+    found = await ctx.store.inventory.get_item(pair.project_id, pair.agent_id, pair.user_id, item)
+    if found is None:
+        raise missing_item(pair.agent_id, pair.user_id, item)
 
 
 def _new_wakeup(

@@ -129,11 +129,12 @@ class BodyRoute(APIRoute):
         plan = plan_of(self)
         if plan is None:
             return standard
-        provider = self.dependency_overrides_provider
-
         async def handler(request: Request) -> Response:
-            # Overridden dependencies and FastAPI's telemetry need its handler.
-            if get_telemetry_data() is not None or getattr(provider, "dependency_overrides", None):
+            # Overridden dependencies and FastAPI's telemetry need its handler. The
+            # overrides are read from the app serving the request: since FastAPI 0.165
+            # only the route it builds at include time knows the app, not this one.
+            app = request.scope.get("app")
+            if get_telemetry_data() is not None or getattr(app, "dependency_overrides", None):
                 return await standard(request)
             values = await _solve(plan, request)
             if values is None:

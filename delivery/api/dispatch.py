@@ -132,8 +132,9 @@ class IndexedRoutes(BaseRoute):
     Args:
         routes: the routes, in the app's order (``APIRoute`` instances; others are left
             to FastAPI's routing).
-        dependency_overrides: the app's ``dependency_overrides``; while it holds any,
-            every request is left to FastAPI's routing, which applies them.
+        dependency_overrides: the app's ``dependency_overrides``, read when a scope
+            carries no app; while the serving app holds any overrides, every request
+            is left to FastAPI's routing, which applies them.
     """
 
     def __init__(
@@ -150,7 +151,9 @@ class IndexedRoutes(BaseRoute):
                 self._direct[id(route)] = endpoint
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        if scope["type"] != "http" or self._overrides:
+        # The serving app's overrides as they are now (a test may assign a new dict).
+        overrides = getattr(scope.get("app"), "dependency_overrides", self._overrides)
+        if scope["type"] != "http" or overrides:
             return Match.NONE, {}
         route, child = self.index.match(scope)
         if route is None:

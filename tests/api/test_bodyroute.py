@@ -8,7 +8,9 @@ from typing import Any
 
 import fastapi.routing
 import pytest
+from starlette.requests import Request
 
+from delivery.api.auth import _project_id
 from delivery.api.bodyroute import BodyRoute, plan_of
 from delivery.api.routes import events, schedules, wakeups
 from tests.api.conftest import Api
@@ -88,3 +90,28 @@ async def test_anything_else_is_answered_by_fastapi(api: Api, solved: list[str])
     assert bad_id.json()["code"] == "INVALID_ID"
 
     assert solved == [path, "/api/v1/agents/a b/wakeups"]
+
+
+async def test_dependency_overrides_reach_the_hot_posts(api: Api) -> None:
+    """
+    An override (here: every request is beta's) is applied to the three POSTs as to
+    any route, whether the overrides dict is changed or replaced.
+    """
+    app = api.alpha._transport.app  # type: ignore[attr-defined]
+
+    async def beta(request: Request) -> str:
+        return api.projects["beta"]
+
+    app.dependency_overrides = {_project_id: beta}
+    try:
+        for path, body, status in (EVENT, WAKEUP, SCHEDULE):
+            response = await api.alpha.post(path, json=body)
+            assert response.status_code == status, response.text
+    finally:
+        app.dependency_overrides = {}
+    wakeups_of_beta = await api.beta.get("/api/v1/agents/a1/wakeups", params={"user_id": "u1"})
+    assert len(wakeups_of_beta.json()["wakeups"]) == 1
+    schedules_of_beta = await api.beta.get("/api/v1/agents/a1/users/u1/schedules")
+    assert len(schedules_of_beta.json()["schedules"]) == 1
+    wakeups_of_alpha = await api.alpha.get("/api/v1/agents/a1/wakeups", params={"user_id": "u1"})
+    assert wakeups_of_alpha.json()["wakeups"] == []

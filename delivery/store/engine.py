@@ -635,7 +635,11 @@ def _open_loop_reader(engine: AsyncEngine) -> _LoopReader | None:
 
 
 def _drop_loop_reader(engine: AsyncEngine) -> None:
-    reader = _LOOP_READERS.pop(engine.sync_engine, None)
+    # Kept as None, not removed: a read arriving after the dispose (a poll in flight
+    # at shutdown) then takes the pool's path instead of opening a connection that
+    # nothing would close, and the listener is registered once per engine.
+    reader = _LOOP_READERS.get(engine.sync_engine)
+    _LOOP_READERS[engine.sync_engine] = None
     if reader is not None:
         reader.db.close()
 

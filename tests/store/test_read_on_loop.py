@@ -136,6 +136,9 @@ async def test_dispose_closes_the_loop_connection(sqlite: AsyncEngine) -> None:
     await sqlite.dispose()
     with pytest.raises(sqlite3.ProgrammingError):
         reader.db.execute("SELECT 1")
+    # A read after the dispose goes the usual way: no new connection left unclosed.
+    assert read_on_loop(sqlite, _thread) is None
+    assert engine_module._LOOP_READERS[sqlite.sync_engine] is None
 
 
 async def test_other_databases_and_memory_read_the_usual_way() -> None:

@@ -195,7 +195,8 @@ class ChannelRouter:
         under py-spy in ``bench/bench_channels_worker.py``). The sends start together,
         so one ``asyncio.wait`` with the send timeout bounds each as its own timeout
         did; the sends still running then are cancelled, and their clean-up (a
-        discarded SMTP connection) finishes before this returns.
+        discarded SMTP connection) finishes before this returns, or before a
+        cancellation of the caller goes on.
         """
         loop = asyncio.get_running_loop()
         started = self._timer()
@@ -232,6 +233,10 @@ class ChannelRouter:
             except BaseException:
                 for task in tasks:
                     task.cancel()
+                # As gather did: the sends' clean-up (a connection closed, a pool
+                # slot given back) finishes before the cancellation goes on, so
+                # none of it runs after the channel is closed.
+                await asyncio.wait(tasks)
                 raise
             if pending:
                 for task in pending:

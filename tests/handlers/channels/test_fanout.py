@@ -269,6 +269,34 @@ async def test_cancelling_a_fan_out_cancels_its_sends() -> None:
     assert hanging.cancelled == [make_message().event_id]
 
 
+class SlowToCleanUp:
+    """Hangs; on cancellation its clean-up (closing a connection, say) takes a few steps."""
+
+    def __init__(self) -> None:
+        self.cleaned_up = False
+
+    async def send(self, message: Message, destination: str) -> Outcome:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            for _ in range(3):
+                await asyncio.sleep(0)
+            self.cleaned_up = True
+        return Delivered(200)
+
+
+async def test_a_cancelled_fan_out_returns_after_its_sends_cleaned_up() -> None:
+    """As gather did: the cancellation reaches the caller once the sends have finished."""
+    slow = SlowToCleanUp()
+    router = ChannelRouter({FCM: slow})
+    task = asyncio.create_task(router.fan_out(make_message(), [Contact(FCM, TOKEN)]))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert slow.cleaned_up
+
+
 async def test_a_crashing_channel_is_contained() -> None:
     """A channel that raises yields a retryable failure and an error log; others are sent."""
     router = ChannelRouter(

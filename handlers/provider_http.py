@@ -198,6 +198,16 @@ larger one is a fault, and it is refused before it is all held in memory.
 """
 
 
+_MAX_FRAMING = 64 * 1024
+_MAX_RESPONSE = _MAX_HEAD + MAX_BODY + _MAX_FRAMING
+"""
+Bytes a whole response may take while it is read: its head, a body at the cap and
+room for chunk-size lines and trailers. Without it, the bytes that are not body
+(a chunk-size line that never ends, endless trailer fields, a body sent one byte
+per chunk) would be held, and parsed again at each read, until the read timeout.
+"""
+
+
 class _Parsed:
     """A whole response read off one connection."""
 
@@ -219,11 +229,15 @@ def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, in
     is framed by ``Transfer-Encoding: chunked``, ``Content-Length`` or, failing both,
     the end of the connection (``eof``), as RFC 9112 section 6.3 orders them; an answer
     with a ``Transfer-Encoding`` is never kept alive, and a body over :data:`MAX_BODY`
-    is an error as soon as its size is declared or received.
+    is an error as soon as its size is declared or received (the framing around it is
+    bounded by :data:`_MAX_RESPONSE`).
 
     Raises:
-        httpx.RemoteProtocolError: the bytes are not an HTTP/1.x response.
+        httpx.RemoteProtocolError: the bytes are not an HTTP/1.x response, or more
+            than :data:`_MAX_RESPONSE` of them are held without a whole one.
     """
+    if len(buffer) > _MAX_RESPONSE:
+        raise httpx.RemoteProtocolError(f"response over {_MAX_RESPONSE} bytes")
     start = 0
     while True:
         end = buffer.find(b"\r\n\r\n", start)

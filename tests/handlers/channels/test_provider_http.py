@@ -135,6 +135,9 @@ def test_two_different_content_lengths_are_a_protocol_error() -> None:
         parse_response(data, eof=False)
 
 
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -144,8 +147,21 @@ def test_two_different_content_lengths_are_a_protocol_error() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n%x\r\n"
         % (MAX_BODY, b"a" * MAX_BODY, 1),
         b"HTTP/1.1 200 OK\r\n\r\n" + b"a" * (MAX_BODY + 1),
+        # Not body, so not counted as body, yet held: bounded all the same.
+        CHUNKED + b"1;" + b"x" * (MAX_BODY + 200_000),
+        CHUNKED + b"0\r\n" + b"X-Trailer: y\r\n" * 100_000,
+        CHUNKED + b"1\r\na\r\n" * 200_000,
     ],
-    ids=["content-length", "huge-content-length", "one-chunk", "chunks", "to-close"],
+    ids=[
+        "content-length",
+        "huge-content-length",
+        "one-chunk",
+        "chunks",
+        "to-close",
+        "endless-chunk-size-line",
+        "endless-trailers",
+        "one-byte-chunks",
+    ],
 )
 def test_a_body_over_the_cap_is_refused_before_it_is_all_in(data: bytes) -> None:
     """Over ``MAX_BODY``, declared or received, without waiting for the rest or the close."""

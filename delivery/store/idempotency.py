@@ -191,7 +191,7 @@ class Recorded:
     moved: bool = False
     """
     Not written because the write's ``guard`` refused it (the pair's clock was
-    not on the offset the write was built for: :mod:`delivery.store.pairclock`);
+    not on the offset the write was built for: :mod:`delivery.store.creates`);
     nothing was recorded either.
     """
     offset_s: float | None = None

@@ -105,6 +105,38 @@ async def test_the_event_route_binds_the_message_id_into_its_access_line(api: Ap
     assert line["request_id"] == accepted.headers["x-request-id"]
 
 
+async def test_create_routes_bind_their_ids_only_once_accepted(api: Api) -> None:
+    """
+    An accepted wakeup's and schedule's access lines name what they created; a refused
+    one's names no id, since nothing was created under it.
+    """
+    from delivery.domain import notification_id
+
+    wakeups = "/api/v1/agents/a1/wakeups"
+    schedules = "/api/v1/agents/a1/users/u1/schedules"
+    wakeup = {"user_id": "u1", "check_type": "c", "intent": "i", "delay_hours": 1}
+    daily = {"simple": {"frequency": "daily", "times": ["09:00"]}, "timezone": "UTC"}
+    schedule = {"cadence": daily, "intent": "check in", "check_type": "reminder"}
+    with structlog.testing.capture_logs(
+        processors=[structlog.contextvars.merge_contextvars]
+    ) as logs:
+        made = await api.alpha.post(wakeups, json=wakeup)
+        planned = await api.alpha.post(schedules, json=schedule)
+        refused = await api.alpha.post(
+            wakeups, json={**wakeup, "scheduled_at": "2000-01-01T00:00:00Z"}
+        )
+        unplanned = await api.alpha.post(schedules, json={**schedule, "cadence": {"simple": {}}})
+    assert (made.status_code, planned.status_code) == (201, 201)
+    assert (refused.status_code, unplanned.status_code) == (400, 400)
+    lines = [entry for entry in logs if entry["event"] == "request"]
+    wakeup_id = made.json()["wakeup_id"]
+    assert lines[0]["wakeup_id"] == wakeup_id
+    assert lines[0]["message_id"] == notification_id(wakeup_id)
+    assert lines[1]["schedule_id"] == planned.json()["schedule_id"]
+    for line in lines[2:]:
+        assert not {"wakeup_id", "message_id", "schedule_id"} & set(line), line
+
+
 async def test_ready_names_the_failing_check(api: Api) -> None:
     """A schema made without migrations is not at the head: 503 naming `migrations`."""
     response = await api.anonymous.get("/ready")

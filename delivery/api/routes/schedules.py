@@ -231,7 +231,6 @@ async def create_schedule(
     """
     pair = Pair(project, agent_id, user_id)
     schedule_id = new_id("sch")
-    bind_ids(schedule_id=schedule_id)
     item = body.inventory_item_id
     built = await create_on_pair_clock(
         ctx,
@@ -345,6 +344,8 @@ async def _write_schedule(
     expected: ExpectedOffset | None,
 ) -> Recorded:
     row = {**built.row, "policy_json": policy_json}
+    # Bound once the create is accepted: a refused one never had this id.
+    bind_ids(schedule_id=row["id"])
     # The key's record commits with the schedule (see wakeups.py).
     return await write_recorded_answer(
         request,

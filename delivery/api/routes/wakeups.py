@@ -81,7 +81,6 @@ async def schedule_wakeup(
     """
     pair = Pair(project, agent_id, body.user_id)
     wakeup_id = new_id("wk")
-    bind_ids(wakeup_id=wakeup_id, message_id=notification_id(wakeup_id), user_id=body.user_id)
     item = body.inventory_item_id
     built = await create_on_pair_clock(
         ctx,
@@ -162,6 +161,9 @@ async def _write_wakeup(
 ) -> Recorded:
     row = {**built[0], "policy_json": policy_json}
     answer = built[1]
+    # Bound once the create is accepted: a refused one never had these ids.
+    wakeup_id = row["id"]
+    bind_ids(wakeup_id=wakeup_id, message_id=notification_id(wakeup_id), user_id=row["user_id"])
     # The key's record commits with the row, so the answer is never recorded
     # without its wakeup (nor the wakeup written twice for one key).
     return await write_recorded_answer(

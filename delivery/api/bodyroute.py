@@ -129,6 +129,7 @@ class BodyRoute(APIRoute):
         plan = plan_of(self)
         if plan is None:
             return standard
+
         async def handler(request: Request) -> Response:
             # Overridden dependencies and FastAPI's telemetry need its handler. The
             # overrides are read from the app serving the request: since FastAPI 0.165

@@ -48,8 +48,9 @@ SQLite connections per engine, all kept once opened. The pool's default (5 kept,
 10 more opened past them and closed on return) had the same bound, but under 64
 concurrent requests it closed and reopened connections all the time (each open: an
 aiosqlite thread, the file and six PRAGMAs): 593 opens for 6400 reads, at
-0.78 ms of CPU per read against 0.11 ms without the pool (/tmp harness, 64 tasks of
-100 queue reads each). A kept connection costs an idle thread and its page cache.
+0.78 ms of CPU per read against 0.11 ms without the pool (64 concurrent tasks of 100
+queue reads each; ``tests/store/test_engine_pool.py`` holds the kept connections to
+this bound). A kept connection costs an idle thread and its page cache.
 """
 
 

@@ -3,9 +3,7 @@ The SQLite driver-thread paths store and read exactly what SQLAlchemy does, and 
 failed write changes nothing.
 """
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,27 +11,13 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.store import direct
-from delivery.store.engine import create_engine
 from delivery.store.tables import OutboxRow, ProjectRow, ScheduleRow
-from delivery.store.tables import metadata as all_tables
 
 SCHEDULES = ScheduleRow.__table__  # type: ignore[attr-defined]
 OUTBOX = OutboxRow.__table__  # type: ignore[attr-defined]
 PROJECTS = ProjectRow.__table__  # type: ignore[attr-defined]
 
 T = datetime(2026, 3, 29, 1, 30, tzinfo=UTC)
-
-
-@pytest.fixture
-async def sqlite(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'direct.db'}")
-    async with eng.begin() as conn:
-        await conn.run_sync(all_tables.create_all)
-        await conn.execute(PROJECTS.insert().values(id="prj", name="p", created_at=T))
-    try:
-        yield eng
-    finally:
-        await eng.dispose()
 
 
 def schedule(i: int, **overrides: Any) -> dict[str, Any]:

@@ -6,10 +6,8 @@ goes the usual way with the same answer.
 
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -24,22 +22,9 @@ from delivery.store.notifications import (
     _queue_page,
 )
 from delivery.store.tables import NOTIFICATIONS, ProjectRow
-from delivery.store.tables import metadata as all_tables
 
 PROJECTS = ProjectRow.__table__  # type: ignore[attr-defined]
 T = datetime(2026, 3, 29, 1, 30, tzinfo=UTC)
-
-
-@pytest.fixture
-async def sqlite(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'loop.db'}")
-    async with eng.begin() as conn:
-        await conn.run_sync(all_tables.create_all)
-        await conn.execute(PROJECTS.insert().values(id="prj", name="p", created_at=T))
-    try:
-        yield eng
-    finally:
-        await eng.dispose()
 
 
 def _thread(db: sqlite3.Connection) -> int:

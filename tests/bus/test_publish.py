@@ -5,9 +5,13 @@ stream takes answers.
 """
 
 import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import nats
 import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
 from delivery.bus.publish import BatchPublisher
@@ -15,36 +19,51 @@ from delivery.bus.stream import MSG_ID_HEADER, ensure_stream
 from delivery.bus.subjects import Subjects
 
 
-async def test_a_batch_is_stored_once_and_a_repeated_msg_id_is_a_duplicate(
-    nats_url: str, subject_prefix: str
-) -> None:
+@dataclass
+class Streamed:
+    """A connection to a real NATS with the service's stream, and a publisher on it."""
+
+    subjects: Subjects
+    nc: Client
+    js: JetStreamContext
+    publisher: BatchPublisher
+
+
+@pytest.fixture
+async def streamed(nats_url: str, subject_prefix: str) -> AsyncIterator[Streamed]:
     subjects = Subjects(subject_prefix)
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     await ensure_stream(js, subjects)
     publisher = BatchPublisher(nc)
     try:
-        first = await publisher.publish(
-            (subjects.fire_created, f"m{i}".encode(), {MSG_ID_HEADER: f"id{i}"}) for i in range(5)
-        )
-        assert [await f for f in first] == [False] * 5
-        # Ids 3 and 4 again (a relay that crashed before stamping), then two new ones.
-        again = await publisher.publish(
-            (subjects.fire_created, f"m{i}".encode(), {MSG_ID_HEADER: f"id{i}"})
-            for i in range(3, 7)
-        )
-        assert [await f for f in again] == [True, True, False, False]
-        sub = await js.pull_subscribe(subjects.fire_created, durable="publish_check")
-        got = await sub.fetch(10, timeout=2)
-        assert [m.data for m in got] == [f"m{i}".encode() for i in range(7)]
-        assert [m.headers[MSG_ID_HEADER] for m in got if m.headers] == [f"id{i}" for i in range(7)]
-        assert sub._sub.pending_bytes == 0
-        assert sub._sub.pending_msgs == 0
-        assert publisher._futures == {}
+        yield Streamed(subjects, nc, js, publisher)
     finally:
         await publisher.close()
         await js.delete_stream(subjects.stream)
         await nc.close()
+
+
+async def test_a_batch_is_stored_once_and_a_repeated_msg_id_is_a_duplicate(
+    streamed: Streamed,
+) -> None:
+    subjects, js, publisher = streamed.subjects, streamed.js, streamed.publisher
+    first = await publisher.publish(
+        (subjects.fire_created, f"m{i}".encode(), {MSG_ID_HEADER: f"id{i}"}) for i in range(5)
+    )
+    assert [await f for f in first] == [False] * 5
+    # Ids 3 and 4 again (a relay that crashed before stamping), then two new ones.
+    again = await publisher.publish(
+        (subjects.fire_created, f"m{i}".encode(), {MSG_ID_HEADER: f"id{i}"}) for i in range(3, 7)
+    )
+    assert [await f for f in again] == [True, True, False, False]
+    sub = await js.pull_subscribe(subjects.fire_created, durable="publish_check")
+    got = await sub.fetch(10, timeout=2)
+    assert [m.data for m in got] == [f"m{i}".encode() for i in range(7)]
+    assert [m.headers[MSG_ID_HEADER] for m in got if m.headers] == [f"id{i}" for i in range(7)]
+    assert sub._sub.pending_bytes == 0
+    assert sub._sub.pending_msgs == 0
+    assert publisher._futures == {}
 
 
 async def test_a_subject_without_a_stream_fails_its_future(
@@ -64,36 +83,25 @@ async def test_a_subject_without_a_stream_fails_its_future(
 
 
 async def test_close_cancels_the_waiting_futures_unsubscribes_and_refuses_more(
-    nats_url: str, subject_prefix: str
+    streamed: Streamed,
 ) -> None:
     """
     Closing gives up the batch still waiting (its caller returns at once, the rows stay
     unsent), drops the reply inbox from the connection, and is idempotent.
     """
-    subjects = Subjects(subject_prefix)
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    await ensure_stream(js, subjects)
-    publisher = BatchPublisher(nc)
-    try:
-        subscriptions = len(nc._subs)
-        waiting = await publisher.publish(
-            [(subjects.fire_created, b"x", {MSG_ID_HEADER: "closing"})]
-        )
-        assert len(nc._subs) == subscriptions + 1
-        # No await in between: the ack cannot have been read yet.
-        await publisher.close()
-        assert publisher.closed
-        assert all(f.cancelled() for f in waiting)
-        assert publisher._futures == {}
-        assert len(nc._subs) == subscriptions
-        await publisher.close()
-        with pytest.raises(RuntimeError):
-            await publisher.publish([(subjects.fire_created, b"y", {MSG_ID_HEADER: "late"})])
-    finally:
-        await publisher.close()
-        await js.delete_stream(subjects.stream)
-        await nc.close()
+    subjects, nc, publisher = streamed.subjects, streamed.nc, streamed.publisher
+    subscriptions = len(nc._subs)
+    waiting = await publisher.publish([(subjects.fire_created, b"x", {MSG_ID_HEADER: "closing"})])
+    assert len(nc._subs) == subscriptions + 1
+    # No await in between: the ack cannot have been read yet.
+    await publisher.close()
+    assert publisher.closed
+    assert all(f.cancelled() for f in waiting)
+    assert publisher._futures == {}
+    assert len(nc._subs) == subscriptions
+    await publisher.close()
+    with pytest.raises(RuntimeError):
+        await publisher.publish([(subjects.fire_created, b"y", {MSG_ID_HEADER: "late"})])
 
 
 async def test_close_after_the_connection_closed_is_quiet(nats_url: str) -> None:

@@ -346,17 +346,6 @@ def data_content(mail: bytes) -> bytes:
     return mail + b".\r\n"
 
 
-def _read_out(waiter: "asyncio.Future[aiosmtplib.SMTPResponse]") -> None:
-    """
-    Mark a reply waiter's exception as read. When a failed transaction's connection
-    is discarded, its close fails the next waiter (``Connection lost``), which nobody
-    awaits any more; unread, asyncio would log it when the future is collected. A
-    later ``await`` of the waiter still raises it.
-    """
-    if not waiter.cancelled():
-        waiter.exception()
-
-
 class _Replies:
     """
     One transaction's command replies on a pooled aiosmtplib connection.
@@ -395,11 +384,9 @@ class _Replies:
             return await waiter
         finally:
             # As read_response leaves it: a fresh future for the next reply.
-            if protocol.transport is None:
-                protocol._response_waiter = None
-            else:
-                fresh = protocol._response_waiter = self._loop.create_future()
-                fresh.add_done_callback(_read_out)
+            protocol._response_waiter = (
+                None if protocol.transport is None else self._loop.create_future()
+            )
 
     def _expire(self) -> None:
         if self._loop.time() < self._deadline:
@@ -720,4 +707,18 @@ class SmtpChannel:
 
     @staticmethod
     def _discard(connection: _Connection) -> None:
+        protocol = connection.client.protocol
+        waiter = None if protocol is None else protocol._response_waiter
+        if waiter is not None:
+            # The close fails the waiter of the next reply ("Connection lost"), which
+            # nobody will await; read here, asyncio does not log it as never retrieved
+            # when it is collected (after a timed-out transaction, in a cycle with its
+            # traceback, before the protocol's own ``__del__`` could read it).
+            waiter.add_done_callback(_read_out)
         connection.client.close()
+
+
+def _read_out(waiter: "asyncio.Future[aiosmtplib.SMTPResponse]") -> None:
+    """Mark a discarded connection's reply waiter's exception as read."""
+    if not waiter.cancelled():
+        waiter.exception()

@@ -351,8 +351,8 @@ class _Replies:
     One transaction's command replies on a pooled aiosmtplib connection.
 
     aiosmtplib's protocol parses each reply into the future it keeps as
-    ``_response_waiter`` (a private name, pinned with the library's version in the
-    lock; every SMTP test goes through here), and its ``read_response`` awaits that
+    ``_response_waiter`` (a private name: the version is pinned in ``constraints.txt``,
+    and every SMTP test goes through here), and its ``read_response`` awaits that
     future inside ``asyncio.wait_for`` and makes the next one. This does the same
     without the per-reply ``wait_for``: one timer for the transaction, re-armed as
     each command moves the deadline, so every reply still gets ``timeout_s`` as it
@@ -632,8 +632,8 @@ class SmtpChannel:
 
         Each command's reply is awaited on the connection's own reply waiter
         (:class:`_Replies`) rather than through ``execute_command``, whose lock, command
-        wrapper and ``asyncio.wait_for`` per reply, with the DATA regexes, were most of
-        the roughly 300 us of worker CPU an email cost (``bench/README.md``).
+        wrapper and ``asyncio.wait_for`` per reply, with the DATA regexes, were about a
+        fifth of the ~285 us of worker CPU an email cost (``bench/README.md``).
         """
         client = connection.client
         size = b" SIZE=%d" % len(mail) if connection.size else b""

@@ -319,6 +319,95 @@ def classify_smtp_error(exc: Exception) -> Retry | Failed:
     return Retry(f"smtp unreachable: {exc!r}")
 
 
+# RFC 5321 section 4.5.2 (transparency) and 2.3.8 (CRLF only), as aiosmtplib's DATA
+# writes them: every line break made CRLF, a period that starts a line doubled.
+_LINE_ENDS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
+_LEADING_PERIOD = re.compile(rb"(?m)^\.")
+
+
+def data_content(mail: bytes) -> bytes:
+    """
+    ``mail`` as DATA sends it (pure): line breaks made CRLF, a period that starts a
+    line doubled, a final CRLF, then the ``.`` line that ends the data.
+
+    The bytes are exactly those of ``aiosmtplib``'s ``execute_data_command``. Its two
+    regular expressions cost about 30 us for a small message (``timeit``); a message
+    whose line breaks are all CRLF already (what :class:`MailWriter` writes) takes
+    the counting shortcut instead.
+    """
+    crlf = mail.count(b"\r\n")
+    if mail.count(b"\n") == crlf and mail.count(b"\r") == crlf:
+        if mail.startswith(b".") or b"\n." in mail:
+            mail = _LEADING_PERIOD.sub(b"..", mail)
+    else:
+        mail = _LEADING_PERIOD.sub(b"..", _LINE_ENDS.sub(b"\r\n", mail))
+    if not mail.endswith(b"\r\n"):
+        mail += b"\r\n"
+    return mail + b".\r\n"
+
+
+class _Replies:
+    """
+    One transaction's command replies on a pooled aiosmtplib connection.
+
+    aiosmtplib's protocol parses each reply into the future it keeps as
+    ``_response_waiter`` (a private name: the version is pinned in ``constraints.txt``,
+    and every SMTP test goes through here), and its ``read_response`` awaits that
+    future inside ``asyncio.wait_for`` and makes the next one. This does the same
+    without the per-reply ``wait_for``: one timer for the transaction, re-armed as
+    each command moves the deadline, so every reply still gets ``timeout_s`` as it
+    did. A timeout, a dropped connection or a malformed reply raises as
+    ``read_response`` would (``SMTPReadTimeoutError``, ``SMTPServerDisconnected``,
+    ``SMTPResponseException``).
+    """
+
+    __slots__ = ("_client", "_deadline", "_loop", "_timeout_s", "_timer")
+
+    def __init__(self, client: aiosmtplib.SMTP, timeout_s: float) -> None:
+        self._client = client
+        self._loop = asyncio.get_running_loop()
+        self._timeout_s = timeout_s
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def after(self, data: bytes) -> aiosmtplib.SMTPResponse:
+        """Write ``data`` (one command, or the message) and await the server's reply."""
+        protocol = self._client.protocol
+        waiter = None if protocol is None else protocol._response_waiter
+        if protocol is None or waiter is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self._deadline = self._loop.time() + self._timeout_s
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._expire)
+        protocol.write(data)  # SMTPServerDisconnected when the transport is closing
+        try:
+            return await waiter
+        finally:
+            # As read_response leaves it: a fresh future for the next reply.
+            protocol._response_waiter = (
+                None if protocol.transport is None else self._loop.create_future()
+            )
+
+    def _expire(self) -> None:
+        if self._loop.time() < self._deadline:
+            # A later command moved the deadline: wait for that one instead.
+            self._timer = self._loop.call_at(self._deadline, self._expire)
+            return
+        self._timer = None
+        protocol = self._client.protocol
+        waiter = None if protocol is None else protocol._response_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(
+                aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response")
+            )
+
+    def close(self) -> None:
+        """Cancel the timer (the transaction is over, answered or not)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 @dataclass(slots=True)
 class _Connection:
     """A pooled SMTP session: how many messages it carried, since when it is idle."""
@@ -538,24 +627,38 @@ class SmtpChannel:
         them (``SIZE`` when offered) and with its errors, minus its per-call work: the
         sender quoted once per channel rather than parsed by ``email.utils`` for every
         message, no extension checks or lock per message (a pooled connection carries
-        one transaction at a time, after its EHLO). ``sendmail`` was about 10% of the
-        channels worker's CPU under py-spy, a quarter of it quoting addresses. No RSET
-        after a refusal: the caller discards a connection whose transaction failed.
+        one transaction at a time, after its EHLO). No RSET after a refusal: the caller
+        discards a connection whose transaction failed.
+
+        Each command's reply is awaited on the connection's own reply waiter
+        (:class:`_Replies`) rather than through ``execute_command``, whose lock, command
+        wrapper and ``asyncio.wait_for`` per reply, with the DATA regexes, were about a
+        fifth of the ~285 us of worker CPU an email cost (``bench/README.md``).
         """
         client = connection.client
-        size = (b"SIZE=%d" % len(mail),) if connection.size else ()
-        reply = await client.execute_command(b"MAIL", mail_from, *size)
-        if reply.code != 250:
-            raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, self._sender_address)
+        size = b" SIZE=%d" % len(mail) if connection.size else b""
         if DOT_ATOM_ADDRESS.fullmatch(destination):
             to = b"TO:<" + destination.encode("ascii") + b">"  # what quote_address writes
         else:
             to = b"TO:" + aiosmtplib.email.quote_address(destination).encode("ascii")
-        reply = await client.execute_command(b"RCPT", to)
-        if reply.code not in (250, 251):
-            refused = aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, destination)
-            raise aiosmtplib.SMTPRecipientsRefused([refused])
-        return (await client.data(mail)).message
+        replies = _Replies(client, self._timeout_s)
+        try:
+            reply = await replies.after(b"MAIL " + mail_from + size + b"\r\n")
+            if reply.code != 250:
+                raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, self._sender_address)
+            reply = await replies.after(b"RCPT " + to + b"\r\n")
+            if reply.code not in (250, 251):
+                refused = aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, destination)
+                raise aiosmtplib.SMTPRecipientsRefused([refused])
+            reply = await replies.after(b"DATA\r\n")
+            if reply.code != 354:
+                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+            reply = await replies.after(data_content(mail))
+            if reply.code != 250:
+                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+        finally:
+            replies.close()
+        return reply.message
 
     def _take_idle(self) -> _Connection | None:
         """The most recently used idle connection still fit for use, else ``None``."""
@@ -604,4 +707,18 @@ class SmtpChannel:
 
     @staticmethod
     def _discard(connection: _Connection) -> None:
+        protocol = connection.client.protocol
+        waiter = None if protocol is None else protocol._response_waiter
+        if waiter is not None:
+            # The close fails the waiter of the next reply ("Connection lost"), which
+            # nobody will await; read here, asyncio does not log it as never retrieved
+            # when it is collected (after a timed-out transaction, in a cycle with its
+            # traceback, before the protocol's own ``__del__`` could read it).
+            waiter.add_done_callback(_read_out)
         connection.client.close()
+
+
+def _read_out(waiter: "asyncio.Future[aiosmtplib.SMTPResponse]") -> None:
+    """Mark a discarded connection's reply waiter's exception as read."""
+    if not waiter.cancelled():
+        waiter.exception()

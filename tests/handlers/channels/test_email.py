@@ -7,6 +7,7 @@ from email.message import EmailMessage
 
 import aiosmtplib
 import pytest
+from aiosmtplib.protocol import LINE_ENDINGS_REGEX, PERIOD_REGEX
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,9 +16,11 @@ from delivery.settings import Settings
 from handlers.base import Delivered, Failed, Retry
 from handlers.email import (
     DOT_ATOM_ADDRESS,
+    MailWriter,
     SmtpChannel,
     SmtpSecurity,
     classify_smtp_error,
+    data_content,
     message_id_for,
     subject_for,
 )
@@ -369,3 +372,39 @@ async def test_a_recipient_the_writer_leaves_to_the_stdlib_is_still_sent(
 def test_a_dot_atom_address_is_what_quote_address_writes(address: str) -> None:
     """The RCPT path that skips ``quote_address`` writes exactly what it would."""
     assert aiosmtplib.email.quote_address(address) == f"<{address}>"
+
+
+async def test_lines_that_start_with_a_period_arrive_intact(
+    plain_smtp: SmtpServer, clock: ManualClock
+) -> None:
+    """A line of just ``.`` or starting with one is doubled on the wire, not the end of DATA."""
+    text = ".\n.hidden\n..two\nend ."
+    outcome = await _channel(plain_smtp, clock).send(make_message(generated_message=text), TO)
+
+    assert isinstance(outcome, Delivered)
+    plain_part, _html_part = _received(plain_smtp).iter_parts()
+    assert plain_part.get_content().replace("\r\n", "\n").strip() == text
+
+
+def _aiosmtplib_data(mail: bytes) -> bytes:
+    """What aiosmtplib's ``execute_data_command`` writes for ``mail`` (its own regexes)."""
+    mail = PERIOD_REGEX.sub(b"..", LINE_ENDINGS_REGEX.sub(b"\r\n", mail))
+    return (mail if mail.endswith(b"\r\n") else mail + b"\r\n") + b".\r\n"
+
+
+@settings(max_examples=500, deadline=None)
+@given(mail=st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"\r\n."])).map(b"".join))
+def test_data_content_is_what_aiosmtplib_writes(mail: bytes) -> None:
+    """Any bytes, CRLF-clean or not, go out as aiosmtplib's DATA would send them."""
+    assert data_content(mail) == _aiosmtplib_data(mail)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(st.characters(codec="utf-8")))
+def test_data_content_of_the_writers_mail_is_what_aiosmtplib_writes(text: str) -> None:
+    """The writer's messages (CRLF only: the counting shortcut) as aiosmtplib's DATA."""
+    mail = MailWriter(SENDER).write(
+        make_message(generated_message=text), recipient=TO, date="Sun, 01 Mar 2026 09:00:00 +0000"
+    )
+    assert mail is not None
+    assert data_content(mail) == _aiosmtplib_data(mail)

@@ -33,11 +33,14 @@ class PeerSink(SmtpSink):
 
     peers: list[int] = field(default_factory=list)
     one_per_session: bool = False
+    reply_delay_s: float = 0.0
+    """Each MAIL, RCPT and DATA reply waits this long (a slow or stalled server)."""
     _used: set[int] = field(default_factory=set)
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        await asyncio.sleep(self.reply_delay_s)
         port = session.peer[1]
         if self.one_per_session and port in self._used:
             assert server.transport is not None
@@ -46,7 +49,14 @@ class PeerSink(SmtpSink):
         envelope.mail_from = address
         return "250 OK"
 
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        await asyncio.sleep(self.reply_delay_s)
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        await asyncio.sleep(self.reply_delay_s)
         if any(to.startswith("drop@") for to in envelope.rcpt_tos):
             assert server.transport is not None
             server.transport.close()
@@ -89,14 +99,26 @@ def idle_timeout() -> Iterator[Server]:
     yield from _serve(PeerSink(), timeout=0.3)
 
 
-def _channel(server: Server, pool_size: int = 3) -> SmtpChannel:
+@pytest.fixture
+def slow() -> Iterator[Server]:
+    """Each MAIL, RCPT and DATA answered after 0.4 s."""
+    yield from _serve(PeerSink(reply_delay_s=0.4))
+
+
+@pytest.fixture
+def stalled() -> Iterator[Server]:
+    """Each MAIL, RCPT and DATA answered after 3 s."""
+    yield from _serve(PeerSink(reply_delay_s=3.0))
+
+
+def _channel(server: Server, pool_size: int = 3, timeout_s: float = 5) -> SmtpChannel:
     return SmtpChannel(
         "127.0.0.1",
         server.port,
         SENDER,
         clock=_clock(),
         security=SmtpSecurity.PLAIN,
-        timeout_s=5,
+        timeout_s=timeout_s,
         pool_size=pool_size,
     )
 
@@ -174,6 +196,36 @@ async def test_a_connection_dropped_mid_message_is_retried_and_never_reused(
     assert isinstance(dropped, Retry)
     assert isinstance(after, Delivered)
     assert server.sink.count == 1
+
+
+async def test_the_timeout_bounds_each_reply_not_the_whole_transaction(slow: Server) -> None:
+    """Three replies of 0.4 s each under a 1 s timeout: 1.2 s in all, and the mail is sent."""
+    channel = _channel(slow, timeout_s=1.0)
+    try:
+        outcome = await asyncio.wait_for(channel.send(make_message(), TO), 10)
+    finally:
+        await channel.aclose()
+
+    assert isinstance(outcome, Delivered)
+    assert slow.sink.count == 1
+
+
+async def test_a_reply_past_the_timeout_is_retried_and_the_connection_not_reused(
+    stalled: Server,
+) -> None:
+    """A server that stops answering: Retry once ``timeout_s`` passes, not at its reply."""
+    channel = _channel(stalled, pool_size=1, timeout_s=0.5)
+    try:
+        started = asyncio.get_running_loop().time()
+        outcome = await asyncio.wait_for(channel.send(make_message(), TO), 10)
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        await channel.aclose()
+
+    assert isinstance(outcome, Retry)
+    assert "SMTPReadTimeoutError" in outcome.reason
+    assert took < 2.5
+    assert channel._idle == []  # the timed-out session is closed, never pooled
 
 
 def test_pool_size_below_one_is_refused() -> None:

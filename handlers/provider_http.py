@@ -222,7 +222,9 @@ class _Parsed:
         self.keep_alive = keep_alive
 
 
-def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, int] | None:
+def parse_response(
+    buffer: bytes | bytearray, *, eof: bool, body_cap: int | None = None
+) -> tuple[_Parsed, int] | None:
     """
     The first whole HTTP/1.1 response in ``buffer`` and the bytes it took, or ``None``
     while more must be read (pure). Interim ``1xx`` responses are passed over; the body
@@ -231,6 +233,12 @@ def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, in
     with a ``Transfer-Encoding`` is never kept alive, and a body over :data:`MAX_BODY`
     is an error as soon as its size is declared or received (the framing around it is
     bounded by :data:`_MAX_RESPONSE`).
+
+    With ``body_cap``, a body longer than ``body_cap`` bytes is not an error: the
+    answer is complete as soon as its first ``body_cap + 1`` bytes are in (enough to
+    keep and to know it was cut), and it is never kept alive, as the rest of it is
+    still on the connection. A webhook receiver's answer is the receiver's to size;
+    only its start is recorded.
 
     Raises:
         httpx.RemoteProtocolError: the bytes are not an HTTP/1.x response, or more
@@ -283,7 +291,7 @@ def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, in
         # after it. A coding other than a final "chunked" runs to the close.
         keep_alive = False
         if coding.lower().rpartition(b",")[2].strip() != b"chunked":
-            return _read_to_close(status, headers, buffer, body_at, eof=eof)
+            return _read_to_close(status, headers, buffer, body_at, eof=eof, body_cap=body_cap)
         chunks: list[bytes] = []
         held = 0
         at = body_at
@@ -299,7 +307,7 @@ def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, in
                 raise httpx.RemoteProtocolError(f"bad chunk size {size_text[:20]!r}")
             size = int(size_text, 16)
             held += size
-            if held > MAX_BODY:
+            if held > MAX_BODY and body_cap is None:
                 raise httpx.RemoteProtocolError(f"response body over {MAX_BODY} bytes")
             if size == 0:
                 # Trailer fields (none expected), then an empty line.
@@ -313,6 +321,11 @@ def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, in
                         return _Parsed(status, headers, b"".join(chunks), keep_alive), at + 2
                     at = field_end + 2
             data_at = line_end + 2
+            if body_cap is not None:
+                kept = sum(map(len, chunks))
+                if kept + min(size, len(buffer) - data_at) > body_cap:
+                    chunks.append(bytes(buffer[data_at : data_at + body_cap + 1 - kept]))
+                    return _Parsed(status, headers, b"".join(chunks), False), len(buffer)
             if len(buffer) < data_at + size + 2:
                 _incomplete(eof=eof)
                 return None
@@ -324,6 +337,13 @@ def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, in
     if length is not None:
         if not length.isdigit():
             raise httpx.RemoteProtocolError(f"bad Content-Length {length[:20]!r}")
+        if body_cap is not None and (len(length) > 10 or int(length) > body_cap):
+            if len(buffer) < body_at + body_cap + 1:
+                _incomplete(eof=eof)
+                return None
+            return _Parsed(
+                status, headers, bytes(buffer[body_at : body_at + body_cap + 1]), False
+            ), (len(buffer))
         if len(length) > 10 or int(length) > MAX_BODY:
             raise httpx.RemoteProtocolError(f"response body over {MAX_BODY} bytes")
         stop = body_at + int(length)
@@ -331,7 +351,7 @@ def parse_response(buffer: bytes | bytearray, *, eof: bool) -> tuple[_Parsed, in
             _incomplete(eof=eof)
             return None
         return _Parsed(status, headers, bytes(buffer[body_at:stop]), keep_alive), stop
-    return _read_to_close(status, headers, buffer, body_at, eof=eof)
+    return _read_to_close(status, headers, buffer, body_at, eof=eof, body_cap=body_cap)
 
 
 def _read_to_close(
@@ -341,8 +361,16 @@ def _read_to_close(
     body_at: int,
     *,
     eof: bool,
+    body_cap: int | None = None,
 ) -> tuple[_Parsed, int] | None:
-    """A body that runs to the end of the connection (never kept alive), within ``MAX_BODY``."""
+    """
+    A body that runs to the end of the connection (never kept alive), within
+    ``MAX_BODY``, or its first ``body_cap + 1`` bytes once that many are in.
+    """
+    if body_cap is not None and len(buffer) - body_at > body_cap:
+        return _Parsed(status, headers, bytes(buffer[body_at : body_at + body_cap + 1]), False), (
+            len(buffer)
+        )
     if len(buffer) - body_at > MAX_BODY:
         raise httpx.RemoteProtocolError(f"response body over {MAX_BODY} bytes")
     if not eof:
@@ -359,8 +387,10 @@ def _incomplete(*, eof: bool) -> None:
 class _Connection(asyncio.Protocol):
     """One kept-alive HTTP/1.1 connection: one request at a time, the answer parsed whole."""
 
-    def __init__(self, registry: set["_Connection"]) -> None:
+    def __init__(self, registry: set["_Connection"], *, body_cap: int | None = None) -> None:
         self.transport: asyncio.Transport | None = None
+        self._body_cap = body_cap
+        """Bytes of an answer's body read at most (:func:`parse_response`'s ``body_cap``)."""
         self._buffer = bytearray()
         self._waiter: asyncio.Future[_Parsed] | None = None
         self.closed = False
@@ -398,7 +428,7 @@ class _Connection(asyncio.Protocol):
                 self.closed = True
             return
         try:
-            parsed = parse_response(self._buffer, eof=eof)
+            parsed = parse_response(self._buffer, eof=eof, body_cap=self._body_cap)
         except httpx.RemoteProtocolError as exc:
             waiter.set_exception(exc)
             return

@@ -8,11 +8,12 @@ that carries a refused IPv4 address (IPv4-mapped, NAT64, 6to4, Teredo). It is ch
 twice:
 
 - at registration, by :func:`check_url` (resolve the name, check every address);
-- at send time, by :class:`GuardedResolver`, the resolver of the sender's aiohttp
-  connector: aiohttp connects only to addresses the resolver returned, and the resolver
-  returns only addresses it vetted, so a name re-pointed after registration (DNS
-  rebinding) cannot reach an internal address. IP-literal hosts skip aiohttp's
-  resolver, so the sender checks those with :func:`check_literal_host`.
+- at send time, by :class:`GuardedResolver`, through which the sender's connections
+  (``handlers.webhooks.transport``) resolve every name: a socket is connected only to
+  addresses the resolver returned, and the resolver returns only addresses it vetted,
+  so a name re-pointed after registration (DNS rebinding) cannot reach an internal
+  address. IP-literal hosts are not resolved, so the sender checks those with
+  :func:`check_literal_host` before connecting.
 
 :func:`refusal_reason` is pure; the rest resolves names through an injected
 :class:`Resolver`.
@@ -186,7 +187,7 @@ def check_address(ip: IPAddress, allow_nets: Sequence[IPNetwork] = ()) -> None:
 
 def check_literal_host(host: str, allow_nets: Sequence[IPNetwork] = ()) -> None:
     """
-    Check ``host`` when it is an IP literal (aiohttp never resolves those); names pass
+    Check ``host`` when it is an IP literal (never resolved); names pass
     through untouched, for :class:`GuardedResolver` to check at connect time.
 
     Raises:
@@ -309,7 +310,8 @@ async def check_url(
 
 class GuardedResolver(AbstractResolver):
     """
-    aiohttp resolver that returns only vetted addresses (send-time SSRF check).
+    A resolver that returns only vetted addresses (send-time SSRF check); an aiohttp
+    ``AbstractResolver``, so it can also serve an aiohttp connector.
 
     If *any* address of a name is refused the whole lookup fails with
     :class:`BlockedAddressError`, for the reason given in :func:`check_url`.

@@ -538,11 +538,15 @@ class WebhookStore(StoreBase):
         With ``per_endpoint``, an endpoint that already has that many deliveries in
         flight (``in_flight``, by endpoint id) or claimed in this call gets no more:
         a backlog for one slow receiver cannot fill the worker and starve the others.
-        Rows passed over stay due.
+        Endpoints already at the cap are left out by the query itself, so their
+        backlog, however long and however early due, never fills the rows looked at;
+        ``ix_webhook_deliveries_due`` carries ``endpoint_id`` so that this filter is
+        read from the index. Rows passed over stay due.
         """
         d = DELIVERIES.c
         # Look further than ``limit`` when capping per endpoint, so the rows passed
-        # over for a saturated endpoint leave room for other endpoints' rows.
+        # over for an endpoint that reaches its cap in this claim leave room for other
+        # endpoints' rows.
         window = limit if per_endpoint is None else limit * 4
         due = (
             select(d.id, d.endpoint_id)
@@ -550,6 +554,10 @@ class WebhookStore(StoreBase):
             .order_by(d.next_attempt_at)
             .limit(window)
         )
+        if per_endpoint is not None and in_flight:
+            full = sorted(e for e, n in in_flight.items() if n >= per_endpoint)
+            if full:
+                due = due.where(d.endpoint_id.not_in(full))
         if not await any_row(self.engine, due):
             return []
         if not self.single_writer:

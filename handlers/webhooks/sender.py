@@ -21,10 +21,8 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-import aiohttp
 import httpx
 import structlog
-import yarl
 
 from delivery import __version__
 from delivery.clock import Clock
@@ -41,6 +39,7 @@ from handlers.ssrf import (
     parse_allow_nets,
 )
 from handlers.webhooks.signing import sign
+from handlers.webhooks.transport import GuardedConnections
 
 log = structlog.get_logger(__name__)
 
@@ -240,27 +239,31 @@ _TARGET_CACHE = 4096
 @dataclass(frozen=True, slots=True)
 class _Target:
     url: httpx.URL
-    yarl: yarl.URL
-    """The same URL for aiohttp, parsed once (it would parse a string per request)."""
+    scheme: str
+    host: str
+    """The host as sent (IDNA-encoded; an IPv6 literal without brackets)."""
+    port: int
     origin: str
     refusal: str | None
     """Why the SSRF guard refuses an IP-literal host; checked once per URL."""
+    head: bytes
+    """The request line, ``Host`` and the fixed headers, written once per URL."""
 
 
 class WebhookChannel:
     """
-    Signed webhook POSTs over httpx with a transport that scales.
+    Signed webhook POSTs, written straight to kept-alive HTTP/1.1 connections.
 
+    Requests go through :class:`~handlers.webhooks.transport.GuardedConnections`, which
+    connects only to addresses the SSRF :class:`~handlers.ssrf.GuardedResolver` vetted
+    and follows no redirect, reads no proxy from the environment and keeps no cookie
+    (a redirect or a proxy would connect somewhere the guard did not check; a cookie jar
+    would be shared by every tenant's receiver). A general client was measured first:
     httpx's default pool collapses at high concurrency (encode/httpx#3215: 49 req/s at
-    256 in flight), so requests go to an aiohttp session whose connector's resolver is
-    the SSRF :class:`~handlers.ssrf.GuardedResolver`, called directly: an
-    ``httpx.AsyncClient`` would add a cookie jar shared by every tenant's receiver,
-    redirect handling and environment proxies, none of which a webhook may have (a
-    redirect or a proxy connects somewhere the guard did not check), and its
-    per-request bookkeeping cost a third of the CPU of a delivery; the
-    ``httpx.Request`` and response wrapping of ``httpx_aiohttp`` cost a further fifth of
-    the sender's CPU under py-spy in ``bench/bench_webhooks_e2e.py``. An injected
-    httpx ``transport`` (tests) is still driven through ``httpx.Request`` objects.
+    256 in flight), its per-request bookkeeping cost a third of the CPU of a delivery,
+    and aiohttp's request path was still about a quarter of the worker's event loop under
+    py-spy in ``bench/bench_webhooks_e2e.py``. An injected httpx ``transport`` (tests) is
+    driven through ``httpx.Request`` objects instead.
 
     Concurrency is bounded twice: at most ``per_endpoint`` requests per origin
     (scheme, host, port), then at most ``max_in_flight`` overall. A request waits for its
@@ -297,7 +300,7 @@ class WebhookChannel:
             directory: endpoint lookup for :meth:`send` (the ``Channel`` seam).
             attempts: where :meth:`send` reports attempts.
             tls: certificate verification (an ``SSLContext``, or ``True`` for the default).
-            transport: replaces the aiohttp transport (tests). IP-literal hosts are still
+            transport: replaces the direct connections (tests). IP-literal hosts are still
                 checked; names are then resolved by that transport, unguarded.
         """
         if max_in_flight < 1 or per_endpoint < 1:
@@ -310,28 +313,11 @@ class WebhookChannel:
         self._attempts = attempts
         self._global = asyncio.Semaphore(max_in_flight)
         self._per_endpoint = _KeyedSemaphores(per_endpoint)
-        guard = GuardedResolver(self._allow_nets, resolver)
-
-        def session() -> aiohttp.ClientSession:
-            # Built lazily, inside the running loop, on first use.
-            connector = aiohttp.TCPConnector(
-                resolver=guard,
-                limit=max_in_flight,
-                limit_per_host=per_endpoint,
-                ssl=tls,
-            )
-            # No cookie jar: one receiver's Set-Cookie must never ride along to another's.
-            # No session timeout: deliver's one deadline bounds the whole attempt.
-            return aiohttp.ClientSession(
-                connector=connector,
-                trust_env=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=aiohttp.ClientTimeout(total=None),
-                auto_decompress=False,
-            )
-
-        self._new_session = session
-        self._session: aiohttp.ClientSession | None = None
+        # Connections are at most max_in_flight overall and per_endpoint per origin: the
+        # semaphores in deliver bound how many are in use at once.
+        self._connections = GuardedConnections(
+            GuardedResolver(self._allow_nets, resolver), self._allow_nets, tls, body_limit
+        )
         self._transport = transport
         # One deadline per attempt (asyncio.timeout in deliver) bounds connect, send and
         # read together; per-phase transport timeouts would only add timers per request.
@@ -365,9 +351,7 @@ class WebhookChannel:
         """Close every pooled connection."""
         if self._transport is not None:
             await self._transport.aclose()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._connections.aclose()
 
     @property
     def endpoints_in_flight(self) -> int:
@@ -426,8 +410,6 @@ class WebhookChannel:
             # improve by retrying: fail permanently, and visibly, instead of crashing.
             outcome = Failed(f"cannot send: {exc}")
         else:
-            headers["Content-Type"] = "application/json"
-            headers["User-Agent"] = USER_AGENT
             if endpoint.auth_header:
                 headers["Authorization"] = endpoint.auth_header
             origin = target.origin
@@ -495,11 +477,27 @@ class WebhookChannel:
                 check_literal_host(parsed.host, self._allow_nets)
             except BlockedAddressError as exc:
                 refusal = str(exc)
+            # netloc is the IDNA-encoded host (IPv6 in brackets) and a non-default port,
+            # never the userinfo; raw_path is the path and query, percent-encoded.
+            head = b"".join(
+                (
+                    b"POST ",
+                    parsed.raw_path,
+                    b" HTTP/1.1\r\nHost: ",
+                    parsed.netloc,
+                    b"\r\nContent-Type: application/json\r\nUser-Agent: ",
+                    USER_AGENT.encode("ascii"),
+                    b"\r\n",
+                )
+            )
             target = _Target(
                 parsed,
-                yarl.URL(str(parsed), encoded=True),
+                parsed.scheme,
+                parsed.raw_host.decode("ascii"),
+                port,
                 f"{parsed.scheme}://{parsed.host}:{port}",
                 refusal,
+                head,
             )
             self._targets[url] = target
         return target
@@ -509,21 +507,20 @@ class WebhookChannel:
     ) -> tuple[int, bytes, str | None]:
         if self._transport is not None:
             return await self._post_transport(self._transport, target.url, headers, body)
-        if self._session is None:
-            self._session = self._new_session()
-        async with self._session.post(
-            target.yarl, data=body, headers=headers, allow_redirects=False
-        ) as response:
-            kept = b""
-            # Read at most body_limit + 1 bytes: enough to record and to know it was cut,
-            # without letting a receiver stream gigabytes into our memory. Leaving the
-            # block early closes the connection rather than reading the rest.
-            while len(kept) <= self._body_limit:
-                chunk = await response.content.read(self._body_limit + 1 - len(kept))
-                if not chunk:
-                    break
-                kept += chunk
-            return response.status, kept, response.headers.get("Retry-After")
+        # Every value is ASCII without CR or LF: the signature headers are ours, and the
+        # auth header passed header_value_problem in deliver.
+        request = b"".join(
+            (
+                target.head,
+                "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("ascii"),
+                b"Content-Length: %d\r\n\r\n" % len(body),
+                body,
+            )
+        )
+        # At most body_limit + 1 bytes of the answer's body are read: enough to record
+        # and to know it was cut, without letting a receiver stream gigabytes into our
+        # memory; the connection is then closed rather than read to the end.
+        return await self._connections.post(target.scheme, target.host, target.port, request)
 
     async def _post_transport(
         self,
@@ -532,6 +529,8 @@ class WebhookChannel:
         headers: dict[str, str],
         body: bytes,
     ) -> tuple[int, bytes, str | None]:
+        # The direct path writes these two in each target's head.
+        headers = {**headers, "Content-Type": "application/json", "User-Agent": USER_AGENT}
         request = httpx.Request(
             "POST", url, content=body, headers=headers, extensions={"timeout": self._timeouts}
         )

@@ -371,3 +371,44 @@ async def test_claims_are_capped_per_endpoint(rig: Rig) -> None:
         in_flight={alpha_endpoint: 2},
     )
     assert more == []
+
+
+async def test_a_capped_endpoints_backlog_does_not_hide_others(rig: Rig) -> None:
+    """
+    An endpoint at its cap whose backlog is due first, and is longer than the rows a
+    claim looks at, still leaves another endpoint's later delivery claimable.
+    """
+    _, url = rig.receiver(Reply(200))
+    await rig.register(url)
+    beta_key = await _beta_key(rig)
+    registered = await rig.api.put(
+        f"/api/v1/webhooks/{EVENT}",
+        json={"webhook_url": url},
+        headers={"Authorization": f"Bearer {beta_key}"},
+    )
+    assert registered.status_code == 200
+    worker = rig.worker()
+    alpha_notes = await rig.notify(*range(1, 11))
+    assert await worker.enqueue(alpha_notes) == 10
+    rig.clock.advance(timedelta(seconds=1))
+    beta_row = notification_row(rig.projects["beta"], 1, rig.clock.now())
+    await add_notifications(rig.engine, [beta_row])
+    beta_note = alpha_notes[0].model_copy(
+        update={"notification_id": beta_row["id"], "project_id": rig.projects["beta"]}
+    )
+    assert await worker.enqueue([beta_note]) == 1
+    first = await rig.webhooks.claim_due(
+        now=rig.clock.now(), limit=1, lease=timedelta(minutes=1), worker_id="w1"
+    )
+    alpha_endpoint = first[0].endpoint_id
+    assert first[0].project_id == rig.projects["alpha"]
+    # limit 1 looks at 4 rows; alpha has 9 more due before beta's one.
+    claimed = await rig.webhooks.claim_due(
+        now=rig.clock.now(),
+        limit=1,
+        lease=timedelta(minutes=1),
+        worker_id="w1",
+        per_endpoint=1,
+        in_flight={alpha_endpoint: 1},
+    )
+    assert [c.project_id for c in claimed] == [rig.projects["beta"]]

@@ -72,7 +72,9 @@ class WebhookDeliveryRow(SQLModel, table=True):
         UniqueConstraint(
             "notification_id", "endpoint_id", name="uq_webhook_deliveries_notification_endpoint"
         ),
-        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        # endpoint_id last: the claim leaves out endpoints at their cap from the index
+        # entries, without reading the rows it passes over.
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at", "endpoint_id"),
         Index("ix_webhook_deliveries_endpoint", "endpoint_id", "status"),
     )
 

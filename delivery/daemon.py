@@ -9,6 +9,16 @@ drained and the embedded ``nats-server`` child is stopped. Whatever a SIGKILL
 interrupts is recovered on restart: claims are released (SQLite,
 one writer) or expire, unsent outbox rows are relayed, and unacked NATS messages
 are redelivered.
+
+When the scheduler and the dispatcher run here together with the template composer,
+fires go from one to the other through an in-memory queue
+(:class:`~delivery.handoff.Handoff`) instead of the relay and JetStream. The fire's
+``fire.created`` outbox row is still written in the fire's transaction, held for a
+grace period, and stamped sent in the transaction that writes its notification, so
+a SIGKILL in between leaves the row for the relay to publish once the grace ends
+(at once on the embedded SQLite: the restarted process releases its predecessor's
+held rows). The queue is bounded; fires beyond it take the JetStream path. On
+shutdown the scheduler stops before the dispatcher, which drains the queue.
 """
 
 import asyncio

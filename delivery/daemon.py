@@ -304,9 +304,10 @@ class Daemon:
             _on_stop(stack, "outbox-prune", prune.stop)
 
         handoff = self._handoff()
-        if handoff is not None and single_writer:
+        if single_writer and Part.SCHEDULER in self.parts:
             # The one process on this database: a fire held for a dispatcher is a
-            # killed process's, and no one will stamp it; publish it now.
+            # killed process's (with or without a hand-off now), and no one will
+            # stamp it; publish it now.
             released = await OutboxStore(engine).release_held(
                 self.subjects.fire_created, self.clock.now()
             )

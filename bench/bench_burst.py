@@ -409,6 +409,23 @@ async def ours(args: argparse.Namespace, workdir: Path, *, budget: bool = False)
         result["daemon_cpu_s"] = sum(
             sum(psutil.Process(proc.pid).cpu_times()[:2]) for proc in procs
         )
+        # The nats-server `delivery run` spawned (a child): its share of the hops.
+        result["nats_cpu_s"] = sum(
+            sum(child.cpu_times()[:2])
+            for proc in procs
+            for child in psutil.Process(proc.pid).children(recursive=True)
+        )
+        # Fires the scheduler handed to the dispatcher in its own process: their
+        # fire.created rows were held (available after they were written).
+        o = OutboxRow.__table__.c  # type: ignore[attr-defined]
+        async with engine.connect() as conn:
+            result["fires_handed"] = (
+                await conn.execute(
+                    select(func.count()).where(
+                        o.subject.like("%.fire.created"), o.available_at > o.created_at
+                    )
+                )
+            ).scalar_one()
         return result
     finally:
         stop_all(procs)
@@ -590,7 +607,12 @@ async def main() -> None:
             f"instant {result['lateness_since_due']}; target: all pending with p99 <= 10 s "
             f"after the restart ({args.count / 10:,.0f} fires/s)"
         )
-    print(f"daemon CPU: {result['daemon_cpu_s']:.1f} s; load average {result['loadavg']}")
+    print(
+        f"daemon CPU: {result['daemon_cpu_s']:.1f} s "
+        f"(its nats-server {result['nats_cpu_s']:.1f} s); "
+        f"fires handed off in-process: {result['fires_handed']:,}; "
+        f"load average {result['loadavg']}"
+    )
     print(f"daemon warnings and errors: {result['daemon_warnings'] or 'none'}")
     figures: dict[str, Any] = {"ours": jsonable(result)}
     if not args.no_peer:

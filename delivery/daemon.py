@@ -9,6 +9,16 @@ drained and the embedded ``nats-server`` child is stopped. Whatever a SIGKILL
 interrupts is recovered on restart: claims are released (SQLite,
 one writer) or expire, unsent outbox rows are relayed, and unacked NATS messages
 are redelivered.
+
+When the scheduler and the dispatcher run here together with the template composer,
+fires go from one to the other through an in-memory queue
+(:class:`~delivery.handoff.Handoff`) instead of the relay and JetStream. The fire's
+``fire.created`` outbox row is still written in the fire's transaction, held for a
+grace period, and stamped sent in the transaction that writes its notification, so
+a SIGKILL in between leaves the row for the relay to publish once the grace ends
+(at once on the embedded SQLite: the restarted process releases its predecessor's
+held rows). The queue is bounded; fires beyond it take the JetStream path. On
+shutdown the scheduler stops before the dispatcher, which drains the queue.
 """
 
 import asyncio
@@ -35,6 +45,7 @@ from delivery.bus.subjects import Subjects
 from delivery.clock import Clock, SystemClock
 from delivery.datadir import NATS_DIR, prepare_data_dir
 from delivery.embedded import EmbeddedNats
+from delivery.handoff import Handoff
 from delivery.loops import PeriodicLoop
 from delivery.ops import (
     HEARTBEAT_S,
@@ -57,6 +68,7 @@ from delivery.startup import (
 from delivery.store.engine import Capabilities, create_engine, is_sqlite
 from delivery.store.facts import SCHEDULER_SEEN, FactStore
 from delivery.store.gauges import GaugeStore
+from delivery.store.outbox import OutboxStore
 from delivery.store.policy import EXPIRY_BATCH, expire_due
 
 if TYPE_CHECKING:
@@ -72,6 +84,12 @@ SHUTDOWN_FLUSH_S = 10.0
 
 EXPIRY_SWEEP_S = 5.0
 """How often the scheduler process moves pending messages past their deadline to expired."""
+HANDOFF_CAPACITY = 10_000
+"""
+Fires waiting for the in-process dispatcher at most (queued or being written). The
+template dispatcher makes a few thousand notifications a second here, so the last of
+them waits seconds, well inside the grace; a burst beyond it goes through JetStream.
+"""
 
 
 class Part(StrEnum):
@@ -285,6 +303,17 @@ class Daemon:
             prune.start()
             _on_stop(stack, "outbox-prune", prune.stop)
 
+        handoff = self._handoff()
+        if single_writer and Part.SCHEDULER in self.parts:
+            # The one process on this database: a fire held for a dispatcher is a
+            # killed process's (with or without a hand-off now), and no one will
+            # stamp it; publish it now.
+            released = await OutboxStore(engine).release_held(
+                self.subjects.fire_created, self.clock.now()
+            )
+            if released:
+                log.info("handoff_released", fires=released)
+
         if Part.SCHEDULER in self.parts:
             scheduler = Scheduler(
                 engine,
@@ -294,6 +323,7 @@ class Daemon:
                 lease=timedelta(seconds=settings.lease_s),
                 on_outbox=self._wake_relay,
                 lookahead=timedelta(seconds=settings.lookahead_s),
+                handoff=handoff,
             )
             self.scheduler = scheduler
             if single_writer:
@@ -348,10 +378,19 @@ class Daemon:
             from delivery.dispatcher.app import Dispatcher
 
             dispatcher = Dispatcher(
-                settings, engine, nats_url=nats_url, clock=self.clock, on_batch=self._dispatched
+                settings,
+                engine,
+                nats_url=nats_url,
+                clock=self.clock,
+                on_batch=self._dispatched,
+                handoff=handoff,
             )
             await dispatcher.start()
             _on_stop(stack, "dispatcher", dispatcher.stop)
+            if handoff is not None:
+                # The scheduler stops handing fires over before the dispatcher
+                # drains its queue (stopping a loop twice is harmless).
+                _on_stop(stack, "scheduler-tick", job.stop)
 
         if Part.HANDLERS in self.parts:
             await self._start_handlers(stack, engine, nats_url)
@@ -425,6 +464,19 @@ class Daemon:
         sweep = PeriodicLoop("advance-time-jobs", sweep_step, JOB_SWEEP_S)
         sweep.start()
         _on_stop(stack, "advance-time-jobs", sweep.stop)
+
+    def _handoff(self) -> Handoff | None:
+        """
+        The scheduler-to-dispatcher queue, when both run here with the template
+        composer: an LLM batch can take longer than the outbox row's grace.
+        """
+        if not {Part.SCHEDULER, Part.DISPATCHER} <= self.parts or self.settings.composer == "llm":
+            return None
+        from delivery.dispatcher.app import TEMPLATE_ACK_WAIT_S
+
+        # The grace is the time JetStream gives a fetched batch before it is sent
+        # again: a crash costs a handed-off fire the lateness it costs a fetched one.
+        return Handoff(HANDOFF_CAPACITY, timedelta(seconds=TEMPLATE_ACK_WAIT_S))
 
     # --- steps ------------------------------------------------------------------
 

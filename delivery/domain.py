@@ -173,7 +173,9 @@ class TickResult:
         failed: claimed schedules whose cadence could not be compiled.
         disabled: schedules disabled because ``ends_at`` passed.
         wakeups: wakeups claimed and queued for the dispatcher.
-        outbox: outbox rows written.
+        outbox: outbox rows written for the relay to publish now (handed-off
+            fires' rows are held, not counted).
+        handed: fires handed to the dispatcher in this process (:mod:`delivery.handoff`).
         more: a batch was full, so more rows may be due right now.
         fire_ids: the ids of the fires inserted.
         next_release: the earliest fire instant after ``now`` among the fires
@@ -190,6 +192,7 @@ class TickResult:
     disabled: int = 0
     wakeups: int = 0
     outbox: int = 0
+    handed: int = 0
     more: bool = False
     fire_ids: list[FireId] = field(default_factory=list)
     next_release: datetime | None = None
@@ -204,6 +207,7 @@ class TickResult:
         self.failed += other.failed
         self.disabled += other.disabled
         self.wakeups += other.wakeups
+        self.handed += other.handed
         self.outbox += other.outbox
         self.more = other.more
         self.fire_ids.extend(other.fire_ids)

@@ -117,6 +117,12 @@ DISPATCH_MESSAGES = Counter(
     "duplicate: a redelivery, skipped: cancelled or missing source).",
     ["outcome"],
 )
+DISPATCH_HANDED = Counter(
+    "delivery_dispatch_handed",
+    "Fires the scheduler handed to the dispatcher in its own process instead of "
+    "through JetStream, by result (processed; failed: left for the outbox relay).",
+    ["result"],
+)
 DISPATCH_REDELIVERED = Counter(
     "delivery_dispatch_redelivered",
     "Messages JetStream delivered to the dispatcher more than once, by source kind.",

@@ -25,9 +25,11 @@ from delivery import metrics
 from delivery.bus.subjects import Subjects
 from delivery.cadence import CompiledSchedule
 from delivery.domain import TickResult
+from delivery.handoff import Handoff
 from delivery.planning import DEFAULT_MAX_SKIPS, SchedulePlan, plan_schedule
 from delivery.store.engine import Engine
 from delivery.store.schedules import (
+    AppliedPlans,
     ClaimedSchedule,
     PlannedSchedule,
     SchedulerStore,
@@ -167,6 +169,10 @@ class Scheduler:
             restages the fire, so the message still shows the state at the
             fire instant (:func:`delivery.store.staging.restage_fires`).
         store: the store to use instead of a :class:`ScheduleStore` on ``engine``.
+        handoff: the queue of the dispatcher in this process
+            (:mod:`delivery.handoff`): the fires it has room for are handed to it
+            after the commit, their outbox rows held for its grace; the others go
+            through the relay as always.
 
     Raises:
         ValueError: a lookahead outside [0, :data:`MAX_LOOKAHEAD`].
@@ -186,6 +192,7 @@ class Scheduler:
         on_outbox: Callable[[], None] | None = None,
         lookahead: timedelta = timedelta(0),
         store: SchedulerStore | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         if not timedelta(0) <= lookahead <= MAX_LOOKAHEAD:
             raise ValueError(f"lookahead must be within [0, {MAX_LOOKAHEAD}], got {lookahead}")
@@ -198,6 +205,7 @@ class Scheduler:
         self.max_skips = max_skips
         self.cache = CompiledCache(cache_size)
         self.on_outbox = on_outbox
+        self.handoff = handoff
         self._log = log.bind(scheduler=self.instance_id)
 
     # --- public -----------------------------------------------------------------
@@ -353,13 +361,14 @@ class Scheduler:
             _count(result, {})
             return result
 
-        applied = await self.store.apply_plans(self.instance_id, planned, now=now)
+        applied = await self._apply_plans(planned, now)
         result.stale = len(applied.stale)
         result.fire_ids = applied.fire_ids
         result.fired = len(applied.fire_ids)
         result.skipped = applied.skipped
         result.conflicts = applied.conflicts
-        result.outbox = len(applied.fire_ids)
+        result.handed = len(applied.handed)
+        result.outbox = len(applied.fire_ids) - result.handed
         result.next_release = applied.next_release
         for schedule_id in applied.stale:
             self._log.info("schedule_changed_during_tick", schedule_id=schedule_id)
@@ -399,6 +408,30 @@ class Scheduler:
         if result.conflicts:
             self._log.warning("fire_conflicts", conflicts=result.conflicts)
         return result
+
+    async def _apply_plans(self, planned: Sequence[PlannedSchedule], now: datetime) -> AppliedPlans:
+        """The store's :meth:`~SchedulerStore.apply_plans`, handing off what fits."""
+        handoff = self.handoff
+        granted = 0
+        if handoff is not None:
+            granted = handoff.reserve(sum(len(p.plan.fires) for p in planned))
+        if handoff is None or not granted:
+            return await self.store.apply_plans(self.instance_id, planned, now=now)
+        try:
+            applied = await self.store.apply_plans(
+                self.instance_id,
+                planned,
+                now=now,
+                hand_off=granted,
+                held_until=now + handoff.grace,
+            )
+        except BaseException:
+            handoff.cancel(granted)
+            raise
+        # Only after the commit: a ref handed earlier could be composed from a fire
+        # row that then rolls back.
+        handoff.put(applied.handed, granted)
+        return applied
 
     # --- wakeups ----------------------------------------------------------------
 

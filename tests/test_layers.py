@@ -43,6 +43,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "delivery.settings",
             "delivery.secrets",
             "delivery.loops",
+            "delivery.handoff",
             "delivery.datadir",
             "delivery.metrics",
             "delivery.tracing",

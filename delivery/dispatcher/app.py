@@ -46,6 +46,7 @@ from delivery.dispatcher.messages import Messages, TemplateBooks
 from delivery.dispatcher.policies import Policies
 from delivery.dispatcher.process import BatchResult, Processor
 from delivery.domain import SourceKind, SourceRef
+from delivery.handoff import Handoff
 from delivery.settings import Settings
 from delivery.store.policy import PolicyStore
 from delivery.store.templates import TemplateStore
@@ -152,6 +153,11 @@ class Dispatcher:
             ``settings.llm_retry_s`` before the templates stand in.
         on_batch: called with every batch's result after its messages are
             acked (metrics, and tests waiting on an event instead of sleeping).
+        handoff: the scheduler of this process hands fires here
+            (:mod:`delivery.handoff`); they are processed in batches as those of
+            JetStream are, sharing their in-flight limit, and their held outbox
+            entries stamped sent in the batch's write transaction. A batch that
+            fails is left to the relay, which publishes it after the grace.
     """
 
     def __init__(
@@ -163,6 +169,7 @@ class Dispatcher:
         clock: Clock,
         composer: Composer | None = None,
         on_batch: Callable[[BatchResult], None] | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         self.subjects = Subjects(settings.subject_prefix)
         self._own_composer = composer is None
@@ -192,6 +199,8 @@ class Dispatcher:
         self.broker = self._build_broker()
         self._started = False
         self._on_batch = on_batch
+        self.handoff = handoff
+        self._local: asyncio.Task[None] | None = None
 
     def _build_broker(self) -> NatsBroker:
         # logger=None: every line we log goes through structlog with ids bound.
@@ -257,12 +266,45 @@ class Dispatcher:
             self._on_batch(result)
         return result
 
+    async def _consume_local(self, handoff: Handoff) -> None:
+        """Take the handed-off fires in batches until the queue is closed and empty."""
+        while refs := await handoff.take(self.batch_size, BATCH_WAIT_S):
+            await self._slots.acquire()
+            task = asyncio.create_task(self._handle_local(refs))
+            self._batches.add(task)
+            task.add_done_callback(self._batch_done)
+
+    async def _handle_local(self, refs: list[SourceRef]) -> BatchResult:
+        """One handed-off batch: process and stamp (errors stop here: a process edge)."""
+        try:
+            result = await self.processor.process(refs, handed=True)
+        except Exception:
+            # Nothing committed: the held outbox rows stay unsent and the relay
+            # publishes them when the grace ends, as if the process had died.
+            assert self.handoff is not None  # noqa: S101 - only started with one
+            metrics.DISPATCH_HANDED.labels("failed").inc(len(refs))
+            log.exception(
+                "dispatch.batch_failed",
+                ids=[r.id for r in refs],
+                relayed_in_s=self.handoff.grace.total_seconds(),
+            )
+            return BatchResult()
+        metrics.DISPATCH_HANDED.labels("processed").inc(len(refs))
+        _count(result)
+        if self._on_batch is not None:
+            self._on_batch(result)
+        return result
+
     async def start(self) -> None:
         """Connect, make sure the stream exists, start the three durable consumers."""
         await self.broker.connect()
         state = self.broker.config.connection_state
         await ensure_stream(state.stream, self.subjects, replicas=stream_replicas(state.connection))
         await self.broker.start()
+        if self.handoff is not None:
+            self._local = asyncio.create_task(
+                self._consume_local(self.handoff), name="dispatcher-handoff"
+            )
         self._started = True
         log.info("dispatcher.started", stream=self.subjects.stream, batch_size=self.batch_size)
 
@@ -277,8 +319,18 @@ class Dispatcher:
         """Stop consuming, wait for in-flight batches (up to 30 s), close everything."""
         # Stop pulling first and let the batches in flight commit and ack over the
         # still-open connection; the broker then closes it.
+        if self.handoff is not None:
+            # No new fires are handed over; those queued are processed now, so the
+            # relay need not publish them after the grace on the next start.
+            self.handoff.close()
         for subscriber in self.broker.subscribers:
             await subscriber.stop()
+        if self._local is not None:
+            try:
+                await asyncio.wait_for(self._local, 30.0)
+            except TimeoutError:
+                log.warning("dispatch.handoff_not_drained", left=len(self.handoff or ()))
+            self._local = None
         await self.idle(timeout_s=30.0)
         await self.broker.stop()
         if self._own_composer:

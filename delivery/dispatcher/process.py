@@ -13,6 +13,7 @@ SQL here: :mod:`delivery.store.notifications` holds it.
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -665,7 +666,11 @@ class Processor:
         return await self.policies.of_drafts(drafts)
 
     async def process(
-        self, refs: Sequence[SourceRef], carriers: dict[str, Carrier] | None = None
+        self,
+        refs: Sequence[SourceRef],
+        carriers: dict[str, Carrier] | None = None,
+        *,
+        handed: bool = False,
     ) -> BatchResult:
         """
         Make the notification of every ref that does not have one yet.
@@ -677,6 +682,10 @@ class Processor:
         Args:
             carriers: source id -> the request id and trace context its message
                 carried (most have none); passed on to the handlers.
+            handed: the refs were handed off in-process (:mod:`delivery.handoff`),
+                not consumed from JetStream: their held outbox entries (msg id =
+                source id) are stamped sent in the transaction that writes the
+                notifications, also when nothing is written (duplicates, skips).
         """
         result = BatchResult()
         sources = await self.store.load_sources(refs)
@@ -692,7 +701,12 @@ class Processor:
                 source_id=source_id,
                 notification_id=notification_id(source_id),
             )
+        sent = [r.id for r in refs] if handed else []
         if not drafts and not replace:
+            if sent:
+                await self.store.write_notifications(
+                    NotificationBatch((), (), now=self.clock.now(), sent=sent)
+                )
             return result
         composers: Mapping[str, str] = {}
         if self.messages is not None:
@@ -714,6 +728,8 @@ class Processor:
             policies=policies,
             quiet=quiet,
         )
+        if sent:
+            batch = dataclasses.replace(batch, sent=sent)
         written = await self.store.write_notifications(batch)
         for source_id in written.lost:
             result.skipped[source_id] = LOST_WAKEUP

@@ -159,6 +159,10 @@ class NotificationBatch:
         now: the instant the budget's rolling window ends at.
         offsets: source id -> the clock offset (seconds) of its advanced pair: that
             message's budget is counted on the pair's clock (:func:`budgeting`).
+        sent: msg ids of outbox entries this write delivers in place of the relay
+            (fires handed off in-process, :mod:`delivery.handoff`): stamped sent at
+            ``now`` in the same transaction, so they are published only if it never
+            commits.
     """
 
     notifications: Sequence[Mapping[str, Any]]
@@ -169,6 +173,7 @@ class NotificationBatch:
     budgets: Mapping[str, AttentionBudget] = field(default_factory=dict)
     now: datetime | None = None
     offsets: Mapping[str, float] = field(default_factory=dict)
+    sent: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +329,10 @@ def writing(batch: NotificationBatch) -> Steps[Written]:
        (:func:`delivery.store.policy.superseding`);
     6. insert the notifications, skipping any whose ``source_id`` has one;
     7. insert the outbox entries of the rows still live, skipping any whose
-       ``msg_id`` is queued.
+       ``msg_id`` is queued;
+    8. stamp the outbox entries of ``batch.sent`` sent at ``batch.now``: the
+       entries of handed-off fires, which the relay holds back until it is sure
+       no notification of theirs committed; this commit is that proof.
     """
     yield from dropping_staged(batch.replace)
     executed: set[str] = set()
@@ -359,6 +367,10 @@ def writing(batch: NotificationBatch) -> Steps[Written]:
     outbox = [o for o in batch.outbox if o["msg_id"] in kept]
     yield InsertIgnoring(NOTIFICATIONS, rows, ("source_id",))
     yield InsertIgnoring(OUTBOX, outbox, ("msg_id",))
+    if batch.sent:
+        if batch.now is None:
+            raise ValueError("a batch that stamps outbox entries sent needs its now")
+        yield UpdateIn(OUTBOX, "msg_id", sorted(set(batch.sent)), {"sent_at": batch.now})
     return Written(rows, lost)
 
 

@@ -148,6 +148,25 @@ class OutboxStore:
         async with write_transaction(self.engine) as conn:
             await _stamp(conn, batch.stamps)
 
+    async def release_held(self, subject: str, now: datetime) -> int:
+        """
+        Make the unsent rows of ``subject`` held past ``now`` available at ``now``;
+        how many.
+
+        A fire handed to a dispatcher in the same process has its row held for a
+        grace period (:mod:`delivery.handoff`). When that process is known dead
+        (the one process on a single-writer database starting again), nothing
+        can stamp those rows any more: the relay need not wait out the grace.
+        """
+        o = OUTBOX.c
+        async with write_transaction(self.engine) as conn:
+            result = await conn.execute(
+                update(OUTBOX)
+                .where(o.subject == subject, o.sent_at.is_(None), o.available_at > now)
+                .values(available_at=now)
+            )
+        return int(result.rowcount or 0)
+
     async def prune(self, sent_before: datetime) -> int:
         """See :meth:`RelayStore.prune`."""
         async with write_transaction(self.engine) as conn:

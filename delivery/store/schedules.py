@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from delivery.bus.messages import FireCreated, WakeupDue
 from delivery.bus.subjects import Subjects
 from delivery.cadence import CompiledSchedule, compile_schedule
-from delivery.domain import FireId, earliest
+from delivery.domain import FireId, SourceKind, SourceRef, earliest
 from delivery.planning import SchedulePlan, Skip, fire_id
 from delivery.policy import source_policy
 from delivery.store import direct
@@ -232,6 +232,9 @@ class AppliedPlans:
         conflicts: planned fires whose (schedule_id, fire_at) row already existed.
         next_release: the earliest fire instant after ``now`` among the fires
             inserted (staged ahead by a lookahead).
+        handed: the fires of ``fire_ids`` whose outbox row was held for the
+            in-process dispatcher (``available_at`` at the hand-off's end), as the
+            refs it processes.
     """
 
     kept: frozenset[str] = frozenset()
@@ -240,6 +243,7 @@ class AppliedPlans:
     skipped: int = 0
     conflicts: int = 0
     next_release: datetime | None = None
+    handed: list[SourceRef] = field(default_factory=list)
 
 
 class SchedulerStore(Protocol):
@@ -267,7 +271,13 @@ class SchedulerStore(Protocol):
         ...
 
     async def apply_plans(
-        self, owner: str, planned: Sequence[PlannedSchedule], *, now: datetime
+        self,
+        owner: str,
+        planned: Sequence[PlannedSchedule],
+        *,
+        now: datetime,
+        hand_off: int = 0,
+        held_until: datetime | None = None,
     ) -> AppliedPlans:
         """
         Write the plans of schedules ``owner`` claimed, in ONE transaction.
@@ -286,6 +296,12 @@ class SchedulerStore(Protocol):
         queued per ``fired`` row inserted, available at once when the fire lies
         after ``now`` and just before its instant otherwise. Either all of it
         commits or none. Replaying the same plans inserts nothing twice.
+
+        With ``hand_off`` and ``held_until``, the outbox rows of the first
+        ``hand_off`` fires inserted are instead available at ``held_until``: the
+        caller hands those fires (``AppliedPlans.handed``) to a dispatcher in its
+        own process, which stamps the rows sent when it writes their
+        notifications; the relay publishes any it has not stamped by then.
         """
         ...
 
@@ -730,12 +746,19 @@ class ScheduleStore(StoreBase):
     # --- writes -----------------------------------------------------------------
 
     async def apply_plans(
-        self, owner: str, planned: Sequence[PlannedSchedule], *, now: datetime
+        self,
+        owner: str,
+        planned: Sequence[PlannedSchedule],
+        *,
+        now: datetime,
+        hand_off: int = 0,
+        held_until: datetime | None = None,
     ) -> AppliedPlans:
         """See :meth:`SchedulerStore.apply_plans`."""
         if not planned:
             return AppliedPlans()
-        apply = partial(self._apply, owner=owner, planned=planned, now=now)
+        held = (hand_off, held_until) if hand_off > 0 and held_until is not None else None
+        apply = partial(self._apply, owner=owner, planned=planned, now=now, held=held)
         if self._caps.driver_thread:
             return await direct.write(self.engine, lambda db: apply(_DirectWrites(db)))
         core = partial(
@@ -751,6 +774,7 @@ class ScheduleStore(StoreBase):
         owner: str,
         planned: Sequence[PlannedSchedule],
         now: datetime,
+        held: tuple[int, datetime] | None = None,
     ) -> AppliedPlans:
         """:meth:`apply_plans` inside its transaction, on either set of writes."""
         # The version bump comes first: it locks the rows. Bumping a stale row once
@@ -770,7 +794,15 @@ class ScheduleStore(StoreBase):
         fire_rows = _fire_rows(kept, now)
         inserted = writes.insert_fires(fire_rows)
         offsets = {p.row.id: pair_offset(p.row) for p in kept if p.row.due_at is not None}
-        writes.insert_outbox(self._outbox_rows(fire_rows, inserted, now, applied, offsets))
+        outbox, refs = self._outbox_rows(fire_rows, inserted, now, applied, offsets)
+        if held is not None:
+            count, until = held
+            # Held until the in-process dispatcher has had its chance; the relay
+            # publishes whatever it has not stamped sent by then.
+            for entry in outbox[:count]:
+                entry["available_at"] = until
+            applied.handed = refs[:count]
+        writes.insert_outbox(outbox)
         return applied
 
     def _outbox_rows(
@@ -780,14 +812,16 @@ class ScheduleStore(StoreBase):
         now: datetime,
         applied: AppliedPlans,
         offsets: Mapping[str, timedelta],
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], list[SourceRef]]:
         """
-        One ``fire.created`` per inserted fire; counts the fires into ``applied``.
+        One ``fire.created`` per inserted fire, and its ref (what the message
+        names); counts the fires into ``applied``.
 
         ``offsets``: schedule id -> its pair's clock offset, for the schedules of
         advanced pairs (their fire instants are on the pair's clock).
         """
         outbox_rows: list[dict[str, Any]] = []
+        refs: list[SourceRef] = []
         subject = self.subjects.fire_created
         for fire in fire_rows:
             if fire["status"] != "fired":
@@ -803,6 +837,7 @@ class ScheduleStore(StoreBase):
                 fire_at=fire["fire_at"],
                 offset_s=0.0 if offset is None else offset.total_seconds(),
             )
+            refs.append(SourceRef(SourceKind.SCHEDULE, fire["id"], offset_s=payload.offset_s))
             if offset is not None:
                 # Planned on the pair's clock without lookahead: due now, never staged.
                 outbox_rows.append(
@@ -836,7 +871,7 @@ class ScheduleStore(StoreBase):
         # Counted from the rows, not rowcount: asyncpg's executemany rowcount is
         # not reliable, and each msg_id is a fire id inserted just before.
         applied.skipped = len(inserted) - len(applied.fire_ids)
-        return outbox_rows
+        return outbox_rows, refs
 
 
 _CLAIM_SQL = (

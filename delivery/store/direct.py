@@ -310,25 +310,61 @@ def select_where(
     ``columns`` (default all). ``after`` (column, instant): only rows whose instant
     column is NULL or later than the instant.
     """
-    full = codec(table)
-    c = full if columns is None else full.only(tuple(columns))
-    conditions = {k: v for k, v in equals.items() if v is not None}
-    where = [f"{_names(full, [n])} = ?" for n in conditions]
-    where += [f"{_names(full, [n])} IS NULL" for n, v in equals.items() if v is None]
-    [params] = full.params([conditions], list(conditions))
+    names = tuple(equals)
+    nulls = tuple(value is None for value in equals.values())
+    c, sql, converting = _select_plan(
+        table,
+        names,
+        nulls,
+        None if columns is None else tuple(columns),
+        tuple(order_by),
+        None if after is None else after[0],
+        limit is not None,
+    )
+    params: list[Any] = []
+    for (name, null), convert in zip(zip(names, nulls, strict=True), converting, strict=True):
+        if not null:
+            value = equals[name]
+            params.append(value if convert is None else convert(value))
     if after is not None:
-        name = _names(full, [after[0]])
+        params.append(sqlite_instant(after[1]))
+    if limit is not None:
+        params.append(limit)
+    return [c.row(values) for values in db.execute(sql, params).fetchall()]
+
+
+@lru_cache(maxsize=512)
+def _select_plan(
+    table: Table,
+    names: tuple[str, ...],
+    nulls: tuple[bool, ...],
+    columns: tuple[str, ...] | None,
+    order_by: tuple[str, ...],
+    after: str | None,
+    limited: bool,
+) -> tuple[Codec, str, tuple[Callable[[Any], Any] | None, ...]]:
+    """
+    :func:`select_where`'s codec of the rows read, its statement, and the converter
+    of each ``equals`` column, for one shape of call (which columns are compared,
+    which of them to NULL). Cached, as :func:`_insert_plan` is: the pair-clock
+    check of every create POST is one of these.
+    """
+    full = codec(table)
+    c = full if columns is None else full.only(columns)
+    where = [f"{_names(full, [n])} = ?" for n, null in zip(names, nulls, strict=True) if not null]
+    where += [f"{_names(full, [n])} IS NULL" for n, null in zip(names, nulls, strict=True) if null]
+    if after is not None:
+        name = _names(full, [after])
         where.append(f"({name} IS NULL OR {name} > ?)")
-        params = (*params, sqlite_instant(after[1]))
     sql = f'SELECT {_names(c, c.columns)} FROM "{c.table}"'  # noqa: S608
     if where:
         sql += " WHERE " + " AND ".join(where)
     if order_by:
         sql += " ORDER BY " + _names(full, order_by)
-    if limit is not None:
+    if limited:
         sql += " LIMIT ?"
-        params = (*params, limit)
-    return [c.row(values) for values in db.execute(sql, params).fetchall()]
+    converting = tuple(full.writers[full.columns.index(n)] for n in names)
+    return c, sql, converting
 
 
 def insert_rows(db: sqlite3.Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -338,12 +374,9 @@ def insert_rows(db: sqlite3.Connection, table: Table, rows: Sequence[Mapping[str
     """
     if not rows:
         return
-    c = codec(table)
-    columns = list(rows[0])
-    db.executemany(
-        f'INSERT INTO "{c.table}" ({_names(c, columns)}) VALUES ({_marks(len(columns))})',  # noqa: S608
-        c.params(rows, columns),
-    )
+    columns = tuple(rows[0])
+    sql, converting = _insert_plan(table, columns, None)
+    db.executemany(sql, _converted(rows, columns, converting))
 
 
 def insert_ignoring_duplicates(
@@ -359,16 +392,52 @@ def insert_ignoring_duplicates(
     """
     if not rows:
         return 0
-    c = codec(table)
-    columns = list(rows[0])
-    names = _names(c, columns)
-    before = db.total_changes
-    db.executemany(
-        f'INSERT INTO "{c.table}" ({names}) VALUES ({_marks(len(columns))}) '  # noqa: S608
-        f"ON CONFLICT ({_names(c, [unique] if isinstance(unique, str) else unique)}) DO NOTHING",
-        c.params(rows, columns),
+    columns = tuple(rows[0])
+    sql, converting = _insert_plan(
+        table, columns, (unique,) if isinstance(unique, str) else tuple(unique)
     )
+    before = db.total_changes
+    db.executemany(sql, _converted(rows, columns, converting))
     return db.total_changes - before
+
+
+type _Converting = tuple[tuple[int, Callable[[Any], Any]], ...]
+
+
+@lru_cache(maxsize=512)
+def _insert_plan(
+    table: Table, columns: tuple[str, ...], unique: tuple[str, ...] | None
+) -> tuple[str, _Converting]:
+    """
+    The ``INSERT`` (``ON CONFLICT (unique) DO NOTHING`` with ``unique``) of
+    ``columns`` into ``table``, and which of them convert (position, converter).
+
+    Cached: a create POST's insert spent more time naming and checking its twenty
+    columns and finding each one's converter than SQLite spent on the row.
+    """
+    c = codec(table)
+    sql = f'INSERT INTO "{c.table}" ({_names(c, columns)}) VALUES ({_marks(len(columns))})'  # noqa: S608
+    if unique is not None:
+        sql += f" ON CONFLICT ({_names(c, unique)}) DO NOTHING"
+    converting = tuple(
+        (i, convert)
+        for i, name in enumerate(columns)
+        if (convert := c.writers[c.columns.index(name)]) is not None
+    )
+    return sql, converting
+
+
+def _converted(
+    rows: Iterable[Mapping[str, Any]], columns: tuple[str, ...], converting: _Converting
+) -> list[tuple[Any, ...]]:
+    """The parameters of each row for ``columns``, converted for SQLite (:meth:`Codec.params`)."""
+    out = []
+    for row in rows:
+        values = [row[name] for name in columns]
+        for i, convert in converting:
+            values[i] = convert(values[i])
+        out.append(tuple(values))
+    return out
 
 
 def update_in(

@@ -526,3 +526,44 @@ def test_a_step_on_a_start_runs_to_the_end_of_the_field(short: str, spelled_out:
     for values, theirs in zip(fields, expanded, strict=True):
         if theirs != ["*"]:
             assert sorted(values) == theirs
+
+
+def test_a_compiled_shape_answers_only_its_own_values() -> None:
+    """
+    ``compile_schedule`` reuses what it made of a cadence and window before; that
+    never answers other values equal in Python (``true == 1``, ``4.0 == 4``), a
+    refused body is refused every time, and no two schedules share an object.
+    """
+    hours = {"frequency": "interval_hours", "interval_hours": 1}
+    first = compile_schedule({"simple": hours, "timezone": "UTC"}, created_at=CREATED)
+    assert first.cadence["simple"]["interval_hours"] == 1
+    for _ in range(2):
+        error = _error({"simple": {**hours, "interval_hours": True}, "timezone": "UTC"})
+        assert error.field == "cadence.simple.interval_hours"
+    whole = {"simple": {**hours, "interval_hours": 4.0}, "timezone": "UTC"}
+    four = compile_schedule(whole, created_at=CREATED)
+    assert four.cadence["simple"]["interval_hours"] == 4
+    assert type(four.cadence["simple"]["interval_hours"]) is int
+    # A time given as a number is refused however often, after the string compiled.
+    compile_schedule({"simple": DAILY, "timezone": "UTC"}, created_at=CREATED)
+    for _ in range(2):
+        _error({"simple": {**DAILY, "times": [900]}, "timezone": "UTC"})
+
+    window = {"hours": {"start": "08:00", "end": "20:00"}}
+    one = compile_schedule({"simple": DAILY, "timezone": "UTC"}, window, created_at=CREATED)
+    one.cadence["simple"]["times"].append("10:00")
+    assert one.active_window is not None
+    one.active_window["hours"]["end"] = "09:00"
+    two = compile_schedule({"simple": DAILY, "timezone": "UTC"}, window, created_at=CREATED)
+    assert two.cadence == {"simple": DAILY, "timezone": "UTC"}
+    assert two.active_window == window
+    # Bounds and anchor are the schedule's own, not the first compile's.
+    later = compile_schedule(
+        {"simple": DAILY, "timezone": "UTC"},
+        window,
+        created_at=CREATED + timedelta(hours=1, seconds=30),
+        ends_at=CREATED + timedelta(days=3),
+    )
+    assert later.anchor == CREATED + timedelta(hours=1, minutes=1)
+    assert later.ends_at == CREATED + timedelta(days=3)
+    assert two.ends_at is None

@@ -227,3 +227,77 @@ async def test_a_clean_return_skips_the_reset_only_once(sqlite: AsyncEngine) -> 
         sqlite, lambda db: db.execute("SELECT count(*) FROM projects").fetchone()[0]
     )
     assert count == 1
+
+
+async def test_each_column_set_and_order_gets_its_own_insert(sqlite: AsyncEngine) -> None:
+    """
+    Inserts are prepared once per (table, columns in order, conflict target): rows
+    whose columns come in another order, or another conflict target, are still
+    stored as SQLAlchemy stores them, and a name that is not a column is refused
+    every time.
+    """
+    values = {"next_fire_at": T + timedelta(hours=3), "enabled": False, "ends_at": T}
+    async with sqlite.begin() as conn:
+        await conn.execute(SCHEDULES.insert(), [schedule(1, **values)])
+    ordered = schedule(2, **values)
+    backwards = dict(reversed(list(schedule(3, **values).items())))
+    await direct.write(sqlite, lambda db: direct.insert_rows(db, SCHEDULES, [ordered]))
+    await direct.write(sqlite, lambda db: direct.insert_rows(db, SCHEDULES, [backwards]))
+    inserted = await direct.write(
+        sqlite,
+        lambda db: direct.insert_ignoring_duplicates(
+            db, SCHEDULES, [schedule(4, **values), schedule(1)], unique=("id",)
+        ),
+    )
+    assert inserted == 1
+    for sid in ("sch_2", "sch_3", "sch_4"):
+        assert await stored_text(sqlite, sid) == await stored_text(sqlite, "sch_1")
+    async with sqlite.connect() as conn:
+        rows = {r["id"]: dict(r) for r in (await conn.execute(select(SCHEDULES))).mappings()}
+    assert rows["sch_3"] == {**rows["sch_1"], "id": "sch_3", "user_id": "u3"}
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no column"):
+            await direct.write(
+                sqlite,
+                lambda db: direct.insert_rows(db, SCHEDULES, [{**ordered, "id = 1 --": 1}]),
+            )
+
+
+async def test_a_select_is_prepared_per_shape_of_its_conditions(sqlite: AsyncEngine) -> None:
+    """
+    ``select_where`` is prepared once per shape of call: the same columns compared
+    to a value or to NULL, read whole or in part, with or without a bound, each
+    read what it asks for.
+    """
+    rows = [schedule(1, ends_at=None), schedule(2, ends_at=T), schedule(3, ends_at=T)]
+    await direct.write(sqlite, lambda db: direct.insert_rows(db, SCHEDULES, rows))
+
+    def ids(**options: Any) -> Any:
+        equals = options.pop("equals")
+        return direct.read(
+            sqlite,
+            lambda db: [
+                r["id"]
+                for r in direct.select_where(db, SCHEDULES, equals, order_by=("id",), **options)
+            ],
+        )
+
+    for _ in range(2):
+        assert await ids(equals={"project_id": "prj", "ends_at": None}) == ["sch_1"]
+        assert await ids(equals={"project_id": "prj", "ends_at": T}) == ["sch_2", "sch_3"]
+        assert await ids(equals={"project_id": "prj", "ends_at": T}, limit=1) == ["sch_2"]
+        assert await ids(equals={"project_id": "other", "ends_at": T}) == []
+    later = T + timedelta(hours=1)
+    assert await ids(equals={"project_id": "prj"}, after=("ends_at", later)) == ["sch_1"]
+    assert await ids(equals={"project_id": "prj"}, after=("ends_at", T - timedelta(1))) == [
+        "sch_1",
+        "sch_2",
+        "sch_3",
+    ]
+    [only] = await direct.read(
+        sqlite,
+        lambda db: direct.select_where(
+            db, SCHEDULES, {"id": "sch_2"}, columns=("ends_at", "enabled")
+        ),
+    )
+    assert only == {"ends_at": T, "enabled": True}

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from delivery.store.engine import after_commit, unit_of_work
+from delivery.store.engine import after_commit, create_engine, unit_of_work, url_text
 from delivery.store.sql import SqlStore
 from delivery.store.steps import InsertRows, Runner, Steps
 from delivery.store.tables import WAKEUPS, WakeupRow
@@ -120,3 +120,33 @@ async def test_a_failed_store_call_in_a_unit_undoes_only_its_own_writes(
     async with store.read() as conn:
         ids = [r.id for r in await conn.execute(WAKEUPS.select().order_by(WAKEUPS.c.id))]
     assert ids == ["wk_1", "wk_2"]
+
+
+async def test_a_unit_joins_writes_on_its_database_whatever_the_engine_object(
+    engine: AsyncEngine,
+) -> None:
+    """
+    A unit is joined by writes through any engine on its database (the URL is
+    what counts, made once per engine), never through an engine on another one,
+    even one created where an earlier engine object lived.
+    """
+    store = SqlStore(engine)
+    project = (await store.keys.ensure_project("p", NOW)).id
+    twin = create_engine(engine.url.render_as_string(hide_password=False))
+    try:
+        async with unit_of_work(engine) as unit:
+            await SqlStore(twin).wakeups.insert_wakeup(_wakeup(project, 1))
+            assert unit.began
+            assert await _outside_count(engine) == 0
+            await unit.commit()
+        assert await store.count(WAKEUPS) == 1
+    finally:
+        await twin.dispose()
+    # Engines come and go (CPython reuses their addresses): each is named by its own URL.
+    for i in range(50):
+        other = create_engine(f"sqlite+aiosqlite:////tmp/never-opened-{i}.db")
+        assert url_text(other) == str(other.url)
+        async with unit_of_work(engine) as unit:
+            assert unit.joins(engine)
+            assert not unit.joins(other)
+        del other

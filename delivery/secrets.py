@@ -14,11 +14,6 @@ tampered or foreign ciphertext fails loudly instead of decrypting to garbage. Th
 
 Signing needs the secret itself (HMAC), so it is encrypted, not hashed.
 
-The recorded answers to ``Idempotency-Key`` requests, sealed on every keyed POST,
-use AES-256-GCM instead (:meth:`SecretBox.seal_answer`, a third key derived from the
-same material): a Fernet token builds its cipher and HMAC objects per call, ~15 us
-on this machine against ~2 us for an AEAD whose key object is made once.
-
 Values that must also be found by equality (a contact's address, unique per user)
 get a keyed digest beside the sealed value (:meth:`SecretBox.digest`, HMAC-SHA256
 with a second key derived from the same material): a plain hash of a phone number
@@ -28,12 +23,9 @@ the key.
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import hmac
-import itertools
 import os
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,9 +45,6 @@ KEY_FILE = datadir.KEY_FILE
 
 _HKDF_INFO = b"sonzai-delivery secrets at rest v1"
 _DIGEST_INFO = b"sonzai-delivery lookup digests v1"
-_ANSWER_INFO = b"sonzai-delivery recorded answers v1"
-_NONCE_COUNTS = 2**32
-"""Nonces per random prefix: the 32-bit counter's range (RFC 5116, 3.2)."""
 _log = structlog.get_logger(__name__)
 
 
@@ -119,7 +108,6 @@ class SecretBox:
             raise ValueError("secret key material is empty")
         self._fernet: Fernet = Fernet(_derive(material))
         self._digest_key = _hkdf(material, _DIGEST_INFO)
-        self._answers = _AnswerCipher(_hkdf(material, _ANSWER_INFO))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "SecretBox":
@@ -173,22 +161,6 @@ class SecretBox:
         except (InvalidToken, UnicodeError) as exc:
             raise SecretDecryptError("stored secret does not decrypt with this key") from exc
 
-    def seal_answer(self, plaintext: bytes) -> str:
-        """
-        ``plaintext`` sealed with AES-256-GCM, as URL-safe base64 text (nonce,
-        ciphertext and tag); :meth:`open_answer` reverses it.
-        """
-        return self._answers.seal(plaintext)
-
-    def open_answer(self, sealed: str) -> bytes:
-        """
-        The plaintext :meth:`seal_answer` sealed in ``sealed``.
-
-        Raises:
-            SecretDecryptError: another key sealed it, or it was altered.
-        """
-        return self._answers.open(sealed)
-
     def digest(self, text: str) -> str:
         """
         The keyed digest of ``text`` (HMAC-SHA256, 64 hex characters): equal texts give
@@ -196,51 +168,6 @@ class SecretBox:
         while the value itself stays sealed.
         """
         return hmac.new(self._digest_key, text.encode(), hashlib.sha256).hexdigest()
-
-
-class _AnswerCipher:
-    """
-    AES-256-GCM with its key object made once, and nonces that never repeat.
-
-    A nonce is a random 8-byte prefix and a 4-byte counter (RFC 5116, 3.2). Random
-    12-byte nonces alone would bound a key to about 2**32 seals (NIST SP 800-38D),
-    a few weeks of keyed POSTs at a thousand a second under one deployment key; a
-    prefix repeats between two processes with probability 2**-64, and is drawn
-    again before its counter wraps.
-    """
-
-    def __init__(self, key: bytes) -> None:
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        self._aead = AESGCM(key)
-        self._lock = threading.Lock()
-        self._renew()
-
-    def _renew(self) -> None:
-        self._prefix = os.urandom(8)
-        self._counts = itertools.count()
-
-    def _nonce(self) -> bytes:
-        with self._lock:
-            count = next(self._counts)
-            if count >= _NONCE_COUNTS:
-                self._renew()
-                count = next(self._counts)
-            return self._prefix + count.to_bytes(4, "big")
-
-    def seal(self, plaintext: bytes) -> str:
-        nonce = self._nonce()
-        sealed = nonce + self._aead.encrypt(nonce, plaintext, None)
-        return base64.urlsafe_b64encode(sealed).decode("ascii")
-
-    def open(self, text: str) -> bytes:
-        from cryptography.exceptions import InvalidTag
-
-        try:
-            sealed = base64.urlsafe_b64decode(text.encode("ascii"))
-            return self._aead.decrypt(sealed[:12], sealed[12:], None)
-        except (InvalidTag, ValueError, binascii.Error) as exc:
-            raise SecretDecryptError("stored answer does not decrypt with this key") from exc
 
 
 class LazySecretBox:

@@ -37,14 +37,6 @@ _METHODS = frozenset({"POST", "PUT", "PATCH"})
 _MAX_KEY = 255
 _log = structlog.get_logger(__name__)
 _SEALED_PREFIX = "sealed:"
-_ANSWER_PREFIX = "sealed:gcm:"
-"""
-A record sealed by :meth:`~delivery.secrets.SecretBox.seal_answer`; after
-``sealed:`` alone, a Fernet token (records written before; a Fernet token
-always starts ``gAAAAA``). Under ``sealed:`` so that a version that knows only
-Fernet fails to open it (an error, and a retry) rather than replaying it as the
-body.
-"""
 
 
 class IdempotencyInProgressError(ConflictError):
@@ -102,14 +94,12 @@ class IdempotencyMiddleware:
         every record costs microseconds per write and keeps the rest of the
         tenant's data encrypted at rest too.
         """
-        return _ANSWER_PREFIX + (await self._sealer()).seal_answer(body)
+        return _SEALED_PREFIX + (await self._sealer()).seal(body.decode())
 
     async def _replayed_body(self, stored: str) -> bytes:
         # Records from before every body was sealed are replayed as they are.
         if not stored.startswith(_SEALED_PREFIX):
             return stored.encode()
-        if stored.startswith(_ANSWER_PREFIX):
-            return (await self._sealer()).open_answer(stored.removeprefix(_ANSWER_PREFIX))
         return (await self._sealer()).open(stored.removeprefix(_SEALED_PREFIX)).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

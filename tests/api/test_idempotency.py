@@ -17,7 +17,6 @@ from delivery.api import create_app
 from delivery.api.app import purge_idempotency_forever
 from delivery.bus.subjects import DEFAULT_SUBJECT_PREFIX, Subjects
 from delivery.planning import Skip
-from delivery.secrets import SecretBox
 from delivery.settings import Settings
 from delivery.store.creates import ExpectedOffset, offset_guard, row_values
 from delivery.store.idempotency import Recorded, write_recorded
@@ -369,38 +368,6 @@ async def test_self_recording_routes_replay_and_refuse_reuse(api: Api, kind: str
             )
         ]
     assert stored.startswith("sealed:")
-
-
-async def test_a_record_sealed_by_an_earlier_version_is_still_replayed(api: Api) -> None:
-    """
-    Records are sealed with AES-GCM under ``sealed:gcm:``; one sealed before as a
-    Fernet token under ``sealed:`` (live for a day after an upgrade) still replays.
-    """
-    path = "/api/v1/agents/a1/wakeups"
-    body = {"user_id": "u1", "check_type": "c", "intent": "i", "delay_hours": 1}
-    headers = {"Idempotency-Key": "sealed-before"}
-    first = await api.alpha.post(path, json=body, headers=headers)
-    assert first.status_code == 201
-    async with api.store.engine.connect() as conn:
-        stored = (await conn.execute(select(IDEMPOTENCY.c.response_body))).scalar_one()
-    assert stored.startswith("sealed:gcm:")
-    assert first.json()["wakeup_id"] not in stored
-    replayed = await api.alpha.post(path, json=body, headers=headers)
-    assert replayed.content == first.content
-    assert replayed.headers["idempotent-replayed"] == "true"
-
-    # The same record as the Fernet token an earlier version wrote (another
-    # answer, to tell which one is replayed).
-    earlier = first.content.replace(b'"wakeup_id":"', b'"wakeup_id":"earlier-')
-    box = SecretBox.from_settings(Settings(subject_prefix="test"))
-    async with api.store.engine.begin() as conn:
-        await conn.execute(
-            IDEMPOTENCY.update().values(response_body="sealed:" + box.seal(earlier.decode()))
-        )
-    replayed = await api.alpha.post(path, json=body, headers=headers)
-    assert replayed.status_code == 201
-    assert replayed.content == earlier
-    assert await api.store.count(WAKEUPS) == 1
 
 
 async def test_a_retry_the_route_would_now_refuse_replays_the_first_answer(api: Api) -> None:

@@ -586,8 +586,28 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+LOOP_READ_STEPS = 50_000
+"""
+How many SQLite virtual machine steps a read may take on the event loop before it is
+stopped and run on the pool's thread instead (:func:`read_on_loop`). A full page of
+the queue (500 rows) takes about 26 000; a row the statement examines and filters out
+(a pending message past its deadline that the expiry sweep has not reached yet) about
+7, so a read that would filter more than about 7 000 such rows leaves the loop after
+a few milliseconds rather than holding it for the whole backlog (100 000 expired rows:
+90 ms, ``bench/bench_queue_expired.py``).
+"""
+_PROGRESS_EVERY = 1_000
+"""SQLite calls the budget's handler every this many steps (a Python call each)."""
+
+
 class _LoopReader:
-    """A read-only SQLite connection used on the thread that opened it, and only there."""
+    """
+    A read-only SQLite connection used on the thread that opened it, and only there.
+
+    Its progress handler stops a statement once the read has spent its budget
+    (:data:`LOOP_READ_STEPS`, set again before each read): SQLite then raises
+    ``OperationalError("interrupted")`` and the read goes through the pool.
+    """
 
     def __init__(self, path: Path) -> None:
         self.thread = threading.get_ident()
@@ -602,6 +622,15 @@ class _LoopReader:
         self.db.execute("PRAGMA busy_timeout=0")
         self.db.execute("PRAGMA query_only=ON")
         self.db.execute("PRAGMA cache_size=-512")
+        self.calls_left = 0
+        # SQLite counts a statement's steps across its runs (a cached statement
+        # keeps counting), so the budget is a number of calls left, reset per read,
+        # not "interrupt at the first call": that is off by at most one call.
+        self.db.set_progress_handler(self._progress, _PROGRESS_EVERY)
+
+    def _progress(self) -> int:
+        self.calls_left -= 1
+        return 1 if self.calls_left < 0 else 0
 
 
 _LOOP_READERS: "weakref.WeakKeyDictionary[Any, _LoopReader | None]" = weakref.WeakKeyDictionary()
@@ -661,6 +690,12 @@ def read_on_loop[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) 
     lock or any other SQLite error returns ``None`` (the pool's path then waits or
     raises as before), and inside a request's unit of work that has written, the read
     must see its writes, so it returns ``None`` too.
+
+    An indexed read can still examine many rows it then filters out (the queue's
+    pending messages past their deadline, until the expiry sweep marks them): a read
+    that takes more than :data:`LOOP_READ_STEPS` steps is stopped there and returns
+    ``None``, so the loop is held for a few milliseconds at most and the whole read
+    runs again on the pool's thread, which releases the GIL while SQLite works.
     """
     unit = _joined(engine)
     if unit is not None and unit.began:
@@ -668,6 +703,7 @@ def read_on_loop[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) 
     reader = _loop_reader(engine)
     if reader is None:
         return None
+    reader.calls_left = LOOP_READ_STEPS // _PROGRESS_EVERY
     try:
         result = fn(reader.db)
     except sqlite3.Error:

@@ -180,6 +180,44 @@ def is_database_unavailable(exc: BaseException) -> bool:
     return False
 
 
+_LOCK_CONFLICTS = frozenset(
+    {
+        # asyncpg: a deadlock broken by the server, lock_timeout, a serialization failure.
+        "DeadlockDetectedError",
+        "LockNotAvailableError",
+        "SerializationError",
+    }
+)
+_SQLITE_LOCK_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """
+    Whether ``exc`` says a write lost to another's lock rather than that it was wrong:
+    SQLite's write lock stayed taken past ``busy_timeout`` ("database is locked"), or
+    PostgreSQL broke a deadlock, hit a lock timeout or a serialization failure. The
+    same transaction, tried again a little later, may commit whole.
+    """
+    seen: list[BaseException] = [exc]
+    while seen:
+        current = seen.pop()
+        if isinstance(current, sqlite3.Error):
+            # Extended codes (SQLITE_BUSY_SNAPSHOT, ...) carry the primary in the low byte.
+            if getattr(current, "sqlite_errorcode", 0) & 0xFF in _SQLITE_LOCK_CODES:
+                return True
+        elif (
+            type(current).__module__.startswith("asyncpg")
+            and type(current).__name__ in _LOCK_CONFLICTS
+        ):
+            return True
+        if current.__cause__ is not None:
+            seen.append(current.__cause__)
+        orig = getattr(current, "orig", None) if isinstance(current, DBAPIError) else None
+        if isinstance(orig, BaseException) and orig is not current.__cause__:
+            seen.append(orig)
+    return False
+
+
 def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
     """
     Build the async engine for ``url`` (``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``).

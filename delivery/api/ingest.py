@@ -32,9 +32,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import structlog
-from sqlalchemy.exc import DataError, IntegrityError
 
-from delivery.store.engine import is_lock_conflict
+from delivery.store.engine import is_lock_conflict, is_row_refused
 from delivery.store.events import EventOutcome, Events, EventWrite
 
 _log = structlog.get_logger(__name__)
@@ -143,7 +142,7 @@ class EventIngest:
                     )
                     await asyncio.sleep(delay)
                     continue
-                if len(batch) > 1 and isinstance(exc, IntegrityError | DataError):
+                if len(batch) > 1 and is_row_refused(exc):
                     # One row was refused: written alone, the others commit.
                     _log.warning(
                         "event batch refused a row; writing one by one",

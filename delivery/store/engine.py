@@ -23,7 +23,7 @@ from sqlalchemy import Select, Table, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from delivery.datadir import create_private_file
@@ -216,6 +216,15 @@ def is_lock_conflict(exc: BaseException) -> bool:
         if isinstance(orig, BaseException) and orig is not current.__cause__:
             seen.append(orig)
     return False
+
+
+def is_row_refused(exc: BaseException) -> bool:
+    """
+    Whether ``exc`` says the database refused a row of the write (a taken key, a
+    missing reference, a value that does not fit: an integrity or data error), so
+    the same rows written apart would let the others commit.
+    """
+    return isinstance(exc, IntegrityError | DataError)
 
 
 def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:

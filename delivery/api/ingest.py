@@ -119,14 +119,33 @@ class EventIngest:
             self._queue.clear()
 
     async def _write(self, batch: Sequence[_Waiting]) -> None:
+        try:
+            outcomes = await self._attempt(batch)
+        except asyncio.CancelledError:
+            # Shutdown, mid-write or mid-back-off: nobody is left to answer them.
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(RuntimeError("event ingest stopped"))
+            raise
+        if outcomes is None:
+            return
+        if any(outcome.written for outcome in outcomes):
+            try:
+                self._on_commit()
+            except Exception as exc:  # the events are durable; a waker fault must not undo that
+                _log.warning("waker failed", error=repr(exc))
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if not future.done():
+                future.set_result(outcome)
+
+    async def _attempt(self, batch: Sequence[_Waiting]) -> list[EventOutcome] | None:
+        """
+        The batch's outcomes once it has committed; ``None`` when its requests were
+        answered otherwise (each event written alone, or the batch's error).
+        """
         for attempt in range(LOCK_RETRIES + 1):
             try:
-                outcomes = await self._events.accept_events([w for w, _ in batch], self._now())
-            except asyncio.CancelledError:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(RuntimeError("event ingest stopped"))
-                raise
+                return await self._events.accept_events([w for w, _ in batch], self._now())
             except Exception as exc:
                 if is_lock_conflict(exc) and attempt < LOCK_RETRIES:
                     # The whole batch again: its transaction rolled back, and each
@@ -151,17 +170,9 @@ class EventIngest:
                     )
                     for one in batch:
                         await self._write([one])
-                    return
+                    return None
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
-                return
-            break
-        if any(outcome.written for outcome in outcomes):
-            try:
-                self._on_commit()
-            except Exception as exc:  # the events are durable; a waker fault must not undo that
-                _log.warning("waker failed", error=repr(exc))
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
-            if not future.done():
-                future.set_result(outcome)
+                return None
+        raise AssertionError("unreachable: the last attempt returns or answers")

@@ -406,3 +406,34 @@ async def test_shutdown_waits_for_the_batch_being_written(api: Api) -> None:
         # The shutdown returned only after the held batch committed.
         assert len((await _written(api))[0]) == 1
         assert (await asyncio.wait_for(post, 10)).status_code == 200
+
+
+async def test_a_shutdown_during_the_back_off_answers_the_batch(api: Api) -> None:
+    """
+    The app stops while a locked batch waits to be written again: its requests are
+    answered with an error at once (nothing was written), not left waiting.
+    """
+    short = _short_lock_wait(api)
+    try:
+        events = _AttemptedEvents(short)
+        store = SqlStore(api.store.engine)
+        store.events = events
+        app = create_app(Settings(subject_prefix="test"), store, api.clock)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with (
+            httpx.AsyncClient(
+                transport=transport, base_url="http://api.test", headers=api.alpha.headers
+            ) as client,
+            _write_lock_held(api, 1.0),
+        ):
+            post = asyncio.create_task(client.post(PATH, json=_event(1)))
+            async with asyncio.timeout(10):
+                while not events.attempts:  # noqa: ASYNC110 - waits for the first attempt
+                    await asyncio.sleep(0.01)
+            await app.state.ctx.ingest.aclose(timeout_s=0.0)
+            answer = await asyncio.wait_for(post, 10)
+    finally:
+        await short.dispose()
+    assert answer.status_code == 500
+    assert events.attempts[0] == (1, True)
+    assert await _written(api) == (set(), 0, 0)

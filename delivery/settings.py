@@ -156,8 +156,8 @@ class Settings(BaseSettings):
         default=5.0,
         ge=0,
         description="How long the dispatcher reuses a project's templates and delivery "
-        "policy before reading them again (an update is used by fires after at most this "
-        "long).",
+        "policy, and the channels worker whether a project has quiet hours, before reading "
+        "them again (an update is used by fires and retries after at most this long).",
     )
 
     # --- webhooks ---------------------------------------------------------------

@@ -19,6 +19,9 @@ Two halves, both restartable at any instant:
    next attempt, and records it while clearing the claimed row, in one transaction.
    A retry (or fallback step) due inside the user's quiet hours is moved to their
    end instead (:func:`delivery.policy.quiet_wait`): the row stays the queue entry.
+   Whether a project has quiet hours at all is read once per project per
+   ``DELIVERY_TEMPLATE_CACHE_S`` (:class:`~delivery.dispatcher.policies.Policies`, as
+   the dispatcher does); a user's own hours are read per retry only in such a project.
 
 Only ``pending`` notifications are sent: one already consumed through polling (the
 user has read it) gets no push, no email and no SMS, and its retries stop.
@@ -54,7 +57,8 @@ from delivery import metrics, tracing
 from delivery.bus.consumers import settle_batch
 from delivery.bus.messages import NotificationCreated
 from delivery.clock import Clock
-from delivery.policy import past_deadline, quiet_hours, quiet_wait
+from delivery.dispatcher.policies import Policies
+from delivery.policy import past_deadline, quiet_wait
 from delivery.secrets import LazySecretBox, SecretBox
 from delivery.settings import Settings
 from delivery.store.advance import Pair, SqlAdvanceStore
@@ -258,7 +262,10 @@ class ChannelsWorker(QueueWorker):
             log=log,
         )
         self.store = ChannelStore(engine, secrets=secrets or LazySecretBox(settings))
-        self._policies = PolicyStore(engine)
+        # The dispatcher's cache of project rules: most projects have no quiet hours,
+        # and then a retry costs no read for them (a new one is seen within the TTL,
+        # as when the dispatcher decides).
+        self._policies = Policies(PolicyStore(engine), ttl_s=settings.template_cache_s)
         self._clocks = SqlAdvanceStore(engine)
         self.lease = lease
         self._rand = rand
@@ -867,11 +874,14 @@ class ChannelsWorker(QueueWorker):
         Until when a send to ``note``'s user waits for their quiet hours (``None``: not),
         in real time. The hours are judged on the (agent, user) pair's clock, as the
         dispatcher judges them when it defers: an advanced pair is ``offset`` ahead,
-        and the deadline (stored in real time) moves onto that clock with it.
+        and the deadline (stored in real time) moves onto that clock with it. A project
+        where nobody has quiet hours (known per project, cached) costs no read.
         """
-        hours = quiet_hours(
-            await self._policies.get_quiet_hours(note["project_id"], note["user_id"])
-        )
+        project_id = note["project_id"]
+        if not (await self._policies.rules((project_id,)))[project_id].quiet_hours:
+            return None
+        user = (project_id, note["user_id"])
+        hours = (await self._policies.quiet_hours((user,))).get(user)
         if hours is None:
             return None
         pair = Pair(note["project_id"], note["agent_id"], note["user_id"])

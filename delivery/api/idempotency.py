@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from delivery.api.metrics import bind_answered_ids, unbind_created_ids
 from delivery.clock import Clock
 from delivery.errors import BadRequestError, ConflictError, DeliveryError, IdempotencyKeyReusedError
 from delivery.secrets import LazySecretBox, SecretBox
@@ -184,7 +185,14 @@ class IdempotencyMiddleware:
     async def _answer_from(
         self, send: Send, record: IdempotencyRecord | None, digest: str, route: str
     ) -> None:
-        """Answer a request whose key already has a record (None: it vanished meanwhile)."""
+        """
+        Answer a request whose key already has a record (None: it vanished meanwhile).
+
+        A self-recording route ran before this and bound the ids it made up; none of
+        them was written, so the request's log lines name the record's ids instead
+        (:func:`~delivery.api.metrics.bind_answered_ids`), or none.
+        """
+        unbind_created_ids()
         if record is None:
             # Only a purge between two statements gets here; the retry runs afresh.
             await _send_error(
@@ -202,8 +210,9 @@ class IdempotencyMiddleware:
                 ),
             )
         else:
-            _log.info("idempotent replay", route=route, status=record.status_code)
             replay = await self._replayed_body(record.body)
+            bind_answered_ids(replay)
+            _log.info("idempotent replay", route=route, status=record.status_code)
             await _send_json(send, record.status_code, replay, [(b"idempotent-replayed", b"true")])
 
 

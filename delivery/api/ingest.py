@@ -16,25 +16,34 @@ and a lone request is written at once (no timer).
 Never a 2xx for an event not recorded: a request's future resolves after the
 commit, or fails with the batch's exception (the route then answers as it would
 have for its own failed write, e.g. 503 when the database is gone). A batch that
-fails for another reason is retried one write at a time, so one bad event does
-not fail its neighbours.
+meets another writer's lock (SQLite's "database is locked" after its busy timeout,
+a PostgreSQL deadlock or lock timeout) is written again whole, after a short
+back-off: nothing in it was wrong, and one event at a time would wait out the lock
+once per event. A batch refused for one of its rows (an integrity or data error) is
+written again one event at a time, so one bad event does not fail its neighbours;
+any other fault fails the batch's requests.
 """
 
 import asyncio
 import contextlib
 import contextvars
+import random
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import structlog
 
-from delivery.store.engine import is_database_unavailable
+from delivery.store.engine import is_lock_conflict, is_row_refused
 from delivery.store.events import EventOutcome, Events, EventWrite
 
 _log = structlog.get_logger(__name__)
 
 MAX_BATCH = 500
 """Events per transaction at most; more wait for the next one."""
+LOCK_RETRIES = 3
+"""How many times a batch that met another writer's lock is written again, whole."""
+LOCK_BACKOFF_S = 0.1
+"""The first wait before writing a locked batch again; doubled each time, with jitter."""
 
 
 type _Waiting = tuple[EventWrite, asyncio.Future[EventOutcome]]
@@ -111,21 +120,14 @@ class EventIngest:
 
     async def _write(self, batch: Sequence[_Waiting]) -> None:
         try:
-            outcomes = await self._events.accept_events([w for w, _ in batch], self._now())
+            outcomes = await self._attempt(batch)
         except asyncio.CancelledError:
+            # Shutdown, mid-write or mid-back-off: nobody is left to answer them.
             for _, future in batch:
                 if not future.done():
                     future.set_exception(RuntimeError("event ingest stopped"))
             raise
-        except Exception as exc:
-            if len(batch) == 1 or is_database_unavailable(exc):
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                return
-            _log.warning("event batch failed; writing one by one", size=len(batch), error=repr(exc))
-            for one in batch:
-                await self._write([one])
+        if outcomes is None:
             return
         if any(outcome.written for outcome in outcomes):
             try:
@@ -135,3 +137,42 @@ class EventIngest:
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
+
+    async def _attempt(self, batch: Sequence[_Waiting]) -> list[EventOutcome] | None:
+        """
+        The batch's outcomes once it has committed; ``None`` when its requests were
+        answered otherwise (each event written alone, or the batch's error).
+        """
+        for attempt in range(LOCK_RETRIES + 1):
+            try:
+                return await self._events.accept_events([w for w, _ in batch], self._now())
+            except Exception as exc:
+                if is_lock_conflict(exc) and attempt < LOCK_RETRIES:
+                    # The whole batch again: its transaction rolled back, and each
+                    # event alone would wait for the same lock (on SQLite, a busy
+                    # timeout per event). Requests arriving meanwhile queue behind it.
+                    delay = LOCK_BACKOFF_S * 2**attempt * random.uniform(0.5, 1.0)
+                    _log.warning(
+                        "event batch met a lock; writing it again",
+                        size=len(batch),
+                        attempt=attempt + 1,
+                        delay_s=round(delay, 3),
+                        error=repr(exc),
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                if len(batch) > 1 and is_row_refused(exc):
+                    # One row was refused: written alone, the others commit.
+                    _log.warning(
+                        "event batch refused a row; writing one by one",
+                        size=len(batch),
+                        error=repr(exc),
+                    )
+                    for one in batch:
+                        await self._write([one])
+                    return None
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return None
+        raise AssertionError("unreachable: the last attempt returns or answers")

@@ -14,6 +14,7 @@ its template looked up against the app's routes, so only a path that matches no
 route is ``unmatched``.
 """
 
+import json
 import re
 import secrets
 import time
@@ -27,9 +28,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from delivery import tracing
 from delivery.api.dispatch import UNMATCHED, RouteIndex
+from delivery.domain import notification_id
 from delivery.metrics import HttpMetrics
 
-__all__ = ["HttpMetrics", "RequestContextMiddleware", "RouteIndex", "bind_ids", "route_template"]
+__all__ = [
+    "HttpMetrics",
+    "RequestContextMiddleware",
+    "RouteIndex",
+    "bind_answered_ids",
+    "bind_ids",
+    "route_template",
+    "unbind_created_ids",
+]
 
 _log = structlog.get_logger("delivery.api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -38,6 +48,10 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _REPLAYED = (b"idempotent-replayed", b"true")
 ROUTE_IDS = ("message_id", "event_id", "wakeup_id", "schedule_id", "agent_id", "user_id")
 """What a route may bind (:func:`bind_ids`); unbound when its request ends."""
+CREATED_IDS = ("message_id", "event_id", "wakeup_id", "schedule_id")
+"""The ids a create route makes up before its write: true only once it is written."""
+_MESSAGE_SOURCES = ("event_id", "wakeup_id")
+"""Answer fields whose id is a message's source (its id is derived from them)."""
 
 
 def bind_ids(**ids: str) -> None:
@@ -47,6 +61,40 @@ def bind_ids(**ids: str) -> None:
     carry them, so one grep of a message id finds the request that caused it.
     """
     structlog.contextvars.bind_contextvars(**ids)
+
+
+def unbind_created_ids() -> None:
+    """
+    Drop the ids a create route bound (:data:`CREATED_IDS`): its write was not made
+    (the request is answered from an ``Idempotency-Key`` record, or refused by it),
+    so no later line of the request may name them. The agent and user stay: they
+    are the request's own.
+    """
+    structlog.contextvars.unbind_contextvars(*CREATED_IDS)
+
+
+def bind_answered_ids(body: bytes) -> None:
+    """
+    Bind the created ids a recorded answer names (``event_id``, ``wakeup_id`` and
+    their message, ``schedule_id``) in place of those the route bound: a keyed
+    replay logs what the first request created, never the id its own run made up.
+    """
+    unbind_created_ids()
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return
+    if not isinstance(answer, dict):
+        return
+    ids: dict[str, str] = {}
+    for name in ("schedule_id", *_MESSAGE_SOURCES):
+        value = answer.get(name)
+        if isinstance(value, str) and value:
+            ids[name] = value
+            if name in _MESSAGE_SOURCES:
+                ids["message_id"] = notification_id(value)
+    if ids:
+        structlog.contextvars.bind_contextvars(**ids)
 
 
 def route_template(scope: Scope, index: RouteIndex | None = None) -> str:

@@ -23,7 +23,7 @@ from sqlalchemy import Select, Table, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from delivery.datadir import create_private_file
@@ -178,6 +178,53 @@ def is_database_unavailable(exc: BaseException) -> bool:
             return True
         current = current.__cause__
     return False
+
+
+_LOCK_CONFLICTS = frozenset(
+    {
+        # asyncpg: a deadlock broken by the server, lock_timeout, a serialization failure.
+        "DeadlockDetectedError",
+        "LockNotAvailableError",
+        "SerializationError",
+    }
+)
+_SQLITE_LOCK_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """
+    Whether ``exc`` says a write lost to another's lock rather than that it was wrong:
+    SQLite's write lock stayed taken past ``busy_timeout`` ("database is locked"), or
+    PostgreSQL broke a deadlock, hit a lock timeout or a serialization failure. The
+    same transaction, tried again a little later, may commit whole.
+    """
+    seen: list[BaseException] = [exc]
+    while seen:
+        current = seen.pop()
+        if isinstance(current, sqlite3.Error):
+            # Extended codes (SQLITE_BUSY_SNAPSHOT, ...) carry the primary in the low byte.
+            if getattr(current, "sqlite_errorcode", 0) & 0xFF in _SQLITE_LOCK_CODES:
+                return True
+        elif (
+            type(current).__module__.startswith("asyncpg")
+            and type(current).__name__ in _LOCK_CONFLICTS
+        ):
+            return True
+        if current.__cause__ is not None:
+            seen.append(current.__cause__)
+        orig = getattr(current, "orig", None) if isinstance(current, DBAPIError) else None
+        if isinstance(orig, BaseException) and orig is not current.__cause__:
+            seen.append(orig)
+    return False
+
+
+def is_row_refused(exc: BaseException) -> bool:
+    """
+    Whether ``exc`` says the database refused a row of the write (a taken key, a
+    missing reference, a value that does not fit: an integrity or data error), so
+    the same rows written apart would let the others commit.
+    """
+    return isinstance(exc, IntegrityError | DataError)
 
 
 def create_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> AsyncEngine:
@@ -611,8 +658,28 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+LOOP_READ_STEPS = 50_000
+"""
+How many SQLite virtual machine steps a read may take on the event loop before it is
+stopped and run on the pool's thread instead (:func:`read_on_loop`). A full page of
+the queue (500 rows) takes about 26 000; a row the statement examines and filters out
+(a pending message past its deadline that the expiry sweep has not reached yet) about
+7, so a read that would filter more than about 7 000 such rows leaves the loop after
+a few milliseconds rather than holding it for the whole backlog (100 000 expired rows:
+90 ms, ``bench/bench_queue_expired.py``).
+"""
+_PROGRESS_EVERY = 1_000
+"""SQLite calls the budget's handler every this many steps (a Python call each)."""
+
+
 class _LoopReader:
-    """A read-only SQLite connection used on the thread that opened it, and only there."""
+    """
+    A read-only SQLite connection used on the thread that opened it, and only there.
+
+    Its progress handler stops a statement once the read has spent its budget
+    (:data:`LOOP_READ_STEPS`, set again before each read): SQLite then raises
+    ``OperationalError("interrupted")`` and the read goes through the pool.
+    """
 
     def __init__(self, path: Path) -> None:
         self.thread = threading.get_ident()
@@ -627,6 +694,15 @@ class _LoopReader:
         self.db.execute("PRAGMA busy_timeout=0")
         self.db.execute("PRAGMA query_only=ON")
         self.db.execute("PRAGMA cache_size=-512")
+        self.calls_left = 0
+        # SQLite counts a statement's steps across its runs (a cached statement
+        # keeps counting), so the budget is a number of calls left, reset per read,
+        # not "interrupt at the first call": that is off by at most one call.
+        self.db.set_progress_handler(self._progress, _PROGRESS_EVERY)
+
+    def _progress(self) -> int:
+        self.calls_left -= 1
+        return 1 if self.calls_left < 0 else 0
 
 
 _LOOP_READERS: "weakref.WeakKeyDictionary[Any, _LoopReader | None]" = weakref.WeakKeyDictionary()
@@ -686,6 +762,12 @@ def read_on_loop[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) 
     lock or any other SQLite error returns ``None`` (the pool's path then waits or
     raises as before), and inside a request's unit of work that has written, the read
     must see its writes, so it returns ``None`` too.
+
+    An indexed read can still examine many rows it then filters out (the queue's
+    pending messages past their deadline, until the expiry sweep marks them): a read
+    that takes more than :data:`LOOP_READ_STEPS` steps is stopped there and returns
+    ``None``, so the loop is held for a few milliseconds at most and the whole read
+    runs again on the pool's thread, which releases the GIL while SQLite works.
     """
     unit = _joined(engine)
     if unit is not None and unit.began:
@@ -693,6 +775,7 @@ def read_on_loop[T](engine: AsyncEngine, fn: Callable[[sqlite3.Connection], T]) 
     reader = _loop_reader(engine)
     if reader is None:
         return None
+    reader.calls_left = LOOP_READ_STEPS // _PROGRESS_EVERY
     try:
         result = fn(reader.db)
     except sqlite3.Error:

@@ -5,17 +5,22 @@ concurrency each accepted event is written once with its outbox message and its
 """
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.api import create_app
 from delivery.settings import Settings
 from delivery.store.creates import row_values
+from delivery.store.engine import begin_immediate, create_engine
 from delivery.store.events import EventOutcome, EventStore, EventWrite, _accepting
 from delivery.store.sql import SqlStore
 from delivery.store.steps import Steps
@@ -172,9 +177,31 @@ async def test_a_failed_batch_is_rolled_back_and_answered_as_a_failure(api: Api)
     assert len(ids) == outbox == records == 3
 
 
-async def test_a_failed_batch_is_retried_one_event_at_a_time(api: Api) -> None:
-    """A batch that fails (not for a lost database) is rewritten event by event, once each."""
-    events = _FailingEvents(api.store.engine, larger_than=1)
+class _RefusingEvents(EventStore):
+    """
+    Events whose batches of more than one hold a row the database refuses (its
+    project does not exist: a real foreign-key error); alone, each row is as sent.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.refused = 0
+        self.batches: list[int] = []
+
+    async def accept_events(
+        self, writes: Sequence[EventWrite], now: datetime
+    ) -> list[EventOutcome]:
+        self.batches.append(len(writes))
+        if len(writes) > 1:
+            self.refused += 1
+            bad = replace(writes[-1], row={**row_values(writes[-1].row), "project_id": "proj_gone"})
+            writes = [*writes[:-1], bad]
+        return await super().accept_events(writes, now)
+
+
+async def test_a_batch_refused_for_a_row_is_retried_one_event_at_a_time(api: Api) -> None:
+    """A batch refused for one of its rows is rewritten event by event, once each."""
+    events = _RefusingEvents(api.store.engine)
     async with _client(api, events) as client:
         answers = await asyncio.gather(
             *(
@@ -182,11 +209,125 @@ async def test_a_failed_batch_is_retried_one_event_at_a_time(api: Api) -> None:
                 for n in range(12)
             )
         )
-    assert events.failed >= 1
+    assert events.refused >= 1, events.batches
     assert [a.status_code for a in answers] == [200] * 12
     ids, outbox, records = await _written(api)
     assert {a.json()["event_id"] for a in answers} == ids
     assert len(ids) == outbox == records == 12
+
+
+async def test_a_batch_failing_otherwise_is_not_split(api: Api) -> None:
+    """A fault that is not one row's (here: after the writes) fails the batch's requests."""
+    events = _FailingEvents(api.store.engine, larger_than=1)
+    async with _client(api, events) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"fault-{n}"})
+                for n in range(12)
+            )
+        )
+    assert events.failed >= 1
+    assert 500 in [a.status_code for a in answers]
+    ids, outbox, records = await _written(api)
+    ok = {a.json()["event_id"] for a in answers if a.status_code == 200}
+    assert ok == ids
+    assert len(ids) == outbox == records
+
+
+def _short_lock_wait(api: Api) -> AsyncEngine:
+    """
+    An engine on the API's database whose writers give up on a held lock after 100 ms
+    (SQLite's ``busy_timeout`` is 30 s, PostgreSQL waits forever by default).
+    """
+    url = api.store.engine.url.render_as_string(hide_password=False)
+    short = create_engine(url)
+    setting = (
+        "PRAGMA busy_timeout=100"
+        if short.dialect.name == "sqlite"
+        else "SET lock_timeout = '100ms'"
+    )
+
+    def shorten(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(setting)
+        cursor.close()
+
+    event.listen(short.sync_engine, "connect", shorten)
+    return short
+
+
+@contextlib.asynccontextmanager
+async def _write_lock_held(api: Api, seconds: float) -> AsyncIterator[None]:
+    """Another connection takes the events' write lock, for ``seconds`` from entry."""
+    taken = asyncio.Event()
+
+    async def hold() -> None:
+        async with api.store.engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                await begin_immediate(conn)
+            else:
+                await conn.execute(text("LOCK TABLE trigger_events IN EXCLUSIVE MODE"))
+            taken.set()
+            await asyncio.sleep(seconds)
+            await conn.rollback()
+
+    holder = asyncio.create_task(hold())
+    await asyncio.wait_for(taken.wait(), 10)
+    try:
+        yield
+    finally:
+        await holder
+
+
+async def test_a_batch_that_meets_a_held_lock_is_written_again_whole(api: Api) -> None:
+    """
+    A second connection holds the write lock longer than the writers wait for it: the
+    batch is written again whole after a back-off, never split into one transaction
+    per event (each of which would wait for the lock again), and every request is
+    answered from its one commit.
+    """
+    short = _short_lock_wait(api)
+    try:
+        events = _AttemptedEvents(short)
+        async with _client(api, events) as client, _write_lock_held(api, 0.3):
+            answers = await asyncio.gather(
+                *(
+                    client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"lock-{n}"})
+                    for n in range(6)
+                )
+            )
+    finally:
+        await short.dispose()
+    assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
+    ids, outbox, records = await _written(api)
+    assert {a.json()["event_id"] for a in answers} == ids
+    assert len(ids) == outbox == records == 6
+    # The lock outlasted a wait, and each batch that met it went again as it was.
+    attempts = events.attempts
+    assert any(failed for _, failed in attempts), attempts
+    for (size, failed), (next_size, _) in itertools.pairwise(attempts):
+        if failed:
+            assert next_size == size, attempts
+    assert not attempts[-1][1], attempts
+
+
+class _AttemptedEvents(EventStore):
+    """Events that remember each batch's size and whether its write failed."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        self.attempts: list[tuple[int, bool]] = []
+
+    async def accept_events(
+        self, writes: Sequence[EventWrite], now: datetime
+    ) -> list[EventOutcome]:
+        try:
+            outcomes = await super().accept_events(writes, now)
+        except Exception:
+            self.attempts.append((len(writes), True))
+            raise
+        self.attempts.append((len(writes), False))
+        return outcomes
 
 
 class _BackendKilledEvents(EventStore):
@@ -265,3 +406,34 @@ async def test_shutdown_waits_for_the_batch_being_written(api: Api) -> None:
         # The shutdown returned only after the held batch committed.
         assert len((await _written(api))[0]) == 1
         assert (await asyncio.wait_for(post, 10)).status_code == 200
+
+
+async def test_a_shutdown_during_the_back_off_answers_the_batch(api: Api) -> None:
+    """
+    The app stops while a locked batch waits to be written again: its requests are
+    answered with an error at once (nothing was written), not left waiting.
+    """
+    short = _short_lock_wait(api)
+    try:
+        events = _AttemptedEvents(short)
+        store = SqlStore(api.store.engine)
+        store.events = events
+        app = create_app(Settings(subject_prefix="test"), store, api.clock)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with (
+            httpx.AsyncClient(
+                transport=transport, base_url="http://api.test", headers=api.alpha.headers
+            ) as client,
+            _write_lock_held(api, 1.0),
+        ):
+            post = asyncio.create_task(client.post(PATH, json=_event(1)))
+            async with asyncio.timeout(10):
+                while not events.attempts:  # noqa: ASYNC110 - waits for the first attempt
+                    await asyncio.sleep(0.01)
+            await app.state.ctx.ingest.aclose(timeout_s=0.0)
+            answer = await asyncio.wait_for(post, 10)
+    finally:
+        await short.dispose()
+    assert answer.status_code == 500
+    assert events.attempts[0] == (1, True)
+    assert await _written(api) == (set(), 0, 0)

@@ -137,6 +137,53 @@ async def test_create_routes_bind_their_ids_only_once_accepted(api: Api) -> None
         assert not {"wakeup_id", "message_id", "schedule_id"} & set(line), line
 
 
+async def test_a_keyed_replay_logs_the_ids_of_the_recorded_answer(api: Api) -> None:
+    """
+    A POST repeated with its ``Idempotency-Key`` runs the route again (which makes a
+    fresh id) but answers from the record: its log lines name the recorded answer's
+    ids, never the fresh one, which was never written. A reused key answered 409 names
+    no created id at all.
+    """
+    from delivery.domain import notification_id
+
+    wakeup = {"user_id": "u1", "check_type": "c", "intent": "i", "delay_hours": 1}
+    daily = {"simple": {"frequency": "daily", "times": ["09:00"]}, "timezone": "UTC"}
+    schedule = {"cadence": daily, "intent": "check in", "check_type": "reminder"}
+    cases = [
+        ("/api/v1/agents/a1/wakeups", wakeup, "wakeup_id", {**wakeup, "intent": "j"}),
+        ("/api/v1/agents/a1/events", {"user_id": "u1", "event_type": "b"}, "event_id", None),
+        ("/api/v1/agents/a1/users/u1/schedules", schedule, "schedule_id", None),
+    ]
+    created = {"wakeup_id", "event_id", "schedule_id", "message_id"}
+    for path, body, name, other in cases:
+        key = {"Idempotency-Key": f"replay-{name}"}
+        first = await api.alpha.post(path, json=body, headers=key)
+        assert first.status_code in (200, 201), first.text
+        recorded = first.json()[name]
+        with structlog.testing.capture_logs(
+            processors=[structlog.contextvars.merge_contextvars]
+        ) as logs:
+            again = await api.alpha.post(path, json=body, headers=key)
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.json()[name] == recorded
+        expected = {name: recorded}
+        if name != "schedule_id":
+            expected["message_id"] = notification_id(recorded)
+        access = [entry for entry in logs if entry["event"] == "request"]
+        assert len(access) == 1
+        for line in logs:
+            assert {k: line[k] for k in created & set(line)} == expected, (path, line)
+        if other is None:
+            continue
+        with structlog.testing.capture_logs(
+            processors=[structlog.contextvars.merge_contextvars]
+        ) as logs:
+            reused = await api.alpha.post(path, json=other, headers=key)
+        assert reused.status_code == 409
+        for line in logs:
+            assert not created & set(line), line
+
+
 async def test_ready_names_the_failing_check(api: Api) -> None:
     """A schema made without migrations is not at the head: 503 naming `migrations`."""
     response = await api.anonymous.get("/ready")

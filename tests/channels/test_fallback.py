@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.clock import ManualClock, SystemClock
@@ -632,6 +633,46 @@ async def test_a_retry_waits_out_quiet_hours(
     clock.set(opening)
     assert (await worker.sweep()).sent == 1
     assert len(fcm_standin.sends) == 2
+
+
+async def test_retries_in_a_project_without_quiet_hours_read_them_once(
+    engine: AsyncEngine,
+    project: str,
+    store: ChannelStore,
+    worker: ChannelsWorker,
+    clock: ManualClock,
+    fcm_standin: FcmStandIn,
+) -> None:
+    """
+    Whether a project has quiet hours is read once per project for a while, as the
+    dispatcher reads it: three retries of a project where nobody has quiet hours
+    cost one read of them, not one each.
+    """
+    nids = []
+    for n in range(3):
+        user = f"user-retry-{n}"
+        await store.add_contact(
+            project, A, user, kind="fcm", destination=TOKEN, opted_out=False, now=clock.now()
+        )
+        fcm_standin.script.append(fcm_error(503, "UNAVAILABLE", "The service is unavailable."))
+        row = notification(project, A, user, n, clock.now())
+        await add_notifications(engine, [row])
+        nids.append(str(row["id"]))
+    assert (await worker.fan_out(nids)).retries_scheduled == 3
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if "user_quiet_hours" in statement:
+            statements.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        clock.advance(SCHEDULE[1])
+        assert (await worker.sweep()).sent == 3
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", seen)
+    assert len(fcm_standin.sends) == 6
+    assert len(statements) == 1, statements
 
 
 def test_quiet_wait_is_the_dispatchers_opening_across_dst() -> None:

@@ -377,3 +377,29 @@ async def test_deferred_message_past_its_deadline_is_expired(engine: AsyncEngine
 
     note = (await by_source(engine))["evt_1"]
     assert (note["status"], note["status_reason"]) == ("expired", "deadline_passed")
+
+
+async def test_concurrent_callers_share_one_read_of_a_project(engine: AsyncEngine) -> None:
+    """
+    Callers asking at once for a project that is not cached (the channels worker's
+    retries of one sweep) wait for one read, then reuse it for the TTL; a caller
+    cancelled meanwhile does not cancel the others' read.
+    """
+    await rows.project(engine)
+    source = PolicyStore(engine)
+    await source.put_quiet_hours("proj_1", "u1", timezone="UTC", start=0, end=60, now=NOW)
+    seconds = [0.0]
+    policies = Policies(source, ttl_s=5, clock=lambda: seconds[0])
+    cancelled = asyncio.create_task(policies.rules(["proj_1"]))
+    await asyncio.sleep(0)
+    callers = [asyncio.create_task(policies.rules(["proj_1"])) for _ in range(5)]
+    cancelled.cancel()
+    for rules in await asyncio.gather(*callers):
+        assert rules["proj_1"].quiet_hours
+    assert policies.reads == 1
+    assert (await policies.rules(["proj_1"]))["proj_1"].quiet_hours
+    assert policies.reads == 1
+    seconds[0] = 5.0
+    await source.delete_quiet_hours("proj_1", "u1")
+    assert not (await policies.rules(["proj_1"]))["proj_1"].quiet_hours
+    assert policies.reads == 2

@@ -186,3 +186,89 @@ def test_the_queue_page_takes_only_known_statuses_and_owner_columns() -> None:
         _queue_page(db, owner={"project_id": "p"}, status="x' OR 1=1 --", limit=1, after=None)
     with pytest.raises(ValueError, match="not a queue read"):
         _queue_page(db, owner={"id": "p"}, status="pending", limit=1, after=None)
+
+
+async def _expired_backlog(eng: AsyncEngine, expired: int, live: int) -> datetime:
+    """
+    ``expired`` pending rows past their deadline (not swept yet) before ``live``
+    pending ones, for one (agent, user); the instant to read at.
+    """
+    rows = []
+    for n in range(expired + live):
+        created = T + timedelta(milliseconds=n)
+        rows.append(
+            {
+                "id": f"msg_{n:07d}",
+                "project_id": "prj",
+                "agent_id": "a1",
+                "user_id": "u1",
+                "source_type": "event",
+                "source_id": f"evt_{n:07d}",
+                "event_type": "on_event",
+                "check_type": "reminder",
+                "generated_message": "hi",
+                "status": "pending",
+                "ack_status": "pending",
+                "fire_at": created,
+                "created_at": created,
+                "expires_at": created + timedelta(minutes=1) if n < expired else None,
+            }
+        )
+    async with write_transaction(eng) as conn:
+        await conn.execute(NOTIFICATIONS.insert(), rows)
+    return T + timedelta(hours=1)
+
+
+async def test_a_backlog_of_expired_rows_does_not_hold_the_loop(sqlite: AsyncEngine) -> None:
+    """
+    Expired rows the sweep has not reached are filtered one by one: a read that
+    examines more than the loop's budget is stopped there and runs on the pool's
+    thread instead, with the same answer. A full page of live rows stays on the loop.
+    """
+    now = await _expired_backlog(sqlite, engine_module.LOOP_READ_STEPS // 2, 500)
+    mine = {"project_id": "prj", "agent_id": "a1", "user_id": "u1"}
+    for limit in (1, 50):
+        page = partial(_queue_page, owner=mine, status="pending", limit=limit, after=now)
+        assert read_on_loop(sqlite, page) is None
+    # Read before the deadlines, the same rows are a page of live ones: it stays.
+    page = partial(_queue_page, owner=mine, status="pending", limit=500, after=T)
+    rows = read_on_loop(sqlite, page)
+    assert rows is not None
+    assert len(rows) == 500
+    # The connection is left usable: a short read after a stopped one runs there.
+    assert read_on_loop(sqlite, _thread) == threading.get_ident()
+
+
+async def test_the_queue_reads_the_same_over_a_backlog_of_expired_rows(
+    engine: AsyncEngine,
+) -> None:
+    """Whichever way the read went, a page skips the expired rows and nothing else."""
+    expired = engine_module.LOOP_READ_STEPS // 2
+    async with write_transaction(engine) as conn:
+        await conn.execute(PROJECTS.insert().values(id="prj", name="p", created_at=T))
+    now = await _expired_backlog(engine, expired, 3)
+    store = SqlNotificationStore(engine)
+    for user_id in ("u1", None):
+        rows = await store.list_queue(
+            "prj", "a1", status="pending", user_id=user_id, limit=50, now=now
+        )
+        assert [row["id"] for row in rows] == [f"msg_{n:07d}" for n in range(expired, expired + 3)]
+        if engine.dialect.name == "sqlite":
+            expected = await direct.read(
+                engine,
+                partial(
+                    direct.select_where,
+                    table=NOTIFICATIONS,
+                    equals={
+                        "project_id": "prj",
+                        "agent_id": "a1",
+                        **({"user_id": user_id} if user_id else {}),
+                        "status": "pending",
+                    },
+                    columns=_QUEUE_NAMES,
+                    order_by=("created_at", "id"),
+                    limit=50,
+                    after=("expires_at", now),
+                ),
+            )
+            assert rows == expected

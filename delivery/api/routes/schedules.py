@@ -344,7 +344,8 @@ async def _write_schedule(
     expected: ExpectedOffset | None,
 ) -> Recorded:
     row = {**built.row, "policy_json": policy_json}
-    # Bound once the create is accepted: a refused one never had this id.
+    # Bound once the create is accepted: a refused one never had this id (and a
+    # keyed replay's is replaced by its record's, delivery.api.idempotency).
     bind_ids(schedule_id=row["id"])
     # The key's record commits with the schedule (see wakeups.py).
     return await write_recorded_answer(

@@ -161,7 +161,8 @@ async def _write_wakeup(
 ) -> Recorded:
     row = {**built[0], "policy_json": policy_json}
     answer = built[1]
-    # Bound once the create is accepted: a refused one never had these ids.
+    # Bound once the create is accepted: a refused one never had these ids (and a
+    # keyed replay's are replaced by its record's, delivery.api.idempotency).
     wakeup_id = row["id"]
     bind_ids(wakeup_id=wakeup_id, message_id=notification_id(wakeup_id), user_id=row["user_id"])
     # The key's record commits with the row, so the answer is never recorded

@@ -26,7 +26,7 @@ from delivery.errors import (
     InvalidRequestError,
     NotFoundError,
 )
-from delivery.store.engine import is_database_unavailable
+from delivery.store.engine import is_database_unavailable, is_lock_conflict
 
 _log = structlog.get_logger(__name__)
 
@@ -159,6 +159,14 @@ def install_error_handlers(app: FastAPI, routers: Sequence[APIRouter]) -> None:
                 "", "the database is unavailable for a moment; nothing was recorded, retry"
             )
             return error_response(unavailable, headers={"Retry-After": "1"})
+        if is_lock_conflict(exc):
+            # Another writer held the lock past every wait (SQLite's busy timeout,
+            # PostgreSQL's lock timeout or deadlock breaking): the transaction rolled
+            # back whole, so this is the database's moment, not a fault of ours.
+            busy = DatabaseUnavailableError(
+                "", "the database is busy with other writes; nothing was recorded, retry"
+            )
+            return error_response(busy, headers={"Retry-After": "1"})
         body = {"code": "INTERNAL", "message": "internal error; see the server log", "errors": []}
         return JSONResponse(body, status_code=500)
 

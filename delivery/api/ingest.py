@@ -19,7 +19,9 @@ have for its own failed write, e.g. 503 when the database is gone). A batch that
 meets another writer's lock (SQLite's "database is locked" after its busy timeout,
 a PostgreSQL deadlock or lock timeout) is written again whole, after a short
 back-off: nothing in it was wrong, and one event at a time would wait out the lock
-once per event. A batch refused for one of its rows (an integrity or data error) is
+once per event; a lock still held after the last try is answered 503 with
+``Retry-After``, as any request whose write met a lock past its waits is. A batch
+refused for one of its rows (an integrity or data error) is
 written again one event at a time, so one bad event does not fail its neighbours;
 any other fault fails the batch's requests.
 """

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from delivery.api import create_app
 from delivery.settings import Settings
@@ -240,16 +240,15 @@ def _short_lock_wait(api: Api) -> AsyncEngine:
     (SQLite's ``busy_timeout`` is 30 s, PostgreSQL waits forever by default).
     """
     url = api.store.engine.url.render_as_string(hide_password=False)
+    if api.store.engine.dialect.name != "sqlite":
+        # A session setting from the start, on every connection the pool opens (a SET
+        # in a connect hook lives in a transaction that a rollback takes back).
+        return create_async_engine(url, connect_args={"server_settings": {"lock_timeout": "100ms"}})
     short = create_engine(url)
-    setting = (
-        "PRAGMA busy_timeout=100"
-        if short.dialect.name == "sqlite"
-        else "SET lock_timeout = '100ms'"
-    )
 
     def shorten(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute(setting)
+        cursor.execute("PRAGMA busy_timeout=100")
         cursor.close()
 
     event.listen(short.sync_engine, "connect", shorten)
@@ -309,6 +308,32 @@ async def test_a_batch_that_meets_a_held_lock_is_written_again_whole(api: Api) -
         if failed:
             assert next_size == size, attempts
     assert not attempts[-1][1], attempts
+
+
+async def test_a_lock_held_past_every_retry_is_a_503_and_records_nothing(api: Api) -> None:
+    """
+    The lock outlasts every wait and back-off: each request is told the database is
+    busy (503, retry after a second), not that the service failed, and nothing of the
+    batch is recorded, so the client's retry with the same key is its first write.
+    The lock is held well past the ~1 s a batch's tries take, as the second request's
+    batch may start only when the first one's tries are over.
+    """
+    short = _short_lock_wait(api)
+    try:
+        async with _client(api, EventStore(short)) as client, _write_lock_held(api, 8.0):
+            answers = await asyncio.gather(
+                *(
+                    client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"held-{n}"})
+                    for n in range(2)
+                )
+            )
+    finally:
+        await short.dispose()
+    assert [a.status_code for a in answers] == [503] * 2, [a.text for a in answers]
+    for answer in answers:
+        assert answer.json()["code"] == "DATABASE_UNAVAILABLE"
+        assert answer.headers["Retry-After"] == "1"
+    assert await _written(api) == (set(), 0, 0)
 
 
 class _AttemptedEvents(EventStore):

@@ -112,18 +112,12 @@ class Codec:
         self, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]
     ) -> list[tuple[Any, ...]]:
         """The parameters of each row for ``columns``, converted for SQLite."""
-        converting = [
+        converting = tuple(
             (i, convert)
             for i, name in enumerate(columns)
             if (convert := self.writers[self.columns.index(name)]) is not None
-        ]
-        out = []
-        for row in rows:
-            values = [row[name] for name in columns]
-            for i, convert in converting:
-                values[i] = convert(values[i])
-            out.append(tuple(values))
-        return out
+        )
+        return _converted(rows, columns, converting)
 
 
 @cache
@@ -428,7 +422,7 @@ def _insert_plan(
 
 
 def _converted(
-    rows: Iterable[Mapping[str, Any]], columns: tuple[str, ...], converting: _Converting
+    rows: Iterable[Mapping[str, Any]], columns: Sequence[str], converting: _Converting
 ) -> list[tuple[Any, ...]]:
     """The parameters of each row for ``columns``, converted for SQLite (:meth:`Codec.params`)."""
     out = []

@@ -96,6 +96,7 @@ class GuardedConnections:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._open: set[_Connection] = set()
         """Every open connection, idle or carrying an exchange, which :meth:`aclose` closes."""
+        self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
 
     async def post(
@@ -125,6 +126,8 @@ class GuardedConnections:
         if parsed.keep_alive and not connection.closed and not self.closed:
             connection.idle_since = time.monotonic()
             self._idle.setdefault(key, []).append(connection)
+            if self._sweep is None:
+                self._sweep = asyncio.get_running_loop().call_later(KEEPALIVE_S, self._close_stale)
         else:
             connection.close()
         retry_after: str | None = None
@@ -147,6 +150,32 @@ class GuardedConnections:
             connection.close()
         del self._idle[key]
         return None
+
+    def _close_stale(self) -> None:
+        """
+        Close the idle connections past :data:`KEEPALIVE_S` and forget their origins;
+        again later while any stay idle.
+
+        Reuse alone would check their age only when their origin is posted to again:
+        a receiver that never closes idle connections (many do not), or a tenant's
+        endpoints on many origins, would then hold sockets in this worker for good,
+        one origin's idle sockets taking file descriptors every other tenant needs.
+        """
+        self._sweep = None
+        now = time.monotonic()
+        for key, idle in list(self._idle.items()):
+            fresh = []
+            for connection in idle:
+                if not connection.closed and now - connection.idle_since < KEEPALIVE_S:
+                    fresh.append(connection)
+                else:
+                    connection.close()
+            if fresh:
+                self._idle[key] = fresh
+            else:
+                del self._idle[key]
+        if self._idle and not self.closed:
+            self._sweep = asyncio.get_running_loop().call_later(KEEPALIVE_S, self._close_stale)
 
     async def _connect(self, scheme: str, host: str, port: int) -> _Connection:
         # Checked here, at connect time, whatever the caller checked before: these are
@@ -193,6 +222,9 @@ class GuardedConnections:
     def aclose(self) -> None:
         """Close every connection, idle or in use (an exchange in flight then fails)."""
         self.closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         self._idle.clear()
         for connection in list(self._open):
             connection.close()

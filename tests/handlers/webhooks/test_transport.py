@@ -18,6 +18,7 @@ import pytest
 from handlers.base import Delivered, Failed, Retry
 from handlers.provider_http import parse_response
 from handlers.ssrf import StaticResolver, parse_allow_nets
+from handlers.webhooks import transport
 from handlers.webhooks.sender import AttemptStatus
 from tests.fixtures.http import ServeApp
 from tests.handlers.channels.conftest import TlsFiles, tls_files  # noqa: F401 - fixture
@@ -39,6 +40,8 @@ class RawReceiver:
     heads: list[bytes] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
     connections: int = 0
+    ended: int = 0
+    """Connections over: closed by the client, or after ``close_after``."""
     sni: list[str | None] = field(default_factory=list)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -60,6 +63,7 @@ class RawReceiver:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.ended += 1
             writer.close()
 
 
@@ -113,6 +117,30 @@ async def test_connections_are_kept_alive_and_reused(raw_server: StartRaw) -> No
     assert head.startswith("POST /h?a=1 HTTP/1.1\r\n")
     assert f"\r\nHost: 127.0.0.1:{port}\r\n" in head
     assert head.count("Content-Type: application/json") == 1
+
+
+async def test_idle_connections_are_closed_once_stale_without_another_delivery(
+    raw_server: StartRaw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Receivers that keep idle connections open forever, one delivery each and none
+    after: every idle connection is closed once past the keep-alive, not held until
+    its origin is posted to again (many origins would otherwise pin sockets for good).
+    """
+    monkeypatch.setattr(transport, "KEEPALIVE_S", 0.2)
+    started = [await raw_server(ok) for _ in range(5)]
+    async with channel() as ch:
+        for n, (_, port) in enumerate(started):
+            result = await ch.deliver(
+                make_message(f"evt_{n}"), endpoint(f"http://127.0.0.1:{port}/h")
+            )
+            assert result.outcome == Delivered(status_code=200)
+        assert [r.connections for r, _ in started] == [1] * 5
+        for _ in range(50):
+            if all(r.ended == 1 for r, _ in started):
+                break
+            await asyncio.sleep(0.05)
+        assert [r.ended for r, _ in started] == [1] * 5
 
 
 async def test_a_closed_connection_is_not_reused(raw_server: StartRaw) -> None:

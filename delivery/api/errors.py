@@ -161,10 +161,12 @@ def install_error_handlers(app: FastAPI, routers: Sequence[APIRouter]) -> None:
             return error_response(unavailable, headers={"Retry-After": "1"})
         if is_lock_conflict(exc):
             # Another writer held the lock past every wait (SQLite's busy timeout,
-            # PostgreSQL's lock timeout or deadlock breaking): the transaction rolled
-            # back whole, so this is the database's moment, not a fault of ours.
+            # PostgreSQL's lock timeout or deadlock breaking): the failed transaction
+            # rolled back, so this is the database's moment, not a fault of the
+            # request's. Not "nothing was recorded": a route that wrote in an earlier
+            # transaction keeps that; its retry (with its Idempotency-Key) is safe.
             busy = DatabaseUnavailableError(
-                "", "the database is busy with other writes; nothing was recorded, retry"
+                "", "the database is busy with other writes; retry the request"
             )
             return error_response(busy, headers={"Retry-After": "1"})
         body = {"code": "INTERNAL", "message": "internal error; see the server log", "errors": []}

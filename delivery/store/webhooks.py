@@ -893,10 +893,20 @@ class WebhookStore(StoreBase):
             .with_for_update()
         )
         live = {row.id for row in locked if row.status == PENDING}
+        still = set(live)  # pending as each kind's update is reached
         for kind, rows in by_kind.items():
             # A delivery finished meanwhile (another worker whose lease had ended,
-            # an endpoint deleted) is left alone, as the row-by-row guard does.
-            rows = [row for row in rows if row["b_id"] in live]
+            # an endpoint deleted) is left alone, as the row-by-row guard does. One
+            # delivery twice in a batch (its lease ended while the first attempt was
+            # in flight) ends as row by row: a retry is overwritten by a later one,
+            # a finished delivery takes nothing more.
+            keep: dict[str, dict[str, Any]] = {}
+            for row in rows:
+                if row["b_id"] in still and (kind == PENDING or row["b_id"] not in keep):
+                    keep[row["b_id"]] = row
+            rows = list(keep.values())
+            if kind != PENDING:
+                still -= keep.keys()
             if not rows:
                 continue
             arrays: dict[str, tuple[ARRAY[Any], list[Any]]] = {

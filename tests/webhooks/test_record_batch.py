@@ -350,3 +350,48 @@ async def test_replicas_recording_the_same_deliveries_in_opposite_orders_do_not_
     assert attempts == 4 * rounds
     assert deliveries == {"delivered"}
     assert notes == {"consumed"}
+
+
+async def test_one_delivery_twice_in_a_batch_ends_as_row_by_row(rig: Rig) -> None:
+    """
+    A delivery recorded twice in one batch (its lease ended while the first attempt
+    was in flight, and the same worker claimed it again): set-based and row by row
+    leave the same rows. A retry then a later retry: the later one stands; a success
+    then a retry: delivered, the retry changes nothing; a retry then death: dead.
+    """
+    claimed = await _claimed(rig, 6)
+    t0 = rig.clock.now()
+    t1, t2 = t0 + timedelta(seconds=1), t0 + timedelta(seconds=2)
+    r1, r2 = t0 + timedelta(minutes=5), t0 + timedelta(minutes=9)
+
+    def rec(c: ClaimedDelivery, n: int, at: datetime, step: NextState) -> RecordedAttempt:
+        return RecordedAttempt(c, _attempt(c, at, ok=step.delivered, n=n), step, at)
+
+    def batch(
+        retries: ClaimedDelivery, ok: ClaimedDelivery, dies: ClaimedDelivery
+    ) -> list[RecordedAttempt]:
+        return [
+            rec(retries, 1, t1, NextState(retry_at=r1, reason="first")),
+            rec(ok, 1, t1, NextState(delivered=True)),
+            rec(dies, 1, t1, NextState(retry_at=r1, reason="first")),
+            rec(retries, 2, t2, NextState(retry_at=r2, reason="second")),
+            rec(ok, 2, t2, NextState(retry_at=r2, reason="second")),
+            rec(dies, 2, t2, NextState(dead=True, reason="gave up")),
+        ]
+
+    await rig.webhooks.record_attempts(batch(*claimed[:3]))
+    row_by_row = WebhookStore(rig.engine)
+    row_by_row.single_writer = True  # the per-row form, whatever the database
+    await row_by_row.record_attempts(batch(*claimed[3:]))
+
+    async with rig.engine.connect() as conn:
+        rows = {r.event_id: r for r in await conn.execute(select(DELIVERIES))}
+        notes = {r.id: r for r in await conn.execute(select(NOTIFICATIONS))}
+    sets = [_state_of(rows, notes, c) for c in claimed[:3]]
+    singles = [_state_of(rows, notes, c) for c in claimed[3:]]
+    assert sets == singles
+    retries, ok, dies = sets
+    assert retries[:4] == ("pending", 1, r2, "second")
+    assert ok[0] == "delivered"
+    assert ok[7:] == ("consumed", t1)
+    assert dies[0] == "dead"

@@ -37,7 +37,20 @@ from datetime import datetime, timedelta
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, select, tuple_, update
+from sqlalchemy import (
+    Integer,
+    String,
+    Text,
+    and_,
+    any_,
+    bindparam,
+    delete,
+    func,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -47,6 +60,7 @@ from delivery.store.engine import any_row
 from delivery.store.notifications import live_at
 from delivery.store.tables import DELIVERIES, ENDPOINTS, NOTIFICATIONS
 from delivery.store.tables import WEBHOOK_ATTEMPTS as ATTEMPTS
+from delivery.store.types import UTCDateTime
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -716,7 +730,6 @@ class WebhookStore(StoreBase):
         """
         if not items:
             return []
-        d, n = DELIVERIES.c, NOTIFICATIONS.c
         attempt_rows: list[dict[str, Any]] = []
         by_kind: dict[str, list[dict[str, Any]]] = {DELIVERED: [], PENDING: [], DEAD: []}
         consumed: list[dict[str, Any]] = []
@@ -781,49 +794,10 @@ class WebhookStore(StoreBase):
         consumed.sort(key=itemgetter("b_id"))
         async with self.write() as conn:
             await conn.execute(ATTEMPTS.insert(), attempt_rows)
-            # A 2xx consumes the notification only through a delivery this attempt
-            # finishes: one finished meanwhile (dead after its endpoint was deleted,
-            # delivered by another worker whose lease had ended) decides nothing more.
-            consume = (
-                update(NOTIFICATIONS)
-                .where(n.id == bindparam("b_id"), n.status == "pending")
-                .values(status="consumed", consumed_at=bindparam("b_now"))
-            )
-            if consumed and self.single_writer:
-                # One writer: the delivery's status, read in this statement before the
-                # deliveries are updated, cannot change before the commit.
-                await conn.execute(
-                    consume.where(
-                        select(d.id).where(d.id == bindparam("b_via"), d.status == PENDING).exists()
-                    ),
-                    consumed,
-                )
-            elif consumed:
-                # Locked first, in key order like every update here, so a concurrent
-                # change of the delivery waits for this commit.
-                ids = sorted({row["b_via"] for row in consumed})
-                live = set(
-                    (
-                        await conn.execute(
-                            select(d.id)
-                            .where(d.id.in_(ids), d.status == PENDING)
-                            .order_by(d.id)
-                            .with_for_update()
-                        )
-                    ).scalars()
-                )
-                consumed = [row for row in consumed if row["b_via"] in live]
-            for kind, rows in by_kind.items():
-                if rows:
-                    # Guarded by the status: a delivery finished meanwhile is left alone.
-                    await conn.execute(
-                        update(DELIVERIES)
-                        .where(d.id == bindparam("b_id"), d.status == PENDING)
-                        .values(**common, **next_state[kind]),
-                        rows,
-                    )
-            if consumed and not self.single_writer:
-                await conn.execute(consume, consumed)
+            if self.single_writer:
+                await self._finish_row_by_row(conn, by_kind, consumed, common, next_state)
+            else:
+                await self._finish_in_sets(conn, by_kind, consumed)
             found: list[EndpointDisabled | None] = [None] * len(items)
             by_endpoint: dict[str, list[int]] = {}
             for index, item in enumerate(items):
@@ -849,6 +823,162 @@ class WebhookStore(StoreBase):
             if clear:
                 await self._clear_streaks(conn, clear)
         return found
+
+    async def _finish_row_by_row(
+        self,
+        conn: AsyncConnection,
+        by_kind: Mapping[str, list[dict[str, Any]]],
+        consumed: list[dict[str, Any]],
+        common: Mapping[str, Any],
+        next_state: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        """
+        The deliveries' next states and the consumes of :meth:`record_attempts` as
+        one ``executemany`` per statement (SQLite: one writer, and each row is a
+        call on the driver's thread, not a round trip).
+        """
+        d, n = DELIVERIES.c, NOTIFICATIONS.c
+        if consumed:
+            # A 2xx consumes the notification only through a delivery this attempt
+            # finishes: one finished meanwhile (dead after its endpoint was deleted,
+            # delivered by another worker whose lease had ended) decides nothing
+            # more. One writer: the delivery's status, read in this statement before
+            # the deliveries are updated, cannot change before the commit.
+            await conn.execute(
+                update(NOTIFICATIONS)
+                .where(n.id == bindparam("b_id"), n.status == "pending")
+                .values(status="consumed", consumed_at=bindparam("b_now"))
+                .where(
+                    select(d.id).where(d.id == bindparam("b_via"), d.status == PENDING).exists()
+                ),
+                consumed,
+            )
+        for kind, rows in by_kind.items():
+            if rows:
+                # Guarded by the status: a delivery finished meanwhile is left alone.
+                await conn.execute(
+                    update(DELIVERIES)
+                    .where(d.id == bindparam("b_id"), d.status == PENDING)
+                    .values(**common, **next_state[kind]),
+                    rows,
+                )
+
+    async def _finish_in_sets(
+        self,
+        conn: AsyncConnection,
+        by_kind: Mapping[str, list[dict[str, Any]]],
+        consumed: list[dict[str, Any]],
+    ) -> None:
+        """
+        The deliveries' next states and the consumes of :meth:`record_attempts` in
+        a few set-based statements (PostgreSQL), whatever the batch's size.
+
+        Every row is locked first by primary key alone, in key order (deliveries,
+        then notifications), so two handlers replicas whose batches share rows take
+        their locks in one order and cannot deadlock; which of them is still
+        ``pending`` is read under that lock, so the updates that follow join
+        ``unnest`` arrays on the key alone. Measured in the end-to-end bench: the
+        per-row ``executemany`` updates took about 65 ms a group of 95 (one bind and
+        execution a row, under load), and the lock's read with the status as a
+        parameter was planned generically on a burst's stale statistics as a scan of
+        the due index (17-25 ms, some 8,000 rows read to lock 32); the statements
+        here take 3-8 ms each, planned as primary-key probes.
+        """
+        d, n = DELIVERIES.c, NOTIFICATIONS.c
+        ids = sorted(row["b_id"] for rows in by_kind.values() for row in rows)
+        locked = await conn.execute(
+            select(d.id, d.status)
+            .where(d.id == any_(bindparam("ids", ids, type_=ARRAY(String))))
+            .order_by(d.id)
+            .with_for_update()
+        )
+        live = {row.id for row in locked if row.status == PENDING}
+        still = set(live)  # pending as each kind's update is reached
+        for kind, rows in by_kind.items():
+            # A delivery finished meanwhile (another worker whose lease had ended,
+            # an endpoint deleted) is left alone, as the row-by-row guard does. One
+            # delivery twice in a batch (its lease ended while the first attempt was
+            # in flight) ends as row by row: a retry is overwritten by a later one,
+            # a finished delivery takes nothing more.
+            keep: dict[str, dict[str, Any]] = {}
+            for row in rows:
+                if row["b_id"] in still and (kind == PENDING or row["b_id"] not in keep):
+                    keep[row["b_id"]] = row
+            rows = list(keep.values())
+            if kind != PENDING:
+                still -= keep.keys()
+            if not rows:
+                continue
+            arrays: dict[str, tuple[ARRAY[Any], list[Any]]] = {
+                "id": (ARRAY(String), [row["b_id"] for row in rows]),
+                "n": (ARRAY(Integer), [row["b_count"] for row in rows]),
+                "at_now": (ARRAY(UTCDateTime()), [row["b_now"] for row in rows]),
+                "error": (ARRAY(Text), [row["b_error"] for row in rows]),
+            }
+            if kind == PENDING:
+                arrays["retry_at"] = (ARRAY(UTCDateTime()), [row["b_at"] for row in rows])
+            given = (
+                func.unnest(
+                    *(
+                        bindparam(f"v_{name}", values, type_=t)
+                        for name, (t, values) in arrays.items()
+                    )
+                )
+                .table_valued(*arrays)
+                .render_derived(name="given")
+            )
+            values: dict[str, Any] = {
+                "attempt_count": given.c.n,
+                "claimed_by": None,
+                "updated_at": given.c.at_now,
+                "last_error": given.c.error,
+            }
+            if kind == DELIVERED:
+                values |= {
+                    "status": DELIVERED,
+                    "next_attempt_at": None,
+                    "delivered_at": given.c.at_now,
+                }
+            elif kind == PENDING:
+                values |= {"next_attempt_at": given.c.retry_at}
+            else:
+                values |= {"status": DEAD, "next_attempt_at": None}
+            await conn.execute(update(DELIVERIES).where(d.id == given.c.id).values(**values))
+        # A 2xx consumes the notification only through a delivery this transaction
+        # finishes; a notification reached by two deliveries of the batch is consumed
+        # once, at the first one's instant (the row-by-row update's second match
+        # finds it consumed already).
+        first: dict[str, datetime] = {}
+        for row in consumed:
+            if row["b_via"] in live:
+                first.setdefault(row["b_id"], row["b_now"])
+        if not first:
+            return
+        notes = sorted(first)
+        pending = (
+            await conn.execute(
+                select(n.id, n.status)
+                .where(n.id == any_(bindparam("ids", notes, type_=ARRAY(String))))
+                .order_by(n.id)
+                .with_for_update()
+            )
+        ).all()
+        notes = [row.id for row in pending if row.status == "pending"]
+        if not notes:
+            return
+        given = (
+            func.unnest(
+                bindparam("v_id", notes, type_=ARRAY(String)),
+                bindparam("v_at", [first[i] for i in notes], type_=ARRAY(UTCDateTime())),
+            )
+            .table_valued("id", "at_now")
+            .render_derived(name="given")
+        )
+        await conn.execute(
+            update(NOTIFICATIONS)
+            .where(n.id == given.c.id)
+            .values(status="consumed", consumed_at=given.c.at_now)
+        )
 
     async def _clear_streaks(self, conn: AsyncConnection, endpoint_ids: Sequence[str]) -> None:
         """End the failing streaks of ``endpoint_ids`` (a 2xx), in the caller's transaction."""

@@ -6,6 +6,7 @@ costs only its own record.
 
 import asyncio
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select, update
 
@@ -17,6 +18,7 @@ from delivery.store.webhooks import (
     ClaimedDelivery,
     NextState,
     RecordedAttempt,
+    WebhookStore,
 )
 from handlers.webhooks.worker import AttemptRecorder
 from tests.webhooks.conftest import Rig
@@ -227,3 +229,169 @@ async def test_a_2xx_for_a_delivery_finished_meanwhile_consumes_nothing(rig: Rig
     assert deliveries == {finished.event_id: "dead", live.event_id: "delivered"}
     assert notes[finished.event_id] == "pending"
     assert notes[live.event_id] == "consumed"
+
+
+def _state_of(
+    rows: dict[str, Any], notes: dict[str, Any], c: ClaimedDelivery
+) -> tuple[object, ...]:
+    r, n = rows[c.event_id], notes[c.event_id]
+    return (
+        r.status,
+        r.attempt_count,
+        r.next_attempt_at,
+        r.last_error,
+        r.delivered_at,
+        r.claimed_by,
+        r.updated_at,
+        n.status,
+        n.consumed_at,
+    )
+
+
+async def test_set_based_and_row_by_row_recording_agree(rig: Rig) -> None:
+    """
+    The same batch recorded in one set of statements (the store's form on PostgreSQL)
+    and row by row (its form on SQLite) leaves the same rows: delivered, retried,
+    dead, a 2xx for a delivery finished meanwhile, a 2xx whose notification polling
+    consumed first, each at its own instant.
+    """
+    claimed = await _claimed(rig, 10)
+    t0 = rig.clock.now()
+    at = [t0 + timedelta(seconds=s) for s in range(1, 6)]
+    later = t0 + timedelta(minutes=7)
+    n = NOTIFICATIONS.c
+    batches: list[list[RecordedAttempt]] = []
+    for half in (claimed[:5], claimed[5:]):
+        ok, retry, dead, finished, polled = half
+        await rig.webhooks.finish_without_attempt(
+            finished.delivery_id, status="dead", reason="endpoint deleted", now=t0
+        )
+        async with rig.engine.begin() as conn:
+            await conn.execute(
+                update(NOTIFICATIONS)
+                .where(n.id == polled.event_id)
+                .values(status="consumed", consumed_at=t0)
+            )
+        # Not in key order: the store orders what it locks.
+        batches.append(
+            [
+                RecordedAttempt(
+                    polled, _attempt(polled, at[4], ok=True), NextState(delivered=True), at[4]
+                ),
+                RecordedAttempt(
+                    retry,
+                    _attempt(retry, at[1], ok=False),
+                    NextState(retry_at=later, reason="HTTP 500"),
+                    at[1],
+                ),
+                RecordedAttempt(ok, _attempt(ok, at[0], ok=True), NextState(delivered=True), at[0]),
+                RecordedAttempt(
+                    finished, _attempt(finished, at[3], ok=True), NextState(delivered=True), at[3]
+                ),
+                RecordedAttempt(
+                    dead,
+                    _attempt(dead, at[2], ok=False),
+                    NextState(dead=True, reason="gave up"),
+                    at[2],
+                ),
+            ]
+        )
+    await rig.webhooks.record_attempts(batches[0])
+    row_by_row = WebhookStore(rig.engine)
+    row_by_row.single_writer = True  # the per-row form, whatever the database
+    await row_by_row.record_attempts(batches[1])
+
+    async with rig.engine.connect() as conn:
+        rows = {r.event_id: r for r in await conn.execute(select(DELIVERIES))}
+        notes = {r.id: r for r in await conn.execute(select(NOTIFICATIONS))}
+        attempts = (await conn.execute(select(func.count()).select_from(ATTEMPTS))).scalar_one()
+    assert attempts == 10
+    sets = [_state_of(rows, notes, c) for c in claimed[:5]]
+    singles = [_state_of(rows, notes, c) for c in claimed[5:]]
+    assert sets == singles
+    ok_state, retry_state, dead_state, finished_state, polled_state = sets
+    assert ok_state == ("delivered", 1, None, None, at[0], None, at[0], "consumed", at[0])
+    assert retry_state == ("pending", 1, later, "HTTP 500", None, None, at[1], "pending", None)
+    assert dead_state == ("dead", 1, None, "gave up", None, None, at[2], "pending", None)
+    # Finished meanwhile: left as it was, and its notification too.
+    assert finished_state[0] == "dead"
+    assert finished_state[7:] == ("pending", None)
+    # Consumed by polling first: delivered now, consumed at polling's instant.
+    assert polled_state == ("delivered", 1, None, None, at[4], None, at[4], "consumed", t0)
+
+
+async def test_replicas_recording_the_same_deliveries_in_opposite_orders_do_not_deadlock(
+    rig: Rig,
+) -> None:
+    """
+    Two replicas record 2xx for the same deliveries at once (a lease that ended while
+    the first attempt was in flight), one batch A then B, the other B then A: the
+    deliveries and notifications are locked in key order, so on PostgreSQL neither
+    waits for the other in a cycle, and each notification is consumed once.
+    """
+    rounds = 8
+    claimed = await _claimed(rig, 2 * rounds)
+    now = rig.clock.now()
+
+    def ok(c: ClaimedDelivery, n: int) -> RecordedAttempt:
+        return RecordedAttempt(c, _attempt(c, now, ok=True, n=n), NextState(delivered=True), now)
+
+    for r in range(rounds):
+        a, b = claimed[2 * r], claimed[2 * r + 1]
+        await asyncio.gather(
+            rig.webhooks.record_attempts([ok(a, 1), ok(b, 1)]),
+            rig.webhooks.record_attempts([ok(b, 2), ok(a, 2)]),
+        )
+    d, n = DELIVERIES.c, NOTIFICATIONS.c
+    async with rig.engine.connect() as conn:
+        deliveries = set((await conn.execute(select(d.status))).scalars())
+        notes = set((await conn.execute(select(n.status))).scalars())
+        attempts = (await conn.execute(select(func.count()).select_from(ATTEMPTS))).scalar_one()
+    assert attempts == 4 * rounds
+    assert deliveries == {"delivered"}
+    assert notes == {"consumed"}
+
+
+async def test_one_delivery_twice_in_a_batch_ends_as_row_by_row(rig: Rig) -> None:
+    """
+    A delivery recorded twice in one batch (its lease ended while the first attempt
+    was in flight, and the same worker claimed it again): set-based and row by row
+    leave the same rows. A retry then a later retry: the later one stands; a success
+    then a retry: delivered, the retry changes nothing; a retry then death: dead.
+    """
+    claimed = await _claimed(rig, 6)
+    t0 = rig.clock.now()
+    t1, t2 = t0 + timedelta(seconds=1), t0 + timedelta(seconds=2)
+    r1, r2 = t0 + timedelta(minutes=5), t0 + timedelta(minutes=9)
+
+    def rec(c: ClaimedDelivery, n: int, at: datetime, step: NextState) -> RecordedAttempt:
+        return RecordedAttempt(c, _attempt(c, at, ok=step.delivered, n=n), step, at)
+
+    def batch(
+        retries: ClaimedDelivery, ok: ClaimedDelivery, dies: ClaimedDelivery
+    ) -> list[RecordedAttempt]:
+        return [
+            rec(retries, 1, t1, NextState(retry_at=r1, reason="first")),
+            rec(ok, 1, t1, NextState(delivered=True)),
+            rec(dies, 1, t1, NextState(retry_at=r1, reason="first")),
+            rec(retries, 2, t2, NextState(retry_at=r2, reason="second")),
+            rec(ok, 2, t2, NextState(retry_at=r2, reason="second")),
+            rec(dies, 2, t2, NextState(dead=True, reason="gave up")),
+        ]
+
+    await rig.webhooks.record_attempts(batch(*claimed[:3]))
+    row_by_row = WebhookStore(rig.engine)
+    row_by_row.single_writer = True  # the per-row form, whatever the database
+    await row_by_row.record_attempts(batch(*claimed[3:]))
+
+    async with rig.engine.connect() as conn:
+        rows = {r.event_id: r for r in await conn.execute(select(DELIVERIES))}
+        notes = {r.id: r for r in await conn.execute(select(NOTIFICATIONS))}
+    sets = [_state_of(rows, notes, c) for c in claimed[:3]]
+    singles = [_state_of(rows, notes, c) for c in claimed[3:]]
+    assert sets == singles
+    retries, ok, dies = sets
+    assert retries[:4] == ("pending", 1, r2, "second")
+    assert ok[0] == "delivered"
+    assert ok[7:] == ("consumed", t1)
+    assert dies[0] == "dead"

@@ -12,13 +12,15 @@ are redelivered.
 
 When the scheduler and the dispatcher run here together with the template composer,
 fires go from one to the other through an in-memory queue
-(:class:`~delivery.handoff.Handoff`) instead of the relay and JetStream. The fire's
-``fire.created`` outbox row is still written in the fire's transaction, held for a
+(:class:`~delivery.handoff.Handoff`) instead of the relay and JetStream; so do the
+trigger events the API accepts when it runs here too. The fire's
+``fire.created`` (the event's ``event.accepted``) outbox row is still written in its
+transaction, held for a
 grace period, and stamped sent in the transaction that writes its notification, so
 a SIGKILL in between leaves the row for the relay to publish once the grace ends
 (at once on the embedded SQLite: the restarted process releases its predecessor's
-held rows). The queue is bounded; fires beyond it take the JetStream path. On
-shutdown the scheduler stops before the dispatcher, which drains the queue.
+held rows). The queue is bounded; what is beyond it takes the JetStream path. On
+shutdown the scheduler and the API stop before the dispatcher, which drains the queue.
 """
 
 import asyncio
@@ -304,15 +306,16 @@ class Daemon:
             _on_stop(stack, "outbox-prune", prune.stop)
 
         handoff = self._handoff()
-        if single_writer and Part.SCHEDULER in self.parts:
-            # The one process on this database: a fire held for a dispatcher is a
-            # killed process's (with or without a hand-off now), and no one will
-            # stamp it; publish it now.
-            released = await OutboxStore(engine).release_held(
-                self.subjects.fire_created, self.clock.now()
-            )
-            if released:
-                log.info("handoff_released", fires=released)
+        if single_writer and self.parts & {Part.SCHEDULER, Part.API}:
+            # The one process on this database: a fire or an event held for a
+            # dispatcher is a killed process's (with or without a hand-off now), and
+            # no one will stamp it; publish it now.
+            outbox = OutboxStore(engine)
+            now = self.clock.now()
+            fires = await outbox.release_held(self.subjects.fire_created, now)
+            events = await outbox.release_held(self.subjects.event_accepted, now)
+            if fires or events:
+                log.info("handoff_released", fires=fires, events=events)
 
         if Part.SCHEDULER in self.parts:
             scheduler = Scheduler(
@@ -387,7 +390,7 @@ class Daemon:
             )
             await dispatcher.start()
             _on_stop(stack, "dispatcher", dispatcher.stop)
-            if handoff is not None:
+            if handoff is not None and Part.SCHEDULER in self.parts:
                 # The scheduler stops handing fires over before the dispatcher
                 # drains its queue (stopping a loop twice is harmless).
                 _on_stop(stack, "scheduler-tick", job.stop)
@@ -397,7 +400,9 @@ class Daemon:
 
         readiness, gauges = self._ops(engine, nc, js)
         if Part.API in self.parts:
-            await self._start_api(stack, engine, readiness, gauges)
+            # The API stops before the dispatcher (the stack unwinds in reverse):
+            # its last events are handed over before the queue is closed and drained.
+            await self._start_api(stack, engine, readiness, gauges, handoff)
         else:
             ops = OpsServer(
                 ops_socket,
@@ -467,10 +472,15 @@ class Daemon:
 
     def _handoff(self) -> Handoff | None:
         """
-        The scheduler-to-dispatcher queue, when both run here with the template
-        composer: an LLM batch can take longer than the outbox row's grace.
+        The queue to the dispatcher, when it runs here with the scheduler or the API
+        (fires, accepted events) and the template composer: an LLM batch can take
+        longer than the outbox row's grace.
         """
-        if not {Part.SCHEDULER, Part.DISPATCHER} <= self.parts or self.settings.composer == "llm":
+        if (
+            Part.DISPATCHER not in self.parts
+            or not self.parts & {Part.SCHEDULER, Part.API}
+            or self.settings.composer == "llm"
+        ):
             return None
         from delivery.dispatcher.app import TEMPLATE_ACK_WAIT_S
 
@@ -522,6 +532,7 @@ class Daemon:
         engine: AsyncEngine,
         readiness: Readiness,
         gauges: ScrapeGauges,
+        handoff: Handoff | None,
     ) -> None:
         from delivery.api import create_app
         from delivery.api.auth import bootstrap_key
@@ -531,7 +542,13 @@ class Daemon:
         store = SqlStore(engine, subjects=self.subjects)
         await bootstrap_key(self.settings, store, self.clock)
         app = create_app(
-            self.settings, store, self.clock, self, readiness=readiness, gauges=[gauges]
+            self.settings,
+            store,
+            self.clock,
+            self,
+            readiness=readiness,
+            gauges=[gauges],
+            handoff=handoff,
         )
         server = _Server(server_config(app, self.settings, lifespan="on"))
         sockets = [self._api_socket] if self._api_socket is not None else None

@@ -1,5 +1,5 @@
 """
-The in-process hand-off of fires from the scheduler to the dispatcher.
+The in-process hand-off of fires and trigger events to the dispatcher.
 
 When one process runs both (``delivery run`` with the template composer), a fire
 need not travel scheduler -> outbox relay -> JetStream -> dispatcher: the
@@ -15,20 +15,26 @@ The queue is bounded: the scheduler reserves room before its transaction and
 writes a fire as handed off only if it got a slot, so a burst larger than the
 dispatcher keeps up with goes through JetStream as before instead of waiting
 here past the grace (and then being composed twice).
+
+The API's event ingest does the same for accepted trigger events when it runs in
+the dispatcher's process (``delivery run``): their ``event.accepted`` rows are held,
+and the events handed over with the request id and trace context their rows carry,
+so the notification's logs and spans continue the request's as through JetStream.
 """
 
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
 from delivery.domain import SourceRef
+from delivery.tracing import Carrier
 
 
 class Handoff:
     """
-    A bounded queue of source refs from the scheduler to the dispatcher, one process.
+    A bounded queue of source refs to the dispatcher of the same process.
 
     Args:
         capacity: refs queued or reserved at most; reservations beyond it are refused.
@@ -42,6 +48,8 @@ class Handoff:
         self.capacity = capacity
         self.grace = grace
         self._refs: deque[SourceRef] = deque()
+        # Source id -> the request id / trace context of the few refs an API request made.
+        self._carriers: dict[str, Carrier] = {}
         self._reserved = 0
         self._ready = asyncio.Event()
         self._closed = False
@@ -71,17 +79,36 @@ class Handoff:
         """Give back a grant whose transaction did not commit."""
         self._reserved = max(0, self._reserved - granted)
 
-    def put(self, refs: Sequence[SourceRef], granted: int) -> None:
+    def put(
+        self,
+        refs: Sequence[SourceRef],
+        granted: int,
+        carriers: Mapping[str, Carrier] | None = None,
+    ) -> None:
         """
-        Queue the committed ``refs`` (at most ``granted``) and release the grant.
+        Queue the committed ``refs`` (at most ``granted``) and release the grant;
+        ``carriers`` (source id -> carrier) go with them to :meth:`carriers_of`.
 
         Refs put after :meth:`close` are still queued: the consumer drains the
         queue before it stops, and a closed queue only refuses new grants.
         """
         self.cancel(granted)
+        if carriers:
+            self._carriers.update(carriers)
         if refs:
             self._refs.extend(refs)
             self._ready.set()
+
+    def carriers_of(self, refs: Sequence[SourceRef]) -> dict[str, Carrier]:
+        """The carriers put with ``refs`` (taken batch), removed from the queue's keeping."""
+        if not self._carriers:
+            return {}
+        found = {}
+        for ref in refs:
+            carrier = self._carriers.pop(ref.id, None)
+            if carrier is not None:
+                found[ref.id] = carrier
+        return found
 
     def close(self) -> None:
         """Refuse new grants; :meth:`take` returns what is left, then an empty batch."""

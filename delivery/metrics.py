@@ -119,7 +119,8 @@ DISPATCH_MESSAGES = Counter(
 )
 DISPATCH_HANDED = Counter(
     "delivery_dispatch_handed",
-    "Fires the scheduler handed to the dispatcher in its own process instead of "
+    "Fires and trigger events the scheduler and the API handed to the dispatcher in "
+    "their own process instead of "
     "through JetStream, by result (processed; failed: left for the outbox relay).",
     ["result"],
 )

@@ -115,6 +115,19 @@ def carrier_of(headers: Mapping[str, str] | None) -> Carrier | None:
     return found or None
 
 
+def loaded(stored: str | None) -> Carrier | None:
+    """The carrier stored beside an outbox row (a JSON object), as it was; ``None`` for none."""
+    if not stored:
+        return None
+    try:
+        value = json.loads(stored)
+    except ValueError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    return {k: v for k, v in value.items() if k in CARRIED and isinstance(v, str)} or None
+
+
 def publish_headers(stored: str) -> Carrier:
     """
     The carrier stored beside an outbox row (a JSON object), as NATS headers.

@@ -33,6 +33,7 @@ from delivery.api.openapi import DOCS_PAGES, install_offline_docs, install_opena
 from delivery.api.routes import ROUTERS, events, schedules, wakeups
 from delivery.clock import Clock
 from delivery.dispatcher.composers import SharedComposer
+from delivery.handoff import Handoff
 from delivery.ops import Readiness, ScrapeGauges, database_checks, scheduler_check
 from delivery.secrets import LazySecretBox
 from delivery.settings import Settings
@@ -69,6 +70,7 @@ def create_app(
     purge_interval_s: float = 600.0,
     readiness: Readiness | None = None,
     gauges: Sequence[ScrapeGauges] | None = None,
+    handoff: Handoff | None = None,
 ) -> FastAPI:
     """
     Build the FastAPI application.
@@ -89,6 +91,9 @@ def create_app(
             default (``delivery run`` adds NATS, the stream and the consumers).
         gauges: the scrape-time gauges ``/metrics`` refreshes; ``delivery_database_up``
             by default.
+        handoff: the queue to the dispatcher of this process (``delivery run``):
+            accepted events it has room for are handed to it instead of the relay
+            (:mod:`delivery.api.ingest`); None when the API runs alone.
 
     Returns:
         The app; OpenAPI docs at ``/docs``.
@@ -134,7 +139,7 @@ def create_app(
         webhooks=WebhookStore(store.engine),
         composer=composer,
         timeline=SqlTimelineStore(store.engine),
-        ingest=EventIngest(store.events, clock.now, lambda: ctx.wake_relay()),
+        ingest=EventIngest(store.events, clock.now, lambda: ctx.wake_relay(), handoff=handoff),
     )
     metrics = HttpMetrics()
     app.state.metrics = metrics

@@ -24,6 +24,16 @@ once per event; a lock still held after the last try is answered 503 with
 refused for one of its rows (an integrity or data error) is
 written again one event at a time, so one bad event does not fail its neighbours;
 any other fault fails the batch's requests.
+
+In ``delivery run`` the dispatcher runs in this process, and the daemon passes its
+:class:`~delivery.handoff.Handoff`: a batch reserves room there before its
+transaction, writes the outbox rows of the events it got room for held a grace
+period ahead (``available_at``), and after the commit hands those events to the
+dispatcher with the request ids and trace contexts their rows carry, instead of
+the relay publishing them to JetStream. The dispatcher stamps the held rows sent
+with the notifications; a crash in between leaves them to the relay once the grace
+ends. Events beyond the queue's room are written as before. Without a hand-off
+(``delivery web``) nothing changes.
 """
 
 import asyncio
@@ -31,12 +41,15 @@ import contextlib
 import contextvars
 import random
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
+from delivery.domain import SourceKind, SourceRef
+from delivery.handoff import Handoff
 from delivery.store.engine import is_lock_conflict, is_row_refused
 from delivery.store.events import EventOutcome, Events, EventWrite
+from delivery.tracing import Carrier, loaded
 
 _log = structlog.get_logger(__name__)
 
@@ -61,6 +74,8 @@ class EventIngest:
         on_commit: called after each committed batch that wrote an event (wakes
             the outbox relay); its faults are logged, never answered.
         max_batch: events per transaction at most.
+        handoff: the dispatcher of this process takes the events it has room for
+            from here (their outbox rows held); None: every event goes to the relay.
     """
 
     def __init__(
@@ -70,11 +85,13 @@ class EventIngest:
         on_commit: Callable[[], None],
         *,
         max_batch: int = MAX_BATCH,
+        handoff: Handoff | None = None,
     ) -> None:
         self._events = events
         self._now = now
         self._on_commit = on_commit
         self._max_batch = max_batch
+        self._handoff = handoff
         self._queue: list[_Waiting] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -121,16 +138,23 @@ class EventIngest:
             self._queue.clear()
 
     async def _write(self, batch: Sequence[_Waiting]) -> None:
+        # Room in the hand-off before the transaction: an event is written held only
+        # if the dispatcher will be handed it (else it would wait out the grace).
+        grant = _Grant(self._handoff, len(batch))
         try:
-            outcomes = await self._attempt(batch)
+            outcomes = await self._attempt(batch, grant)
         except asyncio.CancelledError:
+            grant.release()
             # Shutdown, mid-write or mid-back-off: nobody is left to answer them.
             for _, future in batch:
                 if not future.done():
                     future.set_exception(RuntimeError("event ingest stopped"))
             raise
         if outcomes is None:
+            grant.release()
             return
+        if grant.count:
+            grant.hand_over(batch[: grant.count], outcomes)
         if any(outcome.written for outcome in outcomes):
             try:
                 self._on_commit()
@@ -140,14 +164,22 @@ class EventIngest:
             if not future.done():
                 future.set_result(outcome)
 
-    async def _attempt(self, batch: Sequence[_Waiting]) -> list[EventOutcome] | None:
+    async def _attempt(
+        self, batch: Sequence[_Waiting], grant: "_Grant"
+    ) -> list[EventOutcome] | None:
         """
-        The batch's outcomes once it has committed; ``None`` when its requests were
-        answered otherwise (each event written alone, or the batch's error).
+        The batch's outcomes once it has committed (the outbox rows of its first
+        ``grant.count`` events held for the hand-off); ``None`` when its requests
+        were answered otherwise (each event written alone, or the batch's error).
         """
         for attempt in range(LOCK_RETRIES + 1):
             try:
-                return await self._events.accept_events([w for w, _ in batch], self._now())
+                now = self._now()
+                writes = [w for w, _ in batch]
+                if grant.count:
+                    until = now + grant.grace
+                    writes[: grant.count] = [_held(w, until) for w in writes[: grant.count]]
+                return await self._events.accept_events(writes, now)
             except Exception as exc:
                 if is_lock_conflict(exc) and attempt < LOCK_RETRIES:
                     # The whole batch again: its transaction rolled back, and each
@@ -170,6 +202,8 @@ class EventIngest:
                         size=len(batch),
                         error=repr(exc),
                     )
+                    # Each event reserves its own room when written alone.
+                    grant.release()
                     for one in batch:
                         await self._write([one])
                     return None
@@ -178,3 +212,44 @@ class EventIngest:
                         future.set_exception(exc)
                 return None
         raise AssertionError("unreachable: the last attempt returns or answers")
+
+
+def _held(write: EventWrite, until: datetime) -> EventWrite:
+    """``write`` with its outbox row held until ``until`` (the relay leaves it till then)."""
+    return EventWrite(write.row, {**write.outbox, "available_at": until}, write.record)
+
+
+class _Grant:
+    """A batch's room in the hand-off: handed over or given back, once."""
+
+    def __init__(self, handoff: Handoff | None, wanted: int) -> None:
+        self._handoff = handoff
+        self.count = handoff.reserve(wanted) if handoff is not None else 0
+
+    @property
+    def grace(self) -> timedelta:
+        """How far ahead a held row is available to the relay."""
+        return self._handoff.grace if self._handoff is not None else timedelta(0)
+
+    def release(self) -> None:
+        """Give the room back: the batch committed no held row (or is written apart)."""
+        if self.count and self._handoff is not None:
+            self._handoff.cancel(self.count)
+        self.count = 0
+
+    def hand_over(self, held: Sequence[_Waiting], outcomes: Sequence[EventOutcome]) -> None:
+        """Hand the committed held events to the dispatcher, with their requests' carriers."""
+        if self._handoff is None:
+            return
+        refs: list[SourceRef] = []
+        carriers: dict[str, Carrier] = {}
+        for (write, _), outcome in zip(held, outcomes, strict=False):
+            if not outcome.written:
+                continue  # a replay: its key's first event was handed (or relayed)
+            event_id = str(write.outbox["msg_id"])
+            refs.append(SourceRef(SourceKind.EVENT, event_id))
+            found = loaded(write.outbox.get("headers"))
+            if found:
+                carriers[event_id] = found
+        self._handoff.put(refs, self.count, carriers)
+        self.count = 0

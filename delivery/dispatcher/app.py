@@ -153,8 +153,8 @@ class Dispatcher:
             ``settings.llm_retry_s`` before the templates stand in.
         on_batch: called with every batch's result after its messages are
             acked (metrics, and tests waiting on an event instead of sleeping).
-        handoff: the scheduler of this process hands fires here
-            (:mod:`delivery.handoff`); they are processed in batches as those of
+        handoff: the scheduler and the API of this process hand fires and accepted
+            events here (:mod:`delivery.handoff`); they are processed in batches as those of
             JetStream are, sharing their in-flight limit, and their held outbox
             entries stamped sent in the batch's write transaction. A batch that
             fails is left to the relay, which publishes it after the grace.
@@ -267,7 +267,7 @@ class Dispatcher:
         return result
 
     async def _consume_local(self, handoff: Handoff) -> None:
-        """Take the handed-off fires in batches until the queue is closed and empty."""
+        """Take the handed-off sources in batches until the queue is closed and empty."""
         while refs := await handoff.take(self.batch_size, BATCH_WAIT_S):
             await self._slots.acquire()
             task = asyncio.create_task(self._handle_local(refs))
@@ -276,12 +276,15 @@ class Dispatcher:
 
     async def _handle_local(self, refs: list[SourceRef]) -> BatchResult:
         """One handed-off batch: process and stamp (errors stop here: a process edge)."""
+        assert self.handoff is not None  # noqa: S101 - only started with one
+        # The request ids and traces of handed events, as settle_batch finds them in
+        # the headers of JetStream messages.
+        carriers = self.handoff.carriers_of(refs)
         try:
-            result = await self.processor.process(refs, handed=True)
+            result = await self.processor.process(refs, carriers=carriers or None, handed=True)
         except Exception:
             # Nothing committed: the held outbox rows stay unsent and the relay
             # publishes them when the grace ends, as if the process had died.
-            assert self.handoff is not None  # noqa: S101 - only started with one
             metrics.DISPATCH_HANDED.labels("failed").inc(len(refs))
             log.exception(
                 "dispatch.batch_failed",

@@ -9,7 +9,7 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -18,6 +18,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from delivery.api import create_app
+from delivery.handoff import Handoff
 from delivery.settings import Settings
 from delivery.store.creates import row_values
 from delivery.store.engine import begin_immediate, create_engine
@@ -53,10 +54,10 @@ class _RecordingEvents(EventStore):
         return await super().accept_events(writes, now)
 
 
-def _client(api: Api, events: EventStore) -> httpx.AsyncClient:
+def _client(api: Api, events: EventStore, handoff: Handoff | None = None) -> httpx.AsyncClient:
     store = SqlStore(api.store.engine)
     store.events = events
-    app = create_app(Settings(subject_prefix="test"), store, api.clock)
+    app = create_app(Settings(subject_prefix="test"), store, api.clock, handoff=handoff)
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
         base_url="http://api.test",
@@ -214,6 +215,37 @@ async def test_a_batch_refused_for_a_row_is_retried_one_event_at_a_time(api: Api
     ids, outbox, records = await _written(api)
     assert {a.json()["event_id"] for a in answers} == ids
     assert len(ids) == outbox == records == 12
+
+
+async def test_a_split_batch_hands_each_event_over_once(api: Api) -> None:
+    """
+    With an in-process hand-off, a batch refused for a row gives its room back and each
+    event written alone is handed over once; every grant is released.
+    """
+    handoff = Handoff(100, timedelta(seconds=30))
+    events = _RefusingEvents(api.store.engine)
+    async with _client(api, events, handoff) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"hand-{n}"})
+                for n in range(12)
+            )
+        )
+    assert events.refused >= 1, events.batches
+    assert [a.status_code for a in answers] == [200] * 12
+    handed = await handoff.take(100, 0.0)
+    assert sorted(ref.id for ref in handed) == sorted(a.json()["event_id"] for a in answers)
+    assert handoff.reserve(100) == 100, "a grant was not given back"
+
+
+async def test_a_failed_batch_hands_nothing_over(api: Api) -> None:
+    """A batch that did not commit hands none of its events over and gives its room back."""
+    handoff = Handoff(100, timedelta(seconds=30))
+    async with _client(api, _FailingEvents(api.store.engine, larger_than=0), handoff) as client:
+        failed = await asyncio.gather(*(client.post(PATH, json=_event(n)) for n in range(3)))
+    assert [a.status_code for a in failed] == [500] * 3
+    assert len(handoff) == 0
+    assert handoff.reserve(100) == 100, "a grant was not given back"
 
 
 async def test_a_batch_failing_otherwise_is_not_split(api: Api) -> None:

@@ -1,19 +1,21 @@
 """
-A fire handed off in-process: its held outbox row is stamped sent in the transaction
-that writes its notification, on SQLite and PostgreSQL. Both commit or neither, so a
-crash can leave a notification without the stamp only as it left it before (the relay
-publishes, the unique source id absorbs), never a stamp without a notification.
+A fire or a trigger event handed off in-process: its held outbox row is stamped sent
+in the transaction that writes its notification, on SQLite and PostgreSQL. Both commit
+or neither, so a crash can leave a notification without the stamp only as it left it
+before (the relay publishes, the unique source id absorbs), never a stamp without a
+notification.
 
 A database trigger refuses one of the two writes; the other must not commit either.
 """
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from delivery.bus.messages import FireCreated
+from delivery.bus.messages import EventAccepted, FireCreated
 from delivery.bus.subjects import Subjects
 from delivery.clock import ManualClock
 from delivery.dispatcher.composers import TemplateComposer
@@ -60,6 +62,26 @@ async def _handed_fire(engine: AsyncEngine) -> str:
         available_at=HELD_UNTIL,
     )
     return fid
+
+
+CARRIER = {"X-Request-Id": "req_storm_1"}
+
+
+async def _handed_event(engine: AsyncEngine) -> str:
+    """A committed trigger event and its ``event.accepted`` row held for the dispatcher."""
+    await rows.project(engine)
+    await rows.event(engine, "evt_1")
+    await rows.insert(
+        engine,
+        OutboxRow,
+        subject="tp.event.accepted",
+        msg_id="evt_1",
+        payload=EventAccepted(event_id="evt_1").model_dump_json(),
+        headers=json.dumps(CARRIER),
+        created_at=NOW,
+        available_at=HELD_UNTIL,
+    )
+    return "evt_1"
 
 
 def _processor(engine: AsyncEngine) -> Processor:
@@ -127,5 +149,46 @@ async def test_stamp_and_notification_commit_together(engine: AsyncEngine, refus
 
     assert await rows.count(engine, NotificationRow) == 0
     entry = await _fire_entry(engine, fid)
+    assert entry["sent_at"] is None
+    assert entry["available_at"] == HELD_UNTIL
+
+
+async def test_handed_event_is_stamped_with_its_notification(engine: AsyncEngine) -> None:
+    """
+    An accepted event handed over by the API: its notification and the stamp commit
+    together, and the request id it was handed with reaches the notification's entry
+    (as the headers of its JetStream message would have).
+    """
+    eid = await _handed_event(engine)
+
+    result = await _processor(engine).process(
+        [SourceRef(SourceKind.EVENT, eid)], carriers={eid: dict(CARRIER)}, handed=True
+    )
+
+    assert result.created == [notification_id(eid)]
+    assert (await _fire_entry(engine, eid))["sent_at"] == NOW
+    created = await _fire_entry(engine, notification_id(eid))
+    assert created["sent_at"] is None
+    assert json.loads(str(created["headers"]))["X-Request-Id"] == CARRIER["X-Request-Id"]
+
+
+@pytest.mark.parametrize("refused", ["stamp", "insert"])
+async def test_event_stamp_and_notification_commit_together(
+    engine: AsyncEngine, refused: str
+) -> None:
+    """A handed event whose stamp or notification is refused keeps neither: the relay has it."""
+    eid = await _handed_event(engine)
+    async with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            await conn.execute(text(_SQLITE[refused]))
+        else:
+            await conn.execute(text(_PG_FUNCTION))
+            await conn.execute(text(_PG[refused]))
+
+    with pytest.raises(Exception, match="refused"):
+        await _processor(engine).process([SourceRef(SourceKind.EVENT, eid)], handed=True)
+
+    assert await rows.count(engine, NotificationRow) == 0
+    entry = await _fire_entry(engine, eid)
     assert entry["sent_at"] is None
     assert entry["available_at"] == HELD_UNTIL

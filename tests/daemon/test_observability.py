@@ -124,7 +124,16 @@ async def test_one_request_id_from_the_api_to_the_webhook_and_the_exported_names
                 line = await asyncio.wait_for(delivered(), 10)
                 assert line["request_id"] == REQUEST_ID
                 assert line["message_id"] == message_id
-                text = (await client.get("/metrics")).text
+                # The sender logs the delivery when the receiver answers; the worker
+                # counts it once the attempt's group commit is done, a moment later.
+                counted = re.compile(
+                    r'delivery_webhook_deliveries_total\{outcome="delivered",status_class="2xx"\} 1'
+                )
+                for _ in range(100):
+                    text = (await client.get("/metrics")).text
+                    if counted.search(text):
+                        break
+                    await asyncio.sleep(0.1)
                 ready = await client.get("/ready")
                 assert ready.status_code == 200, ready.text
                 assert set(ready.json()["checks"]) == {

@@ -145,3 +145,19 @@ async def delete_stream(nats_url: str, prefix: str) -> None:
             await nc.jetstream().delete_stream(Subjects(prefix).stream)
     finally:
         await nc.close()
+
+
+async def assert_one_notification_each(engine: AsyncEngine, sources: set[str]) -> None:
+    """Every id of ``sources`` has exactly one notification, and nothing else has one."""
+    made = [r.source_id for r in await rows(engine, select(NOTIFICATIONS.c.source_id))]
+    assert len(made) == len(sources)
+    assert set(made) == sources
+
+
+async def outbox_rows_per_message(engine: AsyncEngine, *where: Any) -> set[int]:
+    """How many outbox rows each message id matching ``where`` has (``{1}``: one each)."""
+    async with engine.connect() as conn:
+        counts = await conn.execute(
+            select(func.count()).select_from(OUTBOX).where(*where).group_by(OUTBOX.c.msg_id)
+        )
+        return set(counts.scalars())

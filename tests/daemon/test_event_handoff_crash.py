@@ -21,12 +21,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from delivery.store.engine import create_engine
 from delivery.store.migrate import migrate
 from delivery.store.tables import EVENTS
-from tests.daemon.helpers import NOTIFICATIONS, OUTBOX, count, delete_stream, rows
+from tests.daemon.helpers import (
+    NOTIFICATIONS,
+    OUTBOX,
+    assert_one_notification_each,
+    count,
+    delete_stream,
+    outbox_rows_per_message,
+    rows,
+)
 from tests.daemon.test_crash import _wait_for
 from tests.daemon.test_handoff_crash import _env, _start
 from tests.fixtures.db import create_pg_database, drop_pg_database
@@ -156,19 +164,8 @@ async def test_sigkill_during_an_event_storm_gives_one_notification_each(
         assert await asyncio.wait_for(proc.wait(), 30) == 0
         proc = None
 
-        sources = [r.source_id for r in await rows(engine, select(NOTIFICATIONS.c.source_id))]
-        assert len(sources) == len(recorded)
-        assert set(sources) == recorded
-        async with engine.connect() as conn:
-            per_event = (
-                await conn.execute(
-                    select(func.count())
-                    .select_from(OUTBOX)
-                    .where(EVENT_ROWS)
-                    .group_by(OUTBOX.c.msg_id)
-                )
-            ).scalars()
-            assert set(per_event) == {1}
+        await assert_one_notification_each(engine, recorded)
+        assert await outbox_rows_per_message(engine, EVENT_ROWS) == {1}
         # Handed over or relayed, each notification continues its request's id.
         created = await rows(
             engine,

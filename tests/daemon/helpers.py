@@ -1,8 +1,18 @@
-"""Builders for daemon tests: projects, schedules and wakeups written straight to the tables."""
+"""
+Builders for daemon tests: projects, schedules and wakeups written straight to the
+tables, and the parts of the crash tests that run a real ``delivery run`` child.
+"""
 
+import asyncio
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -161,3 +171,103 @@ async def outbox_rows_per_message(engine: AsyncEngine, *where: Any) -> set[int]:
             select(func.count()).select_from(OUTBOX).where(*where).group_by(OUTBOX.c.msg_id)
         )
         return set(counts.scalars())
+
+
+def daemon_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of a ``delivery run`` child: none of ours inherited, JSON logs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
+    env.update(
+        DELIVERY_DATA_DIR=str(data_dir),
+        DELIVERY_PORT="0",
+        # Small claims stretch a burst over many transactions, so a kill lands in the
+        # middle of it.
+        DELIVERY_CLAIM_BATCH="50",
+        DELIVERY_LOG_JSON="true",
+    )
+    env.update(extra)
+    return env
+
+
+async def crash_database(
+    kind: str, data_dir: Path, nats_url: str, subject_prefix: str
+) -> tuple[str, str | None, dict[str, str]]:
+    """
+    The database of a crash test: the embedded SQLite in ``data_dir`` (with its own
+    nats-server), or a fresh PostgreSQL database on the shared NATS. Returns its URL,
+    the PostgreSQL URL to drop afterwards (or None) and the settings for the child.
+    """
+    if kind == "sqlite":
+        return f"sqlite+aiosqlite:///{data_dir / 'delivery.db'}", None, {}
+    from tests.fixtures.db import create_pg_database
+
+    url = await asyncio.to_thread(create_pg_database)
+    return (
+        url,
+        url,
+        {
+            "DELIVERY_DATABASE_URL": url,
+            "DELIVERY_NATS_URL": nats_url,
+            "DELIVERY_SUBJECT_PREFIX": subject_prefix,
+            "DELIVERY_SECRET_KEY": "crash-test-key",
+        },
+    )
+
+
+async def drop_crash_database(pg_url: str | None, nats_url: str, subject_prefix: str) -> None:
+    """Remove what :func:`crash_database` made on the shared services (nothing for SQLite)."""
+    if pg_url is None:
+        return
+    from tests.fixtures.db import drop_pg_database
+
+    await delete_stream(nats_url, subject_prefix)
+    await asyncio.to_thread(drop_pg_database, pg_url)
+
+
+async def start_daemon(env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+    """``delivery run`` as a real child process, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "delivery",
+            "run",
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def stop_daemon(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM, and the shutdown is clean (exit status 0 within 30 s)."""
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def reap_daemon(proc: asyncio.subprocess.Process | None) -> None:
+    """Kill a child a failed test left running, so it does not outlive the test."""
+    if proc is not None and proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], within: float) -> None:
+    """Poll ``predicate`` until it holds; fail after ``within`` seconds."""
+
+    async def poll() -> None:
+        # Another process writes the database: there is no event to wait on.
+        while not await predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), within)
+
+
+async def assert_stamped_have_notifications(engine: AsyncEngine, *where: Any) -> None:
+    """
+    Every outbox row matching ``where`` stamped sent has its notification: the stamp
+    commits in the notification's transaction, so a kill cannot separate the two.
+    """
+    stamped = await rows(
+        engine, select(OUTBOX.c.msg_id).where(*where, OUTBOX.c.sent_at.is_not(None))
+    )
+    made = {r.source_id for r in await rows(engine, select(NOTIFICATIONS.c.source_id))}
+    assert {r.msg_id for r in stamped} <= made

@@ -5,11 +5,7 @@ has exactly one notification: no fire is lost, none produces two.
 """
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,37 +22,16 @@ from tests.daemon.helpers import (
     add_schedules,
     assert_one_notification_each,
     count,
+    daemon_env,
     due_daily_rows,
+    reap_daemon,
     rows,
+    start_daemon,
+    stop_daemon,
+    wait_for,
 )
 
 TOTAL = 3000
-
-
-def _env(data_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DELIVERY_")}
-    env.update(
-        DELIVERY_DATA_DIR=str(data_dir),
-        DELIVERY_PORT="0",
-        # Small batches stretch the burst over many transactions, so the kill
-        # lands in the middle of it.
-        DELIVERY_CLAIM_BATCH="50",
-        DELIVERY_LOG_JSON="true",
-    )
-    return env
-
-
-async def _start(data_dir: Path, log: Path) -> asyncio.subprocess.Process:
-    with log.open("ab") as out:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "delivery",
-            "run",
-            env=_env(data_dir),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
 
 
 def _nats_children(store: Path) -> list[psutil.Process]:
@@ -68,15 +43,6 @@ def _nats_children(store: Path) -> list[psutil.Process]:
     return found
 
 
-async def _wait_for(predicate: Callable[[], Awaitable[bool]], within: float) -> None:
-    async def poll() -> None:
-        # Another process writes the database: there is no event to wait on.
-        while not await predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(poll(), within)
-
-
 @pytest.mark.slow
 async def test_sigkill_mid_burst_then_restart_gives_one_notification_per_fire(tmp_path):
     """Every fire of a burst interrupted by SIGKILL ends with exactly one notification."""
@@ -85,6 +51,7 @@ async def test_sigkill_mid_burst_then_restart_gives_one_notification_per_fire(tm
     url = f"sqlite+aiosqlite:///{data_dir / 'delivery.db'}"
     await migrate(url)
     engine = create_engine(url)
+    env = daemon_env(data_dir)
     log = tmp_path / "run.log"
     proc: asyncio.subprocess.Process | None = None
     try:
@@ -92,12 +59,12 @@ async def test_sigkill_mid_burst_then_restart_gives_one_notification_per_fire(tm
         await add_project(engine)
         await add_schedules(engine, due_daily_rows(TOTAL, now, now - timedelta(days=1)))
 
-        proc = await _start(data_dir, log)
+        proc = await start_daemon(env, log)
 
         async def mid_burst() -> bool:
             return await count(engine, NOTIFICATIONS) > 0
 
-        await _wait_for(mid_burst, within=90)
+        await wait_for(mid_burst, within=90)
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         fires_at_kill = await count(engine, FIRES)
@@ -110,18 +77,17 @@ async def test_sigkill_mid_burst_then_restart_gives_one_notification_per_fire(tm
         async def nats_gone() -> bool:
             return not _nats_children(store)
 
-        await _wait_for(nats_gone, within=15)
+        await wait_for(nats_gone, within=15)
 
-        proc = await _start(data_dir, log)
+        proc = await start_daemon(env, log)
 
         async def all_done() -> bool:
             return await count(engine, NOTIFICATIONS) >= TOTAL
 
         # Messages the killed dispatcher had fetched but not acked come back after
         # the consumer's ack_wait (30 s, delivery.dispatcher.app.TEMPLATE_ACK_WAIT_S).
-        await _wait_for(all_done, within=240)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        await wait_for(all_done, within=240)
+        await stop_daemon(proc)
         proc = None
 
         fired = {
@@ -132,7 +98,5 @@ async def test_sigkill_mid_burst_then_restart_gives_one_notification_per_fire(tm
         assert await count(engine, FIRES, FIRES.c.status == "skipped") == 0
         assert fires_at_kill <= TOTAL
     finally:
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap_daemon(proc)
         await engine.dispose()

@@ -30,14 +30,18 @@ from tests.daemon.helpers import (
     NOTIFICATIONS,
     OUTBOX,
     assert_one_notification_each,
+    assert_stamped_have_notifications,
     count,
-    delete_stream,
+    crash_database,
+    daemon_env,
+    drop_crash_database,
     outbox_rows_per_message,
+    reap_daemon,
     rows,
+    start_daemon,
+    stop_daemon,
+    wait_for,
 )
-from tests.daemon.test_crash import _wait_for
-from tests.daemon.test_handoff_crash import _env, _start
-from tests.fixtures.db import create_pg_database, drop_pg_database
 
 CLIENTS = 32
 EVENT_ROWS = OUTBOX.c.subject.like("%.event.accepted")
@@ -69,7 +73,7 @@ async def _ready(base_url: str, within: float) -> None:
             except httpx.TransportError:
                 return False
 
-        await _wait_for(up, within)
+        await wait_for(up, within)
 
 
 @pytest.mark.slow
@@ -81,19 +85,8 @@ async def test_sigkill_during_an_event_storm_gives_one_notification_each(
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     port = _free_port()
-    extra: dict[str, str] = {}
-    pg_url: str | None = None
-    if kind == "sqlite":
-        url = f"sqlite+aiosqlite:///{data_dir / 'delivery.db'}"
-    else:
-        pg_url = url = await asyncio.to_thread(create_pg_database)
-        extra |= {
-            "DELIVERY_DATABASE_URL": url,
-            "DELIVERY_NATS_URL": nats_url,
-            "DELIVERY_SUBJECT_PREFIX": subject_prefix,
-            "DELIVERY_SECRET_KEY": "handoff-crash-test-key",
-        }
-    env = _env(data_dir, extra) | {"DELIVERY_PORT": str(port)}
+    url, pg_url, extra = await crash_database(kind, data_dir, nats_url, subject_prefix)
+    env = daemon_env(data_dir, **extra) | {"DELIVERY_PORT": str(port)}
     await migrate(url)
     key = await asyncio.to_thread(_api_key, env, tmp_path)
     engine = create_engine(url)
@@ -103,7 +96,7 @@ async def test_sigkill_during_an_event_storm_gives_one_notification_each(
     held = (EVENT_ROWS, OUTBOX.c.sent_at.is_(None), OUTBOX.c.available_at > OUTBOX.c.created_at)
     accepted: list[str] = []
     try:
-        proc = await _start(env, log)
+        proc = await start_daemon(env, log)
         await _ready(base_url, within=60)
         stop = asyncio.Event()
 
@@ -131,7 +124,7 @@ async def test_sigkill_during_an_event_storm_gives_one_notification_each(
         ) as http:
             storm = [asyncio.create_task(client(c, http)) for c in range(CLIENTS)]
             try:
-                await _wait_for(mid_handoff, within=90)
+                await wait_for(mid_handoff, within=90)
                 proc.send_signal(signal.SIGKILL)
                 await proc.wait()
             finally:
@@ -139,12 +132,7 @@ async def test_sigkill_during_an_event_storm_gives_one_notification_each(
                 await asyncio.gather(*storm)
         held_at_kill = await count(engine, OUTBOX, *held)
         assert held_at_kill > 0, "no event was waiting in the hand-off at the kill"
-        # The stamp commits with the notification: every stamped event has one.
-        stamped = await rows(
-            engine, select(OUTBOX.c.msg_id).where(EVENT_ROWS, OUTBOX.c.sent_at.is_not(None))
-        )
-        made = {r.source_id for r in await rows(engine, select(NOTIFICATIONS.c.source_id))}
-        assert {r.msg_id for r in stamped} <= made
+        await assert_stamped_have_notifications(engine, EVENT_ROWS)
         recorded = {r.id for r in await rows(engine, select(EVENTS.c.id))}
         assert len(recorded) < len(accepted) + CLIENTS, "an answer for each recorded event"
         assert set(accepted) <= recorded, "an event answered 200 was not recorded"
@@ -152,16 +140,15 @@ async def test_sigkill_during_an_event_storm_gives_one_notification_each(
 
         # The embedded nats-server (SQLite) follows its parent down; give it a moment.
         await asyncio.sleep(1.0)
-        proc = await _start(env, log)
+        proc = await start_daemon(env, log)
 
         async def all_done() -> bool:
             unsent = await count(engine, OUTBOX, EVENT_ROWS, OUTBOX.c.sent_at.is_(None))
             return unsent == 0 and await count(engine, NOTIFICATIONS) >= len(recorded)
 
         # PostgreSQL: the held rows wait for the grace (30 s) before the relay takes them.
-        await _wait_for(all_done, within=240)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        await wait_for(all_done, within=240)
+        await stop_daemon(proc)
         proc = None
 
         await assert_one_notification_each(engine, recorded)
@@ -176,10 +163,6 @@ async def test_sigkill_during_an_event_storm_gives_one_notification_each(
         if kind == "sqlite":
             assert b'"handoff_released"' in log.read_bytes()
     finally:
-        if proc is not None and proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await reap_daemon(proc)
         await engine.dispose()
-        if pg_url is not None:
-            await delete_stream(nats_url, subject_prefix)
-            await asyncio.to_thread(drop_pg_database, pg_url)
+        await drop_crash_database(pg_url, nats_url, subject_prefix)

@@ -130,13 +130,8 @@ async def test_a_handed_duplicate_is_stamped_without_a_second_notification(
     assert (await _fire_entry(engine, fid))["sent_at"] == NOW
 
 
-@pytest.mark.parametrize("refused", ["stamp", "insert"])
-async def test_stamp_and_notification_commit_together(engine: AsyncEngine, refused: str) -> None:
-    """
-    The database refuses one of the two writes: the other is rolled back with it, so
-    the row stays unsent (the relay will publish it) and no notification exists.
-    """
-    fid = await _handed_fire(engine)
+async def _refuse(engine: AsyncEngine, refused: str) -> None:
+    """Install a trigger that makes the database refuse the stamp or the insert."""
     async with engine.begin() as conn:
         if engine.dialect.name == "sqlite":
             await conn.execute(text(_SQLITE[refused]))
@@ -144,13 +139,28 @@ async def test_stamp_and_notification_commit_together(engine: AsyncEngine, refus
             await conn.execute(text(_PG_FUNCTION))
             await conn.execute(text(_PG[refused]))
 
+
+async def _assert_left_for_the_relay(engine: AsyncEngine, source_id: str) -> None:
+    """No notification, and the source's outbox row still unsent and held."""
+    assert await rows.count(engine, NotificationRow) == 0
+    entry = await _fire_entry(engine, source_id)
+    assert entry["sent_at"] is None
+    assert entry["available_at"] == HELD_UNTIL
+
+
+@pytest.mark.parametrize("refused", ["stamp", "insert"])
+async def test_stamp_and_notification_commit_together(engine: AsyncEngine, refused: str) -> None:
+    """
+    The database refuses one of the two writes: the other is rolled back with it, so
+    the row stays unsent (the relay will publish it) and no notification exists.
+    """
+    fid = await _handed_fire(engine)
+    await _refuse(engine, refused)
+
     with pytest.raises(Exception, match="refused"):
         await _processor(engine).process([SourceRef(SourceKind.SCHEDULE, fid)], handed=True)
 
-    assert await rows.count(engine, NotificationRow) == 0
-    entry = await _fire_entry(engine, fid)
-    assert entry["sent_at"] is None
-    assert entry["available_at"] == HELD_UNTIL
+    await _assert_left_for_the_relay(engine, fid)
 
 
 async def test_handed_event_is_stamped_with_its_notification(engine: AsyncEngine) -> None:
@@ -178,17 +188,9 @@ async def test_event_stamp_and_notification_commit_together(
 ) -> None:
     """A handed event whose stamp or notification is refused keeps neither: the relay has it."""
     eid = await _handed_event(engine)
-    async with engine.begin() as conn:
-        if engine.dialect.name == "sqlite":
-            await conn.execute(text(_SQLITE[refused]))
-        else:
-            await conn.execute(text(_PG_FUNCTION))
-            await conn.execute(text(_PG[refused]))
+    await _refuse(engine, refused)
 
     with pytest.raises(Exception, match="refused"):
         await _processor(engine).process([SourceRef(SourceKind.EVENT, eid)], handed=True)
 
-    assert await rows.count(engine, NotificationRow) == 0
-    entry = await _fire_entry(engine, eid)
-    assert entry["sent_at"] is None
-    assert entry["available_at"] == HELD_UNTIL
+    await _assert_left_for_the_relay(engine, eid)

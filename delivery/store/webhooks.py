@@ -47,6 +47,7 @@ from sqlalchemy import (
     delete,
     func,
     select,
+    text,
     tuple_,
     update,
 )
@@ -317,6 +318,50 @@ class RecordedAttempt:
     now: datetime
 
 
+_PER_ENDPOINT_CLAIM = text(
+    """
+    WITH RECURSIVE endpoints(id) AS (
+        SELECT min(endpoint_id) FROM webhook_deliveries WHERE status = 'pending'
+      UNION ALL
+        SELECT (
+            SELECT min(d.endpoint_id) FROM webhook_deliveries d
+            WHERE d.status = 'pending' AND d.endpoint_id > endpoints.id
+        )
+        FROM endpoints WHERE endpoints.id IS NOT NULL
+    ),
+    free AS (
+        SELECT id, LEAST(
+            :limit, :cap - COALESCE((:busy_n)[array_position(:busy_ids, id)], 0)
+        ) AS slots
+        FROM endpoints WHERE id IS NOT NULL
+    )
+    SELECT due.id
+    FROM free CROSS JOIN LATERAL (
+        SELECT d.id, d.next_attempt_at FROM webhook_deliveries d
+        WHERE d.status = 'pending' AND d.endpoint_id = free.id AND d.next_attempt_at <= :now
+        ORDER BY d.next_attempt_at
+        LIMIT free.slots
+        FOR UPDATE SKIP LOCKED
+    ) AS due
+    WHERE free.slots > 0
+    ORDER BY due.next_attempt_at
+    LIMIT :limit
+    """
+).bindparams(
+    bindparam("now", type_=UTCDateTime()),
+    bindparam("limit", type_=Integer()),
+    bindparam("cap", type_=Integer()),
+    bindparam("busy_ids", type_=ARRAY(String)),
+    bindparam("busy_n", type_=ARRAY(Integer)),
+)
+"""
+PostgreSQL's claim (:meth:`WebhookStore._claim_per_endpoint`): the endpoints with
+pending deliveries by a skip scan of ``ix_webhook_deliveries_pending``, then per
+endpoint its oldest due rows, at most its free slots (``cap`` less ``busy_n`` for the
+endpoints named in ``busy_ids``), locked; the oldest ``limit`` of all of them.
+"""
+
+
 class WebhookStore(StoreBase):
     """
     Webhook tables over one engine; the engine's owner disposes of it.
@@ -553,11 +598,22 @@ class WebhookStore(StoreBase):
         flight (``in_flight``, by endpoint id) or claimed in this call gets no more:
         a backlog for one slow receiver cannot fill the worker and starve the others.
         Endpoints already at the cap are left out by the query itself, so their
-        backlog, however long and however early due, never fills the rows looked at;
-        ``ix_webhook_deliveries_due`` carries ``endpoint_id`` so that this filter is
-        read from the index. Rows passed over stay due.
+        backlog, however long and however early due, never fills the rows looked at.
+        On SQLite that is an ``endpoint_id NOT IN (...)`` filter on
+        ``ix_webhook_deliveries_due``, which carries ``endpoint_id`` so that SQLite
+        reads the filter from the index entries; PostgreSQL would check that filter on
+        each table row, so there each endpoint's due rows are probed on their own
+        (:meth:`_claim_per_endpoint`). Rows passed over stay due.
         """
         d = DELIVERIES.c
+        if not self.single_writer:
+            async with self.write() as conn:
+                locked = await self._claim_per_endpoint(
+                    conn, now=now, limit=limit, per_endpoint=per_endpoint, in_flight=in_flight
+                )
+                if not locked:
+                    return []
+                return await self._take(conn, locked, now=now, lease=lease, worker_id=worker_id)
         # Look further than ``limit`` when capping per endpoint, so the rows passed
         # over for an endpoint that reaches its cap in this claim leave room for other
         # endpoints' rows.
@@ -574,8 +630,6 @@ class WebhookStore(StoreBase):
                 due = due.where(d.endpoint_id.not_in(full))
         if not await any_row(self.engine, due):
             return []
-        if not self.single_writer:
-            due = due.with_for_update(skip_locked=True)
         async with self.write() as conn:
             candidates = (await conn.execute(due)).all()
             ids: list[str] = []
@@ -589,48 +643,104 @@ class WebhookStore(StoreBase):
                 ids.append(row.id)
             if not ids:
                 return []
+            return await self._take(conn, ids, now=now, lease=lease, worker_id=worker_id)
+
+    async def _claim_per_endpoint(
+        self,
+        conn: AsyncConnection,
+        *,
+        now: datetime,
+        limit: int,
+        per_endpoint: int | None,
+        in_flight: Mapping[str, int] | None,
+    ) -> list[str]:
+        """
+        The ids :meth:`claim_due` takes on PostgreSQL, locked (``SKIP LOCKED``): each
+        endpoint with pending deliveries gets an index probe of its own, for at most
+        its free slots, and the oldest due of what those probes found win.
+
+        The filter form (``endpoint_id NOT IN (...)`` on the due index) is checked by
+        PostgreSQL on each table row after fetching it (``<>`` cannot be an index
+        condition, and ``FOR UPDATE`` rules out an index-only scan), so a claim made
+        while the endpoints with due rows were all at their cap read every due row to
+        find none. Here the endpoints with pending rows are found by a skip scan of
+        ``ix_webhook_deliveries_pending`` (one descent each), and each one's due rows
+        are read in due order with the endpoint as an index condition (of that index,
+        or of the due index, which carries ``endpoint_id``: the planner's choice),
+        never more than the endpoint may take; an endpoint at its cap is not probed.
+        No table row of another endpoint is read.
+        Endpoints are enumerated from the deliveries, not the endpoints table, so a
+        delivery whose endpoint was deleted while it was queued is still claimed (and
+        ended by the worker).
+
+        Rows an endpoint's probe locked beyond the claim's ``limit`` (the outer sort
+        keeps the oldest) stay locked until this transaction ends and are then due as
+        before; at most ``min(limit, free slots)`` per endpoint are.
+        """
+        cap = limit if per_endpoint is None else per_endpoint
+        busy = {e: n for e, n in (in_flight or {}).items() if n > 0}
+        stmt = _PER_ENDPOINT_CLAIM.bindparams(
+            now=now,
+            limit=limit,
+            cap=cap,
+            busy_ids=list(busy),
+            busy_n=list(busy.values()),
+        )
+        return list((await conn.execute(stmt)).scalars().all())
+
+    async def _take(
+        self,
+        conn: AsyncConnection,
+        ids: list[str],
+        *,
+        now: datetime,
+        lease: timedelta,
+        worker_id: str,
+    ) -> list[ClaimedDelivery]:
+        """Lease ``ids`` to ``worker_id`` and read what sending them needs (one transaction)."""
+        d = DELIVERIES.c
+        await conn.execute(
+            update(DELIVERIES)
+            .where(d.id.in_(ids))
+            .values(next_attempt_at=now + lease, claimed_by=worker_id, updated_at=now)
+        )
+        e = ENDPOINTS.c
+        rows = (
             await conn.execute(
-                update(DELIVERIES)
+                select(
+                    d.id,
+                    d.project_id,
+                    d.endpoint_id,
+                    d.event_id,
+                    d.event_type,
+                    d.attempt_count,
+                    d.notification_id,
+                    d.round_start,
+                    d.force_send,
+                    e.url,
+                    e.secret_enc,
+                    e.previous_secret_enc,
+                    e.rotated_at,
+                    e.auth_header_enc,
+                    e.is_active,
+                )
+                .select_from(DELIVERIES.outerjoin(ENDPOINTS, e.id == d.endpoint_id))
                 .where(d.id.in_(ids))
-                .values(next_attempt_at=now + lease, claimed_by=worker_id, updated_at=now)
+                .order_by(d.next_attempt_at)
             )
-            e = ENDPOINTS.c
-            rows = (
+        ).all()
+        notes = {
+            r["id"]: r
+            for r in (
                 await conn.execute(
-                    select(
-                        d.id,
-                        d.project_id,
-                        d.endpoint_id,
-                        d.event_id,
-                        d.event_type,
-                        d.attempt_count,
-                        d.notification_id,
-                        d.round_start,
-                        d.force_send,
-                        e.url,
-                        e.secret_enc,
-                        e.previous_secret_enc,
-                        e.rotated_at,
-                        e.auth_header_enc,
-                        e.is_active,
-                    )
-                    .select_from(DELIVERIES.outerjoin(ENDPOINTS, e.id == d.endpoint_id))
-                    .where(d.id.in_(ids))
-                    .order_by(d.next_attempt_at)
-                )
-            ).all()
-            notes = {
-                r["id"]: r
-                for r in (
-                    await conn.execute(
-                        select(NOTIFICATIONS).where(
-                            NOTIFICATIONS.c.id.in_([r.notification_id for r in rows])
-                        )
+                    select(NOTIFICATIONS).where(
+                        NOTIFICATIONS.c.id.in_([r.notification_id for r in rows])
                     )
                 )
-                .mappings()
-                .all()
-            }
+            )
+            .mappings()
+            .all()
+        }
         return [
             ClaimedDelivery(
                 delivery_id=r.id,

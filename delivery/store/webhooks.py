@@ -31,9 +31,11 @@ worker ever reads it, acknowledged like any project notification.
 """
 
 import json
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from operator import itemgetter
 from typing import Any
 
@@ -56,8 +58,9 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.policy import past_deadline
+from delivery.store import direct
 from delivery.store.common import StoreBase, insert_ignoring_duplicates, new_id, owned
-from delivery.store.engine import any_row
+from delivery.store.direct import sqlite_instant
 from delivery.store.notifications import live_at
 from delivery.store.tables import DELIVERIES, ENDPOINTS, NOTIFICATIONS
 from delivery.store.tables import WEBHOOK_ATTEMPTS as ATTEMPTS
@@ -227,7 +230,7 @@ class ClaimedDelivery:
     rotated_at: datetime | None
     auth_header_enc: str | None
     endpoint_active: bool
-    notification: RowMapping | None
+    notification: Mapping[Any, Any] | None
     """The notification row; ``None`` if it no longer exists."""
     round_start: int = 0
     """The attempt count the current round began at: 0, or where a re-send started."""
@@ -360,6 +363,200 @@ pending deliveries by a skip scan of ``ix_webhook_deliveries_pending``, then per
 endpoint its oldest due rows, at most its free slots (``cap`` less ``busy_n`` for the
 endpoints named in ``busy_ids``), locked; the oldest ``limit`` of all of them.
 """
+
+
+_SQLITE_CLAIMED = (
+    "SELECT d.id, d.project_id, d.endpoint_id, d.event_id, d.event_type, d.attempt_count, "
+    "d.notification_id, d.round_start, d.force_send, e.url, e.secret_enc, "
+    "e.previous_secret_enc, e.rotated_at, e.auth_header_enc, e.is_active "
+    "FROM webhook_deliveries d LEFT OUTER JOIN webhook_endpoints e ON e.id = d.endpoint_id "
+    "WHERE d.id IN ({marks})"
+)
+"""What sending a claimed delivery needs, in the order :func:`_sqlite_claimed` reads it."""
+_SQLITE_LEASE = (
+    "UPDATE webhook_deliveries SET next_attempt_at = ?, claimed_by = ?, updated_at = ? "
+    "WHERE id IN ({marks})"
+)
+
+
+def _sqlite_due(
+    db: sqlite3.Connection, *, now: str, full: Sequence[str], limit: int
+) -> list[tuple[str, str]]:
+    """
+    The (id, endpoint id) of up to ``limit`` pending deliveries due at ``now``, oldest
+    due first, leaving out the endpoints in ``full`` (read from the due index's
+    entries, which carry ``endpoint_id``).
+    """
+    sql = "SELECT id, endpoint_id FROM webhook_deliveries WHERE status = ? AND next_attempt_at <= ?"
+    params: list[Any] = [PENDING, now]
+    if full:
+        sql += f" AND endpoint_id NOT IN ({','.join('?' * len(full))})"
+        params += full
+    return db.execute(sql + " ORDER BY next_attempt_at LIMIT ?", [*params, limit]).fetchall()
+
+
+def _sqlite_claim(
+    db: sqlite3.Connection,
+    *,
+    now: datetime,
+    lease_end: datetime,
+    worker_id: str,
+    full: Sequence[str],
+    limit: int,
+    window: int,
+    per_endpoint: int | None,
+    in_flight: dict[str, int],
+) -> tuple[list[tuple[Any, ...]], dict[str, dict[str, Any]]]:
+    """
+    :meth:`WebhookStore.claim_due` on SQLite, in one call to the driver's thread
+    inside the write transaction (:func:`delivery.store.direct.write`): the same
+    statements as through SQLAlchemy, without its compilation, parameter and row
+    processing or a round trip through the event loop per statement (together about
+    a sixth of the webhook worker's CPU under py-spy in
+    ``bench/bench_webhooks_e2e.py``).
+
+    Returns:
+        The claimed rows (:data:`_SQLITE_CLAIMED`'s columns, in due order) and their
+        notifications by id.
+    """
+    stamp = direct.sqlite_instant(now)
+    ids: list[str] = []
+    taken = in_flight
+    for delivery_id, endpoint_id in _sqlite_due(db, now=stamp, full=full, limit=window):
+        if len(ids) >= limit:
+            break
+        if per_endpoint is not None and taken.get(endpoint_id, 0) >= per_endpoint:
+            continue
+        taken[endpoint_id] = taken.get(endpoint_id, 0) + 1
+        ids.append(delivery_id)
+    rows: list[tuple[Any, ...]] = []
+    lease = direct.sqlite_instant(lease_end)
+    for start in range(0, len(ids), direct.MAX_VARIABLES):
+        chunk = ids[start : start + direct.MAX_VARIABLES]
+        marks = ",".join("?" * len(chunk))
+        db.execute(_SQLITE_LEASE.format(marks=marks), (lease, worker_id, stamp, *chunk))
+        rows += db.execute(_SQLITE_CLAIMED.format(marks=marks), chunk).fetchall()
+    order = {delivery_id: i for i, delivery_id in enumerate(ids)}
+    rows.sort(key=lambda r: order[r[0]])
+    notes = direct.select_in(db, NOTIFICATIONS, "id", [r[6] for r in rows])
+    return rows, {n["id"]: n for n in notes}
+
+
+def _sqlite_claimed(r: Sequence[Any], note: Mapping[str, Any] | None) -> "ClaimedDelivery":
+    """A :data:`_SQLITE_CLAIMED` row as the claim returns it."""
+    return ClaimedDelivery(
+        delivery_id=r[0],
+        project_id=r[1],
+        endpoint_id=r[2],
+        event_id=r[3],
+        event_type=r[4],
+        attempt_number=r[5] + 1,
+        url=r[9] or "",
+        secret_enc=r[10] or "",
+        previous_secret_enc=r[11],
+        rotated_at=None if r[12] is None else direct.parse_instant(r[12]),
+        auth_header_enc=r[13],
+        endpoint_active=bool(r[14]),
+        notification=note,
+        round_start=r[7],
+        force_send=bool(r[8]),
+    )
+
+
+_SQLITE_ATTEMPT = (
+    "INSERT INTO webhook_attempts (id, delivery_id, project_id, event_type, event_id, "
+    "agent_id, user_id, attempt_number, webhook_url, status, response_code, duration_ms, "
+    "request_body, response_body, error_message, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQLITE_CONSUME = (
+    "UPDATE notifications SET status = 'consumed', consumed_at = ? "
+    "WHERE id = ? AND status = 'pending' AND EXISTS "
+    "(SELECT 1 FROM webhook_deliveries WHERE id = ? AND status = 'pending')"
+)
+_SQLITE_DELIVERED = (
+    "UPDATE webhook_deliveries SET attempt_count = ?, claimed_by = NULL, updated_at = ?, "
+    "last_error = NULL, status = 'delivered', next_attempt_at = NULL, delivered_at = ? "
+    "WHERE id = ? AND status = 'pending'"
+)
+_SQLITE_CLEAR_STREAKS = (
+    "UPDATE webhook_endpoints SET failing_since = NULL "
+    "WHERE id IN ({marks}) AND failing_since IS NOT NULL AND is_active = 1"
+)
+
+
+def _success_params(
+    items: Sequence["RecordedAttempt"],
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]], list[str]]:
+    """
+    The parameters of :func:`_sqlite_successes` for ``items`` (every one a 2xx), built
+    on the caller's thread so the driver's thread only runs the statements.
+
+    The same rows and order as :meth:`WebhookStore.record_attempts`' general path:
+    consumes and deliveries in key order, the endpoints whose streak ends in key order.
+    """
+    attempts: list[tuple[Any, ...]] = []
+    consumed: list[tuple[Any, ...]] = []
+    delivered: list[tuple[Any, ...]] = []
+    endpoints: set[str] = set()
+    instant = direct.sqlite_instant
+    for item in items:
+        claimed, a = item.claimed, item.attempt
+        note = claimed.notification
+        now = instant(item.now)
+        attempts.append(
+            (
+                a.attempt_id,
+                claimed.delivery_id,
+                claimed.project_id,
+                claimed.event_type,
+                a.event_id,
+                None if note is None else note["agent_id"],
+                None if note is None else note["user_id"],
+                a.attempt_number,
+                a.webhook_url,
+                a.status,
+                a.response_code,
+                a.duration_ms,
+                a.request_body,
+                a.response_body,
+                a.error_message,
+                instant(a.created_at),
+            )
+        )
+        consumed.append((now, claimed.event_id, claimed.delivery_id))
+        delivered.append((a.attempt_number, now, now, claimed.delivery_id))
+        endpoints.add(claimed.endpoint_id)
+    consumed.sort(key=itemgetter(1))
+    delivered.sort(key=itemgetter(3))
+    return attempts, consumed, delivered, sorted(endpoints)
+
+
+def _sqlite_successes(
+    attempts: list[tuple[Any, ...]],
+    consumed: list[tuple[Any, ...]],
+    delivered: list[tuple[Any, ...]],
+    endpoints: list[str],
+    db: sqlite3.Connection,
+) -> None:
+    """
+    :meth:`WebhookStore.record_attempts` for a batch of 2xx attempts on SQLite, in one
+    call to the driver's thread inside the write transaction: the general path's
+    statements, in its order, without SQLAlchemy's parameter processing or a round
+    trip through the event loop per statement. Through SQLAlchemy one group commit
+    held SQLite's one writer for about 70 ms (80 attempts, the loop busy at every
+    round trip), which was the whole run's critical path in
+    ``bench/bench_webhooks_e2e.py``: claims and enqueues queued behind it.
+    """
+    db.executemany(_SQLITE_ATTEMPT, attempts)
+    # A 2xx consumes the notification only through a delivery this attempt finishes:
+    # the delivery's status is read in this statement, before the deliveries change.
+    db.executemany(_SQLITE_CONSUME, consumed)
+    # Guarded by the status: a delivery finished meanwhile is left alone.
+    db.executemany(_SQLITE_DELIVERED, delivered)
+    for start in range(0, len(endpoints), direct.MAX_VARIABLES):
+        chunk = endpoints[start : start + direct.MAX_VARIABLES]
+        db.execute(_SQLITE_CLEAR_STREAKS.format(marks=",".join("?" * len(chunk))), chunk)
 
 
 class WebhookStore(StoreBase):
@@ -605,8 +802,7 @@ class WebhookStore(StoreBase):
         each table row, so there each endpoint's due rows are probed on their own
         (:meth:`_claim_per_endpoint`). Rows passed over stay due.
         """
-        d = DELIVERIES.c
-        if not self.single_writer:
+        if self.capabilities.skip_locked:
             async with self.write() as conn:
                 locked = await self._claim_per_endpoint(
                     conn, now=now, limit=limit, per_endpoint=per_endpoint, in_flight=in_flight
@@ -614,36 +810,32 @@ class WebhookStore(StoreBase):
                 if not locked:
                     return []
                 return await self._take(conn, locked, now=now, lease=lease, worker_id=worker_id)
-        # Look further than ``limit`` when capping per endpoint, so the rows passed
-        # over for an endpoint that reaches its cap in this claim leave room for other
-        # endpoints' rows.
-        window = limit if per_endpoint is None else limit * 4
-        due = (
-            select(d.id, d.endpoint_id)
-            .where(d.status == PENDING, d.next_attempt_at <= now)
-            .order_by(d.next_attempt_at)
-            .limit(window)
+        full = (
+            sorted(e for e, n in in_flight.items() if n >= per_endpoint)
+            if per_endpoint is not None and in_flight
+            else []
         )
-        if per_endpoint is not None and in_flight:
-            full = sorted(e for e, n in in_flight.items() if n >= per_endpoint)
-            if full:
-                due = due.where(d.endpoint_id.not_in(full))
-        if not await any_row(self.engine, due):
+        # Read first, outside a write transaction: an empty claim never queues for
+        # SQLite's one writer (see delivery.store.engine.any_row).
+        probe = partial(_sqlite_due, now=sqlite_instant(now), full=full, limit=1)
+        if not await direct.read(self.engine, probe):
             return []
-        async with self.write() as conn:
-            candidates = (await conn.execute(due)).all()
-            ids: list[str] = []
-            taken: dict[str, int] = dict(in_flight or {})
-            for row in candidates:
-                if len(ids) >= limit:
-                    break
-                if per_endpoint is not None and taken.get(row.endpoint_id, 0) >= per_endpoint:
-                    continue
-                taken[row.endpoint_id] = taken.get(row.endpoint_id, 0) + 1
-                ids.append(row.id)
-            if not ids:
-                return []
-            return await self._take(conn, ids, now=now, lease=lease, worker_id=worker_id)
+        claim = partial(
+            _sqlite_claim,
+            now=now,
+            lease_end=now + lease,
+            worker_id=worker_id,
+            full=full,
+            limit=limit,
+            # Look further than ``limit`` when capping per endpoint, so the rows passed
+            # over for an endpoint that reaches its cap in this claim leave room for
+            # other endpoints' rows.
+            window=limit if per_endpoint is None else limit * 4,
+            per_endpoint=per_endpoint,
+            in_flight=dict(in_flight or {}),
+        )
+        rows, notes = await direct.write(self.engine, claim)
+        return [_sqlite_claimed(r, notes.get(r[6])) for r in rows]
 
     async def _claim_per_endpoint(
         self,
@@ -840,6 +1032,11 @@ class WebhookStore(StoreBase):
         """
         if not items:
             return []
+        if self.capabilities.driver_thread and all(
+            item.step.delivered and item.attempt.status == SUCCESS for item in items
+        ):
+            await direct.write(self.engine, partial(_sqlite_successes, *_success_params(items)))
+            return [None] * len(items)
         attempt_rows: list[dict[str, Any]] = []
         by_kind: dict[str, list[dict[str, Any]]] = {DELIVERED: [], PENDING: [], DEAD: []}
         consumed: list[dict[str, Any]] = []

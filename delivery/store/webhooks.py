@@ -231,7 +231,10 @@ class ClaimedDelivery:
     auth_header_enc: str | None
     endpoint_active: bool
     notification: Mapping[Any, Any] | None
-    """The notification row; ``None`` if it no longer exists."""
+    """
+    The notification row (on SQLite only the columns sending reads:
+    ``_NOTE_COLUMNS``); ``None`` if it no longer exists.
+    """
     round_start: int = 0
     """The attempt count the current round began at: 0, or where a re-send started."""
     force_send: bool = False
@@ -373,6 +376,25 @@ _SQLITE_CLAIMED = (
     "WHERE d.id IN ({marks})"
 )
 """What sending a claimed delivery needs, in the order :func:`_sqlite_claimed` reads it."""
+_NOTE_COLUMNS = (
+    "id",
+    "project_id",
+    "agent_id",
+    "user_id",
+    "event_type",
+    "check_type",
+    "intent",
+    "generated_message",
+    "created_at",
+    "status",
+    "expires_at",
+    "payload_json",
+)
+"""
+The notification's columns a claimed delivery reads on SQLite (the worker's checks,
+:meth:`handlers.base.Message.of_notification`, the attempt's owner): converting the
+instants of the others was a visible share of the claim.
+"""
 _SQLITE_LEASE = (
     "UPDATE webhook_deliveries SET next_attempt_at = ?, claimed_by = ?, updated_at = ? "
     "WHERE id IN ({marks})"
@@ -438,7 +460,7 @@ def _sqlite_claim(
         rows += db.execute(_SQLITE_CLAIMED.format(marks=marks), chunk).fetchall()
     order = {delivery_id: i for i, delivery_id in enumerate(ids)}
     rows.sort(key=lambda r: order[r[0]])
-    notes = direct.select_in(db, NOTIFICATIONS, "id", [r[6] for r in rows])
+    notes = direct.select_in(db, NOTIFICATIONS, "id", [r[6] for r in rows], columns=_NOTE_COLUMNS)
     return rows, {n["id"]: n for n in notes}
 
 

@@ -31,9 +31,11 @@ worker ever reads it, acknowledged like any project notification.
 """
 
 import json
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from operator import itemgetter
 from typing import Any
 
@@ -47,6 +49,7 @@ from sqlalchemy import (
     delete,
     func,
     select,
+    text,
     tuple_,
     update,
 )
@@ -55,8 +58,9 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.policy import past_deadline
+from delivery.store import direct
 from delivery.store.common import StoreBase, insert_ignoring_duplicates, new_id, owned
-from delivery.store.engine import any_row
+from delivery.store.direct import sqlite_instant
 from delivery.store.notifications import live_at
 from delivery.store.tables import DELIVERIES, ENDPOINTS, NOTIFICATIONS
 from delivery.store.tables import WEBHOOK_ATTEMPTS as ATTEMPTS
@@ -226,8 +230,11 @@ class ClaimedDelivery:
     rotated_at: datetime | None
     auth_header_enc: str | None
     endpoint_active: bool
-    notification: RowMapping | None
-    """The notification row; ``None`` if it no longer exists."""
+    notification: Mapping[Any, Any] | None
+    """
+    The notification row (on SQLite only the columns sending reads:
+    ``_NOTE_COLUMNS``); ``None`` if it no longer exists.
+    """
     round_start: int = 0
     """The attempt count the current round began at: 0, or where a re-send started."""
     force_send: bool = False
@@ -315,6 +322,263 @@ class RecordedAttempt:
     attempt: AttemptRecord
     step: NextState
     now: datetime
+
+
+_PER_ENDPOINT_CLAIM = text(
+    """
+    WITH RECURSIVE endpoints(id) AS (
+        SELECT min(endpoint_id) FROM webhook_deliveries WHERE status = 'pending'
+      UNION ALL
+        SELECT (
+            SELECT min(d.endpoint_id) FROM webhook_deliveries d
+            WHERE d.status = 'pending' AND d.endpoint_id > endpoints.id
+        )
+        FROM endpoints WHERE endpoints.id IS NOT NULL
+    ),
+    free AS (
+        SELECT id, LEAST(
+            :limit, :cap - COALESCE((:busy_n)[array_position(:busy_ids, id)], 0)
+        ) AS slots
+        FROM endpoints WHERE id IS NOT NULL
+    )
+    SELECT due.id
+    FROM free CROSS JOIN LATERAL (
+        SELECT d.id, d.next_attempt_at FROM webhook_deliveries d
+        WHERE d.status = 'pending' AND d.endpoint_id = free.id AND d.next_attempt_at <= :now
+        ORDER BY d.next_attempt_at
+        LIMIT free.slots
+        FOR UPDATE SKIP LOCKED
+    ) AS due
+    WHERE free.slots > 0
+    ORDER BY due.next_attempt_at
+    LIMIT :limit
+    """
+).bindparams(
+    bindparam("now", type_=UTCDateTime()),
+    bindparam("limit", type_=Integer()),
+    bindparam("cap", type_=Integer()),
+    bindparam("busy_ids", type_=ARRAY(String)),
+    bindparam("busy_n", type_=ARRAY(Integer)),
+)
+"""
+PostgreSQL's claim (:meth:`WebhookStore._claim_per_endpoint`): the endpoints with
+pending deliveries by a skip scan of ``ix_webhook_deliveries_pending``, then per
+endpoint its oldest due rows, at most its free slots (``cap`` less ``busy_n`` for the
+endpoints named in ``busy_ids``), locked; the oldest ``limit`` of all of them.
+"""
+
+
+_SQLITE_CLAIMED = (
+    "SELECT d.id, d.project_id, d.endpoint_id, d.event_id, d.event_type, d.attempt_count, "
+    "d.notification_id, d.round_start, d.force_send, e.url, e.secret_enc, "
+    "e.previous_secret_enc, e.rotated_at, e.auth_header_enc, e.is_active "
+    "FROM webhook_deliveries d LEFT OUTER JOIN webhook_endpoints e ON e.id = d.endpoint_id "
+    "WHERE d.id IN ({marks})"
+)
+"""What sending a claimed delivery needs, in the order :func:`_sqlite_claimed` reads it."""
+_NOTE_COLUMNS = (
+    "id",
+    "project_id",
+    "agent_id",
+    "user_id",
+    "event_type",
+    "check_type",
+    "intent",
+    "generated_message",
+    "created_at",
+    "status",
+    "expires_at",
+    "payload_json",
+)
+"""
+The notification's columns a claimed delivery reads on SQLite (the worker's checks,
+:meth:`handlers.base.Message.of_notification`, the attempt's owner): converting the
+instants of the others was a visible share of the claim.
+"""
+_SQLITE_LEASE = (
+    "UPDATE webhook_deliveries SET next_attempt_at = ?, claimed_by = ?, updated_at = ? "
+    "WHERE id IN ({marks})"
+)
+
+
+def _sqlite_due(
+    db: sqlite3.Connection, *, now: str, full: Sequence[str], limit: int
+) -> list[tuple[str, str]]:
+    """
+    The (id, endpoint id) of up to ``limit`` pending deliveries due at ``now``, oldest
+    due first, leaving out the endpoints in ``full`` (read from the due index's
+    entries, which carry ``endpoint_id``).
+    """
+    sql = "SELECT id, endpoint_id FROM webhook_deliveries WHERE status = ? AND next_attempt_at <= ?"
+    params: list[Any] = [PENDING, now]
+    if full:
+        sql += f" AND endpoint_id NOT IN ({','.join('?' * len(full))})"
+        params += full
+    return db.execute(sql + " ORDER BY next_attempt_at LIMIT ?", [*params, limit]).fetchall()
+
+
+def _sqlite_claim(
+    db: sqlite3.Connection,
+    *,
+    now: datetime,
+    lease_end: datetime,
+    worker_id: str,
+    full: Sequence[str],
+    limit: int,
+    window: int,
+    per_endpoint: int | None,
+    in_flight: dict[str, int],
+) -> tuple[list[tuple[Any, ...]], dict[str, dict[str, Any]]]:
+    """
+    :meth:`WebhookStore.claim_due` on SQLite, in one call to the driver's thread
+    inside the write transaction (:func:`delivery.store.direct.write`): the same
+    statements as through SQLAlchemy, without its compilation, parameter and row
+    processing or a round trip through the event loop per statement (together about
+    a sixth of the webhook worker's CPU under py-spy in
+    ``bench/bench_webhooks_e2e.py``).
+
+    Returns:
+        The claimed rows (:data:`_SQLITE_CLAIMED`'s columns, in due order) and their
+        notifications by id.
+    """
+    stamp = direct.sqlite_instant(now)
+    ids: list[str] = []
+    taken = in_flight
+    for delivery_id, endpoint_id in _sqlite_due(db, now=stamp, full=full, limit=window):
+        if len(ids) >= limit:
+            break
+        if per_endpoint is not None and taken.get(endpoint_id, 0) >= per_endpoint:
+            continue
+        taken[endpoint_id] = taken.get(endpoint_id, 0) + 1
+        ids.append(delivery_id)
+    rows: list[tuple[Any, ...]] = []
+    lease = direct.sqlite_instant(lease_end)
+    for start in range(0, len(ids), direct.MAX_VARIABLES):
+        chunk = ids[start : start + direct.MAX_VARIABLES]
+        marks = ",".join("?" * len(chunk))
+        db.execute(_SQLITE_LEASE.format(marks=marks), (lease, worker_id, stamp, *chunk))
+        rows += db.execute(_SQLITE_CLAIMED.format(marks=marks), chunk).fetchall()
+    order = {delivery_id: i for i, delivery_id in enumerate(ids)}
+    rows.sort(key=lambda r: order[r[0]])
+    notes = direct.select_in(db, NOTIFICATIONS, "id", [r[6] for r in rows], columns=_NOTE_COLUMNS)
+    return rows, {n["id"]: n for n in notes}
+
+
+def _sqlite_claimed(r: Sequence[Any], note: Mapping[str, Any] | None) -> "ClaimedDelivery":
+    """A :data:`_SQLITE_CLAIMED` row as the claim returns it."""
+    return ClaimedDelivery(
+        delivery_id=r[0],
+        project_id=r[1],
+        endpoint_id=r[2],
+        event_id=r[3],
+        event_type=r[4],
+        attempt_number=r[5] + 1,
+        url=r[9] or "",
+        secret_enc=r[10] or "",
+        previous_secret_enc=r[11],
+        rotated_at=None if r[12] is None else direct.parse_instant(r[12]),
+        auth_header_enc=r[13],
+        endpoint_active=bool(r[14]),
+        notification=note,
+        round_start=r[7],
+        force_send=bool(r[8]),
+    )
+
+
+_SQLITE_ATTEMPT = (
+    "INSERT INTO webhook_attempts (id, delivery_id, project_id, event_type, event_id, "
+    "agent_id, user_id, attempt_number, webhook_url, status, response_code, duration_ms, "
+    "request_body, response_body, error_message, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQLITE_CONSUME = (
+    "UPDATE notifications SET status = 'consumed', consumed_at = ? "
+    "WHERE id = ? AND status = 'pending' AND EXISTS "
+    "(SELECT 1 FROM webhook_deliveries WHERE id = ? AND status = 'pending')"
+)
+_SQLITE_DELIVERED = (
+    "UPDATE webhook_deliveries SET attempt_count = ?, claimed_by = NULL, updated_at = ?, "
+    "last_error = NULL, status = 'delivered', next_attempt_at = NULL, delivered_at = ? "
+    "WHERE id = ? AND status = 'pending'"
+)
+_SQLITE_CLEAR_STREAKS = (
+    "UPDATE webhook_endpoints SET failing_since = NULL "
+    "WHERE id IN ({marks}) AND failing_since IS NOT NULL AND is_active = 1"
+)
+
+
+def _success_params(
+    items: Sequence["RecordedAttempt"],
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]], list[str]]:
+    """
+    The parameters of :func:`_sqlite_successes` for ``items`` (every one a 2xx), built
+    on the caller's thread so the driver's thread only runs the statements.
+
+    The same rows and order as :meth:`WebhookStore.record_attempts`' general path:
+    consumes and deliveries in key order, the endpoints whose streak ends in key order.
+    """
+    attempts: list[tuple[Any, ...]] = []
+    consumed: list[tuple[Any, ...]] = []
+    delivered: list[tuple[Any, ...]] = []
+    endpoints: set[str] = set()
+    instant = direct.sqlite_instant
+    for item in items:
+        claimed, a = item.claimed, item.attempt
+        note = claimed.notification
+        now = instant(item.now)
+        attempts.append(
+            (
+                a.attempt_id,
+                claimed.delivery_id,
+                claimed.project_id,
+                claimed.event_type,
+                a.event_id,
+                None if note is None else note["agent_id"],
+                None if note is None else note["user_id"],
+                a.attempt_number,
+                a.webhook_url,
+                a.status,
+                a.response_code,
+                a.duration_ms,
+                a.request_body,
+                a.response_body,
+                a.error_message,
+                instant(a.created_at),
+            )
+        )
+        consumed.append((now, claimed.event_id, claimed.delivery_id))
+        delivered.append((a.attempt_number, now, now, claimed.delivery_id))
+        endpoints.add(claimed.endpoint_id)
+    consumed.sort(key=itemgetter(1))
+    delivered.sort(key=itemgetter(3))
+    return attempts, consumed, delivered, sorted(endpoints)
+
+
+def _sqlite_successes(
+    attempts: list[tuple[Any, ...]],
+    consumed: list[tuple[Any, ...]],
+    delivered: list[tuple[Any, ...]],
+    endpoints: list[str],
+    db: sqlite3.Connection,
+) -> None:
+    """
+    :meth:`WebhookStore.record_attempts` for a batch of 2xx attempts on SQLite, in one
+    call to the driver's thread inside the write transaction: the general path's
+    statements, in its order, without SQLAlchemy's parameter processing or a round
+    trip through the event loop per statement. Through SQLAlchemy one group commit
+    held SQLite's one writer for about 70 ms (80 attempts, the loop busy at every
+    round trip), which was the whole run's critical path in
+    ``bench/bench_webhooks_e2e.py``: claims and enqueues queued behind it.
+    """
+    db.executemany(_SQLITE_ATTEMPT, attempts)
+    # A 2xx consumes the notification only through a delivery this attempt finishes:
+    # the delivery's status is read in this statement, before the deliveries change.
+    db.executemany(_SQLITE_CONSUME, consumed)
+    # Guarded by the status: a delivery finished meanwhile is left alone.
+    db.executemany(_SQLITE_DELIVERED, delivered)
+    for start in range(0, len(endpoints), direct.MAX_VARIABLES):
+        chunk = endpoints[start : start + direct.MAX_VARIABLES]
+        db.execute(_SQLITE_CLEAR_STREAKS.format(marks=",".join("?" * len(chunk))), chunk)
 
 
 class WebhookStore(StoreBase):
@@ -553,84 +817,144 @@ class WebhookStore(StoreBase):
         flight (``in_flight``, by endpoint id) or claimed in this call gets no more:
         a backlog for one slow receiver cannot fill the worker and starve the others.
         Endpoints already at the cap are left out by the query itself, so their
-        backlog, however long and however early due, never fills the rows looked at;
-        ``ix_webhook_deliveries_due`` carries ``endpoint_id`` so that this filter is
-        read from the index. Rows passed over stay due.
+        backlog, however long and however early due, never fills the rows looked at.
+        On SQLite that is an ``endpoint_id NOT IN (...)`` filter on
+        ``ix_webhook_deliveries_due``, which carries ``endpoint_id`` so that SQLite
+        reads the filter from the index entries; PostgreSQL would check that filter on
+        each table row, so there each endpoint's due rows are probed on their own
+        (:meth:`_claim_per_endpoint`). Rows passed over stay due.
         """
-        d = DELIVERIES.c
-        # Look further than ``limit`` when capping per endpoint, so the rows passed
-        # over for an endpoint that reaches its cap in this claim leave room for other
-        # endpoints' rows.
-        window = limit if per_endpoint is None else limit * 4
-        due = (
-            select(d.id, d.endpoint_id)
-            .where(d.status == PENDING, d.next_attempt_at <= now)
-            .order_by(d.next_attempt_at)
-            .limit(window)
+        if self.capabilities.skip_locked:
+            async with self.write() as conn:
+                locked = await self._claim_per_endpoint(
+                    conn, now=now, limit=limit, per_endpoint=per_endpoint, in_flight=in_flight
+                )
+                if not locked:
+                    return []
+                return await self._take(conn, locked, now=now, lease=lease, worker_id=worker_id)
+        full = (
+            sorted(e for e, n in in_flight.items() if n >= per_endpoint)
+            if per_endpoint is not None and in_flight
+            else []
         )
-        if per_endpoint is not None and in_flight:
-            full = sorted(e for e, n in in_flight.items() if n >= per_endpoint)
-            if full:
-                due = due.where(d.endpoint_id.not_in(full))
-        if not await any_row(self.engine, due):
+        # Read first, outside a write transaction: an empty claim never queues for
+        # SQLite's one writer (see delivery.store.engine.any_row).
+        probe = partial(_sqlite_due, now=sqlite_instant(now), full=full, limit=1)
+        if not await direct.read(self.engine, probe):
             return []
-        if not self.single_writer:
-            due = due.with_for_update(skip_locked=True)
-        async with self.write() as conn:
-            candidates = (await conn.execute(due)).all()
-            ids: list[str] = []
-            taken: dict[str, int] = dict(in_flight or {})
-            for row in candidates:
-                if len(ids) >= limit:
-                    break
-                if per_endpoint is not None and taken.get(row.endpoint_id, 0) >= per_endpoint:
-                    continue
-                taken[row.endpoint_id] = taken.get(row.endpoint_id, 0) + 1
-                ids.append(row.id)
-            if not ids:
-                return []
+        claim = partial(
+            _sqlite_claim,
+            now=now,
+            lease_end=now + lease,
+            worker_id=worker_id,
+            full=full,
+            limit=limit,
+            # Look further than ``limit`` when capping per endpoint, so the rows passed
+            # over for an endpoint that reaches its cap in this claim leave room for
+            # other endpoints' rows.
+            window=limit if per_endpoint is None else limit * 4,
+            per_endpoint=per_endpoint,
+            in_flight=dict(in_flight or {}),
+        )
+        rows, notes = await direct.write(self.engine, claim)
+        return [_sqlite_claimed(r, notes.get(r[6])) for r in rows]
+
+    async def _claim_per_endpoint(
+        self,
+        conn: AsyncConnection,
+        *,
+        now: datetime,
+        limit: int,
+        per_endpoint: int | None,
+        in_flight: Mapping[str, int] | None,
+    ) -> list[str]:
+        """
+        The ids :meth:`claim_due` takes on PostgreSQL, locked (``SKIP LOCKED``): each
+        endpoint with pending deliveries gets an index probe of its own, for at most
+        its free slots, and the oldest due of what those probes found win.
+
+        The filter form (``endpoint_id NOT IN (...)`` on the due index) is checked by
+        PostgreSQL on each table row after fetching it (``<>`` cannot be an index
+        condition, and ``FOR UPDATE`` rules out an index-only scan), so a claim made
+        while the endpoints with due rows were all at their cap read every due row to
+        find none. Here the endpoints with pending rows are found by a skip scan of
+        ``ix_webhook_deliveries_pending`` (one descent each), and each one's due rows
+        are read in due order with the endpoint as an index condition (of that index,
+        or of the due index, which carries ``endpoint_id``: the planner's choice),
+        never more than the endpoint may take; an endpoint at its cap is not probed.
+        No table row of another endpoint is read.
+        Endpoints are enumerated from the deliveries, not the endpoints table, so a
+        delivery whose endpoint was deleted while it was queued is still claimed (and
+        ended by the worker).
+
+        Rows an endpoint's probe locked beyond the claim's ``limit`` (the outer sort
+        keeps the oldest) stay locked until this transaction ends and are then due as
+        before; at most ``min(limit, free slots)`` per endpoint are.
+        """
+        cap = limit if per_endpoint is None else per_endpoint
+        busy = {e: n for e, n in (in_flight or {}).items() if n > 0}
+        stmt = _PER_ENDPOINT_CLAIM.bindparams(
+            now=now,
+            limit=limit,
+            cap=cap,
+            busy_ids=list(busy),
+            busy_n=list(busy.values()),
+        )
+        return list((await conn.execute(stmt)).scalars().all())
+
+    async def _take(
+        self,
+        conn: AsyncConnection,
+        ids: list[str],
+        *,
+        now: datetime,
+        lease: timedelta,
+        worker_id: str,
+    ) -> list[ClaimedDelivery]:
+        """Lease ``ids`` to ``worker_id`` and read what sending them needs (one transaction)."""
+        d = DELIVERIES.c
+        await conn.execute(
+            update(DELIVERIES)
+            .where(d.id.in_(ids))
+            .values(next_attempt_at=now + lease, claimed_by=worker_id, updated_at=now)
+        )
+        e = ENDPOINTS.c
+        rows = (
             await conn.execute(
-                update(DELIVERIES)
+                select(
+                    d.id,
+                    d.project_id,
+                    d.endpoint_id,
+                    d.event_id,
+                    d.event_type,
+                    d.attempt_count,
+                    d.notification_id,
+                    d.round_start,
+                    d.force_send,
+                    e.url,
+                    e.secret_enc,
+                    e.previous_secret_enc,
+                    e.rotated_at,
+                    e.auth_header_enc,
+                    e.is_active,
+                )
+                .select_from(DELIVERIES.outerjoin(ENDPOINTS, e.id == d.endpoint_id))
                 .where(d.id.in_(ids))
-                .values(next_attempt_at=now + lease, claimed_by=worker_id, updated_at=now)
+                .order_by(d.next_attempt_at)
             )
-            e = ENDPOINTS.c
-            rows = (
+        ).all()
+        notes = {
+            r["id"]: r
+            for r in (
                 await conn.execute(
-                    select(
-                        d.id,
-                        d.project_id,
-                        d.endpoint_id,
-                        d.event_id,
-                        d.event_type,
-                        d.attempt_count,
-                        d.notification_id,
-                        d.round_start,
-                        d.force_send,
-                        e.url,
-                        e.secret_enc,
-                        e.previous_secret_enc,
-                        e.rotated_at,
-                        e.auth_header_enc,
-                        e.is_active,
-                    )
-                    .select_from(DELIVERIES.outerjoin(ENDPOINTS, e.id == d.endpoint_id))
-                    .where(d.id.in_(ids))
-                    .order_by(d.next_attempt_at)
-                )
-            ).all()
-            notes = {
-                r["id"]: r
-                for r in (
-                    await conn.execute(
-                        select(NOTIFICATIONS).where(
-                            NOTIFICATIONS.c.id.in_([r.notification_id for r in rows])
-                        )
+                    select(NOTIFICATIONS).where(
+                        NOTIFICATIONS.c.id.in_([r.notification_id for r in rows])
                     )
                 )
-                .mappings()
-                .all()
-            }
+            )
+            .mappings()
+            .all()
+        }
         return [
             ClaimedDelivery(
                 delivery_id=r.id,
@@ -730,6 +1054,11 @@ class WebhookStore(StoreBase):
         """
         if not items:
             return []
+        if self.capabilities.driver_thread and all(
+            item.step.delivered and item.attempt.status == SUCCESS for item in items
+        ):
+            await direct.write(self.engine, partial(_sqlite_successes, *_success_params(items)))
+            return [None] * len(items)
         attempt_rows: list[dict[str, Any]] = []
         by_kind: dict[str, list[dict[str, Any]]] = {DELIVERED: [], PENDING: [], DEAD: []}
         consumed: list[dict[str, Any]] = []

@@ -5,6 +5,7 @@ costs only its own record.
 """
 
 import asyncio
+import dataclasses
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -395,3 +396,61 @@ async def test_one_delivery_twice_in_a_batch_ends_as_row_by_row(rig: Rig) -> Non
     assert ok[0] == "delivered"
     assert ok[7:] == ("consumed", t1)
     assert dies[0] == "dead"
+
+
+async def test_a_batch_of_2xx_in_one_call_leaves_the_rows_of_the_general_path(rig: Rig) -> None:
+    """
+    A batch whose attempts all succeeded is written in one call to SQLite's driver
+    thread; it leaves what the general path leaves: the attempts' fields, the
+    deliveries and notifications (one finished meanwhile, one consumed by polling
+    first), the endpoint's streak ended, each at its own instant.
+    """
+    claimed = await _claimed(rig, 6)
+    t0 = rig.clock.now()
+    at = [t0 + timedelta(seconds=s) for s in range(1, 4)]
+    n, e = NOTIFICATIONS.c, ENDPOINTS.c
+    general = WebhookStore(rig.engine)
+    general.capabilities = dataclasses.replace(general.capabilities, driver_thread=False)
+    for store, half in ((rig.webhooks, claimed[:3]), (general, claimed[3:])):
+        ok, finished, polled = half
+        await rig.webhooks.finish_without_attempt(
+            finished.delivery_id, status="dead", reason="endpoint deleted", now=t0
+        )
+        async with rig.engine.begin() as conn:
+            await conn.execute(
+                update(NOTIFICATIONS)
+                .where(n.id == polled.event_id)
+                .values(status="consumed", consumed_at=t0)
+            )
+            await conn.execute(update(ENDPOINTS).values(failing_since=t0))
+        found = await store.record_attempts(
+            [
+                RecordedAttempt(c, _attempt(c, when, ok=True), NextState(delivered=True), when)
+                for c, when in ((polled, at[2]), (ok, at[0]), (finished, at[1]))
+            ]
+        )
+        assert found == [None, None, None]
+        async with rig.engine.connect() as conn:
+            streak = (await conn.execute(select(e.failing_since))).scalar_one()
+        assert streak is None
+
+    a = ATTEMPTS.c
+    async with rig.engine.connect() as conn:
+        rows = {r.event_id: r for r in await conn.execute(select(DELIVERIES))}
+        notes = {r.id: r for r in await conn.execute(select(NOTIFICATIONS))}
+        attempts = {
+            r.delivery_id: r._asdict() for r in await conn.execute(select(ATTEMPTS).order_by(a.seq))
+        }
+    direct_states = [_state_of(rows, notes, c) for c in claimed[:3]]
+    general_states = [_state_of(rows, notes, c) for c in claimed[3:]]
+    assert direct_states == general_states
+    assert direct_states[0] == ("delivered", 1, None, None, at[0], None, at[0], "consumed", at[0])
+    assert direct_states[1][0] == "dead"
+    assert direct_states[1][7:] == ("pending", None)
+    assert direct_states[2] == ("delivered", 1, None, None, at[2], None, at[2], "consumed", t0)
+    for mine, theirs in zip(claimed[:3], claimed[3:], strict=True):
+        one, other = attempts[mine.delivery_id], attempts[theirs.delivery_id]
+        for key in ("seq", "id", "delivery_id", "event_id"):
+            one.pop(key), other.pop(key)
+        assert one == other
+    assert attempts[claimed[0].delivery_id]["agent_id"] is not None

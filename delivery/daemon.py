@@ -88,7 +88,8 @@ EXPIRY_SWEEP_S = 5.0
 """How often the scheduler process moves pending messages past their deadline to expired."""
 HANDOFF_CAPACITY = 10_000
 """
-Fires waiting for the in-process dispatcher at most (queued or being written). The
+Fires waiting for the in-process dispatcher at most (queued, or taken in a batch
+not yet written). The
 template dispatcher makes a few thousand notifications a second here, so the last of
 them waits seconds, well inside the grace; a burst beyond it goes through JetStream.
 """

@@ -14,7 +14,10 @@ notification's unique source id absorbs a second try).
 The queue is bounded: the scheduler reserves room before its transaction and
 writes a fire as handed off only if it got a slot, so a burst larger than the
 dispatcher keeps up with goes through JetStream as before instead of waiting
-here past the grace (and then being composed twice).
+here past the grace (and then being composed twice). A taken batch keeps its room
+until the dispatcher is done with it (:meth:`Handoff.done`): the bound covers
+every held row not yet stamped, queued or being processed, so larger batches do
+not let more rows wait than the dispatcher clears within the grace.
 
 The API's event ingest does the same for accepted trigger events when it runs in
 the dispatcher's process (``delivery run``): their ``event.accepted`` rows are held,
@@ -37,7 +40,8 @@ class Handoff:
     A bounded queue of source refs to the dispatcher of the same process.
 
     Args:
-        capacity: refs queued or reserved at most; reservations beyond it are refused.
+        capacity: refs reserved, queued or taken and not yet done at most;
+            reservations beyond it are refused.
         grace: how long a handed-off fire's outbox row waits before the relay may
             publish it (longer than a batch takes to commit).
     """
@@ -51,6 +55,8 @@ class Handoff:
         # Source id -> the request id / trace context of the few refs an API request made.
         self._carriers: dict[str, Carrier] = {}
         self._reserved = 0
+        # Refs taken whose batch is not done yet: their rows are still held.
+        self._taken = 0
         self._ready = asyncio.Event()
         self._closed = False
 
@@ -71,7 +77,8 @@ class Handoff:
         """
         if self._closed or wanted <= 0:
             return 0
-        granted = max(0, min(wanted, self.capacity - len(self._refs) - self._reserved))
+        room = self.capacity - len(self._refs) - self._reserved - self._taken
+        granted = max(0, min(wanted, room))
         self._reserved += granted
         return granted
 
@@ -118,6 +125,7 @@ class Handoff:
     async def take(self, limit: int, wait_s: float) -> list[SourceRef]:
         """
         The next batch: waits for a first ref, then up to ``wait_s`` for ``limit``.
+        Its room is given back by :meth:`done`.
 
         Returns an empty list only once the queue is closed, nothing is queued and
         no grant is outstanding (a scheduler transaction may still put its refs).
@@ -138,7 +146,12 @@ class Handoff:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._fill(limit), wait_s)
         count = min(limit, len(self._refs))
+        self._taken += count
         return [self._refs.popleft() for _ in range(count)]
+
+    def done(self, count: int) -> None:
+        """Give back the room of ``count`` taken refs whose batch ended (stamped or failed)."""
+        self._taken = max(0, self._taken - count)
 
     async def _fill(self, limit: int) -> None:
         while len(self._refs) < limit and not self._closed:

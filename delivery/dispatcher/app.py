@@ -75,6 +75,13 @@ NAK_DELAY_S = 5.0
 """Back-off before JetStream redelivers a batch whose processing failed."""
 TEMPLATE_BATCH = 500
 """Pull size for the template composer: fetch(500)+ack measured at ~11k msgs/s."""
+HANDED_BATCH = 2000
+"""
+Refs taken from the in-process hand-off per batch (template composer). No
+fetch or acks bound it, only the write transaction, and every batch pays the
+same fixed costs (its reads, its transaction and commit, the trips to the
+driver's thread): in a 100k burst larger batches cut the daemon's CPU per fire.
+"""
 LLM_BATCH = 32
 """Pull size for the LLM composer, so one batch stays well inside :data:`LLM_ACK_WAIT_S`."""
 BATCH_WAIT_S = 0.1
@@ -189,6 +196,7 @@ class Dispatcher:
             policies=Policies(PolicyStore(engine), ttl_s=settings.template_cache_s),
         )
         self.batch_size = LLM_BATCH if llm else TEMPLATE_BATCH
+        self.handed_batch = LLM_BATCH if llm else HANDED_BATCH
         self.in_flight = LLM_IN_FLIGHT if llm else TEMPLATE_IN_FLIGHT
         # An LLM message may take its timeout and then the whole retry budget.
         llm_wait = max(LLM_ACK_WAIT_S, 2 * (settings.llm_timeout_s + settings.llm_retry_s))
@@ -268,7 +276,7 @@ class Dispatcher:
 
     async def _consume_local(self, handoff: Handoff) -> None:
         """Take the handed-off sources in batches until the queue is closed and empty."""
-        while refs := await handoff.take(self.batch_size, BATCH_WAIT_S):
+        while refs := await handoff.take(self.handed_batch, BATCH_WAIT_S):
             await self._slots.acquire()
             task = asyncio.create_task(self._handle_local(refs))
             self._batches.add(task)
@@ -292,6 +300,9 @@ class Dispatcher:
                 relayed_in_s=self.handoff.grace.total_seconds(),
             )
             return BatchResult()
+        finally:
+            # Stamped, or left to the relay: either way no longer this queue's to clear.
+            self.handoff.done(len(refs))
         metrics.DISPATCH_HANDED.labels("processed").inc(len(refs))
         _count(result)
         if self._on_batch is not None:

@@ -235,6 +235,7 @@ async def test_a_split_batch_hands_each_event_over_once(api: Api) -> None:
     assert [a.status_code for a in answers] == [200] * 12
     handed = await handoff.take(100, 0.0)
     assert sorted(ref.id for ref in handed) == sorted(a.json()["event_id"] for a in answers)
+    handoff.done(len(handed))
     assert handoff.reserve(100) == 100, "a grant was not given back"
 
 

@@ -72,6 +72,7 @@ async def test_events_beyond_the_queue_go_through_jetstream(
     handed = await handoff.take(100, 0.0)
     assert len(handed) == ROOM
     assert all(ref.kind is SourceKind.EVENT for ref in handed)
+    handoff.done(len(handed))
     assert handoff.reserve(ROOM) == ROOM, "every grant was released with its put"
     handoff.cancel(ROOM)
     event_rows = OUTBOX.c.subject == bus.subjects.event_accepted

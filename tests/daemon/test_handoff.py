@@ -10,12 +10,14 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 
 from delivery.clock import ManualClock
+from delivery.dispatcher.app import Dispatcher
 from delivery.dispatcher.composers import TemplateComposer
 from delivery.dispatcher.process import Processor
 from delivery.domain import SourceKind, SourceRef
 from delivery.handoff import Handoff
 from delivery.outbox import OutboxRelay
 from delivery.scheduler import Scheduler
+from delivery.settings import Settings
 from delivery.store.outbox import OutboxStore
 from tests.daemon.helpers import NOTIFICATIONS, OUTBOX, add_schedules, count, due_daily_rows, rows
 
@@ -35,7 +37,9 @@ async def test_fires_beyond_the_queue_go_to_the_relay(engine, bus, project):
     assert (result.fired, result.handed, result.outbox) == (12, 5, 7)
     handed = await handoff.take(100, 0.0)
     assert len(handed) == 5
-    assert handoff.reserve(1) == 1, "the grant was released with the put"
+    assert handoff.reserve(1) == 0, "a taken batch keeps its room until it is done"
+    handoff.done(len(handed))
+    assert handoff.reserve(1) == 1, "the grant was released with the put, the room when done"
     handoff.cancel(1)
     held = await rows(
         engine, select(OUTBOX.c.msg_id).where(OUTBOX.c.available_at == clock.now() + GRACE)
@@ -104,3 +108,30 @@ async def test_a_closed_queue_grants_nothing_and_drains():
     assert await handoff.take(2, 1.0) == refs[:2]
     assert await handoff.take(2, 1.0) == refs[2:]
     assert await handoff.take(2, 1.0) == []
+
+
+async def test_a_handed_batch_keeps_its_room_until_the_dispatcher_wrote_it(
+    engine, bus, project, nats_url
+):
+    """
+    The queue's bound covers the rows being written, not only those queued: room
+    taken by a batch comes back once the dispatcher has stamped it.
+    """
+    await add_schedules(engine, due_daily_rows(5, T, T - timedelta(days=1)))
+    clock = ManualClock(T + timedelta(seconds=1))
+    handoff = Handoff(5, GRACE)
+    scheduler = Scheduler(engine, bus.subjects, claim_batch=100, handoff=handoff)
+    assert (await scheduler.tick(clock.now())).handed == 5
+    settings = Settings(subject_prefix=bus.subjects.prefix, composer="template")
+    dispatcher = Dispatcher(settings, engine, nats_url=nats_url, clock=clock, handoff=handoff)
+    try:
+        handed = await handoff.take(100, 0.0)
+        assert handoff.reserve(1) == 0, "the taken batch's rows are still held"
+        made = await dispatcher._handle_local(handed)
+        assert len(made.created) == 5
+        assert handoff.reserve(5) == 5, "the written batch gave its room back"
+        handoff.cancel(5)
+    finally:
+        await dispatcher.stop()
+    fire_rows = OUTBOX.c.subject == bus.subjects.fire_created
+    assert await count(engine, OUTBOX, fire_rows, OUTBOX.c.sent_at.is_(None)) == 0

@@ -253,12 +253,12 @@ def tune_gc() -> None:
     afterwards are still collected.
 
     Measured with ``bench/bench_trigger_storm.py`` (64 clients posting events to
-    ``delivery run``, interleaved with the tree before): 1.11-1.14 against
-    1.23-1.35 ms of server CPU per accepted event (with the event route's policy
-    fix in the same tree; ``bench/README.md``). Raising the young generation's
-    threshold as well (10,000 instead of CPython's 700) made a sequential keyed
-    event POST dearer (3.1-3.7 against 2.6-2.9 ms in ``bench_api_cost.py
-    --command run``), so the thresholds stay CPython's.
+    ``delivery run`` for 30 s, this tree against itself without the freeze,
+    interleaved): 1.15 / 1.15 against 1.20 / 1.26 ms of server CPU per accepted
+    event (``bench/README.md``). Raising the young generation's threshold as well
+    (10,000 instead of CPython's 700) made a sequential keyed event POST dearer
+    (3.1-3.7 against 2.6-2.9 ms in ``bench_api_cost.py --command run``), so the
+    thresholds stay CPython's.
     """
     gc.collect()
     gc.freeze()

@@ -289,8 +289,12 @@ def _short_lock_wait(api: Api) -> AsyncEngine:
 
 
 @contextlib.asynccontextmanager
-async def _write_lock_held(api: Api, seconds: float) -> AsyncIterator[None]:
-    """Another connection takes the events' write lock, for ``seconds`` from entry."""
+async def _write_lock_held(api: Api, until: asyncio.Event) -> AsyncIterator[None]:
+    """
+    Another connection takes the events' write lock and holds it until ``until`` is
+    set, at the latest when the block exits: released on what the test waits for,
+    not after a time that a loaded machine may outrun.
+    """
     taken = asyncio.Event()
 
     async def hold() -> None:
@@ -300,7 +304,7 @@ async def _write_lock_held(api: Api, seconds: float) -> AsyncIterator[None]:
             else:
                 await conn.execute(text("LOCK TABLE trigger_events IN EXCLUSIVE MODE"))
             taken.set()
-            await asyncio.sleep(seconds)
+            await until.wait()
             await conn.rollback()
 
     holder = asyncio.create_task(hold())
@@ -308,6 +312,7 @@ async def _write_lock_held(api: Api, seconds: float) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        until.set()
         await holder
 
 
@@ -321,7 +326,8 @@ async def test_a_batch_that_meets_a_held_lock_is_written_again_whole(api: Api) -
     short = _short_lock_wait(api)
     try:
         events = _AttemptedEvents(short)
-        async with _client(api, events) as client, _write_lock_held(api, 0.3):
+        # Held until a batch has met it, then released for the batch's next try.
+        async with _client(api, events) as client, _write_lock_held(api, events.met):
             answers = await asyncio.gather(
                 *(
                     client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"lock-{n}"})
@@ -348,12 +354,14 @@ async def test_a_lock_held_past_every_retry_is_a_503_and_records_nothing(api: Ap
     The lock outlasts every wait and back-off: each request is told the database is
     busy (503, retry after a second), not that the service failed, and nothing of the
     batch is recorded, so the client's retry with the same key is its first write.
-    The lock is held well past the ~1 s a batch's tries take, as the second request's
-    batch may start only when the first one's tries are over.
+    The lock is held until both answers are in.
     """
     short = _short_lock_wait(api)
     try:
-        async with _client(api, EventStore(short)) as client, _write_lock_held(api, 8.0):
+        async with (
+            _client(api, EventStore(short)) as client,
+            _write_lock_held(api, asyncio.Event()),
+        ):
             answers = await asyncio.gather(
                 *(
                     client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"held-{n}"})
@@ -375,6 +383,7 @@ class _AttemptedEvents(EventStore):
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
         self.attempts: list[tuple[int, bool]] = []
+        self.met = asyncio.Event()
 
     async def accept_events(
         self, writes: Sequence[EventWrite], now: datetime
@@ -383,6 +392,7 @@ class _AttemptedEvents(EventStore):
             outcomes = await super().accept_events(writes, now)
         except Exception:
             self.attempts.append((len(writes), True))
+            self.met.set()
             raise
         self.attempts.append((len(writes), False))
         return outcomes
@@ -482,12 +492,10 @@ async def test_a_shutdown_during_the_back_off_answers_the_batch(api: Api) -> Non
             httpx.AsyncClient(
                 transport=transport, base_url="http://api.test", headers=api.alpha.headers
             ) as client,
-            _write_lock_held(api, 1.0),
+            _write_lock_held(api, asyncio.Event()),
         ):
             post = asyncio.create_task(client.post(PATH, json=_event(1)))
-            async with asyncio.timeout(10):
-                while not events.attempts:  # noqa: ASYNC110 - waits for the first attempt
-                    await asyncio.sleep(0.01)
+            await asyncio.wait_for(events.met.wait(), 10)
             await app.state.ctx.ingest.aclose(timeout_s=0.0)
             answer = await asyncio.wait_for(post, 10)
     finally:

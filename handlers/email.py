@@ -24,10 +24,11 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, parseaddr
 from enum import StrEnum
-from typing import Final, Self
+from typing import Final, Self, cast
 
 import aiosmtplib
 import structlog
+from aiosmtplib.protocol import SMTPProtocol
 
 from delivery.clock import Clock
 from delivery.settings import Settings
@@ -50,6 +51,8 @@ MAX_MESSAGES_PER_CONNECTION: Final = 100
 #: An idle connection older than this is not reused: servers drop idle sessions
 #: (RFC 5321 section 4.5.3.2.7 lets them after 5 minutes; many do sooner).
 MAX_IDLE_S: Final = 30.0
+#: How often ``SmtpChannel.aclose`` looks whether the sockets it closed are closed.
+_CLOSE_POLL_S: Final = 0.005
 # RFC 5322 section 3.2.3 atext minus "=" (our escape character) and "/" (some
 # archives use Message-IDs as file names).
 _MSG_ID_SAFE = re.compile(r"[A-Za-z0-9!#$%&'*+?^_`{|}~\-]")
@@ -431,7 +434,8 @@ class SmtpChannel:
     for :data:`MAX_IDLE_S` or used for :data:`MAX_MESSAGES_PER_CONNECTION` messages is
     closed too. When the server dropped an idle connection (it disconnects, or
     answers 421, on the first command), the message goes once more on a fresh one.
-    :meth:`aclose` closes the idle connections.
+    :meth:`aclose` closes the idle connections and waits until every socket the channel
+    closed is closed (a TLS close takes a round trip with the server).
 
     Args:
         host: SMTP server.
@@ -489,6 +493,11 @@ class SmtpChannel:
         self._tls_context = tls_context
         self._slots = asyncio.Semaphore(pool_size)
         self._idle: list[_Connection] = []
+        self._closing: list[SMTPProtocol] = []
+        """
+        Sessions closed whose socket may still be open: closing a TLS session waits for
+        the server's close_notify, which :meth:`aclose` waits for in turn.
+        """
         self._timer = timer
         self._writer = MailWriter(sender)
         self._date_second: datetime | None = None
@@ -564,10 +573,45 @@ class SmtpChannel:
         return self._date_text
 
     async def aclose(self) -> None:
-        """Close the idle connections (QUIT, then the socket); sends may still open new ones."""
+        """
+        Close the idle connections (QUIT, then the socket) and return once every socket
+        this channel closed is closed; sends may still open new ones.
+
+        A TLS session's socket closes only after the server's close_notify comes back:
+        without the wait, a loop that ends right after (the worker's shutdown, a test)
+        would leave it open, for the garbage collector to find. A server that does not
+        answer within ``min(timeout_s, 5)`` seconds has its sockets dropped.
+        """
         idle, self._idle = self._idle, []
         for connection in idle:
             await self._quit(connection)
+        # Looked at every few milliseconds: aiosmtplib's protocol has no future that
+        # its connection_lost resolves.
+        for _ in range(int(min(self._timeout_s, 5.0) / _CLOSE_POLL_S)):
+            if not self._still_closing():
+                return
+            await asyncio.sleep(_CLOSE_POLL_S)
+        if self._still_closing():
+            for protocol in self._closing:
+                if protocol.transport is not None:
+                    # A stream socket's transport (uvloop's does not subclass asyncio's).
+                    cast(asyncio.Transport, protocol.transport).abort()
+            self._closing = []
+            await asyncio.sleep(0)  # the aborts finish on the loop's next pass
+
+    def _still_closing(self) -> bool:
+        # aiosmtplib's flag (the version is pinned): its protocol's connection_lost ran,
+        # and the socket is closed.
+        self._closing = [p for p in self._closing if not p._connection_lost]
+        return bool(self._closing)
+
+    def _close(self, client: aiosmtplib.SMTP) -> None:
+        """Close ``client``'s session now; :meth:`aclose` waits for its socket."""
+        protocol = client.protocol
+        client.close()
+        if protocol is not None and not protocol._connection_lost:
+            self._still_closing()  # forgets the ones closed since: the list stays short
+            self._closing.append(protocol)
 
     async def _send_pooled(self, mail: EmailMessage | bytes, destination: str) -> str:
         """One message on a pooled connection (the caller holds a slot)."""
@@ -694,19 +738,22 @@ class SmtpChannel:
                         raise
                     await client.helo()
         except BaseException:
-            client.close()
+            self._close(client)
             raise
         return _Connection(client, size=client.supports_extension("size"))
 
     async def _quit(self, connection: _Connection) -> None:
         """End a session politely; a server that is gone already just loses the socket."""
+        protocol = connection.client.protocol
         try:
             await connection.client.quit(timeout=min(self._timeout_s, 5.0))
         except (aiosmtplib.SMTPException, OSError, TimeoutError):
             connection.client.close()
+        if protocol is not None and not protocol._connection_lost:
+            self._still_closing()
+            self._closing.append(protocol)
 
-    @staticmethod
-    def _discard(connection: _Connection) -> None:
+    def _discard(self, connection: _Connection) -> None:
         protocol = connection.client.protocol
         waiter = None if protocol is None else protocol._response_waiter
         if waiter is not None:
@@ -715,7 +762,7 @@ class SmtpChannel:
             # when it is collected (after a timed-out transaction, in a cycle with its
             # traceback, before the protocol's own ``__del__`` could read it).
             waiter.add_done_callback(_read_out)
-        connection.client.close()
+        self._close(connection.client)
 
 
 def _read_out(waiter: "asyncio.Future[aiosmtplib.SMTPResponse]") -> None:

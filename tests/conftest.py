@@ -9,7 +9,12 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-pytest_plugins = ["tests.fixtures.db", "tests.fixtures.nats", "tests.fixtures.http"]
+pytest_plugins = [
+    "tests.fixtures.db",
+    "tests.fixtures.nats",
+    "tests.fixtures.http",
+    "tests.fixtures.sockets",
+]
 
 settings.register_profile("dev", max_examples=150, deadline=None)
 settings.register_profile(

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from email.message import EmailMessage
 
 import aiosmtplib
+import psutil
 import pytest
 from aiosmtplib.protocol import LINE_ENDINGS_REGEX, PERIOD_REGEX
 from hypothesis import given, settings
@@ -408,3 +409,42 @@ def test_data_content_of_the_writers_mail_is_what_aiosmtplib_writes(text: str) -
     )
     assert mail is not None
     assert data_content(mail) == _aiosmtplib_data(mail)
+
+
+def _sockets_to(server: SmtpServer) -> list[str]:
+    """This process's TCP sockets connected to ``server``, whatever their state."""
+    return [
+        f"{c.laddr} {c.status}"
+        for c in psutil.Process().net_connections("tcp")
+        if c.raddr and c.raddr.port == server.port
+    ]
+
+
+async def test_aclose_returns_once_every_tls_socket_is_closed(
+    starttls_smtp: SmtpServer, clock: ManualClock, tls_files: TlsFiles
+) -> None:
+    """
+    Closing a TLS session takes a round trip with the server (close_notify both ways):
+    ``aclose`` waits for it, for the pooled sessions it ends and for the ones a failed
+    send dropped, so no socket outlives the channel when the event loop ends right after
+    (the worker's shutdown; a test's teardown, where a socket left to the garbage
+    collector fails whichever test is running when it is collected).
+    """
+    failed = _channel(
+        starttls_smtp, clock, SmtpSecurity.STARTTLS, tls_files, username=SMTP_USER, password="x"
+    )
+    pooled = _channel(
+        starttls_smtp,
+        clock,
+        SmtpSecurity.STARTTLS,
+        tls_files,
+        username=SMTP_USER,
+        password=SMTP_PASSWORD,
+    )
+    assert isinstance(await failed.send(make_message(), TO), Failed)
+    assert isinstance(await pooled.send(make_message(), TO), Delivered)
+
+    await failed.aclose()
+    await pooled.aclose()
+
+    assert _sockets_to(starttls_smtp) == []

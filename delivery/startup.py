@@ -25,7 +25,6 @@ deployment use one ``DELIVERY_SECRET_KEY``, checked at start.
 import asyncio
 import errno
 import fcntl
-import gc
 import os
 import socket
 import sys
@@ -243,22 +242,3 @@ def cap_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(libc.mallopt(M_ARENA_MAX, arenas))
-
-
-def tune_gc() -> None:
-    """
-    Once start-up is done, move every object made so far (modules, routes, the
-    app, the engine, caches) out of the cyclic collector's reach (``gc.freeze``):
-    its collections of the oldest generation no longer walk them. Cycles made
-    afterwards are still collected.
-
-    Measured with ``bench/bench_trigger_storm.py`` (64 clients posting events to
-    ``delivery run`` for 30 s, this tree against itself without the freeze,
-    interleaved): 1.15 / 1.15 against 1.20 / 1.26 ms of server CPU per accepted
-    event (``bench/README.md``). Raising the young generation's threshold as well
-    (10,000 instead of CPython's 700) made a sequential keyed event POST dearer
-    (3.1-3.7 against 2.6-2.9 ms in ``bench_api_cost.py --command run``), so the
-    thresholds stay CPython's.
-    """
-    gc.collect()
-    gc.freeze()

@@ -21,13 +21,7 @@ from delivery.commands.store import prepare_database
 from delivery.logs import configure_logging
 from delivery.secrets import SecretBox
 from delivery.settings import Settings
-from delivery.startup import (
-    bind_port,
-    check_secret_key,
-    require_secret_key,
-    run_main,
-    tune_gc,
-)
+from delivery.startup import bind_port, check_secret_key, require_secret_key, run_main
 from delivery.store.engine import create_engine
 from delivery.store.migrate import migrate
 from delivery.store.sql import SqlStore
@@ -41,7 +35,6 @@ async def serve_api(
     clock: Clock | None = None,
     waker: Wakeable | None = None,
     store: SqlStore | None = None,
-    tune: bool = False,
 ) -> None:
     """
     Migrate the database, then serve the API on ``settings.host:port`` until stopped.
@@ -51,8 +44,6 @@ async def serve_api(
         waker: nudged after writes that may make work due sooner.
         store: reuse a store (its engine is then the caller's to dispose);
             by default one is built on the configured database and disposed here.
-        tune: tune the garbage collector once start-up is done (the ``web``
-            command's own process; :func:`delivery.startup.tune_gc`).
     """
     clock = clock or SystemClock()
     url = settings.resolved_database_url()
@@ -77,8 +68,6 @@ async def serve_api(
             docs="/docs",
             console="/console",
         )
-        if tune:
-            tune_gc()
         await uvicorn.Server(config).serve(sockets=[sock])
     finally:
         sock.close()
@@ -94,7 +83,7 @@ def web(
     configure_logging(settings.log_level, json=settings.log_json)
     tracing.configure(settings.otel_exporter, service="delivery-web")
     try:
-        run_main(lambda: serve_api(settings, tune=True), debug=debug)
+        run_main(lambda: serve_api(settings), debug=debug)
     finally:
         tracing.shutdown()
 

@@ -14,7 +14,7 @@ from delivery import tracing
 from delivery.daemon import ALL_PARTS, Daemon, Part
 from delivery.logs import configure_logging
 from delivery.settings import Settings
-from delivery.startup import cap_malloc_arenas, run_main, tune_gc
+from delivery.startup import cap_malloc_arenas, run_main
 
 
 async def _serve(settings: Settings, parts: frozenset[Part], *, embedded_nats: bool) -> None:
@@ -23,7 +23,6 @@ async def _serve(settings: Settings, parts: frozenset[Part], *, embedded_nats: b
     ready = asyncio.create_task(daemon.ready.wait())
     done, _ = await asyncio.wait({running, ready}, return_when=asyncio.FIRST_COMPLETED)
     if ready in done:
-        tune_gc()
         _banner(settings, daemon)
     else:
         ready.cancel()

@@ -65,14 +65,28 @@ class Rig:
         self.workers.append(worker)
         return worker
 
+    async def key_for(self, project: str) -> str:
+        """A new API key of ``project`` (``alpha``, ``beta``)."""
+        return await SqlStore(self.engine).keys.create_api_key(
+            self.projects[project], self.clock.now()
+        )
+
     async def register(
-        self, url: str, *, event_type: str = EVENT, auth_header: str | None = None
+        self,
+        url: str,
+        *,
+        event_type: str = EVENT,
+        auth_header: str | None = None,
+        project: str = "alpha",
     ) -> str:
-        """Register ``url`` through the API; returns the signing secret."""
+        """Register ``url`` through the API for ``project``; returns the signing secret."""
         body: dict[str, str] = {"webhook_url": url}
         if auth_header:
             body["auth_header"] = auth_header
-        response = await self.api.put(f"/api/v1/webhooks/{event_type}", json=body)
+        headers: dict[str, str] = {}
+        if project != "alpha":  # the client's own key is alpha's
+            headers["Authorization"] = f"Bearer {await self.key_for(project)}"
+        response = await self.api.put(f"/api/v1/webhooks/{event_type}", json=body, headers=headers)
         assert response.status_code == 200, response.text
         return str(response.json().get("signing_secret", ""))
 

@@ -19,7 +19,6 @@ from delivery.store.direct import sqlite_instant
 from delivery.store.webhooks import _sqlite_due
 from tests.handlers.webhooks.stub import Reply
 from tests.webhooks.conftest import Rig
-from tests.webhooks.test_worker import _beta_key
 
 EVENT = "on_wakeup_ready"
 
@@ -67,12 +66,7 @@ async def test_a_claim_with_every_endpoint_at_its_cap_reads_no_delivery_row(rig:
     """
     _, url = rig.receiver(Reply(200))
     await rig.register(url)
-    registered = await rig.api.put(
-        f"/api/v1/webhooks/{EVENT}",
-        json={"webhook_url": url},
-        headers={"Authorization": f"Bearer {await _beta_key(rig)}"},
-    )
-    assert registered.status_code == 200
+    await rig.register(url, project="beta")
     worker = rig.worker()
     assert await worker.enqueue(await rig.notify(*range(1, 13))) == 12
     first = await rig.webhooks.claim_due(

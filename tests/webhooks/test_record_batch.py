@@ -260,19 +260,10 @@ async def test_set_based_and_row_by_row_recording_agree(rig: Rig) -> None:
     t0 = rig.clock.now()
     at = [t0 + timedelta(seconds=s) for s in range(1, 6)]
     later = t0 + timedelta(minutes=7)
-    n = NOTIFICATIONS.c
     batches: list[list[RecordedAttempt]] = []
     for half in (claimed[:5], claimed[5:]):
         ok, retry, dead, finished, polled = half
-        await rig.webhooks.finish_without_attempt(
-            finished.delivery_id, status="dead", reason="endpoint deleted", now=t0
-        )
-        async with rig.engine.begin() as conn:
-            await conn.execute(
-                update(NOTIFICATIONS)
-                .where(n.id == polled.event_id)
-                .values(status="consumed", consumed_at=t0)
-            )
+        await _finished_and_polled(rig, finished, polled, t0)
         # Not in key order: the store orders what it locks.
         batches.append(
             [
@@ -408,20 +399,13 @@ async def test_a_batch_of_2xx_in_one_call_leaves_the_rows_of_the_general_path(ri
     claimed = await _claimed(rig, 6)
     t0 = rig.clock.now()
     at = [t0 + timedelta(seconds=s) for s in range(1, 4)]
-    n, e = NOTIFICATIONS.c, ENDPOINTS.c
+    e = ENDPOINTS.c
     general = WebhookStore(rig.engine)
     general.capabilities = dataclasses.replace(general.capabilities, driver_thread=False)
     for store, half in ((rig.webhooks, claimed[:3]), (general, claimed[3:])):
         ok, finished, polled = half
-        await rig.webhooks.finish_without_attempt(
-            finished.delivery_id, status="dead", reason="endpoint deleted", now=t0
-        )
+        await _finished_and_polled(rig, finished, polled, t0)
         async with rig.engine.begin() as conn:
-            await conn.execute(
-                update(NOTIFICATIONS)
-                .where(n.id == polled.event_id)
-                .values(status="consumed", consumed_at=t0)
-            )
             await conn.execute(update(ENDPOINTS).values(failing_since=t0))
         found = await store.record_attempts(
             [
@@ -454,3 +438,23 @@ async def test_a_batch_of_2xx_in_one_call_leaves_the_rows_of_the_general_path(ri
             one.pop(key), other.pop(key)
         assert one == other
     assert attempts[claimed[0].delivery_id]["agent_id"] is not None
+
+
+async def _finished_and_polled(
+    rig: Rig, finished: ClaimedDelivery, polled: ClaimedDelivery, at: datetime
+) -> None:
+    """
+    Two claimed deliveries overtaken before their attempts are recorded: ``finished``
+    ended without one (its endpoint deleted), ``polled``'s notification consumed by a
+    poll.
+    """
+    await rig.webhooks.finish_without_attempt(
+        finished.delivery_id, status="dead", reason="endpoint deleted", now=at
+    )
+    n = NOTIFICATIONS.c
+    async with rig.engine.begin() as conn:
+        await conn.execute(
+            update(NOTIFICATIONS)
+            .where(n.id == polled.event_id)
+            .values(status="consumed", consumed_at=at)
+        )

@@ -155,7 +155,7 @@ async def test_recovery_refusals(rig: Rig) -> None:
     unknown = await rig.api.post(f"{BASE}/resend/whd_nope")
     assert unknown.status_code == 404
 
-    beta_key = await _beta_key(rig)
+    beta_key = await rig.key_for("beta")
     beta = {"Authorization": f"Bearer {beta_key}"}
     await rig.api.put(f"/api/v1/webhooks/{EVENT}", json={"webhook_url": url}, headers=beta)
     foreign = await rig.api.post(f"{BASE}/resend/{created.notification_id}", headers=beta)
@@ -202,12 +202,6 @@ async def test_resend_with_an_idempotency_key_replays(rig: Rig) -> None:
     assert second.json() == first.json()
     assert (await worker.sweep()).claimed == 0
     assert len(receiver.requests) == 2
-
-
-async def _beta_key(rig: Rig) -> str:
-    from delivery.store.sql import SqlStore
-
-    return await SqlStore(rig.engine).keys.create_api_key(rig.projects["beta"], rig.start)
 
 
 async def test_a_message_a_policy_held_back_is_not_resent(rig: Rig) -> None:

@@ -16,7 +16,6 @@ from starlette.types import Receive, Scope, Send
 
 from delivery.bus.stream import ensure_stream
 from delivery.bus.subjects import Subjects
-from delivery.store.sql import SqlStore
 from delivery.store.tables import NOTIFICATIONS
 from delivery.store.webhooks import ClaimedDelivery
 from handlers.retry import MAX_ATTEMPTS, SCHEDULE
@@ -276,13 +275,7 @@ async def test_consumer_and_loop_deliver_from_jetstream(
     slow, slow_url = rig.receiver(Reply(200, delay_s=1.5))
     fast, fast_url = rig.receiver(Reply(200))
     await rig.register(slow_url)
-    beta_key = await _beta_key(rig)
-    registered = await rig.api.put(
-        f"/api/v1/webhooks/{EVENT}",
-        json={"webhook_url": fast_url},
-        headers={"Authorization": f"Bearer {beta_key}"},
-    )
-    assert registered.status_code == 200
+    await rig.register(fast_url, project="beta")
     settings = webhook_settings(subject_prefix=subject_prefix, webhook_timeout_s=5.0)
     order: list[str] = []
     both = asyncio.Event()
@@ -324,21 +317,11 @@ async def test_consumer_and_loop_deliver_from_jetstream(
     assert (await _notification(rig, slow_note.notification_id))["status"] == "consumed"
 
 
-async def _beta_key(rig: Rig) -> str:
-    return await SqlStore(rig.engine).keys.create_api_key(rig.projects["beta"], rig.clock.now())
-
-
 async def test_claims_are_capped_per_endpoint(rig: Rig) -> None:
     """A backlog for one endpoint leaves claim room for another's deliveries."""
     _, url = rig.receiver(Reply(200))
     await rig.register(url)
-    beta_key = await _beta_key(rig)
-    registered = await rig.api.put(
-        f"/api/v1/webhooks/{EVENT}",
-        json={"webhook_url": url},
-        headers={"Authorization": f"Bearer {beta_key}"},
-    )
-    assert registered.status_code == 200
+    await rig.register(url, project="beta")
     alpha_notes = await rig.notify(1, 2, 3, 4, 5)
     beta_rows = [notification_row(rig.projects["beta"], n, rig.clock.now()) for n in (1, 2)]
     await add_notifications(rig.engine, beta_rows)
@@ -380,13 +363,7 @@ async def test_a_capped_endpoints_backlog_does_not_hide_others(rig: Rig) -> None
     """
     _, url = rig.receiver(Reply(200))
     await rig.register(url)
-    beta_key = await _beta_key(rig)
-    registered = await rig.api.put(
-        f"/api/v1/webhooks/{EVENT}",
-        json={"webhook_url": url},
-        headers={"Authorization": f"Bearer {beta_key}"},
-    )
-    assert registered.status_code == 200
+    await rig.register(url, project="beta")
     worker = rig.worker()
     alpha_notes = await rig.notify(*range(1, 11))
     assert await worker.enqueue(alpha_notes) == 10

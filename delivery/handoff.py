@@ -16,8 +16,10 @@ writes a fire as handed off only if it got a slot, so a burst larger than the
 dispatcher keeps up with goes through JetStream as before instead of waiting
 here past the grace (and then being composed twice). A taken batch keeps its room
 until the dispatcher is done with it (:meth:`Handoff.done`): the bound covers
-every held row not yet stamped, queued or being processed, so larger batches do
-not let more rows wait than the dispatcher clears within the grace.
+every handed ref not yet stamped, queued or being processed, so larger batches do
+not let more rows wait than the dispatcher clears within the grace. (A batch that
+fails gives its room back at once; its rows stay held until the relay publishes
+them when the grace ends.)
 
 The API's event ingest does the same for accepted trigger events when it runs in
 the dispatcher's process (``delivery run``): their ``event.accepted`` rows are held,

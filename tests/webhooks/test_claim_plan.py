@@ -12,13 +12,14 @@ from contextlib import closing
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 
 from delivery.store.direct import sqlite_instant
 from delivery.store.webhooks import _sqlite_due
 from tests.handlers.webhooks.stub import Reply
 from tests.webhooks.conftest import Rig
+from tests.webhooks.helpers import add_notifications, notification_row
 
 EVENT = "on_wakeup_ready"
 
@@ -119,3 +120,55 @@ async def test_a_claim_with_every_endpoint_at_its_cap_reads_no_delivery_row(rig:
                 if node["Node Type"] in ("Index Scan", "Bitmap Heap Scan", "Seq Scan"):
                     # Table rows: none of the capped endpoint's.
                     assert node["Actual Rows"] * node["Actual Loops"] == 0, node
+
+
+async def test_a_claim_locks_only_the_rows_it_takes(rig: Rig) -> None:
+    """
+    Two endpoints with backlogs and room for 3 each, a claim of 3: the 3 oldest due are
+    taken, and on PostgreSQL only they are locked while the claim's transaction is open
+    (another transaction can lock every other pending row), however many endpoints were
+    probed. On SQLite, one writer, the claim takes the same 3.
+    """
+    _, url = rig.receiver(Reply(200))
+    await rig.register(url)
+    await rig.register(url, project="beta")
+    worker = rig.worker()
+    alpha_notes = await rig.notify(*range(1, 6))
+    assert await worker.enqueue(alpha_notes) == 5
+    rig.clock.advance(timedelta(seconds=1))
+    beta = rig.projects["beta"]
+    beta_rows = [notification_row(beta, n, rig.clock.now()) for n in range(1, 6)]
+    await add_notifications(rig.engine, beta_rows)
+    beta_notes = [
+        alpha_notes[0].model_copy(update={"notification_id": r["id"], "project_id": beta})
+        for r in beta_rows
+    ]
+    assert await worker.enqueue(beta_notes) == 5
+    rig.clock.advance(timedelta(seconds=1))
+    if rig.engine.dialect.name == "sqlite":
+        claimed = await rig.webhooks.claim_due(
+            now=rig.clock.now(),
+            limit=3,
+            lease=timedelta(minutes=1),
+            worker_id="w1",
+            per_endpoint=3,
+            in_flight={},
+        )
+        assert [c.project_id for c in claimed] == [rig.projects["alpha"]] * 3
+        return
+    lockable = text(
+        "SELECT id FROM webhook_deliveries WHERE status = 'pending' FOR UPDATE SKIP LOCKED"
+    )
+    async with rig.engine.connect() as conn:
+        pending = set((await conn.execute(lockable)).scalars())
+        await conn.rollback()
+        assert len(pending) == 10
+        ids = await rig.webhooks._claim_per_endpoint(
+            conn, now=rig.clock.now(), limit=3, per_endpoint=3, in_flight={}
+        )
+        assert len(ids) == 3
+        async with rig.engine.connect() as other:
+            free = set((await other.execute(lockable)).scalars())
+            await other.rollback()
+        await conn.rollback()
+    assert free == pending - set(ids)

@@ -166,12 +166,7 @@ async def test_a_failed_batch_is_rolled_back_and_answered_as_a_failure(api: Api)
     assert [a.status_code for a in failed] == [500] * 3
     assert await _written(api) == (set(), 0, 0)
     async with _client(api, EventStore(api.store.engine)) as client:
-        retried = await asyncio.gather(
-            *(
-                client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"lost-{n}"})
-                for n in range(3)
-            )
-        )
+        retried = await _post_keyed(client, "lost", 3)
     assert [a.status_code for a in retried] == [200] * 3
     assert not any(a.headers.get("idempotent-replayed") for a in retried)
     ids, outbox, records = await _written(api)
@@ -204,12 +199,7 @@ async def test_a_batch_refused_for_a_row_is_retried_one_event_at_a_time(api: Api
     """A batch refused for one of its rows is rewritten event by event, once each."""
     events = _RefusingEvents(api.store.engine)
     async with _client(api, events) as client:
-        answers = await asyncio.gather(
-            *(
-                client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"split-{n}"})
-                for n in range(12)
-            )
-        )
+        answers = await _post_keyed(client, "split", 12)
     assert events.refused >= 1, events.batches
     assert [a.status_code for a in answers] == [200] * 12
     ids, outbox, records = await _written(api)
@@ -225,12 +215,7 @@ async def test_a_split_batch_hands_each_event_over_once(api: Api) -> None:
     handoff = Handoff(100, timedelta(seconds=30))
     events = _RefusingEvents(api.store.engine)
     async with _client(api, events, handoff) as client:
-        answers = await asyncio.gather(
-            *(
-                client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"hand-{n}"})
-                for n in range(12)
-            )
-        )
+        answers = await _post_keyed(client, "hand", 12)
     assert events.refused >= 1, events.batches
     assert [a.status_code for a in answers] == [200] * 12
     handed = await handoff.take(100, 0.0)
@@ -253,18 +238,23 @@ async def test_a_batch_failing_otherwise_is_not_split(api: Api) -> None:
     """A fault that is not one row's (here: after the writes) fails the batch's requests."""
     events = _FailingEvents(api.store.engine, larger_than=1)
     async with _client(api, events) as client:
-        answers = await asyncio.gather(
-            *(
-                client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"fault-{n}"})
-                for n in range(12)
-            )
-        )
+        answers = await _post_keyed(client, "fault", 12)
     assert events.failed >= 1
     assert 500 in [a.status_code for a in answers]
     ids, outbox, records = await _written(api)
     ok = {a.json()["event_id"] for a in answers if a.status_code == 200}
     assert ok == ids
     assert len(ids) == outbox == records
+
+
+async def _post_keyed(client: httpx.AsyncClient, prefix: str, count: int) -> list[httpx.Response]:
+    """``count`` events posted at once, each with its own key (``{prefix}-{n}``)."""
+    return await asyncio.gather(
+        *(
+            client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"{prefix}-{n}"})
+            for n in range(count)
+        )
+    )
 
 
 def _short_lock_wait(api: Api) -> AsyncEngine:
@@ -328,12 +318,7 @@ async def test_a_batch_that_meets_a_held_lock_is_written_again_whole(api: Api) -
         events = _AttemptedEvents(short)
         # Held until a batch has met it, then released for the batch's next try.
         async with _client(api, events) as client, _write_lock_held(api, events.met):
-            answers = await asyncio.gather(
-                *(
-                    client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"lock-{n}"})
-                    for n in range(6)
-                )
-            )
+            answers = await _post_keyed(client, "lock", 6)
     finally:
         await short.dispose()
     assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
@@ -362,12 +347,7 @@ async def test_a_lock_held_past_every_retry_is_a_503_and_records_nothing(api: Ap
             _client(api, EventStore(short)) as client,
             _write_lock_held(api, asyncio.Event()),
         ):
-            answers = await asyncio.gather(
-                *(
-                    client.post(PATH, json=_event(n), headers={"Idempotency-Key": f"held-{n}"})
-                    for n in range(2)
-                )
-            )
+            answers = await _post_keyed(client, "held", 2)
     finally:
         await short.dispose()
     assert [a.status_code for a in answers] == [503] * 2, [a.text for a in answers]

@@ -90,10 +90,20 @@ class Rig:
         assert response.status_code == 200, response.text
         return str(response.json().get("signing_secret", ""))
 
-    async def notify(self, *ns: int, event_type: str = EVENT) -> list[NotificationCreated]:
-        """Insert notifications ``ns`` for project alpha; returns their created messages."""
-        project = self.projects["alpha"]
-        rows = [notification_row(project, n, self.start, event_type=event_type) for n in ns]
+    async def notify(
+        self,
+        *ns: int,
+        event_type: str = EVENT,
+        project: str = "alpha",
+        at: datetime | None = None,
+    ) -> list[NotificationCreated]:
+        """
+        Insert notifications ``ns`` for ``project``, made at ``at`` (the rig's start by
+        default); returns their created messages.
+        """
+        project = self.projects[project]
+        made = self.start if at is None else at
+        rows = [notification_row(project, n, made, event_type=event_type) for n in ns]
         await add_notifications(self.engine, rows)
         return [
             NotificationCreated(

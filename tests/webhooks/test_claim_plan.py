@@ -19,7 +19,6 @@ from delivery.store.direct import sqlite_instant
 from delivery.store.webhooks import _sqlite_due
 from tests.handlers.webhooks.stub import Reply
 from tests.webhooks.conftest import Rig
-from tests.webhooks.helpers import add_notifications, notification_row
 
 EVENT = "on_wakeup_ready"
 
@@ -136,13 +135,7 @@ async def test_a_claim_locks_only_the_rows_it_takes(rig: Rig) -> None:
     alpha_notes = await rig.notify(*range(1, 6))
     assert await worker.enqueue(alpha_notes) == 5
     rig.clock.advance(timedelta(seconds=1))
-    beta = rig.projects["beta"]
-    beta_rows = [notification_row(beta, n, rig.clock.now()) for n in range(1, 6)]
-    await add_notifications(rig.engine, beta_rows)
-    beta_notes = [
-        alpha_notes[0].model_copy(update={"notification_id": r["id"], "project_id": beta})
-        for r in beta_rows
-    ]
+    beta_notes = await rig.notify(*range(1, 6), project="beta", at=rig.clock.now())
     assert await worker.enqueue(beta_notes) == 5
     rig.clock.advance(timedelta(seconds=1))
     if rig.engine.dialect.name == "sqlite":

@@ -323,14 +323,7 @@ async def test_claims_are_capped_per_endpoint(rig: Rig) -> None:
     await rig.register(url)
     await rig.register(url, project="beta")
     alpha_notes = await rig.notify(1, 2, 3, 4, 5)
-    beta_rows = [notification_row(rig.projects["beta"], n, rig.clock.now()) for n in (1, 2)]
-    await add_notifications(rig.engine, beta_rows)
-    beta_notes = [
-        alpha_notes[0].model_copy(
-            update={"notification_id": r["id"], "project_id": rig.projects["beta"]}
-        )
-        for r in beta_rows
-    ]
+    beta_notes = await rig.notify(1, 2, project="beta", at=rig.clock.now())
     worker = rig.worker()
     assert await worker.enqueue([*alpha_notes, *beta_notes]) == 7
     claimed = await rig.webhooks.claim_due(
@@ -368,12 +361,8 @@ async def test_a_capped_endpoints_backlog_does_not_hide_others(rig: Rig) -> None
     alpha_notes = await rig.notify(*range(1, 11))
     assert await worker.enqueue(alpha_notes) == 10
     rig.clock.advance(timedelta(seconds=1))
-    beta_row = notification_row(rig.projects["beta"], 1, rig.clock.now())
-    await add_notifications(rig.engine, [beta_row])
-    beta_note = alpha_notes[0].model_copy(
-        update={"notification_id": beta_row["id"], "project_id": rig.projects["beta"]}
-    )
-    assert await worker.enqueue([beta_note]) == 1
+    beta_notes = await rig.notify(1, project="beta", at=rig.clock.now())
+    assert await worker.enqueue(beta_notes) == 1
     first = await rig.webhooks.claim_due(
         now=rig.clock.now(), limit=1, lease=timedelta(minutes=1), worker_id="w1"
     )

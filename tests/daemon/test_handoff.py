@@ -135,3 +135,37 @@ async def test_a_handed_batch_keeps_its_room_until_the_dispatcher_wrote_it(
         await dispatcher.stop()
     fire_rows = OUTBOX.c.subject == bus.subjects.fire_created
     assert await count(engine, OUTBOX, fire_rows, OUTBOX.c.sent_at.is_(None)) == 0
+
+
+async def test_a_failed_handed_batch_gives_its_room_back_and_leaves_its_rows_held(
+    engine, bus, project, nats_url, monkeypatch
+):
+    """
+    A batch whose processing raises commits nothing: its room comes back at once,
+    and its outbox rows stay unsent and held, for the relay once the grace ends.
+    """
+    await add_schedules(engine, due_daily_rows(5, T, T - timedelta(days=1)))
+    clock = ManualClock(T + timedelta(seconds=1))
+    handoff = Handoff(5, GRACE)
+    scheduler = Scheduler(engine, bus.subjects, claim_batch=100, handoff=handoff)
+    assert (await scheduler.tick(clock.now())).handed == 5
+    settings = Settings(subject_prefix=bus.subjects.prefix, composer="template")
+    dispatcher = Dispatcher(settings, engine, nats_url=nats_url, clock=clock, handoff=handoff)
+
+    async def fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the store went away")
+
+    monkeypatch.setattr(dispatcher.processor, "process", fails)
+    try:
+        handed = await handoff.take(100, 0.0)
+        assert len(handed) == 5
+        made = await dispatcher._handle_local(handed)
+        assert made.created == []
+        assert handoff.reserve(5) == 5, "the failed batch gave its room back"
+        handoff.cancel(5)
+    finally:
+        await dispatcher.stop()
+    assert await count(engine, NOTIFICATIONS) == 0
+    fire_rows = OUTBOX.c.subject == bus.subjects.fire_created
+    held = OUTBOX.c.available_at > clock.now()
+    assert await count(engine, OUTBOX, fire_rows, OUTBOX.c.sent_at.is_(None), held) == 5

@@ -13,10 +13,16 @@ stamped by the service's clock, so the client's own delays are not counted in th
     .venv/bin/python bench/bench_trigger_storm.py                 # 64 clients, 60 s
     .venv/bin/python bench/bench_trigger_storm.py --seconds 10    # a short run
     .venv/bin/python bench/bench_trigger_storm.py --tree ../old --tree . --rounds 2
+    .venv/bin/python bench/bench_trigger_storm.py --seconds 30 --floor   # and the floor
 
 The clients (aiohttp, one connection each) run in this process on the same two cores
 as the service, so they take CPU the service would otherwise have; the accepted rate
 is a floor on what the service alone does. Each event goes to one of 1,000 users.
+
+``--floor`` first runs the same clients, with the same bodies and headers, against a
+FastAPI hello-world POST (``bench_api_cost.py``'s: it validates the body and answers
+JSON, nothing else) for as long: the rate this machine's two cores allow a Python
+server that does no work, under the same load generator, and the ratio to it.
 """
 
 import argparse
@@ -37,7 +43,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_api_cost import Server, _wait_ready, free_port
+from bench_api_cost import Server, _wait_ready, free_port, start_floor
 
 USERS = 1000
 TARGET_RATE = 3000.0
@@ -102,11 +108,16 @@ def start(tree: Path, tmp: Path) -> tuple[Server, Path]:
     return server, next(data_dir.glob("*.db"))
 
 
-async def storm(server: Server, clients: int, seconds: float) -> tuple[list[str], int, float]:
+EVENTS_PATH = "/api/v1/agents/storm-agent/events"
+
+
+async def storm(
+    server: Server, clients: int, seconds: float, path: str = EVENTS_PATH
+) -> tuple[list[str], int, float]:
     """Post events from ``clients`` connections for ``seconds``; the accepted event ids."""
     accepted: list[str] = []
     refused = 0
-    url = f"{server.base_url}/api/v1/agents/storm-agent/events"
+    url = f"{server.base_url}{path}"
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector, headers=server.headers) as session:
         stop_at = time.monotonic() + seconds
@@ -211,6 +222,29 @@ def measure(label: str, tree: Path, args: argparse.Namespace) -> Run:
     return run
 
 
+def measure_floor(args: argparse.Namespace) -> float:
+    """The same storm against the hello-world POST; its answered requests per second."""
+    with tempfile.TemporaryDirectory(prefix="bench_storm_floor_") as tmp:
+        server = start_floor(Path(tmp))
+        try:
+            load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+            cpu_before = server.cpu()
+            answered, refused, elapsed = asyncio.run(
+                storm(server, args.clients, args.seconds, path="/echo")
+            )
+            cpu_ms = (server.cpu() - cpu_before) * 1000 / max(1, len(answered))
+        finally:
+            server.stop()
+    rate = len(answered) / elapsed
+    print(
+        f"  floor (hello-world POST): {len(answered):,} answered in {elapsed:.1f} s = "
+        f"{rate:,.0f}/s ({refused} refused); server CPU {cpu_ms:.2f} ms/request "
+        f"(load average {load} at the start)",
+        flush=True,
+    )
+    return rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=64)
@@ -223,6 +257,9 @@ def main() -> None:
         type=Path,
         help="a checkout with its own .venv (repeatable; default: this one); interleaved",
     )
+    parser.add_argument(
+        "--floor", action="store_true", help="also storm a FastAPI hello-world POST, each round"
+    )
     args = parser.parse_args()
     here = Path(__file__).resolve().parent.parent
     trees = [t.resolve() for t in args.tree] if args.tree else [here]
@@ -232,7 +269,10 @@ def main() -> None:
         flush=True,
     )
     runs: dict[str, list[Run]] = {}
+    floors: list[float] = []
     for _ in range(args.rounds):
+        if args.floor:
+            floors.append(measure_floor(args))
         for tree in trees:
             label = tree.resolve().name
             runs.setdefault(label, []).append(measure(label, tree, args))
@@ -255,6 +295,12 @@ def main() -> None:
         f"\ntarget: >= {TARGET_RATE:,.0f} accepted/s with p99 <= {TARGET_P99_S:.0f} s; "
         f"best here {best:,.0f}/s = {best / TARGET_RATE:.2f}x the target"
     )
+    if floors:
+        floor = statistics.median(floors)
+        print(
+            f"floor: a hello-world POST under the same clients answered {floor:,.0f}/s "
+            f"= {floor / TARGET_RATE:.2f}x the target; best here = {best / floor:.2f}x the floor"
+        )
 
 
 if __name__ == "__main__":

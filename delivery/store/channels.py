@@ -164,24 +164,49 @@ class AttemptRecord:
 
     def values(self) -> dict[str, Any]:
         """The row to insert, with a fresh ``cha_`` id."""
-        return {
-            "id": new_id("cha"),
-            "project_id": self.project_id,
-            "notification_id": self.notification_id,
-            "agent_id": self.agent_id,
-            "user_id": self.user_id,
-            "kind": self.kind,
-            "contact_id": self.contact_id,
-            "channel_id": self.channel_id,
-            "destination": self.destination[:255],
-            "status": self.status,
-            "reason": self.reason,
-            "response_code": self.response_code,
-            "duration_ms": self.duration_ms,
-            "attempt_number": self.attempt_number,
-            "next_attempt_at": self.next_attempt_at,
-            "created_at": self.created_at,
-        }
+        return dict(zip(ATTEMPT_COLUMNS, self.row(), strict=True))
+
+    def row(self) -> tuple[Any, ...]:
+        """:meth:`values` as a tuple in :data:`ATTEMPT_COLUMNS` order (no dict per row)."""
+        return (
+            new_id("cha"),
+            self.project_id,
+            self.notification_id,
+            self.agent_id,
+            self.user_id,
+            self.kind,
+            self.contact_id,
+            self.channel_id,
+            self.destination[:255],
+            self.status,
+            self.reason,
+            self.response_code,
+            self.duration_ms,
+            self.attempt_number,
+            self.next_attempt_at,
+            self.created_at,
+        )
+
+
+ATTEMPT_COLUMNS: Final = (
+    "id",
+    "project_id",
+    "notification_id",
+    "agent_id",
+    "user_id",
+    "kind",
+    "contact_id",
+    "channel_id",
+    "destination",
+    "status",
+    "reason",
+    "response_code",
+    "duration_ms",
+    "attempt_number",
+    "next_attempt_at",
+    "created_at",
+)
+"""The columns of :meth:`AttemptRecord.row`, in its order."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -956,7 +981,9 @@ class ChannelStore(StoreBase):
                 self.engine,
                 partial(
                     _sqlite_record,
-                    direct.prepare_insert(ATTEMPTS, [r.values() for r in records]),
+                    direct.prepare_insert_rows(
+                        ATTEMPTS, ATTEMPT_COLUMNS, [r.row() for r in records]
+                    ),
                     direct.prepare_insert(FALLBACKS, fallbacks, unique=["notification_id"]),
                     retried_id,
                 ),

@@ -148,7 +148,7 @@ def contact_of(row: ContactMapping) -> Contact:
 
 
 def plan_records(
-    note: RowMapping,
+    note: Mapping[Any, Any],
     attempts: Sequence[ChannelAttempt],
     contact_ids: Mapping[tuple[str, str], str],
     *,
@@ -447,7 +447,7 @@ class ChannelsWorker(QueueWorker):
 
     def _order(
         self,
-        note: RowMapping,
+        note: Mapping[Any, Any],
         rows: Sequence[ContactMapping],
         prefs: Mapping[str, Sequence[str]] | None,
         router: ChannelRouter,
@@ -463,7 +463,7 @@ class ChannelsWorker(QueueWorker):
 
     def _first_channel(
         self,
-        note: RowMapping,
+        note: Mapping[Any, Any],
         order: Sequence[ContactKind],
         records: Sequence[AttemptRecord],
         now: datetime,
@@ -900,7 +900,7 @@ class ChannelsWorker(QueueWorker):
 class _Planned:
     """One notification of a fan-out batch: the contacts to try now, its fallback order."""
 
-    note: RowMapping
+    note: Mapping[Any, Any]
     rows: list[ContactMapping]
     prefs: Mapping[str, Sequence[str]] | None
     order: list[ContactKind]
@@ -921,7 +921,7 @@ def _notification_id(data: bytes) -> str:
     return NotificationCreated.model_validate_json(data).notification_id
 
 
-def expired(note: RowMapping, now: datetime) -> bool:
+def expired(note: Mapping[Any, Any], now: datetime) -> bool:
     """Whether ``note``'s deadline (``expires_at``) has passed at ``now``."""
     return past_deadline(note.get("expires_at"), now)
 

@@ -373,6 +373,56 @@ def insert_rows(db: sqlite3.Connection, table: Table, rows: Sequence[Mapping[str
     db.executemany(sql, _converted(rows, columns, converting))
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedInsert:
+    """
+    An insert of rows whose parameters were converted on the caller's thread, so the
+    driver's thread (holding the write lock) only runs the statement.
+    """
+
+    sql: str
+    params: list[tuple[Any, ...]]
+
+    def run(self, db: sqlite3.Connection) -> None:
+        """Insert the rows; a constraint violation raises ``sqlite3.IntegrityError``."""
+        if self.params:
+            db.executemany(self.sql, self.params)
+
+
+def prepare_insert(
+    table: Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    unique: Sequence[str] | None = None,
+) -> PreparedInsert:
+    """
+    :func:`insert_rows` of ``rows`` (the columns of the first row), or with ``unique``
+    :func:`insert_ignoring_duplicates`, to run later on the driver's thread.
+    """
+    if not rows:
+        return PreparedInsert("", [])
+    columns = tuple(rows[0])
+    sql, converting = _insert_plan(table, columns, None if unique is None else tuple(unique))
+    return PreparedInsert(sql, _converted(rows, columns, converting))
+
+
+def prepare_insert_rows(
+    table: Table, columns: tuple[str, ...], rows: Iterable[Sequence[Any]]
+) -> PreparedInsert:
+    """
+    :func:`prepare_insert` of rows given as values in ``columns`` order, without a
+    dict per row (a fan-out batch records about two hundred).
+    """
+    sql, converting = _insert_plan(table, columns, None)
+    params: list[tuple[Any, ...]] = []
+    for row in rows:
+        values = list(row)
+        for i, convert in converting:
+            values[i] = convert(values[i])
+        params.append(tuple(values))
+    return PreparedInsert(sql, params)
+
+
 def insert_ignoring_duplicates(
     db: sqlite3.Connection,
     table: Table,

@@ -4,11 +4,13 @@ which no user has a contact left to try costs one query that reads no payload, n
 preferences and writes nothing; a mixed batch still sends to exactly the users with
 contacts, reading full rows for only their notifications.
 
-Statements are counted with a ``before_cursor_execute`` listener on the engine, so
-what is asserted is what reached the database driver.
+Statements are counted with a ``before_cursor_execute`` listener on the engine and, on
+SQLite, on the raw connection of the store's driver-thread calls, so what is asserted
+is what reached the database driver.
 """
 
-from collections.abc import AsyncIterator, Iterator
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from delivery.clock import ManualClock
 from delivery.secrets import SecretBox
 from delivery.settings import Settings
+from delivery.store import direct
 from delivery.store.channels import ATTEMPTS, ChannelStore
 from delivery.store.sql import SqlStore
 from handlers.channels_worker import ChannelsWorker, FanoutResult
@@ -46,9 +49,33 @@ class Statements:
         return [(text, params) for text, params in self.seen if word in text]
 
 
+class _Recording:
+    """A raw ``sqlite3`` connection that notes each statement run on it, then runs it."""
+
+    def __init__(self, db: sqlite3.Connection, log: Statements) -> None:
+        self._db = db
+        self._log = log
+
+    def execute(self, text: str, params: Any = ()) -> sqlite3.Cursor:
+        self._log.seen.append((text, params))
+        return self._db.execute(text, params)
+
+    def executemany(self, text: str, params: Any) -> sqlite3.Cursor:
+        params = list(params)
+        self._log.seen.append((text, params))
+        return self._db.executemany(text, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
 @pytest.fixture
-def statements(engine: AsyncEngine) -> Iterator[Statements]:
-    """Every statement executed on ``engine`` (the worker's store shares it)."""
+def statements(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> Iterator[Statements]:
+    """
+    Every statement executed on ``engine`` (the worker's store shares it): through
+    SQLAlchemy, and on SQLite also those the store runs on the driver's thread
+    itself (:mod:`delivery.store.direct`), which SQLAlchemy's events do not see.
+    """
     log = Statements()
 
     def record(
@@ -56,6 +83,12 @@ def statements(engine: AsyncEngine) -> Iterator[Statements]:
     ) -> None:
         log.seen.append((text, params))
 
+    on_thread = direct.on_driver_thread
+
+    async def recorded(conn: Any, fn: Callable[[Any], Any]) -> Any:
+        return await on_thread(conn, lambda db: fn(_Recording(db, log)))
+
+    monkeypatch.setattr(direct, "on_driver_thread", recorded)
     event.listen(engine.sync_engine, "before_cursor_execute", record)
     try:
         yield log

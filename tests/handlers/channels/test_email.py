@@ -71,6 +71,15 @@ def _channel(
     return channel
 
 
+def _starttls(
+    server: SmtpServer, clock: ManualClock, tls: TlsFiles, *, password: str = SMTP_PASSWORD
+) -> SmtpChannel:
+    """A STARTTLS channel that logs in as ``SMTP_USER`` (with the right password by default)."""
+    return _channel(
+        server, clock, SmtpSecurity.STARTTLS, tls, username=SMTP_USER, password=password
+    )
+
+
 def _received(server: SmtpServer) -> EmailMessage:
     assert len(server.sink.envelopes) == 1
     raw = server.sink.envelopes[0].original_content
@@ -145,14 +154,7 @@ async def test_starttls_with_auth(
     starttls_smtp: SmtpServer, clock: ManualClock, tls_files: TlsFiles
 ) -> None:
     """STARTTLS is negotiated, then AUTH, then the mail is accepted."""
-    channel = _channel(
-        starttls_smtp,
-        clock,
-        SmtpSecurity.STARTTLS,
-        tls_files,
-        username=SMTP_USER,
-        password=SMTP_PASSWORD,
-    )
+    channel = _starttls(starttls_smtp, clock, tls_files)
 
     outcome = await channel.send(make_message(), TO)
 
@@ -164,9 +166,7 @@ async def test_starttls_with_wrong_password_fails(
     starttls_smtp: SmtpServer, clock: ManualClock, tls_files: TlsFiles
 ) -> None:
     """A rejected AUTH (535) is permanent and does not blame the address."""
-    channel = _channel(
-        starttls_smtp, clock, SmtpSecurity.STARTTLS, tls_files, username=SMTP_USER, password="x"
-    )
+    channel = _starttls(starttls_smtp, clock, tls_files, password="x")
 
     outcome = await channel.send(make_message(), TO)
 
@@ -430,17 +430,8 @@ async def test_aclose_returns_once_every_tls_socket_is_closed(
     (the worker's shutdown; a test's teardown, where a socket left to the garbage
     collector fails whichever test is running when it is collected).
     """
-    failed = _channel(
-        starttls_smtp, clock, SmtpSecurity.STARTTLS, tls_files, username=SMTP_USER, password="x"
-    )
-    pooled = _channel(
-        starttls_smtp,
-        clock,
-        SmtpSecurity.STARTTLS,
-        tls_files,
-        username=SMTP_USER,
-        password=SMTP_PASSWORD,
-    )
+    failed = _starttls(starttls_smtp, clock, tls_files, password="x")
+    pooled = _starttls(starttls_smtp, clock, tls_files)
     assert isinstance(await failed.send(make_message(), TO), Failed)
     assert isinstance(await pooled.send(make_message(), TO), Delivered)
 

@@ -2,7 +2,7 @@
 
 import asyncio
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +10,21 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from delivery.clock import ManualClock
 from delivery.settings import Settings
 from handlers.base import Delivered, Failed, Retry
 from handlers.fcm import (
+    _JSON,
     MAX_BODY_BYTES,
     REFRESH_MARGIN,
     FcmChannel,
     ServiceAccount,
+    build_fcm_payload,
     classify_fcm_error,
+    fcm_request_body,
     truncate_utf8,
 )
 from tests.handlers.channels.conftest import PROJECT_ID, make_message
@@ -430,3 +435,31 @@ def test_truncate_utf8_never_splits_a_character() -> None:
     cut = truncate_utf8("😀" * 10, 17)
     assert cut == "😀" * 3 + "…"
     assert len(cut.encode()) <= 17
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(),
+    title=st.one_of(st.none(), st.text(), st.integers()),
+    ids=st.lists(st.text(max_size=12), min_size=5, max_size=5),
+    token=st.text(max_size=40),
+    micros=st.integers(min_value=0, max_value=999_999),
+)
+def test_request_body_is_the_payloads_json(
+    text: str, title: object, ids: list[str], token: str, micros: int
+) -> None:
+    """The body written directly is byte for byte the JSON of ``build_fcm_payload``."""
+    message = make_message(
+        generated_message=text + '"\\\n\u2028\u00e9\U0001f600' * (len(text) % 3),
+        payload={} if title is None else {"title": title},
+        event_id=ids[0],
+        event_type=ids[1],
+        message_id=ids[2],
+        agent_id=ids[3],
+        check_type=ids[4],
+        created_at=datetime(2026, 11, 23, 8, 0, 0, micros, tzinfo=UTC),
+    )
+
+    expected = _JSON.encode(build_fcm_payload(message, token, default_title="Hi")).encode()
+
+    assert fcm_request_body(message, token, default_title="Hi") == expected

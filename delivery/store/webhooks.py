@@ -435,7 +435,7 @@ def _sqlite_claim(
     limit: int,
     window: int,
     per_endpoint: int | None,
-    in_flight: dict[str, int],
+    in_flight: Mapping[str, int],
 ) -> tuple[list[tuple[Any, ...]], dict[str, dict[str, Any]]]:
     """
     :meth:`WebhookStore.claim_due` on SQLite, in one call to the driver's thread
@@ -445,13 +445,16 @@ def _sqlite_claim(
     a sixth of the webhook worker's CPU under py-spy in
     ``bench/bench_webhooks_e2e.py``).
 
+    ``in_flight`` (deliveries in flight by endpoint) is read, never changed: the
+    claim counts what it takes on its own copy.
+
     Returns:
         The claimed rows (:data:`_SQLITE_CLAIMED`'s columns, in due order) and their
         notifications by id.
     """
     stamp = direct.sqlite_instant(now)
     ids: list[str] = []
-    taken = in_flight
+    taken = dict(in_flight)
     for delivery_id, endpoint_id in _sqlite_due(db, now=stamp, full=full, limit=window):
         if len(ids) >= limit:
             break
@@ -862,6 +865,8 @@ class WebhookStore(StoreBase):
             # other endpoints' rows.
             window=limit if per_endpoint is None else limit * 4,
             per_endpoint=per_endpoint,
+            # Taken here, on the loop, as ``full`` was: the worker's map changes there
+            # while the claim runs on the driver's thread.
             in_flight=dict(in_flight or {}),
         )
         rows, notes = await direct.write(self.engine, claim)

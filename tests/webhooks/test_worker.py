@@ -8,6 +8,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 
 import nats
 from sqlalchemy import select
@@ -16,8 +17,9 @@ from starlette.types import Receive, Scope, Send
 
 from delivery.bus.stream import ensure_stream
 from delivery.bus.subjects import Subjects
+from delivery.store import direct
 from delivery.store.tables import NOTIFICATIONS
-from delivery.store.webhooks import ClaimedDelivery
+from delivery.store.webhooks import ClaimedDelivery, _sqlite_claim
 from handlers.retry import MAX_ATTEMPTS, SCHEDULE
 from handlers.webhooks.signing import verify
 from tests.handlers.webhooks.stub import Reply
@@ -347,6 +349,45 @@ async def test_claims_are_capped_per_endpoint(rig: Rig) -> None:
         in_flight={alpha_endpoint: 2},
     )
     assert more == []
+
+
+async def test_the_sqlite_claim_counts_on_a_copy_of_the_load_it_is_given(rig: Rig) -> None:
+    """
+    SQLite's claim function adds what it takes to each endpoint's load as it goes, on
+    its own copy: the map it was given is the same afterwards. (PostgreSQL's claim
+    reads the map in its statement; the same call leaves it alone too.)
+    """
+    _, url = rig.receiver(Reply(200))
+    await rig.register(url)
+    worker = rig.worker()
+    assert await worker.enqueue(await rig.notify(1, 2, 3)) == 3
+    (endpoint,) = await rig.webhooks.list_endpoints(rig.projects["alpha"])
+    load = {endpoint["id"]: 1}
+    if rig.engine.dialect.name == "sqlite":
+        now = rig.clock.now()
+        claim = partial(
+            _sqlite_claim,
+            now=now,
+            lease_end=now + timedelta(minutes=1),
+            worker_id="w1",
+            full=[],
+            limit=3,
+            window=12,
+            per_endpoint=3,
+            in_flight=load,
+        )
+        rows, _notes = await direct.write(rig.engine, claim)
+    else:
+        rows = await rig.webhooks.claim_due(
+            now=rig.clock.now(),
+            limit=3,
+            lease=timedelta(minutes=1),
+            worker_id="w1",
+            per_endpoint=3,
+            in_flight=load,
+        )
+    assert len(rows) == 2  # room for 2 beside the one in flight
+    assert load == {endpoint["id"]: 1}
 
 
 async def test_a_capped_endpoints_backlog_does_not_hide_others(rig: Rig) -> None:

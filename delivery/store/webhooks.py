@@ -604,6 +604,16 @@ class WebhookStore(StoreBase):
         # Reads such as the attempts page run several statements that must agree.
         super().__init__(engine, autocommit_reads=False)
 
+    @property
+    def _direct(self) -> bool:
+        """
+        The queue's hot paths run as one function on SQLite's driver thread
+        (:mod:`delivery.store.direct`): the claim and a batch of 2xx attempts. The one
+        check that chooses every direct path, so they cannot disagree about the
+        database; elsewhere (PostgreSQL) they go through SQLAlchemy.
+        """
+        return self.capabilities.driver_thread
+
     # --- endpoints (API) ------------------------------------------------------------
 
     async def upsert_endpoint(
@@ -835,7 +845,8 @@ class WebhookStore(StoreBase):
         each table row, so there each endpoint's due rows are probed on their own
         (:meth:`_claim_per_endpoint`). Rows passed over stay due.
         """
-        if self.capabilities.skip_locked:
+        if not self._direct:
+            # PostgreSQL: the claim's statement is its own (SKIP LOCKED, arrays).
             async with self.write() as conn:
                 locked = await self._claim_per_endpoint(
                     conn, now=now, limit=limit, per_endpoint=per_endpoint, in_flight=in_flight
@@ -1071,7 +1082,7 @@ class WebhookStore(StoreBase):
         """
         if not items:
             return []
-        if self.capabilities.driver_thread and all(
+        if self._direct and all(
             item.step.delivered and item.attempt.status == SUCCESS for item in items
         ):
             await direct.write(self.engine, partial(_sqlite_successes, *_success_params(items)))

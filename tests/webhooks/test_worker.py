@@ -4,6 +4,7 @@ SQLite and PostgreSQL, retries driven by a ManualClock through the bounded sweep
 """
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 from dataclasses import dataclass, field
@@ -11,15 +12,20 @@ from datetime import timedelta
 from functools import partial
 
 import nats
-from sqlalchemy import select
+from sqlalchemy import select, update
 from standardwebhooks import Webhook
 from starlette.types import Receive, Scope, Send
 
 from delivery.bus.stream import ensure_stream
 from delivery.bus.subjects import Subjects
 from delivery.store import direct
-from delivery.store.tables import NOTIFICATIONS
-from delivery.store.webhooks import ClaimedDelivery, _sqlite_claim
+from delivery.store.tables import DELIVERIES, ENDPOINTS, NOTIFICATIONS
+from delivery.store.webhooks import (
+    ClaimedDelivery,
+    NewNotification,
+    WebhookStore,
+    _sqlite_claim,
+)
 from handlers.retry import MAX_ATTEMPTS, SCHEDULE
 from handlers.webhooks.signing import verify
 from tests.handlers.webhooks.stub import Reply
@@ -96,6 +102,49 @@ async def test_retries_until_delivered_and_consumes(rig: Rig) -> None:
         "request_body",
         "response_body",
     }
+
+
+async def test_the_sqlite_enqueue_leaves_the_rows_of_the_general_path(rig: Rig) -> None:
+    """
+    Enqueued in one call to SQLite's driver thread or through SQLAlchemy (the form on
+    PostgreSQL), the same notifications leave the same delivery rows: one per
+    notification with an active endpoint, none for a disabled endpoint or a project
+    without one, repeats counted out.
+    """
+    _, url = rig.receiver(Reply(200))
+    await rig.register(url)
+    await rig.register(url, event_type="on_trigger_event")
+    e = ENDPOINTS.c
+    async with rig.engine.begin() as conn:
+        await conn.execute(
+            update(ENDPOINTS).where(e.event_type == "on_trigger_event").values(is_active=False)
+        )
+    general = WebhookStore(rig.engine)
+    general.capabilities = dataclasses.replace(general.capabilities, driver_thread=False)
+    for store, first in ((rig.webhooks, 1), (general, 11)):
+        queued = await rig.notify(first, first + 1)
+        disabled = await rig.notify(first + 2, event_type="on_trigger_event")
+        unregistered = await rig.notify(first + 3, project="beta")
+        wanted = [
+            NewNotification(n.notification_id, n.project_id, n.event_type)
+            for n in (*queued, *disabled, *unregistered)
+        ]
+        assert await store.enqueue(wanted, now=rig.clock.now()) == 2
+        assert await store.enqueue(wanted, now=rig.clock.now()) == 0
+
+    d = DELIVERIES.c
+    async with rig.engine.connect() as conn:
+        rows = [r._asdict() for r in await conn.execute(select(DELIVERIES).order_by(d.event_id))]
+    assert sorted(int(r["event_id"].rsplit("_", 1)[1]) for r in rows) == [1, 2, 11, 12]
+    for row in rows:
+        for key in ("id", "notification_id", "event_id"):
+            row.pop(key)
+    assert rows[0] == rows[1] == rows[2] == rows[3]
+    assert (rows[0]["status"], rows[0]["round_start"], rows[0]["force_send"]) == (
+        "pending",
+        0,
+        False,
+    )
 
 
 async def test_timeout_then_410_disables_the_endpoint(rig: Rig) -> None:

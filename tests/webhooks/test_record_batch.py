@@ -46,9 +46,7 @@ async def _claimed(rig: Rig, count: int) -> list[ClaimedDelivery]:
     await rig.register(url)
     worker = rig.worker()
     await worker.enqueue(await rig.notify(*range(1, count + 1)))
-    claimed = await rig.webhooks.claim_due(
-        now=rig.clock.now(), limit=count, lease=timedelta(minutes=1), worker_id="w"
-    )
+    claimed = await rig.claim(count)
     assert len(claimed) == count
     return sorted(claimed, key=lambda c: c.event_id)
 
@@ -108,9 +106,7 @@ async def test_endpoint_streak_follows_the_order_of_the_batch(rig: Rig) -> None:
     (endpoint,) = await rig.webhooks.list_endpoints(rig.projects["alpha"])
     assert endpoint["failing_since"] == t2
     # And a success last ends the streak.
-    again = await rig.webhooks.claim_due(
-        now=t0 + timedelta(minutes=5), limit=2, lease=timedelta(minutes=1), worker_id="w"
-    )
+    again = await rig.claim(2, now=t0 + timedelta(minutes=5))
     at = t0 + timedelta(minutes=5)
     await rig.webhooks.record_attempts(
         [
@@ -178,9 +174,7 @@ async def test_batches_failing_on_two_endpoints_in_opposite_orders_do_not_deadlo
     await worker.enqueue(
         await rig.notify(*range(101, 101 + 2 * rounds), event_type="on_trigger_event")
     )
-    claimed = await rig.webhooks.claim_due(
-        now=rig.clock.now(), limit=4 * rounds, lease=timedelta(minutes=1), worker_id="w"
-    )
+    claimed = await rig.claim(4 * rounds)
     by_type: dict[str, list[ClaimedDelivery]] = {}
     for c in claimed:
         by_type.setdefault(c.event_type, []).append(c)

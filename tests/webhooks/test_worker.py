@@ -377,26 +377,12 @@ async def test_claims_are_capped_per_endpoint(rig: Rig) -> None:
     beta_notes = await rig.notify(1, 2, project="beta", at=rig.clock.now())
     worker = rig.worker()
     assert await worker.enqueue([*alpha_notes, *beta_notes]) == 7
-    claimed = await rig.webhooks.claim_due(
-        now=rig.clock.now(),
-        limit=4,
-        lease=timedelta(minutes=1),
-        worker_id="w1",
-        per_endpoint=2,
-        in_flight={},
-    )
+    claimed = await rig.claim(4, per_endpoint=2, in_flight={})
     by_project = sorted(c.project_id for c in claimed)
     assert by_project == sorted([rig.projects["alpha"]] * 2 + [rig.projects["beta"]] * 2)
     # An endpoint already at its cap gets nothing more; the others' rows still come.
     alpha_endpoint = next(c.endpoint_id for c in claimed if c.project_id == rig.projects["alpha"])
-    more = await rig.webhooks.claim_due(
-        now=rig.clock.now(),
-        limit=4,
-        lease=timedelta(minutes=1),
-        worker_id="w1",
-        per_endpoint=2,
-        in_flight={alpha_endpoint: 2},
-    )
+    more = await rig.claim(4, per_endpoint=2, in_flight={alpha_endpoint: 2})
     assert more == []
 
 
@@ -427,14 +413,7 @@ async def test_the_sqlite_claim_counts_on_a_copy_of_the_load_it_is_given(rig: Ri
         )
         rows, _notes = await direct.write(rig.engine, claim)
     else:
-        rows = await rig.webhooks.claim_due(
-            now=rig.clock.now(),
-            limit=3,
-            lease=timedelta(minutes=1),
-            worker_id="w1",
-            per_endpoint=3,
-            in_flight=load,
-        )
+        rows = await rig.claim(3, per_endpoint=3, in_flight=load)
     assert len(rows) == 2  # room for 2 beside the one in flight
     assert load == {endpoint["id"]: 1}
 
@@ -453,18 +432,9 @@ async def test_a_capped_endpoints_backlog_does_not_hide_others(rig: Rig) -> None
     rig.clock.advance(timedelta(seconds=1))
     beta_notes = await rig.notify(1, project="beta", at=rig.clock.now())
     assert await worker.enqueue(beta_notes) == 1
-    first = await rig.webhooks.claim_due(
-        now=rig.clock.now(), limit=1, lease=timedelta(minutes=1), worker_id="w1"
-    )
+    first = await rig.claim(1)
     alpha_endpoint = first[0].endpoint_id
     assert first[0].project_id == rig.projects["alpha"]
     # limit 1 looks at 4 rows; alpha has 9 more due before beta's one.
-    claimed = await rig.webhooks.claim_due(
-        now=rig.clock.now(),
-        limit=1,
-        lease=timedelta(minutes=1),
-        worker_id="w1",
-        per_endpoint=1,
-        in_flight={alpha_endpoint: 1},
-    )
+    claimed = await rig.claim(1, per_endpoint=1, in_flight={alpha_endpoint: 1})
     assert [c.project_id for c in claimed] == [rig.projects["beta"]]

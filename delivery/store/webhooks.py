@@ -435,7 +435,7 @@ def _sqlite_claim(
     limit: int,
     window: int,
     per_endpoint: int | None,
-    in_flight: dict[str, int],
+    in_flight: Mapping[str, int],
 ) -> tuple[list[tuple[Any, ...]], dict[str, dict[str, Any]]]:
     """
     :meth:`WebhookStore.claim_due` on SQLite, in one call to the driver's thread
@@ -445,13 +445,16 @@ def _sqlite_claim(
     a sixth of the webhook worker's CPU under py-spy in
     ``bench/bench_webhooks_e2e.py``).
 
+    ``in_flight`` (deliveries in flight by endpoint) is read, never changed: the
+    claim counts what it takes on its own copy.
+
     Returns:
         The claimed rows (:data:`_SQLITE_CLAIMED`'s columns, in due order) and their
         notifications by id.
     """
     stamp = direct.sqlite_instant(now)
     ids: list[str] = []
-    taken = in_flight
+    taken = dict(in_flight)
     for delivery_id, endpoint_id in _sqlite_due(db, now=stamp, full=full, limit=window):
         if len(ids) >= limit:
             break
@@ -470,6 +473,29 @@ def _sqlite_claim(
     rows.sort(key=lambda r: order[r[0]])
     notes = direct.select_in(db, NOTIFICATIONS, "id", [r[6] for r in rows], columns=_NOTE_COLUMNS)
     return rows, {n["id"]: n for n in notes}
+
+
+_SQLITE_ENDPOINTS = (
+    "SELECT project_id, event_type, id FROM webhook_endpoints "
+    "WHERE is_active = 1 AND (project_id, event_type) IN (VALUES {pairs})"
+)
+
+
+def _sqlite_endpoints(
+    db: sqlite3.Connection, *, pairs: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], str]:
+    """
+    The active endpoint's id per (project, event type) of ``pairs`` that has one: the
+    read of :meth:`WebhookStore.enqueue` on SQLite, as SQLAlchemy writes it.
+    """
+    found: dict[tuple[str, str], str] = {}
+    step = direct.MAX_VARIABLES // 2
+    for start in range(0, len(pairs), step):
+        chunk = pairs[start : start + step]
+        sql = _SQLITE_ENDPOINTS.format(pairs=",".join(["(?, ?)"] * len(chunk)))
+        for project_id, event_type, endpoint_id in db.execute(sql, [v for p in chunk for v in p]):
+            found[(project_id, event_type)] = endpoint_id
+    return found
 
 
 def _sqlite_claimed(r: Sequence[Any], note: Mapping[str, Any] | None) -> "ClaimedDelivery":
@@ -600,6 +626,16 @@ class WebhookStore(StoreBase):
     def __init__(self, engine: AsyncEngine) -> None:
         # Reads such as the attempts page run several statements that must agree.
         super().__init__(engine, autocommit_reads=False)
+
+    @property
+    def _direct(self) -> bool:
+        """
+        The queue's hot paths run as one function on SQLite's driver thread
+        (:mod:`delivery.store.direct`): the enqueue, the claim and a batch of 2xx
+        attempts. The one check that chooses every direct path, so they cannot
+        disagree about the database; elsewhere (PostgreSQL) they go through SQLAlchemy.
+        """
+        return self.capabilities.driver_thread
 
     # --- endpoints (API) ------------------------------------------------------------
 
@@ -758,47 +794,54 @@ class WebhookStore(StoreBase):
         wanted = list(items)
         if not wanted:
             return 0
-        e = ENDPOINTS.c
-        pairs = {(n.project_id, n.event_type) for n in wanted}
+        pairs = sorted({(n.project_id, n.event_type) for n in wanted})
         # Read outside the write transaction: most notifications have no endpoint,
         # and then nothing is written at all (a queue for SQLite's one writer).
-        async with self.read() as conn:
-            found = (
-                await conn.execute(
-                    select(e.id, e.project_id, e.event_type).where(
-                        tuple_(e.project_id, e.event_type).in_(sorted(pairs)),
-                        e.is_active.is_(True),
+        if self._direct:
+            endpoints = await direct.read(self.engine, partial(_sqlite_endpoints, pairs=pairs))
+        else:
+            e = ENDPOINTS.c
+            async with self.read() as conn:
+                found = (
+                    await conn.execute(
+                        select(e.id, e.project_id, e.event_type).where(
+                            tuple_(e.project_id, e.event_type).in_(pairs),
+                            e.is_active.is_(True),
+                        )
                     )
-                )
-            ).all()
+                ).all()
             endpoints = {(r.project_id, r.event_type): r.id for r in found}
         rows: list[dict[str, Any]] = []
         for n in wanted:
             endpoint_id = endpoints.get((n.project_id, n.event_type))
             if endpoint_id is None:
                 continue
+            # The notification id is the event id, the same on every attempt and after
+            # any restart.
             rows.append(
-                {
-                    "id": new_id("whd"),
-                    "project_id": n.project_id,
-                    "endpoint_id": endpoint_id,
-                    "notification_id": n.notification_id,
-                    # The notification id is the event id, the
-                    # same on every attempt and after any restart.
-                    "event_id": n.notification_id,
-                    "event_type": n.event_type,
-                    "status": PENDING,
-                    "attempt_count": 0,
-                    "next_attempt_at": now,
-                    "claimed_by": None,
-                    "last_error": None,
-                    "delivered_at": None,
-                    "created_at": now,
-                    "updated_at": now,
-                }
+                self._new_delivery(
+                    new_id("whd"),
+                    n.project_id,
+                    endpoint_id,
+                    n.notification_id,
+                    n.event_type,
+                    now=now,
+                    force=False,
+                )
             )
         if not rows:
             return 0
+        if self._direct:
+            # Through SQLAlchemy, its parameter processing (an instant's conversion per
+            # row and column) and statement set-up were about a sixth of the webhook
+            # worker's CPU in bench/bench_webhooks_e2e.py: the same insert, one call.
+            insert = partial(
+                direct.insert_ignoring_duplicates,
+                table=DELIVERIES,
+                rows=rows,
+                unique=("notification_id", "endpoint_id"),
+            )
+            return await direct.write(self.engine, insert)
         async with self.write() as conn:
             return await insert_ignoring_duplicates(
                 conn, DELIVERIES, rows, unique=["notification_id", "endpoint_id"]
@@ -832,7 +875,8 @@ class WebhookStore(StoreBase):
         each table row, so there each endpoint's due rows are probed on their own
         (:meth:`_claim_per_endpoint`). Rows passed over stay due.
         """
-        if self.capabilities.skip_locked:
+        if not self._direct:
+            # PostgreSQL: the claim's statement is its own (SKIP LOCKED, arrays).
             async with self.write() as conn:
                 locked = await self._claim_per_endpoint(
                     conn, now=now, limit=limit, per_endpoint=per_endpoint, in_flight=in_flight
@@ -862,6 +906,8 @@ class WebhookStore(StoreBase):
             # other endpoints' rows.
             window=limit if per_endpoint is None else limit * 4,
             per_endpoint=per_endpoint,
+            # Taken here, on the loop, as ``full`` was: the worker's map changes there
+            # while the claim runs on the driver's thread.
             in_flight=dict(in_flight or {}),
         )
         rows, notes = await direct.write(self.engine, claim)
@@ -1066,7 +1112,7 @@ class WebhookStore(StoreBase):
         """
         if not items:
             return []
-        if self.capabilities.driver_thread and all(
+        if self._direct and all(
             item.step.delivered and item.attempt.status == SUCCESS for item in items
         ):
             await direct.write(self.engine, partial(_sqlite_successes, *_success_params(items)))

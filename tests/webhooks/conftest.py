@@ -3,9 +3,9 @@ The webhook rig: the API in-process (ASGITransport) and a :class:`WebhookWorker`
 same database (both kinds), a manual clock, and real receivers under uvicorn.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -17,7 +17,7 @@ from delivery.bus.messages import NotificationCreated
 from delivery.clock import ManualClock, SystemClock
 from delivery.settings import Settings
 from delivery.store.sql import SqlStore
-from delivery.store.webhooks import WebhookStore
+from delivery.store.webhooks import ClaimedDelivery, WebhookStore
 from handlers.webhooks.worker import WebhookWorker
 from tests.fixtures.http import ServeApp
 from tests.handlers.webhooks.stub import Reply, ScriptedReceiver
@@ -64,6 +64,27 @@ class Rig:
         worker = WebhookWorker(settings, self.engine, **options)
         self.workers.append(worker)
         return worker
+
+    async def claim(
+        self,
+        limit: int,
+        *,
+        now: datetime | None = None,
+        per_endpoint: int | None = None,
+        in_flight: Mapping[str, int] | None = None,
+    ) -> list[ClaimedDelivery]:
+        """
+        :meth:`WebhookStore.claim_due` as worker ``w1`` with a one-minute lease, at
+        ``now`` (the rig's clock by default).
+        """
+        return await self.webhooks.claim_due(
+            now=self.clock.now() if now is None else now,
+            limit=limit,
+            lease=timedelta(minutes=1),
+            worker_id="w1",
+            per_endpoint=per_endpoint,
+            in_flight=in_flight,
+        )
 
     async def key_for(self, project: str) -> str:
         """A new API key of ``project`` (``alpha``, ``beta``)."""

@@ -69,9 +69,7 @@ async def test_a_claim_with_every_endpoint_at_its_cap_reads_no_delivery_row(rig:
     await rig.register(url, project="beta")
     worker = rig.worker()
     assert await worker.enqueue(await rig.notify(*range(1, 13))) == 12
-    first = await rig.webhooks.claim_due(
-        now=rig.clock.now(), limit=12, lease=timedelta(minutes=1), worker_id="w1"
-    )
+    first = await rig.claim(12)
     alpha = first[0].endpoint_id
     # Released again: due again, all of them alpha's.
     await rig.webhooks.release_claims(now=rig.clock.now())
@@ -83,14 +81,7 @@ async def test_a_claim_with_every_endpoint_at_its_cap_reads_no_delivery_row(rig:
     sync_engine = rig.engine.sync_engine
     event.listen(sync_engine, "before_cursor_execute", capture)
     try:
-        claimed = await rig.webhooks.claim_due(
-            now=rig.clock.now(),
-            limit=8,
-            lease=timedelta(minutes=1),
-            worker_id="w1",
-            per_endpoint=2,
-            in_flight={alpha: 2},
-        )
+        claimed = await rig.claim(8, per_endpoint=2, in_flight={alpha: 2})
     finally:
         event.remove(sync_engine, "before_cursor_execute", capture)
     assert claimed == []
@@ -139,14 +130,7 @@ async def test_a_claim_locks_only_the_rows_it_takes(rig: Rig) -> None:
     assert await worker.enqueue(beta_notes) == 5
     rig.clock.advance(timedelta(seconds=1))
     if rig.engine.dialect.name == "sqlite":
-        claimed = await rig.webhooks.claim_due(
-            now=rig.clock.now(),
-            limit=3,
-            lease=timedelta(minutes=1),
-            worker_id="w1",
-            per_endpoint=3,
-            in_flight={},
-        )
+        claimed = await rig.claim(3, per_endpoint=3, in_flight={})
         assert [c.project_id for c in claimed] == [rig.projects["alpha"]] * 3
         return
     lockable = text(

@@ -41,14 +41,35 @@ def _attempt(claimed: ClaimedDelivery, at: datetime, *, ok: bool, n: int = 1) ->
     )
 
 
+def _delivered(c: ClaimedDelivery, at: datetime, *, n: int = 1) -> RecordedAttempt:
+    """Attempt ``n`` of ``c`` answered 2xx at ``at``: delivered."""
+    return RecordedAttempt(c, _attempt(c, at, ok=True, n=n), NextState(delivered=True), at)
+
+
+def _retried(
+    c: ClaimedDelivery, at: datetime, retry_at: datetime, *, reason: str = "500", n: int = 1
+) -> RecordedAttempt:
+    """Attempt ``n`` of ``c`` failed at ``at``: tried again at ``retry_at``."""
+    return RecordedAttempt(
+        c, _attempt(c, at, ok=False, n=n), NextState(retry_at=retry_at, reason=reason), at
+    )
+
+
+def _dead(
+    c: ClaimedDelivery, at: datetime, *, reason: str = "gave up", n: int = 1
+) -> RecordedAttempt:
+    """Attempt ``n`` of ``c`` failed at ``at``: dead-lettered."""
+    return RecordedAttempt(
+        c, _attempt(c, at, ok=False, n=n), NextState(dead=True, reason=reason), at
+    )
+
+
 async def _claimed(rig: Rig, count: int) -> list[ClaimedDelivery]:
     _receiver, url = rig.receiver()
     await rig.register(url)
     worker = rig.worker()
     await worker.enqueue(await rig.notify(*range(1, count + 1)))
-    claimed = await rig.webhooks.claim_due(
-        now=rig.clock.now(), limit=count, lease=timedelta(minutes=1), worker_id="w"
-    )
+    claimed = await rig.claim(count)
     assert len(claimed) == count
     return sorted(claimed, key=lambda c: c.event_id)
 
@@ -60,13 +81,9 @@ async def test_one_batch_applies_each_next_state(rig: Rig) -> None:
     later = now + timedelta(minutes=5)
     found = await rig.webhooks.record_attempts(
         [
-            RecordedAttempt(ok, _attempt(ok, now, ok=True), NextState(delivered=True), now),
-            RecordedAttempt(
-                retry, _attempt(retry, now, ok=False), NextState(retry_at=later, reason="500"), now
-            ),
-            RecordedAttempt(
-                dead, _attempt(dead, now, ok=False), NextState(dead=True, reason="gave up"), now
-            ),
+            _delivered(ok, now),
+            _retried(retry, now, later),
+            _dead(dead, now),
         ]
     )
     assert found == [None, None, None]
@@ -97,27 +114,16 @@ async def test_endpoint_streak_follows_the_order_of_the_batch(rig: Rig) -> None:
     first, middle, last = await _claimed(rig, 3)
     t0 = rig.clock.now()
     t1, t2 = t0 + timedelta(seconds=1), t0 + timedelta(seconds=2)
-    retry = NextState(retry_at=t0 + timedelta(minutes=5), reason="500")
+    retry_at = t0 + timedelta(minutes=5)
     await rig.webhooks.record_attempts(
-        [
-            RecordedAttempt(first, _attempt(first, t0, ok=False), retry, t0),
-            RecordedAttempt(middle, _attempt(middle, t1, ok=True), NextState(delivered=True), t1),
-            RecordedAttempt(last, _attempt(last, t2, ok=False), retry, t2),
-        ]
+        [_retried(first, t0, retry_at), _delivered(middle, t1), _retried(last, t2, retry_at)]
     )
     (endpoint,) = await rig.webhooks.list_endpoints(rig.projects["alpha"])
     assert endpoint["failing_since"] == t2
     # And a success last ends the streak.
-    again = await rig.webhooks.claim_due(
-        now=t0 + timedelta(minutes=5), limit=2, lease=timedelta(minutes=1), worker_id="w"
-    )
+    again = await rig.claim(2, now=t0 + timedelta(minutes=5))
     at = t0 + timedelta(minutes=5)
-    await rig.webhooks.record_attempts(
-        [
-            RecordedAttempt(c, _attempt(c, at, ok=True, n=2), NextState(delivered=True), at)
-            for c in again
-        ]
-    )
+    await rig.webhooks.record_attempts([_delivered(c, at, n=2) for c in again])
     (endpoint,) = await rig.webhooks.list_endpoints(rig.projects["alpha"])
     assert endpoint["failing_since"] is None
 
@@ -130,10 +136,7 @@ async def test_a_bad_attempt_fails_alone(rig: Rig) -> None:
     claimed = await _claimed(rig, 4)
     now = rig.clock.now()
     recorder = AttemptRecorder(rig.webhooks, disable_after=None)
-    items = [
-        RecordedAttempt(c, _attempt(c, now, ok=True), NextState(delivered=True), now)
-        for c in claimed
-    ]
+    items = [_delivered(c, now) for c in claimed]
     # The second attempt reuses the first one's id: its insert collides.
     clash = RecordedAttempt(
         claimed[1],
@@ -178,19 +181,16 @@ async def test_batches_failing_on_two_endpoints_in_opposite_orders_do_not_deadlo
     await worker.enqueue(
         await rig.notify(*range(101, 101 + 2 * rounds), event_type="on_trigger_event")
     )
-    claimed = await rig.webhooks.claim_due(
-        now=rig.clock.now(), limit=4 * rounds, lease=timedelta(minutes=1), worker_id="w"
-    )
+    claimed = await rig.claim(4 * rounds)
     by_type: dict[str, list[ClaimedDelivery]] = {}
     for c in claimed:
         by_type.setdefault(c.event_type, []).append(c)
     a, b = by_type["on_wakeup_ready"], by_type["on_trigger_event"]
     assert len(a) == len(b) == 2 * rounds
     now = rig.clock.now()
-    retry = NextState(retry_at=now + timedelta(minutes=5), reason="500")
 
     def failed(c: ClaimedDelivery) -> RecordedAttempt:
-        return RecordedAttempt(c, _attempt(c, now, ok=False), retry, now)
+        return _retried(c, now, now + timedelta(minutes=5))
 
     for r in range(rounds):
         # Only the first failure of a streak locks its endpoint row: start afresh.
@@ -215,12 +215,7 @@ async def test_a_2xx_for_a_delivery_finished_meanwhile_consumes_nothing(rig: Rig
     await rig.webhooks.finish_without_attempt(
         finished.delivery_id, status="dead", reason="endpoint deleted", now=now
     )
-    await rig.webhooks.record_attempts(
-        [
-            RecordedAttempt(c, _attempt(c, now, ok=True), NextState(delivered=True), now)
-            for c in (finished, live)
-        ]
-    )
+    await rig.webhooks.record_attempts([_delivered(c, now) for c in (finished, live)])
     d, n = DELIVERIES.c, NOTIFICATIONS.c
     async with rig.engine.connect() as conn:
         deliveries = dict((await conn.execute(select(d.event_id, d.status))).all())
@@ -267,25 +262,11 @@ async def test_set_based_and_row_by_row_recording_agree(rig: Rig) -> None:
         # Not in key order: the store orders what it locks.
         batches.append(
             [
-                RecordedAttempt(
-                    polled, _attempt(polled, at[4], ok=True), NextState(delivered=True), at[4]
-                ),
-                RecordedAttempt(
-                    retry,
-                    _attempt(retry, at[1], ok=False),
-                    NextState(retry_at=later, reason="HTTP 500"),
-                    at[1],
-                ),
-                RecordedAttempt(ok, _attempt(ok, at[0], ok=True), NextState(delivered=True), at[0]),
-                RecordedAttempt(
-                    finished, _attempt(finished, at[3], ok=True), NextState(delivered=True), at[3]
-                ),
-                RecordedAttempt(
-                    dead,
-                    _attempt(dead, at[2], ok=False),
-                    NextState(dead=True, reason="gave up"),
-                    at[2],
-                ),
+                _delivered(polled, at[4]),
+                _retried(retry, at[1], later, reason="HTTP 500"),
+                _delivered(ok, at[0]),
+                _delivered(finished, at[3]),
+                _dead(dead, at[2]),
             ]
         )
     await rig.webhooks.record_attempts(batches[0])
@@ -326,7 +307,7 @@ async def test_replicas_recording_the_same_deliveries_in_opposite_orders_do_not_
     now = rig.clock.now()
 
     def ok(c: ClaimedDelivery, n: int) -> RecordedAttempt:
-        return RecordedAttempt(c, _attempt(c, now, ok=True, n=n), NextState(delivered=True), now)
+        return _delivered(c, now, n=n)
 
     for r in range(rounds):
         a, b = claimed[2 * r], claimed[2 * r + 1]
@@ -356,19 +337,16 @@ async def test_one_delivery_twice_in_a_batch_ends_as_row_by_row(rig: Rig) -> Non
     t1, t2 = t0 + timedelta(seconds=1), t0 + timedelta(seconds=2)
     r1, r2 = t0 + timedelta(minutes=5), t0 + timedelta(minutes=9)
 
-    def rec(c: ClaimedDelivery, n: int, at: datetime, step: NextState) -> RecordedAttempt:
-        return RecordedAttempt(c, _attempt(c, at, ok=step.delivered, n=n), step, at)
-
     def batch(
         retries: ClaimedDelivery, ok: ClaimedDelivery, dies: ClaimedDelivery
     ) -> list[RecordedAttempt]:
         return [
-            rec(retries, 1, t1, NextState(retry_at=r1, reason="first")),
-            rec(ok, 1, t1, NextState(delivered=True)),
-            rec(dies, 1, t1, NextState(retry_at=r1, reason="first")),
-            rec(retries, 2, t2, NextState(retry_at=r2, reason="second")),
-            rec(ok, 2, t2, NextState(retry_at=r2, reason="second")),
-            rec(dies, 2, t2, NextState(dead=True, reason="gave up")),
+            _retried(retries, t1, r1, reason="first"),
+            _delivered(ok, t1),
+            _retried(dies, t1, r1, reason="first"),
+            _retried(retries, t2, r2, reason="second", n=2),
+            _retried(ok, t2, r2, reason="second", n=2),
+            _dead(dies, t2, n=2),
         ]
 
     await rig.webhooks.record_attempts(batch(*claimed[:3]))
@@ -408,10 +386,7 @@ async def test_a_batch_of_2xx_in_one_call_leaves_the_rows_of_the_general_path(ri
         async with rig.engine.begin() as conn:
             await conn.execute(update(ENDPOINTS).values(failing_since=t0))
         found = await store.record_attempts(
-            [
-                RecordedAttempt(c, _attempt(c, when, ok=True), NextState(delivered=True), when)
-                for c, when in ((polled, at[2]), (ok, at[0]), (finished, at[1]))
-            ]
+            [_delivered(c, when) for c, when in ((polled, at[2]), (ok, at[0]), (finished, at[1]))]
         )
         assert found == [None, None, None]
         async with rig.engine.connect() as conn:

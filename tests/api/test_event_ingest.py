@@ -16,8 +16,10 @@ import httpx
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from starlette.responses import JSONResponse
 
 from delivery.api import create_app
+from delivery.api.schemas import EventAccepted
 from delivery.handoff import Handoff
 from delivery.settings import Settings
 from delivery.store.creates import row_values
@@ -70,6 +72,26 @@ async def _written(api: Api) -> tuple[set[str], int, int]:
     async with api.store.engine.connect() as conn:
         ids = {r[0] for r in await conn.execute(EVENTS.select().with_only_columns(EVENTS.c.id))}
     return ids, await api.store.count(OUTBOX), await api.store.count(IDEMPOTENCY)
+
+
+@pytest.mark.parametrize("key", [None, "k-bytes"])
+async def test_the_acceptance_is_the_models_json_byte_for_byte(api: Api, key: str | None) -> None:
+    """
+    The route writes its answer's bytes itself: they are what ``JSONResponse`` makes of
+    ``EventAccepted``, with its headers, first time and replayed.
+    """
+    headers = {"Idempotency-Key": key} if key else {}
+    first = await api.alpha.post(PATH, json=_event(1), headers=headers)
+    event_id = first.json()["event_id"]
+    model = JSONResponse(EventAccepted(accepted=True, event_id=event_id).model_dump())
+
+    assert first.status_code == 200
+    assert first.content == model.body
+    assert first.headers["content-type"] == "application/json"
+    assert first.headers["content-length"] == str(len(model.body))
+    if key:
+        again = await api.alpha.post(PATH, json=_event(1), headers=headers)
+        assert again.content == model.body
 
 
 async def test_concurrent_events_are_grouped_and_each_written_once(api: Api) -> None:

@@ -26,7 +26,7 @@ from delivery.domain import IntentBlock, InventoryItem, SourceKind, SourceRef, n
 from delivery.errors import InvalidTemplateError
 from delivery.settings import Settings
 from delivery.store.templates import TemplateStore
-from delivery.templates import check_template, default_message, kinds_of
+from delivery.templates import _local, _local_of, check_template, default_message, kinds_of
 from tests.dispatcher import rows
 
 NOW = datetime(2026, 5, 2, 1, 0, 5, tzinfo=UTC)
@@ -341,3 +341,32 @@ async def test_the_dispatcher_uses_project_templates_for_real_fires(
     assert notes[fid]["composer"] == "template"
     assert notes["wk_1"]["generated_message"] == "Happy birthday! Wishing you a wonderful day."
     assert notes["wk_1"]["composer"] == "default"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-12-05T23:59:59.999999Z",
+        "2026-12-05T11:33:49.5",
+        "2026-12-06T00:00:00.000001+08:00",
+        "2026-12-05T11:33:49.Z",
+        "2026-12-05T11:33:49.12x",
+        "2026-12-05T11:33:49",
+        "not an instant at all, much longer than twenty",
+    ],
+)
+def test_local_parts_are_those_of_the_whole_text(text: str) -> None:
+    """The local parts of an instant, with or without a fraction, are those of its whole text."""
+    assert _local(text) == _local_of.__wrapped__(text)
+
+
+def test_instants_within_one_second_share_one_memo_entry() -> None:
+    """Events a burst accepts within one second are rendered from one memo entry."""
+    _local("2026-12-05T10:11:12.000001Z")
+    before = _local_of.cache_info()
+
+    for micros in range(2, 12):
+        _local(f"2026-12-05T10:11:12.{micros:06d}Z")
+
+    after = _local_of.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (10, 0)

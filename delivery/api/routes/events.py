@@ -32,6 +32,16 @@ SELF_RECORDING = re.compile(r"POST /api/v1/agents/[^/]+/events")
 """The route that records its ``Idempotency-Key`` answer with its grouped write."""
 
 
+def accepted_body(event_id: str) -> bytes:
+    """
+    :class:`EventAccepted` for ``event_id`` as ``JSONResponse`` writes it, byte for
+    byte: an id made by ``new_id`` is letters, digits and ``_``, with nothing to
+    escape. Written directly because the model and its ``json.dumps`` were ~10 us of
+    every accepted event.
+    """
+    return b'{"accepted":true,"event_id":"' + event_id.encode() + b'"}'
+
+
 @body_route.post(router, PREFIX, responses={200: {"model": EventAccepted}})
 async def trigger_event(
     agent_id: AgentId, body: EventCreate, project: ProjectId, ctx: Ctx, request: Request
@@ -73,7 +83,7 @@ async def trigger_event(
         user_id=body.user_id,
         agent_id=agent_id,
     )
-    answer = JSONResponse(EventAccepted(accepted=True, event_id=event_id).model_dump())
+    answer = Response(accepted_body(event_id), media_type="application/json")
     claim: IdempotencyClaim | None = getattr(request.state, CLAIM_STATE, None)
     # Written with the other requests' events in one transaction; the key's
     # record commits with it, so the answer is never recorded without its event.

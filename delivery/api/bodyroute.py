@@ -154,6 +154,9 @@ def _short_path_app(plan: _Plan, standard: ASGIApp) -> ASGIApp:
             return
         raw = await _read_body(receive)
         request = Request(scope, receive, send)
+        # Where Request.body() keeps what it read: an endpoint asking for the body
+        # gets these bytes instead of waiting on a receive that has nothing left.
+        request._body = raw
         values = await _solve(plan, request, raw)
         if values is None:
             await standard(scope, _replaying(raw, receive), send)

@@ -7,9 +7,16 @@ fires once (as the Sonzai "DST handling" docs describe).
 """
 
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 
+# Cached: two zone conversions cost ~3 us, a hit ~0.4 us, and the planner asks this
+# several times per fire (next fire, the skip scan); schedules share a handful of
+# zones and wall minutes (a burst's 09:00 in each zone), so most calls repeat. The
+# result is an immutable value of the arguments alone; a ZoneInfo hashes by
+# identity, so a zone loaded anew is simply a new key.
+@lru_cache(maxsize=2048)
 def wall_to_utc(
     year: int, month: int, day: int, minute_of_day: int, zone: ZoneInfo
 ) -> tuple[datetime, bool]:

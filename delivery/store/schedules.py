@@ -1060,7 +1060,16 @@ class _DirectWrites:
         return bumped
 
     def release(self, ids: list[str], owner: str) -> None:
-        direct.update_in(self.db, SCHEDULES, "id", ids, _UNCLAIMED, only_if={"claimed_by": owner})
+        # The bump bump_versions left to write_states, for rows no state is written to
+        # (the same rows the UPDATE form bumps: those still claimed by ``owner``).
+        for start in range(0, len(ids), direct.MAX_VARIABLES):
+            chunk = ids[start : start + direct.MAX_VARIABLES]
+            marks = ",".join("?" * len(chunk))
+            self.db.execute(
+                "UPDATE schedules SET version = version + 1, claimed_by = NULL, "  # noqa: S608
+                f"claimed_until = NULL WHERE id IN ({marks}) AND claimed_by = ?",
+                (*chunk, owner),
+            )
 
     def write_states(self, states: list[dict[str, Any]]) -> None:
         # bump_versions only read the versions: the bump is this UPDATE's, from the

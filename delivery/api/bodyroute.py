@@ -42,7 +42,9 @@ from fastapi.routing import APIRoute, APIRouter
 from fastapi.telemetry import get_telemetry_data
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from delivery.api.limits import replaying
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +161,7 @@ def _short_path_app(plan: _Plan, standard: ASGIApp) -> ASGIApp:
         request._body = raw
         values = await _solve(plan, request, raw)
         if values is None:
-            await standard(scope, _replaying(raw, receive), send)
+            await standard(scope, replaying(raw, receive), send)
             return
         response: Response = await plan.call(**values)
         await response(scope, receive, send)
@@ -178,20 +180,6 @@ async def _read_body(receive: Receive) -> bytes:
                 return b"".join(chunks)
         elif message["type"] == "http.disconnect":
             raise ClientDisconnect
-
-
-def _replaying(body: bytes, receive: Receive) -> Receive:
-    """``receive`` that first gives ``body`` again, whole."""
-    given = False
-
-    async def replay() -> Message:
-        nonlocal given
-        if not given:
-            given = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 async def _solve(plan: _Plan, request: Request, raw: bytes) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from delivery.api.limits import replaying
 from delivery.api.metrics import bind_answered_ids, unbind_created_ids
 from delivery.clock import Clock
 from delivery.errors import BadRequestError, ConflictError, DeliveryError, IdempotencyKeyReusedError
@@ -137,20 +138,11 @@ class IdempotencyMiddleware:
                 await self._answer_from(send, record, digest, route)
                 return
 
-        replayed = False
-
-        async def replay_body() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
         answer = _HeldResponse()
         claim = IdempotencyClaim(self, project, route, key, digest, now)
         scope.setdefault("state", {})[CLAIM_STATE] = claim
         async with unit_of_work(self.store.engine) as unit:
-            await self.app(scope, replay_body, answer.hold)
+            await self.app(scope, replaying(body, receive), answer.hold)
             if claim.taken:
                 # The route wrote its record with its writes (or failed to):
                 # nothing is left to record here.

@@ -76,6 +76,23 @@ async def _reject(send: Send, error: DeliveryError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """
+    ``receive`` that first gives ``body`` whole, as one message, then defers to
+    ``receive``: how a layer that has read the body passes the request on.
+    """
+    given = False
+
+    async def replay() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class BodyLimitMiddleware:
     """
     Pure ASGI middleware: read a request's body whole, within a size and a time bound.
@@ -120,16 +137,7 @@ class BodyLimitMiddleware:
             return
         if body is None:
             return  # the client left; there is no one to answer
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
     def _too_large(self, size: str) -> RequestTooLargeError:
         return RequestTooLargeError(

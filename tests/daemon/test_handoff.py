@@ -110,13 +110,8 @@ async def test_a_closed_queue_grants_nothing_and_drains():
     assert await handoff.take(2, 1.0) == []
 
 
-async def test_a_handed_batch_keeps_its_room_until_the_dispatcher_wrote_it(
-    engine, bus, project, nats_url
-):
-    """
-    The queue's bound covers the rows being written, not only those queued: room
-    taken by a batch comes back once the dispatcher has stamped it.
-    """
+async def _five_handed(engine, bus, nats_url) -> tuple[ManualClock, Handoff, Dispatcher]:
+    """Five fires handed off to a queue with room for five, and its dispatcher."""
     await add_schedules(engine, due_daily_rows(5, T, T - timedelta(days=1)))
     clock = ManualClock(T + timedelta(seconds=1))
     handoff = Handoff(5, GRACE)
@@ -124,6 +119,17 @@ async def test_a_handed_batch_keeps_its_room_until_the_dispatcher_wrote_it(
     assert (await scheduler.tick(clock.now())).handed == 5
     settings = Settings(subject_prefix=bus.subjects.prefix, composer="template")
     dispatcher = Dispatcher(settings, engine, nats_url=nats_url, clock=clock, handoff=handoff)
+    return clock, handoff, dispatcher
+
+
+async def test_a_handed_batch_keeps_its_room_until_the_dispatcher_wrote_it(
+    engine, bus, project, nats_url
+):
+    """
+    The queue's bound covers the rows being written, not only those queued: room
+    taken by a batch comes back once the dispatcher has stamped it.
+    """
+    _, handoff, dispatcher = await _five_handed(engine, bus, nats_url)
     try:
         handed = await handoff.take(100, 0.0)
         assert handoff.reserve(1) == 0, "the taken batch's rows are still held"
@@ -144,13 +150,7 @@ async def test_a_failed_handed_batch_gives_its_room_back_and_leaves_its_rows_hel
     A batch whose processing raises commits nothing: its room comes back at once,
     and its outbox rows stay unsent and held, for the relay once the grace ends.
     """
-    await add_schedules(engine, due_daily_rows(5, T, T - timedelta(days=1)))
-    clock = ManualClock(T + timedelta(seconds=1))
-    handoff = Handoff(5, GRACE)
-    scheduler = Scheduler(engine, bus.subjects, claim_batch=100, handoff=handoff)
-    assert (await scheduler.tick(clock.now())).handed == 5
-    settings = Settings(subject_prefix=bus.subjects.prefix, composer="template")
-    dispatcher = Dispatcher(settings, engine, nats_url=nats_url, clock=clock, handoff=handoff)
+    clock, handoff, dispatcher = await _five_handed(engine, bus, nats_url)
 
     async def fails(*args: object, **kwargs: object) -> None:
         raise RuntimeError("the store went away")

@@ -34,8 +34,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-import uvloop
-
 from delivery.bus.connect import describe_nats_error
 from delivery.secrets import SecretBox, SecretDecryptError
 from delivery.settings import Settings
@@ -99,9 +97,10 @@ def bind_port(host: str, port: int, *, setting: str = "DELIVERY_PORT") -> socket
         StartupError: the port is taken, or the address is not this machine's.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are
-    # TCP, and without it a kept-alive connection waits ~40 ms (Nagle against delayed
-    # ACK) on every response written in two parts.
+    # IPPROTO_TCP, not 0: asyncio's own loop sets TCP_NODELAY only on sockets that say
+    # they are TCP (uvloop sets it on every TCP transport), and without it a kept-alive
+    # connection waits ~40 ms (Nagle against delayed ACK) on every response written in
+    # two parts.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     # As uvicorn binds: a restart may reuse the port while old connections linger.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -189,9 +188,18 @@ async def check_secret_key(settings: Settings, engine: Engine, now: datetime) ->
         ) from None
 
 
+try:
+    import uvloop
+
+    _LOOP_FACTORY: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+except ImportError:  # no uvloop for this platform (Windows, PyPy): asyncio's own loop
+    _LOOP_FACTORY = None
+
+
 def run_main(main: Callable[[], Coroutine[Any, Any, None]], *, debug: bool) -> None:
     """
-    ``asyncio.run(main())`` for a command, on uvloop's event loop: a known failure is
+    ``asyncio.run(main())`` for a command, on uvloop's event loop where uvloop is
+    installed (it is a dependency wherever it is built): a known failure is
     one line on stderr and exit status 1; anything else (a bug), or any failure with
     ``debug``, keeps its traceback.
 
@@ -202,7 +210,7 @@ def run_main(main: Callable[[], Coroutine[Any, Any, None]], *, debug: bool) -> N
     uvloop (``bench/README.md``).
     """
     try:
-        asyncio.run(main(), loop_factory=uvloop.new_event_loop)
+        asyncio.run(main(), loop_factory=_LOOP_FACTORY)
     except Exception as exc:
         line = explain(exc)
         if line is None or debug:

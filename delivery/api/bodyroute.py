@@ -40,7 +40,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.params import Form
 from fastapi.routing import APIRoute, APIRouter
 from fastapi.telemetry import get_telemetry_data
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -154,11 +154,9 @@ def _short_path_app(plan: _Plan, standard: ASGIApp) -> ASGIApp:
         ):
             await standard(scope, receive, send)
             return
-        raw = await _read_body(receive)
         request = Request(scope, receive, send)
-        # Where Request.body() keeps what it read: an endpoint asking for the body
-        # gets these bytes instead of waiting on a receive that has nothing left.
-        request._body = raw
+        # Kept on the request: an endpoint asking for the body again gets these bytes.
+        raw = await request.body()
         values = await _solve(plan, request, raw)
         if values is None:
             await standard(scope, replaying(raw, receive), send)
@@ -167,19 +165,6 @@ def _short_path_app(plan: _Plan, standard: ASGIApp) -> ASGIApp:
         await response(scope, receive, send)
 
     return app
-
-
-async def _read_body(receive: Receive) -> bytes:
-    """The whole request body, as Starlette's ``Request.body`` reads it."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.request":
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-        elif message["type"] == "http.disconnect":
-            raise ClientDisconnect
 
 
 async def _solve(plan: _Plan, request: Request, raw: bytes) -> dict[str, Any] | None:

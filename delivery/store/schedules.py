@@ -964,7 +964,9 @@ def _state(p: PlannedSchedule, real_now: datetime, offset: timedelta) -> dict[st
         # column of the UPDATE that runs anyway: no extra statement.
         "updated_at": now if p.plan.disable else p.row.updated_at,
         **_UNCLAIMED,
-        # The version just set: belt and braces, the row is already locked.
+        # The version the apply gives the row: matched by the UPDATE where the bump
+        # already ran (PostgreSQL; belt and braces, the row is locked), set by it where
+        # the bump was only read (SQLite, whose transaction excludes other writers).
         "id": p.row.id,
         "version": p.row.version + 1,
     }
@@ -1009,7 +1011,13 @@ def _fire_rows(kept: list[PlannedSchedule], now: datetime) -> list[dict[str, Any
 
 
 class _Writes(Protocol):
-    """The statements of :meth:`ScheduleStore.apply_plans`, inside its one transaction."""
+    """
+    The statements of :meth:`ScheduleStore.apply_plans`, inside its one transaction.
+
+    Every id given to :meth:`bump_versions` is then given to exactly one of
+    :meth:`release` (stale) or :meth:`write_states` (kept): where the bump is only
+    read, those two write it, so an id given to neither would keep its old version.
+    """
 
     def bump_versions(self, ids: list[str], owner: str) -> dict[str, int]:
         """
@@ -1020,7 +1028,10 @@ class _Writes(Protocol):
         ...
 
     def release(self, ids: list[str], owner: str) -> None:
-        """Clear ``owner``'s claim on ``ids``."""
+        """
+        Clear ``owner``'s claim on ``ids`` (and bump their version, where
+        :meth:`bump_versions` only read it).
+        """
         ...
 
     def write_states(self, states: list[dict[str, Any]]) -> None:

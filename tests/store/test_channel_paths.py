@@ -14,8 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery.secrets import SecretBox
 from delivery.settings import Settings
+from delivery.store import direct
 from delivery.store.channels import ATTEMPTS, AttemptRecord, ChannelStore, FanoutInputs
 from delivery.store.sql import SqlStore
+from delivery.store.tables import CHANNEL_FALLBACKS
 from tests.api.notes import add_notifications, notification
 
 T = datetime(2026, 5, 1, 8, 0, tzinfo=UTC)
@@ -61,6 +63,27 @@ def _attempt(project: str, note: dict[str, Any], contact: str | None, status: st
     )
 
 
+def _fallback(project: str, note: dict[str, Any]) -> dict[str, Any]:
+    """A ``channel_fallbacks`` row for ``note``: email first, then SMS."""
+    return {
+        "notification_id": note["id"],
+        "project_id": project,
+        "agent_id": A,
+        "user_id": note["user_id"],
+        "order_json": '["email","sms"]',
+        "step": 0,
+        "attempt_number": 1,
+        "step_deadline": T + timedelta(minutes=10),
+        "next_attempt_at": T + timedelta(minutes=10),
+        "claim": None,
+        "sending": False,
+        "status": "active",
+        "decisions_json": "[]",
+        "created_at": T,
+        "updated_at": T,
+    }
+
+
 async def test_a_fanout_batch_reads_the_same_on_both_paths(sqlite: AsyncEngine, tmp_path: Path):
     project = (await SqlStore(sqlite).keys.ensure_project("alpha", T)).id
     box = SecretBox.from_settings(Settings(data_dir=tmp_path))
@@ -83,7 +106,9 @@ async def test_a_fanout_batch_reads_the_same_on_both_paths(sqlite: AsyncEngine, 
     await SqlStore(sqlite).notifications.consume_notification(project, A, notes[0]["id"], T)
     # user-2's first contact was tried for its message, the second not yet.
     await store.record_attempts([_attempt(project, notes[2], contacts["two@example.com"], "sent")])
-    ids = [n["id"] for n in notes] + ["msg_unknown"]
+    # More ids than one statement may bind: the batch's messages are in its second chunk.
+    unknown = [f"msg_unknown_{i}" for i in range(direct.MAX_VARIABLES + 50)]
+    ids = unknown + [n["id"] for n in notes]
 
     direct_read = await store.fanout_inputs(ids)
     general_read = await _general(store, box).fanout_inputs(ids)
@@ -116,6 +141,7 @@ async def test_attempts_are_written_the_same_on_both_paths(sqlite: AsyncEngine, 
             _attempt(project, notes[2], None, "skipped"),
         ],
         retried_id=queued[notes[0]["id"]],
+        fallbacks=[_fallback(project, notes[2])],
     )
     await _general(store, box).record_attempts(
         [
@@ -123,6 +149,7 @@ async def test_attempts_are_written_the_same_on_both_paths(sqlite: AsyncEngine, 
             _attempt(project, notes[3], None, "skipped"),
         ],
         retried_id=queued[notes[1]["id"]],
+        fallbacks=[_fallback(project, notes[3])],
     )
 
     async with sqlite.connect() as conn:
@@ -137,6 +164,12 @@ async def test_attempts_are_written_the_same_on_both_paths(sqlite: AsyncEngine, 
 
     assert ordered(notes[2]) == ordered(notes[3])
     assert len(ordered(notes[2])) == 2
+    async with sqlite.connect() as conn:
+        fallbacks = {
+            r["notification_id"]: {k: v for k, v in r.items() if k != "notification_id"}
+            for r in (await conn.execute(select(CHANNEL_FALLBACKS))).mappings()
+        }
+    assert fallbacks[notes[2]["id"]] == fallbacks[notes[3]["id"]]
     # Each path cleared the retry queue entry it answered, and only that one.
     assert ordered(notes[0]) == ordered(notes[1])
     assert [r["next_attempt_at"] for r in ordered(notes[0])] == [None]

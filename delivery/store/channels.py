@@ -328,14 +328,10 @@ class _FanoutRows:
     fallbacks: list[str] = field(default_factory=list)
 
 
-def _marks(n: int) -> str:
-    return ",".join("?" * n)
-
-
 def _in_chunks(db: sqlite3.Connection, sql: str, values: Sequence[str]) -> list[tuple[Any, ...]]:
     rows: list[tuple[Any, ...]] = []
     for chunk in _chunks(values, direct.MAX_VARIABLES):
-        rows.extend(db.execute(sql.format(marks=_marks(len(chunk))), chunk).fetchall())
+        rows.extend(db.execute(sql.format(marks=direct.marks(len(chunk))), chunk).fetchall())
     return rows
 
 

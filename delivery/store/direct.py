@@ -245,7 +245,8 @@ def _in_savepoint[T](fn: Callable[[sqlite3.Connection], T], db: sqlite3.Connecti
     return result
 
 
-def _marks(n: int) -> str:
+def marks(n: int) -> str:
+    """``n`` positional placeholders, comma-separated: the inside of ``IN (...)``."""
     return ",".join("?" * n)
 
 
@@ -281,7 +282,7 @@ def select_in(
     for start in range(0, len(wanted), MAX_VARIABLES):
         chunk = wanted[start : start + MAX_VARIABLES]
         cursor = db.execute(
-            f'SELECT {names} FROM "{c.table}" WHERE {where} IN ({_marks(len(chunk))})',  # noqa: S608
+            f'SELECT {names} FROM "{c.table}" WHERE {where} IN ({marks(len(chunk))})',  # noqa: S608
             chunk,
         )
         found.extend(c.row(values) for values in cursor.fetchall())
@@ -414,13 +415,7 @@ def prepare_insert_rows(
     dict per row (a fan-out batch records about two hundred).
     """
     sql, converting = _insert_plan(table, columns, None)
-    params: list[tuple[Any, ...]] = []
-    for row in rows:
-        values = list(row)
-        for i, convert in converting:
-            values[i] = convert(values[i])
-        params.append(tuple(values))
-    return PreparedInsert(sql, params)
+    return PreparedInsert(sql, _converted_values(rows, converting))
 
 
 def insert_ignoring_duplicates(
@@ -460,7 +455,7 @@ def _insert_plan(
     columns and finding each one's converter than SQLite spent on the row.
     """
     c = codec(table)
-    sql = f'INSERT INTO "{c.table}" ({_names(c, columns)}) VALUES ({_marks(len(columns))})'  # noqa: S608
+    sql = f'INSERT INTO "{c.table}" ({_names(c, columns)}) VALUES ({marks(len(columns))})'  # noqa: S608
     if unique is not None:
         sql += f" ON CONFLICT ({_names(c, unique)}) DO NOTHING"
     converting = tuple(
@@ -475,9 +470,16 @@ def _converted(
     rows: Iterable[Mapping[str, Any]], columns: Sequence[str], converting: _Converting
 ) -> list[tuple[Any, ...]]:
     """The parameters of each row for ``columns``, converted for SQLite (:meth:`Codec.params`)."""
+    return _converted_values(([row[name] for name in columns] for row in rows), converting)
+
+
+def _converted_values(
+    rows: Iterable[Sequence[Any]], converting: _Converting
+) -> list[tuple[Any, ...]]:
+    """Each row's values (in the plan's column order), converted for SQLite."""
     out = []
     for row in rows:
-        values = [row[name] for name in columns]
+        values = list(row)
         for i, convert in converting:
             values[i] = convert(values[i])
         out.append(tuple(values))
@@ -511,7 +513,7 @@ def update_in(
         chunk = list(values[start : start + MAX_VARIABLES])
         cursor = db.execute(
             f'UPDATE "{c.table}" SET {assignments} '  # noqa: S608
-            f"WHERE {where} IN ({_marks(len(chunk))}){extra} RETURNING {where}",
+            f"WHERE {where} IN ({marks(len(chunk))}){extra} RETURNING {where}",
             (*params, *chunk, *checks),
         )
         changed.extend(row[0] for row in cursor.fetchall())
@@ -544,7 +546,7 @@ def delete_in(
     for start in range(0, len(values), MAX_VARIABLES):
         chunk = list(values[start : start + MAX_VARIABLES])
         cursor = db.execute(
-            f'DELETE FROM "{c.table}" WHERE {where} IN ({_marks(len(chunk))}){extra}',  # noqa: S608
+            f'DELETE FROM "{c.table}" WHERE {where} IN ({marks(len(chunk))}){extra}',  # noqa: S608
             (*chunk, *checks),
         )
         deleted += cursor.rowcount

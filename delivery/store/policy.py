@@ -34,7 +34,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from delivery.policy import EXPIRED, NOT_COUNTED, SUPERSEDED, SUPERSEDED_BY_KEY, TTL
 from delivery.store.common import StoreBase, insert_ignoring_duplicates
-from delivery.store.direct import MAX_VARIABLES, parse_instant, sqlite_instant
+from delivery.store.direct import MAX_VARIABLES, marks, parse_instant, sqlite_instant
 from delivery.store.engine import any_row, write_transaction
 from delivery.store.staging import STAGED
 from delivery.store.steps import Call, Steps
@@ -276,10 +276,10 @@ def _count_direct(
         since = sqlite_instant(now - timedelta(seconds=windows[project_id]))
         for i in range(0, len(user_ids), MAX_VARIABLES):
             chunk = user_ids[i : i + MAX_VARIABLES]
-            marks = ",".join("?" * len(chunk))
+            placeholders = marks(len(chunk))
             rows = db.execute(
                 "SELECT user_id, COUNT(*) FROM notifications WHERE project_id = ? "  # noqa: S608 - only marks interpolated
-                f"AND user_id IN ({marks}) AND created_at > ? "
+                f"AND user_id IN ({placeholders}) AND created_at > ? "
                 f"AND status NOT IN ({_NOT_COUNTED_SQL}) AND {_REAL_TIME_SQL} "
                 f"AND {_NOT_AHEAD_SQL} GROUP BY user_id",
                 (project_id, *chunk, since, sqlite_instant(now)),

@@ -1061,7 +1061,7 @@ class _DirectWrites:
         bumped: dict[str, int] = {}
         for start in range(0, len(ids), direct.MAX_VARIABLES):
             chunk = ids[start : start + direct.MAX_VARIABLES]
-            marks = ",".join("?" * len(chunk))
+            marks = direct.marks(len(chunk))
             cursor = self.db.execute(
                 "SELECT id, version + 1 FROM schedules "  # noqa: S608 (marks only)
                 f"WHERE id IN ({marks}) AND claimed_by = ?",
@@ -1075,7 +1075,7 @@ class _DirectWrites:
         # (the same rows the UPDATE form bumps: those still claimed by ``owner``).
         for start in range(0, len(ids), direct.MAX_VARIABLES):
             chunk = ids[start : start + direct.MAX_VARIABLES]
-            marks = ",".join("?" * len(chunk))
+            marks = direct.marks(len(chunk))
             self.db.execute(
                 "UPDATE schedules SET version = version + 1, claimed_by = NULL, "  # noqa: S608
                 f"claimed_until = NULL WHERE id IN ({marks}) AND claimed_by = ?",

@@ -466,7 +466,7 @@ def _sqlite_claim(
     lease = direct.sqlite_instant(lease_end)
     for start in range(0, len(ids), direct.MAX_VARIABLES):
         chunk = ids[start : start + direct.MAX_VARIABLES]
-        marks = ",".join("?" * len(chunk))
+        marks = direct.marks(len(chunk))
         db.execute(_SQLITE_LEASE.format(marks=marks), (lease, worker_id, stamp, *chunk))
         rows += db.execute(_SQLITE_CLAIMED.format(marks=marks), chunk).fetchall()
     order = {delivery_id: i for i, delivery_id in enumerate(ids)}
@@ -612,7 +612,7 @@ def _sqlite_successes(
     db.executemany(_SQLITE_DELIVERED, delivered)
     for start in range(0, len(endpoints), direct.MAX_VARIABLES):
         chunk = endpoints[start : start + direct.MAX_VARIABLES]
-        db.execute(_SQLITE_CLEAR_STREAKS.format(marks=",".join("?" * len(chunk))), chunk)
+        db.execute(_SQLITE_CLEAR_STREAKS.format(marks=direct.marks(len(chunk))), chunk)
 
 
 class WebhookStore(StoreBase):

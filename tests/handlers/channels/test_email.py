@@ -1,5 +1,6 @@
 """SmtpChannel against real aiosmtpd servers: plain, STARTTLS with AUTH, and implicit TLS."""
 
+import asyncio
 import email
 import email.policy
 from collections.abc import AsyncIterator
@@ -8,6 +9,7 @@ from email.message import EmailMessage
 import aiosmtplib
 import psutil
 import pytest
+import uvloop
 from aiosmtplib.protocol import LINE_ENDINGS_REGEX, PERIOD_REGEX
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -160,6 +162,37 @@ async def test_starttls_with_auth(
 
     assert isinstance(outcome, Delivered)
     assert _received(starttls_smtp)["To"] == TO
+
+
+@pytest.mark.parametrize("security", [SmtpSecurity.STARTTLS, SmtpSecurity.TLS])
+def test_tls_sends_on_uvloop(
+    security: SmtpSecurity,
+    starttls_smtp: SmtpServer,
+    tls_smtp: SmtpServer,
+    clock: ManualClock,
+    tls_files: TlsFiles,
+) -> None:
+    """
+    The long-running commands run on uvloop (the tests above on asyncio's loop): the
+    upgrade to TLS (``loop.start_tls``), or TLS from the first byte, the login and the
+    send work there too, and the channel closes its connections.
+    """
+    server = starttls_smtp if security is SmtpSecurity.STARTTLS else tls_smtp
+
+    async def send() -> object:
+        if security is SmtpSecurity.STARTTLS:
+            channel = _starttls(server, clock, tls_files)
+        else:
+            channel = _channel(server, clock, SmtpSecurity.TLS, tls_files)
+        try:
+            return await channel.send(make_message(), TO)
+        finally:
+            await channel.aclose()
+
+    outcome = asyncio.run(send(), loop_factory=uvloop.new_event_loop)
+
+    assert isinstance(outcome, Delivered)
+    assert _received(server)["To"] == TO
 
 
 async def test_starttls_with_wrong_password_fails(

@@ -86,6 +86,20 @@ class Rig:
             in_flight=in_flight,
         )
 
+    async def backlogs(self, alpha: int, beta: int) -> None:
+        """
+        One endpoint each for alpha and beta, both answering 200; ``alpha`` deliveries
+        enqueued for alpha, then a second later ``beta`` for beta.
+        """
+        _, url = self.receiver(Reply(200))
+        await self.register(url)
+        await self.register(url, project="beta")
+        worker = self.worker()
+        assert await worker.enqueue(await self.notify(*range(1, alpha + 1))) == alpha
+        self.clock.advance(timedelta(seconds=1))
+        notes = await self.notify(*range(1, beta + 1), project="beta", at=self.clock.now())
+        assert await worker.enqueue(notes) == beta
+
     async def key_for(self, project: str) -> str:
         """A new API key of ``project`` (``alpha``, ``beta``)."""
         return await SqlStore(self.engine).keys.create_api_key(

@@ -119,15 +119,7 @@ async def test_a_claim_locks_only_the_rows_it_takes(rig: Rig) -> None:
     (another transaction can lock every other pending row), however many endpoints were
     probed. On SQLite, one writer, the claim takes the same 3.
     """
-    _, url = rig.receiver(Reply(200))
-    await rig.register(url)
-    await rig.register(url, project="beta")
-    worker = rig.worker()
-    alpha_notes = await rig.notify(*range(1, 6))
-    assert await worker.enqueue(alpha_notes) == 5
-    rig.clock.advance(timedelta(seconds=1))
-    beta_notes = await rig.notify(*range(1, 6), project="beta", at=rig.clock.now())
-    assert await worker.enqueue(beta_notes) == 5
+    await rig.backlogs(5, 5)
     rig.clock.advance(timedelta(seconds=1))
     if rig.engine.dialect.name == "sqlite":
         claimed = await rig.claim(3, per_endpoint=3, in_flight={})

@@ -423,15 +423,7 @@ async def test_a_capped_endpoints_backlog_does_not_hide_others(rig: Rig) -> None
     An endpoint at its cap whose backlog is due first, and is longer than the rows a
     claim looks at, still leaves another endpoint's later delivery claimable.
     """
-    _, url = rig.receiver(Reply(200))
-    await rig.register(url)
-    await rig.register(url, project="beta")
-    worker = rig.worker()
-    alpha_notes = await rig.notify(*range(1, 11))
-    assert await worker.enqueue(alpha_notes) == 10
-    rig.clock.advance(timedelta(seconds=1))
-    beta_notes = await rig.notify(1, project="beta", at=rig.clock.now())
-    assert await worker.enqueue(beta_notes) == 1
+    await rig.backlogs(10, 1)
     first = await rig.claim(1)
     alpha_endpoint = first[0].endpoint_id
     assert first[0].project_id == rig.projects["alpha"]

@@ -470,20 +470,21 @@ def _converted(
     rows: Iterable[Mapping[str, Any]], columns: Sequence[str], converting: _Converting
 ) -> list[tuple[Any, ...]]:
     """The parameters of each row for ``columns``, converted for SQLite (:meth:`Codec.params`)."""
-    return _converted_values(([row[name] for name in columns] for row in rows), converting)
+    return [_convert([row[name] for name in columns], converting) for row in rows]
 
 
 def _converted_values(
     rows: Iterable[Sequence[Any]], converting: _Converting
 ) -> list[tuple[Any, ...]]:
     """Each row's values (in the plan's column order), converted for SQLite."""
-    out = []
-    for row in rows:
-        values = list(row)
-        for i, convert in converting:
-            values[i] = convert(values[i])
-        out.append(tuple(values))
-    return out
+    return [_convert(list(row), converting) for row in rows]
+
+
+def _convert(values: list[Any], converting: _Converting) -> tuple[Any, ...]:
+    """``values`` (a fresh list, changed in place) with its converting columns converted."""
+    for i, convert in converting:
+        values[i] = convert(values[i])
+    return tuple(values)
 
 
 def update_in(

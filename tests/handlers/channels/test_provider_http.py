@@ -4,19 +4,23 @@ response framing rules, and real exchanges with a scripted server on a local soc
 """
 
 import asyncio
+import contextlib
 import gzip
 import json
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import httpx
 import pytest
+import uvloop
 
 from handlers.base import Retry
 from handlers.classify import classify_exception
 from handlers.fanout import provider_http_client
 from handlers.provider_http import MAX_BODY, DirectPost, ProviderHttpClient, parse_response
+from tests.handlers.channels.conftest import TlsFiles, tls_files  # noqa: F401 - fixture
 
 # --- framing (pure) ---------------------------------------------------------------
 
@@ -446,3 +450,52 @@ async def test_a_header_given_twice_or_the_clients_own_is_refused(
         with pytest.raises(httpx.LocalProtocolError):
             await DirectPost(client, scripted.url)(b"a", headers)
     assert (scripted.connections, scripted.requests) == (0, [])
+
+
+def test_https_on_uvloop(tls_files: TlsFiles) -> None:  # noqa: F811 - fixture
+    """
+    The daemon runs on uvloop (the tests above on asyncio's loop): the plain path's
+    ``create_connection(sock=..., ssl=...)`` there verifies the provider's certificate
+    (a client that does not trust it sends nothing) and keeps the TLS connection alive.
+    """
+    script = Scripted([ok(), ok()])
+    untrusted = Scripted([ok()])
+
+    async def main() -> tuple[list[int], BaseException | None]:
+        async with (
+            _tls_server(script, tls_files.server_context()) as port,
+            _tls_server(untrusted, tls_files.server_context()) as untrusted_port,
+        ):
+            url = f"https://localhost:{port}/2010-04-01/Messages.json"
+            trusting = ProviderHttpClient(verify=tls_files.client_context(), timeout=5)
+            async with trusting as client:
+                post = DirectPost(client, url)
+                codes = [(await post(b"To=%2B1", {})).status_code for _ in range(2)]
+            refused: BaseException | None = None
+            async with provider_http_client(timeout=timedelta(seconds=5)) as client:
+                try:
+                    await DirectPost(client, f"https://localhost:{untrusted_port}/x")(b"To=1", {})
+                except httpx.ConnectError as exc:
+                    refused = exc
+        return codes, refused
+
+    codes, refused = asyncio.run(main(), loop_factory=uvloop.new_event_loop)
+
+    assert codes == [201, 201]
+    assert script.connections == 1
+    assert script.requests[0].startswith(b"POST /2010-04-01/Messages.json HTTP/1.1\r\n")
+    assert script.requests[1].endswith(b"\r\n\r\nTo=%2B1")
+    assert isinstance(refused, httpx.ConnectError), refused
+    assert "certificate" in str(refused).lower()
+    assert untrusted.requests == []
+
+
+@contextlib.asynccontextmanager
+async def _tls_server(script: Scripted, context: ssl.SSLContext) -> AsyncIterator[int]:
+    """``script`` served over TLS on the running loop, whichever loop that is: its port."""
+    server = await asyncio.start_server(script.handle, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()

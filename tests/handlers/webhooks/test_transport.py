@@ -8,12 +8,14 @@ an answer) or needs to see the connection itself (how many, which SNI name).
 """
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
+import uvloop
 
 from handlers.base import Delivered, Failed, Retry
 from handlers.provider_http import parse_response
@@ -321,3 +323,56 @@ def test_parse_response_within_the_cap_is_whole() -> None:
     assert parsed is not None
     assert (parsed[0].body, parsed[0].keep_alive, parsed[1]) == (b"abc", True, len(raw))
     assert parse_response(raw[:-1], eof=False, body_cap=3) is None
+
+
+def test_https_on_uvloop(tls_files: TlsFiles) -> None:  # noqa: F811 - fixture
+    """
+    The daemon runs on uvloop (the tests above on asyncio's loop): its
+    ``create_connection(sock=..., ssl=...)`` verifies the certificate against the URL's
+    host, sends it as SNI, reuses the kept-alive TLS connection, and refuses a
+    certificate for another name before any byte of the request is sent.
+    """
+    good = RawReceiver(ok)
+    refusing = RawReceiver(ok)
+
+    async def main() -> tuple[list[object], object]:
+        async with (
+            _raw_tls(good, tls_files.server_context()) as good_port,
+            _raw_tls(refusing, tls_files.server_context()) as refusing_port,
+        ):
+            table = {"localhost": ["127.0.0.1"], "hooks.tenant.test": ["127.0.0.1"]}
+            resolver = StaticResolver(table)
+            async with channel(resolver=resolver, tls=tls_files.client_context()) as ch:
+                outcomes: list[object] = []
+                for i in range(2):
+                    url = endpoint(f"https://localhost:{good_port}/")
+                    outcomes.append((await ch.deliver(make_message(f"evt_{i}"), url)).outcome)
+                url = endpoint(f"https://hooks.tenant.test:{refusing_port}/")
+                refused = (await ch.deliver(make_message("evt_x"), url)).outcome
+        return outcomes, refused
+
+    outcomes, refused = asyncio.run(main(), loop_factory=uvloop.new_event_loop)
+
+    assert outcomes == [Delivered(status_code=200)] * 2
+    assert good.sni == ["localhost"]
+    assert good.connections == 1
+    assert len(good.bodies) == 2
+    assert isinstance(refused, Retry), refused
+    assert refusing.bodies == []
+    assert refusing.sni == ["hooks.tenant.test"]
+
+
+@contextlib.asynccontextmanager
+async def _raw_tls(receiver: RawReceiver, context: ssl.SSLContext) -> AsyncIterator[int]:
+    """``receiver`` served over TLS on the running loop, whichever loop that is: its port."""
+
+    def remember(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        receiver.sni.append(name)
+
+    context.sni_callback = remember
+    server = await asyncio.start_server(receiver.handle, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()

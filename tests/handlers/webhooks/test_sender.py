@@ -422,6 +422,32 @@ def test_body_without_payload_uses_message_fields() -> None:
     assert body["created_at"] == "2026-01-01T00:00:00+00:00"
 
 
+def test_body_bytes_are_json_dumps_compact_utf8() -> None:
+    """
+    The body is exactly ``json.dumps(payload, ensure_ascii=False, separators=(",", ":"))``
+    as UTF-8, instants as ISO text: non-ASCII written as is, controls, quotes and
+    backslashes escaped, floats as repr (NaN too), key order kept; a payload that holds
+    itself is a ValueError and an unknown type a TypeError (both a permanent failure).
+    """
+    at = datetime(2026, 1, 1, 12, 30, tzinfo=UTC)
+    payload: dict[str, Any] = {
+        "z": 'héllo \u2028 \x00\x1f\x7f "q" \\ ✓',
+        "a": [1, -0.0, 2.5, 1e300, float("nan"), float("inf"), True, None, 10**30],
+        "nested": {"at": at, "empty": {}, "list": []},
+    }
+    message = dataclasses.replace(make_message(), payload=payload)
+    expected = json.dumps(
+        payload, ensure_ascii=False, separators=(",", ":"), default=lambda v: v.isoformat()
+    )
+    assert encode_body(message) == expected.encode()
+    looped: list[Any] = []
+    looped.append(looped)
+    with pytest.raises(ValueError, match="Circular"):
+        encode_body(dataclasses.replace(message, payload={"x": looped}))
+    with pytest.raises(TypeError):
+        encode_body(dataclasses.replace(message, payload={"x": object()}))
+
+
 @pytest.mark.parametrize("url", ["ftp://hooks.example.com/", "not a url", "https:///nohost"])
 async def test_unusable_url_fails_without_crashing(url: str) -> None:
     """A stored URL that is not absolute http(s) is a permanent failure, not an exception."""

@@ -341,8 +341,9 @@ class WebhookChannel:
             GuardedResolver(self._allow_nets, resolver), self._allow_nets, tls, body_limit
         )
         self._transport = transport
-        # One deadline per attempt (asyncio.timeout in deliver) bounds connect, send and
-        # read together; per-phase transport timeouts would only add timers per request.
+        # One deadline per attempt (the connections' own, or asyncio.timeout around an
+        # injected transport) bounds connect, send and read together; per-phase
+        # transport timeouts would only add timers per request.
         self._timeouts: dict[str, float | None] = {}
         self._targets: dict[str, _Target] = {}
 
@@ -444,10 +445,9 @@ class WebhookChannel:
                     try:
                         if target.refusal is not None:
                             raise BlockedAddressError(target.refusal)
-                        async with asyncio.timeout(self._timeout_s):
-                            status_code, response_body, retry_after = await self._post(
-                                target, headers, body
-                            )
+                        status_code, response_body, retry_after = await self._post(
+                            target, headers, body
+                        )
                     except Exception as exc:
                         outcome = classify_exception(exc)
                     else:
@@ -528,7 +528,8 @@ class WebhookChannel:
         self, target: "_Target", headers: dict[str, str], body: bytes
     ) -> tuple[int, bytes, str | None]:
         if self._transport is not None:
-            return await self._post_transport(self._transport, target.url, headers, body)
+            async with asyncio.timeout(self._timeout_s):
+                return await self._post_transport(self._transport, target.url, headers, body)
         # Every value is ASCII without CR or LF: the signature headers are ours, and the
         # auth header passed header_value_problem in deliver.
         lines = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
@@ -543,7 +544,9 @@ class WebhookChannel:
         # At most body_limit + 1 bytes of the answer's body are read: enough to record
         # and to know it was cut, without letting a receiver stream gigabytes into our
         # memory; the connection is then closed rather than read to the end.
-        return await self._connections.post(target.scheme, target.host, target.port, request)
+        return await self._connections.post(
+            target.scheme, target.host, target.port, request, self._timeout_s
+        )
 
     async def _post_transport(
         self,

@@ -185,6 +185,35 @@ async def test_timeout_is_a_retried_attempt(http_server: ServeApp) -> None:
     assert 100 <= result.attempt.duration_ms < 500
 
 
+async def test_timeout_on_a_kept_alive_connection(http_server: ServeApp) -> None:
+    """
+    The deadline holds on a reused connection too (its own timer, not asyncio.timeout):
+    a slow second answer on the first attempt's connection is a timed-out Retry, and
+    the connection is dropped, so a third attempt gets its answer on a fresh one.
+    """
+    # A sized answer: one sent chunked ends its connection (provider_http.parse_response).
+    sized = (("content-length", "2"),)
+    stub = ScriptedReceiver(
+        [Reply(200, headers=sized), Reply(200, headers=sized, delay_s=0.6), Reply(201)]
+    )
+    url = http_server(stub)
+    async with channel(timeout=timedelta(seconds=0.15)) as ch:
+        first = await ch.deliver(make_message("evt_a"), endpoint(url))
+        assert ch._connections.idle_count == 1
+        started = time.perf_counter()
+        second = await ch.deliver(make_message("evt_b"), endpoint(url))
+        elapsed = time.perf_counter() - started
+        await asyncio.sleep(0.6)  # the slow answer is written to a closed socket
+        third = await ch.deliver(make_message("evt_c"), endpoint(url))
+    assert isinstance(first.outcome, Delivered)
+    assert isinstance(second.outcome, Retry)
+    assert second.outcome.reason.startswith("timeout")
+    assert second.attempt.response_code == 0
+    assert 0.1 <= elapsed < 0.5
+    assert isinstance(third.outcome, Delivered)
+    assert third.attempt.response_code == 201
+
+
 async def test_gone_disables_endpoint(http_server: ServeApp) -> None:
     """410 Gone is a permanent failure that disables the endpoint and dead-letters at once."""
     stub = ScriptedReceiver([Reply(410, b"gone")])

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from delivery.clock import SystemClock  # noqa: E402 - after the sys.path fix-up
 from delivery.logs import configure_logging  # noqa: E402
 from delivery.secrets import SecretBox  # noqa: E402
 from delivery.settings import Settings  # noqa: E402
+from delivery.startup import run_main  # noqa: E402
 from delivery.store.bulk import insert_notifications  # noqa: E402
 from delivery.store.engine import create_engine  # noqa: E402
 from delivery.store.migrate import migrate  # noqa: E402
@@ -288,7 +290,8 @@ async def _run(args: argparse.Namespace, folder: Path, port: str) -> None:
         f"({len(projects)} projects, one endpoint each, "
         f"{'one origin each' if args.origin_per_project else 'all on one origin'}, "
         f"{args.in_flight} in flight), "
-        f"{elapsed:.2f} s ({enqueued:.2f} s to enqueue), {kind}; "
+        f"{elapsed:.2f} s ({enqueued:.2f} s to enqueue), {kind}, "
+        f"{type(asyncio.get_running_loop()).__module__.split('.')[0]} loop; "
         f"attempts recorded {total_attempts:,}, receiver POSTs {posts:,}; "
         f"target {TARGET_RATE:,.0f}/s, ratio {rate / TARGET_RATE:.2f}"
     )
@@ -319,9 +322,10 @@ def main() -> None:
         "(32) bounds the whole run's concurrency",
     )
     parser.add_argument(
-        "--uvloop",
+        "--asyncio-loop",
         action="store_true",
-        help="run the worker on uvloop (the handlers process runs on asyncio's own loop)",
+        help="run the worker on asyncio's own loop; by default it runs on the loop the "
+        "service's long-running commands run on (delivery.startup.run_main: uvloop)",
     )
     args = parser.parse_args()
     if args.serve:
@@ -338,12 +342,10 @@ def main() -> None:
         if not port.isdigit():
             raise SystemExit(f"receiver did not start: {port!r}")
         with tempfile.TemporaryDirectory() as name:
-            if args.uvloop:
-                import uvloop
-
-                uvloop.run(_run(args, Path(name), port))
-            else:
+            if args.asyncio_loop:
                 asyncio.run(_run(args, Path(name), port))
+            else:
+                run_main(partial(_run, args, Path(name), port), debug=True)
     finally:
         receiver.kill()
         receiver.wait()

@@ -25,8 +25,9 @@ What the aiohttp session gave a webhook, and how it is kept here:
 - a bounded answer: a head of at most 64 KiB, the body's first ``body_limit + 1``
   bytes (the connection is then closed rather than read to the end), chunked and
   ``Content-Length`` framing, 1xx answers passed over;
-- the one deadline around connect, write and read stays the caller's
-  (``asyncio.timeout`` in :meth:`~handlers.webhooks.sender.WebhookChannel.deliver`).
+- one deadline around connect, write and read (the caller's ``timeout_s``): the
+  exchange's own timer on a kept-alive connection, ``asyncio.timeout`` around a new
+  connection and its exchange.
 """
 
 import asyncio
@@ -36,7 +37,7 @@ import time
 
 import aiohappyeyeballs
 
-from handlers.provider_http import _Connection
+from handlers.provider_http import _Connection, _Parsed
 from handlers.ssrf import GuardedResolver, IPNetwork, check_literal_host
 
 KEEPALIVE_S = 4.0
@@ -100,29 +101,37 @@ class GuardedConnections:
         self.closed = False
 
     async def post(
-        self, scheme: str, host: str, port: int, request: bytes
+        self, scheme: str, host: str, port: int, request: bytes, timeout_s: float
     ) -> tuple[int, bytes, str | None]:
         """
         Send ``request`` (the whole POST's bytes) to ``scheme://host:port``; return the
-        answer's status, the start of its body and its ``Retry-After``.
+        answer's status, the start of its body and its ``Retry-After``, all within
+        ``timeout_s`` (connect, write and read together).
+
+        On a kept-alive connection the exchange is the whole attempt, so its own timer
+        (:meth:`~handlers.provider_http._Connection.exchange`) is the deadline; only a
+        new connection runs under ``asyncio.timeout``, whose context and cancellation
+        bookkeeping were about 3% of the webhook worker's CPU under py-spy in
+        ``bench/bench_webhooks_e2e.py`` when every attempt took one.
 
         Raises:
             BlockedAddressError: the guard refuses the host or an address it resolves to.
             OSError: resolution or connection failed.
             httpx.RemoteProtocolError: the answer is not HTTP/1.x, or the server hung up.
+            httpx.ReadTimeout: no whole answer on a kept-alive connection in time.
+            TimeoutError: a new connection and its answer took longer than ``timeout_s``.
             RuntimeError: called after :meth:`aclose`.
         """
         if self.closed:
             raise RuntimeError("the webhook connections are closed")
         key = (scheme, host, port)
         connection = self._take(key)
-        if connection is None:
-            connection = await self._connect(scheme, host, port)
-        try:
-            parsed = await connection.exchange(request, None)
-        except BaseException:
-            connection.close()
-            raise
+        if connection is not None:
+            parsed = await self._exchange(connection, request, timeout_s)
+        else:
+            async with asyncio.timeout(timeout_s):
+                connection = await self._connect(scheme, host, port)
+                parsed = await self._exchange(connection, request, None)
         if parsed.keep_alive and not connection.closed and not self.closed:
             connection.idle_since = time.monotonic()
             self._idle.setdefault(key, []).append(connection)
@@ -136,6 +145,17 @@ class GuardedConnections:
                 retry_after = value.decode("latin-1")
                 break
         return parsed.status, parsed.body, retry_after
+
+    @staticmethod
+    async def _exchange(
+        connection: _Connection, request: bytes, timeout_s: float | None
+    ) -> _Parsed:
+        try:
+            return await connection.exchange(request, timeout_s)
+        except BaseException:
+            # Whatever was read of an answer cut short, the connection cannot carry another.
+            connection.close()
+            raise
 
     def _take(self, key: tuple[str, str, int]) -> _Connection | None:
         """The most recently used idle connection still open and fresh, else ``None``."""
@@ -218,6 +238,11 @@ class GuardedConnections:
             connection.close()
             raise RuntimeError("the webhook connections are closed")
         return connection
+
+    @property
+    def idle_count(self) -> int:
+        """Kept-alive connections waiting for a request, all origins (tests)."""
+        return sum(len(idle) for idle in self._idle.values())
 
     def aclose(self) -> None:
         """Close every connection, idle or in use (an exchange in flight then fails)."""

@@ -457,7 +457,11 @@ class WebhookWorker(QueueWorker):
         self._finished(claimed, "skipped")
 
     async def _attempt(self, claimed: ClaimedDelivery, result: SweepResult) -> None:
-        box, channel = await self._ensure_parts()
+        box, channel = self._box, self._channel
+        if box is None or channel is None:
+            # Built once, at the first delivery; a coroutine call per delivery after
+            # that was about 1% of the worker's CPU under py-spy.
+            box, channel = await self._ensure_parts()
         now = self.clock.now()
         note = claimed.notification
         forced = claimed.force_send and note is not None and note["status"] == "consumed"

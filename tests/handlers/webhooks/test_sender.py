@@ -185,6 +185,35 @@ async def test_timeout_is_a_retried_attempt(http_server: ServeApp) -> None:
     assert 100 <= result.attempt.duration_ms < 500
 
 
+async def test_timeout_on_a_kept_alive_connection(http_server: ServeApp) -> None:
+    """
+    The deadline holds on a reused connection too (its own timer, not asyncio.timeout):
+    a slow second answer on the first attempt's connection is a timed-out Retry, and
+    the connection is dropped, so a third attempt gets its answer on a fresh one.
+    """
+    # A sized answer: one sent chunked ends its connection (provider_http.parse_response).
+    sized = (("content-length", "2"),)
+    stub = ScriptedReceiver(
+        [Reply(200, headers=sized), Reply(200, headers=sized, delay_s=0.6), Reply(201)]
+    )
+    url = http_server(stub)
+    async with channel(timeout=timedelta(seconds=0.15)) as ch:
+        first = await ch.deliver(make_message("evt_a"), endpoint(url))
+        assert ch._connections.idle_count == 1
+        started = time.perf_counter()
+        second = await ch.deliver(make_message("evt_b"), endpoint(url))
+        elapsed = time.perf_counter() - started
+        await asyncio.sleep(0.6)  # the slow answer is written to a closed socket
+        third = await ch.deliver(make_message("evt_c"), endpoint(url))
+    assert isinstance(first.outcome, Delivered)
+    assert isinstance(second.outcome, Retry)
+    assert second.outcome.reason.startswith("timeout")
+    assert second.attempt.response_code == 0
+    assert 0.1 <= elapsed < 0.5
+    assert isinstance(third.outcome, Delivered)
+    assert third.attempt.response_code == 201
+
+
 async def test_gone_disables_endpoint(http_server: ServeApp) -> None:
     """410 Gone is a permanent failure that disables the endpoint and dead-letters at once."""
     stub = ScriptedReceiver([Reply(410, b"gone")])
@@ -420,6 +449,32 @@ def test_body_without_payload_uses_message_fields() -> None:
     body = json.loads(encode_body(bare))
     assert body["event_id"] == "evt_9"
     assert body["created_at"] == "2026-01-01T00:00:00+00:00"
+
+
+def test_body_bytes_are_json_dumps_compact_utf8() -> None:
+    """
+    The body is exactly ``json.dumps(payload, ensure_ascii=False, separators=(",", ":"))``
+    as UTF-8, instants as ISO text: non-ASCII written as is, controls, quotes and
+    backslashes escaped, floats as repr (NaN too), key order kept; a payload that holds
+    itself is a ValueError and an unknown type a TypeError (both a permanent failure).
+    """
+    at = datetime(2026, 1, 1, 12, 30, tzinfo=UTC)
+    payload: dict[str, Any] = {
+        "z": 'héllo \u2028 \x00\x1f\x7f "q" \\ ✓',
+        "a": [1, -0.0, 2.5, 1e300, float("nan"), float("inf"), True, None, 10**30],
+        "nested": {"at": at, "empty": {}, "list": []},
+    }
+    message = dataclasses.replace(make_message(), payload=payload)
+    expected = json.dumps(
+        payload, ensure_ascii=False, separators=(",", ":"), default=lambda v: v.isoformat()
+    )
+    assert encode_body(message) == expected.encode()
+    looped: list[Any] = []
+    looped.append(looped)
+    with pytest.raises(ValueError, match="Circular"):
+        encode_body(dataclasses.replace(message, payload={"x": looped}))
+    with pytest.raises(TypeError):
+        encode_body(dataclasses.replace(message, payload={"x": object()}))
 
 
 @pytest.mark.parametrize("url", ["ftp://hooks.example.com/", "not a url", "https:///nohost"])

@@ -76,6 +76,22 @@ def test_sonzai_signature_matches_hand_computed_hmac() -> None:
     assert header == f"t={SPEC_TS},v1={digest}"
 
 
+@pytest.mark.parametrize("length", [3, 48, 63, 64, 66, 192])
+def test_signatures_match_hmac_for_keys_of_every_length(length: int) -> None:
+    """
+    Both headers equal ``hmac``'s own HMAC-SHA256 whatever the key's length: shorter
+    than SHA-256's 64-byte block (padded), exactly one, and longer (hashed first), for
+    the decoded bytes (Standard Webhooks) and the text (Sonzai, 4 to 256 characters).
+    """
+    secret = "whsec_" + base64.b64encode(bytes(range(length))).decode().rstrip("=")
+    text_key = secret.removeprefix("whsec_").encode()
+    headers = sign(BODY, msg_id="evt_1", secrets=(secret,), now=T0)
+    sonzai = hmac.new(text_key, f"{SPEC_TS}.".encode() + BODY, hashlib.sha256).hexdigest()
+    assert headers["Sonzai-Signature"] == f"t={SPEC_TS},v1={sonzai}"
+    standard = hmac.new(bytes(range(length)), f"evt_1.{SPEC_TS}.".encode() + BODY, "sha256")
+    assert headers["webhook-signature"] == "v1," + base64.b64encode(standard.digest()).decode()
+
+
 def test_seed_sample_verifier_accepts_our_header() -> None:
     """The documented verification sample accepts what we send."""
     header = sign(BODY, msg_id="evt_1", secrets=[NEW], now=T0)["Sonzai-Signature"]

@@ -118,10 +118,12 @@ def _parse(secret: str) -> SigningKey:
     body = secret.removeprefix(SECRET_PREFIX)
     if not body:
         raise ValueError("webhook signing secret is empty")
+    # Standard Webhooks accepts the body padded or not (its library appends "==" and
+    # decodes leniently); a strict decode needs exactly the padding the length asks
+    # for, so it is cut off and put back.
+    unpadded = body.rstrip("=")
     try:
-        # Standard Webhooks accepts unpadded base64 ("add padding in case whsecret is
-        # unpadded", standardwebhooks/webhooks.py); b64decode ignores surplus padding.
-        raw = base64.b64decode(body + "==", validate=True)
+        raw = base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), validate=True)
     except binascii.Error as exc:
         raise ValueError("webhook signing secret is not whsec_ followed by base64") from exc
     if not raw:

@@ -297,6 +297,21 @@ def test_unusable_secret_is_refused(secret: str) -> None:
         SigningKey.parse(secret)
 
 
+@given(key=st.binary(min_size=1, max_size=64), padded=st.booleans())
+def test_a_secret_padded_or_not_signs_as_the_reference_library_reads_it(
+    key: bytes, padded: bool
+) -> None:
+    """
+    A ``whsec_`` secret of any length, its base64 padded or not, is the key the
+    Standard Webhooks library reads from it: that library verifies what we sign.
+    """
+    body = base64.b64encode(key).decode()
+    secret = "whsec_" + (body if padded else body.rstrip("="))
+    assert SigningKey.parse(secret).standard_key == key
+    headers = sign(BODY, msg_id="evt_1", secrets=[secret], now=SystemClock().now())
+    Webhook(secret).verify(BODY, headers)
+
+
 def test_signing_key_repr_hides_secret() -> None:
     """Key material never appears in a repr (and so never in a log line)."""
     assert NEW.removeprefix("whsec_") not in repr(SigningKey.parse(NEW))

@@ -21,9 +21,21 @@ from functools import partial
 from typing import Any, Final
 
 import structlog
-from sqlalchemy import and_, delete, func, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    TextClause,
+    and_,
+    delete,
+    func,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from delivery.errors import InvalidContactError
 from delivery.secrets import LazySecretBox, SecretBox, SecretDecryptError
@@ -287,17 +299,51 @@ def _sqlite_record(
         db.execute(_SQLITE_CLEAR_RETRY, (retried_id,))
 
 
-_SQLITE_PROBE = (
-    "SELECT n.id, n.status, "
-    "EXISTS (SELECT c.id FROM contacts AS c WHERE c.project_id = n.project_id "
-    "AND c.agent_id = n.agent_id AND c.user_id = n.user_id AND c.disabled IS 0 "
-    "AND NOT EXISTS (SELECT a.id FROM channel_attempts AS a "
-    "WHERE a.notification_id = n.id AND a.contact_id = c.id)), "
-    "EXISTS (SELECT ch.id FROM notification_channels AS ch "
-    "WHERE ch.project_id = n.project_id AND ch.active IS 1) "
-    "FROM notifications AS n WHERE n.id IN ({marks})"
+def _fanout_probe(which: ColumnElement[bool] | TextClause) -> Select[str, str, bool, bool]:
+    """
+    The first read of :meth:`ChannelStore.fanout_inputs` for the notifications ``which``
+    picks: each one's id and status, whether its user has an active contact it was not
+    yet attempted to (``reachable``), and whether its project has an active
+    notification channel (``channelled``).
+    """
+    n, c, a, ch = NOTIFICATIONS.c, CONTACTS.c, ATTEMPTS.c, CHANNELS.c
+    # The same filter as the worker applies to the rows read after it: active, and no
+    # attempt for this notification yet (ix_contacts_owner and
+    # ix_channel_attempts_notification answer both subqueries). The inner one is
+    # correlated explicitly: auto-correlation reaches only the enclosing select, so
+    # ``notifications`` would otherwise be joined in again, unfiltered.
+    untried = ~(
+        select(a.id)
+        .where(a.notification_id == n.id, a.contact_id == c.id)
+        .correlate_except(ATTEMPTS)
+        .exists()
+    )
+    reachable = (
+        select(c.id)
+        .where(
+            c.project_id == n.project_id,
+            c.agent_id == n.agent_id,
+            c.user_id == n.user_id,
+            c.disabled.is_(False),
+            untried,
+        )
+        .exists()
+        .label("reachable")
+    )
+    # Most projects have no channel (ix_notification_channels_project).
+    channelled = (
+        select(ch.id)
+        .where(ch.project_id == n.project_id, ch.active.is_(True))
+        .exists()
+        .label("channelled")
+    )
+    return select(n.id, n.status, reachable, channelled).where(which)
+
+
+_SQLITE_PROBE: Final = str(
+    _fanout_probe(text("notifications.id IN ({marks})")).compile(dialect=sqlite_dialect())
 )
-"""The probe of :meth:`ChannelStore.fanout_inputs`, as SQLAlchemy renders it for SQLite."""
+"""The probe as SQLAlchemy renders it for SQLite, with the id list's marks to format in."""
 _SQLITE_CONTACTS = (
     "SELECT {columns} FROM contacts WHERE (project_id, agent_id, user_id) IN (VALUES {owners}) "
     "AND disabled IS 0 ORDER BY created_at, id"
@@ -318,14 +364,28 @@ _OWNERS_PER_QUERY: Final = direct.MAX_VARIABLES // 3
 
 @dataclass(slots=True)
 class _FanoutRows:
-    """What :func:`_sqlite_fanout_reads` read: rows as mapped dicts, destinations sealed."""
+    """
+    What a fan-out batch's reads found, on either path (:func:`_sqlite_fanout_reads`,
+    :func:`_fanout_reads`): rows as mappings, destinations still sealed.
+    """
 
-    probe: list[tuple[str, str, int, int]]
-    notes: list[dict[str, Any]] = field(default_factory=list)
-    contacts: list[dict[str, Any]] = field(default_factory=list)
+    probe: list[tuple[str, str, Any, Any]]
+    """(id, status, reachable, channelled); SQLite answers the two flags 0/1."""
+    notes: list[Mapping[Any, Any]] = field(default_factory=list)
+    contacts: list[Mapping[Any, Any]] = field(default_factory=list)
     preferences: list[tuple[str, str, str, str]] = field(default_factory=list)
     attempted: list[tuple[str, str]] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
+
+    def wanted(self) -> list[str]:
+        """The pending notifications whose user has a contact left to try."""
+        # Only pending notifications are sent (one already read by polling gets no
+        # push), so a consumed one is never worth its full row.
+        return [nid for nid, status, reach, _ in self.probe if status == "pending" and reach]
+
+    def owners(self) -> list[UserKey]:
+        """The users of :attr:`notes`, sorted."""
+        return sorted({(r["project_id"], r["agent_id"], r["user_id"]) for r in self.notes})
 
 
 def _in_chunks(db: sqlite3.Connection, sql: str, values: Sequence[str]) -> list[tuple[Any, ...]]:
@@ -354,11 +414,11 @@ def _sqlite_fanout_reads(notification_ids: Sequence[str], db: sqlite3.Connection
     pysqlite opens none for a ``SELECT``.
     """
     read = _FanoutRows(_in_chunks(db, _SQLITE_PROBE, notification_ids))
-    wanted = [nid for nid, status, reachable, _ in read.probe if status == "pending" and reachable]
+    wanted = read.wanted()
     if not wanted:
         return read
-    read.notes = direct.select_in(db, NOTIFICATIONS, "id", wanted)
-    keys = sorted({(r["project_id"], r["agent_id"], r["user_id"]) for r in read.notes})
+    read.notes = list(direct.select_in(db, NOTIFICATIONS, "id", wanted))
+    keys = read.owners()
     contacts = direct.codec(CONTACTS)
     columns = ",".join(f'"{name}"' for name in contacts.columns)
     read.contacts = [
@@ -370,6 +430,39 @@ def _sqlite_fanout_reads(notification_ids: Sequence[str], db: sqlite3.Connection
     read.preferences = [tuple(r) for r in _by_owner(db, _SQLITE_PREFERENCES, keys)]
     read.attempted = [tuple(r) for r in _in_chunks(db, _SQLITE_ATTEMPTED, wanted)]
     read.fallbacks = [r[0] for r in _in_chunks(db, _SQLITE_FALLBACKS, wanted)]
+    return read
+
+
+async def _fanout_reads(conn: AsyncConnection, notification_ids: Sequence[str]) -> _FanoutRows:
+    """:meth:`ChannelStore.fanout_inputs`' reads through SQLAlchemy (PostgreSQL)."""
+    n, c, p, a, f = NOTIFICATIONS.c, CONTACTS.c, PREFERENCES.c, ATTEMPTS.c, FALLBACKS.c
+    probe = await conn.execute(_fanout_probe(n.id.in_(notification_ids)))
+    read = _FanoutRows([(nid, status, reach, chan) for nid, status, reach, chan in probe])
+    wanted = read.wanted()
+    if not wanted:
+        return read
+    notes = await conn.execute(select(NOTIFICATIONS).where(n.id.in_(wanted)))
+    read.notes = list(notes.mappings())
+    for chunk in _chunks(read.owners(), 500):
+        owner = tuple_(c.project_id, c.agent_id, c.user_id).in_(chunk)
+        contacts = await conn.execute(
+            select(CONTACTS).where(owner, c.disabled.is_(False)).order_by(c.created_at, c.id)
+        )
+        read.contacts.extend(contacts.mappings())
+        preferences = await conn.execute(
+            select(p.project_id, p.agent_id, p.user_id, p.preferences_json).where(
+                tuple_(p.project_id, p.agent_id, p.user_id).in_(chunk)
+            )
+        )
+        read.preferences.extend((r[0], r[1], r[2], r[3]) for r in preferences)
+    attempted = await conn.execute(
+        select(a.notification_id, a.contact_id).where(
+            a.notification_id.in_(wanted), a.contact_id.is_not(None)
+        )
+    )
+    read.attempted = [(nid, cid) for nid, cid in attempted]
+    fallbacks = await conn.execute(select(f.notification_id).where(f.notification_id.in_(wanted)))
+    read.fallbacks = list(fallbacks.scalars())
     return read
 
 
@@ -807,109 +900,10 @@ class ChannelStore(StoreBase):
         if not notification_ids:
             return FanoutInputs({}, {}, {}, {}, {})
         if self.capabilities.driver_thread:
-            return await self._sqlite_fanout_inputs(notification_ids)
-        n, c, p, a = NOTIFICATIONS.c, CONTACTS.c, PREFERENCES.c, ATTEMPTS.c
-        # The same filter as the worker applies to the rows read below: active, and no
-        # attempt for this notification yet (ix_contacts_owner and
-        # ix_channel_attempts_notification answer both subqueries). The inner one is
-        # correlated explicitly: auto-correlation reaches only the enclosing select, so
-        # ``notifications`` would otherwise be joined in again, unfiltered.
-        untried = ~(
-            select(a.id)
-            .where(a.notification_id == n.id, a.contact_id == c.id)
-            .correlate_except(ATTEMPTS)
-            .exists()
-        )
-        reachable = (
-            select(c.id)
-            .where(
-                c.project_id == n.project_id,
-                c.agent_id == n.agent_id,
-                c.user_id == n.user_id,
-                c.disabled.is_(False),
-                untried,
-            )
-            .exists()
-            .label("reachable")
-        )
-        # In the same probe: does the project have a channel to route it to
-        # (ix_notification_channels_project)? Most have none.
-        ch = CHANNELS.c
-        channelled_ = (
-            select(ch.id)
-            .where(ch.project_id == n.project_id, ch.active.is_(True))
-            .exists()
-            .label("channelled")
-        )
-        async with self.read() as conn:
-            probe = await conn.execute(
-                select(n.id, n.status, reachable, channelled_).where(n.id.in_(notification_ids))
-            )
-            statuses: dict[str, str] = {}
-            wanted: list[str] = []
-            channelled: list[str] = []
-            for nid, status, has_contact, has_channel in probe:
-                statuses[nid] = status
-                # Only pending notifications are sent (one already read by polling gets
-                # no push), so a consumed one is never worth its full row.
-                if status == "pending" and has_contact:  # SQLite answers 0/1
-                    wanted.append(nid)
-                if status == "pending" and has_channel:
-                    channelled.append(nid)
-            if not wanted:
-                return FanoutInputs(statuses, {}, {}, {}, {}, channelled=tuple(channelled))
-            notes: dict[str, Mapping[Any, Any]] = {
-                r["id"]: r
-                for r in (
-                    await conn.execute(select(NOTIFICATIONS).where(n.id.in_(wanted)))
-                ).mappings()
-            }
-            keys = sorted({(r["project_id"], r["agent_id"], r["user_id"]) for r in notes.values()})
-            contacts: dict[UserKey, list[ContactMapping]] = {}
-            prefs: dict[UserKey, dict[str, list[str]]] = {}
-            # The probe found a contact, so the box is needed (and exists) from here on.
-            box = await self._box()
-            for chunk in _chunks(keys, 500):
-                owner = tuple_(c.project_id, c.agent_id, c.user_id).in_(chunk)
-                rows = await conn.execute(
-                    select(CONTACTS)
-                    .where(owner, c.disabled.is_(False))
-                    .order_by(c.created_at, c.id)
-                )
-                for row in rows.mappings():
-                    key = (row["project_id"], row["agent_id"], row["user_id"])
-                    contacts.setdefault(key, []).append(self._opened(box, row, strict=True))
-                stored = await conn.execute(
-                    select(PREFERENCES).where(
-                        tuple_(p.project_id, p.agent_id, p.user_id).in_(chunk)
-                    )
-                )
-                for row in stored.mappings():
-                    key = (row["project_id"], row["agent_id"], row["user_id"])
-                    prefs[key] = json.loads(row["preferences_json"])
-            attempted: dict[str, set[str]] = {}
-            done = await conn.execute(
-                select(a.notification_id, a.contact_id).where(
-                    a.notification_id.in_(wanted), a.contact_id.is_not(None)
-                )
-            )
-            for nid, cid in done:
-                attempted.setdefault(nid, set()).add(cid)
-            f = FALLBACKS.c
-            fallbacks = set(
-                (
-                    await conn.execute(
-                        select(f.notification_id).where(f.notification_id.in_(wanted))
-                    )
-                ).scalars()
-            )
-        return FanoutInputs(
-            statuses, notes, contacts, prefs, attempted, fallbacks, tuple(channelled)
-        )
-
-    async def _sqlite_fanout_inputs(self, notification_ids: Sequence[str]) -> FanoutInputs:
-        """:meth:`fanout_inputs` from :func:`_sqlite_fanout_reads`' rows."""
-        read = await direct.read(self.engine, partial(_sqlite_fanout_reads, notification_ids))
+            read = await direct.read(self.engine, partial(_sqlite_fanout_reads, notification_ids))
+        else:
+            async with self.read() as conn:
+                read = await _fanout_reads(conn, notification_ids)
         statuses: dict[str, str] = {}
         channelled: list[str] = []
         for nid, status, _, has_channel in read.probe:

@@ -4,7 +4,7 @@ databases) with two projects, settings that let webhooks reach 127.0.0.1, and a 
 folder for the secret key; and the provider stand-ins of ``tests/handlers/channels``.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +20,8 @@ from delivery.store.sql import SqlStore
 
 # The channels-core engineer's provider stand-ins and SMTP servers (session-scoped), reused.
 from tests.handlers.channels.conftest import (  # noqa: F401
-    _plain_smtp,
+    SmtpServer,
+    _run_smtp,
     clock,
     fcm_standin,
     plain_smtp,
@@ -30,8 +31,18 @@ from tests.handlers.channels.conftest import (  # noqa: F401
     service_account_info,
     twilio_standin,
 )
+from tests.handlers.channels.standins import SmtpSink
 
 START = datetime(2026, 5, 1, 0, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def _plain_smtp() -> Iterator[SmtpServer]:
+    """
+    One plain relay offering PIPELINING, as submission servers do: the worker's tests
+    run once, the channel's own (``tests/handlers/channels``) with and without it.
+    """
+    yield from _run_smtp(SmtpSink(pipelining=True))
 
 
 def channel_settings(data_dir: Path, **overrides: object) -> Settings:

@@ -253,16 +253,20 @@ def _run_smtp(sink: SmtpSink, **smtp_parameters: Any) -> Iterator[SmtpServer]:
         controller.stop()
 
 
-@pytest.fixture(scope="session")
-def _plain_smtp() -> Iterator[SmtpServer]:
-    yield from _run_smtp(SmtpSink())
+@pytest.fixture(scope="session", params=[False, True], ids=["one-by-one", "pipelining"])
+def _plain_smtp(request: pytest.FixtureRequest) -> Iterator[SmtpServer]:
+    """A plain relay, once without PIPELINING and once offering it (RFC 2920)."""
+    yield from _run_smtp(SmtpSink(pipelining=request.param))
 
 
 @pytest.fixture(scope="session")
 def _starttls_smtp(tls_files: TlsFiles) -> Iterator[SmtpServer]:
-    """STARTTLS required, and AUTH required (only after TLS), like a submission port."""
+    """
+    STARTTLS required, and AUTH required (only after TLS), like a submission port; it
+    offers PIPELINING, as submission servers do.
+    """
     yield from _run_smtp(
-        SmtpSink(),
+        SmtpSink(pipelining=True),
         tls_context=tls_files.server_context(),
         require_starttls=True,
         authenticator=_authenticate,
@@ -273,8 +277,8 @@ def _starttls_smtp(tls_files: TlsFiles) -> Iterator[SmtpServer]:
 
 @pytest.fixture(scope="session")
 def _tls_smtp(tls_files: TlsFiles) -> Iterator[SmtpServer]:
-    """Implicit TLS from the first byte (RFC 8314), like port 465."""
-    yield from _run_smtp(SmtpSink(), ssl_context=tls_files.server_context())
+    """Implicit TLS from the first byte (RFC 8314), like port 465, offering PIPELINING."""
+    yield from _run_smtp(SmtpSink(pipelining=True), ssl_context=tls_files.server_context())
 
 
 def _fresh(server: SmtpServer) -> SmtpServer:

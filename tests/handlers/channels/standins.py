@@ -416,9 +416,13 @@ class SmtpSink:
 
     A recipient whose local part is a key of ``refuse`` gets that reply at ``RCPT``
     (e.g. ``"nouser": "550 5.1.1 ..."``), which is how real servers refuse.
+    ``pipelining``: the EHLO offers PIPELINING (RFC 2920), as most submission servers'
+    do; aiosmtpd reads its commands a line at a time, so it answers pipelined ones in
+    order, but it does not offer the extension of its own accord.
     """
 
     record: bool = True
+    pipelining: bool = False
     envelopes: list[Envelope] = field(default_factory=list)
     count: int = 0
     refuse: dict[str, str] = field(
@@ -428,6 +432,19 @@ class SmtpSink:
             "policy": "550 5.7.1 Message rejected as spam",
         }
     )
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # aiosmtpd leaves this to a handler with this hook
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")  # before the last line, "250 HELP"
+        return responses
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -521,7 +538,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     twilio = TwilioStandIn(args.account_sid, args.auth_token, record=False)
     asyncio.run(
-        _serve_until_stdin_closes(app_for(fcm, twilio), fcm, twilio, SmtpSink(record=False))
+        _serve_until_stdin_closes(
+            app_for(fcm, twilio), fcm, twilio, SmtpSink(record=False, pipelining=True)
+        )
     )
 
 

@@ -472,3 +472,94 @@ async def test_aclose_returns_once_every_tls_socket_is_closed(
     await pooled.aclose()
 
     assert _sockets_to(starttls_smtp) == []
+
+
+async def _serve_raw(
+    pipelining: bool, chunks: list[bytes], commands: list[bytes]
+) -> asyncio.Server:
+    """
+    A bare SMTP relay that notes each read's bytes and each command. Offering
+    PIPELINING, it answers MAIL, RCPT and DATA only once all three are in, with their
+    three replies in one write; without it, it answers each command as it comes.
+    """
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pending = b""
+
+        async def line() -> bytes:
+            nonlocal pending
+            while b"\r\n" not in pending:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    raise ConnectionResetError("client went away")
+                chunks.append(chunk)
+                pending += chunk
+            head, _, pending = pending.partition(b"\r\n")
+            return head
+
+        writer.write(b"220 raw.example ESMTP\r\n")
+        await line()  # EHLO
+        offer = b"250-PIPELINING\r\n" if pipelining else b""
+        writer.write(b"250-raw.example\r\n" + offer + b"250 HELP\r\n")
+        try:
+            while (command := await line()) != b"QUIT":
+                commands.append(command)
+                if pipelining:
+                    commands.extend([await line(), await line()])
+                    writer.write(b"250 sender ok\r\n250 recipient ok\r\n354 go ahead\r\n")
+                else:
+                    writer.write(b"250 sender ok\r\n")
+                    commands.append(await line())
+                    writer.write(b"250 recipient ok\r\n")
+                    commands.append(await line())
+                    writer.write(b"354 go ahead\r\n")
+                while await line() != b".":
+                    pass
+                writer.write(b"250 queued\r\n")
+            writer.write(b"221 bye\r\n")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(session, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelining"])
+async def test_mail_rcpt_and_data_share_a_write_only_when_the_server_offers_pipelining(
+    pipelining: bool, clock: ManualClock
+) -> None:
+    """
+    Offered PIPELINING (RFC 2920), the channel writes MAIL, RCPT and DATA at once (the
+    relay answers none before all three are in, and answers all three in one segment),
+    then the message after the 354; not offered it, one command per reply. Two mails
+    on one pooled connection, then its QUIT, work either way.
+    """
+    chunks: list[bytes] = []
+    commands: list[bytes] = []
+    server = await _serve_raw(pipelining, chunks, commands)
+    port = server.sockets[0].getsockname()[1]
+    channel = SmtpChannel(
+        "127.0.0.1", port, SENDER, clock=clock, security=SmtpSecurity.PLAIN, timeout_s=2
+    )
+    try:
+        first = await channel.send(make_message(event_id="evt_1"), TO)
+        second = await channel.send(make_message(event_id="evt_2"), TO)
+        await channel.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    assert isinstance(first, Delivered)
+    assert isinstance(second, Delivered)
+    transaction = [
+        b"MAIL FROM:<" + SENDER_ADDRESS.encode() + b">",
+        b"RCPT TO:<" + TO.encode() + b">",
+        b"DATA",
+    ]
+    assert commands == transaction * 2
+    together = [c for c in chunks if c.startswith(b"MAIL ")]
+    assert len(together) == 2
+    if pipelining:
+        assert all(c == b"\r\n".join(transaction) + b"\r\n" for c in together)
+    else:
+        assert all(c == transaction[0] + b"\r\n" for c in together)

@@ -82,33 +82,39 @@ def _serve(sink: PeerSink, **parameters: Any) -> Iterator[Server]:
         controller.stop()
 
 
-@pytest.fixture
-def server() -> Iterator[Server]:
-    yield from _serve(PeerSink())
+@pytest.fixture(params=[False, True], ids=["one-by-one", "pipelining"])
+def pipelining(request: pytest.FixtureRequest) -> bool:
+    """Each pool test runs against a server without PIPELINING and one offering it."""
+    return bool(request.param)
 
 
 @pytest.fixture
-def capped() -> Iterator[Server]:
+def server(pipelining: bool) -> Iterator[Server]:
+    yield from _serve(PeerSink(pipelining=pipelining))
+
+
+@pytest.fixture
+def capped(pipelining: bool) -> Iterator[Server]:
     """One message per session, then 421 and a closed connection."""
-    yield from _serve(PeerSink(one_per_session=True))
+    yield from _serve(PeerSink(pipelining=pipelining, one_per_session=True))
 
 
 @pytest.fixture
-def idle_timeout() -> Iterator[Server]:
+def idle_timeout(pipelining: bool) -> Iterator[Server]:
     """A server that ends a session idle for 0.3 s (aiosmtpd's own timeout)."""
-    yield from _serve(PeerSink(), timeout=0.3)
+    yield from _serve(PeerSink(pipelining=pipelining), timeout=0.3)
 
 
 @pytest.fixture
-def slow() -> Iterator[Server]:
+def slow(pipelining: bool) -> Iterator[Server]:
     """Each MAIL, RCPT and DATA answered after 0.4 s."""
-    yield from _serve(PeerSink(reply_delay_s=0.4))
+    yield from _serve(PeerSink(pipelining=pipelining, reply_delay_s=0.4))
 
 
 @pytest.fixture
-def stalled() -> Iterator[Server]:
+def stalled(pipelining: bool) -> Iterator[Server]:
     """Each MAIL, RCPT and DATA answered after 3 s."""
-    yield from _serve(PeerSink(reply_delay_s=3.0))
+    yield from _serve(PeerSink(pipelining=pipelining, reply_delay_s=3.0))
 
 
 def _channel(server: Server, pool_size: int = 3, timeout_s: float = 5) -> SmtpChannel:

@@ -14,12 +14,11 @@ takes the per-message task out of a batch pull.
 
 import functools
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Annotated, Any
+from typing import Any
 
 import nats.errors
-from faststream import AckPolicy, Context, StreamMessage
+from faststream import AckPolicy, StreamMessage
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
-from faststream.nats.message import NatsBatchMessage
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
@@ -118,15 +117,30 @@ BatchHandler = Callable[[Sequence[Msg]], Awaitable[object]]
 """Receives one pulled batch; it acks, naks or terminates each message itself."""
 
 
-async def no_decode(message: StreamMessage[Any]) -> None:
+async def raw_batch(message: StreamMessage[Any]) -> Any:
     """
-    Skip FastStream's body decoding; handlers validate each raw message themselves.
+    Hand the handler the batch's raw messages instead of FastStream's decoded bodies.
 
     FastStream's decoder raises on a JSON content type with a broken body before
     the handler could terminate the message, so a poison message would be
-    redelivered forever.
+    redelivered forever; handlers validate each raw message themselves.
     """
-    return None
+    return message.raw_message
+
+
+def batch_broker(urls: str | list[str], *, graceful_timeout: float) -> NatsBroker:
+    """
+    A broker for :func:`subscribe_batches` subscribers, without FastDepends.
+
+    The handler takes the raw batch as its one argument (:func:`raw_batch`), so there
+    is nothing to inject or validate. With FastDepends on, each batch went through
+    its argument model and, for the ``Context("message")`` that used to fetch the raw
+    batch, a hop to anyio's worker thread (a sync getter run in a thread pool): in a
+    due-now burst (py-spy, ``bench/README.md``) that was about 3% of the daemon's
+    busy samples, a third of the handlers' consumers. ``logger=None``: every line we
+    log goes through structlog with ids bound.
+    """
+    return NatsBroker(urls, graceful_timeout=graceful_timeout, logger=None, apply_types=False)
 
 
 def subscribe_batches(
@@ -157,8 +171,10 @@ def subscribe_batches(
     if deliver_policy is not None:
         config.deliver_policy = deliver_policy
 
-    async def handle(body: Any, message: Annotated[NatsBatchMessage, Context("message")]) -> None:
-        await handler(message.raw_message)
+    # Any, not Sequence[Msg]: a broker with FastDepends on (tests' plain NatsBroker)
+    # would otherwise validate each nats-py message as a pydantic dataclass.
+    async def handle(raws: Any) -> None:
+        await handler(raws)
 
     broker.subscriber(
         subject,
@@ -167,7 +183,7 @@ def subscribe_batches(
         config=config,
         pull_sub=PullSub(batch_size=batch, timeout=pull_wait_s, batch=True),
         ack_policy=AckPolicy.MANUAL,
-        decoder=no_decode,
+        decoder=raw_batch,
         title=title,
         description=description,
     )(handle)

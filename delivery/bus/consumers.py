@@ -113,6 +113,46 @@ def take_queued_messages_at_once() -> None:
 
 take_queued_messages_at_once()
 
+
+async def ack_all(raws: Sequence[Msg]) -> None:
+    """
+    Acknowledge each of ``raws`` (JetStream messages of one connection) in one write.
+
+    What reaches the server is what ``Msg.ack`` sends per message (an empty ``PUB`` to
+    the message's reply subject), so JetStream sees the same acks; here the batch's
+    ``PUB`` lines are joined and queued for the connection's flusher at once. nats-py's
+    ``ack`` goes through the whole ``publish`` path per message (subject checks, a
+    command, a flush request with its own future): 3.9 us an ack against 1.0 us for
+    the joined write (20,000 acks to a local server, process CPU), in a due-now burst
+    two acks per fire (the webhook and channel consumers). The reply subjects are the
+    server's own (read from its ``MSG`` lines, so without spaces or line breaks), which
+    is what ``publish``'s subject check is for. A message already acked or without a
+    reply raises before anything is sent, as ``ack`` does; a connection not connected
+    (reconnecting, closed) or draining its publishes takes the per-message path, which
+    raises or buffers as nats-py decides.
+    """
+    if not raws:
+        return
+    client = raws[0]._client
+    if (
+        not client.is_connected
+        or client.is_draining_pubs
+        or any(raw._client is not client for raw in raws)
+    ):
+        for raw in raws:
+            await raw.ack()
+        return
+    for raw in raws:
+        raw._check_reply()
+    await client._send_command(
+        b"".join([b"PUB " + raw.reply.encode() + b" 0\r\n\r\n" for raw in raws])
+    )
+    if client._flush_queue is not None and client._flush_queue.empty():
+        await client._flush_pending()
+    for raw in raws:
+        raw._ackd = True
+
+
 BatchHandler = Callable[[Sequence[Msg]], Awaitable[object]]
 """Receives one pulled batch; it acks, naks or terminates each message itself."""
 
@@ -246,8 +286,7 @@ async def settle_batch[T, R](
             await raw.nak(delay=nak_delay_s)
         CONSUMER_MESSAGES.labels(event, "nacked").inc(len(good))
         return failed()
-    for raw in good:
-        await raw.ack()
+    await ack_all(good)
     if good:
         CONSUMER_MESSAGES.labels(event, "acked").inc(len(good))
     return result

@@ -12,8 +12,9 @@ what is in flight, so no semaphore is needed. What reaches the server is what
 ``publish_async`` sends, so the wire and the stream's ``Nats-Msg-Id`` dedupe are
 unchanged. The batch's ``HPUB`` commands are built here and queued for the connection's
 flusher in one write (:func:`_hpub`), where nats-py's ``publish`` checked and queued
-each message on its own: 8.9 us a message with its ``Nats-Msg-Id`` header through
-``publish`` (20,000 to a local server, process CPU), the relay's largest share.
+each message on its own (20,000 messages with their ``Nats-Msg-Id`` in batches of
+1,000 to a memory stream on a local server, process CPU from publishing to every ack
+read, three rounds: 22.5-24.2 us a message with ``publish``, 19.1-19.8 us so).
 """
 
 import asyncio

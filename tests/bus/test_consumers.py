@@ -115,7 +115,12 @@ async def test_a_batch_acked_in_one_write_is_acked_for_jetstream(
         assert [m.data for m in batch] == [f"m{i}".encode() for i in range(5)]
         await consumers.ack_all(batch)
         await nc.flush()
-        info = await js.consumer_info(subjects.stream, "ack_all")
+        # The server applies acks to the consumer on its own time: wait for them.
+        for _ in range(50):
+            info = await js.consumer_info(subjects.stream, "ack_all")
+            if info.num_ack_pending == 0:
+                break
+            await asyncio.sleep(0.05)
         assert info.num_ack_pending == 0
         assert info.ack_floor is not None
         assert info.ack_floor.stream_seq == 5

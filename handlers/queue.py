@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from delivery.bus.connect import server_urls
-from delivery.bus.consumers import subscribe_batches
+from delivery.bus.consumers import batch_broker, subscribe_batches
 from delivery.bus.stream import ensure_stream, stream_replicas
 from delivery.bus.subjects import Subjects
 from delivery.clock import Clock
@@ -101,11 +101,8 @@ class QueueWorker:
         """Prepare, start the consumer (when there is a NATS URL), then the claim loop."""
         await self.before_start()
         if self.nats_url is not None:
-            broker = NatsBroker(
-                server_urls(self.nats_url),
-                graceful_timeout=self.graceful_timeout_s,
-                # Every line we log goes through structlog with ids bound.
-                logger=None,
+            broker = batch_broker(
+                server_urls(self.nats_url), graceful_timeout=self.graceful_timeout_s
             )
             subscribe_batches(
                 broker,

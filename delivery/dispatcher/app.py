@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from delivery import metrics
 from delivery.bus.connect import server_urls
-from delivery.bus.consumers import settle_batch, subscribe_batches
+from delivery.bus.consumers import batch_broker, settle_batch, subscribe_batches
 from delivery.bus.messages import EventAccepted, FireCreated, WakeupDue
 from delivery.bus.stream import ensure_stream, stream_replicas
 from delivery.bus.subjects import Subjects
@@ -211,8 +211,7 @@ class Dispatcher:
         self._local: asyncio.Task[None] | None = None
 
     def _build_broker(self) -> NatsBroker:
-        # logger=None: every line we log goes through structlog with ids bound.
-        broker = NatsBroker(server_urls(self.nats_url), graceful_timeout=30.0, logger=None)
+        broker = batch_broker(server_urls(self.nats_url), graceful_timeout=30.0)
         for kind in SourceKind:
             self._subscribe(broker, kind)
         return broker

@@ -43,6 +43,7 @@ from delivery.domain import (
     SourceKind,
     SourceRef,
     notification_id,
+    payload_json,
 )
 from delivery.metrics import COMPOSER_DURATION, COMPOSER_FAILURES
 from delivery.policy import (
@@ -306,7 +307,7 @@ def notification_row(
         "composer": composer,
         # A deferred row waits for its new instant as a staged one waits for its fire.
         "fire_at": draft.fire_at if outcome.due_at is None else outcome.due_at - offset,
-        "payload_json": json.dumps(payload, sort_keys=True, separators=(",", ":")),
+        "payload_json": payload_json(payload),
         "ack_status": "pending",
         "acknowledged_at": None,
         "created_at": created_at if outcome.due_at is None else outcome.due_at,

@@ -30,7 +30,6 @@ records its reason and instant on the endpoint and adds one
 worker ever reads it, acknowledged like any project notification.
 """
 
-import json
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from delivery.domain import payload_json
 from delivery.policy import past_deadline
 from delivery.store import direct
 from delivery.store.common import StoreBase, insert_ignoring_duplicates, new_id, owned
@@ -176,7 +176,7 @@ def _disabled_notice(
         f"({endpoint['event_type']}) disabled: {reason}",
         "status": SYSTEM,
         "fire_at": now,
-        "payload_json": json.dumps(payload, sort_keys=True, separators=(",", ":")),
+        "payload_json": payload_json(payload),
         "ack_status": "pending",
         "created_at": now,
     }

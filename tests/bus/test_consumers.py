@@ -1,6 +1,7 @@
 """
 The shared batch consumer against a real JetStream: a batch fetched in a pull window is
-handed to the handler even when the window ends with nats-py's bare timeout.
+handed to the handler even when the window ends with nats-py's bare timeout, and a
+batch acked in one write is acked for JetStream.
 """
 
 import asyncio
@@ -11,6 +12,8 @@ import nats.errors
 import pytest
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
+from nats.errors import MsgAlreadyAckdError
+from nats.js.api import ConsumerConfig
 from nats.js.client import JetStreamContext
 
 from delivery.bus import consumers
@@ -84,3 +87,48 @@ def test_the_fetch_wrapper_is_installed_once_and_keeps_nats_timeouts() -> None:
     consumers.normalise_fetch_timeouts()
     assert JetStreamContext.PullSubscription.fetch is installed
     assert issubclass(nats.errors.TimeoutError, TimeoutError)
+
+
+async def test_a_batch_acked_in_one_write_is_acked_for_jetstream(
+    nats_url: str, subject_prefix: str
+) -> None:
+    """
+    ``ack_all`` writes the batch's acks at once: JetStream counts every message acked
+    (nothing pending, the ack floor at the last one) and redelivers none after
+    ``ack_wait``; acking the batch again raises before anything is sent, as ``ack``
+    does.
+    """
+    subjects = Subjects(subject_prefix)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_stream(js, subjects)
+    try:
+        for i in range(5):
+            await js.publish(subjects.fire_created, f"m{i}".encode())
+        sub = await js.pull_subscribe(
+            subjects.fire_created,
+            durable="ack_all",
+            stream=subjects.stream,
+            config=ConsumerConfig(ack_wait=1.0),
+        )
+        batch = await sub.fetch(5, timeout=5)
+        assert [m.data for m in batch] == [f"m{i}".encode() for i in range(5)]
+        await consumers.ack_all(batch)
+        await nc.flush()
+        # The server applies acks to the consumer on its own time: wait for them.
+        for _ in range(50):
+            info = await js.consumer_info(subjects.stream, "ack_all")
+            if info.num_ack_pending == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert info.num_ack_pending == 0
+        assert info.ack_floor is not None
+        assert info.ack_floor.stream_seq == 5
+        await asyncio.sleep(1.5)  # past ack_wait: an unacked message would be back
+        with pytest.raises(nats.errors.TimeoutError):
+            await sub.fetch(1, timeout=0.5)
+        with pytest.raises(MsgAlreadyAckdError):
+            await consumers.ack_all(batch)
+    finally:
+        await js.delete_stream(subjects.stream)
+        await nc.close()

@@ -1,7 +1,7 @@
 """
 The batch publisher and the at-once ``next_msg`` against a real JetStream: what a
-batch stored, which messages the stream dropped as duplicates, and what a subject no
-stream takes answers.
+batch stored, which messages the stream dropped as duplicates, what a subject no
+stream takes answers, and that the commands the publisher builds are nats-py's own.
 """
 
 import asyncio
@@ -14,7 +14,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError
 
-from delivery.bus.publish import BatchPublisher
+from delivery.bus.publish import BatchPublisher, _hpub
 from delivery.bus.stream import MSG_ID_HEADER, ensure_stream
 from delivery.bus.subjects import Subjects
 
@@ -111,3 +111,48 @@ async def test_close_after_the_connection_closed_is_quiet(nats_url: str) -> None
     await nc.close()
     await publisher.close()
     assert publisher.closed
+
+
+async def test_a_built_command_is_the_one_nats_py_writes(nats_url: str) -> None:
+    """
+    The batch's commands are built by the publisher: each is byte for byte what
+    nats-py's ``publish`` queues for the same message; a message it would rewrite or
+    refuse (a header value with a space or a line break, a name with a space) is left
+    to ``publish``.
+    """
+    nc = await nats.connect(nats_url)
+    try:
+        headers = {MSG_ID_HEADER: "msg_0123", "traceparent": "00-ab-cd-01"}
+        # publish queues its command without yielding: the last pending one is it.
+        await nc.publish("a.subject", b'{"x":1}', reply="_INBOX.r.7", headers=headers)
+        assert _hpub("a.subject", "_INBOX.r.7", b'{"x":1}', headers) == nc._pending[-1]
+        await nc.publish("a.subject", b"", reply="_INBOX.r.8", headers={MSG_ID_HEADER: "e"})
+        assert _hpub("a.subject", "_INBOX.r.8", b"", {MSG_ID_HEADER: "e"}) == nc._pending[-1]
+        assert _hpub("a.subject", "r", b"x", {MSG_ID_HEADER: "a b"}) is None
+        assert _hpub("a.subject", "r", b"x", {MSG_ID_HEADER: "a\r\nPUB x 0"}) is None
+        assert _hpub("a.subject", "r", b"x", {"Bad Name": "v"}) is None
+        assert _hpub("a subject", "r", b"x", {MSG_ID_HEADER: "v"}) is None
+    finally:
+        await nc.close()
+
+
+async def test_a_message_left_to_nats_py_keeps_its_place_in_the_batch(
+    streamed: Streamed,
+) -> None:
+    """Built commands and a message ``publish`` sends itself are stored in batch order."""
+    subjects, js, publisher = streamed.subjects, streamed.js, streamed.publisher
+    batch = [
+        (subjects.fire_created, b"m0", {MSG_ID_HEADER: "k0"}),
+        (subjects.fire_created, b"m1", {MSG_ID_HEADER: "k1", "X-Note": "two words"}),
+        (subjects.fire_created, b"m2", {MSG_ID_HEADER: "k2"}),
+    ]
+    futures = await publisher.publish(batch)
+    assert [await f for f in futures] == [False] * 3
+    sub = await js.pull_subscribe(subjects.fire_created, durable="order_check")
+    got = await sub.fetch(3, timeout=2)
+    assert [m.data for m in got] == [b"m0", b"m1", b"m2"]
+    assert [m.headers for m in got] == [
+        {MSG_ID_HEADER: "k0"},
+        {MSG_ID_HEADER: "k1", "X-Note": "two words"},
+        {MSG_ID_HEADER: "k2"},
+    ]

@@ -14,11 +14,12 @@ takes the per-message task out of a batch pull.
 
 import functools
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, cast
 
 import nats.errors
 from faststream import AckPolicy, StreamMessage
 from faststream.nats import ConsumerConfig, JStream, NatsBroker, PullSub
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
@@ -129,15 +130,19 @@ async def ack_all(raws: Sequence[Msg]) -> None:
     is what ``publish``'s subject check is for. A message already acked or without a
     reply raises before anything is sent, as ``ack`` does; a connection not connected
     (reconnecting, closed) or draining its publishes takes the per-message path, which
-    raises or buffers as nats-py decides.
+    raises or buffers as nats-py decides. So do messages without a connection of their
+    own or with an ``ack`` of their own (FastStream's in-memory test broker patches
+    both): their ``ack`` is what acknowledging them means.
     """
     if not raws:
         return
-    client = raws[0]._client
+    # None on FastStream's in-memory test broker's messages, whatever nats-py's type says.
+    client = cast(Client | None, raws[0]._client)
     if (
-        not client.is_connected
+        client is None
+        or not client.is_connected
         or client.is_draining_pubs
-        or any(raw._client is not client for raw in raws)
+        or any(raw._client is not client or type(raw).ack is not Msg.ack for raw in raws)
     ):
         for raw in raws:
             await raw.ack()

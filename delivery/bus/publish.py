@@ -135,7 +135,10 @@ class BatchPublisher:
                 if joined:
                     # In order: what was built goes before this message.
                     await nc._send_command(b"".join(joined))
-                    joined.clear()
+                # The rest of the batch goes through publish too: the awaits above may
+                # have let the connection start reconnecting or draining, which only
+                # publish checks (the loop up to here has no await).
+                joined = None
                 await publish(subject, payload, reply=reply, headers=headers)
             if joined:
                 await nc._send_command(b"".join(joined))

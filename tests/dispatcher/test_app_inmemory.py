@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 
 from faststream.nats import TestNatsBroker
 from sqlalchemy.ext.asyncio import AsyncEngine
+from structlog.testing import capture_logs
 
 from delivery.bus.messages import EventAccepted, WakeupDue
 from delivery.clock import ManualClock
@@ -26,18 +27,21 @@ async def test_subscribers_route_each_subject(engine: AsyncEngine) -> None:
     subjects = dispatcher.subjects
     wakeup = WakeupDue(wakeup_id="wk_1", fire_at=NOW).model_dump_json()
 
-    async with TestNatsBroker(dispatcher.broker) as broker:
-        await broker.publish(wakeup, subjects.wakeup_due, stream=subjects.stream)
-        await broker.publish(wakeup, subjects.wakeup_due, stream=subjects.stream)
-        await broker.publish(
-            EventAccepted(event_id="evt_1").model_dump_json(),
-            subjects.event_accepted,
-            stream=subjects.stream,
-        )
-        await dispatcher.idle()
+    with capture_logs() as logs:
+        async with TestNatsBroker(dispatcher.broker) as broker:
+            await broker.publish(wakeup, subjects.wakeup_due, stream=subjects.stream)
+            await broker.publish(wakeup, subjects.wakeup_due, stream=subjects.stream)
+            await broker.publish(
+                EventAccepted(event_id="evt_1").model_dump_json(),
+                subjects.event_accepted,
+                stream=subjects.stream,
+            )
+            await dispatcher.idle()
 
     notes = await rows.notifications(engine)
     assert sorted(n["id"] for n in notes) == sorted(
         [notification_id("wk_1"), notification_id("evt_1")]
     )
     assert await rows.count(engine, NotificationRow) == 2
+    # Every batch was settled (acked) to its end, none crashed after its commit.
+    assert [line for line in logs if line["log_level"] == "error"] == []

@@ -132,7 +132,10 @@ async def ack_all(raws: Sequence[Msg]) -> None:
     (reconnecting, closed) or draining its publishes takes the per-message path, which
     raises or buffers as nats-py decides. So do messages without a connection of their
     own or with an ``ack`` of their own (FastStream's in-memory test broker patches
-    both): their ``ack`` is what acknowledging them means.
+    both): their ``ack`` is what acknowledging them means. The joined write goes
+    through nats-py's private names (``_send_command``, ``_flush_pending``,
+    ``Msg._check_reply``, ``_ackd``), so ``pyproject.toml`` pins nats-py to a minor
+    version; a test acks a batch this way against JetStream.
     """
     if not raws:
         return

@@ -14,7 +14,10 @@ unchanged. The batch's ``HPUB`` commands are built here and queued for the conne
 flusher in one write (:func:`_hpub`), where nats-py's ``publish`` checked and queued
 each message on its own (20,000 messages with their ``Nats-Msg-Id`` in batches of
 1,000 to a memory stream on a local server, process CPU from publishing to every ack
-read, three rounds: 22.5-24.2 us a message with ``publish``, 19.1-19.8 us so).
+read, three rounds: 22.5-24.2 us a message with ``publish``, 19.1-19.8 us so). The
+write goes through nats-py's private ``_send_command`` and ``_flush_pending``, so
+``pyproject.toml`` pins nats-py to a minor version, and a test holds each built command
+to the bytes that version's ``publish`` queues.
 """
 
 import asyncio

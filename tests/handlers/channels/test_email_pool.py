@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import uvloop
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -155,6 +156,27 @@ async def test_sequential_sends_reuse_one_connection(server: Server) -> None:
     finally:
         await channel.aclose()
 
+    assert len(set(server.sink.peers)) == 1
+
+
+def test_sequential_sends_reuse_one_connection_on_uvloop(server: Server) -> None:
+    """
+    The long-running commands run on uvloop: over a plain connection there, each
+    transaction's reply reader takes the transport's protocol and gives it back
+    (``set_protocol`` on uvloop's TCP transport), so the next one reuses the connection.
+    """
+
+    async def send() -> list[object]:
+        channel = _channel(server)
+        try:
+            return [await channel.send(make_message(event_id=f"evt_{i}"), TO) for i in range(5)]
+        finally:
+            await channel.aclose()
+
+    outcomes = asyncio.run(send(), loop_factory=uvloop.new_event_loop)
+
+    assert all(isinstance(o, Delivered) for o in outcomes), outcomes
+    assert server.sink.count == 5
     assert len(set(server.sink.peers)) == 1
 
 

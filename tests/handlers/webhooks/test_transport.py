@@ -83,13 +83,7 @@ async def raw_server() -> AsyncIterator[StartRaw]:
         tls: ssl.SSLContext | None = None,
     ) -> tuple[RawReceiver, int]:
         receiver = RawReceiver(answer, close_after)
-        if tls is not None:
-
-            def remember(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
-                receiver.sni.append(name)
-
-            tls.sni_callback = remember
-        server = await asyncio.start_server(receiver.handle, "127.0.0.1", 0, ssl=tls)
+        server = await _start(receiver, tls)
         servers.append(server)
         return receiver, server.sockets[0].getsockname()[1]
 
@@ -97,6 +91,17 @@ async def raw_server() -> AsyncIterator[StartRaw]:
     for server in servers:
         server.close()
         await server.wait_closed()
+
+
+async def _start(receiver: RawReceiver, tls: ssl.SSLContext | None) -> asyncio.Server:
+    """``receiver`` served on the running loop, over TLS when given a context (SNI noted)."""
+    if tls is not None:
+
+        def remember(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+            receiver.sni.append(name)
+
+        tls.sni_callback = remember
+    return await asyncio.start_server(receiver.handle, "127.0.0.1", 0, ssl=tls)
 
 
 def ok(_: int) -> bytes:
@@ -366,11 +371,7 @@ def test_https_on_uvloop(tls_files: TlsFiles) -> None:  # noqa: F811 - fixture
 async def _raw_tls(receiver: RawReceiver, context: ssl.SSLContext) -> AsyncIterator[int]:
     """``receiver`` served over TLS on the running loop, whichever loop that is: its port."""
 
-    def remember(_sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
-        receiver.sni.append(name)
-
-    context.sni_callback = remember
-    server = await asyncio.start_server(receiver.handle, "127.0.0.1", 0, ssl=context)
+    server = await _start(receiver, context)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:

@@ -25,6 +25,7 @@ from nats.aio.subscription import Subscription
 from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 
+from delivery.bus.publish import takes_joined, write_joined
 from delivery.metrics import CONSUMER_MESSAGES
 from delivery.tracing import Carrier, carrier_of
 
@@ -133,7 +134,7 @@ async def ack_all(raws: Sequence[Msg]) -> None:
     raises or buffers as nats-py decides. So do messages without a connection of their
     own or with an ``ack`` of their own (FastStream's in-memory test broker patches
     both): their ``ack`` is what acknowledging them means. The joined write goes
-    through nats-py's private names (``_send_command``, ``_flush_pending``,
+    through nats-py's private names (:func:`~delivery.bus.publish.write_joined`,
     ``Msg._check_reply``, ``_ackd``), so ``pyproject.toml`` pins nats-py to a minor
     version; a test acks a batch this way against JetStream.
     """
@@ -143,8 +144,7 @@ async def ack_all(raws: Sequence[Msg]) -> None:
     client = cast(Client | None, raws[0]._client)
     if (
         client is None
-        or not client.is_connected
-        or client.is_draining_pubs
+        or not takes_joined(client)
         or any(raw._client is not client or type(raw).ack is not Msg.ack for raw in raws)
     ):
         for raw in raws:
@@ -152,11 +152,9 @@ async def ack_all(raws: Sequence[Msg]) -> None:
         return
     for raw in raws:
         raw._check_reply()
-    await client._send_command(
-        b"".join([b"PUB " + raw.reply.encode() + b" 0\r\n\r\n" for raw in raws])
+    await write_joined(
+        client, b"".join([b"PUB " + raw.reply.encode() + b" 0\r\n\r\n" for raw in raws])
     )
-    if client._flush_queue is not None and client._flush_queue.empty():
-        await client._flush_pending()
     for raw in raws:
         raw._ackd = True
 

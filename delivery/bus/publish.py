@@ -68,6 +68,29 @@ def _hpub(subject: str, reply: str, payload: bytes, headers: dict[str, str]) -> 
     )
 
 
+def takes_joined(nc: Client) -> bool:
+    """
+    Whether commands built here may be queued on ``nc`` (:func:`write_joined`): only
+    while it is connected and not draining its publishes, the states in which nats-py's
+    ``publish`` would itself queue them; otherwise messages go through ``publish`` (or
+    ``ack``), which raises or buffers as nats-py decides.
+    """
+    return nc.is_connected and not nc.is_draining_pubs
+
+
+async def write_joined(nc: Client, commands: bytes) -> None:
+    """
+    Queue ``commands`` (whole protocol lines, as nats-py writes them) on ``nc`` in one
+    piece and kick its flusher as ``publish`` does, only when no flush is pending.
+
+    nats-py's private ``_send_command``, ``_flush_queue`` and ``_flush_pending``: the
+    one place this package writes through them (nats-py is pinned to a minor version).
+    """
+    await nc._send_command(commands)
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
+
+
 class BatchPublisher:
     """
     Publishes to JetStream through one connection, one future per message.
@@ -119,7 +142,7 @@ class BatchPublisher:
         tokens = self._tokens
         # Built commands only while connected and not draining; otherwise every
         # message goes through publish, which raises or buffers as nats-py decides.
-        joined: list[bytes] | None = [] if nc.is_connected and not nc.is_draining_pubs else None
+        joined: list[bytes] | None = [] if takes_joined(nc) else None
         try:
             for subject, payload, headers in messages:
                 token = str(next(tokens))
@@ -137,16 +160,14 @@ class BatchPublisher:
                     continue
                 if joined:
                     # In order: what was built goes before this message.
-                    await nc._send_command(b"".join(joined))
+                    await write_joined(nc, b"".join(joined))
                 # The rest of the batch goes through publish too: the awaits above may
                 # have let the connection start reconnecting or draining, which only
                 # publish checks (the loop up to here has no await).
                 joined = None
                 await publish(subject, payload, reply=reply, headers=headers)
             if joined:
-                await nc._send_command(b"".join(joined))
-                if nc._flush_queue is not None and nc._flush_queue.empty():
-                    await nc._flush_pending()
+                await write_joined(nc, b"".join(joined))
         except BaseException:
             for one in futures:
                 one.cancel()

@@ -10,8 +10,11 @@ included) and the same renderer.
 
 import logging
 import sys
+from typing import Any
 
 import structlog
+
+from delivery.jsontext import JsonText
 
 _configured = False
 
@@ -25,6 +28,25 @@ QUIET_LOGGERS = {
     "alembic": logging.WARNING,
 }
 """Libraries that log a line per request or per message at INFO / DEBUG: kept quiet."""
+
+
+def _log_default(value: object) -> Any:
+    # What structlog's own renderer does with a value JSON has no form for.
+    structlog_form = getattr(value, "__structlog__", None)
+    return structlog_form() if callable(structlog_form) else repr(value)
+
+
+_log_line = JsonText(separators=(", ", ": "), default=_log_default)
+"""
+The JSON renderer's encoder, built once: the same text as structlog's default
+``json.dumps``, without an encoder built per line (2.5% of the service's CPU in a
+trigger-event storm, one access line per request).
+"""
+
+
+def _render(event_dict: Any, **_options: Any) -> str:
+    # structlog passes its ``json.dumps`` options; _log_line has them fixed.
+    return _log_line(event_dict)
 
 
 def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
@@ -42,7 +64,7 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
     use_json = (not sys.stderr.isatty()) if json is None else json
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer(_render) if use_json else structlog.dev.ConsoleRenderer()
     )
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,

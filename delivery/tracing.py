@@ -23,6 +23,8 @@ import structlog
 from opentelemetry import trace
 from opentelemetry.propagate import extract, inject
 
+from delivery import jsontext
+
 if TYPE_CHECKING:
     # The SDK (and psutil, which its resources import) costs ~1.5 MB of RSS in every
     # process; tracing is off by default, so :func:`configure` imports it when turned on.
@@ -149,7 +151,7 @@ def publish_headers(stored: str) -> Carrier:
 
 def stored(found: Mapping[str, str] | None) -> str | None:
     """A carrier as the outbox stores it (JSON), or ``None`` for none."""
-    return json.dumps(dict(found), separators=(",", ":"), sort_keys=True) if found else None
+    return jsontext.sorted_ascii(dict(found)) if found else None
 
 
 def current_stored() -> str | None:

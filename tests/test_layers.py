@@ -22,6 +22,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "delivery.clock",
             "delivery.tz",
             "delivery.logs",
+            "delivery.jsontext",
             "delivery.domain",
             "delivery.cadence",
             "delivery.planning",

@@ -8,7 +8,6 @@ inserts idempotently with :func:`insert_ignoring_duplicates`, so these three
 rules are written once.
 """
 
-import json
 import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from delivery import jsontext
 from delivery.store.engine import Capabilities, Engine, read_connection, write_transaction
 
 
@@ -29,7 +29,7 @@ def new_id(prefix: str) -> str:
 
 def canonical_json(value: Any) -> str:
     """Compact JSON with sorted keys: the stored and echoed form."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return jsontext.canonical(value)
 
 
 def owned(

@@ -9,7 +9,6 @@ attempts, keeps attempt counts, or touches the store.
 """
 
 import asyncio
-import json
 import os
 import re
 import ssl
@@ -18,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
-from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from types import TracebackType
 from typing import Any, Protocol, Self
 
@@ -27,6 +25,7 @@ import structlog
 
 from delivery import __version__
 from delivery.clock import Clock
+from delivery.jsontext import JsonText
 from delivery.settings import Settings
 from handlers.base import Delivered, Failed, Message, Outcome, Retry
 from handlers.classify import classify_exception, classify_status
@@ -155,39 +154,15 @@ def encode_body(message: Message) -> bytes:
         "intent": message.intent,
         "generated_message": message.generated_message,
     }
-    if c_make_encoder is None:
-        return _BODY_ENCODER.encode(payload).encode()
-    # A fresh markers dict per body, as JSONEncoder.iterencode makes: a payload that
-    # contains itself is a ValueError, not a RecursionError.
-    write = c_make_encoder({}, *_C_ARGUMENTS)
-    return "".join(write(payload, 0)).encode()
+    return _encode_body(payload).encode()
 
 
-_BODY_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_json_default)
+_encode_body = JsonText(ensure_ascii=False, default=_json_default)
 """
-One encoder for every body: ``json.dumps`` with any option but the defaults builds a
-new ``JSONEncoder`` per call, which was about a third of the body's encoding under
-py-spy in ``bench/bench_webhooks_e2e.py``; the same options write the same bytes.
-
-Where the C accelerator is present, :func:`encode_body` calls it as
-``JSONEncoder.encode`` would with these options (``iterencode``'s one-shot path:
-``c_make_encoder`` with the encoder's arguments in its order): the same C code writes
-the same bytes, without the Python of ``encode`` and ``iterencode`` around it (their
-checks and per-call closures), 4.4 us against 1.3 us for a small payload (timeit).
+One encoder for every body, built once (:class:`~delivery.jsontext.JsonText`):
+``json.dumps`` building an encoder per call was about a third of the body's encoding
+under py-spy in ``bench/bench_webhooks_e2e.py``; the same options write the same bytes.
 """
-
-_C_ARGUMENTS = (
-    _BODY_ENCODER.default,
-    encode_basestring,  # ensure_ascii=False
-    _BODY_ENCODER.indent,
-    _BODY_ENCODER.key_separator,
-    _BODY_ENCODER.item_separator,
-    _BODY_ENCODER.sort_keys,
-    _BODY_ENCODER.skipkeys,
-    _BODY_ENCODER.allow_nan,
-)
-"""``c_make_encoder``'s arguments after the markers, in ``iterencode``'s order, read off
-:data:`_BODY_ENCODER` so that the two cannot drift apart."""
 
 
 # C0 controls except horizontal tab, and DEL (RFC 9110 section 5.5 allows neither).

@@ -40,6 +40,7 @@ from datetime import datetime
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -64,11 +65,18 @@ class Run:
     distinct_sources: int
     missing: int
     cpu_s: float
+    nats_cpu_s: float
+    client_cpu_s: float
     load: str
 
     @property
     def cpu_ms_per_event(self) -> float:
         return self.cpu_s * 1000 / max(1, self.accepted)
+
+    @property
+    def all_cpu_ms_per_event(self) -> float:
+        """Server, its nats-server and the load generator: every core-second of the run."""
+        return (self.cpu_s + self.nats_cpu_s + self.client_cpu_s) * 1000 / max(1, self.accepted)
 
     @property
     def rate(self) -> float:
@@ -147,6 +155,18 @@ async def storm(
     return accepted, refused, elapsed
 
 
+def children_cpu(server: Server) -> float:
+    """CPU seconds of the server's child processes (its nats-server) so far."""
+    total = 0.0
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def _instant(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
@@ -180,12 +200,15 @@ def measure(label: str, tree: Path, args: argparse.Namespace) -> Run:
         server, db = start(tree, Path(tmp))
         try:
             load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-            cpu_before = server.cpu()
+            cpu_before, nats_before = server.cpu(), children_cpu(server)
+            client_before = time.process_time()
             accepted, refused, elapsed = asyncio.run(storm(server, args.clients, args.seconds))
+            client_cpu_s = time.process_time() - client_before
             waited, latency = settle(db, accepted, args.timeout)
             # The whole pipeline's work for the storm, settled: API, relay,
-            # dispatcher and handlers (the embedded nats-server is not counted).
+            # dispatcher and handlers; the embedded nats-server apart.
             cpu_s = server.cpu() - cpu_before
+            nats_cpu_s = children_cpu(server) - nats_before
             with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
                 notifications, distinct = conn.execute(
                     "SELECT count(*), count(DISTINCT source_id) FROM notifications "
@@ -208,6 +231,8 @@ def measure(label: str, tree: Path, args: argparse.Namespace) -> Run:
         distinct_sources=distinct,
         missing=len(set(accepted) - set(latency)),
         cpu_s=cpu_s,
+        nats_cpu_s=nats_cpu_s,
+        client_cpu_s=client_cpu_s,
         load=load,
     )
     print(
@@ -219,6 +244,14 @@ def measure(label: str, tree: Path, args: argparse.Namespace) -> Run:
         f"(load average {load} at the start)",
         flush=True,
     )
+    per_event = 1000 / max(1, run.accepted)
+    print(
+        f"    CPU per event: server {run.cpu_ms_per_event:.3f} ms, its nats-server "
+        f"{run.nats_cpu_s * per_event:.3f} ms, load generator "
+        f"{run.client_cpu_s * per_event:.3f} ms; {run.all_cpu_ms_per_event:.3f} ms in all, "
+        f"so two cores allow at most {2000 / run.all_cpu_ms_per_event:,.0f} events/s at this cost",
+        flush=True,
+    )
     return run
 
 
@@ -228,18 +261,19 @@ def measure_floor(args: argparse.Namespace) -> float:
         server = start_floor(Path(tmp))
         try:
             load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-            cpu_before = server.cpu()
+            cpu_before, client_before = server.cpu(), time.process_time()
             answered, refused, elapsed = asyncio.run(
                 storm(server, args.clients, args.seconds, path="/echo")
             )
             cpu_ms = (server.cpu() - cpu_before) * 1000 / max(1, len(answered))
+            client_ms = (time.process_time() - client_before) * 1000 / max(1, len(answered))
         finally:
             server.stop()
     rate = len(answered) / elapsed
     print(
         f"  floor (hello-world POST): {len(answered):,} answered in {elapsed:.1f} s = "
-        f"{rate:,.0f}/s ({refused} refused); server CPU {cpu_ms:.2f} ms/request "
-        f"(load average {load} at the start)",
+        f"{rate:,.0f}/s ({refused} refused); server CPU {cpu_ms:.2f} ms/request, load "
+        f"generator {client_ms:.3f} ms/request (load average {load} at the start)",
         flush=True,
     )
     return rate

@@ -4,10 +4,12 @@ What ``delivery run`` does not load until it is used.
 Each of these costs RSS in every daemon (measured by ``bench/bench_rss.py``): the
 OpenTelemetry SDK (~0.7 MB, with psutil ~0.8 MB more) while tracing is off, and
 aiohttp's server (~1.6 MB), which only the processes without the API serve their ops
-port with. A fresh interpreter imports what ``delivery run`` imports and must find
-none of them loaded.
+port with; Rich and Pygments (~3-6 MB), which structlog and httpx would load at import
+for a terminal nothing here uses. A fresh interpreter imports what ``delivery run``
+imports and must find none of them loaded.
 """
 
+import os
 import subprocess
 import sys
 
@@ -23,7 +25,7 @@ DAEMON_MODULES = (
     "delivery.scheduler",
 )
 
-NOT_LOADED = ("opentelemetry.sdk", "psutil", "aiohttp.web")
+NOT_LOADED = ("opentelemetry.sdk", "psutil", "aiohttp.web", "rich", "pygments")
 
 
 @pytest.mark.parametrize("module", NOT_LOADED)
@@ -52,3 +54,34 @@ def test_tracing_still_turns_on() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip().endswith("ok")
+
+
+def test_console_logs_and_cli_help_work_without_rich_loaded_at_import() -> None:
+    """The console renderer prints a plain traceback; Typer's help still loads Rich."""
+    code = (
+        "import sys\n"
+        "from delivery.logs import configure_logging\n"
+        "import structlog\n"
+        "configure_logging('INFO', json=False)\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError:\n"
+        "    structlog.get_logger('t').exception('failed')\n"
+        "print('rich' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "False"
+    assert "failed" in out.stderr
+    assert "ZeroDivisionError: division by zero" in out.stderr
+    helped = subprocess.run(
+        [sys.executable, "-m", "delivery", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "100"},
+    )
+    # Rich's panels: Typer found Rich after the package hid it for its own imports.
+    assert "─ Commands ─" in helped.stdout

@@ -25,6 +25,19 @@ DAEMON_MODULES = (
     "delivery.scheduler",
 )
 
+
+def _python(*args: str) -> subprocess.CompletedProcess[str]:
+    """A fresh interpreter, 100 columns wide for Typer's help."""
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "100"},
+    )
+
+
 NOT_LOADED = ("opentelemetry.sdk", "psutil", "aiohttp.web", "rich", "pygments")
 
 
@@ -35,9 +48,7 @@ def test_the_daemon_does_not_import(module: str) -> None:
         + "".join(f"import {m}\n" for m in DAEMON_MODULES)
         + f"print({module!r} in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
-    )
+    out = _python("-c", code)
     assert out.stdout.strip() == "False", f"{module} is imported at start-up"
 
 
@@ -50,9 +61,7 @@ def test_tracing_still_turns_on() -> None:
         "tracing.shutdown()\n"
         "print('ok')\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
-    )
+    out = _python("-c", code)
     assert out.stdout.strip().endswith("ok")
 
 
@@ -69,19 +78,10 @@ def test_console_logs_and_cli_help_work_without_rich_loaded_at_import() -> None:
         "    structlog.get_logger('t').exception('failed')\n"
         "print('rich' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
-    )
+    out = _python("-c", code)
     assert out.stdout.strip() == "False"
     assert "failed" in out.stderr
     assert "ZeroDivisionError: division by zero" in out.stderr
-    helped = subprocess.run(
-        [sys.executable, "-m", "delivery", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-        env={**os.environ, "COLUMNS": "100"},
-    )
+    helped = _python("-m", "delivery", "--help")
     # Rich's panels: Typer found Rich after the package hid it for its own imports.
     assert "─ Commands ─" in helped.stdout

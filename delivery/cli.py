@@ -10,7 +10,9 @@ from typing import get_args
 import typer
 from pydantic import SecretStr, ValidationError
 
-from delivery import __version__
+# lean_imports first (isort keeps "from delivery import" before "from delivery.x"): it
+# must import structlog and httpx before the commands below do.
+from delivery import __version__, lean_imports  # noqa: F401 - imported for its effect
 from delivery.commands import api, cadence, daemon, explain, receiver, store, workbench
 from delivery.settings import Settings
 

@@ -85,6 +85,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "delivery.embedded",
             "delivery.commands",
             "delivery.cli",
+            "delivery.lean_imports",
             "delivery.__main__",
         ),
     ),

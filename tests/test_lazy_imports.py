@@ -69,6 +69,7 @@ def test_console_logs_and_cli_help_work_without_rich_loaded_at_import() -> None:
     """The console renderer prints a plain traceback; Typer's help still loads Rich."""
     code = (
         "import sys\n"
+        "import delivery.cli\n"
         "from delivery.logs import configure_logging\n"
         "import structlog\n"
         "configure_logging('INFO', json=False)\n"

@@ -193,6 +193,17 @@ class Server:
         times = psutil.Process(self.proc.pid).cpu_times()
         return float(times.user + times.system)
 
+    def children_cpu(self) -> float:
+        """CPU seconds of the server's child processes so far (``delivery run``'s nats-server)."""
+        total = 0.0
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                times = child.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

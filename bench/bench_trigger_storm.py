@@ -40,7 +40,6 @@ from datetime import datetime
 from pathlib import Path
 
 import aiohttp
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -155,18 +154,6 @@ async def storm(
     return accepted, refused, elapsed
 
 
-def children_cpu(server: Server) -> float:
-    """CPU seconds of the server's child processes (its nats-server) so far."""
-    total = 0.0
-    for child in psutil.Process(server.proc.pid).children(recursive=True):
-        try:
-            times = child.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
-
-
 def _instant(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
@@ -200,7 +187,7 @@ def measure(label: str, tree: Path, args: argparse.Namespace) -> Run:
         server, db = start(tree, Path(tmp))
         try:
             load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-            cpu_before, nats_before = server.cpu(), children_cpu(server)
+            cpu_before, nats_before = server.cpu(), server.children_cpu()
             client_before = time.process_time()
             accepted, refused, elapsed = asyncio.run(storm(server, args.clients, args.seconds))
             client_cpu_s = time.process_time() - client_before
@@ -208,7 +195,7 @@ def measure(label: str, tree: Path, args: argparse.Namespace) -> Run:
             # The whole pipeline's work for the storm, settled: API, relay,
             # dispatcher and handlers; the embedded nats-server apart.
             cpu_s = server.cpu() - cpu_before
-            nats_cpu_s = children_cpu(server) - nats_before
+            nats_cpu_s = server.children_cpu() - nats_before
             with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
                 notifications, distinct = conn.execute(
                     "SELECT count(*), count(DISTINCT source_id) FROM notifications "
